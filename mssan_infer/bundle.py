@@ -1,0 +1,124 @@
+"""Read and verify an export bundle: manifest, format version, sha256 of every file, path confinement."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+from .spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, sha256_file
+
+__all__ = ["Bundle", "load_bundle", "safe_member"]
+
+
+def safe_member(root: Path, name: str) -> Path:
+    """``root/name``, refusing names that could leave ``root`` (absolute, ``..``, symlinks)."""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or os.path.isabs(name):
+        raise BundleError(f"manifest names file {name!r}: only relative paths inside the bundle are allowed")
+    parts = Path(name).parts
+    if any(p in ("..", "") for p in parts) or ":" in parts[0]:
+        raise BundleError(f"manifest names file {name!r}: '..' and drive letters are not allowed in bundle paths")
+    path = root / name
+    probe = root
+    for p in parts:
+        probe = probe / p
+        if probe.is_symlink():
+            raise BundleError(f"bundle member {name!r} is a symlink; bundles must contain plain files only")
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError as e:
+        raise BundleError(f"bundle member {name!r} resolves outside the bundle folder") from e
+    return path
+
+
+@dataclass
+class Bundle:
+    """A verified bundle folder and its manifest."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    def path(self, name: str) -> Path:
+        return safe_member(self.root, name)
+
+    def graph_path(self, graph: str, precision: str = "fp32") -> Path:
+        """Path of ``graph`` ("image_encoder", "text_encoder", "scorer") at ``precision``."""
+        table = self.manifest["graphs"] if precision == "fp32" else self.manifest.get("fp16_graphs") or {}
+        if graph not in table:
+            have = "fp32 only" if precision != "fp32" else ", ".join(sorted(table))
+            raise BundleError(
+                f"bundle {self.root} has no {precision} graph {graph!r} ({have}); "
+                f"re-export with `python -m export{' --fp16' if precision == 'fp16' else ''}`"
+            )
+        entry = table[graph]
+        return self.path(entry["file"] if isinstance(entry, dict) else entry)
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return dict(self.manifest["model_config"])
+
+    @property
+    def bundle_id(self) -> str:
+        """Identifies the bundle's weights: the sha256 of its fp32 graphs and vocabulary, combined."""
+        files = self.manifest["files"]
+        keys = sorted(k for k in files if not k.startswith(("tensorrt/", "triton/")))
+        import hashlib
+
+        return hashlib.sha256("".join(f"{k}={files[k]};" for k in keys).encode()).hexdigest()[:16]
+
+
+def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    """Open a bundle folder, check its format version and (by default) every file's sha256.
+
+    Raises:
+        BundleError: missing folder/manifest, unknown format, a file that is missing,
+            truncated or tampered, or a path that leaves the bundle.
+    """
+    rootp = Path(root)
+    if not rootp.is_dir():
+        raise BundleError(f"bundle folder {rootp} does not exist; create one with `python -m export --checkpoint CKPT --out {rootp}`")
+    mpath = rootp / MANIFEST_FILE
+    if not mpath.is_file():
+        raise BundleError(f"{rootp} has no {MANIFEST_FILE}: not a bundle, or the export did not finish. Re-export it.")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{mpath} is not valid JSON ({e}); the bundle is damaged. Re-export it.") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath} is not a JSON object; re-export the bundle")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise BundleError(f"{mpath} has no integer format_version; re-export the bundle")
+    if version > FORMAT_VERSION:
+        raise BundleError(
+            f"bundle format {version} is newer than this mssan_infer understands ({FORMAT_VERSION}); upgrade mssan_infer"
+        )
+    if version < FORMAT_VERSION:
+        raise BundleError(f"bundle format {version} is older than supported ({FORMAT_VERSION}); re-export it")
+    for key in ("graphs", "files", "model_config", "tokenizer"):
+        if key not in manifest:
+            raise BundleError(f"{mpath} lacks {key!r}; re-export the bundle")
+    missing = set(GRAPHS) - set(manifest["graphs"])
+    if missing:
+        raise BundleError(f"manifest lacks graphs {sorted(missing)}; re-export the bundle")
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise BundleError(f"{mpath}: 'files' must map names to sha256; re-export the bundle")
+    listed = [e["file"] if isinstance(e, dict) else e for e in manifest["graphs"].values()]
+    listed += [e["file"] if isinstance(e, dict) else e for e in (manifest.get("fp16_graphs") or {}).values()]
+    listed.append(manifest["tokenizer"].get("vocab", "vocab.json"))
+    unhashed = [n for n in listed if n not in files]
+    if unhashed:
+        raise BundleError(f"manifest lists {unhashed} without a sha256; the bundle cannot be verified. Re-export it.")
+    for name, digest in files.items():
+        path = safe_member(rootp, name)
+        if not path.is_file():
+            raise BundleError(f"bundle file {name} is missing from {rootp}; copy the whole bundle folder or re-export")
+        if verify and sha256_file(path) != digest:
+            raise BundleError(
+                f"bundle file {name} does not match its sha256 in the manifest (truncated or modified); "
+                "copy it again from the original export or re-export"
+            )
+    return Bundle(rootp, manifest)

@@ -1,0 +1,142 @@
+"""The export <-> runtime contract: graph I/O names, dtypes, dynamic axes, tolerances, manifest schema.
+
+``export`` builds its ``torch.onnx.export`` calls and its validation from these
+specs, and ``mssan_infer`` feeds the graphs and checks bundles with them, so the
+two sides cannot drift apart. Axis names: ``B`` batch, ``R`` regions, ``L`` words,
+``Ni``/``Nt`` images/captions in the scorer; ``D``, ``D2`` (= 2D) and ``Dv`` are
+fixed by the model config.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+__all__ = [
+    "FORMAT_VERSION", "MANIFEST_FILE", "VOCAB_FILE", "TensorSpec", "GraphSpec", "GRAPHS",
+    "IMAGE_ENCODER", "TEXT_ENCODER", "SCORER", "FIXED_AXES", "Tolerance", "TOLERANCES",
+    "DEFAULT_PROFILES", "sha256_file",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+VOCAB_FILE = "vocab.json"
+FIXED_AXES = ("D", "D2", "Dv")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                  # numpy dtype name: "float32" | "int64"
+    axes: tuple[str, ...]       # symbolic axis names
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: a for i, a in enumerate(self.axes) if a not in FIXED_AXES}
+
+    def shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(dims[a] for a in self.axes)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "dtype": self.dtype, "axes": list(self.axes)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """The ``dynamic_axes`` argument of ``torch.onnx.export``."""
+        return {t.name: t.dynamic_axes() for t in (*self.inputs, *self.outputs) if t.dynamic_axes()}
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "file": self.file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+
+F32, I64 = "float32", "int64"
+
+IMAGE_ENCODER = GraphSpec(
+    "image_encoder",
+    inputs=(TensorSpec("regions", F32, ("B", "R", "Dv")), TensorSpec("region_mask", F32, ("B", "R"))),
+    outputs=(
+        TensorSpec("img_stage1", F32, ("B", "D2")),
+        TensorSpec("img_local", F32, ("B", "R", "D")),
+        TensorSpec("img_gram", F32, ("B", "R", "R")),
+    ),
+)
+TEXT_ENCODER = GraphSpec(
+    "text_encoder",
+    inputs=(TensorSpec("tokens", I64, ("B", "L")), TensorSpec("token_mask", F32, ("B", "L"))),
+    outputs=(
+        TensorSpec("txt_stage1", F32, ("B", "D2")),
+        TensorSpec("txt_local", F32, ("B", "L", "D")),
+        TensorSpec("txt_gram", F32, ("B", "L", "L")),
+    ),
+)
+SCORER = GraphSpec(
+    "scorer",
+    inputs=(
+        TensorSpec("img_local", F32, ("Ni", "R", "D")),
+        TensorSpec("region_mask", F32, ("Ni", "R")),
+        TensorSpec("img_gram", F32, ("Ni", "R", "R")),
+        TensorSpec("txt_local", F32, ("Nt", "L", "D")),
+        TensorSpec("token_mask", F32, ("Nt", "L")),
+        TensorSpec("txt_gram", F32, ("Nt", "L", "L")),
+    ),
+    outputs=(TensorSpec("s_ll", F32, ("Ni", "Nt")),),   # already multiplied by lam_ll
+)
+GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (IMAGE_ENCODER, TEXT_ENCODER, SCORER)}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Per-precision parity tolerances (export fails past them)."""
+
+    atol: float                 # max abs diff on every output and on final scores
+    rtol: float = 0.0
+    rerank_depth: int = 100     # candidates in the rerank-order check
+    topk_agreement: float = 1.0 # fraction of top-k (k=10) shared with PyTorch fp32
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4),
+    "fp16": Tolerance(atol=2e-2, rtol=0.0, rerank_depth=100, topk_agreement=0.9),
+}
+
+# TensorRT optimisation profiles / Triton max batch: (min, opt, max) per dynamic axis.
+DEFAULT_PROFILES: dict[str, tuple[int, int, int]] = {
+    "B": (1, 32, 128),
+    "R": (1, 36, 100),
+    "L": (1, 16, 64),
+    "Ni": (1, 100, 256),
+    "Nt": (1, 1, 128),
+}
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()

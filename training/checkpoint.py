@@ -1,0 +1,135 @@
+"""Checkpoint folders: ``config.json``, ``model.safetensors``, ``state.json``, ``vocab.json``.
+
+No pickle: weights and optimizer tensors go through safetensors, everything
+else through JSON. Writes are atomic per folder (written to a temp folder,
+then renamed into place).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mssan_infer.errors import BundleError
+from mssan_infer.tokenizer import Tokenizer
+
+from .config import ModelConfig, TrainConfig
+from .model import MSSAN
+
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_model"]
+
+CONFIG, WEIGHTS, STATE, VOCAB, OPTIM = "config.json", "model.safetensors", "state.json", "vocab.json", "optimizer.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    model: MSSAN
+    tokenizer: Tokenizer
+    train_config: TrainConfig | None
+    state: dict[str, Any] = field(default_factory=dict)
+    optimizer_state: dict[str, Any] | None = None
+
+
+def _optimizer_to_flat(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {"param_groups": opt_state["param_groups"], "state": {}}
+    for pid, st in opt_state["state"].items():
+        scalars["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars["state"][str(pid)][k] = v
+    return tensors, scalars
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for pid, st in scalars["state"].items():
+        state[int(pid)] = dict(st)
+    for key, t in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = t
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: MSSAN,
+    tokenizer: Tokenizer,
+    train_config: TrainConfig | None = None,
+    state: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Write a checkpoint folder atomically (replacing an existing one)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cfg: dict[str, Any] = {"model": model.cfg.to_dict()}
+        if train_config is not None:
+            cfg["train"] = train_config.to_dict()
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS))
+        st = dict(state or {})
+        if optimizer is not None:
+            tensors, scalars = _optimizer_to_flat(optimizer.state_dict())
+            if tensors:
+                save_file(tensors, str(tmp / OPTIM))
+            st["optimizer"] = scalars
+        (tmp / STATE).write_text(json.dumps(st, indent=2))
+        tokenizer.save(tmp / VOCAB)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> Checkpoint:
+    """Rebuild the model (eval mode), tokenizer, train config and state of a checkpoint folder."""
+    p = Path(path)
+    for name in (CONFIG, WEIGHTS, VOCAB):
+        if not (p / name).is_file():
+            raise BundleError(
+                f"{p} is not a checkpoint folder: {name} is missing "
+                "(a checkpoint holds config.json, model.safetensors, state.json, vocab.json)"
+            )
+    cfg = json.loads((p / CONFIG).read_text())
+    mcfg = ModelConfig.from_dict(cfg["model"])
+    tcfg = TrainConfig.from_dict(cfg["train"]) if "train" in cfg else None
+    tok = Tokenizer.from_file(p / VOCAB, max_len=mcfg.max_len)
+    model = MSSAN(mcfg)
+    try:
+        weights = load_file(str(p / WEIGHTS), device=map_location)
+        model.load_state_dict(weights, strict=True)
+    except Exception as e:  # safetensors/torch raise several types
+        raise BundleError(f"cannot load weights from {p / WEIGHTS}: {e}") from e
+    model.eval()
+    state = json.loads((p / STATE).read_text()) if (p / STATE).is_file() else {}
+    opt_state = None
+    if "optimizer" in state:
+        tensors = load_file(str(p / OPTIM), device=map_location) if (p / OPTIM).is_file() else {}
+        opt_state = _optimizer_from_flat(tensors, state.pop("optimizer"))
+    return Checkpoint(model, tok, tcfg, state, opt_state)
+
+
+def load_model(path: str | os.PathLike[str]) -> tuple[MSSAN, Tokenizer]:
+    """The model (eval mode) and tokenizer of a checkpoint folder."""
+    ck = load_checkpoint(path)
+    return ck.model, ck.tokenizer

@@ -1,0 +1,113 @@
+"""Model and training configuration: dataclasses that read and write JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "preset"]
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild an ``MSSAN`` (and nothing about training)."""
+
+    vocab_size: int = 0          # set from the vocabulary
+    word_dim: int = 300          # word embedding size
+    embed_size: int = 1024       # D, joint space
+    img_dim: int = 2048          # Dv, region feature size
+    lambda_t2i: float = 9.0      # softmax temperature over regions (t2i)
+    lambda_i2t: float = 4.0      # softmax temperature over words (i2t)
+    agg: Literal["mean", "lse"] = "mean"
+    lambda_lse: float = 6.0
+    leaky: float = 0.1
+    lam_gg: float = 1.0
+    lam_gl: float = 1.0
+    lam_ll: float = 1.0
+    max_len: int = 64            # tokenizer truncation
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, d)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, loss and schedule."""
+
+    batch_size: int = 128
+    lr: float = 2e-4
+    epochs: int = 30
+    lr_decay_epoch: int = 15     # lr *= lr_decay at this epoch (step schedule)
+    lr_decay: float = 0.1
+    grad_clip: float = 2.0
+    # loss (DESIGN §3)
+    negatives: Literal["hardest", "all"] = "hardest"
+    warmup_all_epochs: int = 1   # use negatives="all" for the first epochs
+    adaptive: bool = True
+    m0: float = 0.2
+    rho: float = 0.01
+    kappa: float = 0.5
+    m_min: float = 0.05
+    m_max: float = 0.5
+    vocab_threshold: int = 4
+    seed: int = 0
+    eval_rerank: int = 20        # K for the two-stage figure reported on dev
+    workers: int = 0
+    device: str = "cpu"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    compile: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls: Any, d: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**d)
+
+
+@dataclass
+class Preset:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+PRESETS: dict[str, Preset] = {
+    # Fast on a 2-core CPU: the demo and the tests.
+    "tiny": Preset(
+        ModelConfig(word_dim=128, embed_size=256, img_dim=2048),
+        TrainConfig(batch_size=128, lr=5e-4, epochs=12, lr_decay_epoch=9, eval_rerank=20),
+    ),
+    # The paper's setting (SCAN-style): D=1024, word 300, 36x2048 regions, Bi-GRU.
+    "paper": Preset(
+        ModelConfig(word_dim=300, embed_size=1024, img_dim=2048),
+        TrainConfig(batch_size=128, lr=2e-4, epochs=30, lr_decay_epoch=15, eval_rerank=100),
+    ),
+}
+
+
+def preset(name: str) -> Preset:
+    """A fresh copy of a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    p = PRESETS[name]
+    return Preset(ModelConfig.from_dict(p.model.to_dict()), TrainConfig.from_dict(p.train.to_dict()))
+
+
+def dumps(model: ModelConfig, train: TrainConfig | None = None) -> str:
+    d: dict[str, Any] = {"model": model.to_dict()}
+    if train is not None:
+        d["train"] = train.to_dict()
+    return json.dumps(d, indent=2)

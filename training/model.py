@@ -1,0 +1,250 @@
+"""MSSAN: Multi-level Symmetric Semantic Alignment Network (DESIGN §2).
+
+Imports only torch and the config dataclass. Shapes: ``B`` batch, ``R``
+regions, ``L`` words, ``Dv`` region feature size, ``D`` joint size. Masks are
+float 1/0, 1 for real positions; padded positions are zeroed in the encoders
+and every pooling/softmax is masked, so a fully masked row yields 0, not NaN.
+"""
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+__all__ = [
+    "MSSAN",
+    "Encoded",
+    "TERMS",
+    "l2norm",
+    "masked_softmax",
+    "masked_mean",
+    "reverse_padded",
+    "cross_attention_score",
+]
+
+EPS = 1e-8
+NEG_FILL = -1e4
+TERMS = ("gg", "gl", "ll")
+
+
+def l2norm(x: Tensor, dim: int = -1) -> Tensor:
+    """``x / sqrt(sum(x^2) + 1e-8)``: the one normalisation form of the model."""
+    return x / torch.sqrt((x * x).sum(dim, keepdim=True) + EPS)
+
+
+def masked_softmax(logits: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Softmax over ``dim`` of positions where ``mask`` > 0; masked (and all-masked) -> 0."""
+    keep = mask > 0
+    p = torch.softmax(torch.where(keep, logits, torch.full_like(logits, NEG_FILL)), dim=dim)
+    return torch.where(keep, p, torch.zeros_like(p))
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over axis 1 of ``x [B,N,D]`` at positions ``mask [B,N]`` > 0; empty -> 0."""
+    keep = (mask > 0).unsqueeze(-1)                                   # [B,N,1]
+    total = torch.where(keep, x, torch.zeros_like(x)).sum(1)          # [B,D]
+    count = mask.sum(1, keepdim=True).clamp(min=1.0)                  # [B,1]
+    return total / count
+
+
+def reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:
+    """Reverse each sequence of ``x [B,L,E]`` within its length; padding stays in place.
+
+    An involution: applying it twice gives ``x`` back. Exports to ONNX at any ``L``.
+    """
+    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)    # [1,L]
+    idx = lengths.unsqueeze(1) - 1 - steps                            # [B,L]
+    idx = torch.where(idx >= 0, idx, steps.expand_as(idx))
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+
+
+def _aggregate(x: Tensor, mask: Tensor, agg: str, lambda_lse: float) -> Tensor:
+    """Reduce the last axis of ``x`` over positions ``mask`` > 0 ("mean" or "lse")."""
+    keep = mask > 0
+    count = mask.sum(-1)
+    if agg == "mean":
+        return torch.where(keep, x, torch.zeros_like(x)).sum(-1) / count.clamp(min=1.0)
+    if agg == "lse":
+        filled = torch.where(keep, lambda_lse * x, torch.full_like(x, NEG_FILL))
+        lse = torch.logsumexp(filled, dim=-1) / lambda_lse
+        return torch.where(count > 0, lse, torch.zeros_like(lse))
+    raise ValueError(f"agg must be 'mean' or 'lse', got {agg!r}")
+
+
+def cross_attention_score(
+    v: Tensor, v_mask: Tensor, v_gram: Tensor,
+    w: Tensor, w_mask: Tensor, w_gram: Tensor,
+    lambda_t2i: float = 9.0, lambda_i2t: float = 4.0, leaky: float = 0.1,
+    agg: str = "mean", lambda_lse: float = 6.0,
+) -> Tensor:
+    """S_ll for every image x caption pair, through the Gram identity.
+
+    Args:
+        v: ``[Ni,R,D]`` unfused region locals (zero at padding), ``v_mask [Ni,R]``,
+           ``v_gram = v v^T [Ni,R,R]``.
+        w: ``[Nt,L,D]`` word locals, ``w_mask [Nt,L]``, ``w_gram [Nt,L,L]``.
+    Returns:
+        ``[Ni,Nt]`` = (S_t2i + S_i2t) / 2. The attended contexts are never built:
+        ``w_j . c_j = sum_i alpha_ij s_ij`` and ``|c_j|^2 = alpha_j^T G_v alpha_j``.
+    """
+    ni, r, d = v.shape
+    nt, l, _ = w.shape
+    # s[n,m,i,j] = v[n,i] . w[m,j]: one [Ni*R, D] x [D, Nt*L] product.
+    s = torch.matmul(v.reshape(-1, d), w.reshape(-1, d).t())          # [Ni*R, Nt*L]
+    s = s.reshape(ni, r, nt, l).permute(0, 2, 1, 3)                   # [Ni,Nt,R,L]
+    vm = v_mask.reshape(ni, 1, r, 1)
+    wm = w_mask.reshape(1, nt, 1, l)
+    pair = (vm * wm) > 0                                              # [Ni,Nt,R,L]
+    act = F.leaky_relu(s, leaky)
+    act = torch.where(pair, act, torch.zeros_like(act))
+
+    # text -> image: each word attends over regions.
+    a = l2norm(act, dim=3) * lambda_t2i                               # rows: regions, normalised over words
+    alpha = masked_softmax(a, vm.expand_as(a), dim=2)                 # [Ni,Nt,R,L], softmax over R
+    num = (alpha * s).sum(2)                                          # [Ni,Nt,L]  w_j . c_j
+    c2 = (alpha * torch.matmul(v_gram.unsqueeze(1), alpha)).sum(2)   # [Ni,Nt,L]  |c_j|^2
+    w2 = torch.diagonal(w_gram, dim1=1, dim2=2).unsqueeze(0)          # [1,Nt,L]   |w_j|^2
+    cos_t = num / (torch.sqrt(c2 + EPS) * torch.sqrt(w2 + EPS))
+    s_t2i = _aggregate(cos_t, w_mask.unsqueeze(0).expand_as(cos_t), agg, lambda_lse)   # [Ni,Nt]
+
+    # image -> text: each region attends over words.
+    b = l2norm(act, dim=2) * lambda_i2t                               # columns: words, normalised over regions
+    beta = masked_softmax(b, wm.expand_as(b), dim=3)                  # [Ni,Nt,R,L], softmax over L
+    num_i = (beta * s).sum(3)                                         # [Ni,Nt,R]  v_i . c_i
+    c2_i = (beta * torch.matmul(beta, w_gram.unsqueeze(0))).sum(3)    # [Ni,Nt,R]  |c_i|^2
+    v2 = torch.diagonal(v_gram, dim1=1, dim2=2).unsqueeze(1)          # [Ni,1,R]
+    cos_i = num_i / (torch.sqrt(c2_i + EPS) * torch.sqrt(v2 + EPS))
+    s_i2t = _aggregate(cos_i, v_mask.unsqueeze(1).expand_as(cos_i), agg, lambda_lse)   # [Ni,Nt]
+    return 0.5 * (s_t2i + s_i2t)
+
+
+class Encoded(NamedTuple):
+    """One side's encoding. ``local`` is zero at padded positions."""
+
+    stage1: Tensor    # [B,2D]  stage-1 vector (e_img or e_txt)
+    local: Tensor     # [B,N,D] unfused locals
+    mask: Tensor      # [B,N]
+    gram: Tensor      # [B,N,N] local @ local^T
+    glob: Tensor      # [B,D]   g
+    summary: Tensor   # [B,D]   u (MFFM, not normalised)
+
+    def select(self, idx: Tensor | slice) -> "Encoded":
+        return Encoded(*(t[idx] for t in self))
+
+
+class MFFM(nn.Module):
+    """Multi-level feature fusion: significance-weighted summary of globally fused locals."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.att = nn.Linear(d, d)                   # W_a (with bias)
+        self.query = nn.Linear(d, 1, bias=False)     # q
+        self.gate = nn.Linear(2 * d, d)              # W_z, b_z
+
+    def forward(self, x: Tensor, g: Tensor, mask: Tensor) -> Tensor:
+        """``x [B,N,D]`` locals, ``g [B,D]`` global, ``mask [B,N]`` -> ``u [B,D]``."""
+        logits = self.query(torch.tanh(self.att(x))).squeeze(-1)     # [B,N]
+        a = masked_softmax(logits, mask, dim=1)                       # [B,N]
+        gx = g.unsqueeze(1).expand_as(x)                              # [B,N,D]
+        z = torch.sigmoid(self.gate(torch.cat([x, gx], dim=-1)))      # [B,N,D]
+        fused = l2norm(x + z * gx)                                    # [B,N,D]
+        return (a.unsqueeze(-1) * fused).sum(1)                       # [B,D]
+
+
+class MSSAN(nn.Module):
+    """Image-text matching with global-global, global-local and local-local similarities."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 4:
+            raise ValueError(f"ModelConfig.vocab_size must be set from the vocabulary (got {cfg.vocab_size})")
+        self.cfg = cfg
+        d = cfg.embed_size
+        self.img_fc = nn.Linear(cfg.img_dim, d)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.word_dim, padding_idx=0)
+        self.gru_fwd = nn.GRU(cfg.word_dim, d, batch_first=True)
+        self.gru_bwd = nn.GRU(cfg.word_dim, d, batch_first=True)
+        self.mffm_img = MFFM(d)
+        self.mffm_txt = MFFM(d)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        r = (6.0 / (self.img_fc.in_features + self.img_fc.out_features)) ** 0.5
+        nn.init.uniform_(self.img_fc.weight, -r, r)
+        nn.init.zeros_(self.img_fc.bias)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()
+
+    # ---- encoders -------------------------------------------------------
+    def encode_image(self, regions: Tensor, region_mask: Tensor) -> Encoded:
+        """``regions [B,R,Dv]``, ``region_mask [B,R]`` -> image ``Encoded``."""
+        keep = (region_mask > 0).unsqueeze(-1)                         # [B,R,1]
+        v = l2norm(self.img_fc(regions))                               # [B,R,D]
+        v = torch.where(keep, v, torch.zeros_like(v))
+        g = l2norm(masked_mean(v, region_mask))                        # [B,D]
+        u = self.mffm_img(v, g, region_mask)                           # [B,D]
+        c = self.cfg
+        stage1 = torch.cat([c.lam_gg * g + 0.5 * c.lam_gl * u, 0.5 * c.lam_gl * g], dim=-1)
+        return Encoded(stage1, v, region_mask, torch.matmul(v, v.transpose(1, 2)), g, u)
+
+    def encode_text(self, tokens: Tensor, token_mask: Tensor) -> Encoded:
+        """``tokens [B,L]`` int64, ``token_mask [B,L]`` -> text ``Encoded``."""
+        keep = (token_mask > 0).unsqueeze(-1)                          # [B,L,1]
+        lengths = (token_mask > 0).sum(1)                              # [B]
+        x = self.embed(tokens)                                         # [B,L,E]
+        h_f, _ = self.gru_fwd(x)                                       # [B,L,D]
+        h_b, _ = self.gru_bwd(reverse_padded(x, lengths))              # [B,L,D] (reversed time)
+        h_b = reverse_padded(h_b, lengths)
+        w = l2norm((h_f + h_b) / 2)
+        w = torch.where(keep, w, torch.zeros_like(w))
+        g = l2norm(masked_mean(w, token_mask))                         # [B,D]
+        u = self.mffm_txt(w, g, token_mask)                            # [B,D]
+        return Encoded(torch.cat([g, u], dim=-1), w, token_mask, torch.matmul(w, w.transpose(1, 2)), g, u)
+
+    # ---- similarities (all cross products [Ni, Nt]) ----------------------
+    @staticmethod
+    def s_gg(img: Encoded, txt: Encoded) -> Tensor:
+        return img.glob @ txt.glob.t()
+
+    @staticmethod
+    def s_gl(img: Encoded, txt: Encoded) -> Tensor:
+        return 0.5 * (img.summary @ txt.glob.t() + img.glob @ txt.summary.t())
+
+    def s_ll(self, img: Encoded, txt: Encoded) -> Tensor:
+        c = self.cfg
+        return cross_attention_score(
+            img.local, img.mask, img.gram, txt.local, txt.mask, txt.gram,
+            c.lambda_t2i, c.lambda_i2t, c.leaky, c.agg, c.lambda_lse,
+        )
+
+    @staticmethod
+    def stage1_score(img: Encoded, txt: Encoded) -> Tensor:
+        """``e_img . e_txt`` = lam_gg*S_gg + lam_gl*S_gl."""
+        return img.stage1 @ txt.stage1.t()
+
+    def score(self, img: Encoded, txt: Encoded, terms: Iterable[str] = TERMS) -> Tensor:
+        """Final similarity ``[Ni,Nt]``; ``terms`` selects a subset of ("gg","gl","ll") for ablations."""
+        terms = tuple(terms)
+        unknown = set(terms) - set(TERMS)
+        if unknown:
+            raise ValueError(f"unknown terms {sorted(unknown)}; choose from {TERMS}")
+        c = self.cfg
+        if "gg" in terms and "gl" in terms and c.lam_gg and c.lam_gl:
+            out = self.stage1_score(img, txt)
+        else:
+            out = torch.zeros(img.stage1.shape[0], txt.stage1.shape[0], dtype=img.stage1.dtype, device=img.stage1.device)
+            if "gg" in terms and c.lam_gg:
+                out = out + c.lam_gg * self.s_gg(img, txt)
+            if "gl" in terms and c.lam_gl:
+                out = out + c.lam_gl * self.s_gl(img, txt)
+        if "ll" in terms and c.lam_ll:
+            out = out + c.lam_ll * self.s_ll(img, txt)
+        return out
+
+    def forward(self, regions: Tensor, region_mask: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        return self.score(self.encode_image(regions, region_mask), self.encode_text(tokens, token_mask))

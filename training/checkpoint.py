@@ -1,18 +1,16 @@
 """Checkpoint folders: ``config.json``, ``model.safetensors``, ``state.json``, ``vocab.json``.
 
 No pickle: weights and optimizer tensors go through safetensors, everything
-else through JSON. Writes are atomic per folder (written to a temp folder,
-then renamed into place).
+else through JSON. Each file is written atomically (temp file, then rename).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,6 +58,17 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], scalars: dict[str, An
     return {"state": state, "param_groups": scalars["param_groups"]}
 
 
+def _atomic(target: Path, write: Callable[[Path], object]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: MSSAN,
@@ -68,36 +77,24 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically (replacing an existing one)."""
+    """Write (or overwrite) the checkpoint files in folder ``path``; other files there are kept."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        cfg: dict[str, Any] = {"model": model.cfg.to_dict()}
-        if train_config is not None:
-            cfg["train"] = train_config.to_dict()
-        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS))
-        st = dict(state or {})
-        if optimizer is not None:
-            tensors, scalars = _optimizer_to_flat(optimizer.state_dict())
-            if tensors:
-                save_file(tensors, str(tmp / OPTIM))
-            st["optimizer"] = scalars
-        (tmp / STATE).write_text(json.dumps(st, indent=2))
-        tokenizer.save(tmp / VOCAB)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out.mkdir(parents=True, exist_ok=True)
+    cfg: dict[str, Any] = {"model": model.cfg.to_dict()}
+    if train_config is not None:
+        cfg["train"] = train_config.to_dict()
+    st = dict(state or {})
+    # Each file is written beside its target and renamed into place; state.json,
+    # which says what the folder holds, goes last.
+    _atomic(out / WEIGHTS, lambda p: save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(p)))
+    if optimizer is not None:
+        tensors, scalars = _optimizer_to_flat(optimizer.state_dict())
+        _atomic(out / OPTIM, lambda p: save_file(tensors, str(p)))
+        st["optimizer"] = scalars
+    _atomic(out / VOCAB, tokenizer.save)
+    _atomic(out / CONFIG, lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    _atomic(out / STATE, lambda p: p.write_text(json.dumps(st, indent=2)))
     return out
 
 

@@ -109,7 +109,10 @@ def cross_attention_score(
     c2 = (alpha * torch.matmul(v_gram.unsqueeze(1), alpha)).sum(2)   # [Ni,Nt,L]  |c_j|^2
     w2 = torch.diagonal(w_gram, dim1=1, dim2=2).unsqueeze(0)          # [1,Nt,L]   |w_j|^2
     cos_t = num / (torch.sqrt(c2 + EPS) * torch.sqrt(w2 + EPS))
-    s_t2i = _aggregate(cos_t, w_mask.unsqueeze(0).expand_as(cos_t), agg, lambda_lse)   # [Ni,Nt]
+    # A pair with an empty side has no alignment at all: aggregate over nothing -> 0.
+    has_v = (v_mask.sum(1) > 0).to(v_mask.dtype).reshape(ni, 1, 1)   # [Ni,1,1]
+    has_w = (w_mask.sum(1) > 0).to(w_mask.dtype).reshape(1, nt, 1)   # [1,Nt,1]
+    s_t2i = _aggregate(cos_t, w_mask.unsqueeze(0) * has_v, agg, lambda_lse)     # [Ni,Nt]
 
     # image -> text: each region attends over words.
     b = l2norm(act, dim=2) * lambda_i2t                               # columns: words, normalised over regions
@@ -118,7 +121,7 @@ def cross_attention_score(
     c2_i = (beta * torch.matmul(beta, w_gram.unsqueeze(0))).sum(3)    # [Ni,Nt,R]  |c_i|^2
     v2 = torch.diagonal(v_gram, dim1=1, dim2=2).unsqueeze(1)          # [Ni,1,R]
     cos_i = num_i / (torch.sqrt(c2_i + EPS) * torch.sqrt(v2 + EPS))
-    s_i2t = _aggregate(cos_i, v_mask.unsqueeze(1).expand_as(cos_i), agg, lambda_lse)   # [Ni,Nt]
+    s_i2t = _aggregate(cos_i, v_mask.unsqueeze(1) * has_w, agg, lambda_lse)     # [Ni,Nt]
     return 0.5 * (s_t2i + s_i2t)
 
 

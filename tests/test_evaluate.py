@@ -1,0 +1,61 @@
+"""Recall metrics on hand-made similarity matrices."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.evaluate import ranks_i2t, ranks_t2i, recall_report, twostage_scores
+
+
+def _perfect(n: int) -> np.ndarray:
+    s = np.zeros((n, 5 * n), dtype=np.float32)
+    for i in range(n):
+        s[i, 5 * i:5 * i + 5] = 1.0
+    return s
+
+
+def test_perfect_scores_give_full_recall() -> None:
+    rep = recall_report(_perfect(4))
+    assert rep["i2t"] == {"r1": 100.0, "r5": 100.0, "r10": 100.0}
+    assert rep["t2i"]["r1"] == 100.0 and rep["rsum"] == 600.0
+
+
+def test_constant_scores_give_zero_r1_ties_are_pessimistic() -> None:
+    rep = recall_report(np.ones((4, 20), dtype=np.float32))
+    assert rep["i2t"]["r1"] == 0.0 and rep["t2i"]["r1"] == 0.0
+
+
+def test_i2t_uses_the_best_of_five_captions() -> None:
+    s = np.zeros((2, 10), dtype=np.float32)
+    s[0, 4] = 0.9                    # only the 5th caption of image 0 ranks first
+    s[0, 5:] = 0.5                   # captions of image 1 beat the other four
+    s[1, 5] = 0.2
+    s[1, 0] = 0.3                    # image 1: a caption of image 0 ranks first
+    r = ranks_i2t(s)
+    assert r.tolist() == [0, 1]
+
+
+def test_t2i_rank_counts_images_above_the_ground_truth() -> None:
+    s = np.zeros((3, 15), dtype=np.float32)
+    s[0, :5] = 0.5
+    s[1, :5] = 0.6                   # image 1 beats image 0 on image 0's captions
+    s[1, 5:10] = 0.9
+    s[2, 10:] = 0.1
+    s[0, 10:] = 0.2                  # ... and image 0 beats image 2 on image 2's
+    s[1, 10:] = 0.05
+    r = ranks_t2i(s)
+    assert r.tolist() == [1] * 5 + [0] * 5 + [1] * 5
+
+
+def test_twostage_reorders_only_the_top_k() -> None:
+    stage1 = np.array([[0.9, 0.8, 0.7, 0.1]])
+    full = np.array([[0.1, 0.5, 0.9, 2.0]])
+    eff = twostage_scores(stage1, full, k=2, axis=1)
+    assert list(np.argsort(-eff[0])) == [1, 0, 2, 3]        # item 3 is outside the top 2: stays last
+    eff_all = twostage_scores(stage1, full, k=4, axis=1)
+    assert list(np.argsort(-eff_all[0])) == [3, 2, 1, 0]     # K = gallery size: exhaustive order
+
+
+def test_wrong_shape_is_refused() -> None:
+    with pytest.raises(ValueError):
+        ranks_i2t(np.zeros((3, 14)))

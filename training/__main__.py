@@ -1,0 +1,120 @@
+"""``python -m training synth|train|eval`` (DESIGN §9)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+from mssan_infer.errors import MssanError
+
+log = logging.getLogger("training")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from . import synth
+
+    knobs = {k: getattr(args, k) for k in synth.SYNTH_KNOBS if getattr(args, k, None) is not None}
+    out = synth.generate(args.out, images=args.images, seed=args.seed, **knobs)
+    print(f"wrote synthetic precomp data to {out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    tover: dict[str, Any] = {}
+    for key in ("batch_size", "lr", "seed", "device", "negatives"):
+        if getattr(args, key) is not None:
+            tover[key] = getattr(args, key)
+    res = train(args.data, args.out, preset=args.preset, epochs=args.epochs, train_overrides=tover,
+                resume=args.resume, progress=not args.no_progress)
+    print(f"best dev rSum {res['best_dev_rsum']:.1f} in {res['wall_s']:.0f}s; checkpoint: {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .data import load_split
+    from .evaluate import evaluate_split
+
+    torch.set_grad_enabled(False)
+    ck = load_checkpoint(args.checkpoint)
+    split = load_split(args.data, args.split)
+    terms = tuple(t for t in args.terms.split(",") if t)
+    rep = evaluate_split(ck.model, split.images, split.region_mask, split.captions, ck.tokenizer,
+                         rerank=args.rerank, terms=terms, coco=args.split == "testall")
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    sections = rep.items() if args.split == "testall" else [("", rep)]
+    for title, modes in sections:
+        if title:
+            print(f"== {title}")
+        print(f"{'mode':<16}{'i2t R@1':>9}{'R@5':>7}{'R@10':>7}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'rSum':>8}")
+        for mode, r in modes.items():
+            i, t = r["i2t"], r["t2i"]
+            print(f"{mode:<16}{i['r1']:>9.1f}{i['r5']:>7.1f}{i['r10']:>7.1f}{t['r1']:>9.1f}{t['r5']:>7.1f}{t['r10']:>7.1f}{r['rsum']:>8.1f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m training", description="Train and evaluate MSSAN.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    sp = sub.add_parser("synth", help="write a seeded synthetic dataset in the precomp layout")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--images", type=int, default=1000, help="training images (dev/test are smaller)")
+    sp.add_argument("--seed", type=int, default=0)
+    from . import synth
+
+    for name, (default, help_) in synth.SYNTH_KNOBS.items():
+        if name in ("images", "seed"):
+            continue
+        kind = type(default) if default is not None else str
+        sp.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                        help=f"{help_} (default {default})")
+    sp.set_defaults(func=_synth)
+
+    tp = sub.add_parser("train", help="train a model on a precomp-layout dataset")
+    tp.add_argument("--data", required=True, help="folder with train_/dev_ files")
+    tp.add_argument("--out", required=True, help="checkpoint folder (best on dev; last/ for --resume)")
+    tp.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
+    tp.add_argument("--epochs", type=int)
+    tp.add_argument("--batch-size", dest="batch_size", type=int)
+    tp.add_argument("--lr", type=float)
+    tp.add_argument("--seed", type=int)
+    tp.add_argument("--device", help="cpu | cuda")
+    tp.add_argument("--negatives", choices=["hardest", "all"])
+    tp.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    tp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tp.set_defaults(func=_train)
+
+    ep = sub.add_parser("eval", help="recall of a checkpoint: stage-1, two-stage@K, exhaustive")
+    ep.add_argument("--checkpoint", required=True)
+    ep.add_argument("--data", required=True)
+    ep.add_argument("--split", default="test", help="train | dev | test | testall (COCO 1K folds + 5K)")
+    ep.add_argument("--rerank", type=int, default=100, help="K of the two-stage mode (0: skip it)")
+    ep.add_argument("--terms", default="gg,gl,ll", help="similarity terms to use (ablation), e.g. gg,ll")
+    ep.add_argument("--json", action="store_true", help="print one JSON object")
+    ep.set_defaults(func=_eval)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args))
+    except (MssanError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

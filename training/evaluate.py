@@ -1,0 +1,179 @@
+"""Recall@K evaluation: stage-1-only, two-stage at K, and exhaustive (DESIGN §4).
+
+Scores go through the model's one cross-product ``score``, sharded. Ranks are
+pessimistic on ties: a ground truth tied with a negative counts as ranked
+below it, so a constant scorer gets R@1 = 0, never 100.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mssan_infer.tokenizer import Tokenizer
+
+from .model import MSSAN, TERMS, Encoded
+
+__all__ = [
+    "ranks_i2t", "ranks_t2i", "recall_from_ranks", "recall_report", "twostage_scores",
+    "encode_split", "pad_cat", "sharded_score", "evaluate", "evaluate_split",
+]
+
+log = logging.getLogger(__name__)
+CAPS = 5
+_RERANK_OFFSET = 1e4   # lifts reranked candidates above every stage-1 score
+
+
+def ranks_i2t(sims: np.ndarray, caps_per_image: int = CAPS) -> np.ndarray:
+    """Rank (0 = first) of each image's best ground-truth caption. ``sims [N, caps*N]``."""
+    n, m = sims.shape
+    if m != caps_per_image * n:
+        raise ValueError(f"i2t needs [N, {caps_per_image}N] similarities, got {sims.shape}")
+    gt = np.zeros_like(sims, dtype=bool)
+    rows = np.repeat(np.arange(n), caps_per_image)
+    gt[rows, np.arange(m)] = True
+    best_gt = np.where(gt, sims, -np.inf).max(1, keepdims=True)                # [N,1]
+    return ((sims >= best_gt) & ~gt).sum(1)
+
+
+def ranks_t2i(sims: np.ndarray, caps_per_image: int = CAPS) -> np.ndarray:
+    """Rank (0 = first) of each caption's image ``caption // caps``. ``sims [N, caps*N]``."""
+    n, m = sims.shape
+    if m != caps_per_image * n:
+        raise ValueError(f"t2i needs [N, {caps_per_image}N] similarities, got {sims.shape}")
+    gt_img = np.arange(m) // caps_per_image
+    gt_score = sims[gt_img, np.arange(m)]                                       # [M]
+    ge = sims >= gt_score[None, :]
+    ge[gt_img, np.arange(m)] = False
+    return ge.sum(0)
+
+
+def recall_from_ranks(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    return {f"r{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
+
+
+def recall_report(sims_i2t: np.ndarray, sims_t2i: np.ndarray | None = None) -> dict[str, Any]:
+    """``{"i2t": {r1,r5,r10}, "t2i": {...}, "rsum"}`` from image x caption similarities.
+
+    ``sims_t2i`` defaults to ``sims_i2t``; they differ for two-stage ranking,
+    whose candidate lists depend on the query direction.
+    """
+    i2t = recall_from_ranks(ranks_i2t(sims_i2t))
+    t2i = recall_from_ranks(ranks_t2i(sims_i2t if sims_t2i is None else sims_t2i))
+    return {"i2t": i2t, "t2i": t2i, "rsum": sum(i2t.values()) + sum(t2i.values())}
+
+
+def twostage_scores(stage1: np.ndarray, full: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """Effective ranking scores of two-stage retrieval at depth ``k``.
+
+    Queries run along ``axis`` (1: each image ranks captions; 0: each caption
+    ranks images). The top ``k`` candidates by stage-1 are reordered by the full
+    score and placed above all others, which keep their stage-1 order.
+    """
+    n_cand = stage1.shape[axis]
+    k = min(k, n_cand)
+    out = stage1.astype(np.float64).copy()
+    if k <= 0:
+        return out
+    top = np.argpartition(-stage1, k - 1, axis=axis).take(np.arange(k), axis=axis)
+    vals = np.take_along_axis(full, top, axis=axis).astype(np.float64) + _RERANK_OFFSET
+    np.put_along_axis(out, top, vals, axis=axis)
+    return out
+
+
+def pad_cat(parts: Sequence[Encoded]) -> Encoded:
+    """Concatenate encodings of different lengths, zero-padding locals, masks and Grams."""
+    n = max(p.local.shape[1] for p in parts)
+    out = []
+    for p in parts:
+        pad = n - p.local.shape[1]
+        out.append(Encoded(
+            p.stage1, F.pad(p.local, (0, 0, 0, pad)), F.pad(p.mask, (0, pad)),
+            F.pad(p.gram, (0, pad, 0, pad)), p.glob, p.summary,
+        ))
+    return Encoded(*(torch.cat(ts, 0) for ts in zip(*out)))
+
+
+@torch.inference_mode()
+def encode_split(
+    model: MSSAN, images: np.ndarray, region_mask: np.ndarray | None, captions: Sequence[str],
+    tokenizer: Tokenizer, batch_size: int = 256,
+) -> tuple[Encoded, Encoded]:
+    """Encode every image (``[N,R,Dv]``, possibly a memmap) and caption of a split."""
+    model.eval()
+    dev = next(model.parameters()).device
+    imgs = []
+    for s in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size], dtype=np.float32)).to(dev)
+        m = (torch.ones(x.shape[:2]) if region_mask is None
+             else torch.from_numpy(np.asarray(region_mask[s:s + batch_size], dtype=np.float32))).to(dev)
+        imgs.append(model.encode_image(x, m))
+    txts = []
+    for s in range(0, len(captions), batch_size):
+        tok, msk = tokenizer.encode_batch(list(captions[s:s + batch_size]))
+        txts.append(model.encode_text(torch.from_numpy(tok).to(dev), torch.from_numpy(msk).to(dev)))
+    return pad_cat(imgs), pad_cat(txts)
+
+
+@torch.inference_mode()
+def sharded_score(
+    model: MSSAN, img: Encoded, txt: Encoded, shard: int = 128, terms: Iterable[str] = TERMS,
+) -> np.ndarray:
+    """``model.score`` over all pairs in ``shard x shard`` blocks -> ``[Ni, Nt]`` numpy."""
+    terms = tuple(terms)
+    ni, nt = img.stage1.shape[0], txt.stage1.shape[0]
+    out = np.empty((ni, nt), dtype=np.float32)
+    for i in range(0, ni, shard):
+        sub_i = img.select(slice(i, i + shard))
+        for j in range(0, nt, shard):
+            out[i:i + shard, j:j + shard] = model.score(sub_i, txt.select(slice(j, j + shard)), terms).float().cpu().numpy()
+    return out
+
+
+def evaluate(
+    model: MSSAN, img: Encoded, txt: Encoded, rerank: int = 100, terms: Iterable[str] = TERMS,
+    shard: int = 128,
+) -> dict[str, dict[str, Any]]:
+    """Recall for ``stage1``, ``twostage@K`` and ``exhaustive`` on encoded images x captions."""
+    terms = tuple(terms)
+    full = sharded_score(model, img, txt, shard, terms)
+    # Stage 1 is the global part of the same score (e_img . e_txt when both global terms are on).
+    stage1 = sharded_score(model, img, txt, max(shard, 1024), tuple(t for t in terms if t != "ll"))
+    out = {"stage1": recall_report(stage1), "exhaustive": recall_report(full)}
+    if rerank > 0:
+        out[f"twostage@{rerank}"] = recall_report(
+            twostage_scores(stage1, full, rerank, axis=1), twostage_scores(stage1, full, rerank, axis=0)
+        )
+    for mode, rep in out.items():
+        rep["mode"] = mode
+    return out
+
+
+def evaluate_split(
+    model: MSSAN, images: np.ndarray, region_mask: np.ndarray | None, captions: Sequence[str],
+    tokenizer: Tokenizer, rerank: int = 100, terms: Iterable[str] = TERMS, coco: bool = False,
+) -> dict[str, Any]:
+    """Encode and evaluate a split; with ``coco=True`` (COCO ``testall``) report 1K (5 folds) and 5K."""
+    img, txt = encode_split(model, images, region_mask, captions, tokenizer)
+    if not coco:
+        return evaluate(model, img, txt, rerank, terms)
+    n = img.stage1.shape[0]
+    if n < 5000:
+        raise ValueError(f"COCO 1K/5K evaluation needs the 5000-image testall split, got {n} images")
+    folds = [evaluate(model, img.select(slice(f * 1000, (f + 1) * 1000)),
+                      txt.select(slice(f * 5000, (f + 1) * 5000)), rerank, terms) for f in range(5)]
+    return {"coco1k": _mean_reports(folds), "coco5k": evaluate(model, img, txt, rerank, terms)}
+
+
+def _mean_reports(reports: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for mode in reports[0]:
+        rs = [r[mode] for r in reports]
+        agg: dict[str, Any] = {d: {k: float(np.mean([r[d][k] for r in rs])) for k in rs[0][d]} for d in ("i2t", "t2i")}
+        agg["rsum"] = float(np.mean([r["rsum"] for r in rs]))
+        agg["mode"] = mode
+        out[mode] = agg
+    return out

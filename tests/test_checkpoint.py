@@ -27,7 +27,8 @@ def test_round_trip_gives_identical_scores(tiny_checkpoint: Path, tmp_path: Path
     assert torch.equal(_scores(ck.model), _scores(back.model))
     assert back.state["epoch"] == 3 and back.state["margins"] == [0.3, 0.25]
     assert back.tokenizer.vocab == ck.tokenizer.vocab
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "state.json", "vocab.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model.safetensors", "optimizer.safetensors", "state.json", "vocab.json"]
 
 
 def test_optimizer_state_survives_for_resume(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -1,20 +1,26 @@
 """The training loop: adaptive-margin triplet loss, Adam with a step decay, best-on-dev selection.
 
 ``out_dir`` holds the best checkpoint (by dev exhaustive rSum) and ``out_dir/last``
-the latest one, from which ``resume=True`` continues.
+the latest one, from which ``resume=True`` continues. Under ``torchrun`` the
+loop runs data-parallel (DDP) with negatives gathered across ranks; rank 0 alone
+evaluates, logs and writes checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from mssan_infer.tokenizer import Tokenizer
@@ -22,11 +28,12 @@ from mssan_infer.tokenizer import Tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, preset as get_preset
 from .data import PairDataset, collate, load_split, vocab_from_split
+from .distributed import DistInfo, cleanup, gather_encoded, gather_with_grad, init_distributed
 from .evaluate import evaluate_split
-from .loss import AdaptiveMarginLoss
-from .model import MSSAN
+from .loss import AdaptiveMarginLoss, Negatives
+from .model import MSSAN, Encoded
 
-__all__ = ["train", "seed_everything", "lr_at"]
+__all__ = ["train", "train_step", "EncodeBoth", "seed_everything", "lr_at"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,62 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * (cfg.lr_decay if epoch >= cfg.lr_decay_epoch else 1.0)
 
 
+class EncodeBoth(nn.Module):
+    """Both encoders in one ``forward``, so DDP (and torch.compile) see every parameter use."""
+
+    def __init__(self, model: MSSAN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, regions: Tensor, region_mask: Tensor, tokens: Tensor, token_mask: Tensor) -> tuple[Encoded, Encoded]:
+        return self.model.encode_image(regions, region_mask), self.model.encode_text(tokens, token_mask)
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_step(
+    encoder: nn.Module, model: MSSAN, loss_fn: AdaptiveMarginLoss, opt: torch.optim.Optimizer,
+    batch: dict[str, Tensor], negatives: Negatives, info: DistInfo = DistInfo(), grad_clip: float = 0.0,
+    amp: str = "none", scaler: torch.amp.GradScaler | None = None,
+) -> tuple[float, dict[str, float]]:
+    """One optimiser step on ``batch`` (this rank's part of the global batch).
+
+    Returns the global-batch loss and the margin statistics; the margins are updated.
+    """
+    device = batch["regions"].device
+    with _autocast(device, amp):
+        img, txt = encoder(batch["regions"], batch["region_mask"], batch["tokens"], batch["token_mask"])
+    img = Encoded(*(t.float() for t in img))
+    txt = Encoded(*(t.float() for t in txt))
+    img, txt = gather_encoded(img, info), gather_encoded(txt, info)
+    img_ids = gather_with_grad(batch["img_ids"], info)
+    loss, stats = loss_fn(model.score(img, txt), img_ids, negatives)
+    opt.zero_grad(set_to_none=True)
+    # DDP averages gradients over ranks; each rank's loss covers the whole global batch
+    # but differentiates only its own part, so scaling by the world size gives the
+    # single-process gradient of the concatenated batch.
+    scaled = loss * info.world
+    if scaler is not None:
+        scaler.scale(scaled).backward()
+        scaler.unscale_(opt)
+    else:
+        scaled.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    loss_fn.update_margins(stats["gap_i2t"], stats["gap_t2i"])
+    return float(loss.detach()), stats
+
+
 def _overrides(obj: Any, values: dict[str, Any] | None) -> Any:
     d = obj.to_dict()
     for k, v in (values or {}).items():
@@ -49,6 +112,16 @@ def _overrides(obj: Any, values: dict[str, Any] | None) -> Any:
             raise ValueError(f"unknown {type(obj).__name__} field {k!r}; known: {sorted(d)}")
         d[k] = v
     return type(obj).from_dict(d)
+
+
+@contextlib.contextmanager
+def _maybe_distributed(device: str) -> Iterator[DistInfo]:
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if info.enabled:
+            cleanup()
 
 
 def train(
@@ -62,103 +135,120 @@ def train(
     max_steps: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train MSSAN on a precomp-layout dataset; returns the best dev report and timings.
+    """Train MSSAN on a precomp-layout dataset; returns the best dev rSum, timings and history.
 
     Args:
         data_dir: folder with ``train_*`` and ``dev_*`` files (e.g. ``python -m training synth``).
         out_dir: checkpoint folder to write (best model; ``last/`` for resuming).
         preset: "tiny" or "paper"; ``model_overrides``/``train_overrides`` change fields.
         epochs: overrides the preset's epoch count.
-        resume: continue from ``out_dir/last`` if present.
+        resume: continue from ``out_dir/last`` if present (written by any world size).
         max_steps: stop after this many optimiser steps in total (tests).
     """
-    out = Path(out_dir)
     p = get_preset(preset)
     tcfg: TrainConfig = _overrides(p.train, train_overrides)
     if epochs is not None:
         tcfg.epochs = epochs
+    with _maybe_distributed(tcfg.device) as info:
+        return _train(Path(data_dir), Path(out_dir), preset, p.model, tcfg, model_overrides, resume,
+                      max_steps, progress, info)
+
+
+def _train(
+    data_dir: Path, out: Path, preset: str, base_model: Any, tcfg: TrainConfig,
+    model_overrides: dict[str, Any] | None, resume: bool, max_steps: int | None, progress: bool,
+    info: DistInfo,
+) -> dict[str, Any]:
     seed_everything(tcfg.seed)
     train_split = load_split(data_dir, "train")
-    dev_split = load_split(data_dir, "dev")
+    dev_split = load_split(data_dir, "dev") if info.main else None
 
     start_epoch, best, history = 0, -1.0, []
     resumed = None
     if resume and (out / "last" / "state.json").is_file():
         resumed = load_checkpoint(out / "last")
         model, tokenizer = resumed.model, resumed.tokenizer
-        mcfg = model.cfg
         start_epoch = int(resumed.state.get("epoch", -1)) + 1
         best = float(resumed.state.get("best_rsum", -1.0))
         history = list(resumed.state.get("history", []))
         log.info("resuming from %s at epoch %d", out / "last", start_epoch)
     else:
         tokenizer = Tokenizer(vocab_from_split(train_split, tcfg.vocab_threshold))
-        mcfg = _overrides(p.model, {**(model_overrides or {}), "vocab_size": len(tokenizer),
-                                    "img_dim": train_split.feat_dim})
+        mcfg = _overrides(base_model, {**(model_overrides or {}), "vocab_size": len(tokenizer),
+                                       "img_dim": train_split.feat_dim})
         tokenizer.max_len = mcfg.max_len
-        model = MSSAN(mcfg)
-    device = torch.device(tcfg.device)
+        model = MSSAN(mcfg)       # same seed on every rank -> same initial weights
+    device = torch.device(f"cuda:{info.local_rank}" if tcfg.device == "cuda" and info.enabled else tcfg.device)
     model.to(device)
-    loss_fn = AdaptiveMarginLoss(tcfg.m0, tcfg.rho, tcfg.kappa, tcfg.m_min, tcfg.m_max, tcfg.adaptive, tcfg.negatives).to(device)
+    loss_fn = AdaptiveMarginLoss(tcfg.m0, tcfg.rho, tcfg.kappa, tcfg.m_min, tcfg.m_max, tcfg.adaptive,
+                                 tcfg.negatives).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     if resumed is not None:
         if resumed.optimizer_state is not None:
             opt.load_state_dict(resumed.optimizer_state)
         if "margins" in resumed.state:
             loss_fn.margin.copy_(torch.tensor(resumed.state["margins"]))
+    encoder: nn.Module = EncodeBoth(model)
+    if info.enabled:
+        encoder = DistributedDataParallel(encoder, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    if tcfg.compile:
+        encoder = torch.compile(encoder)  # type: ignore[assignment]
+    scaler = torch.amp.GradScaler(device.type) if tcfg.amp == "fp16" else None
 
     ds = PairDataset(train_split, tokenizer)
-    gen = torch.Generator()
     t0, steps = time.perf_counter(), 0
-    log.info("training %s: %d captions, %d images, vocab %d, %d epochs", preset, len(ds),
-             train_split.n_images, len(tokenizer), tcfg.epochs)
+    if info.main:
+        log.info("training %s: %d captions, %d images, vocab %d, %d epochs, world %d, global batch %d",
+                 preset, len(ds), train_split.n_images, len(tokenizer), tcfg.epochs, info.world,
+                 tcfg.batch_size * info.world)
     for epoch in range(start_epoch, tcfg.epochs):
-        gen.manual_seed(tcfg.seed * 1000 + epoch)
-        loader = DataLoader(ds, batch_size=tcfg.batch_size, shuffle=True, collate_fn=collate,
-                            generator=gen, num_workers=tcfg.workers, drop_last=True)
+        if info.enabled:
+            sampler: Any = DistributedSampler(ds, info.world, info.rank, shuffle=True, seed=tcfg.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            gen = torch.Generator().manual_seed(tcfg.seed * 1000 + epoch)
+            sampler = RandomSampler(ds, generator=gen)
+        loader = DataLoader(ds, batch_size=tcfg.batch_size, sampler=sampler, collate_fn=collate,
+                            num_workers=tcfg.workers, drop_last=True)
         for group in opt.param_groups:
             group["lr"] = lr_at(tcfg, epoch)
-        negatives = "all" if epoch < tcfg.warmup_all_epochs else tcfg.negatives
+        negatives: Negatives = "all" if epoch < tcfg.warmup_all_epochs else tcfg.negatives
         model.train()
         total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (progress and info.main), leave=False)
         for batch in bar:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            img = model.encode_image(batch["regions"], batch["region_mask"])
-            txt = model.encode_text(batch["tokens"], batch["token_mask"])
-            loss, stats = loss_fn(model.score(img, txt), batch["img_ids"], negatives)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            opt.step()
-            loss_fn.update_margins(stats["gap_i2t"], stats["gap_t2i"])
-            total += float(loss)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss, _ = train_step(encoder, model, loss_fn, opt, batch, negatives, info, tcfg.grad_clip,
+                                 tcfg.amp, scaler)
+            total += loss
             n += 1
             steps += 1
-            bar.set_postfix(loss=f"{float(loss):.2f}")
+            bar.set_postfix(loss=f"{loss:.2f}")
             if max_steps is not None and steps >= max_steps:
                 break
-        rep = evaluate_split(model, dev_split.images, dev_split.region_mask, dev_split.captions,
-                             tokenizer, rerank=tcfg.eval_rerank)
-        rsum = rep["exhaustive"]["rsum"]
-        rec = {"epoch": epoch, "loss": total / max(n, 1), "negatives": negatives,
-               "margins": loss_fn.margin.tolist(), "dev_rsum": rsum,
-               "dev_stage1_rsum": rep["stage1"]["rsum"], "elapsed_s": time.perf_counter() - t0}
-        history.append(rec)
-        log.info("epoch %d loss %.3f margins %s dev rsum %.1f (stage1 %.1f)", epoch, rec["loss"],
-                 [round(m, 3) for m in rec["margins"]], rsum, rep["stage1"]["rsum"])
-        state = {"epoch": epoch, "margins": loss_fn.margin.tolist(), "best_rsum": max(best, rsum),
-                 "history": history, "dev": rep}
-        if rsum > best:
-            best = rsum
-            save_checkpoint(out, model, tokenizer, tcfg, {**state, "best_epoch": epoch})
-        save_checkpoint(out / "last", model, tokenizer, tcfg, state, opt)
+        if info.main:
+            assert dev_split is not None
+            rep = evaluate_split(model, dev_split.images, dev_split.region_mask, dev_split.captions,
+                                 tokenizer, rerank=tcfg.eval_rerank)
+            rsum = rep["exhaustive"]["rsum"]
+            rec = {"epoch": epoch, "loss": total / max(n, 1), "negatives": negatives,
+                   "margins": loss_fn.margin.tolist(), "dev_rsum": rsum,
+                   "dev_stage1_rsum": rep["stage1"]["rsum"], "elapsed_s": time.perf_counter() - t0}
+            history.append(rec)
+            log.info("epoch %d loss %.3f margins %s dev rsum %.1f (stage1 %.1f) %.0fs", epoch, rec["loss"],
+                     [round(m, 3) for m in rec["margins"]], rsum, rep["stage1"]["rsum"], rec["elapsed_s"])
+            state = {"epoch": epoch, "margins": loss_fn.margin.tolist(), "best_rsum": max(best, rsum),
+                     "history": history, "dev": rep, "world_size": info.world}
+            if rsum > best:
+                best = rsum
+                save_checkpoint(out, model, tokenizer, tcfg, {**state, "best_epoch": epoch})
+            save_checkpoint(out / "last", model, tokenizer, tcfg, state, opt)
+        if info.enabled:
+            dist.barrier()
         if max_steps is not None and steps >= max_steps:
             break
     wall = time.perf_counter() - t0
     result = {"best_dev_rsum": best, "wall_s": wall, "steps": steps, "history": history}
-    (out / "train_log.json").write_text(json.dumps(result, indent=2))
+    if info.main:
+        (out / "train_log.json").write_text(json.dumps(result, indent=2))
     return result
-
-

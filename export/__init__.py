@@ -1,0 +1,11 @@
+"""Checkpoint -> bundle: ONNX graphs (fp32, optional fp16), vocabulary and a verified manifest.
+
+``python -m export --checkpoint CKPT --out DIR`` or ``export.export_bundle(CKPT, DIR)``.
+"""
+from __future__ import annotations
+
+from .api import export_bundle
+from .errors import ExportError, NotBuiltError, ParityError
+from .manifest import EXPORTER_VERSION as __version__
+
+__all__ = ["export_bundle", "ExportError", "NotBuiltError", "ParityError", "__version__"]

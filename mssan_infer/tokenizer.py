@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import BundleError, InputError
 
-__all__ = ["Tokenizer", "SPECIAL_TOKENS", "PAD", "UNK", "tokenize", "build_vocab"]
+__all__ = ["Tokenizer", "SPECIAL_TOKENS", "PAD", "UNK", "tokenize", "build_vocab", "WORD_PATTERN", "APOSTROPHE_PATTERN"]
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,8 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 PAD_ID, UNK_ID = 0, 3
 
-_WORD = re.compile(r"[^\W_]+", re.UNICODE)
-_APOSTROPHES = re.compile(r"(?<=[^\W_])['\u2019](?=[^\W_])", re.UNICODE)
+WORD_PATTERN = re.compile(r"[^\W_]+", re.UNICODE)
+APOSTROPHE_PATTERN = re.compile(r"(?<=[^\W_])['\u2019](?=[^\W_])", re.UNICODE)
 
 
 def tokenize(text: str) -> list[str]:
@@ -36,8 +36,8 @@ def tokenize(text: str) -> list[str]:
     if not isinstance(text, str):
         raise InputError(f"caption must be str, got {type(text).__name__}; decode bytes as UTF-8 first")
     text = unicodedata.normalize("NFKC", text).lower()
-    text = _APOSTROPHES.sub("", text)
-    return _WORD.findall(text)
+    text = APOSTROPHE_PATTERN.sub("", text)
+    return WORD_PATTERN.findall(text)
 
 
 def build_vocab(captions: Iterable[str], threshold: int = 4) -> dict[str, int]:
@@ -118,3 +118,5 @@ class Tokenizer:
             tokens[i, : len(x)] = x
             mask[i, : len(x)] = 1.0
         return tokens, mask
+
+_WORD, _APOSTROPHES = WORD_PATTERN, APOSTROPHE_PATTERN   # old private names, kept for in-flight callers

@@ -26,3 +26,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = ModelConfig(vocab_size=len(tok), word_dim=16, embed_size=32, img_dim=24, max_len=32)
     model = MSSAN(cfg)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model, tok, state={"epoch": 0})
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_checkpoint`` exported to a verified bundle with fp32 and fp16 graphs.
+
+    Shared by the whole session: treat it as read-only (copy it before changing a file).
+    """
+    from export import export_bundle
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "tiny", fp16=True)

@@ -90,37 +90,39 @@ def cross_attention_score(
     Returns:
         ``[Ni,Nt]`` = (S_t2i + S_i2t) / 2. The attended contexts are never built:
         ``w_j . c_j = sum_i alpha_ij s_ij`` and ``|c_j|^2 = alpha_j^T G_v alpha_j``.
+        Locals must be zero at padded positions (the encoders guarantee it): padded
+        regions/words then contribute nothing even where an all-masked softmax is uniform.
     """
     ni, r, d = v.shape
     nt, l, _ = w.shape
-    # s[n,m,i,j] = v[n,i] . w[m,j]: one [Ni*R, D] x [D, Nt*L] product.
+    # s[n,m,i,j] = v[n,i] . w[m,j]: one [Ni*R, D] x [D, Nt*L] product. Locals are zero at
+    # padding, so s (and everything below) is already zero at padded positions.
     s = torch.matmul(v.reshape(-1, d), w.reshape(-1, d).t())          # [Ni*R, Nt*L]
     s = s.reshape(ni, r, nt, l).permute(0, 2, 1, 3)                   # [Ni,Nt,R,L]
-    vm = v_mask.reshape(ni, 1, r, 1)
-    wm = w_mask.reshape(1, nt, 1, l)
-    pair = (vm * wm) > 0                                              # [Ni,Nt,R,L]
+    v_pad = (v_mask <= 0).reshape(ni, 1, r, 1)                        # broadcast masks, never expanded
+    w_pad = (w_mask <= 0).reshape(1, nt, 1, l)
     act = F.leaky_relu(s, leaky)
-    act = torch.where(pair, act, torch.zeros_like(act))
+    sq = act * act                                                    # shared by both normalisations
 
-    # text -> image: each word attends over regions.
-    a = l2norm(act, dim=3) * lambda_t2i                               # rows: regions, normalised over words
-    alpha = masked_softmax(a, vm.expand_as(a), dim=2)                 # [Ni,Nt,R,L], softmax over R
+    # text -> image: each region's row normalised over words, then each word attends over regions.
+    a = act * (lambda_t2i * torch.rsqrt(sq.sum(3, keepdim=True) + EPS))
+    alpha = torch.softmax(a.masked_fill(v_pad, NEG_FILL), dim=2)     # [Ni,Nt,R,L], softmax over R
     num = (alpha * s).sum(2)                                          # [Ni,Nt,L]  w_j . c_j
-    c2 = (alpha * torch.matmul(v_gram.unsqueeze(1), alpha)).sum(2)   # [Ni,Nt,L]  |c_j|^2
+    c2 = (alpha * torch.matmul(v_gram.unsqueeze(1), alpha)).sum(2)   # [Ni,Nt,L]  |c_j|^2 = a^T G_v a
     w2 = torch.diagonal(w_gram, dim1=1, dim2=2).unsqueeze(0)          # [1,Nt,L]   |w_j|^2
-    cos_t = num / (torch.sqrt(c2 + EPS) * torch.sqrt(w2 + EPS))
+    cos_t = num * torch.rsqrt(c2 + EPS) * torch.rsqrt(w2 + EPS)
     # A pair with an empty side has no alignment at all: aggregate over nothing -> 0.
     has_v = (v_mask.sum(1) > 0).to(v_mask.dtype).reshape(ni, 1, 1)   # [Ni,1,1]
     has_w = (w_mask.sum(1) > 0).to(w_mask.dtype).reshape(1, nt, 1)   # [1,Nt,1]
     s_t2i = _aggregate(cos_t, w_mask.unsqueeze(0) * has_v, agg, lambda_lse)     # [Ni,Nt]
 
-    # image -> text: each region attends over words.
-    b = l2norm(act, dim=2) * lambda_i2t                               # columns: words, normalised over regions
-    beta = masked_softmax(b, wm.expand_as(b), dim=3)                  # [Ni,Nt,R,L], softmax over L
+    # image -> text: each word's column normalised over regions, then each region attends over words.
+    b = act * (lambda_i2t * torch.rsqrt(sq.sum(2, keepdim=True) + EPS))
+    beta = torch.softmax(b.masked_fill(w_pad, NEG_FILL), dim=3)      # [Ni,Nt,R,L], softmax over L
     num_i = (beta * s).sum(3)                                         # [Ni,Nt,R]  v_i . c_i
-    c2_i = (beta * torch.matmul(beta, w_gram.unsqueeze(0))).sum(3)    # [Ni,Nt,R]  |c_i|^2
+    c2_i = (beta * torch.matmul(beta, w_gram.unsqueeze(0))).sum(3)    # [Ni,Nt,R]  |c_i|^2 = b^T G_w b
     v2 = torch.diagonal(v_gram, dim1=1, dim2=2).unsqueeze(1)          # [Ni,1,R]
-    cos_i = num_i / (torch.sqrt(c2_i + EPS) * torch.sqrt(v2 + EPS))
+    cos_i = num_i * torch.rsqrt(c2_i + EPS) * torch.rsqrt(v2 + EPS)
     s_i2t = _aggregate(cos_i, v_mask.unsqueeze(1) * has_w, agg, lambda_lse)     # [Ni,Nt]
     return 0.5 * (s_t2i + s_i2t)
 

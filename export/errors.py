@@ -1,0 +1,14 @@
+"""Typed errors of the exporter (all ``MssanError``s, so the CLI reports them in one line)."""
+from __future__ import annotations
+
+from mssan_infer.errors import MssanError, ParityError
+
+__all__ = ["ExportError", "NotBuiltError", "ParityError"]
+
+
+class ExportError(MssanError):
+    """The export cannot proceed: bad arguments, an output folder that must not be replaced, an invalid graph."""
+
+
+class NotBuiltError(ExportError, NotImplementedError):
+    """A requested export target exists in the design but is not implemented yet."""

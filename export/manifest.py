@@ -1,0 +1,103 @@
+"""The bundle's ``manifest.json``: what ``mssan_infer.bundle.load_bundle`` and the runtime read."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import torch
+
+from mssan_infer.spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, VOCAB_FILE, sha256_file
+from mssan_infer.tokenizer import APOSTROPHE_PATTERN, WORD_PATTERN, PAD_ID, SPECIAL_TOKENS, UNK_ID
+from training.config import ModelConfig
+
+__all__ = ["EXPORTER_VERSION", "FP16_DIR", "hash_files", "build_manifest", "write_manifest"]
+
+EXPORTER_VERSION = "0.1.0"
+FP16_DIR = "fp16"
+
+
+def hash_files(root: Path) -> dict[str, str]:
+    """{relative posix path: sha256} of every file under ``root`` except the manifest."""
+    files: dict[str, str] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_FILE:
+            files[p.relative_to(root).as_posix()] = sha256_file(p)
+    return files
+
+
+def build_manifest(
+    root: Path,
+    cfg: ModelConfig,
+    *,
+    opset: int,
+    fp16: bool,
+    parity: dict[str, Any],
+    verified: bool,
+    checkpoint: Path,
+    checkpoint_sha256: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest of the bundle being built in ``root`` (all other files already written)."""
+    d = cfg.embed_size
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "graphs": {name: spec.to_dict() for name, spec in GRAPHS.items()},
+    }
+    if fp16:
+        manifest["fp16_graphs"] = {
+            name: {**spec.to_dict(), "file": f"{FP16_DIR}/{spec.file}", "precision": "fp16",
+                   "note": "MatMul/Gemm in fp16; softmax, norms, reductions and the GRU in fp32; float32 I/O"}
+            for name, spec in GRAPHS.items()
+        }
+    manifest.update({
+        "files": hash_files(root),
+        "model_config": cfg.to_dict(),
+        "tokenizer": {
+            "vocab": VOCAB_FILE,
+            "max_len": cfg.max_len,
+            "normalization": "NFKC",
+            "lowercase": True,
+            "word_pattern": WORD_PATTERN.pattern,
+            "apostrophe_pattern": APOSTROPHE_PATTERN.pattern,
+            "special_tokens": list(SPECIAL_TOKENS),
+            "pad_id": PAD_ID,
+            "unk_id": UNK_ID,
+        },
+        "scoring": {
+            "final": "img_stage1 . txt_stage1 + s_ll",
+            "lam_gg": cfg.lam_gg,
+            "lam_gl": cfg.lam_gl,
+            "lam_ll": cfg.lam_ll,
+        },
+        "dims": {"D": d, "D2": 2 * d, "Dv": cfg.img_dim},
+        "preprocessing": {"input": "regions", "feature_dim": cfg.img_dim},
+        "parity": parity,
+        "verified": verified,
+        "versions": {
+            "mssan_export": EXPORTER_VERSION,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "opset": opset,
+            "python": platform.python_version(),
+        },
+        "source_checkpoint": {"path": str(checkpoint), "sha256": checkpoint_sha256},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    if extra:
+        manifest.update(extra)
+    return manifest
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
+    path = root / MANIFEST_FILE
+    tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,282 @@
+"""export: checkpoint -> bundle, parity with PyTorch, fp16 variants, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import ExportError, NotBuiltError, export_bundle
+from export.fp16 import FP16_OPS
+from export.graphs import build_graphs
+from export.inputs import EXAMPLE_B, EXAMPLE_L, EXAMPLE_R, image_feeds, text_feeds, to_torch
+from export.onnx import check_onnx, export_graph
+from export.validate import rerank_order_check, validate_graphs
+from mssan_infer.bundle import load_bundle
+from mssan_infer.errors import BundleError, MssanError, ParityError
+from mssan_infer.spec import FORMAT_VERSION, GRAPHS, IMAGE_ENCODER, MANIFEST_FILE, SCORER, TOLERANCES
+from training.checkpoint import load_checkpoint
+from training.config import ModelConfig
+from training.model import MSSAN
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE_FILES = sorted(
+    [spec.file for spec in GRAPHS.values()] + [f"fp16/{spec.file}" for spec in GRAPHS.values()] + ["vocab.json"]
+)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint: Path) -> MSSAN:
+    return load_checkpoint(tiny_checkpoint).model
+
+
+def _paths(bundle: Path, precision: str = "fp32") -> dict[str, Path]:
+    sub = "" if precision == "fp32" else "fp16/"
+    return {name: bundle / f"{sub}{spec.file}" for name, spec in GRAPHS.items()}
+
+
+# ---- parity ---------------------------------------------------------------------
+def test_exported_graphs_match_pytorch_at_shapes_other_than_the_tracing_example(tiny_bundle: Path, model: MSSAN) -> None:
+    report = validate_graphs(model, _paths(tiny_bundle), rerank=False)
+    assert report.passed, report.failures
+    shapes = {(c.graph, c.case): c.shape for c in report.outputs}
+    img_b = {s[0] for (g, _), s in shapes.items() if g == IMAGE_ENCODER.name and s}
+    img_r = {s[1] for (g, _), s in shapes.items() if g == IMAGE_ENCODER.name and s and len(s) == 3}
+    txt_l = {s[1] for (g, _), s in shapes.items() if g == "text_encoder" and s and len(s) == 3}
+    assert 1 in img_b and max(img_b) > EXAMPLE_B
+    assert 36 in img_r and img_r - {36, EXAMPLE_R}
+    assert 1 in txt_l and max(txt_l) > EXAMPLE_L
+    assert any("fully_masked" in c.case for c in report.outputs)
+    assert all(c.max_abs is not None and c.max_abs <= TOLERANCES["fp32"].atol for c in report.outputs)
+    n_cases = {g: len({c.case for c in report.outputs if c.graph == g}) for g in GRAPHS}
+    assert len(report.outputs) == sum(len(GRAPHS[g].outputs) * n for g, n in n_cases.items())
+
+
+def test_final_two_stage_scores_and_rerank_order_match_model_score(tiny_bundle: Path) -> None:
+    parity = json.loads((tiny_bundle / MANIFEST_FILE).read_text())["parity"]["fp32"]
+    assert parity["passed"] and set(parity["rerank"]) == {"t2i", "i2t"}
+    for r in parity["rerank"].values():
+        assert r["depth"] == 100
+        assert r["max_abs"] <= TOLERANCES["fp32"].atol
+        assert r["violations"] == 0
+
+
+def test_rerank_order_check_allows_near_ties_but_not_real_swaps() -> None:
+    ref = np.array([0.9, 0.5, 0.50005, 0.1])
+    assert rerank_order_check(ref, ref, 1e-4) == (1.0, 0, 0)
+    tie = ref.copy()
+    tie[1] = 0.5001                                        # swaps with a candidate 5e-5 away: allowed
+    _, swaps, violations = rerank_order_check(ref, tie, 1e-4)
+    assert (swaps, violations) == (1, 0)
+    wrong = ref.copy()
+    wrong[3] = 0.95                                        # the worst candidate ranked first
+    assert rerank_order_check(ref, wrong, 1e-4)[2] == 3
+
+
+def test_validator_rejects_a_graph_exported_with_a_frozen_batch_axis(tmp_path: Path, model: MSSAN) -> None:
+    from export.inputs import example_feeds
+
+    axes = {k: {i: a for i, a in v.items() if a != "B"} for k, v in IMAGE_ENCODER.dynamic_axes().items()}
+    path = export_graph(build_graphs(model)[IMAGE_ENCODER.name], IMAGE_ENCODER,
+                        example_feeds(model)[IMAGE_ENCODER.name], tmp_path / "frozen.onnx", dynamic_axes=axes)
+    report = validate_graphs(model, {IMAGE_ENCODER.name: path}, rerank=False)
+    assert any("frozen" in m for m in report.contract)
+    assert any(not c.ok and "B1_R36" in c.case for c in report.outputs)        # fails at run time too
+    with pytest.raises(ParityError, match="(?s)B1_R36.*B9_R3"):                # every failure, one error
+        report.raise_if_failed()
+
+
+def test_validator_rejects_a_graph_that_computes_something_else(tmp_path: Path, model: MSSAN) -> None:
+    from export.inputs import example_feeds
+
+    other = MSSAN(ModelConfig.from_dict({**model.cfg.to_dict(), "lam_ll": 2.0}))
+    other.load_state_dict(model.state_dict())
+    path = export_graph(build_graphs(other)[SCORER.name], SCORER, example_feeds(model)[SCORER.name], tmp_path / "s.onnx")
+    report = validate_graphs(model, {SCORER.name: path}, rerank=False)
+    assert not report.contract
+    assert report.outputs and not any(c.ok for c in report.outputs if c.case.startswith("example"))
+    with pytest.raises(ParityError, match="max abs diff"):
+        report.raise_if_failed()
+
+
+def test_export_with_failing_parity_raises_and_writes_nothing(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "bundle"
+    with pytest.raises(ParityError, match="parity check"):
+        export_bundle(tiny_checkpoint, out, atol=1e-15)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []                   # no temp folder left behind
+
+
+# ---- the bundle ------------------------------------------------------------------
+def test_bundle_manifest_hashes_every_file_and_satisfies_the_runtime(tiny_bundle: Path, tiny_checkpoint: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    m = bundle.manifest
+    on_disk = sorted(p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file())
+    assert sorted(m["files"]) == BUNDLE_FILES == [f for f in on_disk if f != MANIFEST_FILE]
+    assert m["format_version"] == FORMAT_VERSION and m["verified"] is True
+    assert m["graphs"] == {name: spec.to_dict() for name, spec in GRAPHS.items()}
+    assert {g: e["file"] for g, e in m["fp16_graphs"].items()} == {g: f"fp16/{s.file}" for g, s in GRAPHS.items()}
+    cfg = load_checkpoint(tiny_checkpoint).model.cfg
+    assert m["model_config"] == cfg.to_dict()
+    assert m["dims"] == {"D": cfg.embed_size, "D2": 2 * cfg.embed_size, "Dv": cfg.img_dim}
+    assert m["tokenizer"]["vocab"] == "vocab.json" and m["tokenizer"]["max_len"] == cfg.max_len
+    assert m["scoring"]["final"] == "img_stage1 . txt_stage1 + s_ll"
+    assert m["preprocessing"] == {"input": "regions", "feature_dim": cfg.img_dim}
+    assert m["versions"]["opset"] == 17 and m["source_checkpoint"]["sha256"]
+    for path in bundle.root.rglob("*.onnx"):
+        check_onnx(path)                                    # checker + strict shape inference
+        assert not onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+
+
+@pytest.mark.parametrize("name", BUNDLE_FILES)
+def test_a_flipped_byte_in_any_bundle_file_is_refused(tiny_bundle: Path, tmp_path: Path, name: str) -> None:
+    copy = shutil.copytree(tiny_bundle, tmp_path / "b")
+    path = copy / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(copy)
+
+
+_CHILD = r"""
+import json, sys
+import numpy as np
+import onnxruntime as ort
+from mssan_infer.bundle import load_bundle
+from mssan_infer.spec import GRAPHS
+
+bundle = load_bundle(sys.argv[1])
+feeds = dict(np.load(sys.argv[2]))
+sess = {g: ort.InferenceSession(str(bundle.graph_path(g, sys.argv[3])), providers=["CPUExecutionProvider"]) for g in GRAPHS}
+def run(g, f):
+    return dict(zip(GRAPHS[g].output_names, sess[g].run(None, {n: f[n] for n in GRAPHS[g].input_names})))
+img = run("image_encoder", feeds)
+txt = run("text_encoder", feeds)
+s_ll = run("scorer", {**feeds, **img, **txt})["s_ll"]
+final = img["img_stage1"] @ txt["txt_stage1"].T + s_ll
+json.dump({"final": final.tolist(), "torch": "torch" in sys.modules,
+           "ours": sorted(m for m in sys.modules if m.split(".")[0] in ("training", "export"))}, sys.stdout)
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_graphs_run_in_a_fresh_process_with_runtime_dependencies_only(
+    tiny_bundle: Path, model: MSSAN, tmp_path: Path, precision: str
+) -> None:
+    rng = np.random.default_rng(7)
+    feeds = {**image_feeds(model.cfg, rng, [36, 3, 0, 20, 36], 36), **text_feeds(model.cfg, rng, [4, 1, 9], 9)}
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(tiny_bundle), str(tmp_path / "feeds.npz"), precision],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["torch"] is False and out["ours"] == []
+    t = to_torch(feeds)
+    with torch.inference_mode():
+        ref = model.score(model.encode_image(t["regions"], t["region_mask"]),
+                          model.encode_text(t["tokens"], t["token_mask"])).numpy()
+    np.testing.assert_allclose(np.array(out["final"]), ref, rtol=0, atol=TOLERANCES[precision].atol)
+
+
+# ---- fp16 --------------------------------------------------------------------------
+def test_fp16_graphs_agree_with_pytorch_fp32_within_the_fp16_tolerance(tiny_bundle: Path, model: MSSAN) -> None:
+    report = validate_graphs(model, _paths(tiny_bundle, "fp16"), precision="fp16")
+    assert report.passed, report.failures
+    tol = TOLERANCES["fp16"]
+    assert len(report.reranks) == 2
+    assert all(r.topk_agreement is not None and r.topk_agreement >= tol.topk_agreement for r in report.reranks)
+    worst = report.max_abs()
+    assert max(worst.values()) <= tol.atol
+    # fp16 rounding is really measured (the CPU provider would otherwise compute in fp32).
+    assert worst["scorer"] > 1e-6
+    assert json.loads((tiny_bundle / MANIFEST_FILE).read_text())["parity"]["fp16"]["passed"] is True
+    strict = validate_graphs(model, _paths(tiny_bundle, "fp16"), precision="fp16", atol=1e-6, rerank=False)
+    assert not strict.passed and any("scorer" in f for f in strict.failures)
+
+
+def test_fp16_graphs_keep_softmax_norms_reductions_and_gru_in_fp32(tiny_bundle: Path) -> None:
+    for name, spec in GRAPHS.items():
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(tiny_bundle / "fp16" / spec.file)))
+        g = model.graph
+        types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
+        types.update({t.name: t.data_type for t in g.initializer})
+        fp16_ops = set()
+        for node in g.node:
+            ins = [types.get(i) for i in node.input if i]
+            if node.op_type in FP16_OPS:
+                assert all(t == onnx.TensorProto.FLOAT16 for t in ins), node.name
+                fp16_ops.add(node.op_type)
+            elif node.op_type in ("Softmax", "Sqrt", "Div", "ReduceSum", "ReduceMean", "GRU", "Exp", "Log"):
+                assert onnx.TensorProto.FLOAT16 not in ins, f"{name}: {node.op_type} {node.name} runs in fp16"
+        assert fp16_ops == {"MatMul"}
+        assert [types[i.name] for i in g.input] == [onnx.TensorProto.FLOAT if t.dtype == "float32"
+                                                    else onnx.TensorProto.INT64 for t in spec.inputs]
+        assert {types[o.name] for o in g.output} == {onnx.TensorProto.FLOAT}
+
+
+# ---- arguments, output folder, CLI -----------------------------------------------------
+@pytest.mark.parametrize("flag", ["tensorrt", "triton"])
+def test_deployment_flags_say_they_are_not_built_yet(tmp_path: Path, tiny_checkpoint: Path, flag: str) -> None:
+    with pytest.raises(NotBuiltError, match=r"not built yet \(see issue: Deployment\)"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", **{flag: True})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_folder_that_is_not_a_bundle_is_kept_unless_forced(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not an export bundle"):
+        export_bundle(tiny_checkpoint, out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    with pytest.raises(ExportError, match="checkpoint"):
+        export_bundle(tiny_checkpoint, tiny_checkpoint, force=True)
+    assert (tiny_checkpoint / "model.safetensors").is_file()
+    export_bundle(tiny_checkpoint, out, force=True)
+    assert not (out / "precious.txt").exists() and load_bundle(out).manifest["verified"] is True
+    export_bundle(tiny_checkpoint, out)                     # an existing bundle is replaced without --force
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "export", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_cli_help_lists_the_options(tmp_path: Path) -> None:
+    proc = _cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    for opt in ("--checkpoint", "--out", "--opset", "--fp16", "--atol", "--no-verify", "--force", "--tensorrt", "--triton"):
+        assert opt in proc.stdout
+
+
+def test_cli_no_verify_records_failed_parity_and_writes_verified_false(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    proc = _cli("--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--atol", "1e-15", "--no-verify",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = load_bundle(tmp_path / "b").manifest
+    assert m["verified"] is False
+    assert m["parity"]["fp32"]["passed"] is False and m["parity"]["fp32"]["failures"]
+    assert "fp16_graphs" not in m
+
+
+def test_cli_reports_a_typed_error_in_one_line_and_exits_1(tmp_path: Path, tiny_checkpoint: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from export.__main__ import main
+
+    assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--triton"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: NotBuiltError: ") and "Traceback" not in "".join(err)
+    assert main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: BundleError: ")
+    assert issubclass(NotBuiltError, MssanError)

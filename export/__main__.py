@@ -31,8 +31,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="do not fail on parity errors; they are recorded and the manifest says verified: false")
     p.add_argument("--force", action="store_true", help="replace --out even if it is not an export bundle")
-    p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (not built yet)")
-    p.add_argument("--triton", action="store_true", help="also write a Triton model repository (not built yet)")
+    trt = p.add_argument_group("TensorRT (docs/deployment.md)")
+    trt.add_argument("--tensorrt", action="store_true",
+                     help="also build TensorRT engines under tensorrt/ (needs tensorrt, cuda-python and a GPU)")
+    trt.add_argument("--trt-profile", action="append", default=[], metavar="AXIS=MIN,OPT,MAX",
+                     help="override the optimisation profile of an axis (B, R, L, Ni, Nt); repeatable")
+    trt.add_argument("--trt-profiles", type=int, default=2, metavar="N",
+                     help="identical profiles per engine = concurrent execution contexts (default 2)")
+    trt.add_argument("--trt-workspace-mib", type=int, default=2048, help="builder workspace limit (default 2048)")
+    trt.add_argument("--trt-timing-cache", default=None, metavar="FILE",
+                     help="timing cache to read and update (default tensorrt/timing.cache in the bundle)")
+    trt.add_argument("--trt-version-compatible", action="store_true",
+                     help="build version-compatible engines (BuilderFlag.VERSION_COMPATIBLE)")
+    trt.add_argument("--trt-hardware-compatibility", default="none",
+                     choices=["none", "ampere_plus", "same_compute_capability"],
+                     help="hardware compatibility level of the engines (default none: this GPU only)")
+    tri = p.add_argument_group("Triton (docs/deployment.md)")
+    tri.add_argument("--triton", action="store_true", help="also write a Triton model repository under triton/")
+    tri.add_argument("--triton-backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "python"],
+                     help="how the encoders and scorer run in Triton (default onnxruntime; tensorrt needs --tensorrt)")
+    tri.add_argument("--triton-precision", default="fp32", choices=["fp32", "fp16"],
+                     help="graphs/engines served (fp16 needs --fp16)")
+    tri.add_argument("--triton-instances", type=int, default=1, help="instances per model (default 1)")
+    tri.add_argument("--triton-max-batch", type=int, default=None,
+                     help="encoders' max_batch_size (default: the B profile maximum)")
+    tri.add_argument("--triton-index", default=None, metavar="DIR",
+                     help="a saved index to install into the retriever model")
+    pix = p.add_argument_group("pixel graph (image_encoder_pixels.onnx: images in, no precomputed regions)")
+    pix.add_argument("--pixels", action="store_true",
+                     help="also export backbone + image encoder from [B,3,H,W] pixels, with its preprocessing "
+                          "in the manifest (use the backbone/weights/size the training features were made with)")
+    pix.add_argument("--backbone", default="resnet152", help="resnet50 | resnet101 | resnet152 (default resnet152)")
+    pix.add_argument("--backbone-weights", default=None, metavar="PATH",
+                     help="local torchvision-layout weights (.pth/.pt read with weights_only, or .safetensors)")
+    pix.add_argument("--image-size", type=int, default=448, help="square crop side in pixels (default 448)")
+    pix.add_argument("--resize", type=int, default=None,
+                     help="shorter side before the centre crop (default: --image-size)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only (not every parity check)")
     return p
 
@@ -42,9 +76,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        tensorrt: object = False
+        triton: object = False
+        if args.tensorrt:
+            from .tensorrt import TensorRTSettings, parse_profile_override
+
+            tensorrt = TensorRTSettings(
+                profiles=dict(parse_profile_override(t) for t in args.trt_profile),
+                precisions=("fp32", "fp16") if args.fp16 else ("fp32",),
+                num_profiles=args.trt_profiles, workspace_mib=args.trt_workspace_mib,
+                timing_cache=args.trt_timing_cache, version_compatible=args.trt_version_compatible,
+                hardware_compatibility=args.trt_hardware_compatibility,
+            )
+        if args.triton:
+            from .triton import TritonSettings
+
+            triton = TritonSettings(
+                backend=args.triton_backend, precision=args.triton_precision, instances=args.triton_instances,
+                max_batch_size=args.triton_max_batch, index=args.triton_index,
+            )
         export_bundle(
             args.checkpoint, args.out, opset=args.opset, fp16=args.fp16, atol=args.atol,
-            verify=args.verify, tensorrt=args.tensorrt, triton=args.triton, force=args.force,
+            verify=args.verify, tensorrt=tensorrt, triton=triton, force=args.force,
+            pixels=args.pixels, backbone=args.backbone, backbone_weights=args.backbone_weights,
+            image_size=args.image_size, resize=args.resize,
         )
     except MssanError as e:
         if isinstance(e, ParityError):       # every failure was logged as it was found

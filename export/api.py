@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import onnx
 
+from mssan_infer.errors import MssanError
 from mssan_infer.spec import GRAPHS, MANIFEST_FILE, VOCAB_FILE, sha256_file
 from training.checkpoint import WEIGHTS, load_checkpoint
 
@@ -31,12 +32,20 @@ log = logging.getLogger(__name__)
 DeploymentStep = Callable[[Path, dict[str, Any]], dict[str, Any]]
 
 
-def _deployment_step(target: str) -> DeploymentStep:
-    """The builder of a deployment target; resolved before any work so a missing one fails fast."""
-    raise NotBuiltError(
-        f"--{target} is not built yet (see issue: Deployment); "
-        f"export without {target}=True / --{target} for now"
-    )
+def _deployment_step(target: str, options: Any = None) -> DeploymentStep:
+    """The builder of a deployment target; resolved before any work so a missing package fails fast.
+
+    ``options``: ``export.tensorrt.TensorRTSettings`` / ``export.triton.TritonSettings`` (None: defaults).
+    """
+    if target == "tensorrt":
+        from .tensorrt import make_step as tensorrt_step
+
+        return tensorrt_step(options)  # type: ignore[no-any-return]
+    if target == "triton":
+        from .triton import make_step as triton_step
+
+        return triton_step(options)  # type: ignore[no-any-return]
+    raise NotBuiltError(f"unknown deployment target {target!r}")
 
 
 def _check_out(out: Path, checkpoint: Path, force: bool) -> None:
@@ -82,9 +91,14 @@ def export_bundle(
     fp16: bool = False,
     atol: float | None = None,
     verify: bool = True,
-    tensorrt: bool = False,
-    triton: bool = False,
+    tensorrt: Any = False,
+    triton: Any = False,
     force: bool = False,
+    pixels: bool = False,
+    backbone: str = "resnet152",
+    backbone_weights: str | os.PathLike[str] | None = None,
+    image_size: int = 448,
+    resize: int | None = None,
 ) -> Path:
     """Export a checkpoint folder to a bundle folder and check it against PyTorch.
 
@@ -102,26 +116,44 @@ def export_bundle(
         atol: overrides the fp32 parity tolerance (``TOLERANCES["fp32"].atol``).
         verify: make parity failures fatal. With ``False`` parity is still measured and
             recorded, and the manifest says ``"verified": false``.
-        tensorrt, triton: deployment targets (not built yet).
+        tensorrt: also build TensorRT engines under ``tensorrt/`` (True, or an
+            ``export.tensorrt.TensorRTSettings``); needs tensorrt and a GPU.
+        triton: also write a Triton model repository ``triton/`` (True, or an
+            ``export.triton.TritonSettings``). See docs/deployment.md.
         force: replace an ``out`` that is not a bundle.
+        pixels: also write ``image_encoder_pixels.onnx`` (``backbone`` with ``backbone_weights``, then
+            the image encoder) taking ``[B,3,H,W]`` pixels preprocessed as ``image_size``/``resize``
+            say (recorded in the manifest); see ``export.pixels``.
     Returns:
         The bundle folder.
     Raises:
         BundleError: the checkpoint folder is missing or damaged.
         ExportError: ``out`` must not be replaced, or an exporter/ONNX checker failure.
-        NotBuiltError: ``tensorrt`` or ``triton`` was asked for.
+        BackendUnavailableError: ``tensorrt`` asked for without tensorrt/cuda-python/GPU.
         ParityError: (with ``verify``) the graphs disagree with PyTorch past tolerance.
     """
     if atol is not None and not (isinstance(atol, (int, float)) and atol > 0):
         raise ExportError(f"atol must be a positive number, got {atol!r}")
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ExportError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}; the default is {DEFAULT_OPSET}")
-    steps = [_deployment_step(t) for t, on in (("tensorrt", tensorrt), ("triton", triton)) if on]
+    steps = [_deployment_step(t, None if on is True else on)
+             for t, on in (("tensorrt", tensorrt), ("triton", triton)) if on]
     ckpt, outp = Path(checkpoint), Path(out)
     _check_out(outp, ckpt, force)
     started = time.perf_counter()
     ck = load_checkpoint(ckpt)
     model, cfg = ck.model.eval(), ck.model.cfg
+    pixel_backbone, pixel_prep = None, None
+    if pixels:
+        from mssan_infer.preprocess import Preprocessing
+
+        from .pixels import load_pixel_backbone
+
+        try:
+            pixel_prep = Preprocessing(image_size=image_size, resize=resize or image_size)
+        except MssanError as e:
+            raise ExportError(str(e)) from e
+        pixel_backbone = load_pixel_backbone(model, backbone, backbone_weights)
     log.info("checkpoint %s: D=%d, word %d, Dv=%d, vocab %d", ckpt, cfg.embed_size, cfg.word_dim, cfg.img_dim, cfg.vocab_size)
 
     outp.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +172,13 @@ def export_bundle(
                 check_onnx(p16)
                 paths16[name] = p16
             reports.append(validate_graphs(model, paths16, precision="fp16"))
+        pixel_extra: dict[str, Any] = {}
+        if pixel_backbone is not None and pixel_prep is not None:
+            from .pixels import export_pixel_graph
+
+            pixel_report, pixel_extra = export_pixel_graph(model, pixel_backbone, tmp, pixel_prep, opset=opset,
+                                                           atol=atol, backbone_weights=backbone_weights)
+            reports.append(pixel_report)
         failed = [r for r in reports if not r.passed]
         if verify:
             raise_if_failed(reports)
@@ -147,9 +186,9 @@ def export_bundle(
             log.warning("--no-verify: %d %s parity failure(s) recorded in the manifest", len(r.failures), r.precision)
         ck.tokenizer.save(tmp / VOCAB_FILE)
 
-        manifest_extra: dict[str, Any] = {}
+        manifest_extra: dict[str, Any] = dict(pixel_extra)
         for step in steps:
-            manifest_extra.update(step(tmp, manifest_extra))
+            manifest_extra.update(step(tmp, {**manifest_extra, "model_config": cfg.to_dict()}))
 
         parity = {r.precision: r.to_dict() for r in reports}
         manifest = build_manifest(

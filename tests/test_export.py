@@ -224,10 +224,13 @@ def test_fp16_graphs_keep_softmax_norms_reductions_and_gru_in_fp32(tiny_bundle: 
 
 
 # ---- arguments, output folder, CLI -----------------------------------------------------
-@pytest.mark.parametrize("flag", ["tensorrt", "triton"])
-def test_deployment_flags_say_they_are_not_built_yet(tmp_path: Path, tiny_checkpoint: Path, flag: str) -> None:
-    with pytest.raises(NotBuiltError, match=r"not built yet \(see issue: Deployment\)"):
-        export_bundle(tiny_checkpoint, tmp_path / "b", **{flag: True})
+def test_tensorrt_without_tensorrt_fails_before_writing_anything(tmp_path: Path, tiny_checkpoint: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from mssan_infer.errors import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)             # as on a machine without TensorRT
+    with pytest.raises(BackendUnavailableError, match="pip install tensorrt"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", tensorrt=True)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -271,12 +274,14 @@ def test_cli_no_verify_records_failed_parity_and_writes_verified_false(tmp_path:
 
 
 def test_cli_reports_a_typed_error_in_one_line_and_exits_1(tmp_path: Path, tiny_checkpoint: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from export.__main__ import main
 
-    assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--triton"]) == 1
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--tensorrt"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: NotBuiltError: ") and "Traceback" not in "".join(err)
+    assert err[-1].startswith("error: BackendUnavailableError: ") and "Traceback" not in "".join(err)
     assert main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: BundleError: ")
     assert issubclass(NotBuiltError, MssanError)

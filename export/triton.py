@@ -1,0 +1,443 @@
+"""A Triton model repository from a bundle (``python -m export ... --triton``).
+
+Writes ``triton/`` with
+
+- ``image_encoder``, ``text_encoder``: batch on ``B`` (``max_batch_size`` from the
+  ``B`` profile, dynamic batching, instance groups);
+- ``scorer``: ``max_batch_size: 0`` with ``-1`` dims (its inputs share no batch
+  dimension with its output ``[Ni, Nt]``);
+- ``retriever`` (Python backend, BLS): two-stage text->image / image->text search
+  over a saved mssan_infer index (see ``mssan_infer/triton_models/retriever_model.py``).
+
+The three graphs run on one of three backends: ``onnxruntime`` (the usual choice
+in NVIDIA's tritonserver containers), ``tensorrt`` (the bundle's ``tensorrt/*.plan``)
+or ``python`` (ONNX Runtime inside the Python backend, for servers with only the
+Python backend). Every ``config.pbtxt`` is validated: parsed into Triton's
+``ModelConfig`` protobuf and its names, dtypes and dims checked against the ONNX
+graph's inputs and outputs. Each config carries the bundle id as the parameter
+``mssan_bundle_id`` so clients can tell which weights a server holds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from mssan_infer.backends.tensorrt import plan_name
+from mssan_infer.bundle import Bundle
+from mssan_infer.spec import DEFAULT_PROFILES, GRAPHS, MANIFEST_FILE, GraphSpec
+from mssan_infer.triton_models import ONNX_MODEL, RETRIEVER_MODEL
+
+from .errors import ExportError
+from .manifest import FP16_DIR, hash_files
+
+__all__ = [
+    "TritonSettings",
+    "BACKENDS",
+    "REPOSITORY_DIR",
+    "RETRIEVER",
+    "config_text",
+    "retriever_config_text",
+    "validate_config",
+    "write_repository",
+    "install_index",
+    "make_step",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime", "tensorrt", "python")
+KINDS = ("auto", "KIND_AUTO", "KIND_CPU", "KIND_GPU")
+REPOSITORY_DIR = "triton"
+RETRIEVER = "retriever"
+BUNDLE_ID_PARAM = "mssan_bundle_id"
+_TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "float16": "TYPE_FP16"}
+_DYNAMIC_AXES = frozenset(a for spec in GRAPHS.values() for t in (*spec.inputs, *spec.outputs)
+                          for a in t.dynamic_axes().values())
+_ONNX_TO_TRITON = {1: "TYPE_FP32", 7: "TYPE_INT64", 10: "TYPE_FP16", 6: "TYPE_INT32", 11: "TYPE_FP64"}
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """How the repository is written (recorded in the manifest).
+
+    Attributes:
+        backend: ``"onnxruntime"``, ``"tensorrt"`` (needs the bundle's engines) or ``"python"``.
+        precision: graphs/engines to serve, ``"fp32"`` or ``"fp16"``.
+        max_batch_size: encoders' ``max_batch_size`` (default: the ``B`` profile maximum).
+        instances: instances per model (instance_group count).
+        kind: ``"auto"`` (GPU for tensorrt, CPU for python, KIND_AUTO for onnxruntime) or a Triton kind.
+        max_queue_delay_us: dynamic batcher delay of the encoders.
+        retriever: also write the ``retriever`` BLS model.
+        scorer_batch: most candidates per scorer call in the retriever.
+        index: an index folder to install into the retriever (``install_index``).
+        threads: intra-op threads of ONNX Runtime in the ``python`` flavour (0: its default).
+    """
+
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    max_batch_size: int | None = None
+    instances: int = 1
+    kind: str = "auto"
+    max_queue_delay_us: int = 100
+    retriever: bool = True
+    scorer_batch: int = 256
+    index: str | None = None
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ExportError(f"triton backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.precision not in ("fp32", "fp16"):
+            raise ExportError(f"triton precision must be 'fp32' or 'fp16', got {self.precision!r}")
+        if self.kind not in KINDS:
+            raise ExportError(f"triton instance kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("instances", "scorer_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ExportError(f"triton {name} must be a positive int, got {v!r}")
+        if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
+            raise ExportError(f"triton max_batch_size must be a positive int, got {self.max_batch_size!r}")
+        if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
+            raise ExportError(f"max_queue_delay_us must be an int >= 0, got {self.max_queue_delay_us!r}")
+
+    @property
+    def instance_kind(self) -> str:
+        if self.kind != "auto":
+            return self.kind
+        return {"tensorrt": "KIND_GPU", "python": "KIND_CPU"}.get(self.backend, "KIND_AUTO")
+
+
+# ---- config text ------------------------------------------------------------------
+def _dims(spec_axes: tuple[str, ...], dims: Mapping[str, int]) -> str:
+    return ", ".join(str(dims[a]) if a in dims else "-1" for a in spec_axes)
+
+
+def _io(kind: str, tensors: Any, dims: Mapping[str, int], batched: bool) -> str:
+    items = []
+    for t in tensors:
+        axes = t.axes[1:] if batched else t.axes
+        items.append(
+            f'  {{\n    name: "{t.name}"\n    data_type: {_TRITON_TYPES[t.dtype]}\n    dims: [ {_dims(axes, dims)} ]\n  }}'
+        )
+    return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
+
+
+def _params(params: Mapping[str, str]) -> str:
+    return "".join(
+        f'parameters {{\n  key: "{k}"\n  value: {{ string_value: {json.dumps(str(v))} }}\n}}\n' for k, v in params.items()
+    )
+
+
+def config_text(
+    spec: GraphSpec, dims: Mapping[str, int], settings: TritonSettings, *, bundle_id: str, max_batch_size: int
+) -> str:
+    """``config.pbtxt`` of one graph. Encoders batch on ``B``; the scorer has ``max_batch_size: 0``."""
+    batched = spec.name != "scorer"
+    platform = {"onnxruntime": 'backend: "onnxruntime"', "tensorrt": 'backend: "tensorrt"',
+                "python": 'backend: "python"'}[settings.backend]
+    text = f'name: "{spec.name}"\n{platform}\nmax_batch_size: {max_batch_size if batched else 0}\n'
+    text += _io("input", spec.inputs, dims, batched) + _io("output", spec.outputs, dims, batched)
+    if batched:
+        text += f"dynamic_batching {{\n  max_queue_delay_microseconds: {settings.max_queue_delay_us}\n}}\n"
+    text += f"instance_group [\n  {{\n    count: {settings.instances}\n    kind: {settings.instance_kind}\n  }}\n]\n"
+    params = {BUNDLE_ID_PARAM: bundle_id, "mssan_precision": settings.precision}
+    if settings.backend == "python" and settings.threads:
+        params["intra_op_threads"] = str(settings.threads)
+    return text + _params(params)
+
+
+def retriever_config_text(dims: Mapping[str, int], settings: TritonSettings, *, bundle_id: str) -> str:
+    """``config.pbtxt`` of the ``retriever`` BLS model (Python backend, one query per request)."""
+    inputs = [("text", "TYPE_STRING", "1"), ("regions", "TYPE_FP32", f"-1, {dims['Dv']}"),
+              ("region_mask", "TYPE_FP32", "-1"), ("k", "TYPE_INT32", "1"), ("rerank", "TYPE_INT32", "1")]
+    outputs = [("ids", "TYPE_STRING"), ("scores", "TYPE_FP32"), ("stage1", "TYPE_FP32")]
+    text = f'name: "{RETRIEVER}"\nbackend: "python"\nmax_batch_size: 0\n'
+    text += "input [\n" + ",\n".join(
+        f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {d} ]\n    optional: true\n  }}' for n, t, d in inputs
+    ) + "\n]\n"
+    text += "output [\n" + ",\n".join(
+        f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ -1 ]\n  }}' for n, t in outputs
+    ) + "\n]\n"
+    text += f"instance_group [\n  {{\n    count: {settings.instances}\n    kind: KIND_CPU\n  }}\n]\n"
+    return text + _params({
+        BUNDLE_ID_PARAM: bundle_id, "bundle_id": bundle_id, "index_dir": "index", "tokenizer": "tokenizer.json",
+        "scorer_batch": str(settings.scorer_batch), "verify_index": "true",
+        "image_encoder": "image_encoder", "text_encoder": "text_encoder", "scorer": "scorer",
+    })
+
+
+# ---- validation ----------------------------------------------------------------------
+def _parse(text: str, where: str) -> Any:
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as e:
+        raise ExportError(
+            "validating Triton configs needs tritonclient[grpc] (Triton's ModelConfig protobuf): "
+            f"`pip install 'tritonclient[grpc]'` or `pip install mssan[triton]` ({e})"
+        ) from e
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise ExportError(f"{where} is not a valid Triton ModelConfig: {e}") from e
+
+
+def validate_config(config: str | os.PathLike[str], onnx_path: str | os.PathLike[str] | None = None) -> Any:
+    """Parse a ``config.pbtxt`` into ``ModelConfig`` and check it against its ONNX graph.
+
+    Checks: every graph input/output is declared once with the graph's dtype and dims
+    (``-1`` exactly where the graph is symbolic, the fixed size elsewhere; the leading
+    batch dim omitted when ``max_batch_size > 0``), nothing extra, and a batched
+    model's graph tensors all start with the same symbolic axis.
+
+    Returns:
+        The parsed ``ModelConfig``.
+    Raises:
+        ExportError: listing every mismatch.
+    """
+    path = Path(config)
+    cfg = _parse(path.read_text(encoding="utf-8"), str(path))
+    problems: list[str] = []
+    if not cfg.name:
+        problems.append("no model name")
+    if onnx_path is not None:
+        import onnx
+
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        batched = cfg.max_batch_size > 0
+        for kind, declared, actual in (("input", cfg.input, graph.input), ("output", cfg.output, graph.output)):
+            inits = {i.name for i in graph.initializer}
+            tensors = {v.name: v for v in actual if v.name not in inits}
+            seen = {}
+            for d in declared:
+                if d.name in seen:
+                    problems.append(f"{kind} {d.name} declared twice")
+                seen[d.name] = d
+            for name in sorted(set(seen) - set(tensors)):
+                problems.append(f"{kind} {name} is not a graph {kind} (graph has {sorted(tensors)})")
+            for name, v in tensors.items():
+                if name not in seen:
+                    problems.append(f"graph {kind} {name} missing from the config")
+                    continue
+                d = seen[name]
+                ttype = v.type.tensor_type
+                want_type = _ONNX_TO_TRITON.get(ttype.elem_type, f"onnx elem_type {ttype.elem_type}")
+                got_type = _model_config_type_name(d.data_type)
+                if got_type != want_type:
+                    problems.append(f"{kind} {name}: data_type {got_type}, graph has {want_type}")
+                gdims = [x.dim_value if x.HasField("dim_value") else -1 for x in ttype.shape.dim]
+                gnames = [x.dim_param if not x.HasField("dim_value") else "" for x in ttype.shape.dim]
+                if batched:
+                    if not gdims or gdims[0] != -1:
+                        problems.append(f"{kind} {name}: max_batch_size > 0 but the graph's first dim is {gdims[:1]}, not dynamic")
+                    gdims, gnames = gdims[1:], gnames[1:]
+                cdims = list(d.dims)
+                if len(cdims) != len(gdims):
+                    problems.append(f"{kind} {name}: dims {cdims} (rank {len(cdims)}), graph has rank {len(gdims)} {gdims}")
+                    continue
+                for pos, (c, g, sym) in enumerate(zip(cdims, gdims, gnames)):
+                    # graph fixed: the config must say the same size; graph symbolic: -1, or a fixed
+                    # size only where the exporter lost a fixed axis (D, 2D) -- never a spec dynamic axis
+                    if g >= 0 and c != g:
+                        problems.append(f"{kind} {name}: dim {pos} is {c}, graph has {g}")
+                    elif g < 0 and c != -1 and (sym in _DYNAMIC_AXES or c < 1):
+                        problems.append(f"{kind} {name}: dim {pos} is {c}, but the graph's axis {sym or '?'} is dynamic (-1)")
+        if batched:
+            firsts = {x.type.tensor_type.shape.dim[0].dim_param for x in (*graph.input, *graph.output)
+                      if x.name not in {i.name for i in graph.initializer} and x.type.tensor_type.shape.dim}
+            if len(firsts) != 1 or "" in firsts:
+                problems.append(f"max_batch_size > 0 needs one shared symbolic batch axis; graph has {sorted(firsts)}")
+    if problems:
+        raise ExportError(f"{path} does not match {onnx_path or 'its model'}:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def _model_config_type_name(value: int) -> str:
+    from tritonclient.grpc import model_config_pb2
+
+    return str(model_config_pb2.DataType.Name(value))
+
+
+# ---- writing ---------------------------------------------------------------------------
+def _bundle_id(root: Path) -> str:
+    if (root / MANIFEST_FILE).is_file():
+        files = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+    else:                                          # a bundle under construction: files as the manifest will list them
+        files = hash_files(root)
+    return Bundle(root, {"files": files}).bundle_id
+
+
+def _tokenizer_spec(root: Path, max_len: int | None) -> dict[str, Any]:
+    """The retriever's ``tokenizer.json``: vocabulary and the settings of ``mssan_infer.tokenizer``."""
+    from mssan_infer import tokenizer as tkmod
+
+    word = getattr(tkmod, "WORD_PATTERN", None) or getattr(tkmod, "_WORD")
+    apostrophes = getattr(tkmod, "APOSTROPHE_PATTERN", None) or getattr(tkmod, "_APOSTROPHES")
+
+    tk: dict[str, Any] = {}
+    if (root / MANIFEST_FILE).is_file():
+        tk = dict(json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8")).get("tokenizer") or {})
+    if max_len is not None:
+        tk["max_len"] = int(max_len)
+    vocab = json.loads((root / tk.get("vocab", "vocab.json")).read_text(encoding="utf-8"))
+    if "max_len" not in tk:
+        log.warning("tokenizer max_len unknown (no manifest yet); the retriever truncates captions at %d words",
+                    DEFAULT_PROFILES["L"][2])
+        tk["max_len"] = DEFAULT_PROFILES["L"][2]
+    return {
+        "vocab": vocab,
+        "max_len": int(tk["max_len"]),
+        "word_pattern": tk.get("word_pattern", word.pattern),
+        "apostrophe_pattern": tk.get("apostrophe_pattern", apostrophes.pattern),
+        "unk_id": int(tk.get("unk_id", tkmod.UNK_ID)),
+        "normalization": "NFKC",
+        "lowercase": True,
+    }
+
+
+def write_repository(
+    root: str | os.PathLike[str],
+    settings: TritonSettings | None = None,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    max_len: int | None = None,
+) -> dict[str, Any]:
+    """Write (and validate) a Triton model repository for the bundle in ``root``.
+
+    Args:
+        root: a bundle folder (finished, or under construction inside ``export_bundle``).
+        settings: backend, batching, instances, retriever.
+        out: the repository folder (default ``root/triton``); replaced if it exists.
+        max_len: the tokenizer's ``max_len`` when ``root`` has no manifest yet.
+    Returns:
+        ``{"triton": record}`` for the manifest.
+    Raises:
+        ExportError: ``tensorrt`` flavour without engines, a missing fp16 graph, or a config
+            that does not validate against its graph.
+    """
+    from .tensorrt import bundle_dims
+
+    settings = settings or TritonSettings()
+    rootp = Path(root)
+    dest = Path(out) if out is not None else rootp / REPOSITORY_DIR
+    dims, _ = bundle_dims(rootp)
+    bundle_id = _bundle_id(rootp)
+    mbs = settings.max_batch_size or DEFAULT_PROFILES["B"][2]
+    sources: dict[str, Path] = {}
+    for graph, spec in GRAPHS.items():
+        if settings.backend == "tensorrt":
+            src = rootp / plan_name(graph, settings.precision)
+            if not src.is_file():
+                raise ExportError(
+                    f"--triton-backend tensorrt needs the bundle's {settings.precision} engine {src.name}; "
+                    f"export with --tensorrt{' --fp16' if settings.precision == 'fp16' else ''} on a GPU machine"
+                )
+        else:
+            src = rootp / spec.file if settings.precision == "fp32" else rootp / FP16_DIR / spec.file
+            if not src.is_file():
+                raise ExportError(f"bundle has no {settings.precision} graph {src.name}; export with --fp16")
+        sources[graph] = src
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent if dest.parent.exists() else None))
+    try:
+        models: dict[str, Any] = {}
+        for graph, spec in GRAPHS.items():
+            mdir = tmp / graph / "1"
+            mdir.mkdir(parents=True)
+            fname = "model.plan" if settings.backend == "tensorrt" else "model.onnx"
+            shutil.copyfile(sources[graph], mdir / fname)
+            if settings.backend == "python":
+                shutil.copyfile(ONNX_MODEL, mdir / "model.py")
+            cfg_path = tmp / graph / "config.pbtxt"
+            cfg_path.write_text(config_text(spec, dims, settings, bundle_id=bundle_id, max_batch_size=mbs), encoding="utf-8")
+            onnx_ref = rootp / spec.file if settings.precision == "fp32" else rootp / FP16_DIR / spec.file
+            validate_config(cfg_path, onnx_ref)
+            models[graph] = {"config": f"{graph}/config.pbtxt", "model": f"{graph}/1/{fname}",
+                             "max_batch_size": mbs if graph != "scorer" else 0}
+        if settings.retriever:
+            mdir = tmp / RETRIEVER / "1"
+            mdir.mkdir(parents=True)
+            shutil.copyfile(RETRIEVER_MODEL, mdir / "model.py")
+            tk = _tokenizer_spec(rootp, max_len)
+            (mdir / "tokenizer.json").write_text(json.dumps(tk, ensure_ascii=False), encoding="utf-8")
+            cfg_path = tmp / RETRIEVER / "config.pbtxt"
+            cfg_path.write_text(retriever_config_text(dims, settings, bundle_id=bundle_id), encoding="utf-8")
+            validate_config(cfg_path)
+            models[RETRIEVER] = {"config": f"{RETRIEVER}/config.pbtxt", "model": f"{RETRIEVER}/1/model.py"}
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if settings.index:
+        install_index(dest, settings.index)
+    log.info("Triton repository (%s backend, %s) written to %s", settings.backend, settings.precision, dest)
+    try:
+        rel = dest.resolve().relative_to(rootp.resolve()).as_posix()
+    except ValueError:
+        rel = str(dest)
+    record = {
+        "repository": rel,
+        "settings": asdict(settings),
+        "bundle_id": bundle_id,
+        "models": models,
+        "validated": "config.pbtxt parsed into tritonclient.grpc.model_config_pb2.ModelConfig; "
+                     "names, dtypes and dims checked against the ONNX graphs",
+    }
+    return {"triton": record}
+
+
+def install_index(repository: str | os.PathLike[str], index: str | os.PathLike[str]) -> Path:
+    """Copy a saved mssan_infer index into ``repository/retriever/1/index`` (replacing any).
+
+    The index must come from the bundle the repository was written from.
+
+    Raises:
+        ExportError: no retriever model, or the index is missing/from another bundle.
+    """
+    from mssan_infer.errors import IndexFileError
+    from mssan_infer.index import read_index_manifest
+
+    repo, src = Path(repository), Path(index)
+    cfg_path = repo / RETRIEVER / "config.pbtxt"
+    if not cfg_path.is_file():
+        raise ExportError(f"{repo} has no {RETRIEVER} model; write the repository with the retriever enabled")
+    try:
+        manifest = read_index_manifest(src)
+    except IndexFileError as e:
+        raise ExportError(str(e)) from e
+    cfg = _parse(cfg_path.read_text(encoding="utf-8"), str(cfg_path))
+    want = cfg.parameters["bundle_id"].string_value if "bundle_id" in cfg.parameters else ""
+    if want and manifest["bundle_id"] != want:
+        raise ExportError(
+            f"index {src} was built with bundle {manifest['bundle_id']}, but the repository serves {want}; "
+            "build the index with the same bundle"
+        )
+    dest = repo / RETRIEVER / "1" / "index"
+    tmp = dest.with_name(f".index.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def make_step(settings: TritonSettings | None = None) -> Any:
+    """The ``--triton`` deployment step of ``export_bundle``: ``step(tmp, manifest_extra) -> manifest entries``."""
+    settings = settings or TritonSettings()
+    _parse('name: "probe"', "probe")             # fail fast when tritonclient[grpc] is missing
+
+    def step(root: Path, extra: Mapping[str, Any]) -> dict[str, Any]:
+        if settings.backend == "tensorrt" and "tensorrt" not in extra:
+            raise ExportError("--triton-backend tensorrt needs --tensorrt in the same export (or an earlier one)")
+        max_len = (extra.get("model_config") or {}).get("max_len")   # export_bundle passes the model config
+        return write_repository(root, settings, max_len=max_len)
+
+    return step

@@ -1,0 +1,213 @@
+"""ONNX Runtime backend: one InferenceSession per graph, made once, with checked providers."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import BackendUnavailableError, BundleError, InputError
+from ..spec import GRAPHS
+
+__all__ = ["OnnxRuntimeBackend", "select_providers", "OPT_LEVELS"]
+
+log = logging.getLogger(__name__)
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - onnxruntime is a core dependency
+        raise BackendUnavailableError(
+            "backend 'onnxruntime' needs the onnxruntime package: `pip install onnxruntime` "
+            "(or onnxruntime-gpu for device='cuda')"
+        ) from e
+    return ort
+
+
+def _parse_device(device: str) -> tuple[str, int]:
+    if not isinstance(device, str):
+        raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    kind, _, idx = device.lower().partition(":")
+    if kind not in ("cpu", "cuda") or (idx and not idx.isdigit()) or (kind == "cpu" and idx):
+        raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    return kind, int(idx or 0)
+
+
+def select_providers(device: str, available: list[str]) -> list[Any]:
+    """ORT providers for ``device`` among ``available`` (``ort.get_available_providers()``).
+
+    ``"cuda"`` asks for CUDA with CPU fallback; when CUDA is not available a
+    warning is issued and CPU is used.
+
+    Raises:
+        InputError: ``device`` is not ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    """
+    kind, idx = _parse_device(device)
+    if kind == "cpu":
+        return [_CPU]
+    if _CUDA not in available:
+        warnings.warn(
+            f"device={device!r} asked for CUDA but onnxruntime offers only {available}; running on CPU. "
+            "Install onnxruntime-gpu with a matching CUDA to use the GPU.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return [_CPU]
+    return [(_CUDA, {"device_id": idx}), _CPU]
+
+
+class OnnxRuntimeBackend:
+    """Runs bundle graphs in ONNX Runtime.
+
+    Args:
+        graphs: graph name -> ``.onnx`` path, for each of ``spec.GRAPHS``.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        threads: intra-op threads per session (``None``: ORT's default).
+        inter_op_threads: inter-op threads per session (``None``: ORT's default).
+        graph_optimization: one of ``OPT_LEVELS``.
+        providers: explicit ORT providers, overriding ``device``.
+
+    Raises:
+        BackendUnavailableError: onnxruntime is not installed.
+        BundleError: a graph cannot be loaded or its inputs/outputs differ from the spec.
+        InputError: bad device, thread count or optimisation level.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        graphs: Mapping[str, str | os.PathLike[str]],
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        inter_op_threads: int | None = None,
+        graph_optimization: str = "all",
+        providers: list[Any] | None = None,
+    ) -> None:
+        ort = _import_ort()
+        for label, n in (("threads", threads), ("inter_op_threads", inter_op_threads)):
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+                raise InputError(f"{label} must be a positive int or None, got {n!r}")
+        if graph_optimization not in OPT_LEVELS:
+            raise InputError(f"graph_optimization must be one of {OPT_LEVELS}, got {graph_optimization!r}")
+        if providers is None:
+            providers = select_providers(device, list(ort.get_available_providers()))
+        self.device = device
+        self.providers = providers
+        level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[graph_optimization]
+        self._sessions: dict[str, Any] = {}
+        self._input_types: dict[str, dict[str, np.dtype[Any]]] = {}
+        self._outputs: dict[str, list[str]] = {}
+        wanted_cuda = any((p[0] if isinstance(p, tuple) else p) == _CUDA for p in providers)
+        for gname, path in graphs.items():
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = level
+            if threads is not None:
+                opts.intra_op_num_threads = threads
+            if inter_op_threads is not None:
+                opts.inter_op_num_threads = inter_op_threads
+                opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+            opts.log_severity_level = 3
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as e:  # ORT raises its own exception types
+                raise BundleError(f"onnxruntime cannot load {path}: {e}. Re-export the bundle.") from e
+            if wanted_cuda and _CUDA not in sess.get_providers():
+                warnings.warn(
+                    f"CUDA was asked for but the {gname} session runs on {sess.get_providers()}; "
+                    "check the CUDA/cuDNN install that onnxruntime-gpu needs",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self._check_io(gname, sess, Path(path))
+            self._sessions[gname] = sess
+        log.info("onnxruntime backend ready: graphs %s on %s", sorted(self._sessions), self.providers)
+
+    def _check_io(self, gname: str, sess: Any, path: Path) -> None:
+        spec = GRAPHS.get(gname)
+        inputs = {i.name: i.type for i in sess.get_inputs()}
+        outputs = [o.name for o in sess.get_outputs()]
+        if spec is not None:
+            if set(inputs) != set(spec.input_names) or not set(spec.output_names) <= set(outputs):
+                raise BundleError(
+                    f"{path} has inputs {sorted(inputs)} and outputs {outputs}, but graph {gname!r} must take "
+                    f"{spec.input_names} and give {spec.output_names}; re-export the bundle with this mssan version"
+                )
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                 "tensor(int32)": np.int32, "tensor(double)": np.float64}
+        self._input_types[gname] = {n: np.dtype(types.get(t, np.float32)) for n, t in inputs.items()}
+        self._outputs[gname] = outputs
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle: Bundle,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        threads: int | None = None,
+        **options: Any,
+    ) -> "OnnxRuntimeBackend":
+        """A backend for ``bundle``'s graphs at ``precision`` ("fp32" or "fp16").
+
+        Raises:
+            BundleError: the bundle has no graphs at that precision.
+            InputError: unknown precision or option.
+        """
+        if precision not in ("fp32", "fp16"):
+            raise InputError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        allowed = {"inter_op_threads", "graph_optimization", "providers"}
+        unknown = set(options) - allowed
+        if unknown:
+            raise InputError(f"unknown onnxruntime options {sorted(unknown)}; known: {sorted(allowed)}")
+        graphs = {g: bundle.graph_path(g, precision) for g in GRAPHS}
+        return cls(graphs, device=device, threads=threads, **options)
+
+    @property
+    def graphs(self) -> list[str]:
+        return sorted(self._sessions)
+
+    def active_providers(self, graph: str = "scorer") -> list[str]:
+        """Providers the session of ``graph`` actually runs on."""
+        return list(self._session(graph).get_providers())
+
+    def _session(self, graph: str) -> Any:
+        try:
+            return self._sessions[graph]
+        except KeyError:
+            raise InputError(f"unknown graph {graph!r}; this backend has {self.graphs}") from None
+
+    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run ``graph``; feeds are cast to the graph's input dtypes, outputs returned as float32.
+
+        Raises:
+            InputError: unknown graph, or missing/extra feeds.
+        """
+        sess = self._session(graph)
+        types = self._input_types[graph]
+        if set(feeds) != set(types):
+            raise InputError(f"graph {graph!r} takes inputs {sorted(types)}, got {sorted(feeds)}")
+        cast = {n: np.ascontiguousarray(a, dtype=types[n]) for n, a in feeds.items()}
+        outs = sess.run(None, cast)
+        return {
+            n: (o.astype(np.float32) if o.dtype in (np.float16, np.float64) else o)
+            for n, o in zip(self._outputs[graph], outs)
+        }
+
+    def close(self) -> None:
+        self._sessions.clear()

@@ -1,0 +1,299 @@
+"""Gallery store: top-k, padding, append, remove, snapshots, atomic save/load with checksums (numpy only)."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mssan_infer.errors import IndexFileError, InputError
+from mssan_infer.index import (
+    INDEX_FORMAT_VERSION,
+    INDEX_MANIFEST,
+    GalleryIndex,
+    load_index,
+    save_index,
+    topk_inner_product,
+)
+
+D = 8
+
+
+def items(n: int, length: int | list[int], seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Random encoded items shaped like encoder output, padded to the longest length."""
+    rng = np.random.default_rng(seed)
+    lengths = [length] * n if isinstance(length, int) else list(length)
+    p = max(lengths)
+    stage1 = rng.normal(size=(n, 2 * D)).astype(np.float32)
+    local = rng.normal(size=(n, p, D)).astype(np.float32)
+    mask = np.zeros((n, p), np.float32)
+    for i, ln in enumerate(lengths):
+        mask[i, :ln] = 1
+    local *= mask[..., None]
+    gram = local @ local.transpose(0, 2, 1)
+    return stage1, local, mask, gram
+
+
+def full(g: GalleryIndex) -> tuple[np.ndarray, ...]:
+    v = g.view()
+    return tuple(np.array(a, dtype=np.float32) for a in (v.stage1, v.local, v.mask, v.gram))
+
+
+# ---- top-k ---------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_bytes", [64 << 20, 600])
+def test_topk_matches_full_sort_in_one_or_many_blocks(chunk_bytes: int) -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(500, 16)).astype(np.float32)
+    q = rng.normal(size=(7, 16)).astype(np.float32)
+    idx, scores = topk_inner_product(q, base, 20, chunk_bytes=chunk_bytes)
+    ref = np.argsort(-(q @ base.T), axis=1)[:, :20]
+    assert np.array_equal(idx, ref)
+    assert np.allclose(scores, np.take_along_axis(q @ base.T, ref, axis=1), atol=1e-5)
+
+
+def test_topk_clips_k_to_gallery_size_and_breaks_ties_by_row() -> None:
+    base = np.ones((3, 4), np.float32)
+    idx, scores = topk_inner_product(np.ones((1, 4), np.float32), base, 10)
+    assert idx.tolist() == [[0, 1, 2]] and scores.shape == (1, 3)
+
+
+def test_faiss_flat_and_numpy_stage1_return_the_same_topk() -> None:
+    pytest.importorskip("faiss")
+    st, lo, ma, gr = items(300, 3, seed=2)
+    a, b = GalleryIndex(2 * D, D), GalleryIndex(2 * D, D, stage1="faiss")
+    a.add(st, lo, ma, gr)
+    b.add(st, lo, ma, gr)
+    q = np.random.default_rng(3).normal(size=(5, 2 * D)).astype(np.float32)
+    ia, sa = a.view().topk(q, 15)
+    ib, sb = b.view().topk(q, 15)
+    assert np.array_equal(ia, ib)
+    assert np.allclose(sa, sb, atol=1e-4)
+    b.add(*items(10, 3, seed=9))          # the FAISS index follows appends
+    assert b.view().topk(q, 400)[0].shape == (5, 310)
+
+
+def test_faiss_hnsw_finds_most_exact_neighbours() -> None:
+    pytest.importorskip("faiss")
+    st, lo, ma, gr = items(400, 2, seed=4)
+    exact, hnsw = GalleryIndex(2 * D, D), GalleryIndex(2 * D, D, stage1="faiss-hnsw")
+    exact.add(st, lo, ma, gr)
+    hnsw.add(st, lo, ma, gr)
+    q = np.random.default_rng(5).normal(size=(10, 2 * D)).astype(np.float32)
+    ie, ih = exact.view().topk(q, 10)[0], hnsw.view().topk(q, 10)[0]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ie, ih)])
+    assert overlap >= 0.8
+
+
+# ---- storage ---------------------------------------------------------------------
+def test_items_of_different_lengths_are_padded_to_the_longest_with_masks() -> None:
+    g = GalleryIndex(2 * D, D)
+    first = items(3, [2, 3, 1], seed=0)
+    g.add(*first, ids=["a", "b", "c"])
+    assert g.max_length == 3
+    second = items(2, [5, 4], seed=1)
+    g.add(*second, ids=["d", "e"])
+    assert g.max_length == 5
+    st, lo, ma, gr = full(g)
+    assert ma.sum(1).tolist() == [2, 3, 1, 5, 4]
+    assert np.array_equal(lo[:3, :3], first[1]) and not lo[:3, 3:].any()
+    assert np.array_equal(gr[:3, :3, :3], first[3]) and not gr[:3, 3:].any()
+    assert np.array_equal(st, np.concatenate([first[0], second[0]]))
+    rows = np.array([4, 0])
+    local, mask, gram = g.view().gather(rows)
+    assert local.shape == (2, 4, D)          # trimmed to the longest of the gathered items
+    assert mask.sum(1).tolist() == [4, 2]
+
+
+def test_gather_keeps_real_positions_after_a_masked_gap() -> None:
+    st, lo, ma, gr = items(2, 4, seed=3)
+    ma[0, 3] = 0
+    ma[1, 1:3] = 0                             # gap in the middle: width must stay 4
+    g = GalleryIndex(2 * D, D)
+    g.add(st, lo, ma, gr)
+    local, mask, _ = g.view().gather(np.array([1]))
+    assert local.shape[1] == 4 and mask[0].tolist() == [1, 0, 0, 1]
+
+
+def test_default_ids_count_up_from_the_largest_int_id() -> None:
+    g = GalleryIndex(2 * D, D)
+    assert g.add(*items(2, 2)) == [0, 1]
+    g.add(*items(1, 2, seed=1), ids=["x"])
+    assert g.add(*items(2, 2, seed=2)) == [2, 3]
+    assert g.ids == [0, 1, "x", 2, 3]
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [(["a", "a"], "duplicate"), (["a", 0], "already"), ([True, "z"], "str or int"), ([1.5, "z"], "str or int"), (["z"], "ids for")],
+)
+def test_bad_or_colliding_ids_are_refused_and_nothing_is_added(ids: list[object], match: str) -> None:
+    g = GalleryIndex(2 * D, D)
+    g.add(*items(2, 2), ids=["a", 0])
+    with pytest.raises(InputError, match=match):
+        g.add(*items(2, 2, seed=1), ids=ids)  # type: ignore[arg-type]
+    assert len(g) == 2
+
+
+def test_wrong_shapes_and_nan_are_refused() -> None:
+    g = GalleryIndex(2 * D, D)
+    st, lo, ma, gr = items(2, 3)
+    with pytest.raises(InputError, match="stage1"):
+        g.add(st[:, :D], lo, ma, gr)
+    with pytest.raises(InputError):
+        g.add(st, lo[..., :-1], ma, gr)
+    lo[0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        g.add(st, lo, ma, gr)
+    assert len(g) == 0
+
+
+def test_remove_is_all_or_nothing_and_keeps_the_rest_in_order() -> None:
+    g = GalleryIndex(2 * D, D)
+    st, lo, ma, gr = items(5, [1, 2, 3, 2, 1])
+    g.add(st, lo, ma, gr, ids=["a", "b", "c", "d", "e"])
+    with pytest.raises(InputError, match="unknown"):
+        g.remove(["b", "zz"])
+    assert len(g) == 5
+    g.remove(["b", "d"])
+    assert g.ids == ["a", "c", "e"] and g.position("e") == 2
+    s2, l2, m2, _ = full(g)
+    assert np.array_equal(s2, st[[0, 2, 4]]) and np.array_equal(l2, lo[[0, 2, 4]])
+    with pytest.raises(InputError):
+        g.position("b")
+
+
+def test_a_view_is_unchanged_by_later_adds_and_removes() -> None:
+    g = GalleryIndex(2 * D, D)
+    g.add(*items(4, 2), ids=[0, 1, 2, 3])
+    v = g.view()
+    before = np.array(v.local), list(v.ids[: v.n])
+    g.add(*items(3, 6, seed=1))                # grows the padding: new buffers
+    g.remove([0, 2])
+    assert np.array_equal(np.array(v.local), before[0]) and list(v.ids[: v.n]) == before[1]
+
+
+def test_concurrent_adds_from_threads_lose_nothing() -> None:
+    g = GalleryIndex(2 * D, D)
+
+    def worker(t: int) -> None:
+        for j in range(10):
+            g.add(*items(2, 1 + (j % 3), seed=t * 100 + j), ids=[f"{t}-{j}-0", f"{t}-{j}-1"])
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(g) == 80 and len(set(g.ids)) == 80
+    v = g.view()
+    assert all(v.ids[g.position(i)] == i for i in g.ids)
+
+
+# ---- memory-mapped / fp16 ---------------------------------------------------------
+def test_memmapped_fp16_gallery_lives_in_spill_files_and_matches_fp32(tmp_path: Path) -> None:
+    g = GalleryIndex(2 * D, D, dtype="float16", mmap=True, spill_dir=tmp_path / "spill")
+    ref = GalleryIndex(2 * D, D)
+    for seed in range(3):
+        batch = items(20, 2 + seed, seed=seed)
+        g.add(*batch)
+        ref.add(*batch)
+    v = g.view()
+    assert isinstance(v.local.base, np.memmap) or isinstance(v.local, np.memmap)
+    assert v.local.dtype == np.float16
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "spill").iterdir()) == ["gram", "local", "mask", "stage1"]
+    for a, b in zip(full(g), full(ref)):
+        assert np.allclose(a, b, atol=2e-3 * max(1.0, float(np.abs(b).max())))
+
+
+# ---- save / load --------------------------------------------------------------------
+def saved(tmp_path: Path, dtype: str = "float32") -> tuple[Path, GalleryIndex]:
+    g = GalleryIndex(2 * D, D, dtype=dtype)
+    g.add(*items(6, [1, 2, 3, 4, 2, 1]), ids=["a", "b", 7, "d", 9, "f"])
+    t = GalleryIndex(2 * D, D, dtype=dtype)
+    t.add(*items(2, 3, seed=1))
+    return save_index(tmp_path / "idx", {"images": g, "texts": t}, bundle_id="b1"), g
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_save_load_round_trip_restores_arrays_and_ids(tmp_path: Path, mmap: bool, dtype: str) -> None:
+    path, g = saved(tmp_path, dtype)
+    galleries, manifest = load_index(path, bundle_id="b1", mmap=mmap)
+    h = galleries["images"]
+    assert manifest["format_version"] == INDEX_FORMAT_VERSION and len(galleries["texts"]) == 2
+    assert h.ids == ["a", "b", 7, "d", 9, "f"] and h.dtype == np.dtype(dtype)
+    for a, b in zip(full(g), full(h)):
+        assert np.array_equal(a, b)
+    h.add(*items(1, 8, seed=5), ids=["new"])   # append without re-encoding the rest
+    h.remove(["a"])
+    assert h.ids[-1] == "new" and h.max_length == 8
+    assert np.array_equal(full(h)[1][:5, :4], full(g)[1][1:, :4])
+
+
+def test_load_refuses_a_tampered_or_truncated_file(tmp_path: Path) -> None:
+    path, _ = saved(tmp_path)
+    f = path / "images_local.npy"
+    data = f.read_bytes()
+    f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(IndexFileError, match="sha256"):
+        load_index(path)
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexFileError, match="sha256"):
+        load_index(path)
+    f.unlink()
+    with pytest.raises(IndexFileError, match="missing"):
+        load_index(path)
+
+
+def test_load_refuses_another_bundle_and_a_newer_format(tmp_path: Path) -> None:
+    path, _ = saved(tmp_path)
+    with pytest.raises(IndexFileError, match="another bundle|built with bundle"):
+        load_index(path, bundle_id="other")
+    m = json.loads((path / INDEX_MANIFEST).read_text())
+    m["format_version"] = INDEX_FORMAT_VERSION + 1
+    (path / INDEX_MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(IndexFileError, match="newer"):
+        load_index(path, bundle_id="b1")
+
+
+def test_load_refuses_manifest_paths_outside_the_folder(tmp_path: Path) -> None:
+    path, _ = saved(tmp_path)
+    m = json.loads((path / INDEX_MANIFEST).read_text())
+    m["files"]["../evil.npy"] = "0" * 64
+    (path / INDEX_MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(IndexFileError, match="unsafe"):
+        load_index(path)
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, g = saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    g.add(*items(1, 2, seed=7), ids=["late"])
+
+    def boom(*a: object, **k: object) -> str:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("mssan_infer.index.sha256_file", boom)
+    with pytest.raises(OSError):
+        save_index(path, {"images": g}, bundle_id="b1")
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]     # no temp folder left behind
+
+
+def test_save_never_overwrites_a_folder_that_is_not_an_index(tmp_path: Path) -> None:
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    g = GalleryIndex(2 * D, D)
+    with pytest.raises(IndexFileError, match="not an mssan index"):
+        save_index(precious, {"images": g}, bundle_id="b1")
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_saved_arrays_load_without_pickle(tmp_path: Path) -> None:
+    path, _ = saved(tmp_path)
+    for f in path.glob("*.npy"):
+        np.load(f, allow_pickle=False)
+    assert json.loads((path / "images_ids.json").read_text()) == ["a", "b", 7, "d", 9, "f"]

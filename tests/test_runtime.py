@@ -1,0 +1,179 @@
+"""Runtime packaging: no torch on import, backend registry, provider selection, lazy optional packages."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mssan_infer
+from mssan_infer.backends import create_backend, register_backend
+from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend, select_providers
+from mssan_infer.errors import BackendUnavailableError, BundleError, InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_mssan_infer_does_not_import_torch_or_optional_packages() -> None:
+    code = (
+        "import json, sys; import mssan_infer, mssan_infer.__main__; "
+        "from mssan_infer import Retriever, GalleryIndex; "
+        "print(json.dumps(sorted(m for m in ('torch', 'training', 'export', 'faiss', 'tensorrt', 'tritonclient', "
+        "'onnxruntime') if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_every_runtime_module_imports_in_a_clean_interpreter_without_torch() -> None:
+    mods = ["mssan_infer.retriever", "mssan_infer.index", "mssan_infer.backends.onnxruntime", "mssan_infer.__main__"]
+    code = "import importlib, sys; [importlib.import_module(m) for m in %r]; print('torch' in sys.modules)" % mods
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_public_api_is_exported_and_typed() -> None:
+    for name in ("Retriever", "Hit", "Encoded", "GalleryIndex", "load_bundle", "MssanError", "register_backend"):
+        assert name in mssan_infer.__all__ and hasattr(mssan_infer, name)
+    assert (ROOT / "mssan_infer" / "py.typed").is_file()
+
+
+def test_hit_is_a_small_frozen_dataclass() -> None:
+    h = mssan_infer.Hit("a", 1.5, 1.0)
+    with pytest.raises(AttributeError):
+        h.score = 2.0  # type: ignore[misc]
+    assert h == mssan_infer.Hit("a", 1.5, 1.0)
+
+
+def test_unknown_backend_name_is_a_clear_input_error() -> None:
+    with pytest.raises(InputError, match="unknown backend 'onnx'.*onnxruntime"):
+        create_backend("onnx", None)  # type: ignore[arg-type]
+
+
+def test_backend_whose_package_is_missing_says_what_to_install() -> None:
+    register_backend("needs-missing-pkg", "mssan_infer_no_such_pkg.runner:Runner", replace=True)
+    with pytest.raises(BackendUnavailableError, match="not available|install"):
+        create_backend("needs-missing-pkg", None)  # type: ignore[arg-type]
+
+
+def test_backend_module_that_imports_a_missing_package_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mssan_fake_backend.py").write_text("import mssan_fake_gpu_runtime\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    register_backend("fake", "mssan_fake_backend:Backend.from_bundle", replace=True)
+    with pytest.raises(BackendUnavailableError, match="pip install mssan_fake_gpu_runtime"):
+        create_backend("fake", None)  # type: ignore[arg-type]
+
+
+def test_tensorrt_and_triton_are_registered_names() -> None:
+    assert {"onnxruntime", "tensorrt", "triton"} <= set(mssan_infer.available_backends())
+
+
+def test_tensorrt_without_its_package_is_a_typed_error(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed")
+    except ImportError:
+        pass
+    with pytest.raises(mssan_infer.MssanError):
+        mssan_infer.Retriever.load(_bundle(tiny_checkpoint, tmp_path_factory), backend="tensorrt")
+
+
+def test_register_backend_refuses_to_shadow_a_name() -> None:
+    with pytest.raises(InputError, match="already registered"):
+        register_backend("onnxruntime", lambda *a, **k: None)  # type: ignore[arg-type, return-value]
+
+
+def test_custom_backend_plugs_into_retriever_load(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A backend registered by name is what Retriever.load uses (the tensorrt/triton path)."""
+    from mssan_infer.bundle import Bundle
+
+    seen: dict[str, object] = {}
+
+    class Recorder:
+        name = "recorder"
+
+        def __init__(self, inner: OnnxRuntimeBackend) -> None:
+            self.inner = inner
+
+        def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            seen[graph] = sorted(feeds)
+            return self.inner.run(graph, feeds)
+
+        def close(self) -> None:
+            pass
+
+    def factory(bundle: Bundle, **kw: object) -> Recorder:
+        seen["kw"] = kw
+        return Recorder(OnnxRuntimeBackend.from_bundle(bundle))
+
+    register_backend("recorder", factory, replace=True)
+    try:
+        bundle = _bundle(tiny_checkpoint, tmp_path_factory)
+        r = mssan_infer.Retriever.load(bundle, backend="recorder", threads=1)
+        r.add_images(np.ones((2, 3, 24), np.float32))
+        r.search(text="a dog", k=1)
+    finally:
+        from mssan_infer.backends import _REGISTRY
+
+        _REGISTRY.pop("recorder", None)
+    assert seen["kw"] == {"device": "cpu", "precision": "fp32", "threads": 1}
+    assert set(seen) >= {"image_encoder", "text_encoder", "scorer"}
+
+
+_BUNDLE: list[Path] = []
+
+
+def _bundle(ckpt: Path, factory: pytest.TempPathFactory) -> Path:
+    if not _BUNDLE:
+        from export.api import export_bundle
+
+        _BUNDLE.append(export_bundle(ckpt, factory.mktemp("rt-backend") / "bundle"))
+    return _BUNDLE[0]
+
+
+def test_cpu_device_uses_only_the_cpu_provider() -> None:
+    assert select_providers("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_cuda_device_takes_cuda_when_available() -> None:
+    got = select_providers("cuda:1", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert got == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+
+
+def test_cuda_asked_but_not_available_warns_and_falls_back_to_cpu() -> None:
+    with pytest.warns(RuntimeWarning, match="CUDA"):
+        assert select_providers("cuda", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu:0", "", 0])
+def test_unknown_device_is_an_input_error(device: object) -> None:
+    with pytest.raises(InputError, match="device"):
+        select_providers(device, ["CPUExecutionProvider"])  # type: ignore[arg-type]
+
+
+def test_onnxruntime_options_are_checked(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from mssan_infer.bundle import load_bundle
+
+    b = load_bundle(_bundle(tiny_checkpoint, tmp_path_factory))
+    with pytest.raises(InputError, match="threads"):
+        OnnxRuntimeBackend.from_bundle(b, threads=0)
+    with pytest.raises(InputError, match="graph_optimization"):
+        OnnxRuntimeBackend.from_bundle(b, graph_optimization="max")
+    with pytest.raises(InputError, match="unknown onnxruntime options"):
+        OnnxRuntimeBackend.from_bundle(b, turbo=True)
+    be = OnnxRuntimeBackend.from_bundle(b, threads=1, inter_op_threads=1, graph_optimization="basic")
+    assert be.graphs == ["image_encoder", "scorer", "text_encoder"]
+    assert be.active_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(InputError, match="takes inputs"):
+        be.run("scorer", {"img_local": np.zeros((1, 1, 32), np.float32)})
+    with pytest.raises(InputError, match="unknown graph"):
+        be.run("decoder", {})
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            OnnxRuntimeBackend.from_bundle(b, device="cuda")
+        assert any("CUDA" in str(x.message) for x in w)

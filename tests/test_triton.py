@@ -1,0 +1,293 @@
+"""Triton: generated repository and validated configs, client errors, and a real server on loopback.
+
+The ``triton``-marked tests start the tritonserver bundled with nvidia-pytriton
+(Python backend only, so they serve the ``python`` flavour of the repository) on
+127.0.0.1 and always stop it. They skip, with the reason, where no tritonserver
+is installed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from mssan_infer.errors import BackendUnavailableError
+from mssan_infer.spec import GRAPHS
+
+pytest.importorskip("tritonclient.grpc", reason="Triton tests need tritonclient[grpc] (pip install mssan[triton])")
+
+CAPTIONS = ["a red dog on the beach", "a blue ball near a tree", "man sits in a boat", "the cat runs in the field",
+            "a small bird on the car", "a woman near the house"]
+
+
+# ---- repository and configs (no server) ----------------------------------------------------
+@pytest.mark.parametrize("backend", ["onnxruntime", "python", "tensorrt"])
+def test_every_config_parses_and_matches_its_graph(tiny_bundle: Path, tmp_path: Path, backend: str) -> None:
+    from export.triton import TritonSettings, validate_config, write_repository
+    from mssan_infer.backends.tensorrt import plan_name
+
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, root)
+    if backend == "tensorrt":                       # stand-in plans: only the layout is checked here
+        for g in GRAPHS:
+            (root / plan_name(g, "fp32")).parent.mkdir(exist_ok=True)
+            (root / plan_name(g, "fp32")).write_bytes(b"plan")
+    rec = write_repository(root, TritonSettings(backend=backend, instances=2))["triton"]
+    repo = root / "triton"
+    assert set(rec["models"]) == {*GRAPHS, "retriever"}
+    for g, spec in GRAPHS.items():
+        cfg = validate_config(repo / g / "config.pbtxt", root / spec.file)
+        assert cfg.backend == backend and cfg.instance_group[0].count == 2
+        assert cfg.parameters["mssan_bundle_id"].string_value == rec["bundle_id"]
+        model_file = "model.plan" if backend == "tensorrt" else "model.onnx"
+        assert (repo / g / "1" / model_file).is_file()
+        assert (repo / g / "1" / "model.py").is_file() == (backend == "python")
+    enc = validate_config(repo / "image_encoder" / "config.pbtxt")
+    assert enc.max_batch_size == 128 and enc.HasField("dynamic_batching")
+    assert [list(i.dims) for i in enc.input] == [[-1, 24], [-1]]
+    sc = validate_config(repo / "scorer" / "config.pbtxt")
+    assert sc.max_batch_size == 0 and not sc.HasField("dynamic_batching")
+    assert [list(i.dims) for i in sc.input][:3] == [[-1, -1, 32], [-1, -1], [-1, -1, -1]]
+    assert list(sc.output[0].dims) == [-1, -1]
+    ret = validate_config(repo / "retriever" / "config.pbtxt")
+    assert ret.backend == "python" and all(i.optional for i in ret.input)
+    tk = json.loads((repo / "retriever" / "1" / "tokenizer.json").read_text())
+    assert tk["max_len"] == 32 and tk["vocab"]["<unk>"] == 3
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ('dims: [ -1, 24 ]', "dim 1 is 25"),             # regions' feature size
+    ("TYPE_INT64", "data_type TYPE_INT32"),          # tokens' dtype
+    ('name: "img_gram"', "missing from the config"),  # an output renamed
+])
+def test_a_config_that_disagrees_with_its_graph_is_refused(tiny_bundle: Path, tmp_path: Path, edit: str,
+                                                           problem: str) -> None:
+    from export.errors import ExportError
+    from export.triton import validate_config, write_repository
+
+    write_repository(tiny_bundle, out=tmp_path / "repo")
+    graph = "text_encoder" if "INT64" in edit else "image_encoder"
+    path = tmp_path / "repo" / graph / "config.pbtxt"
+    text = path.read_text()
+    replacement = {"dims: [ -1, 24 ]": "dims: [ -1, 25 ]", "TYPE_INT64": "TYPE_INT32",
+                   'name: "img_gram"': 'name: "img_gramm"'}[edit]
+    assert edit in text
+    path.write_text(text.replace(edit, replacement, 1))
+    with pytest.raises(ExportError, match=problem):
+        validate_config(path, tiny_bundle / GRAPHS[graph].file)
+
+
+def test_a_dynamic_axis_fixed_in_a_config_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    from export.errors import ExportError
+    from export.triton import validate_config, write_repository
+
+    write_repository(tiny_bundle, out=tmp_path / "repo")
+    path = tmp_path / "repo" / "scorer" / "config.pbtxt"
+    path.write_text(path.read_text().replace("dims: [ -1, -1, 32 ]", "dims: [ -1, 36, 32 ]", 1))
+    with pytest.raises(ExportError, match="axis R is dynamic"):
+        validate_config(path, tiny_bundle / "scorer.onnx")
+    with pytest.raises(ExportError, match="not a valid Triton ModelConfig"):
+        bad = tmp_path / "bad.pbtxt"
+        bad.write_text('name: "x"\nmax_batch_size: lots\n')
+        validate_config(bad)
+
+
+def test_tensorrt_flavour_without_engines_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    from export.errors import ExportError
+    from export.triton import TritonSettings, write_repository
+
+    with pytest.raises(ExportError, match="--tensorrt"):
+        write_repository(tiny_bundle, TritonSettings(backend="tensorrt"), out=tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_triton_backend_with_no_server_gives_a_clear_error(tiny_bundle: Path) -> None:
+    from export.triton_server import free_port
+    from mssan_infer import Retriever
+    from mssan_infer.backends.triton import TritonUnavailableError
+
+    port = free_port()
+    for protocol in ("http", "grpc"):
+        with pytest.raises(TritonUnavailableError, match=f"127.0.0.1:{port}.*tritonserver --model-repository"):
+            Retriever.load(tiny_bundle, backend="triton", url=f"127.0.0.1:{port}", protocol=protocol,
+                           connect_timeout_s=1.0)
+    assert issubclass(TritonUnavailableError, BackendUnavailableError)
+
+
+# ---- a real server ----------------------------------------------------------------------------
+def _binary() -> Any:
+    from export.errors import ExportError
+    from export.triton_server import find_tritonserver
+
+    try:
+        return find_tritonserver()
+    except ExportError as e:
+        pytest.skip(f"no tritonserver binary: {e}")
+
+
+@pytest.fixture(scope="module")
+def gallery(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A local Retriever with images and captions, its saved index, and a python-flavour repository holding it."""
+    from export.triton import TritonSettings, install_index, write_repository
+    from mssan_infer import Retriever
+
+    work = tmp_path_factory.mktemp("triton")
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.standard_normal((40, 12, 24))).astype(np.float32)
+    mask = (np.arange(12)[None] < rng.integers(3, 13, (40, 1))).astype(np.float32)
+    local = Retriever.load(tiny_bundle, threads=1)
+    local.add_images(feats, mask=mask, ids=[f"img{i}" for i in range(40)])
+    local.add_texts(CAPTIONS * 3)
+    local.save(work / "index")
+    # max_batch_size 8 < the Retriever's encoder batch: the client must split batches
+    write_repository(tiny_bundle, TritonSettings(backend="python", max_batch_size=8, threads=1), out=work / "repo")
+    install_index(work / "repo", work / "index")
+    yield {"local": local, "feats": feats, "mask": mask, "index": work / "index", "repo": work / "repo"}
+    local.close()
+
+
+@pytest.fixture(scope="module")
+def server(gallery: dict[str, Any]) -> Iterator[Any]:
+    from export.triton_server import local_tritonserver
+
+    binary = _binary()
+    with local_tritonserver(gallery["repo"], binary=binary, startup_timeout_s=60) as s:
+        yield s
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_triton_retriever_returns_the_hits_of_onnxruntime(tiny_bundle: Path, gallery: dict[str, Any], server: Any,
+                                                          protocol: str) -> None:
+    from mssan_infer import Retriever
+
+    url = server.http_url if protocol == "http" else server.grpc_url
+    local = gallery["local"]
+    with Retriever.load(tiny_bundle, backend="triton", url=url, protocol=protocol, index=gallery["index"]) as remote:
+        for q in ("a red dog on the beach", "a bird near the tree"):
+            for rerank in (0, 15, 40):
+                a, b = local.search(text=q, k=7, rerank=rerank), remote.search(text=q, k=7, rerank=rerank)
+                assert [h.id for h in a] == [h.id for h in b]
+                np.testing.assert_allclose([h.score for h in b], [h.score for h in a], atol=1e-5)
+        for i in (0, 5):
+            w = int(gallery["mask"][i].sum())
+            a = local.search(image=gallery["feats"][i, :w], k=5, rerank=10)
+            b = remote.search(image=gallery["feats"][i, :w], k=5, rerank=10)
+            assert [h.id for h in a] == [h.id for h in b]
+            np.testing.assert_allclose([h.score for h in b], [h.score for h in a], atol=1e-5)
+        # encoding through the server (batches of 32 split to the model's max_batch_size 8)
+        enc_l = local.encode_images(gallery["feats"][:20], gallery["mask"][:20])
+        enc_r = remote.encode_images(gallery["feats"][:20], gallery["mask"][:20])
+        np.testing.assert_allclose(enc_r.stage1, enc_l.stage1, atol=1e-5)
+
+
+def _retriever_query(url: str, **inputs: Any) -> Any:
+    import tritonclient.http as hc
+
+    tensors = []
+    for name, value in inputs.items():
+        arr = np.asarray(value)
+        dtype = {"text": "BYTES", "k": "INT32", "rerank": "INT32"}.get(name, "FP32")
+        arr = arr.astype(object if dtype == "BYTES" else np.int32 if dtype == "INT32" else np.float32)
+        t = hc.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+    client = hc.InferenceServerClient(url)
+    try:
+        return client.infer("retriever", tensors)
+    finally:
+        client.close()
+
+
+@pytest.mark.triton
+def test_bls_retriever_model_returns_the_same_top_k(gallery: dict[str, Any], server: Any) -> None:
+    local = gallery["local"]
+    for q in ("a red dog on the beach", "the small cat"):
+        res = _retriever_query(server.http_url, text=[q], k=[6], rerank=[25])
+        want = local.search(text=q, k=6, rerank=25)
+        assert [x.decode() for x in res.as_numpy("ids")] == [h.id for h in want]
+        np.testing.assert_allclose(res.as_numpy("scores"), [h.score for h in want], atol=1e-5)
+        np.testing.assert_allclose(res.as_numpy("stage1"), [h.stage1 for h in want], atol=1e-5)
+    w = int(gallery["mask"][2].sum())
+    res = _retriever_query(server.http_url, regions=gallery["feats"][2, :w], k=[4])
+    want = local.search(image=gallery["feats"][2, :w], k=4, rerank=100)
+    assert [x.decode() for x in res.as_numpy("ids")] == [str(h.id) for h in want]
+    np.testing.assert_allclose(res.as_numpy("scores"), [h.score for h in want], atol=1e-5)
+
+
+@pytest.mark.triton
+def test_bls_retriever_model_refuses_bad_queries_with_a_message(server: Any) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="exactly one of the inputs"):
+        _retriever_query(server.http_url, k=[3])
+    with pytest.raises(InferenceServerException, match="vocabulary"):
+        _retriever_query(server.http_url, text=["zebra xylophone"])
+
+
+@pytest.mark.triton
+def test_a_stopped_server_gives_a_clear_error(tiny_bundle: Path, gallery: dict[str, Any]) -> None:
+    from export.triton_server import local_tritonserver
+    from mssan_infer import Retriever
+    from mssan_infer.backends.triton import TritonUnavailableError
+
+    with local_tritonserver(gallery["repo"], binary=_binary()) as s:
+        url = s.http_url
+        remote = Retriever.load(tiny_bundle, backend="triton", url=url, index=gallery["index"], connect_timeout_s=2)
+        assert remote.search(text="a red dog", k=3)
+    with pytest.raises(TritonUnavailableError, match="failed during text_encoder inference"):
+        remote.search(text="a red dog", k=3)
+    remote.close()
+    with pytest.raises(TritonUnavailableError, match="cannot be reached"):
+        Retriever.load(tiny_bundle, backend="triton", url=url, connect_timeout_s=1)
+
+
+@pytest.mark.triton
+def test_a_server_holding_another_bundle_is_refused(tiny_bundle: Path, gallery: dict[str, Any], server: Any,
+                                                    tmp_path: Path) -> None:
+    from mssan_infer import Retriever
+    from mssan_infer.backends.triton import TritonUnavailableError
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["files"]["vocab.json"] = "0" * 64                # another bundle id (loaded without verify)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TritonUnavailableError, match="serves bundle"):
+        Retriever.load(other, backend="triton", url=server.http_url, verify=False)
+    Retriever.load(other, backend="triton", url=server.http_url, verify=False, check_bundle=False).close()
+
+
+def test_install_index_refuses_an_index_of_another_bundle(gallery: dict[str, Any], tmp_path: Path) -> None:
+    from export.errors import ExportError
+    from export.triton import install_index
+
+    index = tmp_path / "index"
+    shutil.copytree(gallery["index"], index)
+    manifest = json.loads((index / "index.json").read_text())
+    manifest["bundle_id"] = "deadbeef"
+    (index / "index.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="built with bundle deadbeef"):
+        install_index(gallery["repo"], index)
+
+
+def test_export_with_triton_writes_a_verified_repository_into_the_bundle(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from export import export_bundle
+    from export.__main__ import main
+    from export.triton import TritonSettings, validate_config
+    from mssan_infer import load_bundle
+
+    out = export_bundle(tiny_checkpoint, tmp_path / "b", triton=TritonSettings(backend="python", instances=2))
+    b = load_bundle(out)
+    rec = b.manifest["triton"]
+    assert rec["bundle_id"] == b.bundle_id and rec["settings"]["backend"] == "python"
+    assert "triton/scorer/config.pbtxt" in b.manifest["files"] and "triton/retriever/1/model.py" in b.manifest["files"]
+    assert validate_config(out / "triton" / "scorer" / "config.pbtxt", out / "scorer.onnx").instance_group[0].count == 2
+    tk = json.loads((out / "triton" / "retriever" / "1" / "tokenizer.json").read_text())
+    assert tk["max_len"] == b.manifest["tokenizer"]["max_len"]
+    assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "c"), "--triton", "-q"]) == 0
+    assert load_bundle(tmp_path / "c").manifest["triton"]["settings"]["backend"] == "onnxruntime"

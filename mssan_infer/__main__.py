@@ -47,6 +47,8 @@ def _load_features(path: str | os.PathLike[str]) -> np.ndarray:
         raise InputError(f"cannot read features {path}: {e}; expected a .npy array [N, R, Dv]") from e
     if not isinstance(arr, np.ndarray) or arr.ndim != 3:
         raise InputError(f"{path} must hold one array [N, R, Dv], got shape {getattr(arr, 'shape', None)}")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise InputError(f"{path}: image features must be real numbers (float32), got dtype {arr.dtype}")
     return arr
 
 

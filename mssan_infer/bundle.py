@@ -100,6 +100,18 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
     for key in ("graphs", "files", "model_config", "tokenizer"):
         if key not in manifest:
             raise BundleError(f"{mpath} lacks {key!r}; re-export the bundle")
+    for key in ("graphs", "model_config", "tokenizer"):
+        if not isinstance(manifest[key], dict):
+            raise BundleError(f"{mpath}: {key!r} must be a JSON object, got {type(manifest[key]).__name__}; re-export the bundle")
+    for table in ("graphs", "fp16_graphs"):
+        for gname, entry in (manifest.get(table) or {}).items():
+            name = entry.get("file") if isinstance(entry, dict) else entry
+            if not isinstance(name, str):
+                raise BundleError(f"{mpath}: {table} entry {gname!r} names no file; re-export the bundle")
+    for key in ("embed_size", "img_dim"):
+        value = manifest["model_config"].get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise BundleError(f"{mpath}: model_config.{key} must be a positive int, got {value!r}; re-export the bundle")
     missing = set(GRAPHS) - set(manifest["graphs"])
     if missing:
         raise BundleError(f"manifest lacks graphs {sorted(missing)}; re-export the bundle")

@@ -9,6 +9,7 @@ __all__ = [
     "MssanError",
     "BundleError",
     "IndexFileError",
+    "IndexWriteError",
     "InputError",
     "BackendUnavailableError",
     "ParityError",
@@ -25,6 +26,10 @@ class BundleError(MssanError):
 
 class IndexFileError(MssanError):
     """A saved index is missing, damaged, or was built with another bundle."""
+
+
+class IndexWriteError(IndexFileError, OSError):
+    """An index could not be written (disk full, no permission, a bad path); the previous index is unchanged."""
 
 
 class InputError(MssanError, ValueError):

@@ -14,11 +14,13 @@ gallery metadata, sha256 of every file) plus ``{gallery}_{array}.npy`` and
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import uuid
@@ -30,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import numpy as np
 
 from .bundle import safe_member
-from .errors import BackendUnavailableError, IndexFileError, InputError
+from .errors import BackendUnavailableError, IndexFileError, IndexWriteError, InputError, MssanError
 from .spec import sha256_file
 
 __all__ = [
@@ -529,11 +531,11 @@ class GalleryIndex:
                 arrays[name] = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
             with open(safe_member(folder, files["ids"]), encoding="utf-8") as f:
                 ids = json.load(f)
+            n = int(entry["n"])
         except IndexFileError:
             raise
         except (KeyError, TypeError, ValueError, OSError) as e:
-            raise IndexFileError(f"index in {folder} is damaged or incomplete ({e}); rebuild it") from e
-        n = int(entry["n"])
+            raise IndexFileError(f"index in {folder} is damaged or incomplete ({e!r}); rebuild it") from e
         st, lo, ma, gr = (arrays[a] for a in _ARRAYS)
         p = lo.shape[1] if lo.ndim == 3 else -1
         if (
@@ -614,8 +616,23 @@ def save_index(
 
     Raises:
         IndexFileError: ``path`` exists and is not an mssan index (it is never overwritten).
+        IndexWriteError: writing failed (disk full, permissions, a bad path); the previous
+            index at ``path``, if any, is unchanged and no temp folder is left behind.
     """
-    out = Path(path)
+    try:
+        return _save_index(Path(path), galleries, bundle_id=bundle_id, extra=extra)
+    except (OSError, ValueError) as e:
+        if isinstance(e, MssanError):
+            raise
+        raise IndexWriteError(
+            f"cannot write the index to {path}: {e}. Free some space or choose a writable path; "
+            "the previous index there (if any) is unchanged"
+        ) from e
+
+
+def _save_index(
+    out: Path, galleries: Mapping[str, GalleryIndex], *, bundle_id: str, extra: Mapping[str, Any] | None
+) -> Path:
     if out.exists() and not (out.is_dir() and ((out / INDEX_MANIFEST).is_file() or not any(out.iterdir()))):
         raise IndexFileError(f"{out} exists and is not an mssan index folder; choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -638,10 +655,17 @@ def save_index(
             json.dump(manifest, f, indent=2, ensure_ascii=False)
             f.flush()
             os.fsync(f.fileno())
+        _fsync_dir(tmp)
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
+        if out.exists() and _exchange_dirs(tmp, out):
+            old = tmp                                   # tmp now holds the previous index
+        else:
+            # no atomic exchange here: a crash between these two renames leaves the previous
+            # index at ``old``, which load_index puts back (see _recover_interrupted_save)
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -651,6 +675,58 @@ def save_index(
     return out
 
 
+def _exchange_dirs(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False, having changed nothing, where the platform or file system cannot.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _recover_interrupted_save(root: Path) -> None:
+    """Put back the previous index when a save was killed between its two renames (non-Linux path)."""
+    if root.exists() or not root.parent.is_dir():
+        return
+    olds = [p for p in root.parent.glob(f".{root.name}.old-*") if (p / INDEX_MANIFEST).is_file()]
+    if not olds:
+        return
+    latest = max(olds, key=lambda p: p.stat().st_mtime)
+    try:
+        os.replace(latest, root)
+    except OSError:
+        return
+    log.warning("restored index %s from %s, left by an interrupted save", root, latest.name)
+
+
 def read_index_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checked ``index.json`` of an index folder (format and version only; files not hashed).
 
@@ -658,6 +734,7 @@ def read_index_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         IndexFileError: missing/invalid manifest, unknown format, newer version.
     """
     root = Path(path)
+    _recover_interrupted_save(root)
     mpath = root / INDEX_MANIFEST
     if not mpath.is_file():
         raise IndexFileError(f"{root} is not an mssan index ({INDEX_MANIFEST} missing); build one with Retriever.save")
@@ -715,6 +792,8 @@ def load_index(
     if not isinstance(files, dict) or not isinstance(manifest["galleries"], dict):
         raise IndexFileError(f"{root / INDEX_MANIFEST} is malformed; rebuild the index")
     for entry in manifest["galleries"].values():
+        if not isinstance(entry, dict) or not isinstance(entry.get("files", {}), dict):
+            raise IndexFileError(f"{root / INDEX_MANIFEST} is malformed (a gallery entry is not an object); rebuild the index")
         for fname in entry.get("files", {}).values():
             if fname not in files:
                 raise IndexFileError(f"index file {fname} has no sha256 in the manifest; rebuild the index")

@@ -20,7 +20,7 @@ import numpy as np
 from .backends import Backend, create_backend
 from .bundle import Bundle, load_bundle
 from .errors import BundleError, InputError
-from .index import GalleryIndex, GalleryView, ItemId, extent, load_index, save_index
+from .index import GalleryIndex, GalleryView, ItemId, _check_id, extent, load_index, save_index
 from .tokenizer import _APOSTROPHES, _WORD, UNK_ID, Tokenizer
 
 __all__ = ["Retriever", "Hit", "Encoded", "ImageInput"]
@@ -240,7 +240,13 @@ class Retriever:
         else:
             if mask is not None:
                 raise InputError("mask is only accepted with an [N, R, Dv] array; a list of [R_i, Dv] makes its own")
-            items = [np.asarray(x) for x in feats]
+            try:
+                items = [np.asarray(x) for x in feats]
+            except TypeError:
+                raise InputError(
+                    f"image features must be an [N, R, {dv}] array or a list of [R_i, {dv}] arrays, "
+                    f"got {type(feats).__name__}"
+                ) from None
             for i, x in enumerate(items):
                 if x.ndim != 2 or x.shape[1] != dv:
                     raise InputError(f"image {i}: region features must be [R_i, {dv}], got shape {x.shape}")
@@ -252,6 +258,10 @@ class Retriever:
             for i, x in enumerate(items):
                 regions[i, : x.shape[0]] = x
                 m[i, : x.shape[0]] = 1.0
+        if regions.shape[0] == 0:
+            raise InputError(f"no images given (an empty batch); pass at least one image of [R, {dv}] region features")
+        if not np.isin(m, (0.0, 1.0)).all():
+            raise InputError("mask must hold only 1 (real region) and 0 (padding); got other values or NaN")
         real = m > 0
         empty = np.flatnonzero(~real.any(1))
         if empty.size:
@@ -306,7 +316,8 @@ class Retriever:
         ids: list[list[int]] = []
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise InputError(f"caption {i} must be str, got {type(t).__name__}")
+                hint = "; decode bytes as UTF-8 first" if isinstance(t, (bytes, bytearray)) else ""
+                raise InputError(f"caption {i} must be str, got {type(t).__name__}{hint}")
             x = self.tokenizer.encode(t)
             if not x:
                 raise InputError(f"caption {i} {t[:60]!r} has no words; captions need at least one word")
@@ -330,7 +341,15 @@ class Retriever:
         """
         if isinstance(texts, str):
             texts = [texts]
-        return self._encode_ids(self.tokenize(list(texts)), progress=progress)
+        if isinstance(texts, (bytes, bytearray)):
+            raise InputError("captions must be str, got bytes; decode them as UTF-8 first")
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise InputError(f"captions must be a str or a sequence of str, got {type(texts).__name__}") from None
+        if not texts:
+            raise InputError("no captions given (an empty batch); pass at least one caption")
+        return self._encode_ids(self.tokenize(texts), progress=progress)
 
     def _encode_ids(self, ids: list[list[int]], *, progress: bool = False) -> Encoded:
         n = len(ids)
@@ -408,9 +427,7 @@ class Retriever:
         """Fail before encoding when ids collide (the gallery checks again under its lock)."""
         if ids is None:
             return
-        if isinstance(ids, (str, bytes)):
-            raise InputError("ids must be a sequence of str/int, not a single string")
-        ids = list(ids)
+        ids = _id_list(ids)
         if len(set(map(_hashable, ids))) != len(ids):
             raise InputError("duplicate ids in this batch")
         clash = [i for i in ids if i in gallery]
@@ -427,7 +444,7 @@ class Retriever:
         Raises:
             InputError: unknown ids, or an id present in both galleries without ``gallery``.
         """
-        ids = list(ids)
+        ids = _id_list(ids)
         if gallery is not None:
             if gallery not in self._galleries:
                 raise InputError(f"gallery must be 'images' or 'texts', got {gallery!r}")
@@ -517,7 +534,7 @@ class Retriever:
             view = gallery.view()
             if view.n == 0:
                 raise InputError("the image gallery is empty: add_images(...) before searching with text")
-            q = self.encode_texts(list(texts))
+            q = self.encode_texts(texts)
         else:
             assert images is not None
             gallery, name = self.texts, TEXTS
@@ -570,6 +587,16 @@ class Retriever:
                          "txt_local": local, "token_mask": mask, "txt_gram": gram}
                 out[a:b] = self.backend.run("scorer", feeds)["s_ll"][0, :]     # [1, K]
         return out
+
+
+def _id_list(ids: Any) -> list[ItemId]:
+    """``ids`` as a list of checked str/int ids; InputError for a single string or a non-sequence."""
+    if isinstance(ids, (str, bytes)):
+        raise InputError("ids must be a sequence of str/int, not a single string; wrap it in a list")
+    try:
+        return [_check_id(i) for i in ids]
+    except TypeError:
+        raise InputError(f"ids must be a sequence of str/int, got {type(ids).__name__}") from None
 
 
 def _hashable(x: Any) -> Any:

@@ -1,4 +1,4 @@
-"""``python -m training synth|train|eval`` (DESIGN §9)."""
+"""``python -m training synth|features|train|eval`` (DESIGN §9)."""
 from __future__ import annotations
 
 import argparse
@@ -21,15 +21,40 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _features(args: argparse.Namespace) -> int:
+    from .images import write_features
+
+    info = write_features(
+        args.images, args.karpathy, args.out, backbone=args.backbone, weights=args.backbone_weights,
+        image_size=args.image_size, resize=args.resize, batch_size=args.batch_size, device=args.device,
+        workers=args.workers, dtype=args.dtype, progress=not args.no_progress,
+    )
+    print(f"wrote {info['backbone']} grid features {info['grid']}x{info['feature_dim']} of {info['images']} "
+          f"images to {args.out}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
     from .train import train
 
     tover: dict[str, Any] = {}
     for key in ("batch_size", "lr", "seed", "device", "negatives"):
         if getattr(args, key) is not None:
             tover[key] = getattr(args, key)
+    mover: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE (e.g. lam_gg=0), got {item!r}")
+        target = mover if key.removeprefix("model.") in ModelConfig.__dataclass_fields__ and not key.startswith("train.") else tover
+        try:
+            parsed: Any = json.loads(value)
+        except ValueError:
+            parsed = value           # a bare string such as lse or bf16
+        target[key.split(".", 1)[-1]] = parsed
     res = train(args.data, args.out, preset=args.preset, epochs=args.epochs, train_overrides=tover,
-                resume=args.resume, progress=not args.no_progress)
+                model_overrides=mover, resume=args.resume, progress=not args.no_progress)
     print(f"best dev rSum {res['best_dev_rsum']:.1f} in {res['wall_s']:.0f}s; checkpoint: {args.out}")
     return 0
 
@@ -80,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{help_} (default {default})")
     sp.set_defaults(func=_synth)
 
+    fp = sub.add_parser("features", help="precomp-layout grid features of an image folder + Karpathy JSON")
+    fp.add_argument("--images", required=True, help="folder with the dataset's image files")
+    fp.add_argument("--karpathy", required=True, help="Karpathy split file (dataset_flickr8k.json ...)")
+    fp.add_argument("--out", required=True, help="output folder: {train,dev,test}_ims.npy, _caps.txt, features.json")
+    fp.add_argument("--backbone", default="resnet152", help="resnet50 | resnet101 | resnet152 (default resnet152)")
+    fp.add_argument("--backbone-weights", default=None, metavar="PATH",
+                    help="local torchvision-layout ImageNet weights (.pth/.pt or .safetensors); "
+                         "without it the backbone is randomly initialised (tests only)")
+    fp.add_argument("--image-size", type=int, default=448, help="square crop side (default 448: 14x14 regions)")
+    fp.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default --image-size)")
+    fp.add_argument("--batch-size", type=int, default=16)
+    fp.add_argument("--device", default="cpu", help="cpu | cuda")
+    fp.add_argument("--workers", type=int, default=0, help="image decoding processes (DataLoader workers)")
+    fp.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                    help="storage of the features (float16 halves the files; training reads either)")
+    fp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    fp.set_defaults(func=_features)
+
     tp = sub.add_parser("train", help="train a model on a precomp-layout dataset")
     tp.add_argument("--data", required=True, help="folder with train_/dev_ files")
     tp.add_argument("--out", required=True, help="checkpoint folder (best on dev; last/ for --resume)")
@@ -91,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--device", help="cpu | cuda")
     tp.add_argument("--negatives", choices=["hardest", "all"])
     tp.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    tp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a ModelConfig or TrainConfig field, e.g. --set lam_gg=0 --set amp=bf16 "
+                         "(repeatable; prefix model. or train. where a name is ambiguous)")
     tp.add_argument("--no-progress", action="store_true", help="no progress bars")
     tp.set_defaults(func=_train)
 
@@ -111,8 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return int(args.func(args))
-    except (MssanError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MssanError, OSError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
 
 

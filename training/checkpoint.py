@@ -107,10 +107,24 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
                 f"{p} is not a checkpoint folder: {name} is missing "
                 "(a checkpoint holds config.json, model.safetensors, state.json, vocab.json)"
             )
-    cfg = json.loads((p / CONFIG).read_text())
-    mcfg = ModelConfig.from_dict(cfg["model"])
-    tcfg = TrainConfig.from_dict(cfg["train"]) if "train" in cfg else None
+    try:
+        cfg = json.loads((p / CONFIG).read_text(encoding="utf-8"))
+        mcfg = ModelConfig.from_dict(cfg["model"])
+        tcfg = TrainConfig.from_dict(cfg["train"]) if "train" in cfg else None
+        state = json.loads((p / STATE).read_text(encoding="utf-8")) if (p / STATE).is_file() else {}
+        if not isinstance(state, dict):
+            raise TypeError(f"{STATE} must hold a JSON object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BundleError(
+            f"checkpoint {p} is damaged: cannot read {CONFIG}/{STATE} ({e!r}); "
+            "use another checkpoint or train again"
+        ) from e
     tok = Tokenizer.from_file(p / VOCAB, max_len=mcfg.max_len)
+    if len(tok) > mcfg.vocab_size:
+        raise BundleError(
+            f"checkpoint {p}: {VOCAB} has {len(tok)} words but the model was built for vocab_size="
+            f"{mcfg.vocab_size}; the files come from different runs. Copy the whole checkpoint folder again"
+        )
     model = MSSAN(mcfg)
     try:
         weights = load_file(str(p / WEIGHTS), device=map_location)
@@ -118,7 +132,6 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
     except Exception as e:  # safetensors/torch raise several types
         raise BundleError(f"cannot load weights from {p / WEIGHTS}: {e}") from e
     model.eval()
-    state = json.loads((p / STATE).read_text()) if (p / STATE).is_file() else {}
     opt_state = None
     if "optimizer" in state:
         tensors = load_file(str(p / OPTIM), device=map_location) if (p / OPTIM).is_file() else {}

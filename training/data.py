@@ -102,9 +102,23 @@ class PrecompSplit:
     def feat_dim(self) -> int:
         return int(self.images.shape[2])
 
+    def _check_finite(self, regions: np.ndarray, start: int) -> None:
+        """Refuse NaN/inf features when they are read (a whole-file scan would read every split twice)."""
+        if not np.isfinite(regions).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(regions.reshape(len(regions), -1)).all(1))[0])
+            raise InputError(
+                f"split {self.name!r}: region features of image {bad} contain NaN or inf; "
+                "recompute or clean the features file"
+            )
+
     def image(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Regions ``[R,Dv]`` float32 (a copy) and mask ``[R]`` float32 of image ``i``."""
+        """Regions ``[R,Dv]`` float32 (a copy) and mask ``[R]`` float32 of image ``i``.
+
+        Raises:
+            InputError: the image's features contain NaN or inf.
+        """
         regions = np.array(self.images[i], dtype=np.float32)
+        self._check_finite(regions[None], int(i))
         if self.region_mask is None:
             mask = np.ones(self.regions, dtype=np.float32)
         else:
@@ -112,8 +126,13 @@ class PrecompSplit:
         return regions, mask
 
     def image_batch(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Regions ``[b,R,Dv]`` float32 and masks ``[b,R]`` of images ``start:stop`` (a copy)."""
+        """Regions ``[b,R,Dv]`` float32 and masks ``[b,R]`` of images ``start:stop`` (a copy).
+
+        Raises:
+            InputError: an image's features contain NaN or inf.
+        """
         regions = np.array(self.images[start:stop], dtype=np.float32)
+        self._check_finite(regions, start)
         if self.region_mask is None:
             mask = np.ones(regions.shape[:2], dtype=np.float32)
         else:
@@ -124,8 +143,10 @@ class PrecompSplit:
 def _load_npy(path: Path, what: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:  # object arrays need pickle; we refuse them
-        raise InputError(f"{path}: cannot read {what} without pickle ({e}); save it as a plain float32 .npy") from e
+    except ValueError as e:  # object arrays need pickle (refused); a truncated file cannot be mapped
+        raise InputError(
+            f"{path}: cannot read {what} ({e}); expected a complete plain float32 .npy (no pickled objects)"
+        ) from e
     except OSError as e:
         raise InputError(f"{path}: not a readable .npy file ({e})") from e
 
@@ -136,7 +157,9 @@ def read_captions(path: str | os.PathLike[str]) -> list[str]:
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"{p}: captions must be UTF-8 text ({e})") from e
+        raise InputError(f"{p}: captions must be UTF-8 text ({e}); re-encode the file as UTF-8") from e
+    except OSError as e:
+        raise InputError(f"{p}: cannot read the captions file ({e}); expected UTF-8 text, one caption per line") from e
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

@@ -107,7 +107,7 @@ def encode_split(
     dev = next(model.parameters()).device
     imgs = []
     for s in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size], dtype=np.float32)).to(dev)
+        x = torch.from_numpy(np.array(images[s:s + batch_size], dtype=np.float32)).to(dev)
         m = (torch.ones(x.shape[:2]) if region_mask is None
              else torch.from_numpy(np.asarray(region_mask[s:s + batch_size], dtype=np.float32))).to(dev)
         imgs.append(model.encode_image(x, m))

@@ -184,9 +184,10 @@ class TritonBackend:
         while True:
             try:
                 client = self._client()
-                if not client.is_server_live():
+                if not client.is_server_live(**self._control_timeout()):
                     raise self._unavailable("is not live")
-                not_ready = [m for m in self.models.values() if not client.is_model_ready(m, self.model_version)]
+                not_ready = [m for m in self.models.values()
+                             if not client.is_model_ready(m, self.model_version, **self._control_timeout())]
                 if not not_ready:
                     break
                 last = self._unavailable(f"has not loaded models {not_ready} (not ready)")
@@ -214,10 +215,14 @@ class TritonBackend:
             self.limits[graph] = {"B": mbs} if mbs > 0 else {}
         log.info("triton backend ready: %s (%s), models %s", self.url, self.protocol, self.models)
 
+    def _control_timeout(self) -> dict[str, float]:
+        """Deadline of readiness/config calls: gRPC takes it per call (HTTP has it on the client)."""
+        return {"client_timeout": self.connect_timeout_s} if self.protocol == "grpc" else {}
+
     def _model_config(self, client: Any, model: str) -> dict[str, Any]:
         try:
             if self.protocol == "grpc":
-                cfg = client.get_model_config(model, self.model_version, as_json=True)
+                cfg = client.get_model_config(model, self.model_version, as_json=True, **self._control_timeout())
                 return dict(cfg.get("config", cfg))
             return dict(client.get_model_config(model, self.model_version))
         except Exception as e:  # noqa: BLE001

@@ -1,0 +1,261 @@
+"""Faults: a save killed with SIGKILL, a disk that fills up mid-save, and concurrent adds/removes/searches."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mssan_infer import Retriever
+from mssan_infer.errors import IndexFileError, IndexWriteError
+from mssan_infer.index import GalleryIndex, load_index, save_index
+
+ROOT = Path(__file__).resolve().parents[1]
+D, P = 32, 12
+
+
+def state(seed: int, n: int) -> GalleryIndex:
+    """Gallery number ``seed``: ``n`` items whose arrays and ids depend only on ``seed``."""
+    rng = np.random.default_rng(seed)
+    g = GalleryIndex(2 * D, D)
+    local = rng.normal(size=(n, P, D)).astype(np.float32)
+    g.add(rng.normal(size=(n, 2 * D)).astype(np.float32), local, np.ones((n, P), np.float32),
+          local @ local.transpose(0, 2, 1), ids=[f"s{seed}-{i}" for i in range(n)])
+    return g
+
+
+def _same(a: GalleryIndex, b: GalleryIndex) -> bool:
+    va, vb = a.view(), b.view()
+    return a.ids == b.ids and all(
+        np.array_equal(x, y) for x, y in ((va.stage1, vb.stage1), (va.local, vb.local), (va.gram, vb.gram)))
+
+
+CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from tests.test_faults import state
+from mssan_infer.index import save_index
+states = [state(1, int(sys.argv[3])), state(2, int(sys.argv[3]) + 7)]
+print("ready", flush=True)
+k = 0
+while True:
+    save_index(sys.argv[2], {"images": states[k % 2]}, bundle_id="b")
+    k += 1
+"""
+
+
+def test_sigkill_during_save_leaves_the_old_or_the_new_index_loadable_and_intact(tmp_path: Path) -> None:
+    n = 1500                                          # ~11 MB per save: kills land inside writes
+    path = tmp_path / "idx"
+    expected = [state(0, 3), state(1, n), state(2, n + 7)]
+    save_index(path, {"images": expected[0]}, bundle_id="b")
+    rnd = random.Random(0)
+    outcomes = []
+    for kill in range(6):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(ROOT), str(path), str(n)],
+                                 stdout=subprocess.PIPE, cwd=ROOT)
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
+            time.sleep(rnd.uniform(0.05, 0.6))
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+        galleries, _ = load_index(path, bundle_id="b")         # verifies every sha256
+        matches = [i for i, g in enumerate(expected) if _same(galleries["images"], g)]
+        assert len(matches) == 1, f"kill {kill}: the index equals none of the saved states"
+        outcomes.append(matches[0])
+    assert any(o in (1, 2) for o in outcomes)        # the children did replace the first index
+
+
+def _fail_on_call(monkeypatch: pytest.MonkeyPatch, target: str, after: int) -> list[int]:
+    """Make ``target`` (``module.attr``) raise ENOSPC from its ``after``-th call on."""
+    module_name, attr = target.rsplit(".", 1)
+    module = sys.modules[module_name]
+    real = getattr(module, attr)
+    calls = [0]
+
+    def failing(*a: Any, **k: Any) -> Any:
+        calls[0] += 1
+        if calls[0] >= after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, attr, failing)
+    return calls
+
+
+@pytest.mark.parametrize("target, after", [
+    ("mssan_infer.index._write_npy", 1),     # the first array
+    ("mssan_infer.index._write_npy", 3),     # half way through a gallery
+    ("mssan_infer.index._write_npy", 6),     # in the second gallery
+    ("os.fsync", 4),                         # flushing an array
+    ("mssan_infer.index.sha256_file", 2),    # reading back for the manifest
+    ("json.dump", 3),                        # writing the manifest (ids are json.dump'ed first)
+    ("os.replace", 1),                       # putting the new index in place (fallback path)
+])
+@pytest.mark.parametrize("existing", [True, False])
+def test_a_failed_write_leaves_nothing_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, after: int, existing: bool
+) -> None:
+    path = tmp_path / "idx"
+    if existing:
+        save_index(path, {"images": state(0, 5), "texts": state(3, 2)}, bundle_id="b")
+    before = {p.name: p.read_bytes() for p in path.iterdir()} if existing else None
+    if target == "os.replace":
+        monkeypatch.setattr("mssan_infer.index._exchange_dirs", lambda a, b: False)
+    calls = _fail_on_call(monkeypatch, target, after)
+    with pytest.raises(IndexWriteError) as info:
+        save_index(path, {"images": state(1, 40), "texts": state(2, 9)}, bundle_id="b")
+    monkeypatch.undo()
+    assert calls[0] >= after and isinstance(info.value, OSError) and info.value.__cause__ is not None
+    assert "unchanged" in str(info.value) and "No space left" in str(info.value)
+    if existing:
+        assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+        galleries, _ = load_index(path, bundle_id="b")
+        assert _same(galleries["images"], state(0, 5))
+    else:
+        assert not path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["idx"] if existing else [])   # no temp folder left
+
+
+def test_a_save_killed_between_the_two_renames_is_rolled_back_on_load(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where directories cannot be swapped atomically, the previous index is put back by the next load."""
+    path = tmp_path / "idx"
+    save_index(path, {"images": state(0, 5)}, bundle_id="b")
+    monkeypatch.setattr("mssan_infer.index._exchange_dirs", lambda a, b: False)
+    real = os.replace
+    calls = [0]
+
+    def die_on_second(src: Any, dst: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt            # stands for the process dying here: nothing else runs
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", die_on_second)
+    monkeypatch.setattr("shutil.rmtree", lambda *a, **k: None)    # a dead process cleans nothing up
+    with pytest.raises(KeyboardInterrupt):
+        save_index(path, {"images": state(1, 9)}, bundle_id="b")
+    monkeypatch.undo()
+    assert not path.exists()
+    galleries, _ = load_index(path, bundle_id="b")
+    assert _same(galleries["images"], state(0, 5))
+
+
+def test_load_of_a_missing_index_without_leftovers_is_still_an_error(tmp_path: Path) -> None:
+    with pytest.raises(IndexFileError, match="not an mssan index"):
+        load_index(tmp_path / "idx")
+
+
+# ---- concurrency --------------------------------------------------------------------------------
+QUERIES = ["a red dog on the beach", "the blue ball near a tree", "a man in the street", "woman", "a big car"]
+CAPS = ["a red dog", "a blue ball", "a man sits", "a white house", "a black bird", "the green field"]
+
+
+def test_concurrent_adds_removes_and_searches_never_return_torn_results(tiny_bundle: Path) -> None:
+    """Every hit's id, score and stage-1 score equal a single-threaded exhaustive recomputation."""
+    rng = np.random.default_rng(0)
+    n = 48
+    feats = rng.normal(size=(n, 6, 24)).astype(np.float32)
+    mask = np.ones((n, 6), np.float32)
+    mask[::4, 3:] = 0
+    ref = Retriever.load(tiny_bundle)
+    ref.add_images(feats, mask=mask, ids=[f"i{j}" for j in range(n)])
+    ref.add_texts(CAPS * 4, ids=[f"c{j}" for j in range(len(CAPS) * 4)])
+    truth_t2i = {q: {h.id: (h.score, h.stage1) for h in ref.search(text=q, k=n, rerank=n)} for q in QUERIES}
+    truth_i2t = {j: {h.id: (h.score, h.stage1) for h in ref.search(image=feats[j][mask[j] > 0], k=24, rerank=24)}
+                 for j in range(4)}
+
+    r = Retriever.load(tiny_bundle, scorer_batch=7)              # several scorer calls per search
+    r.add_images(feats[:8], mask=mask[:8], ids=[f"i{j}" for j in range(8)])
+    r.add_texts(CAPS[:2], ids=["c0", "c1"])
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    checked = [0]
+
+    def writer() -> None:
+        try:
+            for a in range(8, n, 4):
+                r.add_images(feats[a : a + 4], mask=mask[a : a + 4], ids=[f"i{j}" for j in range(a, a + 4)])
+                if a % 12 == 0:
+                    r.remove([f"i{a}"], gallery="images")
+                    r.add_images(feats[a : a + 1], mask=mask[a : a + 1], ids=[f"i{a}"])
+            for c in range(2, len(CAPS) * 4):
+                r.add_texts([CAPS[c % len(CAPS)]], ids=[f"c{c}"])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            stop.set()
+
+    def reader(seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            while not stop.is_set() or checked[0] < 40:
+                if rnd.random() < 0.7:
+                    q = rnd.choice(QUERIES)
+                    hits, truth = r.search(text=q, k=5, rerank=rnd.choice([0, 5, 20, 100])), truth_t2i[q]
+                else:
+                    j = rnd.randrange(4)
+                    hits, truth = r.search(image=feats[j][mask[j] > 0], k=3, rerank=10), truth_i2t[j]
+                assert hits and len({h.id for h in hits}) == len(hits)
+                for h in hits:
+                    score, stage1 = truth[h.id]
+                    assert abs(h.stage1 - stage1) < 1e-4, (h, stage1)
+                    assert abs(h.score - score) < 1e-4 or abs(h.score - h.stage1) < 1e-6, (h, score)
+                checked[0] += 1
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[0]
+    assert checked[0] >= 40 and r.n_images == n and r.n_texts == len(CAPS) * 4
+    final = r.search(text=QUERIES[0], k=n, rerank=n)
+    assert [(h.id, round(h.score, 4)) for h in final] == [(h.id, round(h.score, 4)) for h in ref.search(
+        text=QUERIES[0], k=n, rerank=n)]
+
+
+def test_concurrent_saves_and_adds_always_leave_a_loadable_index(tiny_bundle: Path, tmp_path: Path) -> None:
+    r = Retriever.load(tiny_bundle)
+    rng = np.random.default_rng(1)
+    errors: list[BaseException] = []
+
+    def add() -> None:
+        try:
+            for j in range(20):
+                r.add_images(rng.normal(size=(2, 4, 24)).astype(np.float32), ids=[f"a{j}", f"b{j}"])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def save(k: int) -> None:
+        try:
+            for _ in range(5):
+                r.save(tmp_path / "idx")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=add)] + [threading.Thread(target=save, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[0]
+    loaded = Retriever.load(tiny_bundle, index=tmp_path / "idx")
+    ids = loaded.images.ids
+    assert ids == r.images.ids[: len(ids)]                 # a prefix of the additions, in order
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]
+    json.loads((tmp_path / "idx" / "index.json").read_text())

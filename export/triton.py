@@ -277,8 +277,7 @@ def _tokenizer_spec(root: Path, max_len: int | None) -> dict[str, Any]:
     """The retriever's ``tokenizer.json``: vocabulary and the settings of ``mssan_infer.tokenizer``."""
     from mssan_infer import tokenizer as tkmod
 
-    word = getattr(tkmod, "WORD_PATTERN", None) or getattr(tkmod, "_WORD")
-    apostrophes = getattr(tkmod, "APOSTROPHE_PATTERN", None) or getattr(tkmod, "_APOSTROPHES")
+    word, apostrophes = tkmod.WORD_PATTERN, tkmod.APOSTROPHE_PATTERN
 
     tk: dict[str, Any] = {}
     if (root / MANIFEST_FILE).is_file():

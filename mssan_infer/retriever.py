@@ -13,7 +13,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, Union
+from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, Union, cast
 
 import numpy as np
 
@@ -21,14 +21,18 @@ from .backends import Backend, create_backend
 from .bundle import Bundle, load_bundle
 from .errors import BundleError, InputError
 from .index import GalleryIndex, GalleryView, ItemId, _check_id, extent, load_index, save_index
-from .tokenizer import _APOSTROPHES, _WORD, UNK_ID, Tokenizer
+from .preprocess import ImageSource, Preprocessing, describe, is_image_source, preprocess
+from .tokenizer import APOSTROPHE_PATTERN, UNK_ID, WORD_PATTERN, Tokenizer
 
 __all__ = ["Retriever", "Hit", "Encoded", "ImageInput"]
 
 log = logging.getLogger(__name__)
 
 ImageInput = Union[np.ndarray, Sequence[np.ndarray]]
+# With a bundle exported with --pixels: image files, PIL images or uint8 HWC arrays (one or a list).
+PixelInput = Union[ImageSource, Sequence[ImageSource]]
 IMAGES, TEXTS = "images", "texts"
+PIXEL_GRAPH = "image_encoder_pixels"
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ class Retriever:
                     f"{name} gallery has dims (2D={g.stage1_dim}, D={g.local_dim}) but the bundle has D={self.embed_size}"
                 )
         self._galleries = {IMAGES: images, TEXTS: texts}
+        self._pixel_lock = threading.Lock()
+        self._pixel_runner: tuple[Backend, Preprocessing] | None = None     # made on first image input
 
     # ---- construction -------------------------------------------------------
     @classmethod
@@ -211,6 +217,8 @@ class Retriever:
 
     def close(self) -> None:
         self.backend.close()
+        if self._pixel_runner is not None and self._pixel_runner[0] is not self.backend:
+            self._pixel_runner[0].close()
 
     def __enter__(self) -> "Retriever":
         return self
@@ -271,20 +279,29 @@ class Retriever:
         return regions, m
 
     def encode_images(
-        self, feats: ImageInput, mask: np.ndarray | None = None, *, progress: bool = False
+        self, feats: ImageInput | PixelInput, mask: np.ndarray | None = None, *, progress: bool = False
     ) -> Encoded:
-        """Encode images from region features.
+        """Encode images from region features, or from pixels when the bundle has the pixel graph.
 
         Args:
-            feats: ``[N, R, Dv]`` array, or a list of ``[R_i, Dv]`` arrays (padded here).
+            feats: ``[N, R, Dv]`` array, or a list of ``[R_i, Dv]`` arrays (padded here); or, with a
+                bundle exported with ``--pixels``, image paths, PIL images or uint8 ``[H,W(,C)]`` arrays
+                (one, a list, or ``[N,H,W,C]`` uint8), preprocessed as the manifest says.
             mask: ``[N, R]`` 1 for real regions (only with an array; default all ones).
             progress: show a tqdm bar.
         Returns:
             :class:`Encoded` with ``local [N, R, D]``, ``gram [N, R, R]``.
         Raises:
-            InputError: wrong ndim/feature size, NaN/inf, an image without regions.
+            InputError: wrong ndim/feature size, NaN/inf, an image without regions; an image file
+                that is missing, truncated or not an image (named); pixels without the pixel graph.
+            BundleError: the bundle's pixel graph or preprocessing entry is damaged.
         """
-        regions, m = self._image_batch(feats, mask)
+        sources = _pixel_sources(feats)
+        if sources is not None:
+            if mask is not None:
+                raise InputError("mask is only for region features; images from pixels use every grid cell")
+            return self._encode_pixels(sources, progress=progress)
+        regions, m = self._image_batch(cast(ImageInput, feats), mask)
         return self._encode_regions(regions, m, progress=progress)
 
     def _encode_regions(self, regions: np.ndarray, m: np.ndarray, *, progress: bool = False) -> Encoded:
@@ -305,6 +322,70 @@ class Retriever:
                 bar.update(b - a)
         if bar is not None:
             bar.close()
+        return out
+
+    @property
+    def has_pixel_graph(self) -> bool:
+        """Whether the bundle can encode images from pixels (exported with ``--pixels``)."""
+        return PIXEL_GRAPH in (self.bundle.manifest.get("optional_graphs") or {})
+
+    def _pixels(self) -> tuple[Backend, Preprocessing]:
+        """The pixel graph's runner and preprocessing, made on first use (the backend's own when it has
+        the graph, else an ONNX Runtime session on the backend's device)."""
+        with self._pixel_lock:
+            if self._pixel_runner is None:
+                m = self.bundle.manifest
+                entry = (m.get("optional_graphs") or {}).get(PIXEL_GRAPH)
+                if not isinstance(entry, dict):
+                    raise InputError(
+                        f"bundle {self.bundle.root} has no pixel graph, so images must be region features "
+                        f"[N, R, {self.img_dim}]; to index image files re-export it with `python -m export "
+                        "--checkpoint CKPT --out DIR --pixels --features DATA --backbone-weights PATH`"
+                    )
+                prep = (m.get("preprocessing") or {}).get("image")
+                if not isinstance(prep, dict):
+                    raise BundleError(
+                        f"bundle {self.bundle.root} has a pixel graph but no preprocessing.image entry; re-export it"
+                    )
+                cfg = Preprocessing.from_dict(prep)
+                if PIXEL_GRAPH in getattr(self.backend, "graphs", ()):
+                    runner: Backend = self.backend
+                else:
+                    from .backends.onnxruntime import OnnxRuntimeBackend
+
+                    name = str(entry.get("file", ""))
+                    if name not in m.get("files", {}):
+                        raise BundleError(
+                            f"bundle {self.bundle.root}: pixel graph {name!r} has no sha256 in the manifest; re-export it"
+                        )
+                    device = getattr(self.backend, "device", "cpu")
+                    runner = OnnxRuntimeBackend({PIXEL_GRAPH: self.bundle.path(name)},
+                                                device=device if isinstance(device, str) else "cpu")
+                self._pixel_runner = (runner, cfg)
+            return self._pixel_runner
+
+    def _encode_pixels(self, sources: Sequence[ImageSource], *, progress: bool = False) -> Encoded:
+        runner, cfg = self._pixels()
+        n = len(sources)
+        if n == 0:
+            raise InputError("no images given")
+        pixels = np.stack([preprocess(s, cfg, describe(s, i)) for i, s in enumerate(sources)])   # [N,3,S,S]
+        out: Encoded | None = None
+        bar = _progress(n, "encode images", progress)
+        for a, b in _batches(n, self.batch_size):
+            res = runner.run(PIXEL_GRAPH, {"pixels": pixels[a:b]})
+            if out is None:
+                r, d = res["img_local"].shape[1], self.embed_size
+                out = Encoded(np.zeros((n, 2 * d), np.float32), np.zeros((n, r, d), np.float32),
+                              np.ones((n, r), np.float32), np.zeros((n, r, r), np.float32))
+            out.stage1[a:b] = res["img_stage1"]
+            out.local[a:b] = res["img_local"]
+            out.gram[a:b] = res["img_gram"]
+            if bar is not None:
+                bar.update(b - a)
+        if bar is not None:
+            bar.close()
+        assert out is not None
         return out
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -383,7 +464,7 @@ class Retriever:
     # ---- galleries ----------------------------------------------------------------
     def add_images(
         self,
-        feats: ImageInput | Encoded,
+        feats: ImageInput | PixelInput | Encoded,
         ids: Sequence[ItemId] | None = None,
         *,
         mask: np.ndarray | None = None,
@@ -393,7 +474,8 @@ class Retriever:
 
         Args:
             feats: ``[N, R, Dv]`` array, a list of ``[R_i, Dv]``, or an :class:`Encoded` from
-                :meth:`encode_images` (added without re-encoding).
+                :meth:`encode_images` (added without re-encoding); with a ``--pixels`` bundle also
+                image paths, PIL images or uint8 arrays (see :meth:`encode_images`).
             ids: ``N`` unique str/int ids (default: consecutive ints).
             mask: ``[N, R]`` region mask for an array input.
         Returns:
@@ -471,7 +553,7 @@ class Retriever:
     def search(
         self,
         text: str | None = None,
-        image: np.ndarray | None = None,
+        image: np.ndarray | ImageSource | None = None,
         *,
         k: int = 10,
         rerank: int = 100,
@@ -480,7 +562,8 @@ class Retriever:
 
         Args:
             text: a caption (text -> image).
-            image: ``[R, Dv]`` region features of one image (image -> text); ``[1, R, Dv]`` also accepted.
+            image: ``[R, Dv]`` region features of one image (image -> text); ``[1, R, Dv]`` also accepted;
+                with a ``--pixels`` bundle also an image path, a PIL image or a uint8 ``[H,W(,C)]`` array.
             k: results to return.
             rerank: stage-1 candidates rescored by the scorer. ``0``: stage 1 only (final
                 score = stage-1 score); ``0 < rerank < k`` is raised to ``k``.
@@ -496,6 +579,11 @@ class Retriever:
             if not isinstance(text, str):
                 raise InputError(f"text must be a str, got {type(text).__name__}; use search_batch for several")
             return self.search_batch(texts=[text], k=k, rerank=rerank)[0]
+        sources = _pixel_sources(image)
+        if sources is not None:
+            if len(sources) != 1:
+                raise InputError(f"image= takes one image, got {len(sources)}; use search_batch(images=[...])")
+            return self.search_batch(images=sources, k=k, rerank=rerank)[0]  # type: ignore[arg-type]
         arr = np.asarray(image)
         if arr.ndim == 3 and arr.shape[0] == 1:
             arr = arr[0]
@@ -599,6 +687,17 @@ def _id_list(ids: Any) -> list[ItemId]:
         raise InputError(f"ids must be a sequence of str/int, got {type(ids).__name__}") from None
 
 
+def _pixel_sources(x: object) -> list[ImageSource] | None:
+    """``x`` as a list of images (paths, PIL images, uint8 arrays), or None when it is region features."""
+    if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] in (1, 3, 4):
+        return list(x)                                                   # [N,H,W,C] uint8
+    if is_image_source(x):
+        return [x]  # type: ignore[list-item]
+    if isinstance(x, (list, tuple)) and x and all(is_image_source(i) for i in x):
+        return list(x)
+    return None
+
+
 def _hashable(x: Any) -> Any:
     try:
         hash(x)
@@ -628,7 +727,7 @@ def tokenizer_from_bundle(bundle: Bundle) -> Tokenizer:
         BundleError: the bundle was exported with a different tokenizer definition.
     """
     tk = bundle.manifest.get("tokenizer") or {}
-    for key, here in (("word_pattern", _WORD.pattern), ("apostrophe_pattern", _APOSTROPHES.pattern)):
+    for key, here in (("word_pattern", WORD_PATTERN.pattern), ("apostrophe_pattern", APOSTROPHE_PATTERN.pattern)):
         if key in tk and tk[key] != here:
             raise BundleError(
                 f"bundle {bundle.root} was exported with another tokenizer ({key} {tk[key]!r} != {here!r}); "

@@ -118,5 +118,3 @@ class Tokenizer:
             tokens[i, : len(x)] = x
             mask[i, : len(x)] = 1.0
         return tokens, mask
-
-_WORD, _APOSTROPHES = WORD_PATTERN, APOSTROPHE_PATTERN   # old private names, kept for in-flight callers

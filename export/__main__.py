@@ -61,10 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     pix.add_argument("--pixels", action="store_true",
                      help="also export backbone + image encoder from [B,3,H,W] pixels, with its preprocessing "
                           "in the manifest (use the backbone/weights/size the training features were made with)")
-    pix.add_argument("--backbone", default="resnet152", help="resnet50 | resnet101 | resnet152 (default resnet152)")
+    pix.add_argument("--features", default=None, metavar="DATA",
+                     help="the training features' folder (its features.json): backbone, image size and resize "
+                          "are taken from it and the weights' sha256 is checked")
+    pix.add_argument("--backbone", default=None,
+                     help="resnet50 | resnet101 | resnet152 (default: from --features, else resnet152)")
     pix.add_argument("--backbone-weights", default=None, metavar="PATH",
                      help="local torchvision-layout weights (.pth/.pt read with weights_only, or .safetensors)")
-    pix.add_argument("--image-size", type=int, default=448, help="square crop side in pixels (default 448)")
+    pix.add_argument("--image-size", type=int, default=None,
+                     help="square crop side in pixels (default: from --features, else 448)")
     pix.add_argument("--resize", type=int, default=None,
                      help="shorter side before the centre crop (default: --image-size)")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only (not every parity check)")
@@ -99,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.checkpoint, args.out, opset=args.opset, fp16=args.fp16, atol=args.atol,
             verify=args.verify, tensorrt=tensorrt, triton=triton, force=args.force,
             pixels=args.pixels, backbone=args.backbone, backbone_weights=args.backbone_weights,
-            image_size=args.image_size, resize=args.resize,
+            image_size=args.image_size, resize=args.resize, features=args.features,
         )
     except MssanError as e:
         if isinstance(e, ParityError):       # every failure was logged as it was found

@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 import onnx
 
-from mssan_infer.errors import MssanError
 from mssan_infer.spec import GRAPHS, MANIFEST_FILE, VOCAB_FILE, sha256_file
 from training.checkpoint import WEIGHTS, load_checkpoint
 
@@ -95,10 +94,11 @@ def export_bundle(
     triton: Any = False,
     force: bool = False,
     pixels: bool = False,
-    backbone: str = "resnet152",
+    backbone: str | None = None,
     backbone_weights: str | os.PathLike[str] | None = None,
-    image_size: int = 448,
+    image_size: int | None = None,
     resize: int | None = None,
+    features: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Export a checkpoint folder to a bundle folder and check it against PyTorch.
 
@@ -123,7 +123,9 @@ def export_bundle(
         force: replace an ``out`` that is not a bundle.
         pixels: also write ``image_encoder_pixels.onnx`` (``backbone`` with ``backbone_weights``, then
             the image encoder) taking ``[B,3,H,W]`` pixels preprocessed as ``image_size``/``resize``
-            say (recorded in the manifest); see ``export.pixels``.
+            say (recorded in the manifest); see ``export.pixels``. Defaults: resnet152 at 448, or
+            what ``features`` (the ``features.json`` of the training features) records; the
+            weights' sha256 is checked against it.
     Returns:
         The bundle folder.
     Raises:
@@ -145,15 +147,11 @@ def export_bundle(
     model, cfg = ck.model.eval(), ck.model.cfg
     pixel_backbone, pixel_prep = None, None
     if pixels:
-        from mssan_infer.preprocess import Preprocessing
+        from .pixels import load_pixel_backbone, pixel_settings
 
-        from .pixels import load_pixel_backbone
-
-        try:
-            pixel_prep = Preprocessing(image_size=image_size, resize=resize or image_size)
-        except MssanError as e:
-            raise ExportError(str(e)) from e
-        pixel_backbone = load_pixel_backbone(model, backbone, backbone_weights)
+        settings = pixel_settings(features, backbone, backbone_weights, image_size, resize)
+        pixel_prep = settings.preprocessing
+        pixel_backbone = load_pixel_backbone(model, settings.backbone, backbone_weights)
     log.info("checkpoint %s: D=%d, word %d, Dv=%d, vocab %d", ckpt, cfg.embed_size, cfg.word_dim, cfg.img_dim, cfg.vocab_size)
 
     outp.parent.mkdir(parents=True, exist_ok=True)

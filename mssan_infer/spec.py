@@ -4,7 +4,8 @@
 specs, and ``mssan_infer`` feeds the graphs and checks bundles with them, so the
 two sides cannot drift apart. Axis names: ``B`` batch, ``R`` regions, ``L`` words,
 ``Ni``/``Nt`` images/captions in the scorer; ``D``, ``D2`` (= 2D) and ``Dv`` are
-fixed by the model config.
+fixed by the model config; ``C`` (3 colour channels) is fixed and ``H``/``W`` are
+the pixel graph's dynamic image height and width.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from dataclasses import dataclass
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_FILE", "VOCAB_FILE", "TensorSpec", "GraphSpec", "GRAPHS",
     "IMAGE_ENCODER", "TEXT_ENCODER", "SCORER", "FIXED_AXES", "Tolerance", "TOLERANCES",
-    "DEFAULT_PROFILES", "sha256_file",
+    "DEFAULT_PROFILES", "sha256_file", "IMAGE_ENCODER_PIXELS", "OPTIONAL_GRAPHS",
 ]
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 VOCAB_FILE = "vocab.json"
-FIXED_AXES = ("D", "D2", "Dv")
+FIXED_AXES = ("D", "D2", "Dv", "C")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,15 @@ SCORER = GraphSpec(
     outputs=(TensorSpec("s_ll", F32, ("Ni", "Nt")),),   # already multiplied by lam_ll
 )
 GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (IMAGE_ENCODER, TEXT_ENCODER, SCORER)}
+
+# Optional: backbone + image encoder, from preprocessed pixels (``export --pixels``). Listed in the
+# manifest under "optional_graphs", with its preprocessing constants under "preprocessing"."image".
+IMAGE_ENCODER_PIXELS = GraphSpec(
+    "image_encoder_pixels",
+    inputs=(TensorSpec("pixels", F32, ("B", "C", "H", "W")),),
+    outputs=IMAGE_ENCODER.outputs,                     # R = the backbone's grid cells, all real
+)
+OPTIONAL_GRAPHS: dict[str, GraphSpec] = {IMAGE_ENCODER_PIXELS.name: IMAGE_ENCODER_PIXELS}
 
 
 @dataclass(frozen=True)

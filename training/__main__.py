@@ -66,12 +66,12 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import load_split
     from .evaluate import evaluate_split
 
-    torch.set_grad_enabled(False)
     ck = load_checkpoint(args.checkpoint)
     split = load_split(args.data, args.split)
     terms = tuple(t for t in args.terms.split(",") if t)
-    rep = evaluate_split(ck.model, split.images, split.region_mask, split.captions, ck.tokenizer,
-                         rerank=args.rerank, terms=terms, coco=args.split == "testall")
+    with torch.inference_mode():
+        rep = evaluate_split(ck.model, split.images, split.region_mask, split.captions, ck.tokenizer,
+                             rerank=args.rerank, terms=terms, coco=args.split == "testall")
     if args.json:
         print(json.dumps(rep))
         return 0

@@ -149,7 +149,7 @@ def train(
     tcfg: TrainConfig = _overrides(p.train, train_overrides)
     if epochs is not None:
         tcfg.epochs = epochs
-    with _maybe_distributed(tcfg.device) as info:
+    with _maybe_distributed(tcfg.device) as info, torch.enable_grad():
         return _train(Path(data_dir), Path(out_dir), preset, p.model, tcfg, model_overrides, resume,
                       max_steps, progress, info)
 

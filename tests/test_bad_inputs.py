@@ -318,13 +318,20 @@ def test_save_refuses_bad_paths_with_a_typed_error_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
-def test_save_refuses_a_read_only_parent_with_a_typed_error(retriever: Retriever, tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions")
+def test_save_refuses_a_read_only_parent_with_a_typed_error(
+    retriever: Retriever, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "ro").mkdir()
-    (tmp_path / "ro").chmod(0o500)
+    if os.geteuid() != 0:
+        (tmp_path / "ro").chmod(0o500)
+    else:  # root ignores directory permissions: make the temp-folder creation fail as it would
+        def denied(*args: Any, **kwargs: Any) -> str:
+            raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
+
+        monkeypatch.setattr("mssan_infer.index.tempfile.mkdtemp", denied)
     try:
         _expect(lambda: retriever.save(tmp_path / "ro" / "index"), IndexFileError, "cannot write")
+        assert not (tmp_path / "ro" / "index").exists()
     finally:
         (tmp_path / "ro").chmod(0o700)
 

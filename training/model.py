@@ -109,7 +109,7 @@ def cross_attention_score(
     alpha = torch.softmax(a.masked_fill(v_pad, NEG_FILL), dim=2)     # [Ni,Nt,R,L], softmax over R
     num = (alpha * s).sum(2)                                          # [Ni,Nt,L]  w_j . c_j
     c2 = (alpha * torch.matmul(v_gram.unsqueeze(1), alpha)).sum(2)   # [Ni,Nt,L]  |c_j|^2 = a^T G_v a
-    w2 = torch.diagonal(w_gram, dim1=1, dim2=2).unsqueeze(0)          # [1,Nt,L]   |w_j|^2
+    w2 = w_gram.reshape(nt, l * l)[:, :: l + 1].unsqueeze(0)          # [1,Nt,L]   |w_j|^2 (strided diagonal)
     cos_t = num * torch.rsqrt(c2 + EPS) * torch.rsqrt(w2 + EPS)
     # A pair with an empty side has no alignment at all: aggregate over nothing -> 0.
     has_v = (v_mask.sum(1) > 0).to(v_mask.dtype).reshape(ni, 1, 1)   # [Ni,1,1]
@@ -121,7 +121,7 @@ def cross_attention_score(
     beta = torch.softmax(b.masked_fill(w_pad, NEG_FILL), dim=3)      # [Ni,Nt,R,L], softmax over L
     num_i = (beta * s).sum(3)                                         # [Ni,Nt,R]  v_i . c_i
     c2_i = (beta * torch.matmul(beta, w_gram.unsqueeze(0))).sum(3)    # [Ni,Nt,R]  |c_i|^2 = b^T G_w b
-    v2 = torch.diagonal(v_gram, dim1=1, dim2=2).unsqueeze(1)          # [Ni,1,R]
+    v2 = v_gram.reshape(ni, r * r)[:, :: r + 1].unsqueeze(1)          # [Ni,1,R]   |v_i|^2 (strided diagonal)
     cos_i = num_i * torch.rsqrt(c2_i + EPS) * torch.rsqrt(v2 + EPS)
     s_i2t = _aggregate(cos_i, v_mask.unsqueeze(1) * has_w, agg, lambda_lse)     # [Ni,Nt]
     return 0.5 * (s_t2i + s_i2t)

@@ -75,6 +75,11 @@ class OnnxRuntimeBackend:
         inter_op_threads: inter-op threads per session (``None``: ORT's default).
         graph_optimization: one of ``OPT_LEVELS``.
         providers: explicit ORT providers, overriding ``device``.
+        graph_threads: intra-op threads for some graphs, overriding ``threads`` (e.g.
+            ``{"text_encoder": 1}``: the Bi-GRU's per-step barriers stall when another
+            process takes a core, so one thread is faster on a busy CPU).
+        allow_spinning: let idle ORT workers spin-wait (ORT's default). ``False`` yields the
+            cores between runs, better when other work (numpy, PyTorch, other processes) shares them.
 
     Raises:
         BackendUnavailableError: onnxruntime is not installed.
@@ -93,9 +98,19 @@ class OnnxRuntimeBackend:
         inter_op_threads: int | None = None,
         graph_optimization: str = "all",
         providers: list[Any] | None = None,
+        graph_threads: Mapping[str, int] | None = None,
+        allow_spinning: bool = True,
     ) -> None:
         ort = _import_ort()
-        for label, n in (("threads", threads), ("inter_op_threads", inter_op_threads)):
+        graph_threads = dict(graph_threads or {})
+        unknown_graphs = set(graph_threads) - set(graphs)
+        if unknown_graphs:
+            raise InputError(f"graph_threads names unknown graphs {sorted(unknown_graphs)}; graphs: {sorted(graphs)}")
+        if not isinstance(allow_spinning, bool):
+            raise InputError(f"allow_spinning must be True or False, got {allow_spinning!r}")
+        checks = [("threads", threads), ("inter_op_threads", inter_op_threads)]
+        checks += [(f"graph_threads[{g!r}]", n) for g, n in graph_threads.items()]
+        for label, n in checks:
             if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
                 raise InputError(f"{label} must be a positive int or None, got {n!r}")
         if graph_optimization not in OPT_LEVELS:
@@ -117,8 +132,12 @@ class OnnxRuntimeBackend:
         for gname, path in graphs.items():
             opts = ort.SessionOptions()
             opts.graph_optimization_level = level
-            if threads is not None:
-                opts.intra_op_num_threads = threads
+            n_threads = graph_threads.get(gname, threads)
+            if n_threads is not None:
+                opts.intra_op_num_threads = n_threads
+            if not allow_spinning:
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
             if inter_op_threads is not None:
                 opts.inter_op_num_threads = inter_op_threads
                 opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
@@ -171,7 +190,7 @@ class OnnxRuntimeBackend:
         """
         if precision not in ("fp32", "fp16"):
             raise InputError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-        allowed = {"inter_op_threads", "graph_optimization", "providers"}
+        allowed = {"inter_op_threads", "graph_optimization", "providers", "graph_threads", "allow_spinning"}
         unknown = set(options) - allowed
         if unknown:
             raise InputError(f"unknown onnxruntime options {sorted(unknown)}; known: {sorted(allowed)}")

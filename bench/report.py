@@ -1,0 +1,258 @@
+"""Turn the sections' results into summary.json, results.md (printed) and PNG plots."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["summarise", "markdown", "plots", "write_results", "SUMMARY_KEYS"]
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = (
+    "scorer_speedup_vs_torch", "scorer_speedup_vs_loop", "scorer_fraction_of_sgemm_peak",
+    "twostage_speedup_vs_exhaustive_5k", "twostage_speedup_vs_exhaustive_25k", "twostage_recall1_ratio_5k",
+    "t2i_p50_ms_5k_rerank100", "i2t_p50_ms_5k_rerank100",
+)
+TARGETS = {
+    "scorer_speedup_vs_torch": (">=", 1.5),
+    "scorer_fraction_of_sgemm_peak": (">=", 0.30),
+    "twostage_speedup_vs_exhaustive_5k": (">=", 10.0),
+    "twostage_speedup_vs_exhaustive_25k": (">=", 40.0),
+    "twostage_recall1_ratio_5k": (">=", 0.99),
+    "t2i_p50_ms_5k_rerank100": ("<=", 12.0),
+}
+
+
+def _nan(x: Any) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Headline figures (all from this run); ``sources`` says which measurement fed each."""
+    s: dict[str, Any] = {}
+    src: dict[str, str] = {}
+    sc = res.get("scorer", {}).get("shapes", {})
+    k_shape = sc.get(cfg["scorer_k_shape"], {})
+    shard = sc.get(cfg["scorer_shard_shape"], {})
+    s["scorer_speedup_vs_torch"] = _nan(k_shape.get("speedup_ort_vs_torch"))
+    s["scorer_speedup_vs_loop"] = _nan(k_shape.get("speedup_ort_vs_loop"))
+    s["scorer_fraction_of_sgemm_peak"] = _nan(shard.get("onnxruntime", {}).get("fraction_of_sgemm"))
+    src["scorer_speedup_vs_torch"] = src["scorer_speedup_vs_loop"] = f"scorer {cfg['scorer_k_shape']}"
+    src["scorer_fraction_of_sgemm_peak"] = f"scorer {cfg['scorer_shard_shape']} (onnxruntime)"
+    s["sgemm_gflops"] = _nan(shard.get("sgemm_gflops"))
+    lat = res.get("latency", {})
+    for tag, n in (("5k", cfg["ref_small"]), ("25k", cfg["ref_large"])):
+        row = lat.get(f"t2i_{n}", {})
+        s[f"twostage_speedup_vs_exhaustive_{tag}"] = _nan(row.get("speedup_rerank100_vs_exhaustive_torch"))
+        src[f"twostage_speedup_vs_exhaustive_{tag}"] = f"latency t2i_{n}: exhaustive PyTorch p50 / rerank 100 p50"
+    for d in ("t2i", "i2t"):
+        row = lat.get(f"{d}_{cfg['ref_small']}", {})
+        s[f"{d}_p50_ms_5k_rerank100"] = _nan(row.get("fast", {}).get("rerank_100", {}).get("p50_ms"))
+        src[f"{d}_p50_ms_5k_rerank100"] = f"latency {d}_{cfg['ref_small']} rerank_100 (default backend settings)"
+        fast = row.get("fast", {})
+        opts = {k: v["p50_ms"] for k, v in fast.items() if k.startswith("rerank_100[")}
+        if opts:
+            best = min(opts, key=lambda k: opts[k])
+            s[f"{d}_p50_ms_5k_rerank100_best"] = opts[best]
+            s[f"{d}_best_setting_5k_rerank100"] = best
+    rec = res.get("recall", {})
+    ratios = [_nan(rec.get(d, {}).get("100", {}).get("r1_ratio")) for d in ("t2i", "i2t")]
+    s["twostage_recall1_ratio_5k"] = min(ratios) if ratios else float("nan")
+    s["twostage_recall1_ratio_5k_t2i"], s["twostage_recall1_ratio_5k_i2t"] = ratios
+    src["twostage_recall1_ratio_5k"] = (f"recall on {rec.get('images')} synthetic images: min over t2i/i2t of "
+                                        "R@1(rerank 100) / R@1(exhaustive)")
+    enc = res.get("encode", {})
+    s["images_per_s"] = _nan(enc.get("images_per_s"))
+    s["captions_per_s"] = _nan(enc.get("captions_per_s"))
+    s["targets"] = {}
+    for k, (op, v) in TARGETS.items():
+        x = s[k]
+        ok = (x >= v if op == ">=" else x <= v) if not math.isnan(x) else None
+        s["targets"][k] = {"target": f"{op} {v}", "value": x, "holds": ok}
+    s["sources"] = src
+    s["machine"] = res["machine"]
+    s["versions"] = res["versions"]
+    s["threads"] = cfg["threads"]
+    s["mode"] = cfg["mode"]
+    return s
+
+
+def _f(x: Any, nd: int = 2) -> str:
+    x = _nan(x)
+    if math.isnan(x):
+        return "–"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{nd}f}"
+
+
+def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [f"# MSSAN benchmark ({cfg['mode']})", "",
+             f"{m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {cfg['threads']} threads; "
+             f"load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}; CPU pressure (PSI) at start "
+             f"'{m.get('cpu_pressure_start')}', at end '{m.get('cpu_pressure_end')}'. "
+             f"Model D={cfg['d']}, word {cfg['word_dim']}, Dv={cfg['dv']}, R={cfg['regions']}, "
+             f"captions of {cfg['words']} words. p50 / p99 over interleaved rounds.", "",
+             "## Headline", "", "| figure | value | target | holds |", "|---|---|---|---|"]
+    for k in SUMMARY_KEYS:
+        t = summary["targets"].get(k)
+        lines.append(f"| {k} | {_f(summary[k], 3)} | {t['target'] if t else ''} | "
+                     f"{'' if not t else ('yes' if t['holds'] else ('no' if t['holds'] is False else '?'))} |")
+    lines.append(f"| sgemm peak (numpy, GFLOP/s, p50) | {_f(summary['sgemm_gflops'], 1)} | | |")
+    sc = res.get("scorer")
+    if sc:
+        lines += ["", "## 1. Scorer throughput", "",
+                  "| shape | candidate | p50 ms | p99 ms | pairs/s | GFLOP/s | of sgemm peak |", "|---|---|---|---|---|---|---|"]
+        for name, row in sc["shapes"].items():
+            for c in ("onnxruntime", "torch_eager", "scan_loop"):
+                if c in row:
+                    x = row[c]
+                    lines.append(f"| {name} ({row['ni']}x{row['nt']}) | {c} | {_f(x['p50_ms'])} | {_f(x['p99_ms'])} | "
+                                 f"{_f(x['pairs_per_s'], 0)} | {_f(x['gflops'], 1)} | {_f(100 * x['fraction_of_sgemm'], 1)}% |")
+            lines.append(f"| {name} | sgemm 2048³ | {_f(row['sgemm']['p50_ms'])} | {_f(row['sgemm']['p99_ms'])} | | "
+                         f"{_f(row['sgemm_gflops'], 1)} | 100% |")
+        lines.append("")
+        lines.append(f"FLOPs per pair (Gram form, matrix products only): "
+                     + ", ".join(f"{n}: {_f(r['flops_per_pair'] / 1e6, 3)} M" for n, r in sc["shapes"].items())
+                     + ". Max |score - PyTorch| per candidate: "
+                     + "; ".join(f"{n}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff_vs_torch"].items())
+                                 for n, r in sc["shapes"].items()) + ".")
+    lat = res.get("latency")
+    if lat:
+        depths = cfg["depths"]
+        lines += ["", "## 2. End-to-end query latency (ms, p50 / p99)", "",
+                  "| query | gallery | " + " | ".join(f"rerank {d}" for d in depths)
+                  + " | exhaustive runtime | exhaustive PyTorch | rerank 100 (same rounds) | speedup vs PyTorch | peak RSS MB |",
+                  "|---|---|" + "---|" * (len(depths) + 5)]
+        for key, row in lat.items():
+            f, s = row["fast"], row["slow"]
+            cells = [f"{_f(f[f'rerank_{d}']['p50_ms'])} / {_f(f[f'rerank_{d}']['p99_ms'])}" for d in depths]
+            ex = [f"{_f(s[c]['p50_ms'])} / {_f(s[c]['p99_ms'])}" if c in s else "–"
+                  for c in ("exhaustive_runtime", "exhaustive_torch", "rerank_100")]
+            gal = f"{row.get('n_items', row['n']):,} {row['gallery']}" + (" (fp16 mmap)" if row["mmap"] else "")
+            lines.append(f"| {row['direction']} | {gal} | " + " | ".join(cells) + " | " + " | ".join(ex)
+                         + f" | {_f(row.get('speedup_rerank100_vs_exhaustive_torch'), 1)}x | {_f(row['peak_rss_mb'], 0)} |")
+        lines += ["", "Breakdown of rerank 100 (p50 ms): " + "; ".join(
+            f"{k}: " + ", ".join(f"{c} {_f(row['fast'][c]['p50_ms'])}"
+                                 for c in ("encode_query", "stage1_topk100", "gather_100", "rerank_step_100"))
+            for k, row in lat.items())]
+        lines += ["", "Backend settings at rerank 100, interleaved in their own group (p50 ms; txt1 = text encoder on 1 "
+                  "thread, nospin = ORT allow_spinning off, blas1 = numpy stage 1 on 1 thread): " + "; ".join(
+            f"{k}: " + ", ".join(f"{c[11:-1]} {_f(v['p50_ms'])}"
+                                 for c, v in row["fast"].items() if c.startswith("rerank_100["))
+            for k, row in lat.items())]
+    rec = res.get("recall")
+    if rec:
+        lines += ["", f"## 3. Recall vs rerank depth ({rec['images']} synthetic images, {rec['captions']} captions; "
+                  f"{rec['queries_t2i']} caption / {rec['queries_i2t']} image queries)", "",
+                  "| depth | t2i R@1 | R@5 | R@10 | R@1 / exhaustive | i2t R@1 | R@5 | R@10 | R@1 / exhaustive |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for d in rec["t2i"]:
+            a, b = rec["t2i"][d], rec["i2t"][d]
+            lines.append(f"| {d} | {_f(a['r1'], 1)} | {_f(a['r5'], 1)} | {_f(a['r10'], 1)} | {_f(a['r1_ratio'], 3)} | "
+                         f"{_f(b['r1'], 1)} | {_f(b['r5'], 1)} | {_f(b['r10'], 1)} | {_f(b['r1_ratio'], 3)} |")
+        tr = res.get("train", {})
+        lines += ["", f"Checkpoint: {json.dumps(tr)}"]
+    enc = res.get("encode")
+    if enc:
+        t = enc["timings"]
+        lines += ["", "## 4. Encoding", "", "| what | p50 ms | p99 ms | throughput |", "|---|---|---|---|"]
+        for k, v in t.items():
+            n = enc["batch"] if not k.endswith("_b1") else 1
+            unit = "images/s" if k.startswith("images") else "captions/s"
+            lines.append(f"| {k} | {_f(v['p50_ms'])} | {_f(v['p99_ms'])} | {_f(n / v['p50_ms'] * 1e3, 1)} {unit} |")
+        if lat:
+            lines += ["", "| gallery | locals | peak RSS MB (after load + searches) |", "|---|---|---|"]
+            for key, row in lat.items():
+                lines.append(f"| {row['direction']} {row['n']:,} {row['gallery']} | {row['dtype']}"
+                             f"{' mmap' if row['mmap'] else ' RAM'} | {_f(row['peak_rss_mb'], 0)} |")
+    lines += ["", "Notes: " + " ".join(cfg.get("notes", []))]
+    return "\n".join(lines) + "\n"
+
+
+def plots(res: dict[str, Any], cfg: dict[str, Any], out: Path) -> list[str]:
+    """recall_latency_vs_depth.png and scorer.png (small)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rec, lat = res.get("recall"), res.get("latency")
+    if rec or lat:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=80)
+        if rec:
+            depths = [d for d in rec["t2i"] if d != "exhaustive"]
+            xs = [int(d) for d in depths]
+            for direction, style in (("t2i", "-o"), ("i2t", "-s")):
+                ys = [rec[direction][d]["r1"] for d in depths]
+                axes[0].plot(xs, ys, style, label=f"{direction} R@1")
+                axes[0].axhline(rec[direction]["exhaustive"]["r1"], ls="--", lw=0.8,
+                                color=axes[0].lines[-1].get_color(), label=f"{direction} exhaustive")
+            axes[0].set_xlabel("rerank depth")
+            axes[0].set_ylabel("R@1 (%)")
+            axes[0].set_title(f"recall vs depth ({rec['images']} synthetic images)")
+            axes[0].legend(fontsize=7)
+        if lat:
+            for key, row in lat.items():
+                ds = [d for d in cfg["depths"]]
+                axes[1].plot(ds, [row["fast"][f"rerank_{d}"]["p50_ms"] for d in ds], "-o", label=key)
+            axes[1].set_yscale("log")
+            axes[1].set_xlabel("rerank depth")
+            axes[1].set_ylabel("p50 latency (ms)")
+            axes[1].set_title("end-to-end query latency")
+            axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "recall_latency_vs_depth.png")
+        plt.close(fig)
+        written.append("recall_latency_vs_depth.png")
+    sc = res.get("scorer")
+    if sc:
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
+        names = list(sc["shapes"])
+        cands = ("onnxruntime", "torch_eager", "scan_loop")
+        w = 0.25
+        for i, c in enumerate(cands):
+            ax.bar([j + i * w for j in range(len(names))],
+                   [sc["shapes"][n].get(c, {}).get("pairs_per_s", 0.0) for n in names], w, label=c)
+        ax.set_xticks([j + w for j in range(len(names))], names, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("pairs/s (p50)")
+        ax.set_title("scorer throughput")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "scorer.png")
+        plt.close(fig)
+        written.append("scorer.png")
+    return written
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf -> None, so the files are strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_results(res: dict[str, Any], cfg: dict[str, Any], out: Path, with_plots: bool = True) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(res, cfg)
+    (out / "results.json").write_text(
+        json.dumps(_json_safe({"config": cfg, "results": res}), indent=1, default=str, allow_nan=False))
+    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, default=str, allow_nan=False))
+    md = markdown(res, summary, cfg)
+    (out / "results.md").write_text(md, encoding="utf-8")
+    if with_plots:
+        plots(res, cfg, out)
+    return summary

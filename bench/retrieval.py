@@ -1,0 +1,253 @@
+"""Section 2: end-to-end query latency of two-stage retrieval vs exhaustive scoring, per gallery size.
+
+Galleries are written straight into the saved-index layout from a pool of
+items encoded by the bundle's own encoders (tiled, with fresh stage-1
+vectors per item), then opened with ``Retriever.load(index=...)``: in RAM as
+float32, or (``mmap_fp16`` sizes) float16 memory-mapped from disk. Encoding
+cost is measured separately (section 4); latency does not depend on the values.
+
+Per size, two interleaved groups run on the same query sequence:
+- fast: ``search`` at each rerank depth, plus a breakdown of rerank 100
+  (query encoding, stage-1 top-k, candidate gather, scorer);
+- slow: rerank 100 again, exhaustive through the runtime (rerank = gallery
+  size) and exhaustive PyTorch (encode the query, ``MSSAN.score`` over the
+  whole gallery in shards, top-k) — the speedups come from this group.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .timing import numpy_blas_setter, side_by_side
+
+__all__ = ["write_gallery_index", "run_latency"]
+
+log = logging.getLogger(__name__)
+SHARD = 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's VmHWM (Linux >= 4.0; silently nothing elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def vm_hwm_mb() -> float:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def write_gallery_index(folder: Path, name: str, pool: Any, n: int, dtype: str, bundle_id: str,
+                        seed: int = 0) -> Path:
+    """Write a gallery of ``n`` items tiled from ``pool`` (runtime ``Encoded``) as an index folder.
+
+    Stage-1 vectors are the pool's plus fresh noise (so top-k sees distinct scores).
+    File digests are not computed (open with ``verify=False``); the folder is reused when present.
+    """
+    if (folder / "index.json").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    m, p, d = pool.local.shape
+    rng = np.random.default_rng(seed)
+    files = {a: f"{name}_{a}.npy" for a in ("stage1", "local", "mask", "gram")}
+    st = np.lib.format.open_memmap(folder / files["stage1"], "w+", np.float32, (n, 2 * d))
+    lo = np.lib.format.open_memmap(folder / files["local"], "w+", np.dtype(dtype), (n, p, d))
+    ma = np.lib.format.open_memmap(folder / files["mask"], "w+", np.float32, (n, p))
+    gr = np.lib.format.open_memmap(folder / files["gram"], "w+", np.dtype(dtype), (n, p, p))
+    local = pool.local.astype(dtype)
+    gram = pool.gram.astype(dtype)
+    for a in range(0, n, m):
+        b = min(n, a + m)
+        k = b - a
+        noise = 0.05 * rng.standard_normal((k, 2 * d), dtype=np.float32) / np.sqrt(2 * d)
+        st[a:b] = pool.stage1[:k] + noise
+        lo[a:b] = local[:k]
+        ma[a:b] = pool.mask[:k]
+        gr[a:b] = gram[:k]
+    for arr in (st, lo, ma, gr):
+        arr.flush()
+    del st, lo, ma, gr
+    (folder / f"{name}_ids.json").write_text(json.dumps(list(range(n))))
+    files["ids"] = f"{name}_ids.json"
+    manifest = {
+        "format": "mssan-index", "format_version": 1, "bundle_id": bundle_id,
+        "galleries": {name: {"n": n, "stage1_dim": 2 * d, "local_dim": d, "max_length": p, "dtype": dtype,
+                             "files": files}},
+        "files": {f: "not-computed-by-bench" for f in files.values()},
+    }
+    (folder / "index.json").write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def _torch_exhaustive(model: Any, view: Any, query: Callable[[], Any], text_query: bool, k: int) -> Callable[[], Any]:
+    """Exhaustive PyTorch search: encode the query, ``model.score`` against every gallery item in shards, top-k."""
+    import torch
+
+    from training.model import Encoded
+
+    d = view.local.shape[2]
+
+    def run() -> Any:
+        with torch.inference_mode():
+            q = query()
+            parts = []
+            for a in range(0, view.n, SHARD):
+                b = min(view.n, a + SHARD)
+                loc = torch.from_numpy(np.asarray(view.local[a:b]))
+                gram = torch.from_numpy(np.asarray(view.gram[a:b]))
+                if loc.dtype != torch.float32:
+                    loc, gram = loc.float(), gram.float()
+                z = torch.zeros(b - a, d)
+                g = Encoded(torch.from_numpy(np.asarray(view.stage1[a:b])), loc,
+                            torch.from_numpy(np.asarray(view.mask[a:b])), gram, z, z)
+                parts.append(model.score(g, q)[:, 0] if text_query else model.score(q, g)[0, :])
+            return torch.topk(torch.cat(parts), k)
+
+    return run
+
+
+def _with_blas_threads(fn: Callable[[], Any], n: int, restore: int) -> Callable[[], Any]:
+    """``fn`` run with numpy's BLAS at ``n`` threads (stage 1 on one thread: no spinning BLAS workers)."""
+    set_threads = numpy_blas_setter()
+
+    def run() -> Any:
+        set_threads(n)
+        try:
+            return fn()
+        finally:
+            set_threads(restore)
+
+    return run
+
+
+def _variant(r: Any, threads: int, opts: dict[str, Any]) -> Any:
+    """A Retriever on ``r``'s bundle and galleries with another ONNX Runtime backend configuration."""
+    from mssan_infer import Retriever
+    from mssan_infer.backends import create_backend
+
+    be = create_backend("onnxruntime", r.bundle, device="cpu", precision="fp32", threads=threads, **opts)
+    return Retriever(r.bundle, be, r.tokenizer, r.images, r.texts, batch_size=r.batch_size,
+                     scorer_batch=r.scorer_batch)
+
+
+def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: Any, pools: dict[str, Any],
+                sizes: list[dict[str, Any]], depths: list[int], work: Path, threads: int,
+                queries: dict[str, Any], repeats_fast: int, repeats_slow: int, max_seconds: float,
+                k: int = 10, variant_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Latency per gallery size and direction.
+
+    Args:
+        retriever_factory: ``(index=..., mmap=..., local_dtype=...) -> Retriever``.
+        pools: ``{"images": Encoded, "texts": Encoded}`` pools to tile galleries from.
+        sizes: ``[{"n": 5000, "direction": "t2i", "dtype": "float32", "mmap": False, "exhaustive": True}, ...]``.
+        queries: ``{"texts": [captions], "images": [Q, R, Dv] array}``.
+        variant_options: name -> ONNX Runtime backend options; each adds a ``rerank_100[name]``
+            candidate to the fast group (same galleries, another backend).
+    """
+    import torch
+
+    results: dict[str, Any] = {}
+    for spec in sizes:
+        n, direction = int(spec["n"]), spec["direction"]
+        n_items = int(spec.get("n_items", n))          # i2t: the captions of n images
+        dtype, mmap = spec.get("dtype", "float32"), bool(spec.get("mmap", False))
+        text_query = direction == "t2i"
+        gname = "images" if text_query else "texts"
+        key = f"{direction}_{n}" + ("_fp16mmap" if mmap else "")
+        folder = work / f"gallery-{gname}-{n_items}-{dtype}-{spec['bundle_id']}"
+        log.info("latency %s: writing/opening the gallery (%d %s, %s%s)", key, n_items, gname, dtype, ", mmap" if mmap else "")
+        gc.collect()
+        reset_peak_rss()
+        r = retriever_factory(index=write_gallery_index(folder, gname, pools[gname], n_items, dtype, spec["bundle_id"]),
+                              mmap=mmap, local_dtype=dtype)
+        view = (r.images if text_query else r.texts).view()
+        rss_after_load = vm_hwm_mb()
+        qs = queries["texts"] if text_query else queries["images"]
+        state = {"i": 0}
+
+        def next_q() -> Any:
+            state["i"] += 1
+            return qs[state["i"] % len(qs)]
+
+        def search(depth: int) -> Callable[[], Any]:
+            if text_query:
+                return lambda: r.search(text=next_q(), k=k, rerank=depth)
+            return lambda: r.search(image=next_q(), k=k, rerank=depth)
+
+        # breakdown of rerank 100: same work as search(), step by step
+        enc = (lambda: r.encode_texts([next_q()])) if text_query else (lambda: r.encode_images(next_q()[None]))
+        q_enc = enc()
+        rows100 = view.topk(q_enc.stage1, 100)[0][0]
+        fast: dict[str, Callable[[], Any]] = {f"rerank_{d}": search(d) for d in depths}
+        fast["encode_query"] = enc
+        fast["stage1_topk100"] = lambda: view.topk(q_enc.stage1, 100)
+        fast["gather_100"] = lambda: view.gather(rows100)
+        fast["rerank_step_100"] = lambda: r._rerank(q_enc, 0, view, rows100, text_query)
+        log.info("latency %s: fast group", key)
+        res_fast = side_by_side(fast, repeats=repeats_fast, warmup=3, max_seconds=max_seconds)
+        # backend settings: their own interleaved group (the default again as the reference), so the
+        # extra sessions' threads cannot disturb the depth sweep above
+        variants = []
+        group: dict[str, Callable[[], Any]] = {"rerank_100": search(100)}
+        for vname, opts in (variant_options or {}).items():
+            opts = dict(opts)
+            blas = opts.pop("numpy_threads", None)
+            vr = _variant(r, threads, opts) if opts else r
+            if opts:
+                variants.append(vr)
+            call = ((lambda vr=vr: vr.search(text=next_q(), k=k, rerank=100)) if text_query
+                    else (lambda vr=vr: vr.search(image=next_q(), k=k, rerank=100)))
+            if blas is not None:
+                call = _with_blas_threads(call, int(blas), threads)
+            group[f"rerank_100[{vname}]"] = call
+        if len(group) > 1:
+            log.info("latency %s: backend settings group", key)
+            res_var = side_by_side(group, repeats=repeats_fast, warmup=2, max_seconds=max_seconds)
+            res_fast.update({k: v for k, v in res_var.items() if k != "rerank_100"})
+            res_fast["rerank_100[default]"] = res_var["rerank_100"]
+        res_slow: dict[str, Any] = {}
+        if spec.get("exhaustive", True):
+            from training.model import MSSAN  # noqa: F401  (model is an MSSAN)
+
+            if text_query:
+                def tq() -> Any:
+                    tok, msk = tokenizer.encode_batch([next_q()])
+                    return model.encode_text(torch.from_numpy(tok), torch.from_numpy(msk))
+            else:
+                def tq() -> Any:
+                    x = torch.from_numpy(np.ascontiguousarray(next_q()[None], dtype=np.float32))
+                    return model.encode_image(x, torch.ones(x.shape[:2]))
+            slow = {"rerank_100": search(100), "exhaustive_runtime": search(n_items),
+                    "exhaustive_torch": _torch_exhaustive(model, view, tq, text_query, k)}
+            log.info("latency %s: slow group (exhaustive)", key)
+            res_slow = side_by_side(slow, repeats=repeats_slow, warmup=1, max_seconds=max_seconds)
+        row: dict[str, Any] = {"n": n, "n_items": n_items, "direction": direction, "dtype": dtype, "mmap": mmap,
+                               "gallery": gname, "fast": res_fast, "slow": res_slow,
+                               "peak_rss_mb": max(rss_after_load, vm_hwm_mb()), "rss_after_load_mb": rss_after_load}
+        if res_slow:
+            base = res_slow["rerank_100"]["p50_ms"]
+            row["speedup_rerank100_vs_exhaustive_torch"] = res_slow["exhaustive_torch"]["p50_ms"] / base
+            row["speedup_rerank100_vs_exhaustive_runtime"] = res_slow["exhaustive_runtime"]["p50_ms"] / base
+        results[key] = row
+        for vr in variants:
+            vr.backend.close()
+        r.close()
+        del r, view
+        gc.collect()
+    return results

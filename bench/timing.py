@@ -1,0 +1,153 @@
+"""Timing, machine and memory helpers shared by every bench section.
+
+Every comparison goes through :func:`side_by_side`: the candidates run in
+interleaved rounds (the order rotating each round) on the same inputs after a
+warm-up, so a load spike from another process on this shared machine hits all
+of them alike; figures are the median and p99 over the rounds.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+__all__ = ["cpu_pressure", "side_by_side", "stats", "machine_info", "versions", "rss_mb", "peak_rss_mb", "sgemm_fn", "loadavg"]
+
+
+def stats(seconds: list[float]) -> dict[str, float]:
+    """Median, p99, mean and min of ``seconds`` in milliseconds, and the round count."""
+    a = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {"p50_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean()), "min_ms": float(a.min()), "n": int(a.size)}
+
+
+def side_by_side(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 3,
+                 max_seconds: float | None = None,
+                 after: Mapping[str, Callable[[], Any]] | None = None) -> dict[str, dict[str, float]]:
+    """Time each zero-argument callable ``repeats`` times, interleaved, after ``warmup`` calls each.
+
+    ``max_seconds`` stops early (at least 3 rounds) when a round is slow. ``after[name]`` runs
+    untimed after each call of ``name`` (e.g. let BLAS worker threads stop spinning).
+    Returns name -> :func:`stats`.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+            if after and n in after:
+                after[n]()
+        if max_seconds is not None and r >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    return {n: stats(t) for n, t in times.items()}
+
+
+def sgemm_fn(n: int = 2048) -> tuple[Callable[[], Any], float]:
+    """A numpy float32 ``n x n x n`` matmul and its FLOP count (``2 n^3``)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), np.float32)
+    return (lambda: np.matmul(a, b, out=out)), 2.0 * n ** 3
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return []
+
+
+def cpu_pressure() -> str:
+    """Linux PSI line for CPU ("some avg10=.. avg60=.. avg300=..": % of time some task waited for a core)."""
+    try:
+        with open("/proc/pressure/cpu", encoding="utf-8") as f:
+            return " ".join(f.readline().split()[:4])
+    except OSError:
+        return ""
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """Cores (logical, usable by this process), CPU model, memory, load, OpenBLAS env."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        usable = os.cpu_count() or 1
+    mem_gb = None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    mem_gb = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cores_usable": usable, "cpu_model": _cpu_model(),
+            "memory_gb": mem_gb, "platform": platform.platform(), "loadavg_start": loadavg(),
+            "cpu_pressure_start": cpu_pressure()}
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "numpy": np.__version__}
+    for mod in ("torch", "onnxruntime", "onnx", "faiss", "matplotlib"):
+        try:
+            m = __import__(mod)
+            out[mod] = str(getattr(m, "__version__", "?"))
+        except ImportError:
+            out[mod] = "absent"
+    return out
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process (MB)."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def numpy_blas_setter() -> Callable[[int], None]:
+    """A fast setter of numpy's BLAS thread count (threadpoolctl); a no-op without threadpoolctl."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return lambda n: None
+    libs = [lc for lc in ThreadpoolController().lib_controllers
+            if lc.internal_api in ("openblas", "mkl", "blis") and "numpy" in str(lc.filepath)]
+
+    def set_threads(n: int) -> None:
+        for lc in libs:
+            lc.set_num_threads(n)
+
+    return set_threads

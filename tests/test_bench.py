@@ -1,0 +1,49 @@
+"""Smoke test of the benchmark machinery (`python -m bench --quick`) at toy sizes.
+
+Checks that every section runs and writes its files, and that the headline
+figures exist and are numbers. Nothing here is timed: benchmark targets are
+never test assertions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.report import SUMMARY_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = {
+    "d": 32, "word_dim": 16, "dv": 24, "scorer_k": 20, "shard": 8, "scorer_repeats": 2, "loop_max_pairs": 64,
+    "t2i_sizes": [200, 400], "i2t_sizes": [200], "mmap_sizes": [300], "exhaustive_max": 400,
+    "depths": [0, 10, 100], "repeats_fast": 2, "repeats_slow": 2, "pool": 32, "queries": 4,
+    "train_images": 100, "epochs": 1, "train_max_steps": 2, "train_model_overrides": {"embed_size": 32, "word_dim": 16},
+    "recall_images": 40, "recall_queries": 10, "encode_batch": 4, "encode_repeats": 2,
+    "ref_small": 200, "ref_large": 400, "max_seconds": 5.0,
+}
+
+
+def test_quick_bench_writes_results_with_numeric_headline_figures(tmp_path: Path) -> None:
+    out, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, "-m", "bench", "--quick", "--keep-openblas-env", "--threads", "1",
+           "--out", str(out), "--work", str(work)]
+    for k, v in TOY.items():
+        cmd += ["--set", f"{k}={json.dumps(v)}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    summary = json.loads((out / "summary.json").read_text())
+    for key in SUMMARY_KEYS:
+        assert isinstance(summary[key], (int, float)) and math.isfinite(summary[key]), (key, summary[key])
+    assert summary["machine"]["cores"] >= 1 and summary["machine"]["cpu_model"]
+    assert {"numpy", "torch", "onnxruntime"} <= set(summary["versions"])
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert {"scorer", "latency", "recall", "encode"} <= set(results)
+    assert "t2i_300_fp16mmap" in results["latency"]
+    for name in ("results.md", "recall_latency_vs_depth.png", "scorer.png"):
+        assert (out / name).stat().st_size > 0
+    assert "## 1. Scorer throughput" in proc.stdout

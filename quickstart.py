@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
     r = Retriever.load(bundle)
     parity = r.bundle.manifest.get("parity", {})
-    print(f"      verified: {r.bundle.manifest.get('verified')}; parity summary: "
-          f"{ {k: v for k, v in parity.items() if isinstance(v, (int, float, str, bool))} }")
+    print(f"      verified: {r.bundle.manifest.get('verified')}")
+    for prec, rep in parity.items():
+        diffs = ", ".join(f"{g} {d:.1e}" for g, d in rep.get("max_abs", {}).items())
+        print(f"      {prec}: passed {rep.get('passed')}; max |ONNX - PyTorch|: {diffs}")
     print(f"[5/6] indexing {test.n_images} test images and {len(test.captions)} captions -> {index}")
     img_ids = [f"img{i:04d}" for i in range(test.n_images)]
     r.add_images(test.images, ids=img_ids, mask=test.region_mask)

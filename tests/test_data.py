@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from mssan_infer.errors import InputError  # noqa: E402
 from mssan_infer.tokenizer import Tokenizer, build_vocab  # noqa: E402

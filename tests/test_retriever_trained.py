@@ -9,7 +9,6 @@ import pytest
 
 from mssan_infer import Retriever
 
-pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
 
 CAPS = 5

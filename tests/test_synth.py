@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
 
 from mssan_infer.errors import InputError  # noqa: E402
 from mssan_infer.tokenizer import tokenize  # noqa: E402

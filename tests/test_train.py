@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
 
 SMALL = dict(feat_dim=32, eval_images=50, regions=16, max_object_regions=3)
 MODEL = {"embed_size": 48, "word_dim": 24}

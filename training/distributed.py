@@ -56,7 +56,10 @@ def init_distributed(device: str = "cpu") -> DistInfo:
 
 
 def cleanup() -> None:
+    """Leave the process group together: a rank that tears gloo down while another is still
+    working can abort ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

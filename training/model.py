@@ -99,14 +99,17 @@ def cross_attention_score(
     # padding, so s (and everything below) is already zero at padded positions.
     s = torch.matmul(v.reshape(-1, d), w.reshape(-1, d).t())          # [Ni*R, Nt*L]
     s = s.reshape(ni, r, nt, l).permute(0, 2, 1, 3)                   # [Ni,Nt,R,L]
-    v_pad = (v_mask <= 0).reshape(ni, 1, r, 1)                        # broadcast masks, never expanded
-    w_pad = (w_mask <= 0).reshape(1, nt, 1, l)
+    # Padding enters the softmaxes as an additive bias (0 or NEG_FILL), broadcast, never expanded:
+    # one Add instead of a Where over [Ni,Nt,R,L]. Scores at padded positions are exactly 0, so
+    # 0 + NEG_FILL == NEG_FILL there, the same logits masked_fill would give.
+    v_bias = ((v_mask <= 0).to(v.dtype) * NEG_FILL).reshape(ni, 1, r, 1)
+    w_bias = ((w_mask <= 0).to(w.dtype) * NEG_FILL).reshape(1, nt, 1, l)
     act = F.leaky_relu(s, leaky)
     sq = act * act                                                    # shared by both normalisations
 
     # text -> image: each region's row normalised over words, then each word attends over regions.
     a = act * (lambda_t2i * torch.rsqrt(sq.sum(3, keepdim=True) + EPS))
-    alpha = torch.softmax(a.masked_fill(v_pad, NEG_FILL), dim=2)     # [Ni,Nt,R,L], softmax over R
+    alpha = torch.softmax(a + v_bias, dim=2)                    # [Ni,Nt,R,L], softmax over R
     num = (alpha * s).sum(2)                                          # [Ni,Nt,L]  w_j . c_j
     c2 = (alpha * torch.matmul(v_gram.unsqueeze(1), alpha)).sum(2)   # [Ni,Nt,L]  |c_j|^2 = a^T G_v a
     w2 = w_gram.reshape(nt, l * l)[:, :: l + 1].unsqueeze(0)          # [1,Nt,L]   |w_j|^2 (strided diagonal)
@@ -118,7 +121,7 @@ def cross_attention_score(
 
     # image -> text: each word's column normalised over regions, then each region attends over words.
     b = act * (lambda_i2t * torch.rsqrt(sq.sum(2, keepdim=True) + EPS))
-    beta = torch.softmax(b.masked_fill(w_pad, NEG_FILL), dim=3)      # [Ni,Nt,R,L], softmax over L
+    beta = torch.softmax(b + w_bias, dim=3)                     # [Ni,Nt,R,L], softmax over L
     num_i = (beta * s).sum(3)                                         # [Ni,Nt,R]  v_i . c_i
     c2_i = (beta * torch.matmul(beta, w_gram.unsqueeze(0))).sum(3)    # [Ni,Nt,R]  |c_i|^2 = b^T G_w b
     v2 = v_gram.reshape(ni, r * r)[:, :: r + 1].unsqueeze(1)          # [Ni,1,R]   |v_i|^2 (strided diagonal)

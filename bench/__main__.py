@@ -55,13 +55,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 SECTIONS = ("scorer", "latency", "recall", "encode")
-# ONNX Runtime settings timed beside the default at rerank 100 (section 2).
+# Runtime settings timed beside the default at rerank 100 (section 2).
 VARIANTS: dict[str, dict[str, Any]] = {
+    "spin": {"allow_spinning": True},
     "txt1": {"graph_threads": {"text_encoder": 1}},
-    "nospin": {"allow_spinning": False},
-    "txt1+nospin": {"graph_threads": {"text_encoder": 1}, "allow_spinning": False},
+    "gather1": {"gather_threads": 1},
     "blas1": {"numpy_threads": 1},
-    "blas1+txt1": {"numpy_threads": 1, "graph_threads": {"text_encoder": 1}},
 }
 
 

@@ -137,13 +137,15 @@ def _with_blas_threads(fn: Callable[[], Any], n: int, restore: int) -> Callable[
 
 
 def _variant(r: Any, threads: int, opts: dict[str, Any]) -> Any:
-    """A Retriever on ``r``'s bundle and galleries with another ONNX Runtime backend configuration."""
+    """A Retriever on ``r``'s bundle and galleries with other settings (``gather_threads``, backend options)."""
     from mssan_infer import Retriever
     from mssan_infer.backends import create_backend
 
+    opts = dict(opts)
+    gather = opts.pop("gather_threads", r.gather_threads)
     be = create_backend("onnxruntime", r.bundle, device="cpu", precision="fp32", threads=threads, **opts)
     return Retriever(r.bundle, be, r.tokenizer, r.images, r.texts, batch_size=r.batch_size,
-                     scorer_batch=r.scorer_batch)
+                     scorer_batch=r.scorer_batch, gather_threads=gather)
 
 
 def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: Any, pools: dict[str, Any],
@@ -246,7 +248,7 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
             row["speedup_rerank100_vs_exhaustive_runtime"] = res_slow["exhaustive_runtime"]["p50_ms"] / base
         results[key] = row
         for vr in variants:
-            vr.backend.close()
+            vr.close()
         r.close()
         del r, view
         gc.collect()

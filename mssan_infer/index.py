@@ -25,6 +25,7 @@ import tempfile
 import threading
 import uuid
 import weakref
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -60,6 +61,7 @@ STAGE1_METHODS = ("numpy", "faiss", "faiss-ivf", "faiss-hnsw")
 _DTYPES = ("float32", "float16")
 _ARRAYS = ("stage1", "local", "mask", "gram")
 _CHUNK_BYTES = 64 << 20
+_MIN_ROWS_PER_PART = 16     # gathers smaller than this per thread are not split
 
 
 def _rows_per_chunk(row_bytes: int) -> int:
@@ -149,33 +151,50 @@ class GalleryView:
             idx, scores = idx[:, :width], scores[:, :width]
         return idx.astype(np.int64), scores.astype(np.float32)
 
-    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def gather(
+        self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Locals, masks and Grams of ``rows``, float32, trimmed to their longest item.
 
+        Args:
+            rows: gallery rows, in the order wanted.
+            executor, parts: copy in ``parts`` slices, ``parts - 1`` of them on ``executor``
+                (the caller copies one). One thread's copy is bound by its memory reads; two
+                threads fetch twice as many rows at once. Memory-mapped rows are read in file order.
         Returns: ``local [K,P',D]``, ``mask [K,P']``, ``gram [K,P',P']``.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        if isinstance(self.local, np.memmap):
-            # read memory-mapped rows in file order, then put them back in the asked order
-            order = np.argsort(rows, kind="stable")
-            inv = np.empty_like(order)
-            inv[order] = np.arange(len(order))
-            local, mask, gram = self._take(rows[order])
-            return local[inv], mask[inv], gram[inv]
-        return self._take(rows)
-
-    def _take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        mask = np.take(self.mask, rows, axis=0)
+        mask = np.ascontiguousarray(np.take(self.mask, rows, axis=0))
         width = max(1, extent(mask))
-        if width == self.mask.shape[1]:
-            local, gram = np.take(self.local, rows, axis=0), np.take(self.gram, rows, axis=0)
+        k, d = len(rows), self.local.shape[2]
+        local = np.empty((k, width, d), np.float32)
+        gram = np.empty((k, width, width), np.float32)
+        order = np.argsort(rows, kind="stable") if isinstance(self.local, np.memmap) else np.arange(k)
+        rows_l, order_l = rows.tolist(), order.tolist()
+        src_local, src_gram = self.local, self.gram
+
+        whole = width == src_local.shape[1] and src_local.dtype == np.float32 and src_gram.dtype == np.float32
+        if whole and not isinstance(src_local, np.memmap):
+            def copy(a: int, b: int) -> None:             # one C call per slice, without the GIL
+                np.take(src_local, rows[a:b], axis=0, out=local[a:b], mode="clip")   # rows are in range
+                np.take(src_gram, rows[a:b], axis=0, out=gram[a:b], mode="clip")
         else:
-            local, gram = self.local[rows, :width], self.gram[rows, :width, :width]
-        return (
-            local.astype(np.float32, copy=False),
-            np.ascontiguousarray(mask[:, :width], dtype=np.float32),
-            gram.astype(np.float32, copy=False),
-        )
+            def copy(a: int, b: int) -> None:
+                for pos in order_l[a:b]:
+                    r = rows_l[pos]
+                    local[pos] = src_local[r, :width]       # casts float16 storage
+                    gram[pos] = src_gram[r, :width, :width]
+
+        parts = max(1, min(int(parts), k // _MIN_ROWS_PER_PART)) if executor is not None else 1
+        if parts == 1:
+            copy(0, k)
+        else:
+            bounds = np.linspace(0, k, parts + 1).astype(int).tolist()
+            futures = [executor.submit(copy, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]  # type: ignore[union-attr]
+            copy(bounds[0], bounds[1])
+            for f in futures:
+                f.result()
+        return local, np.ascontiguousarray(mask[:, :width], dtype=np.float32), gram
 
 
 class GalleryIndex:

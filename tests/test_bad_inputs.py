@@ -680,6 +680,13 @@ LOAD_OPTIONS: list[Any] = [
     pytest.param(dict(local_dtype="int8"), InputError, "dtype", id="unknown-local-dtype"),
     pytest.param(dict(batch_size=0), InputError, "batch_size", id="batch-size-zero"),
     pytest.param(dict(scorer_batch=-1), InputError, "scorer_batch", id="scorer-batch-negative"),
+    pytest.param(dict(gather_threads=0), InputError, "gather_threads", id="gather-threads-zero"),
+    pytest.param(dict(gather_threads=1.5), InputError, "gather_threads", id="gather-threads-float"),
+    pytest.param(dict(allow_spinning="no"), InputError, "allow_spinning", id="allow-spinning-str"),
+    pytest.param(dict(session_config={"session.force_spinning_stop": 1}), InputError, "session_config",
+                 id="session-config-int-value"),
+    pytest.param(dict(session_config=["session.force_spinning_stop"]), InputError, "session_config",
+                 id="session-config-list"),
     pytest.param(dict(graph_optimization="max"), InputError, "graph_optimization", id="unknown-ort-option-value"),
     pytest.param(dict(colour="blue"), InputError, "unknown onnxruntime options", id="unknown-ort-option"),
 ]

@@ -116,6 +116,30 @@ def test_gather_keeps_real_positions_after_a_masked_gap() -> None:
     assert local.shape[1] == 4 and mask[0].tolist() == [1, 0, 0, 1]
 
 
+@pytest.mark.parametrize("dtype, mmap", [("float32", False), ("float16", False), ("float32", True), ("float16", True)])
+@pytest.mark.parametrize("lengths", [[6] * 70, [2, 6, 3, 4] * 17 + [1, 5]], ids=["full-width", "trimmed"])
+def test_gather_split_over_threads_equals_one_thread(tmp_path: Path, dtype: str, mmap: bool, lengths: list[int]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    st, lo, ma, gr = items(len(lengths), lengths, seed=5)
+    g = GalleryIndex(2 * D, D, dtype=dtype, mmap=mmap, spill_dir=tmp_path / "spill")
+    g.add(st, lo, ma, gr)
+    rows = np.random.default_rng(0).permutation(len(lengths))[:50]
+    rows[:5] = rows[0]                                          # repeated rows are fine
+    view = g.view()
+    one = view.gather(rows)
+    with ThreadPoolExecutor(3) as pool:
+        for parts in (2, 3, 4, 99):
+            split = view.gather(rows, pool, parts)
+            for a, b in zip(one, split):
+                assert a.dtype == b.dtype == np.float32 and np.array_equal(a, b)
+    width = max(lengths[r] for r in rows)
+    tol = 0 if dtype == "float32" else 2e-3
+    np.testing.assert_allclose(one[0], lo[rows, :width], atol=tol * np.abs(lo).max())
+    np.testing.assert_allclose(one[2], gr[rows, :width, :width], atol=tol * np.abs(gr).max())
+    assert np.array_equal(one[1], ma[rows, :width])
+
+
 def test_default_ids_count_up_from_the_largest_int_id() -> None:
     g = GalleryIndex(2 * D, D)
     assert g.add(*items(2, 2)) == [0, 1]

@@ -166,6 +166,19 @@ def test_onnxruntime_options_are_checked(tiny_checkpoint: Path, tmp_path_factory
     with pytest.raises(InputError, match="unknown onnxruntime options"):
         OnnxRuntimeBackend.from_bundle(b, turbo=True)
     be = OnnxRuntimeBackend.from_bundle(b, threads=1, inter_op_threads=1, graph_optimization="basic")
+
+    def spin_entry(sess: object) -> str:
+        try:
+            return str(sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))  # type: ignore[attr-defined]
+        except RuntimeError:                # not set: ORT's own default, spinning
+            return "unset"
+
+    assert {spin_entry(s) for s in be._sessions.values()} == {"0"}      # idle workers yield their core by default
+    spinning = OnnxRuntimeBackend.from_bundle(b, threads=1, allow_spinning=True,
+                                              session_config={"session.force_spinning_stop": "1"})
+    assert {spin_entry(s) for s in spinning._sessions.values()} == {"unset"}
+    assert {s.get_session_options().get_session_config_entry("session.force_spinning_stop")
+            for s in spinning._sessions.values()} == {"1"}
     assert be.graphs == ["image_encoder", "scorer", "text_encoder"]
     assert be.active_providers() == ["CPUExecutionProvider"]
     with pytest.raises(InputError, match="takes inputs"):

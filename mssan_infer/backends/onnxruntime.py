@@ -78,8 +78,14 @@ class OnnxRuntimeBackend:
         graph_threads: intra-op threads for some graphs, overriding ``threads`` (e.g.
             ``{"text_encoder": 1}``: the Bi-GRU's per-step barriers stall when another
             process takes a core, so one thread is faster on a busy CPU).
-        allow_spinning: let idle ORT workers spin-wait (ORT's default). ``False`` yields the
-            cores between runs, better when other work (numpy, PyTorch, other processes) shares them.
+        allow_spinning: let idle ORT workers spin-wait after a run (ORT's own default). Off by
+            default here: a query runs three sessions and numpy's stage 1 back to back, and a
+            worker still spinning for the previous one holds the core the next one needs (on 2
+            cores, text->image at rerank 100 over 5K images: 26.7 ms spinning, 12.4 ms not;
+            ``python -m bench`` times both).
+        session_config: extra ONNX Runtime session config entries for every session (e.g.
+            ``{"session.force_spinning_stop": "1"}`` with ``allow_spinning=True``: spin during a
+            run, stop when it returns).
 
     Raises:
         BackendUnavailableError: onnxruntime is not installed.
@@ -99,7 +105,8 @@ class OnnxRuntimeBackend:
         graph_optimization: str = "all",
         providers: list[Any] | None = None,
         graph_threads: Mapping[str, int] | None = None,
-        allow_spinning: bool = True,
+        allow_spinning: bool = False,
+        session_config: Mapping[str, str] | None = None,
     ) -> None:
         ort = _import_ort()
         graph_threads = dict(graph_threads or {})
@@ -108,6 +115,14 @@ class OnnxRuntimeBackend:
             raise InputError(f"graph_threads names unknown graphs {sorted(unknown_graphs)}; graphs: {sorted(graphs)}")
         if not isinstance(allow_spinning, bool):
             raise InputError(f"allow_spinning must be True or False, got {allow_spinning!r}")
+        if session_config is not None and (
+            not isinstance(session_config, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in session_config.items())
+        ):
+            raise InputError(
+                "session_config must map ONNX Runtime session config keys to string values, "
+                f"e.g. {{'session.force_spinning_stop': '1'}}; got {session_config!r}"
+            )
         checks = [("threads", threads), ("inter_op_threads", inter_op_threads)]
         checks += [(f"graph_threads[{g!r}]", n) for g, n in graph_threads.items()]
         for label, n in checks:
@@ -138,6 +153,8 @@ class OnnxRuntimeBackend:
             if not allow_spinning:
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+            for key, value in (session_config or {}).items():
+                opts.add_session_config_entry(key, value)
             if inter_op_threads is not None:
                 opts.inter_op_num_threads = inter_op_threads
                 opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
@@ -190,7 +207,8 @@ class OnnxRuntimeBackend:
         """
         if precision not in ("fp32", "fp16"):
             raise InputError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-        allowed = {"inter_op_threads", "graph_optimization", "providers", "graph_threads", "allow_spinning"}
+        allowed = {"inter_op_threads", "graph_optimization", "providers", "graph_threads", "allow_spinning",
+                   "session_config"}
         unknown = set(options) - allowed
         if unknown:
             raise InputError(f"unknown onnxruntime options {sorted(unknown)}; known: {sorted(allowed)}")

@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "d": 1024, "word_dim": 300, "dv": 2048, "regions": 36, "words": 12,
         "scorer_k": 100, "shard": 128, "scorer_repeats": 30, "loop_max_pairs": 128 * 128,
-        "t2i_sizes": [1000, 5000, 25000], "i2t_sizes": [1000, 5000], "mmap_sizes": [100000],
+        "t2i_sizes": [1000, 5000, 25000], "i2t_sizes": [1000, 5000], "mmap_sizes": [100000], "ivf_sizes": [25000, 100000],
         "exhaustive_max": 100000, "depths": [0, 10, 50, 100, 200],
         "repeats_fast": 40, "repeats_slow": 7, "max_seconds": 90.0,
         "pool": 500, "queries": 50,
@@ -46,7 +46,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "d": 1024, "word_dim": 300, "dv": 2048, "regions": 36, "words": 12,
         "scorer_k": 100, "shard": 64, "scorer_repeats": 10, "loop_max_pairs": 64 * 64,
-        "t2i_sizes": [1000, 5000], "i2t_sizes": [1000], "mmap_sizes": [],
+        "t2i_sizes": [1000, 5000], "i2t_sizes": [1000], "mmap_sizes": [], "ivf_sizes": [5000],
         "exhaustive_max": 5000, "depths": [0, 10, 50, 100, 200],
         "repeats_fast": 15, "repeats_slow": 3, "max_seconds": 20.0,
         "pool": 200, "queries": 20,
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                    "exhaustive": n <= cfg["exhaustive_max"]} for n in cfg["mmap_sizes"]]
         for sz in sizes:
             sz["bundle_id"] = bundle_id
+            sz["ivf"] = sz["direction"] == "t2i" and sz["n"] in cfg["ivf_sizes"]
             if sz["direction"] == "i2t":
                 sz["n_items"] = 5 * sz["n"]
         pools = {"images": pool_imgs, "texts": pool_txts}
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                         max_steps=cfg["train_max_steps"], model_overrides=cfg["train_model_overrides"])
         res["train"] = info
         with Retriever.load(tb, threads=args.threads, verify=False) as r:
-            res["recall"] = run_recall(r, cfg["recall_images"], cfg["depths"], cfg["recall_queries"])
+            res["recall"] = run_recall(r, cfg["recall_images"], cfg["depths"], cfg["recall_queries"], ivf=True)
     res["machine"]["loadavg_end"] = loadavg()
     res["machine"]["cpu_pressure_end"] = cpu_pressure()
     res["elapsed_s"] = time.perf_counter() - t_start

@@ -26,8 +26,11 @@ def _recall(hit_rank: np.ndarray) -> dict[str, float]:
 
 
 def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, seed: int = 0,
-               split: str = "bench") -> dict[str, Any]:
-    """Recall per depth for both directions. ``retriever`` is a fresh Retriever of the trained bundle."""
+               split: str = "bench", ivf: bool = False) -> dict[str, Any]:
+    """Recall per depth for both directions. ``retriever`` is a fresh Retriever of the trained bundle.
+
+    ``ivf``: also rerank 100 over an IVF stage 1 (FAISS, ``retrieval.ivf_options``), as row ``ivf_100``.
+    """
     from training.synth import generate_split
 
     ims, caps = generate_split(n_images, seed=seed, split=split)
@@ -40,27 +43,37 @@ def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, s
     q_ims = np.sort(rng.choice(n_images, size=min(queries, n_images), replace=False))
     out: dict[str, Any] = {"images": n_images, "captions": len(caps), "queries_t2i": len(q_caps),
                            "queries_i2t": len(q_ims), "encode_s": encode_s, "t2i": {}, "i2t": {}}
-    all_depths = [*depths, "exhaustive"]
-    for depth in all_depths:
+    all_depths: list[Any] = [*depths, "exhaustive"]
+    runs: list[tuple[str, Any, int | None]] = [(str(d), retriever, None) for d in all_depths]
+    if ivf:
+        from .retrieval import ivf_options, stage1_variant
+
+        variant = stage1_variant(retriever, "faiss-ivf", ivf_options)
+        out["ivf_options"] = {"images": ivf_options(n_images), "texts": ivf_options(len(caps))}
+        runs.append(("ivf_100", variant, 100))
+    for name, r, fixed in runs:
+        depth = fixed if fixed is not None else name
         d_t2i = n_images if depth == "exhaustive" else int(depth)
         d_i2t = len(caps) if depth == "exhaustive" else int(depth)
         t0 = time.perf_counter()
-        hits = retriever.search_batch(texts=[caps[i] for i in q_caps], k=10, rerank=d_t2i)
+        hits = r.search_batch(texts=[caps[i] for i in q_caps], k=10, rerank=d_t2i)
         ranks = np.array([next((j for j, h in enumerate(hs) if h.id == int(c) // CAPS), 10)
                           for c, hs in zip(q_caps, hits)])
         t_t2i = time.perf_counter() - t0
         t0 = time.perf_counter()
-        hits = retriever.search_batch(images=ims[q_ims], k=10, rerank=d_i2t)
+        hits = r.search_batch(images=ims[q_ims], k=10, rerank=d_i2t)
         ranks_i = np.array([next((j for j, h in enumerate(hs) if int(h.id) // CAPS == int(i)), 10)
                             for i, hs in zip(q_ims, hits)])
         t_i2t = time.perf_counter() - t0
-        out["t2i"][str(depth)] = {**_recall(ranks), "seconds": t_t2i}
-        out["i2t"][str(depth)] = {**_recall(ranks_i), "seconds": t_i2t}
-        log.info("recall depth %s: t2i %s i2t %s", depth, out["t2i"][str(depth)], out["i2t"][str(depth)])
+        out["t2i"][name] = {**_recall(ranks), "seconds": t_t2i}
+        out["i2t"][name] = {**_recall(ranks_i), "seconds": t_i2t}
+        log.info("recall %s: t2i %s i2t %s", name, out["t2i"][name], out["i2t"][name])
+    if ivf:
+        variant.close()
     for direction in ("t2i", "i2t"):
         ex = out[direction]["exhaustive"]
-        for depth in all_depths:
-            row = out[direction][str(depth)]
+        for name, _, _ in runs:
+            row = out[direction][name]
             # 0/0 (an untrained model finds nothing either way) counts as equal recall
             row["r1_ratio"] = row["r1"] / ex["r1"] if ex["r1"] > 0 else (1.0 if row["r1"] == 0 else float("inf"))
     return out

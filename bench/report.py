@@ -61,7 +61,15 @@ def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
             best = min(opts, key=lambda k: opts[k])
             s[f"{d}_p50_ms_5k_rerank100_best"] = opts[best]
             s[f"{d}_best_setting_5k_rerank100"] = best
+    row = lat.get(f"t2i_{cfg['ref_large']}", {})
+    s["twostage_ivf_speedup_vs_exhaustive_25k"] = _nan(row.get("speedup_rerank100_ivf_vs_exhaustive_torch"))
+    src["twostage_ivf_speedup_vs_exhaustive_25k"] = (f"latency t2i_{cfg['ref_large']}: exhaustive PyTorch p50 / "
+                                                     f"rerank 100 over a FAISS IVF stage 1 {row.get('ivf_options')} p50")
     rec = res.get("recall", {})
+    ivf_ratios = [_nan(rec.get(d, {}).get("ivf_100", {}).get("r1_ratio")) for d in ("t2i", "i2t")]
+    s["twostage_ivf_recall1_ratio_5k"] = min(ivf_ratios)
+    src["twostage_ivf_recall1_ratio_5k"] = (f"recall on {rec.get('images')} synthetic images: min over t2i/i2t of "
+                                            f"R@1(rerank 100, IVF stage 1 {rec.get('ivf_options')}) / R@1(exhaustive)")
     ratios = [_nan(rec.get(d, {}).get("100", {}).get("r1_ratio")) for d in ("t2i", "i2t")]
     s["twostage_recall1_ratio_5k"] = min(ratios) if ratios else float("nan")
     s["twostage_recall1_ratio_5k_t2i"], s["twostage_recall1_ratio_5k_i2t"] = ratios
@@ -106,6 +114,8 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
         lines.append(f"| {k} | {_f(summary[k], 3)} | {t['target'] if t else ''} | "
                      f"{'' if not t else ('yes' if t['holds'] else ('no' if t['holds'] is False else '?'))} |")
     lines.append(f"| sgemm peak (numpy, GFLOP/s, p50) | {_f(summary['sgemm_gflops'], 1)} | | |")
+    for k in ("twostage_ivf_speedup_vs_exhaustive_25k", "twostage_ivf_recall1_ratio_5k"):
+        lines.append(f"| {k} (opt-in `stage1=\"faiss-ivf\"`) | {_f(summary.get(k), 3)} | | |")
     sc = res.get("scorer")
     if sc:
         lines += ["", "## 1. Scorer throughput", "",
@@ -149,6 +159,14 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
             f"{k}: " + ", ".join(f"{c[11:-1]} {_f(v['p50_ms'])}"
                                  for c, v in row["fast"].items() if c.startswith("rerank_100["))
             for k, row in lat.items())]
+        ivf_rows = [(k, row) for k, row in lat.items() if "ivf_options" in row]
+        if ivf_rows:
+            lines += ["", "Opt-in FAISS IVF stage 1 (`stage1=\"faiss-ivf\"`; approximate candidates, exact final "
+                      "scores), rerank 100, p50 / p99 ms in the slow group: " + "; ".join(
+                f"{k} {row['ivf_options']}: {_f(row['slow'].get('rerank_100_ivf', {}).get('p50_ms'))} / "
+                f"{_f(row['slow'].get('rerank_100_ivf', {}).get('p99_ms'))}, "
+                f"{_f(row.get('speedup_rerank100_ivf_vs_exhaustive_torch'), 1)}x vs exhaustive PyTorch "
+                f"(IVF built in {_f(row['ivf_build_s'], 1)} s)" for k, row in ivf_rows)]
     rec = res.get("recall")
     if rec:
         lines += ["", f"## 3. Recall vs rerank depth ({rec['images']} synthetic images, {rec['captions']} captions; "
@@ -157,7 +175,9 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
                   "|---|---|---|---|---|---|---|---|---|"]
         for d in rec["t2i"]:
             a, b = rec["t2i"][d], rec["i2t"][d]
-            lines.append(f"| {d} | {_f(a['r1'], 1)} | {_f(a['r5'], 1)} | {_f(a['r10'], 1)} | {_f(a['r1_ratio'], 3)} | "
+            label = f"100, IVF stage 1 (images {rec['ivf_options']['images']}, texts {rec['ivf_options']['texts']})" \
+                if d == "ivf_100" else d
+            lines.append(f"| {label} | {_f(a['r1'], 1)} | {_f(a['r5'], 1)} | {_f(a['r10'], 1)} | {_f(a['r1_ratio'], 3)} | "
                          f"{_f(b['r1'], 1)} | {_f(b['r5'], 1)} | {_f(b['r10'], 1)} | {_f(b['r1_ratio'], 3)} |")
         tr = res.get("train", {})
         lines += ["", f"Checkpoint: {json.dumps(tr)}"]
@@ -190,13 +210,17 @@ def plots(res: dict[str, Any], cfg: dict[str, Any], out: Path) -> list[str]:
     if rec or lat:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=80)
         if rec:
-            depths = [d for d in rec["t2i"] if d != "exhaustive"]
+            depths = [d for d in rec["t2i"] if d.isdigit()]
             xs = [int(d) for d in depths]
             for direction, style in (("t2i", "-o"), ("i2t", "-s")):
                 ys = [rec[direction][d]["r1"] for d in depths]
                 axes[0].plot(xs, ys, style, label=f"{direction} R@1")
-                axes[0].axhline(rec[direction]["exhaustive"]["r1"], ls="--", lw=0.8,
-                                color=axes[0].lines[-1].get_color(), label=f"{direction} exhaustive")
+                colour = axes[0].lines[-1].get_color()
+                axes[0].axhline(rec[direction]["exhaustive"]["r1"], ls="--", lw=0.8, color=colour,
+                                label=f"{direction} exhaustive")
+                if "ivf_100" in rec[direction]:
+                    axes[0].plot([100], [rec[direction]["ivf_100"]["r1"]], "x", ms=9, color=colour,
+                                 label=f"{direction} IVF stage 1")
             axes[0].set_xlabel("rerank depth")
             axes[0].set_ylabel("R@1 (%)")
             axes[0].set_title(f"recall vs depth ({rec['images']} synthetic images)")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +28,17 @@ import numpy as np
 
 from .timing import numpy_blas_setter, side_by_side
 
-__all__ = ["write_gallery_index", "run_latency"]
+__all__ = ["write_gallery_index", "run_latency", "stage1_variant", "ivf_options"]
 
 log = logging.getLogger(__name__)
 SHARD = 1024
+IVF_PROBE_FRACTION = 0.025      # IVF stage 1: probe 2.5% of the lists (16 of 632 at 25K items)
+BLOCK = 5          # query calls per candidate per round (after one untimed call), see timing.side_by_side
+
+
+def rounds(calls: int) -> int:
+    """Rounds of :data:`BLOCK` calls that give about ``calls`` timed calls."""
+    return max(3, -(-calls // BLOCK))
 
 
 def reset_peak_rss() -> None:
@@ -122,6 +131,40 @@ def _torch_exhaustive(model: Any, view: Any, query: Callable[[], Any], text_quer
     return run
 
 
+def ivf_options(n: int, probe_fraction: float = IVF_PROBE_FRACTION) -> dict[str, int]:
+    """IVF lists for ``n`` items (the runtime's default count) and the probes covering ``probe_fraction`` of them."""
+    nlist = max(1, min(n // 39, int(4 * math.sqrt(n))))
+    return {"nlist": nlist, "nprobe": max(1, math.ceil(nlist * probe_fraction))}
+
+
+def stage1_variant(r: Any, method: str, options: Callable[[int], dict[str, int]] | None = None) -> Any:
+    """A Retriever sharing ``r``'s backend and stored arrays, with another stage-1 method
+    (``options(n)``: FAISS options for a gallery of ``n`` items).
+
+    Bench only: the copies share the arrays read-only and must not outlive ``r`` or be added to.
+    """
+    import copy
+    import threading
+
+    from mssan_infer import Retriever
+
+    galleries = []
+    for g in (r.images, r.texts):
+        c = copy.copy(g)
+        c.stage1_method, c.faiss_options = method, dict(options(len(g)) if options else {})
+        c._lock, c._faiss, c._faiss_n = threading.RLock(), None, -1
+        galleries.append(c)
+    v = Retriever(r.bundle, r.backend, r.tokenizer, galleries[0], galleries[1], batch_size=r.batch_size,
+                  scorer_batch=r.scorer_batch, gather_threads=r.gather_threads)
+    v.close = lambda: v._gather_pool.shutdown() if v._gather_pool else None    # the backend stays r's
+    return v
+
+
+def _ivf_options(g: Any) -> dict[str, Any]:
+    idx = g.view().faiss_index
+    return {"nlist": int(idx.nlist), "nprobe": int(idx.nprobe)} if idx is not None else {}
+
+
 def _with_blas_threads(fn: Callable[[], Any], n: int, restore: int) -> Callable[[], Any]:
     """``fn`` run with numpy's BLAS at ``n`` threads (stage 1 on one thread: no spinning BLAS workers)."""
     set_threads = numpy_blas_setter()
@@ -199,14 +242,23 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
         fast: dict[str, Callable[[], Any]] = {f"rerank_{d}": search(d) for d in depths}
         fast["encode_query"] = enc
         fast["stage1_topk100"] = lambda: view.topk(q_enc.stage1, 100)
-        fast["gather_100"] = lambda: view.gather(rows100)
+        fast["gather_100"] = lambda: view.gather(rows100, r._gatherer(), r.gather_threads)
         fast["rerank_step_100"] = lambda: r._rerank(q_enc, 0, view, rows100, text_query)
         log.info("latency %s: fast group", key)
-        res_fast = side_by_side(fast, repeats=repeats_fast, warmup=3, max_seconds=max_seconds)
+        res_fast = side_by_side(fast, repeats=rounds(repeats_fast), warmup=3, max_seconds=max_seconds, block=BLOCK)
         # backend settings: their own interleaved group (the default again as the reference), so the
         # extra sessions' threads cannot disturb the depth sweep above
         variants = []
         group: dict[str, Callable[[], Any]] = {"rerank_100": search(100)}
+        ivf = None
+        if spec.get("ivf"):
+            t0 = time.perf_counter()
+            ivf = stage1_variant(r, "faiss-ivf", ivf_options)
+            (ivf.images if text_query else ivf.texts).view()          # builds (trains) the IVF index
+            ivf_build_s = time.perf_counter() - t0
+            log.info("latency %s: IVF stage 1 built in %.1f s", key, ivf_build_s)
+            group["rerank_100[ivf]"] = ((lambda: ivf.search(text=next_q(), k=k, rerank=100)) if text_query
+                                        else (lambda: ivf.search(image=next_q(), k=k, rerank=100)))
         for vname, opts in (variant_options or {}).items():
             opts = dict(opts)
             blas = opts.pop("numpy_threads", None)
@@ -220,7 +272,7 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
             group[f"rerank_100[{vname}]"] = call
         if len(group) > 1:
             log.info("latency %s: backend settings group", key)
-            res_var = side_by_side(group, repeats=repeats_fast, warmup=2, max_seconds=max_seconds)
+            res_var = side_by_side(group, repeats=rounds(repeats_fast), warmup=2, max_seconds=max_seconds, block=BLOCK)
             res_fast.update({k: v for k, v in res_var.items() if k != "rerank_100"})
             res_fast["rerank_100[default]"] = res_var["rerank_100"]
         res_slow: dict[str, Any] = {}
@@ -237,8 +289,11 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
                     return model.encode_image(x, torch.ones(x.shape[:2]))
             slow = {"rerank_100": search(100), "exhaustive_runtime": search(n_items),
                     "exhaustive_torch": _torch_exhaustive(model, view, tq, text_query, k)}
+            if ivf is not None:
+                slow["rerank_100_ivf"] = group["rerank_100[ivf]"]
             log.info("latency %s: slow group (exhaustive)", key)
-            res_slow = side_by_side(slow, repeats=repeats_slow, warmup=1, max_seconds=max_seconds)
+            res_slow = side_by_side(slow, repeats=repeats_slow, warmup=1, max_seconds=max_seconds,
+                                    block={"rerank_100": BLOCK, "rerank_100_ivf": BLOCK})
         row: dict[str, Any] = {"n": n, "n_items": n_items, "direction": direction, "dtype": dtype, "mmap": mmap,
                                "gallery": gname, "fast": res_fast, "slow": res_slow,
                                "peak_rss_mb": max(rss_after_load, vm_hwm_mb()), "rss_after_load_mb": rss_after_load}
@@ -246,9 +301,18 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
             base = res_slow["rerank_100"]["p50_ms"]
             row["speedup_rerank100_vs_exhaustive_torch"] = res_slow["exhaustive_torch"]["p50_ms"] / base
             row["speedup_rerank100_vs_exhaustive_runtime"] = res_slow["exhaustive_runtime"]["p50_ms"] / base
+            if "rerank_100_ivf" in res_slow:
+                row["speedup_rerank100_ivf_vs_exhaustive_torch"] = (res_slow["exhaustive_torch"]["p50_ms"]
+                                                                    / res_slow["rerank_100_ivf"]["p50_ms"])
+        if ivf is not None:
+            row["ivf_build_s"] = ivf_build_s
+            row["ivf_options"] = _ivf_options(ivf.images if text_query else ivf.texts)
         results[key] = row
         for vr in variants:
             vr.close()
+        if ivf is not None:
+            ivf.close()
+            del ivf
         r.close()
         del r, view
         gc.collect()

@@ -3,7 +3,9 @@
 Every comparison goes through :func:`side_by_side`: the candidates run in
 interleaved rounds (the order rotating each round) on the same inputs after a
 warm-up, so a load spike from another process on this shared machine hits all
-of them alike; figures are the median and p99 over the rounds.
+of them alike; figures are the median and p99 over the timed calls. Query
+latencies run in short blocks per round (one untimed call, then several timed),
+so each candidate is timed in its own steady state.
 """
 from __future__ import annotations
 
@@ -28,14 +30,20 @@ def stats(seconds: list[float]) -> dict[str, float]:
 
 def side_by_side(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 3,
                  max_seconds: float | None = None,
-                 after: Mapping[str, Callable[[], Any]] | None = None) -> dict[str, dict[str, float]]:
-    """Time each zero-argument callable ``repeats`` times, interleaved, after ``warmup`` calls each.
+                 after: Mapping[str, Callable[[], Any]] | None = None,
+                 block: int | Mapping[str, int] = 1) -> dict[str, dict[str, float]]:
+    """Time each zero-argument callable over ``repeats`` interleaved rounds, after ``warmup`` calls each.
 
-    ``max_seconds`` stops early (at least 3 rounds) when a round is slow. ``after[name]`` runs
-    untimed after each call of ``name`` (e.g. let BLAS worker threads stop spinning).
+    Each round runs every candidate (the order rotating round to round) ``block`` times in a
+    row (an int, or per name; default 1). A candidate with a block over 1 first makes one
+    untimed call, so it is timed in its own steady state (caches, thread pools) rather than
+    in the state the previous candidate left: a query service runs queries back to back, not
+    between full-gallery scans. ``max_seconds`` stops early (at least 3 rounds) when rounds
+    are slow. ``after[name]`` runs untimed after each call of ``name``.
     Returns name -> :func:`stats`.
     """
     names = list(fns)
+    blocks = {n: int(block.get(n, 1) if isinstance(block, Mapping) else block) for n in names}
     for _ in range(warmup):
         for n in names:
             fns[n]()
@@ -44,11 +52,14 @@ def side_by_side(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int
     for r in range(repeats):
         k = r % len(names)
         for n in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-            if after and n in after:
-                after[n]()
+            if blocks[n] > 1:
+                fns[n]()                                   # settle: untimed
+            for _ in range(blocks[n]):
+                t0 = time.perf_counter()
+                fns[n]()
+                times[n].append(time.perf_counter() - t0)
+                if after and n in after:
+                    after[n]()
         if max_seconds is not None and r >= 2 and time.perf_counter() - start > max_seconds:
             break
     return {n: stats(t) for n, t in times.items()}

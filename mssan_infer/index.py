@@ -475,8 +475,7 @@ class GalleryIndex:
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(x)
-            index.nprobe = int(opts.get("nprobe", min(nlist, 16)))
-            index._mssan_quantizer = quantizer   # keep the quantizer alive
+            index.nprobe = int(opts.get("nprobe", min(nlist, 16)))   # FAISS keeps `quantizer` referenced
         index.add(x)
         log.debug("built FAISS %s over %d items", self.stage1_method, n)
         return index

@@ -18,7 +18,7 @@ from bench.report import SUMMARY_KEYS
 ROOT = Path(__file__).resolve().parents[1]
 TOY = {
     "d": 32, "word_dim": 16, "dv": 24, "scorer_k": 20, "shard": 8, "scorer_repeats": 2, "loop_max_pairs": 64,
-    "t2i_sizes": [200, 400], "i2t_sizes": [200], "mmap_sizes": [300], "exhaustive_max": 400,
+    "t2i_sizes": [200, 400], "i2t_sizes": [200], "mmap_sizes": [300], "ivf_sizes": [400], "exhaustive_max": 400,
     "depths": [0, 10, 100], "repeats_fast": 2, "repeats_slow": 2, "pool": 32, "queries": 4,
     "train_images": 100, "epochs": 1, "train_max_steps": 2, "train_model_overrides": {"embed_size": 32, "word_dim": 16},
     "recall_images": 40, "recall_queries": 10, "encode_batch": 4, "encode_repeats": 2,
@@ -44,6 +44,22 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(tmp_path: Path
     results = json.loads((out / "results.json").read_text())["results"]
     assert {"scorer", "latency", "recall", "encode"} <= set(results)
     assert "t2i_300_fp16mmap" in results["latency"]
+    ivf_row = results["latency"]["t2i_400"]
+    assert ivf_row["ivf_options"]["nprobe"] >= 1 and "rerank_100_ivf" in ivf_row["slow"]
+    assert math.isfinite(summary["twostage_ivf_speedup_vs_exhaustive_25k"])
+    assert 0 <= summary["twostage_ivf_recall1_ratio_5k"] or math.isnan(summary["twostage_ivf_recall1_ratio_5k"])
+    assert "ivf_100" in results["recall"]["t2i"] and "IVF stage 1" in proc.stdout
     for name in ("results.md", "recall_latency_vs_depth.png", "scorer.png"):
         assert (out / name).stat().st_size > 0
     assert "## 1. Scorer throughput" in proc.stdout
+
+
+def test_side_by_side_interleaves_blocks_with_an_untimed_settling_call() -> None:
+    from bench.timing import side_by_side
+
+    calls: list[str] = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b")}
+    res = side_by_side(fns, repeats=2, warmup=1, block={"a": 3})
+    # warm-up a b | round 0: a (settle) a a a, b | round 1 (rotated): b, a (settle) a a a
+    assert calls == ["a", "b"] + ["a"] * 4 + ["b"] + ["b"] + ["a"] * 4
+    assert res["a"]["n"] == 6 and res["b"]["n"] == 2

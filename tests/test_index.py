@@ -86,6 +86,25 @@ def test_faiss_hnsw_finds_most_exact_neighbours() -> None:
     assert overlap >= 0.8
 
 
+@pytest.mark.parametrize("options, min_overlap", [({}, 0.6), ({"nlist": 8, "nprobe": 8}, 1.0)])
+def test_faiss_ivf_finds_most_exact_neighbours_and_all_when_probing_every_list(
+    options: dict[str, int], min_overlap: float
+) -> None:
+    import faiss  # noqa: F401  (dev extra: a missing faiss fails, never skips)
+    st, lo, ma, gr = items(800, 2, seed=6)
+    exact, ivf = GalleryIndex(2 * D, D), GalleryIndex(2 * D, D, stage1="faiss-ivf", faiss_options=options)
+    exact.add(st, lo, ma, gr)
+    ivf.add(st, lo, ma, gr)
+    q = np.random.default_rng(7).normal(size=(10, 2 * D)).astype(np.float32)
+    (ie, se), (ii, si) = exact.view().topk(q, 10), ivf.view().topk(q, 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ie, ii)])
+    assert overlap >= min_overlap
+    idx = ivf.view().faiss_index
+    assert idx.nlist == options.get("nlist", 20) and idx.nprobe == options.get("nprobe", 16)
+    # the scores of what IVF finds are exact inner products
+    assert np.allclose(si, np.einsum("qd,qkd->qk", q, st[ii]), atol=1e-4)
+
+
 # ---- storage ---------------------------------------------------------------------
 def test_items_of_different_lengths_are_padded_to_the_longest_with_masks() -> None:
     g = GalleryIndex(2 * D, D)

@@ -117,6 +117,7 @@ class Retriever:
         self.gather_threads = _positive("gather_threads", gather_threads if gather_threads is not None
                                         else min(4, os.cpu_count() or 1))
         self._gather_pool: ThreadPoolExecutor | None = None
+        self._gather_pid = os.getpid()
         self._gather_pool_lock = threading.Lock()
         for name, g in ((IMAGES, images), (TEXTS, texts)):
             if g.stage1_dim != 2 * self.embed_size or g.local_dim != self.embed_size:
@@ -679,8 +680,10 @@ class Retriever:
         if self.gather_threads == 1:
             return None
         with self._gather_pool_lock:
-            if self._gather_pool is None:
+            # a forked child inherits the pool object but not its threads: make a new one there
+            if self._gather_pool is None or self._gather_pid != os.getpid():
                 self._gather_pool = ThreadPoolExecutor(self.gather_threads - 1, thread_name_prefix="mssan-gather")
+                self._gather_pid = os.getpid()
             return self._gather_pool
 
     def _rerank(self, q: Encoded, qi: int, view: GalleryView, rows: np.ndarray, query_is_text: bool) -> np.ndarray:

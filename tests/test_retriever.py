@@ -173,6 +173,18 @@ def test_search_batch_equals_single_searches(retriever: Retriever) -> None:
         assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
 
 
+def test_gathering_candidates_on_several_threads_changes_nothing(retriever: Retriever) -> None:
+    one = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, retriever.images, retriever.texts,
+                    gather_threads=1)
+    three = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, retriever.images, retriever.texts,
+                      gather_threads=3)
+    assert three._gatherer() is not None and one._gatherer() is None
+    for c in CAPTIONS:
+        a, b = one.search(text=c, k=40, rerank=40), three.search(text=c, k=40, rerank=40)
+        assert [(h.id, h.score, h.stage1) for h in a] == [(h.id, h.score, h.stage1) for h in b]
+    three._gather_pool.shutdown()  # type: ignore[union-attr]   (the backend is the fixture's)
+
+
 def test_save_load_round_trip_gives_identical_results(
     retriever: Retriever, bundle: Path, gallery: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:

@@ -214,8 +214,30 @@ def test_bls_retriever_model_returns_the_same_top_k(gallery: dict[str, Any], ser
     w = int(gallery["mask"][2].sum())
     res = _retriever_query(server.http_url, regions=gallery["feats"][2, :w], k=[4])
     want = local.search(image=gallery["feats"][2, :w], k=4, rerank=100)
-    assert [x.decode() for x in res.as_numpy("ids")] == [str(h.id) for h in want]
     np.testing.assert_allclose(res.as_numpy("scores"), [h.score for h in want], atol=1e-5)
+    # the caption gallery holds every caption 3 times: identical items score equal up to the
+    # rounding of the scorer's batch layout (the server scores in batches of 8), so compare the
+    # ranking with equal-score groups unordered
+    _assert_same_ranking([x.decode() for x in res.as_numpy("ids")], res.as_numpy("scores"),
+                         [str(h.id) for h in want], [h.score for h in want])
+
+
+def _assert_same_ranking(ids_a: list[str], scores_a: Any, ids_b: list[str], scores_b: Any, tol: float = 1e-5) -> None:
+    """Same ids in the same order, except within runs of scores closer than ``tol``."""
+    assert len(ids_a) == len(ids_b)
+    groups_a: list[set[str]] = []
+    prev = None
+    for i, s in zip(ids_a, scores_a):
+        if prev is None or abs(float(s) - prev) > tol:
+            groups_a.append(set())
+        groups_a[-1].add(i)
+        prev = float(s)
+    flat = [g for g in groups_a for _ in g]
+    pos = 0
+    for g in groups_a:
+        assert set(ids_b[pos : pos + len(g)]) == g, (ids_a, ids_b)
+        pos += len(g)
+    assert pos == len(flat) == len(ids_b)
 
 
 @pytest.mark.triton

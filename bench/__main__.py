@@ -60,8 +60,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "spin": {"allow_spinning": True},
     "txt1": {"graph_threads": {"text_encoder": 1}},
     "gather1": {"gather_threads": 1},
-    "s1numpy": {"stage1_product": "numpy"},
-    "s1numpy+blas1": {"stage1_product": "numpy", "numpy_threads": 1},
+    "blas1": {"numpy_threads": 1},
 }
 
 

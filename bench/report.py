@@ -154,9 +154,8 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
                                  for c in ("encode_query", "stage1_topk100", "gather_100", "rerank_step_100"))
             for k, row in lat.items())]
         lines += ["", "Runtime settings at rerank 100, interleaved in their own group (p50 ms; default = ORT workers do "
-                  "not spin, stage-1 product in ONNX Runtime, candidates gathered on all threads; spin = ORT allow_spinning on, txt1 = text encoder on 1 "
-                  "thread, gather1 = candidates gathered on 1 thread, s1numpy = exact stage-1 product in numpy's BLAS "
-                  "instead of ONNX Runtime, blas1 = that BLAS on 1 thread; ivf = FAISS IVF stage 1): " + "; ".join(
+                  "not spin, candidates gathered on all threads; spin = ORT allow_spinning on, txt1 = text encoder on 1 "
+                  "thread, gather1 = candidates gathered on 1 thread, blas1 = numpy stage 1 on 1 thread): " + "; ".join(
             f"{k}: " + ", ".join(f"{c[11:-1]} {_f(v['p50_ms'])}"
                                  for c, v in row["fast"].items() if c.startswith("rerank_100["))
             for k, row in lat.items())]

@@ -155,7 +155,7 @@ def stage1_variant(r: Any, method: str, options: Callable[[int], dict[str, int]]
         c._lock, c._faiss, c._faiss_n = threading.RLock(), None, -1
         galleries.append(c)
     v = Retriever(r.bundle, r.backend, r.tokenizer, galleries[0], galleries[1], batch_size=r.batch_size,
-                  scorer_batch=r.scorer_batch, gather_threads=r.gather_threads, stage1_product=r.stage1_product)
+                  scorer_batch=r.scorer_batch, gather_threads=r.gather_threads)
     v.close = lambda: v._gather_pool.shutdown() if v._gather_pool else None    # the backend stays r's
     return v
 
@@ -186,11 +186,9 @@ def _variant(r: Any, threads: int, opts: dict[str, Any]) -> Any:
 
     opts = dict(opts)
     gather = opts.pop("gather_threads", r.gather_threads)
-    product = opts.pop("stage1_product", r.stage1_product)
     be = create_backend("onnxruntime", r.bundle, device="cpu", precision="fp32", threads=threads, **opts)
     return Retriever(r.bundle, be, r.tokenizer, r.images, r.texts, batch_size=r.batch_size,
-                     scorer_batch=r.scorer_batch, gather_threads=gather, stage1_product=product,
-                     allow_spinning=bool(opts.get("allow_spinning", False)))
+                     scorer_batch=r.scorer_batch, gather_threads=gather)
 
 
 def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: Any, pools: dict[str, Any],
@@ -240,10 +238,10 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
         # breakdown of rerank 100: same work as search(), step by step
         enc = (lambda: r.encode_texts([next_q()])) if text_query else (lambda: r.encode_images(next_q()[None]))
         q_enc = enc()
-        rows100 = view.topk(q_enc.stage1, 100, r._product)[0][0]
+        rows100 = view.topk(q_enc.stage1, 100)[0][0]
         fast: dict[str, Callable[[], Any]] = {f"rerank_{d}": search(d) for d in depths}
         fast["encode_query"] = enc
-        fast["stage1_topk100"] = lambda: view.topk(q_enc.stage1, 100, r._product)
+        fast["stage1_topk100"] = lambda: view.topk(q_enc.stage1, 100)
         fast["gather_100"] = lambda: view.gather(rows100, r._gatherer(), r.gather_threads)
         fast["rerank_step_100"] = lambda: r._rerank(q_enc, 0, view, rows100, text_query)
         log.info("latency %s: fast group", key)

@@ -28,7 +28,7 @@ import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -69,8 +69,7 @@ def _rows_per_chunk(row_bytes: int) -> int:
 
 
 def topk_inner_product(
-    queries: np.ndarray, base: np.ndarray, k: int, *, chunk_bytes: int = _CHUNK_BYTES,
-    product: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    queries: np.ndarray, base: np.ndarray, k: int, *, chunk_bytes: int = _CHUNK_BYTES
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact maximum-inner-product top-k.
 
@@ -78,7 +77,6 @@ def topk_inner_product(
         queries: ``[Q, D]`` float32.
         base: ``[N, D]`` (may be a memmap; read in chunks of rows).
         k: results per query; clipped to ``N``.
-        product: ``(queries, block) -> queries @ block.T`` (default numpy's; see ``mssan_infer.stage1``).
     Returns:
         ``(idx [Q, k'] int64, scores [Q, k'] float32)`` sorted by decreasing score,
         ties by increasing index; ``k' = min(k, N)``.
@@ -94,7 +92,7 @@ def topk_inner_product(
     best_s = np.zeros((nq, 0), np.float32)
     for a in range(0, n, rows):
         block = np.asarray(base[a : a + rows], dtype=np.float32)
-        s = q @ block.T if product is None else product(q, block)        # [Q, n_block]
+        s = q @ block.T                                                   # [Q, n_block]
         kk = min(k, s.shape[1])
         if kk < s.shape[1]:
             part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
@@ -141,15 +139,10 @@ class GalleryView:
     gram: np.ndarray                        # [n, P, P]
     faiss_index: Any = None
 
-    def topk(
-        self, queries: np.ndarray, k: int, product: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Stage-1 top-k rows for ``queries [Q, D2]`` -> ``(idx [Q,k'], scores [Q,k'])``.
-
-        ``product``: the exact inner product to use without FAISS (default numpy's).
-        """
+    def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stage-1 top-k rows for ``queries [Q, D2]`` -> ``(idx [Q,k'], scores [Q,k'])``."""
         if self.faiss_index is None:
-            return topk_inner_product(queries, self.stage1, k, product=product)
+            return topk_inner_product(queries, self.stage1, k)
         k = min(int(k), self.n)
         q = np.ascontiguousarray(queries, dtype=np.float32)
         scores, idx = self.faiss_index.search(q, k)

@@ -22,7 +22,6 @@ from .backends import Backend, create_backend
 from .bundle import Bundle, load_bundle
 from .errors import BundleError, InputError
 from .index import GalleryIndex, GalleryView, ItemId, _check_id, extent, load_index, save_index
-from .stage1 import STAGE1_PRODUCTS, OrtInnerProduct
 from .preprocess import ImageSource, Preprocessing, describe, is_image_source, preprocess
 from .tokenizer import APOSTROPHE_PATTERN, UNK_ID, WORD_PATTERN, Tokenizer
 
@@ -104,8 +103,6 @@ class Retriever:
         batch_size: int = 32,
         scorer_batch: int = 256,
         gather_threads: int | None = None,
-        stage1_product: str = "onnxruntime",
-        allow_spinning: bool = False,
     ) -> None:
         cfg = bundle.model_config
         self.bundle = bundle
@@ -119,14 +116,6 @@ class Retriever:
         # reads; more threads fetch more rows at once (2 threads: 1.6 -> 0.9 ms for 100 images).
         self.gather_threads = _positive("gather_threads", gather_threads if gather_threads is not None
                                         else min(4, os.cpu_count() or 1))
-        if stage1_product not in STAGE1_PRODUCTS:
-            raise InputError(f"stage1_product must be one of {STAGE1_PRODUCTS}, got {stage1_product!r}")
-        self.stage1_product = stage1_product
-        # exact stage 1 in an ORT session: no spinning OpenBLAS workers in the query path (mssan_infer.stage1)
-        self._product: OrtInnerProduct | None = (
-            OrtInnerProduct(self.gather_threads, allow_spinning=bool(allow_spinning))
-            if stage1_product == "onnxruntime" else None
-        )
         self._gather_pool: ThreadPoolExecutor | None = None
         self._gather_pid = os.getpid()
         self._gather_pool_lock = threading.Lock()
@@ -158,7 +147,6 @@ class Retriever:
         batch_size: int = 32,
         scorer_batch: int = 256,
         gather_threads: int | None = None,
-        stage1_product: str = "onnxruntime",
         verify: bool = True,
         **backend_options: Any,
     ) -> "Retriever":
@@ -179,10 +167,8 @@ class Retriever:
             spill_dir: where new memory-mapped files go (default: a temp folder).
             batch_size: encoder batch size.
             scorer_batch: most candidates per scorer call.
-            gather_threads: threads that copy rerank candidates out of the gallery and compute the
-                exact stage-1 product (default: ``threads``, else the CPU count up to 4).
-            stage1_product: where the exact stage-1 product runs without FAISS: ``"onnxruntime"``
-                (default, a one-MatMul CPU session) or ``"numpy"`` (its BLAS).
+            gather_threads: threads that copy rerank candidates out of the gallery (default:
+                ``threads``, else the CPU count up to 4).
             verify: check the sha256 of every bundle and index file.
             backend_options: passed to the backend (e.g. ``graph_optimization``, ``inter_op_threads``).
 
@@ -205,8 +191,7 @@ class Retriever:
             texts = GalleryIndex(2 * d, d, dtype=local_dtype or "float32", mmap=mmap, **opts)
         be = create_backend(backend, b, device=device, precision=precision, threads=threads, **backend_options)
         r = cls(b, be, tokenizer, images, texts, batch_size=batch_size, scorer_batch=scorer_batch,
-                gather_threads=gather_threads if gather_threads is not None else threads,
-                stage1_product=stage1_product, allow_spinning=bool(backend_options.get("allow_spinning", False)))
+                gather_threads=gather_threads if gather_threads is not None else threads)
         log.info("retriever ready: bundle %s (%s), %d images, %d texts", b.root, b.bundle_id, len(images), len(texts))
         return r
 
@@ -677,7 +662,7 @@ class Retriever:
         self, q: Encoded, view: GalleryView, *, query_is_text: bool, k: int, rerank: int
     ) -> list[list[Hit]]:
         depth = max(k, rerank) if rerank > 0 else k
-        rows, s1 = view.topk(q.stage1, depth, self._product)                  # [Q, K]
+        rows, s1 = view.topk(q.stage1, depth)                                 # [Q, K]
         results: list[list[Hit]] = []
         for qi in range(len(q)):
             r, s = rows[qi], s1[qi]

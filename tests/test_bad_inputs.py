@@ -681,7 +681,6 @@ LOAD_OPTIONS: list[Any] = [
     pytest.param(dict(batch_size=0), InputError, "batch_size", id="batch-size-zero"),
     pytest.param(dict(scorer_batch=-1), InputError, "scorer_batch", id="scorer-batch-negative"),
     pytest.param(dict(gather_threads=0), InputError, "gather_threads", id="gather-threads-zero"),
-    pytest.param(dict(stage1_product="blas"), InputError, "stage1_product", id="unknown-stage1-product"),
     pytest.param(dict(gather_threads=1.5), InputError, "gather_threads", id="gather-threads-float"),
     pytest.param(dict(allow_spinning="no"), InputError, "allow_spinning", id="allow-spinning-str"),
     pytest.param(dict(session_config={"session.force_spinning_stop": 1}), InputError, "session_config",

@@ -185,26 +185,6 @@ def test_gathering_candidates_on_several_threads_changes_nothing(retriever: Retr
     three._gather_pool.shutdown()  # type: ignore[union-attr]   (the backend is the fixture's)
 
 
-@pytest.mark.parametrize("query", ["text", "image"])
-def test_stage1_product_in_numpy_or_onnxruntime_gives_the_same_hits(
-    retriever: Retriever, gallery: tuple[np.ndarray, np.ndarray], query: str
-) -> None:
-    ort_r = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, retriever.images, retriever.texts)
-    np_r = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, retriever.images, retriever.texts,
-                     stage1_product="numpy")
-    assert ort_r.stage1_product == "onnxruntime" and np_r._product is None
-    for rerank in (0, 5, 40):
-        if query == "text":
-            a, b = (x.search_batch(texts=CAPTIONS, k=5, rerank=rerank) for x in (ort_r, np_r))
-        else:
-            a, b = (x.search_batch(images=gallery[0][:6], image_mask=gallery[1][:6], k=5, rerank=rerank)
-                    for x in (ort_r, np_r))
-        for ha, hb in zip(a, b):
-            assert [h.id for h in ha] == [h.id for h in hb]
-            assert np.allclose([h.score for h in ha], [h.score for h in hb], atol=1e-5)
-            assert np.allclose([h.stage1 for h in ha], [h.stage1 for h in hb], atol=1e-5)
-
-
 def test_save_load_round_trip_gives_identical_results(
     retriever: Retriever, bundle: Path, gallery: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:

@@ -160,9 +160,7 @@ class TritonPythonModel:
     def _search(
         self, q: dict[str, np.ndarray], g: dict[str, Any], query_is_text: bool, k: int, rerank: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # numpy's own loop, the same for every row: identical items get identical scores and keep
-        # the index order on ties, as in mssan_infer (BLAS GEMV may round equal rows differently)
-        s_all = np.einsum("d,nd->n", q["stage1"][0], g["stage1"])                  # [n]
+        s_all = (q["stage1"] @ g["stage1"].T)[0]                                  # [n]
         depth = min(max(k, rerank) if rerank > 0 else k, s_all.shape[0])
         rows = np.lexsort((np.arange(s_all.shape[0]), -s_all))[:depth]
         s1 = s_all[rows]

@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mssan_infer.index import default_ivf_nlist
+
 from .timing import numpy_blas_setter, side_by_side
 
 __all__ = ["write_gallery_index", "run_latency", "stage1_variant", "ivf_options"]
@@ -133,7 +135,7 @@ def _torch_exhaustive(model: Any, view: Any, query: Callable[[], Any], text_quer
 
 def ivf_options(n: int, probe_fraction: float = IVF_PROBE_FRACTION) -> dict[str, int]:
     """IVF lists for ``n`` items (the runtime's default count) and the probes covering ``probe_fraction`` of them."""
-    nlist = max(1, min(n // 39, int(4 * math.sqrt(n))))
+    nlist = default_ivf_nlist(n)
     return {"nlist": nlist, "nprobe": max(1, math.ceil(nlist * probe_fraction))}
 
 

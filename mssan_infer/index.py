@@ -49,6 +49,7 @@ __all__ = [
     "load_index",
     "read_index_manifest",
     "extent",
+    "default_ivf_nlist",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ _DTYPES = ("float32", "float16")
 _ARRAYS = ("stage1", "local", "mask", "gram")
 _CHUNK_BYTES = 64 << 20
 _MIN_ROWS_PER_PART = 16     # gathers smaller than this per thread are not split
+
+
+def default_ivf_nlist(n: int) -> int:
+    """IVF lists for ``n`` items when ``nlist`` is not given: 4 sqrt(n), at least 39 items per list."""
+    return max(1, min(n // 39, int(4 * math.sqrt(n))))
 
 
 def _rows_per_chunk(row_bytes: int) -> int:
@@ -169,16 +175,17 @@ class GalleryView:
         k, d = len(rows), self.local.shape[2]
         local = np.empty((k, width, d), np.float32)
         gram = np.empty((k, width, width), np.float32)
-        order = np.argsort(rows, kind="stable") if isinstance(self.local, np.memmap) else np.arange(k)
-        rows_l, order_l = rows.tolist(), order.tolist()
         src_local, src_gram = self.local, self.gram
-
+        mapped = isinstance(src_local, np.memmap)
         whole = width == src_local.shape[1] and src_local.dtype == np.float32 and src_gram.dtype == np.float32
-        if whole and not isinstance(src_local, np.memmap):
+        if whole and not mapped:
             def copy(a: int, b: int) -> None:             # one C call per slice, without the GIL
                 np.take(src_local, rows[a:b], axis=0, out=local[a:b], mode="clip")   # rows are in range
                 np.take(src_gram, rows[a:b], axis=0, out=gram[a:b], mode="clip")
         else:
+            rows_l = rows.tolist()
+            order_l = np.argsort(rows, kind="stable").tolist() if mapped else list(range(k))
+
             def copy(a: int, b: int) -> None:
                 for pos in order_l[a:b]:
                     r = rows_l[pos]
@@ -471,7 +478,7 @@ class GalleryIndex:
             index = faiss.IndexHNSWFlat(d, int(opts.get("M", 32)), faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efSearch = int(opts.get("ef_search", 128))
         else:
-            nlist = int(opts.get("nlist", max(1, min(n // 39, int(4 * math.sqrt(n))))))
+            nlist = int(opts.get("nlist", default_ivf_nlist(n)))
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(x)

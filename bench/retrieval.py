@@ -26,9 +26,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mssan_infer.core.search import rerank_scores
 from mssan_infer.index import default_ivf_nlist
 
-from .timing import numpy_blas_setter, side_by_side
+from .timing import numpy_blas_setter, peak_rss_mb, reset_peak_rss, side_by_side
 
 __all__ = ["write_gallery_index", "run_latency", "stage1_variant", "ivf_options"]
 
@@ -41,26 +42,6 @@ BLOCK = 5          # query calls per candidate per round (after one untimed call
 def rounds(calls: int) -> int:
     """Rounds of :data:`BLOCK` calls that give about ``calls`` timed calls."""
     return max(3, -(-calls // BLOCK))
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's VmHWM (Linux >= 4.0; silently nothing elsewhere)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def vm_hwm_mb() -> float:
-    try:
-        with open("/proc/self/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
 
 
 def write_gallery_index(folder: Path, name: str, pool: Any, n: int, dtype: str, bundle_id: str,
@@ -224,7 +205,7 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
         r = retriever_factory(index=write_gallery_index(folder, gname, pools[gname], n_items, dtype, spec["bundle_id"]),
                               mmap=mmap, local_dtype=dtype)
         view = (r.images if text_query else r.texts).view()
-        rss_after_load = vm_hwm_mb()
+        rss_after_load = peak_rss_mb()
         qs = queries["texts"] if text_query else queries["images"]
         state = {"i": 0}
 
@@ -245,7 +226,9 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
         fast["encode_query"] = enc
         fast["stage1_topk100"] = lambda: view.topk(q_enc.stage1, 100)
         fast["gather_100"] = lambda: view.gather(rows100, r._gatherer(), r.gather_threads)
-        fast["rerank_step_100"] = lambda: r._rerank(q_enc, 0, view, rows100, text_query)
+        fast["rerank_step_100"] = lambda: rerank_scores(
+            q_enc, 0, view, rows100, lambda feeds: r.backend.run("scorer", feeds)["s_ll"], query_is_text=text_query,
+            batch=r.scorer_batch, executor=r._gatherer(), parts=r.gather_threads)
         log.info("latency %s: fast group", key)
         res_fast = side_by_side(fast, repeats=rounds(repeats_fast), warmup=3, max_seconds=max_seconds, block=BLOCK)
         # backend settings: their own interleaved group (the default again as the reference), so the
@@ -298,7 +281,7 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
                                     block={"rerank_100": BLOCK, "rerank_100_ivf": BLOCK})
         row: dict[str, Any] = {"n": n, "n_items": n_items, "direction": direction, "dtype": dtype, "mmap": mmap,
                                "gallery": gname, "fast": res_fast, "slow": res_slow,
-                               "peak_rss_mb": max(rss_after_load, vm_hwm_mb()), "rss_after_load_mb": rss_after_load}
+                               "peak_rss_mb": max(rss_after_load, peak_rss_mb()), "rss_after_load_mb": rss_after_load}
         if res_slow:
             base = res_slow["rerank_100"]["p50_ms"]
             row["speedup_rerank100_vs_exhaustive_torch"] = res_slow["exhaustive_torch"]["p50_ms"] / base

@@ -27,24 +27,11 @@ if __package__ in (None, ""):                       # `python bench/soak.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fixtures import WORDS, random_captions, random_regions, speed_bundle  # noqa: E402
+from bench.timing import rss_mb  # noqa: E402
 from mssan_infer import Retriever  # noqa: E402
 from mssan_infer.errors import MssanError  # noqa: E402
 
 log = logging.getLogger("bench.soak")
-
-
-def rss_mib() -> float:
-    """Resident set size of this process in MiB (Linux /proc; ru_maxrss elsewhere)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _worker(r: Retriever, n_ops: int, seed: int, dv: int, counts: dict[str, int], errors: list[str],
@@ -104,7 +91,7 @@ def soak(queries: int = 20000, threads: int = 2, work: Path | None = None, galle
     lock = threading.Lock()
     _worker(r, 300, 999, dv, {}, errors, lock)                   # warm-up: allocator and ORT arenas settle
     gc.collect()
-    start_rss = rss_mib()
+    start_rss = rss_mb()
     t0 = time.perf_counter()
     per = [queries // threads + (1 if i < queries % threads else 0) for i in range(threads)]
     pool = [threading.Thread(target=_worker, args=(r, n, i, dv, counts, errors, lock)) for i, n in enumerate(per)]
@@ -112,13 +99,13 @@ def soak(queries: int = 20000, threads: int = 2, work: Path | None = None, galle
     for t in pool:
         t.start()
     while any(t.is_alive() for t in pool):
-        samples.append(rss_mib())
+        samples.append(rss_mb())
         time.sleep(0.5)
     for t in pool:
         t.join()
     wall = time.perf_counter() - t0
     gc.collect()
-    end_rss = rss_mib()
+    end_rss = rss_mb()
     figures = {
         "queries": float(sum(per)), "seconds": wall, "qps": sum(per) / wall,
         "rss_start_mib": start_rss, "rss_end_mib": end_rss, "rss_peak_mib": max(samples + [end_rss]),

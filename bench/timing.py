@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["cpu_pressure", "side_by_side", "stats", "machine_info", "versions", "rss_mb", "peak_rss_mb", "sgemm_fn", "loadavg"]
+__all__ = ["cpu_pressure", "side_by_side", "stats", "machine_info", "versions", "rss_mb", "peak_rss_mb", "reset_peak_rss", "sgemm_fn", "loadavg"]
 
 
 def stats(seconds: list[float]) -> dict[str, float]:
@@ -131,21 +131,37 @@ def versions() -> dict[str, str]:
     return out
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process (MB)."""
+def _proc_status_mb(field: str) -> float | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB; None where there is no /proc."""
     try:
         with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("VmRSS"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    return peak_rss_mb()
+    return None
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process (MB)."""
+    now = _proc_status_mb("VmRSS")
+    return peak_rss_mb() if now is None else now
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process since the last :func:`reset_peak_rss` (MB)."""
+    hwm = _proc_status_mb("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 if hwm is None else hwm
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident set size (Linux >= 4.0; nothing elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def numpy_blas_setter() -> Callable[[int], None]:

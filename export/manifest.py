@@ -13,7 +13,7 @@ import onnxruntime
 import torch
 
 from mssan_infer.spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, VOCAB_FILE, sha256_file
-from mssan_infer.tokenizer import APOSTROPHE_PATTERN, WORD_PATTERN, PAD_ID, SPECIAL_TOKENS, UNK_ID
+from mssan_infer.core import tokenizer as word_tokenizer
 from training.config import ModelConfig
 
 __all__ = ["EXPORTER_VERSION", "FP16_DIR", "hash_files", "build_manifest", "write_manifest"]
@@ -58,17 +58,7 @@ def build_manifest(
     manifest.update({
         "files": hash_files(root),
         "model_config": cfg.to_dict(),
-        "tokenizer": {
-            "vocab": VOCAB_FILE,
-            "max_len": cfg.max_len,
-            "normalization": "NFKC",
-            "lowercase": True,
-            "word_pattern": WORD_PATTERN.pattern,
-            "apostrophe_pattern": APOSTROPHE_PATTERN.pattern,
-            "special_tokens": list(SPECIAL_TOKENS),
-            "pad_id": PAD_ID,
-            "unk_id": UNK_ID,
-        },
+        "tokenizer": {"vocab": VOCAB_FILE, **word_tokenizer.settings(cfg.max_len)},
         "scoring": {
             "final": "img_stage1 . txt_stage1 + s_ll",
             "lam_gg": cfg.lam_gg,

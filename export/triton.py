@@ -28,8 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from mssan_infer.backends.tensorrt import plan_name
+from mssan_infer import core
 from mssan_infer.bundle import Bundle
+from mssan_infer.core import tokenizer as word_tokenizer
+from mssan_infer.core.layout import BUNDLE_ID_PARAM, CORE_PACKAGE, RETRIEVER_TOKENIZER, plan_name
 from mssan_infer.spec import DEFAULT_PROFILES, GRAPHS, MANIFEST_FILE, GraphSpec
 from mssan_infer.triton_models import ONNX_MODEL, RETRIEVER_MODEL
 
@@ -55,7 +57,6 @@ BACKENDS = ("onnxruntime", "tensorrt", "python")
 KINDS = ("auto", "KIND_AUTO", "KIND_CPU", "KIND_GPU")
 REPOSITORY_DIR = "triton"
 RETRIEVER = "retriever"
-BUNDLE_ID_PARAM = "mssan_bundle_id"
 _TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "float16": "TYPE_FP16"}
 _DYNAMIC_AXES = frozenset(a for spec in GRAPHS.values() for t in (*spec.inputs, *spec.outputs)
                           for a in t.dynamic_axes().values())
@@ -166,7 +167,7 @@ def retriever_config_text(dims: Mapping[str, int], settings: TritonSettings, *, 
     ) + "\n]\n"
     text += f"instance_group [\n  {{\n    count: {settings.instances}\n    kind: KIND_CPU\n  }}\n]\n"
     return text + _params({
-        BUNDLE_ID_PARAM: bundle_id, "bundle_id": bundle_id, "index_dir": "index", "tokenizer": "tokenizer.json",
+        BUNDLE_ID_PARAM: bundle_id, "index_dir": "index", "tokenizer": RETRIEVER_TOKENIZER,
         "scorer_batch": str(settings.scorer_batch), "verify_index": "true",
         "image_encoder": "image_encoder", "text_encoder": "text_encoder", "scorer": "scorer",
     })
@@ -274,30 +275,19 @@ def _bundle_id(root: Path) -> str:
 
 
 def _tokenizer_spec(root: Path, max_len: int | None) -> dict[str, Any]:
-    """The retriever's ``tokenizer.json``: vocabulary and the settings of ``mssan_infer.tokenizer``."""
-    from mssan_infer import tokenizer as tkmod
-
-    word, apostrophes = tkmod.WORD_PATTERN, tkmod.APOSTROPHE_PATTERN
-
+    """The retriever's ``tokenizer.json``: the tokenizer's settings (as the manifest records them) and its vocabulary."""
     tk: dict[str, Any] = {}
     if (root / MANIFEST_FILE).is_file():
         tk = dict(json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8")).get("tokenizer") or {})
     if max_len is not None:
         tk["max_len"] = int(max_len)
-    vocab = json.loads((root / tk.get("vocab", "vocab.json")).read_text(encoding="utf-8"))
     if "max_len" not in tk:
         log.warning("tokenizer max_len unknown (no manifest yet); the retriever truncates captions at %d words",
                     DEFAULT_PROFILES["L"][2])
         tk["max_len"] = DEFAULT_PROFILES["L"][2]
-    return {
-        "vocab": vocab,
-        "max_len": int(tk["max_len"]),
-        "word_pattern": tk.get("word_pattern", word.pattern),
-        "apostrophe_pattern": tk.get("apostrophe_pattern", apostrophes.pattern),
-        "unk_id": int(tk.get("unk_id", tkmod.UNK_ID)),
-        "normalization": "NFKC",
-        "lowercase": True,
-    }
+    word_tokenizer.check_settings(tk, f"bundle {root}")
+    vocab = json.loads((root / tk.get("vocab", "vocab.json")).read_text(encoding="utf-8"))
+    return {**word_tokenizer.settings(int(tk["max_len"])), "vocab": vocab}
 
 
 def write_repository(
@@ -362,8 +352,9 @@ def write_repository(
             mdir = tmp / RETRIEVER / "1"
             mdir.mkdir(parents=True)
             shutil.copyfile(RETRIEVER_MODEL, mdir / "model.py")
+            _copy_core(mdir / CORE_PACKAGE)
             tk = _tokenizer_spec(rootp, max_len)
-            (mdir / "tokenizer.json").write_text(json.dumps(tk, ensure_ascii=False), encoding="utf-8")
+            (mdir / RETRIEVER_TOKENIZER).write_text(json.dumps(tk, ensure_ascii=False), encoding="utf-8")
             cfg_path = tmp / RETRIEVER / "config.pbtxt"
             cfg_path.write_text(retriever_config_text(dims, settings, bundle_id=bundle_id), encoding="utf-8")
             validate_config(cfg_path)
@@ -392,6 +383,13 @@ def write_repository(
     return {"triton": record}
 
 
+def _copy_core(dest: Path) -> None:
+    """Copy the search core (``mssan_infer/core/*.py``, numpy-only, self-contained) to ``dest``."""
+    dest.mkdir(parents=True)
+    for src in sorted(Path(core.__file__).parent.glob("*.py")):
+        shutil.copyfile(src, dest / src.name)
+
+
 def install_index(repository: str | os.PathLike[str], index: str | os.PathLike[str]) -> Path:
     """Copy a saved mssan_infer index into ``repository/retriever/1/index`` (replacing any).
 
@@ -412,7 +410,7 @@ def install_index(repository: str | os.PathLike[str], index: str | os.PathLike[s
     except IndexFileError as e:
         raise ExportError(str(e)) from e
     cfg = _parse(cfg_path.read_text(encoding="utf-8"), str(cfg_path))
-    want = cfg.parameters["bundle_id"].string_value if "bundle_id" in cfg.parameters else ""
+    want = cfg.parameters[BUNDLE_ID_PARAM].string_value if BUNDLE_ID_PARAM in cfg.parameters else ""
     if want and manifest["bundle_id"] != want:
         raise ExportError(
             f"index {src} was built with bundle {manifest['bundle_id']}, but the repository serves {want}; "

@@ -18,7 +18,9 @@ import numpy as np
 
 from .bundle import load_bundle
 from .errors import InputError, MssanError
-from .index import ItemId, read_index_manifest
+from .core.contract import ItemId
+from .core.store import read_index_manifest
+from .progress import progress_bar
 from .retriever import Hit, Retriever
 
 __all__ = ["main", "run_index", "run_search", "run_info", "read_lines"]
@@ -95,7 +97,7 @@ def run_index(
                 raise InputError(f"{ids} has {len(image_ids)} ids for {n} images in {images}")
         else:
             image_ids = list(r.images.next_ids(n))
-        bar = _bar(n, "encode images", progress)
+        bar = progress_bar(n, "encode images", progress)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             r.add_images(np.asarray(feats[a:b], dtype=np.float32), ids=image_ids[a:b])
@@ -113,16 +115,6 @@ def run_index(
         r.add_texts(caps, ids=cap_ids, progress=progress)
     r.save(outp)
     return r
-
-
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr)
 
 
 def run_search(
@@ -166,7 +158,7 @@ def run_info(bundle: str | os.PathLike[str], index: str | os.PathLike[str] | Non
         "bundle_id": b.bundle_id,
         "format_version": m["format_version"],
         "model_config": b.model_config,
-        "graphs": {name: (e["file"] if isinstance(e, dict) else e) for name, e in m["graphs"].items()},
+        "graphs": {name: e["file"] for name, e in m["graphs"].items()},
         "fp16": bool(m.get("fp16_graphs")),
         "vocab_size": b.model_config.get("vocab_size"),
         "verified": m.get("verified"),

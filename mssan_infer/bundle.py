@@ -1,36 +1,18 @@
 """Read and verify an export bundle: manifest, format version, sha256 of every file, path confinement."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .core.files import safe_member, sha256_file
 from .errors import BundleError
-from .spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, sha256_file
+from .spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE
 
 __all__ = ["Bundle", "load_bundle", "safe_member"]
-
-
-def safe_member(root: Path, name: str) -> Path:
-    """``root/name``, refusing names that could leave ``root`` (absolute, ``..``, symlinks)."""
-    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or os.path.isabs(name):
-        raise BundleError(f"manifest names file {name!r}: only relative paths inside the bundle are allowed")
-    parts = Path(name).parts
-    if any(p in ("..", "") for p in parts) or ":" in parts[0]:
-        raise BundleError(f"manifest names file {name!r}: '..' and drive letters are not allowed in bundle paths")
-    path = root / name
-    probe = root
-    for p in parts:
-        probe = probe / p
-        if probe.is_symlink():
-            raise BundleError(f"bundle member {name!r} is a symlink; bundles must contain plain files only")
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError as e:
-        raise BundleError(f"bundle member {name!r} resolves outside the bundle folder") from e
-    return path
 
 
 @dataclass
@@ -52,8 +34,7 @@ class Bundle:
                 f"bundle {self.root} has no {precision} graph {graph!r} ({have}); "
                 f"re-export with `python -m export{' --fp16' if precision == 'fp16' else ''}`"
             )
-        entry = table[graph]
-        return self.path(entry["file"] if isinstance(entry, dict) else entry)
+        return self.path(table[graph]["file"])
 
     @property
     def model_config(self) -> dict[str, Any]:
@@ -64,8 +45,6 @@ class Bundle:
         """Identifies the bundle's weights: the sha256 of its fp32 graphs and vocabulary, combined."""
         files = self.manifest["files"]
         keys = sorted(k for k in files if not k.startswith(("tensorrt/", "triton/")))
-        import hashlib
-
         return hashlib.sha256("".join(f"{k}={files[k]};" for k in keys).encode()).hexdigest()[:16]
 
 
@@ -105,8 +84,7 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
             raise BundleError(f"{mpath}: {key!r} must be a JSON object, got {type(manifest[key]).__name__}; re-export the bundle")
     for table in ("graphs", "fp16_graphs"):
         for gname, entry in (manifest.get(table) or {}).items():
-            name = entry.get("file") if isinstance(entry, dict) else entry
-            if not isinstance(name, str):
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
                 raise BundleError(f"{mpath}: {table} entry {gname!r} names no file; re-export the bundle")
     for key in ("embed_size", "img_dim"):
         value = manifest["model_config"].get(key)
@@ -118,8 +96,7 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
     files = manifest["files"]
     if not isinstance(files, dict):
         raise BundleError(f"{mpath}: 'files' must map names to sha256; re-export the bundle")
-    listed = [e["file"] if isinstance(e, dict) else e for e in manifest["graphs"].values()]
-    listed += [e["file"] if isinstance(e, dict) else e for e in (manifest.get("fp16_graphs") or {}).values()]
+    listed = [e["file"] for table in ("graphs", "fp16_graphs") for e in (manifest.get(table) or {}).values()]
     listed.append(manifest["tokenizer"].get("vocab", "vocab.json"))
     unhashed = [n for n in listed if n not in files]
     if unhashed:

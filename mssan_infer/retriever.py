@@ -14,16 +14,23 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, Union, cast
+from typing import Any, Iterable, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
 from .backends import Backend, create_backend
 from .bundle import Bundle, load_bundle
-from .errors import BundleError, InputError
-from .index import GalleryIndex, GalleryView, ItemId, _check_id, extent, load_index, save_index
-from .preprocess import ImageSource, Preprocessing, describe, is_image_source, preprocess
-from .tokenizer import APOSTROPHE_PATTERN, UNK_ID, WORD_PATTERN, Tokenizer
+from .core import inputs
+from .core.contract import Gallery, GalleryView, ItemId, extent
+from .core.layout import IMAGES, TEXTS
+from .core.memory import GalleryIndex
+from .core.search import Encoded, ScorerLimits, search
+from .core.store import load_index, save_index
+from .core.tokenizer import Tokenizer, check_settings
+from .errors import InputError
+from .pixels import PixelEncoder, has_pixel_graph, pixel_sources
+from .preprocess import ImageSource
+from .progress import progress_bar
 
 __all__ = ["Retriever", "Hit", "Encoded", "ImageInput"]
 
@@ -32,8 +39,6 @@ log = logging.getLogger(__name__)
 ImageInput = Union[np.ndarray, Sequence[np.ndarray]]
 # With a bundle exported with --pixels: image files, PIL images or uint8 HWC arrays (one or a list).
 PixelInput = Union[ImageSource, Sequence[ImageSource]]
-IMAGES, TEXTS = "images", "texts"
-PIXEL_GRAPH = "image_encoder_pixels"
 
 
 @dataclass(frozen=True)
@@ -43,46 +48,6 @@ class Hit:
     id: ItemId
     score: float
     stage1: float
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Encoded items of one modality (numpy, float32), padded to the longest item.
-
-    Attributes:
-        stage1: ``[N, 2D]`` stage-1 vectors.
-        local: ``[N, P, D]`` unfused locals, zero at padding.
-        mask: ``[N, P]`` 1 for real regions/words.
-        gram: ``[N, P, P]`` ``local @ local^T``.
-    """
-
-    stage1: np.ndarray
-    local: np.ndarray
-    mask: np.ndarray
-    gram: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.stage1.shape[0])
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """``[N]`` number of real regions/words per item."""
-        return (self.mask > 0).sum(1)
-
-
-def _batches(n: int, size: int) -> Iterator[tuple[int, int]]:
-    for a in range(0, n, size):
-        yield a, min(n, a + size)
-
-
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="item")
 
 
 class Retriever:
@@ -97,8 +62,8 @@ class Retriever:
         bundle: Bundle,
         backend: Backend,
         tokenizer: Tokenizer,
-        images: GalleryIndex,
-        texts: GalleryIndex,
+        images: Gallery,
+        texts: Gallery,
         *,
         batch_size: int = 32,
         scorer_batch: int = 256,
@@ -110,11 +75,11 @@ class Retriever:
         self.tokenizer = tokenizer
         self.embed_size = int(cfg["embed_size"])
         self.img_dim = int(cfg["img_dim"])
-        self.batch_size = _positive("batch_size", batch_size)
-        self.scorer_batch = _positive("scorer_batch", scorer_batch)
+        self.batch_size = inputs.positive_int("batch_size", batch_size)
+        self.scorer_batch = inputs.positive_int("scorer_batch", scorer_batch)
         # Copying the reranked candidates out of the gallery is bound by one thread's memory
         # reads; more threads fetch more rows at once (2 threads: 1.6 -> 0.9 ms for 100 images).
-        self.gather_threads = _positive("gather_threads", gather_threads if gather_threads is not None
+        self.gather_threads = inputs.positive_int("gather_threads", gather_threads if gather_threads is not None
                                         else min(4, os.cpu_count() or 1))
         self._gather_pool: ThreadPoolExecutor | None = None
         self._gather_pid = os.getpid()
@@ -124,9 +89,8 @@ class Retriever:
                 raise InputError(
                     f"{name} gallery has dims (2D={g.stage1_dim}, D={g.local_dim}) but the bundle has D={self.embed_size}"
                 )
-        self._galleries = {IMAGES: images, TEXTS: texts}
-        self._pixel_lock = threading.Lock()
-        self._pixel_runner: tuple[Backend, Preprocessing] | None = None     # made on first image input
+        self._galleries: dict[str, Gallery] = {IMAGES: images, TEXTS: texts}
+        self._pixels = PixelEncoder(bundle, backend, self.embed_size)     # its session is made on first use
 
     # ---- construction -------------------------------------------------------
     @classmethod
@@ -201,12 +165,12 @@ class Retriever:
         return self.bundle.bundle_id
 
     @property
-    def images(self) -> GalleryIndex:
+    def images(self) -> Gallery:
         """The image gallery (searched by text queries)."""
         return self._galleries[IMAGES]
 
     @property
-    def texts(self) -> GalleryIndex:
+    def texts(self) -> Gallery:
         """The caption gallery (searched by image queries)."""
         return self._galleries[TEXTS]
 
@@ -234,8 +198,7 @@ class Retriever:
             if self._gather_pool is not None:
                 self._gather_pool.shutdown(wait=True)
                 self._gather_pool = None
-        if self._pixel_runner is not None and self._pixel_runner[0] is not self.backend:
-            self._pixel_runner[0].close()
+        self._pixels.close()
 
     def __enter__(self) -> "Retriever":
         return self
@@ -244,58 +207,6 @@ class Retriever:
         self.close()
 
     # ---- encoding ---------------------------------------------------------------
-    def _image_batch(self, feats: ImageInput, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Validate image input -> ``(regions [N,R,Dv] float32, mask [N,R] float32)``."""
-        dv = self.img_dim
-        if isinstance(feats, np.ndarray) or (not isinstance(feats, (list, tuple)) and hasattr(feats, "shape")):
-            arr = np.asarray(feats)
-            if arr.ndim != 3 or arr.shape[2] != dv:
-                raise InputError(
-                    f"image features must be [N, R, {dv}] (or a list of [R_i, {dv}] arrays); got shape {arr.shape}"
-                )
-            if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-                raise InputError(f"image features must be real numbers, got dtype {arr.dtype}")
-            with np.errstate(over="ignore"):          # values beyond float32 become inf: refused below
-                regions = np.asarray(arr, dtype=np.float32)
-            if mask is None:
-                m = np.ones(regions.shape[:2], np.float32)
-            else:
-                m = np.asarray(mask, dtype=np.float32)
-                if m.shape != regions.shape[:2]:
-                    raise InputError(f"mask must be [N, R] = {regions.shape[:2]}, got {m.shape}")
-        else:
-            if mask is not None:
-                raise InputError("mask is only accepted with an [N, R, Dv] array; a list of [R_i, Dv] makes its own")
-            try:
-                items = [np.asarray(x) for x in feats]
-            except TypeError:
-                raise InputError(
-                    f"image features must be an [N, R, {dv}] array or a list of [R_i, {dv}] arrays, "
-                    f"got {type(feats).__name__}"
-                ) from None
-            for i, x in enumerate(items):
-                if x.ndim != 2 or x.shape[1] != dv:
-                    raise InputError(f"image {i}: region features must be [R_i, {dv}], got shape {x.shape}")
-                if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-                    raise InputError(f"image {i}: features must be real numbers, got dtype {x.dtype}")
-            r = max([1] + [x.shape[0] for x in items])
-            regions = np.zeros((len(items), r, dv), np.float32)
-            m = np.zeros((len(items), r), np.float32)
-            for i, x in enumerate(items):
-                regions[i, : x.shape[0]] = x
-                m[i, : x.shape[0]] = 1.0
-        if regions.shape[0] == 0:
-            raise InputError(f"no images given (an empty batch); pass at least one image of [R, {dv}] region features")
-        if not np.isin(m, (0.0, 1.0)).all():
-            raise InputError("mask must hold only 1 (real region) and 0 (padding); got other values or NaN")
-        real = m > 0
-        empty = np.flatnonzero(~real.any(1))
-        if empty.size:
-            raise InputError(f"images {empty[:5].tolist()} have no regions (mask all zero); every image needs >= 1")
-        if not np.isfinite(regions[real]).all():
-            raise InputError("image features contain NaN or inf")
-        return regions, m
-
     def encode_images(
         self, feats: ImageInput | PixelInput, mask: np.ndarray | None = None, *, progress: bool = False
     ) -> Encoded:
@@ -314,12 +225,12 @@ class Retriever:
                 that is missing, truncated or not an image (named); pixels without the pixel graph.
             BundleError: the bundle's pixel graph or preprocessing entry is damaged.
         """
-        sources = _pixel_sources(feats)
+        sources = pixel_sources(feats)
         if sources is not None:
             if mask is not None:
                 raise InputError("mask is only for region features; images from pixels use every grid cell")
-            return self._encode_pixels(sources, progress=progress)
-        regions, m = self._image_batch(cast(ImageInput, feats), mask)
+            return self._pixels.encode(sources, self.batch_size, progress=progress)
+        regions, m = inputs.region_batch(feats, mask, self.img_dim)
         return self._encode_regions(regions, m, progress=progress)
 
     def _encode_regions(self, regions: np.ndarray, m: np.ndarray, *, progress: bool = False) -> Encoded:
@@ -329,8 +240,9 @@ class Retriever:
             np.zeros((n, 2 * d), np.float32), np.zeros((n, r, d), np.float32),
             m.astype(np.float32, copy=True), np.zeros((n, r, r), np.float32),
         )
-        bar = _progress(n, "encode images", progress)
-        for a, b in _batches(n, self.batch_size):
+        bar = progress_bar(n, "encode images", progress)
+        for a in range(0, n, self.batch_size):
+            b = min(n, a + self.batch_size)
             w = max(1, extent(m[a:b]))                      # trim the batch's padding
             res = self.backend.run("image_encoder", {"regions": regions[a:b, :w], "region_mask": m[a:b, :w]})
             out.stage1[a:b] = res["img_stage1"]
@@ -345,66 +257,7 @@ class Retriever:
     @property
     def has_pixel_graph(self) -> bool:
         """Whether the bundle can encode images from pixels (exported with ``--pixels``)."""
-        return PIXEL_GRAPH in (self.bundle.manifest.get("optional_graphs") or {})
-
-    def _pixels(self) -> tuple[Backend, Preprocessing]:
-        """The pixel graph's runner and preprocessing, made on first use (the backend's own when it has
-        the graph, else an ONNX Runtime session on the backend's device)."""
-        with self._pixel_lock:
-            if self._pixel_runner is None:
-                m = self.bundle.manifest
-                entry = (m.get("optional_graphs") or {}).get(PIXEL_GRAPH)
-                if not isinstance(entry, dict):
-                    raise InputError(
-                        f"bundle {self.bundle.root} has no pixel graph, so images must be region features "
-                        f"[N, R, {self.img_dim}]; to index image files re-export it with `python -m export "
-                        "--checkpoint CKPT --out DIR --pixels --features DATA --backbone-weights PATH`"
-                    )
-                prep = (m.get("preprocessing") or {}).get("image")
-                if not isinstance(prep, dict):
-                    raise BundleError(
-                        f"bundle {self.bundle.root} has a pixel graph but no preprocessing.image entry; re-export it"
-                    )
-                cfg = Preprocessing.from_dict(prep)
-                if PIXEL_GRAPH in getattr(self.backend, "graphs", ()):
-                    runner: Backend = self.backend
-                else:
-                    from .backends.onnxruntime import OnnxRuntimeBackend
-
-                    name = str(entry.get("file", ""))
-                    if name not in m.get("files", {}):
-                        raise BundleError(
-                            f"bundle {self.bundle.root}: pixel graph {name!r} has no sha256 in the manifest; re-export it"
-                        )
-                    device = getattr(self.backend, "device", "cpu")
-                    runner = OnnxRuntimeBackend({PIXEL_GRAPH: self.bundle.path(name)},
-                                                device=device if isinstance(device, str) else "cpu")
-                self._pixel_runner = (runner, cfg)
-            return self._pixel_runner
-
-    def _encode_pixels(self, sources: Sequence[ImageSource], *, progress: bool = False) -> Encoded:
-        runner, cfg = self._pixels()
-        n = len(sources)
-        if n == 0:
-            raise InputError("no images given")
-        pixels = np.stack([preprocess(s, cfg, describe(s, i)) for i, s in enumerate(sources)])   # [N,3,S,S]
-        out: Encoded | None = None
-        bar = _progress(n, "encode images", progress)
-        for a, b in _batches(n, self.batch_size):
-            res = runner.run(PIXEL_GRAPH, {"pixels": pixels[a:b]})
-            if out is None:
-                r, d = res["img_local"].shape[1], self.embed_size
-                out = Encoded(np.zeros((n, 2 * d), np.float32), np.zeros((n, r, d), np.float32),
-                              np.ones((n, r), np.float32), np.zeros((n, r, r), np.float32))
-            out.stage1[a:b] = res["img_stage1"]
-            out.local[a:b] = res["img_local"]
-            out.gram[a:b] = res["img_gram"]
-            if bar is not None:
-                bar.update(b - a)
-        if bar is not None:
-            bar.close()
-        assert out is not None
-        return out
+        return has_pixel_graph(self.bundle)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each caption.
@@ -412,21 +265,7 @@ class Retriever:
         Raises:
             InputError: a caption that is not a str, is empty, or has only unknown words.
         """
-        ids: list[list[int]] = []
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                hint = "; decode bytes as UTF-8 first" if isinstance(t, (bytes, bytearray)) else ""
-                raise InputError(f"caption {i} must be str, got {type(t).__name__}{hint}")
-            x = self.tokenizer.encode(t)
-            if not x:
-                raise InputError(f"caption {i} {t[:60]!r} has no words; captions need at least one word")
-            if all(tok == UNK_ID for tok in x):
-                raise InputError(
-                    f"caption {i} {t[:60]!r}: none of its words is in the model's vocabulary "
-                    f"({len(self.tokenizer)} words); rephrase it"
-                )
-            ids.append(x)
-        return ids
+        return inputs.token_ids(self.tokenizer, texts)
 
     def encode_texts(self, texts: str | Sequence[str], *, progress: bool = False) -> Encoded:
         """Encode captions (batched internally, grouped by length).
@@ -438,17 +277,7 @@ class Retriever:
         Raises:
             InputError: empty caption, only unknown words, or not a str.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        if isinstance(texts, (bytes, bytearray)):
-            raise InputError("captions must be str, got bytes; decode them as UTF-8 first")
-        try:
-            texts = list(texts)
-        except TypeError:
-            raise InputError(f"captions must be a str or a sequence of str, got {type(texts).__name__}") from None
-        if not texts:
-            raise InputError("no captions given (an empty batch); pass at least one caption")
-        return self._encode_ids(self.tokenize(texts), progress=progress)
+        return self._encode_ids(self.tokenize(inputs.caption_list(texts)), progress=progress)
 
     def _encode_ids(self, ids: list[list[int]], *, progress: bool = False) -> Encoded:
         n = len(ids)
@@ -459,8 +288,9 @@ class Retriever:
             np.zeros((n, lmax), np.float32), np.zeros((n, lmax, lmax), np.float32),
         )
         order = np.argsort([len(x) for x in ids], kind="stable")
-        bar = _progress(n, "encode texts", progress)
-        for a, b in _batches(n, self.batch_size):
+        bar = progress_bar(n, "encode texts", progress)
+        for a in range(0, n, self.batch_size):
+            b = min(n, a + self.batch_size)
             rows = order[a:b]
             w = max(len(ids[i]) for i in rows)
             tokens = np.zeros((len(rows), w), np.int64)
@@ -523,12 +353,12 @@ class Retriever:
         return self.texts.add(enc.stage1, enc.local, enc.mask, enc.gram, ids)
 
     @staticmethod
-    def _check_ids_free(gallery: GalleryIndex, ids: Sequence[ItemId] | None) -> None:
+    def _check_ids_free(gallery: Gallery, ids: Sequence[ItemId] | None) -> None:
         """Fail before encoding when ids collide (the gallery checks again under its lock)."""
         if ids is None:
             return
-        ids = _id_list(ids)
-        if len(set(map(_hashable, ids))) != len(ids):
+        ids = inputs.id_list(ids)
+        if len(set(ids)) != len(ids):
             raise InputError("duplicate ids in this batch")
         clash = [i for i in ids if i in gallery]
         if clash:
@@ -544,7 +374,7 @@ class Retriever:
         Raises:
             InputError: unknown ids, or an id present in both galleries without ``gallery``.
         """
-        ids = _id_list(ids)
+        ids = inputs.id_list(ids)
         if gallery is not None:
             if gallery not in self._galleries:
                 raise InputError(f"gallery must be 'images' or 'texts', got {gallery!r}")
@@ -564,8 +394,12 @@ class Retriever:
 
         Raises:
             IndexFileError: ``path`` exists and is not an index folder.
+            InputError: a gallery that is not kept in this process (it persists on its own).
         """
-        return save_index(path, self._galleries, bundle_id=self.bundle_id)
+        own = {name: g for name, g in self._galleries.items() if isinstance(g, GalleryIndex)}
+        if len(own) != len(self._galleries):
+            raise InputError("only in-memory galleries are saved to an index folder; the others persist on their own")
+        return save_index(path, own, bundle_id=self.bundle_id)
 
     # ---- search -------------------------------------------------------------------
     def search(
@@ -597,7 +431,7 @@ class Retriever:
             if not isinstance(text, str):
                 raise InputError(f"text must be a str, got {type(text).__name__}; use search_batch for several")
             return self.search_batch(texts=[text], k=k, rerank=rerank)[0]
-        sources = _pixel_sources(image)
+        sources = pixel_sources(image)
         if sources is not None:
             if len(sources) != 1:
                 raise InputError(f"image= takes one image, got {len(sources)}; use search_batch(images=[...])")
@@ -630,7 +464,7 @@ class Retriever:
         Raises:
             InputError: as in :meth:`search`.
         """
-        k, rerank = _check_k(k, rerank)
+        k, rerank = inputs.check_k(k, rerank)
         if (texts is None) == (images is None):
             raise InputError("give exactly one of texts= (searches images) or images= (searches captions)")
         if texts is not None:
@@ -652,7 +486,7 @@ class Retriever:
 
     def search_encoded(self, query: Encoded, *, query_is_text: bool, k: int = 10, rerank: int = 100) -> list[list[Hit]]:
         """Search with queries already encoded (``query_is_text``: search the image gallery)."""
-        k, rerank = _check_k(k, rerank)
+        k, rerank = inputs.check_k(k, rerank)
         view = (self.images if query_is_text else self.texts).view()
         if view.n == 0:
             raise InputError(f"the {'image' if query_is_text else 'caption'} gallery is empty")
@@ -661,19 +495,18 @@ class Retriever:
     def _search_encoded(
         self, q: Encoded, view: GalleryView, *, query_is_text: bool, k: int, rerank: int
     ) -> list[list[Hit]]:
-        depth = max(k, rerank) if rerank > 0 else k
-        rows, s1 = view.topk(q.stage1, depth)                                 # [Q, K]
-        results: list[list[Hit]] = []
-        for qi in range(len(q)):
-            r, s = rows[qi], s1[qi]
-            if rerank > 0 and len(r):
-                final = s + self._rerank(q, qi, view, r, query_is_text)
-                order = np.lexsort((r, -final))[:k]
-            else:
-                final = s
-                order = np.arange(min(k, len(r)))
-            results.append([Hit(view.ids[int(r[j])], float(final[j]), float(s[j])) for j in order])
-        return results
+        ranked = search(
+            q, view, lambda feeds: self.backend.run("scorer", feeds)["s_ll"], query_is_text=query_is_text, k=k,
+            rerank=rerank, batch=self.scorer_batch, limits=self._scorer_limits(query_is_text),
+            executor=self._gatherer(), parts=self.gather_threads,
+        )
+        return [[Hit(i, float(f), float(s)) for i, f, s in zip(view.ids_at(r.rows), r.score, r.stage1)]
+                for r in ranked]
+
+    def _scorer_limits(self, query_is_text: bool) -> ScorerLimits | None:
+        """The backend's scorer limits (a TensorRT engine's profile maxima), if it has any."""
+        limits = getattr(self.backend, "limits", None)
+        return ScorerLimits.from_axes(limits("scorer"), query_is_text=query_is_text) if callable(limits) else None
 
     def _gatherer(self) -> ThreadPoolExecutor | None:
         """The helper threads of candidate gathers (made on first use; none for one thread)."""
@@ -686,68 +519,6 @@ class Retriever:
                 self._gather_pid = os.getpid()
             return self._gather_pool
 
-    def _rerank(self, q: Encoded, qi: int, view: GalleryView, rows: np.ndarray, query_is_text: bool) -> np.ndarray:
-        """``s_ll`` of query ``qi`` against gallery ``rows`` -> ``[K]``."""
-        width = max(1, extent(q.mask[qi : qi + 1]))
-        q_local = q.local[qi : qi + 1, :width]                                 # [1, P, D]
-        q_mask = q.mask[qi : qi + 1, :width]
-        q_gram = q.gram[qi : qi + 1, :width, :width]
-        out = np.empty(len(rows), np.float32)
-        for a, b in _batches(len(rows), self.scorer_batch):
-            local, mask, gram = view.gather(rows[a:b], self._gatherer(), self.gather_threads)  # [K, P', D] ...
-            if query_is_text:
-                feeds = {"img_local": local, "region_mask": mask, "img_gram": gram,
-                         "txt_local": q_local, "token_mask": q_mask, "txt_gram": q_gram}
-                out[a:b] = self.backend.run("scorer", feeds)["s_ll"][:, 0]     # [K, 1]
-            else:
-                feeds = {"img_local": q_local, "region_mask": q_mask, "img_gram": q_gram,
-                         "txt_local": local, "token_mask": mask, "txt_gram": gram}
-                out[a:b] = self.backend.run("scorer", feeds)["s_ll"][0, :]     # [1, K]
-        return out
-
-
-def _id_list(ids: Any) -> list[ItemId]:
-    """``ids`` as a list of checked str/int ids; InputError for a single string or a non-sequence."""
-    if isinstance(ids, (str, bytes)):
-        raise InputError("ids must be a sequence of str/int, not a single string; wrap it in a list")
-    try:
-        return [_check_id(i) for i in ids]
-    except TypeError:
-        raise InputError(f"ids must be a sequence of str/int, got {type(ids).__name__}") from None
-
-
-def _pixel_sources(x: object) -> list[ImageSource] | None:
-    """``x`` as a list of images (paths, PIL images, uint8 arrays), or None when it is region features."""
-    if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] in (1, 3, 4):
-        return list(x)                                                   # [N,H,W,C] uint8
-    if is_image_source(x):
-        return [x]  # type: ignore[list-item]
-    if isinstance(x, (list, tuple)) and x and all(is_image_source(i) for i in x):
-        return list(x)
-    return None
-
-
-def _hashable(x: Any) -> Any:
-    try:
-        hash(x)
-        return x
-    except TypeError:
-        raise InputError(f"ids must be str or int, got {type(x).__name__}") from None
-
-
-def _positive(name: str, v: int) -> int:
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-        raise InputError(f"{name} must be a positive int, got {v!r}")
-    return int(v)
-
-
-def _check_k(k: int, rerank: int) -> tuple[int, int]:
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
-        raise InputError(f"k must be a positive int, got {k!r}")
-    if not isinstance(rerank, (int, np.integer)) or isinstance(rerank, bool) or rerank < 0:
-        raise InputError(f"rerank must be an int >= 0 (0 = stage 1 only), got {rerank!r}")
-    return int(k), int(rerank)
-
 
 def tokenizer_from_bundle(bundle: Bundle) -> Tokenizer:
     """The bundle's tokenizer: ``vocab.json`` with the manifest's ``max_len``.
@@ -756,13 +527,6 @@ def tokenizer_from_bundle(bundle: Bundle) -> Tokenizer:
         BundleError: the bundle was exported with a different tokenizer definition.
     """
     tk = bundle.manifest.get("tokenizer") or {}
-    for key, here in (("word_pattern", WORD_PATTERN.pattern), ("apostrophe_pattern", APOSTROPHE_PATTERN.pattern)):
-        if key in tk and tk[key] != here:
-            raise BundleError(
-                f"bundle {bundle.root} was exported with another tokenizer ({key} {tk[key]!r} != {here!r}); "
-                "use the mssan_infer version it was exported with, or re-export"
-            )
-    if tk.get("normalization", "NFKC") != "NFKC" or tk.get("lowercase", True) is not True:
-        raise BundleError(f"bundle {bundle.root} uses tokenizer settings this mssan_infer does not support: {tk}")
+    check_settings(tk, f"bundle {bundle.root}")
     max_len = int(tk.get("max_len", bundle.model_config.get("max_len", 64)))
     return Tokenizer.from_file(bundle.path(tk.get("vocab", "vocab.json")), max_len=max_len)

@@ -9,9 +9,10 @@ the pixel graph's dynamic image height and width.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
+
+from .core.files import sha256_file
+from .core.layout import FORMAT_VERSION, MANIFEST_FILE, VOCAB_FILE
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST_FILE", "VOCAB_FILE", "TensorSpec", "GraphSpec", "GRAPHS",
@@ -19,9 +20,6 @@ __all__ = [
     "DEFAULT_PROFILES", "sha256_file", "IMAGE_ENCODER_PIXELS", "OPTIONAL_GRAPHS",
 ]
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-VOCAB_FILE = "vocab.json"
 FIXED_AXES = ("D", "D2", "Dv", "C")
 
 
@@ -138,15 +136,3 @@ DEFAULT_PROFILES: dict[str, tuple[int, int, int]] = {
     "Ni": (1, 100, 256),
     "Nt": (1, 1, 128),
 }
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()

@@ -1,120 +1,18 @@
-"""The one tokenizer of MSSAN, used by training and by the runtime.
-
-Pure Python and deterministic: NFKC normalisation, lower-casing, then words
-are maximal runs of letters/digits (unicode aware); an apostrophe inside a
-word is dropped ("dog's" -> "dogs"); every other character separates words.
-Captions carry no ``<start>``/``<end>`` tokens.
-"""
+"""The word tokenizer of MSSAN (defined in :mod:`mssan_infer.core.tokenizer`, re-exported here)."""
 from __future__ import annotations
 
-import json
-import logging
-import os
-import re
-import unicodedata
-from collections import Counter
-from typing import Iterable, Sequence
+from .core.tokenizer import (
+    APOSTROPHE_PATTERN,
+    PAD,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    UNK,
+    UNK_ID,
+    WORD_PATTERN,
+    Tokenizer,
+    build_vocab,
+    tokenize,
+)
 
-import numpy as np
-
-from .errors import BundleError, InputError
-
-__all__ = ["Tokenizer", "SPECIAL_TOKENS", "PAD", "UNK", "tokenize", "build_vocab", "WORD_PATTERN", "APOSTROPHE_PATTERN"]
-
-log = logging.getLogger(__name__)
-
-PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
-SPECIAL_TOKENS = (PAD, START, END, UNK)
-PAD_ID, UNK_ID = 0, 3
-
-WORD_PATTERN = re.compile(r"[^\W_]+", re.UNICODE)
-APOSTROPHE_PATTERN = re.compile(r"(?<=[^\W_])['\u2019](?=[^\W_])", re.UNICODE)
-
-
-def tokenize(text: str) -> list[str]:
-    """Split ``text`` into normalised words. Never raises on a ``str``."""
-    if not isinstance(text, str):
-        raise InputError(f"caption must be str, got {type(text).__name__}; decode bytes as UTF-8 first")
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = APOSTROPHE_PATTERN.sub("", text)
-    return WORD_PATTERN.findall(text)
-
-
-def build_vocab(captions: Iterable[str], threshold: int = 4) -> dict[str, int]:
-    """Vocabulary of words seen at least ``threshold`` times, special tokens first.
-
-    Ids are deterministic: specials 0..3, then words by decreasing count, ties
-    broken alphabetically.
-    """
-    counts: Counter[str] = Counter()
-    for cap in captions:
-        counts.update(tokenize(cap))
-    words = sorted((w for w, c in counts.items() if c >= threshold), key=lambda w: (-counts[w], w))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for w in words:
-        vocab[w] = len(vocab)
-    return vocab
-
-
-class Tokenizer:
-    """Words -> ids with a fixed vocabulary.
-
-    Args:
-        vocab: word -> id, with the four special tokens at ids 0..3.
-        max_len: captions longer than this are truncated (with a warning).
-    """
-
-    def __init__(self, vocab: dict[str, int], max_len: int = 64) -> None:
-        for i, tok in enumerate(SPECIAL_TOKENS):
-            if vocab.get(tok) != i:
-                raise BundleError(
-                    f"vocabulary must map {tok!r} to id {i}; got {vocab.get(tok)!r}. "
-                    "Rebuild it with mssan_infer.tokenizer.build_vocab."
-                )
-        if max_len < 1:
-            raise InputError(f"max_len must be >= 1, got {max_len}")
-        self.vocab = dict(vocab)
-        self.max_len = int(max_len)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str], max_len: int = 64) -> "Tokenizer":
-        """Load a ``vocab.json`` ({"word": id, ...})."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                vocab = json.load(f)
-        except (OSError, ValueError) as e:
-            raise BundleError(f"cannot read vocabulary {path}: {e}. Re-export the bundle.") from e
-        if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
-            raise BundleError(f"{path} is not a word->id JSON object. Re-export the bundle.")
-        return cls(vocab, max_len=max_len)
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.vocab, f, ensure_ascii=False, indent=0)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of one caption, truncated to ``max_len`` (unknown words -> ``<unk>``)."""
-        words = tokenize(text)
-        if len(words) > self.max_len:
-            log.warning("caption of %d words truncated to max_len=%d", len(words), self.max_len)
-            words = words[: self.max_len]
-        return [self.vocab.get(w, UNK_ID) for w in words]
-
-    def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Pad a batch of captions.
-
-        Returns:
-            tokens: int64 ``[B, L]`` with ``L`` the longest caption (at least 1),
-            mask: float32 ``[B, L]``, 1 for real words.
-        """
-        ids = [self.encode(t) for t in texts]
-        length = max([1] + [len(x) for x in ids])
-        tokens = np.zeros((len(ids), length), dtype=np.int64)
-        mask = np.zeros((len(ids), length), dtype=np.float32)
-        for i, x in enumerate(ids):
-            tokens[i, : len(x)] = x
-            mask[i, : len(x)] = 1.0
-        return tokens, mask
+__all__ = ["Tokenizer", "SPECIAL_TOKENS", "PAD", "UNK", "PAD_ID", "UNK_ID", "tokenize", "build_vocab",
+           "WORD_PATTERN", "APOSTROPHE_PATTERN"]

@@ -318,7 +318,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path: Path, monkeypatch: pytest.M
     def boom(*a: object, **k: object) -> str:
         raise OSError("disk full")
 
-    monkeypatch.setattr("mssan_infer.index.sha256_file", boom)
+    monkeypatch.setattr("mssan_infer.core.store.sha256_file", boom)
     with pytest.raises(OSError):
         save_index(path, {"images": g}, bundle_id="b1")
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before

@@ -61,11 +61,15 @@ def searcher(tiny_bundle: Path) -> Retriever:
 
 @FAST
 @given(text=captions, k=st.integers(-2, 12), rerank=st.integers(-2, 12))
-def test_search_on_arbitrary_text_raises_nothing_but_mssan_errors(searcher: Retriever, text: str, k: int, rerank: int) -> None:
+def test_search_on_arbitrary_text_succeeds_exactly_when_the_query_is_valid(
+        searcher: Retriever, text: str, k: int, rerank: int) -> None:
+    valid = k >= 1 and rerank >= 0 and any(t != UNK_ID for t in searcher.tokenizer.encode(text))
     try:
         hits = searcher.search(text=text, k=k, rerank=rerank)
     except MssanError:
+        assert not valid, f"a valid query was refused: {text!r} k={k} rerank={rerank}"
         return
+    assert valid, f"an invalid query was answered: {text!r} k={k} rerank={rerank}"
     assert len(hits) == min(k, searcher.n_images)
     assert all(np.isfinite(h.score) for h in hits)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
@@ -76,13 +80,18 @@ def test_search_on_arbitrary_text_raises_nothing_but_mssan_errors(searcher: Retr
     st.integers(0, 6).flatmap(lambda r: st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32),
                                                  min_size=r * 24, max_size=r * 24).map(
         lambda xs: np.array(xs, np.float32).reshape(-1, 24))),
+    st.integers(1, 6).map(lambda r: np.random.default_rng(r).normal(size=(r, 24)).astype(np.float32)),
     st.sampled_from([np.zeros((3, 23)), np.zeros((2, 3, 24)), np.zeros(24), np.array(1.0)]),
 ))
-def test_search_on_arbitrary_image_arrays_raises_nothing_but_mssan_errors(searcher: Retriever, image: np.ndarray) -> None:
+def test_search_on_arbitrary_image_arrays_succeeds_exactly_when_the_image_is_valid(
+        searcher: Retriever, image: np.ndarray) -> None:
+    valid = image.ndim == 2 and image.shape[0] >= 1 and image.shape[1] == 24 and bool(np.isfinite(image).all())
     try:
         hits = searcher.search(image=image, k=2)
     except MssanError:
+        assert not valid, f"a valid image was refused: shape {image.shape}"
         return
+    assert valid, f"an invalid image was answered: shape {image.shape}"
     assert len(hits) == 2 and all(np.isfinite(h.score) for h in hits)
 
 

@@ -13,7 +13,7 @@ import pytest
 import mssan_infer
 from mssan_infer.backends import create_backend, register_backend
 from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend, select_providers
-from mssan_infer.errors import BackendUnavailableError, BundleError, InputError
+from mssan_infer.errors import BackendUnavailableError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -166,11 +166,7 @@ def test_graph_entries_that_leave_the_bundle_are_refused(tiny_bundle: Path, tmp_
     name = {"absolute": str(outside), "dotdot": "../evil.onnx", "symlink": "evil.onnx"}[kind]
     if kind == "symlink":
         (root / name).symlink_to(outside)
-    entry = m[table]["scorer"]
-    if isinstance(entry, dict):
-        entry["file"] = name
-    else:
-        m[table]["scorer"] = name
+    m[table]["scorer"]["file"] = name
     m["files"][name] = m["files"]["scorer.onnx"]
     (root / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="relative paths|'..'|symlink"):

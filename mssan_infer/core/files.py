@@ -1,0 +1,115 @@
+"""Files: sha256, path confinement inside a bundle or index folder, durable writes, atomic folder swaps."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError, MssanError
+
+__all__ = ["sha256_file", "safe_member", "write_npy", "fsync_dir", "exchange_dirs", "CHUNK_BYTES", "rows_per_chunk"]
+
+CHUNK_BYTES = 64 << 20          # copies of large arrays go in blocks of about this many bytes
+
+
+def rows_per_chunk(row_bytes: int) -> int:
+    """Rows of ``row_bytes`` each in one block of :data:`CHUNK_BYTES`."""
+    return max(1, CHUNK_BYTES // max(1, row_bytes))
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_member(root: Path, name: str, error: type[MssanError] = BundleError) -> Path:
+    """``root/name``, refusing names that could leave ``root`` (absolute, ``..``, drive letters, symlinks).
+
+    Raises:
+        error: (default :class:`BundleError`) for any name that is not a plain relative path inside ``root``.
+    """
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or os.path.isabs(name):
+        raise error(f"manifest names file {name!r}: only relative paths inside the folder are allowed")
+    parts = Path(name).parts
+    if any(p in ("..", "") for p in parts) or ":" in parts[0]:
+        raise error(f"manifest names file {name!r}: '..' and drive letters are not allowed in paths")
+    path = root / name
+    probe = root
+    for p in parts:
+        probe = probe / p
+        if probe.is_symlink():
+            raise error(f"member {name!r} is a symlink; bundles and indexes must contain plain files only")
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError as e:
+        raise error(f"member {name!r} resolves outside the folder {root}") from e
+    return path
+
+
+def write_npy(path: Path, src: np.ndarray) -> None:
+    """Write ``src`` as .npy, fsync'd; in row blocks when large (works for memmaps larger than RAM)."""
+    if src.nbytes <= CHUNK_BYTES or src.shape[0] == 0:
+        with open(path, "wb") as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(src), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=src.dtype, shape=src.shape)
+    step = rows_per_chunk(src[:1].nbytes)
+    for a in range(0, src.shape[0], step):
+        out[a : a + step] = src[a : a + step]
+    out.flush()
+    del out
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False, having changed nothing, where the platform or file system cannot.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))

@@ -1,0 +1,118 @@
+"""Stage 1: maximum-inner-product top-k over stage-1 vectors (exact numpy, or FAISS)."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import BackendUnavailableError, InputError
+from .files import CHUNK_BYTES
+
+__all__ = ["STAGE1_METHODS", "topk_inner_product", "import_faiss", "build_faiss", "faiss_topk",
+           "default_ivf_nlist", "check_method"]
+
+log = logging.getLogger(__name__)
+
+STAGE1_METHODS = ("numpy", "faiss", "faiss-ivf", "faiss-hnsw")
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is a stage-1 method (FAISS ones need faiss installed).
+
+    Raises:
+        InputError: unknown method. BackendUnavailableError: a FAISS method without faiss.
+    """
+    if method not in STAGE1_METHODS:
+        raise InputError(f"stage1 must be one of {STAGE1_METHODS}, got {method!r}")
+    if method != "numpy":
+        import_faiss()
+    return method
+
+
+def default_ivf_nlist(n: int) -> int:
+    """IVF lists for ``n`` items when ``nlist`` is not given: 4 sqrt(n), at least 39 items per list."""
+    return max(1, min(n // 39, int(4 * math.sqrt(n))))
+
+
+def topk_inner_product(
+    queries: np.ndarray, base: np.ndarray, k: int, *, chunk_bytes: int = CHUNK_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact maximum-inner-product top-k.
+
+    Args:
+        queries: ``[Q, D]`` float32.
+        base: ``[N, D]`` (may be a memmap; read in chunks of rows).
+        k: results per query; clipped to ``N``.
+    Returns:
+        ``(idx [Q, k'] int64, scores [Q, k'] float32)`` sorted by decreasing score,
+        ties by increasing index; ``k' = min(k, N)``.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    n = int(base.shape[0])
+    k = min(int(k), n)
+    nq = q.shape[0]
+    if k <= 0 or nq == 0:
+        return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
+    rows = max(k, chunk_bytes // (4 * (max(1, nq) + base.shape[1])), 1)   # base rows per block
+    best_i = np.zeros((nq, 0), np.int64)
+    best_s = np.zeros((nq, 0), np.float32)
+    for a in range(0, n, rows):
+        block = np.asarray(base[a : a + rows], dtype=np.float32)
+        s = q @ block.T                                                   # [Q, n_block]
+        kk = min(k, s.shape[1])
+        if kk < s.shape[1]:
+            part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        else:
+            part = np.broadcast_to(np.arange(s.shape[1]), (nq, s.shape[1]))
+        cand_i = np.concatenate([best_i, part + a], axis=1)
+        cand_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
+        # sort by (-score, index): lexsort sorts by the last key first
+        order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]
+        best_i = np.take_along_axis(cand_i, order, axis=1)
+        best_s = np.take_along_axis(cand_s, order, axis=1)
+    return best_i.astype(np.int64), best_s.astype(np.float32)
+
+
+def import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as e:
+        raise BackendUnavailableError(
+            "stage-1 search with FAISS needs the faiss package: `pip install faiss-cpu` "
+            "(or `pip install mssan[faiss]`), or use stage1='numpy'"
+        ) from e
+    return faiss
+
+
+def build_faiss(method: str, stage1: np.ndarray, options: Mapping[str, int]) -> Any:
+    """A FAISS index of ``method`` ("faiss" flat, "faiss-ivf", "faiss-hnsw") over ``stage1 [N, 2D]``."""
+    faiss = import_faiss()
+    x = np.ascontiguousarray(stage1, dtype=np.float32)
+    d, n = x.shape[1], x.shape[0]
+    if method == "faiss":
+        index = faiss.IndexFlatIP(d)
+    elif method == "faiss-hnsw":
+        index = faiss.IndexHNSWFlat(d, int(options.get("M", 32)), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = int(options.get("ef_search", 128))
+    else:
+        nlist = int(options.get("nlist", default_ivf_nlist(n)))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.nprobe = int(options.get("nprobe", min(nlist, 16)))   # FAISS keeps `quantizer` referenced
+    index.add(x)
+    log.debug("built FAISS %s over %d items", method, n)
+    return index
+
+
+def faiss_topk(index: Any, queries: np.ndarray, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k from a FAISS index; columns that some query could not fill are dropped."""
+    k = min(int(k), n)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    scores, idx = index.search(q, k)
+    if (idx < 0).any():  # IVF/HNSW may return fewer than k: keep the columns every row filled
+        width = int((idx >= 0).sum(1).min())
+        idx, scores = idx[:, :width], scores[:, :width]
+    return idx.astype(np.int64), scores.astype(np.float32)

@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how the encoders and scorer run in Triton (default onnxruntime; tensorrt needs --tensorrt)")
     tri.add_argument("--triton-precision", default="fp32", choices=["fp32", "fp16"],
                      help="graphs/engines served (fp16 needs --fp16)")
-    tri.add_argument("--triton-instances", type=int, default=1, help="instances per model (default 1)")
+    tri.add_argument("--triton-instances", type=int, default=None,
+                     help="instances per model (default 1; tensorrt: one per engine profile, at most --trt-profiles)")
     tri.add_argument("--triton-max-batch", type=int, default=None,
-                     help="encoders' max_batch_size (default: the B profile maximum)")
+                     help="encoders' max_batch_size (default: the B profile maximum; tensorrt: at most the engines')")
     tri.add_argument("--triton-index", default=None, metavar="DIR",
                      help="a saved index to install into the retriever model")
     pix = p.add_argument_group("pixel graph (image_encoder_pixels.onnx: images in, no precomputed regions)")

@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     trt = p.add_argument_group("TensorRT (docs/deployment.md)")
     trt.add_argument("--tensorrt", action="store_true",
                      help="also build TensorRT engines under tensorrt/ (needs tensorrt, cuda-python and a GPU)")
-    trt.add_argument("--trt-profile", action="append", default=[], metavar="AXIS=MIN,OPT,MAX",
-                     help="override the optimisation profile of an axis (B, R, L, Ni, Nt); repeatable")
+    trt.add_argument("--trt-profile", action="append", default=[], metavar="AXIS=1,OPT,MAX",
+                     help="override the optimisation profile of an axis (B, R, L, Ni, Nt; min is 1, max at least "
+                          "what the bundle sends: L >= max_len, R >= the pixel grid); repeatable")
     trt.add_argument("--trt-profiles", type=int, default=2, metavar="N",
                      help="identical profiles per engine = concurrent execution contexts (default 2)")
     trt.add_argument("--trt-workspace-mib", type=int, default=2048, help="builder workspace limit (default 2048)")

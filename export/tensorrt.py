@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -572,32 +573,42 @@ def build_engines(
     typing: dict[str, str] = {}
     flags: dict[str, dict[str, bool]] = {}
     seconds: dict[str, float] = {}
-    with cuda_device(cudart, device):                # the builder works on the current device
-        for precision in precisions:
-            engines[precision] = {}
-            for graph, spec in GRAPHS.items():
-                src = root / spec.file if precision == "fp32" else root / FP16_DIR / spec.file
-                out = root / plan_name(graph, precision)
-                t0 = time.perf_counter()
-                typing[precision], cache, flags[f"{precision}/{graph}"] = build_engine(
-                    src, out, profiles[graph], settings, precision=precision, timing_cache=cache)
-                seconds[f"{precision}/{graph}"] = time.perf_counter() - t0
-                engines[precision][graph] = out
-                log.info("TensorRT %s %s: %.1f KiB in %.1f s", precision, graph, out.stat().st_size / 1024,
-                         seconds[f"{precision}/{graph}"])
-    if cache:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(cache)
     reports: list[ParityReport] = []
     check_record = {"tensorrt_version": trt.__version__, "gpu": gpu,
                     "settings": {"version_compatible": settings.version_compatible,
                                  "hardware_compatibility": settings.hardware_compatibility}}
-    if settings.parity:
+    stage = root / f".tensorrt-build-{os.getpid()}"  # engines go into the bundle only once they pass
+    try:
+        with cuda_device(cudart, device):                # the builder works on the current device
+            for precision in precisions:
+                engines[precision] = {}
+                for graph, spec in GRAPHS.items():
+                    src = root / spec.file if precision == "fp32" else root / FP16_DIR / spec.file
+                    out = stage / plan_name(graph, precision)
+                    t0 = time.perf_counter()
+                    typing[precision], cache, flags[f"{precision}/{graph}"] = build_engine(
+                        src, out, profiles[graph], settings, precision=precision, timing_cache=cache)
+                    seconds[f"{precision}/{graph}"] = time.perf_counter() - t0
+                    engines[precision][graph] = out
+                    log.info("TensorRT %s %s: %.1f KiB in %.1f s", precision, graph, out.stat().st_size / 1024,
+                             seconds[f"{precision}/{graph}"])
+        if settings.parity:
+            for precision, table in engines.items():
+                with TensorRTBackend(table, record=check_record, device=Device("cuda", device)) as backend:
+                    reports.append(engine_parity(root, backend, axes, shape, precision))
+            raise_if_failed(reports, hint="The TensorRT engines do not reproduce the ONNX graphs; they were not added "
+                                          "to the bundle. Check the TensorRT log, or rebuild with other --trt-* settings.")
         for precision, table in engines.items():
-            with TensorRTBackend(table, record=check_record, device=Device("cuda", device)) as backend:
-                reports.append(engine_parity(root, backend, axes, shape, precision))
-        raise_if_failed(reports, hint="The TensorRT engines do not reproduce the ONNX graphs; they were not added to "
-                                      "the bundle. Check the TensorRT log, or rebuild with other --trt-* settings.")
+            for graph, staged in table.items():
+                final = root / plan_name(graph, precision)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, final)
+                table[graph] = final
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if cache:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_bytes(cache)
     record = engine_record(root, engines, profiles, settings, axes=axes, tensorrt_version=str(trt.__version__),
                            gpu=gpu, typing=typing, builder_flags=flags, build_seconds=seconds,
                            parity={r.precision: r.to_dict() for r in reports} or None)

@@ -194,11 +194,18 @@ def test_a_backend_that_breaks_the_output_contract_is_caught(tiny_checkpoint: Pa
 
 
 def test_one_device_parser_for_every_backend() -> None:
-    assert parse_device("cpu") == Device("cpu") and str(parse_device("CUDA")) == "cuda:0"
-    assert parse_device("cuda:3") == Device("cuda", 3) and parse_device(Device("cuda", 1)) == Device("cuda", 1)
-    for bad in ("gpu", "cuda:", "cuda:-1", "cpu:0", "", 0, Device("tpu")):
+    import pickle
+
+    assert parse_device("cpu") == Device("cpu") == "cpu" and parse_device("CUDA") == "cuda:0"
+    cuda3 = parse_device(" cuda:3")
+    assert cuda3 == Device("cuda", 3) and (cuda3.kind, cuda3.ordinal) == ("cuda", 3) and parse_device(cuda3) is cuda3
+    assert pickle.loads(pickle.dumps(cuda3)) == cuda3 and isinstance(pickle.loads(pickle.dumps(cuda3)), Device)
+    for bad in ("gpu", "cuda:", "cuda:-1", "cpu:0", "", 0):
         with pytest.raises(InputError, match="device"):
             parse_device(bad)  # type: ignore[arg-type]
+    for kind, ordinal in (("tpu", 0), ("cpu", 1), ("cuda", -1)):
+        with pytest.raises(InputError, match="device"):
+            Device(kind, ordinal)
 
 
 _BUNDLE: list[Path] = []

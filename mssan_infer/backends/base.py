@@ -22,7 +22,6 @@ an ``InputError`` naming the flag that rebuilds the engines.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,15 +41,35 @@ DEVICE_KINDS = ("cpu", "cuda")
 
 
 # ---- devices -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Device:
-    """Where a backend computes: ``Device("cpu")`` or ``Device("cuda", N)``; ``str()`` gives ``"cpu"`` / ``"cuda:N"``."""
+class Device(str):
+    """Where a backend computes: ``Device("cpu")`` or ``Device("cuda", N)``, with ``kind`` and ``ordinal``.
 
-    kind: str
-    index: int = 0
+    A ``str`` subclass whose value is the canonical ``"cpu"`` / ``"cuda:N"``, so code that
+    passes a device on as text (to ONNX Runtime, to logs) keeps working. ``ordinal`` is the
+    CUDA device ordinal (``cudaSetDevice``'s argument).
+    """
 
-    def __str__(self) -> str:
-        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+    __slots__ = ()
+
+    def __new__(cls, kind: str, ordinal: int = 0) -> "Device":
+        if kind not in DEVICE_KINDS or not isinstance(ordinal, int) or isinstance(ordinal, bool) or ordinal < 0 \
+                or (kind == "cpu" and ordinal):
+            raise InputError(f"device must be 'cpu' or 'cuda[:N]', got kind {kind!r} ordinal {ordinal!r}")
+        return super().__new__(cls, "cpu" if kind == "cpu" else f"cuda:{ordinal}")
+
+    def __getnewargs__(self) -> tuple[str, int]:      # type: ignore[override]
+        return self.kind, self.ordinal
+
+    @property
+    def kind(self) -> str:
+        return self.partition(":")[0]
+
+    @property
+    def ordinal(self) -> int:
+        return int(self.partition(":")[2] or 0)
+
+    def __repr__(self) -> str:
+        return f"Device({str(self)!r})"
 
 
 def parse_device(device: str | Device) -> Device:
@@ -60,8 +79,6 @@ def parse_device(device: str | Device) -> Device:
         InputError: anything else (``"gpu"``, ``"cuda:x"``, ``"cpu:0"``, an int...).
     """
     if isinstance(device, Device):
-        if device.kind not in DEVICE_KINDS or device.index < 0 or (device.kind == "cpu" and device.index):
-            raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
         return device
     if not isinstance(device, str):
         raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")

@@ -54,7 +54,7 @@ def select_providers(device: str | Device, available: list[str]) -> list[Any]:
             stacklevel=3,
         )
         return [_CPU]
-    return [(_CUDA, {"device_id": dev.index}), _CPU]
+    return [(_CUDA, {"device_id": dev.ordinal}), _CPU]
 
 
 class OnnxRuntimeBackend(Backend):

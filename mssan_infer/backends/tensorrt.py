@@ -390,14 +390,14 @@ class TensorRTBackend(Backend):
             raise InputError(f"backend 'tensorrt' runs on a CUDA device ('cuda' or 'cuda:N'), got {str(self.device)!r}")
         trt = import_tensorrt()
         cudart = import_cudart()
-        gpu = gpu_info(self.device.index)
+        gpu = gpu_info(self.device.ordinal)
         if record is not None:
             _check_record(record, str(trt.__version__), gpu)
         self._cudart = cudart
         self.gpu = gpu
         self._engines: dict[str, _Engine] = {}
         self._lock = threading.Lock()
-        with cuda_device(cudart, self.device.index):
+        with cuda_device(cudart, self.device.ordinal):
             self._logger = trt.Logger(trt.Logger.WARNING)
             self._runtime = trt.Runtime(self._logger)
             if record is not None and (record.get("settings") or {}).get("version_compatible"):
@@ -467,11 +467,11 @@ class TensorRTBackend(Backend):
         return dict(self._engines[graph].limits)
 
     def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with cuda_device(self._cudart, self.device.index):
+        with cuda_device(self._cudart, self.device.ordinal):
             return self._engines[graph].run(feeds)
 
     def _close(self) -> None:
-        with cuda_device(self._cudart, self.device.index):
+        with cuda_device(self._cudart, self.device.ordinal):
             self._close_engines()
 
     def _close_engines(self) -> None:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from .api import export_bundle
-from .errors import ExportError, NotBuiltError, ParityError
+from .errors import ExportError, ParityError
 from .manifest import EXPORTER_VERSION as __version__
 
-__all__ = ["export_bundle", "ExportError", "NotBuiltError", "ParityError", "__version__"]
+__all__ = ["export_bundle", "ExportError", "ParityError", "__version__"]

@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     trt = p.add_argument_group("TensorRT (docs/deployment.md)")
     trt.add_argument("--tensorrt", action="store_true",
                      help="also build TensorRT engines under tensorrt/ (needs tensorrt, cuda-python and a GPU)")
-    trt.add_argument("--trt-profile", action="append", default=[], metavar="AXIS=MIN,OPT,MAX",
-                     help="override the optimisation profile of an axis (B, R, L, Ni, Nt); repeatable")
+    trt.add_argument("--trt-profile", action="append", default=[], metavar="AXIS=1,OPT,MAX",
+                     help="override the optimisation profile of an axis (B, R, L, Ni, Nt; min is 1, max at least "
+                          "what the bundle sends: L >= max_len, R >= the pixel grid); repeatable")
     trt.add_argument("--trt-profiles", type=int, default=2, metavar="N",
                      help="identical profiles per engine = concurrent execution contexts (default 2)")
     trt.add_argument("--trt-workspace-mib", type=int, default=2048, help="builder workspace limit (default 2048)")
@@ -52,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how the encoders and scorer run in Triton (default onnxruntime; tensorrt needs --tensorrt)")
     tri.add_argument("--triton-precision", default="fp32", choices=["fp32", "fp16"],
                      help="graphs/engines served (fp16 needs --fp16)")
-    tri.add_argument("--triton-instances", type=int, default=1, help="instances per model (default 1)")
+    tri.add_argument("--triton-instances", type=int, default=None,
+                     help="instances per model (default 1; tensorrt: one per engine profile, at most --trt-profiles)")
     tri.add_argument("--triton-max-batch", type=int, default=None,
-                     help="encoders' max_batch_size (default: the B profile maximum)")
+                     help="encoders' max_batch_size (default: the B profile maximum; tensorrt: at most the engines')")
     tri.add_argument("--triton-index", default=None, metavar="DIR",
                      help="a saved index to install into the retriever model")
     pix = p.add_argument_group("pixel graph (image_encoder_pixels.onnx: images in, no precomputed regions)")

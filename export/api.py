@@ -14,7 +14,7 @@ import onnx
 from mssan_infer.spec import GRAPHS, MANIFEST_FILE, VOCAB_FILE, sha256_file
 from training.checkpoint import WEIGHTS, load_checkpoint
 
-from .errors import ExportError, NotBuiltError
+from .errors import ExportError
 from .fp16 import convert_to_fp16
 from .graphs import build_graphs
 from .inputs import example_feeds
@@ -39,12 +39,12 @@ def _deployment_step(target: str, options: Any = None) -> DeploymentStep:
     if target == "tensorrt":
         from .tensorrt import make_step as tensorrt_step
 
-        return tensorrt_step(options)  # type: ignore[no-any-return]
+        return tensorrt_step(options)
     if target == "triton":
         from .triton import make_step as triton_step
 
-        return triton_step(options)  # type: ignore[no-any-return]
-    raise NotBuiltError(f"unknown deployment target {target!r}")
+        return triton_step(options)
+    raise ExportError(f"unknown deployment target {target!r}; choose 'tensorrt' or 'triton'")
 
 
 def _check_out(out: Path, checkpoint: Path, force: bool) -> None:

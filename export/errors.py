@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from mssan_infer.errors import MssanError, ParityError
 
-__all__ = ["ExportError", "NotBuiltError", "ParityError"]
+__all__ = ["ExportError", "ParityError"]
 
 
 class ExportError(MssanError):
     """The export cannot proceed: bad arguments, an output folder that must not be replaced, an invalid graph."""
 
-
-class NotBuiltError(ExportError, NotImplementedError):
-    """A requested export target exists in the design but is not implemented yet."""

@@ -28,7 +28,8 @@ from training.model import MSSAN
 from .errors import ExportError
 from .inputs import Case
 from .onnx import DEFAULT_OPSET, export_graph
-from .validate import ParityReport, check_contract, check_graph, make_session, tolerance_for
+from .runners import TorchRunner, onnx_runner
+from .validate import ParityReport, check_contract, check_graph, tolerance_for
 
 __all__ = [
     "PixelEncoderGraph", "PixelSettings", "pixel_settings", "load_pixel_backbone", "pixel_cases", "export_pixel_graph",
@@ -175,13 +176,15 @@ def export_pixel_graph(
     tol = tolerance_for("fp32", atol)
     report = ParityReport(PIXEL_PRECISION, tol)
     d = model.cfg.embed_size
-    report.contract += check_contract(path, spec, {"D": d, "D2": 2 * d, "C": 3})
+    dims = {"D": d, "D2": 2 * d, "C": 3}
+    report.contract += check_contract(path, spec, dims)
     try:
-        session = make_session(path)
-    except Exception as e:  # onnxruntime raises its own exception types
+        candidate = onnx_runner({spec.name: path})
+    except MssanError as e:
         report.contract.append(f"{spec.name}: ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0][:300]}")
     else:
-        report.outputs += check_graph(graph, session, spec, cases, tol)
+        with candidate:
+            report.outputs += check_graph(TorchRunner({spec.name: graph}, dims), candidate, spec.name, cases, tol)
     for m in report.contract:
         log.error("[%s] %s", PIXEL_PRECISION, m)
     side = grid_side(preprocessing.image_size)

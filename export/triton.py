@@ -2,8 +2,9 @@
 
 Writes ``triton/`` with
 
-- ``image_encoder``, ``text_encoder``: batch on ``B`` (``max_batch_size`` from the
-  ``B`` profile, dynamic batching, instance groups);
+- ``image_encoder``, ``text_encoder``: batch on ``B`` (``max_batch_size``: the engines'
+  ``B`` maximum in the ``tensorrt`` flavour, else the default ``B`` profile maximum;
+  dynamic batching, instance groups);
 - ``scorer``: ``max_batch_size: 0`` with ``-1`` dims (its inputs share no batch
   dimension with its output ``[Ni, Nt]``);
 - ``retriever`` (Python backend, BLS): two-stage text->image / image->text search
@@ -16,6 +17,20 @@ Python backend). Every ``config.pbtxt`` is validated: parsed into Triton's
 ``ModelConfig`` protobuf and its names, dtypes and dims checked against the ONNX
 graph's inputs and outputs. Each config carries the bundle id as the parameter
 ``mssan_bundle_id`` so clients can tell which weights a server holds.
+
+The ``tensorrt`` flavour follows the engines, as Triton's TensorRT backend needs:
+
+- ``max_batch_size`` is at most the engines' ``B`` maximum (the backend fits the
+  config's dims, batch included, into the profile's max shape and refuses to load
+  otherwise: ``TRTv3Interface::MaximumDims`` in tensorrt_backend ``src/instance_state.cc``);
+- one instance group per optimisation profile, each listing its ``profile``
+  (``ModelInstanceGroup.profile`` in Triton's ``model_config.proto``: without it "the
+  server will select the first optimization profile"), so every profile is used and
+  no two instances of a GPU share one (TensorRT: "each execution context in concurrent
+  use must use a separate optimization profile");
+- the ``retriever`` model gets the engines' limits as the JSON parameter
+  ``scorer_limits`` (``{"Ni", "Nt", "R", "L"}``, from the manifest's ``tensorrt.limits``;
+  ``{}`` for the other flavours) so it can split its scorer calls.
 """
 from __future__ import annotations
 
@@ -29,12 +44,21 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mssan_infer import core
+from mssan_infer.backends.tensorrt import scorer_limits
 from mssan_infer.bundle import Bundle
 from mssan_infer.core import tokenizer as word_tokenizer
-from mssan_infer.core.layout import BUNDLE_ID_PARAM, CORE_PACKAGE, RETRIEVER_TOKENIZER, plan_name
+from mssan_infer.core.layout import (
+    BUNDLE_ID_PARAM,
+    CORE_PACKAGE,
+    RETRIEVER_TOKENIZER,
+    SCORER_LIMITS_PARAM,
+    TENSORRT_KEY,
+    plan_name,
+)
 from mssan_infer.spec import DEFAULT_PROFILES, GRAPHS, MANIFEST_FILE, GraphSpec
 from mssan_infer.triton_models import ONNX_MODEL, RETRIEVER_MODEL
 
+from .api import DeploymentStep
 from .errors import ExportError
 from .manifest import FP16_DIR, hash_files
 
@@ -45,6 +69,7 @@ __all__ = [
     "RETRIEVER",
     "config_text",
     "retriever_config_text",
+    "SCORER_LIMITS_PARAM",
     "validate_config",
     "write_repository",
     "install_index",
@@ -70,8 +95,10 @@ class TritonSettings:
     Attributes:
         backend: ``"onnxruntime"``, ``"tensorrt"`` (needs the bundle's engines) or ``"python"``.
         precision: graphs/engines to serve, ``"fp32"`` or ``"fp16"``.
-        max_batch_size: encoders' ``max_batch_size`` (default: the ``B`` profile maximum).
-        instances: instances per model (instance_group count).
+        max_batch_size: encoders' ``max_batch_size`` (default: the ``B`` profile maximum; the
+            ``tensorrt`` flavour: the engines' ``B`` maximum, which it may not exceed).
+        instances: instances per model (instance_group count; the ``tensorrt`` flavour: one per
+            engine profile, default all of them, at most the engines' number of profiles).
         kind: ``"auto"`` (GPU for tensorrt, CPU for python, KIND_AUTO for onnxruntime) or a Triton kind.
         max_queue_delay_us: dynamic batcher delay of the encoders.
         retriever: also write the ``retriever`` BLS model.
@@ -83,7 +110,7 @@ class TritonSettings:
     backend: str = "onnxruntime"
     precision: str = "fp32"
     max_batch_size: int | None = None
-    instances: int = 1
+    instances: int | None = None
     kind: str = "auto"
     max_queue_delay_us: int = 100
     retriever: bool = True
@@ -100,7 +127,7 @@ class TritonSettings:
             raise ExportError(f"triton instance kind must be one of {KINDS}, got {self.kind!r}")
         for name in ("instances", "scorer_batch"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if (v is not None or name == "scorer_batch") and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ExportError(f"triton {name} must be a positive int, got {v!r}")
         if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
             raise ExportError(f"triton max_batch_size must be a positive int, got {self.max_batch_size!r}")
@@ -135,10 +162,26 @@ def _params(params: Mapping[str, str]) -> str:
     )
 
 
+def _instance_groups(kind: str, count: int, profiles: int | None) -> str:
+    """``instance_group``: ``count`` instances, or (``profiles``: the tensorrt flavour) one group per profile 0..count-1."""
+    if profiles is None:
+        groups = [f"  {{\n    count: {count}\n    kind: {kind}\n  }}"]
+    else:
+        groups = [f'  {{\n    name: "profile_{p}"\n    count: 1\n    kind: {kind}\n    profile: [ "{p}" ]\n  }}'
+                  for p in range(count)]
+    return "instance_group [\n" + ",\n".join(groups) + "\n]\n"
+
+
 def config_text(
-    spec: GraphSpec, dims: Mapping[str, int], settings: TritonSettings, *, bundle_id: str, max_batch_size: int
+    spec: GraphSpec, dims: Mapping[str, int], settings: TritonSettings, *, bundle_id: str, max_batch_size: int,
+    profiles: int | None = None,
 ) -> str:
-    """``config.pbtxt`` of one graph. Encoders batch on ``B``; the scorer has ``max_batch_size: 0``."""
+    """``config.pbtxt`` of one graph. Encoders batch on ``B``; the scorer has ``max_batch_size: 0``.
+
+    Args:
+        profiles: the engines' number of optimisation profiles (``tensorrt`` flavour): one
+            instance group per profile used, each naming its profile.
+    """
     batched = spec.name != "scorer"
     platform = {"onnxruntime": 'backend: "onnxruntime"', "tensorrt": 'backend: "tensorrt"',
                 "python": 'backend: "python"'}[settings.backend]
@@ -146,15 +189,21 @@ def config_text(
     text += _io("input", spec.inputs, dims, batched) + _io("output", spec.outputs, dims, batched)
     if batched:
         text += f"dynamic_batching {{\n  max_queue_delay_microseconds: {settings.max_queue_delay_us}\n}}\n"
-    text += f"instance_group [\n  {{\n    count: {settings.instances}\n    kind: {settings.instance_kind}\n  }}\n]\n"
+    count = settings.instances or (profiles or 1)
+    text += _instance_groups(settings.instance_kind, count, profiles)
     params = {BUNDLE_ID_PARAM: bundle_id, "mssan_precision": settings.precision}
     if settings.backend == "python" and settings.threads:
         params["intra_op_threads"] = str(settings.threads)
     return text + _params(params)
 
 
-def retriever_config_text(dims: Mapping[str, int], settings: TritonSettings, *, bundle_id: str) -> str:
-    """``config.pbtxt`` of the ``retriever`` BLS model (Python backend, one query per request)."""
+def retriever_config_text(dims: Mapping[str, int], settings: TritonSettings, *, bundle_id: str,
+                          limits: Mapping[str, int] | None = None) -> str:
+    """``config.pbtxt`` of the ``retriever`` BLS model (Python backend, one query per request).
+
+    ``limits``: the scorer's largest ``Ni``/``Nt``/``R``/``L`` per call (``scorer_limits`` of the
+    manifest), written as the JSON parameter ``scorer_limits`` (``{}``: none).
+    """
     inputs = [("text", "TYPE_STRING", "1"), ("regions", "TYPE_FP32", f"-1, {dims['Dv']}"),
               ("region_mask", "TYPE_FP32", "-1"), ("k", "TYPE_INT32", "1"), ("rerank", "TYPE_INT32", "1")]
     outputs = [("ids", "TYPE_STRING"), ("scores", "TYPE_FP32"), ("stage1", "TYPE_FP32")]
@@ -165,10 +214,11 @@ def retriever_config_text(dims: Mapping[str, int], settings: TritonSettings, *, 
     text += "output [\n" + ",\n".join(
         f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ -1 ]\n  }}' for n, t in outputs
     ) + "\n]\n"
-    text += f"instance_group [\n  {{\n    count: {settings.instances}\n    kind: KIND_CPU\n  }}\n]\n"
+    text += _instance_groups("KIND_CPU", settings.instances or 1, None)
     return text + _params({
         BUNDLE_ID_PARAM: bundle_id, "index_dir": "index", "tokenizer": RETRIEVER_TOKENIZER,
         "scorer_batch": str(settings.scorer_batch), "verify_index": "true",
+        SCORER_LIMITS_PARAM: json.dumps(dict(limits or {}), sort_keys=True),
         "image_encoder": "image_encoder", "text_encoder": "text_encoder", "scorer": "scorer",
     })
 
@@ -290,12 +340,45 @@ def _tokenizer_spec(root: Path, max_len: int | None) -> dict[str, Any]:
     return {**word_tokenizer.settings(int(tk["max_len"])), "vocab": vocab}
 
 
+def _batching(
+    root: Path, settings: TritonSettings, tensorrt: Mapping[str, Any] | None
+) -> tuple[int, int | None, dict[str, int] | None]:
+    """``(encoders' max_batch_size, engine profiles or None, scorer limits or None)`` for ``settings``."""
+    if settings.backend != "tensorrt":
+        return settings.max_batch_size or DEFAULT_PROFILES["B"][2], None, None
+    record = tensorrt
+    if record is None and (root / MANIFEST_FILE).is_file():
+        record = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8")).get(TENSORRT_KEY)
+    if not isinstance(record, Mapping) or not isinstance(record.get("limits"), Mapping):
+        raise ExportError(
+            "--triton-backend tensorrt needs the manifest's tensorrt record (engine profiles and limits); "
+            "export with --tensorrt in the same export, or write the repository from a bundle built with it"
+        )
+    try:
+        b_max = int(record["limits"]["B"])
+        profiles = int(record["settings"]["num_profiles"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"the manifest's tensorrt record lacks {e}; re-export with --tensorrt") from e
+    if settings.max_batch_size is not None and settings.max_batch_size > b_max:
+        raise ExportError(
+            f"--triton-max-batch {settings.max_batch_size} is above the engines' B maximum {b_max}: Triton's "
+            f"TensorRT backend would refuse to load them. Use at most {b_max}, or rebuild with --trt-profile B=1,OPT,MAX"
+        )
+    if settings.instances is not None and settings.instances > profiles:
+        raise ExportError(
+            f"--triton-instances {settings.instances} is above the engines' {profiles} optimisation profile(s): "
+            "instances on one GPU must each use their own profile. Rebuild with --trt-profiles N"
+        )
+    return settings.max_batch_size or b_max, profiles, scorer_limits({TENSORRT_KEY: record})
+
+
 def write_repository(
     root: str | os.PathLike[str],
     settings: TritonSettings | None = None,
     *,
     out: str | os.PathLike[str] | None = None,
     max_len: int | None = None,
+    tensorrt: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write (and validate) a Triton model repository for the bundle in ``root``.
 
@@ -304,11 +387,14 @@ def write_repository(
         settings: backend, batching, instances, retriever.
         out: the repository folder (default ``root/triton``); replaced if it exists.
         max_len: the tokenizer's ``max_len`` when ``root`` has no manifest yet.
+        tensorrt: the manifest's ``tensorrt`` record when ``root`` has no manifest yet (the
+            ``tensorrt`` flavour takes ``max_batch_size``, profiles and limits from it).
     Returns:
         ``{"triton": record}`` for the manifest.
     Raises:
-        ExportError: ``tensorrt`` flavour without engines, a missing fp16 graph, or a config
-            that does not validate against its graph.
+        ExportError: ``tensorrt`` flavour without engines, a ``max_batch_size`` or instance count
+            the engines cannot serve, a missing fp16 graph, or a config that does not validate
+            against its graph.
     """
     from .tensorrt import bundle_dims
 
@@ -317,7 +403,7 @@ def write_repository(
     dest = Path(out) if out is not None else rootp / REPOSITORY_DIR
     dims, _ = bundle_dims(rootp)
     bundle_id = _bundle_id(rootp)
-    mbs = settings.max_batch_size or DEFAULT_PROFILES["B"][2]
+    mbs, profiles, limits = _batching(rootp, settings, tensorrt)
     sources: dict[str, Path] = {}
     for graph, spec in GRAPHS.items():
         if settings.backend == "tensorrt":
@@ -343,11 +429,13 @@ def write_repository(
             if settings.backend == "python":
                 shutil.copyfile(ONNX_MODEL, mdir / "model.py")
             cfg_path = tmp / graph / "config.pbtxt"
-            cfg_path.write_text(config_text(spec, dims, settings, bundle_id=bundle_id, max_batch_size=mbs), encoding="utf-8")
+            cfg_path.write_text(config_text(spec, dims, settings, bundle_id=bundle_id, max_batch_size=mbs,
+                                            profiles=profiles), encoding="utf-8")
             onnx_ref = rootp / spec.file if settings.precision == "fp32" else rootp / FP16_DIR / spec.file
             validate_config(cfg_path, onnx_ref)
             models[graph] = {"config": f"{graph}/config.pbtxt", "model": f"{graph}/1/{fname}",
-                             "max_batch_size": mbs if graph != "scorer" else 0}
+                             "max_batch_size": mbs if graph != "scorer" else 0,
+                             "instances": settings.instances or (profiles or 1)}
         if settings.retriever:
             mdir = tmp / RETRIEVER / "1"
             mdir.mkdir(parents=True)
@@ -356,7 +444,8 @@ def write_repository(
             tk = _tokenizer_spec(rootp, max_len)
             (mdir / RETRIEVER_TOKENIZER).write_text(json.dumps(tk, ensure_ascii=False), encoding="utf-8")
             cfg_path = tmp / RETRIEVER / "config.pbtxt"
-            cfg_path.write_text(retriever_config_text(dims, settings, bundle_id=bundle_id), encoding="utf-8")
+            cfg_path.write_text(retriever_config_text(dims, settings, bundle_id=bundle_id, limits=limits),
+                                encoding="utf-8")
             validate_config(cfg_path)
             models[RETRIEVER] = {"config": f"{RETRIEVER}/config.pbtxt", "model": f"{RETRIEVER}/1/model.py"}
         if dest.exists():
@@ -426,15 +515,15 @@ def install_index(repository: str | os.PathLike[str], index: str | os.PathLike[s
     return dest
 
 
-def make_step(settings: TritonSettings | None = None) -> Any:
+def make_step(settings: TritonSettings | None = None) -> DeploymentStep:
     """The ``--triton`` deployment step of ``export_bundle``: ``step(tmp, manifest_extra) -> manifest entries``."""
     settings = settings or TritonSettings()
     _parse('name: "probe"', "probe")             # fail fast when tritonclient[grpc] is missing
 
     def step(root: Path, extra: Mapping[str, Any]) -> dict[str, Any]:
-        if settings.backend == "tensorrt" and "tensorrt" not in extra:
+        if settings.backend == "tensorrt" and TENSORRT_KEY not in extra:
             raise ExportError("--triton-backend tensorrt needs --tensorrt in the same export (or an earlier one)")
         max_len = (extra.get("model_config") or {}).get("max_len")   # export_bundle passes the model config
-        return write_repository(root, settings, max_len=max_len)
+        return write_repository(root, settings, max_len=max_len, tensorrt=extra.get(TENSORRT_KEY))
 
     return step

@@ -1,12 +1,19 @@
-"""Parity of exported graphs with the PyTorch model, optimum-style.
+"""Parity: ONE check of a candidate runner against a reference runner, optimum-style.
 
-Reference inputs -> PyTorch under ``torch.inference_mode`` -> ONNX Runtime; per
-output a dtype/shape check, then max abs/rel difference against the tolerance
-of ``mssan_infer.spec.TOLERANCES``. A static check of each graph's I/O against
-its spec (names, dtypes, ranks, which axes are dynamic) and an end-to-end check
-(final two-stage scores of one query against ``rerank_depth`` candidates, and
-their order) come with it. Every check is logged; all failures are collected
-and raised once as a ``ParityError``.
+Runners are ``mssan_infer`` backends (``export.runners``): the PyTorch graph wrappers,
+ONNX Runtime over the ONNX graphs, the TensorRT engines. :func:`compare_runners` runs
+each graph's cases through both, and per output checks the shape, that the same values
+are finite, and ``|got - ref| <= atol + rtol*|ref|`` (``mssan_infer.spec.TOLERANCES``),
+logging the max abs/rel difference; then an end-to-end check of the final two-stage
+scores (stage 1 + s_ll) of one query against ``rerank_depth`` candidates, and their
+order. Every failure is collected in one :class:`ParityReport` (one schema, written to
+the manifest for the ONNX graphs and for the TensorRT engines) and raised once as a
+``ParityError``.
+
+:func:`validate_graphs` is the export's use: PyTorch as the reference, the ONNX files in
+ONNX Runtime as the candidate, plus a static check of each graph's I/O against its spec
+(names, dtypes, ranks, which axes are dynamic). ``export.tensorrt`` calls
+:func:`compare_runners` with ONNX Runtime as the reference and the engines as the candidate.
 """
 from __future__ import annotations
 
@@ -14,32 +21,32 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
-from torch import nn
 
-from mssan_infer.errors import ParityError
+from mssan_infer.backends.base import Backend
+from mssan_infer.errors import MssanError, ParityError
 from mssan_infer.spec import GRAPHS, IMAGE_ENCODER, SCORER, TEXT_ENCODER, GraphSpec, Tolerance, TOLERANCES
 
 from training.model import MSSAN
 
-from .fp16 import with_explicit_rounding
-from .graphs import build_graphs
-from .inputs import Case, Feeds, image_feeds, parity_cases, text_feeds, to_torch
+from .inputs import Case, FeedConfig, Feeds, parity_cases, rerank_inputs, to_torch, torch_runner
+from .runners import onnx_runner
 
 __all__ = [
-    "OutputCheck", "RerankCheck", "ParityReport", "raise_if_failed", "tolerance_for", "make_session", "check_contract",
-    "check_graph", "check_rerank", "rerank_order_check", "validate_graphs",
+    "OutputCheck", "RerankCheck", "ParityReport", "raise_if_failed", "tolerance_for", "check_contract",
+    "compare", "check_graph", "final_scores", "check_rerank", "rerank_order_check", "compare_runners",
+    "validate_graphs", "rerank_cases", "ScoreFn",
 ]
 
 log = logging.getLogger(__name__)
 
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT16: "float16"}
 TOPK = 10
+ScoreFn = Callable[[Feeds, Feeds], np.ndarray]       # (image feeds, text feeds) -> final scores [Ni, Nt]
 
 
 @dataclass
@@ -81,20 +88,28 @@ class RerankCheck:
 
 @dataclass
 class ParityReport:
-    """Every parity check at one precision ("fp32" or "fp16")."""
+    """Every parity check of one candidate at one precision ("fp32", "fp16", "fp32-pixels").
+
+    ``to_dict()`` is the schema written to the manifest: ``parity.<precision>`` for the ONNX
+    graphs (reference PyTorch), ``tensorrt.parity.<precision>`` for the engines (reference
+    ONNX Runtime on the fp32 graphs).
+    """
 
     precision: str
     tolerance: Tolerance
     execution: str = "onnxruntime CPUExecutionProvider"
+    reference: str = "pytorch fp32"
+    label: str = ""                                       # failure prefix; default: the precision
     contract: list[str] = field(default_factory=list)     # static I/O contract failures
     outputs: list[OutputCheck] = field(default_factory=list)
     reranks: list[RerankCheck] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
-        out = [f"[{self.precision}] {m}" for m in self.contract]
-        out += [f"[{self.precision}] {c.graph}[{c.case}] {c.output}: {c.error}" for c in self.outputs if c.error]
-        out += [f"[{self.precision}] rerank {r.direction}@{r.depth}: {r.error}" for r in self.reranks if r.error]
+        tag = self.label or self.precision
+        out = [f"[{tag}] {m}" for m in self.contract]
+        out += [f"[{tag}] {c.graph}[{c.case}] {c.output}: {c.error}" for c in self.outputs if c.error]
+        out += [f"[{tag}] rerank {r.direction}@{r.depth}: {r.error}" for r in self.reranks if r.error]
         return out
 
     @property
@@ -119,6 +134,7 @@ class ParityReport:
             "precision": self.precision,
             "tolerance": asdict(self.tolerance),
             "execution": self.execution,
+            "reference": self.reference,
             "passed": self.passed,
             "max_abs": self.max_abs(),
             "graphs": graphs,
@@ -131,17 +147,21 @@ class ParityReport:
         raise_if_failed([self])
 
 
-def raise_if_failed(reports: Sequence[ParityReport]) -> None:
-    """Raise one ``ParityError`` listing the failures of all ``reports`` (one per line), if any."""
+def raise_if_failed(reports: Sequence[ParityReport], hint: str | None = None) -> None:
+    """Raise one ``ParityError`` listing the failures of all ``reports`` (one per line), if any.
+
+    ``hint`` replaces the default last line (what the user can do).
+    """
     failures = [f for r in reports for f in r.failures]
     if not failures:
         return
-    tols = ", ".join(f"{r.precision} atol={r.tolerance.atol:g}" for r in reports)
+    tols = ", ".join(f"{r.label or r.precision} atol={r.tolerance.atol:g}" for r in reports)
     lines = "\n  ".join(failures)
+    refs = sorted({r.reference for r in reports})
     raise ParityError(
         f"{len(failures)} parity check(s) failed ({tols}); first: {failures[0]}\n  {lines}\n"
-        "The exported graphs do not reproduce the PyTorch model. "
-        "Pass verify=False / --no-verify only to inspect a broken export."
+        + (hint or f"The exported graphs do not reproduce {' / '.join(refs)}. "
+                   "Pass verify=False / --no-verify only to inspect a broken export.")
     )
 
 
@@ -155,23 +175,6 @@ def tolerance_for(precision: str, atol: float | None = None) -> Tolerance:
     if not atol > 0:
         raise ValueError(f"atol must be > 0, got {atol}")
     return Tolerance(atol=float(atol), rtol=tol.rtol, rerank_depth=tol.rerank_depth, topk_agreement=tol.topk_agreement)
-
-
-def make_session(path: str | os.PathLike[str], precision: str = "fp32") -> ort.InferenceSession:
-    """A CPU ONNX Runtime session.
-
-    fp32: as the runtime makes it (default graph optimisations). fp16: on a copy
-    with explicit fp16 rounding (``export.fp16.with_explicit_rounding``) and graph
-    optimisations off, so the check sees the error of a real fp16 device, not the
-    fp32 emulation of the CPU provider.
-    """
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if precision == "fp16":
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        model = with_explicit_rounding(onnx.load(str(path)))
-        return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 # ---- static contract --------------------------------------------------------
@@ -214,30 +217,15 @@ def check_contract(path: str | os.PathLike[str], spec: GraphSpec, dims: Mapping[
 
 
 # ---- per-output parity -------------------------------------------------------
-@torch.inference_mode()
-def reference(module: nn.Module, spec: GraphSpec, feeds: Feeds) -> dict[str, np.ndarray]:
-    """PyTorch outputs of a graph wrapper, keyed by the spec's output names."""
-    t = to_torch(feeds)
-    out = module(*(t[n] for n in spec.input_names))
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    return {name: o.detach().cpu().numpy() for name, o in zip(spec.output_names, outs)}
-
-
-def _compare(graph: str, case: str, name: str, want_dtype: str, got: Any, ref: np.ndarray, tol: Tolerance) -> OutputCheck:
-    check = OutputCheck(graph, case, name, list(ref.shape))
-    if not isinstance(got, np.ndarray):
-        check.error = f"output is {type(got).__name__}, not an array"
-        return check
-    check.shape = list(got.shape)
+def compare(graph: str, case: str, name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> OutputCheck:
+    """One output against its reference: shape, the same values finite, ``|got-ref| <= atol + rtol*|ref|``."""
+    check = OutputCheck(graph, case, name, list(ref.shape), shape=list(got.shape))
     if got.shape != ref.shape:
         check.error = f"shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
         return check
-    if str(got.dtype) != want_dtype:
-        check.error = f"dtype {got.dtype}, expected {want_dtype}"
-        return check
     finite_ref, finite_got = np.isfinite(ref), np.isfinite(got)
     if not np.array_equal(finite_ref, finite_got):
-        check.error = f"{int((finite_ref != finite_got).sum())} value(s) non-finite in one of ONNX/PyTorch but not the other"
+        check.error = f"{int((finite_ref != finite_got).sum())} value(s) non-finite in one of candidate/reference but not the other"
         return check
     if got.size == 0:
         check.max_abs = check.max_rel = 0.0
@@ -255,33 +243,36 @@ def _compare(graph: str, case: str, name: str, want_dtype: str, got: Any, ref: n
     return check
 
 
-def check_graph(
-    module: nn.Module,
-    session: ort.InferenceSession,
-    spec: GraphSpec,
-    cases: Sequence[Case],
-    tol: Tolerance,
-) -> list[OutputCheck]:
-    """Run ``cases`` through PyTorch and ONNX Runtime; one ``OutputCheck`` per case and output."""
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
+def check_graph(reference: Backend, candidate: Backend, graph: str, cases: Sequence[Case], tol: Tolerance) -> list[OutputCheck]:
+    """Run ``cases`` of ``graph`` through ``reference`` and ``candidate``; one ``OutputCheck`` per case and output.
+
+    A candidate that raises on a case fails every output of that case (the message says why);
+    the reference raising is a bug of the check itself and propagates.
+    """
+    spec = reference.spec(graph)
     checks: list[OutputCheck] = []
     for case in cases:
-        ref = reference(module, spec, case.feeds)
+        ref = reference.run(graph, case.feeds)
         try:
-            got = session.run(spec.output_names, {n: case.feeds[n] for n in spec.input_names})
-        except Exception as e:  # onnxruntime raises its own exception types
-            msg = f"ONNX Runtime rejected inputs {case.shapes()}: {str(e).splitlines()[0][:300]}"
+            got = candidate.run(graph, case.feeds)
+        except Exception as e:  # noqa: BLE001 - onnxruntime/TensorRT raise their own types; all are failures here
+            msg = f"{candidate.name} rejected inputs {case.shapes()}: {_first_line(e)}"
             for name in spec.output_names:
-                checks.append(OutputCheck(spec.name, case.name, name, list(ref[name].shape), error=msg))
-                log.error("%s[%s] %s: %s", spec.name, case.name, name, msg)
+                checks.append(OutputCheck(graph, case.name, name, list(ref[name].shape), error=msg))
+                log.error("%s[%s] %s: %s", graph, case.name, name, msg)
             continue
-        for t, g in zip(spec.outputs, got):
-            c = _compare(spec.name, case.name, t.name, t.dtype, g, ref[t.name], tol)
+        for name in spec.output_names:
+            c = compare(graph, case.name, name, got[name], ref[name], tol)
             checks.append(c)
             if c.ok:
-                log.info("%s[%s] %s: shape %s ok, max abs %.2e, max rel %.2e", spec.name, case.name, t.name,
+                log.info("%s[%s] %s: shape %s ok, max abs %.2e, max rel %.2e", graph, case.name, name,
                          tuple(c.shape or ()), c.max_abs, c.max_rel)
             else:
-                log.error("%s[%s] %s: %s", spec.name, case.name, t.name, c.error)
+                log.error("%s[%s] %s: %s", graph, case.name, name, c.error)
     return checks
 
 
@@ -296,7 +287,7 @@ def rerank_order_check(ref: np.ndarray, got: np.ndarray, atol: float) -> tuple[f
     """
     order_got = np.argsort(-got, kind="stable")
     order_ref = np.argsort(-ref, kind="stable")
-    r = ref[order_got].astype(np.float64)            # reference scores in ONNX rank order
+    r = ref[order_got].astype(np.float64)            # reference scores in candidate rank order
     later_higher = r[None, :] - r[:, None]           # [i,j]: ref[j] - ref[i]
     upper = np.triu(np.ones_like(later_higher, dtype=bool), k=1)
     inverted = upper & (later_higher > 0)            # i ranked above j, but ref says j > i
@@ -304,54 +295,39 @@ def rerank_order_check(ref: np.ndarray, got: np.ndarray, atol: float) -> tuple[f
     return float(np.mean(order_got == order_ref)), int(inverted.sum()) - violations, violations
 
 
-def _run(session: ort.InferenceSession, spec: GraphSpec, feeds: Feeds) -> dict[str, np.ndarray]:
-    outs = session.run(spec.output_names, {n: feeds[n] for n in spec.input_names})
-    return dict(zip(spec.output_names, outs))
-
-
-def _rerank_inputs(model: MSSAN, direction: str, depth: int, seed: int) -> tuple[Feeds, Feeds]:
-    cfg, rng = model.cfg, np.random.default_rng(seed)
-    lq = min(12, cfg.max_len)
-    lc = min(20, max(cfg.max_len, 2))
-    if direction == "t2i":
-        lengths = rng.integers(5, 37, size=depth)
-        lengths[:3] = (1, 2, 36)
-        return image_feeds(cfg, rng, lengths.tolist(), 36), text_feeds(cfg, rng, [max(1, lq - 3)], lq)
-    lengths = rng.integers(1, lc + 1, size=depth)
-    lengths[:2] = (1, lc)
-    return image_feeds(cfg, rng, [30], 36), text_feeds(cfg, rng, lengths.tolist(), lc)
+def final_scores(runner: Backend, images: Feeds, texts: Feeds) -> np.ndarray:
+    """``img_stage1 . txt_stage1 + s_ll`` of every image/caption pair, all through ``runner`` -> ``[Ni, Nt]``."""
+    img = runner.run(IMAGE_ENCODER.name, images)
+    txt = runner.run(TEXT_ENCODER.name, texts)
+    s_ll = runner.run(SCORER.name, {"img_local": img["img_local"], "region_mask": images["region_mask"],
+                                    "img_gram": img["img_gram"], "txt_local": txt["txt_local"],
+                                    "token_mask": texts["token_mask"], "txt_gram": txt["txt_gram"]})["s_ll"]
+    return np.asarray(img["img_stage1"] @ txt["txt_stage1"].T + s_ll)
 
 
 def check_rerank(
-    model: MSSAN,
-    sessions: Mapping[str, ort.InferenceSession],
+    reference: ScoreFn,
+    candidate: Backend,
     tol: Tolerance,
-    seed: int = 2,
+    inputs: Sequence[tuple[str, Feeds, Feeds]],
 ) -> list[RerankCheck]:
-    """Final scores (img_stage1 . txt_stage1 + s_ll, all from ONNX Runtime) vs ``model.score``.
+    """Final scores of ``candidate`` (:func:`final_scores`) against ``reference`` on each ``(direction, images, texts)``.
 
-    One caption against ``tol.rerank_depth`` images (t2i) and one image against as
-    many captions (i2t). Fails past ``tol.atol`` on any score; on the order when
-    ``tol.topk_agreement`` is 1 (except near-ties: candidates whose reference scores
-    lie within atol of each other may swap); otherwise on top-10 agreement (a
-    candidate within atol of PyTorch's 10th score counts as agreeing: a near-tie).
+    Fails past ``tol.atol`` on any score; on the order when ``tol.topk_agreement`` is 1 (except
+    near-ties: candidates whose reference scores lie within atol of each other may swap);
+    otherwise on top-10 agreement (a candidate within atol of the reference's 10th score
+    counts as agreeing: a near-tie).
     """
     checks: list[RerankCheck] = []
-    for k, direction in enumerate(("t2i", "i2t")):
-        images, texts = _rerank_inputs(model, direction, tol.rerank_depth, seed + k)
-        check = RerankCheck(direction, tol.rerank_depth)
+    for direction, images, texts in inputs:
+        depth = len(images["regions"]) if direction == "t2i" else len(texts["tokens"])
+        check = RerankCheck(direction, depth)
         checks.append(check)
-        with torch.inference_mode():
-            ti, tt = to_torch(images), to_torch(texts)
-            ref = model.score(model.encode_image(ti["regions"], ti["region_mask"]),
-                              model.encode_text(tt["tokens"], tt["token_mask"])).numpy()     # [Ni,Nt]
+        ref = np.asarray(reference(images, texts))                                 # [Ni,Nt]
         try:
-            img = _run(sessions[IMAGE_ENCODER.name], IMAGE_ENCODER, images)
-            txt = _run(sessions[TEXT_ENCODER.name], TEXT_ENCODER, texts)
-            s_ll = _run(sessions[SCORER.name], SCORER, {**img, **txt, **images, **texts})["s_ll"]
-            got = img["img_stage1"] @ txt["txt_stage1"].T + s_ll                             # [Ni,Nt]
-        except Exception as e:  # onnxruntime raises its own exception types
-            check.error = f"ONNX Runtime failed: {str(e).splitlines()[0][:300]}"
+            got = final_scores(candidate, images, texts)
+        except Exception as e:  # noqa: BLE001 - onnxruntime/TensorRT raise their own types
+            check.error = f"{candidate.name} failed: {_first_line(e)}"
             log.error("rerank %s: %s", direction, check.error)
             continue
         if got.shape != ref.shape or not np.isfinite(got).all():
@@ -371,13 +347,13 @@ def check_rerank(
             errors.append(f"max abs diff of final scores {check.max_abs:.3g} > atol {tol.atol:g}")
         if tol.topk_agreement >= 1.0 and check.violations:
             errors.append(
-                f"rerank order differs from PyTorch in {check.violations} pair(s) whose reference scores "
+                f"rerank order differs from the reference in {check.violations} pair(s) whose reference scores "
                 f"differ by more than atol {tol.atol:g}"
             )
         if check.topk_agreement_near_ties < tol.topk_agreement and tol.topk_agreement < 1.0:
             errors.append(
                 f"top-{top} agreement {check.topk_agreement_near_ties:.2f} < {tol.topk_agreement:.2f} "
-                f"(counting candidates within atol of PyTorch's {top}th score as shared)"
+                f"(counting candidates within atol of the reference's {top}th score as shared)"
             )
         check.error = "; ".join(errors) or None
         log_fn = log.info if check.ok else log.error
@@ -385,6 +361,47 @@ def check_rerank(
                direction, check.depth, check.max_abs, check.order_agreement, check.tolerated_swaps,
                check.violations, top, check.topk_agreement, "" if check.ok else f" -- {check.error}")
     return checks
+
+
+def compare_runners(
+    reference: Backend,
+    candidate: Backend,
+    cases: Mapping[str, Sequence[Case]],
+    tol: Tolerance,
+    *,
+    precision: str,
+    rerank: Sequence[tuple[str, Feeds, Feeds]] = (),
+    reference_scores: ScoreFn | None = None,
+    execution: str | None = None,
+    reference_name: str | None = None,
+    label: str = "",
+) -> ParityReport:
+    """The parity of ``candidate`` against ``reference``: every case of every graph, then the reranks.
+
+    Args:
+        cases: ``{graph: cases}`` (graphs the candidate lacks are contract failures).
+        rerank: ``(direction, images, texts)`` inputs of the end-to-end check (needs the three graphs).
+        reference_scores: the reference's final scores (default: :func:`final_scores` of ``reference``).
+        execution, reference_name, label: recorded in the report.
+    Returns:
+        The report; never raises on a mismatch (``raise_if_failed`` makes failures fatal).
+    """
+    report = ParityReport(precision, tol, execution=execution or candidate.name,
+                          reference=reference_name or reference.name, label=label)
+    for graph, graph_cases in cases.items():
+        if graph not in candidate.graphs:
+            report.contract.append(f"{candidate.name} has no graph {graph!r} (has {candidate.graphs})")
+            continue
+        report.outputs += check_graph(reference, candidate, graph, graph_cases, tol)
+    if rerank:
+        if set(GRAPHS) <= set(candidate.graphs):
+            scores = reference_scores or (lambda images, texts: final_scores(reference, images, texts))
+            report.reranks = check_rerank(scores, candidate, tol, rerank)
+        else:
+            report.contract.append(f"rerank check needs all of {sorted(GRAPHS)}; have {candidate.graphs}")
+    for m in report.contract:
+        log.error("[%s] %s", label or precision, m)
+    return report
 
 
 def validate_graphs(
@@ -395,6 +412,7 @@ def validate_graphs(
     atol: float | None = None,
     cases: Mapping[str, Sequence[Case]] | None = None,
     rerank: bool = True,
+    seed: int = 2,
 ) -> ParityReport:
     """Check the graphs at ``paths`` ({graph name: .onnx}) against ``model``; never raises on a mismatch.
 
@@ -402,32 +420,55 @@ def validate_graphs(
         precision: selects ``TOLERANCES[precision]`` ("fp32" or "fp16"); references are always PyTorch fp32.
         atol: overrides the tolerance's atol.
         cases: per graph; defaults to ``export.inputs.parity_cases(model)``.
-        rerank: also run the end-to-end check (needs all three graphs).
+        rerank: also run the end-to-end check against ``model.score`` (needs all three graphs).
     Returns:
         The report; call ``raise_if_failed()`` on it to make failures fatal.
     """
     tol = tolerance_for(precision, atol)
-    report = ParityReport(precision, tol)
-    if precision == "fp16":
-        report.execution += ", explicit fp16 rounding of MatMul/Gemm inputs and outputs (fp32 accumulation)"
     cfg = model.cfg
     dims = {"D": cfg.embed_size, "D2": 2 * cfg.embed_size, "Dv": cfg.img_dim}
-    wrappers = build_graphs(model)
-    cases = parity_cases(model) if cases is None else cases
-    sessions: dict[str, ort.InferenceSession] = {}
+    execution = "onnxruntime CPUExecutionProvider"
+    if precision == "fp16":
+        execution += ", explicit fp16 rounding of MatMul/Gemm inputs and outputs (fp32 accumulation)"
+    contract: list[str] = []
     for name, path in paths.items():
-        spec = GRAPHS[name]
-        report.contract += check_contract(path, spec, dims)
-        try:
-            sessions[name] = make_session(path, precision)
-        except Exception as e:  # onnxruntime raises its own exception types
-            report.contract.append(f"{name}: ONNX Runtime cannot load {Path(path).name}: {str(e).splitlines()[0][:300]}")
-            continue
-        report.outputs += check_graph(wrappers[name], sessions[name], spec, cases.get(name, ()), tol)
-    for m in report.contract:
+        contract += check_contract(path, GRAPHS[name], dims)
+    try:
+        candidate: Backend | None = onnx_runner(paths, precision)
+    except MssanError as e:
+        contract.append(f"ONNX Runtime cannot load {sorted(Path(p).name for p in paths.values())}: {_first_line(e)}")
+        candidate = None
+    cases = parity_cases(model) if cases is None else cases
+    if candidate is None:
+        report = ParityReport(precision, tol, execution=execution)
+    else:
+        with candidate:
+            report = compare_runners(
+                torch_runner(model), candidate, {g: cases.get(g, ()) for g in paths}, tol, precision=precision,
+                rerank=rerank_cases(cfg, tol.rerank_depth, seed) if rerank and set(paths) == set(GRAPHS) else (),
+                reference_scores=_model_scores(model), execution=execution, reference_name="pytorch fp32",
+            )
+        if rerank and set(paths) != set(GRAPHS):
+            report.contract.append(f"rerank check needs all of {sorted(GRAPHS)}; have {sorted(paths)}")
+    report.contract[:0] = contract
+    for m in contract:
         log.error("[%s] %s", precision, m)
-    if rerank and set(sessions) == set(GRAPHS):
-        report.reranks = check_rerank(model, sessions, tol)
-    elif rerank:
-        report.contract.append(f"rerank check needs all of {sorted(GRAPHS)}; have {sorted(sessions)}")
     return report
+
+
+def rerank_cases(cfg: FeedConfig, depth: int, seed: int, r_max: int = 36,
+                 l_max: int | None = None) -> list[tuple[str, Feeds, Feeds]]:
+    """The inputs of the rerank check: one caption vs ``depth`` images (t2i), one image vs ``depth`` captions (i2t)."""
+    return [(d, *rerank_inputs(cfg, d, depth, seed + k, r_max, l_max)) for k, d in enumerate(("t2i", "i2t"))]
+
+
+def _model_scores(model: MSSAN) -> ScoreFn:
+    """``model.score`` of encoded images and captions: the independent reference of the final scores."""
+
+    @torch.inference_mode()
+    def scores(images: Feeds, texts: Feeds) -> np.ndarray:
+        ti, tt = to_torch(images), to_torch(texts)
+        return np.asarray(model.score(model.encode_image(ti["regions"], ti["region_mask"]),
+                                      model.encode_text(tt["tokens"], tt["token_mask"])).numpy())
+
+    return scores

@@ -23,7 +23,7 @@ from .core.store import read_index_manifest
 from .progress import progress_bar
 from .retriever import Hit, Retriever
 
-__all__ = ["main", "run_index", "run_search", "run_info", "read_lines"]
+__all__ = ["main", "run_index", "run_search", "run_info", "read_lines", "parity_summary"]
 
 log = logging.getLogger("mssan_infer")
 
@@ -162,9 +162,18 @@ def run_info(bundle: str | os.PathLike[str], index: str | os.PathLike[str] | Non
         "fp16": bool(m.get("fp16_graphs")),
         "vocab_size": b.model_config.get("vocab_size"),
         "verified": m.get("verified"),
-        "parity": _parity_summary(m.get("parity")),
+        "parity": parity_summary(m.get("parity")),
         "created": m.get("created"),
     }
+    trt = m.get("tensorrt")
+    if isinstance(trt, dict):
+        info["tensorrt"] = {
+            "tensorrt_version": trt.get("tensorrt_version"),
+            "gpu": trt.get("gpu"),
+            "precisions": sorted(trt.get("engines") or {}),
+            "limits": trt.get("limits"),
+            "parity": parity_summary(trt.get("parity")),
+        }
     if index is not None:
         im = read_index_manifest(index)
         info["index"] = {
@@ -179,12 +188,43 @@ def run_info(bundle: str | os.PathLike[str], index: str | os.PathLike[str] | Non
     return info
 
 
-def _parity_summary(parity: Any) -> Any:
+def parity_summary(parity: Any) -> dict[str, Any] | None:
+    """Per precision, the verdict of a manifest parity table (``parity`` or ``tensorrt.parity``).
+
+    Returns:
+        ``{precision: {"passed", "atol", "rtol", "max_abs" (worst over graphs), "max_abs_per_graph",
+        "failures" (count), "reference", "execution"}}``, or ``None`` when the manifest has no table.
+    """
     if not isinstance(parity, dict):
-        return parity
-    keep = ("ok", "passed", "max_abs_diff", "atol", "precision", "max_score_diff")
-    small = {k: v for k, v in parity.items() if k in keep or not isinstance(v, (dict, list))}
-    return small or {"keys": sorted(parity)}
+        return None
+    out: dict[str, Any] = {}
+    for precision, report in parity.items():
+        if not isinstance(report, dict):
+            continue
+        tol: dict[str, Any] = report["tolerance"] if isinstance(report.get("tolerance"), dict) else {}
+        per_graph = {g: v for g, v in (report.get("max_abs") or {}).items() if isinstance(v, (int, float))}
+        out[str(precision)] = {
+            "passed": report.get("passed"),
+            "atol": tol.get("atol"),
+            "rtol": tol.get("rtol"),
+            "max_abs": max(per_graph.values()) if per_graph else None,
+            "max_abs_per_graph": per_graph,
+            "failures": len(report.get("failures") or []),
+            "reference": report.get("reference"),
+            "execution": report.get("execution"),
+        }
+    return out
+
+
+def _parity_line(summary: dict[str, Any] | None) -> str:
+    if not summary:
+        return "not recorded"
+    parts = []
+    for precision, p in summary.items():
+        verdict = "passed" if p["passed"] else f"FAILED ({p['failures']} failure(s))"
+        worst = f", max abs {p['max_abs']:.2g} (atol {p['atol']:g})" if p["max_abs"] is not None and p["atol"] else ""
+        parts.append(f"{precision} {verdict}{worst}")
+    return "; ".join(parts)
 
 
 def _print_hits(hits: list[Hit], query: str, out: TextIO) -> None:
@@ -210,6 +250,11 @@ def _print_info(info: dict[str, Any], out: TextIO) -> None:
     print(f"graphs     {', '.join(f'{k}: {v}' for k, v in info['graphs'].items())}", file=out)
     print(f"fp16       {'yes' if info['fp16'] else 'no'}", file=out)
     print(f"verified   {info['verified']}", file=out)
+    print(f"parity     {_parity_line(info['parity'])}", file=out)
+    if "tensorrt" in info:
+        t = info["tensorrt"]
+        print(f"tensorrt   {t['tensorrt_version']} on {(t['gpu'] or {}).get('name')}, {', '.join(t['precisions'])}; "
+              f"limits {t['limits']}; parity {_parity_line(t['parity'])}", file=out)
     if "index" in info:
         ix = info["index"]
         match = "matches this bundle" if ix["matches_bundle"] else f"built with ANOTHER bundle ({ix['bundle_id']})"

@@ -75,7 +75,7 @@ class PixelEncoder:
                         f"bundle {self.bundle.root} has a pixel graph but no preprocessing.image entry; re-export it"
                     )
                 cfg = Preprocessing.from_dict(prep)
-                if PIXEL_GRAPH in getattr(self.backend, "graphs", ()):
+                if PIXEL_GRAPH in self.backend.graphs:
                     runner: Backend = self.backend
                 else:
                     from .backends.onnxruntime import OnnxRuntimeBackend
@@ -85,9 +85,7 @@ class PixelEncoder:
                         raise BundleError(
                             f"bundle {self.bundle.root}: pixel graph {name!r} has no sha256 in the manifest; re-export it"
                         )
-                    device = getattr(self.backend, "device", "cpu")
-                    runner = OnnxRuntimeBackend({PIXEL_GRAPH: self.bundle.path(name)},
-                                                device=device if isinstance(device, str) else "cpu")
+                    runner = OnnxRuntimeBackend({PIXEL_GRAPH: self.bundle.path(name)}, device=self.backend.device)
                 self._runner = (runner, cfg)
             return self._runner
 

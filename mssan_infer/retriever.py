@@ -503,10 +503,9 @@ class Retriever:
         return [[Hit(i, float(f), float(s)) for i, f, s in zip(view.ids_at(r.rows), r.score, r.stage1)]
                 for r in ranked]
 
-    def _scorer_limits(self, query_is_text: bool) -> ScorerLimits | None:
-        """The backend's scorer limits (a TensorRT engine's profile maxima), if it has any."""
-        limits = getattr(self.backend, "limits", None)
-        return ScorerLimits.from_axes(limits("scorer"), query_is_text=query_is_text) if callable(limits) else None
+    def _scorer_limits(self, query_is_text: bool) -> ScorerLimits:
+        """The backend's scorer limits (a TensorRT engine's profile maxima; none for ONNX Runtime)."""
+        return ScorerLimits.from_axes(self.backend.limits("scorer"), query_is_text=query_is_text)
 
     def _gatherer(self) -> ThreadPoolExecutor | None:
         """The helper threads of candidate gathers (made on first use; none for one thread)."""

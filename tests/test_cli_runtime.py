@@ -92,6 +92,29 @@ def test_info_describes_bundle_and_index(bundle: Path, index: Path) -> None:
     assert info["index"]["matches_bundle"] and info["index"]["galleries"]["images"]["n"] == 30
 
 
+def test_info_reports_parity_per_precision(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    code, text, _ = cli("info", "--bundle", bundle, "--json")
+    parity = json.loads(text)["parity"]
+    manifest = json.loads((bundle / "manifest.json").read_text())["parity"]
+    assert code == 0 and set(parity) == set(manifest) and "fp32" in parity
+    for precision, p in parity.items():
+        assert p["passed"] is True and p["failures"] == 0 and p["reference"] == "pytorch fp32"
+        assert p["atol"] == manifest[precision]["tolerance"]["atol"]
+        assert p["max_abs"] == max(manifest[precision]["max_abs"].values()) and 0 < p["max_abs"] <= p["atol"]
+    code, text, _ = cli("info", "--bundle", bundle)
+    assert "parity     fp32 passed, max abs" in text
+    copy = shutil.copytree(bundle, tmp_path / "b")                    # a --no-verify bundle whose fp32 check failed
+    m = json.loads((copy / "manifest.json").read_text())
+    m["parity"]["fp32"].update(passed=False, failures=["[fp32] scorer[x] s_ll: max abs diff 1 > atol 0.0001"])
+    (copy / "manifest.json").write_text(json.dumps(m))
+    code, text, _ = cli("info", "--bundle", copy, "--json")
+    assert json.loads(text)["parity"]["fp32"] | {"max_abs": None} == {**parity["fp32"], "passed": False,
+                                                                       "failures": 1, "max_abs": None}
+    assert "tensorrt" not in json.loads(text)
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [

@@ -13,14 +13,14 @@ import onnx
 import pytest
 import torch
 
-from export import ExportError, NotBuiltError, export_bundle
+from export import ExportError, export_bundle
 from export.fp16 import FP16_OPS
 from export.graphs import build_graphs
 from export.inputs import EXAMPLE_B, EXAMPLE_L, EXAMPLE_R, image_feeds, text_feeds, to_torch
 from export.onnx import check_onnx, export_graph
 from export.validate import rerank_order_check, validate_graphs
 from mssan_infer.bundle import load_bundle
-from mssan_infer.errors import BundleError, MssanError, ParityError
+from mssan_infer.errors import BundleError, ParityError
 from mssan_infer.spec import FORMAT_VERSION, GRAPHS, IMAGE_ENCODER, MANIFEST_FILE, SCORER, TOLERANCES
 from training.checkpoint import load_checkpoint
 from training.config import ModelConfig
@@ -284,4 +284,3 @@ def test_cli_reports_a_typed_error_in_one_line_and_exits_1(tmp_path: Path, tiny_
     assert err[-1].startswith("error: BackendUnavailableError: ") and "Traceback" not in "".join(err)
     assert main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: BundleError: ")
-    assert issubclass(NotBuiltError, MssanError)

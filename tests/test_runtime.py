@@ -6,12 +6,13 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pytest
 
 import mssan_infer
-from mssan_infer.backends import create_backend, register_backend
+from mssan_infer.backends import Backend, Device, create_backend, parse_device, register_backend
 from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend, select_providers
 from mssan_infer.errors import BackendUnavailableError, InputError
 
@@ -87,28 +88,36 @@ def test_register_backend_refuses_to_shadow_a_name() -> None:
         register_backend("onnxruntime", lambda *a, **k: None)  # type: ignore[arg-type, return-value]
 
 
+class Recorder(Backend):
+    """A backend that records what reaches ``_run`` and delegates to ONNX Runtime."""
+
+    name = "recorder"
+
+    def __init__(self, inner: OnnxRuntimeBackend) -> None:
+        super().__init__("cpu")
+        self.inner = inner
+        self.seen: list[tuple[str, list[str]]] = []
+        for g in inner.graphs:
+            self._add_graph(g, inner.fixed_dims(g))
+
+    def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.seen.append((graph, sorted(feeds)))
+        return self.inner.run(graph, feeds)
+
+    def _close(self) -> None:
+        self.inner.close()
+
+
 def test_custom_backend_plugs_into_retriever_load(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """A backend registered by name is what Retriever.load uses (the tensorrt/triton path)."""
     from mssan_infer.bundle import Bundle
 
-    seen: dict[str, object] = {}
-
-    class Recorder:
-        name = "recorder"
-
-        def __init__(self, inner: OnnxRuntimeBackend) -> None:
-            self.inner = inner
-
-        def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            seen[graph] = sorted(feeds)
-            return self.inner.run(graph, feeds)
-
-        def close(self) -> None:
-            pass
+    made: dict[str, object] = {}
 
     def factory(bundle: Bundle, **kw: object) -> Recorder:
-        seen["kw"] = kw
-        return Recorder(OnnxRuntimeBackend.from_bundle(bundle))
+        made["kw"] = kw
+        made["backend"] = be = Recorder(OnnxRuntimeBackend.from_bundle(bundle))
+        return be
 
     register_backend("recorder", factory, replace=True)
     try:
@@ -120,8 +129,83 @@ def test_custom_backend_plugs_into_retriever_load(tiny_checkpoint: Path, tmp_pat
         from mssan_infer.backends import _REGISTRY
 
         _REGISTRY.pop("recorder", None)
-    assert seen["kw"] == {"device": "cpu", "precision": "fp32", "threads": 1}
-    assert set(seen) >= {"image_encoder", "text_encoder", "scorer"}
+    assert made["kw"] == {"device": "cpu", "precision": "fp32", "threads": 1}
+    assert {g for g, _ in made["backend"].seen} >= {"image_encoder", "text_encoder", "scorer"}  # type: ignore[attr-defined]
+
+
+def test_a_factory_that_returns_no_backend_is_refused(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    register_backend("duck", lambda bundle, **kw: object(), replace=True)   # type: ignore[arg-type, return-value]
+    try:
+        with pytest.raises(mssan_infer.MssanError, match="not a mssan_infer.backends.Backend"):
+            mssan_infer.Retriever.load(_bundle(tiny_checkpoint, tmp_path_factory), backend="duck")
+    finally:
+        from mssan_infer.backends import _REGISTRY
+
+        _REGISTRY.pop("duck", None)
+
+
+@pytest.mark.parametrize("graph, feeds, match", [
+    ("image_encoder", {"regions": np.ones((3, 24), np.float32), "region_mask": np.ones((1, 3), np.float32)},
+     r"regions must be \[B, R, Dv\] \(rank 3\)"),
+    ("image_encoder", {"regions": np.ones((1, 3, 25), np.float32), "region_mask": np.ones((1, 3), np.float32)},
+     "axis Dv must be 24"),
+    ("image_encoder", {"regions": np.ones((1, 3, 24), np.float32), "region_mask": np.ones((1, 4), np.float32)},
+     "axis R is 3 in regions and 4 in region_mask"),
+    ("text_encoder", {"tokens": np.ones((1, 3), np.float32), "token_mask": np.ones((1, 3), np.float32)},
+     "integer token ids"),
+    ("text_encoder", {"tokens": np.array([["a", "b"]]), "token_mask": np.ones((1, 2), np.float32)}, "integer token ids"),
+    ("scorer", {"img_local": np.zeros((1, 1, 32), np.float32)}, "takes inputs"),
+    ("decoder", {}, "unknown graph"),
+])
+def test_feeds_are_checked_once_against_the_spec_before_any_backend_runs(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, graph: str, feeds: dict[str, np.ndarray], match: str
+) -> None:
+    from mssan_infer.bundle import load_bundle
+
+    be = Recorder(OnnxRuntimeBackend.from_bundle(load_bundle(_bundle(tiny_checkpoint, tmp_path_factory)), threads=1))
+    with be:
+        with pytest.raises(InputError, match=match):
+            be.run(graph, feeds)
+        assert be.seen == []                             # nothing reached the runtime
+        ok = be.run("image_encoder", {"regions": np.ones((2, 3, 24)), "region_mask": np.ones((2, 3), bool)})
+        assert ok["img_local"].dtype == np.float32 and ok["img_local"].shape == (2, 3, 32)    # cast, then run
+    with pytest.raises(mssan_infer.MssanError, match="closed"):
+        be.run("image_encoder", {"regions": np.ones((1, 3, 24)), "region_mask": np.ones((1, 3))})
+
+
+def test_a_backend_that_breaks_the_output_contract_is_caught(tiny_checkpoint: Path,
+                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    from mssan_infer.bundle import load_bundle
+
+    class Half(Recorder):
+        def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {k: v.astype(np.float16) for k, v in super()._run(graph, feeds).items()}
+
+    class Short(Recorder):
+        def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {k: v[:1] for k, v in super()._run(graph, feeds).items()}
+
+    b = load_bundle(_bundle(tiny_checkpoint, tmp_path_factory))
+    feeds = {"regions": np.ones((2, 3, 24), np.float32), "region_mask": np.ones((2, 3), np.float32)}
+    with Half(OnnxRuntimeBackend.from_bundle(b)) as be, pytest.raises(mssan_infer.MssanError, match="float16, not float32"):
+        be.run("image_encoder", feeds)
+    with Short(OnnxRuntimeBackend.from_bundle(b)) as be, pytest.raises(mssan_infer.MssanError, match=r"shape \(1,"):
+        be.run("image_encoder", feeds)
+
+
+def test_one_device_parser_for_every_backend() -> None:
+    import pickle
+
+    assert parse_device("cpu") == Device("cpu") == "cpu" and parse_device("CUDA") == "cuda:0"
+    cuda3 = parse_device(" cuda:3")
+    assert cuda3 == Device("cuda", 3) and (cuda3.kind, cuda3.ordinal) == ("cuda", 3) and parse_device(cuda3) is cuda3
+    assert pickle.loads(pickle.dumps(cuda3)) == cuda3 and isinstance(pickle.loads(pickle.dumps(cuda3)), Device)
+    for bad in ("gpu", "cuda:", "cuda:-1", "cpu:0", "", 0):
+        with pytest.raises(InputError, match="device"):
+            parse_device(bad)  # type: ignore[arg-type]
+    for kind, ordinal in (("tpu", 0), ("cpu", 1), ("cuda", -1)):
+        with pytest.raises(InputError, match="device"):
+            Device(kind, ordinal)
 
 
 _BUNDLE: list[Path] = []
@@ -181,10 +265,6 @@ def test_onnxruntime_options_are_checked(tiny_checkpoint: Path, tmp_path_factory
             for s in spinning._sessions.values()} == {"1"}
     assert be.graphs == ["image_encoder", "scorer", "text_encoder"]
     assert be.active_providers() == ["CPUExecutionProvider"]
-    with pytest.raises(InputError, match="takes inputs"):
-        be.run("scorer", {"img_local": np.zeros((1, 1, 32), np.float32)})
-    with pytest.raises(InputError, match="unknown graph"):
-        be.run("decoder", {})
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")

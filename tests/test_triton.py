@@ -27,20 +27,23 @@ CAPTIONS = ["a red dog on the beach", "a blue ball near a tree", "man sits in a 
 @pytest.mark.parametrize("backend", ["onnxruntime", "python", "tensorrt"])
 def test_every_config_parses_and_matches_its_graph(tiny_bundle: Path, tmp_path: Path, backend: str) -> None:
     from export.triton import TritonSettings, validate_config, write_repository
-    from mssan_infer.backends.tensorrt import plan_name
+    from mssan_infer.core.layout import plan_name
 
     root = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, root)
+    trt = None
     if backend == "tensorrt":                       # stand-in plans: only the layout is checked here
         for g in GRAPHS:
             (root / plan_name(g, "fp32")).parent.mkdir(exist_ok=True)
             (root / plan_name(g, "fp32")).write_bytes(b"plan")
-    rec = write_repository(root, TritonSettings(backend=backend, instances=2))["triton"]
+        trt = {"settings": {"num_profiles": 3}, "limits": {"B": 128, "R": 100, "L": 64, "Ni": 256, "Nt": 128}}
+    rec = write_repository(root, TritonSettings(backend=backend, instances=2), tensorrt=trt)["triton"]
     repo = root / "triton"
     assert set(rec["models"]) == {*GRAPHS, "retriever"}
     for g, spec in GRAPHS.items():
         cfg = validate_config(repo / g / "config.pbtxt", root / spec.file)
-        assert cfg.backend == backend and cfg.instance_group[0].count == 2
+        groups = [(grp.count, list(grp.profile)) for grp in cfg.instance_group]
+        assert cfg.backend == backend and groups == ([(1, ["0"]), (1, ["1"])] if trt else [(2, [])])
         assert cfg.parameters["mssan_bundle_id"].string_value == rec["bundle_id"]
         model_file = "model.plan" if backend == "tensorrt" else "model.onnx"
         assert (repo / g / "1" / model_file).is_file()
@@ -54,6 +57,8 @@ def test_every_config_parses_and_matches_its_graph(tiny_bundle: Path, tmp_path: 
     assert list(sc.output[0].dims) == [-1, -1]
     ret = validate_config(repo / "retriever" / "config.pbtxt")
     assert ret.backend == "python" and all(i.optional for i in ret.input)
+    assert json.loads(ret.parameters["scorer_limits"].string_value) == (
+        {"Ni": 256, "Nt": 128, "R": 100, "L": 64} if trt else {})
     tk = json.loads((repo / "retriever" / "1" / "tokenizer.json").read_text())
     assert tk["max_len"] == 32 and tk["vocab"]["<unk>"] == 3
 
@@ -127,6 +132,13 @@ def test_tensorrt_flavour_without_engines_is_refused(tiny_bundle: Path, tmp_path
 
     with pytest.raises(ExportError, match="--tensorrt"):
         write_repository(tiny_bundle, TritonSettings(backend="tensorrt"), out=tmp_path / "repo")
+    record = {"settings": {"num_profiles": 2}, "limits": {"B": 16, "R": 100, "L": 64, "Ni": 256, "Nt": 128}}
+    with pytest.raises(ExportError, match="--triton-max-batch 32 is above the engines' B maximum 16"):
+        write_repository(tiny_bundle, TritonSettings(backend="tensorrt", max_batch_size=32), out=tmp_path / "repo",
+                         tensorrt=record)
+    with pytest.raises(ExportError, match="--triton-instances 3 is above the engines' 2 optimisation profile"):
+        write_repository(tiny_bundle, TritonSettings(backend="tensorrt", instances=3), out=tmp_path / "repo",
+                         tensorrt=record)
     assert not (tmp_path / "repo").exists()
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -104,10 +103,3 @@ def preset(name: str) -> Preset:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     p = PRESETS[name]
     return Preset(ModelConfig.from_dict(p.model.to_dict()), TrainConfig.from_dict(p.train.to_dict()))
-
-
-def dumps(model: ModelConfig, train: TrainConfig | None = None) -> str:
-    d: dict[str, Any] = {"model": model.to_dict()}
-    if train is not None:
-        d["train"] = train.to_dict()
-    return json.dumps(d, indent=2)

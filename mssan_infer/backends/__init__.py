@@ -1,7 +1,8 @@
 """Backends behind one contract (:class:`Backend`) and a small registry to pick one by name.
 
 A backend is made by a factory ``factory(bundle, *, device, precision, threads,
-**options) -> Backend``. Factories are registered by name, either as a callable
+**options) -> Backend`` (a subclass of :class:`Backend`, checked when it is made).
+Factories are registered by name, either as a callable
 or as a ``"module:attribute"`` string imported only when that backend is
 asked for, so optional packages (tensorrt, tritonclient) are never imported
 by ``import mssan_infer``.
@@ -12,10 +13,12 @@ import importlib
 from typing import Any, Callable, Union
 
 from ..bundle import Bundle
-from ..errors import BackendUnavailableError, InputError
-from .base import Backend
+from ..errors import BackendUnavailableError, InputError, MssanError
+from .base import Backend, Device, parse_device
 
-__all__ = ["Backend", "BackendFactory", "register_backend", "create_backend", "available_backends"]
+__all__ = [
+    "Backend", "Device", "parse_device", "BackendFactory", "register_backend", "create_backend", "available_backends",
+]
 
 BackendFactory = Callable[..., Backend]
 
@@ -73,7 +76,7 @@ def create_backend(
     name: str,
     bundle: Bundle,
     *,
-    device: str = "cpu",
+    device: str | Device = "cpu",
     precision: str = "fp32",
     threads: int | None = None,
     **options: Any,
@@ -84,9 +87,16 @@ def create_backend(
         InputError: ``name`` is not a registered backend.
         BackendUnavailableError: the backend's package is not installed.
         BundleError: the bundle lacks a graph the backend needs.
+        MssanError: the factory returned something that is not a :class:`Backend`.
     """
     if name not in _REGISTRY:
         raise InputError(f"unknown backend {name!r}; choose one of {available_backends()}")
     entry = _REGISTRY[name]
     factory = _resolve(name, entry) if isinstance(entry, str) else entry
-    return factory(bundle, device=device, precision=precision, threads=threads, **options)
+    backend = factory(bundle, device=device, precision=precision, threads=threads, **options)
+    if not isinstance(backend, Backend):
+        raise MssanError(
+            f"the factory of backend {name!r} returned {type(backend).__name__}, not a mssan_infer.backends.Backend; "
+            "subclass Backend (implement _run) so feeds are checked the same way on every backend"
+        )
+    return backend

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -12,6 +11,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BackendUnavailableError, BundleError, InputError
 from ..spec import GRAPHS
+from .base import ALL_GRAPHS, Backend, Device, declared_dims, parse_device
 
 __all__ = ["OnnxRuntimeBackend", "select_providers", "OPT_LEVELS"]
 
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}
 
 
 def _import_ort() -> Any:
@@ -33,16 +34,7 @@ def _import_ort() -> Any:
     return ort
 
 
-def _parse_device(device: str) -> tuple[str, int]:
-    if not isinstance(device, str):
-        raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    kind, _, idx = device.lower().partition(":")
-    if kind not in ("cpu", "cuda") or (idx and not idx.isdigit()) or (kind == "cpu" and idx):
-        raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    return kind, int(idx or 0)
-
-
-def select_providers(device: str, available: list[str]) -> list[Any]:
+def select_providers(device: str | Device, available: list[str]) -> list[Any]:
     """ORT providers for ``device`` among ``available`` (``ort.get_available_providers()``).
 
     ``"cuda"`` asks for CUDA with CPU fallback; when CUDA is not available a
@@ -51,8 +43,8 @@ def select_providers(device: str, available: list[str]) -> list[Any]:
     Raises:
         InputError: ``device`` is not ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     """
-    kind, idx = _parse_device(device)
-    if kind == "cpu":
+    dev = parse_device(device)
+    if dev.kind == "cpu":
         return [_CPU]
     if _CUDA not in available:
         warnings.warn(
@@ -62,14 +54,15 @@ def select_providers(device: str, available: list[str]) -> list[Any]:
             stacklevel=3,
         )
         return [_CPU]
-    return [(_CUDA, {"device_id": idx}), _CPU]
+    return [(_CUDA, {"device_id": dev.ordinal}), _CPU]
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     """Runs bundle graphs in ONNX Runtime.
 
     Args:
-        graphs: graph name -> ``.onnx`` path, for each of ``spec.GRAPHS``.
+        graphs: graph name -> ``.onnx`` path, or the serialized model (``bytes``); names of
+            ``spec.GRAPHS`` / ``spec.OPTIONAL_GRAPHS``.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         threads: intra-op threads per session (``None``: ORT's default).
         inter_op_threads: inter-op threads per session (``None``: ORT's default).
@@ -97,9 +90,9 @@ class OnnxRuntimeBackend:
 
     def __init__(
         self,
-        graphs: Mapping[str, str | os.PathLike[str]],
+        graphs: Mapping[str, str | os.PathLike[str] | bytes],
         *,
-        device: str = "cpu",
+        device: str | Device = "cpu",
         threads: int | None = None,
         inter_op_threads: int | None = None,
         graph_optimization: str = "all",
@@ -109,6 +102,7 @@ class OnnxRuntimeBackend:
         session_config: Mapping[str, str] | None = None,
     ) -> None:
         ort = _import_ort()
+        super().__init__(device)
         graph_threads = dict(graph_threads or {})
         unknown_graphs = set(graph_threads) - set(graphs)
         if unknown_graphs:
@@ -131,8 +125,7 @@ class OnnxRuntimeBackend:
         if graph_optimization not in OPT_LEVELS:
             raise InputError(f"graph_optimization must be one of {OPT_LEVELS}, got {graph_optimization!r}")
         if providers is None:
-            providers = select_providers(device, list(ort.get_available_providers()))
-        self.device = device
+            providers = select_providers(self.device, list(ort.get_available_providers()))
         self.providers = providers
         level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -141,7 +134,6 @@ class OnnxRuntimeBackend:
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[graph_optimization]
         self._sessions: dict[str, Any] = {}
-        self._input_types: dict[str, dict[str, np.dtype[Any]]] = {}
         self._outputs: dict[str, list[str]] = {}
         wanted_cuda = any((p[0] if isinstance(p, tuple) else p) == _CUDA for p in providers)
         for gname, path in graphs.items():
@@ -159,10 +151,12 @@ class OnnxRuntimeBackend:
                 opts.inter_op_num_threads = inter_op_threads
                 opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
             opts.log_severity_level = 3
+            where = f"<{gname} graph in memory>" if isinstance(path, bytes) else str(path)
             try:
-                sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+                sess = ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=opts,
+                                            providers=providers)
             except Exception as e:  # ORT raises its own exception types
-                raise BundleError(f"onnxruntime cannot load {path}: {e}. Re-export the bundle.") from e
+                raise BundleError(f"onnxruntime cannot load {where}: {e}. Re-export the bundle.") from e
             if wanted_cuda and _CUDA not in sess.get_providers():
                 warnings.warn(
                     f"CUDA was asked for but the {gname} session runs on {sess.get_providers()}; "
@@ -170,23 +164,27 @@ class OnnxRuntimeBackend:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            self._check_io(gname, sess, Path(path))
+            self._check_io(gname, sess, where)
             self._sessions[gname] = sess
         log.info("onnxruntime backend ready: graphs %s on %s", sorted(self._sessions), self.providers)
 
-    def _check_io(self, gname: str, sess: Any, path: Path) -> None:
-        spec = GRAPHS.get(gname)
-        inputs = {i.name: i.type for i in sess.get_inputs()}
+    def _check_io(self, gname: str, sess: Any, path: str) -> None:
+        """Register ``gname`` after checking the session's inputs/outputs against its spec."""
+        spec = ALL_GRAPHS.get(gname)
+        if spec is None:
+            raise BundleError(f"{path}: unknown graph {gname!r}; graphs are {sorted(ALL_GRAPHS)}")
+        inputs = {i.name: i for i in sess.get_inputs()}
         outputs = [o.name for o in sess.get_outputs()]
-        if spec is not None:
-            if set(inputs) != set(spec.input_names) or not set(spec.output_names) <= set(outputs):
-                raise BundleError(
-                    f"{path} has inputs {sorted(inputs)} and outputs {outputs}, but graph {gname!r} must take "
-                    f"{spec.input_names} and give {spec.output_names}; re-export the bundle with this mssan version"
-                )
-        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-                 "tensor(int32)": np.int32, "tensor(double)": np.float64}
-        self._input_types[gname] = {n: np.dtype(types.get(t, np.float32)) for n, t in inputs.items()}
+        if set(inputs) != set(spec.input_names) or not set(spec.output_names) <= set(outputs):
+            raise BundleError(
+                f"{path} has inputs {sorted(inputs)} and outputs {outputs}, but graph {gname!r} must take "
+                f"{spec.input_names} and give {spec.output_names}; re-export the bundle with this mssan version"
+            )
+        for t in spec.inputs:
+            if _ORT_TYPES.get(inputs[t.name].type) != t.dtype:
+                raise BundleError(f"{path}: input {t.name} is {inputs[t.name].type}, the spec says {t.dtype}; "
+                                  "re-export the bundle with this mssan version")
+        self._add_graph(gname, declared_dims(spec, {n: list(i.shape) for n, i in inputs.items()}, path))
         self._outputs[gname] = outputs
 
     @classmethod
@@ -194,7 +192,7 @@ class OnnxRuntimeBackend:
         cls,
         bundle: Bundle,
         *,
-        device: str = "cpu",
+        device: str | Device = "cpu",
         precision: str = "fp32",
         threads: int | None = None,
         **options: Any,
@@ -215,36 +213,18 @@ class OnnxRuntimeBackend:
         graphs = {g: bundle.graph_path(g, precision) for g in GRAPHS}
         return cls(graphs, device=device, threads=threads, **options)
 
-    @property
-    def graphs(self) -> list[str]:
-        return sorted(self._sessions)
-
     def active_providers(self, graph: str = "scorer") -> list[str]:
         """Providers the session of ``graph`` actually runs on."""
-        return list(self._session(graph).get_providers())
+        self.spec(graph)
+        return list(self._sessions[graph].get_providers())
 
-    def _session(self, graph: str) -> Any:
-        try:
-            return self._sessions[graph]
-        except KeyError:
-            raise InputError(f"unknown graph {graph!r}; this backend has {self.graphs}") from None
-
-    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run ``graph``; feeds are cast to the graph's input dtypes, outputs returned as float32.
-
-        Raises:
-            InputError: unknown graph, or missing/extra feeds.
-        """
-        sess = self._session(graph)
-        types = self._input_types[graph]
-        if set(feeds) != set(types):
-            raise InputError(f"graph {graph!r} takes inputs {sorted(types)}, got {sorted(feeds)}")
-        cast = {n: np.ascontiguousarray(a, dtype=types[n]) for n, a in feeds.items()}
-        outs = sess.run(None, cast)
+    def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One session run on checked feeds; fp16/fp64 outputs come back as float32."""
+        outs = self._sessions[graph].run(None, dict(feeds))
         return {
             n: (o.astype(np.float32) if o.dtype in (np.float16, np.float64) else o)
             for n, o in zip(self._outputs[graph], outs)
         }
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self._sessions.clear()

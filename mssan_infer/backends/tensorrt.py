@@ -4,34 +4,47 @@ One engine per graph, built by ``python -m export ... --tensorrt`` with ``P``
 identical optimisation profiles. Each profile backs one execution slot (an
 execution context bound to that profile, a CUDA stream and device buffers); a
 call takes a free slot, so a context is never used by two threads at once and
-up to ``P`` threads run concurrently. Shapes are set per call with
-``set_input_shape``; device memory comes from cuda-python (``cudart``) and the
-engine runs with ``execute_async_v3`` after ``set_tensor_address``. Inputs
-larger than the profile maximum along a batch-like axis (``B``, ``Ni``,
-``Nt``) are split into chunks; other axes (``R``, ``L``) past the maximum are
-an ``InputError``.
+up to ``P`` threads run concurrently (TensorRT: "each execution context in
+concurrent use must use a separate optimization profile", ``IExecutionContext``
+in ``include/NvInferRuntime.h``). Shapes are set per call with ``set_input_shape``;
+device memory comes from cuda-python (``cudart``) and the engine runs with
+``execute_async_v3`` after ``set_tensor_address``. Inputs larger than the profile
+maximum along a batch-like axis (``B``, ``Ni``, ``Nt``) are split into chunks by
+the :class:`~mssan_infer.backends.base.Backend` contract; other axes (``R``,
+``L``) past the maximum are an ``InputError``.
+
+The CUDA device is per host thread (``cudaSetDevice`` "sets device as the
+current device for the calling host thread"; CUDA Runtime API, Device
+Management), so every call that allocates, copies or launches -- the
+constructor, each ``run`` and ``close`` -- makes the backend's device current
+for its own thread and restores the caller's device afterwards.
 
 Engines are specific to a TensorRT version and a GPU: the bundle manifest
 records both, and loading refuses a mismatch with a clear message (unless the
-engines were built version-compatible / hardware-compatible).
+engines were built version-compatible / hardware-compatible). The manifest's
+``tensorrt.limits`` record the largest size of every dynamic axis one engine call
+takes; :func:`scorer_limits` reads the scorer's for callers that chunk (the Triton
+``retriever`` model).
 
 ``tensorrt`` and ``cuda-python`` are imported only when the backend is made.
-The chunking helpers (``split_axes``, ``run_chunked``) are plain numpy.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from ..bundle import Bundle
+from ..core.layout import LIMITS_KEY, TENSORRT_KEY, plan_name
 from ..errors import BackendUnavailableError, BundleError, InputError, MssanError
-from ..spec import GRAPHS, GraphSpec
+from ..spec import GRAPHS, SCORER
+from .base import Backend, Device, declared_dims, parse_device
 
 __all__ = [
     "TensorRTBackend",
@@ -39,26 +52,16 @@ __all__ = [
     "import_tensorrt",
     "import_cudart",
     "gpu_info",
-    "split_axes",
-    "axis_sizes",
-    "run_chunked",
-    "plan_name",
-    "MANIFEST_KEY",
+    "scorer_limits",
+    "cuda_device",
 ]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_KEY = "tensorrt"
-RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class TensorRTEngineMismatchError(BackendUnavailableError):
     """The bundle's engines were built for another TensorRT version or GPU than this machine's."""
-
-
-def plan_name(graph: str, precision: str) -> str:
-    """Bundle-relative file of an engine: ``tensorrt/<graph>.plan`` (fp32) or ``tensorrt/<graph>.fp16.plan``."""
-    return f"tensorrt/{graph}.plan" if precision == "fp32" else f"tensorrt/{graph}.{precision}.plan"
 
 
 # ---- optional packages ---------------------------------------------------------
@@ -131,88 +134,48 @@ def gpu_info(device: int = 0) -> dict[str, Any]:
     return {"name": str(name), "compute_capability": f"{props.major}.{props.minor}", "device": device}
 
 
-# ---- chunking along batch-like axes ---------------------------------------------
-def split_axes(spec: GraphSpec) -> dict[str, tuple[dict[str, int], dict[str, int]]]:
-    """Axes a graph's inputs can be split along, and where each output concatenates.
-
-    An axis is splittable when every input carrying it carries it at position 0
-    and every output carries it at most once (``B`` of the encoders, ``Ni`` and
-    ``Nt`` of the scorer). Returns ``{axis: ({input: 0}, {output: position})}``.
-    """
-    out: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
-    axes = {a for t in spec.inputs for a in t.dynamic_axes().values()}
-    for axis in sorted(axes):
-        ins = {t.name: t.axes.index(axis) for t in spec.inputs if axis in t.axes}
-        if any(pos != 0 for pos in ins.values()) or any(t.axes.count(axis) > 1 for t in spec.inputs):
-            continue
-        if any(t.axes.count(axis) > 1 for t in spec.outputs):
-            continue
-        outs = {t.name: t.axes.index(axis) for t in spec.outputs if axis in t.axes}
-        out[axis] = (ins, outs)
-    return out
 
 
-def axis_sizes(spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """The size of every dynamic axis in ``feeds``.
+# ---- the engines' limits, as the manifest records them ---------------------------------------
+def scorer_limits(manifest: Mapping[str, Any]) -> dict[str, int] | None:
+    """Largest ``Ni``, ``Nt``, ``R``, ``L`` one call of the bundle's TensorRT scorer takes.
+
+    Read from ``manifest["tensorrt"]["limits"]`` (written by ``python -m export --tensorrt``:
+    the maximum of each axis's optimisation profile). ``None`` when the bundle has no
+    TensorRT engines (ONNX Runtime has no such limits).
 
     Raises:
-        InputError: missing/extra feeds, wrong rank, or one axis with two sizes.
+        BundleError: a ``tensorrt`` record without well-formed limits.
     """
-    if set(feeds) != set(spec.input_names):
-        raise InputError(f"graph {spec.name!r} takes inputs {sorted(spec.input_names)}, got {sorted(feeds)}")
-    sizes: dict[str, int] = {}
-    for t in spec.inputs:
-        shape = np.shape(feeds[t.name])
-        if len(shape) != len(t.axes):
-            raise InputError(f"{spec.name}.{t.name} must be [{', '.join(t.axes)}], got shape {tuple(shape)}")
-        for axis, n in zip(t.axes, shape):
-            if sizes.setdefault(axis, int(n)) != int(n):
-                raise InputError(f"{spec.name}: axis {axis} is {sizes[axis]} in one input and {n} in {t.name}")
-    return sizes
+    record = manifest.get(TENSORRT_KEY)
+    if not record:
+        return None
+    limits = record.get(LIMITS_KEY) if isinstance(record, Mapping) else None
+    axes = sorted({a for t in SCORER.inputs for a in t.dynamic_axes().values()})
+    if not isinstance(limits, Mapping) or not all(
+        isinstance(limits.get(a), int) and not isinstance(limits.get(a), bool) and limits[a] > 0 for a in axes
+    ):
+        raise BundleError(
+            f"the manifest's {TENSORRT_KEY}.{LIMITS_KEY} must give a positive int for each of {axes}, got {limits!r}; "
+            "re-export with --tensorrt"
+        )
+    return {a: int(limits[a]) for a in axes}
 
 
-def run_chunked(
-    spec: GraphSpec,
-    feeds: Mapping[str, np.ndarray],
-    limits: Mapping[str, int],
-    run: RunFn,
-) -> dict[str, np.ndarray]:
-    """Run ``run`` on ``feeds``, split into chunks wherever a splittable axis exceeds ``limits[axis]``.
-
-    Args:
-        spec: the graph.
-        feeds: its inputs.
-        limits: the largest size each axis may have in one call (axes not listed: unlimited).
-        run: runs one chunk (all axes within limits).
-    Raises:
-        InputError: an axis that cannot be split (``R``, ``L``) exceeds its limit.
-    """
-    sizes = axis_sizes(spec, feeds)
-    splittable = split_axes(spec)
-    for axis, n in sizes.items():
-        lim = limits.get(axis)
-        if lim is not None and n > lim and axis not in splittable:
-            raise InputError(
-                f"{spec.name}: axis {axis} is {n}, above the engine's profile maximum {lim}; rebuild the engines "
-                f"with a larger profile (python -m export ... --tensorrt --trt-profile {axis}=MIN,OPT,MAX)"
-            )
-    for axis, (ins, outs) in splittable.items():
-        lim = limits.get(axis)
-        n = sizes.get(axis, 0)
-        if lim is None or n <= lim:
-            continue
-        parts: list[dict[str, np.ndarray]] = []
-        for a in range(0, n, lim):
-            sub = {k: (v[a : a + lim] if k in ins else v) for k, v in feeds.items()}
-            parts.append(run_chunked(spec, sub, limits, run))
-        return {
-            name: (np.concatenate([p[name] for p in parts], axis=outs[name]) if name in outs else parts[0][name])
-            for name in parts[0]
-        }
-    return run(feeds)
+# ---- engines ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def cuda_device(cudart: Any, index: int) -> Iterator[None]:
+    """Make CUDA device ``index`` current for the calling thread; restore the previous one after."""
+    prev = int(_check(cudart, cudart.cudaGetDevice(), "cudaGetDevice"))
+    if prev != index:
+        _check(cudart, cudart.cudaSetDevice(index), f"cudaSetDevice({index})")
+    try:
+        yield
+    finally:
+        if prev != index:
+            _check(cudart, cudart.cudaSetDevice(prev), f"cudaSetDevice({prev})")
 
 
-# ---- engines ----------------------------------------------------------------------
 class _Slot:
     """One execution context bound to one optimisation profile, with its stream and device buffers."""
 
@@ -224,8 +187,11 @@ class _Slot:
 
 
 class _Engine:
+    """One deserialized engine and its slots. Every method runs with the backend's device current."""
+
     def __init__(self, trt: Any, cudart: Any, runtime: Any, graph: str, path: Path, num_slots: int | None) -> None:
         self.trt, self.cudart, self.graph, self.path = trt, cudart, graph, path
+        self._all: list[_Slot] = []
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise TensorRTEngineMismatchError(
@@ -244,28 +210,50 @@ class _Engine:
                 f"{spec.input_names} and give {spec.output_names}. Rebuild the engines."
             )
         self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        wrong = [f"{t.name} is {self.dtypes[t.name]}" for t in (*spec.inputs, *spec.outputs)
+                 if self.dtypes[t.name] != np.dtype(t.dtype) and not (t.dtype == "float32" and self.dtypes[t.name].kind == "f")]
+        if wrong:
+            raise BundleError(f"{path}: {', '.join(wrong)}, not as the spec says; rebuild the engines")
+        self.dims = declared_dims(spec, {n: [int(d) for d in engine.get_tensor_shape(n)] for n in self.inputs}, str(path))
         profiles = int(engine.num_optimization_profiles)
         n_slots = profiles if num_slots is None else max(1, min(int(num_slots), profiles))
-        # per axis: the smallest maximum over inputs (profile 0; all profiles are identical)
+        # per axis: the smallest profile maximum over inputs and profiles (the profiles are identical)
         self.limits: dict[str, int] = {}
-        self.minimum: dict[str, int] = {}
-        for t in spec.inputs:
-            mn, _opt, mx = engine.get_tensor_profile_shape(t.name, 0)
-            for pos, axis in enumerate(t.axes):
-                if axis in t.dynamic_axes().values():
+        for p in range(profiles):
+            for t in spec.inputs:
+                _mn, _opt, mx = engine.get_tensor_profile_shape(t.name, p)
+                for pos, axis in t.dynamic_axes().items():
                     self.limits[axis] = min(self.limits.get(axis, 1 << 30), int(mx[pos]))
-                    self.minimum[axis] = max(self.minimum.get(axis, 0), int(mn[pos]))
         self._slots: "queue.Queue[_Slot]" = queue.Queue()
-        self._all: list[_Slot] = []
+        try:
+            self._make_slots(path, n_slots, profiles)
+        except BaseException:
+            self.close()
+            raise
+
+    def _make_slots(self, path: Path, n_slots: int, profiles: int) -> None:
+        cudart, engine = self.cudart, self.engine
         for p in range(n_slots):
             context = engine.create_execution_context()
             if context is None:
                 raise BackendUnavailableError(f"TensorRT could not create an execution context for {path} (GPU memory?)")
             stream = _check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
-            if p:
-                context.set_optimization_profile_async(p, _handle(stream))
             slot = _Slot(context, p, stream)
             self._all.append(slot)
+            if p:          # a new context starts on profile 0 (IExecutionContext::setOptimizationProfileAsync)
+                try:
+                    # The Python binding raises RuntimeError where the C++ call returns false
+                    # (python/src/infer/pyCore.cpp, context_set_optimization_profile_async); check both.
+                    ok = context.set_optimization_profile_async(p, _handle(stream))
+                except RuntimeError as e:
+                    ok, why = False, f": {e}"
+                else:
+                    why = ""
+                if not ok:
+                    raise BackendUnavailableError(
+                        f"TensorRT refused optimization profile {p} of {path} ({profiles} profile(s)){why}; "
+                        "rebuild the engines, or pass slots=1"
+                    )
             self._slots.put(slot)
 
     def _buffer(self, slot: _Slot, name: str, nbytes: int) -> int:
@@ -274,14 +262,19 @@ class _Engine:
             return ptr
         if ptr:
             _check(self.cudart, self.cudart.cudaFree(ptr), "cudaFree")
+            del slot.buffers[name]
         size = max(nbytes, 256)
         ptr = _handle(_check(self.cudart, self.cudart.cudaMalloc(size), "cudaMalloc"))
         slot.buffers[name] = (ptr, size)
         return ptr
 
+    def _bind(self, slot: _Slot, name: str, ptr: int) -> None:
+        if not slot.context.set_tensor_address(name, ptr):
+            raise MssanError(f"TensorRT refused the device address of {self.graph}.{name} (see the TensorRT log)")
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cudart, h2d, d2h = self.cudart, self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, \
-            self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        cudart = self.cudart
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         slot = self._slots.get()
         try:
             ctx, stream = slot.context, slot.stream
@@ -294,7 +287,7 @@ class _Engine:
                 ptr = self._buffer(slot, name, arr.nbytes)
                 if arr.nbytes:
                     _check(cudart, cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, stream), "cudaMemcpyAsync")
-                ctx.set_tensor_address(name, ptr)
+                self._bind(slot, name, ptr)
             host_out: dict[str, np.ndarray] = {}
             for name in self.outputs:
                 shape = tuple(int(s) for s in ctx.get_tensor_shape(name))
@@ -302,7 +295,7 @@ class _Engine:
                     raise MssanError(f"TensorRT could not infer the shape of {self.graph}.{name} ({shape})")
                 out = np.empty(shape, self.dtypes[name])
                 host_out[name] = out
-                ctx.set_tensor_address(name, self._buffer(slot, name, out.nbytes))
+                self._bind(slot, name, self._buffer(slot, name, out.nbytes))
             if not ctx.execute_async_v3(_handle(stream)):
                 raise MssanError(f"TensorRT execute_async_v3 failed for {self.graph} (see the TensorRT log)")
             for name, out in host_out.items():
@@ -356,20 +349,21 @@ def _check_record(record: Mapping[str, Any], trt_version: str, gpu: Mapping[str,
         )
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     """Runs the bundle's TensorRT engines.
 
     Args:
         engines: graph name -> ``.plan`` path, for each of ``spec.GRAPHS``.
         record: the manifest's ``tensorrt`` entry (TensorRT version, GPU, settings),
             checked against this machine before any engine is deserialized.
-        device: CUDA device index.
+        device: ``"cuda"`` / ``"cuda:N"`` (a :class:`Device`); made current for each calling thread.
         slots: concurrent execution contexts per engine (default: one per profile in the engine).
 
     Raises:
         BackendUnavailableError: tensorrt or cuda-python missing, no GPU/driver.
         TensorRTEngineMismatchError: engines built for another TensorRT version or GPU.
         BundleError: an engine's inputs/outputs differ from the spec.
+        InputError: a device that is not a CUDA device.
     """
 
     name = "tensorrt"
@@ -379,37 +373,44 @@ class TensorRTBackend:
         engines: Mapping[str, str | Path],
         *,
         record: Mapping[str, Any] | None = None,
-        device: int = 0,
+        device: str | Device = "cuda",
         slots: int | None = None,
     ) -> None:
+        super().__init__(device)
+        if self.device.kind != "cuda":
+            raise InputError(f"backend 'tensorrt' runs on a CUDA device ('cuda' or 'cuda:N'), got {str(self.device)!r}")
         trt = import_tensorrt()
         cudart = import_cudart()
-        gpu = gpu_info(device)
+        gpu = gpu_info(self.device.ordinal)
         if record is not None:
             _check_record(record, str(trt.__version__), gpu)
-        _check(cudart, cudart.cudaSetDevice(device), "cudaSetDevice")
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        if record is not None and (record.get("settings") or {}).get("version_compatible"):
-            self._runtime.engine_host_code_allowed = True     # version-compatible plans embed a lean runtime
-        self.device = device
+        self._cudart = cudart
         self.gpu = gpu
         self._engines: dict[str, _Engine] = {}
         self._lock = threading.Lock()
-        try:
-            for graph, path in engines.items():
-                self._engines[graph] = _Engine(trt, cudart, self._runtime, graph, Path(path), slots)
-        except BaseException:
-            self.close()
-            raise
-        log.info("tensorrt backend ready on %s: %s", gpu.get("name"), sorted(self._engines))
+        with cuda_device(cudart, self.device.ordinal):
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            self._runtime = trt.Runtime(self._logger)
+            if record is not None and (record.get("settings") or {}).get("version_compatible"):
+                self._runtime.engine_host_code_allowed = True     # version-compatible plans embed a lean runtime
+            try:
+                for graph, path in engines.items():
+                    if graph not in GRAPHS:
+                        raise BundleError(f"no TensorRT engine is built for graph {graph!r}; engines exist for {sorted(GRAPHS)}")
+                    eng = _Engine(trt, cudart, self._runtime, graph, Path(path), slots)
+                    self._engines[graph] = eng
+                    self._add_graph(graph, eng.dims)
+            except BaseException:
+                self._close_engines()
+                raise
+        log.info("tensorrt backend ready on %s (%s): %s", gpu.get("name"), self.device, sorted(self._engines))
 
     @classmethod
     def from_bundle(
         cls,
         bundle: Bundle,
         *,
-        device: str = "cuda",
+        device: str | Device = "cuda",
         precision: str = "fp32",
         threads: int | None = None,
         **options: Any,
@@ -428,12 +429,12 @@ class TensorRTBackend:
             raise InputError(f"unknown tensorrt options {sorted(unknown)}; known: ['slots']")
         if precision not in ("fp32", "fp16"):
             raise InputError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-        kind, _, idx = str(device).lower().partition(":")
-        if kind not in ("cpu", "cuda") or (idx and not idx.isdigit()) or (kind == "cpu" and idx):
-            raise InputError(f"device must be 'cuda' or 'cuda:N' for backend='tensorrt', got {device!r}")
+        dev = parse_device(device)
+        if dev.kind == "cpu":
+            dev = Device("cuda", 0)
         import_tensorrt()                      # missing packages first: they are the first thing to fix
         import_cudart()
-        record = bundle.manifest.get(MANIFEST_KEY)
+        record = bundle.manifest.get(TENSORRT_KEY)
         if not isinstance(record, dict) or not record.get("engines"):
             raise BundleError(
                 f"bundle {bundle.root} has no TensorRT engines; export with "
@@ -449,42 +450,23 @@ class TensorRTBackend:
         if missing:
             raise BundleError(f"bundle {bundle.root} lacks TensorRT engines for {missing}; re-export with --tensorrt")
         engines = {g: bundle.path(table[g]["file"]) for g in GRAPHS}
-        return cls(engines, record=record, device=int(idx or 0), slots=options.get("slots"))
-
-    @property
-    def graphs(self) -> list[str]:
-        return sorted(self._engines)
+        return cls(engines, record=record, device=dev, slots=options.get("slots"))
 
     def limits(self, graph: str) -> dict[str, int]:
         """Largest size of each dynamic axis one engine call accepts (the profile maximum)."""
-        return dict(self._engine(graph).limits)
+        self.spec(graph)
+        return dict(self._engines[graph].limits)
 
-    def _engine(self, graph: str) -> _Engine:
-        try:
-            return self._engines[graph]
-        except KeyError:
-            raise InputError(f"unknown graph {graph!r}; this backend has {self.graphs}") from None
+    def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with cuda_device(self._cudart, self.device.ordinal):
+            return self._engines[graph].run(feeds)
 
-    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run ``graph``; batch-like axes beyond the profile are chunked, outputs are float32.
+    def _close(self) -> None:
+        with cuda_device(self._cudart, self.device.ordinal):
+            self._close_engines()
 
-        Raises:
-            InputError: unknown graph, wrong feeds, or ``R``/``L`` beyond the profile maximum.
-        """
-        eng = self._engine(graph)
-        return run_chunked(GRAPHS[graph], feeds, eng.limits, eng.run)
-
-    def close(self) -> None:
+    def _close_engines(self) -> None:
         with self._lock:
             for eng in self._engines.values():
                 eng.close()
             self._engines.clear()
-
-
-def engines_summary(record: Mapping[str, Any]) -> Sequence[str]:
-    """One line per engine of a manifest ``tensorrt`` record (for ``mssan_infer info``)."""
-    lines = []
-    for precision, table in (record.get("engines") or {}).items():
-        for graph, entry in table.items():
-            lines.append(f"{precision} {graph}: {entry.get('file')}")
-    return lines

@@ -22,16 +22,16 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..bundle import Bundle
+from ..core.layout import BUNDLE_ID_PARAM
 from ..errors import BackendUnavailableError, InputError, MssanError
 from ..spec import GRAPHS
-from .tensorrt import run_chunked
+from .base import Backend, declared_dims
 
 __all__ = ["TritonBackend", "TritonUnavailableError", "TritonRequestError", "PROTOCOLS"]
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("http", "grpc")
-BUNDLE_ID_PARAM = "mssan_bundle_id"
 _NP_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.float16): "FP16"}
 
 
@@ -68,7 +68,7 @@ def _is_connection_error(e: BaseException) -> bool:
     ))
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     """Runs the three graphs on a Triton server.
 
     Args:
@@ -101,6 +101,7 @@ class TritonBackend:
         connect_timeout_s: float = 5.0,
         wait_ready_s: float = 0.0,
     ) -> None:
+        super().__init__("cpu")                      # the client's side; the server places the models
         if protocol not in PROTOCOLS:
             raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if not isinstance(url, str) or not url:
@@ -122,8 +123,7 @@ class TritonBackend:
         self._local = threading.local()
         self._clients: list[Any] = []
         self._lock = threading.Lock()
-        self._closed = False
-        self.limits: dict[str, dict[str, int]] = {}
+        self._limits: dict[str, dict[str, int]] = {}
         self._check_server(bundle_id, float(wait_ready_s))
 
     # ---- construction -----------------------------------------------------------
@@ -212,7 +212,8 @@ class TritonBackend:
                     "check_bundle=False if you know better"
                 )
             mbs = int(cfg.get("max_batch_size", 0) or 0)
-            self.limits[graph] = {"B": mbs} if mbs > 0 else {}
+            self._limits[graph] = {"B": mbs} if mbs > 0 else {}
+            self._add_graph(graph, declared_dims(GRAPHS[graph], _config_shapes(cfg, mbs > 0), f"Triton model {model!r}"))
         log.info("triton backend ready: %s (%s), models %s", self.url, self.protocol, self.models)
 
     def _control_timeout(self) -> dict[str, float]:
@@ -229,16 +230,16 @@ class TritonBackend:
             raise self._unavailable(f"did not return the config of model {model!r}", e) from e
 
     # ---- inference ------------------------------------------------------------------
-    @property
-    def graphs(self) -> list[str]:
-        return sorted(self.models)
+    def limits(self, graph: str) -> dict[str, int]:
+        """``{"B": max_batch_size}`` of a batching model (encoder batches above it are split)."""
+        return dict(self._limits.get(graph, {}))
 
-    def _infer(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = GRAPHS[graph]
         mod = self._client_mod
         inputs = []
         for t in spec.inputs:
-            arr = np.ascontiguousarray(feeds[t.name], dtype=np.dtype(t.dtype))
+            arr = feeds[t.name]
             inp = mod.InferInput(t.name, list(arr.shape), _NP_TO_TRITON[arr.dtype])
             if self.protocol == "http":
                 inp.set_data_from_numpy(arr, binary_data=True)
@@ -269,21 +270,8 @@ class TritonBackend:
             out[n] = a.astype(np.float32) if a.dtype != np.float32 else a
         return out
 
-    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run ``graph`` on the server; encoder batches above the model's ``max_batch_size`` are split.
-
-        Raises:
-            InputError: unknown graph or wrong feeds.
-            TritonUnavailableError: the server went away.
-            TritonRequestError: the server refused the request.
-        """
-        if graph not in self.models:
-            raise InputError(f"unknown graph {graph!r}; this backend has {self.graphs}")
-        return run_chunked(GRAPHS[graph], feeds, self.limits.get(graph, {}), lambda f: self._infer(graph, f))
-
-    def close(self) -> None:
+    def _close(self) -> None:
         with self._lock:
-            self._closed = True
             for c in self._clients:
                 try:
                     c.close()
@@ -291,3 +279,14 @@ class TritonBackend:
                     pass
             self._clients.clear()
 
+
+def _config_shapes(cfg: Mapping[str, Any], batched: bool) -> dict[str, list[int]]:
+    """``{input: full shape}`` declared by a model config (JSON form; the batch dim added when batching)."""
+    shapes: dict[str, list[int]] = {}
+    for i in cfg.get("input") or []:
+        try:
+            dims = [int(d) for d in i.get("dims") or []]
+        except (TypeError, ValueError):
+            continue
+        shapes[str(i.get("name"))] = ([-1] if batched else []) + dims
+    return shapes

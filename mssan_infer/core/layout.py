@@ -9,8 +9,8 @@ __all__ = [
     "FORMAT_VERSION", "MANIFEST_FILE", "VOCAB_FILE",
     "INDEX_FORMAT", "INDEX_FORMAT_VERSION", "INDEX_MANIFEST",
     "IMAGES", "TEXTS", "GALLERIES",
-    "TENSORRT_KEY", "plan_name",
-    "BUNDLE_ID_PARAM", "CORE_PACKAGE", "RETRIEVER_TOKENIZER",
+    "TENSORRT_KEY", "LIMITS_KEY", "plan_name",
+    "BUNDLE_ID_PARAM", "CORE_PACKAGE", "RETRIEVER_TOKENIZER", "SCORER_LIMITS_PARAM",
 ]
 
 # ---- bundle (``python -m export``) -------------------------------------------------
@@ -27,6 +27,7 @@ GALLERIES = {IMAGES: "image gallery (searched by text)", TEXTS: "caption gallery
 
 # ---- TensorRT engines in a bundle ---------------------------------------------------
 TENSORRT_KEY = "tensorrt"               # the manifest's engine record
+LIMITS_KEY = "limits"                   # in it: the engines' maxima per axis {B, R, L, Ni, Nt}
 
 
 def plan_name(graph: str, precision: str) -> str:
@@ -38,3 +39,4 @@ def plan_name(graph: str, precision: str) -> str:
 BUNDLE_ID_PARAM = "mssan_bundle_id"     # config.pbtxt parameter naming the bundle a model serves
 CORE_PACKAGE = "mssan_core"             # this package, copied beside the retriever's model.py
 RETRIEVER_TOKENIZER = "tokenizer.json"  # the retriever's tokenizer settings and vocabulary
+SCORER_LIMITS_PARAM = "scorer_limits"   # retriever parameter: JSON {"Ni","Nt","R","L"} maxima ({}: none)

@@ -58,7 +58,7 @@ class TritonPythonModel:
         here = os.path.join(args["model_repository"], str(args["model_version"]))
         self.models = {g: p.get(g) or g for g in ("image_encoder", "text_encoder", "scorer")}
         self.scorer_batch = inputs.positive_int("scorer_batch", int(p.get("scorer_batch") or 256))
-        self.limits = json.loads(p["scorer_limits"]) if p.get("scorer_limits") else None
+        self.limits = json.loads(p.get(core.layout.SCORER_LIMITS_PARAM) or "{}")
         self.img_dim = next(int(i["dims"][-1]) for i in cfg["input"] if i["name"] == "regions")
         with open(os.path.join(here, p.get("tokenizer") or core.layout.RETRIEVER_TOKENIZER), encoding="utf-8") as f:
             self.tokenizer = core.Tokenizer.from_spec(json.load(f), "the retriever's tokenizer.json")

@@ -534,6 +534,15 @@ def test_load_refuses_a_bad_bundle_with_a_bundle_error(
     _expect(lambda: Retriever.load(root), BundleError, match)
 
 
+def test_fp16_precision_from_a_bundle_without_fp16_graphs_says_how_to_export_them(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, root)
+    _edit_manifest(lambda m: m.pop("fp16_graphs"))(root)
+    _expect(lambda: Retriever.load(root, precision="fp16"), BundleError, "python -m export --fp16")
+
+
 def _index_manifest(root: Path) -> dict[str, Any]:
     return json.loads((root / "index.json").read_text())
 

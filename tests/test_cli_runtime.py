@@ -16,13 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bundle(request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        return Path(request.getfixturevalue("tiny_bundle"))
-    except pytest.FixtureLookupError:
-        from export.api import export_bundle
-
-        return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("cli") / "bundle")
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")

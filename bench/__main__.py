@@ -42,6 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pool": 500, "queries": 50,
         "train_images": 1500, "epochs": 3, "train_max_steps": None, "train_model_overrides": {}, "recall_images": 5000, "recall_queries": 500,
         "encode_batch": 64, "encode_repeats": 10, "ref_small": 5000, "ref_large": 25000,
+        "qdrant_sizes": [25000, 100000], "qdrant_repeats": 15,
     },
     "quick": {
         "d": 1024, "word_dim": 300, "dv": 2048, "regions": 36, "words": 12,
@@ -52,9 +53,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pool": 200, "queries": 20,
         "train_images": 500, "epochs": 1, "train_max_steps": None, "train_model_overrides": {}, "recall_images": 1000, "recall_queries": 200,
         "encode_batch": 32, "encode_repeats": 4, "ref_small": 1000, "ref_large": 5000,
+        "qdrant_sizes": [2000], "qdrant_repeats": 5,
     },
 }
-SECTIONS = ("scorer", "latency", "recall", "encode")
+SECTIONS = ("scorer", "latency", "recall", "encode", "qdrant")
 # Runtime settings timed beside the default at rerank 100 (section 2).
 VARIANTS: dict[str, dict[str, Any]] = {
     "spin": {"allow_spinning": True},
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from .fixtures import random_captions, random_regions, speed_bundle, speed_checkpoint, trained_bundle
 
     speed = None
-    if {"scorer", "latency", "encode"} & set(sections):
+    if {"scorer", "latency", "encode", "qdrant"} & set(sections):
         speed = speed_bundle(work, cfg["d"], cfg["word_dim"], cfg["dv"])
         model = load_checkpoint(speed_checkpoint(work, cfg["d"], cfg["word_dim"], cfg["dv"])).model.eval()
         rt = Retriever.load(speed, threads=args.threads, verify=False)
@@ -180,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         res["latency"] = run_latency(factory, model, rt.tokenizer, pools, sizes, cfg["depths"], work, args.threads,
                                      queries, cfg["repeats_fast"], cfg["repeats_slow"], cfg["max_seconds"],
                                      variant_options=VARIANTS)
+    if "qdrant" in sections:
+        from .qdrant import run_qdrant_latency
+
+        res["qdrant"] = run_qdrant_latency(speed, pool_imgs, cfg["qdrant_sizes"],
+                                           random_captions(cfg["queries"], cfg["words"], seed=7), work, args.threads,
+                                           cfg["qdrant_repeats"], cfg["max_seconds"])
     if "encode" in sections:
         from .encode import run_encode
 
@@ -195,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         res["train"] = info
         with Retriever.load(tb, threads=args.threads, verify=False) as r:
             res["recall"] = run_recall(r, cfg["recall_images"], cfg["depths"], cfg["recall_queries"], ivf=True)
+            if "qdrant" in sections:
+                from .qdrant import run_qdrant_recall
+
+                res["qdrant_recall"] = run_qdrant_recall(r, work, cfg["recall_queries"])
     res["machine"]["loadavg_end"] = loadavg()
     res["machine"]["cpu_pressure_end"] = cpu_pressure()
     res["elapsed_s"] = time.perf_counter() - t_start

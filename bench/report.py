@@ -75,6 +75,7 @@ def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     s["twostage_recall1_ratio_5k_t2i"], s["twostage_recall1_ratio_5k_i2t"] = ratios
     src["twostage_recall1_ratio_5k"] = (f"recall on {rec.get('images')} synthetic images: min over t2i/i2t of "
                                         "R@1(rerank 100) / R@1(exhaustive)")
+    _summarise_qdrant(res, s, src)
     enc = res.get("encode", {})
     s["images_per_s"] = _nan(enc.get("images_per_s"))
     s["captions_per_s"] = _nan(enc.get("captions_per_s"))
@@ -89,6 +90,35 @@ def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     s["threads"] = cfg["threads"]
     s["mode"] = cfg["mode"]
     return s
+
+
+def _tag(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def _summarise_qdrant(res: dict[str, Any], s: dict[str, Any], src: dict[str, str]) -> None:
+    """Qdrant Edge figures: p50 at rerank 100, resident MB, ratios to the in-memory gallery, recall ratios."""
+    q = res.get("qdrant", {}).get("sizes", {})
+    for n, row in q.items():
+        tag = _tag(int(n))
+        lat = row.get("latency", {})
+        mem = _nan(lat.get("memory", {}).get("p50_ms"))
+        for name, r in lat.items():
+            s[f"qdrant_t2i_p50_ms_{tag}_rerank100_{name}"] = _nan(r.get("p50_ms"))
+            s[f"qdrant_rss_mb_{tag}_{name}"] = _nan(row.get("rss_mb", {}).get(name))
+            if name != "memory":
+                s[f"qdrant_{name}_vs_memory_p50_{tag}"] = _nan(r.get("p50_ms")) / mem
+                s[f"qdrant_{name}_vs_memory_rss_{tag}"] = (_nan(row.get("rss_mb", {}).get(name))
+                                                          / _nan(row.get("rss_mb", {}).get("memory")))
+        for mode in ("int8", "hnsw"):
+            s[f"qdrant_{mode}_stage1_recall100_{tag}"] = _nan(row.get(f"{mode}_stage1_recall100"))
+        src[f"qdrant_*_{tag}"] = (f"qdrant {n}: t2i rerank 100, Qdrant Edge vs the in-memory gallery "
+                                  f"({row.get('memory_layout')}) side by side; RSS of a fresh process per gallery")
+    rec = res.get("qdrant_recall", {})
+    for d in ("t2i", "i2t"):
+        for name, r in rec.get(d, {}).items():
+            if name != "memory":
+                s[f"qdrant_recall1_ratio_{name}_{d}"] = _nan(r.get("r1_ratio"))
 
 
 def _f(x: Any, nd: int = 2) -> str:
@@ -194,8 +224,38 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
             for key, row in lat.items():
                 lines.append(f"| {row['direction']} {row['n']:,} {row['gallery']} | {row['dtype']}"
                              f"{' mmap' if row['mmap'] else ' RAM'} | {_f(row['peak_rss_mb'], 0)} |")
+    lines += _qdrant_markdown(res)
     lines += ["", "Notes: " + " ".join(cfg.get("notes", []))]
     return "\n".join(lines) + "\n"
+
+
+def _qdrant_markdown(res: dict[str, Any]) -> list[str]:
+    q = res.get("qdrant", {}).get("sizes", {})
+    if not q:
+        return []
+    lines = ["", "## 5. Galleries in Qdrant Edge (text->image, rerank 100, side by side)", "",
+             "| images | gallery | p50 ms | p99 ms | x in-memory p50 | RSS MB | x in-memory RSS | disk MB | fill s |"
+             " stage-1 recall@100 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, row in q.items():
+        lat, rss, disk = row["latency"], row.get("rss_mb", {}), row.get("disk_mb", {})
+        mem_p50, mem_rss = _nan(lat["memory"]["p50_ms"]), _nan(rss.get("memory"))
+        for name, r in lat.items():
+            label = f"in-memory ({row.get('memory_layout')})" if name == "memory" else f"Qdrant Edge {name}"
+            disk_key = "index" if name == "memory" else name
+            lines.append(
+                f"| {int(n):,} | {label} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(_nan(r['p50_ms']) / mem_p50)} | "
+                f"{_f(rss.get(name), 0)} | {_f(_nan(rss.get(name)) / mem_rss)} | {_f(disk.get(disk_key), 0)} | "
+                f"{_f(row.get(f'{name}_fill_s' if name != 'memory' else 'memory_fill_s'), 0)} | "
+                f"{_f(row.get(f'{name}_stage1_recall100'), 3)} |")
+    rec = res.get("qdrant_recall", {})
+    if rec:
+        lines += ["", "Recall through Qdrant Edge galleries (trained model, rerank 100): R@1 / ratio to in-memory", "",
+                  "| gallery | t2i R@1 | t2i ratio | i2t R@1 | i2t ratio |", "|---|---|---|---|---|"]
+        for name in rec.get("t2i", {}):
+            a, b = rec["t2i"][name], rec["i2t"][name]
+            lines.append(f"| {name} | {_f(a['r1'], 1)} | {_f(a['r1_ratio'], 3)} | {_f(b['r1'], 1)} | "
+                         f"{_f(b['r1_ratio'], 3)} |")
+    return lines
 
 
 def plots(res: dict[str, Any], cfg: dict[str, Any], out: Path) -> list[str]:

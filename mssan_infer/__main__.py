@@ -12,13 +12,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Mapping, Sequence, TextIO
 
 import numpy as np
 
 from .bundle import load_bundle
 from .errors import InputError, MssanError
 from .core.contract import ItemId
+from .core.qdrant import parse_gallery
 from .core.store import read_index_manifest
 from .progress import progress_bar
 from .retriever import Hit, Retriever
@@ -54,28 +55,54 @@ def _load_features(path: str | os.PathLike[str]) -> np.ndarray:
     return arr
 
 
+def read_metadata(path: str | os.PathLike[str], n: int, what: str) -> list[dict[str, Any] | None]:
+    """One JSON object (or ``null``) per line of a UTF-8 file, for ``n`` items.
+
+    Raises:
+        InputError: unreadable file, a line that is not a JSON object or null, or another count.
+    """
+    rows: list[dict[str, Any] | None] = []
+    for i, line in enumerate(read_lines(path, what), 1):
+        try:
+            value = json.loads(line)
+        except ValueError as e:
+            raise InputError(f"{path} line {i}: not JSON ({e}); write one JSON object per line") from None
+        if value is not None and not isinstance(value, dict):
+            raise InputError(f"{path} line {i}: expected a JSON object or null, got {type(value).__name__}")
+        rows.append(value)
+    if len(rows) != n:
+        raise InputError(f"{path} has {len(rows)} {what} lines for {n} items")
+    return rows
+
+
 def run_index(
     bundle: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
     *,
     images: str | os.PathLike[str] | None = None,
     ids: str | os.PathLike[str] | None = None,
     texts: str | os.PathLike[str] | None = None,
     text_ids: str | os.PathLike[str] | None = None,
+    metadata: str | os.PathLike[str] | None = None,
+    text_metadata: str | os.PathLike[str] | None = None,
     append: bool = False,
     chunk: int = 1024,
     progress: bool = True,
+    gallery: Any = None,
     **load_options: Any,
 ) -> Retriever:
-    """Encode image features and/or captions into an index folder ``out``.
+    """Encode image features and/or captions into an index folder ``out``, or into Qdrant galleries.
 
     Args:
         images: ``.npy`` ``[N, R, Dv]``; ids from ``ids`` (one per line, kept as str) or row numbers.
         texts: captions, one per line; ids from ``text_ids`` or line numbers.
+        metadata, text_metadata: JSON lines, one object per image / caption (for ``--where`` filters).
         append: add to the index already at ``out`` instead of starting a new one.
         chunk: images encoded and added per step (bounds memory for large files).
+        gallery: Qdrant galleries (``"qdrant-edge:PATH"``, ``"qdrant:URL"``) instead of ``out``: items
+            are added to what they hold, and flushed at the end.
     Raises:
-        InputError: nothing to index, id count mismatch, bad files.
+        InputError: nothing to index, neither or both of ``out`` and ``gallery``, id count mismatch, bad files.
         IndexFileError / BundleError: as in :meth:`Retriever.load` and :meth:`Retriever.save`.
     """
     if images is None and texts is None:
@@ -84,9 +111,14 @@ def run_index(
         raise InputError("--ids needs --images")
     if text_ids is not None and texts is None:
         raise InputError("--text-ids needs --texts")
-    outp = Path(out)
-    index = outp if append and outp.exists() else None
-    r = Retriever.load(bundle, index=index, **load_options)
+    if (metadata is not None and images is None) or (text_metadata is not None and texts is None):
+        raise InputError("--metadata needs --images and --text-metadata needs --texts")
+    external = parse_gallery(gallery) is not None
+    if external == (out is not None):
+        raise InputError("give --out FOLDER (an index folder) or --gallery SPEC (Qdrant), exactly one of them")
+    outp = Path(out) if out is not None else None
+    index = outp if outp is not None and append and outp.exists() else None
+    r = Retriever.load(bundle, index=index, gallery=gallery, **load_options)
     if images is not None:
         feats = _load_features(images)
         n = feats.shape[0]
@@ -97,10 +129,12 @@ def run_index(
                 raise InputError(f"{ids} has {len(image_ids)} ids for {n} images in {images}")
         else:
             image_ids = list(r.images.next_ids(n))
+        meta = read_metadata(metadata, n, "metadata") if metadata is not None else None
         bar = progress_bar(n, "encode images", progress)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            r.add_images(np.asarray(feats[a:b], dtype=np.float32), ids=image_ids[a:b])
+            r.add_images(np.asarray(feats[a:b], dtype=np.float32), ids=image_ids[a:b],
+                         metadata=meta[a:b] if meta is not None else None)
             if bar is not None:
                 bar.update(b - a)
         if bar is not None:
@@ -112,37 +146,60 @@ def run_index(
             cap_ids = list(read_lines(text_ids, "text ids"))
             if len(cap_ids) != len(caps):
                 raise InputError(f"{text_ids} has {len(cap_ids)} ids for {len(caps)} captions in {texts}")
-        r.add_texts(caps, ids=cap_ids, progress=progress)
-    r.save(outp)
+        cap_meta = read_metadata(text_metadata, len(caps), "text metadata") if text_metadata is not None else None
+        r.add_texts(caps, ids=cap_ids, metadata=cap_meta, progress=progress)
+    if outp is not None:
+        r.save(outp)
+    else:
+        r.flush()
     return r
 
 
 def run_search(
     bundle: str | os.PathLike[str],
-    index: str | os.PathLike[str],
+    index: str | os.PathLike[str] | None = None,
     *,
     text: str | None = None,
     image: str | os.PathLike[str] | None = None,
     row: int = 0,
     k: int = 10,
     rerank: int = 100,
+    where: Mapping[str, Any] | None = None,
+    gallery: Any = None,
     **load_options: Any,
 ) -> list[Hit]:
-    """Search an index with a caption (-> images) or with row ``row`` of an image-feature file (-> captions).
+    """Search an index (or Qdrant galleries) with a caption (-> images) or with row ``row`` of an
+    image-feature file (-> captions), optionally filtered by metadata (``where``).
 
     Raises:
-        InputError: neither or both queries, a row outside the file, bad k/rerank.
+        InputError: neither or both queries, neither or both of ``index`` and ``gallery``, a row outside
+            the file, bad k/rerank or filter.
     """
     if (text is None) == (image is None):
         raise InputError("give a caption to search images, or --image FEATS.npy [--row N] to search captions")
-    r = Retriever.load(bundle, index=index, **load_options)
+    if (parse_gallery(gallery) is not None) == (index is not None):
+        raise InputError("give --index FOLDER or --gallery SPEC (Qdrant), exactly one of them")
+    r = Retriever.load(bundle, index=index, gallery=gallery, **load_options)
     if text is not None:
-        return r.search(text=text, k=k, rerank=rerank)
+        return r.search(text=text, k=k, rerank=rerank, where=where)
     assert image is not None
     feats = _load_features(image)
     if not 0 <= row < feats.shape[0]:
         raise InputError(f"--row {row} is outside {image}, which has {feats.shape[0]} images")
-    return r.search(image=np.asarray(feats[row], dtype=np.float32), k=k, rerank=rerank)
+    return r.search(image=np.asarray(feats[row], dtype=np.float32), k=k, rerank=rerank, where=where)
+
+
+def _where(text: str | None) -> dict[str, Any] | None:
+    """``--where`` as a mapping. Raises InputError for text that is not a JSON object."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"--where must be a JSON object, e.g. '{{\"album\": \"beach\"}}' ({e})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"--where must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def run_info(bundle: str | os.PathLike[str], index: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -277,6 +334,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
         sp.add_argument("--threads", type=int, default=None, help="intra-op threads")
         sp.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+        sp.add_argument("--gallery", default=None,
+                        help="galleries in Qdrant instead of an index folder: 'qdrant-edge:PATH' (Qdrant Edge, "
+                             "in-process) or 'qdrant:URL' (a server), options after '?' (e.g. ?quantization=int8)")
 
     ix = sub.add_parser("index", help="encode image features / captions into an index folder")
     common(ix)
@@ -284,7 +344,9 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--ids", help="image ids, one per line (default: row numbers)")
     ix.add_argument("--texts", help="captions, one per line")
     ix.add_argument("--text-ids", help="caption ids, one per line (default: line numbers)")
-    ix.add_argument("--out", required=True, help="index folder (written atomically)")
+    ix.add_argument("--out", help="index folder (written atomically); or use --gallery")
+    ix.add_argument("--metadata", help="JSON lines, one object per image (filterable with search --where)")
+    ix.add_argument("--text-metadata", help="JSON lines, one object per caption")
     ix.add_argument("--append", action="store_true", help="add to the index at --out")
     ix.add_argument("--fp16-locals", action="store_true", help="store locals and Grams in float16")
     ix.add_argument("--batch-size", type=int, default=32)
@@ -292,7 +354,8 @@ def _parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("search", help="search an index with a caption or an image")
     common(se)
-    se.add_argument("--index", required=True)
+    se.add_argument("--index", help="index folder written by `index --out`; or use --gallery")
+    se.add_argument("--where", help="metadata filter as JSON, e.g. '{\"album\": \"beach\"}'")
     se.add_argument("text", nargs="?", help="caption to search the image gallery with")
     se.add_argument("--image", help=".npy region features; searches the caption gallery")
     se.add_argument("--row", type=int, default=0, help="row of --image to use")
@@ -326,14 +389,15 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         if args.command == "index":
             r = run_index(
                 args.bundle, args.out, images=args.images, ids=args.ids, texts=args.texts, text_ids=args.text_ids,
+                metadata=args.metadata, text_metadata=args.text_metadata, gallery=args.gallery,
                 append=args.append, progress=not args.no_progress,
                 local_dtype="float16" if args.fp16_locals else None, batch_size=args.batch_size, **load,
             )
-            print(f"indexed {r.n_images} images and {r.n_texts} captions into {args.out}", file=out)
+            print(f"indexed {r.n_images} images and {r.n_texts} captions into {args.out or args.gallery}", file=out)
             return 0
         hits = run_search(
             args.bundle, args.index, text=args.text, image=args.image, row=args.row, k=args.k, rerank=args.rerank,
-            stage1=args.stage1, **load,
+            stage1=args.stage1, gallery=args.gallery, where=_where(args.where), **load,
         )
         query = f"text: {args.text!r}" if args.text is not None else f"image: {args.image} row {args.row}"
         if args.json:

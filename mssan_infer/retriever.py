@@ -22,8 +22,10 @@ from .backends import Backend, create_backend
 from .bundle import Bundle, load_bundle
 from .core import inputs
 from .core.contract import Gallery, GalleryView, ItemId, extent
+from .core.filters import parse_where
 from .core.layout import IMAGES, TEXTS
 from .core.memory import GalleryIndex
+from .core.qdrant import GallerySpec, QdrantGallery, open_qdrant_galleries, parse_gallery
 from .core.search import Encoded, ScorerLimits, search
 from .core.store import load_index, save_index
 from .core.tokenizer import Tokenizer, check_settings
@@ -112,6 +114,7 @@ class Retriever:
         scorer_batch: int = 256,
         gather_threads: int | None = None,
         verify: bool = True,
+        gallery: GallerySpec = None,
         **backend_options: Any,
     ) -> "Retriever":
         """Open a bundle (and optionally a saved index) for retrieval.
@@ -134,6 +137,10 @@ class Retriever:
             gather_threads: threads that copy rerank candidates out of the gallery (default:
                 ``threads``, else the CPU count up to 4).
             verify: check the sha256 of every bundle and index file.
+            gallery: where the galleries live: ``None``/``"memory"`` (this process, default), a
+                :class:`~mssan_infer.core.qdrant.QdrantEdge` (Qdrant Edge shards at a path), a
+                :class:`~mssan_infer.core.qdrant.QdrantServer` (collections on a Qdrant server), or the
+                same as a string (``"qdrant-edge:PATH"``, ``"qdrant:URL"``; see :func:`parse_gallery`).
             backend_options: passed to the backend (e.g. ``graph_optimization``, ``inter_op_threads``).
 
         Raises:
@@ -146,7 +153,15 @@ class Retriever:
         tokenizer = tokenizer_from_bundle(b)
         d = int(b.model_config["embed_size"])
         opts: dict[str, Any] = {"stage1": stage1, "faiss_options": faiss_options, "spill_dir": spill_dir}
-        if index is not None:
+        spec = parse_gallery(gallery)
+        images: Gallery
+        texts: Gallery
+        if spec is not None:
+            if index is not None:
+                raise InputError("give index= (a saved in-memory index) or gallery= (Qdrant), not both")
+            qd = open_qdrant_galleries(spec, (IMAGES, TEXTS), 2 * d, d, b.bundle_id)
+            images, texts = qd[IMAGES], qd[TEXTS]
+        elif index is not None:
             galleries, _ = load_index(index, bundle_id=b.bundle_id, verify=verify, mmap=mmap, dtype=local_dtype, **opts)
             images = galleries.get(IMAGES) or GalleryIndex(2 * d, d, dtype=local_dtype or "float32", mmap=mmap, **opts)
             texts = galleries.get(TEXTS) or GalleryIndex(2 * d, d, dtype=local_dtype or "float32", mmap=mmap, **opts)
@@ -199,6 +214,9 @@ class Retriever:
                 self._gather_pool.shutdown(wait=True)
                 self._gather_pool = None
         self._pixels.close()
+        for g in self._galleries.values():
+            if isinstance(g, QdrantGallery):
+                g.close()
 
     def __enter__(self) -> "Retriever":
         return self
@@ -316,6 +334,7 @@ class Retriever:
         ids: Sequence[ItemId] | None = None,
         *,
         mask: np.ndarray | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
         progress: bool = False,
     ) -> list[ItemId]:
         """Encode images and append them to the image gallery.
@@ -326,31 +345,34 @@ class Retriever:
                 image paths, PIL images or uint8 arrays (see :meth:`encode_images`).
             ids: ``N`` unique str/int ids (default: consecutive ints).
             mask: ``[N, R]`` region mask for an array input.
+            metadata: one JSON object (or None) per image, for ``search(..., where=...)`` filters.
         Returns:
             The ids added.
         Raises:
-            InputError: bad shapes/values, duplicate ids or ids already present.
+            InputError: bad shapes/values, duplicate ids or ids already present, bad metadata.
         """
         self._check_ids_free(self.images, ids)
         enc = feats if isinstance(feats, Encoded) else self.encode_images(feats, mask, progress=progress)
-        return self.images.add(enc.stage1, enc.local, enc.mask, enc.gram, ids)
+        return self.images.add(enc.stage1, enc.local, enc.mask, enc.gram, ids, metadata=metadata)
 
     def add_texts(
-        self, texts: str | Sequence[str] | Encoded, ids: Sequence[ItemId] | None = None, *, progress: bool = False
+        self, texts: str | Sequence[str] | Encoded, ids: Sequence[ItemId] | None = None, *,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None, progress: bool = False,
     ) -> list[ItemId]:
         """Encode captions and append them to the caption gallery.
 
         Args:
             texts: captions, or an :class:`Encoded` from :meth:`encode_texts`.
             ids: unique str/int ids (default: consecutive ints).
+            metadata: one JSON object (or None) per caption, for ``search(..., where=...)`` filters.
         Returns:
             The ids added.
         Raises:
-            InputError: empty/all-unknown captions, duplicate ids or ids already present.
+            InputError: empty/all-unknown captions, duplicate ids or ids already present, bad metadata.
         """
         self._check_ids_free(self.texts, ids)
         enc = texts if isinstance(texts, Encoded) else self.encode_texts(texts, progress=progress)
-        return self.texts.add(enc.stage1, enc.local, enc.mask, enc.gram, ids)
+        return self.texts.add(enc.stage1, enc.local, enc.mask, enc.gram, ids, metadata=metadata)
 
     @staticmethod
     def _check_ids_free(gallery: Gallery, ids: Sequence[ItemId] | None) -> None:
@@ -398,8 +420,17 @@ class Retriever:
         """
         own = {name: g for name, g in self._galleries.items() if isinstance(g, GalleryIndex)}
         if len(own) != len(self._galleries):
-            raise InputError("only in-memory galleries are saved to an index folder; the others persist on their own")
+            raise InputError("these galleries live in Qdrant and persist on their own: call flush() instead of save()")
         return save_index(path, own, bundle_id=self.bundle_id)
+
+    def flush(self) -> None:
+        """Make every acknowledged add/remove durable in galleries that persist on their own (Qdrant).
+
+        In-memory galleries have nothing to flush: they are kept with :meth:`save`.
+        """
+        for g in self._galleries.values():
+            if isinstance(g, QdrantGallery):
+                g.flush()
 
     # ---- search -------------------------------------------------------------------
     def search(
@@ -409,6 +440,7 @@ class Retriever:
         *,
         k: int = 10,
         rerank: int = 100,
+        where: Mapping[str, Any] | None = None,
     ) -> list[Hit]:
         """Search the image gallery with a caption, or the caption gallery with an image.
 
@@ -419,29 +451,31 @@ class Retriever:
             k: results to return.
             rerank: stage-1 candidates rescored by the scorer. ``0``: stage 1 only (final
                 score = stage-1 score); ``0 < rerank < k`` is raised to ``k``.
+            where: only items whose metadata passes this filter, e.g. ``{"album": "x"}``,
+                ``{"album": ["x", "y"]}``, ``{"year": {"gte": 2000}}`` (see :mod:`mssan_infer.core.filters`).
         Returns:
             Up to ``k`` :class:`Hit` sorted by decreasing final score.
         Raises:
             InputError: both or neither query given, bad shapes, k <= 0, rerank < 0,
-                empty/unknown caption, or an empty gallery.
+                empty/unknown caption, a malformed filter, or an empty gallery.
         """
         if (text is None) == (image is None):
             raise InputError("give exactly one of text= (searches images) or image= (searches captions)")
         if text is not None:
             if not isinstance(text, str):
                 raise InputError(f"text must be a str, got {type(text).__name__}; use search_batch for several")
-            return self.search_batch(texts=[text], k=k, rerank=rerank)[0]
+            return self.search_batch(texts=[text], k=k, rerank=rerank, where=where)[0]
         sources = pixel_sources(image)
         if sources is not None:
             if len(sources) != 1:
                 raise InputError(f"image= takes one image, got {len(sources)}; use search_batch(images=[...])")
-            return self.search_batch(images=sources, k=k, rerank=rerank)[0]  # type: ignore[arg-type]
+            return self.search_batch(images=sources, k=k, rerank=rerank, where=where)[0]  # type: ignore[arg-type]
         arr = np.asarray(image)
         if arr.ndim == 3 and arr.shape[0] == 1:
             arr = arr[0]
         if arr.ndim != 2:
             raise InputError(f"image must be [R, {self.img_dim}] region features of one image, got shape {arr.shape}")
-        return self.search_batch(images=[arr], k=k, rerank=rerank)[0]
+        return self.search_batch(images=[arr], k=k, rerank=rerank, where=where)[0]
 
     def search_batch(
         self,
@@ -451,13 +485,14 @@ class Retriever:
         k: int = 10,
         rerank: int = 100,
         image_mask: np.ndarray | None = None,
+        where: Mapping[str, Any] | None = None,
     ) -> list[list[Hit]]:
         """Search for several queries at once (one encoder pass, one stage-1 product).
 
         Args:
             texts: captions (text -> image).
             images: ``[Q, R, Dv]`` or a list of ``[R_i, Dv]`` (image -> text).
-            k, rerank: as in :meth:`search`.
+            k, rerank, where: as in :meth:`search`.
             image_mask: ``[Q, R]`` for an array of images.
         Returns:
             One list of hits per query.
@@ -465,6 +500,7 @@ class Retriever:
             InputError: as in :meth:`search`.
         """
         k, rerank = inputs.check_k(k, rerank)
+        parse_where(where)                                   # refuse a malformed filter before encoding
         if (texts is None) == (images is None):
             raise InputError("give exactly one of texts= (searches images) or images= (searches captions)")
         if texts is not None:
@@ -482,23 +518,25 @@ class Retriever:
             if view.n == 0:
                 raise InputError("the caption gallery is empty: add_texts(...) before searching with an image")
             q = self.encode_images(images, image_mask)
-        return self._search_encoded(q, view, query_is_text=(name == IMAGES), k=k, rerank=rerank)
+        return self._search_encoded(q, view, query_is_text=(name == IMAGES), k=k, rerank=rerank, where=where)
 
-    def search_encoded(self, query: Encoded, *, query_is_text: bool, k: int = 10, rerank: int = 100) -> list[list[Hit]]:
+    def search_encoded(self, query: Encoded, *, query_is_text: bool, k: int = 10, rerank: int = 100,
+                       where: Mapping[str, Any] | None = None) -> list[list[Hit]]:
         """Search with queries already encoded (``query_is_text``: search the image gallery)."""
         k, rerank = inputs.check_k(k, rerank)
         view = (self.images if query_is_text else self.texts).view()
         if view.n == 0:
             raise InputError(f"the {'image' if query_is_text else 'caption'} gallery is empty")
-        return self._search_encoded(query, view, query_is_text=query_is_text, k=k, rerank=rerank)
+        return self._search_encoded(query, view, query_is_text=query_is_text, k=k, rerank=rerank, where=where)
 
     def _search_encoded(
-        self, q: Encoded, view: GalleryView, *, query_is_text: bool, k: int, rerank: int
+        self, q: Encoded, view: GalleryView, *, query_is_text: bool, k: int, rerank: int,
+        where: Mapping[str, Any] | None = None,
     ) -> list[list[Hit]]:
         ranked = search(
             q, view, lambda feeds: self.backend.run("scorer", feeds)["s_ll"], query_is_text=query_is_text, k=k,
             rerank=rerank, batch=self.scorer_batch, limits=self._scorer_limits(query_is_text),
-            executor=self._gatherer(), parts=self.gather_threads,
+            executor=self._gatherer(), parts=self.gather_threads, where=where,
         )
         return [[Hit(i, float(f), float(s)) for i, f, s in zip(view.ids_at(r.rows), r.score, r.stage1)]
                 for r in ranked]

@@ -10,13 +10,13 @@ gallery, compressed layouts, external vector stores) honours these two protocols
 from __future__ import annotations
 
 from concurrent.futures import Executor
-from typing import Any, Iterable, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 
 from .errors import InputError
 
-__all__ = ["ItemId", "check_id", "GalleryView", "Gallery", "extent"]
+__all__ = ["ItemId", "check_id", "new_ids", "check_encoded", "GalleryView", "Gallery", "extent"]
 
 ItemId = Union[str, int]
 
@@ -34,6 +34,61 @@ def check_id(x: Any) -> ItemId:
     if isinstance(x, bool) or not isinstance(x, (str, int)):
         raise InputError(f"ids must be str or int (JSON-serialisable), got {type(x).__name__} {x!r}")
     return x
+
+
+def new_ids(ids: Any, n: int, present: Callable[[list[ItemId]], list[ItemId]]) -> list[ItemId]:
+    """Checked ids for ``n`` new items.
+
+    Args:
+        ids: the caller's ids (a sequence of str/int).
+        n: items being added.
+        present: returns which of the given ids the gallery already holds.
+    Raises:
+        InputError: not a sequence, a wrong count, a bad id, duplicates, or ids already present.
+    """
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise InputError(f"ids must be a sequence of str/int, got {type(ids).__name__}")
+    out = [check_id(i) for i in ids]
+    if len(out) != n:
+        raise InputError(f"got {len(out)} ids for {n} items")
+    if len(set(out)) != n:
+        seen: set[ItemId] = set()
+        dup = [i for i in out if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
+        raise InputError(f"duplicate ids in this batch: {dup[:5]}")
+    clash = present(out)
+    if clash:
+        raise InputError(f"ids already in the gallery: {clash[:5]}; remove them first or use other ids")
+    return out
+
+
+def check_encoded(
+    stage1: Any, local: Any, mask: Any, gram: Any, stage1_dim: int, local_dim: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Encoded items as arrays, checked and trimmed to their longest item.
+
+    Returns: ``stage1 [N, 2D]`` float32, ``local [N, P, D]``, ``mask [N, P]`` float32, ``gram [N, P, P]``.
+    Raises:
+        InputError: shapes that do not fit each other or the dims, NaN or inf.
+    """
+    stage1 = np.asarray(stage1, dtype=np.float32)
+    local = np.asarray(local)
+    mask = np.asarray(mask, dtype=np.float32)
+    gram = np.asarray(gram)
+    n = stage1.shape[0] if stage1.ndim == 2 else -1
+    if (
+        stage1.ndim != 2 or stage1.shape[1] != stage1_dim
+        or local.ndim != 3 or local.shape[0] != n or local.shape[2] != local_dim
+        or mask.shape != local.shape[:2]
+        or gram.shape != (n, local.shape[1], local.shape[1])
+    ):
+        raise InputError(
+            f"encoded items must be stage1 [N,{stage1_dim}], local [N,P,{local_dim}], mask [N,P], "
+            f"gram [N,P,P]; got {stage1.shape}, {local.shape}, {mask.shape}, {gram.shape}"
+        )
+    if not (np.isfinite(stage1).all() and np.isfinite(local).all() and np.isfinite(gram).all()):
+        raise InputError("encoded items contain NaN or inf; check the input features")
+    width = extent(mask)
+    return stage1, local[:, :width], mask[:, :width], gram[:, :width, :width]
 
 
 def extent(mask: np.ndarray) -> int:
@@ -58,8 +113,9 @@ class GalleryView(Protocol):
         """The ids of ``rows``."""
         ...
 
-    def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stage 1: the best rows for each of ``queries [Q, 2D]`` by inner product with the stage-1 vectors.
+    def topk(self, queries: np.ndarray, k: int, where: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 1: the best rows for each of ``queries [Q, 2D]`` by inner product with the stage-1 vectors,
+        among the items whose metadata passes ``where`` (all items without it; see :mod:`.filters`).
 
         Returns:
             ``(rows [Q, k'] int64, scores [Q, k'] float32)``, best first (an exact search breaks
@@ -110,11 +166,12 @@ class Gallery(Protocol):
         mask: np.ndarray,
         gram: np.ndarray,
         ids: Sequence[ItemId] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[ItemId]:
-        """Append encoded items (all or nothing); returns their ids.
+        """Append encoded items (all or nothing) with optional per-item metadata; returns their ids.
 
         Raises:
-            InputError: shapes, NaN/inf, bad, duplicate or already present ids.
+            InputError: shapes, NaN/inf, bad, duplicate or already present ids, bad metadata.
         """
         ...
 

@@ -22,8 +22,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .contract import ItemId, check_id, extent
+from .contract import ItemId, check_encoded, check_id, extent
+from .contract import new_ids as new_ids_checked
 from .errors import InputError
+from .filters import Where, check_metadata, matches, parse_where
 from .files import rows_per_chunk
 from .stage1 import build_faiss, check_method, faiss_topk, topk_inner_product
 
@@ -69,12 +71,23 @@ class ArrayView:
     mask: np.ndarray                        # [n, P] float32
     gram: np.ndarray                        # [n, P, P]
     faiss_index: Any = None
+    meta: Sequence[dict[str, Any] | None] = ()   # per-item metadata, valid at positions < n
 
     def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemId]:
         return [self.ids[int(r)] for r in rows]
 
-    def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stage-1 top-k rows for ``queries [Q, D2]`` -> ``(idx [Q,k'], scores [Q,k'])``."""
+    def topk(self, queries: np.ndarray, k: int, where: Where | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Stage-1 top-k rows for ``queries [Q, D2]`` -> ``(idx [Q,k'], scores [Q,k'])``.
+
+        With ``where``, only items whose metadata passes the filter are ranked (an exact scan of
+        those rows, whatever the stage-1 method).
+        """
+        conditions = parse_where(where)
+        if conditions:
+            allowed = np.array([r for r in range(self.n) if matches(self.meta[r] if r < len(self.meta) else None,
+                                                                     conditions)], np.int64)
+            rows, scores = topk_inner_product(queries, self.stage1[allowed], k)      # allowed is sorted
+            return allowed[rows], scores
         if self.faiss_index is None:
             return topk_inner_product(queries, self.stage1, k)
         return faiss_topk(self.faiss_index, queries, k, self.n)
@@ -174,6 +187,7 @@ class GalleryIndex:
         self._cap = 0
         self._pad = 0
         self._ids: list[ItemId] = []
+        self._meta: list[dict[str, Any] | None] = []   # per-item metadata (None: none given)
         self._pos: dict[ItemId, int] = {}
         self._files: dict[str, Path] = {}      # array name -> spill file we own
         self._arrays: _Arrays = self._allocate(0, 0)
@@ -275,38 +289,25 @@ class GalleryIndex:
         mask: np.ndarray,
         gram: np.ndarray,
         ids: Sequence[ItemId] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> list[ItemId]:
         """Append encoded items.
 
         Args:
             stage1: ``[N, 2D]``; local ``[N, P, D]``; mask ``[N, P]``; gram ``[N, P, P]``.
             ids: ``N`` unique str/int ids not yet in the gallery (default: fresh ints).
+            metadata: ``N`` JSON objects (or None), filterable with ``where=`` (see :mod:`.filters`).
         Returns:
             The ids added.
         Raises:
-            InputError: shape mismatch, non-finite values, bad or duplicate ids.
+            InputError: shape mismatch, non-finite values, bad or duplicate ids, bad metadata.
         """
-        stage1 = np.asarray(stage1, dtype=np.float32)
-        local = np.asarray(local)
-        mask = np.asarray(mask, dtype=np.float32)
-        gram = np.asarray(gram)
-        n = stage1.shape[0] if stage1.ndim == 2 else -1
-        if (
-            stage1.ndim != 2 or stage1.shape[1] != self.stage1_dim
-            or local.ndim != 3 or local.shape[0] != n or local.shape[2] != self.local_dim
-            or mask.shape != local.shape[:2]
-            or gram.shape != (n, local.shape[1], local.shape[1])
-        ):
-            raise InputError(
-                f"encoded items must be stage1 [N,{self.stage1_dim}], local [N,P,{self.local_dim}], mask [N,P], "
-                f"gram [N,P,P]; got {stage1.shape}, {local.shape}, {mask.shape}, {gram.shape}"
-            )
-        if not (np.isfinite(stage1).all() and np.isfinite(local).all() and np.isfinite(gram).all()):
-            raise InputError("encoded items contain NaN or inf; check the input features")
-        width = extent(mask)
-        local, mask, gram = local[:, :width], mask[:, :width], gram[:, :width, :width]
+        stage1, local, mask, gram = check_encoded(stage1, local, mask, gram, self.stage1_dim, self.local_dim)
+        n, width = stage1.shape[0], mask.shape[1]
+        meta = check_metadata(metadata, n)
         with self._lock:
-            new_ids = self.next_ids(n) if ids is None else self._new_ids(ids, n)
+            new_ids = self.next_ids(n) if ids is None else new_ids_checked(
+                ids, n, lambda xs: [i for i in xs if i in self._pos])
             if n == 0:
                 return []
             self._reserve(self._n + n, width)
@@ -318,26 +319,11 @@ class GalleryIndex:
             gr[a:b, :width, :width] = gram
             for j, i in enumerate(new_ids):
                 self._pos[i] = a + j
+            self._meta.extend(meta)                 # views read only their first n entries
             self._ids.extend(new_ids)
             self._n = b
             self._faiss = None
             return list(new_ids)
-
-    def _new_ids(self, ids: Sequence[ItemId], n: int) -> list[ItemId]:
-        """Checked ids for ``n`` new items (under the lock). Raises InputError."""
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-            raise InputError(f"ids must be a sequence of str/int, got {type(ids).__name__}")
-        new_ids = [check_id(i) for i in ids]
-        if len(new_ids) != n:
-            raise InputError(f"got {len(new_ids)} ids for {n} items")
-        if len(set(new_ids)) != n:
-            seen: set[ItemId] = set()
-            dup = [i for i in new_ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
-            raise InputError(f"duplicate ids in this batch: {dup[:5]}")
-        clash = [i for i in new_ids if i in self._pos]
-        if clash:
-            raise InputError(f"ids already in the gallery: {clash[:5]}; remove them first or use other ids")
-        return new_ids
 
     def remove(self, ids: Iterable[ItemId]) -> None:
         """Remove items by id; all-or-nothing.
@@ -358,11 +344,12 @@ class GalleryIndex:
             _copy_rows(arrays, self._arrays, len(keep), keep)
             self._arrays = arrays
             self._ids = [self._ids[r] for r in keep]
+            self._meta = [self._meta[r] for r in keep]
             self._pos = {i: j for j, i in enumerate(self._ids)}
             self._n, self._cap = len(keep), max(len(keep), 1)
             self._faiss = None
 
-    def adopt(self, arrays: _Arrays, ids: list[ItemId]) -> None:
+    def adopt(self, arrays: _Arrays, ids: list[ItemId], meta: list[dict[str, Any] | None] | None = None) -> None:
         """Take ``arrays`` (``stage1, local, mask, gram``, already checked) and ``ids`` as the content of
         this empty gallery: kept as they are (e.g. read-only memory maps, copied into new buffers only
         when the gallery next grows) when they are stored as this gallery stores them, else copied."""
@@ -378,6 +365,7 @@ class GalleryIndex:
                 _copy_rows(self._arrays, arrays, n)
             self._n, self._cap, self._pad = n, n, p
             self._ids = list(ids)
+            self._meta = list(meta) if meta is not None else [None] * n
             self._pos = {i: j for j, i in enumerate(self._ids)}
             self._faiss = None
 
@@ -393,4 +381,4 @@ class GalleryIndex:
                     self._faiss_n = n
                 faiss_index = self._faiss
             st, lo, ma, gr = self._arrays
-            return ArrayView(n, self._ids, st[:n], lo[:n], ma[:n], gr[:n], faiss_index)
+            return ArrayView(n, self._ids, st[:n], lo[:n], ma[:n], gr[:n], faiss_index, self._meta)

@@ -139,6 +139,7 @@ def search(
     limits: ScorerLimits | None = None,
     executor: Executor | None = None,
     parts: int = 1,
+    where: Mapping[str, Any] | None = None,
 ) -> list[Ranked]:
     """Two-stage search of ``view`` for every query in ``query``.
 
@@ -152,11 +153,12 @@ def search(
         batch: most candidates per scorer call (further bounded by ``limits.items``).
         limits: the scorer's limits (a TensorRT engine's profile maxima).
         executor, parts: parallel candidate gathers (see ``GalleryView.gather``).
+        where: a metadata filter (:mod:`.filters`): only items that pass it are ranked.
     Returns:
         One :class:`Ranked` per query, at most ``k`` rows each.
     """
     depth = max(k, rerank) if rerank > 0 else k
-    rows, s1 = view.topk(query.stage1, depth)                                      # [Q, K]
+    rows, s1 = view.topk(query.stage1, depth, where) if where else view.topk(query.stage1, depth)   # [Q, K]
     results: list[Ranked] = []
     for qi in range(len(query)):
         r, s = rows[qi], s1[qi]

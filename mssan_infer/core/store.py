@@ -1,7 +1,8 @@
 """Index folders: galleries saved atomically with sha256 of every file, and loaded back verified.
 
 Layout (a folder): ``index.json`` (format, version, bundle id, gallery metadata, sha256 of
-every file) plus ``{gallery}_{array}.npy`` and ``{gallery}_ids.json`` per gallery. Nothing
+every file) plus ``{gallery}_{array}.npy``, ``{gallery}_ids.json`` and, when items carry metadata,
+``{gallery}_meta.json`` per gallery. Nothing
 is pickled. A save writes a temp folder beside the target and swaps it in with one atomic
 directory exchange (two renames where the platform has none; :func:`load_index` then puts
 back a previous index left aside by a save killed between them).
@@ -22,6 +23,7 @@ import numpy as np
 from .contract import ItemId, check_id
 from .errors import IndexFileError, IndexWriteError, InputError, MssanError
 from .files import exchange_dirs, fsync_dir, safe_member, sha256_file, write_npy
+from .filters import check_metadata
 from .layout import INDEX_FORMAT, INDEX_FORMAT_VERSION, INDEX_MANIFEST
 from .memory import ARRAYS, GalleryIndex
 
@@ -32,6 +34,15 @@ log = logging.getLogger(__name__)
 
 
 # ---- one gallery ------------------------------------------------------------------
+def _write_json(path: Path, obj: Any) -> str:
+    """Write ``obj`` as JSON to ``path`` (fsync'd); returns the file name."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    return path.name
+
+
 def write_gallery(gallery: GalleryIndex, folder: Path, prefix: str) -> dict[str, Any]:
     """Write one gallery's arrays and ids into ``folder`` (fsync'd) as it is at one moment.
 
@@ -45,12 +56,10 @@ def write_gallery(gallery: GalleryIndex, folder: Path, prefix: str) -> dict[str,
         fname = f"{prefix}_{name}.npy"
         write_npy(folder / fname, src)
         files[name] = fname
-    ids_name = f"{prefix}_ids.json"
-    with open(folder / ids_name, "w", encoding="utf-8") as f:
-        json.dump(list(view.ids[: view.n]), f, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    files["ids"] = ids_name
+    files["ids"] = _write_json(folder / f"{prefix}_ids.json", list(view.ids[: view.n]))
+    meta = list(view.meta[: view.n])
+    if any(m is not None for m in meta):
+        files["meta"] = _write_json(folder / f"{prefix}_meta.json", meta)
     entry["files"] = files
     return entry
 
@@ -84,6 +93,10 @@ def read_gallery(
         )
         with open(safe_member(folder, files["ids"], IndexFileError), encoding="utf-8") as f:
             ids = json.load(f)
+        meta = None
+        if "meta" in files:
+            with open(safe_member(folder, files["meta"], IndexFileError), encoding="utf-8") as f:
+                meta = json.load(f)
         n = int(entry["n"])
     except IndexFileError:
         raise
@@ -104,7 +117,12 @@ def read_gallery(
         raise IndexFileError(f"index ids in {folder} are invalid: {e}") from e
     if len(set(clean)) != n:
         raise IndexFileError(f"index ids in {folder} contain duplicates; rebuild the index")
-    g.adopt((st, lo, ma, gr), clean)
+    if meta is not None:
+        try:
+            meta = check_metadata(meta, n)
+        except InputError as e:
+            raise IndexFileError(f"index metadata in {folder} is invalid: {e}; rebuild the index") from e
+    g.adopt((st, lo, ma, gr), clean, meta)
     return g
 
 

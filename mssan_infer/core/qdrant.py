@@ -1,0 +1,694 @@
+"""Galleries kept in Qdrant: Qdrant Edge shards in-process, or collections on a Qdrant server/cluster.
+
+One point per item, in the bundle's layout:
+
+- ``stage1``: the stage-1 vector (dense, dot product), optionally int8 scalar-quantized with
+  rescoring from the original vectors;
+- ``local``: the item's locals as a multivector, only its real regions/words (no padding), with
+  no HNSW graph on it (``m=0``), stored float32 (exact), float16 or uint8 (a per-vector scale in
+  the payload);
+- payload: ``mssan_id`` (the item id, str or int), ``mssan_seq`` (insertion order, which breaks
+  score ties as the in-memory gallery's rows do), ``mssan_scale`` (uint8 locals only) and the
+  user's metadata (filterable with ``where=``).
+
+The point id is a UUID derived from the item id, so any process can find, test or remove an item
+without a lookup table. Gram matrices are not stored: they are recomputed from the fetched locals
+at rerank time (``local @ local.T`` over the candidates). The bundle id, dims and layout are
+recorded with the gallery (a ``mssan_gallery.json`` beside an Edge shard; the collection's metadata
+on a server), and a gallery built with another bundle or layout is refused.
+
+``qdrant_edge`` and ``qdrant_client`` are imported only when such a gallery is opened.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import urllib.parse
+import uuid
+import warnings
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol, Sequence, Union
+
+import numpy as np
+
+from .contract import ItemId, check_encoded, check_id, new_ids
+from .errors import BackendUnavailableError, IndexFileError, InputError
+from .filters import Condition, Where, check_metadata, parse_where
+
+__all__ = ["QdrantOptions", "QdrantEdge", "QdrantServer", "QdrantGallery", "QdrantView", "open_qdrant_galleries",
+           "GallerySpec", "parse_gallery", "point_id", "copy_gallery", "LOCAL_DTYPES", "META_FILE"]
+
+log = logging.getLogger(__name__)
+
+LOCAL_DTYPES = ("float32", "float16", "uint8")
+META_FILE = "mssan_gallery.json"          # beside an Edge shard: bundle id, dims, layout
+_NAMESPACE = uuid.UUID("5b2c2f5e-6a4e-4f3c-9a43-3c1f0b7de1a1")   # point ids of mssan items
+_ID, _SEQ, _SCALE = "mssan_id", "mssan_seq", "mssan_scale"
+_BATCH = 256                              # points per upsert / retrieve request
+
+
+def point_id(item_id: ItemId) -> str:
+    """The Qdrant point id of an item: a UUID from the id's type and value (``"7"`` and ``7`` differ)."""
+    return str(uuid.uuid5(_NAMESPACE, f"{'i' if isinstance(item_id, int) else 's'}:{item_id}"))
+
+
+@dataclass(frozen=True)
+class QdrantOptions:
+    """How a Qdrant gallery stores and searches.
+
+    Attributes:
+        exact: stage 1 by a full scan; ``False`` uses the HNSW graph with ``hnsw_ef`` (approximate:
+            measure its recall). A full scan without quantization is exact: the in-memory gallery's results.
+        quantization: ``None`` or ``"int8"``: int8 scalar quantization of the stage-1 vectors, scanned
+            first, then the top ``oversampling * k`` rescored from the original vectors (the returned
+            stage-1 scores are exact; which items reach the top can differ: measure its recall).
+        oversampling: candidates rescored per result with ``quantization``.
+        hnsw_m, hnsw_ef: HNSW graph degree and search breadth (``exact=False``).
+        local_dtype: storage of the locals: ``"float32"`` (exact), ``"float16"`` or ``"uint8"``.
+    """
+
+    exact: bool = True
+    quantization: str | None = None
+    oversampling: float = 2.0
+    hnsw_m: int = 16
+    hnsw_ef: int = 128
+    local_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.quantization not in (None, "int8"):
+            raise InputError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.local_dtype not in LOCAL_DTYPES:
+            raise InputError(f"local_dtype must be one of {LOCAL_DTYPES}, got {self.local_dtype!r}")
+        if not (isinstance(self.oversampling, (int, float)) and self.oversampling >= 1):
+            raise InputError(f"oversampling must be a number >= 1, got {self.oversampling!r}")
+        for name in ("hnsw_m", "hnsw_ef"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InputError(f"{name} must be a positive int, got {v!r}")
+
+    def layout(self) -> dict[str, Any]:
+        """What must match between a gallery and the options it is opened with."""
+        return {"quantization": self.quantization, "local_dtype": self.local_dtype, "hnsw_m": self.hnsw_m}
+
+
+@dataclass(frozen=True)
+class QdrantEdge:
+    """Galleries in Qdrant Edge shards (the Qdrant engine in-process): ``path/images``, ``path/texts``."""
+
+    path: str | os.PathLike[str]
+    options: QdrantOptions = field(default_factory=QdrantOptions)
+
+
+@dataclass(frozen=True)
+class QdrantServer:
+    """Galleries as collections ``{prefix}_images`` / ``{prefix}_texts`` on a Qdrant server or cluster.
+
+    Give ``url`` (e.g. ``"http://localhost:6333"``), or ``client``: any ``qdrant_client.QdrantClient``
+    (its local mode ``QdrantClient(":memory:")`` or ``QdrantClient(path=...)`` included).
+    """
+
+    url: str | None = None
+    prefix: str = "mssan"
+    client: Any = None
+    api_key: str | None = None
+    prefer_grpc: bool = False
+    options: QdrantOptions = field(default_factory=QdrantOptions)
+
+
+GallerySpec = Union[None, str, QdrantEdge, QdrantServer]
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_gallery(spec: GallerySpec) -> QdrantEdge | QdrantServer | None:
+    """Where galleries live, from ``Retriever.load(gallery=...)`` or the CLI's ``--gallery``.
+
+    ``None`` or ``"memory"``: in this process (``None`` is returned). ``"qdrant-edge:PATH"``: Qdrant
+    Edge shards under ``PATH``. ``"qdrant:URL"`` (e.g. ``"qdrant:http://localhost:6333"``): collections
+    on a Qdrant server. Both take options after ``?``: ``prefix`` (server collections, default
+    ``mssan``), ``exact``, ``quantization``, ``oversampling``, ``hnsw_m``, ``hnsw_ef``, ``local_dtype``,
+    e.g. ``"qdrant-edge:/data/g?quantization=int8&local_dtype=float16"``.
+
+    Raises:
+        InputError: anything else, or an unknown or malformed option.
+    """
+    if isinstance(spec, (QdrantEdge, QdrantServer)):
+        return spec
+    if spec is None or spec == "memory":
+        return None
+    if not isinstance(spec, str):
+        raise InputError(f"gallery must be 'memory', 'qdrant-edge:PATH', 'qdrant:URL', QdrantEdge or QdrantServer, "
+                         f"got {type(spec).__name__}")
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("qdrant-edge", "qdrant") or not rest:
+        raise InputError(f"gallery {spec!r}: expected 'memory', 'qdrant-edge:PATH' or 'qdrant:URL' (options after '?')")
+    target, _, query = rest.partition("?")
+    raw = dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
+    prefix = raw.pop("prefix", "mssan")
+    unknown = sorted(set(raw) - {"exact", "hnsw_m", "hnsw_ef", "oversampling", "quantization", "local_dtype"})
+    if unknown:
+        raise InputError(f"gallery {spec!r}: unknown option {unknown[0]!r}")
+    opts: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            if key == "exact":
+                opts[key] = _BOOLS[value.lower()]
+            elif key in ("hnsw_m", "hnsw_ef"):
+                opts[key] = int(value)
+            elif key == "oversampling":
+                opts[key] = float(value)
+            elif key == "quantization":
+                opts[key] = None if value.lower() in ("", "none") else value
+            else:
+                opts[key] = value
+        except (KeyError, ValueError):
+            raise InputError(f"gallery {spec!r}: option {key}={value!r} is malformed") from None
+    options = QdrantOptions(**opts)
+    if kind == "qdrant-edge":
+        return QdrantEdge(target, options)
+    return QdrantServer(url=target, prefix=prefix, options=options)
+
+
+# ---- the two stores -----------------------------------------------------------------------------
+class _Store(Protocol):
+    """What a Qdrant gallery asks of Qdrant; one implementation per client library."""
+
+    where: str
+
+    def upsert(self, points: list[tuple[str, np.ndarray, Any, dict[str, Any]]]) -> None: ...
+    def delete(self, pids: list[str]) -> None: ...
+    def present(self, pids: list[str]) -> set[str]: ...
+    def query(self, vector: np.ndarray, limit: int, conditions: Sequence[Condition],
+              with_locals: bool) -> list[tuple[str, float, dict[str, Any], Any]]: ...
+    def fetch(self, pids: list[str]) -> list[tuple[Any, Any, dict[str, Any]]]: ...
+    def payloads(self) -> list[dict[str, Any]]: ...
+    def count(self) -> int: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    def read_meta(self) -> dict[str, Any] | None: ...
+    def write_meta(self, meta: dict[str, Any]) -> None: ...
+
+
+def _import(module: str, package: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"Qdrant galleries of this kind need the {package} package: `pip install {package}` "
+            "(or `pip install mssan[qdrant]`)"
+        ) from e
+
+
+class _EdgeStore:
+    """One Qdrant Edge shard in a folder."""
+
+    def __init__(self, path: Path, stage1_dim: int, local_dim: int, opts: QdrantOptions) -> None:
+        qe = _import("qdrant_edge", "qdrant-edge-py")
+        self.qe, self.path, self.opts, self.where = qe, path, opts, f"Qdrant Edge shard {path}"
+        stage1 = {"size": stage1_dim, "distance": qe.Distance.Dot,
+                  "hnsw_config": qe.HnswIndexConfig(m=opts.hnsw_m, ef_construct=100, full_scan_threshold=10000)}
+        if opts.quantization == "int8":
+            stage1["quantization_config"] = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99)
+        dtype = {"float32": qe.VectorStorageDatatype.Float32, "float16": qe.VectorStorageDatatype.Float16,
+                 "uint8": qe.VectorStorageDatatype.Uint8}[opts.local_dtype]
+        config = qe.EdgeConfig(vectors={
+            "stage1": qe.EdgeVectorParams(**stage1),
+            # locals stay on disk (memory-mapped, read only for candidates): they are most of the bytes
+            "local": qe.EdgeVectorParams(
+                size=local_dim, distance=qe.Distance.Dot, datatype=dtype, memory=qe.Memory.Cold,
+                multivector_config=qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim),
+                hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10000)),
+        })
+        try:
+            if (path / "edge_config.json").is_file():
+                self.shard = qe.EdgeShard.load(str(path))
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+                self.shard = qe.EdgeShard.create(str(path), config)
+        except Exception as e:  # the engine's own errors carry no type of ours
+            raise IndexFileError(f"cannot open the {self.where}: {e}") from e
+        self._lock = threading.Lock()
+
+    def _params(self) -> Any:
+        qe = self.qe
+        quant = None
+        if self.opts.quantization:
+            quant = qe.QuantizationSearchParams(ignore=False, rescore=True, oversampling=float(self.opts.oversampling))
+        return qe.SearchParams(exact=self.opts.exact, hnsw_ef=None if self.opts.exact else self.opts.hnsw_ef,
+                               quantization=quant)
+
+    def _filter(self, conditions: Sequence[Condition]) -> Any:
+        qe = self.qe
+        if not conditions:
+            return None
+        must = []
+        for c in conditions:
+            if c.kind == "eq":
+                must.append(qe.FieldCondition(key=c.key, match=qe.MatchValue(c.value)))
+            elif c.kind == "in":
+                must.append(qe.FieldCondition(key=c.key, match=qe.MatchAny(list(c.value))))
+            else:
+                must.append(qe.FieldCondition(key=c.key, range=qe.RangeFloat(**c.value)))
+        return qe.Filter(must=must)
+
+    def upsert(self, points: list[tuple[str, np.ndarray, Any, dict[str, Any]]]) -> None:
+        qe = self.qe
+        # lists, not arrays: the binding reads a list about twice as fast as it iterates an ndarray
+        ops = [qe.Point(pid, {"stage1": np.asarray(s1).tolist(), "local": np.asarray(lo).tolist()}, payload)
+               for pid, s1, lo, payload in points]
+        with self._lock:
+            self.shard.update(qe.UpdateOperation.upsert_points(ops))
+
+    def delete(self, pids: list[str]) -> None:
+        with self._lock:
+            self.shard.update(self.qe.UpdateOperation.delete_points(pids))
+
+    def present(self, pids: list[str]) -> set[str]:
+        return {str(r.id) for r in self.shard.retrieve(pids, with_payload=False, with_vector=False)}
+
+    def query(self, vector: np.ndarray, limit: int, conditions: Sequence[Condition],
+              with_locals: bool) -> list[tuple[str, float, dict[str, Any], Any]]:
+        qe = self.qe
+        req = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(vector.tolist(), using="stage1"),
+                              filter=self._filter(conditions), with_payload=True,
+                              with_vector=["local"] if with_locals else False, params=self._params())
+        return [(str(p.id), float(p.score), p.payload or {}, (p.vector or {}).get("local"))
+                for p in self.shard.query(req)]
+
+    def fetch(self, pids: list[str]) -> list[tuple[Any, Any, dict[str, Any]]]:
+        """``(stage1, stored locals, payload)`` of each point, in the order asked."""
+        recs = {str(r.id): r for r in self.shard.retrieve(pids, with_payload=True, with_vector=True)}
+        return [(recs[p].vector["stage1"], recs[p].vector["local"], recs[p].payload or {}) for p in pids]
+
+    def payloads(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        offset = None
+        while True:
+            recs, offset = self.shard.scroll(self.qe.ScrollRequest(offset=offset, limit=4096, with_payload=True,
+                                                                   with_vector=False))
+            out.extend(r.payload or {} for r in recs)
+            if offset is None:
+                return out
+
+    def count(self) -> int:
+        return int(self.shard.count(self.qe.CountRequest(exact=True)))
+
+    def flush(self) -> None:
+        with self._lock:
+            self.shard.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self.shard.close()
+
+    def read_meta(self) -> dict[str, Any] | None:
+        p = self.path / META_FILE
+        if not p.is_file():
+            return None
+        try:
+            meta = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise IndexFileError(f"{p} is damaged ({e}); restore it or rebuild the gallery") from e
+        return meta if isinstance(meta, dict) else None
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        p = self.path / META_FILE
+        tmp = p.with_name(f".{META_FILE}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        os.replace(tmp, p)
+
+
+class _ClientStore:
+    """One collection through ``qdrant_client`` (a server, a cluster, or the client's local mode)."""
+
+    def __init__(self, client: Any, collection: str, stage1_dim: int, local_dim: int, opts: QdrantOptions) -> None:
+        _import("qdrant_client", "qdrant-client")
+        from qdrant_client import models
+
+        self.m, self.client, self.collection, self.opts = models, client, collection, opts
+        self.where = f"Qdrant collection {collection!r}"
+        self._stage1_dim, self._local_dim = stage1_dim, local_dim
+
+    def create(self, meta: dict[str, Any]) -> None:
+        m, opts = self.m, self.opts
+        quant = None
+        if opts.quantization == "int8":
+            quant = m.ScalarQuantization(scalar=m.ScalarQuantizationConfig(type=m.ScalarType.INT8, quantile=0.99))
+        dtype = {"float32": m.Datatype.FLOAT32, "float16": m.Datatype.FLOAT16, "uint8": m.Datatype.UINT8}
+        self.client.create_collection(
+            self.collection,
+            vectors_config={
+                "stage1": m.VectorParams(size=self._stage1_dim, distance=m.Distance.DOT, quantization_config=quant,
+                                         hnsw_config=m.HnswConfigDiff(m=opts.hnsw_m)),
+                "local": m.VectorParams(
+                    size=self._local_dim, distance=m.Distance.DOT, datatype=dtype[opts.local_dtype], on_disk=True,
+                    multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM),
+                    hnsw_config=m.HnswConfigDiff(m=0)),
+            },
+            metadata=meta,
+        )
+
+    def exists(self) -> bool:
+        return bool(self.client.collection_exists(self.collection))
+
+    def _filter(self, conditions: Sequence[Condition]) -> Any:
+        m = self.m
+        if not conditions:
+            return None
+        must = []
+        for c in conditions:
+            if c.kind == "eq":
+                must.append(m.FieldCondition(key=c.key, match=m.MatchValue(value=c.value)))
+            elif c.kind == "in":
+                must.append(m.FieldCondition(key=c.key, match=m.MatchAny(any=list(c.value))))
+            else:
+                must.append(m.FieldCondition(key=c.key, range=m.Range(**c.value)))
+        return m.Filter(must=must)
+
+    def upsert(self, points: list[tuple[str, np.ndarray, Any, dict[str, Any]]]) -> None:
+        m = self.m
+        self.client.upsert(self.collection, wait=True, points=[
+            m.PointStruct(id=pid, vector={"stage1": s1.tolist(), "local": np.asarray(lo).tolist()}, payload=payload)
+            for pid, s1, lo, payload in points])
+
+    def delete(self, pids: list[str]) -> None:
+        self.client.delete(self.collection, points_selector=self.m.PointIdsList(points=list(pids)), wait=True)
+
+    def present(self, pids: list[str]) -> set[str]:
+        return {str(r.id) for r in self.client.retrieve(self.collection, ids=pids, with_payload=False)}
+
+    def query(self, vector: np.ndarray, limit: int, conditions: Sequence[Condition],
+              with_locals: bool) -> list[tuple[str, float, dict[str, Any], Any]]:
+        m, opts = self.m, self.opts
+        quant = None
+        if opts.quantization:
+            quant = m.QuantizationSearchParams(ignore=False, rescore=True, oversampling=float(opts.oversampling))
+        params = m.SearchParams(exact=opts.exact, hnsw_ef=None if opts.exact else opts.hnsw_ef, quantization=quant)
+        with warnings.catch_warnings():     # the client's local mode says it ignores search_params: it is exact
+            warnings.filterwarnings("ignore", message="Local mode performs exact")
+            res = self.client.query_points(
+                self.collection, query=vector.tolist(), using="stage1", limit=limit,
+                query_filter=self._filter(conditions), search_params=params, with_payload=True,
+                with_vectors=["local"] if with_locals else False)
+        return [(str(p.id), float(p.score), p.payload or {}, (p.vector or {}).get("local") if with_locals else None)
+                for p in res.points]
+
+    def fetch(self, pids: list[str]) -> list[tuple[Any, Any, dict[str, Any]]]:
+        """``(stage1, stored locals, payload)`` of each point, in the order asked."""
+        recs = {str(r.id): r for r in self.client.retrieve(self.collection, ids=pids, with_payload=True,
+                                                            with_vectors=True)}
+        return [(recs[p].vector["stage1"], recs[p].vector["local"], recs[p].payload or {}) for p in pids]
+
+    def payloads(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        offset = None
+        while True:
+            recs, offset = self.client.scroll(self.collection, offset=offset, limit=4096, with_payload=True,
+                                              with_vectors=False)
+            out.extend(r.payload or {} for r in recs)
+            if offset is None:
+                return out
+
+    def count(self) -> int:
+        return int(self.client.count(self.collection, exact=True).count)
+
+    def flush(self) -> None:
+        return None                      # a server acknowledges writes with wait=True; nothing to flush
+
+    def close(self) -> None:
+        return None                      # the client belongs to the caller (or to QdrantServer)
+
+    def read_meta(self) -> dict[str, Any] | None:
+        if not self.exists():
+            return None
+        meta = self.client.get_collection(self.collection).config.metadata
+        return dict(meta) if meta else {}
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        self.client.update_collection(self.collection, metadata=meta)
+
+
+# ---- the gallery ------------------------------------------------------------------------------------
+class QdrantGallery:
+    """A :class:`~.contract.Gallery` kept in Qdrant (see the module docstring for the point layout).
+
+    Thread-safe: Qdrant orders concurrent writes; a lock keeps each ``add``'s id checks and
+    upsert together within this process. Searches do not take the lock.
+    """
+
+    def __init__(self, store: _Store, stage1_dim: int, local_dim: int, options: QdrantOptions) -> None:
+        self._store = store
+        self.stage1_dim, self.local_dim, self.options = int(stage1_dim), int(local_dim), options
+        self._lock = threading.Lock()
+        self._seq = time.time_ns()
+
+    @property
+    def where(self) -> str:
+        return self._store.where
+
+    def __len__(self) -> int:
+        return self._store.count()
+
+    def __contains__(self, item_id: object) -> bool:
+        try:
+            pid = point_id(check_id(item_id))
+        except InputError:
+            return False
+        return pid in self._store.present([pid])
+
+    def _ordered_payloads(self) -> list[dict[str, Any]]:
+        return sorted(self._store.payloads(), key=lambda p: (p.get(_SEQ, 0), str(p.get(_ID))))
+
+    @property
+    def ids(self) -> list[ItemId]:
+        """A copy of the ids, in insertion order (reads every point's payload)."""
+        return [p[_ID] for p in self._ordered_payloads() if _ID in p]
+
+    def next_ids(self, count: int) -> list[int]:
+        """``count`` fresh integer ids (one more than the largest int id, counting up; reads every payload)."""
+        ints = [i for i in self.ids if isinstance(i, int)]
+        start = max(ints) + 1 if ints else 0
+        return list(range(start, start + count))
+
+    def _present_ids(self, ids: list[ItemId]) -> list[ItemId]:
+        found: set[str] = set()
+        pids = [point_id(i) for i in ids]
+        for a in range(0, len(pids), _BATCH):
+            found |= self._store.present(pids[a : a + _BATCH])
+        return [i for i, p in zip(ids, pids) if p in found]
+
+    def _encode_local(self, local: np.ndarray) -> tuple[Any, list[float] | None]:
+        """One item's real locals ``[P, D]`` in the storage dtype (and per-vector scales for uint8)."""
+        if self.options.local_dtype != "uint8":
+            return local.astype(np.float32), None
+        scale = np.maximum(np.abs(local).max(1), 1e-12).astype(np.float32)           # [P]
+        q = np.rint(local / scale[:, None] * 127.0) + 128.0
+        return np.clip(q, 0, 255).astype(np.float32), scale.tolist()
+
+    def decode_local(self, stored: Any, payload: Mapping[str, Any]) -> np.ndarray:
+        """Locals ``[P, D]`` float32 from what Qdrant returns."""
+        arr = np.asarray(stored, dtype=np.float32).reshape(-1, self.local_dim)
+        if self.options.local_dtype == "uint8":
+            scale = np.asarray(payload.get(_SCALE, []), np.float32)
+            if scale.shape != (arr.shape[0],):
+                raise IndexFileError(f"{self.where}: a point's uint8 locals have no matching scales; rebuild it")
+            arr = (arr - 128.0) * (scale[:, None] / 127.0)
+        return arr
+
+    def add(
+        self,
+        stage1: np.ndarray,
+        local: np.ndarray,
+        mask: np.ndarray,
+        gram: np.ndarray,
+        ids: Sequence[ItemId] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> list[ItemId]:
+        """Upsert encoded items as points (all or nothing for bad input; Qdrant acknowledges each batch).
+
+        Raises:
+            InputError: shapes, NaN/inf, bad, duplicate or present ids, bad metadata.
+        """
+        stage1, local, mask, gram = check_encoded(stage1, local, mask, gram, self.stage1_dim, self.local_dim)
+        n = stage1.shape[0]
+        meta = check_metadata(metadata, n)
+        with self._lock:
+            new = self.next_ids(n) if ids is None else new_ids(ids, n, self._present_ids)
+            points = []
+            for j in range(n):
+                real = local[j][mask[j] > 0]                                        # [P_j, D]
+                stored, scale = self._encode_local(real)
+                self._seq += 1
+                payload: dict[str, Any] = {**(meta[j] or {}), _ID: new[j], _SEQ: self._seq}
+                if scale is not None:
+                    payload[_SCALE] = scale
+                points.append((point_id(new[j]), stage1[j], stored, payload))
+            for a in range(0, n, _BATCH):
+                self._store.upsert(points[a : a + _BATCH])
+        return list(new)
+
+    def remove(self, ids: Iterable[ItemId]) -> None:
+        """Remove items by id (all or nothing). Raises InputError for an unknown id."""
+        drop = list(dict.fromkeys(check_id(i) for i in ids))
+        with self._lock:
+            known = set(self._present_ids(drop))
+            unknown = [i for i in drop if i not in known]
+            if unknown:
+                raise InputError(f"unknown ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; nothing was removed")
+            if drop:
+                self._store.delete([point_id(i) for i in drop])
+
+    def flush(self) -> None:
+        """Make every acknowledged change durable (Edge: flush the shard; a server already has)."""
+        self._store.flush()
+
+    def close(self) -> None:
+        self._store.close()
+
+    def view(self) -> "QdrantView":
+        return QdrantView(self)
+
+
+class QdrantView:
+    """One search's view of a Qdrant gallery: stage 1 fetches the candidates' locals in the same request,
+    so the rerank sees the items exactly as stage 1 found them."""
+
+    def __init__(self, gallery: QdrantGallery) -> None:
+        self._g = gallery
+        self._n = len(gallery)
+        self._rows: dict[str, int] = {}                  # point id -> row of this view
+        self._items: list[tuple[ItemId, dict[str, Any], Any]] = []     # (id, payload, stored locals)
+
+    @property
+    def n(self) -> int:
+        return self._n
+
+    def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemId]:
+        return [self._items[int(r)][0] for r in rows]
+
+    def topk(self, queries: np.ndarray, k: int, where: Where | None = None) -> tuple[np.ndarray, np.ndarray]:
+        conditions = parse_where(where)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(int(k), max(self._n, 1))
+        found = [self._g._store.query(q[i], k, conditions, with_locals=True) for i in range(q.shape[0])]
+        # rows in insertion order (mssan_seq, then point id), so ties break as in the in-memory gallery
+        new = {pid: (pl, lo) for res in found for pid, _, pl, lo in res if pid not in self._rows}
+        for pid in sorted(new, key=lambda p: (new[p][0].get(_SEQ, 0), p)):
+            pl, lo = new[pid]
+            self._rows[pid] = len(self._items)
+            self._items.append((check_id(pl.get(_ID)), pl, lo))
+        width = min(len(res) for res in found) if found else 0
+        rows = np.zeros((len(found), width), np.int64)
+        scores = np.zeros((len(found), width), np.float32)
+        for i, res in enumerate(found):
+            r = np.array([self._rows[pid] for pid, _, _, _ in res], np.int64)
+            s = np.array([score for _, score, _, _ in res], np.float32)
+            order = np.lexsort((r, -s))[:width]
+            rows[i], scores[i] = r[order], s[order]
+        return rows, scores
+
+    def gather(self, rows: np.ndarray, executor: Executor | None = None,
+               parts: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        items = [self._g.decode_local(self._items[int(r)][2], self._items[int(r)][1]) for r in rows]
+        width = max([1] + [x.shape[0] for x in items])
+        local = np.zeros((len(items), width, self._g.local_dim), np.float32)
+        mask = np.zeros((len(items), width), np.float32)
+        for j, x in enumerate(items):
+            local[j, : x.shape[0]] = x
+            mask[j, : x.shape[0]] = 1.0
+        gram = np.matmul(local, local.transpose(0, 2, 1))                          # [K, P, P]
+        return local, mask, gram
+
+
+# ---- opening ------------------------------------------------------------------------------------
+def _check_meta(meta: dict[str, Any], want: dict[str, Any], where: str) -> None:
+    if meta.get("bundle_id") != want["bundle_id"]:
+        raise IndexFileError(
+            f"{where} was built with bundle {meta.get('bundle_id')}, but the loaded bundle is {want['bundle_id']}; "
+            "its vectors would not match. Use another path/collection or rebuild it with this bundle."
+        )
+    for key in ("gallery", "stage1_dim", "local_dim", "layout"):
+        if meta.get(key) != want[key]:
+            raise IndexFileError(
+                f"{where} holds {key} {meta.get(key)!r}, but it was opened with {want[key]!r}; open it with the "
+                "options it was built with, or rebuild it"
+            )
+
+
+def open_qdrant_galleries(
+    spec: QdrantEdge | QdrantServer, names: Sequence[str], stage1_dim: int, local_dim: int, bundle_id: str
+) -> dict[str, QdrantGallery]:
+    """Open (creating when missing) one Qdrant gallery per name for a bundle.
+
+    Raises:
+        IndexFileError: a gallery built with another bundle or layout, or one that cannot be opened.
+        BackendUnavailableError: the Qdrant package is not installed.
+    """
+    opts = spec.options
+    out: dict[str, QdrantGallery] = {}
+    client = None
+    if isinstance(spec, QdrantServer):
+        client = spec.client
+        if client is None:
+            if not spec.url:
+                raise InputError("QdrantServer needs url= (e.g. 'http://localhost:6333') or client=")
+            qc = _import("qdrant_client", "qdrant-client")
+            client = qc.QdrantClient(url=spec.url, api_key=spec.api_key, prefer_grpc=spec.prefer_grpc)
+    for name in names:
+        want = {"format": "mssan-qdrant-gallery", "bundle_id": bundle_id, "gallery": name, "stage1_dim": stage1_dim,
+                "local_dim": local_dim, "layout": opts.layout()}
+        if isinstance(spec, QdrantEdge):
+            store: _Store = _EdgeStore(Path(spec.path) / name, stage1_dim, local_dim, opts)
+            meta = store.read_meta()
+            if meta is None:
+                if store.count():
+                    raise IndexFileError(f"{store.where} holds points but no {META_FILE}; it is not an mssan gallery")
+                store.write_meta(want)
+            else:
+                _check_meta(meta, want, store.where)
+        else:
+            cs = _ClientStore(client, f"{spec.prefix}_{name}", stage1_dim, local_dim, opts)
+            meta = cs.read_meta()
+            if meta is None:
+                cs.create(want)
+            elif meta.get("format") != "mssan-qdrant-gallery":
+                raise IndexFileError(f"{cs.where} exists but is not an mssan gallery; choose another prefix")
+            else:
+                _check_meta(meta, want, cs.where)
+            store = cs
+        out[name] = QdrantGallery(store, stage1_dim, local_dim, opts)
+    return out
+
+
+def copy_gallery(src: QdrantGallery, dst: QdrantGallery, batch: int = _BATCH) -> int:
+    """Copy every item of ``src`` (e.g. an Edge shard) into ``dst`` (e.g. a server collection), ids,
+    metadata and insertion order included: the way a gallery built on one machine moves up to a shared
+    server. Returns the number of items copied.
+
+    Raises:
+        InputError: ids already in ``dst`` (checked before anything is written) or other dims.
+    """
+    if (src.stage1_dim, src.local_dim) != (dst.stage1_dim, dst.local_dim):
+        raise InputError(f"{src.where} and {dst.where} hold vectors of different sizes")
+    ids = src.ids
+    clash = dst._present_ids(ids)
+    if clash:
+        raise InputError(f"ids already in {dst.where}: {clash[:5]}; nothing was copied")
+    for a in range(0, len(ids), batch):
+        part = ids[a : a + batch]
+        records = src._store.fetch([point_id(i) for i in part])
+        stage1 = np.stack([np.asarray(s1, np.float32) for s1, _, _ in records])
+        locals_ = [src.decode_local(lo, pl) for _, lo, pl in records]
+        width = max(x.shape[0] for x in locals_)
+        local = np.zeros((len(part), width, src.local_dim), np.float32)
+        mask = np.zeros((len(part), width), np.float32)
+        for j, x in enumerate(locals_):
+            local[j, : x.shape[0]], mask[j, : x.shape[0]] = x, 1.0
+        gram = np.matmul(local, local.transpose(0, 2, 1))
+        user = [{k: v for k, v in pl.items() if not k.startswith("mssan_")} or None for _, _, pl in records]
+        dst.add(stage1, local, mask, gram, ids=part, metadata=user)
+    return len(ids)

@@ -131,7 +131,7 @@ def test_tensorrt_flavour_without_engines_is_refused(tiny_bundle: Path, tmp_path
 
 
 def test_triton_backend_with_no_server_gives_a_clear_error(tiny_bundle: Path) -> None:
-    from export.triton_server import free_port
+    from mssan_infer.serve import free_port
     from mssan_infer import Retriever
     from mssan_infer.backends.triton import TritonUnavailableError
 
@@ -145,12 +145,12 @@ def test_triton_backend_with_no_server_gives_a_clear_error(tiny_bundle: Path) ->
 
 # ---- a real server ----------------------------------------------------------------------------
 def _binary() -> Any:
-    from export.errors import ExportError
-    from export.triton_server import find_tritonserver
+    from mssan_infer.errors import MssanError
+    from mssan_infer.serve import find_tritonserver
 
     try:
         return find_tritonserver()
-    except ExportError as e:
+    except MssanError as e:
         pytest.fail(f"no tritonserver binary (install the dev extra, which brings nvidia-pytriton): {e}")
 
 
@@ -177,7 +177,7 @@ def gallery(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.fixture(scope="module")
 def server(gallery: dict[str, Any]) -> Iterator[Any]:
-    from export.triton_server import local_tritonserver
+    from mssan_infer.serve import local_tritonserver
 
     binary = _binary()
     with local_tritonserver(gallery["repo"], binary=binary, startup_timeout_s=60) as s:
@@ -266,7 +266,7 @@ def test_bls_retriever_model_refuses_bad_queries_with_a_message(server: Any) -> 
 
 @pytest.mark.triton
 def test_a_stopped_server_gives_a_clear_error(tiny_bundle: Path, gallery: dict[str, Any]) -> None:
-    from export.triton_server import local_tritonserver
+    from mssan_infer.serve import local_tritonserver
     from mssan_infer import Retriever
     from mssan_infer.backends.triton import TritonUnavailableError
 
@@ -310,7 +310,8 @@ def test_install_index_refuses_an_index_of_another_bundle(gallery: dict[str, Any
         install_index(gallery["repo"], index)
 
 
-def test_export_with_triton_writes_a_verified_repository_into_the_bundle(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_export_with_triton_writes_a_verified_repository_into_the_bundle(tiny_checkpoint: Path, tiny_bundle: Path,
+                                                                        tmp_path: Path) -> None:
     from export import export_bundle
     from export.__main__ import main
     from export.triton import TritonSettings, validate_config
@@ -326,3 +327,7 @@ def test_export_with_triton_writes_a_verified_repository_into_the_bundle(tiny_ch
     assert tk["max_len"] == b.manifest["tokenizer"]["max_len"]
     assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "c"), "--triton", "-q"]) == 0
     assert load_bundle(tmp_path / "c").manifest["triton"]["settings"]["backend"] == "onnxruntime"
+    # the bundle id covers what index vectors depend on (fp32 graphs, vocabulary), not the extras:
+    # tiny_bundle is the same checkpoint exported with --fp16 and without --triton
+    assert "fp16_graphs" in load_bundle(tiny_bundle).manifest and "fp16_graphs" not in b.manifest
+    assert b.bundle_id == load_bundle(tiny_bundle).bundle_id == load_bundle(tmp_path / "c").bundle_id

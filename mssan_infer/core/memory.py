@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .contract import ItemId, check_id, extent
+from .contract import raise_colliding, ItemId, check_id, extent
 from .errors import InputError
 from .files import rows_per_chunk
 from .stage1 import build_faiss, check_method, faiss_topk, topk_inner_product
@@ -334,9 +334,7 @@ class GalleryIndex:
             seen: set[ItemId] = set()
             dup = [i for i in new_ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
             raise InputError(f"duplicate ids in this batch: {dup[:5]}")
-        clash = [i for i in new_ids if i in self._pos]
-        if clash:
-            raise InputError(f"ids already in the gallery: {clash[:5]}; remove them first or use other ids")
+        raise_colliding(new_ids, self._pos)
         return new_ids
 
     def remove(self, ids: Iterable[ItemId]) -> None:

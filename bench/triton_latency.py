@@ -70,6 +70,75 @@ def _server_ms(stats_before: dict[str, Any], stats_after: dict[str, Any]) -> flo
     return ns / max(1, n) / 1e6
 
 
+def _group_pids(pgid: int) -> list[int]:
+    """Processes of a process group (the server and its Python backend stubs)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                pids.append(int(d.name))
+    return pids
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by ``pids``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def latency_part(local: Any, url: str, server_pid: int, models: tuple[str, ...], queries: list[str],
+                 rerank: int) -> dict[str, Any]:
+    """One query at a time, the modes interleaved query by query: wall time per request (client side),
+    Triton's mean server time, and CPU seconds per query (in this process for the in-process search; all
+    processes of the server's group for a model) -- the last does not depend on how busy the machine is."""
+    import tritonclient.http as hc
+
+    client = hc.InferenceServerClient(url, network_timeout=120)
+    try:
+        for q in queries[:20]:
+            local.search(text=q, k=10, rerank=rerank)
+            for m in models:
+                client.infer(m, _retriever_inputs(hc, q, 10, rerank))
+        pids = _group_pids(os.getpgid(server_pid))
+        before = {m: client.get_inference_statistics(m) for m in models}
+        times: dict[str, list[float]] = {"in_process": [], **{m: [] for m in models}}
+        cpu = {k: 0.0 for k in times}
+        for q in queries[20:]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            local.search(text=q, k=10, rerank=rerank)
+            times["in_process"].append(time.perf_counter() - t0)
+            cpu["in_process"] += time.process_time() - c0
+            for m in models:
+                inputs = _retriever_inputs(hc, q, 10, rerank)
+                c0 = _cpu_s(pids)
+                t0 = time.perf_counter()
+                client.infer(m, inputs)
+                times[m].append(time.perf_counter() - t0)
+                cpu[m] += _cpu_s(pids) - c0
+        after = {m: client.get_inference_statistics(m) for m in models}
+    finally:
+        client.close()
+    lat = {k: {**_pct(v), "cpu_ms_per_query": cpu[k] / len(v) * 1e3} for k, v in times.items()}
+    ref = lat["in_process"]
+    for m in models:
+        lat[m]["server_mean_ms"] = _server_ms(before[m], after[m])
+        lat[m]["server_vs_in_process"] = lat[m]["server_mean_ms"] / ref["mean_ms"]
+        lat[m]["p50_vs_in_process"] = lat[m]["p50_ms"] / ref["p50_ms"]
+        lat[m]["cpu_vs_in_process"] = lat[m]["cpu_ms_per_query"] / max(1e-9, ref["cpu_ms_per_query"])
+    return lat
+
+
 def _derive_models(repo: Path) -> None:
     """``retriever_bls`` (graphs: bls) and ``*_nobatch`` encoders (no dynamic batching) beside the generated models."""
     src = repo / "retriever"
@@ -156,8 +225,6 @@ def _inprocess_load(r: Any, queries: list[str], concurrency: int, requests: int,
 
 
 def run_size(name: str, work: Path, *, queries_n: int, requests: int, rerank: int, threads: int) -> dict[str, Any]:
-    import tritonclient.http as hc
-
     from bench.fixtures import random_captions, random_regions, speed_bundle
     from export.triton import TritonSettings, install_index, write_repository
     from mssan_infer import Retriever
@@ -180,29 +247,8 @@ def run_size(name: str, work: Path, *, queries_n: int, requests: int, rerank: in
     regions = random_regions(64, 36, size["dv"], seed=4)
     out: dict[str, Any] = {"size": {**size, "rerank": rerank, "k": 10, "threads": threads}, "load_before": _load()}
     with local_tritonserver(repo, startup_timeout_s=300) as server:
-        client = hc.InferenceServerClient(server.http_url, network_timeout=120)
         models = ("retriever", "retriever_bls")
-        # 1. interleaved latency
-        times: dict[str, list[float]] = {"in_process": [], **{m: [] for m in models}}
-        for q in queries[:20]:
-            local.search(text=q, k=10, rerank=rerank)
-            for m in models:
-                client.infer(m, _retriever_inputs(hc, q, 10, rerank))
-        before = {m: client.get_inference_statistics(m) for m in models}
-        for q in queries[20:]:
-            t0 = time.perf_counter()
-            local.search(text=q, k=10, rerank=rerank)
-            times["in_process"].append(time.perf_counter() - t0)
-            for m in models:
-                t0 = time.perf_counter()
-                client.infer(m, _retriever_inputs(hc, q, 10, rerank))
-                times[m].append(time.perf_counter() - t0)
-        after = {m: client.get_inference_statistics(m) for m in models}
-        lat = {k: _pct(v) for k, v in times.items()}
-        for m in models:
-            lat[m]["server_mean_ms"] = _server_ms(before[m], after[m])
-            lat[m]["server_vs_in_process"] = lat[m]["server_mean_ms"] / lat["in_process"]["mean_ms"]
-        out["latency"] = lat
+        out["latency"] = latency_part(local, server.http_url, server.pid, models, queries, rerank)
         # 2. load at each concurrency
         load: dict[str, list[dict[str, float]]] = {}
         load["in_process"] = [_inprocess_load(local, queries, c, requests, rerank) for c in CONCURRENCY]
@@ -215,7 +261,6 @@ def run_size(name: str, work: Path, *, queries_n: int, requests: int, rerank: in
                     mod, e, tok[i % 64 : i % 64 + 1], regions[i % 64 : i % 64 + 1]), c, requests))
                     for c in CONCURRENCY]
         out["load"] = load
-        client.close()
     local.close()
     out["load_after"] = _load()
     return out
@@ -224,10 +269,12 @@ def run_size(name: str, work: Path, *, queries_n: int, requests: int, rerank: in
 def _print(name: str, res: dict[str, Any]) -> None:
     print(f"\n== {name}: {res['size']}  (load {res['load_before']} -> {res['load_after']})")
     lat = res["latency"]
-    print(f"{'mode':<16}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'server ms':>11}{'server/in-proc':>16}")
+    print(f"{'mode':<16}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'CPU ms/q':>10}{'server ms':>11}"
+          f"{'server/in-proc':>16}{'p50/in-proc':>13}{'CPU/in-proc':>13}")
     for m, v in lat.items():
-        srv = f"{v['server_mean_ms']:>11.2f}{v['server_vs_in_process']:>15.2f}x" if "server_mean_ms" in v else ""
-        print(f"{m:<16}{v['p50_ms']:>9.2f}{v['p99_ms']:>9.2f}{v['mean_ms']:>9.2f}{srv}")
+        srv = (f"{v['server_mean_ms']:>11.2f}{v['server_vs_in_process']:>15.2f}x{v['p50_vs_in_process']:>12.2f}x"
+               f"{v['cpu_vs_in_process']:>12.2f}x" if "server_mean_ms" in v else "")
+        print(f"{m:<16}{v['p50_ms']:>9.2f}{v['p99_ms']:>9.2f}{v['mean_ms']:>9.2f}{v['cpu_ms_per_query']:>10.2f}{srv}")
     print(f"{'load':<22}" + "".join(f"{'c=' + str(c):>24}" for c in CONCURRENCY))
     for m, rows in res["load"].items():
         cells = "".join(f"{r['throughput_per_s']:>8.1f}/s {r['p50_ms']:>5.1f}/{r['p99_ms']:>6.1f}" for r in rows)

@@ -275,8 +275,7 @@ def _print_info(info: dict[str, Any], out: TextIO) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    fmt = {"formatter_class": HelpFormatter}
-    p = argparse.ArgumentParser(prog="python -m mssan_infer", description="Two-stage image-text retrieval.", **fmt)
+    p = argparse.ArgumentParser(prog="python -m mssan_infer", description="Two-stage image-text retrieval.", formatter_class=HelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True, metavar="{index,search,info,serve}")
 
@@ -294,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--protocol", default="http", choices=("http", "grpc"), help="with --backend triton")
 
     ix = sub.add_parser(
-        "index", help="encode image features / captions into an index folder", **fmt,
+        "index", help="encode image features / captions into an index folder", formatter_class=HelpFormatter,
         description="Encode image features and/or captions into an index folder.\n\nIds: one per line from "
                     "--ids / --text-ids (kept as text); otherwise row / line numbers 0, 1, 2, ... . An index at "
                     "--out is never replaced or extended unless you say so (--overwrite, --append), and --append "
@@ -315,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--batch-size", type=int, default=32, help="items per encoder call")
     ix.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    se = sub.add_parser("search", help="search an index with a caption or an image", **fmt)
+    se = sub.add_parser("search", help="search an index with a caption or an image", formatter_class=HelpFormatter)
     common(se)
     se.add_argument("--index", required=True, help="index folder written by `index`")
     se.add_argument("text", nargs="?", help="caption to search the image gallery with")
@@ -327,13 +326,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="stage-1 search (numpy and faiss exact; faiss-ivf, faiss-hnsw approximate)")
     se.add_argument("--json", action="store_true", help="print one JSON object (ids keep their type)")
 
-    inf = sub.add_parser("info", help="describe a bundle (and an index)", **fmt)
+    inf = sub.add_parser("info", help="describe a bundle (and an index)", formatter_class=HelpFormatter)
     inf.add_argument("--bundle", required=True, help="bundle folder written by `python -m export`")
     inf.add_argument("--index", help="also describe this index folder")
     inf.add_argument("--json", action="store_true", help="print one JSON object")
 
     sv = sub.add_parser(
-        "serve", help="serve a bundle's Triton repository with a local tritonserver", **fmt,
+        "serve", help="serve a bundle's Triton repository with a local tritonserver", formatter_class=HelpFormatter,
         description="Start tritonserver on a bundle's Triton repository (written by `python -m export ... "
                     "--triton`) and print its URLs; Ctrl-C stops it. Uses $TRITONSERVER, /opt/tritonserver or "
                     "PATH, else the CPU tritonserver of nvidia-pytriton (`pip install 'mssan[triton]'`).")

@@ -186,11 +186,11 @@ _PLATFORMS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "p
 
 def repository_backends(repository: str | os.PathLike[str]) -> dict[str, str]:
     """``{model: backend}`` of the models in a repository, read from their ``config.pbtxt``."""
-    out = {}
+    out: dict[str, str] = {}
     for cfg in sorted(Path(repository).glob("*/config.pbtxt")):
-        found = dict((k, v) for k, v in _BACKEND_RE.findall(cfg.read_text(encoding="utf-8", errors="replace")))
-        backend = found.get("backend") or _PLATFORMS.get(found.get("platform", ""), found.get("platform", "?"))
-        out[cfg.parent.name] = backend
+        found: dict[str, str] = dict(_BACKEND_RE.findall(cfg.read_text(encoding="utf-8", errors="replace")))
+        platform = found.get("platform", "?")
+        out[cfg.parent.name] = found.get("backend") or _PLATFORMS.get(platform, platform)
     return out
 
 

@@ -88,12 +88,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = {"formatter_class": HelpFormatter}
-    ap = argparse.ArgumentParser(prog="python -m training", description="Train and evaluate MSSAN.", **fmt)
+    ap = argparse.ArgumentParser(prog="python -m training", description="Train and evaluate MSSAN.", formatter_class=HelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    sp = sub.add_parser("synth", help="write a seeded synthetic dataset in the precomp layout", **fmt)
+    sp = sub.add_parser("synth", help="write a seeded synthetic dataset in the precomp layout", formatter_class=HelpFormatter)
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--images", type=int, default=1000, help="training images (dev/test are smaller)")
     sp.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same files)")
@@ -107,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{help_} (default {default})")
     sp.set_defaults(func=_synth)
 
-    fp = sub.add_parser("features", help="precomp-layout grid features of an image folder + Karpathy JSON", **fmt)
+    fp = sub.add_parser("features", help="precomp-layout grid features of an image folder + Karpathy JSON", formatter_class=HelpFormatter)
     fp.add_argument("--images", required=True, help="folder with the dataset's image files")
     fp.add_argument("--karpathy", required=True, help="Karpathy split file (dataset_flickr8k.json ...)")
     fp.add_argument("--out", required=True, help="output folder: {train,dev,test}_ims.npy, _caps.txt, features.json")
@@ -125,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--no-progress", action="store_true", help="no progress bars")
     fp.set_defaults(func=_features)
 
-    tp = sub.add_parser("train", help="train a model on a precomp-layout dataset", **fmt)
+    tp = sub.add_parser("train", help="train a model on a precomp-layout dataset", formatter_class=HelpFormatter)
     tp.add_argument("--data", required=True, help="folder with train_/dev_ files")
     tp.add_argument("--out", required=True, help="checkpoint folder (best on dev; last/ for --resume)")
     tp.add_argument("--preset", default="tiny", choices=["tiny", "paper"],
@@ -145,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--no-progress", action="store_true", help="no progress bars")
     tp.set_defaults(func=_train)
 
-    ep = sub.add_parser("eval", help="recall of a checkpoint: stage-1, two-stage@K, exhaustive", **fmt)
+    ep = sub.add_parser("eval", help="recall of a checkpoint: stage-1, two-stage@K, exhaustive", formatter_class=HelpFormatter)
     ep.add_argument("--checkpoint", required=True, help="checkpoint folder written by train")
     ep.add_argument("--data", required=True, help="precomp-layout data folder")
     ep.add_argument("--split", default="test", help="train | dev | test | testall (COCO 1K folds + 5K)")

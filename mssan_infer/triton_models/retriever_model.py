@@ -126,8 +126,10 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(f"mssan retriever: index {self.index_dir} ({sizes})")
         else:
             self.missing = (
-                f"no index at {self.index_dir}: save one with Retriever.save(...) and install it with "
-                "export.triton.install_index(repo, index) or set MSSAN_RETRIEVER_INDEX"
+                f"no index at {self.index_dir}: build one with `python -m mssan_infer index` (or Retriever.save) and "
+                "serve it with `python -m mssan_infer serve --index DIR`, set MSSAN_RETRIEVER_INDEX=DIR in the "
+                "server's environment, or copy it in with `python -m export ... --triton-index DIR` "
+                "(export.triton.install_index)"
             )
             pb_utils.Logger.log_warn(f"mssan retriever: {self.missing}")
 

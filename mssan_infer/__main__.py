@@ -79,7 +79,7 @@ def _gallery_ids(
     seen: set[ItemId] = set()
     dup = [i for i in ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
     if dup:
-        raise InputError(f"{source} repeats ids {dup[:5]}; every {what} needs its own id")
+        raise InputError(f"{source} has duplicate ids {dup[:5]}; every {what} needs its own id")
     same, text = colliding_ids(ids, gallery)
     if same or text:
         clash = same or text
@@ -137,7 +137,7 @@ def run_index(
     outp = Path(out)
     existing = outp.exists() and (outp / INDEX_MANIFEST).is_file()
     if outp.exists() and not existing and (not outp.is_dir() or any(outp.iterdir())):
-        raise InputError(f"--out {outp} exists and is not an index folder; choose another path")
+        raise InputError(f"--out {outp} exists and is not an mssan index; choose another path")
     if existing and not append and not overwrite:
         galleries = read_index_manifest(outp)["galleries"]
         nouns = {"images": "images", "texts": "captions"}
@@ -281,8 +281,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--bundle", required=True, help="bundle folder written by `python -m export`")
-        sp.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "triton"),
-                        help="where the graphs run (triton: on a server, see --url)")
+        sp.add_argument("--backend", default="onnxruntime",
+                        help="where the graphs run: onnxruntime, tensorrt, triton (on a server, see --url), or a "
+                             "name given to mssan_infer.register_backend")
         sp.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (onnxruntime, tensorrt)")
         sp.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
         sp.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),

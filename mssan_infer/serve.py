@@ -122,7 +122,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _check_port(host: str, port: int, what: str) -> None:
+    """Refuse a port something listens on (SO_REUSEADDR, as the server binds: a port in TIME_WAIT is free)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:

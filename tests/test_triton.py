@@ -438,3 +438,18 @@ def test_export_with_triton_writes_a_verified_repository_into_the_bundle(tiny_ch
     # tiny_bundle is the same checkpoint exported with --fp16 and without --triton
     assert "fp16_graphs" in load_bundle(tiny_bundle).manifest and "fp16_graphs" not in b.manifest
     assert b.bundle_id == load_bundle(tiny_bundle).bundle_id == load_bundle(tmp_path / "c").bundle_id
+
+
+def test_serve_refuses_a_port_that_something_listens_on(gallery: dict[str, Any]) -> None:
+    import socket
+
+    from mssan_infer.errors import InputError
+    from mssan_infer.serve import local_tritonserver
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(InputError, match=f"the grpc port 127.0.0.1:{port} is not free.*--grpc-port"):
+            with local_tritonserver(gallery["repo"], grpc_port=port, binary=_binary()):
+                pass

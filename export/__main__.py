@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Sequence
 
+from mssan_infer.cli import HelpFormatter, error_line
 from mssan_infer.errors import MssanError, ParityError
 
 from .api import export_bundle
@@ -17,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m export",
         description="Export an MSSAN checkpoint to a bundle: ONNX graphs (image_encoder, text_encoder, scorer), "
                     "vocab.json and manifest.json, checked against PyTorch.",
-        epilog="example: python -m export --checkpoint runs/tiny --out bundle/ --fp16",
+        epilog="example: python -m export --checkpoint runs/tiny --out bundle/ --fp16 --triton",
+        formatter_class=HelpFormatter,
     )
     req = p.add_argument_group("required arguments")
     req.add_argument("--checkpoint", "-c", required=True, metavar="DIR",
@@ -50,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     tri = p.add_argument_group("Triton (docs/deployment.md)")
     tri.add_argument("--triton", action="store_true", help="also write a Triton model repository under triton/")
     tri.add_argument("--triton-backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "python"],
-                     help="how the encoders and scorer run in Triton (default onnxruntime; tensorrt needs --tensorrt)")
+                     help="how the encoders and scorer run in Triton (default onnxruntime: NVIDIA's containers and "
+                          "`python -m mssan_infer serve` both run it; tensorrt needs --tensorrt and a GPU container; "
+                          "python: ONNX Runtime inside the Python backend)")
     tri.add_argument("--triton-precision", default="fp32", choices=["fp32", "fp16"],
                      help="graphs/engines served (fp16 needs --fp16)")
     tri.add_argument("--triton-instances", type=int, default=None,
@@ -58,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     tri.add_argument("--triton-max-batch", type=int, default=None,
                      help="encoders' max_batch_size (default: the B profile maximum; tensorrt: at most the engines')")
     tri.add_argument("--triton-index", default=None, metavar="DIR",
-                     help="a saved index to install into the retriever model")
+                     help="an index (from `python -m mssan_infer index`) to copy into the retriever model; or pass "
+                          "`--index DIR` to `python -m mssan_infer serve` later")
+    tri.add_argument("--triton-threads", type=int, default=0, metavar="N",
+                     help="ONNX Runtime intra-op threads per model (intra_op_thread_count; default 0: its own)")
+    tri.add_argument("--triton-retriever-graphs", default="auto", choices=["auto", "local", "bls"],
+                     help="how the retriever runs the graphs: local (ONNX Runtime in its own process: fastest on "
+                          "CPU), bls (calls the models: GPUs), auto (default: local on a CPU-only server with "
+                          "onnxruntime, else bls)")
     pix = p.add_argument_group("pixel graph (image_encoder_pixels.onnx: images in, no precomputed regions)")
     pix.add_argument("--pixels", action="store_true",
                      help="also export backbone + image encoder from [B,3,H,W] pixels, with its preprocessing "
@@ -100,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             triton = TritonSettings(
                 backend=args.triton_backend, precision=args.triton_precision, instances=args.triton_instances,
-                max_batch_size=args.triton_max_batch, index=args.triton_index,
+                max_batch_size=args.triton_max_batch, index=args.triton_index, threads=args.triton_threads,
+                retriever_graphs=args.triton_retriever_graphs,
             )
         export_bundle(
             args.checkpoint, args.out, opset=args.opset, fp16=args.fp16, atol=args.atol,
@@ -109,11 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_size=args.image_size, resize=args.resize, features=args.features,
         )
     except MssanError as e:
+        message = str(e)
         if isinstance(e, ParityError):       # every failure was logged as it was found
-            message = str(e).strip().splitlines()[0] + " (every failure is logged above)"
-        else:
-            message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"error: {type(e).__name__}: {message}", file=sys.stderr)
+            message = message.strip().splitlines()[0] + " (every failure is logged above)"
+        print(error_line(message), file=sys.stderr)
         return 1
     return 0
 

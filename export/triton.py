@@ -43,20 +43,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from mssan_infer import core
 from mssan_infer.backends.tensorrt import scorer_limits
 from mssan_infer.bundle import Bundle
 from mssan_infer.core import tokenizer as word_tokenizer
 from mssan_infer.core.layout import (
     BUNDLE_ID_PARAM,
-    CORE_PACKAGE,
     RETRIEVER_TOKENIZER,
     SCORER_LIMITS_PARAM,
     TENSORRT_KEY,
     plan_name,
 )
 from mssan_infer.spec import DEFAULT_PROFILES, GRAPHS, MANIFEST_FILE, GraphSpec
-from mssan_infer.triton_models import ONNX_MODEL, RETRIEVER_MODEL
+from mssan_infer.triton_models import ONNX_MODEL, RETRIEVER_MODEL, copy_core
 
 from .api import DeploymentStep
 from .errors import ExportError
@@ -82,6 +80,7 @@ BACKENDS = ("onnxruntime", "tensorrt", "python")
 KINDS = ("auto", "KIND_AUTO", "KIND_CPU", "KIND_GPU")
 REPOSITORY_DIR = "triton"
 RETRIEVER = "retriever"
+RETRIEVER_GRAPHS = ("auto", "local", "bls")
 _TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "float16": "TYPE_FP16"}
 _DYNAMIC_AXES = frozenset(a for spec in GRAPHS.values() for t in (*spec.inputs, *spec.outputs)
                           for a in t.dynamic_axes().values())
@@ -104,7 +103,10 @@ class TritonSettings:
         retriever: also write the ``retriever`` BLS model.
         scorer_batch: most candidates per scorer call in the retriever.
         index: an index folder to install into the retriever (``install_index``).
-        threads: intra-op threads of ONNX Runtime in the ``python`` flavour (0: its default).
+        threads: intra-op threads of ONNX Runtime (0: its default), as the models' parameter
+            ``intra_op_thread_count`` (Triton's onnxruntime backend reads the same name).
+        retriever_graphs: how the ``retriever`` runs the graphs: ``"auto"``, ``"local"`` (ONNX
+            Runtime in its own process) or ``"bls"`` (calls the models); see its ``model.py``.
     """
 
     backend: str = "onnxruntime"
@@ -117,6 +119,7 @@ class TritonSettings:
     scorer_batch: int = 256
     index: str | None = None
     threads: int = 0
+    retriever_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -131,6 +134,8 @@ class TritonSettings:
                 raise ExportError(f"triton {name} must be a positive int, got {v!r}")
         if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
             raise ExportError(f"triton max_batch_size must be a positive int, got {self.max_batch_size!r}")
+        if self.retriever_graphs not in RETRIEVER_GRAPHS:
+            raise ExportError(f"retriever_graphs must be one of {RETRIEVER_GRAPHS}, got {self.retriever_graphs!r}")
         if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
             raise ExportError(f"max_queue_delay_us must be an int >= 0, got {self.max_queue_delay_us!r}")
 
@@ -192,8 +197,8 @@ def config_text(
     count = settings.instances or (profiles or 1)
     text += _instance_groups(settings.instance_kind, count, profiles)
     params = {BUNDLE_ID_PARAM: bundle_id, "mssan_precision": settings.precision}
-    if settings.backend == "python" and settings.threads:
-        params["intra_op_threads"] = str(settings.threads)
+    if settings.backend != "tensorrt" and settings.threads:
+        params["intra_op_thread_count"] = str(settings.threads)
     return text + _params(params)
 
 
@@ -220,6 +225,7 @@ def retriever_config_text(dims: Mapping[str, int], settings: TritonSettings, *, 
         "scorer_batch": str(settings.scorer_batch), "verify_index": "true",
         SCORER_LIMITS_PARAM: json.dumps(dict(limits or {}), sort_keys=True),
         "image_encoder": "image_encoder", "text_encoder": "text_encoder", "scorer": "scorer",
+        "graphs": settings.retriever_graphs, "intra_op_thread_count": str(settings.threads),
     })
 
 
@@ -428,6 +434,7 @@ def write_repository(
             shutil.copyfile(sources[graph], mdir / fname)
             if settings.backend == "python":
                 shutil.copyfile(ONNX_MODEL, mdir / "model.py")
+                copy_core(mdir)
             cfg_path = tmp / graph / "config.pbtxt"
             cfg_path.write_text(config_text(spec, dims, settings, bundle_id=bundle_id, max_batch_size=mbs,
                                             profiles=profiles), encoding="utf-8")
@@ -440,7 +447,7 @@ def write_repository(
             mdir = tmp / RETRIEVER / "1"
             mdir.mkdir(parents=True)
             shutil.copyfile(RETRIEVER_MODEL, mdir / "model.py")
-            _copy_core(mdir / CORE_PACKAGE)
+            copy_core(mdir)
             tk = _tokenizer_spec(rootp, max_len)
             (mdir / RETRIEVER_TOKENIZER).write_text(json.dumps(tk, ensure_ascii=False), encoding="utf-8")
             cfg_path = tmp / RETRIEVER / "config.pbtxt"
@@ -470,13 +477,6 @@ def write_repository(
                      "names, dtypes and dims checked against the ONNX graphs",
     }
     return {"triton": record}
-
-
-def _copy_core(dest: Path) -> None:
-    """Copy the search core (``mssan_infer/core/*.py``, numpy-only, self-contained) to ``dest``."""
-    dest.mkdir(parents=True)
-    for src in sorted(Path(core.__file__).parent.glob("*.py")):
-        shutil.copyfile(src, dest / src.name)
 
 
 def install_index(repository: str | os.PathLike[str], index: str | os.PathLike[str]) -> Path:

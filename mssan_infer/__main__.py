@@ -1,4 +1,4 @@
-"""``python -m mssan_infer index|search|info``: build an index, search it, describe a bundle/index.
+"""``python -m mssan_infer index|search|info|serve``: build an index, search it, describe a bundle/index, serve it.
 
 Thin argparse over typed functions (:func:`run_index`, :func:`run_search`,
 :func:`run_info`) that tests call directly. Any :class:`MssanError` ends the
@@ -17,14 +17,17 @@ from typing import Any, Mapping, Sequence, TextIO
 import numpy as np
 
 from .bundle import load_bundle
+from .cli import HelpFormatter, error_line
 from .errors import InputError, MssanError
-from .core.contract import ItemId
+from .core.contract import ItemId, colliding_ids
 from .core.qdrant import parse_gallery
+from .core.layout import INDEX_MANIFEST
 from .core.store import read_index_manifest
 from .progress import progress_bar
 from .retriever import Hit, Retriever
+from .serve import DEFAULT_PORTS
 
-__all__ = ["main", "run_index", "run_search", "run_info", "read_lines", "parity_summary"]
+__all__ = ["main", "run_index", "run_search", "run_info", "read_lines", "read_metadata", "error_line", "parity_summary"]
 
 log = logging.getLogger("mssan_infer")
 
@@ -53,6 +56,41 @@ def _load_features(path: str | os.PathLike[str]) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise InputError(f"{path}: image features must be real numbers (float32), got dtype {arr.dtype}")
     return arr
+
+
+def _gallery_ids(
+    gallery: Any, n: int, ids_file: str | os.PathLike[str] | None, new_ids: bool, what: str, flag: str,
+    where: str,
+) -> list[ItemId]:
+    """Ids for ``n`` new items: from ``ids_file`` (str, one per line), fresh ints (``new_ids``), or ``0..n-1``.
+
+    Raises:
+        InputError: a count mismatch, duplicates, or ids already in the index (with what to do).
+    """
+    if ids_file is not None:
+        ids: list[ItemId] = list(read_lines(ids_file, f"{what} ids"))
+        if len(ids) != n:
+            raise InputError(f"{ids_file} has {len(ids)} ids for {n} {what}s")
+        source = f"{flag} {ids_file}"
+    elif new_ids:
+        return list(gallery.next_ids(n))
+    else:
+        ids = list(range(n))
+        source = "row numbers 0.." + str(n - 1)
+    seen: set[ItemId] = set()
+    dup = [i for i in ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
+    if dup:
+        raise InputError(f"{source} has duplicate ids {dup[:5]}; every {what} needs its own id")
+    same, text = colliding_ids(ids, gallery)
+    if same or text:
+        clash = same or text
+        how = "are already in" if same else "read the same as ids (of another type) in"
+        raise InputError(
+            f"{len(clash)} of the {n} {what} ids ({source}) {how} {where}, e.g. {clash[:3]}; were these "
+            f"{what}s indexed before? Pass --new-ids to number them after the index's largest id "
+            f"({gallery.next_ids(1)[0]}, {gallery.next_ids(1)[0] + 1}, ...), or give other ids with {flag}"
+        )
+    return ids
 
 
 def read_metadata(path: str | os.PathLike[str], n: int, what: str) -> list[dict[str, Any] | None]:
@@ -86,6 +124,8 @@ def run_index(
     metadata: str | os.PathLike[str] | None = None,
     text_metadata: str | os.PathLike[str] | None = None,
     append: bool = False,
+    overwrite: bool = False,
+    new_ids: bool = False,
     chunk: int = 1024,
     progress: bool = True,
     gallery: Any = None,
@@ -93,16 +133,22 @@ def run_index(
 ) -> Retriever:
     """Encode image features and/or captions into an index folder ``out``, or into Qdrant galleries.
 
+    Ids: from ``ids`` / ``text_ids`` files (one per line, kept as str); else row / line numbers
+    ``0..N-1`` (ints); with ``new_ids``, ints after the largest int id in the index.
+
     Args:
-        images: ``.npy`` ``[N, R, Dv]``; ids from ``ids`` (one per line, kept as str) or row numbers.
-        texts: captions, one per line; ids from ``text_ids`` or line numbers.
+        images: ``.npy`` ``[N, R, Dv]``.
+        texts: captions, one per line.
+        append: add to the index already at ``out`` (ids must not be in it yet).
+        overwrite: replace an index already at ``out``.
+        new_ids: number items without an ids file after the index's largest int id.
         metadata, text_metadata: JSON lines, one object per image / caption (for ``--where`` filters).
-        append: add to the index already at ``out`` instead of starting a new one.
         chunk: images encoded and added per step (bounds memory for large files).
         gallery: Qdrant galleries (``"qdrant-edge:PATH"``, ``"qdrant:URL"``) instead of ``out``: items
-            are added to what they hold, and flushed at the end.
+            are added to what they hold (ids must be new, as with ``append``), and flushed at the end.
     Raises:
-        InputError: nothing to index, neither or both of ``out`` and ``gallery``, id count mismatch, bad files.
+        InputError: nothing to index, neither or both of ``out`` and ``gallery``, an index at ``out``
+            without ``append``/``overwrite``, id count mismatch, ids already in the index, bad files.
         IndexFileError / BundleError: as in :meth:`Retriever.load` and :meth:`Retriever.save`.
     """
     if images is None and texts is None:
@@ -111,25 +157,54 @@ def run_index(
         raise InputError("--ids needs --images")
     if text_ids is not None and texts is None:
         raise InputError("--text-ids needs --texts")
+    if append and overwrite:
+        raise InputError("--append adds to the index at --out and --overwrite replaces it; choose one")
+    if new_ids and (images is None or ids is not None) and (texts is None or text_ids is not None):
+        raise InputError("--new-ids numbers items that have no ids file; every gallery given has one")
     if (metadata is not None and images is None) or (text_metadata is not None and texts is None):
         raise InputError("--metadata needs --images and --text-metadata needs --texts")
-    external = parse_gallery(gallery) is not None
-    if external == (out is not None):
+    if (parse_gallery(gallery) is not None) == (out is not None):
         raise InputError("give --out FOLDER (an index folder) or --gallery SPEC (Qdrant), exactly one of them")
-    outp = Path(out) if out is not None else None
-    index = outp if outp is not None and append and outp.exists() else None
-    r = Retriever.load(bundle, index=index, gallery=gallery, **load_options)
-    if images is not None:
-        feats = _load_features(images)
+    if out is None:
+        r = Retriever.load(bundle, gallery=gallery, **load_options)
+        _add_files(r, images, ids, texts, text_ids, metadata, text_metadata, new_ids, str(gallery), chunk, progress)
+        r.flush()
+        return r
+    outp = Path(out)
+    existing = outp.exists() and (outp / INDEX_MANIFEST).is_file()
+    if outp.exists() and not existing and (not outp.is_dir() or any(outp.iterdir())):
+        raise InputError(f"--out {outp} exists and is not an mssan index; choose another path")
+    if existing and not append and not overwrite:
+        galleries = read_index_manifest(outp)["galleries"]
+        nouns = {"images": "images", "texts": "captions"}
+        held = ", ".join(f"{e.get('n', '?')} {nouns.get(name, name)}" for name, e in galleries.items()) or "nothing"
+        raise InputError(
+            f"--out {outp} already holds an index ({held}); pass --append to add to it, or --overwrite to replace it"
+        )
+    if append and not existing:
+        log.info("%s holds no index yet: starting a new one", outp)
+    r = Retriever.load(bundle, index=outp if append and existing else None, **load_options)
+    _add_files(r, images, ids, texts, text_ids, metadata, text_metadata, new_ids, f"the index at {outp}", chunk,
+               progress)
+    r.save(outp)
+    return r
+
+
+def _add_files(
+    r: Retriever, images: Any, ids: Any, texts: Any, text_ids: Any, metadata: Any, text_metadata: Any,
+    new_ids: bool, where: str, chunk: int, progress: bool,
+) -> None:
+    """Read the files, check every id, then encode and add (nothing is added when a check fails)."""
+    feats = _load_features(images) if images is not None else None
+    caps = read_lines(texts, "captions") if texts is not None else None
+    image_ids = (_gallery_ids(r.images, feats.shape[0], ids, new_ids, "image", "--ids", where)
+                 if feats is not None else [])
+    cap_ids = (_gallery_ids(r.texts, len(caps), text_ids, new_ids, "caption", "--text-ids", where)
+               if caps is not None else [])
+    meta = read_metadata(metadata, feats.shape[0], "metadata") if metadata is not None and feats is not None else None
+    cap_meta = read_metadata(text_metadata, len(caps), "text metadata") if text_metadata is not None and caps else None
+    if feats is not None:
         n = feats.shape[0]
-        image_ids: list[ItemId] | None = None
-        if ids is not None:
-            image_ids = list(read_lines(ids, "ids"))
-            if len(image_ids) != n:
-                raise InputError(f"{ids} has {len(image_ids)} ids for {n} images in {images}")
-        else:
-            image_ids = list(r.images.next_ids(n))
-        meta = read_metadata(metadata, n, "metadata") if metadata is not None else None
         bar = progress_bar(n, "encode images", progress)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
@@ -139,20 +214,8 @@ def run_index(
                 bar.update(b - a)
         if bar is not None:
             bar.close()
-    if texts is not None:
-        caps = read_lines(texts, "captions")
-        cap_ids: list[ItemId] | None = None
-        if text_ids is not None:
-            cap_ids = list(read_lines(text_ids, "text ids"))
-            if len(cap_ids) != len(caps):
-                raise InputError(f"{text_ids} has {len(cap_ids)} ids for {len(caps)} captions in {texts}")
-        cap_meta = read_metadata(text_metadata, len(caps), "text metadata") if text_metadata is not None else None
+    if caps is not None:
         r.add_texts(caps, ids=cap_ids, metadata=cap_meta, progress=progress)
-    if outp is not None:
-        r.save(outp)
-    else:
-        r.flush()
-    return r
 
 
 def run_search(
@@ -324,51 +387,111 @@ def _print_info(info: dict[str, Any], out: TextIO) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mssan_infer", description="Two-stage image-text retrieval.")
+    p = argparse.ArgumentParser(prog="python -m mssan_infer", description="Two-stage image-text retrieval.", formatter_class=HelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{index,search,info,serve}")
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--bundle", required=True, help="bundle folder written by `python -m export`")
-        sp.add_argument("--backend", default="onnxruntime")
-        sp.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-        sp.add_argument("--threads", type=int, default=None, help="intra-op threads")
-        sp.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+        sp.add_argument("--backend", default="onnxruntime",
+                        help="where the graphs run: onnxruntime, tensorrt, triton (on a server, see --url), or a "
+                             "name given to mssan_infer.register_backend")
+        sp.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (onnxruntime, tensorrt)")
+        sp.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
+        sp.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                        help="graphs to run (fp16 needs an `export --fp16` bundle)")
+        sp.add_argument("--url", default=None,
+                        help="with --backend triton: the server's host:port (default 127.0.0.1:8000 for http, "
+                             "127.0.0.1:8001 for grpc)")
+        sp.add_argument("--protocol", default="http", choices=("http", "grpc"), help="with --backend triton")
         sp.add_argument("--gallery", default=None,
                         help="galleries in Qdrant instead of an index folder: 'qdrant-edge:PATH' (Qdrant Edge, "
                              "in-process) or 'qdrant:URL' (a server), options after '?' (e.g. ?quantization=int8)")
 
-    ix = sub.add_parser("index", help="encode image features / captions into an index folder")
+    ix = sub.add_parser(
+        "index", help="encode image features / captions into an index folder", formatter_class=HelpFormatter,
+        description="Encode image features and/or captions into an index folder.\n\nIds: one per line from "
+                    "--ids / --text-ids (kept as text); otherwise row / line numbers 0, 1, 2, ... . An index at "
+                    "--out is never replaced or extended unless you say so (--overwrite, --append), and --append "
+                    "refuses ids already in the index unless --new-ids numbers the new items after them.")
     common(ix)
     ix.add_argument("--images", help=".npy region features [N, R, Dv]")
-    ix.add_argument("--ids", help="image ids, one per line (default: row numbers)")
+    ix.add_argument("--ids", help="image ids, one per line, kept as text (default: row numbers 0..N-1)")
     ix.add_argument("--texts", help="captions, one per line")
-    ix.add_argument("--text-ids", help="caption ids, one per line (default: line numbers)")
-    ix.add_argument("--out", help="index folder (written atomically); or use --gallery")
+    ix.add_argument("--text-ids", help="caption ids, one per line, kept as text (default: line numbers 0..M-1)")
+    ix.add_argument("--out", help="index folder (written atomically); or --gallery for Qdrant")
     ix.add_argument("--metadata", help="JSON lines, one object per image (filterable with search --where)")
     ix.add_argument("--text-metadata", help="JSON lines, one object per caption")
-    ix.add_argument("--append", action="store_true", help="add to the index at --out")
-    ix.add_argument("--fp16-locals", action="store_true", help="store locals and Grams in float16")
-    ix.add_argument("--batch-size", type=int, default=32)
-    ix.add_argument("--no-progress", action="store_true")
+    mode = ix.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true",
+                      help="add to the index at --out (its ids must not repeat: see --new-ids)")
+    mode.add_argument("--overwrite", action="store_true", help="replace an index already at --out")
+    ix.add_argument("--new-ids", action="store_true",
+                    help="number items without an ids file after the largest int id in the index, not from 0")
+    ix.add_argument("--fp16-locals", action="store_true", help="store locals and Grams in float16 (half the size)")
+    ix.add_argument("--batch-size", type=int, default=32, help="items per encoder call")
+    ix.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    se = sub.add_parser("search", help="search an index with a caption or an image")
+    se = sub.add_parser("search", help="search an index with a caption or an image", formatter_class=HelpFormatter)
     common(se)
-    se.add_argument("--index", help="index folder written by `index --out`; or use --gallery")
+    se.add_argument("--index", help="index folder written by `index`; or --gallery for Qdrant")
     se.add_argument("--where", help="metadata filter as JSON, e.g. '{\"album\": \"beach\"}'")
     se.add_argument("text", nargs="?", help="caption to search the image gallery with")
     se.add_argument("--image", help=".npy region features; searches the caption gallery")
     se.add_argument("--row", type=int, default=0, help="row of --image to use")
-    se.add_argument("-k", type=int, default=10)
+    se.add_argument("-k", type=int, default=10, help="results to print")
     se.add_argument("--rerank", type=int, default=100, help="stage-2 depth (0: stage 1 only)")
-    se.add_argument("--stage1", default="numpy", choices=("numpy", "faiss", "faiss-ivf", "faiss-hnsw"))
-    se.add_argument("--json", action="store_true", help="print one JSON object")
+    se.add_argument("--stage1", default="numpy", choices=("numpy", "faiss", "faiss-ivf", "faiss-hnsw"),
+                    help="stage-1 search (numpy and faiss exact; faiss-ivf, faiss-hnsw approximate)")
+    se.add_argument("--json", action="store_true", help="print one JSON object (ids keep their type)")
 
-    inf = sub.add_parser("info", help="describe a bundle (and an index)")
-    inf.add_argument("--bundle", required=True)
-    inf.add_argument("--index")
-    inf.add_argument("--json", action="store_true")
+    inf = sub.add_parser("info", help="describe a bundle (and an index)", formatter_class=HelpFormatter)
+    inf.add_argument("--bundle", required=True, help="bundle folder written by `python -m export`")
+    inf.add_argument("--index", help="also describe this index folder")
+    inf.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sv = sub.add_parser(
+        "serve", help="serve a bundle's Triton repository with a local tritonserver", formatter_class=HelpFormatter,
+        description="Start tritonserver on a bundle's Triton repository (written by `python -m export ... "
+                    "--triton`) and print its URLs; Ctrl-C stops it. Uses $TRITONSERVER, /opt/tritonserver or "
+                    "PATH, else the CPU tritonserver of nvidia-pytriton (`pip install 'mssan[triton]'`).")
+    where = sv.add_mutually_exclusive_group(required=True)
+    where.add_argument("--bundle", help="bundle folder: serves its triton/ repository")
+    where.add_argument("--repository", help="a model repository folder (instead of --bundle)")
+    sv.add_argument("--index", help="index folder for the retriever model (default: the one installed in the "
+                                    "repository, if any)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"], help="HTTP/REST (KServe v2) port")
+    sv.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"], help="gRPC port")
+    sv.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"], help="Prometheus metrics port")
+    sv.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for the models to load")
+    sv.add_argument("--log", default=None, help="write the server log here (default: a temp file, removed on exit)")
     return p
+
+
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Retriever.load options from the common flags (``--url``/``--protocol`` only with ``--backend triton``)."""
+    load: dict[str, Any] = {"backend": args.backend, "device": args.device, "threads": args.threads,
+                            "precision": args.precision}
+    if args.backend == "triton":
+        default = DEFAULT_PORTS["http"] if args.protocol == "http" else DEFAULT_PORTS["grpc"]
+        load.update(url=args.url or f"127.0.0.1:{default}", protocol=args.protocol)
+    elif args.url is not None or args.protocol != "http":
+        raise InputError("--url and --protocol are for --backend triton")
+    return load
+
+
+def _repository(args: argparse.Namespace) -> Path:
+    if args.repository is not None:
+        return Path(args.repository)
+    b = load_bundle(args.bundle, verify=False)
+    rec = b.manifest.get("triton")
+    if not isinstance(rec, dict) or not (b.root / str(rec.get("repository", "triton"))).is_dir():
+        raise InputError(
+            f"bundle {b.root} has no Triton repository; export it with "
+            f"`python -m export --checkpoint CKPT --out {b.root} --triton`"
+        )
+    return b.root / str(rec.get("repository", "triton"))
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -385,12 +508,18 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             else:
                 _print_info(info, out)
             return 0
-        load = {"backend": args.backend, "device": args.device, "threads": args.threads, "precision": args.precision}
+        if args.command == "serve":
+            from .serve import serve
+
+            return serve(_repository(args), index=args.index, host=args.host, http_port=args.http_port,
+                         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                         startup_timeout_s=args.startup_timeout, log_path=args.log, out=out)
+        load = _load_options(args)
         if args.command == "index":
             r = run_index(
                 args.bundle, args.out, images=args.images, ids=args.ids, texts=args.texts, text_ids=args.text_ids,
                 metadata=args.metadata, text_metadata=args.text_metadata, gallery=args.gallery,
-                append=args.append, progress=not args.no_progress,
+                append=args.append, overwrite=args.overwrite, new_ids=args.new_ids, progress=not args.no_progress,
                 local_dtype="float16" if args.fp16_locals else None, batch_size=args.batch_size, **load,
             )
             print(f"indexed {r.n_images} images and {r.n_texts} captions into {args.out or args.gallery}", file=out)
@@ -412,7 +541,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             _print_hits(hits, query, out)
         return 0
     except MssanError as e:
-        print(f"error: {' '.join(str(e).split())}", file=err)
+        print(error_line(e), file=err)
         return 1
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from .core.files import safe_member, sha256_file
 from .errors import BundleError
-from .spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE
+from .spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, VOCAB_FILE
 
 __all__ = ["Bundle", "load_bundle", "safe_member"]
 
@@ -41,11 +41,23 @@ class Bundle:
         return dict(self.manifest["model_config"])
 
     @property
-    def bundle_id(self) -> str:
-        """Identifies the bundle's weights: the sha256 of its fp32 graphs and vocabulary, combined."""
+    def id_files(self) -> dict[str, str]:
+        """The files the bundle id covers, with their sha256: the three fp32 graphs and the vocabulary.
+
+        That is everything an index's vectors are made from and scored with. Optional extras (``--fp16``
+        graphs, the ``--pixels`` graph, TensorRT engines, the Triton repository) do not change it, so
+        re-exporting a checkpoint with other extras keeps the id and the indexes built with it.
+        """
         files = self.manifest["files"]
-        keys = sorted(k for k in files if not k.startswith(("tensorrt/", "triton/")))
-        return hashlib.sha256("".join(f"{k}={files[k]};" for k in keys).encode()).hexdigest()[:16]
+        graphs = self.manifest.get("graphs") or {g: {"file": spec.file} for g, spec in GRAPHS.items()}
+        names = {str(e["file"]) for e in graphs.values()}
+        names.add(str((self.manifest.get("tokenizer") or {}).get("vocab", VOCAB_FILE)))
+        return {k: files[k] for k in sorted(names) if k in files}
+
+    @property
+    def bundle_id(self) -> str:
+        """Identifies the bundle's weights: the sha256 of its fp32 graphs and vocabulary, combined (:attr:`id_files`)."""
+        return hashlib.sha256("".join(f"{k}={v};" for k, v in self.id_files.items()).encode()).hexdigest()[:16]
 
 
 def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:

@@ -21,15 +21,15 @@ import numpy as np
 from .backends import Backend, create_backend
 from .bundle import Bundle, load_bundle
 from .core import inputs
-from .core.contract import Gallery, GalleryView, ItemId, extent
+from .core.contract import Gallery, GalleryView, ItemId, extent, raise_colliding
 from .core.filters import parse_where
 from .core.layout import IMAGES, TEXTS
 from .core.memory import GalleryIndex
 from .core.qdrant import GallerySpec, QdrantGallery, open_qdrant_galleries, parse_gallery
 from .core.search import Encoded, ScorerLimits, search
-from .core.store import load_index, save_index
+from .core.store import load_index, read_index_manifest, save_index
 from .core.tokenizer import Tokenizer, check_settings
-from .errors import InputError
+from .errors import IndexFileError, InputError
 from .pixels import PixelEncoder, has_pixel_graph, pixel_sources
 from .preprocess import ImageSource
 from .progress import progress_bar
@@ -162,6 +162,7 @@ class Retriever:
             qd = open_qdrant_galleries(spec, (IMAGES, TEXTS), 2 * d, d, b.bundle_id)
             images, texts = qd[IMAGES], qd[TEXTS]
         elif index is not None:
+            check_index_bundle(index, b)
             galleries, _ = load_index(index, bundle_id=b.bundle_id, verify=verify, mmap=mmap, dtype=local_dtype, **opts)
             images = galleries.get(IMAGES) or GalleryIndex(2 * d, d, dtype=local_dtype or "float32", mmap=mmap, **opts)
             texts = galleries.get(TEXTS) or GalleryIndex(2 * d, d, dtype=local_dtype or "float32", mmap=mmap, **opts)
@@ -382,9 +383,7 @@ class Retriever:
         ids = inputs.id_list(ids)
         if len(set(ids)) != len(ids):
             raise InputError("duplicate ids in this batch")
-        clash = [i for i in ids if i in gallery]
-        if clash:
-            raise InputError(f"ids already in the gallery: {clash[:5]}; remove them first or use other ids")
+        raise_colliding(ids, gallery)
 
     def remove(self, ids: Iterable[ItemId], *, gallery: Literal["images", "texts"] | None = None) -> None:
         """Remove items by id (all or nothing).
@@ -421,7 +420,7 @@ class Retriever:
         own = {name: g for name, g in self._galleries.items() if isinstance(g, GalleryIndex)}
         if len(own) != len(self._galleries):
             raise InputError("these galleries live in Qdrant and persist on their own: call flush() instead of save()")
-        return save_index(path, own, bundle_id=self.bundle_id)
+        return save_index(path, own, bundle_id=self.bundle_id, extra={BUNDLE_FILES: self.bundle.id_files})
 
     def flush(self) -> None:
         """Make every acknowledged add/remove durable in galleries that persist on their own (Qdrant).
@@ -555,6 +554,36 @@ class Retriever:
                 self._gather_pool = ThreadPoolExecutor(self.gather_threads - 1, thread_name_prefix="mssan-gather")
                 self._gather_pid = os.getpid()
             return self._gather_pool
+
+
+BUNDLE_FILES = "bundle_files"      # index manifest: the files (and sha256) the bundle id was made of
+
+
+def check_index_bundle(index: str | os.PathLike[str], bundle: Bundle) -> None:
+    """Refuse an index built with another bundle, naming the files that differ (when the index recorded them).
+
+    Raises:
+        IndexFileError: the ids differ (or the index is unreadable).
+    """
+    try:
+        manifest = read_index_manifest(index)
+    except IndexFileError:
+        return                          # load_index reports it (after putting back an interrupted save)
+    if manifest["bundle_id"] == bundle.bundle_id:
+        return
+    old = manifest.get(BUNDLE_FILES)
+    if isinstance(old, dict):
+        new = bundle.id_files
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        what = f"these files differ: {', '.join(changed)}" if changed else "the bundle id is computed differently"
+    else:
+        what = ("the index does not record which files it was built with (indexes written before bundle ids "
+                "ignored --fp16 and --pixels)")
+    raise IndexFileError(
+        f"index {index} was built with bundle {manifest['bundle_id']}, but the loaded bundle is {bundle.bundle_id} "
+        f"({what}); its vectors would not match. Rebuild the index with this bundle "
+        "(`python -m mssan_infer index --bundle ... --overwrite`)."
+    )
 
 
 def tokenizer_from_bundle(bundle: Bundle) -> Tokenizer:

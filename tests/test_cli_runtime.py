@@ -131,3 +131,137 @@ def test_module_entry_point_exits_1_on_a_missing_bundle(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "mssan_infer", "info", "--bundle", str(tmp_path / "nothing")],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 1 and res.stderr.startswith("error: ") and "does not exist" in res.stderr
+
+
+# ---- data safety: an index is never replaced, extended or duplicated without being asked ---------------
+def _index_ids(path: Path) -> list[object]:
+    from mssan_infer.index import load_index
+
+    galleries, _ = load_index(path)
+    return list(galleries["images"].ids) if "images" in galleries else []
+
+
+def test_index_refuses_to_replace_an_existing_index_without_overwrite(bundle: Path, files: Path,
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "idx"
+    assert cli("index", "--bundle", bundle, "--texts", files / "caps.txt", "--out", out, "--no-progress")[0] == 0
+    before = (out / "index.json").read_bytes()
+    code, _, err = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--no-progress")
+    assert code == 1 and err.count("\n") == 1
+    assert "already holds an index (0 images, 3 captions)" in err and "--overwrite" in err and "--append" in err
+    assert (out / "index.json").read_bytes() == before
+    code, text, _ = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out,
+                        "--overwrite", "--no-progress")
+    assert code == 0 and "30 images and 0 captions" in text
+
+
+def test_appending_the_same_file_twice_is_refused_and_new_ids_number_after_the_index(
+        bundle: Path, files: Path, tmp_path: Path) -> None:
+    out = tmp_path / "idx"
+    args = ("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--no-progress")
+    assert cli(*args)[0] == 0
+    assert _index_ids(out) == list(range(30))                        # row numbers, as the help says
+    code, _, err = cli(*args, "--append")
+    assert code == 1 and "30 of the 30 image ids (row numbers 0..29) are already in the index" in err
+    assert "--new-ids" in err and _index_ids(out) == list(range(30))   # nothing changed
+    code, text, _ = cli(*args, "--append", "--new-ids")
+    assert code == 0 and "60 images" in text and _index_ids(out) == list(range(60))
+
+
+def test_append_refuses_ids_from_a_file_that_are_already_in_the_index(bundle: Path, files: Path,
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "idx"
+    base = ("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--no-progress")
+    assert cli(*base, "--ids", files / "ids.txt")[0] == 0
+    code, _, err = cli(*base, "--ids", files / "ids.txt", "--append")
+    assert code == 1 and "already in the index" in err and "'photo_000'" in err
+    # ids that read like the index's (str '7' beside int 7) are refused too: Triton and the CLI print ids as text
+    (tmp_path / "num.txt").write_text("\n".join(str(i) for i in range(30)))
+    out2 = tmp_path / "idx2"
+    assert cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out2, "--no-progress")[0] == 0
+    code, _, err = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out2, "--append",
+                       "--ids", tmp_path / "num.txt", "--no-progress")
+    assert code == 1 and "read the same as ids (of another type)" in err
+
+
+def test_append_and_overwrite_together_are_refused_by_the_parser(bundle: Path, files: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli("index", "--bundle", bundle, "--texts", files / "caps.txt", "--out", tmp_path / "i", "--append",
+            "--overwrite")
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_file_ids_stay_text_and_default_ids_are_row_numbers_in_search_json(bundle: Path, index: Path,
+                                                                           files: Path) -> None:
+    code, text, _ = cli("search", "--bundle", bundle, "--index", index, "a red dog", "-k", "3", "--json")
+    assert code == 0 and all(isinstance(h["id"], str) and h["id"].startswith("photo_")
+                             for h in json.loads(text)["hits"])
+    code, text, _ = cli("search", "--bundle", bundle, "--index", index, "--image", files / "feats.npy", "-k", "3",
+                        "--json")
+    assert code == 0 and all(isinstance(h["id"], int) for h in json.loads(text)["hits"])
+
+
+def test_url_and_protocol_are_only_for_the_triton_backend(bundle: Path, index: Path) -> None:
+    from export.triton_server import free_port
+
+    code, _, err = cli("search", "--bundle", bundle, "--index", index, "a dog", "--url", "127.0.0.1:1")
+    assert code == 1 and err == "error: --url and --protocol are for --backend triton\n"
+    port = free_port()
+    code, _, err = cli("search", "--bundle", bundle, "--index", index, "a dog", "--backend", "triton",
+                       "--url", f"127.0.0.1:{port}", "--protocol", "grpc")
+    assert code == 1 and f"Triton server at 127.0.0.1:{port} (grpc)" in err and err.count("\n") == 1
+
+
+def test_a_caption_with_unseen_words_logs_which_words_were_not_understood(
+        bundle: Path, index: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mssan_infer import Retriever
+
+    r = Retriever.load(bundle, index=index)
+    with caplog.at_level("WARNING"):
+        r.search(text="a zebra eating a sandwich near a dog", k=2)
+    text = " ".join(rec.getMessage() for rec in caplog.records)
+    assert "'zebra', 'eating', 'sandwich'" in text and "'dog'" not in text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        r.search(text="a red dog near the beach", k=2)
+    assert not caplog.records
+
+
+# ---- help: every option explains itself and shows its default -----------------------------------------
+def _all_parsers() -> list[tuple[str, Any]]:
+    import argparse
+
+    from export.__main__ import build_parser as export_parser
+    from mssan_infer.__main__ import _parser as runtime_parser
+    from training.__main__ import build_parser as training_parser
+
+    out = []
+    for name, p in (("mssan_infer", runtime_parser()), ("export", export_parser()), ("training", training_parser())):
+        out.append((name, p))
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                out += [(f"{name} {sub}", sp) for sub, sp in action.choices.items()]
+    return out
+
+
+def test_every_option_of_the_three_clis_has_help_and_shows_its_default() -> None:
+    import argparse
+
+    missing, no_default = [], []
+    for name, p in _all_parsers():
+        helptext = p.format_help()
+        formatter = p._get_formatter()
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) or not a.option_strings:
+                continue
+            if not a.help:
+                missing.append(f"{name} {a.option_strings[0]}")
+            flag_or_unset = a.nargs == 0 or a.default is None or a.default == []
+            if not flag_or_unset and "default" not in formatter._get_help_string(a):
+                no_default.append(f"{name} {a.option_strings[0]}")
+        assert "(default: %(default)s)" not in helptext
+    assert not missing, f"options without help: {missing}"
+    assert not no_default, f"options whose default is not shown: {no_default}"
+    index_help = " ".join(dict(_all_parsers())["mssan_infer index"].format_help().split())
+    assert "(default: 32)" in index_help and "row numbers 0..N-1" in index_help

@@ -31,7 +31,8 @@ def test_import_mssan_infer_does_not_import_torch_or_optional_packages() -> None
 
 
 def test_every_runtime_module_imports_in_a_clean_interpreter_without_torch() -> None:
-    mods = ["mssan_infer.retriever", "mssan_infer.index", "mssan_infer.backends.onnxruntime", "mssan_infer.__main__"]
+    mods = ["mssan_infer.retriever", "mssan_infer.index", "mssan_infer.backends.onnxruntime", "mssan_infer.__main__",
+            "mssan_infer.serve", "mssan_infer.cli", "mssan_infer.triton_models"]
     code = "import importlib, sys; [importlib.import_module(m) for m in %r]; print('torch' in sys.modules)" % mods
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -270,3 +271,40 @@ def test_onnxruntime_options_are_checked(tiny_checkpoint: Path, tmp_path_factory
             warnings.simplefilter("always")
             OnnxRuntimeBackend.from_bundle(b, device="cuda")
         assert any("CUDA" in str(x.message) for x in w)
+
+
+def test_an_index_of_another_bundle_is_refused_naming_the_files_that_differ(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mssan_infer import Retriever
+    from mssan_infer.errors import IndexFileError
+
+    r = Retriever.load(tiny_bundle)
+    r.add_texts(["a red dog", "a blue ball"])
+    r.save(tmp_path / "index")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["files"]["text_encoder.onnx"] = "0" * 64          # as if re-exported from other weights
+    manifest["files"]["fp16/text_encoder.onnx"] = "1" * 64     # fp16 graphs do not count towards the id
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexFileError, match=r"these files differ: text_encoder\.onnx\)"):
+        Retriever.load(other, index=tmp_path / "index", verify=False)
+    del manifest["fp16_graphs"]                                  # the same bundle without its --fp16 extras
+    manifest["files"] = {k: v for k, v in json.loads((tiny_bundle / "manifest.json").read_text())["files"].items()
+                         if not k.startswith("fp16/")}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert Retriever.load(other, index=tmp_path / "index", verify=False).n_texts == 2
+
+
+def test_ids_that_read_the_same_as_other_ids_are_refused(tiny_bundle: Path) -> None:
+    from mssan_infer import Retriever
+
+    r = Retriever.load(tiny_bundle)
+    r.add_texts(["a red dog", "a blue ball"])                    # ids 0 and 1
+    with pytest.raises(InputError, match="read the same as other ids"):
+        r.add_texts(["the cat"], ids=["1"])
+    with pytest.raises(InputError, match="read the same as other ids"):
+        r.add_texts(["the cat", "a tree"], ids=[7, "7"])
+    assert r.add_texts(["the cat", "a tree"], ids=["01", "x"]) == ["01", "x"]   # '01' is not how 1 reads
+    assert r.n_texts == 4

@@ -143,7 +143,7 @@ def test_tensorrt_flavour_without_engines_is_refused(tiny_bundle: Path, tmp_path
 
 
 def test_triton_backend_with_no_server_gives_a_clear_error(tiny_bundle: Path) -> None:
-    from export.triton_server import free_port
+    from mssan_infer.serve import free_port
     from mssan_infer import Retriever
     from mssan_infer.backends.triton import TritonUnavailableError
 
@@ -157,13 +157,23 @@ def test_triton_backend_with_no_server_gives_a_clear_error(tiny_bundle: Path) ->
 
 # ---- a real server ----------------------------------------------------------------------------
 def _binary() -> Any:
-    from export.errors import ExportError
-    from export.triton_server import find_tritonserver
+    from mssan_infer.errors import MssanError
+    from mssan_infer.serve import find_tritonserver
 
     try:
         return find_tritonserver()
-    except ExportError as e:
+    except MssanError as e:
         pytest.fail(f"no tritonserver binary (install the dev extra, which brings nvidia-pytriton): {e}")
+
+
+def _add_bls_retriever(repo: Path) -> None:
+    """``retriever_bls``: the generated retriever with ``graphs: bls`` (the generated one runs ``local`` on CPU)."""
+    shutil.copytree(repo / "retriever", repo / "retriever_bls")
+    cfg = (repo / "retriever_bls" / "config.pbtxt").read_text()
+    assert 'key: "graphs"\n  value: { string_value: "auto" }' in cfg
+    cfg = cfg.replace('name: "retriever"', 'name: "retriever_bls"', 1).replace(
+        'key: "graphs"\n  value: { string_value: "auto" }', 'key: "graphs"\n  value: { string_value: "bls" }')
+    (repo / "retriever_bls" / "config.pbtxt").write_text(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +193,14 @@ def gallery(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     # max_batch_size 8 < the Retriever's encoder batch: the client must split batches
     write_repository(tiny_bundle, TritonSettings(backend="python", max_batch_size=8, threads=1), out=work / "repo")
     install_index(work / "repo", work / "index")
+    _add_bls_retriever(work / "repo")
     yield {"local": local, "feats": feats, "mask": mask, "index": work / "index", "repo": work / "repo"}
     local.close()
 
 
 @pytest.fixture(scope="module")
 def server(gallery: dict[str, Any]) -> Iterator[Any]:
-    from export.triton_server import local_tritonserver
+    from mssan_infer.serve import local_tritonserver
 
     binary = _binary()
     with local_tritonserver(gallery["repo"], binary=binary, startup_timeout_s=60) as s:
@@ -222,7 +233,7 @@ def test_triton_retriever_returns_the_hits_of_onnxruntime(tiny_bundle: Path, gal
         np.testing.assert_allclose(enc_r.stage1, enc_l.stage1, atol=1e-5)
 
 
-def _retriever_query(url: str, **inputs: Any) -> Any:
+def _retriever_query(url: str, model: str = "retriever", **inputs: Any) -> Any:
     import tritonclient.http as hc
 
     tensors = []
@@ -235,22 +246,26 @@ def _retriever_query(url: str, **inputs: Any) -> Any:
         tensors.append(t)
     client = hc.InferenceServerClient(url)
     try:
-        return client.infer("retriever", tensors)
+        return client.infer(model, tensors)
     finally:
         client.close()
 
 
 @pytest.mark.triton
-def test_bls_retriever_model_returns_the_same_top_k(gallery: dict[str, Any], server: Any) -> None:
+@pytest.mark.parametrize("model", ["retriever", "retriever_bls"])
+def test_bls_retriever_model_returns_the_same_top_k(gallery: dict[str, Any], server: Any, model: str) -> None:
     local = gallery["local"]
+    log = server.log_path.read_text()
+    want_mode = "through BLS (graphs: bls)" if model == "retriever_bls" else "here (ONNX Runtime)"
+    assert f"mssan retriever: graphs run {want_mode}" in log
     for q in ("a red dog on the beach", "the small cat"):
-        res = _retriever_query(server.http_url, text=[q], k=[6], rerank=[25])
+        res = _retriever_query(server.http_url, model, text=[q], k=[6], rerank=[25])
         want = local.search(text=q, k=6, rerank=25)
         assert [x.decode() for x in res.as_numpy("ids")] == [h.id for h in want]
         np.testing.assert_allclose(res.as_numpy("scores"), [h.score for h in want], atol=1e-5)
         np.testing.assert_allclose(res.as_numpy("stage1"), [h.stage1 for h in want], atol=1e-5)
     w = int(gallery["mask"][2].sum())
-    res = _retriever_query(server.http_url, regions=gallery["feats"][2, :w], k=[4])
+    res = _retriever_query(server.http_url, model, regions=gallery["feats"][2, :w], k=[4])
     want = local.search(image=gallery["feats"][2, :w], k=4, rerank=100)
     np.testing.assert_allclose(res.as_numpy("scores"), [h.score for h in want], atol=1e-5)
     # the caption gallery holds every caption 3 times: tied scores, which both sides break by gallery row
@@ -259,26 +274,118 @@ def test_bls_retriever_model_returns_the_same_top_k(gallery: dict[str, Any], ser
     assert len(set(np.round([h.score for h in want], 5))) < len(want)          # the ties are really there
     w5 = int(gallery["mask"][5].sum())
     for rerank in (0, 7, 40):
-        res = _retriever_query(server.http_url, regions=gallery["feats"][5, :w5], k=[9], rerank=[rerank])
+        res = _retriever_query(server.http_url, model, regions=gallery["feats"][5, :w5], k=[9], rerank=[rerank])
         want = local.search(image=gallery["feats"][5, :w5], k=9, rerank=rerank)
         assert [x.decode() for x in res.as_numpy("ids")] == [str(h.id) for h in want]
         np.testing.assert_array_equal(res.as_numpy("stage1"), np.float32([h.stage1 for h in want]))
         np.testing.assert_allclose(res.as_numpy("scores"), [h.score for h in want], atol=1e-6)
 
 
-@pytest.mark.triton
-def test_bls_retriever_model_refuses_bad_queries_with_a_message(server: Any) -> None:
-    from tritonclient.utils import InferenceServerException
+def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """A plain KServe v2 JSON request (what curl sends): ``(HTTP status, JSON reply)``."""
+    import urllib.error
+    import urllib.request
 
-    with pytest.raises(InferenceServerException, match="exactly one of the inputs"):
-        _retriever_query(server.http_url, k=[3])
-    with pytest.raises(InferenceServerException, match="vocabulary"):
-        _retriever_query(server.http_url, text=["zebra xylophone"])
+    req = urllib.request.Request(f"http://{url}{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return int(r.status), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return int(e.code), json.loads(e.read())
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("body, status, message", [
+    ({"inputs": [{"name": "k", "shape": [1], "datatype": "INT32", "data": [3]}]}, 400, "exactly one of the inputs"),
+    ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["zebra xylophone"]}]}, 400,
+     "vocabulary"),
+    ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a dog"]},
+                 {"name": "k", "shape": [1], "datatype": "INT32", "data": [0]}]}, 400, "k must be a positive int"),
+    ({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a dog", "a cat"]}]}, 400,
+     "unexpected shape for input 'text'"),                        # Triton's own check of the config's dims
+    ({"inputs": [{"name": "regions", "shape": [2, 24], "datatype": "FP32", "data": [0.5] * 48},
+                 {"name": "region_mask", "shape": [2], "datatype": "FP32", "data": [0, 0]}]}, 400,
+     "have no regions"),
+], ids=["no-query", "unknown-words", "k-zero", "two-captions", "image-without-regions"])
+def test_bls_retriever_model_answers_bad_requests_with_http_400_and_a_message(
+        server: Any, body: dict[str, Any], status: int, message: str) -> None:
+    code, reply = _post(server.http_url, "/v2/models/retriever/infer", body)
+    assert code == status and message in reply["error"]
+
+
+@pytest.mark.triton
+def test_the_retriever_answers_a_plain_json_request_with_ids_as_text(gallery: dict[str, Any], server: Any) -> None:
+    code, reply = _post(server.http_url, "/v2/models/retriever/infer", {"inputs": [
+        {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a red dog on the beach"]},
+        {"name": "k", "shape": [1], "datatype": "INT32", "data": [3]}]})
+    assert code == 200
+    out = {o["name"]: o for o in reply["outputs"]}
+    want = gallery["local"].search(text="a red dog on the beach", k=3)
+    assert out["ids"]["datatype"] == "BYTES" and out["ids"]["data"] == [str(h.id) for h in want]
+    np.testing.assert_allclose(out["scores"]["data"], [h.score for h in want], atol=1e-5)
+    # image -> text over captions added without ids: int ids come back as their text, str(id)
+    code, reply = _post(server.http_url, "/v2/models/retriever/infer", {"inputs": [
+        {"name": "regions", "shape": [12, 24], "datatype": "FP32", "data": gallery["feats"][0].ravel().tolist()},
+        {"name": "k", "shape": [1], "datatype": "INT32", "data": [2]}]})
+    want = gallery["local"].search(image=gallery["feats"][0], k=2)
+    assert code == 200 and {o["name"]: o for o in reply["outputs"]}["ids"]["data"] == [str(h.id) for h in want]
+
+
+def test_retriever_graph_mode_is_local_only_on_a_cpu_server_with_the_onnx_files(tmp_path: Path) -> None:
+    from mssan_infer.errors import InputError
+    from mssan_infer.triton_models.retriever_model import choose_graphs
+
+    files = {g: str(tmp_path / f"{g}.onnx") for g in GRAPHS}
+    for f in files.values():
+        Path(f).write_bytes(b"onnx")
+    assert choose_graphs("auto", files, gpu_visible=False)[0] == "local"
+    assert choose_graphs("auto", files, gpu_visible=True) == ("bls", "an NVIDIA GPU is visible (the models may run on it)")
+    assert choose_graphs("bls", files, gpu_visible=False)[0] == "bls"
+    assert choose_graphs("local", files, gpu_visible=True)[0] == "local"
+    Path(files["scorer"]).unlink()                                 # the tensorrt flavour has plans, not ONNX
+    assert choose_graphs("auto", files, gpu_visible=False)[0] == "bls"
+    with pytest.raises(InputError, match="graphs: local needs"):
+        choose_graphs("local", files, gpu_visible=False)
+    with pytest.raises(InputError, match="must be one of"):
+        choose_graphs("fast", files, gpu_visible=False)
+
+
+def test_serve_refuses_a_repository_whose_backend_the_server_lacks(tiny_bundle: Path, tmp_path: Path) -> None:
+    from export.triton import TritonSettings, write_repository
+    from mssan_infer.backends.tensorrt import plan_name
+    from mssan_infer.serve import local_tritonserver
+
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, root)
+    for g in GRAPHS:
+        (root / plan_name(g, "fp32")).parent.mkdir(exist_ok=True)
+        (root / plan_name(g, "fp32")).write_bytes(b"plan")
+    write_repository(root, TritonSettings(backend="tensorrt"), out=tmp_path / "repo")
+    binary = _binary()
+    if binary.stub is None:
+        pytest.fail("this test expects nvidia-pytriton's tritonserver (Python backend only)")
+    with pytest.raises(BackendUnavailableError, match=r"no backend for image_encoder \(tensorrt\).*NVIDIA's container"):
+        with local_tritonserver(tmp_path / "repo", binary=binary):
+            pass
+
+
+def test_serve_refuses_an_index_of_another_bundle_before_starting(gallery: dict[str, Any], tmp_path: Path) -> None:
+    from mssan_infer.errors import InputError
+    from mssan_infer.serve import serve
+
+    index = tmp_path / "index"
+    shutil.copytree(gallery["index"], index)
+    manifest = json.loads((index / "index.json").read_text())
+    manifest["bundle_id"] = "deadbeef"
+    (index / "index.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="built with bundle deadbeef, but .* serves bundle"):
+        serve(gallery["repo"], index=index)
 
 
 @pytest.mark.triton
 def test_a_stopped_server_gives_a_clear_error(tiny_bundle: Path, gallery: dict[str, Any]) -> None:
-    from export.triton_server import local_tritonserver
+    from mssan_infer.serve import local_tritonserver
     from mssan_infer import Retriever
     from mssan_infer.backends.triton import TritonUnavailableError
 
@@ -322,7 +429,8 @@ def test_install_index_refuses_an_index_of_another_bundle(gallery: dict[str, Any
         install_index(gallery["repo"], index)
 
 
-def test_export_with_triton_writes_a_verified_repository_into_the_bundle(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_export_with_triton_writes_a_verified_repository_into_the_bundle(tiny_checkpoint: Path, tiny_bundle: Path,
+                                                                        tmp_path: Path) -> None:
     from export import export_bundle
     from export.__main__ import main
     from export.triton import TritonSettings, validate_config
@@ -338,3 +446,22 @@ def test_export_with_triton_writes_a_verified_repository_into_the_bundle(tiny_ch
     assert tk["max_len"] == b.manifest["tokenizer"]["max_len"]
     assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "c"), "--triton", "-q"]) == 0
     assert load_bundle(tmp_path / "c").manifest["triton"]["settings"]["backend"] == "onnxruntime"
+    # the bundle id covers what index vectors depend on (fp32 graphs, vocabulary), not the extras:
+    # tiny_bundle is the same checkpoint exported with --fp16 and without --triton
+    assert "fp16_graphs" in load_bundle(tiny_bundle).manifest and "fp16_graphs" not in b.manifest
+    assert b.bundle_id == load_bundle(tiny_bundle).bundle_id == load_bundle(tmp_path / "c").bundle_id
+
+
+def test_serve_refuses_a_port_that_something_listens_on(gallery: dict[str, Any]) -> None:
+    import socket
+
+    from mssan_infer.errors import InputError
+    from mssan_infer.serve import local_tritonserver
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(InputError, match=f"the grpc port 127.0.0.1:{port} is not free.*--grpc-port"):
+            with local_tritonserver(gallery["repo"], grpc_port=port, binary=_binary()):
+                pass

@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
+from mssan_infer.cli import HelpFormatter, error_line
 from mssan_infer.errors import MssanError
 
 log = logging.getLogger("training")
@@ -87,14 +88,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m training", description="Train and evaluate MSSAN.")
+    ap = argparse.ArgumentParser(prog="python -m training", description="Train and evaluate MSSAN.", formatter_class=HelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    sp = sub.add_parser("synth", help="write a seeded synthetic dataset in the precomp layout")
+    sp = sub.add_parser("synth", help="write a seeded synthetic dataset in the precomp layout", formatter_class=HelpFormatter)
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--images", type=int, default=1000, help="training images (dev/test are smaller)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same files)")
     from . import synth
 
     for name, (default, help_) in synth.SYNTH_KNOBS.items():
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{help_} (default {default})")
     sp.set_defaults(func=_synth)
 
-    fp = sub.add_parser("features", help="precomp-layout grid features of an image folder + Karpathy JSON")
+    fp = sub.add_parser("features", help="precomp-layout grid features of an image folder + Karpathy JSON", formatter_class=HelpFormatter)
     fp.add_argument("--images", required=True, help="folder with the dataset's image files")
     fp.add_argument("--karpathy", required=True, help="Karpathy split file (dataset_flickr8k.json ...)")
     fp.add_argument("--out", required=True, help="output folder: {train,dev,test}_ims.npy, _caps.txt, features.json")
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "without it the backbone is randomly initialised (tests only)")
     fp.add_argument("--image-size", type=int, default=448, help="square crop side (default 448: 14x14 regions)")
     fp.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default --image-size)")
-    fp.add_argument("--batch-size", type=int, default=16)
+    fp.add_argument("--batch-size", type=int, default=16, help="images per backbone call")
     fp.add_argument("--device", default="cpu", help="cpu | cuda")
     fp.add_argument("--workers", type=int, default=0, help="image decoding processes (DataLoader workers)")
     fp.add_argument("--dtype", default="float32", choices=["float32", "float16"],
@@ -123,16 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--no-progress", action="store_true", help="no progress bars")
     fp.set_defaults(func=_features)
 
-    tp = sub.add_parser("train", help="train a model on a precomp-layout dataset")
+    tp = sub.add_parser("train", help="train a model on a precomp-layout dataset", formatter_class=HelpFormatter)
     tp.add_argument("--data", required=True, help="folder with train_/dev_ files")
     tp.add_argument("--out", required=True, help="checkpoint folder (best on dev; last/ for --resume)")
-    tp.add_argument("--preset", default="tiny", choices=["tiny", "paper"])
-    tp.add_argument("--epochs", type=int)
-    tp.add_argument("--batch-size", dest="batch_size", type=int)
-    tp.add_argument("--lr", type=float)
-    tp.add_argument("--seed", type=int)
-    tp.add_argument("--device", help="cpu | cuda")
-    tp.add_argument("--negatives", choices=["hardest", "all"])
+    tp.add_argument("--preset", default="tiny", choices=["tiny", "paper"],
+                    help="model and training settings (tiny: CPU demo; paper: D=1024, the paper's setting)")
+    tp.add_argument("--epochs", type=int, help="epochs (default: the preset's)")
+    tp.add_argument("--batch-size", dest="batch_size", type=int,
+                    help="batch per process (default: the preset's; negatives come from the global batch)")
+    tp.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
+    tp.add_argument("--seed", type=int, help="random seed (default: the train config's)")
+    tp.add_argument("--device", help="cpu | cuda (default: the train config's)")
+    tp.add_argument("--negatives", choices=["hardest", "all"],
+                    help="triplet negatives: the hardest in the batch, or all (default: the train config's)")
     tp.add_argument("--resume", action="store_true", help="continue from OUT/last")
     tp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a ModelConfig or TrainConfig field, e.g. --set lam_gg=0 --set amp=bf16 "
@@ -140,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--no-progress", action="store_true", help="no progress bars")
     tp.set_defaults(func=_train)
 
-    ep = sub.add_parser("eval", help="recall of a checkpoint: stage-1, two-stage@K, exhaustive")
-    ep.add_argument("--checkpoint", required=True)
-    ep.add_argument("--data", required=True)
+    ep = sub.add_parser("eval", help="recall of a checkpoint: stage-1, two-stage@K, exhaustive", formatter_class=HelpFormatter)
+    ep.add_argument("--checkpoint", required=True, help="checkpoint folder written by train")
+    ep.add_argument("--data", required=True, help="precomp-layout data folder")
     ep.add_argument("--split", default="test", help="train | dev | test | testall (COCO 1K folds + 5K)")
     ep.add_argument("--rerank", type=int, default=100, help="K of the two-stage mode (0: skip it)")
     ep.add_argument("--terms", default="gg,gl,ll", help="similarity terms to use (ablation), e.g. gg,ll")
@@ -158,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (MssanError, OSError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
 
 

@@ -17,7 +17,7 @@ runs, inside NVIDIA's container, without mssan_infer or torch installed.
 from __future__ import annotations
 
 from . import inputs, layout
-from .contract import Gallery, GalleryView, ItemId, check_id, extent
+from .contract import Gallery, GalleryView, ItemId, check_id, extent, id_text
 from .errors import (
     BackendUnavailableError,
     BundleError,
@@ -33,7 +33,7 @@ from .store import load_index, read_index_manifest, save_index
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "inputs", "layout", "Gallery", "GalleryView", "ItemId", "check_id", "extent", "ArrayView", "GalleryIndex",
+    "inputs", "layout", "Gallery", "GalleryView", "ItemId", "check_id", "extent", "id_text", "ArrayView", "GalleryIndex",
     "Encoded", "Ranked", "ScoreFn", "ScorerLimits", "search", "load_index", "read_index_manifest", "save_index",
     "Tokenizer", "MssanError", "BundleError", "IndexFileError", "IndexWriteError", "InputError",
     "BackendUnavailableError", "ParityError",

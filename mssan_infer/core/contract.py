@@ -9,6 +9,7 @@ gallery, compressed layouts, external vector stores) honours these two protocols
 """
 from __future__ import annotations
 
+import re
 from concurrent.futures import Executor
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, Union, runtime_checkable
 
@@ -16,7 +17,8 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["ItemId", "check_id", "new_ids", "check_encoded", "GalleryView", "Gallery", "extent"]
+__all__ = ["ItemId", "check_id", "id_text", "colliding_ids", "raise_colliding", "new_ids", "check_encoded",
+           "GalleryView", "Gallery", "extent"]
 
 ItemId = Union[str, int]
 
@@ -36,15 +38,57 @@ def check_id(x: Any) -> ItemId:
     return x
 
 
+def id_text(x: ItemId) -> str:
+    """The text form of an id: ``str(id)``. Triton's ``retriever`` returns ids in this form and the CLI prints it;
+    it is unique within a gallery (see :func:`colliding_ids`), so it always names one item."""
+    return str(x)
+
+
+_INT_TEXT = re.compile(r"0|-?[1-9][0-9]*")
+
+
+def _twin(x: ItemId) -> ItemId | None:
+    """The id of the other type with the same text form (``7`` <-> ``"7"``), if there is one."""
+    if isinstance(x, int):
+        return str(x)
+    return int(x) if _INT_TEXT.fullmatch(x) else None
+
+
+def colliding_ids(new: Sequence[ItemId], present: Any) -> tuple[list[ItemId], list[ItemId]]:
+    """New ids that clash with ``present`` (a container of ids): ``(already present, same text as another)``.
+
+    An id clashes by text when an id of the other type with the same text form is present or in
+    ``new`` too (``7`` and ``"7"``): one gallery never holds two ids that read the same.
+    """
+    new_set = set(new)
+    same = [i for i in new if i in present]
+    text = [i for i in new if (t := _twin(i)) is not None and (t in present or t in new_set)]
+    return same, text
+
+
+def raise_colliding(new: Sequence[ItemId], present: Any) -> None:
+    """Raise InputError when :func:`colliding_ids` finds any, naming a few."""
+    same, text = colliding_ids(new, present)
+    if same:
+        raise InputError(f"ids already in the gallery: {same[:5]}; remove them first or use other ids")
+    if text:
+        raise InputError(
+            f"ids {text[:5]} read the same as other ids of another type (7 and '7'): Triton and the CLI give ids "
+            "as text, so one gallery cannot hold both; use one type"
+        )
+
+
 def new_ids(ids: Any, n: int, present: Callable[[list[ItemId]], list[ItemId]]) -> list[ItemId]:
     """Checked ids for ``n`` new items.
 
     Args:
         ids: the caller's ids (a sequence of str/int).
         n: items being added.
-        present: returns which of the given ids the gallery already holds.
+        present: returns which of the given ids the gallery already holds (asked once, for the new ids
+            and their twins of the other type, see :func:`colliding_ids`).
     Raises:
-        InputError: not a sequence, a wrong count, a bad id, duplicates, or ids already present.
+        InputError: not a sequence, a wrong count, a bad id, duplicates, ids already present, or an id
+            that reads the same as a present one of the other type (``7`` and ``"7"``).
     """
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise InputError(f"ids must be a sequence of str/int, got {type(ids).__name__}")
@@ -55,9 +99,8 @@ def new_ids(ids: Any, n: int, present: Callable[[list[ItemId]], list[ItemId]]) -
         seen: set[ItemId] = set()
         dup = [i for i in out if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
         raise InputError(f"duplicate ids in this batch: {dup[:5]}")
-    clash = present(out)
-    if clash:
-        raise InputError(f"ids already in the gallery: {clash[:5]}; remove them first or use other ids")
+    twins = [t for i in out if (t := _twin(i)) is not None]
+    raise_colliding(out, set(present(out + twins)))
     return out
 
 

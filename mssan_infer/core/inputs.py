@@ -6,15 +6,19 @@ model all use these, so the same bad input gets the same message everywhere.
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import Any, Sequence
 
 import numpy as np
 
 from .contract import ItemId, check_id
 from .errors import InputError
-from .tokenizer import UNK_ID, Tokenizer
+from .tokenizer import UNK_ID, Tokenizer, tokenize
 
 __all__ = ["region_batch", "caption_list", "token_ids", "id_list", "check_k", "positive_int"]
+
+log = logging.getLogger(__name__)
 
 
 def _real_numbers(arr: np.ndarray, what: str) -> None:
@@ -108,6 +112,8 @@ def token_ids(tokenizer: Tokenizer, texts: Sequence[Any]) -> list[list[int]]:
         InputError: a caption that is not a str, is empty, or has only unknown words.
     """
     ids: list[list[int]] = []
+    unseen: Counter[str] = Counter()
+    with_unseen = 0
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             hint = "; decode bytes as UTF-8 first" if isinstance(t, (bytes, bytearray)) else ""
@@ -120,7 +126,16 @@ def token_ids(tokenizer: Tokenizer, texts: Sequence[Any]) -> list[list[int]]:
                 f"caption {i} {t[:60]!r}: none of its words is in the model's vocabulary "
                 f"({len(tokenizer)} words); rephrase it"
             )
+        if UNK_ID in x:
+            with_unseen += 1
+            unseen.update(w for w in tokenize(t) if w not in tokenizer.vocab)
         ids.append(x)
+    if unseen:
+        words = ", ".join(f"{w!r}" + (f" x{c}" if c > 1 else "") for w, c in unseen.most_common(20))
+        more = f" and {len(unseen) - 20} more" if len(unseen) > 20 else ""
+        where = f"the caption {texts[0][:60]!r}" if len(texts) == 1 else f"{with_unseen} of {len(texts)} captions"
+        log.warning("words not in the model's vocabulary (%d words) are all read as the one <unk> token in %s: %s%s",
+                    len(tokenizer), where, words, more)
     return ids
 
 

@@ -1,18 +1,34 @@
 """Triton Python-backend model: one MSSAN graph (``model.onnx`` beside this file) on ONNX Runtime.
 
-The ``python`` flavour of a generated repository, for servers without the
-onnxruntime backend (e.g. the tritonserver bundled with nvidia-pytriton).
-Requests of a dynamic batch whose inputs agree on every non-batch dimension
-are concatenated and run as one batch. Needs numpy and onnxruntime in the
-Python environment of the backend stub.
+Used two ways:
+
+- the ``python`` flavour of a generated repository (``<model>/1/model.py``);
+- the Python-based backend named ``onnxruntime`` that ``python -m mssan_infer serve``
+  gives the tritonserver of nvidia-pytriton (``backends/onnxruntime/model.py``), which
+  has no ONNX Runtime backend of its own: the default (``onnxruntime``) flavour then
+  loads unchanged, and NVIDIA's containers run the same repository on their C++ backend.
+
+Requests of a dynamic batch whose inputs agree on every non-batch dimension are
+concatenated and run as one batch. The graph runs in :class:`mssan_core.onnx_graph.OnnxGraph`
+(the search core's, copied beside this file). Parameters: ``intra_op_thread_count``
+(the name Triton's onnxruntime backend uses; 0 = ONNX Runtime's default).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.isdir(os.path.join(_HERE, "mssan_core")):      # in a repository or a backend folder: the copied core
+    if _HERE not in sys.path:
+        sys.path.insert(0, _HERE)
+    from mssan_core.onnx_graph import OnnxGraph
+else:                                                     # in the source tree (tooling, tests)
+    from mssan_infer.core.onnx_graph import OnnxGraph  # type: ignore[no-redef]
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -20,27 +36,22 @@ except ImportError:  # imported outside Triton (tooling, tests)
     pb_utils = None
 
 
+def thread_count(params: dict[str, str]) -> int:
+    """Intra-op threads from a model's parameters (``intra_op_thread_count``, or the older ``intra_op_threads``)."""
+    return int(params.get("intra_op_thread_count") or params.get("intra_op_threads") or 0)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        import onnxruntime as ort
-
         cfg = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
         self.batching = int(cfg.get("max_batch_size", 0)) > 0
         path = os.path.join(args["model_repository"], str(args["model_version"]), "model.onnx")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        threads = int(params.get("intra_op_threads") or 0)
-        if threads > 0:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-        types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16}
-        self.inputs = {i.name: types.get(i.type, np.float32) for i in self.session.get_inputs()}
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.graph = OnnxGraph(path, threads=thread_count(params))
 
     def _feeds(self, request: Any) -> dict[str, np.ndarray]:
         feeds = {}
-        for name, dtype in self.inputs.items():
+        for name, dtype in self.graph.inputs.items():
             t = pb_utils.get_input_tensor_by_name(request, name)
             if t is None:
                 raise ValueError(f"missing input {name}")
@@ -54,24 +65,24 @@ class TritonPythonModel:
             try:
                 feeds = self._feeds(request)
             except Exception as e:  # noqa: BLE001 - reported to the client
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e)))
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
                 continue
             key = tuple((n, a.shape[1:]) for n, a in feeds.items()) if self.batching else ("single", i)
             groups.setdefault(key, []).append((i, feeds))
         for members in groups.values():
             try:
                 if len(members) == 1:
-                    outs = self.session.run(self.outputs, members[0][1])
+                    outs = self.graph.run(members[0][1])
                 else:
-                    batch = {n: np.concatenate([f[n] for _, f in members]) for n in self.inputs}
-                    outs = self.session.run(self.outputs, batch)
+                    outs = self.graph.run({n: np.concatenate([f[n] for _, f in members]) for n in self.graph.inputs})
                 start = 0
                 for i, feeds in members:
                     n = next(iter(feeds.values())).shape[0] if len(members) > 1 else None
-                    part = [o[start : start + n] if n is not None else o for o in outs]
+                    part = {name: o[start : start + n] if n is not None else o for name, o in outs.items()}
                     start += n or 0
                     responses[i] = pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(o)) for name, o in zip(self.outputs, part)]
+                        output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(o)) for name, o in part.items()]
                     )
             except Exception as e:  # noqa: BLE001 - reported to the client
                 for i, _ in members:
@@ -79,4 +90,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.session = None
+        self.graph = None

@@ -8,8 +8,17 @@ Holds the galleries of a saved mssan_infer index and answers
 with optional ``k`` (default 10) and ``rerank`` (default 100; 0 = stage 1 only).
 The query is encoded by the ``text_encoder`` / ``image_encoder`` model and the
 top ``rerank`` stage-1 candidates rescored by the ``scorer`` model, both through
-BLS (``pb_utils.InferenceRequest``). Outputs: ``ids`` (item ids as strings),
-``scores`` (final score = stage 1 + s_ll) and ``stage1``, best first.
+BLS (``pb_utils.InferenceRequest``), or, with ``graphs: local``, by ONNX Runtime
+sessions in this model's own process on the ``model.onnx`` files of those models.
+Outputs: ``ids`` (each item id's text, ``str(id)``), ``scores`` (final score =
+stage 1 + s_ll) and ``stage1``, best first. A bad request (a missing or unknown
+input, an empty caption, ``k < 1``...) is answered with ``INVALID_ARG`` (HTTP 400).
+
+``graphs`` (config parameter): ``bls`` calls the models; ``local`` runs their ONNX
+files here (CPU), saving two round trips through the server per query (on CPU each
+costs more than the graph it runs); ``auto`` (the default) is ``local`` when
+onnxruntime imports here, the three models have a ``model.onnx`` and no NVIDIA GPU
+is visible, and ``bls`` otherwise. The choice is logged when the model loads.
 
 Everything but the BLS calls is mssan_infer's own search core
 (:mod:`mssan_infer.core`): ``export --triton`` copies that package beside this
@@ -22,8 +31,9 @@ Parameters (config.pbtxt): ``index_dir`` (relative to this version folder or
 absolute; the environment variable ``MSSAN_RETRIEVER_INDEX`` overrides it),
 ``mssan_bundle_id`` (the index must come from this bundle), ``scorer_batch``,
 ``scorer_limits`` (JSON ``{"Ni", "Nt", "R", "L"}``: the scorer engine's maxima,
-for TensorRT engines), ``verify_index``, ``tokenizer`` and ``image_encoder`` /
-``text_encoder`` / ``scorer`` (model names). Without an index the model still
+for TensorRT engines), ``verify_index``, ``tokenizer``, ``graphs``,
+``intra_op_thread_count`` (ONNX Runtime threads with ``graphs: local``; 0 = its
+default) and ``image_encoder`` / ``text_encoder`` / ``scorer`` (model names). Without an index the model still
 loads and answers every query with an error saying where to put one.
 """
 from __future__ import annotations
@@ -41,9 +51,44 @@ if os.path.isdir(os.path.join(_HERE, "mssan_core")):      # inside a model repos
         sys.path.insert(0, _HERE)
     import mssan_core as core
     from mssan_core import inputs
+    from mssan_core.onnx_graph import OnnxGraph
 else:                                                     # in the source tree (tooling, tests)
     from mssan_infer import core  # type: ignore[no-redef]
     from mssan_infer.core import inputs  # type: ignore[no-redef]
+    from mssan_infer.core.onnx_graph import OnnxGraph  # type: ignore[no-redef]
+
+GRAPH_MODES = ("auto", "local", "bls")
+
+
+def choose_graphs(mode: str, files: dict[str, str], gpu_visible: bool) -> tuple[str, str]:
+    """``("local" | "bls", reason)`` for the ``graphs`` parameter ``mode``, given each graph's ``model.onnx``.
+
+    Raises:
+        InputError: an unknown mode, or ``local`` without onnxruntime or without the ONNX files.
+    """
+    if mode not in GRAPH_MODES:
+        raise core.InputError(f"parameter graphs must be one of {GRAPH_MODES}, got {mode!r}")
+    if mode == "bls":
+        return "bls", "graphs: bls"
+    missing = [g for g, f in files.items() if not os.path.isfile(f)]
+    try:
+        import onnxruntime  # noqa: F401
+        ort = ""
+    except ImportError as e:
+        ort = str(e)
+    if mode == "local":
+        if missing or ort:
+            raise core.InputError(
+                "graphs: local needs onnxruntime in the server's Python and each model's model.onnx; "
+                + (f"missing {missing}" if missing else f"onnxruntime: {ort}") + "; set graphs: bls")
+        return "local", "graphs: local"
+    if missing:
+        return "bls", f"no model.onnx for {missing}"
+    if ort:
+        return "bls", "onnxruntime is not installed in the server's Python"
+    if gpu_visible:
+        return "bls", "an NVIDIA GPU is visible (the models may run on it)"
+    return "local", "CPU only, onnxruntime available"
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -60,6 +105,13 @@ class TritonPythonModel:
         self.scorer_batch = inputs.positive_int("scorer_batch", int(p.get("scorer_batch") or 256))
         self.limits = json.loads(p.get(core.layout.SCORER_LIMITS_PARAM) or "{}")
         self.img_dim = next(int(i["dims"][-1]) for i in cfg["input"] if i["name"] == "regions")
+        repo = os.path.dirname(os.path.abspath(args["model_repository"]))
+        files = {g: os.path.join(repo, m, "1", "model.onnx") for g, m in self.models.items()}
+        self.mode, why = choose_graphs(p.get("graphs") or "auto", files, os.path.exists("/dev/nvidiactl"))
+        threads = int(p.get("intra_op_thread_count") or 0)
+        self.graphs = {g: OnnxGraph(f, threads=threads) for g, f in files.items()} if self.mode == "local" else {}
+        pb_utils.Logger.log_info(f"mssan retriever: graphs run {'here (ONNX Runtime)' if self.graphs else 'through BLS'}"
+                                 f" ({why})")
         with open(os.path.join(here, p.get("tokenizer") or core.layout.RETRIEVER_TOKENIZER), encoding="utf-8") as f:
             self.tokenizer = core.Tokenizer.from_spec(json.load(f), "the retriever's tokenizer.json")
         index_dir = os.environ.get("MSSAN_RETRIEVER_INDEX") or p.get("index_dir") or "index"
@@ -74,13 +126,18 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(f"mssan retriever: index {self.index_dir} ({sizes})")
         else:
             self.missing = (
-                f"no index at {self.index_dir}: save one with Retriever.save(...) and install it with "
-                "export.triton.install_index(repo, index) or set MSSAN_RETRIEVER_INDEX"
+                f"no index at {self.index_dir}: build one with `python -m mssan_infer index` (or Retriever.save) and "
+                "serve it with `python -m mssan_infer serve --index DIR`, set MSSAN_RETRIEVER_INDEX=DIR in the "
+                "server's environment, or copy it in with `python -m export ... --triton-index DIR` "
+                "(export.triton.install_index)"
             )
             pb_utils.Logger.log_warn(f"mssan retriever: {self.missing}")
 
     # ---- BLS -------------------------------------------------------------------
     def _infer(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        local = self.graphs.get(graph)
+        if local is not None:
+            return local.run(feeds, outputs)
         request = pb_utils.InferenceRequest(
             model_name=self.models[graph],
             requested_output_names=outputs,
@@ -98,7 +155,7 @@ class TritonPythonModel:
     # ---- search ----------------------------------------------------------------
     def _view(self, name: str) -> core.GalleryView:
         if self.missing:
-            raise core.InputError(self.missing)
+            raise core.IndexFileError(self.missing)
         g = self.galleries.get(name)
         if g is None or len(g) == 0:
             raise core.InputError(f"the index has no {core.layout.GALLERIES[name]}")
@@ -107,7 +164,12 @@ class TritonPythonModel:
     def _query(self, request: Any) -> tuple[list[str], np.ndarray, np.ndarray]:
         def scalar(name: str, default: int) -> int:
             t = pb_utils.get_input_tensor_by_name(request, name)
-            return default if t is None else int(np.asarray(t.as_numpy()).reshape(-1)[0])
+            if t is None:
+                return default
+            v = np.asarray(t.as_numpy()).reshape(-1)
+            if v.size != 1:
+                raise core.InputError(f"'{name}' must hold one integer, got {v.size} values")
+            return int(v[0])
 
         k, rerank = inputs.check_k(scalar("k", 10), scalar("rerank", 100))
         text = pb_utils.get_input_tensor_by_name(request, "text")
@@ -119,7 +181,10 @@ class TritonPythonModel:
             raw = np.asarray(text.as_numpy()).reshape(-1)
             if raw.size != 1:
                 raise core.InputError(f"'text' must hold one caption, got {raw.size}")
-            caption = raw[0].decode("utf-8") if isinstance(raw[0], bytes) else str(raw[0])
+            try:
+                caption = raw[0].decode("utf-8") if isinstance(raw[0], bytes) else str(raw[0])
+            except UnicodeDecodeError as e:
+                raise core.InputError(f"'text' must be UTF-8: {e}") from None
             tokens = inputs.token_ids(self.tokenizer, [caption])[0]
             view = self._view(core.layout.IMAGES)
             mask = np.ones((1, len(tokens)), np.float32)
@@ -144,7 +209,7 @@ class TritonPythonModel:
             k=k, rerank=rerank, batch=self.scorer_batch,
             limits=core.ScorerLimits.from_axes(self.limits, query_is_text=query_is_text),
         )[0]
-        return [str(i) for i in view.ids_at(ranked.rows)], ranked.score, ranked.stage1
+        return [core.id_text(i) for i in view.ids_at(ranked.rows)], ranked.score, ranked.stage1
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
@@ -156,6 +221,9 @@ class TritonPythonModel:
                     pb_utils.Tensor("scores", scores),
                     pb_utils.Tensor("stage1", stage1),
                 ]))
-            except Exception as e:  # noqa: BLE001 - reported to the client
+            except core.InputError as e:              # the request is wrong: HTTP 400 / gRPC INVALID_ARGUMENT
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
+            except Exception as e:  # noqa: BLE001 - reported to the client (HTTP 500)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
         return responses

@@ -353,7 +353,7 @@ def test_retriever_graph_mode_is_local_only_on_a_cpu_server_with_the_onnx_files(
 
 def test_serve_refuses_a_repository_whose_backend_the_server_lacks(tiny_bundle: Path, tmp_path: Path) -> None:
     from export.triton import TritonSettings, write_repository
-    from mssan_infer.backends.tensorrt import plan_name
+    from mssan_infer.core.layout import plan_name
     from mssan_infer.serve import local_tritonserver
 
     root = tmp_path / "bundle"
@@ -361,7 +361,8 @@ def test_serve_refuses_a_repository_whose_backend_the_server_lacks(tiny_bundle: 
     for g in GRAPHS:
         (root / plan_name(g, "fp32")).parent.mkdir(exist_ok=True)
         (root / plan_name(g, "fp32")).write_bytes(b"plan")
-    write_repository(root, TritonSettings(backend="tensorrt"), out=tmp_path / "repo")
+    trt = {"settings": {"num_profiles": 1}, "limits": {"B": 128, "R": 100, "L": 64, "Ni": 256, "Nt": 128}}
+    write_repository(root, TritonSettings(backend="tensorrt"), out=tmp_path / "repo", tensorrt=trt)
     binary = _binary()
     if binary.stub is None:
         pytest.fail("this test expects nvidia-pytriton's tritonserver (Python backend only)")

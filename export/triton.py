@@ -226,6 +226,7 @@ def retriever_config_text(dims: Mapping[str, int], settings: TritonSettings, *, 
         SCORER_LIMITS_PARAM: json.dumps(dict(limits or {}), sort_keys=True),
         "image_encoder": "image_encoder", "text_encoder": "text_encoder", "scorer": "scorer",
         "graphs": settings.retriever_graphs, "intra_op_thread_count": str(settings.threads),
+        "gallery": "", "embed_size": str(dims["D"]),
     })
 
 

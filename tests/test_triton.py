@@ -466,3 +466,27 @@ def test_serve_refuses_a_port_that_something_listens_on(gallery: dict[str, Any])
         with pytest.raises(InputError, match=f"the grpc port 127.0.0.1:{port} is not free.*--grpc-port"):
             with local_tritonserver(gallery["repo"], grpc_port=port, binary=_binary()):
                 pass
+
+
+@pytest.mark.triton
+def test_the_retriever_model_serves_galleries_kept_in_qdrant(tiny_bundle: Path, gallery: dict[str, Any],
+                                                           tmp_path: Path) -> None:
+    """MSSAN_RETRIEVER_GALLERY points the Triton retriever at Qdrant galleries (here an Edge shard the
+    server process opens; a Qdrant server collection is the same code through qdrant-client)."""
+    from export.triton import TritonSettings, write_repository
+    from mssan_infer import Retriever
+    from mssan_infer.serve import local_tritonserver
+
+    spec = f"qdrant-edge:{tmp_path / 'galleries'}"
+    filler = Retriever.load(tiny_bundle, gallery=spec, threads=1)
+    filler.add_images(gallery["feats"], mask=gallery["mask"], ids=[f"img{i}" for i in range(40)])
+    filler.add_texts(CAPTIONS * 3)
+    filler.close()                                    # an Edge shard belongs to one process: hand it over
+    write_repository(tiny_bundle, TritonSettings(backend="python", threads=1), out=tmp_path / "repo")
+    local = gallery["local"]                          # the same items in an in-memory gallery
+    with local_tritonserver(tmp_path / "repo", binary=_binary(), env={"MSSAN_RETRIEVER_GALLERY": spec}) as s:
+        for q in ("a red dog on the beach", "the small cat"):
+            res = _retriever_query(s.http_url, text=[q], k=[6], rerank=[25])
+            want = local.search(text=q, k=6, rerank=25)
+            assert [x.decode() for x in res.as_numpy("ids")] == [str(h.id) for h in want]
+            np.testing.assert_allclose(res.as_numpy("scores"), [h.score for h in want], atol=1e-5)

@@ -32,6 +32,8 @@ absolute; the environment variable ``MSSAN_RETRIEVER_INDEX`` overrides it),
 ``mssan_bundle_id`` (the index must come from this bundle), ``scorer_batch``,
 ``scorer_limits`` (JSON ``{"Ni", "Nt", "R", "L"}``: the scorer engine's maxima,
 for TensorRT engines), ``verify_index``, ``tokenizer``, ``graphs``,
+``gallery`` (Qdrant galleries instead of the index, e.g. ``qdrant:http://qdrant:6333?prefix=photos``;
+the environment variable ``MSSAN_RETRIEVER_GALLERY`` overrides it; ``embed_size`` is the bundle's D),
 ``intra_op_thread_count`` (ONNX Runtime threads with ``graphs: local``; 0 = its
 default) and ``image_encoder`` / ``text_encoder`` / ``scorer`` (model names). Without an index the model still
 loads and answers every query with an error saying where to put one.
@@ -50,11 +52,11 @@ if os.path.isdir(os.path.join(_HERE, "mssan_core")):      # inside a model repos
     if _HERE not in sys.path:
         sys.path.insert(0, _HERE)
     import mssan_core as core
-    from mssan_core import inputs
+    from mssan_core import inputs, qdrant
     from mssan_core.onnx_graph import OnnxGraph
 else:                                                     # in the source tree (tooling, tests)
     from mssan_infer import core  # type: ignore[no-redef]
-    from mssan_infer.core import inputs  # type: ignore[no-redef]
+    from mssan_infer.core import inputs, qdrant  # type: ignore[no-redef]
     from mssan_infer.core.onnx_graph import OnnxGraph  # type: ignore[no-redef]
 
 GRAPH_MODES = ("auto", "local", "bls")
@@ -116,12 +118,21 @@ class TritonPythonModel:
             self.tokenizer = core.Tokenizer.from_spec(json.load(f), "the retriever's tokenizer.json")
         index_dir = os.environ.get("MSSAN_RETRIEVER_INDEX") or p.get("index_dir") or "index"
         self.index_dir = index_dir if os.path.isabs(index_dir) else os.path.join(here, index_dir)
-        self.galleries: dict[str, core.GalleryIndex] = {}
+        self.galleries: dict[str, core.Gallery] = {}
         self.missing = ""
-        if os.path.isfile(os.path.join(self.index_dir, core.layout.INDEX_MANIFEST)):
+        gallery = os.environ.get("MSSAN_RETRIEVER_GALLERY") or p.get("gallery") or ""
+        if gallery:                              # galleries in Qdrant (e.g. a server shared by replicas)
+            spec = qdrant.parse_gallery(gallery)
+            d = int(p["embed_size"])
+            if spec is not None:
+                self.galleries = dict(qdrant.open_qdrant_galleries(
+                    spec, (core.layout.IMAGES, core.layout.TEXTS), 2 * d, d, p.get(core.layout.BUNDLE_ID_PARAM) or ""))
+                pb_utils.Logger.log_info(f"mssan retriever: galleries in {gallery}")
+        elif os.path.isfile(os.path.join(self.index_dir, core.layout.INDEX_MANIFEST)):
             verify = (p.get("verify_index") or "true").lower() != "false"
-            self.galleries, _ = core.load_index(
+            index, _ = core.load_index(
                 self.index_dir, bundle_id=p.get(core.layout.BUNDLE_ID_PARAM) or None, verify=verify)
+            self.galleries = dict(index)
             sizes = ", ".join(f"{k}: {len(v)}" for k, v in self.galleries.items())
             pb_utils.Logger.log_info(f"mssan retriever: index {self.index_dir} ({sizes})")
         else:
@@ -129,7 +140,7 @@ class TritonPythonModel:
                 f"no index at {self.index_dir}: build one with `python -m mssan_infer index` (or Retriever.save) and "
                 "serve it with `python -m mssan_infer serve --index DIR`, set MSSAN_RETRIEVER_INDEX=DIR in the "
                 "server's environment, or copy it in with `python -m export ... --triton-index DIR` "
-                "(export.triton.install_index)"
+                "(export.triton.install_index); or set MSSAN_RETRIEVER_GALLERY to Qdrant galleries"
             )
             pb_utils.Logger.log_warn(f"mssan retriever: {self.missing}")
 

@@ -6,12 +6,13 @@ import hashlib
 import os
 import sys
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 
 from .errors import BundleError, MssanError
 
-__all__ = ["sha256_file", "safe_member", "write_npy", "fsync_dir", "exchange_dirs", "CHUNK_BYTES", "rows_per_chunk"]
+__all__ = ["sha256_file", "safe_member", "write_npy", "write_npy_parts", "fsync_dir", "exchange_dirs", "CHUNK_BYTES", "rows_per_chunk"]
 
 CHUNK_BYTES = 64 << 20          # copies of large arrays go in blocks of about this many bytes
 
@@ -65,10 +66,23 @@ def write_npy(path: Path, src: np.ndarray) -> None:
             f.flush()
             os.fsync(f.fileno())
         return
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=src.dtype, shape=src.shape)
-    step = rows_per_chunk(src[:1].nbytes)
-    for a in range(0, src.shape[0], step):
-        out[a : a + step] = src[a : a + step]
+    write_npy_parts(path, src.shape, src.dtype, [(0, src)])
+
+
+def write_npy_parts(path: Path, shape: tuple[int, ...], dtype: Any, parts: Iterable[tuple[int, np.ndarray]]) -> None:
+    """Write a ``shape`` .npy from ``(first row, rows)`` parts, fsync'd, in row blocks.
+
+    Each part lands in the leading corner of its rows (a part narrower than ``shape`` is zero-padded).
+    """
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+    for start, src in parts:
+        if not len(src):
+            continue
+        step = rows_per_chunk(src[:1].nbytes)
+        corner = tuple(slice(0, w) for w in src.shape[1:])
+        for a in range(0, src.shape[0], step):
+            block = src[a : a + step]
+            out[(slice(start + a, start + a + len(block)),) + corner] = block
     out.flush()
     del out
     fd = os.open(path, os.O_RDONLY)

@@ -237,16 +237,26 @@ class ArrayView:
         gram = np.empty((k, width, width), np.float32)
         single = len(self.blocks) == 1 and k > 0
         b0 = self.blocks[0] if single else None
-        fast = (b0 is not None and b0.local.shape[1] == width and b0.scale is None
-                and b0.local.dtype == np.float32 and b0.gram.dtype == np.float32
-                and not isinstance(b0.local, np.memmap) and not isinstance(b0.local.base, np.memmap))
-        if fast:
+        in_ram = b0 is not None and not any(isinstance(a, np.memmap) or isinstance(a.base, np.memmap)
+                                            for a in (b0.local, b0.gram))
+        if in_ram:
             assert b0 is not None
-            src_local, src_gram = b0.local, b0.gram
+            src_local, src_gram, src_scale = b0.local, b0.gram, b0.scale
+            whole = b0.local.shape[1] == width and src_local.dtype == np.float32 and src_gram.dtype == np.float32
 
-            def copy(a: int, b: int) -> None:             # one C call per slice, without the GIL
-                np.take(src_local, rows[a:b], axis=0, out=local[a:b], mode="clip")   # rows are in range
-                np.take(src_gram, rows[a:b], axis=0, out=gram[a:b], mode="clip")
+            def copy(a: int, b: int) -> None:             # a few C calls per slice, without the GIL
+                r = rows[a:b]
+                if whole:
+                    np.take(src_local, r, axis=0, out=local[a:b], mode="clip")   # rows are in range
+                    np.take(src_gram, r, axis=0, out=gram[a:b], mode="clip")
+                    return
+                lo = np.take(src_local, r, axis=0, mode="clip")[:, :width]      # int8/float16: 2-4x fewer bytes
+                if src_scale is not None:
+                    sc = np.take(src_scale, r, axis=0, mode="clip")[:, :width]
+                    dequantize_into(local[a:b], lo, sc)
+                else:
+                    np.copyto(local[a:b], lo)
+                np.copyto(gram[a:b], np.take(src_gram, r, axis=0, mode="clip")[:, :width, :width])
         else:
             rows_l = rows.tolist()
             which_l = which.tolist()

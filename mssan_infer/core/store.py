@@ -27,7 +27,7 @@ from .memory import GalleryIndex
 from .quant import Layout, Stage1Codec, parse_layout, store_locals
 
 __all__ = ["save_index", "load_index", "read_index_manifest", "recover_interrupted_save", "write_gallery",
-           "read_gallery", "saved_layout"]
+           "read_gallery", "saved_layout", "encode_stage1"]
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def read_gallery(
             if isinstance(l1, int) and not isinstance(l1, bool) and 0 <= l1 <= 127 * stage1_dim:
                 codec.l1max, codec._fitted_l1 = l1, True
         else:
-            codec, codes, outliers = _encode_stage1(wanted.stage1, st)
+            codec, codes, outliers = encode_stage1(wanted.stage1, st)
     g.adopt((st, lo, ma, gr, sc), clean, codes=codes, codec=codec, outliers=outliers)
     return g
 
@@ -221,7 +221,7 @@ def _convert_locals(g: GalleryIndex, lo: np.ndarray, gr: np.ndarray, ma: np.ndar
     return new_lo, new_sc, new_gr
 
 
-def _encode_stage1(storage: str, st: np.ndarray) -> tuple[Stage1Codec, np.ndarray, np.ndarray]:
+def encode_stage1(storage: str, st: np.ndarray) -> tuple[Stage1Codec, np.ndarray, np.ndarray]:
     """A codec fitted on every saved float32 stage-1 row, their codes and outliers (none: the scales fit all)."""
     n, dim = st.shape
     codec = Stage1Codec(storage, dim)

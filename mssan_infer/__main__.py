@@ -242,6 +242,8 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--out", required=True, help="index folder (written atomically)")
     ix.add_argument("--append", action="store_true", help="add to the index at --out")
     ix.add_argument("--fp16-locals", action="store_true", help="store locals and Grams in float16")
+    ix.add_argument("--layout", choices=("fp32", "fp16", "int8-stage1", "int8"), default=None,
+                    help="gallery layout (default fp32, or the layout of the index appended to); README 'Gallery layouts'")
     ix.add_argument("--batch-size", type=int, default=32)
     ix.add_argument("--no-progress", action="store_true")
 
@@ -282,7 +284,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             r = run_index(
                 args.bundle, args.out, images=args.images, ids=args.ids, texts=args.texts, text_ids=args.text_ids,
                 append=args.append, progress=not args.no_progress,
-                local_dtype="float16" if args.fp16_locals else None, batch_size=args.batch_size, **load,
+                local_dtype="float16" if args.fp16_locals else None, layout=args.layout, batch_size=args.batch_size,
+                **load,
             )
             print(f"indexed {r.n_images} images and {r.n_texts} captions into {args.out}", file=out)
             return 0

@@ -108,6 +108,8 @@ class Retriever:
         faiss_options: Mapping[str, int] | None = None,
         local_dtype: str | None = None,
         layout: str | None = None,
+        overfetch: int = 4,
+        certify: bool = False,
         mmap: bool = False,
         spill_dir: str | os.PathLike[str] | None = None,
         batch_size: int = 32,
@@ -134,6 +136,9 @@ class Retriever:
                 final scores stay exact) or ``"int8"`` (also int8 locals). With ``index``, the
                 default is the saved layout; another one converts while loading where the saved
                 values allow it (README "Gallery layouts").
+            overfetch, certify: a compressed stage 1 rescores ``overfetch x k`` candidates exactly;
+                ``certify`` also proves with its error bound that no other item could enter the top k
+                (fetching more until it does).
             mmap: keep gallery arrays in memory-mapped files (for galleries larger than RAM).
             spill_dir: where new memory-mapped files go (default: a temp folder).
             batch_size: encoder batch size.
@@ -152,7 +157,8 @@ class Retriever:
         b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         tokenizer = tokenizer_from_bundle(b)
         d = int(b.model_config["embed_size"])
-        opts: dict[str, Any] = {"stage1": stage1, "faiss_options": faiss_options, "spill_dir": spill_dir}
+        opts: dict[str, Any] = {"stage1": stage1, "faiss_options": faiss_options, "spill_dir": spill_dir,
+                                "overfetch": overfetch, "certify": certify}
         lay = parse_layout(layout, local_dtype)              # checks both before anything is loaded
 
         def empty() -> GalleryIndex:

@@ -84,6 +84,16 @@ def test_index_append_adds_without_rebuilding(bundle: Path, files: Path, tmp_pat
     assert code == 0 and "30 images and 3 captions" in text
 
 
+def test_index_with_a_layout_saves_it_and_search_uses_it(bundle: Path, files: Path, tmp_path: Path) -> None:
+    out = tmp_path / "idx8"
+    code, _, err = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--layout", "int8",
+                       "--no-progress")
+    assert code == 0, err
+    assert json.loads((out / "index.json").read_text())["galleries"]["images"]["layout"]["name"] == "int8"
+    code, text, _ = cli("search", "--bundle", bundle, "--index", out, "a red dog", "-k", "3", "--json")
+    assert code == 0 and len(json.loads(text)["hits"]) == 3
+
+
 def test_info_describes_bundle_and_index(bundle: Path, index: Path) -> None:
     code, text, _ = cli("info", "--bundle", bundle, "--index", index)
     assert code == 0 and "D=32" in text and "matches this bundle" in text and "30 items" in text

@@ -74,6 +74,9 @@ def write_npy_parts(path: Path, shape: tuple[int, ...], dtype: Any, parts: Itera
 
     Each part lands in the leading corner of its rows (a part narrower than ``shape`` is zero-padded).
     """
+    if 0 in shape:                                   # nothing to map: an empty array
+        write_npy(path, np.zeros(shape, dtype))
+        return
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
     for start, src in parts:
         if not len(src):

@@ -62,16 +62,15 @@ def write_gallery(gallery: GalleryIndex, folder: Path, prefix: str) -> dict[str,
         files[key] = fname
     codec = view.codec
     if codec is not None:
-        assert view.searcher is not None
-        subs = view.searcher.subs
+        subs = view.searcher.subs if view.searcher is not None else ()
         fname = f"{prefix}_stage1_codes.npy"
         starts = np.cumsum([0] + [ix.ntotal for ix in subs[:-1]]).tolist()
         write_npy_parts(folder / fname, (n, gallery.stage1_dim), codec.code_dtype,
                         ((int(a), codec.codes_of(ix)) for a, ix in zip(starts, subs)))
         files["stage1_codes"] = fname
         extra = {"stage1_peak": codec.peak}
-        if codec.storage == "int8":
-            assert codec.sigma is not None and view.outliers is not None
+        if codec.storage == "int8" and codec.sigma is not None:      # no scales before the first item
+            assert view.outliers is not None
             extra.update({"stage1_scale": codec.sigma, "stage1_outliers": view.outliers[view.outliers < n]})
             entry["layout"]["stage1_l1max"] = int(codec.l1max)
         for key, arr in extra.items():
@@ -162,7 +161,7 @@ def read_gallery(
         codes = peak = sigma = outliers = None
         if wanted.stage1 == saved.stage1 and saved.compressed_stage1:
             codes, peak = load("stage1_codes", False), load("stage1_peak", False)
-            if saved.stage1 == "int8":
+            if saved.stage1 == "int8" and "stage1_scale" in files:
                 sigma, outliers = load("stage1_scale", False), load("stage1_outliers", False)
     except IndexFileError:
         raise
@@ -177,6 +176,7 @@ def read_gallery(
         or (sc is not None and (sc.shape != (n, p) or sc.dtype != np.float32))
         or (codes is not None and (codes.shape != (n, stage1_dim) or codes.dtype.name != saved.stage1))
         or (peak is not None and peak.shape != (stage1_dim,))
+        or (codes is not None and saved.stage1 == "int8" and n > 0 and sigma is None)
         or (sigma is not None and sigma.shape != (stage1_dim,))
         or (outliers is not None and (outliers.ndim != 1 or (len(outliers) and not 0 <= outliers.min() <= outliers.max() < n)))
     ):

@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                    "images": random_regions(cfg["queries"], cfg["regions"], cfg["dv"], seed=7)}
         free = _free_gb(work)
         # the float32 gallery, plus float16 and int8 spill copies of memory-mapped ones opened in every layout
-        need = sum((sz.get("n_items", sz["n"])) * cfg["regions"] * cfg["d"] * (7 if sz.get("mmap") and sz["layouts"] else 4)
-                   for sz in sizes) / 2**30
+        need = sum(sz.get("n_items", sz["n"]) * (cfg["regions"] if sz["direction"] == "t2i" else cfg["words"])
+                   * cfg["d"] * (7 if sz.get("mmap") and sz["layouts"] else 4) for sz in sizes) / 2**30
         log.info("latency: galleries need about %.1f GB on %s (%.1f GB free)", need, work, free)
         if need > free * 0.8:
             raise SystemExit(f"not enough disk in {work}: galleries need ~{need:.1f} GB, {free:.1f} GB free; "

@@ -288,3 +288,13 @@ def test_int8_locals_change_final_scores_by_less_than_1e2(tiny_bundle: Path, enc
             assert abs(h.stage1 - ref[h.id].stage1) < 1e-5          # stage 1 stays exact
             worst = max(worst, abs(h.score - ref[h.id].score))
     assert 0 < worst < 1e-2
+
+
+def test_a_run_of_consecutive_rows_is_gathered_without_a_copy() -> None:
+    g = GalleryIndex(2 * D, D)
+    g.add(*items(100))
+    v = g.view()
+    local, mask, gram = v.gather(np.arange(10, 50))          # what exhaustive search asks for
+    assert np.shares_memory(local, v.blocks[0].local) and np.shares_memory(gram, v.blocks[0].gram)
+    ref = v.gather(np.arange(10, 50)[::-1])[0][::-1]          # the copying path gives the same values
+    assert np.array_equal(local, ref)

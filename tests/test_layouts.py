@@ -298,3 +298,46 @@ def test_a_run_of_consecutive_rows_is_gathered_without_a_copy() -> None:
     assert np.shares_memory(local, v.blocks[0].local) and np.shares_memory(gram, v.blocks[0].gram)
     ref = v.gather(np.arange(10, 50)[::-1])[0][::-1]          # the copying path gives the same values
     assert np.array_equal(local, ref)
+
+
+@pytest.mark.parametrize("layout", ["int8-stage1", "int8"])
+def test_searches_during_adds_and_removes_see_whole_items(layout: str) -> None:
+    import threading
+
+    g = GalleryIndex(2 * D, D, layout=layout, segment_rows=64)
+    vectors: dict[int, np.ndarray] = {}
+    st, lo, ma, gr = items(200, seed=0)
+    g.add(st, lo, ma, gr, ids=list(range(200)))
+    vectors.update({i: st[i] for i in range(200)})
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def writer() -> None:
+        nxt = 200
+        for j in range(30):
+            s, lo_, ma_, gr_ = items(20, seed=100 + j)
+            ids = list(range(nxt, nxt + 20))
+            vectors.update({i: s[k] for k, i in enumerate(ids)})
+            g.add(s, lo_, ma_, gr_, ids=ids)
+            g.remove(ids[:5])
+            nxt += 20
+        stop.set()
+
+    def reader() -> None:
+        q = queries(2)
+        while not stop.is_set():
+            v = g.view()
+            rows, scores = v.topk(q, 15)
+            for qi in range(2):
+                for r, s in zip(rows[qi], scores[qi]):
+                    want = float(q[qi] @ vectors[v.ids_at([r])[0]])
+                    if abs(want - float(s)) > 1e-4:
+                        errors.append(f"row {r}: {s} != {want}")
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert len(g) == 200 + 30 * 15

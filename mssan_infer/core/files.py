@@ -12,7 +12,7 @@ import numpy as np
 
 from .errors import BundleError, MssanError
 
-__all__ = ["sha256_file", "safe_member", "write_npy", "write_npy_parts", "fsync_dir", "exchange_dirs", "CHUNK_BYTES", "rows_per_chunk"]
+__all__ = ["sha256_file", "safe_member", "write_npy", "write_npy_parts", "release_rows", "fsync_dir", "exchange_dirs", "CHUNK_BYTES", "rows_per_chunk"]
 
 CHUNK_BYTES = 64 << 20          # copies of large arrays go in blocks of about this many bytes
 
@@ -93,6 +93,32 @@ def write_npy_parts(path: Path, shape: tuple[int, ...], dtype: Any, parts: Itera
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def release_rows(arr: np.ndarray, a: int, b: int) -> None:
+    """Drop rows ``a:b`` of a read-only memory map from this process's resident pages (a hint; no-op elsewhere).
+
+    Streaming through a mapped file (converting a saved index) otherwise leaves every page read resident
+    in the process until the map is closed.
+    """
+    import mmap as _mmap
+
+    mm = getattr(arr, "_mmap", None)
+    advise = getattr(mm, "madvise", None)
+    flag = getattr(_mmap, "MADV_DONTNEED", None)
+    if advise is None or flag is None or not isinstance(arr, np.memmap) or b <= a:
+        return
+    row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.itemsize
+    skew = int(arr.offset) % _mmap.ALLOCATIONGRANULARITY           # the map starts this far before the data
+    start, stop = skew + a * row, skew + b * row
+    page = _mmap.PAGESIZE
+    start = -(-start // page) * page                                # only whole pages inside the rows
+    stop = (stop // page) * page
+    if stop > start:
+        try:
+            advise(flag, start, stop - start)
+        except (OSError, ValueError):
+            pass
 
 
 def fsync_dir(path: Path) -> None:

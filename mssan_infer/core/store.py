@@ -21,7 +21,7 @@ import numpy as np
 
 from .contract import ItemId, check_id
 from .errors import IndexFileError, IndexWriteError, InputError, MssanError
-from .files import exchange_dirs, fsync_dir, rows_per_chunk, safe_member, sha256_file, write_npy, write_npy_parts
+from .files import exchange_dirs, fsync_dir, release_rows, rows_per_chunk, safe_member, sha256_file, write_npy, write_npy_parts
 from .layout import INDEX_FORMAT, INDEX_FORMAT_VERSION, INDEX_MANIFEST
 from .memory import GalleryIndex
 from .quant import Layout, Stage1Codec, parse_layout, store_locals
@@ -218,6 +218,8 @@ def _convert_locals(g: GalleryIndex, lo: np.ndarray, gr: np.ndarray, ma: np.ndar
         new_lo[a:b], new_gr[a:b] = l_, g_
         if new_sc is not None and s_ is not None:
             new_sc[a:b] = s_
+        release_rows(lo, a, b)
+        release_rows(gr, a, b)
     return new_lo, new_sc, new_gr
 
 
@@ -229,12 +231,14 @@ def encode_stage1(storage: str, st: np.ndarray) -> tuple[Stage1Codec, np.ndarray
     peak = np.zeros(dim, np.float32)
     for a in range(0, n, step):
         peak = np.maximum(peak, np.abs(np.asarray(st[a:a + step])).max(axis=0))
+        release_rows(st, a, a + step)
     codec.fit_peak(peak)
     codes = np.empty((n, dim), codec.code_dtype)
     outl = []
     for a in range(0, n, step):
         c, o = codec.encode(np.asarray(st[a:a + step]))
         codes[a:a + len(c)] = c
+        release_rows(st, a, a + len(c))
         outl.append(a + np.flatnonzero(o))
     return codec, codes, (np.concatenate(outl) if outl else np.zeros(0, np.int64))
 

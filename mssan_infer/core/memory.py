@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "float16")              # float locals (``dtype=``); int8 locals come with a layout
 ARRAYS = ("stage1", "local", "mask", "gram")
 SEGMENT_ROWS = 4096        # rows of a new segment (more when one batch is larger)
-CODE_ROWS = 16384          # compressed stage-1 codes per FAISS sub-index (searched on threads of their own)
+CODE_ROWS = 8192           # compressed stage-1 codes per FAISS sub-index (searched on threads of their own)
 OVERFETCH = 4              # compressed stage 1 fetches this many times the rows asked for, then rescores
 _MIN_ROWS_PER_PART = 16    # gathers smaller than this per thread are not split
 
@@ -415,20 +415,20 @@ class GalleryIndex:
             self._alloc("gram", (cap, pad, pad), lay.gram, self.mmap),
         )
 
-    def _append_codes(self, seg: _Segment, a: int, codes: np.ndarray) -> None:
+    def _append_codes(self, seg: _Segment, a: int, codes: np.ndarray, rows_per_sub: int = CODE_ROWS) -> None:
         """Add compressed stage-1 ``codes`` of segment rows ``a..`` (the last sub-index is cloned, never changed)."""
         assert self._codec is not None
         faiss = self._codec.faiss
         subs = list(seg.codes)
         pos = 0
         while pos < len(codes):
-            if subs and subs[-1].ntotal < CODE_ROWS:
+            if subs and subs[-1].ntotal < rows_per_sub:
                 last = faiss.clone_index(subs[-1])        # views may be searching the old one
                 subs[-1] = last
             else:
                 last = self._codec.new_index()
                 subs.append(last)
-            take = min(len(codes) - pos, CODE_ROWS - last.ntotal)
+            take = min(len(codes) - pos, rows_per_sub - last.ntotal)
             self._codec.add_codes(last, codes[pos:pos + take])
             pos += take
         seg.codes = subs
@@ -666,7 +666,9 @@ class GalleryIndex:
                 if self._codec is not None:
                     assert codes is not None and codec is not None
                     self._codec = codec
-                    self._append_codes(seg, 0, codes)
+                    # at least two sub-indexes, so the scan runs on two threads (FAISS scans one index on one)
+                    parts = max(2, -(-n // CODE_ROWS))
+                    self._append_codes(seg, 0, codes, rows_per_sub=max(1, -(-n // parts)))
                     self._outliers = np.asarray(outliers if outliers is not None else np.zeros(0), np.int64)
                 self._segs.append(seg)
             self._n = n

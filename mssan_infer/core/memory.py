@@ -396,7 +396,9 @@ class GalleryIndex:
 
     def _alloc(self, name: str, shape: tuple[int, ...], dtype: Any, mapped: bool) -> np.ndarray:
         if not mapped or 0 in shape:
-            return np.zeros(shape, dtype)          # calloc: pages become resident when written
+            # not zeroed: a row becomes resident when an add writes it (and zeroes its padding); np.zeros
+            # would touch every page once glibc serves blocks this size from its heap
+            return np.empty(shape, dtype)
         path = self._spill_dir() / f"{name}.{uuid.uuid4().hex[:12]}.npy"
         arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
         try:
@@ -530,7 +532,8 @@ class GalleryIndex:
             while done < n:
                 seg = self._segs[-1] if self._segs else None
                 if seg is None or seg.n >= seg.cap or seg.pad < width:
-                    cap = max(self.segment_rows, n - done)
+                    # small galleries grow in segments no larger than themselves (at least 64 rows)
+                    cap = max(min(self.segment_rows, max(64, self._n + done)), n - done)
                     pad = max(width, seg.pad if seg is not None else 0)
                     seg = self._new_segment(cap, pad)
                     self._segs.append(seg)
@@ -538,11 +541,16 @@ class GalleryIndex:
                 a, b = seg.n, seg.n + take
                 src = slice(done, done + take)
                 seg.stage1[a:b] = stage1[src]
-                seg.local[a:b, :width] = lo_store[src]          # rows past n are still zero
+                seg.local[a:b, :width] = lo_store[src]
+                seg.local[a:b, width:] = 0                           # padding (storage is not pre-zeroed)
                 if seg.scale is not None and scale is not None:
                     seg.scale[a:b, :width] = scale[src]
+                    seg.scale[a:b, width:] = 0
                 seg.mask[a:b, :width] = mask[src]
+                seg.mask[a:b, width:] = 0
                 seg.gram[a:b, :width, :width] = gr_store[src]
+                seg.gram[a:b, width:] = 0
+                seg.gram[a:b, :width, width:] = 0
                 if codes is not None:
                     self._append_codes(seg, a, codes[src])
                 seg.n = b

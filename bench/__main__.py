@@ -37,22 +37,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "d": 1024, "word_dim": 300, "dv": 2048, "regions": 36, "words": 12,
         "scorer_k": 100, "shard": 128, "scorer_repeats": 30, "loop_max_pairs": 128 * 128,
         "t2i_sizes": [1000, 5000, 25000], "i2t_sizes": [1000, 5000], "mmap_sizes": [100000], "ivf_sizes": [25000, 100000],
+        "i2t_mmap_sizes": [20000], "layout_sizes": [5000, 25000, 100000], "i2t_layout_sizes": [1000, 5000, 20000],
         "exhaustive_max": 100000, "depths": [0, 10, 50, 100, 200],
         "repeats_fast": 40, "repeats_slow": 7, "max_seconds": 90.0,
         "pool": 500, "queries": 50,
         "train_images": 1500, "epochs": 3, "train_max_steps": None, "train_model_overrides": {}, "recall_images": 5000, "recall_queries": 500,
-        "encode_batch": 64, "encode_repeats": 10, "ref_small": 5000, "ref_large": 25000,
+        "encode_batch": 64, "encode_repeats": 10, "ref_small": 5000, "ref_large": 25000, "ref_mmap": 100000,
         "qdrant_sizes": [25000, 100000], "qdrant_repeats": 15,
     },
     "quick": {
         "d": 1024, "word_dim": 300, "dv": 2048, "regions": 36, "words": 12,
         "scorer_k": 100, "shard": 64, "scorer_repeats": 10, "loop_max_pairs": 64 * 64,
         "t2i_sizes": [1000, 5000], "i2t_sizes": [1000], "mmap_sizes": [], "ivf_sizes": [5000],
+        "i2t_mmap_sizes": [], "layout_sizes": [5000], "i2t_layout_sizes": [1000],
         "exhaustive_max": 5000, "depths": [0, 10, 50, 100, 200],
         "repeats_fast": 15, "repeats_slow": 3, "max_seconds": 20.0,
         "pool": 200, "queries": 20,
         "train_images": 500, "epochs": 1, "train_max_steps": None, "train_model_overrides": {}, "recall_images": 1000, "recall_queries": 200,
-        "encode_batch": 32, "encode_repeats": 4, "ref_small": 1000, "ref_large": 5000,
+        "encode_batch": 32, "encode_repeats": 4, "ref_small": 1000, "ref_large": 5000, "ref_mmap": 100000,
         "qdrant_sizes": [2000], "qdrant_repeats": 5,
     },
 }
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "ONNX Runtime sessions of the scorer comparison run with allow_spinning=0 so idle workers do not steal the "
         "cores from the interleaved PyTorch rounds; PyTorch runs with OMP_WAIT_POLICY="
         f"{_OMP_WAIT} for the same reason (numpy BLAS on 1 thread except in the sgemm rounds of section 1).",
-        f"Gallery size N: t2i searches N images; i2t searches the 5N captions of N images.",
+        "Gallery size N: t2i searches N images; i2t searches the 5N captions of N images.",
         "Latency galleries are tiled from items encoded by the bundle's encoders (values do not change speed).",
         "Exhaustive PyTorch = encode the query in PyTorch + MSSAN.score over every gallery item (shards of 1024) + top-k.",
     ]
@@ -157,11 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         bundle_id = rt.bundle_id
         sizes = [{"n": n, "direction": "t2i", "exhaustive": n <= cfg["exhaustive_max"]} for n in cfg["t2i_sizes"]]
         sizes += [{"n": n, "direction": "i2t", "exhaustive": n <= cfg["exhaustive_max"]} for n in cfg["i2t_sizes"]]
-        sizes += [{"n": n, "direction": "t2i", "dtype": "float16", "mmap": True,
-                   "exhaustive": n <= cfg["exhaustive_max"]} for n in cfg["mmap_sizes"]]
+        # memory-mapped galleries are written as float32, so every layout (fp32 included) can be opened from them
+        sizes += [{"n": n, "direction": "t2i", "mmap": True, "exhaustive": n <= cfg["exhaustive_max"]}
+                  for n in cfg["mmap_sizes"]]
+        sizes += [{"n": n, "direction": "i2t", "mmap": True, "exhaustive": 5 * n <= cfg["exhaustive_max"]}
+                  for n in cfg["i2t_mmap_sizes"]]
         for sz in sizes:
             sz["bundle_id"] = bundle_id
             sz["ivf"] = sz["direction"] == "t2i" and sz["n"] in cfg["ivf_sizes"]
+            sz["layouts"] = sz["n"] in cfg["layout_sizes" if sz["direction"] == "t2i" else "i2t_layout_sizes"]
             if sz["direction"] == "i2t":
                 sz["n_items"] = 5 * sz["n"]
         pools = {"images": pool_imgs, "texts": pool_txts}
@@ -173,15 +179,21 @@ def main(argv: list[str] | None = None) -> int:
         queries = {"texts": random_captions(cfg["queries"], cfg["words"], seed=7),
                    "images": random_regions(cfg["queries"], cfg["regions"], cfg["dv"], seed=7)}
         free = _free_gb(work)
-        need = sum((sz.get("n_items", sz["n"])) * cfg["regions"] * cfg["d"] * (2 if sz.get("mmap") else 4)
-                   for sz in sizes) / 2**30
+        # the float32 gallery, plus float16 and int8 spill copies of memory-mapped ones opened in every layout
+        need = sum(sz.get("n_items", sz["n"]) * (cfg["regions"] if sz["direction"] == "t2i" else cfg["words"])
+                   * cfg["d"] * (7 if sz.get("mmap") and sz["layouts"] else 4) for sz in sizes) / 2**30
         log.info("latency: galleries need about %.1f GB on %s (%.1f GB free)", need, work, free)
         if need > free * 0.8:
             raise SystemExit(f"not enough disk in {work}: galleries need ~{need:.1f} GB, {free:.1f} GB free; "
                              "pass --work elsewhere or smaller --set sizes")
+        from .layouts import bandwidth_gbs, resident_mb
+
+        res["bandwidth_gbs"] = bandwidth_gbs(args.threads)
+        log.info("latency: memory read bandwidth %.1f GB/s (%d threads)", res["bandwidth_gbs"], args.threads)
+        res["resident_bundle_only"] = resident_mb(speed, None, "fp32", False, True, queries["texts"])
         res["latency"] = run_latency(factory, model, rt.tokenizer, pools, sizes, cfg["depths"], work, args.threads,
                                      queries, cfg["repeats_fast"], cfg["repeats_slow"], cfg["max_seconds"],
-                                     variant_options=VARIANTS)
+                                     variant_options=VARIANTS, bundle=speed, bandwidth=res["bandwidth_gbs"])
     if "qdrant" in sections:
         from .qdrant import run_qdrant_latency
 
@@ -202,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                                         max_steps=cfg["train_max_steps"], model_overrides=cfg["train_model_overrides"])
         res["train"] = info
         with Retriever.load(tb, threads=args.threads, verify=False) as r:
-            res["recall"] = run_recall(r, cfg["recall_images"], cfg["depths"], cfg["recall_queries"], ivf=True)
+            res["recall"] = run_recall(r, cfg["recall_images"], cfg["depths"], cfg["recall_queries"], ivf=True,
+                                       layouts=("fp16", "int8-stage1", "int8"))
             if "qdrant" in sections:
                 from .qdrant import run_qdrant_recall
 

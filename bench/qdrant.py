@@ -94,7 +94,7 @@ def run_qdrant_latency(bundle: Path, pool: Any, sizes: list[int], queries: list[
                        repeats: int, max_seconds: float) -> dict[str, Any]:
     """Text->image at rerank 100: in-memory gallery vs Qdrant Edge modes, per gallery size."""
     from mssan_infer import Retriever
-    from mssan_infer.core.layout import IMAGES, TEXTS
+    from mssan_infer.core.layout import IMAGES
     from mssan_infer.core.memory import GalleryIndex
     from mssan_infer.core.qdrant import QdrantEdge, QdrantOptions, open_qdrant_galleries
     from mssan_infer.core.store import save_index
@@ -185,9 +185,10 @@ def run_qdrant_recall(retriever: Any, work: Path, queries: int, seed: int = 0) -
                                    retriever.bundle_id)
         for name in (IMAGES, TEXTS):
             v = retriever._galleries[name].view()
+            st, lo, ma, gr = v.arrays()                                   # float32 copies of every item
             for a in range(0, v.n, _CHUNK):
                 b = min(v.n, a + _CHUNK)
-                gs[name].add(v.stage1[a:b], v.local[a:b], v.mask[a:b], v.gram[a:b], ids=list(v.ids[a:b]))
+                gs[name].add(st[a:b], lo[a:b], ma[a:b], gr[a:b], ids=list(v.ids[a:b]))
         runs[mode] = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, gs[IMAGES], gs[TEXTS])
     for name, r in runs.items():
         hits = r.search_batch(texts=[caps[i] for i in q_caps], k=10, rerank=100)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -26,17 +26,21 @@ def _recall(hit_rank: np.ndarray) -> dict[str, float]:
 
 
 def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, seed: int = 0,
-               split: str = "bench", ivf: bool = False) -> dict[str, Any]:
+               split: str = "bench", ivf: bool = False, layouts: Sequence[str] = ()) -> dict[str, Any]:
     """Recall per depth for both directions. ``retriever`` is a fresh Retriever of the trained bundle.
 
     ``ivf``: also rerank 100 over an IVF stage 1 (FAISS, ``retrieval.ivf_options``), as row ``ivf_100``.
+    ``layouts``: also rerank 100 over galleries of these layouts (``mssan_infer.core.quant.LAYOUTS``), as rows
+    ``layout_<name>`` with the R@1 ratio against the float32 layout at rerank 100 (``r1_ratio_vs_fp32``) and
+    the largest difference of a returned hit's final score from its float32 one (``score_err_max``).
     """
     from training.synth import generate_split
 
     ims, caps = generate_split(n_images, seed=seed, split=split)
     t0 = time.perf_counter()
-    retriever.add_images(ims, ids=list(range(n_images)))
-    retriever.add_texts(caps, ids=list(range(len(caps))))
+    enc_ims, enc_caps = retriever.encode_images(ims), retriever.encode_texts(caps)
+    retriever.add_images(enc_ims, ids=list(range(n_images)))
+    retriever.add_texts(enc_caps, ids=list(range(len(caps))))
     encode_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     q_caps = np.sort(rng.choice(len(caps), size=min(queries, len(caps)), replace=False))
@@ -51,6 +55,20 @@ def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, s
         variant = stage1_variant(retriever, "faiss-ivf", ivf_options)
         out["ivf_options"] = {"images": ivf_options(n_images), "texts": ivf_options(len(caps))}
         runs.append(("ivf_100", variant, 100))
+    lay_rs = []
+    for name in layouts:
+        from mssan_infer import Retriever
+        from mssan_infer.index import GalleryIndex
+
+        d = retriever.embed_size
+        lr = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer,
+                       GalleryIndex(2 * d, d, layout=name), GalleryIndex(2 * d, d, layout=name),
+                       scorer_batch=retriever.scorer_batch, gather_threads=retriever.gather_threads)
+        lr.add_images(enc_ims, ids=list(range(n_images)))
+        lr.add_texts(enc_caps, ids=list(range(len(caps))))
+        lay_rs.append(lr)
+        runs.append((f"layout_{name}", lr, 100))
+    scores: dict[str, tuple[Any, Any]] = {}
     for name, r, fixed in runs:
         depth = fixed if fixed is not None else name
         d_t2i = n_images if depth == "exhaustive" else int(depth)
@@ -59,21 +77,37 @@ def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, s
         hits = r.search_batch(texts=[caps[i] for i in q_caps], k=10, rerank=d_t2i)
         ranks = np.array([next((j for j, h in enumerate(hs) if h.id == int(c) // CAPS), 10)
                           for c, hs in zip(q_caps, hits)])
+        hits_t2i = hits
         t_t2i = time.perf_counter() - t0
         t0 = time.perf_counter()
         hits = r.search_batch(images=ims[q_ims], k=10, rerank=d_i2t)
         ranks_i = np.array([next((j for j, h in enumerate(hs) if int(h.id) // CAPS == int(i)), 10)
                             for i, hs in zip(q_ims, hits)])
         t_i2t = time.perf_counter() - t0
+        scores[name] = (hits_t2i, hits)
         out["t2i"][name] = {**_recall(ranks), "seconds": t_t2i}
         out["i2t"][name] = {**_recall(ranks_i), "seconds": t_i2t}
         log.info("recall %s: t2i %s i2t %s", name, out["t2i"][name], out["i2t"][name])
     if ivf:
         variant.close()
+    for lr in lay_rs:
+        if lr._gather_pool is not None:
+            lr._gather_pool.shutdown()                    # the backend is the caller's
+    for name in layouts:
+        for di, direction in enumerate(("t2i", "i2t")):
+            ref = {(qi, h.id): h.score for qi, hs in enumerate(scores["100"][di]) for h in hs}
+            errs = [abs(h.score - ref[(qi, h.id)]) for qi, hs in enumerate(scores[f"layout_{name}"][di])
+                    for h in hs if (qi, h.id) in ref]
+            out[direction][f"layout_{name}"]["score_err_max"] = float(max(errs)) if errs else float("nan")
     for direction in ("t2i", "i2t"):
         ex = out[direction]["exhaustive"]
         for name, _, _ in runs:
             row = out[direction][name]
             # 0/0 (an untrained model finds nothing either way) counts as equal recall
             row["r1_ratio"] = row["r1"] / ex["r1"] if ex["r1"] > 0 else (1.0 if row["r1"] == 0 else float("inf"))
+            if name.startswith("layout_"):
+                base = out[direction]["100"]
+                for r_ in ("r1", "r5", "r10"):
+                    row[f"{r_}_ratio_vs_fp32"] = (row[r_] / base[r_] if base[r_] > 0
+                                                  else (1.0 if row[r_] == 0 else float("inf")))
     return out

@@ -15,7 +15,12 @@ SUMMARY_KEYS = (
     "scorer_speedup_vs_torch", "scorer_speedup_vs_loop", "scorer_fraction_of_sgemm_peak",
     "twostage_speedup_vs_exhaustive_5k", "twostage_speedup_vs_exhaustive_25k", "twostage_recall1_ratio_5k",
     "t2i_p50_ms_5k_rerank100", "i2t_p50_ms_5k_rerank100",
+    # gallery layouts (issue 13)
+    "twostage_speedup_vs_exhaustive_25k_int8", "twostage_recall1_ratio_5k_int8",
+    "t2i_p50_ms_25k_rerank100_no_encode_int8", "rss_mb_25k_int8", "exhaustive_runtime_vs_torch_5k",
+    "t2i_p50_ms_100k_rerank100_int8",
 )
+LAYOUT_NAMES = ("fp32", "fp16", "int8-stage1", "int8")
 TARGETS = {
     "scorer_speedup_vs_torch": (">=", 1.5),
     "scorer_fraction_of_sgemm_peak": (">=", 0.30),
@@ -23,6 +28,12 @@ TARGETS = {
     "twostage_speedup_vs_exhaustive_25k": (">=", 40.0),
     "twostage_recall1_ratio_5k": (">=", 0.99),
     "t2i_p50_ms_5k_rerank100": ("<=", 12.0),
+    "twostage_speedup_vs_exhaustive_25k_int8": (">=", 60.0),
+    "twostage_recall1_ratio_5k_int8": (">=", 0.99),
+    "t2i_p50_ms_25k_rerank100_no_encode_int8": ("<=", 3.0),
+    "rss_mb_25k_int8": ("<=", 2000.0),
+    "exhaustive_runtime_vs_torch_5k": (">=", 1.0),
+    "t2i_p50_ms_100k_rerank100_int8": ("<=", 15.0),
 }
 
 
@@ -31,6 +42,12 @@ def _nan(x: Any) -> float:
         return float(x)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def _nanmin(xs: Any) -> float:
+    """The smallest of ``xs``, NaN when any is NaN (a missing measurement is not a pass)."""
+    xs = [_nan(x) for x in xs]
+    return float("nan") if not xs or any(math.isnan(x) for x in xs) else min(xs)
 
 
 def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +92,41 @@ def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     s["twostage_recall1_ratio_5k_t2i"], s["twostage_recall1_ratio_5k_i2t"] = ratios
     src["twostage_recall1_ratio_5k"] = (f"recall on {rec.get('images')} synthetic images: min over t2i/i2t of "
                                         "R@1(rerank 100) / R@1(exhaustive)")
-    _summarise_qdrant(res, s, src)
+    # ---- gallery layouts
+    big = lat.get(f"t2i_{cfg['ref_large']}", {})
+    s["twostage_speedup_vs_exhaustive_25k_int8"] = _nan(big.get("speedup_rerank100_int8_vs_exhaustive_torch"))
+    src["twostage_speedup_vs_exhaustive_25k_int8"] = (f"latency t2i_{cfg['ref_large']} slow group: exhaustive PyTorch "
+                                                      "p50 / rerank 100 p50 with the int8 layout")
+    lay = big.get("layouts", {}).get("int8", {})
+    s["t2i_p50_ms_25k_rerank100_no_encode_int8"] = _nan(lay.get("no_encode_100", {}).get("p50_ms"))
+    src["t2i_p50_ms_25k_rerank100_no_encode_int8"] = (f"latency t2i_{cfg['ref_large']} layouts group: search_encoded "
+                                                      "(stage 1 + gather + scorer) at rerank 100, int8 layout")
+    s["rss_mb_25k_int8"] = _nan(lay.get("resident", {}).get("rss_mb"))
+    src["rss_mb_25k_int8"] = (f"VmRSS of a fresh process holding the bundle and the {cfg['ref_large']}-image gallery "
+                              "in the int8 layout, after 20 searches")
+    ratios = {}
+    for d in ("t2i", "i2t"):
+        row = lat.get(f"{d}_{cfg['ref_small']}", {})
+        ratios[d] = _nan(row.get("exhaustive_runtime_vs_torch"))
+        s[f"exhaustive_runtime_vs_torch_5k_{d}"] = ratios[d]
+    s["exhaustive_runtime_vs_torch_5k"] = _nanmin(ratios.values())
+    src["exhaustive_runtime_vs_torch_5k"] = (f"latency t2i/i2t_{cfg['ref_small']} slow group: exhaustive PyTorch p50 / "
+                                             "runtime exhaustive (rerank = gallery) p50, the smaller of the two")
+    mm = lat.get(f"t2i_{cfg['ref_mmap']}_mmap", {})
+    s["t2i_p50_ms_100k_rerank100_int8"] = _nan(mm.get("layouts", {}).get("int8", {}).get("rerank_100", {}).get("p50_ms"))
+    src["t2i_p50_ms_100k_rerank100_int8"] = f"latency t2i_{cfg['ref_mmap']}_mmap layouts group, rerank 100, int8 layout"
+    lr = [_nan(rec.get(d, {}).get("layout_int8", {}).get("r1_ratio_vs_fp32")) for d in ("t2i", "i2t")]
+    s["twostage_recall1_ratio_5k_int8"] = _nanmin(lr)
+    s["twostage_recall1_ratio_5k_int8_t2i"], s["twostage_recall1_ratio_5k_int8_i2t"] = lr
+    src["twostage_recall1_ratio_5k_int8"] = (f"recall on {rec.get('images')} synthetic images at rerank 100: min over "
+                                             "t2i/i2t of R@1(int8 layout) / R@1(fp32 layout)")
+    for name in LAYOUT_NAMES[1:]:
+        for d in ("t2i", "i2t"):
+            row = rec.get(d, {}).get(f"layout_{name}", {})
+            s[f"recall_ratio_5k_{name}_{d}"] = {r: _nan(row.get(f"{r}_ratio_vs_fp32")) for r in ("r1", "r5", "r10")}
+            s[f"score_err_max_5k_{name}_{d}"] = _nan(row.get("score_err_max"))
+    s["bandwidth_gbs"] = _nan(res.get("bandwidth_gbs"))
+    _summarise_qdrant(res, s, src, cfg)
     enc = res.get("encode", {})
     s["images_per_s"] = _nan(enc.get("images_per_s"))
     s["captions_per_s"] = _nan(enc.get("captions_per_s"))
@@ -96,8 +147,12 @@ def _tag(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
-def _summarise_qdrant(res: dict[str, Any], s: dict[str, Any], src: dict[str, str]) -> None:
-    """Qdrant Edge figures: p50 at rerank 100, resident MB, ratios to the in-memory gallery, recall ratios."""
+def _summarise_qdrant(res: dict[str, Any], s: dict[str, Any], src: dict[str, str], cfg: dict[str, Any]) -> None:
+    """Qdrant Edge figures: p50 at rerank 100, resident MB, ratios to the in-memory gallery, recall ratios;
+    at the memory-mapped size, the ratio to the best in-process layout of the latency section."""
+    mm = res.get("latency", {}).get(f"t2i_{cfg.get('ref_mmap')}_mmap", {}).get("layouts", {})
+    best = min([_nan(v.get("rerank_100", {}).get("p50_ms")) for v in mm.values()] or [float("nan")])
+    fp32_rss = _nan(mm.get("fp32", {}).get("resident", {}).get("rss_mb"))
     q = res.get("qdrant", {}).get("sizes", {})
     for n, row in q.items():
         tag = _tag(int(n))
@@ -112,6 +167,11 @@ def _summarise_qdrant(res: dict[str, Any], s: dict[str, Any], src: dict[str, str
                                                           / _nan(row.get("rss_mb", {}).get("memory")))
         for mode in ("int8", "hnsw"):
             s[f"qdrant_{mode}_stage1_recall100_{tag}"] = _nan(row.get(f"{mode}_stage1_recall100"))
+        if int(n) == cfg.get("ref_mmap"):
+            for name, r in lat.items():
+                if name != "memory":
+                    s[f"qdrant_{name}_vs_best_inprocess_p50_{tag}"] = _nan(r.get("p50_ms")) / best
+                    s[f"qdrant_{name}_vs_inprocess_fp32_rss_{tag}"] = _nan(row.get("rss_mb", {}).get(name)) / fp32_rss
         src[f"qdrant_*_{tag}"] = (f"qdrant {n}: t2i rerank 100, Qdrant Edge vs the in-memory gallery "
                                   f"({row.get('memory_layout')}) side by side; RSS of a fresh process per gallery")
     rec = res.get("qdrant_recall", {})
@@ -159,7 +219,7 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
             lines.append(f"| {name} | sgemm 2048³ | {_f(row['sgemm']['p50_ms'])} | {_f(row['sgemm']['p99_ms'])} | | "
                          f"{_f(row['sgemm_gflops'], 1)} | 100% |")
         lines.append("")
-        lines.append(f"FLOPs per pair (Gram form, matrix products only): "
+        lines.append("FLOPs per pair (Gram form, matrix products only): "
                      + ", ".join(f"{n}: {_f(r['flops_per_pair'] / 1e6, 3)} M" for n, r in sc["shapes"].items())
                      + ". Max |score - PyTorch| per candidate: "
                      + "; ".join(f"{n}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff_vs_torch"].items())
@@ -176,7 +236,7 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
             cells = [f"{_f(f[f'rerank_{d}']['p50_ms'])} / {_f(f[f'rerank_{d}']['p99_ms'])}" for d in depths]
             ex = [f"{_f(s[c]['p50_ms'])} / {_f(s[c]['p99_ms'])}" if c in s else "–"
                   for c in ("exhaustive_runtime", "exhaustive_torch", "rerank_100")]
-            gal = f"{row.get('n_items', row['n']):,} {row['gallery']}" + (" (fp16 mmap)" if row["mmap"] else "")
+            gal = f"{row.get('n_items', row['n']):,} {row['gallery']}" + (f" ({row['dtype']} mmap)" if row["mmap"] else "")
             lines.append(f"| {row['direction']} | {gal} | " + " | ".join(cells) + " | " + " | ".join(ex)
                          + f" | {_f(row.get('speedup_rerank100_vs_exhaustive_torch'), 1)}x | {_f(row['peak_rss_mb'], 0)} |")
         lines += ["", "Breakdown of rerank 100 (p50 ms): " + "; ".join(
@@ -197,6 +257,32 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
                 f"{_f(row['slow'].get('rerank_100_ivf', {}).get('p99_ms'))}, "
                 f"{_f(row.get('speedup_rerank100_ivf_vs_exhaustive_torch'), 1)}x vs exhaustive PyTorch "
                 f"(IVF built in {_f(row['ivf_build_s'], 1)} s)" for k, row in ivf_rows)]
+    lay_rows = [(k, row) for k, row in (lat or {}).items() if "layouts" in row]
+    if lay_rows:
+        bw = _nan(res.get("bandwidth_gbs"))
+        base = res.get("resident_bundle_only", {})
+        lines += ["", "## 2b. Gallery layouts (rerank 100; one interleaved group per gallery)", "",
+                  f"Measured memory read bandwidth: {_f(bw, 1)} GB/s (float32 matrix-vector product over 1 GiB, "
+                  f"{cfg['threads']} threads). Resident MB: VmRSS of a fresh process holding the bundle and the "
+                  f"gallery in that layout after 20 searches (bundle alone: {_f(base.get('rss_mb'), 0)} MB). Bytes "
+                  "per query: stage-1 scan (+ the 400 over-fetched float32 rows of a compressed stage 1) + the 100 "
+                  "candidates' stored items + the scorer's float32 inputs, against the no-encode p50.", "",
+                  "| query | gallery | layout | p50 / p99 ms | no encode p50 | stage 1 | gather | scorer | speedup vs "
+                  "exhaustive PyTorch | resident MB | MB read / query | GB/s | of bandwidth |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for key, row in lay_rows:
+            torch_ms = _nan(row.get("slow", {}).get("exhaustive_torch", {}).get("p50_ms"))
+            gal = f"{row['n_items']:,} {row['gallery']}" + (" (mmap)" if row["mmap"] else "")
+            for name, x in row["layouts"].items():
+                lines.append(
+                    f"| {row['direction']} | {gal} | {name} | {_f(x['rerank_100']['p50_ms'])} / "
+                    f"{_f(x['rerank_100']['p99_ms'])} | {_f(x['no_encode_100']['p50_ms'])} | "
+                    f"{_f(x['stage1_topk100']['p50_ms'])} | {_f(x['gather_100']['p50_ms'])} | "
+                    f"{_f(x['scorer_100']['p50_ms'])} | {_f(torch_ms / x['rerank_100']['p50_ms'], 1)}x | "
+                    f"{_f(x.get('resident', {}).get('rss_mb'), 0)} | {_f(x['bytes']['total'] / 1e6, 1)} | "
+                    f"{_f(x['gb_per_s'], 1)} | {_f(100 * _nan(x.get('fraction_of_bandwidth')), 0)}% |")
+        lines += ["", "Speedups in this table divide the exhaustive PyTorch p50 of the slow group by the layout "
+                  "group's p50 (two groups of one run); the headline int8 speedup is measured inside the slow group."]
     rec = res.get("recall")
     if rec:
         lines += ["", f"## 3. Recall vs rerank depth ({rec['images']} synthetic images, {rec['captions']} captions; "
@@ -209,6 +295,16 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
                 if d == "ivf_100" else d
             lines.append(f"| {label} | {_f(a['r1'], 1)} | {_f(a['r5'], 1)} | {_f(a['r10'], 1)} | {_f(a['r1_ratio'], 3)} | "
                          f"{_f(b['r1'], 1)} | {_f(b['r5'], 1)} | {_f(b['r10'], 1)} | {_f(b['r1_ratio'], 3)} |")
+        lays = [d for d in rec["t2i"] if d.startswith("layout_")]
+        if lays:
+            lines += ["", "Layouts at rerank 100, against the fp32 layout at rerank 100 (ratios of R@1 / R@5 / R@10; "
+                      "largest |final score - fp32 final score| of a returned hit):", "",
+                      "| layout | t2i ratios | t2i score error | i2t ratios | i2t score error |", "|---|---|---|---|---|"]
+            for d in lays:
+                a, b = rec["t2i"][d], rec["i2t"][d]
+                lines.append(f"| {d[7:]} | {' / '.join(_f(a[f'{r}_ratio_vs_fp32'], 3) for r in ('r1', 'r5', 'r10'))} | "
+                             f"{a['score_err_max']:.1e} | {' / '.join(_f(b[f'{r}_ratio_vs_fp32'], 3) for r in ('r1', 'r5', 'r10'))} | "
+                             f"{b['score_err_max']:.1e} |")
         tr = res.get("train", {})
         lines += ["", f"Checkpoint: {json.dumps(tr)}"]
     enc = res.get("encode")

@@ -93,7 +93,8 @@ def _torch_exhaustive(model: Any, view: Any, query: Callable[[], Any], text_quer
 
     from training.model import Encoded
 
-    d = view.local.shape[2]
+    d = view.blocks[0].local.shape[2]
+    stage1 = np.concatenate([b.stage1 for b in view.blocks]) if len(view.blocks) > 1 else view.blocks[0].stage1
 
     def run() -> Any:
         with torch.inference_mode():
@@ -101,13 +102,10 @@ def _torch_exhaustive(model: Any, view: Any, query: Callable[[], Any], text_quer
             parts = []
             for a in range(0, view.n, SHARD):
                 b = min(view.n, a + SHARD)
-                loc = torch.from_numpy(np.asarray(view.local[a:b]))
-                gram = torch.from_numpy(np.asarray(view.gram[a:b]))
-                if loc.dtype != torch.float32:
-                    loc, gram = loc.float(), gram.float()
+                local, mask, gram = view.gather(np.arange(a, b))         # float32, no copy for an fp32 block
                 z = torch.zeros(b - a, d)
-                g = Encoded(torch.from_numpy(np.asarray(view.stage1[a:b])), loc,
-                            torch.from_numpy(np.asarray(view.mask[a:b])), gram, z, z)
+                g = Encoded(torch.from_numpy(np.asarray(stage1[a:b])), torch.from_numpy(local),
+                            torch.from_numpy(mask), torch.from_numpy(gram), z, z)
                 parts.append(model.score(g, q)[:, 0] if text_query else model.score(q, g)[0, :])
             return torch.topk(torch.cat(parts), k)
 
@@ -177,7 +175,8 @@ def _variant(r: Any, threads: int, opts: dict[str, Any]) -> Any:
 def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: Any, pools: dict[str, Any],
                 sizes: list[dict[str, Any]], depths: list[int], work: Path, threads: int,
                 queries: dict[str, Any], repeats_fast: int, repeats_slow: int, max_seconds: float,
-                k: int = 10, variant_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                k: int = 10, variant_options: dict[str, dict[str, Any]] | None = None,
+                bundle: Path | None = None, bandwidth: float | None = None) -> dict[str, Any]:
     """Latency per gallery size and direction.
 
     Args:
@@ -187,6 +186,8 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
         queries: ``{"texts": [captions], "images": [Q, R, Dv] array}``.
         variant_options: name -> ONNX Runtime backend options; each adds a ``rerank_100[name]``
             candidate to the fast group (same galleries, another backend).
+        bundle, bandwidth: for sizes with ``"layouts": True``, the bundle folder (resident memory is read
+            in a fresh process per layout) and the measured memory bandwidth (GB/s).
     """
     import torch
 
@@ -197,13 +198,13 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
         dtype, mmap = spec.get("dtype", "float32"), bool(spec.get("mmap", False))
         text_query = direction == "t2i"
         gname = "images" if text_query else "texts"
-        key = f"{direction}_{n}" + ("_fp16mmap" if mmap else "")
+        key = f"{direction}_{n}" + (("_fp16mmap" if dtype == "float16" else "_mmap") if mmap else "")
         folder = work / f"gallery-{gname}-{n_items}-{dtype}-{spec['bundle_id']}"
         log.info("latency %s: writing/opening the gallery (%d %s, %s%s)", key, n_items, gname, dtype, ", mmap" if mmap else "")
         gc.collect()
         reset_peak_rss()
-        r = retriever_factory(index=write_gallery_index(folder, gname, pools[gname], n_items, dtype, spec["bundle_id"]),
-                              mmap=mmap, local_dtype=dtype)
+        index = write_gallery_index(folder, gname, pools[gname], n_items, dtype, spec["bundle_id"])
+        r = retriever_factory(index=index, mmap=mmap, local_dtype=dtype)
         view = (r.images if text_query else r.texts).view()
         rss_after_load = peak_rss_mb()
         qs = queries["texts"] if text_query else queries["images"]
@@ -260,6 +261,34 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
             res_var = side_by_side(group, repeats=rounds(repeats_fast), warmup=2, max_seconds=max_seconds, block=BLOCK)
             res_fast.update({k: v for k, v in res_var.items() if k != "rerank_100"})
             res_fast["rerank_100[default]"] = res_var["rerank_100"]
+        lay_rs: dict[str, Any] = {}
+        layouts_row: dict[str, Any] = {}
+        if spec.get("layouts"):
+            from .layouts import LAYOUT_NAMES, bytes_per_query, layout_group, layout_retrievers, resident_mb
+
+            lay_rs = layout_retrievers(r, index, gname, mmap)
+            encoded = [r.encode_texts([qs[i]]) if text_query else r.encode_images(qs[i][None])
+                       for i in range(min(10, len(qs)))]
+            log.info("latency %s: layouts group", key)
+            res_lay = side_by_side(layout_group(lay_rs, text_query, next_q, encoded, k), repeats=rounds(repeats_fast),
+                                   warmup=2, max_seconds=max_seconds, block=BLOCK)
+            for name in LAYOUT_NAMES:
+                lrow: dict[str, Any] = {c: res_lay[f"{c}[{name}]"] for c in
+                                        ("rerank_100", "no_encode_100", "stage1_topk100", "gather_100", "scorer_100")}
+                b = bytes_per_query(name, n_items, view.blocks[0].local.shape[2], view.max_length,
+                                    int(encoded[0].mask.shape[1]))
+                lrow["bytes"] = b
+                lrow["gb_per_s"] = b["total"] / (lrow["no_encode_100"]["p50_ms"] / 1e3) / 1e9
+                if bandwidth:
+                    lrow["fraction_of_bandwidth"] = lrow["gb_per_s"] / bandwidth
+                g_view = (lay_rs[name].images if text_query else lay_rs[name].texts).view()
+                lrow["gallery_bytes"] = g_view.nbytes()
+                layouts_row[name] = lrow
+            if bundle is not None:
+                for name in LAYOUT_NAMES:
+                    log.info("latency %s: resident memory of the %s layout (fresh process)", key, name)
+                    layouts_row[name]["resident"] = resident_mb(bundle, index, name, mmap, text_query,
+                                                                list(queries["texts"]))
         res_slow: dict[str, Any] = {}
         if spec.get("exhaustive", True):
             from training.model import MSSAN  # noqa: F401  (model is an MSSAN)
@@ -276,16 +305,27 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
                     "exhaustive_torch": _torch_exhaustive(model, view, tq, text_query, k)}
             if ivf is not None:
                 slow["rerank_100_ivf"] = group["rerank_100[ivf]"]
+            if lay_rs:
+                r8 = lay_rs["int8"]
+                slow["rerank_100_int8"] = ((lambda: r8.search(text=next_q(), k=k, rerank=100)) if text_query
+                                           else (lambda: r8.search(image=next_q(), k=k, rerank=100)))
             log.info("latency %s: slow group (exhaustive)", key)
             res_slow = side_by_side(slow, repeats=repeats_slow, warmup=1, max_seconds=max_seconds,
-                                    block={"rerank_100": BLOCK, "rerank_100_ivf": BLOCK})
+                                    block={"rerank_100": BLOCK, "rerank_100_ivf": BLOCK, "rerank_100_int8": BLOCK})
         row: dict[str, Any] = {"n": n, "n_items": n_items, "direction": direction, "dtype": dtype, "mmap": mmap,
                                "gallery": gname, "fast": res_fast, "slow": res_slow,
                                "peak_rss_mb": max(rss_after_load, peak_rss_mb()), "rss_after_load_mb": rss_after_load}
+        if layouts_row:
+            row["layouts"] = layouts_row
         if res_slow:
             base = res_slow["rerank_100"]["p50_ms"]
             row["speedup_rerank100_vs_exhaustive_torch"] = res_slow["exhaustive_torch"]["p50_ms"] / base
             row["speedup_rerank100_vs_exhaustive_runtime"] = res_slow["exhaustive_runtime"]["p50_ms"] / base
+            if "rerank_100_int8" in res_slow:
+                row["speedup_rerank100_int8_vs_exhaustive_torch"] = (res_slow["exhaustive_torch"]["p50_ms"]
+                                                                     / res_slow["rerank_100_int8"]["p50_ms"])
+            row["exhaustive_runtime_vs_torch"] = (res_slow["exhaustive_torch"]["p50_ms"]
+                                                  / res_slow["exhaustive_runtime"]["p50_ms"])
             if "rerank_100_ivf" in res_slow:
                 row["speedup_rerank100_ivf_vs_exhaustive_torch"] = (res_slow["exhaustive_torch"]["p50_ms"]
                                                                     / res_slow["rerank_100_ivf"]["p50_ms"])
@@ -295,6 +335,10 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
         results[key] = row
         for vr in variants:
             vr.close()
+        for name, vr in lay_rs.items():
+            if name != "fp32" and vr._gather_pool is not None:
+                vr._gather_pool.shutdown()                       # the backend is r's, closed below
+        lay_rs.clear()
         if ivf is not None:
             ivf.close()
             del ivf

@@ -26,7 +26,7 @@ import numpy as np
 if __package__ in (None, ""):                       # `python bench/soak.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.fixtures import WORDS, random_captions, random_regions, speed_bundle  # noqa: E402
+from bench.fixtures import random_captions, random_regions, speed_bundle  # noqa: E402
 from bench.timing import rss_mb  # noqa: E402
 from mssan_infer import Retriever  # noqa: E402
 from mssan_infer.errors import MssanError  # noqa: E402

@@ -429,6 +429,9 @@ def _parser() -> argparse.ArgumentParser:
     ix.add_argument("--new-ids", action="store_true",
                     help="number items without an ids file after the largest int id in the index, not from 0")
     ix.add_argument("--fp16-locals", action="store_true", help="store locals and Grams in float16 (half the size)")
+    ix.add_argument("--layout", choices=("fp32", "fp16", "int8-stage1", "int8"), default=None,
+                    help="gallery layout (default fp32, or the layout of the index appended to); README 'Gallery "
+                         "layouts'")
     ix.add_argument("--batch-size", type=int, default=32, help="items per encoder call")
     ix.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -520,7 +523,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
                 args.bundle, args.out, images=args.images, ids=args.ids, texts=args.texts, text_ids=args.text_ids,
                 metadata=args.metadata, text_metadata=args.text_metadata, gallery=args.gallery,
                 append=args.append, overwrite=args.overwrite, new_ids=args.new_ids, progress=not args.no_progress,
-                local_dtype="float16" if args.fp16_locals else None, batch_size=args.batch_size, **load,
+                local_dtype="float16" if args.fp16_locals else None, layout=args.layout, batch_size=args.batch_size,
+                **load,
             )
             print(f"indexed {r.n_images} images and {r.n_texts} captions into {args.out or args.gallery}", file=out)
             return 0

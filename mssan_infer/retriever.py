@@ -26,6 +26,7 @@ from .core.filters import parse_where
 from .core.layout import IMAGES, TEXTS
 from .core.memory import GalleryIndex
 from .core.qdrant import GallerySpec, QdrantGallery, open_qdrant_galleries, parse_gallery
+from .core.quant import parse_layout
 from .core.search import Encoded, ScorerLimits, search
 from .core.store import load_index, read_index_manifest, save_index
 from .core.tokenizer import Tokenizer, check_settings
@@ -108,6 +109,9 @@ class Retriever:
         stage1: str = "numpy",
         faiss_options: Mapping[str, int] | None = None,
         local_dtype: str | None = None,
+        layout: str | None = None,
+        overfetch: int = 4,
+        certify: bool = False,
         mmap: bool = False,
         spill_dir: str | os.PathLike[str] | None = None,
         batch_size: int = 32,
@@ -128,8 +132,16 @@ class Retriever:
             precision: ``"fp32"`` or ``"fp16"`` graphs (fp16 needs an ``--fp16`` export).
             stage1: ``"numpy"`` (exact, default), ``"faiss"`` (exact), ``"faiss-ivf"``, ``"faiss-hnsw"``.
             faiss_options: ``nlist``/``nprobe`` (IVF) or ``M``/``ef_search`` (HNSW).
-            local_dtype: storage of locals/Grams, ``"float32"`` or ``"float16"``
-                (default: float32, or what the saved index holds).
+            local_dtype: storage of locals/Grams, ``"float32"``, ``"float16"`` or ``"int8"``
+                (default: the layout's, or what the saved index holds).
+            layout: how galleries store items (``mssan_infer.core.quant.LAYOUTS``): ``"fp32"``
+                (default; exact), ``"fp16"``, ``"int8-stage1"`` (int8 stage-1 scan rescored exactly:
+                final scores stay exact) or ``"int8"`` (also int8 locals). With ``index``, the
+                default is the saved layout; another one converts while loading where the saved
+                values allow it (README "Gallery layouts").
+            overfetch, certify: a compressed stage 1 rescores ``overfetch x k`` candidates exactly;
+                ``certify`` also proves with its error bound that no other item could enter the top k
+                (fetching more until it does).
             mmap: keep gallery arrays in memory-mapped files (for galleries larger than RAM).
             spill_dir: where new memory-mapped files go (default: a temp folder).
             batch_size: encoder batch size.
@@ -152,7 +164,13 @@ class Retriever:
         b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         tokenizer = tokenizer_from_bundle(b)
         d = int(b.model_config["embed_size"])
-        opts: dict[str, Any] = {"stage1": stage1, "faiss_options": faiss_options, "spill_dir": spill_dir}
+        opts: dict[str, Any] = {"stage1": stage1, "faiss_options": faiss_options, "spill_dir": spill_dir,
+                                "overfetch": overfetch, "certify": certify}
+        lay = parse_layout(layout, local_dtype)              # checks both before anything is loaded
+
+        def empty() -> GalleryIndex:
+            return GalleryIndex(2 * d, d, layout=lay, mmap=mmap, **opts)
+
         spec = parse_gallery(gallery)
         images: Gallery
         texts: Gallery
@@ -163,12 +181,12 @@ class Retriever:
             images, texts = qd[IMAGES], qd[TEXTS]
         elif index is not None:
             check_index_bundle(index, b)
-            galleries, _ = load_index(index, bundle_id=b.bundle_id, verify=verify, mmap=mmap, dtype=local_dtype, **opts)
-            images = galleries.get(IMAGES) or GalleryIndex(2 * d, d, dtype=local_dtype or "float32", mmap=mmap, **opts)
-            texts = galleries.get(TEXTS) or GalleryIndex(2 * d, d, dtype=local_dtype or "float32", mmap=mmap, **opts)
+            galleries, _ = load_index(index, bundle_id=b.bundle_id, verify=verify, mmap=mmap, dtype=local_dtype,
+                                      layout=layout, **opts)
+            images = galleries.get(IMAGES) or empty()
+            texts = galleries.get(TEXTS) or empty()
         else:
-            images = GalleryIndex(2 * d, d, dtype=local_dtype or "float32", mmap=mmap, **opts)
-            texts = GalleryIndex(2 * d, d, dtype=local_dtype or "float32", mmap=mmap, **opts)
+            images, texts = empty(), empty()
         be = create_backend(backend, b, device=device, precision=precision, threads=threads, **backend_options)
         r = cls(b, be, tokenizer, images, texts, batch_size=batch_size, scorer_batch=scorer_batch,
                 gather_threads=gather_threads if gather_threads is not None else threads)

@@ -27,6 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from mssan_infer.core.layout import INDEX_FORMAT_VERSION
+
 from mssan_infer import Retriever
 from mssan_infer.errors import BundleError, IndexFileError, InputError, MssanError
 
@@ -579,7 +581,7 @@ def _other_bundle(m: dict[str, Any]) -> None:
 
 
 def _index_newer(m: dict[str, Any]) -> None:
-    m["format_version"] = 2
+    m["format_version"] = INDEX_FORMAT_VERSION + 1
 
 
 def _gallery_without_n(m: dict[str, Any]) -> None:
@@ -673,7 +675,9 @@ LOAD_OPTIONS: list[Any] = [
     pytest.param(dict(threads=0), InputError, "threads", id="threads-zero"),
     pytest.param(dict(precision="int8"), InputError, "precision", id="unknown-precision"),
     pytest.param(dict(stage1="annoy"), InputError, "stage1", id="unknown-stage1"),
-    pytest.param(dict(local_dtype="int8"), InputError, "dtype", id="unknown-local-dtype"),
+    pytest.param(dict(local_dtype="int4"), InputError, "dtype", id="unknown-local-dtype"),
+    pytest.param(dict(layout="int4"), InputError, "layout", id="unknown-layout"),
+    pytest.param(dict(layout="int8", stage1="faiss-ivf"), InputError, "scans its own", id="layout-with-faiss-ivf"),
     pytest.param(dict(batch_size=0), InputError, "batch_size", id="batch-size-zero"),
     pytest.param(dict(scorer_batch=-1), InputError, "scorer_batch", id="scorer-batch-negative"),
     pytest.param(dict(gather_threads=0), InputError, "gather_threads", id="gather-threads-zero"),

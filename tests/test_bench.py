@@ -18,7 +18,8 @@ from bench.report import SUMMARY_KEYS
 ROOT = Path(__file__).resolve().parents[1]
 TOY = {
     "d": 32, "word_dim": 16, "dv": 24, "scorer_k": 20, "shard": 8, "scorer_repeats": 2, "loop_max_pairs": 64,
-    "t2i_sizes": [200, 400], "i2t_sizes": [200], "mmap_sizes": [300], "ivf_sizes": [400], "exhaustive_max": 400,
+    "t2i_sizes": [200, 400], "i2t_sizes": [200], "mmap_sizes": [300], "ivf_sizes": [400], "exhaustive_max": 1000,
+    "i2t_mmap_sizes": [], "layout_sizes": [400, 300], "i2t_layout_sizes": [200], "ref_mmap": 300,
     "depths": [0, 10, 100], "repeats_fast": 2, "repeats_slow": 2, "pool": 32, "queries": 4,
     "train_images": 100, "epochs": 1, "train_max_steps": 2, "train_model_overrides": {"embed_size": 32, "word_dim": 16},
     "recall_images": 40, "recall_queries": 10, "encode_batch": 4, "encode_repeats": 2,
@@ -33,7 +34,7 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(tmp_path: Path
     for k, v in TOY.items():
         cmd += ["--set", f"{k}={json.dumps(v)}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     summary = json.loads((out / "summary.json").read_text())
@@ -43,7 +44,14 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(tmp_path: Path
     assert {"numpy", "torch", "onnxruntime"} <= set(summary["versions"])
     results = json.loads((out / "results.json").read_text())["results"]
     assert {"scorer", "latency", "recall", "encode"} <= set(results)
-    assert "t2i_300_fp16mmap" in results["latency"]
+    assert "t2i_300_mmap" in results["latency"]
+    for key in ("t2i_400", "t2i_300_mmap", "i2t_200"):           # every gallery size in the four layouts
+        lay = results["latency"][key]["layouts"]
+        assert set(lay) == {"fp32", "fp16", "int8-stage1", "int8"}
+        assert all(x["resident"]["rss_mb"] > 0 and x["bytes"]["total"] > 0 for x in lay.values())
+    assert "## 2b. Gallery layouts" in proc.stdout
+    for d in ("t2i", "i2t"):
+        assert 0 <= results["recall"][d]["layout_int8"]["r1_ratio_vs_fp32"] or summary["twostage_recall1_ratio_5k_int8"] is None
     ivf_row = results["latency"]["t2i_400"]
     assert ivf_row["ivf_options"]["nprobe"] >= 1 and "rerank_100_ivf" in ivf_row["slow"]
     assert math.isfinite(summary["twostage_ivf_speedup_vs_exhaustive_25k"])

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,6 +78,16 @@ def test_index_append_adds_without_rebuilding(bundle: Path, files: Path, tmp_pat
     assert cli("index", "--bundle", bundle, "--texts", files / "caps.txt", "--out", out, "--no-progress")[0] == 0
     code, text, _ = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--append", "--no-progress")
     assert code == 0 and "30 images and 3 captions" in text
+
+
+def test_index_with_a_layout_saves_it_and_search_uses_it(bundle: Path, files: Path, tmp_path: Path) -> None:
+    out = tmp_path / "idx8"
+    code, _, err = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--layout", "int8",
+                       "--no-progress")
+    assert code == 0, err
+    assert json.loads((out / "index.json").read_text())["galleries"]["images"]["layout"]["name"] == "int8"
+    code, text, _ = cli("search", "--bundle", bundle, "--index", out, "a red dog", "-k", "3", "--json")
+    assert code == 0 and len(json.loads(text)["hits"]) == 3
 
 
 def test_info_describes_bundle_and_index(bundle: Path, index: Path) -> None:

@@ -35,9 +35,7 @@ def state(seed: int, n: int) -> GalleryIndex:
 
 
 def _same(a: GalleryIndex, b: GalleryIndex) -> bool:
-    va, vb = a.view(), b.view()
-    return a.ids == b.ids and all(
-        np.array_equal(x, y) for x, y in ((va.stage1, vb.stage1), (va.local, vb.local), (va.gram, vb.gram)))
+    return a.ids == b.ids and all(np.array_equal(x, y) for x, y in zip(a.view().arrays(), b.view().arrays()))
 
 
 CHILD = r"""
@@ -95,9 +93,9 @@ def _fail_on_call(monkeypatch: pytest.MonkeyPatch, target: str, after: int) -> l
 
 
 @pytest.mark.parametrize("target, after", [
-    ("mssan_infer.core.store.write_npy", 1),     # the first array
-    ("mssan_infer.core.store.write_npy", 3),     # half way through a gallery
-    ("mssan_infer.core.store.write_npy", 6),     # in the second gallery
+    ("mssan_infer.core.store.write_npy_parts", 1),     # the first array
+    ("mssan_infer.core.store.write_npy_parts", 3),     # half way through a gallery
+    ("mssan_infer.core.store.write_npy_parts", 6),     # in the second gallery
     ("os.fsync", 4),                         # flushing an array
     ("mssan_infer.core.store.sha256_file", 2),    # reading back for the manifest
     ("json.dump", 3),                        # writing the manifest (ids are json.dump'ed first)

@@ -41,7 +41,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ..bundle import Bundle
-from ..core.layout import LIMITS_KEY, TENSORRT_KEY, plan_name
+from ..core.layout import LIMITS_KEY, TENSORRT_KEY
 from ..errors import BackendUnavailableError, BundleError, InputError, MssanError
 from ..spec import GRAPHS, SCORER
 from .base import Backend, Device, declared_dims, parse_device

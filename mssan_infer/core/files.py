@@ -6,12 +6,13 @@ import hashlib
 import os
 import sys
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 
 from .errors import BundleError, MssanError
 
-__all__ = ["sha256_file", "safe_member", "write_npy", "fsync_dir", "exchange_dirs", "CHUNK_BYTES", "rows_per_chunk"]
+__all__ = ["sha256_file", "safe_member", "write_npy", "write_npy_parts", "release_rows", "fsync_dir", "exchange_dirs", "CHUNK_BYTES", "rows_per_chunk"]
 
 CHUNK_BYTES = 64 << 20          # copies of large arrays go in blocks of about this many bytes
 
@@ -65,10 +66,26 @@ def write_npy(path: Path, src: np.ndarray) -> None:
             f.flush()
             os.fsync(f.fileno())
         return
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=src.dtype, shape=src.shape)
-    step = rows_per_chunk(src[:1].nbytes)
-    for a in range(0, src.shape[0], step):
-        out[a : a + step] = src[a : a + step]
+    write_npy_parts(path, src.shape, src.dtype, [(0, src)])
+
+
+def write_npy_parts(path: Path, shape: tuple[int, ...], dtype: Any, parts: Iterable[tuple[int, np.ndarray]]) -> None:
+    """Write a ``shape`` .npy from ``(first row, rows)`` parts, fsync'd, in row blocks.
+
+    Each part lands in the leading corner of its rows (a part narrower than ``shape`` is zero-padded).
+    """
+    if 0 in shape:                                   # nothing to map: an empty array
+        write_npy(path, np.zeros(shape, dtype))
+        return
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
+    for start, src in parts:
+        if not len(src):
+            continue
+        step = rows_per_chunk(src[:1].nbytes)
+        corner = tuple(slice(0, w) for w in src.shape[1:])
+        for a in range(0, src.shape[0], step):
+            block = src[a : a + step]
+            out[(slice(start + a, start + a + len(block)),) + corner] = block
     out.flush()
     del out
     fd = os.open(path, os.O_RDONLY)
@@ -76,6 +93,32 @@ def write_npy(path: Path, src: np.ndarray) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def release_rows(arr: np.ndarray, a: int, b: int) -> None:
+    """Drop rows ``a:b`` of a read-only memory map from this process's resident pages (a hint; no-op elsewhere).
+
+    Streaming through a mapped file (converting a saved index) otherwise leaves every page read resident
+    in the process until the map is closed.
+    """
+    import mmap as _mmap
+
+    mm = getattr(arr, "_mmap", None)
+    advise = getattr(mm, "madvise", None)
+    flag = getattr(_mmap, "MADV_DONTNEED", None)
+    if advise is None or flag is None or not isinstance(arr, np.memmap) or b <= a:
+        return
+    row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.itemsize
+    skew = int(arr.offset) % _mmap.ALLOCATIONGRANULARITY           # the map starts this far before the data
+    start, stop = skew + a * row, skew + b * row
+    page = _mmap.PAGESIZE
+    start = -(-start // page) * page                                # only whole pages inside the rows
+    stop = (stop // page) * page
+    if stop > start:
+        try:
+            advise(flag, start, stop - start)
+        except (OSError, ValueError):
+            pass
 
 
 def fsync_dir(path: Path) -> None:

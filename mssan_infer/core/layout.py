@@ -20,7 +20,7 @@ VOCAB_FILE = "vocab.json"
 
 # ---- saved index (``Retriever.save``) -----------------------------------------------
 INDEX_FORMAT = "mssan-index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2            # 2: gallery layouts (compressed stage 1, int8 locals), item metadata; 1 still loads
 INDEX_MANIFEST = "index.json"
 IMAGES, TEXTS = "images", "texts"       # the image gallery (searched by text) and the caption gallery
 GALLERIES = {IMAGES: "image gallery (searched by text)", TEXTS: "caption gallery (searched by images)"}

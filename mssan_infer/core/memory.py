@@ -1,13 +1,22 @@
 """The in-memory gallery: encoded items of one modality in numpy arrays (optionally memory-mapped).
 
-Items of different lengths (regions ``R`` or words ``L``) are padded to the longest
-item with a mask. Locals and Gram matrices are float32 in RAM by default, optionally
-float16 and/or memory-mapped from disk so a gallery larger than RAM works. Stage 1 is
-an exact inner-product top-k in numpy by default, or FAISS (flat, IVF or HNSW).
+Items are stored in *segments*: blocks of rows allocated once at a fixed capacity and filled
+in order, never moved or copied. Adding items writes into the last segment or opens a new
+one, so a gallery never holds more than one copy of its items plus the batch being added
+(unfilled capacity is allocated lazily by the OS and is not resident). A search takes a
+snapshot (:class:`ArrayView`): the segments and how many rows of each it sees; later adds
+write only past those rows, and removals replace the segments they touch.
+
+Items of different lengths (regions ``R`` or words ``L``) are padded with a mask, per segment
+to the longest item it holds. How a gallery stores stage-1 vectors and locals is its
+:class:`~.quant.Layout` (float32 by default; float16 and int8 options, see :mod:`.quant`).
+Stage 1 is an exact inner-product top-k in numpy by default, FAISS (flat, IVF or HNSW) on
+request, or a compressed scan rescored exactly (compressed stage-1 layouts).
 Saving to and loading from folders is :mod:`mssan_infer.core.store`'s job.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -15,128 +24,47 @@ import tempfile
 import threading
 import uuid
 import weakref
-from concurrent.futures import Executor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .contract import ItemId, check_encoded, check_id, extent
+from .contract import ItemId, check_encoded, check_id
 from .contract import new_ids as new_ids_checked
 from .errors import InputError
-from .filters import Where, check_metadata, matches, parse_where
-from .files import rows_per_chunk
-from .stage1 import build_faiss, check_method, faiss_topk, topk_inner_product
+from .filters import check_metadata
+from .quant import Layout, Stage1Codec, parse_layout, store_locals
+from .stage1 import build_faiss, check_method
+from .view import OVERFETCH, ArrayView, Block, Codes
 
-__all__ = ["GalleryIndex", "ArrayView", "DTYPES", "ARRAYS"]
+__all__ = ["GalleryIndex", "ArrayView", "Block", "DTYPES", "ARRAYS", "SEGMENT_ROWS", "CODE_ROWS"]
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16")              # float locals (``dtype=``); int8 locals come with a layout
 ARRAYS = ("stage1", "local", "mask", "gram")
-_MIN_ROWS_PER_PART = 16     # gathers smaller than this per thread are not split
-_Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+SEGMENT_ROWS = 4096        # rows of a new segment (more when one batch is larger)
+CODE_ROWS = 8192           # compressed stage-1 codes per FAISS sub-index (searched on threads of their own)
 
 
-def _copy_rows(dst: _Arrays, src: _Arrays, n: int, rows: np.ndarray | None = None) -> None:
-    """``dst[i] = src[rows[i]]`` (``src[i]`` without ``rows``) for ``i < n``, for the four arrays at once.
+class _Segment:
+    """Rows ``< n`` of preallocated arrays; rows past ``n`` are written by later adds only."""
 
-    Copies in blocks of rows (bounded memory, memmaps larger than RAM work); each source
-    array lands in the leading corner of its destination, which may be padded wider.
-    """
-    local = src[1]
-    row_bytes = max(1, local[:1].nbytes + src[3][:1].nbytes)
-    step = rows_per_chunk(row_bytes)
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        pick: slice | np.ndarray = slice(a, b) if rows is None else rows[a:b]
-        for d, s in zip(dst, src):
-            block = s[pick]
-            d[(slice(a, b),) + tuple(slice(0, w) for w in block.shape[1:])] = block
+    __slots__ = ("stage1", "local", "scale", "mask", "gram", "codes", "n")
 
+    def __init__(self, stage1: np.ndarray, local: np.ndarray, scale: np.ndarray | None, mask: np.ndarray,
+                 gram: np.ndarray, n: int = 0, codes: list[Any] | None = None) -> None:
+        self.stage1, self.local, self.scale, self.mask, self.gram = stage1, local, scale, mask, gram
+        self.codes: list[Any] = list(codes or [])     # FAISS sub-indexes over rows < n (compressed stage 1)
+        self.n = n
 
-@dataclass(frozen=True)
-class ArrayView:
-    """A consistent read-only view of an in-memory gallery (taken under its lock).
+    @property
+    def cap(self) -> int:
+        return int(self.stage1.shape[0])
 
-    Arrays are views of the first ``n`` rows; later appends do not change them and
-    removals replace the gallery's buffers instead of editing them in place.
-    """
-
-    n: int
-    ids: Sequence[ItemId]                   # valid at positions < n
-    stage1: np.ndarray                      # [n, D2] float32
-    local: np.ndarray                       # [n, P, D]
-    mask: np.ndarray                        # [n, P] float32
-    gram: np.ndarray                        # [n, P, P]
-    faiss_index: Any = None
-    meta: Sequence[dict[str, Any] | None] = ()   # per-item metadata, valid at positions < n
-
-    def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemId]:
-        return [self.ids[int(r)] for r in rows]
-
-    def topk(self, queries: np.ndarray, k: int, where: Where | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Stage-1 top-k rows for ``queries [Q, D2]`` -> ``(idx [Q,k'], scores [Q,k'])``.
-
-        With ``where``, only items whose metadata passes the filter are ranked (an exact scan of
-        those rows, whatever the stage-1 method).
-        """
-        conditions = parse_where(where)
-        if conditions:
-            allowed = np.array([r for r in range(self.n) if matches(self.meta[r] if r < len(self.meta) else None,
-                                                                     conditions)], np.int64)
-            rows, scores = topk_inner_product(queries, self.stage1[allowed], k)      # allowed is sorted
-            return allowed[rows], scores
-        if self.faiss_index is None:
-            return topk_inner_product(queries, self.stage1, k)
-        return faiss_topk(self.faiss_index, queries, k, self.n)
-
-    def gather(
-        self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Locals, masks and Grams of ``rows``, float32, trimmed to their longest item.
-
-        Args:
-            rows: gallery rows, in the order wanted.
-            executor, parts: copy in ``parts`` slices, ``parts - 1`` of them on ``executor``
-                (the caller copies one). One thread's copy is bound by its memory reads; two
-                threads fetch twice as many rows at once. Memory-mapped rows are read in file order.
-        Returns: ``local [K,P',D]``, ``mask [K,P']``, ``gram [K,P',P']``.
-        """
-        rows = np.asarray(rows, dtype=np.int64)
-        mask = np.ascontiguousarray(np.take(self.mask, rows, axis=0))
-        width = max(1, extent(mask))
-        k, d = len(rows), self.local.shape[2]
-        local = np.empty((k, width, d), np.float32)
-        gram = np.empty((k, width, width), np.float32)
-        src_local, src_gram = self.local, self.gram
-        mapped = isinstance(src_local, np.memmap)
-        whole = width == src_local.shape[1] and src_local.dtype == np.float32 and src_gram.dtype == np.float32
-        if whole and not mapped:
-            def copy(a: int, b: int) -> None:             # one C call per slice, without the GIL
-                np.take(src_local, rows[a:b], axis=0, out=local[a:b], mode="clip")   # rows are in range
-                np.take(src_gram, rows[a:b], axis=0, out=gram[a:b], mode="clip")
-        else:
-            rows_l = rows.tolist()
-            order_l = np.argsort(rows, kind="stable").tolist() if mapped else list(range(k))
-
-            def copy(a: int, b: int) -> None:
-                for pos in order_l[a:b]:
-                    r = rows_l[pos]
-                    local[pos] = src_local[r, :width]       # casts float16 storage
-                    gram[pos] = src_gram[r, :width, :width]
-
-        parts = max(1, min(int(parts), k // _MIN_ROWS_PER_PART)) if executor is not None else 1
-        if parts == 1 or executor is None:
-            copy(0, k)
-        else:
-            bounds = np.linspace(0, k, parts + 1).astype(int).tolist()
-            futures = [executor.submit(copy, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
-            copy(bounds[0], bounds[1])
-            for f in futures:
-                f.result()
-        return local, np.ascontiguousarray(mask[:, :width], dtype=np.float32), gram
+    @property
+    def pad(self) -> int:
+        return int(self.local.shape[1])
 
 
 class GalleryIndex:
@@ -145,18 +73,29 @@ class GalleryIndex:
     Args:
         stage1_dim: ``2D``.
         local_dim: ``D``.
-        dtype: storage of locals and Grams, ``"float32"`` (default) or ``"float16"``.
+        dtype: storage of float locals and Grams, ``"float32"`` (default) or ``"float16"``
+            (kept for compatibility; ``layout`` says the same and more).
+        layout: a name of :data:`~.quant.LAYOUTS` (``"fp32"``, ``"fp16"``, ``"int8-stage1"``,
+            ``"int8"``) or a :class:`~.quant.Layout`; ``dtype`` overrides its locals when given.
         mmap: keep stage-1 vectors, locals, masks and Grams in memory-mapped files
-            (in ``spill_dir``) instead of RAM.
+            (in ``spill_dir``) instead of RAM. A compressed stage 1 always keeps its float32
+            rows memory-mapped (they are read for candidates only).
         spill_dir: folder for the memory-mapped files (default: a fresh temp folder,
             removed with the index).
         stage1: ``"numpy"`` (exact, default), ``"faiss"`` (IndexFlatIP, exact),
-            ``"faiss-ivf"`` or ``"faiss-hnsw"`` (approximate).
+            ``"faiss-ivf"`` or ``"faiss-hnsw"`` (approximate); float32 stage-1 layouts only.
         faiss_options: ``nlist``/``nprobe`` (IVF), ``M``/``ef_search`` (HNSW).
+        segment_rows: rows of a new storage segment.
+        overfetch: a compressed stage 1 fetches ``overfetch x k`` rows (at least ``k + 32``) by their
+            compressed scores, then rescores them exactly and keeps the best ``k``.
+        certify: a compressed stage 1 also proves, with a bound on the compression error
+            (:meth:`~.quant.Stage1Codec.bound`), that no unfetched item beats the ``k``-th, fetching
+            4x more until it does: exactly the float32 top k, at a cost that grows when many
+            scores lie within the bound of the ``k``-th (README "Gallery layouts").
 
     Raises:
-        InputError: bad dims, dtype or stage-1 method.
-        BackendUnavailableError: a FAISS method without faiss installed.
+        InputError: bad dims, dtype, layout or stage-1 method.
+        BackendUnavailableError: a FAISS method or compressed stage 1 without faiss installed.
     """
 
     def __init__(
@@ -164,35 +103,53 @@ class GalleryIndex:
         stage1_dim: int,
         local_dim: int,
         *,
-        dtype: str = "float32",
+        dtype: str | None = None,
+        layout: str | Layout | None = None,
         mmap: bool = False,
         spill_dir: str | os.PathLike[str] | None = None,
         stage1: str = "numpy",
         faiss_options: Mapping[str, int] | None = None,
+        segment_rows: int = SEGMENT_ROWS,
+        overfetch: int = OVERFETCH,
+        certify: bool = False,
     ) -> None:
-        if dtype not in DTYPES:
+        if dtype is not None and dtype not in DTYPES:
             raise InputError(f"index dtype must be one of {DTYPES}, got {dtype!r}")
+        self.layout = parse_layout(layout, dtype)
         check_method(stage1)
+        if stage1 != "numpy" and self.layout.compressed_stage1:
+            raise InputError(f"stage1={stage1!r} searches float32 stage-1 vectors; layout {self.layout.name!r} "
+                             "scans its own compressed codes (use stage1='numpy' with it)")
         if int(stage1_dim) < 1 or int(local_dim) < 1:
             raise InputError(f"dims must be positive, got stage1_dim={stage1_dim}, local_dim={local_dim}")
+        if not isinstance(overfetch, int) or isinstance(overfetch, bool) or overfetch < 1:
+            raise InputError(f"overfetch must be a positive int, got {overfetch!r}")
+        if not isinstance(segment_rows, int) or isinstance(segment_rows, bool) or segment_rows < 1:
+            raise InputError(f"segment_rows must be a positive int, got {segment_rows!r}")
         self.stage1_dim = int(stage1_dim)
         self.local_dim = int(local_dim)
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(self.layout.local)
         self.mmap = bool(mmap)
         self.stage1_method = stage1
         self.faiss_options = dict(faiss_options or {})
+        self.segment_rows = segment_rows
+        self.overfetch = overfetch
+        if not isinstance(certify, bool):
+            raise InputError(f"certify must be True or False, got {certify!r}")
+        self.certify = certify
         self._lock = threading.RLock()
         self._spill: Path | None = Path(spill_dir) if spill_dir is not None else None
         self._n = 0
-        self._cap = 0
-        self._pad = 0
+        self._segs: list[_Segment] = []
         self._ids: list[ItemId] = []
         self._meta: list[dict[str, Any] | None] = []   # per-item metadata (None: none given)
         self._pos: dict[ItemId, int] = {}
-        self._files: dict[str, Path] = {}      # array name -> spill file we own
-        self._arrays: _Arrays = self._allocate(0, 0)
+        self._codec: Stage1Codec | None = (
+            Stage1Codec(self.layout.stage1, self.stage1_dim) if self.layout.compressed_stage1 else None)
+        self._outliers = np.zeros(0, np.int64)
         self._faiss: Any = None
         self._faiss_n = -1
+        self._searcher: Any = None
 
     # ---- storage -----------------------------------------------------------
     def _spill_dir(self) -> Path:
@@ -202,40 +159,46 @@ class GalleryIndex:
         self._spill.mkdir(parents=True, exist_ok=True)
         return self._spill
 
-    def _alloc(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-        if not self.mmap or shape[0] == 0 or 0 in shape:
-            return np.zeros(shape, dtype)
+    def _alloc(self, name: str, shape: tuple[int, ...], dtype: Any, mapped: bool) -> np.ndarray:
+        if not mapped or 0 in shape:
+            # not zeroed: a row becomes resident when an add writes it (and zeroes its padding); np.zeros
+            # would touch every page once glibc serves blocks this size from its heap
+            return np.empty(shape, dtype)
         path = self._spill_dir() / f"{name}.{uuid.uuid4().hex[:12]}.npy"
-        arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-        old = self._files.get(name)
-        self._files[name] = path
-        if old is not None:
-            # open views keep the old data alive (POSIX); elsewhere the file stays until exit
-            try:
-                old.unlink()
-            except OSError:
-                pass
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
+        try:
+            path.unlink()        # open maps keep the data alive (POSIX); elsewhere the file stays until exit
+        except OSError:
+            pass
         return arr
 
-    def _allocate(self, cap: int, pad: int) -> _Arrays:
-        """New zeroed buffers for ``cap`` items of length ``pad``."""
-        f32 = np.dtype(np.float32)
-        return (
-            self._alloc("stage1", (cap, self.stage1_dim), f32),
-            self._alloc("local", (cap, pad, self.local_dim), self.dtype),
-            self._alloc("mask", (cap, pad), f32),
-            self._alloc("gram", (cap, pad, pad), self.dtype),
+    def _new_segment(self, cap: int, pad: int) -> _Segment:
+        lay = self.layout
+        return _Segment(
+            self._alloc("stage1", (cap, self.stage1_dim), np.float32, self.mmap or lay.compressed_stage1),
+            self._alloc("local", (cap, pad, self.local_dim), lay.local, self.mmap),
+            self._alloc("scale", (cap, pad), np.float32, self.mmap) if lay.local == "int8" else None,
+            self._alloc("mask", (cap, pad), np.float32, self.mmap),
+            self._alloc("gram", (cap, pad, pad), lay.gram, self.mmap),
         )
 
-    def _reserve(self, rows: int, pad: int) -> None:
-        """Make room for ``rows`` items of length up to ``pad`` (new buffers; old views stay valid)."""
-        if rows <= self._cap and pad <= self._pad:
-            return
-        cap = max(rows, self._cap) if rows <= self._cap else max(rows, int(self._cap * 1.5) + 16)
-        p = max(pad, self._pad)
-        arrays = self._allocate(cap, p)
-        _copy_rows(arrays, self._arrays, self._n)
-        self._arrays, self._cap, self._pad = arrays, cap, p
+    def _append_codes(self, seg: _Segment, a: int, codes: np.ndarray, rows_per_sub: int = CODE_ROWS) -> None:
+        """Add compressed stage-1 ``codes`` of segment rows ``a..`` (the last sub-index is cloned, never changed)."""
+        assert self._codec is not None
+        faiss = self._codec.faiss
+        subs = list(seg.codes)
+        pos = 0
+        while pos < len(codes):
+            if subs and subs[-1].ntotal < rows_per_sub:
+                last = faiss.clone_index(subs[-1])        # views may be searching the old one
+                subs[-1] = last
+            else:
+                last = self._codec.new_index()
+                subs.append(last)
+            take = min(len(codes) - pos, rows_per_sub - last.ntotal)
+            self._codec.add_codes(last, codes[pos:pos + take])
+            pos += take
+        seg.codes = subs
 
     # ---- properties --------------------------------------------------------
     def __len__(self) -> int:
@@ -249,8 +212,8 @@ class GalleryIndex:
 
     @property
     def max_length(self) -> int:
-        """Padded length ``P`` of the stored items."""
-        return self._pad
+        """Padded length ``P`` of the stored items (the widest segment)."""
+        return max([0] + [s.pad for s in self._segs if s.n])
 
     def __contains__(self, item_id: object) -> bool:
         try:
@@ -271,8 +234,9 @@ class GalleryIndex:
             "n": self._n,
             "stage1_dim": self.stage1_dim,
             "local_dim": self.local_dim,
-            "max_length": self._pad,
+            "max_length": self.max_length,
             "dtype": self.dtype.name,
+            "layout": self.layout.record(),
         }
 
     # ---- mutation ----------------------------------------------------------
@@ -300,33 +264,86 @@ class GalleryIndex:
         Returns:
             The ids added.
         Raises:
-            InputError: shape mismatch, non-finite values, bad or duplicate ids, bad metadata.
+            InputError: shape mismatch, non-finite values (refused before anything is quantized: int8
+                codes of NaN/inf would be silently wrong), bad or duplicate ids, bad metadata.
         """
         stage1, local, mask, gram = check_encoded(stage1, local, mask, gram, self.stage1_dim, self.local_dim)
         n, width = stage1.shape[0], mask.shape[1]
         meta = check_metadata(metadata, n)
+        local = local.astype(np.float32, copy=False)
+        lo_store, scale, gr_store = store_locals(self.layout.local, local, gram.astype(np.float32, copy=False))
         with self._lock:
             new_ids = self.next_ids(n) if ids is None else new_ids_checked(
                 ids, n, lambda xs: [i for i in xs if i in self._pos])
             if n == 0:
                 return []
-            self._reserve(self._n + n, width)
-            a, b = self._n, self._n + n
-            st, lo, ma, gr = self._arrays
-            st[a:b] = stage1
-            lo[a:b, :width] = local                  # rows past n are still zero
-            ma[a:b, :width] = mask
-            gr[a:b, :width, :width] = gram
+            codes = outl = None
+            if self._codec is not None:
+                codes, outl = self._codec.encode(stage1)
+            done = 0
+            while done < n:
+                seg = self._segs[-1] if self._segs else None
+                if seg is None or seg.n >= seg.cap or seg.pad < width:
+                    # small galleries grow in segments no larger than themselves (at least 64 rows)
+                    cap = max(min(self.segment_rows, max(64, self._n + done)), n - done)
+                    pad = max(width, seg.pad if seg is not None else 0)
+                    seg = self._new_segment(cap, pad)
+                    self._segs.append(seg)
+                take = min(n - done, seg.cap - seg.n)
+                a, b = seg.n, seg.n + take
+                src = slice(done, done + take)
+                seg.stage1[a:b] = stage1[src]
+                seg.local[a:b, :width] = lo_store[src]
+                seg.local[a:b, width:] = 0                           # padding (storage is not pre-zeroed)
+                if seg.scale is not None and scale is not None:
+                    seg.scale[a:b, :width] = scale[src]
+                    seg.scale[a:b, width:] = 0
+                seg.mask[a:b, :width] = mask[src]
+                seg.mask[a:b, width:] = 0
+                seg.gram[a:b, :width, :width] = gr_store[src]
+                seg.gram[a:b, width:] = 0
+                seg.gram[a:b, :width, width:] = 0
+                if codes is not None:
+                    self._append_codes(seg, a, codes[src])
+                seg.n = b
+                done += take
+            if outl is not None and outl.any():
+                self._outliers = np.concatenate([self._outliers, self._n + np.flatnonzero(outl)])
             for j, i in enumerate(new_ids):
-                self._pos[i] = a + j
-            self._meta.extend(meta)                 # views read only their first n entries
+                self._pos[i] = self._n + j
             self._ids.extend(new_ids)
-            self._n = b
+            self._meta.extend(meta)                  # views read only their first n entries
+            self._n += n
             self._faiss = None
+            self._searcher = None
+            if self._codec is not None and self._codec.storage == "int8" and len(self._outliers) > max(256, self._n // 16):
+                self._requantize()
             return list(new_ids)
 
+    def _requantize(self) -> None:
+        """Refit the int8 stage-1 scales on every item and re-encode the codes (new sub-indexes; views keep theirs)."""
+        assert self._codec is not None
+        codec = copy.copy(self._codec)
+        codec.fit(np.concatenate([s.stage1[: s.n] for s in self._segs]) if self._segs else np.zeros((0, self.stage1_dim)))
+        outliers = []
+        start = 0
+        for seg in self._segs:
+            subs: list[Any] = []
+            for a in range(0, seg.n, CODE_ROWS):
+                b = min(seg.n, a + CODE_ROWS)
+                codes, outl = codec.encode(np.asarray(seg.stage1[a:b]))
+                idx = codec.new_index()
+                codec.add_codes(idx, codes)
+                subs.append(idx)
+                outliers.append(start + a + np.flatnonzero(outl))
+            seg.codes = subs
+            start += seg.n
+        self._codec = codec
+        self._outliers = np.concatenate(outliers) if outliers else np.zeros(0, np.int64)
+        log.info("requantized the int8 stage-1 codes of %d items (%d outliers)", self._n, len(self._outliers))
+
     def remove(self, ids: Iterable[ItemId]) -> None:
-        """Remove items by id; all-or-nothing.
+        """Remove items by id; all-or-nothing. Only the segments holding them are rewritten.
 
         Raises:
             InputError: an id is not in the gallery.
@@ -336,49 +353,121 @@ class GalleryIndex:
             unknown = [i for i in drop if i not in self._pos]
             if unknown:
                 raise InputError(f"unknown ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; nothing was removed")
-            rows = {self._pos[i] for i in drop}
-            if not rows:
+            rows = np.unique(np.array([self._pos[i] for i in drop], np.int64))
+            if not len(rows):
                 return
-            keep = np.array([r for r in range(self._n) if r not in rows], dtype=np.int64)
-            arrays = self._allocate(max(len(keep), 1), self._pad)   # readers keep the old buffers
-            _copy_rows(arrays, self._arrays, len(keep), keep)
-            self._arrays = arrays
+            segs: list[_Segment] = []
+            start = 0
+            for seg in self._segs:
+                mine = rows[(rows >= start) & (rows < start + seg.n)] - start
+                if not len(mine):
+                    segs.append(seg)                       # untouched: shared with views as it is
+                elif len(mine) < seg.n:
+                    segs.append(self._compacted(seg, np.setdiff1d(np.arange(seg.n), mine)))   # readers keep the old
+                start += seg.n
+            self._segs = segs
+            keep = np.setdiff1d(np.arange(self._n), rows)
             self._ids = [self._ids[r] for r in keep]
             self._meta = [self._meta[r] for r in keep]
             self._pos = {i: j for j, i in enumerate(self._ids)}
-            self._n, self._cap = len(keep), max(len(keep), 1)
+            if len(self._outliers):
+                kept = self._outliers[~np.isin(self._outliers, rows)]
+                self._outliers = kept - np.searchsorted(rows, kept)
+            self._n = len(keep)
             self._faiss = None
+            self._searcher = None
 
-    def adopt(self, arrays: _Arrays, ids: list[ItemId], meta: list[dict[str, Any] | None] | None = None) -> None:
-        """Take ``arrays`` (``stage1, local, mask, gram``, already checked) and ``ids`` as the content of
-        this empty gallery: kept as they are (e.g. read-only memory maps, copied into new buffers only
-        when the gallery next grows) when they are stored as this gallery stores them, else copied."""
-        st, lo = arrays[0], arrays[1]
-        n, p = int(st.shape[0]), int(lo.shape[1])
+    def _compacted(self, seg: _Segment, keep: np.ndarray) -> _Segment:
+        """A new segment with the rows ``keep`` of ``seg`` (same storage; codes copied, not re-encoded)."""
+        new = self._new_segment(len(keep), seg.pad)
+        for name in ("stage1", "local", "scale", "mask", "gram"):
+            src = getattr(seg, name)
+            if src is not None:
+                getattr(new, name)[:] = np.take(src, keep, axis=0)
+        new.n = len(keep)
+        if self._codec is not None:
+            codes = np.concatenate([self._codec.codes_of(ix) for ix in seg.codes])[keep]
+            self._append_codes(new, 0, codes)
+        return new
+
+    def adopt(self, arrays: Sequence[np.ndarray | None], ids: list[ItemId], *,
+              codes: np.ndarray | None = None, codec: Stage1Codec | None = None,
+              outliers: np.ndarray | None = None, meta: list[dict[str, Any] | None] | None = None) -> None:
+        """Take stored arrays as the content of this empty gallery, kept as they are (e.g. read-only memory maps).
+
+        ``arrays`` are ``stage1, local, mask, gram`` and, for int8 locals, ``scale``, already checked and stored
+        as this gallery's layout stores them; with a compressed stage 1, ``codes`` and ``codec`` too. Later adds
+        go to new segments: the adopted arrays are never copied.
+        """
+        st, lo, ma, gr = arrays[0], arrays[1], arrays[2], arrays[3]
+        sc = arrays[4] if len(arrays) > 4 else None
+        assert st is not None and lo is not None and ma is not None and gr is not None
+        n = int(st.shape[0])
         with self._lock:
             if self._n:
                 raise InputError("adopt() needs an empty gallery")
-            if lo.dtype == self.dtype and (self.mmap or not isinstance(lo, np.memmap)):
-                self._arrays = arrays
-            else:
-                self._arrays = self._allocate(n, p)
-                _copy_rows(self._arrays, arrays, n)
-            self._n, self._cap, self._pad = n, n, p
+            self._segs = []
+            if n:
+                seg = _Segment(st, lo, sc, ma, gr, n)
+                if self._codec is not None:
+                    assert codes is not None and codec is not None
+                    self._codec = codec
+                    # at least two sub-indexes, so the scan runs on two threads (FAISS scans one index on one)
+                    parts = max(2, -(-n // CODE_ROWS))
+                    self._append_codes(seg, 0, codes, rows_per_sub=max(1, -(-n // parts)))
+                    self._outliers = np.asarray(outliers if outliers is not None else np.zeros(0), np.int64)
+                self._segs.append(seg)
+            self._n = n
             self._ids = list(ids)
             self._meta = list(meta) if meta is not None else [None] * n
             self._pos = {i: j for j, i in enumerate(self._ids)}
             self._faiss = None
+            self._searcher = None
+
+    @property
+    def codec(self) -> Stage1Codec | None:
+        """The compressed stage-1 codec (scales), ``None`` for a float32 stage 1."""
+        return self._codec
+
+    @property
+    def outliers(self) -> np.ndarray:
+        return self._outliers.copy()
 
     # ---- search ------------------------------------------------------------
     def view(self) -> ArrayView:
         """A consistent snapshot for searching without holding the lock."""
         with self._lock:
             n = self._n
+            blocks = []
+            start = 0
+            for s in self._segs:
+                if s.n:
+                    c = s.n
+                    blocks.append(Block(start, c, s.stage1[:c], s.local[:c], None if s.scale is None else s.scale[:c],
+                                        s.mask[:c], s.gram[:c]))
+                    start += c
             faiss_index = None
             if self.stage1_method != "numpy" and n > 0:
                 if self._faiss is None or self._faiss_n != n:
-                    self._faiss = build_faiss(self.stage1_method, self._arrays[0][:n], self.faiss_options)
+                    st = np.concatenate([b.stage1 for b in blocks])
+                    self._faiss = build_faiss(self.stage1_method, st, self.faiss_options)
                     self._faiss_n = n
                 faiss_index = self._faiss
-            st, lo, ma, gr = self._arrays
-            return ArrayView(n, self._ids, st[:n], lo[:n], ma[:n], gr[:n], faiss_index, self._meta)
+            searcher = None
+            if self._codec is not None and n > 0:
+                if self._searcher is None:
+                    self._searcher = self._shards()
+                searcher = self._searcher
+            return ArrayView(n, self._ids, tuple(blocks), self.layout, faiss_index,
+                             copy.copy(self._codec) if self._codec is not None else None, searcher,
+                             self._outliers, self.overfetch, self.certify, self._meta)
+
+    def _shards(self) -> Any:
+        """FAISS IndexShards over every codes sub-index (rows numbered in order; searched on threads)."""
+        assert self._codec is not None
+        faiss = self._codec.faiss
+        subs = [ix for s in self._segs for ix in s.codes]
+        shards = faiss.IndexShards(self.stage1_dim, len(subs) > 1, True)
+        for ix in subs:
+            shards.add_shard(ix)
+        return Codes(shards, tuple(subs))

@@ -159,12 +159,21 @@ def search(
     """
     depth = max(k, rerank) if rerank > 0 else k
     rows, s1 = view.topk(query.stage1, depth, where) if where else view.topk(query.stage1, depth)   # [Q, K]
+    # Exhaustive (every item reranked): score the gallery in storage order, in shards of consecutive
+    # rows that the view hands over without copying, then look the scores up in stage-1 order.
+    exhaustive = rerank > 0 and depth >= view.n and not where
+    storage_order = np.arange(view.n, dtype=np.int64)
     results: list[Ranked] = []
     for qi in range(len(query)):
         r, s = rows[qi], s1[qi]
         if rerank > 0 and len(r):
-            final = s + rerank_scores(query, qi, view, r, score, query_is_text=query_is_text, batch=batch,
-                                      limits=limits, executor=executor, parts=parts)
+            if exhaustive:
+                s_ll = rerank_scores(query, qi, view, storage_order, score, query_is_text=query_is_text,
+                                     batch=batch, limits=limits, executor=executor, parts=parts)[r]
+            else:
+                s_ll = rerank_scores(query, qi, view, r, score, query_is_text=query_is_text, batch=batch,
+                                     limits=limits, executor=executor, parts=parts)
+            final = s + s_ll
             order = np.lexsort((r, -final))[:k]
         else:
             final = s

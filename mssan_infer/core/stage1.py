@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .errors import BackendUnavailableError, InputError
 from .files import CHUNK_BYTES
 
-__all__ = ["STAGE1_METHODS", "topk_inner_product", "import_faiss", "build_faiss", "faiss_topk",
+__all__ = ["STAGE1_METHODS", "topk_inner_product", "merge_topk", "import_faiss", "build_faiss", "faiss_topk",
            "default_ivf_nlist", "check_method"]
 
 log = logging.getLogger(__name__)
@@ -36,42 +36,48 @@ def default_ivf_nlist(n: int) -> int:
     return max(1, min(n // 39, int(4 * math.sqrt(n))))
 
 
+def merge_topk(idx: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` columns of candidate rows ``idx [Q, M]`` with ``scores [Q, M]``: by decreasing score, ties by row."""
+    order = np.lexsort((idx, -scores), axis=1)[:, :k]          # lexsort sorts by the last key first
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
 def topk_inner_product(
-    queries: np.ndarray, base: np.ndarray, k: int, *, chunk_bytes: int = CHUNK_BYTES
+    queries: np.ndarray, base: np.ndarray | Sequence[tuple[int, np.ndarray]], k: int, *, chunk_bytes: int = CHUNK_BYTES
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact maximum-inner-product top-k.
 
     Args:
         queries: ``[Q, D]`` float32.
-        base: ``[N, D]`` (may be a memmap; read in chunks of rows).
+        base: ``[N, D]`` (may be a memmap; read in chunks of rows), or blocks ``(first row, [n_b, D])``
+            that together hold rows ``0..N-1``.
         k: results per query; clipped to ``N``.
     Returns:
         ``(idx [Q, k'] int64, scores [Q, k'] float32)`` sorted by decreasing score,
         ties by increasing index; ``k' = min(k, N)``.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    n = int(base.shape[0])
+    blocks = [(0, base)] if isinstance(base, np.ndarray) else list(base)
+    n = sum(int(b.shape[0]) for _, b in blocks)
     k = min(int(k), n)
     nq = q.shape[0]
     if k <= 0 or nq == 0:
         return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
-    rows = max(k, chunk_bytes // (4 * (max(1, nq) + base.shape[1])), 1)   # base rows per block
     best_i = np.zeros((nq, 0), np.int64)
     best_s = np.zeros((nq, 0), np.float32)
-    for a in range(0, n, rows):
-        block = np.asarray(base[a : a + rows], dtype=np.float32)
-        s = q @ block.T                                                   # [Q, n_block]
-        kk = min(k, s.shape[1])
-        if kk < s.shape[1]:
-            part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        else:
-            part = np.broadcast_to(np.arange(s.shape[1]), (nq, s.shape[1]))
-        cand_i = np.concatenate([best_i, part + a], axis=1)
-        cand_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
-        # sort by (-score, index): lexsort sorts by the last key first
-        order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]
-        best_i = np.take_along_axis(cand_i, order, axis=1)
-        best_s = np.take_along_axis(cand_s, order, axis=1)
+    for start, arr in blocks:
+        rows = max(k, chunk_bytes // (4 * (max(1, nq) + arr.shape[1])), 1)   # base rows per block
+        for a in range(0, int(arr.shape[0]), rows):
+            block = np.asarray(arr[a : a + rows], dtype=np.float32)
+            s = q @ block.T                                                   # [Q, n_block]
+            kk = min(k, s.shape[1])
+            if kk < s.shape[1]:
+                part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            else:
+                part = np.broadcast_to(np.arange(s.shape[1]), (nq, s.shape[1]))
+            cand_i = np.concatenate([best_i, part + (start + a)], axis=1)
+            cand_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
+            best_i, best_s = merge_topk(cand_i, cand_s, k)
     return best_i.astype(np.int64), best_s.astype(np.float32)
 
 

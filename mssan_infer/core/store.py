@@ -22,13 +22,14 @@ import numpy as np
 
 from .contract import ItemId, check_id
 from .errors import IndexFileError, IndexWriteError, InputError, MssanError
-from .files import exchange_dirs, fsync_dir, safe_member, sha256_file, write_npy
+from .files import exchange_dirs, fsync_dir, release_rows, rows_per_chunk, safe_member, sha256_file, write_npy, write_npy_parts
 from .filters import check_metadata
 from .layout import INDEX_FORMAT, INDEX_FORMAT_VERSION, INDEX_MANIFEST
-from .memory import ARRAYS, GalleryIndex
+from .memory import GalleryIndex
+from .quant import Layout, Stage1Codec, parse_layout, store_locals
 
 __all__ = ["save_index", "load_index", "read_index_manifest", "recover_interrupted_save", "write_gallery",
-           "read_gallery"]
+           "read_gallery", "saved_layout", "encode_stage1"]
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,47 @@ def _write_json(path: Path, obj: Any) -> str:
 def write_gallery(gallery: GalleryIndex, folder: Path, prefix: str) -> dict[str, Any]:
     """Write one gallery's arrays and ids into ``folder`` (fsync'd) as it is at one moment.
 
-    Returns the manifest entry: the gallery's ``meta()`` plus ``files`` {array: file name}.
+    Returns the manifest entry: the gallery's ``meta()`` (with its layout) plus ``files`` {array: file name}.
+    Every layout writes ``stage1`` (float32), ``local``, ``mask``, ``gram`` and ``ids``; int8 locals add
+    ``local_scale`` (one float32 per vector); a compressed stage 1 adds ``stage1_codes``, ``stage1_peak``
+    and, for int8, ``stage1_scale`` (per dimension) and ``stage1_outliers`` (rows kept exact).
     """
     with gallery._lock:                      # one consistent moment: meta and view together
         entry = gallery.meta()
         view = gallery.view()
+    n, p = view.n, view.max_length
+    lay = gallery.layout
     files: dict[str, str] = {}
-    for name, src in zip(ARRAYS, (view.stage1, view.local, view.mask, view.gram)):
-        fname = f"{prefix}_{name}.npy"
-        write_npy(folder / fname, src)
-        files[name] = fname
+
+    def parts(name: str) -> list[tuple[int, np.ndarray]]:
+        return [(b.start, getattr(b, name)) for b in view.blocks]
+
+    shapes = {"stage1": ((n, gallery.stage1_dim), np.float32), "local": ((n, p, gallery.local_dim), lay.local),
+              "mask": ((n, p), np.float32), "gram": ((n, p, p), lay.gram)}
+    if lay.local == "int8":
+        shapes["scale"] = ((n, p), np.float32)
+    for name, (shape, dtype) in shapes.items():
+        key = "local_scale" if name == "scale" else name
+        fname = f"{prefix}_{key}.npy"
+        write_npy_parts(folder / fname, shape, dtype, parts(name))
+        files[key] = fname
+    codec = view.codec
+    if codec is not None:
+        subs = view.searcher.subs if view.searcher is not None else ()
+        fname = f"{prefix}_stage1_codes.npy"
+        starts = np.cumsum([0] + [ix.ntotal for ix in subs[:-1]]).tolist()
+        write_npy_parts(folder / fname, (n, gallery.stage1_dim), codec.code_dtype,
+                        ((int(a), codec.codes_of(ix)) for a, ix in zip(starts, subs)))
+        files["stage1_codes"] = fname
+        extra = {"stage1_peak": codec.peak}
+        if codec.storage == "int8" and codec.sigma is not None:      # no scales before the first item
+            assert view.outliers is not None
+            extra.update({"stage1_scale": codec.sigma, "stage1_outliers": view.outliers[view.outliers < n]})
+            entry["layout"]["stage1_l1max"] = int(codec.l1max)
+        for key, arr in extra.items():
+            fname = f"{prefix}_{key}.npy"
+            write_npy(folder / fname, np.asarray(arr))
+            files[key] = fname
     files["ids"] = _write_json(folder / f"{prefix}_ids.json", list(view.ids[: view.n]))
     meta = list(view.meta[: view.n])
     if any(m is not None for m in meta):
@@ -64,51 +96,102 @@ def write_gallery(gallery: GalleryIndex, folder: Path, prefix: str) -> dict[str,
     return entry
 
 
+def saved_layout(entry: Mapping[str, Any]) -> Layout:
+    """The layout a manifest entry was saved in (format 1: float32 stage 1, locals of ``dtype``)."""
+    rec = entry.get("layout")
+    if rec is None:
+        return Layout("float32", str(entry["dtype"]))
+    if not isinstance(rec, dict):
+        raise IndexFileError("the index manifest's layout record is not an object; rebuild the index")
+    if str(entry.get("dtype")) != str(rec.get("local")):
+        raise IndexFileError(f"gallery dtype {entry.get('dtype')!r} does not match its layout's locals "
+                             f"{rec.get('local')!r}; the index is damaged, rebuild it")
+    return Layout(str(rec["stage1"]), str(rec["local"]))
+
+
+def _conversion(saved: Layout, wanted: Layout, folder: Path) -> None:
+    """Refuse a load that would need values the index no longer has (lossy locals loaded as finer ones)."""
+    rank = {"float32": 0, "float16": 1, "int8": 2}
+    if rank[wanted.local] < rank[saved.local]:
+        raise InputError(
+            f"index {folder} holds {saved.local} locals (layout {saved.name!r}); they cannot be loaded as "
+            f"{wanted.local} (the exact values are gone). Load it with layout={saved.name!r}, or rebuild the "
+            "index from the features with the layout you want"
+        )
+
+
 def read_gallery(
     folder: Path,
     entry: Mapping[str, Any],
     *,
     mmap: bool = False,
     dtype: str | None = None,
+    layout: str | Layout | None = None,
     **options: Any,
 ) -> GalleryIndex:
     """Rebuild a gallery from :func:`write_gallery`'s files (already checksum-verified by the caller).
 
-    With ``mmap`` the saved arrays are mapped read-only (copied to the spill folder only when
-    the gallery next grows). ``dtype`` converts the stored locals; ``options`` go to
-    :class:`GalleryIndex` (``spill_dir``, ``stage1``, ``faiss_options``).
+    With ``mmap`` the saved arrays are mapped read-only (later adds go to new segments). A compressed
+    stage 1 always maps its float32 rows. ``layout`` (default: as saved) and ``dtype`` (locals) convert
+    while loading: float32 locals to float16 or int8, float16 to int8, and any stage 1 to any (every
+    index keeps float32 stage-1 rows); loading coarser locals as finer ones is refused. ``options`` go
+    to :class:`GalleryIndex` (``spill_dir``, ``stage1``, ``faiss_options``...).
 
     Raises:
         IndexFileError: missing or inconsistent files.
+        InputError: a layout the saved values cannot give (e.g. int8 locals as float32).
     """
     try:
         files = entry["files"]
-        saved_dtype = str(entry["dtype"])
-        g = GalleryIndex(int(entry["stage1_dim"]), int(entry["local_dim"]), dtype=dtype or saved_dtype,
-                         mmap=mmap, **options)
-        arrays = tuple(
-            np.load(safe_member(folder, files[name], IndexFileError), allow_pickle=False,
-                    mmap_mode="r" if mmap else None)
-            for name in ARRAYS
-        )
+        saved = saved_layout(entry)
+        wanted = parse_layout(layout if layout is not None else saved, dtype)
+        n = int(entry["n"])
+        stage1_dim, local_dim = int(entry["stage1_dim"]), int(entry["local_dim"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise IndexFileError(f"index in {folder} is damaged or incomplete ({e!r}); rebuild it") from e
+    except InputError as e:
+        raise IndexFileError(f"index in {folder} has an unknown layout ({e}); rebuild it") from e
+    _conversion(saved, wanted, folder)
+    g = GalleryIndex(stage1_dim, local_dim, layout=wanted, mmap=mmap, **options)
+
+    def load(key: str, mapped: bool) -> np.ndarray:
+        return np.load(safe_member(folder, files[key], IndexFileError), allow_pickle=False,
+                       mmap_mode="r" if mapped else None)
+
+    same_local = wanted.local == saved.local
+    try:
+        st = load("stage1", True if wanted.compressed_stage1 else mmap)
+        lo = load("local", mmap or not same_local)
+        sc = load("local_scale", mmap) if saved.local == "int8" else None
+        ma = load("mask", mmap)
+        gr = load("gram", mmap or not same_local)
         with open(safe_member(folder, files["ids"], IndexFileError), encoding="utf-8") as f:
             ids = json.load(f)
         meta = None
         if "meta" in files:
             with open(safe_member(folder, files["meta"], IndexFileError), encoding="utf-8") as f:
                 meta = json.load(f)
-        n = int(entry["n"])
+        codes = peak = sigma = outliers = None
+        if wanted.stage1 == saved.stage1 and saved.compressed_stage1:
+            codes, peak = load("stage1_codes", False), load("stage1_peak", False)
+            if saved.stage1 == "int8" and "stage1_scale" in files:
+                sigma, outliers = load("stage1_scale", False), load("stage1_outliers", False)
     except IndexFileError:
         raise
-    except (KeyError, TypeError, ValueError, OSError, InputError) as e:
+    except (KeyError, TypeError, ValueError, OSError) as e:
         raise IndexFileError(f"index in {folder} is damaged or incomplete ({e!r}); rebuild it") from e
-    st, lo, ma, gr = arrays
     p = lo.shape[1] if lo.ndim == 3 else -1
     if (
-        not isinstance(ids, list) or len(ids) != n or st.shape != (n, g.stage1_dim)
-        or lo.shape != (n, p, g.local_dim) or ma.shape != (n, p) or gr.shape != (n, p, p)
-        or lo.dtype.name != saved_dtype or gr.dtype.name != saved_dtype
+        not isinstance(ids, list) or len(ids) != n or st.shape != (n, stage1_dim)
+        or lo.shape != (n, p, local_dim) or ma.shape != (n, p) or gr.shape != (n, p, p)
+        or lo.dtype.name != saved.local or gr.dtype.name != saved.gram
         or st.dtype != np.float32 or ma.dtype != np.float32
+        or (sc is not None and (sc.shape != (n, p) or sc.dtype != np.float32))
+        or (codes is not None and (codes.shape != (n, stage1_dim) or codes.dtype.name != saved.stage1))
+        or (peak is not None and peak.shape != (stage1_dim,))
+        or (codes is not None and saved.stage1 == "int8" and n > 0 and sigma is None)
+        or (sigma is not None and sigma.shape != (stage1_dim,))
+        or (outliers is not None and (outliers.ndim != 1 or (len(outliers) and not 0 <= outliers.min() <= outliers.max() < n)))
     ):
         raise IndexFileError(f"index arrays in {folder} do not match their metadata; rebuild the index")
     try:
@@ -122,8 +205,60 @@ def read_gallery(
             meta = check_metadata(meta, n)
         except InputError as e:
             raise IndexFileError(f"index metadata in {folder} is invalid: {e}; rebuild the index") from e
-    g.adopt((st, lo, ma, gr), clean, meta)
+    if not same_local:
+        lo, sc, gr = _convert_locals(g, lo, gr, ma)
+    codec = None
+    if wanted.compressed_stage1:
+        if codes is not None:
+            codec = Stage1Codec(wanted.stage1, stage1_dim, sigma=sigma, peak=peak)
+            l1 = (entry.get("layout") or {}).get("stage1_l1max")
+            if isinstance(l1, int) and not isinstance(l1, bool) and 0 <= l1 <= 127 * stage1_dim:
+                codec.l1max, codec._fitted_l1 = l1, True
+        else:
+            codec, codes, outliers = encode_stage1(wanted.stage1, st)
+    g.adopt((st, lo, ma, gr, sc), clean, codes=codes, codec=codec, outliers=outliers, meta=meta)
     return g
+
+
+def _convert_locals(g: GalleryIndex, lo: np.ndarray, gr: np.ndarray, ma: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Saved locals and Grams (mapped) in ``g``'s layout, converted in row blocks (one new copy, no more)."""
+    n, p, d = lo.shape
+    storage = g.layout.local
+    mapped = g.mmap
+    new_lo = g._alloc("local", (n, p, d), storage, mapped)
+    new_sc = g._alloc("scale", (n, p), np.float32, mapped) if storage == "int8" else None
+    new_gr = g._alloc("gram", (n, p, p), g.layout.gram, mapped)
+    step = rows_per_chunk(max(1, lo[:1].nbytes * 4))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        l_, s_, g_ = store_locals(storage, np.asarray(lo[a:b], np.float32), np.asarray(gr[a:b], np.float32))
+        new_lo[a:b], new_gr[a:b] = l_, g_
+        if new_sc is not None and s_ is not None:
+            new_sc[a:b] = s_
+        release_rows(lo, a, b)
+        release_rows(gr, a, b)
+    return new_lo, new_sc, new_gr
+
+
+def encode_stage1(storage: str, st: np.ndarray) -> tuple[Stage1Codec, np.ndarray, np.ndarray]:
+    """A codec fitted on every saved float32 stage-1 row, their codes and outliers (none: the scales fit all)."""
+    n, dim = st.shape
+    codec = Stage1Codec(storage, dim)
+    step = rows_per_chunk(max(1, st[:1].nbytes))
+    peak = np.zeros(dim, np.float32)
+    for a in range(0, n, step):
+        peak = np.maximum(peak, np.abs(np.asarray(st[a:a + step])).max(axis=0))
+        release_rows(st, a, a + step)
+    codec.fit_peak(peak)
+    codes = np.empty((n, dim), codec.code_dtype)
+    outl = []
+    for a in range(0, n, step):
+        c, o = codec.encode(np.asarray(st[a:a + step]))
+        codes[a:a + len(c)] = c
+        release_rows(st, a, a + len(c))
+        outl.append(a + np.flatnonzero(o))
+    return codec, codes, (np.concatenate(outl) if outl else np.zeros(0, np.int64))
 
 
 # ---- index folders ------------------------------------------------------------------
@@ -266,6 +401,7 @@ def load_index(
     verify: bool = True,
     mmap: bool = False,
     dtype: str | None = None,
+    layout: str | Layout | None = None,
     **options: Any,
 ) -> tuple[dict[str, GalleryIndex], dict[str, Any]]:
     """Load an index folder written by :func:`save_index`.
@@ -276,11 +412,13 @@ def load_index(
     Args:
         bundle_id: when given, the index must have been built with this bundle.
         verify: check the sha256 of every file.
-        mmap, dtype, options: see :func:`read_gallery` and :class:`GalleryIndex`.
+        mmap, dtype, layout, options: see :func:`read_gallery` and :class:`GalleryIndex` (``layout`` and
+            ``dtype`` default to what each gallery was saved with).
     Returns:
         ``(galleries, manifest)``.
     Raises:
         IndexFileError: missing, damaged, tampered, newer-format or other-bundle index.
+        InputError: a ``layout``/``dtype`` the saved values cannot give.
     """
     root = Path(path)
     recover_interrupted_save(root)
@@ -302,7 +440,7 @@ def load_index(
                 f"index file {fname} does not match its sha256 (truncated or modified); rebuild the index"
             )
     galleries = {
-        name: read_gallery(root, entry, mmap=mmap, dtype=dtype, **options)
+        name: read_gallery(root, entry, mmap=mmap, dtype=dtype, layout=layout, **options)
         for name, entry in manifest["galleries"].items()
     }
     return galleries, manifest

@@ -1,0 +1,162 @@
+"""Gallery layouts side by side: the same gallery as fp32, fp16, int8-stage1 and int8 (``mssan_infer.core.quant``).
+
+For one gallery size, :func:`layout_retrievers` opens the gallery in each layout next to the
+default fp32 one (sharing the bundle's backend): fp16 and int8 are converted while loading the
+saved float32 index (``load_index(layout=...)``, as a user would), int8-stage1 keeps the fp32
+gallery's locals and adds int8 stage-1 codes. :func:`layout_group` times them in one interleaved
+group. :func:`resident_mb` loads each layout in a fresh process (bundle + gallery, no PyTorch)
+and reads its resident memory after a few searches. :func:`bytes_per_query` is the memory a
+query reads in each layout, to compare with the measured bandwidth.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mssan_infer.core.memory import OVERFETCH, GalleryIndex
+from mssan_infer.core.quant import LAYOUTS
+from mssan_infer.core.store import encode_stage1, load_index
+
+__all__ = ["LAYOUT_NAMES", "layout_retrievers", "layout_group", "resident_mb", "bytes_per_query", "bandwidth_gbs"]
+
+log = logging.getLogger(__name__)
+LAYOUT_NAMES = ("fp32", "fp16", "int8-stage1", "int8")
+BYTES = {"float32": 4, "float16": 2, "int8": 1}
+
+
+def _share_locals(g: GalleryIndex, layout: str) -> GalleryIndex:
+    """``g``'s stored arrays with a compressed stage 1 added (same float32 locals: no second copy)."""
+    v = g.view()
+    b = v.blocks[0]
+    out = GalleryIndex(g.stage1_dim, g.local_dim, layout=layout)
+    codec, codes, outliers = encode_stage1(LAYOUTS[layout].stage1, b.stage1)
+    out.adopt((b.stage1, b.local, b.mask, b.gram), list(v.ids[: v.n]), codes=codes, codec=codec, outliers=outliers)
+    return out
+
+
+def layout_retrievers(r: Any, index: Path, gname: str, mmap: bool) -> dict[str, Any]:
+    """``{layout: Retriever}`` on ``r``'s backend, the ``gname`` gallery of ``index`` in each layout."""
+    from mssan_infer import Retriever
+
+    out: dict[str, Any] = {"fp32": r}
+    base = r.images if gname == "images" else r.texts
+    for name in LAYOUT_NAMES[1:]:
+        log.info("layouts: opening the %s gallery as %s", gname, name)
+        if name == "int8-stage1":
+            g = _share_locals(base, name)
+        else:
+            g = load_index(index, layout=name, mmap=mmap, verify=False)[0][gname]
+        other = GalleryIndex(base.stage1_dim, base.local_dim)
+        images, texts = (g, other) if gname == "images" else (other, g)
+        out[name] = Retriever(r.bundle, r.backend, r.tokenizer, images, texts, batch_size=r.batch_size,
+                              scorer_batch=r.scorer_batch, gather_threads=r.gather_threads)
+    return out
+
+
+def layout_group(rs: dict[str, Any], text_query: bool, next_q: Callable[[], Any], encoded: list[Any],
+                 k: int = 10) -> dict[str, Callable[[], Any]]:
+    """Candidates per layout: the whole query at rerank 100, the query without its encoder, and its parts."""
+    from mssan_infer.core.search import rerank_scores
+
+    fns: dict[str, Callable[[], Any]] = {}
+    state = {"i": 0}
+
+    def next_enc() -> Any:
+        state["i"] += 1
+        return encoded[state["i"] % len(encoded)]
+
+    for name, r in rs.items():
+        view = (r.images if text_query else r.texts).view()
+        q0 = encoded[0]
+        rows = view.topk(q0.stage1, 100)[0][0]
+        if text_query:
+            fns[f"rerank_100[{name}]"] = lambda r=r: r.search(text=next_q(), k=k, rerank=100)
+        else:
+            fns[f"rerank_100[{name}]"] = lambda r=r: r.search(image=next_q(), k=k, rerank=100)
+        fns[f"no_encode_100[{name}]"] = lambda r=r: r.search_encoded(next_enc(), query_is_text=text_query, k=k,
+                                                                   rerank=100)
+        fns[f"stage1_topk100[{name}]"] = lambda view=view: view.topk(next_enc().stage1, 100)
+        fns[f"gather_100[{name}]"] = lambda view=view, rows=rows, r=r: view.gather(rows, r._gatherer(),
+                                                                                  r.gather_threads)
+        fns[f"scorer_100[{name}]"] = lambda view=view, rows=rows, r=r, q0=q0: rerank_scores(
+            q0, 0, view, rows, lambda feeds: r.backend.run("scorer", feeds)["s_ll"], query_is_text=text_query,
+            batch=r.scorer_batch, executor=r._gatherer(), parts=r.gather_threads)
+    return fns
+
+
+def bytes_per_query(layout: str, n: int, d: int, p: int, q_len: int, rerank: int = 100) -> dict[str, float]:
+    """Bytes one query reads after encoding: the stage-1 scan (plus the candidates' float32 rows when the
+    stage 1 is compressed), the candidates' stored locals/masks/Grams, and the scorer's float32 inputs."""
+    lay = LAYOUTS[layout]
+    d2 = 2 * d
+    stage1 = n * d2 * BYTES[lay.stage1]
+    if lay.compressed_stage1:
+        stage1 += rerank * OVERFETCH * d2 * 4
+    item = p * d * BYTES[lay.local] + p * 4 + p * p * BYTES[lay.gram] + (p * 4 if lay.local == "int8" else 0)
+    gather = rerank * item
+    scorer = rerank * (p * d + p + p * p) * 4 + (q_len * d + q_len + q_len * q_len) * 4
+    return {"stage1": float(stage1), "gather": float(gather), "scorer": float(scorer),
+            "total": float(stage1 + gather + scorer)}
+
+
+def bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth (GB/s, best of ``repeats``): a float32 matrix-vector product over ``gib`` GiB on
+    numpy's BLAS with ``threads`` threads, the access pattern of an exact stage 1."""
+    import time
+
+    from .timing import numpy_blas_setter
+
+    cols = 2048
+    rows = int(gib * 2**30 / (4 * cols))
+    a = np.ones((rows, cols), np.float32)
+    x = np.ones(cols, np.float32)
+    set_threads = numpy_blas_setter()
+    set_threads(threads)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ x
+        best = min(best, time.perf_counter() - t0)
+    del a
+    return rows * cols * 4 / best / 1e9
+
+
+RESIDENT = r"""
+import json, sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from bench.timing import rss_mb, peak_rss_mb
+from mssan_infer import Retriever
+bundle, index, layout, mmap, text = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1", sys.argv[6] == "1"
+kw = {} if index == "-" else {"index": index, "layout": layout, "mmap": mmap}
+r = Retriever.load(bundle, threads=2, verify=False, **kw)
+queries = json.loads(sys.argv[7])
+if index != "-":
+    for i in range(20):
+        if text:
+            r.search(text=queries[i % len(queries)], k=10, rerank=100)
+        else:
+            rng = np.random.default_rng(i)
+            r.search(image=np.abs(rng.standard_normal((36, r.img_dim), dtype=np.float32)), k=10, rerank=100)
+print(json.dumps({"rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}))
+"""
+
+
+def resident_mb(bundle: Path, index: Path | None, layout: str, mmap: bool, text_query: bool,
+                captions: list[str]) -> dict[str, float]:
+    """Resident memory of a fresh process that loads ``bundle`` and the index in ``layout`` and searches 20 times
+    (``index=None``: the bundle alone)."""
+    root = str(Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-c", RESIDENT, root, str(bundle), str(index) if index else "-", layout,
+           "1" if mmap else "0", "1" if text_query else "0", json.dumps(captions[:20])]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"resident-memory probe failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]

@@ -10,7 +10,9 @@ from typing import Any
 from .errors import BundleError
 from .spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, sha256_file
 
-__all__ = ["Bundle", "load_bundle", "safe_member"]
+__all__ = ["Bundle", "load_bundle", "safe_member", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "fp16", "int8")     # graph sets a bundle may hold: graphs, fp16_graphs, int8_graphs
 
 
 def safe_member(root: Path, name: str) -> Path:
@@ -44,13 +46,14 @@ class Bundle:
         return safe_member(self.root, name)
 
     def graph_path(self, graph: str, precision: str = "fp32") -> Path:
-        """Path of ``graph`` ("image_encoder", "text_encoder", "scorer") at ``precision``."""
-        table = self.manifest["graphs"] if precision == "fp32" else self.manifest.get("fp16_graphs") or {}
+        """Path of ``graph`` ("image_encoder", "text_encoder", "scorer") at ``precision``
+        ("fp32", "fp16", or "int8": the int8 text encoder beside the fp32 image encoder and scorer)."""
+        table = self.manifest["graphs"] if precision == "fp32" else self.manifest.get(f"{precision}_graphs") or {}
         if graph not in table:
-            have = "fp32 only" if precision != "fp32" else ", ".join(sorted(table))
+            have = ", ".join(p for p in PRECISIONS if p == "fp32" or self.manifest.get(f"{p}_graphs"))
             raise BundleError(
-                f"bundle {self.root} has no {precision} graph {graph!r} ({have}); "
-                f"re-export with `python -m export{' --fp16' if precision == 'fp16' else ''}`"
+                f"bundle {self.root} has no {precision} graph {graph!r} (it has {have}); "
+                f"re-export with `python -m export{'' if precision == 'fp32' else ' --' + precision}`"
             )
         entry = table[graph]
         return self.path(entry["file"] if isinstance(entry, dict) else entry)
@@ -103,7 +106,7 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
     for key in ("graphs", "model_config", "tokenizer"):
         if not isinstance(manifest[key], dict):
             raise BundleError(f"{mpath}: {key!r} must be a JSON object, got {type(manifest[key]).__name__}; re-export the bundle")
-    for table in ("graphs", "fp16_graphs"):
+    for table in ("graphs", *(f"{p}_graphs" for p in PRECISIONS[1:])):
         for gname, entry in (manifest.get(table) or {}).items():
             name = entry.get("file") if isinstance(entry, dict) else entry
             if not isinstance(name, str):
@@ -119,8 +122,9 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
     if not isinstance(files, dict):
         raise BundleError(f"{mpath}: 'files' must map names to sha256; re-export the bundle")
     listed = [e["file"] if isinstance(e, dict) else e for e in manifest["graphs"].values()]
-    listed += [e["file"] if isinstance(e, dict) else e for e in (manifest.get("fp16_graphs") or {}).values()]
-    listed.append(manifest["tokenizer"].get("vocab", "vocab.json"))
+    for p in PRECISIONS[1:]:
+        listed += [e["file"] if isinstance(e, dict) else e for e in (manifest.get(f"{p}_graphs") or {}).values()]
+    listed.append(manifest["tokenizer"].get("file") or manifest["tokenizer"].get("vocab", "vocab.json"))
     unhashed = [n for n in listed if n not in files]
     if unhashed:
         raise BundleError(f"manifest lists {unhashed} without a sha256; the bundle cannot be verified. Re-export it.")

@@ -23,6 +23,7 @@ from .bundle import Bundle, load_bundle
 from .errors import BundleError, InputError
 from .index import GalleryIndex, GalleryView, ItemId, _check_id, extent, load_index, save_index
 from .preprocess import ImageSource, Preprocessing, describe, is_image_source, preprocess
+from .subword import KIND as SUBWORD_KIND, SubwordTokenizer
 from .tokenizer import APOSTROPHE_PATTERN, UNK_ID, WORD_PATTERN, Tokenizer
 
 __all__ = ["Retriever", "Hit", "Encoded", "ImageInput"]
@@ -96,7 +97,7 @@ class Retriever:
         self,
         bundle: Bundle,
         backend: Backend,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | SubwordTokenizer,
         images: GalleryIndex,
         texts: GalleryIndex,
         *,
@@ -158,7 +159,8 @@ class Retriever:
             device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
             index: a folder written by :meth:`save`; must come from the same bundle.
             threads: intra-op threads of the backend (``None``: its default).
-            precision: ``"fp32"`` or ``"fp16"`` graphs (fp16 needs an ``--fp16`` export).
+            precision: ``"fp32"``, ``"fp16"`` graphs (fp16 needs an ``--fp16`` export) or ``"int8"``
+                (the dynamically quantized text encoder of an ``--int8`` export, CPU).
             stage1: ``"numpy"`` (exact, default), ``"faiss"`` (exact), ``"faiss-ivf"``, ``"faiss-hnsw"``.
             faiss_options: ``nlist``/``nprobe`` (IVF) or ``M``/``ef_search`` (HNSW).
             local_dtype: storage of locals/Grams, ``"float32"`` or ``"float16"``
@@ -420,10 +422,11 @@ class Retriever:
             x = self.tokenizer.encode(t)
             if not x:
                 raise InputError(f"caption {i} {t[:60]!r} has no words; captions need at least one word")
-            if all(tok == UNK_ID for tok in x):
+            unk = self.tokenizer.unk_id if isinstance(self.tokenizer, SubwordTokenizer) else UNK_ID
+            if all(tok == unk for tok in x):
                 raise InputError(
                     f"caption {i} {t[:60]!r}: none of its words is in the model's vocabulary "
-                    f"({len(self.tokenizer)} words); rephrase it"
+                    f"({len(self.tokenizer)} tokens); rephrase it"
                 )
             ids.append(x)
         return ids
@@ -749,13 +752,26 @@ def _check_k(k: int, rerank: int) -> tuple[int, int]:
     return int(k), int(rerank)
 
 
-def tokenizer_from_bundle(bundle: Bundle) -> Tokenizer:
-    """The bundle's tokenizer: ``vocab.json`` with the manifest's ``max_len``.
+def tokenizer_from_bundle(bundle: Bundle) -> Tokenizer | SubwordTokenizer:
+    """The bundle's tokenizer with the manifest's ``max_len``: the word ``Tokenizer`` on ``vocab.json``
+    (Bi-GRU tower), or the ``SubwordTokenizer`` on ``tokenizer.json`` (transformer tower).
 
     Raises:
-        BundleError: the bundle was exported with a different tokenizer definition.
+        BundleError: the bundle was exported with a different tokenizer definition, or its
+            tokenizer file does not match the sha256 the manifest records for it.
+        BackendUnavailableError: a subword tokenizer without the ``tokenizers`` package.
     """
     tk = bundle.manifest.get("tokenizer") or {}
+    if tk.get("kind", "word") == SUBWORD_KIND:
+        name = str(tk.get("file", ""))
+        digest = tk.get("sha256")
+        if not name or digest != bundle.manifest["files"].get(name):
+            raise BundleError(f"bundle {bundle.root}: the tokenizer entry names {name!r} with sha256 {digest!r}, "
+                              "which the manifest's file list does not confirm; re-export the bundle")
+        return SubwordTokenizer.from_file(bundle.path(name), max_len=int(tk.get("max_len", 64)))
+    if tk.get("kind", "word") != "word":
+        raise BundleError(f"bundle {bundle.root} has a tokenizer of kind {tk.get('kind')!r}, which this mssan_infer "
+                          "does not know; upgrade mssan_infer")
     for key, here in (("word_pattern", WORD_PATTERN.pattern), ("apostrophe_pattern", APOSTROPHE_PATTERN.pattern)):
         if key in tk and tk[key] != here:
             raise BundleError(

@@ -45,6 +45,7 @@ __all__ = [
     "HARDWARE_COMPATIBILITY",
     "TYPING",
     "resolve_axes",
+    "axes_for",
     "parse_profile_override",
     "derive_profiles",
     "profile_record",
@@ -136,6 +137,17 @@ def resolve_axes(overrides: Mapping[str, Sequence[int]] | None = None) -> dict[s
             raise ExportError(f"profile of {axis} must satisfy 1 <= min <= opt <= max, got {(mn, opt, mx)}")
         axes[axis] = (mn, opt, mx)
     return axes
+
+
+def axes_for(settings: "TensorRTSettings", max_len: int | None = None) -> dict[str, tuple[int, int, int]]:
+    """The profile ranges of an engine build: ``settings.profiles`` over ``DEFAULT_PROFILES``, with the
+    text length ``L`` running up to the model's ``max_len`` (tokens per caption after truncation)
+    unless ``settings`` overrides ``L``."""
+    overrides = dict(settings.profiles)
+    if max_len is not None and "L" not in overrides:
+        lo, opt, _ = DEFAULT_PROFILES["L"]
+        overrides["L"] = (lo, max(lo, min(opt, int(max_len))), max(lo, int(max_len)))
+    return resolve_axes(overrides)
 
 
 def parse_profile_override(text: str) -> tuple[str, tuple[int, int, int]]:
@@ -407,8 +419,11 @@ def build_engines(
     settings: TensorRTSettings | None = None,
     *,
     device: int = 0,
+    max_len: int | None = None,
 ) -> dict[str, Any]:
     """Build every engine of the bundle (being built) in ``root`` and check them against ONNX Runtime.
+
+    ``max_len``: the model's tokenizer truncation; the ``L`` profile runs up to it (``axes_for``).
 
     Returns:
         ``{"tensorrt": record}`` to merge into the manifest.
@@ -423,7 +438,7 @@ def build_engines(
 
     gpu = gpu_info(device)
     dims, vocab_size = bundle_dims(root)
-    axes = resolve_axes(settings.profiles)
+    axes = axes_for(settings, max_len)
     profiles = {g: derive_profiles(spec, dims, axes) for g, spec in GRAPHS.items()}
     precisions = [p for p in settings.precisions if p == "fp32" or (root / FP16_DIR / "scorer.onnx").is_file()]
     skipped = [p for p in settings.precisions if p not in precisions]
@@ -496,6 +511,10 @@ def bundle_dims(root: Path) -> tuple[dict[str, int], int]:
     d = last_dim(root / GRAPHS["image_encoder"].file, "img_local", False)
     vocab_path = root / "vocab.json"
     vocab = len(json.loads(vocab_path.read_text(encoding="utf-8"))) if vocab_path.is_file() else 5
+    if not vocab_path.is_file() and (root / "tokenizer.json").is_file():       # a transformer tower's subwords
+        from mssan_infer.subword import SubwordTokenizer
+
+        vocab = len(SubwordTokenizer.from_file(root / "tokenizer.json"))
     return {"D": d, "D2": 2 * d, "Dv": dv}, vocab
 
 
@@ -508,6 +527,6 @@ def make_step(settings: TensorRTSettings | None = None, device: int = 0) -> Any:
     settings = settings or TensorRTSettings()
 
     def step(root: Path, extra: Mapping[str, Any]) -> dict[str, Any]:
-        return build_engines(root, settings, device=device)
+        return build_engines(root, settings, device=device, max_len=(extra.get("model_config") or {}).get("max_len"))
 
     return step

@@ -55,6 +55,7 @@ BACKENDS = ("onnxruntime", "tensorrt", "python")
 KINDS = ("auto", "KIND_AUTO", "KIND_CPU", "KIND_GPU")
 REPOSITORY_DIR = "triton"
 RETRIEVER = "retriever"
+SUBWORD_FILE = "subword_tokenizer.json"     # the Hugging Face tokenizer beside the retriever's tokenizer.json
 BUNDLE_ID_PARAM = "mssan_bundle_id"
 _TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "float16": "TYPE_FP16"}
 _DYNAMIC_AXES = frozenset(a for spec in GRAPHS.values() for t in (*spec.inputs, *spec.outputs)
@@ -273,8 +274,10 @@ def _bundle_id(root: Path) -> str:
     return Bundle(root, {"files": files}).bundle_id
 
 
-def _tokenizer_spec(root: Path, max_len: int | None) -> dict[str, Any]:
-    """The retriever's ``tokenizer.json``: vocabulary and the settings of ``mssan_infer.tokenizer``."""
+def _tokenizer_spec(root: Path, max_len: int | None, model_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The retriever's ``tokenizer.json``: the word vocabulary and the settings of ``mssan_infer.tokenizer``,
+    or, for a transformer tower, ``kind: "subword"`` with the name of the Hugging Face tokenizer file
+    copied beside it (``SUBWORD_FILE``) and what the BLS model needs to give the runtime's ids."""
     from mssan_infer import tokenizer as tkmod
 
     word, apostrophes = tkmod.WORD_PATTERN, tkmod.APOSTROPHE_PATTERN
@@ -282,6 +285,24 @@ def _tokenizer_spec(root: Path, max_len: int | None) -> dict[str, Any]:
     tk: dict[str, Any] = {}
     if (root / MANIFEST_FILE).is_file():
         tk = dict(json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8")).get("tokenizer") or {})
+    elif model_config is not None:                 # a bundle under construction inside export_bundle
+        from training.config import ModelConfig
+
+        from .manifest import tokenizer_entry
+
+        tk = tokenizer_entry(root, ModelConfig.from_dict(dict(model_config)))
+    if tk.get("kind") == "subword":
+        return {
+            "kind": "subword",
+            "file": SUBWORD_FILE,
+            "source": tk["file"],
+            "sha256": tk["sha256"],
+            "encode": "tokenizers.Tokenizer.from_file(file).encode(text, add_special_tokens=False).ids[:max_len]",
+            "max_len": int(max_len if max_len is not None else tk["max_len"]),
+            "prefix_ids": tk["prefix_ids"],
+            "suffix_ids": tk["suffix_ids"],
+            "unk_id": tk["unk_id"],
+        }
     if max_len is not None:
         tk["max_len"] = int(max_len)
     vocab = json.loads((root / tk.get("vocab", "vocab.json")).read_text(encoding="utf-8"))
@@ -306,6 +327,7 @@ def write_repository(
     *,
     out: str | os.PathLike[str] | None = None,
     max_len: int | None = None,
+    model_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write (and validate) a Triton model repository for the bundle in ``root``.
 
@@ -314,6 +336,7 @@ def write_repository(
         settings: backend, batching, instances, retriever.
         out: the repository folder (default ``root/triton``); replaced if it exists.
         max_len: the tokenizer's ``max_len`` when ``root`` has no manifest yet.
+        model_config: the model config when ``root`` has no manifest yet (the tokenizer's kind).
     Returns:
         ``{"triton": record}`` for the manifest.
     Raises:
@@ -362,7 +385,9 @@ def write_repository(
             mdir = tmp / RETRIEVER / "1"
             mdir.mkdir(parents=True)
             shutil.copyfile(RETRIEVER_MODEL, mdir / "model.py")
-            tk = _tokenizer_spec(rootp, max_len)
+            tk = _tokenizer_spec(rootp, max_len, model_config)
+            if tk.get("kind") == "subword":
+                shutil.copyfile(rootp / tk.pop("source"), mdir / tk["file"])
             (mdir / "tokenizer.json").write_text(json.dumps(tk, ensure_ascii=False), encoding="utf-8")
             cfg_path = tmp / RETRIEVER / "config.pbtxt"
             cfg_path.write_text(retriever_config_text(dims, settings, bundle_id=bundle_id), encoding="utf-8")
@@ -436,7 +461,7 @@ def make_step(settings: TritonSettings | None = None) -> Any:
     def step(root: Path, extra: Mapping[str, Any]) -> dict[str, Any]:
         if settings.backend == "tensorrt" and "tensorrt" not in extra:
             raise ExportError("--triton-backend tensorrt needs --tensorrt in the same export (or an earlier one)")
-        max_len = (extra.get("model_config") or {}).get("max_len")   # export_bundle passes the model config
-        return write_repository(root, settings, max_len=max_len)
+        mcfg = extra.get("model_config") or {}           # export_bundle passes the model config
+        return write_repository(root, settings, max_len=mcfg.get("max_len"), model_config=mcfg or None)
 
     return step

@@ -24,6 +24,7 @@ Gate (fatal like the other parity checks; DESIGN §10 "int8 text encoder"):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -73,6 +74,18 @@ class Int8Report(ParityReport):
         return d
 
 
+@contextlib.contextmanager
+def _quiet_root_logger() -> Any:
+    """ONNX Runtime's optimizer and quantizer log every skipped node on the root logger; keep errors only."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for n in model.graph.node:
@@ -92,7 +105,7 @@ def quantize_text_encoder(src: Path, dst: Path, hf_config: Mapping[str, Any] | N
                               "activations": "uint8, quantized per call", "op_types": list(QUANTIZED_OPS),
                               "matmul_const_b_only": True}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mssan-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mssan-int8-") as tmp, _quiet_root_logger():
         fused = Path(tmp) / "fused.onnx"
         if hf_config:
             from onnxruntime.transformers.optimizer import optimize_model

@@ -34,7 +34,8 @@ from .evaluate import evaluate_split
 from .loss import AdaptiveMarginLoss, Negatives
 from .model import MSSAN, Encoded
 
-__all__ = ["train", "train_step", "EncodeBoth", "seed_everything", "lr_at", "param_groups", "text_frozen"]
+__all__ = ["train", "train_step", "EncodeBoth", "seed_everything", "lr_at", "param_groups", "text_frozen",
+           "pretrained_text_model"]
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def train_step(
     return float(loss.detach()), stats
 
 
-def _pretrained_text_model(
+def pretrained_text_model(
     folder: str | Path, base_model: Any, model_overrides: dict[str, Any] | None, img_dim: int,
 ) -> tuple[MSSAN, TextTokenizer]:
     """A fresh MSSAN whose text tower holds the pretrained weights of ``folder``, and its subword tokenizer."""
@@ -230,7 +231,7 @@ def _train(
         history = list(resumed.state.get("history", []))
         log.info("resuming from %s at epoch %d", out / "last", start_epoch)
     elif text_model is not None:
-        model, tokenizer = _pretrained_text_model(text_model, base_model, model_overrides, train_split.feat_dim)
+        model, tokenizer = pretrained_text_model(text_model, base_model, model_overrides, train_split.feat_dim)
     else:
         tokenizer = Tokenizer(vocab_from_split(train_split, tcfg.vocab_threshold))
         mcfg = _overrides(base_model, {**(model_overrides or {}), "vocab_size": len(tokenizer),

@@ -33,7 +33,7 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(tmp_path: Path
     for k, v in {**TOY, "text_model": str(tiny_bert_folder)}.items():
         cmd += ["--set", f"{k}={json.dumps(v)}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     summary = json.loads((out / "summary.json").read_text())

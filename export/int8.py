@@ -5,7 +5,7 @@
    (SkipLayerNormalization, BiasGelu, ...; the fused counts are recorded). A Bi-GRU graph
    has nothing to fuse and skips this step.
 2. ``onnxruntime.quantization.quantize_dynamic`` quantizes every ``MatMul``/``Gemm`` whose
-   second input is a weight to int8 (``MatMulInteger``, activations quantized per call as
+   second input is a weight to int8, one scale per output channel (``MatMulInteger``, activations quantized per call as
    uint8: the U8S8 kernels of x86). Products of two activations (attention scores, the Gram
    matrix) stay fp32, and so do softmax, norms and reductions; I/O is unchanged.
 
@@ -103,7 +103,7 @@ def quantize_text_encoder(src: Path, dst: Path, hf_config: Mapping[str, Any] | N
 
     record: dict[str, Any] = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "int8",
                               "activations": "uint8, quantized per call", "op_types": list(QUANTIZED_OPS),
-                              "matmul_const_b_only": True}
+                              "per_channel": True, "matmul_const_b_only": True}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mssan-int8-") as tmp, _quiet_root_logger():
         fused = Path(tmp) / "fused.onnx"
@@ -121,7 +121,9 @@ def quantize_text_encoder(src: Path, dst: Path, hf_config: Mapping[str, Any] | N
             record["fusions"] = {}
             onnx.save(onnx.load(str(src)), str(fused))
         try:
-            quantize_dynamic(str(fused), str(dst), op_types_to_quantize=list(QUANTIZED_OPS),
+            # per output channel: per-tensor scales failed the gate on MiniLM (top-10 0.86, t2i R@1
+            # ratio 0.971 after one epoch); per channel passed it (0.93, 0.998)
+            quantize_dynamic(str(fused), str(dst), op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
                              weight_type=QuantType.QInt8,
                              extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         except Exception as e:  # the quantizer raises many types

@@ -44,6 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_images": 1500, "epochs": 3, "train_max_steps": None, "train_model_overrides": {}, "recall_images": 5000, "recall_queries": 500,
         "encode_batch": 64, "encode_repeats": 10, "ref_small": 5000, "ref_large": 25000, "ref_mmap": 100000,
         "qdrant_sizes": [25000, 100000], "qdrant_repeats": 15,
+        "text_model": None, "text_sizes": [5000, 25000], "text_repeats": 30,
     },
     "quick": {
         "d": 1024, "word_dim": 300, "dv": 2048, "regions": 36, "words": 12,
@@ -56,9 +57,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_images": 500, "epochs": 1, "train_max_steps": None, "train_model_overrides": {}, "recall_images": 1000, "recall_queries": 200,
         "encode_batch": 32, "encode_repeats": 4, "ref_small": 1000, "ref_large": 5000, "ref_mmap": 100000,
         "qdrant_sizes": [2000], "qdrant_repeats": 5,
+        "text_model": None, "text_sizes": [1000, 5000], "text_repeats": 8,
     },
 }
-SECTIONS = ("scorer", "latency", "recall", "encode", "qdrant")
+SECTIONS = ("scorer", "latency", "recall", "encode", "text", "qdrant")
 # Runtime settings timed beside the default at rerank 100 (section 2).
 VARIANTS: dict[str, dict[str, Any]] = {
     "spin": {"allow_spinning": True},
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from .fixtures import random_captions, random_regions, speed_bundle, speed_checkpoint, trained_bundle
 
     speed = None
-    if {"scorer", "latency", "encode", "qdrant"} & set(sections):
+    if {"scorer", "latency", "encode", "text", "qdrant"} & set(sections):
         speed = speed_bundle(work, cfg["d"], cfg["word_dim"], cfg["dv"])
         model = load_checkpoint(speed_checkpoint(work, cfg["d"], cfg["word_dim"], cfg["dv"])).model.eval()
         rt = Retriever.load(speed, threads=args.threads, verify=False)
@@ -205,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
 
         res["encode"] = run_encode(rt, cfg["regions"], cfg["dv"], cfg["words"], cfg["encode_batch"],
                                    cfg["encode_repeats"], cfg["max_seconds"])
+    if "text" in sections:
+        from .text_tower import default_text_model, run_text_tower
+
+        # text_model: a local Hugging Face folder (default: the MiniLM of the dev extra)
+        folder = Path(cfg["text_model"]) if cfg["text_model"] else default_text_model()
+        res["text"] = run_text_tower(work, speed, folder, args.threads, cfg["d"], cfg["dv"], cfg["regions"],
+                                     cfg["words"], cfg["encode_batch"], cfg["text_sizes"], cfg["text_repeats"],
+                                     cfg["max_seconds"], queries=cfg["queries"])
     if speed is not None:
         rt.close()
     if "recall" in sections:

@@ -19,6 +19,7 @@ SUMMARY_KEYS = (
     "twostage_speedup_vs_exhaustive_25k_int8", "twostage_recall1_ratio_5k_int8",
     "t2i_p50_ms_25k_rerank100_no_encode_int8", "rss_mb_25k_int8", "exhaustive_runtime_vs_torch_5k",
     "t2i_p50_ms_100k_rerank100_int8",
+    "text_encode_speedup_int8_vs_bigru", "t2i_p50_ms_5k_rerank100_minilm",
 )
 LAYOUT_NAMES = ("fp32", "fp16", "int8-stage1", "int8")
 TARGETS = {
@@ -34,6 +35,8 @@ TARGETS = {
     "rss_mb_25k_int8": ("<=", 2000.0),
     "exhaustive_runtime_vs_torch_5k": (">=", 1.0),
     "t2i_p50_ms_100k_rerank100_int8": ("<=", 15.0),
+    "text_encode_speedup_int8_vs_bigru": (">=", 3.0),
+    "t2i_p50_ms_5k_rerank100_minilm": ("<=", 5.0),
 }
 
 
@@ -130,6 +133,19 @@ def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     enc = res.get("encode", {})
     s["images_per_s"] = _nan(enc.get("images_per_s"))
     s["captions_per_s"] = _nan(enc.get("captions_per_s"))
+    txt = res.get("text", {})
+    s["text_encode_speedup_int8_vs_bigru"] = _nan(txt.get("speedup_minilm_int8_vs_bigru_b1"))
+    src["text_encode_speedup_int8_vs_bigru"] = (f"text: Bi-GRU (D={cfg['d']}) p50 / MiniLM int8 p50, text encoder alone, "
+                                                f"one {cfg['words']}-word query, {cfg['threads']} threads")
+    s["text_encode_speedup_fp32_vs_bigru"] = _nan(txt.get("speedup_minilm_fp32_vs_bigru_b1"))
+    for tower in ("bigru", "minilm_fp32", "minilm_int8"):
+        for b in (1, txt.get("batch", cfg["encode_batch"])):
+            s[f"text_encode_ms_b{b}_{tower}"] = _nan(txt.get("encoder", {}).get(f"{tower}_b{b}", {}).get("p50_ms"))
+        for tag, n in (("5k", cfg["ref_small"]), ("25k", cfg["ref_large"])):
+            s[f"t2i_p50_ms_{tag}_rerank100_{tower}"] = _nan(txt.get("t2i", {}).get(str(n), {}).get(tower, {}).get("p50_ms"))
+    s["t2i_p50_ms_5k_rerank100_minilm"] = s["t2i_p50_ms_5k_rerank100_minilm_int8"]
+    src["t2i_p50_ms_5k_rerank100_minilm"] = (f"text: t2i over {cfg['ref_small']} images, rerank 100, MiniLM int8 "
+                                             "text encoder (interleaved with Bi-GRU and MiniLM fp32 on one gallery)")
     s["targets"] = {}
     for k, (op, v) in TARGETS.items():
         x = s[k]
@@ -320,6 +336,20 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
             for key, row in lat.items():
                 lines.append(f"| {row['direction']} {row['n']:,} {row['gallery']} | {row['dtype']}"
                              f"{' mmap' if row['mmap'] else ' RAM'} | {_f(row['peak_rss_mb'], 0)} |")
+    txt = res.get("text")
+    if txt:
+        b = txt["batch"]
+        lines += ["", f"## 5. Text towers ({txt['words']}-word query; tokens per query {txt['tokens_per_query']}; "
+                  f"MiniLM text encoder {_f(txt['fp32_file_mb'], 1)} MB fp32, {_f(txt['int8_file_mb'], 1)} MB int8)", "",
+                  "| tower | encoder b1 p50 / p99 ms | encoder b" + str(b) + " p50 ms | tokenize b1 ms | "
+                  + " | ".join(f"t2i {int(n):,} rerank 100 p50 / p99 ms" for n in txt["t2i"]) + " |",
+                  "|---|---|---|---|" + "---|" * len(txt["t2i"])]
+        for tower in ("bigru", "minilm_fp32", "minilm_int8"):
+            e = txt["encoder"]
+            cells = [f"{_f(v[tower]['p50_ms'])} / {_f(v[tower]['p99_ms'])}" for v in txt["t2i"].values()]
+            lines.append(f"| {tower} | {_f(e[f'{tower}_b1']['p50_ms'])} / {_f(e[f'{tower}_b1']['p99_ms'])} | "
+                         f"{_f(e[f'{tower}_b{b}']['p50_ms'])} | {_f(txt['tokenize_b1'][tower]['p50_ms'], 3)} | "
+                         + " | ".join(cells) + " |")
     lines += _qdrant_markdown(res)
     lines += ["", "Notes: " + " ".join(cfg.get("notes", []))]
     return "\n".join(lines) + "\n"
@@ -329,7 +359,7 @@ def _qdrant_markdown(res: dict[str, Any]) -> list[str]:
     q = res.get("qdrant", {}).get("sizes", {})
     if not q:
         return []
-    lines = ["", "## 5. Galleries in Qdrant Edge (text->image, rerank 100, side by side)", "",
+    lines = ["", "## 6. Galleries in Qdrant Edge (text->image, rerank 100, side by side)", "",
              "| images | gallery | p50 ms | p99 ms | x in-memory p50 | RSS MB | x in-memory RSS | disk MB | fill s |"
              " stage-1 recall@100 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for n, row in q.items():

@@ -23,11 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     req = p.add_argument_group("required arguments")
     req.add_argument("--checkpoint", "-c", required=True, metavar="DIR",
-                     help="checkpoint folder (config.json, model.safetensors, vocab.json)")
+                     help="checkpoint folder (config.json, model.safetensors, vocab.json or tokenizer.json)")
     req.add_argument("--out", "-o", required=True, metavar="DIR", help="bundle folder to write")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--fp16", action="store_true",
                    help="also write fp16 graphs under fp16/ (matrix products fp16; softmax, norms, reductions, GRU fp32)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write int8/text_encoder.onnx (ONNX Runtime CPU fusions + dynamic int8 MatMul/Gemm "
+                        "weights), gated by top-10 agreement and the R@1 ratio on the synthetic test split; "
+                        "Retriever.load(..., precision='int8') runs it")
+    p.add_argument("--int8-data", default=None, metavar="DIR",
+                   help="precomp folder whose test split the int8 gate uses (default: the synthetic test split)")
     p.add_argument("--atol", type=float, default=None,
                    help="absolute tolerance of the fp32 parity check (default: mssan_infer.spec.TOLERANCES)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
@@ -119,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verify=args.verify, tensorrt=tensorrt, triton=triton, force=args.force,
             pixels=args.pixels, backbone=args.backbone, backbone_weights=args.backbone_weights,
             image_size=args.image_size, resize=args.resize, features=args.features,
+            int8=args.int8, int8_data=args.int8_data,
         )
     except MssanError as e:
         message = str(e)

@@ -11,14 +11,14 @@ from typing import Any, Callable
 
 import onnx
 
-from mssan_infer.spec import GRAPHS, MANIFEST_FILE, VOCAB_FILE, sha256_file
+from mssan_infer.spec import GRAPHS, MANIFEST_FILE, sha256_file
 from training.checkpoint import WEIGHTS, load_checkpoint
 
 from .errors import ExportError
 from .fp16 import convert_to_fp16
 from .graphs import build_graphs
 from .inputs import example_feeds
-from .manifest import FP16_DIR, build_manifest, write_manifest
+from .manifest import FP16_DIR, build_manifest, bundle_tokenizer_file, write_manifest
 from .onnx import DEFAULT_OPSET, MIN_OPSET, check_onnx, export_graph
 from .validate import ParityReport, raise_if_failed, validate_graphs
 
@@ -99,10 +99,13 @@ def export_bundle(
     image_size: int | None = None,
     resize: int | None = None,
     features: str | os.PathLike[str] | None = None,
+    int8: bool = False,
+    int8_data: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Export a checkpoint folder to a bundle folder and check it against PyTorch.
 
-    Writes ``image_encoder.onnx``, ``text_encoder.onnx``, ``scorer.onnx``, ``vocab.json``,
+    Writes ``image_encoder.onnx``, ``text_encoder.onnx``, ``scorer.onnx``, ``vocab.json`` (Bi-GRU)
+    or ``tokenizer.json`` (transformer text tower),
     optionally ``fp16/*.onnx``, and ``manifest.json`` (sha256 of every file, parity report).
     The bundle is built in a temporary folder beside ``out`` and renamed into place, so
     ``out`` is either the old content or the complete new bundle.
@@ -126,6 +129,11 @@ def export_bundle(
             say (recorded in the manifest); see ``export.pixels``. Defaults: resnet152 at 448, or
             what ``features`` (the ``features.json`` of the training features) records; the
             weights' sha256 is checked against it.
+        int8: also write ``int8/text_encoder.onnx`` (ONNX Runtime's CPU fusions, then dynamic int8
+            quantization of MatMul/Gemm weights; ``export.int8``), gated by top-10 agreement of a
+            rerank and the R@1 ratio on the synthetic test split (or ``int8_data``'s test split).
+        int8_data: a precomp folder whose ``test`` split the int8 gate runs on (needed when the
+            model's regions are not the synthetic default's).
     Returns:
         The bundle folder.
     Raises:
@@ -152,7 +160,8 @@ def export_bundle(
         settings = pixel_settings(features, backbone, backbone_weights, image_size, resize)
         pixel_prep = settings.preprocessing
         pixel_backbone = load_pixel_backbone(model, settings.backbone, backbone_weights)
-    log.info("checkpoint %s: D=%d, word %d, Dv=%d, vocab %d", ckpt, cfg.embed_size, cfg.word_dim, cfg.img_dim, cfg.vocab_size)
+    log.info("checkpoint %s: D=%d, text %s, Dv=%d, vocab %d", ckpt, cfg.embed_size, cfg.text_encoder, cfg.img_dim,
+             cfg.vocab_size)
 
     outp.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{outp.name}.tmp-", dir=outp.parent))
@@ -170,6 +179,12 @@ def export_bundle(
                 check_onnx(p16)
                 paths16[name] = p16
             reports.append(validate_graphs(model, paths16, precision="fp16"))
+        int8_extra: dict[str, Any] = {}
+        if int8:
+            from .int8 import export_int8
+
+            int8_report, int8_extra = export_int8(model, ck.tokenizer, paths, tmp, data=int8_data)
+            reports.append(int8_report)
         pixel_extra: dict[str, Any] = {}
         if pixel_backbone is not None and pixel_prep is not None:
             from .pixels import export_pixel_graph
@@ -182,9 +197,9 @@ def export_bundle(
             raise_if_failed(reports)
         for r in failed:
             log.warning("--no-verify: %d %s parity failure(s) recorded in the manifest", len(r.failures), r.precision)
-        ck.tokenizer.save(tmp / VOCAB_FILE)
+        ck.tokenizer.save(tmp / bundle_tokenizer_file(cfg))
 
-        manifest_extra: dict[str, Any] = dict(pixel_extra)
+        manifest_extra: dict[str, Any] = {**pixel_extra, **int8_extra}
         for step in steps:
             manifest_extra.update(step(tmp, {**manifest_extra, "model_config": cfg.to_dict()}))
 

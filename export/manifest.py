@@ -12,14 +12,49 @@ import onnx
 import onnxruntime
 import torch
 
+from mssan_infer import subword
 from mssan_infer.spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, VOCAB_FILE, sha256_file
 from mssan_infer.core import tokenizer as word_tokenizer
 from training.config import ModelConfig
 
-__all__ = ["EXPORTER_VERSION", "FP16_DIR", "hash_files", "build_manifest", "write_manifest"]
+__all__ = ["EXPORTER_VERSION", "FP16_DIR", "INT8_DIR", "hash_files", "build_manifest", "write_manifest",
+           "tokenizer_entry", "bundle_tokenizer_file"]
 
 EXPORTER_VERSION = "0.1.0"
 FP16_DIR = "fp16"
+INT8_DIR = "int8"
+
+
+def bundle_tokenizer_file(cfg: ModelConfig) -> str:
+    """The bundle's tokenizer file: ``tokenizer.json`` (transformer tower) or ``vocab.json`` (Bi-GRU)."""
+    return subword.FILE if cfg.text_encoder == "transformer" else VOCAB_FILE
+
+
+def tokenizer_entry(root: Path, cfg: ModelConfig) -> dict[str, Any]:
+    """The manifest's ``tokenizer``: its kind, file, sha256 and everything a tokenizer of another
+    implementation (the Triton ``retriever`` model) needs to give the same ids."""
+    if cfg.text_encoder == "transformer":
+        import tokenizers
+
+        path = root / subword.FILE
+        tok = subword.SubwordTokenizer.from_file(path, max_len=cfg.max_len)
+        return {
+            "kind": subword.KIND,
+            "file": subword.FILE,
+            "sha256": sha256_file(path),
+            "library": f"tokenizers {tokenizers.__version__}",
+            "encode": "Tokenizer.from_file(file).encode(text, add_special_tokens=False).ids",
+            "max_len": cfg.max_len,
+            "truncation": "the first max_len subwords (a word may be cut between its pieces)",
+            "padding": "0 after the last subword; token_mask 1 for real subwords",
+            "special_tokens_in_graph": "the text encoder adds prefix_ids before and suffix_ids after the subwords; "
+                                       "they are context for the transformer, not word locals",
+            "prefix_ids": list(cfg.text_prefix_ids),
+            "suffix_ids": list(cfg.text_suffix_ids),
+            "unk_id": tok.unk_id,
+            "vocab_size": len(tok),
+        }
+    return {"vocab": VOCAB_FILE, "sha256": sha256_file(root / VOCAB_FILE), **word_tokenizer.settings(cfg.max_len)}
 
 
 def hash_files(root: Path) -> dict[str, str]:
@@ -58,7 +93,7 @@ def build_manifest(
     manifest.update({
         "files": hash_files(root),
         "model_config": cfg.to_dict(),
-        "tokenizer": {"vocab": VOCAB_FILE, **word_tokenizer.settings(cfg.max_len)},
+        "tokenizer": tokenizer_entry(root, cfg),
         "scoring": {
             "final": "img_stage1 . txt_stage1 + s_ll",
             "lam_gg": cfg.lam_gg,

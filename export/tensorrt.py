@@ -484,6 +484,10 @@ def bundle_dims(root: Path) -> tuple[dict[str, int], int]:
     d = last_dim(root / GRAPHS["image_encoder"].file, "img_local", False)
     vocab_path = root / VOCAB_FILE
     vocab = len(json.loads(vocab_path.read_text(encoding="utf-8"))) if vocab_path.is_file() else 5
+    if not vocab_path.is_file() and (root / "tokenizer.json").is_file():       # a transformer tower's subwords
+        from mssan_infer.subword import SubwordTokenizer
+
+        vocab = len(SubwordTokenizer.from_file(root / "tokenizer.json"))
     return {"D": d, "D2": 2 * d, "Dv": dv}, vocab
 
 

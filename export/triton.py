@@ -81,6 +81,7 @@ KINDS = ("auto", "KIND_AUTO", "KIND_CPU", "KIND_GPU")
 REPOSITORY_DIR = "triton"
 RETRIEVER = "retriever"
 RETRIEVER_GRAPHS = ("auto", "local", "bls")
+SUBWORD_FILE = "subword_tokenizer.json"     # the Hugging Face tokenizer beside the retriever's tokenizer.json
 _TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "float16": "TYPE_FP16"}
 _DYNAMIC_AXES = frozenset(a for spec in GRAPHS.values() for t in (*spec.inputs, *spec.outputs)
                           for a in t.dynamic_axes().values())
@@ -331,11 +332,32 @@ def _bundle_id(root: Path) -> str:
     return Bundle(root, {"files": files}).bundle_id
 
 
-def _tokenizer_spec(root: Path, max_len: int | None) -> dict[str, Any]:
-    """The retriever's ``tokenizer.json``: the tokenizer's settings (as the manifest records them) and its vocabulary."""
+def _tokenizer_spec(root: Path, max_len: int | None, model_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The retriever's ``tokenizer.json``: the word tokenizer's settings (as the manifest records them) and its
+    vocabulary, or, for a transformer tower, ``kind: "subword"`` with the name of the Hugging Face tokenizer file
+    copied beside it (``SUBWORD_FILE``, from ``source``). The retriever loads either with the runtime's loader
+    (``core.subword.load_text_tokenizer``), so both give the same ids."""
     tk: dict[str, Any] = {}
     if (root / MANIFEST_FILE).is_file():
         tk = dict(json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8")).get("tokenizer") or {})
+    elif model_config is not None:                 # a bundle under construction inside export_bundle
+        from training.config import ModelConfig
+
+        from .manifest import tokenizer_entry
+
+        tk = tokenizer_entry(root, ModelConfig.from_dict(dict(model_config)))
+    if tk.get("kind") == "subword":
+        return {
+            "kind": "subword",
+            "file": SUBWORD_FILE,
+            "source": tk["file"],
+            "sha256": tk["sha256"],
+            "encode": "tokenizers.Tokenizer.from_file(file).encode(text, add_special_tokens=False).ids[:max_len]",
+            "max_len": int(max_len if max_len is not None else tk["max_len"]),
+            "prefix_ids": tk["prefix_ids"],
+            "suffix_ids": tk["suffix_ids"],
+            "unk_id": tk["unk_id"],
+        }
     if max_len is not None:
         tk["max_len"] = int(max_len)
     if "max_len" not in tk:
@@ -386,6 +408,7 @@ def write_repository(
     out: str | os.PathLike[str] | None = None,
     max_len: int | None = None,
     tensorrt: Mapping[str, Any] | None = None,
+    model_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write (and validate) a Triton model repository for the bundle in ``root``.
 
@@ -396,6 +419,7 @@ def write_repository(
         max_len: the tokenizer's ``max_len`` when ``root`` has no manifest yet.
         tensorrt: the manifest's ``tensorrt`` record when ``root`` has no manifest yet (the
             ``tensorrt`` flavour takes ``max_batch_size``, profiles and limits from it).
+        model_config: the model config when ``root`` has no manifest yet (the tokenizer's kind).
     Returns:
         ``{"triton": record}`` for the manifest.
     Raises:
@@ -449,8 +473,10 @@ def write_repository(
             mdir.mkdir(parents=True)
             shutil.copyfile(RETRIEVER_MODEL, mdir / "model.py")
             copy_core(mdir)
-            tk = _tokenizer_spec(rootp, max_len)
+            tk = _tokenizer_spec(rootp, max_len, model_config)
             (mdir / RETRIEVER_TOKENIZER).write_text(json.dumps(tk, ensure_ascii=False), encoding="utf-8")
+            if tk.get("kind") == "subword":
+                shutil.copyfile(rootp / tk.pop("source"), mdir / tk["file"])
             cfg_path = tmp / RETRIEVER / "config.pbtxt"
             cfg_path.write_text(retriever_config_text(dims, settings, bundle_id=bundle_id, limits=limits),
                                 encoding="utf-8")
@@ -524,7 +550,8 @@ def make_step(settings: TritonSettings | None = None) -> DeploymentStep:
     def step(root: Path, extra: Mapping[str, Any]) -> dict[str, Any]:
         if settings.backend == "tensorrt" and TENSORRT_KEY not in extra:
             raise ExportError("--triton-backend tensorrt needs --tensorrt in the same export (or an earlier one)")
-        max_len = (extra.get("model_config") or {}).get("max_len")   # export_bundle passes the model config
-        return write_repository(root, settings, max_len=max_len, tensorrt=extra.get(TENSORRT_KEY))
+        mcfg = extra.get("model_config") or {}           # export_bundle passes the model config
+        return write_repository(root, settings, max_len=mcfg.get("max_len"), tensorrt=extra.get(TENSORRT_KEY),
+                                model_config=mcfg or None)
 
     return step

@@ -280,6 +280,9 @@ def run_info(bundle: str | os.PathLike[str], index: str | os.PathLike[str] | Non
         "model_config": b.model_config,
         "graphs": {name: e["file"] for name, e in m["graphs"].items()},
         "fp16": bool(m.get("fp16_graphs")),
+        "int8": bool(m.get("int8_graphs")),
+        "text_encoder": b.model_config.get("text_encoder", "bigru"),
+        "tokenizer": (m.get("tokenizer") or {}).get("kind", "word"),
         "vocab_size": b.model_config.get("vocab_size"),
         "verified": m.get("verified"),
         "parity": parity_summary(m.get("parity")),
@@ -368,7 +371,8 @@ def _print_info(info: dict[str, Any], out: TextIO) -> None:
     )
     print(f"weights    lam_gg={cfg.get('lam_gg')}  lam_gl={cfg.get('lam_gl')}  lam_ll={cfg.get('lam_ll')}", file=out)
     print(f"graphs     {', '.join(f'{k}: {v}' for k, v in info['graphs'].items())}", file=out)
-    print(f"fp16       {'yes' if info['fp16'] else 'no'}", file=out)
+    print(f"text       {info['text_encoder']} tower, {info['tokenizer']} tokenizer", file=out)
+    print(f"fp16       {'yes' if info['fp16'] else 'no'}   int8 text encoder {'yes' if info['int8'] else 'no'}", file=out)
     print(f"verified   {info['verified']}", file=out)
     print(f"parity     {_parity_line(info['parity'])}", file=out)
     if "tensorrt" in info:

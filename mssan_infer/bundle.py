@@ -12,7 +12,9 @@ from .core.files import safe_member, sha256_file
 from .errors import BundleError
 from .spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, VOCAB_FILE
 
-__all__ = ["Bundle", "load_bundle", "safe_member"]
+__all__ = ["Bundle", "load_bundle", "safe_member", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "fp16", "int8")     # graph sets a bundle may hold: graphs, fp16_graphs, int8_graphs
 
 
 @dataclass
@@ -26,13 +28,14 @@ class Bundle:
         return safe_member(self.root, name)
 
     def graph_path(self, graph: str, precision: str = "fp32") -> Path:
-        """Path of ``graph`` ("image_encoder", "text_encoder", "scorer") at ``precision``."""
-        table = self.manifest["graphs"] if precision == "fp32" else self.manifest.get("fp16_graphs") or {}
+        """Path of ``graph`` ("image_encoder", "text_encoder", "scorer") at ``precision``
+        ("fp32", "fp16", or "int8": the int8 text encoder beside the fp32 image encoder and scorer)."""
+        table = self.manifest["graphs"] if precision == "fp32" else self.manifest.get(f"{precision}_graphs") or {}
         if graph not in table:
-            have = "fp32 only" if precision != "fp32" else ", ".join(sorted(table))
+            have = ", ".join(p for p in PRECISIONS if p == "fp32" or self.manifest.get(f"{p}_graphs"))
             raise BundleError(
-                f"bundle {self.root} has no {precision} graph {graph!r} ({have}); "
-                f"re-export with `python -m export{' --fp16' if precision == 'fp16' else ''}`"
+                f"bundle {self.root} has no {precision} graph {graph!r} (it has {have}); "
+                f"re-export with `python -m export{'' if precision == 'fp32' else ' --' + precision}`"
             )
         return self.path(table[graph]["file"])
 
@@ -51,7 +54,8 @@ class Bundle:
         files = self.manifest["files"]
         graphs = self.manifest.get("graphs") or {g: {"file": spec.file} for g, spec in GRAPHS.items()}
         names = {str(e["file"]) for e in graphs.values()}
-        names.add(str((self.manifest.get("tokenizer") or {}).get("vocab", VOCAB_FILE)))
+        tk = self.manifest.get("tokenizer") or {}
+        names.add(str(tk.get("file") or tk.get("vocab", VOCAB_FILE)))
         return {k: files[k] for k in sorted(names) if k in files}
 
     @property
@@ -94,7 +98,7 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
     for key in ("graphs", "model_config", "tokenizer"):
         if not isinstance(manifest[key], dict):
             raise BundleError(f"{mpath}: {key!r} must be a JSON object, got {type(manifest[key]).__name__}; re-export the bundle")
-    for table in ("graphs", "fp16_graphs"):
+    for table in ("graphs", *(f"{p}_graphs" for p in PRECISIONS[1:])):
         for gname, entry in (manifest.get(table) or {}).items():
             if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
                 raise BundleError(f"{mpath}: {table} entry {gname!r} names no file; re-export the bundle")
@@ -108,8 +112,10 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
     files = manifest["files"]
     if not isinstance(files, dict):
         raise BundleError(f"{mpath}: 'files' must map names to sha256; re-export the bundle")
-    listed = [e["file"] for table in ("graphs", "fp16_graphs") for e in (manifest.get(table) or {}).values()]
-    listed.append(manifest["tokenizer"].get("vocab", "vocab.json"))
+    listed = [e["file"] for e in manifest["graphs"].values()]
+    for p in PRECISIONS[1:]:
+        listed += [e["file"] for e in (manifest.get(f"{p}_graphs") or {}).values()]
+    listed.append(manifest["tokenizer"].get("file") or manifest["tokenizer"].get("vocab", "vocab.json"))
     unhashed = [n for n in listed if n not in files]
     if unhashed:
         raise BundleError(f"manifest lists {unhashed} without a sha256; the bundle cannot be verified. Re-export it.")

@@ -29,7 +29,7 @@ from .core.qdrant import GallerySpec, QdrantGallery, open_qdrant_galleries, pars
 from .core.quant import parse_layout
 from .core.search import Encoded, ScorerLimits, search
 from .core.store import load_index, read_index_manifest, save_index
-from .core.tokenizer import Tokenizer, check_settings
+from .core.subword import TextTokenizer, load_text_tokenizer
 from .errors import IndexFileError, InputError
 from .pixels import PixelEncoder, has_pixel_graph, pixel_sources
 from .preprocess import ImageSource
@@ -64,7 +64,7 @@ class Retriever:
         self,
         bundle: Bundle,
         backend: Backend,
-        tokenizer: Tokenizer,
+        tokenizer: TextTokenizer,
         images: Gallery,
         texts: Gallery,
         *,
@@ -129,7 +129,8 @@ class Retriever:
             device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
             index: a folder written by :meth:`save`; must come from the same bundle.
             threads: intra-op threads of the backend (``None``: its default).
-            precision: ``"fp32"`` or ``"fp16"`` graphs (fp16 needs an ``--fp16`` export).
+            precision: ``"fp32"``, ``"fp16"`` graphs (fp16 needs an ``--fp16`` export) or ``"int8"``
+                (the dynamically quantized text encoder of an ``--int8`` export, CPU).
             stage1: ``"numpy"`` (exact, default), ``"faiss"`` (exact), ``"faiss-ivf"``, ``"faiss-hnsw"``.
             faiss_options: ``nlist``/``nprobe`` (IVF) or ``M``/``ef_search`` (HNSW).
             local_dtype: storage of locals/Grams, ``"float32"``, ``"float16"`` or ``"int8"``
@@ -604,13 +605,15 @@ def check_index_bundle(index: str | os.PathLike[str], bundle: Bundle) -> None:
     )
 
 
-def tokenizer_from_bundle(bundle: Bundle) -> Tokenizer:
-    """The bundle's tokenizer: ``vocab.json`` with the manifest's ``max_len``.
+def tokenizer_from_bundle(bundle: Bundle) -> TextTokenizer:
+    """The bundle's tokenizer with the manifest's ``max_len``: the word ``Tokenizer`` on ``vocab.json``
+    (Bi-GRU tower), or the ``SubwordTokenizer`` on ``tokenizer.json`` (transformer tower).
 
     Raises:
-        BundleError: the bundle was exported with a different tokenizer definition.
+        BundleError: the bundle was exported with a different tokenizer definition, or its
+            tokenizer file does not match the sha256 the manifest records for it.
+        BackendUnavailableError: a subword tokenizer without the ``tokenizers`` package.
     """
-    tk = bundle.manifest.get("tokenizer") or {}
-    check_settings(tk, f"bundle {bundle.root}")
-    max_len = int(tk.get("max_len", bundle.model_config.get("max_len", 64)))
-    return Tokenizer.from_file(bundle.path(tk.get("vocab", "vocab.json")), max_len=max_len)
+    tk = dict(bundle.manifest.get("tokenizer") or {})
+    tk.setdefault("max_len", bundle.model_config.get("max_len", 64))
+    return load_text_tokenizer(tk, bundle.path, f"bundle {bundle.root}")

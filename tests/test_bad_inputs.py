@@ -673,7 +673,7 @@ LOAD_OPTIONS: list[Any] = [
     pytest.param(dict(backend="nope"), InputError, "unknown backend", id="unknown-backend"),
     pytest.param(dict(device="gpu"), InputError, "device", id="unknown-device"),
     pytest.param(dict(threads=0), InputError, "threads", id="threads-zero"),
-    pytest.param(dict(precision="int8"), InputError, "precision", id="unknown-precision"),
+    pytest.param(dict(precision="int4"), InputError, "precision", id="unknown-precision"),
     pytest.param(dict(stage1="annoy"), InputError, "stage1", id="unknown-stage1"),
     pytest.param(dict(local_dtype="int4"), InputError, "dtype", id="unknown-local-dtype"),
     pytest.param(dict(layout="int4"), InputError, "layout", id="unknown-layout"),

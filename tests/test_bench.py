@@ -23,15 +23,15 @@ TOY = {
     "depths": [0, 10, 100], "repeats_fast": 2, "repeats_slow": 2, "pool": 32, "queries": 4,
     "train_images": 100, "epochs": 1, "train_max_steps": 2, "train_model_overrides": {"embed_size": 32, "word_dim": 16},
     "recall_images": 40, "recall_queries": 10, "encode_batch": 4, "encode_repeats": 2,
-    "ref_small": 200, "ref_large": 400, "max_seconds": 5.0,
+    "ref_small": 200, "ref_large": 400, "max_seconds": 5.0, "text_sizes": [200], "text_repeats": 2,
 }
 
 
-def test_quick_bench_writes_results_with_numeric_headline_figures(tmp_path: Path) -> None:
+def test_quick_bench_writes_results_with_numeric_headline_figures(tmp_path: Path, tiny_bert_folder: Path) -> None:
     out, work = tmp_path / "results", tmp_path / "work"
     cmd = [sys.executable, "-m", "bench", "--quick", "--keep-openblas-env", "--threads", "1",
            "--out", str(out), "--work", str(work)]
-    for k, v in TOY.items():
+    for k, v in {**TOY, "text_model": str(tiny_bert_folder)}.items():
         cmd += ["--set", f"{k}={json.dumps(v)}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
@@ -43,7 +43,7 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(tmp_path: Path
     assert summary["machine"]["cores"] >= 1 and summary["machine"]["cpu_model"]
     assert {"numpy", "torch", "onnxruntime"} <= set(summary["versions"])
     results = json.loads((out / "results.json").read_text())["results"]
-    assert {"scorer", "latency", "recall", "encode"} <= set(results)
+    assert {"scorer", "latency", "recall", "encode", "text"} <= set(results)
     assert "t2i_300_mmap" in results["latency"]
     for key in ("t2i_400", "t2i_300_mmap", "i2t_200"):           # every gallery size in the four layouts
         lay = results["latency"][key]["layouts"]
@@ -52,6 +52,8 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(tmp_path: Path
     assert "## 2b. Gallery layouts" in proc.stdout
     for d in ("t2i", "i2t"):
         assert 0 <= results["recall"][d]["layout_int8"]["r1_ratio_vs_fp32"] or summary["twostage_recall1_ratio_5k_int8"] is None
+    assert set(results["text"]["t2i"]["200"]) == {"bigru", "minilm_fp32", "minilm_int8"}
+    assert "## 5. Text towers" in proc.stdout
     ivf_row = results["latency"]["t2i_400"]
     assert ivf_row["ivf_options"]["nprobe"] >= 1 and "rerank_100_ivf" in ivf_row["slow"]
     assert math.isfinite(summary["twostage_ivf_speedup_vs_exhaustive_25k"])

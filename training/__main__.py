@@ -55,7 +55,8 @@ def _train(args: argparse.Namespace) -> int:
             parsed = value           # a bare string such as lse or bf16
         target[key.split(".", 1)[-1]] = parsed
     res = train(args.data, args.out, preset=args.preset, epochs=args.epochs, train_overrides=tover,
-                model_overrides=mover, resume=args.resume, progress=not args.no_progress)
+                model_overrides=mover, resume=args.resume, progress=not args.no_progress,
+                text_model=args.text_model)
     print(f"best dev rSum {res['best_dev_rsum']:.1f} in {res['wall_s']:.0f}s; checkpoint: {args.out}")
     return 0
 
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--device", help="cpu | cuda (default: the train config's)")
     tp.add_argument("--negatives", choices=["hardest", "all"],
                     help="triplet negatives: the hardest in the batch, or all (default: the train config's)")
+    tp.add_argument("--text-model", default=None, metavar="PATH",
+                    help="a local BERT-family Hugging Face folder (config.json, model.safetensors, tokenizer.json "
+                         "or vocab.txt): the text tower becomes this pretrained transformer, fine-tuned at "
+                         "lr * text_lr_mult (--set text_lr_mult=0.1, --set freeze_text_epochs=N); nothing is "
+                         "downloaded. Default: the Bi-GRU")
     tp.add_argument("--resume", action="store_true", help="continue from OUT/last")
     tp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a ModelConfig or TrainConfig field, e.g. --set lam_gg=0 --set amp=bf16 "

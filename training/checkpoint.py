@@ -1,4 +1,5 @@
-"""Checkpoint folders: ``config.json``, ``model.safetensors``, ``state.json``, ``vocab.json``.
+"""Checkpoint folders: ``config.json``, ``model.safetensors``, ``state.json``, and the tokenizer:
+``vocab.json`` (Bi-GRU tower) or ``tokenizer.json`` (transformer tower, ``mssan_infer.subword``).
 
 No pickle: weights and optimizer tensors go through safetensors, everything
 else through JSON. Each file is written atomically (temp file, then rename).
@@ -10,26 +11,33 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from mssan_infer.errors import BundleError
+from mssan_infer.subword import FILE as SUBWORD_FILE, SubwordTokenizer
 from mssan_infer.tokenizer import Tokenizer
 
 from .config import ModelConfig, TrainConfig
 from .model import MSSAN
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_model"]
+__all__ = ["Checkpoint", "TextTokenizer", "save_checkpoint", "load_checkpoint", "load_model", "tokenizer_file"]
 
 CONFIG, WEIGHTS, STATE, VOCAB, OPTIM = "config.json", "model.safetensors", "state.json", "vocab.json", "optimizer.safetensors"
+TextTokenizer = Union[Tokenizer, SubwordTokenizer]
+
+
+def tokenizer_file(cfg: ModelConfig) -> str:
+    """The checkpoint's tokenizer file for the model's text tower."""
+    return SUBWORD_FILE if cfg.text_encoder == "transformer" else VOCAB
 
 
 @dataclass
 class Checkpoint:
     model: MSSAN
-    tokenizer: Tokenizer
+    tokenizer: TextTokenizer
     train_config: TrainConfig | None
     state: dict[str, Any] = field(default_factory=dict)
     optimizer_state: dict[str, Any] | None = None
@@ -72,7 +80,7 @@ def _atomic(target: Path, write: Callable[[Path], object]) -> None:
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: MSSAN,
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     train_config: TrainConfig | None = None,
     state: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -92,7 +100,7 @@ def save_checkpoint(
         tensors, scalars = _optimizer_to_flat(optimizer.state_dict())
         _atomic(out / OPTIM, lambda p: save_file(tensors, str(p)))
         st["optimizer"] = scalars
-    _atomic(out / VOCAB, tokenizer.save)
+    _atomic(out / tokenizer_file(model.cfg), tokenizer.save)
     _atomic(out / CONFIG, lambda p: p.write_text(json.dumps(cfg, indent=2)))
     _atomic(out / STATE, lambda p: p.write_text(json.dumps(st, indent=2)))
     return out
@@ -101,11 +109,11 @@ def save_checkpoint(
 def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> Checkpoint:
     """Rebuild the model (eval mode), tokenizer, train config and state of a checkpoint folder."""
     p = Path(path)
-    for name in (CONFIG, WEIGHTS, VOCAB):
+    for name in (CONFIG, WEIGHTS):
         if not (p / name).is_file():
             raise BundleError(
                 f"{p} is not a checkpoint folder: {name} is missing "
-                "(a checkpoint holds config.json, model.safetensors, state.json, vocab.json)"
+                "(a checkpoint holds config.json, model.safetensors, state.json, vocab.json or tokenizer.json)"
             )
     try:
         cfg = json.loads((p / CONFIG).read_text(encoding="utf-8"))
@@ -119,10 +127,14 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
             f"checkpoint {p} is damaged: cannot read {CONFIG}/{STATE} ({e!r}); "
             "use another checkpoint or train again"
         ) from e
-    tok = Tokenizer.from_file(p / VOCAB, max_len=mcfg.max_len)
+    tok_name = tokenizer_file(mcfg)
+    if not (p / tok_name).is_file():
+        raise BundleError(f"{p} is not a complete checkpoint: {tok_name} (the {mcfg.text_encoder} tower's tokenizer) is missing")
+    tok: TextTokenizer = (SubwordTokenizer.from_file(p / tok_name, max_len=mcfg.max_len) if tok_name == SUBWORD_FILE
+                          else Tokenizer.from_file(p / tok_name, max_len=mcfg.max_len))
     if len(tok) > mcfg.vocab_size:
         raise BundleError(
-            f"checkpoint {p}: {VOCAB} has {len(tok)} words but the model was built for vocab_size="
+            f"checkpoint {p}: {tok_name} has {len(tok)} tokens but the model was built for vocab_size="
             f"{mcfg.vocab_size}; the files come from different runs. Copy the whole checkpoint folder again"
         )
     model = MSSAN(mcfg)
@@ -139,7 +151,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
     return Checkpoint(model, tok, tcfg, state, opt_state)
 
 
-def load_model(path: str | os.PathLike[str]) -> tuple[MSSAN, Tokenizer]:
+def load_model(path: str | os.PathLike[str]) -> tuple[MSSAN, TextTokenizer]:
     """The model (eval mode) and tokenizer of a checkpoint folder."""
     ck = load_checkpoint(path)
     return ck.model, ck.tokenizer

@@ -24,7 +24,16 @@ class ModelConfig:
     lam_gg: float = 1.0
     lam_gl: float = 1.0
     lam_ll: float = 1.0
-    max_len: int = 64            # tokenizer truncation
+    max_len: int = 64            # tokenizer truncation (words, or subwords without the special tokens)
+    # Text tower: "bigru" (DESIGN §2) or "transformer" (a BERT-family Hugging Face encoder,
+    # training/text_transformer.py). The text_* fields below belong to the transformer and are
+    # filled from the model folder by `python -m training train --text-model PATH`.
+    text_encoder: Literal["bigru", "transformer"] = "bigru"
+    text_model: str = ""         # the folder the pretrained weights came from (a record only)
+    text_config: dict[str, Any] = field(default_factory=dict)   # its Hugging Face config.json
+    text_prefix_ids: list[int] = field(default_factory=list)    # special ids before the subwords ([CLS])
+    text_suffix_ids: list[int] = field(default_factory=list)    # special ids after them ([SEP])
+    text_pad_id: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -60,6 +69,9 @@ class TrainConfig:
     device: str = "cpu"
     amp: Literal["none", "bf16", "fp16"] = "none"
     compile: bool = False
+    # Pretrained text tower (text_encoder="transformer"; the VSE-infinity recipe):
+    text_lr_mult: float = 0.1    # its encoder's learning rate = lr * text_lr_mult (the projection gets lr)
+    freeze_text_epochs: int = 0  # keep its encoder frozen for the first N epochs (-1: always)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

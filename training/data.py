@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mssan_infer.errors import InputError
+from mssan_infer.subword import SubwordTokenizer
 from mssan_infer.tokenizer import Tokenizer, build_vocab
 
 __all__ = [
@@ -202,13 +203,15 @@ class PairDataset(torch.utils.data.Dataset):
     """One item per caption: ``(regions [R,Dv] float32, region_mask [R] float32,
     token_ids list[int], image_index k // 5, caption_index k)``.
 
-    Captions are tokenised once, up front (stored flat, so COCO-sized splits stay small).
+    Captions are tokenised once, up front (stored flat, so COCO-sized splits stay small), by
+    the word ``Tokenizer`` or the ``SubwordTokenizer`` of a transformer tower.
     """
 
-    def __init__(self, split: PrecompSplit, tokenizer: Tokenizer) -> None:
+    def __init__(self, split: PrecompSplit, tokenizer: Tokenizer | SubwordTokenizer) -> None:
         self.split = split
         self.tokenizer = tokenizer
-        ids = [tokenizer.encode(c) for c in split.captions]
+        ids = (tokenizer.encode_many(split.captions) if isinstance(tokenizer, SubwordTokenizer)
+               else [tokenizer.encode(c) for c in split.captions])
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         self._offsets = np.concatenate([[0], np.cumsum(lengths)])
         self._flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
@@ -277,7 +280,7 @@ def iterate_images(split: PrecompSplit, batch_size: int) -> Iterator[tuple[Tenso
         yield torch.from_numpy(regions), torch.from_numpy(mask)
 
 
-def iterate_captions(split: PrecompSplit, tokenizer: Tokenizer, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+def iterate_captions(split: PrecompSplit, tokenizer: Tokenizer | SubwordTokenizer, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Every caption in order, in batches: ``(tokens [b,L] int64, token_mask [b,L] float32)``."""
     _check_batch_size(batch_size)
     caps = split.captions

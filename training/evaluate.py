@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mssan_infer.subword import SubwordTokenizer
 from mssan_infer.tokenizer import Tokenizer
 
 from .model import MSSAN, TERMS, Encoded
@@ -100,7 +101,7 @@ def pad_cat(parts: Sequence[Encoded]) -> Encoded:
 @torch.inference_mode()
 def encode_split(
     model: MSSAN, images: np.ndarray, region_mask: np.ndarray | None, captions: Sequence[str],
-    tokenizer: Tokenizer, batch_size: int = 256,
+    tokenizer: Tokenizer | SubwordTokenizer, batch_size: int = 256,
 ) -> tuple[Encoded, Encoded]:
     """Encode every image (``[N,R,Dv]``, possibly a memmap) and caption of a split."""
     model.eval()
@@ -154,7 +155,7 @@ def evaluate(
 
 def evaluate_split(
     model: MSSAN, images: np.ndarray, region_mask: np.ndarray | None, captions: Sequence[str],
-    tokenizer: Tokenizer, rerank: int = 100, terms: Iterable[str] = TERMS, coco: bool = False,
+    tokenizer: Tokenizer | SubwordTokenizer, rerank: int = 100, terms: Iterable[str] = TERMS, coco: bool = False,
 ) -> dict[str, Any]:
     """Encode and evaluate a split; with ``coco=True`` (COCO ``testall``) report 1K (5 folds) and 5K."""
     img, txt = encode_split(model, images, region_mask, captions, tokenizer)

@@ -173,9 +173,16 @@ class MSSAN(nn.Module):
         self.cfg = cfg
         d = cfg.embed_size
         self.img_fc = nn.Linear(cfg.img_dim, d)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.word_dim, padding_idx=0)
-        self.gru_fwd = nn.GRU(cfg.word_dim, d, batch_first=True)
-        self.gru_bwd = nn.GRU(cfg.word_dim, d, batch_first=True)
+        if cfg.text_encoder == "transformer":
+            from .text_transformer import TransformerText   # imports transformers
+
+            self.text_tower = TransformerText(cfg)
+        elif cfg.text_encoder == "bigru":
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.word_dim, padding_idx=0)
+            self.gru_fwd = nn.GRU(cfg.word_dim, d, batch_first=True)
+            self.gru_bwd = nn.GRU(cfg.word_dim, d, batch_first=True)
+        else:
+            raise ValueError(f"ModelConfig.text_encoder must be 'bigru' or 'transformer', got {cfg.text_encoder!r}")
         self.mffm_img = MFFM(d)
         self.mffm_txt = MFFM(d)
         self.reset_parameters()
@@ -184,9 +191,10 @@ class MSSAN(nn.Module):
         r = (6.0 / (self.img_fc.in_features + self.img_fc.out_features)) ** 0.5
         nn.init.uniform_(self.img_fc.weight, -r, r)
         nn.init.zeros_(self.img_fc.bias)
-        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-        with torch.no_grad():
-            self.embed.weight[0].zero_()
+        if self.cfg.text_encoder == "bigru":
+            nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+            with torch.no_grad():
+                self.embed.weight[0].zero_()
 
     # ---- encoders -------------------------------------------------------
     def encode_image(self, regions: Tensor, region_mask: Tensor) -> Encoded:
@@ -202,6 +210,16 @@ class MSSAN(nn.Module):
 
     def encode_text(self, tokens: Tensor, token_mask: Tensor) -> Encoded:
         """``tokens [B,L]`` int64, ``token_mask [B,L]`` -> text ``Encoded``."""
+        if self.cfg.text_encoder == "transformer":
+            w = self.text_tower(tokens, token_mask)                    # [B,L,D] subword locals
+        else:
+            w = self._bigru_locals(tokens, token_mask)                 # [B,L,D]
+        g = l2norm(masked_mean(w, token_mask))                         # [B,D]
+        u = self.mffm_txt(w, g, token_mask)                            # [B,D]
+        return Encoded(torch.cat([g, u], dim=-1), w, token_mask, torch.matmul(w, w.transpose(1, 2)), g, u)
+
+    def _bigru_locals(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        """Masked Bi-GRU word locals ``[B,L,D]``, L2-normalised, zero at padding."""
         keep = (token_mask > 0).unsqueeze(-1)                          # [B,L,1]
         lengths = (token_mask > 0).sum(1)                              # [B]
         x = self.embed(tokens)                                         # [B,L,E]
@@ -209,10 +227,7 @@ class MSSAN(nn.Module):
         h_b, _ = self.gru_bwd(reverse_padded(x, lengths))              # [B,L,D] (reversed time)
         h_b = reverse_padded(h_b, lengths)
         w = l2norm((h_f + h_b) / 2)
-        w = torch.where(keep, w, torch.zeros_like(w))
-        g = l2norm(masked_mean(w, token_mask))                         # [B,D]
-        u = self.mffm_txt(w, g, token_mask)                            # [B,D]
-        return Encoded(torch.cat([g, u], dim=-1), w, token_mask, torch.matmul(w, w.transpose(1, 2)), g, u)
+        return torch.where(keep, w, torch.zeros_like(w))
 
     # ---- similarities (all cross products [Ni, Nt]) ----------------------
     @staticmethod

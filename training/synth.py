@@ -73,6 +73,9 @@ SYNTH_KNOBS: dict[str, tuple[int | float, str]] = {
     "max_mentions": (3, "most objects one caption names (each names a random non-empty subset)"),
     "attr_prob": (0.85, "chance a named object is named with its attribute"),
     "scene_prob": (0.5, "chance a caption names the scene"),
+    "holdout_synonym": (0, "1: hold each concept's last synonym out of the train and dev captions and name the "
+                           "concept only by it in the test captions (unseen words); 2: the same train and dev "
+                           "captions, test captions with the seen words (the control of 1); 0: off"),
 }
 
 _OBJECTS = [
@@ -154,6 +157,7 @@ def resolve_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
     need(k["objects"] >= k["max_objects"] + k["distractors"], "objects must be >= max_objects + distractors")
     for name in ("twin_prob", "attr_prob", "scene_prob"):
         need(0.0 <= k[name] <= 1.0, f"{name} must be in [0, 1]")
+    need(k["holdout_synonym"] in (0, 1, 2), "holdout_synonym must be 0, 1 or 2")
     need(k["attr_scale"] >= 0 and k["noise"] >= 0 and k["scene_scale"] >= 0,
          "attr_scale, scene_scale and noise must be >= 0")
     return k
@@ -218,14 +222,25 @@ class World:
             out.append(_Layout(objs, attrs, m, scene, dis_attr, -1))
         return out
 
-    def caption(self, lay: _Layout, rnd: random.Random) -> str:
+    def caption(self, lay: _Layout, rnd: random.Random, unseen: bool = False) -> str:
+        """One caption of ``lay``. With the ``holdout_synonym`` knob, words are drawn from each
+        concept's seen synonyms; ``unseen`` then swaps each for the concept's held-out synonym
+        (same random draws, so the seen and unseen captions of a split differ only in words)."""
         k = self.k
+        hold = k["holdout_synonym"] > 0
+
+        def word(forms: tuple[str, ...]) -> str:
+            if not hold or len(forms) < 2:
+                return rnd.choice(forms)
+            w = rnd.choice(forms[:-1])
+            return forms[-1] if unseen else w
+
         n = rnd.randint(1, min(len(lay.objs), k["max_mentions"]))
         nps = []
         for i in rnd.sample(range(len(lay.objs)), n):
-            phrase = rnd.choice(self.objects[lay.objs[i]])
+            phrase = word(self.objects[lay.objs[i]])
             if rnd.random() < k["attr_prob"]:
-                phrase = f"{rnd.choice(self.attributes[lay.attrs[i]])} {phrase}"
+                phrase = f"{word(self.attributes[lay.attrs[i]])} {phrase}"
             nps.append(("an " if phrase[0] in "aeiou" else "a ") + phrase)
         if n == 2 and rnd.random() < 0.3:
             body = f"{nps[0]} {rnd.choice(_RELATIONS)} {nps[1]}"
@@ -233,7 +248,7 @@ class World:
             body = ", ".join(nps[:-1]) + " and " + nps[-1]
         else:
             body = nps[0]
-        scene = " " + rnd.choice(self.scenes[lay.scene]) if rnd.random() < k["scene_prob"] else ""
+        scene = " " + word(self.scenes[lay.scene]) if rnd.random() < k["scene_prob"] else ""
         return rnd.choice(_TEMPLATES).format(body, scene)
 
     # ---- region features (vectorised per chunk) ---------------------------
@@ -298,7 +313,8 @@ def _generate_into(
     ss = _split_seed(seed, split)
     rnd = _split_random(seed, split)
     lays = world.layouts(n, rnd)
-    captions = [world.caption(lay, rnd) for lay in lays for _ in range(5)]
+    unseen = split == "test" and world.k["holdout_synonym"] == 1
+    captions = [world.caption(lay, rnd, unseen) for lay in lays for _ in range(5)]
     for c, start in enumerate(range(0, n, CHUNK)):
         stop = min(start + CHUNK, n)
         rng = np.random.default_rng(np.random.SeedSequence(ss + [2, c]))
@@ -388,6 +404,8 @@ def generate(out_dir: str | os.PathLike[str], images: int = 1000, seed: int = 0,
             "attributes": [list(w) for w in world.attributes],
             "scenes": [list(w) for w in world.scenes],
         },
+        "held_out_words": sorted({f[-1] for forms in (world.objects, world.attributes, world.scenes)
+                                  for f in forms if len(f) > 1}) if k["holdout_synonym"] else [],
     }
     _atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     log.info("wrote synthetic data to %s (%s)", out, sizes)

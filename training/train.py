@@ -23,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from mssan_infer.subword import SubwordTokenizer
 from mssan_infer.tokenizer import Tokenizer
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import TextTokenizer, load_checkpoint, save_checkpoint
 from .config import TrainConfig, preset as get_preset
 from .data import PairDataset, collate, load_split, vocab_from_split
 from .distributed import DistInfo, cleanup, gather_encoded, gather_with_grad, init_distributed
@@ -33,7 +34,8 @@ from .evaluate import evaluate_split
 from .loss import AdaptiveMarginLoss, Negatives
 from .model import MSSAN, Encoded
 
-__all__ = ["train", "train_step", "EncodeBoth", "seed_everything", "lr_at"]
+__all__ = ["train", "train_step", "EncodeBoth", "seed_everything", "lr_at", "param_groups", "text_frozen",
+           "pretrained_text_model"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,37 @@ def seed_everything(seed: int) -> None:
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
     """Step schedule: ``lr`` until ``lr_decay_epoch``, then ``lr * lr_decay``."""
     return cfg.lr * (cfg.lr_decay if epoch >= cfg.lr_decay_epoch else 1.0)
+
+
+def param_groups(model: MSSAN, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Optimizer groups: everything at ``lr``, the pretrained text encoder (if any) at ``lr * text_lr_mult``.
+
+    Each group carries its ``lr_mult``; the schedule sets ``lr = lr_at(cfg, epoch) * lr_mult``.
+    """
+    from .text_transformer import PRETRAINED_PREFIX
+
+    pre = [p for n, p in model.named_parameters() if n.startswith(PRETRAINED_PREFIX)]
+    rest = [p for n, p in model.named_parameters() if not n.startswith(PRETRAINED_PREFIX)]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr_mult": 1.0}]
+    if pre:
+        groups.append({"params": pre, "lr_mult": float(cfg.text_lr_mult)})
+    return groups
+
+
+def text_frozen(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether the pretrained text encoder is frozen in ``epoch`` (``freeze_text_epochs``: N first epochs, -1 always)."""
+    return cfg.freeze_text_epochs < 0 or epoch < cfg.freeze_text_epochs
+
+
+def _set_text_frozen(model: MSSAN, frozen: bool) -> None:
+    """Freeze (no gradients, dropout off) or unfreeze the pretrained text encoder; no-op for the Bi-GRU."""
+    tower = getattr(model, "text_tower", None)
+    if tower is None:
+        return
+    for p in tower.encoder.parameters():
+        p.requires_grad_(not frozen)
+    if frozen:
+        tower.encoder.eval()
 
 
 class EncodeBoth(nn.Module):
@@ -105,6 +138,27 @@ def train_step(
     return float(loss.detach()), stats
 
 
+def pretrained_text_model(
+    folder: str | Path, base_model: Any, model_overrides: dict[str, Any] | None, img_dim: int,
+) -> tuple[MSSAN, TextTokenizer]:
+    """A fresh MSSAN whose text tower holds the pretrained weights of ``folder``, and its subword tokenizer."""
+    from .text_transformer import PRETRAINED_PREFIX, load_pretrained
+
+    fields, tok_json, weights = load_pretrained(folder)
+    clash = sorted(set(model_overrides or {}) & set(fields))
+    if clash:
+        raise ValueError(f"--text-model sets {clash} from the model folder; do not also --set them")
+    mcfg = _overrides(base_model, {**(model_overrides or {}), **fields, "img_dim": img_dim})
+    tokenizer = SubwordTokenizer(tok_json, max_len=mcfg.max_len)
+    model = MSSAN(mcfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    lost = [k for k in missing if k.startswith(PRETRAINED_PREFIX)]
+    if unexpected or lost:
+        raise ValueError(f"--text-model {folder}: weights do not fit the tower (unexpected {unexpected[:5]}, "
+                         f"missing {lost[:5]})")
+    return model, tokenizer
+
+
 def _overrides(obj: Any, values: dict[str, Any] | None) -> Any:
     d = obj.to_dict()
     for k, v in (values or {}).items():
@@ -134,6 +188,7 @@ def train(
     resume: bool = False,
     max_steps: int | None = None,
     progress: bool = True,
+    text_model: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train MSSAN on a precomp-layout dataset; returns the best dev rSum, timings and history.
 
@@ -144,6 +199,9 @@ def train(
         epochs: overrides the preset's epoch count.
         resume: continue from ``out_dir/last`` if present (written by any world size).
         max_steps: stop after this many optimiser steps in total (tests).
+        text_model: a local BERT-family Hugging Face folder (``config.json``, weights, tokenizer):
+            the text tower becomes that pretrained transformer (``text_encoder="transformer"``)
+            with subword tokens; without it the tower is the Bi-GRU over a word vocabulary.
     """
     p = get_preset(preset)
     tcfg: TrainConfig = _overrides(p.train, train_overrides)
@@ -151,13 +209,13 @@ def train(
         tcfg.epochs = epochs
     with _maybe_distributed(tcfg.device) as info, torch.enable_grad():
         return _train(Path(data_dir), Path(out_dir), preset, p.model, tcfg, model_overrides, resume,
-                      max_steps, progress, info)
+                      max_steps, progress, info, text_model)
 
 
 def _train(
     data_dir: Path, out: Path, preset: str, base_model: Any, tcfg: TrainConfig,
     model_overrides: dict[str, Any] | None, resume: bool, max_steps: int | None, progress: bool,
-    info: DistInfo,
+    info: DistInfo, text_model: str | Path | None = None,
 ) -> dict[str, Any]:
     seed_everything(tcfg.seed)
     train_split = load_split(data_dir, "train")
@@ -172,6 +230,8 @@ def _train(
         best = float(resumed.state.get("best_rsum", -1.0))
         history = list(resumed.state.get("history", []))
         log.info("resuming from %s at epoch %d", out / "last", start_epoch)
+    elif text_model is not None:
+        model, tokenizer = pretrained_text_model(text_model, base_model, model_overrides, train_split.feat_dim)
     else:
         tokenizer = Tokenizer(vocab_from_split(train_split, tcfg.vocab_threshold))
         mcfg = _overrides(base_model, {**(model_overrides or {}), "vocab_size": len(tokenizer),
@@ -182,15 +242,18 @@ def _train(
     model.to(device)
     loss_fn = AdaptiveMarginLoss(tcfg.m0, tcfg.rho, tcfg.kappa, tcfg.m_min, tcfg.m_max, tcfg.adaptive,
                                  tcfg.negatives).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    opt = torch.optim.Adam(param_groups(model, tcfg), lr=tcfg.lr)
     if resumed is not None:
         if resumed.optimizer_state is not None:
             opt.load_state_dict(resumed.optimizer_state)
         if "margins" in resumed.state:
             loss_fn.margin.copy_(torch.tensor(resumed.state["margins"]))
+    _set_text_frozen(model, text_frozen(tcfg, start_epoch))
     encoder: nn.Module = EncodeBoth(model)
     if info.enabled:
-        encoder = DistributedDataParallel(encoder, device_ids=[info.local_rank] if device.type == "cuda" else None)
+        # a text encoder frozen for some epochs only leaves parameters without gradients in those
+        encoder = DistributedDataParallel(encoder, device_ids=[info.local_rank] if device.type == "cuda" else None,
+                                          find_unused_parameters=tcfg.freeze_text_epochs > 0 and hasattr(model, "text_tower"))
     if tcfg.compile:
         encoder = torch.compile(encoder)  # type: ignore[assignment]
     scaler = torch.amp.GradScaler(device.type) if tcfg.amp == "fp16" else None
@@ -211,9 +274,10 @@ def _train(
         loader = DataLoader(ds, batch_size=tcfg.batch_size, sampler=sampler, collate_fn=collate,
                             num_workers=tcfg.workers, drop_last=True)
         for group in opt.param_groups:
-            group["lr"] = lr_at(tcfg, epoch)
+            group["lr"] = lr_at(tcfg, epoch) * float(group.get("lr_mult", 1.0))
         negatives: Negatives = "all" if epoch < tcfg.warmup_all_epochs else tcfg.negatives
         model.train()
+        _set_text_frozen(model, text_frozen(tcfg, epoch))
         total, n = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (progress and info.main), leave=False)
         for batch in bar:

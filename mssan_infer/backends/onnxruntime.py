@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import PRECISIONS, Bundle
 from ..errors import BackendUnavailableError, BundleError, InputError
 from ..spec import GRAPHS
 from .base import ALL_GRAPHS, Backend, Device, declared_dims, parse_device
@@ -197,14 +197,15 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
         **options: Any,
     ) -> "OnnxRuntimeBackend":
-        """A backend for ``bundle``'s graphs at ``precision`` ("fp32" or "fp16").
+        """A backend for ``bundle``'s graphs at ``precision`` ("fp32", "fp16", or "int8": the
+        dynamically quantized text encoder of an ``--int8`` export with the fp32 image encoder and scorer).
 
         Raises:
             BundleError: the bundle has no graphs at that precision.
             InputError: unknown precision or option.
         """
-        if precision not in ("fp32", "fp16"):
-            raise InputError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        if precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         allowed = {"inter_op_threads", "graph_optimization", "providers", "graph_threads", "allow_spinning",
                    "session_config"}
         unknown = set(options) - allowed

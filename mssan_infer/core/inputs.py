@@ -14,7 +14,8 @@ import numpy as np
 
 from .contract import ItemId, check_id
 from .errors import InputError
-from .tokenizer import UNK_ID, Tokenizer, tokenize
+from .subword import TextTokenizer
+from .tokenizer import Tokenizer, tokenize
 
 __all__ = ["region_batch", "caption_list", "token_ids", "id_list", "check_k", "positive_int"]
 
@@ -105,7 +106,7 @@ def caption_list(texts: Any) -> list[str]:
     return out
 
 
-def token_ids(tokenizer: Tokenizer, texts: Sequence[Any]) -> list[list[int]]:
+def token_ids(tokenizer: TextTokenizer, texts: Sequence[Any]) -> list[list[int]]:
     """Token ids of each caption.
 
     Raises:
@@ -121,14 +122,18 @@ def token_ids(tokenizer: Tokenizer, texts: Sequence[Any]) -> list[list[int]]:
         x = tokenizer.encode(t)
         if not x:
             raise InputError(f"caption {i} {t[:60]!r} has no words; captions need at least one word")
-        if all(tok == UNK_ID for tok in x):
+        unk = tokenizer.unk_id
+        if all(tok == unk for tok in x):
             raise InputError(
                 f"caption {i} {t[:60]!r}: none of its words is in the model's vocabulary "
-                f"({len(tokenizer)} words); rephrase it"
+                f"({len(tokenizer)} tokens); rephrase it"
             )
-        if UNK_ID in x:
+        if unk is not None and unk in x:
             with_unseen += 1
-            unseen.update(w for w in tokenize(t) if w not in tokenizer.vocab)
+            if isinstance(tokenizer, Tokenizer):
+                unseen.update(w for w in tokenize(t) if w not in tokenizer.vocab)
+            else:                                          # subwords: the words are the tokenizer's business
+                unseen.update([t[:60]])
         ids.append(x)
     if unseen:
         words = ", ".join(f"{w!r}" + (f" x{c}" if c > 1 else "") for w, c in unseen.most_common(20))

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import BundleError, InputError
 
 __all__ = ["Tokenizer", "SPECIAL_TOKENS", "PAD", "UNK", "PAD_ID", "UNK_ID", "tokenize", "build_vocab",
-           "WORD_PATTERN", "APOSTROPHE_PATTERN", "KIND", "settings", "check_settings"]
+           "WORD_PATTERN", "APOSTROPHE_PATTERN", "KIND", "settings", "check_settings", "pad_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ PAD_ID, UNK_ID = 0, 3
 
 WORD_PATTERN = re.compile(r"[^\W_]+", re.UNICODE)
 APOSTROPHE_PATTERN = re.compile(r"(?<=[^\W_])['\u2019](?=[^\W_])", re.UNICODE)
-KIND = "words"
+KIND = "word"
 NORMALIZATION = "NFKC"
 
 
@@ -112,6 +112,11 @@ class Tokenizer:
     def __len__(self) -> int:
         return len(self.vocab)
 
+    @property
+    def unk_id(self) -> int:
+        """The id of ``<unk>`` (every word outside the vocabulary)."""
+        return UNK_ID
+
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], where: str) -> "Tokenizer":
         """From :func:`settings` plus ``"vocab"`` (a word -> id object), as the Triton retriever stores it.
@@ -156,11 +161,16 @@ class Tokenizer:
             tokens: int64 ``[B, L]`` with ``L`` the longest caption (at least 1),
             mask: float32 ``[B, L]``, 1 for real words.
         """
-        ids = [self.encode(t) for t in texts]
-        length = max([1] + [len(x) for x in ids])
-        tokens = np.zeros((len(ids), length), dtype=np.int64)
-        mask = np.zeros((len(ids), length), dtype=np.float32)
-        for i, x in enumerate(ids):
-            tokens[i, : len(x)] = x
-            mask[i, : len(x)] = 1.0
-        return tokens, mask
+        return pad_ids([self.encode(t) for t in texts])
+
+
+def pad_ids(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists -> ``tokens [B, L]`` int64 (zero at padding, ``L`` the longest, at least 1) and
+    ``mask [B, L]`` float32 (1 for real tokens)."""
+    length = max([1] + [len(x) for x in ids])
+    tokens = np.zeros((len(ids), length), dtype=np.int64)
+    mask = np.zeros((len(ids), length), dtype=np.float32)
+    for i, x in enumerate(ids):
+        tokens[i, : len(x)] = x
+        mask[i, : len(x)] = 1.0
+    return tokens, mask

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,11 +53,11 @@ if os.path.isdir(os.path.join(_HERE, "mssan_core")):      # inside a model repos
     if _HERE not in sys.path:
         sys.path.insert(0, _HERE)
     import mssan_core as core
-    from mssan_core import inputs, qdrant
+    from mssan_core import inputs, qdrant, subword
     from mssan_core.onnx_graph import OnnxGraph
 else:                                                     # in the source tree (tooling, tests)
     from mssan_infer import core  # type: ignore[no-redef]
-    from mssan_infer.core import inputs, qdrant  # type: ignore[no-redef]
+    from mssan_infer.core import inputs, qdrant, subword  # type: ignore[no-redef]
     from mssan_infer.core.onnx_graph import OnnxGraph  # type: ignore[no-redef]
 
 GRAPH_MODES = ("auto", "local", "bls")
@@ -115,7 +116,10 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"mssan retriever: graphs run {'here (ONNX Runtime)' if self.graphs else 'through BLS'}"
                                  f" ({why})")
         with open(os.path.join(here, p.get("tokenizer") or core.layout.RETRIEVER_TOKENIZER), encoding="utf-8") as f:
-            self.tokenizer = core.Tokenizer.from_spec(json.load(f), "the retriever's tokenizer.json")
+            # word (vocabulary inline) or subword (a Hugging Face tokenizer.json beside it, `tokenizers` needed)
+            self.tokenizer = subword.load_text_tokenizer(
+                json.load(f), lambda name: core.files.safe_member(Path(here), name, core.BundleError),
+                "the retriever's tokenizer.json")
         index_dir = os.environ.get("MSSAN_RETRIEVER_INDEX") or p.get("index_dir") or "index"
         self.index_dir = index_dir if os.path.isabs(index_dir) else os.path.join(here, index_dir)
         self.galleries: dict[str, core.Gallery] = {}

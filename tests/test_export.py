@@ -287,3 +287,35 @@ def test_cli_reports_a_typed_error_in_one_line_and_exits_1(tmp_path: Path, tiny_
     assert main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "BundleError" not in last and str(tmp_path / "missing") in last
+
+
+def test_non_unit_level_weights_reach_the_manifest_and_both_stages_of_the_runtime(
+    tmp_path: Path, tiny_checkpoint: Path,
+) -> None:
+    from mssan_infer import Retriever
+    from training.checkpoint import save_checkpoint
+
+    ck = load_checkpoint(tiny_checkpoint)
+    lams = {"lam_gg": 0.3, "lam_gl": 1.7, "lam_ll": 0.6}             # as dev selection may save them
+    weighted = MSSAN(ModelConfig.from_dict({**ck.model.cfg.to_dict(), **lams}))
+    weighted.load_state_dict(ck.model.state_dict())
+    bundle = export_bundle(save_checkpoint(tmp_path / "ck", weighted, ck.tokenizer), tmp_path / "bundle")
+    m = json.loads((bundle / MANIFEST_FILE).read_text())
+    assert {k: m["scoring"][k] for k in lams} == lams and all(m["model_config"][k] == v for k, v in lams.items())
+
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(12, 5, ck.model.cfg.img_dim)).astype(np.float32)
+    caps = ["a red dog on the beach", "the blue ball near a tree", "a man sits"]
+    r = Retriever.load(bundle)
+    r.add_images(feats)
+    with torch.inference_mode():
+        img = weighted.encode_image(torch.tensor(feats), torch.ones(12, 5))
+        txt = weighted.encode_text(*map(torch.tensor, ck.tokenizer.encode_batch(caps)))
+        s1 = (0.3 * weighted.s_gg(img, txt) + 1.7 * weighted.s_gl(img, txt)).numpy()        # [12, 3]
+        full = s1 + 0.6 * weighted.s_ll(img, txt).numpy()
+    for j, cap in enumerate(caps):
+        for h in r.search(text=cap, k=12, rerank=0):                  # stage 1 alone: exact lam_gg*S_gg + lam_gl*S_gl
+            assert abs(h.stage1 - s1[int(h.id), j]) < 1e-5           # type: ignore[call-overload]
+        hits = r.search(text=cap, k=12, rerank=12)
+        assert [int(h.id) for h in hits] == np.argsort(-full[:, j], kind="stable").tolist()   # type: ignore[call-overload]
+        assert all(abs(h.score - full[int(h.id), j]) < 1e-4 for h in hits)                  # type: ignore[call-overload]

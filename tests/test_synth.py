@@ -120,3 +120,43 @@ def test_knob_table_has_typed_defaults_and_help() -> None:
         assert isinstance(default, (int, float)) and not isinstance(default, bool), name
         assert help_ and isinstance(help_, str)
     assert synth.resolve_knobs({}) == {k: v[0] for k, v in synth.SYNTH_KNOBS.items()}
+
+
+def test_stuff_scene_is_ambiguous_in_one_region_but_clear_in_the_mean() -> None:
+    import random
+
+    k = synth.resolve_knobs(dict(stuff=6, scene_stuff=3, scene_scale=0.0, noise=0.0, feat_dim=32))
+    world = synth.World(0, k)
+    mix = np.full((k["scenes"], k["stuff"]), 1e-9)
+    for s, (kinds, weights) in enumerate(world.scene_mix):
+        mix[s, kinds] = weights
+    lays = world.layouts(400, random.Random(0))
+    feats = world.render(lays, np.random.default_rng(0))
+    stuff_protos = world.table[k["objects"] + 1:]                                   # [St, Dv]
+    per_region, pooled = [], []
+    for lay, f in zip(lays, feats):
+        sims = f @ stuff_protos.T                                                    # [R, St]
+        seen = sims.argmax(1)[np.isclose(sims.max(1), 1.0, atol=1e-4)]               # the stuff regions
+        assert sorted(seen.tolist()) == sorted(lay.stuff)
+        per_region.append((np.log(mix[:, seen]).argmax(0) == lay.scene).mean())
+        pooled.append(np.log(mix[:, seen]).sum(1).argmax() == lay.scene)
+    assert np.mean(per_region) < 0.5 and np.mean(pooled) > 0.95, (np.mean(per_region), np.mean(pooled))
+
+
+def test_salience_names_big_objects_more_often_than_small_ones() -> None:
+    import random
+
+    k = synth.resolve_knobs(dict(salience=2.0, synonyms=1, min_object_regions=1, max_object_regions=5,
+                                 max_objects=3, min_objects=3, max_mentions=1, **SMALL))
+    world = synth.World(0, k)
+    rnd = random.Random(0)
+    named = {m: [0, 0] for m in range(1, 6)}                                        # size -> [named, seen]
+    for lay in world.layouts(600, rnd):
+        words = set(tokenize(world.caption(lay, rnd)))
+        for o, m in zip(lay.objs, lay.m):
+            named[m][0] += world.objects[o][0] in words
+            named[m][1] += 1
+    rate = [named[m][0] / named[m][1] for m in range(1, 6)]
+    assert rate == sorted(rate) and rate[-1] > 3 * rate[0], rate
+    off = synth.World(0, synth.resolve_knobs(dict(**SMALL)))
+    assert all(len(set(lay.m)) == 1 for lay in off.layouts(50, random.Random(0)))   # knob off: one size per image

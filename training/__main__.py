@@ -1,10 +1,11 @@
-"""``python -m training synth|features|train|eval`` (DESIGN §9)."""
+"""``python -m training synth|features|train|eval|ablate`` (DESIGN §9)."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from mssan_infer.cli import HelpFormatter, error_line
@@ -35,13 +36,13 @@ def _features(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model and train config overrides from the flags and ``--set KEY=VALUE`` items."""
     from .config import ModelConfig
-    from .train import train
 
     tover: dict[str, Any] = {}
     for key in ("batch_size", "lr", "seed", "device", "negatives"):
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:
             tover[key] = getattr(args, key)
     mover: dict[str, Any] = {}
     for item in args.set or []:
@@ -54,6 +55,13 @@ def _train(args: argparse.Namespace) -> int:
         except ValueError:
             parsed = value           # a bare string such as lse or bf16
         target[key.split(".", 1)[-1]] = parsed
+    return mover, tover
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    mover, tover = _overrides(args)
     res = train(args.data, args.out, preset=args.preset, epochs=args.epochs, train_overrides=tover,
                 model_overrides=mover, resume=args.resume, progress=not args.no_progress,
                 text_model=args.text_model)
@@ -85,6 +93,17 @@ def _eval(args: argparse.Namespace) -> int:
         for mode, r in modes.items():
             i, t = r["i2t"], r["t2i"]
             print(f"{mode:<16}{i['r1']:>9.1f}{i['r5']:>7.1f}{i['r10']:>7.1f}{t['r1']:>9.1f}{t['r5']:>7.1f}{t['r10']:>7.1f}{r['rsum']:>8.1f}")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from .ablate import ablate
+
+    mover, tover = _overrides(args)
+    res = ablate(args.data, args.out, preset=args.preset, epochs=args.epochs, split=args.split,
+                 rerank=args.rerank, model_overrides=mover, train_overrides=tover, progress=not args.no_progress)
+    print((Path(args.out) / "ablation.md").read_text(encoding="utf-8"))
+    print(f"wrote {len(res['rows'])} rows to {Path(args.out) / 'ablation.json'} and ablation.md")
     return 0
 
 
@@ -149,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "(repeatable; prefix model. or train. where a name is ambiguous)")
     tp.add_argument("--no-progress", action="store_true", help="no progress bars")
     tp.set_defaults(func=_train)
+
+    ap_ = sub.add_parser("ablate", help="retrain every subset of the levels (+ a fixed margin) and tabulate recall",
+                         formatter_class=HelpFormatter)
+    ap_.add_argument("--data", required=True, help="folder with train_/dev_ and the --split files")
+    ap_.add_argument("--out", required=True, help="one checkpoint folder per run, ablation.json and ablation.md")
+    ap_.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="model and training settings")
+    ap_.add_argument("--epochs", type=int, help="epochs of every run (default: the preset's)")
+    ap_.add_argument("--seed", type=int, help="random seed of every run (default: the train config's)")
+    ap_.add_argument("--split", default="test", help="split the table reports (default test)")
+    ap_.add_argument("--rerank", type=int, default=20, help="K of the full model's two-stage figure")
+    ap_.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a ModelConfig or TrainConfig field in every run (as for train)")
+    ap_.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap_.set_defaults(func=_ablate)
 
     ep = sub.add_parser("eval", help="recall of a checkpoint: stage-1, two-stage@K, exhaustive", formatter_class=HelpFormatter)
     ep.add_argument("--checkpoint", required=True, help="checkpoint folder written by train")

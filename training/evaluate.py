@@ -6,6 +6,7 @@ below it, so a constant scorer gets R@1 = 0, never 100.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Iterable, Sequence
 
@@ -20,12 +21,16 @@ from .model import MSSAN, TERMS, Encoded
 
 __all__ = [
     "ranks_i2t", "ranks_t2i", "recall_from_ranks", "recall_report", "twostage_scores",
-    "encode_split", "pad_cat", "sharded_score", "evaluate", "evaluate_split",
+    "encode_split", "pad_cat", "sharded_score", "evaluate", "evaluate_split", "report_from_scores",
+    "sharded_level_scores", "select_level_weights", "LEVEL_GRID",
 ]
 
 log = logging.getLogger(__name__)
 CAPS = 5
 _RERANK_OFFSET = 1e4   # lifts reranked candidates above every stage-1 score
+# Candidate weights of a level relative to the reference level (S_ll when it is on), which keeps 1.
+# No 0: a level the config weights stays in the score (and stage 1 keeps a global level to rank by).
+LEVEL_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 
 
 def ranks_i2t(sims: np.ndarray, caps_per_image: int = CAPS) -> np.ndarray:
@@ -143,6 +148,11 @@ def evaluate(
     full = sharded_score(model, img, txt, shard, terms)
     # Stage 1 is the global part of the same score (e_img . e_txt when both global terms are on).
     stage1 = sharded_score(model, img, txt, max(shard, 1024), tuple(t for t in terms if t != "ll"))
+    return report_from_scores(full, stage1, rerank)
+
+
+def report_from_scores(full: np.ndarray, stage1: np.ndarray, rerank: int = 100) -> dict[str, dict[str, Any]]:
+    """Recall for ``stage1``, ``twostage@K`` and ``exhaustive`` from ``[N, 5N]`` score matrices."""
     out = {"stage1": recall_report(stage1), "exhaustive": recall_report(full)}
     if rerank > 0:
         out[f"twostage@{rerank}"] = recall_report(
@@ -178,3 +188,44 @@ def _mean_reports(reports: list[dict[str, dict[str, Any]]]) -> dict[str, dict[st
         agg["mode"] = mode
         out[mode] = agg
     return out
+
+
+def sharded_level_scores(model: MSSAN, img: Encoded, txt: Encoded, shard: int = 128) -> dict[str, np.ndarray]:
+    """Each level the model weights (``lam_t != 0``), unweighted: ``{"gg": S_gg, ...}``, ``[Ni, Nt]`` each."""
+    out = {}
+    for t in TERMS:
+        lam = float(getattr(model.cfg, f"lam_{t}"))
+        if lam:
+            out[t] = sharded_score(model, img, txt, shard if t == "ll" else max(shard, 1024), (t,)) / np.float32(lam)
+    return out
+
+
+def select_level_weights(
+    levels: dict[str, np.ndarray], start: dict[str, float], grid: Sequence[float] = LEVEL_GRID,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Level weights with the best exhaustive rSum on ``levels`` (a dev split's ``sharded_level_scores``).
+
+    The reference level (S_ll when present, else the last present level) keeps weight 1; each
+    other present level takes a weight from ``grid``; absent levels stay 0. Only the ratios
+    matter to a ranking. ``start`` (the training weights) is tried first and kept on a tie.
+
+    Returns:
+        The chosen weights (all three levels) and its recall report.
+    """
+    present = [t for t in TERMS if t in levels]
+    if not present:
+        raise ValueError("no level to weight: every lam_* is 0")
+    ref = present[-1]
+    others = present[:-1]
+    candidates = [tuple(start[t] / start[ref] for t in others)]
+    candidates += list(itertools.product(grid, repeat=len(others)))
+    best: tuple[float, dict[str, float], dict[str, Any]] | None = None
+    for cand in candidates:
+        w = {t: 0.0 for t in TERMS}
+        w.update(dict(zip(others, (float(c) for c in cand))))
+        w[ref] = 1.0
+        rep = recall_report(np.sum([np.float32(w[t]) * levels[t] for t in present], axis=0))
+        if best is None or rep["rsum"] > best[0]:
+            best = (rep["rsum"], w, rep)
+    assert best is not None
+    return best[1], best[2]

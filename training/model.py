@@ -245,6 +245,11 @@ class MSSAN(nn.Module):
             c.lambda_t2i, c.lambda_i2t, c.leaky, c.agg, c.lambda_lse,
         )
 
+    def level_scores(self, img: Encoded, txt: Encoded) -> dict[str, Tensor]:
+        """Each level the config weights (``lam_* != 0``), unweighted: ``{"gg": S_gg, ...}``, ``[Ni,Nt]`` each."""
+        fns = {"gg": self.s_gg, "gl": self.s_gl, "ll": self.s_ll}
+        return {t: fns[t](img, txt) for t in TERMS if getattr(self.cfg, f"lam_{t}")}
+
     @staticmethod
     def stage1_score(img: Encoded, txt: Encoded) -> Tensor:
         """``e_img . e_txt`` = lam_gg*S_gg + lam_gl*S_gl."""

@@ -76,6 +76,11 @@ SYNTH_KNOBS: dict[str, tuple[int | float, str]] = {
     "holdout_synonym": (0, "1: hold each concept's last synonym out of the train and dev captions and name the "
                            "concept only by it in the test captions (unseen words); 2: the same train and dev "
                            "captions, test captions with the seen words (the control of 1); 0: off"),
+    "stuff": (0, "stuff concepts (sand, sky, grass...); 0 = none. With stuff, every background region "
+                 "shows one, drawn from its scene's mix: a region fits several scenes, the mix names one"),
+    "scene_stuff": (3, "stuff concepts in each scene's mix (with stuff > 0)"),
+    "salience": (0.0, "0: an image's objects share one size and captions name them uniformly; > 0: each "
+                      "object has its own size (regions) and captions name it with weight size**salience"),
 }
 
 _OBJECTS = [
@@ -155,6 +160,8 @@ def resolve_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
          "max_objects * max_object_regions + distractors must leave at least one background region")
     need(k["attributes"] >= k["max_objects"], "attributes must be >= max_objects (an image's objects differ in attribute)")
     need(k["objects"] >= k["max_objects"] + k["distractors"], "objects must be >= max_objects + distractors")
+    need(k["stuff"] >= 0 and k["salience"] >= 0, "stuff and salience must be >= 0")
+    need(k["stuff"] == 0 or 1 <= k["scene_stuff"] <= k["stuff"], "scene_stuff must be in [1, stuff]")
     for name in ("twin_prob", "attr_prob", "scene_prob"):
         need(0.0 <= k[name] <= 1.0, f"{name} must be in [0, 1]")
     need(k["holdout_synonym"] in (0, 1, 2), "holdout_synonym must be 0, 1 or 2")
@@ -172,10 +179,11 @@ def eval_split_size(images: int, eval_images: int = 0) -> int:
 class _Layout:
     objs: tuple[int, ...]      # object concepts
     attrs: tuple[int, ...]     # attribute of each object
-    m: int                     # regions per object
+    m: tuple[int, ...]         # regions of each object
     scene: int
     distractors: tuple[tuple[int, int], ...]   # (object, attribute)
     twin_of: int               # index of the image this is a twin of, -1 if none
+    stuff: tuple[int, ...] = ()  # stuff concept of each background region (knob stuff > 0)
 
 
 class World:
@@ -191,9 +199,16 @@ class World:
             return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
         obj, attr, scene = protos(k["objects"]), protos(k["attributes"]), protos(k["scenes"])
-        # Region = table[base] + attr_table[attr] + scene_table[scene]: bases are objects then
-        # one zero row (background); the last attribute row is zero (no attribute).
-        self.table = np.concatenate([obj, np.zeros((1, dv), np.float32)])                # [O+1, Dv]
+        # Drawn after the others, so a world without stuff is the same as before the knob existed.
+        stuff = protos(k["stuff"]) if k["stuff"] else np.zeros((0, dv), np.float32)
+        # each scene's stuff mix: scene_stuff distinct concepts with Dirichlet(1) proportions
+        self.scene_mix: list[tuple[list[int], list[float]]] = [
+            (rng.choice(k["stuff"], k["scene_stuff"], replace=False).tolist(),
+             rng.dirichlet(np.ones(k["scene_stuff"])).tolist()) for _ in range(k["scenes"])
+        ] if k["stuff"] else []
+        # Region = table[base] + attr_table[attr] + scene_table[scene]: bases are objects, one
+        # zero row (background), then stuff; the last attribute row is zero (no attribute).
+        self.table = np.concatenate([obj, np.zeros((1, dv), np.float32), stuff])         # [O+1+St, Dv]
         self.scene_table = scene * np.float32(k["scene_scale"])                          # [S, Dv]
         self.attr_table = np.concatenate([attr * np.float32(k["attr_scale"]),
                                           np.zeros((1, dv), np.float32)])                 # [A+1, Dv]
@@ -210,16 +225,21 @@ class World:
             prev = out[-1] if out else None
             if prev is not None and prev.twin_of < 0 and len(prev.objs) >= 2 and rnd.random() < k["twin_prob"]:
                 attrs = prev.attrs[1:] + prev.attrs[:1]          # rotate: every object changes attribute
-                out.append(_Layout(prev.objs, attrs, prev.m, prev.scene, prev.distractors, i - 1))
+                out.append(_Layout(prev.objs, attrs, prev.m, prev.scene, prev.distractors, i - 1, prev.stuff))
                 continue
             nobj = rnd.randint(k["min_objects"], k["max_objects"])
             picked = rnd.sample(range(k["objects"]), nobj + k["distractors"])
             objs, dis = tuple(picked[:nobj]), picked[nobj:]
             attrs = tuple(rnd.sample(range(k["attributes"]), nobj))
-            m = rnd.randint(k["min_object_regions"], k["max_object_regions"])
+            lo, hi = k["min_object_regions"], k["max_object_regions"]
+            m = tuple(rnd.randint(lo, hi) for _ in objs) if k["salience"] > 0 else (rnd.randint(lo, hi),) * nobj
             scene = rnd.randrange(k["scenes"])
             dis_attr = tuple((o, rnd.randrange(k["attributes"])) for o in dis)
-            out.append(_Layout(objs, attrs, m, scene, dis_attr, -1))
+            stuff: tuple[int, ...] = ()
+            if k["stuff"]:
+                kinds, weights = self.scene_mix[scene]
+                stuff = tuple(rnd.choices(kinds, weights, k=k["regions"] - sum(m) - len(dis)))
+            out.append(_Layout(objs, attrs, m, scene, dis_attr, -1, stuff))
         return out
 
     def caption(self, lay: _Layout, rnd: random.Random, unseen: bool = False) -> str:
@@ -236,8 +256,12 @@ class World:
             return forms[-1] if unseen else w
 
         n = rnd.randint(1, min(len(lay.objs), k["max_mentions"]))
+        if k["salience"] > 0:
+            named = _weighted_sample([mi ** k["salience"] for mi in lay.m], n, rnd)
+        else:
+            named = rnd.sample(range(len(lay.objs)), n)
         nps = []
-        for i in rnd.sample(range(len(lay.objs)), n):
+        for i in named:
             phrase = word(self.objects[lay.objs[i]])
             if rnd.random() < k["attr_prob"]:
                 phrase = f"{word(self.attributes[lay.attrs[i]])} {phrase}"
@@ -261,9 +285,9 @@ class World:
         for row, lay in enumerate(lays):
             b: list[int] = []
             a: list[int] = []
-            for o, at in zip(lay.objs, lay.attrs):
-                b += [o] * lay.m
-                a += [at] * lay.m
+            for o, at, m in zip(lay.objs, lay.attrs, lay.m):
+                b += [o] * m
+                a += [at] * m
             for o, at in lay.distractors:
                 b.append(o)
                 a.append(at)
@@ -271,6 +295,8 @@ class World:
             base[row, :n_obj] = b
             attr[row, :n_obj] = a
             base[row, n_obj:] = background
+            if lay.stuff:
+                base[row, n_obj:] = background + 1 + np.asarray(lay.stuff, np.int64)
         return base, attr
 
     def render(self, lays: Sequence[_Layout], rng: np.random.Generator) -> np.ndarray:
@@ -289,6 +315,16 @@ class World:
             noise *= np.float32(k["noise"] / math.sqrt(k["feat_dim"]))
             feats += noise
         return feats
+
+
+def _weighted_sample(weights: Sequence[float], n: int, rnd: random.Random) -> list[int]:
+    """``n`` distinct indices, each draw with probability proportional to the remaining weights."""
+    left = list(range(len(weights)))
+    out = []
+    for _ in range(n):
+        i = rnd.choices(range(len(left)), [weights[j] for j in left])[0]
+        out.append(left.pop(i))
+    return out
 
 
 def _split_seed(seed: int, split: str) -> list[int]:

@@ -27,12 +27,12 @@ from mssan_infer.subword import SubwordTokenizer
 from mssan_infer.tokenizer import Tokenizer
 
 from .checkpoint import TextTokenizer, load_checkpoint, save_checkpoint
-from .config import TrainConfig, preset as get_preset
+from .config import ModelConfig, TrainConfig, preset as get_preset
 from .data import PairDataset, collate, load_split, vocab_from_split
 from .distributed import DistInfo, cleanup, gather_encoded, gather_with_grad, init_distributed
-from .evaluate import evaluate_split
+from .evaluate import encode_split, evaluate_split, report_from_scores, select_level_weights, sharded_level_scores
 from .loss import AdaptiveMarginLoss, Negatives
-from .model import MSSAN, Encoded
+from .model import MSSAN, TERMS, Encoded
 
 __all__ = ["train", "train_step", "EncodeBoth", "seed_everything", "lr_at", "param_groups", "text_frozen",
            "pretrained_text_model"]
@@ -103,11 +103,14 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
 def train_step(
     encoder: nn.Module, model: MSSAN, loss_fn: AdaptiveMarginLoss, opt: torch.optim.Optimizer,
     batch: dict[str, Tensor], negatives: Negatives, info: DistInfo = DistInfo(), grad_clip: float = 0.0,
-    amp: str = "none", scaler: torch.amp.GradScaler | None = None,
+    amp: str = "none", scaler: torch.amp.GradScaler | None = None, level_loss: float = 0.0,
 ) -> tuple[float, dict[str, float]]:
     """One optimiser step on ``batch`` (this rank's part of the global batch).
 
-    Returns the global-batch loss and the margin statistics; the margins are updated.
+    ``level_loss > 0`` adds deep supervision: each weighted level's own ranking loss
+    (``S_gg``, ``S_gl``, ``S_ll`` alone, same margins), times ``level_loss``, beside the
+    fused one. Returns the global-batch loss and the fused score's margin statistics;
+    the margins are updated from those alone.
     """
     device = batch["regions"].device
     with _autocast(device, amp):
@@ -116,7 +119,13 @@ def train_step(
     txt = Encoded(*(t.float() for t in txt))
     img, txt = gather_encoded(img, info), gather_encoded(txt, info)
     img_ids = gather_with_grad(batch["img_ids"], info)
-    loss, stats = loss_fn(model.score(img, txt), img_ids, negatives)
+    if level_loss > 0:
+        levels = model.level_scores(img, txt)
+        loss, stats = loss_fn(sum(getattr(model.cfg, f"lam_{t}") * s for t, s in levels.items()), img_ids, negatives)
+        for s in levels.values():
+            loss = loss + level_loss * loss_fn(s, img_ids, negatives)[0]
+    else:
+        loss, stats = loss_fn(model.score(img, txt), img_ids, negatives)
     opt.zero_grad(set_to_none=True)
     # DDP averages gradients over ranks; each rank's loss covers the whole global batch
     # but differentiates only its own part, so scaling by the world size gives the
@@ -157,6 +166,38 @@ def pretrained_text_model(
         raise ValueError(f"--text-model {folder}: weights do not fit the tower (unexpected {unexpected[:5]}, "
                          f"missing {lost[:5]})")
     return model, tokenizer
+
+
+def _dev_report(
+    model: MSSAN, dev: Any, tokenizer: TextTokenizer, tcfg: TrainConfig,
+) -> tuple[dict[str, Any], tuple[dict[str, float], dict[str, Any]] | None]:
+    """Dev recall at the training weights and, with ``level_weights="dev"``, the dev-selected
+    level weights with their recall (from one encoding and one scoring of the split)."""
+    if tcfg.level_weights == "fixed":
+        return evaluate_split(model, dev.images, dev.region_mask, dev.captions, tokenizer, rerank=tcfg.eval_rerank), None
+    if tcfg.level_weights != "dev":
+        raise ValueError(f"level_weights must be 'fixed' or 'dev', got {tcfg.level_weights!r}")
+    img, txt = encode_split(model, dev.images, dev.region_mask, dev.captions, tokenizer)
+    levels = sharded_level_scores(model, img, txt)
+    lam = {t: float(getattr(model.cfg, f"lam_{t}")) for t in TERMS}
+    zero = np.zeros((img.stage1.shape[0], txt.stage1.shape[0]), np.float32)
+    stage1 = sum((np.float32(lam[t]) * levels[t] for t in ("gg", "gl") if t in levels), zero)
+    full = stage1 + np.float32(lam["ll"]) * levels["ll"] if "ll" in levels else stage1
+    return report_from_scores(full, stage1, tcfg.eval_rerank), select_level_weights(levels, lam)
+
+
+@contextlib.contextmanager
+def _level_weights(model: MSSAN, weights: dict[str, float] | None) -> Iterator[None]:
+    """The model's config carries ``weights`` (``{"gg": .., "gl": .., "ll": ..}``) inside the block."""
+    if weights is None:
+        yield
+        return
+    saved = model.cfg
+    model.cfg = ModelConfig.from_dict({**saved.to_dict(), **{f"lam_{t}": float(w) for t, w in weights.items()}})
+    try:
+        yield
+    finally:
+        model.cfg = saved
 
 
 def _overrides(obj: Any, values: dict[str, Any] | None) -> Any:
@@ -283,7 +324,7 @@ def _train(
         for batch in bar:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss, _ = train_step(encoder, model, loss_fn, opt, batch, negatives, info, tcfg.grad_clip,
-                                 tcfg.amp, scaler)
+                                 tcfg.amp, scaler, tcfg.level_loss)
             total += loss
             n += 1
             steps += 1
@@ -292,20 +333,24 @@ def _train(
                 break
         if info.main:
             assert dev_split is not None
-            rep = evaluate_split(model, dev_split.images, dev_split.region_mask, dev_split.captions,
-                                 tokenizer, rerank=tcfg.eval_rerank)
+            rep, chosen = _dev_report(model, dev_split, tokenizer, tcfg)
             rsum = rep["exhaustive"]["rsum"]
             rec = {"epoch": epoch, "loss": total / max(n, 1), "negatives": negatives,
                    "margins": loss_fn.margin.tolist(), "dev_rsum": rsum,
                    "dev_stage1_rsum": rep["stage1"]["rsum"], "elapsed_s": time.perf_counter() - t0}
+            if chosen is not None:
+                rec["level_weights"], rec["dev_rsum_train_weights"] = chosen[0], rsum
+                rsum = rec["dev_rsum"] = chosen[1]["rsum"]
             history.append(rec)
-            log.info("epoch %d loss %.3f margins %s dev rsum %.1f (stage1 %.1f) %.0fs", epoch, rec["loss"],
-                     [round(m, 3) for m in rec["margins"]], rsum, rep["stage1"]["rsum"], rec["elapsed_s"])
+            log.info("epoch %d loss %.3f margins %s dev rsum %.1f (stage1 %.1f)%s %.0fs", epoch, rec["loss"],
+                     [round(m, 3) for m in rec["margins"]], rsum, rep["stage1"]["rsum"],
+                     f" with level weights {chosen[0]}" if chosen else "", rec["elapsed_s"])
             state = {"epoch": epoch, "margins": loss_fn.margin.tolist(), "best_rsum": max(best, rsum),
                      "history": history, "dev": rep, "world_size": info.world}
             if rsum > best:
                 best = rsum
-                save_checkpoint(out, model, tokenizer, tcfg, {**state, "best_epoch": epoch})
+                with _level_weights(model, chosen[0] if chosen else None):
+                    save_checkpoint(out, model, tokenizer, tcfg, {**state, "best_epoch": epoch})
             save_checkpoint(out / "last", model, tokenizer, tcfg, state, opt)
         if info.enabled:
             dist.barrier()

@@ -63,7 +63,7 @@ class TrainConfig:
     m_min: float = 0.05
     m_max: float = 0.5
     level_loss: float = 0.0      # deep supervision: + level_loss * each weighted level's own ranking loss
-    level_weights: Literal["fixed", "dev"] = "fixed"   # "dev": the saved model's lam_* are chosen on dev
+    level_weights: Literal["fixed", "dev"] = "dev"     # "dev": the saved model's lam_* are chosen on dev (rSum)
     vocab_threshold: int = 4
     seed: int = 0
     eval_rerank: int = 20        # K for the two-stage figure reported on dev

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from .core.files import safe_member, sha256_file
-from .errors import BundleError
+from .core.store import read_index_manifest
+from .core.subword import TextTokenizer, load_text_tokenizer
+from .errors import BundleError, IndexFileError
 from .spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, VOCAB_FILE
 
-__all__ = ["Bundle", "load_bundle", "safe_member", "PRECISIONS"]
+__all__ = ["Bundle", "load_bundle", "safe_member", "PRECISIONS", "check_index_bundle", "tokenizer_from_bundle"]
 
 PRECISIONS = ("fp32", "fp16", "int8")     # graph sets a bundle may hold: graphs, fp16_graphs, int8_graphs
 
@@ -129,3 +131,47 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
                 "copy it again from the original export or re-export"
             )
     return Bundle(rootp, manifest)
+
+
+BUNDLE_FILES = "bundle_files"      # index manifest: the files (and sha256) the bundle id was made of
+
+
+def check_index_bundle(index: str | os.PathLike[str], bundle: Bundle) -> None:
+    """Refuse an index built with another bundle, naming the files that differ (when the index recorded them).
+
+    Raises:
+        IndexFileError: the ids differ (or the index is unreadable).
+    """
+    try:
+        manifest = read_index_manifest(index)
+    except IndexFileError:
+        return                          # load_index reports it (after putting back an interrupted save)
+    if manifest["bundle_id"] == bundle.bundle_id:
+        return
+    old = manifest.get(BUNDLE_FILES)
+    if isinstance(old, dict):
+        new = bundle.id_files
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        what = f"these files differ: {', '.join(changed)}" if changed else "the bundle id is computed differently"
+    else:
+        what = ("the index does not record which files it was built with (indexes written before bundle ids "
+                "ignored --fp16 and --pixels)")
+    raise IndexFileError(
+        f"index {index} was built with bundle {manifest['bundle_id']}, but the loaded bundle is {bundle.bundle_id} "
+        f"({what}); its vectors would not match. Rebuild the index with this bundle "
+        "(`python -m mssan_infer index --bundle ... --overwrite`)."
+    )
+
+
+def tokenizer_from_bundle(bundle: Bundle) -> TextTokenizer:
+    """The bundle's tokenizer with the manifest's ``max_len``: the word ``Tokenizer`` on ``vocab.json``
+    (Bi-GRU tower), or the ``SubwordTokenizer`` on ``tokenizer.json`` (transformer tower).
+
+    Raises:
+        BundleError: the bundle was exported with a different tokenizer definition, or its
+            tokenizer file does not match the sha256 the manifest records for it.
+        BackendUnavailableError: a subword tokenizer without the ``tokenizers`` package.
+    """
+    tk = dict(bundle.manifest.get("tokenizer") or {})
+    tk.setdefault("max_len", bundle.model_config.get("max_len", 64))
+    return load_text_tokenizer(tk, bundle.path, f"bundle {bundle.root}")

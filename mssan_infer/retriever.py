@@ -19,7 +19,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence, Union
 import numpy as np
 
 from .backends import Backend, create_backend
-from .bundle import Bundle, load_bundle
+from .bundle import BUNDLE_FILES, Bundle, check_index_bundle, load_bundle, tokenizer_from_bundle
 from .core import inputs
 from .core.contract import Gallery, GalleryView, ItemId, extent, raise_colliding
 from .core.filters import parse_where
@@ -28,14 +28,14 @@ from .core.memory import GalleryIndex
 from .core.qdrant import GallerySpec, QdrantGallery, open_qdrant_galleries, parse_gallery
 from .core.quant import parse_layout
 from .core.search import Encoded, ScorerLimits, search
-from .core.store import load_index, read_index_manifest, save_index
-from .core.subword import TextTokenizer, load_text_tokenizer
-from .errors import IndexFileError, InputError
+from .core.store import load_index, save_index
+from .core.subword import TextTokenizer
+from .errors import InputError
 from .pixels import PixelEncoder, has_pixel_graph, pixel_sources
 from .preprocess import ImageSource
 from .progress import progress_bar
 
-__all__ = ["Retriever", "Hit", "Encoded", "ImageInput"]
+__all__ = ["Retriever", "Hit", "Encoded", "ImageInput", "tokenizer_from_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -573,47 +573,3 @@ class Retriever:
                 self._gather_pool = ThreadPoolExecutor(self.gather_threads - 1, thread_name_prefix="mssan-gather")
                 self._gather_pid = os.getpid()
             return self._gather_pool
-
-
-BUNDLE_FILES = "bundle_files"      # index manifest: the files (and sha256) the bundle id was made of
-
-
-def check_index_bundle(index: str | os.PathLike[str], bundle: Bundle) -> None:
-    """Refuse an index built with another bundle, naming the files that differ (when the index recorded them).
-
-    Raises:
-        IndexFileError: the ids differ (or the index is unreadable).
-    """
-    try:
-        manifest = read_index_manifest(index)
-    except IndexFileError:
-        return                          # load_index reports it (after putting back an interrupted save)
-    if manifest["bundle_id"] == bundle.bundle_id:
-        return
-    old = manifest.get(BUNDLE_FILES)
-    if isinstance(old, dict):
-        new = bundle.id_files
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        what = f"these files differ: {', '.join(changed)}" if changed else "the bundle id is computed differently"
-    else:
-        what = ("the index does not record which files it was built with (indexes written before bundle ids "
-                "ignored --fp16 and --pixels)")
-    raise IndexFileError(
-        f"index {index} was built with bundle {manifest['bundle_id']}, but the loaded bundle is {bundle.bundle_id} "
-        f"({what}); its vectors would not match. Rebuild the index with this bundle "
-        "(`python -m mssan_infer index --bundle ... --overwrite`)."
-    )
-
-
-def tokenizer_from_bundle(bundle: Bundle) -> TextTokenizer:
-    """The bundle's tokenizer with the manifest's ``max_len``: the word ``Tokenizer`` on ``vocab.json``
-    (Bi-GRU tower), or the ``SubwordTokenizer`` on ``tokenizer.json`` (transformer tower).
-
-    Raises:
-        BundleError: the bundle was exported with a different tokenizer definition, or its
-            tokenizer file does not match the sha256 the manifest records for it.
-        BackendUnavailableError: a subword tokenizer without the ``tokenizers`` package.
-    """
-    tk = dict(bundle.manifest.get("tokenizer") or {})
-    tk.setdefault("max_len", bundle.model_config.get("max_len", 64))
-    return load_text_tokenizer(tk, bundle.path, f"bundle {bundle.root}")

@@ -1,4 +1,5 @@
-"""``python -m training ablate``: every subset of the levels retrained, a fixed-margin row, eval-time rows."""
+"""``python -m training ablate``: every subset of the levels retrained, fixed-margin and fixed-weight rows,
+eval-time rows."""
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ def test_ablation_retrains_seven_subsets_a_fixed_margin_and_scores_each_level_al
     _, runs, res = ablation
     names = [r["name"] for r in res["rows"]]
     assert names == ["gg", "gl", "ll", "gg+gl", "gg+ll", "gl+ll", "gg+gl+ll", "gg+gl+ll fixed margin",
-                     "gg+gl+ll scored with gg only", "gg+gl+ll scored with gl only", "gg+gl+ll scored with ll only"]
+                     "gg+gl+ll fixed weights", "gg+gl+ll scored with gg only", "gg+gl+ll scored with gl only", "gg+gl+ll scored with ll only"]
     for r in res["rows"][:7]:
         present = set(r["name"].split("+"))
         # absent levels are weighted 0 in the retrained model; present ones are not
@@ -41,7 +42,15 @@ def test_ablation_retrains_seven_subsets_a_fixed_margin_and_scores_each_level_al
         assert r["rsum"] == pytest.approx(sum(r["i2t"].values()) + sum(r["t2i"].values()))
     fixed = json.loads((runs / "gg+gl+ll-fixed-margin" / "config.json").read_text())["train"]
     assert fixed["adaptive"] is False
-    assert json.loads((runs / "gg+gl+ll" / "config.json").read_text())["train"]["adaptive"] is True
+    full_train = json.loads((runs / "gg+gl+ll" / "config.json").read_text())["train"]
+    assert full_train["adaptive"] is True and full_train["level_weights"] == "dev"
+    weights = json.loads((runs / "gg+gl+ll-fixed-weights" / "config.json").read_text())
+    assert weights["train"]["level_weights"] == "fixed"
+    # the lever the row shows: saved at its training weights (1:1:1), not re-weighted on dev
+    assert [weights["model"][f"lam_{t}"] for t in ("gg", "gl", "ll")] == [1.0, 1.0, 1.0]
+    # the full model is trained first (the row a user waits for), the table keeps its order
+    first = min(runs.glob("*/train_log.json"), key=lambda f: f.stat().st_mtime_ns)
+    assert first.parent.name == "gg+gl+ll"
     assert set(res["full_model"]) == {"stage1", "twostage@5", "exhaustive"}
     md = (runs / "ablation.md").read_text()
     assert all(f"| {n} |" in md for n in names) and "R@10" in md

@@ -101,7 +101,7 @@ PRESETS: dict[str, Preset] = {
     # Fast on a 2-core CPU: the demo and the tests.
     "tiny": Preset(
         ModelConfig(word_dim=128, embed_size=256, img_dim=2048),
-        TrainConfig(batch_size=128, lr=5e-4, epochs=12, lr_decay_epoch=9, eval_rerank=20),
+        TrainConfig(batch_size=128, lr=5e-4, epochs=8, lr_decay_epoch=6, eval_rerank=20),
     ),
     # The paper's setting (SCAN-style): D=1024, word 300, 36x2048 regions, Bi-GRU.
     "paper": Preset(

@@ -392,7 +392,9 @@ def serve(
         stop["signal"] = signum
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    # SIGINT explicitly too: a process started in the background of a non-interactive shell inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own
+    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with local_tritonserver(repo, host=host, http_port=http_port, grpc_port=grpc_port,
                                 metrics_port=metrics_port, startup_timeout_s=startup_timeout_s, env=env,
@@ -413,7 +415,8 @@ def serve(
     except KeyboardInterrupt:
         print("stopped", file=out, flush=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -146,7 +146,8 @@ class Retriever:
             mmap: keep gallery arrays in memory-mapped files (for galleries larger than RAM).
             spill_dir: where new memory-mapped files go (default: a temp folder).
             batch_size: encoder batch size.
-            scorer_batch: most candidates per scorer call.
+            scorer_batch: most candidates per scorer call (an exhaustive search scores shards of
+                ``max(scorer_batch, core.search.EXHAUSTIVE_SHARD)`` consecutive items).
             gather_threads: threads that copy rerank candidates out of the gallery (default:
                 ``threads``, else the CPU count up to 4).
             verify: check the sha256 of every bundle and index file.

@@ -61,3 +61,23 @@ def test_items_longer_than_the_scorers_limit_are_an_input_error_naming_the_profi
                limits=ScorerLimits(regions=4))
     assert ScorerLimits.from_axes({"Ni": 7, "Nt": 9, "R": 36, "L": 16}, query_is_text=False) == ScorerLimits(9, 36, 16)
     assert ScorerLimits.from_axes({}, query_is_text=True) == ScorerLimits()
+
+
+def test_an_exhaustive_search_scores_shards_of_at_least_exhaustive_shard_items_within_the_limit() -> None:
+    from mssan_infer.core.search import EXHAUSTIVE_SHARD
+
+    n = EXHAUSTIVE_SHARD + 300
+    g = GalleryIndex(2 * D, D)
+    items = _items(n, 2, seed=5)
+    g.add(items.stage1, items.local, items.mask, items.gram)
+    q = _items(1, 3, seed=6)
+    calls: list[dict[str, tuple[int, ...]]] = []
+    full = search(q, g.view(), _scorer(calls), query_is_text=True, k=5, rerank=n, batch=16)[0]
+    assert [c["img_local"][0] for c in calls] == [EXHAUSTIVE_SHARD, 300]       # not n / 16 calls of 16
+    calls.clear()
+    capped = search(q, g.view(), _scorer(calls), query_is_text=True, k=5, rerank=n, batch=16,
+                    limits=ScorerLimits(items=500))[0]
+    assert max(c["img_local"][0] for c in calls) == 500                          # the scorer's limit still holds
+    rerank = search(q, g.view(), _scorer(calls), query_is_text=True, k=5, rerank=n - 1, batch=16)[0]
+    np.testing.assert_array_equal(full.rows, capped.rows)
+    np.testing.assert_array_equal(full.rows, rerank.rows)                        # the same ranking as a gathered rerank

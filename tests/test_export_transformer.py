@@ -77,13 +77,15 @@ def test_int8_text_encoder_is_fused_quantized_and_recorded(int8_bundle: Path) ->
     q = rep["quantization"]
     assert q["fusions"].get("SkipLayerNormalization", 0) >= 2 and q["quantized_nodes"] >= 8
     assert q["fp32_matmuls_left"] >= 1                     # attention scores and the Gram: two activations
+    assert q["per_channel"] is True and q["reduce_range"] is True       # 7-bit weights: no U8S8 saturation on AVX2
     ops = {n.op_type for n in onnx.load(str(int8_bundle / "int8" / "text_encoder.onnx")).graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
     assert 0 < rep["max_abs"]["text_encoder"] <= TOLERANCES["int8"].atol
     split = rep["split_check"]
     assert set(split) >= {"recall_fp32", "recall_int8", "recall1_ratio", "top10_agreement", "failures"}
     assert split["captions"] == 150 and split["top10_agreement"]["t2i"]["mean"] > 0.5
-    assert m["verified"] == (not rep["failures"] and m["parity"]["fp32"]["passed"])
+    assert rep["passed"] == (not rep["failures"])
+    assert m["verified"] is False                          # exported with verify=False: recorded, never "verified"
 
 
 def test_retriever_loads_the_int8_text_encoder(int8_bundle: Path) -> None:

@@ -181,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         queries = {"texts": random_captions(cfg["queries"], cfg["words"], seed=7),
                    "images": random_regions(cfg["queries"], cfg["regions"], cfg["dv"], seed=7)}
         free = _free_gb(work)
-        # the float32 gallery, plus float16 and int8 spill copies of memory-mapped ones opened in every layout
+        # the float32 gallery; memory-mapped ones opened in every layout add float16 and int8 copies saved
+        # beside it, plus the float16 spill file of the conversion while it is saved
         need = sum(sz.get("n_items", sz["n"]) * (cfg["regions"] if sz["direction"] == "t2i" else cfg["words"])
-                   * cfg["d"] * (7 if sz.get("mmap") and sz["layouts"] else 4) for sz in sizes) / 2**30
+                   * cfg["d"] * (9 if sz.get("mmap") and sz["layouts"] else 4) for sz in sizes) / 2**30
         log.info("latency: galleries need about %.1f GB on %s (%.1f GB free)", need, work, free)
         if need > free * 0.8:
             raise SystemExit(f"not enough disk in {work}: galleries need ~{need:.1f} GB, {free:.1f} GB free; "

@@ -2,8 +2,9 @@
 
 For one gallery size, :func:`layout_retrievers` opens the gallery in each layout next to the
 default fp32 one (sharing the bundle's backend): fp16 and int8 are converted while loading the
-saved float32 index (``load_index(layout=...)``, as a user would), int8-stage1 keeps the fp32
-gallery's locals and adds int8 stage-1 codes. :func:`layout_group` times them in one interleaved
+saved float32 index (``load_index(layout=...)``, as a user would) or, for a memory-mapped gallery,
+read from a copy saved once in that layout (:func:`layout_index`: what an edge box maps), int8-stage1
+keeps the fp32 gallery's locals and adds int8 stage-1 codes. :func:`layout_group` times them in one interleaved
 group. :func:`resident_mb` loads each layout in a fresh process (bundle + gallery, no PyTorch)
 and reads its resident memory after a few searches. :func:`bytes_per_query` is the memory a
 query reads in each layout, to compare with the measured bandwidth.
@@ -22,9 +23,10 @@ import numpy as np
 
 from mssan_infer.core.memory import OVERFETCH, GalleryIndex
 from mssan_infer.core.quant import LAYOUTS
-from mssan_infer.core.store import encode_stage1, load_index
+from mssan_infer.core.layout import INDEX_MANIFEST
+from mssan_infer.core.store import encode_stage1, load_index, save_index
 
-__all__ = ["LAYOUT_NAMES", "layout_retrievers", "layout_group", "resident_mb", "bytes_per_query", "bandwidth_gbs"]
+__all__ = ["LAYOUT_NAMES", "layout_index", "layout_retrievers", "layout_group", "resident_mb", "bytes_per_query", "bandwidth_gbs"]
 
 log = logging.getLogger(__name__)
 LAYOUT_NAMES = ("fp32", "fp16", "int8-stage1", "int8")
@@ -41,6 +43,25 @@ def _share_locals(g: GalleryIndex, layout: str) -> GalleryIndex:
     return out
 
 
+def layout_index(index: Path, gname: str, layout: str, mmap: bool) -> Path:
+    """The index folder to open ``layout`` from: ``index`` itself (converted while loading), or, for a
+    memory-mapped gallery with compressed locals, a copy saved once in that layout beside it.
+
+    Converting a memory-mapped gallery at load writes the new locals to a spill file: at 100K images
+    that is 3.7 GB (int8) of dirty pages competing with the page cache, and a query's candidates then
+    come back from disk. A deployment saves the layout once (``index --layout int8``) and maps it.
+    """
+    if not mmap or LAYOUTS[layout].local == "float32":
+        return index
+    out = index.with_name(f"{index.name}-{layout}")
+    if not (out / INDEX_MANIFEST).is_file():
+        log.info("layouts: saving the %s gallery of %s as %s (once)", gname, index.name, layout)
+        galleries, manifest = load_index(index, layout=layout, mmap=True, verify=False)
+        save_index(out, {gname: galleries[gname]}, bundle_id=manifest["bundle_id"])
+        del galleries
+    return out
+
+
 def layout_retrievers(r: Any, index: Path, gname: str, mmap: bool) -> dict[str, Any]:
     """``{layout: Retriever}`` on ``r``'s backend, the ``gname`` gallery of ``index`` in each layout."""
     from mssan_infer import Retriever
@@ -52,7 +73,7 @@ def layout_retrievers(r: Any, index: Path, gname: str, mmap: bool) -> dict[str, 
         if name == "int8-stage1":
             g = _share_locals(base, name)
         else:
-            g = load_index(index, layout=name, mmap=mmap, verify=False)[0][gname]
+            g = load_index(layout_index(index, gname, name, mmap), layout=name, mmap=mmap, verify=False)[0][gname]
         other = GalleryIndex(base.stage1_dim, base.local_dim)
         images, texts = (g, other) if gname == "images" else (other, g)
         out[name] = Retriever(r.bundle, r.backend, r.tokenizer, images, texts, batch_size=r.batch_size,

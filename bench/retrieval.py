@@ -264,7 +264,7 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
         lay_rs: dict[str, Any] = {}
         layouts_row: dict[str, Any] = {}
         if spec.get("layouts"):
-            from .layouts import LAYOUT_NAMES, bytes_per_query, layout_group, layout_retrievers, resident_mb
+            from .layouts import LAYOUT_NAMES, bytes_per_query, layout_group, layout_index, layout_retrievers, resident_mb
 
             lay_rs = layout_retrievers(r, index, gname, mmap)
             encoded = [r.encode_texts([qs[i]]) if text_query else r.encode_images(qs[i][None])
@@ -287,8 +287,8 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
             if bundle is not None:
                 for name in LAYOUT_NAMES:
                     log.info("latency %s: resident memory of the %s layout (fresh process)", key, name)
-                    layouts_row[name]["resident"] = resident_mb(bundle, index, name, mmap, text_query,
-                                                                list(queries["texts"]))
+                    layouts_row[name]["resident"] = resident_mb(bundle, layout_index(index, gname, name, mmap), name,
+                                                                mmap, text_query, list(queries["texts"]))
         res_slow: dict[str, Any] = {}
         if spec.get("exhaustive", True):
             from training.model import MSSAN  # noqa: F401  (model is an MSSAN)

@@ -138,6 +138,10 @@ def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     src["text_encode_speedup_int8_vs_bigru"] = (f"text: Bi-GRU (D={cfg['d']}) p50 / MiniLM int8 p50, text encoder alone, "
                                                 f"one {cfg['words']}-word query, {cfg['threads']} threads")
     s["text_encode_speedup_fp32_vs_bigru"] = _nan(txt.get("speedup_minilm_fp32_vs_bigru_b1"))
+    s["text_encode_ms_b1_minilm_int8_products"] = _nan(txt.get("encoder", {}).get("minilm_int8_products_b1", {}).get("p50_ms"))
+    s["text_encode_speedup_bound_int8_vs_bigru"] = _nan(txt.get("speedup_bound_int8_products_vs_bigru_b1"))
+    src["text_encode_speedup_bound_int8_vs_bigru"] = ("text: Bi-GRU p50 / p50 of a graph holding only the MiniLM int8 "
+                                                      "encoder's weight products (same shapes and kernels, same rounds)")
     for tower in ("bigru", "minilm_fp32", "minilm_int8"):
         for b in (1, txt.get("batch", cfg["encode_batch"])):
             s[f"text_encode_ms_b{b}_{tower}"] = _nan(txt.get("encoder", {}).get(f"{tower}_b{b}", {}).get("p50_ms"))
@@ -350,6 +354,12 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
             lines.append(f"| {tower} | {_f(e[f'{tower}_b1']['p50_ms'])} / {_f(e[f'{tower}_b1']['p99_ms'])} | "
                          f"{_f(e[f'{tower}_b{b}']['p50_ms'])} | {_f(txt['tokenize_b1'][tower]['p50_ms'], 3)} | "
                          + " | ".join(cells) + " |")
+        if "minilm_int8_products_b1" in txt["encoder"]:
+            p = txt["encoder"]["minilm_int8_products_b1"]
+            lines += ["", f"The MiniLM int8 encoder's {txt['int8_products']['count']} weight products alone (a graph of "
+                      f"only those MatMuls, {txt['int8_products']['rows']} rows each, int8 like the encoder), in the same "
+                      f"rounds: {_f(p['p50_ms'])} / {_f(p['p99_ms'])} ms, so no fusion of the rest can make the int8 "
+                      f"encoder more than {_f(txt['speedup_bound_int8_products_vs_bigru_b1'])}x the Bi-GRU here."]
     lines += _qdrant_markdown(res)
     lines += ["", "Notes: " + " ".join(cfg.get("notes", []))]
     return "\n".join(lines) + "\n"

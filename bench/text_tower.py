@@ -11,6 +11,11 @@ The MiniLM bundle is a randomly initialised MSSAN at the bench's sizes with the 
 MiniLM text tower (``text_model``), exported fp32; its int8 text encoder comes from
 ``export.int8.quantize_text_encoder`` (the recall gate needs a trained model and is skipped:
 values do not change speed).
+- The int8 encoder's weight products alone (``minilm_int8_products``): a graph holding only
+  MatMuls of the int8 graph's weight shapes, each fed an input of the query's sequence length,
+  quantized by the same ``quantize_text_encoder`` -- the time ONNX Runtime's int8 kernels need
+  for those products with nothing else in the graph, timed in the same interleaved rounds. Its
+  ratio to the Bi-GRU bounds what any fusion of the rest could give.
 """
 from __future__ import annotations
 
@@ -62,6 +67,37 @@ def minilm_speed_bundle(work: Path, text_model: Path, d: int, dv: int) -> tuple[
     return out, int8
 
 
+def weight_products_graph(int8: Path, rows: int, out: Path) -> tuple[Path, dict[str, Any]]:
+    """A graph of only ``int8``'s weight products: one MatMul per int8 weight (same shape, random
+    values), each from an input of ``rows`` rows, quantized like the encoder; returns it and its feeds."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.int8 import quantize_text_encoder
+
+    m = onnx.load(str(int8))
+    inits = {i.name: i for i in m.graph.initializer}
+    shapes = [tuple(int(d) for d in inits[n.input[1]].dims) for n in m.graph.node
+              if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") and n.input[1] in inits]
+    if not shapes:
+        raise ValueError(f"{int8}: no int8 weight products found")
+    rng = np.random.default_rng(0)
+    inputs: dict[int, Any] = {}
+    nodes, outputs, weights = [], [], []
+    for i, (k, n) in enumerate(shapes):
+        inputs.setdefault(k, helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [rows, k]))
+        weights.append(numpy_helper.from_array((rng.standard_normal((k, n)) * 0.05).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [rows, n]))
+    graph = helper.make_graph(nodes, "weight_products", list(inputs.values()), outputs, weights)
+    fp32 = out.with_suffix(".fp32.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(fp32))
+    quantize_text_encoder(fp32, out, None)
+    feeds = {f"x{k}": rng.standard_normal((rows, k)).astype(np.float32) for k in inputs}
+    return out, {"products": len(shapes), "feeds": feeds}
+
+
 def _retriever(bundle: Path, threads: int, text_encoder: Path | None = None, galleries: Any = None) -> Any:
     """A Retriever on ``bundle`` (its text encoder replaced by ``text_encoder``), sharing ``galleries``."""
     from mssan_infer import Retriever, load_bundle
@@ -99,10 +135,19 @@ def run_text_tower(work: Path, gru_bundle: Path, text_model: Path, threads: int,
             feeds[(name, n)] = {"tokens": tokens, "token_mask": mask}
     fns = {f"{name}_b{n}": (lambda name=name, n=n: rs[name].backend.run("text_encoder", feeds[(name, n)]))
            for name in rs for n in (1, batch)}
+    # the int8 encoder's weight products alone, at the b1 query's sequence length ([CLS] + subwords + [SEP])
+    seq = int(feeds[("minilm_int8", 1)]["tokens"].shape[1]) + 2
+    prod_path, prod = weight_products_graph(ml_int8, seq, work / f"{ml_int8.stem}-products-{seq}.onnx")
+    from mssan_infer.core.onnx_graph import OnnxGraph
+
+    prod_graph = OnnxGraph(str(prod_path), threads=threads)        # the backend's settings: no spinning
+    fns["minilm_int8_products_b1"] = lambda: prod_graph.run(prod["feeds"])
+    out["int8_products"] = {"count": prod["products"], "rows": seq}
     out["encoder"] = side_by_side(fns, repeats=repeats, warmup=3, max_seconds=max_seconds)
     out["tokenize_b1"] = side_by_side({k: (lambda r=r: r.tokenizer.encode_batch(caps[:1])) for k, r in rs.items()},
                                       repeats=repeats, warmup=2, max_seconds=max_seconds)
     enc = out["encoder"]
+    out["speedup_bound_int8_products_vs_bigru_b1"] = enc["bigru_b1"]["p50_ms"] / enc["minilm_int8_products_b1"]["p50_ms"]
     for n in (1, batch):
         for name in ("minilm_fp32", "minilm_int8"):
             out[f"speedup_{name}_vs_bigru_b{n}"] = enc[f"bigru_b{n}"]["p50_ms"] / enc[f"{name}_b{n}"]["p50_ms"]

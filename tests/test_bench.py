@@ -54,6 +54,8 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(tmp_path: Path
         assert 0 <= results["recall"][d]["layout_int8"]["r1_ratio_vs_fp32"] or summary["twostage_recall1_ratio_5k_int8"] is None
     assert set(results["text"]["t2i"]["200"]) == {"bigru", "minilm_fp32", "minilm_int8"}
     assert "## 5. Text towers" in proc.stdout
+    assert results["text"]["int8_products"]["count"] > 0 and "weight products alone" in proc.stdout
+    assert math.isfinite(summary["text_encode_speedup_bound_int8_vs_bigru"])
     ivf_row = results["latency"]["t2i_400"]
     assert ivf_row["ivf_options"]["nprobe"] >= 1 and "rerank_100_ivf" in ivf_row["slow"]
     assert math.isfinite(summary["twostage_ivf_speedup_vs_exhaustive_25k"])

@@ -126,10 +126,13 @@ class Tolerance:
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4),
     "fp16": Tolerance(atol=2e-2, rtol=0.0, rerank_depth=100, topk_agreement=0.9),
-    # int8 text encoder (export --int8): a loose bound on every output that catches a broken graph;
-    # the gate proper is export.int8's check on the synthetic test split (top-10 agreement of a
-    # rerank >= 0.9, exhaustive R@1 ratio >= 0.99 both ways).
-    "int8": Tolerance(atol=0.25, rtol=0.0, rerank_depth=100, topk_agreement=0.0),
+    # int8 text encoder (export --int8): a loose bound on every output that catches a broken graph
+    # (its outputs are unit vectors and their cosines: a broken graph is off by O(1)); the gate
+    # proper is export.int8's check on the synthetic test split (top-10 agreement of a rerank
+    # >= 0.9, exhaustive R@1 ratio >= 0.99 both ways). On the parity cases' random 64-subword ids,
+    # far from any caption, MiniLM int8 reached 0.21 (8 epochs, agg="mean") and 0.26 (6 epochs,
+    # agg="lse": 2 of 20,480 Gram entries) while both passed the split gate (R@1 ratio >= 0.993).
+    "int8": Tolerance(atol=0.5, rtol=0.0, rerank_depth=100, topk_agreement=0.0),
 }
 
 # TensorRT optimisation profiles / Triton max batch: (min, opt, max) per dynamic axis.

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--text-model", default=None, metavar="PATH",
                     help="a local BERT-family Hugging Face folder (config.json, model.safetensors, tokenizer.json "
                          "or vocab.txt): the text tower becomes this pretrained transformer, fine-tuned at "
-                         "lr * text_lr_mult (--set text_lr_mult=0.1, --set freeze_text_epochs=N); nothing is "
+                         "lr * text_lr_mult (--set text_lr_mult=0.1, --set freeze_text_epochs=N), with agg=lse unless --set agg=mean; nothing is "
                          "downloaded. Default: the Bi-GRU")
     tp.add_argument("--resume", action="store_true", help="continue from OUT/last")
     tp.add_argument("--set", action="append", metavar="KEY=VALUE",

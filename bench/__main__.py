@@ -29,6 +29,7 @@ import logging  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+from mssan_infer import GalleryOptions, Layout, OnnxRuntimeOptions
 
 log = logging.getLogger("bench")
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if {"scorer", "latency", "encode", "text", "qdrant"} & set(sections):
         speed = speed_bundle(work, cfg["d"], cfg["word_dim"], cfg["dv"])
         model = load_checkpoint(speed_checkpoint(work, cfg["d"], cfg["word_dim"], cfg["dv"])).model.eval()
-        rt = Retriever.load(speed, threads=args.threads, verify=False)
+        rt = Retriever.load(speed, OnnxRuntimeOptions(threads=args.threads), verify=False)
         n_pool = max(cfg["pool"], cfg["shard"], cfg["scorer_k"])
         pool_imgs = rt.encode_images(random_regions(n_pool, cfg["regions"], cfg["dv"]))
         pool_txts = rt.encode_texts(random_captions(n_pool, cfg["words"]))
@@ -178,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         pools = {"images": pool_imgs, "texts": pool_txts}
 
         def factory(index: Path, mmap: bool, local_dtype: str) -> Any:
-            return Retriever.load(speed, threads=args.threads, index=index, mmap=mmap, local_dtype=local_dtype,
-                                  verify=False)
+            return Retriever.load(speed, OnnxRuntimeOptions(threads=args.threads), index=index, verify=False, gallery=GalleryOptions(layout=(Layout("float32", local_dtype) if local_dtype else None), mmap=mmap))
 
         queries = {"texts": random_captions(cfg["queries"], cfg["words"], seed=7),
                    "images": random_regions(cfg["queries"], cfg["regions"], cfg["dv"], seed=7)}
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, tb, info = trained_bundle(work, cfg["train_images"], cfg["epochs"], checkpoint=args.checkpoint,
                                         max_steps=cfg["train_max_steps"], model_overrides=cfg["train_model_overrides"])
         res["train"] = info
-        with Retriever.load(tb, threads=args.threads, verify=False) as r:
+        with Retriever.load(tb, OnnxRuntimeOptions(threads=args.threads), verify=False) as r:
             res["recall"] = run_recall(r, cfg["recall_images"], cfg["depths"], cfg["recall_queries"], ivf=True,
                                        layouts=("fp16", "int8-stage1", "int8"))
             if "qdrant" in sections:

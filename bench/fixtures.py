@@ -39,7 +39,7 @@ def speed_bundle(work: Path, d: int, word_dim: int, dv: int) -> Path:
     import torch
 
     from export import export_bundle
-    from mssan_infer.tokenizer import Tokenizer, build_vocab
+    from mssan_infer.text.words import Tokenizer, build_vocab
     from training.checkpoint import save_checkpoint
     from training.config import ModelConfig
     from training.model import MSSAN

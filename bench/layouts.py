@@ -1,4 +1,4 @@
-"""Gallery layouts side by side: the same gallery as fp32, fp16, int8-stage1 and int8 (``mssan_infer.core.quant``).
+"""Gallery layouts side by side: the same gallery as fp32, fp16, int8-stage1 and int8 (``mssan_infer.gallery.storage``).
 
 For one gallery size, :func:`layout_retrievers` opens the gallery in each layout next to the
 default fp32 one (sharing the bundle's backend): fp16 and int8 are converted while loading the
@@ -21,10 +21,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mssan_infer.core.memory import OVERFETCH, GalleryIndex
-from mssan_infer.core.quant import LAYOUTS
-from mssan_infer.core.layout import INDEX_MANIFEST
-from mssan_infer.core.store import encode_stage1, load_index, save_index
+from mssan_infer.gallery.view import OVERFETCH
+from mssan_infer.gallery.memory import MemoryGallery
+from mssan_infer.gallery.storage import LAYOUTS
+from mssan_infer.names import INDEX_MANIFEST
+from mssan_infer.gallery.folder import encode_stage1, load_index, save_index
+from mssan_infer import GalleryOptions
+from mssan_infer import SearchOptions
 
 __all__ = ["LAYOUT_NAMES", "layout_index", "layout_retrievers", "layout_group", "resident_mb", "bytes_per_query", "bandwidth_gbs"]
 
@@ -33,11 +36,11 @@ LAYOUT_NAMES = ("fp32", "fp16", "int8-stage1", "int8")
 BYTES = {"float32": 4, "float16": 2, "int8": 1}
 
 
-def _share_locals(g: GalleryIndex, layout: str) -> GalleryIndex:
+def _share_locals(g: MemoryGallery, layout: str) -> MemoryGallery:
     """``g``'s stored arrays with a compressed stage 1 added (same float32 locals: no second copy)."""
     v = g.view()
     b = v.blocks[0]
-    out = GalleryIndex(g.stage1_dim, g.local_dim, layout=layout)
+    out = MemoryGallery(g.stage1_dim, g.local_dim, GalleryOptions(layout=layout))
     codec, codes, outliers = encode_stage1(LAYOUTS[layout].stage1, b.stage1)
     out.adopt((b.stage1, b.local, b.mask, b.gram), list(v.ids[: v.n]), codes=codes, codec=codec, outliers=outliers)
     return out
@@ -56,7 +59,7 @@ def layout_index(index: Path, gname: str, layout: str, mmap: bool) -> Path:
     out = index.with_name(f"{index.name}-{layout}")
     if not (out / INDEX_MANIFEST).is_file():
         log.info("layouts: saving the %s gallery of %s as %s (once)", gname, index.name, layout)
-        galleries, manifest = load_index(index, layout=layout, mmap=True, verify=False)
+        galleries, manifest = load_index(index, verify=False, options=GalleryOptions(layout=layout, mmap=True))
         save_index(out, {gname: galleries[gname]}, bundle_id=manifest["bundle_id"])
         del galleries
     return out
@@ -73,18 +76,17 @@ def layout_retrievers(r: Any, index: Path, gname: str, mmap: bool) -> dict[str, 
         if name == "int8-stage1":
             g = _share_locals(base, name)
         else:
-            g = load_index(layout_index(index, gname, name, mmap), layout=name, mmap=mmap, verify=False)[0][gname]
-        other = GalleryIndex(base.stage1_dim, base.local_dim)
+            g = load_index(layout_index(index, gname, name, mmap), verify=False, options=GalleryOptions(layout=name, mmap=mmap))[0][gname]
+        other = MemoryGallery(base.stage1_dim, base.local_dim)
         images, texts = (g, other) if gname == "images" else (other, g)
-        out[name] = Retriever(r.bundle, r.backend, r.tokenizer, images, texts, batch_size=r.batch_size,
-                              scorer_batch=r.scorer_batch, gather_threads=r.gather_threads)
+        out[name] = Retriever(r.bundle, r.backend, r.tokenizer, images, texts, SearchOptions(batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=r.gather_threads))
     return out
 
 
 def layout_group(rs: dict[str, Any], text_query: bool, next_q: Callable[[], Any], encoded: list[Any],
                  k: int = 10) -> dict[str, Callable[[], Any]]:
     """Candidates per layout: the whole query at rerank 100, the query without its encoder, and its parts."""
-    from mssan_infer.core.search import rerank_scores
+    from mssan_infer.search import rerank_scores
 
     fns: dict[str, Callable[[], Any]] = {}
     state = {"i": 0}
@@ -153,10 +155,10 @@ RESIDENT = r"""
 import json, sys, numpy as np
 sys.path.insert(0, sys.argv[1])
 from bench.timing import rss_mb, peak_rss_mb
-from mssan_infer import Retriever
+from mssan_infer import GalleryOptions, OnnxRuntimeOptions, Retriever
 bundle, index, layout, mmap, text = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1", sys.argv[6] == "1"
-kw = {} if index == "-" else {"index": index, "layout": layout, "mmap": mmap}
-r = Retriever.load(bundle, threads=2, verify=False, **kw)
+kw = {} if index == "-" else {"index": index, "gallery": GalleryOptions(layout=layout, mmap=mmap)}
+r = Retriever.load(bundle, OnnxRuntimeOptions(threads=2), verify=False, **kw)
 queries = json.loads(sys.argv[7])
 if index != "-":
     for i in range(20):

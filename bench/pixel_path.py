@@ -26,7 +26,7 @@ from PIL import Image
 from export.inputs import FIRST_TOKEN_ID
 from export.pixels import PixelEncoderGraph
 from export.onnx import export_graph
-from mssan_infer.preprocess import Preprocessing, load_image, preprocess_batch
+from mssan_infer.images.preprocess import Preprocessing, load_image, preprocess_batch
 from mssan_infer.spec import IMAGE_ENCODER_PIXELS
 from training.backbone import build_backbone
 from training.config import ModelConfig

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .timing import side_by_side
+from mssan_infer import GalleryOptions, Layout, OnnxRuntimeOptions
+from mssan_infer import SearchOptions
 
 __all__ = ["run_qdrant_latency", "run_qdrant_recall", "MODES"]
 
@@ -75,16 +77,15 @@ def _child_rss(bundle: Path, spec: dict[str, Any], queries: list[str], threads: 
 def _rss_probe(args: dict[str, Any]) -> dict[str, float]:
     """Child side of :func:`_child_rss`."""
     from mssan_infer import Retriever
-    from mssan_infer.core.qdrant import QdrantEdge, QdrantOptions
+    from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions
 
     from .timing import rss_mb
 
     spec = args["spec"]
     if spec["kind"] == "memory":
-        r = Retriever.load(args["bundle"], index=spec["index"], mmap=spec["mmap"], threads=args["threads"], verify=False)
+        r = Retriever.load(args["bundle"], OnnxRuntimeOptions(threads=args["threads"]), index=spec["index"], verify=False, gallery=GalleryOptions(mmap=spec["mmap"]))
     else:
-        r = Retriever.load(args["bundle"], gallery=QdrantEdge(spec["path"], QdrantOptions(**spec["options"])),
-                           threads=args["threads"], verify=False)
+        r = Retriever.load(args["bundle"], OnnxRuntimeOptions(threads=args["threads"]), gallery=QdrantEdge(spec["path"], QdrantOptions(**spec["options"])), verify=False)
     for q in args["queries"]:
         r.search(text=q, k=10, rerank=100)
     return {"rss_mb": rss_mb()}
@@ -94,12 +95,13 @@ def run_qdrant_latency(bundle: Path, pool: Any, sizes: list[int], queries: list[
                        repeats: int, max_seconds: float) -> dict[str, Any]:
     """Text->image at rerank 100: in-memory gallery vs Qdrant Edge modes, per gallery size."""
     from mssan_infer import Retriever
-    from mssan_infer.core.layout import IMAGES
-    from mssan_infer.core.memory import GalleryIndex
-    from mssan_infer.core.qdrant import QdrantEdge, QdrantOptions, open_qdrant_galleries
-    from mssan_infer.core.store import save_index
+    from mssan_infer.names import IMAGES
+    from mssan_infer.gallery.memory import MemoryGallery
+    from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions
+    from mssan_infer.qdrant.gallery import open_qdrant_galleries
+    from mssan_infer.gallery.folder import save_index
 
-    base = Retriever.load(bundle, threads=threads, verify=False)
+    base = Retriever.load(bundle, OnnxRuntimeOptions(threads=threads), verify=False)
     d = base.embed_size
     out: dict[str, Any] = {"modes": MODES, "sizes": {}}
     for n in sizes:
@@ -108,19 +110,17 @@ def run_qdrant_latency(bundle: Path, pool: Any, sizes: list[int], queries: list[
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         mmap = n > 25000
-        mem = GalleryIndex(2 * d, d, dtype="float16" if mmap else "float32", mmap=mmap, spill_dir=folder / "spill")
+        mem = MemoryGallery(2 * d, d, GalleryOptions(layout=Layout("float32", "float16" if mmap else "float32"), mmap=mmap, spill_dir=folder / "spill"))
         row["memory_layout"] = "float16 memory-mapped" if mmap else "float32 in RAM"
         row["memory_fill_s"] = _fill(mem, pool, n)
         save_index(folder / "index", {IMAGES: mem}, bundle_id=base.bundle_id)
-        retrievers: dict[str, Any] = {"memory": Retriever(base.bundle, base.backend, base.tokenizer, mem,
-                                                          GalleryIndex(2 * d, d), gather_threads=threads)}
+        retrievers: dict[str, Any] = {"memory": Retriever(base.bundle, base.backend, base.tokenizer, mem, MemoryGallery(2 * d, d), SearchOptions(gather_threads=threads))}
         for mode, opts in MODES.items():
             g = open_qdrant_galleries(QdrantEdge(folder / mode, QdrantOptions(**opts)), [IMAGES], 2 * d, d,
                                       base.bundle_id)[IMAGES]
             row[f"{mode}_fill_s"] = _fill(g, pool, n)
             g.flush()
-            retrievers[mode] = Retriever(base.bundle, base.backend, base.tokenizer, g, GalleryIndex(2 * d, d),
-                                         gather_threads=threads)
+            retrievers[mode] = Retriever(base.bundle, base.backend, base.tokenizer, g, MemoryGallery(2 * d, d), SearchOptions(gather_threads=threads))
             log.info("qdrant %d: %s filled in %.0f s", n, mode, row[f"{mode}_fill_s"])
         state = {"i": 0}
 
@@ -163,8 +163,9 @@ def _du_mb(path: Path) -> float:
 def run_qdrant_recall(retriever: Any, work: Path, queries: int, seed: int = 0) -> dict[str, Any]:
     """R@1/5/10 at rerank 100 through Qdrant Edge galleries holding ``retriever``'s items (already added)."""
     from mssan_infer import Retriever
-    from mssan_infer.core.layout import IMAGES, TEXTS
-    from mssan_infer.core.qdrant import QdrantEdge, QdrantOptions, open_qdrant_galleries
+    from mssan_infer.names import IMAGES, TEXTS
+    from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions
+    from mssan_infer.qdrant.gallery import open_qdrant_galleries
 
     from .recall import CAPS, _recall
 

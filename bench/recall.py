@@ -14,6 +14,8 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+from mssan_infer import GalleryOptions
+from mssan_infer import SearchOptions
 
 __all__ = ["run_recall"]
 
@@ -30,7 +32,7 @@ def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, s
     """Recall per depth for both directions. ``retriever`` is a fresh Retriever of the trained bundle.
 
     ``ivf``: also rerank 100 over an IVF stage 1 (FAISS, ``retrieval.ivf_options``), as row ``ivf_100``.
-    ``layouts``: also rerank 100 over galleries of these layouts (``mssan_infer.core.quant.LAYOUTS``), as rows
+    ``layouts``: also rerank 100 over galleries of these layouts (``mssan_infer.gallery.storage.LAYOUTS``), as rows
     ``layout_<name>`` with the R@1 ratio against the float32 layout at rerank 100 (``r1_ratio_vs_fp32``) and
     the largest difference of a returned hit's final score from its float32 one (``score_err_max``).
     """
@@ -58,12 +60,10 @@ def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, s
     lay_rs = []
     for name in layouts:
         from mssan_infer import Retriever
-        from mssan_infer.index import GalleryIndex
+        from mssan_infer.gallery.memory import MemoryGallery
 
         d = retriever.embed_size
-        lr = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer,
-                       GalleryIndex(2 * d, d, layout=name), GalleryIndex(2 * d, d, layout=name),
-                       scorer_batch=retriever.scorer_batch, gather_threads=retriever.gather_threads)
+        lr = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, MemoryGallery(2 * d, d, GalleryOptions(layout=name)), MemoryGallery(2 * d, d, GalleryOptions(layout=name)), SearchOptions(scorer_batch=retriever.scorer_batch, gather_threads=retriever.gather_threads))
         lr.add_images(enc_ims, ids=list(range(n_images)))
         lr.add_texts(enc_caps, ids=list(range(len(caps))))
         lay_rs.append(lr)

@@ -26,10 +26,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mssan_infer.core.search import rerank_scores
-from mssan_infer.index import default_ivf_nlist
+from mssan_infer.gallery.storage import Layout
+from mssan_infer.names import INDEX_FORMAT, INDEX_FORMAT_VERSION
+from mssan_infer.search import rerank_scores
+from mssan_infer.gallery.stage1 import default_ivf_nlist
 
 from .timing import numpy_blas_setter, peak_rss_mb, reset_peak_rss, side_by_side
+from mssan_infer import SearchOptions
 
 __all__ = ["write_gallery_index", "run_latency", "stage1_variant", "ivf_options"]
 
@@ -78,9 +81,9 @@ def write_gallery_index(folder: Path, name: str, pool: Any, n: int, dtype: str, 
     (folder / f"{name}_ids.json").write_text(json.dumps(list(range(n))))
     files["ids"] = f"{name}_ids.json"
     manifest = {
-        "format": "mssan-index", "format_version": 1, "bundle_id": bundle_id,
+        "format": INDEX_FORMAT, "format_version": INDEX_FORMAT_VERSION, "bundle_id": bundle_id,
         "galleries": {name: {"n": n, "stage1_dim": 2 * d, "local_dim": d, "max_length": p, "dtype": dtype,
-                             "files": files}},
+                             "layout": Layout("float32", dtype).record(), "files": files}},
         "files": {f: "not-computed-by-bench" for f in files.values()},
     }
     (folder / "index.json").write_text(json.dumps(manifest, indent=2))
@@ -135,8 +138,7 @@ def stage1_variant(r: Any, method: str, options: Callable[[int], dict[str, int]]
         c.stage1_method, c.faiss_options = method, dict(options(len(g)) if options else {})
         c._lock, c._faiss, c._faiss_n = threading.RLock(), None, -1
         galleries.append(c)
-    v = Retriever(r.bundle, r.backend, r.tokenizer, galleries[0], galleries[1], batch_size=r.batch_size,
-                  scorer_batch=r.scorer_batch, gather_threads=r.gather_threads)
+    v = Retriever(r.bundle, r.backend, r.tokenizer, galleries[0], galleries[1], SearchOptions(batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=r.gather_threads))
     v.close = lambda: v._gather_pool.shutdown() if v._gather_pool else None    # the backend stays r's
     return v
 
@@ -162,14 +164,14 @@ def _with_blas_threads(fn: Callable[[], Any], n: int, restore: int) -> Callable[
 
 def _variant(r: Any, threads: int, opts: dict[str, Any]) -> Any:
     """A Retriever on ``r``'s bundle and galleries with other settings (``gather_threads``, backend options)."""
-    from mssan_infer import Retriever
+    from mssan_infer import OnnxRuntimeOptions, Retriever, SearchOptions
     from mssan_infer.backends import create_backend
 
     opts = dict(opts)
     gather = opts.pop("gather_threads", r.gather_threads)
-    be = create_backend("onnxruntime", r.bundle, device="cpu", precision="fp32", threads=threads, **opts)
-    return Retriever(r.bundle, be, r.tokenizer, r.images, r.texts, batch_size=r.batch_size,
-                     scorer_batch=r.scorer_batch, gather_threads=gather)
+    be = create_backend(OnnxRuntimeOptions(threads=threads, **opts), r.bundle)
+    search = SearchOptions(batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=gather)
+    return Retriever(r.bundle, be, r.tokenizer, r.images, r.texts, search)
 
 
 def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: Any, pools: dict[str, Any],

@@ -1,6 +1,6 @@
 """Bounded soak: many mixed queries against one Retriever, checking that memory stays flat.
 
-``python -m bench.soak [--queries 20000] [--threads 2]`` (or ``python bench/soak.py``) exports a
+``python -m bench.soak [--queries 20000] [--threads 2]`` exports a
 tiny random model (cached in ``--work``), fills both galleries, then runs a fixed number of mixed
 operations from a few threads: text and image searches at several k/rerank, batched searches,
 adds followed by removes (so the galleries stay the same size), and bad inputs that must raise an
@@ -23,13 +23,11 @@ from typing import Sequence
 
 import numpy as np
 
-if __package__ in (None, ""):                       # `python bench/soak.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.fixtures import random_captions, random_regions, speed_bundle  # noqa: E402
-from bench.timing import rss_mb  # noqa: E402
-from mssan_infer import Retriever  # noqa: E402
-from mssan_infer.errors import MssanError  # noqa: E402
+from bench.fixtures import random_captions, random_regions, speed_bundle
+from bench.timing import rss_mb
+from mssan_infer import Retriever
+from mssan_infer.errors import MssanError
+from mssan_infer import OnnxRuntimeOptions
 
 log = logging.getLogger("bench.soak")
 
@@ -83,7 +81,7 @@ def soak(queries: int = 20000, threads: int = 2, work: Path | None = None, galle
     work = work or Path(tempfile.gettempdir()) / "mssan-soak"
     work.mkdir(parents=True, exist_ok=True)
     bundle = speed_bundle(work, d, word_dim, dv)
-    r = Retriever.load(bundle, threads=1)
+    r = Retriever.load(bundle, OnnxRuntimeOptions(threads=1))
     r.add_images(random_regions(gallery, 12, dv, seed=1), ids=[f"img{i}" for i in range(gallery)])
     r.add_texts(random_captions(gallery, words=10, seed=2))
     counts: dict[str, int] = {}

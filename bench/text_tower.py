@@ -29,6 +29,8 @@ from typing import Any
 from .fixtures import code_hash, random_captions, random_regions
 from .retrieval import BLOCK, rounds, write_gallery_index
 from .timing import side_by_side
+from mssan_infer import OnnxRuntimeOptions
+from mssan_infer import SearchOptions
 
 __all__ = ["run_text_tower", "minilm_speed_bundle", "default_text_model", "TOWERS"]
 
@@ -106,18 +108,18 @@ def _retriever(bundle: Path, threads: int, text_encoder: Path | None = None, gal
     """A Retriever on ``bundle`` (its text encoder replaced by ``text_encoder``), sharing ``galleries``."""
     from mssan_infer import Retriever, load_bundle
     from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend
-    from mssan_infer.index import GalleryIndex
-    from mssan_infer.retriever import tokenizer_from_bundle
+    from mssan_infer.gallery.memory import MemoryGallery
+    from mssan_infer.bundle import tokenizer_from_bundle
     from mssan_infer.spec import GRAPHS
 
     b = load_bundle(bundle, verify=False)
     graphs = {g: b.graph_path(g) for g in GRAPHS}
     if text_encoder is not None:
         graphs["text_encoder"] = text_encoder
-    be = OnnxRuntimeBackend(graphs, threads=threads)
+    be = OnnxRuntimeBackend(graphs, OnnxRuntimeOptions(threads=threads))
     d = int(b.model_config["embed_size"])
-    images, texts = galleries if galleries is not None else (GalleryIndex(2 * d, d), GalleryIndex(2 * d, d))
-    return Retriever(b, be, tokenizer_from_bundle(b), images, texts, gather_threads=threads)
+    images, texts = galleries if galleries is not None else (MemoryGallery(2 * d, d), MemoryGallery(2 * d, d))
+    return Retriever(b, be, tokenizer_from_bundle(b), images, texts, SearchOptions(gather_threads=threads))
 
 
 def run_text_tower(work: Path, gru_bundle: Path, text_model: Path, threads: int, d: int, dv: int, regions: int,
@@ -145,7 +147,7 @@ def run_text_tower(work: Path, gru_bundle: Path, text_model: Path, threads: int,
     fns = {f"{name}_b{n}": (lambda name=name, n=n: rs[name].backend.run("text_encoder", feeds[(name, n)]))
            for name in rs for n in (1, batch)}
     # each int8 encoder's weight products alone, at the b1 query's sequence length ([CLS] + subwords + [SEP])
-    from mssan_infer.core.onnx_graph import OnnxGraph
+    from mssan_infer.backends.onnxruntime import OnnxGraph
 
     seq = int(feeds[("minilm_int8", 1)]["tokens"].shape[1]) + 2
     out["int8_products"] = {}
@@ -170,14 +172,15 @@ def run_text_tower(work: Path, gru_bundle: Path, text_model: Path, threads: int,
     pool = rs["bigru"].encode_images(random_regions(64, regions, dv, seed=5))
     out["t2i"] = {}
     qs = random_captions(queries, words, seed=7)
-    from mssan_infer.index import GalleryIndex, load_index
+    from mssan_infer.gallery.memory import MemoryGallery
+    from mssan_infer.gallery.folder import load_index
 
     bundle_id = rs["bigru"].bundle_id
     for n in sizes:
         folder = work / f"text-gallery-{n}-{bundle_id}"
         galleries, _ = load_index(write_gallery_index(folder, "images", pool, n, "float32", bundle_id),
                                   bundle_id=bundle_id, verify=False)
-        shared = (galleries["images"], GalleryIndex(2 * d, d))
+        shared = (galleries["images"], MemoryGallery(2 * d, d))
         towers = {name: _retriever(b, threads, t8, shared) for name, (b, t8) in specs.items()}
         state = {"i": 0}
 

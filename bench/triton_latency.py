@@ -6,7 +6,7 @@ For each size (``demo``: the quickstart's tiny preset, D=256, word 128, Dv=256, 
 ``paper``: D=1024, word 300, Dv=2048, 1,000 images; random weights: speed does not depend on
 them) it exports a bundle, indexes a gallery of 36-region images, writes the default
 (``onnxruntime``) Triton repository with the index installed, and serves it with
-``mssan_infer.serve.local_tritonserver`` (nvidia-pytriton's CPU tritonserver, loopback). The
+``mssan_infer.triton.server.local_tritonserver`` (nvidia-pytriton's CPU tritonserver, loopback). The
 repository gets two extra models made from the generated ones: ``retriever_bls`` (the
 retriever with ``graphs: bls``: encoders and scorer called through BLS) and
 ``text_encoder_nobatch`` / ``image_encoder_nobatch`` (no dynamic batching).
@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mssan_infer import OnnxRuntimeOptions
 
 SIZES = {
     "demo": {"d": 256, "word_dim": 128, "dv": 256, "images": 200},
@@ -228,11 +227,11 @@ def run_size(name: str, work: Path, *, queries_n: int, requests: int, rerank: in
     from bench.fixtures import random_captions, random_regions, speed_bundle
     from export.triton import TritonSettings, install_index, write_repository
     from mssan_infer import Retriever
-    from mssan_infer.serve import local_tritonserver
+    from mssan_infer.triton.server import local_tritonserver
 
     size = SIZES[name]
     bundle = speed_bundle(work, size["d"], size["word_dim"], size["dv"])
-    local = Retriever.load(bundle, threads=threads or None)
+    local = Retriever.load(bundle, OnnxRuntimeOptions(threads=threads or None))
     local.add_images(random_regions(size["images"], 36, size["dv"], seed=1), ids=[f"img{i}" for i in range(size["images"])])
     index = work / f"index-{name}"
     shutil.rmtree(index, ignore_errors=True)

@@ -7,13 +7,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 
-from mssan_infer.spec import GRAPHS, MANIFEST_FILE, sha256_file
+from mssan_infer.spec import GRAPHS
+from mssan_infer.names import MANIFEST_FILE
+from mssan_infer.files import sha256_file
 from training.checkpoint import WEIGHTS, load_checkpoint
 
+from .deployment_step import DeploymentStep
 from .errors import ExportError
 from .fp16 import convert_to_fp16
 from .graphs import build_graphs
@@ -25,10 +28,6 @@ from .validate import ParityReport, raise_if_failed, validate_graphs
 __all__ = ["export_bundle"]
 
 log = logging.getLogger(__name__)
-
-# A deployment step builds artefacts (tensorrt/, triton/) from the verified ONNX graphs
-# in the bundle being built and returns manifest entries to merge in.
-DeploymentStep = Callable[[Path, dict[str, Any]], dict[str, Any]]
 
 
 def _deployment_step(target: str, options: Any = None) -> DeploymentStep:

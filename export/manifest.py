@@ -12,9 +12,11 @@ import onnx
 import onnxruntime
 import torch
 
-from mssan_infer import subword
-from mssan_infer.spec import FORMAT_VERSION, GRAPHS, MANIFEST_FILE, VOCAB_FILE, sha256_file
-from mssan_infer.core import tokenizer as word_tokenizer
+from mssan_infer.names import FORMAT_VERSION, MANIFEST_FILE, VOCAB_FILE
+from mssan_infer.spec import GRAPHS
+from mssan_infer.files import sha256_file
+from mssan_infer.text import subword
+from mssan_infer.text import words as word_tokenizer
 from training.config import ModelConfig
 
 __all__ = ["EXPORTER_VERSION", "FP16_DIR", "INT8_DIR", "hash_files", "build_manifest", "write_manifest",

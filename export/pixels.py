@@ -20,8 +20,9 @@ import numpy as np
 from torch import Tensor, nn
 
 from mssan_infer.errors import MssanError
-from mssan_infer.preprocess import Preprocessing
-from mssan_infer.spec import IMAGE_ENCODER_PIXELS, sha256_file
+from mssan_infer.images.preprocess import Preprocessing
+from mssan_infer.spec import IMAGE_ENCODER_PIXELS
+from mssan_infer.files import sha256_file
 from training.backbone import ResNetBackbone, build_backbone, grid_side
 from training.model import MSSAN
 

@@ -25,6 +25,7 @@ from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend
 from mssan_infer.errors import BundleError
 
 from .fp16 import with_explicit_rounding
+from mssan_infer import OnnxRuntimeOptions
 
 __all__ = ["TorchRunner", "onnx_runner", "to_torch"]
 
@@ -78,4 +79,4 @@ def onnx_runner(paths: Mapping[str, str | os.PathLike[str]], precision: str = "f
             models[graph] = with_explicit_rounding(onnx.load(str(path))).SerializeToString()
         except Exception as e:  # onnx raises OSError and protobuf's DecodeError
             raise BundleError(f"cannot read {Path(path).name}: {e}") from e
-    return OnnxRuntimeBackend(models, graph_optimization="disable")
+    return OnnxRuntimeBackend(models, OnnxRuntimeOptions(graph_optimization="disable"))

@@ -46,13 +46,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mssan_infer.backends.base import Backend, Device
+from mssan_infer.backends.base import Backend
+from mssan_infer.options import Device
 from mssan_infer.backends.tensorrt import cuda_device, gpu_info, import_cudart, import_tensorrt
-from mssan_infer.core.layout import LIMITS_KEY, TENSORRT_KEY, plan_name
+from mssan_infer.names import LIMITS_KEY, TENSORRT_KEY, plan_name
 from mssan_infer.errors import BackendUnavailableError
-from mssan_infer.spec import DEFAULT_PROFILES, FIXED_AXES, GRAPHS, MANIFEST_FILE, VOCAB_FILE, GraphSpec, sha256_file
+from mssan_infer.spec import DEFAULT_PROFILES, FIXED_AXES, GRAPHS, GraphSpec
+from mssan_infer.names import MANIFEST_FILE, VOCAB_FILE
+from mssan_infer.files import sha256_file
 
-from .api import DeploymentStep
+from .deployment_step import DeploymentStep
 from .errors import ExportError
 from .inputs import profile_cases
 from .manifest import FP16_DIR
@@ -485,7 +488,7 @@ def bundle_dims(root: Path) -> tuple[dict[str, int], int]:
     vocab_path = root / VOCAB_FILE
     vocab = len(json.loads(vocab_path.read_text(encoding="utf-8"))) if vocab_path.is_file() else 5
     if not vocab_path.is_file() and (root / "tokenizer.json").is_file():       # a transformer tower's subwords
-        from mssan_infer.subword import SubwordTokenizer
+        from mssan_infer.text.subword import SubwordTokenizer
 
         vocab = len(SubwordTokenizer.from_file(root / "tokenizer.json"))
     return {"D": d, "D2": 2 * d, "Dv": dv}, vocab

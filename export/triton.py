@@ -44,19 +44,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mssan_infer.backends.tensorrt import scorer_limits
-from mssan_infer.bundle import Bundle
-from mssan_infer.core import tokenizer as word_tokenizer
-from mssan_infer.core.layout import (
+from mssan_infer.bundle import bundle_id, id_files
+from mssan_infer.text import words as word_tokenizer
+from mssan_infer.names import (
     BUNDLE_ID_PARAM,
     RETRIEVER_TOKENIZER,
     SCORER_LIMITS_PARAM,
     TENSORRT_KEY,
     plan_name,
 )
-from mssan_infer.spec import DEFAULT_PROFILES, GRAPHS, MANIFEST_FILE, GraphSpec
-from mssan_infer.triton_models import ONNX_MODEL, RETRIEVER_MODEL, copy_core
+from mssan_infer.spec import DEFAULT_PROFILES, GRAPHS, GraphSpec
+from mssan_infer.names import MANIFEST_FILE, VOCAB_FILE
+from mssan_infer.triton import ONNX_MODEL, RETRIEVER_MODEL, copy_runtime
 
-from .api import DeploymentStep
+from .deployment_step import DeploymentStep
 from .errors import ExportError
 from .manifest import FP16_DIR, hash_files
 
@@ -326,10 +327,13 @@ def _model_config_type_name(value: int) -> str:
 # ---- writing ---------------------------------------------------------------------------
 def _bundle_id(root: Path) -> str:
     if (root / MANIFEST_FILE).is_file():
-        files = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+        m = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+        files = m["files"]
+        tk = m.get("tokenizer") or {}
+        tokenizer = str(tk.get("file") or tk.get("vocab", VOCAB_FILE))
     else:                                          # a bundle under construction: files as the manifest will list them
-        files = hash_files(root)
-    return Bundle(root, {"files": files}).bundle_id
+        files, tokenizer = hash_files(root), VOCAB_FILE
+    return bundle_id(id_files(files, (spec.file for spec in GRAPHS.values()), tokenizer))
 
 
 def _tokenizer_spec(root: Path, max_len: int | None, model_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -459,7 +463,7 @@ def write_repository(
             shutil.copyfile(sources[graph], mdir / fname)
             if settings.backend == "python":
                 shutil.copyfile(ONNX_MODEL, mdir / "model.py")
-                copy_core(mdir)
+                copy_runtime(mdir)
             cfg_path = tmp / graph / "config.pbtxt"
             cfg_path.write_text(config_text(spec, dims, settings, bundle_id=bundle_id, max_batch_size=mbs,
                                             profiles=profiles), encoding="utf-8")
@@ -472,7 +476,7 @@ def write_repository(
             mdir = tmp / RETRIEVER / "1"
             mdir.mkdir(parents=True)
             shutil.copyfile(RETRIEVER_MODEL, mdir / "model.py")
-            copy_core(mdir)
+            copy_runtime(mdir)
             tk = _tokenizer_spec(rootp, max_len, model_config)
             (mdir / RETRIEVER_TOKENIZER).write_text(json.dumps(tk, ensure_ascii=False), encoding="utf-8")
             if tk.get("kind") == "subword":
@@ -515,7 +519,7 @@ def install_index(repository: str | os.PathLike[str], index: str | os.PathLike[s
         ExportError: no retriever model, or the index is missing/from another bundle.
     """
     from mssan_infer.errors import IndexFileError
-    from mssan_infer.index import read_index_manifest
+    from mssan_infer.gallery.folder import read_index_manifest
 
     repo, src = Path(repository), Path(index)
     cfg_path = repo / RETRIEVER / "config.pbtxt"

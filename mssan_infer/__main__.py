@@ -7,6 +7,7 @@ command with exit status 1 and a one-line message on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -16,18 +17,30 @@ from typing import Any, Mapping, Sequence, TextIO
 
 import numpy as np
 
-from .bundle import load_bundle
-from .cli import HelpFormatter, error_line
-from .errors import InputError, MssanError
-from .core.contract import ItemId, colliding_ids
-from .core.qdrant import parse_gallery
-from .core.layout import INDEX_MANIFEST
-from .core.store import read_index_manifest
-from .progress import progress_bar
-from .retriever import Hit, Retriever
-from .serve import DEFAULT_PORTS
+from mssan_infer.backends import backend_options
+from mssan_infer.bundle import load_bundle
+from mssan_infer.cli import HelpFormatter, error_line
+from mssan_infer.errors import InputError, MssanError
+from mssan_infer.gallery.base import ItemId, colliding_ids
+from mssan_infer.qdrant.options import parse_gallery
+from mssan_infer.names import INDEX_MANIFEST
+from mssan_infer.gallery.folder import read_index_manifest
+from mssan_infer.progress import batches
+from mssan_infer.retriever import Hit, Retriever
+from mssan_infer.gallery.storage import Layout
+from mssan_infer.options import (
+    BackendOptions,
+    GalleryOptions,
+    OnnxRuntimeOptions,
+    SearchOptions,
+    Stage1Options,
+    TensorRTOptions,
+    TritonOptions,
+)
+from mssan_infer.qdrant.options import QdrantEdge, QdrantServer
+from mssan_infer.triton.server import DEFAULT_PORTS
 
-__all__ = ["main", "run_index", "run_search", "run_info", "read_lines", "read_metadata", "error_line", "parity_summary"]
+__all__ = ["main", "run_index", "run_search", "run_info", "read_lines", "read_metadata", "parity_summary"]
 
 log = logging.getLogger("mssan_infer")
 
@@ -128,8 +141,9 @@ def run_index(
     new_ids: bool = False,
     chunk: int = 1024,
     progress: bool = True,
-    gallery: Any = None,
-    **load_options: Any,
+    gallery: GalleryOptions | QdrantEdge | QdrantServer | str | None = None,
+    backend: str | BackendOptions = "onnxruntime",
+    search: SearchOptions | None = None,
 ) -> Retriever:
     """Encode image features and/or captions into an index folder ``out``, or into Qdrant galleries.
 
@@ -144,8 +158,10 @@ def run_index(
         new_ids: number items without an ids file after the index's largest int id.
         metadata, text_metadata: JSON lines, one object per image / caption (for ``--where`` filters).
         chunk: images encoded and added per step (bounds memory for large files).
-        gallery: Qdrant galleries (``"qdrant-edge:PATH"``, ``"qdrant:URL"``) instead of ``out``: items
-            are added to what they hold (ids must be new, as with ``append``), and flushed at the end.
+        gallery: the in-memory gallery's :class:`~mssan_infer.options.GalleryOptions` (layout...), or Qdrant
+            galleries (``"qdrant-edge:PATH"``, ``"qdrant:URL"``) instead of ``out``: items are added to what
+            they hold (ids must be new, as with ``append``), and flushed at the end.
+        backend, search: as in :meth:`Retriever.load`.
     Raises:
         InputError: nothing to index, neither or both of ``out`` and ``gallery``, an index at ``out``
             without ``append``/``overwrite``, id count mismatch, ids already in the index, bad files.
@@ -163,10 +179,11 @@ def run_index(
         raise InputError("--new-ids numbers items that have no ids file; every gallery given has one")
     if (metadata is not None and images is None) or (text_metadata is not None and texts is None):
         raise InputError("--metadata needs --images and --text-metadata needs --texts")
-    if (parse_gallery(gallery) is not None) == (out is not None):
+    qdrant = not isinstance(gallery, GalleryOptions) and parse_gallery(gallery) is not None
+    if qdrant == (out is not None):
         raise InputError("give --out FOLDER (an index folder) or --gallery SPEC (Qdrant), exactly one of them")
     if out is None:
-        r = Retriever.load(bundle, gallery=gallery, **load_options)
+        r = Retriever.load(bundle, backend, gallery=gallery, search=search)
         _add_files(r, images, ids, texts, text_ids, metadata, text_metadata, new_ids, str(gallery), chunk, progress)
         r.flush()
         return r
@@ -183,7 +200,7 @@ def run_index(
         )
     if append and not existing:
         log.info("%s holds no index yet: starting a new one", outp)
-    r = Retriever.load(bundle, index=outp if append and existing else None, **load_options)
+    r = Retriever.load(bundle, backend, index=outp if append and existing else None, gallery=gallery, search=search)
     _add_files(r, images, ids, texts, text_ids, metadata, text_metadata, new_ids, f"the index at {outp}", chunk,
                progress)
     r.save(outp)
@@ -205,15 +222,9 @@ def _add_files(
     cap_meta = read_metadata(text_metadata, len(caps), "text metadata") if text_metadata is not None and caps else None
     if feats is not None:
         n = feats.shape[0]
-        bar = progress_bar(n, "encode images", progress)
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
+        for a, b in batches(n, chunk, "encode images", progress):
             r.add_images(np.asarray(feats[a:b], dtype=np.float32), ids=image_ids[a:b],
                          metadata=meta[a:b] if meta is not None else None)
-            if bar is not None:
-                bar.update(b - a)
-        if bar is not None:
-            bar.close()
     if caps is not None:
         r.add_texts(caps, ids=cap_ids, metadata=cap_meta, progress=progress)
 
@@ -228,8 +239,8 @@ def run_search(
     k: int = 10,
     rerank: int = 100,
     where: Mapping[str, Any] | None = None,
-    gallery: Any = None,
-    **load_options: Any,
+    gallery: GalleryOptions | QdrantEdge | QdrantServer | str | None = None,
+    backend: str | BackendOptions = "onnxruntime",
 ) -> list[Hit]:
     """Search an index (or Qdrant galleries) with a caption (-> images) or with row ``row`` of an
     image-feature file (-> captions), optionally filtered by metadata (``where``).
@@ -240,9 +251,10 @@ def run_search(
     """
     if (text is None) == (image is None):
         raise InputError("give a caption to search images, or --image FEATS.npy [--row N] to search captions")
-    if (parse_gallery(gallery) is not None) == (index is not None):
+    qdrant = not isinstance(gallery, GalleryOptions) and parse_gallery(gallery) is not None
+    if qdrant == (index is not None):
         raise InputError("give --index FOLDER or --gallery SPEC (Qdrant), exactly one of them")
-    r = Retriever.load(bundle, index=index, gallery=gallery, **load_options)
+    r = Retriever.load(bundle, backend, index=index, gallery=gallery)
     if text is not None:
         return r.search(text=text, k=k, rerank=rerank, where=where)
     assert image is not None
@@ -276,20 +288,20 @@ def run_info(bundle: str | os.PathLike[str], index: str | os.PathLike[str] | Non
     info: dict[str, Any] = {
         "bundle": str(b.root),
         "bundle_id": b.bundle_id,
-        "format_version": m["format_version"],
+        "format_version": m.format_version,
         "model_config": b.model_config,
-        "graphs": {name: e["file"] for name, e in m["graphs"].items()},
-        "fp16": bool(m.get("fp16_graphs")),
-        "int8": bool(m.get("int8_graphs")),
-        "text_encoder": b.model_config.get("text_encoder", "bigru"),
-        "tokenizer": (m.get("tokenizer") or {}).get("kind", "word"),
-        "vocab_size": b.model_config.get("vocab_size"),
-        "verified": m.get("verified"),
-        "parity": parity_summary(m.get("parity")),
-        "created": m.get("created"),
+        "graphs": dict(m.graphs["fp32"]),
+        "fp16": "fp16" in m.graphs,
+        "int8": "int8" in m.graphs,
+        "text_encoder": m.text_encoder,
+        "tokenizer": m.tokenizer.get("kind", "word"),
+        "vocab_size": m.model_config.get("vocab_size"),
+        "verified": m.verified,
+        "parity": parity_summary(m.parity),
+        "created": m.raw.get("created"),
     }
-    trt = m.get("tensorrt")
-    if isinstance(trt, dict):
+    trt = m.tensorrt
+    if trt is not None:
         info["tensorrt"] = {
             "tensorrt_version": trt.get("tensorrt_version"),
             "gpu": trt.get("gpu"),
@@ -476,24 +488,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Retriever.load options from the common flags (``--url``/``--protocol`` only with ``--backend triton``)."""
-    load: dict[str, Any] = {"backend": args.backend, "device": args.device, "threads": args.threads,
-                            "precision": args.precision}
+def _backend(args: argparse.Namespace) -> BackendOptions:
+    """The backend options of the common flags (``--url``/``--protocol`` only with ``--backend triton``)."""
+    common = {"device": args.device, "threads": args.threads, "precision": args.precision}
     if args.backend == "triton":
         default = DEFAULT_PORTS["http"] if args.protocol == "http" else DEFAULT_PORTS["grpc"]
-        load.update(url=args.url or f"127.0.0.1:{default}", protocol=args.protocol)
-    elif args.url is not None or args.protocol != "http":
+        return TritonOptions(url=args.url or f"127.0.0.1:{default}", protocol=args.protocol, **common)
+    if args.url is not None or args.protocol != "http":
         raise InputError("--url and --protocol are for --backend triton")
-    return load
+    if args.backend == "tensorrt":
+        return TensorRTOptions(**common)
+    if args.backend == "onnxruntime":
+        return OnnxRuntimeOptions(**common)
+    _, options = backend_options(args.backend)  # a backend registered by a plugin, or an InputError
+    return dataclasses.replace(options, **common)
+
+
+def _gallery(args: argparse.Namespace, memory: GalleryOptions) -> GalleryOptions | str:
+    """``--gallery`` (Qdrant) when given, else the in-memory gallery's options."""
+    if args.gallery is not None and args.gallery != "memory":
+        return str(args.gallery)
+    return memory
 
 
 def _repository(args: argparse.Namespace) -> Path:
     if args.repository is not None:
         return Path(args.repository)
     b = load_bundle(args.bundle, verify=False)
-    rec = b.manifest.get("triton")
-    if not isinstance(rec, dict) or not (b.root / str(rec.get("repository", "triton"))).is_dir():
+    rec = b.manifest.triton
+    if rec is None or not (b.root / str(rec.get("repository", "triton"))).is_dir():
         raise InputError(
             f"bundle {b.root} has no Triton repository; export it with "
             f"`python -m export --checkpoint CKPT --out {b.root} --triton`"
@@ -516,25 +539,32 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
                 _print_info(info, out)
             return 0
         if args.command == "serve":
-            from .serve import serve
+            from mssan_infer.triton.server import serve
 
             return serve(_repository(args), index=args.index, host=args.host, http_port=args.http_port,
                          grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                          startup_timeout_s=args.startup_timeout, log_path=args.log, out=out)
-        load = _load_options(args)
+        backend = _backend(args)
         if args.command == "index":
+            if args.fp16_locals and args.layout is not None:
+                raise InputError("--fp16-locals is --layout with float16 locals: give one of them")
+            layout = Layout("float32", "float16") if args.fp16_locals else args.layout
+            if args.gallery is not None and args.gallery != "memory" and layout is not None:
+                raise InputError("--layout and --fp16-locals are for an index folder (--out); a Qdrant gallery takes "
+                                 "its storage options in --gallery (e.g. ?local_dtype=float16)")
             r = run_index(
                 args.bundle, args.out, images=args.images, ids=args.ids, texts=args.texts, text_ids=args.text_ids,
-                metadata=args.metadata, text_metadata=args.text_metadata, gallery=args.gallery,
+                metadata=args.metadata, text_metadata=args.text_metadata,
+                gallery=_gallery(args, GalleryOptions(layout=layout)),
                 append=args.append, overwrite=args.overwrite, new_ids=args.new_ids, progress=not args.no_progress,
-                local_dtype="float16" if args.fp16_locals else None, layout=args.layout, batch_size=args.batch_size,
-                **load,
+                backend=backend, search=SearchOptions(batch_size=args.batch_size),
             )
             print(f"indexed {r.n_images} images and {r.n_texts} captions into {args.out or args.gallery}", file=out)
             return 0
         hits = run_search(
             args.bundle, args.index, text=args.text, image=args.image, row=args.row, k=args.k, rerank=args.rerank,
-            stage1=args.stage1, gallery=args.gallery, where=_where(args.where), **load,
+            gallery=_gallery(args, GalleryOptions(stage1=Stage1Options(method=args.stage1))),
+            where=_where(args.where), backend=backend,
         )
         query = f"text: {args.text!r}" if args.text is not None else f"image: {args.image} row {args.row}"
         if args.json:

@@ -8,6 +8,7 @@ image queries the caption gallery.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -18,24 +19,26 @@ from typing import Any, Iterable, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
-from .backends import Backend, create_backend
-from .bundle import BUNDLE_FILES, Bundle, check_index_bundle, load_bundle, tokenizer_from_bundle
-from .core import inputs
-from .core.contract import Gallery, GalleryView, ItemId, extent, raise_colliding
-from .core.filters import parse_where
-from .core.layout import IMAGES, TEXTS
-from .core.memory import GalleryIndex
-from .core.qdrant import GallerySpec, QdrantGallery, open_qdrant_galleries, parse_gallery
-from .core.quant import parse_layout
-from .core.search import Encoded, ScorerLimits, search
-from .core.store import load_index, save_index
-from .core.subword import TextTokenizer
-from .errors import InputError
-from .pixels import PixelEncoder, has_pixel_graph, pixel_sources
-from .preprocess import ImageSource
-from .progress import progress_bar
+from mssan_infer.backends.base import Backend
+from mssan_infer.backends import backend_options, create_backend
+from mssan_infer.bundle import BUNDLE_FILES, Bundle, check_index_bundle, load_bundle, tokenizer_from_bundle
+from mssan_infer import checks
+from mssan_infer.gallery.base import Gallery, GalleryView, ItemId, extent, raise_colliding
+from mssan_infer.gallery.filters import parse_where
+from mssan_infer.names import IMAGES, TEXTS
+from mssan_infer.gallery.memory import MemoryGallery
+from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
+from mssan_infer.qdrant.gallery import QdrantGallery, open_qdrant_galleries
+from mssan_infer.search import Encoded, ScorerLimits, search
+from mssan_infer.gallery.folder import load_index, save_index
+from mssan_infer.text.base import TextTokenizer
+from mssan_infer.errors import InputError
+from mssan_infer.options import BackendOptions, GalleryOptions, SearchOptions
+from mssan_infer.images.encoder import PixelEncoder, has_pixel_graph, pixel_sources
+from mssan_infer.images.preprocess import ImageSource
+from mssan_infer.progress import batches
 
-__all__ = ["Retriever", "Hit", "Encoded", "ImageInput", "tokenizer_from_bundle"]
+__all__ = ["Retriever", "Hit", "ImageInput"]
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +70,21 @@ class Retriever:
         tokenizer: TextTokenizer,
         images: Gallery,
         texts: Gallery,
-        *,
-        batch_size: int = 32,
-        scorer_batch: int = 256,
-        gather_threads: int | None = None,
+        search: SearchOptions | None = None,
     ) -> None:
-        cfg = bundle.model_config
+        opts = search if search is not None else SearchOptions()
+        if not isinstance(opts, SearchOptions):
+            raise InputError(f"search must be a SearchOptions, got {type(opts).__name__}")
         self.bundle = bundle
         self.backend = backend
         self.tokenizer = tokenizer
-        self.embed_size = int(cfg["embed_size"])
-        self.img_dim = int(cfg["img_dim"])
-        self.batch_size = inputs.positive_int("batch_size", batch_size)
-        self.scorer_batch = inputs.positive_int("scorer_batch", scorer_batch)
-        # Copying the reranked candidates out of the gallery is bound by one thread's memory
-        # reads; more threads fetch more rows at once (2 threads: 1.6 -> 0.9 ms for 100 images).
-        self.gather_threads = inputs.positive_int("gather_threads", gather_threads if gather_threads is not None
-                                        else min(4, os.cpu_count() or 1))
+        self.embed_size = bundle.manifest.embed_size
+        self.img_dim = bundle.manifest.img_dim
+        self.batch_size = opts.batch_size
+        self.scorer_batch = opts.scorer_batch
+        # copying the reranked candidates out of the gallery is bound by one thread's memory reads:
+        # more threads fetch more rows at once
+        self.gather_threads = opts.gather_threads if opts.gather_threads is not None else min(4, os.cpu_count() or 1)
         self._gather_pool: ThreadPoolExecutor | None = None
         self._gather_pid = os.getpid()
         self._gather_pool_lock = threading.Lock()
@@ -100,62 +101,28 @@ class Retriever:
     def load(
         cls,
         bundle: str | os.PathLike[str] | Bundle,
-        backend: str = "onnxruntime",
-        device: str = "cpu",
-        index: str | os.PathLike[str] | None = None,
-        threads: int | None = None,
-        precision: str = "fp32",
+        backend: str | BackendOptions = "onnxruntime",
         *,
-        stage1: str = "numpy",
-        faiss_options: Mapping[str, int] | None = None,
-        local_dtype: str | None = None,
-        layout: str | None = None,
-        overfetch: int = 4,
-        certify: bool = False,
-        mmap: bool = False,
-        spill_dir: str | os.PathLike[str] | None = None,
-        batch_size: int = 32,
-        scorer_batch: int = 256,
-        gather_threads: int | None = None,
+        index: str | os.PathLike[str] | None = None,
+        gallery: GalleryOptions | QdrantEdge | QdrantServer | str | None = None,
+        search: SearchOptions | None = None,
         verify: bool = True,
-        gallery: GallerySpec = None,
-        **backend_options: Any,
     ) -> "Retriever":
-        """Open a bundle (and optionally a saved index) for retrieval.
+        """Open a bundle (and optionally a saved index or Qdrant galleries) for retrieval.
 
         Args:
             bundle: bundle folder (or an already loaded :class:`Bundle`).
-            backend: ``"onnxruntime"`` (``"tensorrt"``, ``"triton"`` where installed).
-            device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+            backend: a backend name (``"onnxruntime"``; ``"tensorrt"``, ``"triton"`` where installed) or its
+                options (:class:`~mssan_infer.options.OnnxRuntimeOptions`, ``TensorRTOptions``,
+                ``TritonOptions``: device, precision, threads...).
             index: a folder written by :meth:`save`; must come from the same bundle.
-            threads: intra-op threads of the backend (``None``: its default).
-            precision: ``"fp32"``, ``"fp16"`` graphs (fp16 needs an ``--fp16`` export) or ``"int8"``
-                (the dynamically quantized text encoder of an ``--int8`` export, CPU).
-            stage1: ``"numpy"`` (exact, default), ``"faiss"`` (exact), ``"faiss-ivf"``, ``"faiss-hnsw"``.
-            faiss_options: ``nlist``/``nprobe`` (IVF) or ``M``/``ef_search`` (HNSW).
-            local_dtype: storage of locals/Grams, ``"float32"``, ``"float16"`` or ``"int8"``
-                (default: the layout's, or what the saved index holds).
-            layout: how galleries store items (``mssan_infer.core.quant.LAYOUTS``): ``"fp32"``
-                (default; exact), ``"fp16"``, ``"int8-stage1"`` (int8 stage-1 scan rescored exactly:
-                final scores stay exact) or ``"int8"`` (also int8 locals). With ``index``, the
-                default is the saved layout; another one converts while loading where the saved
-                values allow it (README "Gallery layouts").
-            overfetch, certify: a compressed stage 1 rescores ``overfetch x k`` candidates exactly;
-                ``certify`` also proves with its error bound that no other item could enter the top k
-                (fetching more until it does).
-            mmap: keep gallery arrays in memory-mapped files (for galleries larger than RAM).
-            spill_dir: where new memory-mapped files go (default: a temp folder).
-            batch_size: encoder batch size.
-            scorer_batch: most candidates per scorer call (an exhaustive search scores shards of
-                ``max(scorer_batch, core.search.EXHAUSTIVE_SHARD)`` consecutive items).
-            gather_threads: threads that copy rerank candidates out of the gallery (default:
-                ``threads``, else the CPU count up to 4).
+            gallery: how in-memory galleries store items (:class:`~mssan_infer.options.GalleryOptions`:
+                layout, memory mapping, stage-1 method; default: fp32, or the saved index's layout), or
+                where Qdrant galleries live: :class:`~mssan_infer.qdrant.options.QdrantEdge`,
+                :class:`~mssan_infer.qdrant.options.QdrantServer`, or the same as a string
+                (``"qdrant-edge:PATH"``, ``"qdrant:URL"``; ``"memory"``: in this process).
+            search: batching and threads (:class:`~mssan_infer.options.SearchOptions`).
             verify: check the sha256 of every bundle and index file.
-            gallery: where the galleries live: ``None``/``"memory"`` (this process, default), a
-                :class:`~mssan_infer.core.qdrant.QdrantEdge` (Qdrant Edge shards at a path), a
-                :class:`~mssan_infer.core.qdrant.QdrantServer` (collections on a Qdrant server), or the
-                same as a string (``"qdrant-edge:PATH"``, ``"qdrant:URL"``; see :func:`parse_gallery`).
-            backend_options: passed to the backend (e.g. ``graph_optimization``, ``inter_op_threads``).
 
         Raises:
             BundleError: missing/tampered bundle or one exported with another tokenizer.
@@ -163,35 +130,31 @@ class Retriever:
             BackendUnavailableError: the backend's package is not installed.
             InputError: unknown backend name or bad option.
         """
+        _, backend_opts = backend_options(backend)          # checked before anything is loaded
         b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         tokenizer = tokenizer_from_bundle(b)
-        d = int(b.model_config["embed_size"])
-        opts: dict[str, Any] = {"stage1": stage1, "faiss_options": faiss_options, "spill_dir": spill_dir,
-                                "overfetch": overfetch, "certify": certify}
-        lay = parse_layout(layout, local_dtype)              # checks both before anything is loaded
-
-        def empty() -> GalleryIndex:
-            return GalleryIndex(2 * d, d, layout=lay, mmap=mmap, **opts)
-
-        spec = parse_gallery(gallery)
+        d = b.manifest.embed_size
+        memory = gallery if isinstance(gallery, GalleryOptions) else GalleryOptions()
+        spec = None if isinstance(gallery, GalleryOptions) else parse_gallery(gallery)
         images: Gallery
         texts: Gallery
         if spec is not None:
             if index is not None:
-                raise InputError("give index= (a saved in-memory index) or gallery= (Qdrant), not both")
+                raise InputError("give index= (a saved in-memory index) or a Qdrant gallery=, not both")
             qd = open_qdrant_galleries(spec, (IMAGES, TEXTS), 2 * d, d, b.bundle_id)
             images, texts = qd[IMAGES], qd[TEXTS]
         elif index is not None:
             check_index_bundle(index, b)
-            galleries, _ = load_index(index, bundle_id=b.bundle_id, verify=verify, mmap=mmap, dtype=local_dtype,
-                                      layout=layout, **opts)
-            images = galleries.get(IMAGES) or empty()
-            texts = galleries.get(TEXTS) or empty()
+            galleries, _ = load_index(index, bundle_id=b.bundle_id, verify=verify, options=memory)
+            images = galleries.get(IMAGES) or MemoryGallery(2 * d, d, memory)
+            texts = galleries.get(TEXTS) or MemoryGallery(2 * d, d, memory)
         else:
-            images, texts = empty(), empty()
-        be = create_backend(backend, b, device=device, precision=precision, threads=threads, **backend_options)
-        r = cls(b, be, tokenizer, images, texts, batch_size=batch_size, scorer_batch=scorer_batch,
-                gather_threads=gather_threads if gather_threads is not None else threads)
+            images, texts = MemoryGallery(2 * d, d, memory), MemoryGallery(2 * d, d, memory)
+        be = create_backend(backend, b)
+        search = search if search is not None else SearchOptions()
+        if search.gather_threads is None and backend_opts.threads is not None:
+            search = dataclasses.replace(search, gather_threads=backend_opts.threads)
+        r = cls(b, be, tokenizer, images, texts, search)
         log.info("retriever ready: bundle %s (%s), %d images, %d texts", b.root, b.bundle_id, len(images), len(texts))
         return r
 
@@ -269,7 +232,7 @@ class Retriever:
             if mask is not None:
                 raise InputError("mask is only for region features; images from pixels use every grid cell")
             return self._pixels.encode(sources, self.batch_size, progress=progress)
-        regions, m = inputs.region_batch(feats, mask, self.img_dim)
+        regions, m = checks.region_batch(feats, mask, self.img_dim)
         return self._encode_regions(regions, m, progress=progress)
 
     def _encode_regions(self, regions: np.ndarray, m: np.ndarray, *, progress: bool = False) -> Encoded:
@@ -279,18 +242,12 @@ class Retriever:
             np.zeros((n, 2 * d), np.float32), np.zeros((n, r, d), np.float32),
             m.astype(np.float32, copy=True), np.zeros((n, r, r), np.float32),
         )
-        bar = progress_bar(n, "encode images", progress)
-        for a in range(0, n, self.batch_size):
-            b = min(n, a + self.batch_size)
+        for a, b in batches(n, self.batch_size, "encode images", progress):
             w = max(1, extent(m[a:b]))                      # trim the batch's padding
             res = self.backend.run("image_encoder", {"regions": regions[a:b, :w], "region_mask": m[a:b, :w]})
             out.stage1[a:b] = res["img_stage1"]
             out.local[a:b, :w] = res["img_local"]
             out.gram[a:b, :w, :w] = res["img_gram"]
-            if bar is not None:
-                bar.update(b - a)
-        if bar is not None:
-            bar.close()
         return out
 
     @property
@@ -304,7 +261,7 @@ class Retriever:
         Raises:
             InputError: a caption that is not a str, is empty, or has only unknown words.
         """
-        return inputs.token_ids(self.tokenizer, texts)
+        return checks.token_ids(self.tokenizer, texts)
 
     def encode_texts(self, texts: str | Sequence[str], *, progress: bool = False) -> Encoded:
         """Encode captions (batched internally, grouped by length).
@@ -316,7 +273,7 @@ class Retriever:
         Raises:
             InputError: empty caption, only unknown words, or not a str.
         """
-        return self._encode_ids(self.tokenize(inputs.caption_list(texts)), progress=progress)
+        return self._encode_ids(self.tokenize(checks.caption_list(texts)), progress=progress)
 
     def _encode_ids(self, ids: list[list[int]], *, progress: bool = False) -> Encoded:
         n = len(ids)
@@ -327,9 +284,7 @@ class Retriever:
             np.zeros((n, lmax), np.float32), np.zeros((n, lmax, lmax), np.float32),
         )
         order = np.argsort([len(x) for x in ids], kind="stable")
-        bar = progress_bar(n, "encode texts", progress)
-        for a in range(0, n, self.batch_size):
-            b = min(n, a + self.batch_size)
+        for a, b in batches(n, self.batch_size, "encode texts", progress):
             rows = order[a:b]
             w = max(len(ids[i]) for i in rows)
             tokens = np.zeros((len(rows), w), np.int64)
@@ -342,10 +297,6 @@ class Retriever:
             out.local[rows, :w] = res["txt_local"]
             out.mask[rows, :w] = mask
             out.gram[rows, :w, :w] = res["txt_gram"]
-            if bar is not None:
-                bar.update(b - a)
-        if bar is not None:
-            bar.close()
         return out
 
     # ---- galleries ----------------------------------------------------------------
@@ -400,7 +351,7 @@ class Retriever:
         """Fail before encoding when ids collide (the gallery checks again under its lock)."""
         if ids is None:
             return
-        ids = inputs.id_list(ids)
+        ids = checks.id_list(ids)
         if len(set(ids)) != len(ids):
             raise InputError("duplicate ids in this batch")
         raise_colliding(ids, gallery)
@@ -415,7 +366,7 @@ class Retriever:
         Raises:
             InputError: unknown ids, or an id present in both galleries without ``gallery``.
         """
-        ids = inputs.id_list(ids)
+        ids = checks.id_list(ids)
         if gallery is not None:
             if gallery not in self._galleries:
                 raise InputError(f"gallery must be 'images' or 'texts', got {gallery!r}")
@@ -437,7 +388,7 @@ class Retriever:
             IndexFileError: ``path`` exists and is not an index folder.
             InputError: a gallery that is not kept in this process (it persists on its own).
         """
-        own = {name: g for name, g in self._galleries.items() if isinstance(g, GalleryIndex)}
+        own = {name: g for name, g in self._galleries.items() if isinstance(g, MemoryGallery)}
         if len(own) != len(self._galleries):
             raise InputError("these galleries live in Qdrant and persist on their own: call flush() instead of save()")
         return save_index(path, own, bundle_id=self.bundle_id, extra={BUNDLE_FILES: self.bundle.id_files})
@@ -471,7 +422,7 @@ class Retriever:
             rerank: stage-1 candidates rescored by the scorer. ``0``: stage 1 only (final
                 score = stage-1 score); ``0 < rerank < k`` is raised to ``k``.
             where: only items whose metadata passes this filter, e.g. ``{"album": "x"}``,
-                ``{"album": ["x", "y"]}``, ``{"year": {"gte": 2000}}`` (see :mod:`mssan_infer.core.filters`).
+                ``{"album": ["x", "y"]}``, ``{"year": {"gte": 2000}}`` (see :mod:`mssan_infer.gallery.filters`).
         Returns:
             Up to ``k`` :class:`Hit` sorted by decreasing final score.
         Raises:
@@ -518,7 +469,7 @@ class Retriever:
         Raises:
             InputError: as in :meth:`search`.
         """
-        k, rerank = inputs.check_k(k, rerank)
+        k, rerank = checks.check_k(k, rerank)
         parse_where(where)                                   # refuse a malformed filter before encoding
         if (texts is None) == (images is None):
             raise InputError("give exactly one of texts= (searches images) or images= (searches captions)")
@@ -542,7 +493,7 @@ class Retriever:
     def search_encoded(self, query: Encoded, *, query_is_text: bool, k: int = 10, rerank: int = 100,
                        where: Mapping[str, Any] | None = None) -> list[list[Hit]]:
         """Search with queries already encoded (``query_is_text``: search the image gallery)."""
-        k, rerank = inputs.check_k(k, rerank)
+        k, rerank = checks.check_k(k, rerank)
         view = (self.images if query_is_text else self.texts).view()
         if view.n == 0:
             raise InputError(f"the {'image' if query_is_text else 'caption'} gallery is empty")

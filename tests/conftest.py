@@ -16,7 +16,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-initialised small MSSAN saved as a checkpoint folder (vocab of ~30 words)."""
     import torch
 
-    from mssan_infer.tokenizer import Tokenizer, build_vocab
+    from mssan_infer.text.words import Tokenizer, build_vocab
     from training.checkpoint import save_checkpoint
     from training.config import ModelConfig
     from training.model import MSSAN

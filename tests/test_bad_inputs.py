@@ -27,10 +27,11 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from mssan_infer.core.layout import INDEX_FORMAT_VERSION
+from mssan_infer.names import INDEX_FORMAT_VERSION
 
 from mssan_infer import Retriever
 from mssan_infer.errors import BundleError, IndexFileError, InputError, MssanError
+from mssan_infer import BackendOptions, GalleryOptions, Layout, OnnxRuntimeOptions, SearchOptions, Stage1Options
 
 ROOT = Path(__file__).resolve().parents[1]
 DV = 24          # the tiny model's region feature size (conftest)
@@ -325,7 +326,7 @@ def test_save_refuses_a_read_only_parent_with_a_typed_error(
         def denied(*args: Any, **kwargs: Any) -> str:
             raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
 
-        monkeypatch.setattr("mssan_infer.core.store.tempfile.mkdtemp", denied)
+        monkeypatch.setattr("mssan_infer.gallery.folder.tempfile.mkdtemp", denied)
     try:
         _expect(lambda: retriever.save(tmp_path / "ro" / "index"), IndexFileError, "cannot write")
         assert not (tmp_path / "ro" / "index").exists()
@@ -542,7 +543,7 @@ def test_fp16_precision_from_a_bundle_without_fp16_graphs_says_how_to_export_the
     root = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, root)
     _edit_manifest(lambda m: m.pop("fp16_graphs"))(root)
-    _expect(lambda: Retriever.load(root, precision="fp16"), BundleError, "python -m export --fp16")
+    _expect(lambda: Retriever.load(root, OnnxRuntimeOptions(precision="fp16")), BundleError, "python -m export --fp16")
 
 
 def _index_manifest(root: Path) -> dict[str, Any]:
@@ -675,7 +676,7 @@ LOAD_OPTIONS: list[Any] = [
     pytest.param(dict(threads=0), InputError, "threads", id="threads-zero"),
     pytest.param(dict(precision="int4"), InputError, "precision", id="unknown-precision"),
     pytest.param(dict(stage1="annoy"), InputError, "stage1", id="unknown-stage1"),
-    pytest.param(dict(local_dtype="int4"), InputError, "dtype", id="unknown-local-dtype"),
+    pytest.param(dict(layout=("float32", "int4")), InputError, "local='int4'", id="unknown-local-dtype"),
     pytest.param(dict(layout="int4"), InputError, "layout", id="unknown-layout"),
     pytest.param(dict(layout="int8", stage1="faiss-ivf"), InputError, "scans its own", id="layout-with-faiss-ivf"),
     pytest.param(dict(batch_size=0), InputError, "batch_size", id="batch-size-zero"),
@@ -688,15 +689,44 @@ LOAD_OPTIONS: list[Any] = [
     pytest.param(dict(session_config=["session.force_spinning_stop"]), InputError, "session_config",
                  id="session-config-list"),
     pytest.param(dict(graph_optimization="max"), InputError, "graph_optimization", id="unknown-ort-option-value"),
-    pytest.param(dict(colour="blue"), InputError, "unknown onnxruntime options", id="unknown-ort-option"),
+    pytest.param(dict(backend=BackendOptions()), InputError, "names no registered backend", id="options-of-no-backend"),
 ]
+
+_BACKEND = {"device", "threads", "precision", "allow_spinning", "session_config", "graph_optimization"}
+_GALLERY = {"layout", "stage1"}
+_SEARCH = {"batch_size", "scorer_batch", "gather_threads"}
+
+
+def _load(bundle: Path, **kw: Any) -> Retriever:
+    """``Retriever.load`` with the flat settings of ``kw`` grouped into their option objects (made inside
+    the call, so a bad value raises there)."""
+    backend = kw.pop("backend", None)
+    be = {k: kw.pop(k) for k in list(kw) if k in _BACKEND}
+    ga = {k: kw.pop(k) for k in list(kw) if k in _GALLERY}
+    se = {k: kw.pop(k) for k in list(kw) if k in _SEARCH}
+    assert not kw, kw
+    if isinstance(ga.get("layout"), tuple):
+        ga["layout"] = Layout(*ga["layout"])
+    if "stage1" in ga:
+        ga["stage1"] = Stage1Options(method=ga["stage1"])
+    return Retriever.load(
+        bundle,
+        backend if backend is not None else OnnxRuntimeOptions(**be),
+        gallery=GalleryOptions(**ga) if ga else None,
+        search=SearchOptions(**se) if se else None,
+    )
+
+
+def test_an_unknown_option_is_refused_by_its_options_class() -> None:
+    with pytest.raises(TypeError, match="colour"):
+        OnnxRuntimeOptions(colour="blue")  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("kwargs, error, match", LOAD_OPTIONS)
 def test_load_refuses_bad_options_with_a_typed_error(
     tiny_bundle: Path, kwargs: dict[str, Any], error: type[MssanError], match: str
 ) -> None:
-    _expect(lambda: Retriever.load(tiny_bundle, **kwargs), error, match)
+    _expect(lambda: _load(tiny_bundle, **kwargs), error, match)
 
 
 # ---- python -m mssan_infer ----------------------------------------------------------------------
@@ -1028,7 +1058,7 @@ def _split_then(split: str, what: str) -> Callable[[Path], Any]:
         if what == "batches":
             return list(iterate_images(s, 2))
         if what == "pairs":
-            from mssan_infer.tokenizer import Tokenizer, build_vocab
+            from mssan_infer.text.words import Tokenizer, build_vocab
 
             ds = PairDataset(s, Tokenizer(build_vocab(["a dog"] * 4)))
             return [ds[k] for k in range(len(ds))]
@@ -1046,7 +1076,7 @@ def _in_memory(images: Any, captions: list[str], mask: Any = None) -> Callable[[
 
 def _iterate_bad_batch(fn: str) -> Callable[[Path], Any]:
     def call(d: Path) -> Any:
-        from mssan_infer.tokenizer import Tokenizer, build_vocab
+        from mssan_infer.text.words import Tokenizer, build_vocab
         from training import data
 
         s = data.load_split(d, "good")
@@ -1094,7 +1124,7 @@ def test_training_data_loaders_refuse_bad_input_with_an_input_error(
 
 
 def test_training_tokenizer_truncates_long_captions_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    from mssan_infer.tokenizer import Tokenizer, build_vocab
+    from mssan_infer.text.words import Tokenizer, build_vocab
 
     tok = Tokenizer(build_vocab(["a dog"] * 4), max_len=4)
     with caplog.at_level(logging.WARNING):

@@ -146,7 +146,7 @@ def test_module_entry_point_exits_1_on_a_missing_bundle(tmp_path: Path) -> None:
 
 # ---- data safety: an index is never replaced, extended or duplicated without being asked ---------------
 def _index_ids(path: Path) -> list[object]:
-    from mssan_infer.index import load_index
+    from mssan_infer.gallery.folder import load_index
 
     galleries, _ = load_index(path)
     return list(galleries["images"].ids) if "images" in galleries else []
@@ -214,7 +214,7 @@ def test_file_ids_stay_text_and_default_ids_are_row_numbers_in_search_json(bundl
 
 
 def test_url_and_protocol_are_only_for_the_triton_backend(bundle: Path, index: Path) -> None:
-    from export.triton_server import free_port
+    from mssan_infer.triton.server import free_port
 
     code, _, err = cli("search", "--bundle", bundle, "--index", index, "a dog", "--url", "127.0.0.1:1")
     assert code == 1 and err == "error: --url and --protocol are for --backend triton\n"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mssan_infer.errors import InputError  # noqa: E402
-from mssan_infer.tokenizer import Tokenizer, build_vocab  # noqa: E402
+from mssan_infer.text.words import Tokenizer, build_vocab  # noqa: E402
 from training.data import (  # noqa: E402
     PairDataset,
     PrecompSplit,

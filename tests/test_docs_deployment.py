@@ -82,7 +82,7 @@ class _Output:
 @pytest.mark.triton
 def test_the_deployment_quick_start_works_as_written(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from mssan_infer import Retriever
-    from mssan_infer.serve import free_port
+    from mssan_infer.triton.server import free_port
 
     _layout_demo(tmp_path, tiny_checkpoint)
     ports = {"8000": str(free_port()), "8001": str(free_port()), "8002": str(free_port())}
@@ -139,7 +139,7 @@ def test_the_deployment_quick_start_works_as_written(tiny_checkpoint: Path, tmp_
         assert serve.wait(timeout=60) == 0, out.text[-3000:]
         assert out.text.rstrip().endswith("stopped")
         time.sleep(0.5)
-        from mssan_infer.serve import _check_port
+        from mssan_infer.triton.server import _check_port
         _check_port("127.0.0.1", int(ports["8000"]), "http")          # the port is free again
     finally:
         if serve is not None and serve.poll() is None:

@@ -21,7 +21,8 @@ from export.onnx import check_onnx, export_graph
 from export.validate import rerank_order_check, validate_graphs
 from mssan_infer.bundle import load_bundle
 from mssan_infer.errors import BundleError, ParityError
-from mssan_infer.spec import FORMAT_VERSION, GRAPHS, IMAGE_ENCODER, MANIFEST_FILE, SCORER, TOLERANCES
+from mssan_infer.names import FORMAT_VERSION, MANIFEST_FILE
+from mssan_infer.spec import GRAPHS, IMAGE_ENCODER, SCORER, TOLERANCES
 from training.checkpoint import load_checkpoint
 from training.config import ModelConfig
 from training.model import MSSAN
@@ -117,7 +118,7 @@ def test_export_with_failing_parity_raises_and_writes_nothing(tmp_path: Path, ti
 # ---- the bundle ------------------------------------------------------------------
 def test_bundle_manifest_hashes_every_file_and_satisfies_the_runtime(tiny_bundle: Path, tiny_checkpoint: Path) -> None:
     bundle = load_bundle(tiny_bundle)
-    m = bundle.manifest
+    m = bundle.manifest.raw
     on_disk = sorted(p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file())
     assert sorted(m["files"]) == BUNDLE_FILES == [f for f in on_disk if f != MANIFEST_FILE]
     assert m["format_version"] == FORMAT_VERSION and m["verified"] is True
@@ -245,7 +246,7 @@ def test_an_out_folder_that_is_not_a_bundle_is_kept_unless_forced(tmp_path: Path
         export_bundle(tiny_checkpoint, tiny_checkpoint, force=True)
     assert (tiny_checkpoint / "model.safetensors").is_file()
     export_bundle(tiny_checkpoint, out, force=True)
-    assert not (out / "precious.txt").exists() and load_bundle(out).manifest["verified"] is True
+    assert not (out / "precious.txt").exists() and load_bundle(out).manifest.raw["verified"] is True
     export_bundle(tiny_checkpoint, out)                     # an existing bundle is replaced without --force
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
@@ -267,7 +268,7 @@ def test_cli_no_verify_records_failed_parity_and_writes_verified_false(tmp_path:
     proc = _cli("--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--atol", "1e-15", "--no-verify",
                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    m = load_bundle(tmp_path / "b").manifest
+    m = load_bundle(tmp_path / "b").manifest.raw
     assert m["verified"] is False
     assert m["parity"]["fp32"]["passed"] is False and m["parity"]["fp32"]["failures"]
     assert "fp16_graphs" not in m

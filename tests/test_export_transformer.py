@@ -14,6 +14,7 @@ import torch
 from mssan_infer import Retriever
 from mssan_infer.errors import BundleError, InputError
 from mssan_infer.spec import GRAPHS, TEXT_ENCODER, TOLERANCES
+from mssan_infer import OnnxRuntimeOptions
 
 
 def test_transformer_bundle_is_verified_at_fp32_and_fp16_with_dynamic_batch_and_length(tiny_bert_bundle: Path) -> None:
@@ -90,16 +91,16 @@ def test_int8_text_encoder_is_fused_quantized_and_recorded(int8_bundle: Path) ->
 
 def test_retriever_loads_the_int8_text_encoder(int8_bundle: Path) -> None:
     caps = ["a red dog near the blue ball", "a cat on the beach"]
-    r32, r8 = Retriever.load(int8_bundle), Retriever.load(int8_bundle, precision="int8")
+    r32, r8 = Retriever.load(int8_bundle), Retriever.load(int8_bundle, OnnxRuntimeOptions(precision="int8"))
     a, b = r32.encode_texts(caps), r8.encode_texts(caps)
     assert 0 < np.abs(a.local - b.local).max() <= TOLERANCES["int8"].atol
     ims = np.abs(np.random.default_rng(0).standard_normal((5, 6, 24))).astype(np.float32)
     r8.add_images(ims, ids=list("abcde"))
     assert len(r8.search(text=caps[0], k=3, rerank=5)) == 3
     with pytest.raises(BundleError, match="--int8"):
-        Retriever.load(_without_int8(int8_bundle), precision="int8")
+        Retriever.load(_without_int8(int8_bundle), OnnxRuntimeOptions(precision="int8"))
     with pytest.raises(InputError, match="precision"):
-        Retriever.load(int8_bundle, precision="int4")
+        Retriever.load(int8_bundle, OnnxRuntimeOptions(precision="int4"))
 
 
 def _without_int8(bundle: Path) -> Path:

@@ -18,23 +18,25 @@ import pytest
 
 from mssan_infer import Retriever
 from mssan_infer.errors import IndexFileError, IndexWriteError
-from mssan_infer.index import GalleryIndex, load_index, save_index
+from mssan_infer.gallery.memory import MemoryGallery
+from mssan_infer.gallery.folder import load_index, save_index
+from mssan_infer import SearchOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 D, P = 32, 12
 
 
-def state(seed: int, n: int) -> GalleryIndex:
+def state(seed: int, n: int) -> MemoryGallery:
     """Gallery number ``seed``: ``n`` items whose arrays and ids depend only on ``seed``."""
     rng = np.random.default_rng(seed)
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
     local = rng.normal(size=(n, P, D)).astype(np.float32)
     g.add(rng.normal(size=(n, 2 * D)).astype(np.float32), local, np.ones((n, P), np.float32),
           local @ local.transpose(0, 2, 1), ids=[f"s{seed}-{i}" for i in range(n)])
     return g
 
 
-def _same(a: GalleryIndex, b: GalleryIndex) -> bool:
+def _same(a: MemoryGallery, b: MemoryGallery) -> bool:
     return a.ids == b.ids and all(np.array_equal(x, y) for x, y in zip(a.view().arrays(), b.view().arrays()))
 
 
@@ -42,7 +44,7 @@ CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 from tests.test_faults import state
-from mssan_infer.index import save_index
+from mssan_infer.gallery.folder import save_index
 states = [state(1, int(sys.argv[3])), state(2, int(sys.argv[3]) + 7)]
 print("ready", flush=True)
 k = 0
@@ -93,11 +95,11 @@ def _fail_on_call(monkeypatch: pytest.MonkeyPatch, target: str, after: int) -> l
 
 
 @pytest.mark.parametrize("target, after", [
-    ("mssan_infer.core.store.write_npy_parts", 1),     # the first array
-    ("mssan_infer.core.store.write_npy_parts", 3),     # half way through a gallery
-    ("mssan_infer.core.store.write_npy_parts", 6),     # in the second gallery
+    ("mssan_infer.gallery.folder.write_npy_parts", 1),     # the first array
+    ("mssan_infer.gallery.folder.write_npy_parts", 3),     # half way through a gallery
+    ("mssan_infer.gallery.folder.write_npy_parts", 6),     # in the second gallery
     ("os.fsync", 4),                         # flushing an array
-    ("mssan_infer.core.store.sha256_file", 2),    # reading back for the manifest
+    ("mssan_infer.gallery.folder.sha256_file", 2),    # reading back for the manifest
     ("json.dump", 3),                        # writing the manifest (ids are json.dump'ed first)
     ("os.replace", 1),                       # putting the new index in place (fallback path)
 ])
@@ -110,7 +112,7 @@ def test_a_failed_write_leaves_nothing_half_written(
         save_index(path, {"images": state(0, 5), "texts": state(3, 2)}, bundle_id="b")
     before = {p.name: p.read_bytes() for p in path.iterdir()} if existing else None
     if target == "os.replace":
-        monkeypatch.setattr("mssan_infer.core.store.exchange_dirs", lambda a, b: False)
+        monkeypatch.setattr("mssan_infer.gallery.folder.exchange_dirs", lambda a, b: False)
     calls = _fail_on_call(monkeypatch, target, after)
     with pytest.raises(IndexWriteError) as info:
         save_index(path, {"images": state(1, 40), "texts": state(2, 9)}, bundle_id="b")
@@ -131,7 +133,7 @@ def test_a_save_killed_between_the_two_renames_is_rolled_back_on_load(tmp_path: 
     """Where directories cannot be swapped atomically, the previous index is put back by the next load."""
     path = tmp_path / "idx"
     save_index(path, {"images": state(0, 5)}, bundle_id="b")
-    monkeypatch.setattr("mssan_infer.core.store.exchange_dirs", lambda a, b: False)
+    monkeypatch.setattr("mssan_infer.gallery.folder.exchange_dirs", lambda a, b: False)
     real = os.replace
     calls = [0]
 
@@ -175,7 +177,7 @@ def test_concurrent_adds_removes_and_searches_never_return_torn_results(tiny_bun
     truth_i2t = {j: {h.id: (h.score, h.stage1) for h in ref.search(image=feats[j][mask[j] > 0], k=24, rerank=24)}
                  for j in range(4)}
 
-    r = Retriever.load(tiny_bundle, scorer_batch=7)              # several scorer calls per search
+    r = Retriever.load(tiny_bundle, search=SearchOptions(scorer_batch=7))              # several scorer calls per search
     r.add_images(feats[:8], mask=mask[:8], ids=[f"i{j}" for j in range(8)])
     r.add_texts(CAPS[:2], ids=["c0", "c1"])
     stop = threading.Event()

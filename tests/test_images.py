@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mssan_infer.errors import InputError
-from mssan_infer.preprocess import Preprocessing, load_image
+from mssan_infer.images.preprocess import Preprocessing, load_image
 from training.__main__ import main as training_main
 from training.backbone import BACKBONES, ResNetBackbone
 from training.data import load_split

@@ -9,14 +9,11 @@ import numpy as np
 import pytest
 
 from mssan_infer.errors import IndexFileError, InputError
-from mssan_infer.index import (
-    INDEX_FORMAT_VERSION,
-    INDEX_MANIFEST,
-    GalleryIndex,
-    load_index,
-    save_index,
-    topk_inner_product,
-)
+from mssan_infer.names import INDEX_FORMAT_VERSION, INDEX_MANIFEST
+from mssan_infer.gallery.memory import MemoryGallery
+from mssan_infer.gallery.folder import load_index, save_index
+from mssan_infer.gallery.stage1 import topk_inner_product
+from mssan_infer import GalleryOptions, Layout, Stage1Options
 
 D = 8
 
@@ -36,7 +33,7 @@ def items(n: int, length: int | list[int], seed: int = 0) -> tuple[np.ndarray, .
     return stage1, local, mask, gram
 
 
-def full(g: GalleryIndex) -> tuple[np.ndarray, ...]:
+def full(g: MemoryGallery) -> tuple[np.ndarray, ...]:
     return g.view().arrays()
 
 
@@ -61,7 +58,7 @@ def test_topk_clips_k_to_gallery_size_and_breaks_ties_by_row() -> None:
 def test_faiss_flat_and_numpy_stage1_return_the_same_topk() -> None:
     import faiss  # noqa: F401  (dev extra: a missing faiss fails, never skips)
     st, lo, ma, gr = items(300, 3, seed=2)
-    a, b = GalleryIndex(2 * D, D), GalleryIndex(2 * D, D, stage1="faiss")
+    a, b = MemoryGallery(2 * D, D), MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss")))
     a.add(st, lo, ma, gr)
     b.add(st, lo, ma, gr)
     q = np.random.default_rng(3).normal(size=(5, 2 * D)).astype(np.float32)
@@ -76,7 +73,7 @@ def test_faiss_flat_and_numpy_stage1_return_the_same_topk() -> None:
 def test_faiss_hnsw_finds_most_exact_neighbours() -> None:
     import faiss  # noqa: F401  (dev extra: a missing faiss fails, never skips)
     st, lo, ma, gr = items(400, 2, seed=4)
-    exact, hnsw = GalleryIndex(2 * D, D), GalleryIndex(2 * D, D, stage1="faiss-hnsw")
+    exact, hnsw = MemoryGallery(2 * D, D), MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss-hnsw")))
     exact.add(st, lo, ma, gr)
     hnsw.add(st, lo, ma, gr)
     q = np.random.default_rng(5).normal(size=(10, 2 * D)).astype(np.float32)
@@ -91,7 +88,7 @@ def test_faiss_ivf_finds_most_exact_neighbours_and_all_when_probing_every_list(
 ) -> None:
     import faiss  # noqa: F401  (dev extra: a missing faiss fails, never skips)
     st, lo, ma, gr = items(800, 2, seed=6)
-    exact, ivf = GalleryIndex(2 * D, D), GalleryIndex(2 * D, D, stage1="faiss-ivf", faiss_options=options)
+    exact, ivf = MemoryGallery(2 * D, D), MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss-ivf", **options)))
     exact.add(st, lo, ma, gr)
     ivf.add(st, lo, ma, gr)
     q = np.random.default_rng(7).normal(size=(10, 2 * D)).astype(np.float32)
@@ -106,7 +103,7 @@ def test_faiss_ivf_finds_most_exact_neighbours_and_all_when_probing_every_list(
 
 # ---- storage ---------------------------------------------------------------------
 def test_items_of_different_lengths_are_padded_to_the_longest_with_masks() -> None:
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
     first = items(3, [2, 3, 1], seed=0)
     g.add(*first, ids=["a", "b", "c"])
     assert g.max_length == 3
@@ -128,7 +125,7 @@ def test_gather_keeps_real_positions_after_a_masked_gap() -> None:
     st, lo, ma, gr = items(2, 4, seed=3)
     ma[0, 3] = 0
     ma[1, 1:3] = 0                             # gap in the middle: width must stay 4
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
     g.add(st, lo, ma, gr)
     local, mask, _ = g.view().gather(np.array([1]))
     assert local.shape[1] == 4 and mask[0].tolist() == [1, 0, 0, 1]
@@ -140,7 +137,7 @@ def test_gather_split_over_threads_equals_one_thread(tmp_path: Path, dtype: str,
     from concurrent.futures import ThreadPoolExecutor
 
     st, lo, ma, gr = items(len(lengths), lengths, seed=5)
-    g = GalleryIndex(2 * D, D, dtype=dtype, mmap=mmap, spill_dir=tmp_path / "spill")
+    g = MemoryGallery(2 * D, D, GalleryOptions(layout=(Layout("float32", dtype) if dtype else None), mmap=mmap, spill_dir=tmp_path / "spill"))
     g.add(st, lo, ma, gr)
     rows = np.random.default_rng(0).permutation(len(lengths))[:50]
     rows[:5] = rows[0]                                          # repeated rows are fine
@@ -159,7 +156,7 @@ def test_gather_split_over_threads_equals_one_thread(tmp_path: Path, dtype: str,
 
 
 def test_default_ids_count_up_from_the_largest_int_id() -> None:
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
     assert g.add(*items(2, 2)) == [0, 1]
     g.add(*items(1, 2, seed=1), ids=["x"])
     assert g.add(*items(2, 2, seed=2)) == [2, 3]
@@ -171,7 +168,7 @@ def test_default_ids_count_up_from_the_largest_int_id() -> None:
     [(["a", "a"], "duplicate"), (["a", 0], "already"), ([True, "z"], "str or int"), ([1.5, "z"], "str or int"), (["z"], "ids for")],
 )
 def test_bad_or_colliding_ids_are_refused_and_nothing_is_added(ids: list[object], match: str) -> None:
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
     g.add(*items(2, 2), ids=["a", 0])
     with pytest.raises(InputError, match=match):
         g.add(*items(2, 2, seed=1), ids=ids)  # type: ignore[arg-type]
@@ -179,7 +176,7 @@ def test_bad_or_colliding_ids_are_refused_and_nothing_is_added(ids: list[object]
 
 
 def test_wrong_shapes_and_nan_are_refused() -> None:
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
     st, lo, ma, gr = items(2, 3)
     with pytest.raises(InputError, match="stage1"):
         g.add(st[:, :D], lo, ma, gr)
@@ -192,7 +189,7 @@ def test_wrong_shapes_and_nan_are_refused() -> None:
 
 
 def test_remove_is_all_or_nothing_and_keeps_the_rest_in_order() -> None:
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
     st, lo, ma, gr = items(5, [1, 2, 3, 2, 1])
     g.add(st, lo, ma, gr, ids=["a", "b", "c", "d", "e"])
     with pytest.raises(InputError, match="unknown"):
@@ -207,7 +204,7 @@ def test_remove_is_all_or_nothing_and_keeps_the_rest_in_order() -> None:
 
 
 def test_a_view_is_unchanged_by_later_adds_and_removes() -> None:
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
     g.add(*items(4, 2), ids=[0, 1, 2, 3])
     v = g.view()
     before = v.arrays()[1], list(v.ids[: v.n])
@@ -217,7 +214,7 @@ def test_a_view_is_unchanged_by_later_adds_and_removes() -> None:
 
 
 def test_concurrent_adds_from_threads_lose_nothing() -> None:
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
 
     def worker(t: int) -> None:
         for j in range(10):
@@ -235,8 +232,8 @@ def test_concurrent_adds_from_threads_lose_nothing() -> None:
 
 # ---- memory-mapped / fp16 ---------------------------------------------------------
 def test_memmapped_fp16_gallery_lives_in_spill_files_and_matches_fp32(tmp_path: Path) -> None:
-    g = GalleryIndex(2 * D, D, dtype="float16", mmap=True, spill_dir=tmp_path / "spill")
-    ref = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D, GalleryOptions(layout=Layout("float32", "float16"), mmap=True, spill_dir=tmp_path / "spill"))
+    ref = MemoryGallery(2 * D, D)
     for seed in range(3):
         batch = items(20, 2 + seed, seed=seed)
         g.add(*batch)
@@ -254,10 +251,10 @@ def test_memmapped_fp16_gallery_lives_in_spill_files_and_matches_fp32(tmp_path: 
 
 
 # ---- save / load --------------------------------------------------------------------
-def saved(tmp_path: Path, dtype: str = "float32") -> tuple[Path, GalleryIndex]:
-    g = GalleryIndex(2 * D, D, dtype=dtype)
+def saved(tmp_path: Path, dtype: str = "float32") -> tuple[Path, MemoryGallery]:
+    g = MemoryGallery(2 * D, D, GalleryOptions(layout=(Layout("float32", dtype) if dtype else None)))
     g.add(*items(6, [1, 2, 3, 4, 2, 1]), ids=["a", "b", 7, "d", 9, "f"])
-    t = GalleryIndex(2 * D, D, dtype=dtype)
+    t = MemoryGallery(2 * D, D, GalleryOptions(layout=(Layout("float32", dtype) if dtype else None)))
     t.add(*items(2, 3, seed=1))
     return save_index(tmp_path / "idx", {"images": g, "texts": t}, bundle_id="b1"), g
 
@@ -266,7 +263,7 @@ def saved(tmp_path: Path, dtype: str = "float32") -> tuple[Path, GalleryIndex]:
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_save_load_round_trip_restores_arrays_and_ids(tmp_path: Path, mmap: bool, dtype: str) -> None:
     path, g = saved(tmp_path, dtype)
-    galleries, manifest = load_index(path, bundle_id="b1", mmap=mmap)
+    galleries, manifest = load_index(path, bundle_id="b1", options=GalleryOptions(mmap=mmap))
     h = galleries["images"]
     assert manifest["format_version"] == INDEX_FORMAT_VERSION and len(galleries["texts"]) == 2
     assert h.ids == ["a", "b", 7, "d", 9, "f"] and h.dtype == np.dtype(dtype)
@@ -321,7 +318,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path: Path, monkeypatch: pytest.M
     def boom(*a: object, **k: object) -> str:
         raise OSError("disk full")
 
-    monkeypatch.setattr("mssan_infer.core.store.sha256_file", boom)
+    monkeypatch.setattr("mssan_infer.gallery.folder.sha256_file", boom)
     with pytest.raises(OSError):
         save_index(path, {"images": g}, bundle_id="b1")
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
@@ -332,7 +329,7 @@ def test_save_never_overwrites_a_folder_that_is_not_an_index(tmp_path: Path) -> 
     precious = tmp_path / "home"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
     with pytest.raises(IndexFileError, match="not an mssan index"):
         save_index(precious, {"images": g}, bundle_id="b1")
     assert (precious / "notes.txt").read_text() == "keep me"

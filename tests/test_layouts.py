@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mssan_infer.core.memory import GalleryIndex
-from mssan_infer.core.quant import LAYOUTS, Stage1Codec, quantize_vectors
-from mssan_infer.core.store import load_index, save_index
+from mssan_infer.gallery.memory import MemoryGallery
+from mssan_infer.gallery.storage import LAYOUTS, Stage1Codec, quantize_vectors
+from mssan_infer.gallery.folder import load_index, save_index
 from mssan_infer.errors import IndexFileError, InputError
+from mssan_infer import GalleryOptions, Stage1Options
 
 D = 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +34,10 @@ def queries(n: int = 6, seed: int = 99) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 2 * D)).astype(np.float32)
 
 
-def filled(layout: str, batches: int = 3, n: int = 400, **kw: Any) -> GalleryIndex:
-    g = GalleryIndex(2 * D, D, layout=layout, **kw)
+def filled(layout: str, batches: int = 3, n: int = 400, **kw: Any) -> MemoryGallery:
+    seg = {k: kw.pop(k) for k in ("segment_rows",) if k in kw}
+    s1 = {k: kw.pop(k) for k in ("overfetch", "certify") if k in kw}
+    g = MemoryGallery(2 * D, D, GalleryOptions(layout=layout, stage1=Stage1Options(**s1), **kw), **seg)
     for seed in range(batches):
         g.add(*items(n, seed=seed))
     return g
@@ -61,8 +64,8 @@ def test_certified_stage1_is_exact_even_when_compressed_scores_tie(layout: str) 
     base = rng.normal(size=(1, 2 * D)).astype(np.float32)
     st = (base + 1e-4 * rng.normal(size=(600, 2 * D))).astype(np.float32)
     _, lo, ma, gr = items(600)
-    exact = GalleryIndex(2 * D, D)
-    comp = GalleryIndex(2 * D, D, layout=layout, overfetch=1, certify=True)
+    exact = MemoryGallery(2 * D, D)
+    comp = MemoryGallery(2 * D, D, GalleryOptions(layout=layout, stage1=Stage1Options(overfetch=1, certify=True)))
     for g in (exact, comp):
         g.add(st, lo, ma, gr)
     q = queries(3)
@@ -83,8 +86,8 @@ def test_stage1_error_bound_holds_for_every_item() -> None:
 
 
 def test_items_past_the_int8_range_are_kept_exact_then_requantized() -> None:
-    exact = GalleryIndex(2 * D, D)
-    comp = GalleryIndex(2 * D, D, layout="int8-stage1")
+    exact = MemoryGallery(2 * D, D)
+    comp = MemoryGallery(2 * D, D, GalleryOptions(layout="int8-stage1"))
     small, big = items(20, seed=1, scale=0.1), items(60, seed=2, scale=3.0)
     for g in (exact, comp):
         g.add(*small)                     # the scales are fitted on this first batch
@@ -100,10 +103,11 @@ def test_items_past_the_int8_range_are_kept_exact_then_requantized() -> None:
 
 def test_a_compressed_layout_without_faiss_names_the_package(tmp_path: Path) -> None:
     code = ("import sys; sys.modules['faiss'] = None\n"
-            "from mssan_infer.core.memory import GalleryIndex\n"
-            "from mssan_infer.core.errors import BackendUnavailableError\n"
-            "GalleryIndex(4, 2)\n"
-            "try:\n    GalleryIndex(4, 2, layout='int8')\n"
+            "from mssan_infer.gallery.memory import MemoryGallery\n"
+            "from mssan_infer.errors import BackendUnavailableError\n"
+            "from mssan_infer.options import GalleryOptions\n"
+            "MemoryGallery(4, 2)\n"
+            "try:\n    MemoryGallery(4, 2, GalleryOptions(layout='int8'))\n"
             "except BackendUnavailableError as e:\n    print('faiss' in str(e) and 'pip install' in str(e))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
@@ -119,7 +123,7 @@ def test_int8_locals_are_within_half_a_step_of_float32() -> None:
 
 def test_int8_gallery_gathers_dequantized_locals_and_their_grams() -> None:
     st, lo, ma, gr = items(300, seed=6)
-    g = GalleryIndex(2 * D, D, layout="int8")
+    g = MemoryGallery(2 * D, D, GalleryOptions(layout="int8"))
     g.add(st, lo, ma, gr)
     rows = np.array([7, 299, 0, 7])
     local, mask, gram = g.view().gather(rows)
@@ -133,7 +137,7 @@ def test_int8_gallery_gathers_dequantized_locals_and_their_grams() -> None:
 # ---- memory ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["fp32", "int8"])
 def test_adding_never_copies_the_items_already_stored(layout: str) -> None:
-    g = GalleryIndex(2 * D, D, layout=layout, segment_rows=512)
+    g = MemoryGallery(2 * D, D, GalleryOptions(layout=layout), segment_rows=512)
     for seed in range(8):
         g.add(*items(500, seed=seed))
     before = g.view()
@@ -154,7 +158,7 @@ def test_adding_never_copies_the_items_already_stored(layout: str) -> None:
 
 
 def test_remove_rewrites_only_the_segments_it_touches() -> None:
-    g = GalleryIndex(2 * D, D, segment_rows=100)
+    g = MemoryGallery(2 * D, D, segment_rows=100)
     for a in range(0, 300, 100):
         g.add(*items(100, seed=a), ids=list(range(a, a + 100)))
     before = g.view()
@@ -179,7 +183,7 @@ def test_each_layout_saves_and_loads_with_its_scales_hashed(tmp_path: Path, layo
         assert fname in manifest["files"], key                      # every file, scales included, is hashed
     if layout == "int8":
         assert {"local_scale", "stage1_scale", "stage1_codes"} <= set(entry["files"])
-    h = load_index(path, bundle_id="b", mmap=mmap)[0]["images"]
+    h = load_index(path, bundle_id="b", options=GalleryOptions(mmap=mmap))[0]["images"]
     assert h.layout == g.layout
     for a, b in zip(g.view().arrays(), h.view().arrays()):
         assert np.array_equal(a, b)
@@ -192,7 +196,7 @@ def test_each_layout_saves_and_loads_with_its_scales_hashed(tmp_path: Path, layo
 def test_a_float32_index_converts_to_a_compressed_layout_on_load(tmp_path: Path) -> None:
     g = filled("fp32", batches=2, n=150)
     path = save_index(tmp_path / "idx", {"images": g}, bundle_id="b")
-    h = load_index(path, layout="int8")[0]["images"]
+    h = load_index(path, options=GalleryOptions(layout="int8"))[0]["images"]
     assert h.layout.name == "int8"
     q = queries()
     assert np.array_equal(h.view().topk(q, 10)[0], g.view().topk(q, 10)[0])
@@ -204,7 +208,7 @@ def test_a_float32_index_converts_to_a_compressed_layout_on_load(tmp_path: Path)
 def test_loading_coarser_locals_as_finer_ones_is_a_typed_error(tmp_path: Path, saved: str, wanted: str) -> None:
     path = save_index(tmp_path / "idx", {"images": filled(saved, batches=1, n=50)}, bundle_id="b")
     with pytest.raises(InputError, match=f"layout='{saved}'"):
-        load_index(path, layout=wanted)
+        load_index(path, options=GalleryOptions(layout=wanted))
 
 
 def test_a_tampered_scale_file_is_refused(tmp_path: Path) -> None:
@@ -217,20 +221,19 @@ def test_a_tampered_scale_file_is_refused(tmp_path: Path) -> None:
         load_index(path)
 
 
-def test_a_format_1_index_still_loads(tmp_path: Path) -> None:
+def test_a_format_1_index_is_refused_with_the_fix(tmp_path: Path) -> None:
     g = filled("fp32", batches=1, n=40)
     path = save_index(tmp_path / "idx", {"images": g}, bundle_id="b")
     m = json.loads((path / "index.json").read_text())
     m["format_version"] = 1
     del m["galleries"]["images"]["layout"]                # what format 1 wrote
     (path / "index.json").write_text(json.dumps(m))
-    h = load_index(path, bundle_id="b")[0]["images"]
-    assert h.layout.name == "fp32"
-    assert all(np.array_equal(a, b) for a, b in zip(g.view().arrays(), h.view().arrays()))
+    with pytest.raises(IndexFileError, match="format 1 is older.*rebuild the index"):
+        load_index(path, bundle_id="b")
 
 
 def test_nan_is_refused_before_quantization() -> None:
-    g = GalleryIndex(2 * D, D, layout="int8")
+    g = MemoryGallery(2 * D, D, GalleryOptions(layout="int8"))
     st, lo, ma, gr = items(3)
     st[1, 2] = np.inf
     with pytest.raises(InputError, match="NaN or inf"):
@@ -257,7 +260,7 @@ def encoded(tiny_bundle: Path) -> dict[str, Any]:
 def _retriever(bundle: Path, layout: str, enc: dict[str, Any]) -> Any:
     from mssan_infer import Retriever
 
-    r = Retriever.load(bundle, layout=layout)
+    r = Retriever.load(bundle, gallery=GalleryOptions(layout=layout))
     r.add_images(enc["images"])
     r.add_texts(enc["texts"])
     return r
@@ -291,7 +294,7 @@ def test_int8_locals_change_final_scores_by_less_than_1e2(tiny_bundle: Path, enc
 
 
 def test_a_run_of_consecutive_rows_is_gathered_without_a_copy() -> None:
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
     g.add(*items(100))
     v = g.view()
     local, mask, gram = v.gather(np.arange(10, 50))          # what exhaustive search asks for
@@ -304,7 +307,7 @@ def test_a_run_of_consecutive_rows_is_gathered_without_a_copy() -> None:
 def test_searches_during_adds_and_removes_see_whole_items(layout: str) -> None:
     import threading
 
-    g = GalleryIndex(2 * D, D, layout=layout, segment_rows=64)
+    g = MemoryGallery(2 * D, D, GalleryOptions(layout=layout), segment_rows=64)
     vectors: dict[int, np.ndarray] = {}
     st, lo, ma, gr = items(200, seed=0)
     g.add(st, lo, ma, gr, ids=list(range(200)))

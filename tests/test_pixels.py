@@ -24,7 +24,7 @@ from export.validate import raise_if_failed
 from mssan_infer import Retriever
 from mssan_infer.bundle import load_bundle
 from mssan_infer.errors import BundleError, InputError, ParityError
-from mssan_infer.preprocess import Preprocessing, load_image, preprocess_batch
+from mssan_infer.images.preprocess import Preprocessing, load_image, preprocess_batch
 from mssan_infer.spec import GRAPHS, IMAGE_ENCODER_PIXELS, OPTIONAL_GRAPHS, TOLERANCES
 from training.checkpoint import load_checkpoint
 from training.data import load_split
@@ -61,7 +61,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_pixel_graph_is_optional_hashed_and_described_in_the_manifest(e2e: dict[str, Path]) -> None:
     b = load_bundle(e2e["bundle"])                                   # verifies every sha256
-    m = b.manifest
+    m = b.manifest.raw
     assert IMAGE_ENCODER_PIXELS.name not in GRAPHS and IMAGE_ENCODER_PIXELS.name in OPTIONAL_GRAPHS
     assert set(m["graphs"]) == set(GRAPHS)
     entry = m["optional_graphs"][IMAGE_ENCODER_PIXELS.name]

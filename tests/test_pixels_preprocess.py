@@ -1,4 +1,4 @@
-"""mssan_infer.preprocess: pillow+numpy preprocessing equal to training's torch eval transform; decoding rules."""
+"""mssan_infer.images.preprocess: pillow+numpy preprocessing equal to training's torch eval transform; decoding rules."""
 from __future__ import annotations
 
 import io
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from mssan_infer.errors import BundleError, InputError
-from mssan_infer.preprocess import Preprocessing, is_image_source, load_image, preprocess, preprocess_batch
+from mssan_infer.images.preprocess import Preprocessing, is_image_source, load_image, preprocess, preprocess_batch
 from training.images import EvalTransform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_preprocessing_round_trips_through_the_manifest_and_refuses_what_it_cann
 
 def test_preprocess_runs_without_torch() -> None:
     code = (
-        "import sys, numpy as np; from mssan_infer.preprocess import Preprocessing, preprocess; "
+        "import sys, numpy as np; from mssan_infer.images.preprocess import Preprocessing, preprocess; "
         "x = preprocess(np.zeros((40, 50, 3), np.uint8), Preprocessing(image_size=32, resize=32)); "
         "print(x.shape, 'torch' in sys.modules)"
     )

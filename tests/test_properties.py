@@ -15,8 +15,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from mssan_infer import Retriever
 from mssan_infer.errors import MssanError
-from mssan_infer.index import GalleryIndex, load_index, save_index
-from mssan_infer.tokenizer import UNK_ID, Tokenizer, build_vocab, tokenize
+from mssan_infer.gallery.memory import MemoryGallery
+from mssan_infer.gallery.folder import load_index, save_index
+from mssan_infer.text.words import UNK_ID, Tokenizer, build_vocab, tokenize
+from mssan_infer import GalleryOptions
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 WORDS = ["a", "red", "dog", "on", "the", "beach", "blue", "ball", "man", "street"]
@@ -107,21 +109,21 @@ def _item(seed: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
 
 class IndexMachine(RuleBasedStateMachine):
-    """Adds, removes, saves and loads a GalleryIndex; after every step it must equal a plain list model."""
+    """Adds, removes, saves and loads a MemoryGallery; after every step it must equal a plain list model."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="mssan-prop-"))
         self.model: list[tuple[Any, int, int]] = []              # (id, seed, length) in order
         self.saved: list[tuple[Any, int, int]] | None = None
-        self.index = GalleryIndex(2 * D, D)
+        self.index = MemoryGallery(2 * D, D)
 
     def teardown(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     @initialize()
     def start(self) -> None:
-        self.index = GalleryIndex(2 * D, D)
+        self.index = MemoryGallery(2 * D, D)
 
     @rule(ident=st.one_of(st.integers(0, 20), st.sampled_from(["a", "b", "c", "é", "x y"])),
           seed=st.integers(0, 1000), length=st.integers(1, 6))
@@ -166,7 +168,7 @@ class IndexMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.saved is not None)
     @rule(mmap=st.booleans())
     def load(self, mmap: bool) -> None:
-        galleries, _ = load_index(self.tmp / "idx", bundle_id="b", mmap=mmap, spill_dir=self.tmp / "spill")
+        galleries, _ = load_index(self.tmp / "idx", bundle_id="b", options=GalleryOptions(mmap=mmap, spill_dir=self.tmp / "spill"))
         self.index = galleries["g"]
         assert self.saved is not None
         self.model = list(self.saved)

@@ -15,17 +15,10 @@ import pytest
 import qdrant_client  # noqa: F401  (dev extra: needed, never skipped)
 import qdrant_edge  # noqa: F401
 
-from mssan_infer import Retriever
-from mssan_infer.core.filters import parse_where
-from mssan_infer.core.qdrant import (
-    QdrantEdge,
-    QdrantOptions,
-    QdrantServer,
-    copy_gallery,
-    open_qdrant_galleries,
-    parse_gallery,
-    point_id,
-)
+from mssan_infer import OnnxRuntimeOptions, Retriever
+from mssan_infer.gallery.filters import parse_where
+from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions, QdrantServer, parse_gallery
+from mssan_infer.qdrant.gallery import copy_gallery, open_qdrant_galleries, point_id
 from mssan_infer.errors import IndexFileError, InputError
 
 DV = 24
@@ -54,7 +47,7 @@ def data() -> dict[str, Any]:
 
 
 def _filled(bundle: Path, data: dict[str, Any], **load: Any) -> Retriever:
-    r = Retriever.load(bundle, threads=1, **load)
+    r = Retriever.load(bundle, OnnxRuntimeOptions(threads=1), **load)
     r.add_images(data["feats"], mask=data["mask"], ids=[f"img{i}" for i in range(N)],
                  metadata=[_meta(i) for i in range(N)])
     r.add_texts(CAPTIONS * 2, ids=list(range(len(CAPTIONS) * 2)),
@@ -124,7 +117,7 @@ def test_filters_give_the_same_results_on_every_gallery(memory: Retriever, qdran
         assert want, "the filter should keep some items"
         _same(qdrant.search(text=q, k=7, rerank=14, where=where), want)
     conds = parse_where(where)
-    from mssan_infer.core.filters import matches
+    from mssan_infer.gallery.filters import matches
 
     keep = {f"img{i}" for i in range(N) if matches(_meta(i), conds)}
     assert {h.id for h in memory.search(text=QUERIES[0], k=N, rerank=0, where=where)} == keep
@@ -282,7 +275,7 @@ def test_an_edge_gallery_copied_to_a_server_collection_searches_the_same(
         tiny_bundle: Path, data: dict[str, Any], memory: Retriever, tmp_path: Path) -> None:
     edge = _filled(tiny_bundle, data, gallery=QdrantEdge(tmp_path / "edge"))
     server = Retriever.load(tiny_bundle, gallery=_server())
-    from mssan_infer.core.qdrant import QdrantGallery
+    from mssan_infer.qdrant.gallery import QdrantGallery
 
     for name in ("images", "texts"):
         src, dst = getattr(edge, name), getattr(server, name)
@@ -312,7 +305,8 @@ def test_replicas_on_one_server_collection_see_each_others_writes(tiny_bundle: P
 _WRITER = """
 import sys
 import numpy as np
-from mssan_infer.core.qdrant import QdrantEdge, open_qdrant_galleries
+from mssan_infer.qdrant.options import QdrantEdge
+from mssan_infer.qdrant.gallery import open_qdrant_galleries
 g = open_qdrant_galleries(QdrantEdge(sys.argv[1]), ["images"], 8, 4, "b")["images"]
 rng = np.random.default_rng(0)
 for step in range(10_000):

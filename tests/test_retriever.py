@@ -12,6 +12,7 @@ from mssan_infer import Encoded, Hit, Retriever
 from mssan_infer.errors import InputError
 
 import torch
+from mssan_infer import GalleryOptions, Layout, OnnxRuntimeOptions, SearchOptions, Stage1Options
 
 CAPTIONS = [
     "a red dog on the beach",
@@ -50,7 +51,7 @@ def gallery() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def retriever(bundle: Path, gallery: tuple[np.ndarray, np.ndarray]) -> Retriever:
-    r = Retriever.load(bundle, batch_size=16)
+    r = Retriever.load(bundle, search=SearchOptions(batch_size=16))
     feats, mask = gallery
     r.add_images(feats, mask=mask, ids=[f"img{i}" for i in range(len(feats))])
     r.add_texts(CAPTIONS)
@@ -166,10 +167,8 @@ def test_search_batch_equals_single_searches(retriever: Retriever) -> None:
 
 
 def test_gathering_candidates_on_several_threads_changes_nothing(retriever: Retriever) -> None:
-    one = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, retriever.images, retriever.texts,
-                    gather_threads=1)
-    three = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, retriever.images, retriever.texts,
-                      gather_threads=3)
+    one = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, retriever.images, retriever.texts, SearchOptions(gather_threads=1))
+    three = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, retriever.images, retriever.texts, SearchOptions(gather_threads=3))
     assert three._gatherer() is not None and one._gatherer() is None
     for c in CAPTIONS:
         a, b = one.search(text=c, k=40, rerank=40), three.search(text=c, k=40, rerank=40)
@@ -192,7 +191,7 @@ def test_save_load_round_trip_gives_identical_results(
 def test_faiss_and_numpy_stage1_return_the_same_topk(retriever: Retriever, bundle: Path, tmp_path: Path) -> None:
     import faiss  # noqa: F401  (dev extra)
     retriever.save(tmp_path / "idx")
-    with_faiss = Retriever.load(bundle, index=tmp_path / "idx", stage1="faiss")
+    with_faiss = Retriever.load(bundle, index=tmp_path / "idx", gallery=GalleryOptions(stage1=Stage1Options(method="faiss")))
     for cap in CAPTIONS:
         a = with_faiss.search(text=cap, k=15, rerank=0)
         b = retriever.search(text=cap, k=15, rerank=0)
@@ -207,14 +206,14 @@ def test_fp16_memmapped_locals_score_within_2e3_of_fp32(
     retriever: Retriever, bundle: Path, gallery: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
     retriever.save(tmp_path / "idx")
-    small = Retriever.load(bundle, index=tmp_path / "idx", local_dtype="float16", mmap=True, spill_dir=tmp_path / "spill")
+    small = Retriever.load(bundle, index=tmp_path / "idx", gallery=GalleryOptions(layout=Layout("float32", "float16"), mmap=True, spill_dir=tmp_path / "spill"))
     local = small.images.view().blocks[0].local
     assert local.dtype == np.float16 and isinstance(local, np.memmap)
     for cap in CAPTIONS:
         ref = {h.id: h.score for h in retriever.search(text=cap, k=40, rerank=40)}
         for h in small.search(text=cap, k=40, rerank=40):
             assert abs(h.score - ref[h.id]) < 2e-3
-    fresh = Retriever.load(bundle, local_dtype="float16", mmap=True, spill_dir=tmp_path / "spill2")
+    fresh = Retriever.load(bundle, gallery=GalleryOptions(layout=Layout("float32", "float16"), mmap=True, spill_dir=tmp_path / "spill2"))
     feats, mask = gallery
     fresh.add_images(feats, mask=mask, ids=[f"img{i}" for i in range(40)])
     local = fresh.images.view().blocks[0].local               # mapped from spill2 (unlinked once mapped)
@@ -304,7 +303,7 @@ def test_remove_takes_items_out_of_results(bundle: Path, gallery: tuple[np.ndarr
 def test_fp16_graphs_score_within_the_fp16_tolerance_of_pytorch(
     bundle: Path, gallery: tuple[np.ndarray, np.ndarray], reference: np.ndarray
 ) -> None:
-    half = Retriever.load(bundle, precision="fp16")
+    half = Retriever.load(bundle, OnnxRuntimeOptions(precision="fp16"))
     half.add_images(gallery[0], mask=gallery[1], ids=[f"img{i}" for i in range(40)])
     for h in half.search(text=CAPTIONS[0], k=10, rerank=40):
         assert abs(h.score - reference[_row(h), 0]) < 2e-2

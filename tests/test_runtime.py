@@ -1,20 +1,24 @@
 """Runtime packaging: no torch on import, backend registry, provider selection, lazy optional packages."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import ClassVar, Mapping
 
 import numpy as np
 import pytest
 
 import mssan_infer
-from mssan_infer.backends import Backend, Device, create_backend, parse_device, register_backend
+from mssan_infer.backends.base import Backend
+from mssan_infer.backends import create_backend, register_backend
+from mssan_infer.options import BackendOptions, Device, parse_device
 from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend, select_providers
 from mssan_infer.errors import BackendUnavailableError, InputError
+from mssan_infer import OnnxRuntimeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_import_mssan_infer_does_not_import_torch_or_optional_packages() -> None:
     code = (
         "import json, sys; import mssan_infer, mssan_infer.__main__; "
-        "from mssan_infer import Retriever, GalleryIndex; "
+        "from mssan_infer import Retriever, MemoryGallery; "
         "print(json.dumps(sorted(m for m in ('torch', 'training', 'export', 'faiss', 'tensorrt', 'tritonclient', "
         "'onnxruntime') if m in sys.modules)))"
     )
@@ -31,15 +35,17 @@ def test_import_mssan_infer_does_not_import_torch_or_optional_packages() -> None
 
 
 def test_every_runtime_module_imports_in_a_clean_interpreter_without_torch() -> None:
-    mods = ["mssan_infer.retriever", "mssan_infer.index", "mssan_infer.backends.onnxruntime", "mssan_infer.__main__",
-            "mssan_infer.serve", "mssan_infer.cli", "mssan_infer.triton_models"]
+    root = ROOT / "mssan_infer"
+    mods = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in root.rglob("*.py")
+    )
     code = "import importlib, sys; [importlib.import_module(m) for m in %r]; print('torch' in sys.modules)" % mods
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_public_api_is_exported_and_typed() -> None:
-    for name in ("Retriever", "Hit", "Encoded", "GalleryIndex", "load_bundle", "MssanError", "register_backend"):
+    for name in ("Retriever", "Hit", "Encoded", "MemoryGallery", "load_bundle", "MssanError", "register_backend"):
         assert name in mssan_infer.__all__ and hasattr(mssan_infer, name)
     assert (ROOT / "mssan_infer" / "py.typed").is_file()
 
@@ -115,15 +121,19 @@ def test_custom_backend_plugs_into_retriever_load(tiny_checkpoint: Path, tmp_pat
 
     made: dict[str, object] = {}
 
-    def factory(bundle: Bundle, **kw: object) -> Recorder:
-        made["kw"] = kw
+    @dataclasses.dataclass(frozen=True)
+    class Threaded(BackendOptions):
+        backend: ClassVar[str] = "recorder"
+
+    def factory(bundle: Bundle, options: BackendOptions) -> Recorder:
+        made["kw"] = dataclasses.asdict(options)
         made["backend"] = be = Recorder(OnnxRuntimeBackend.from_bundle(bundle))
         return be
 
     register_backend("recorder", factory, replace=True)
     try:
         bundle = _bundle(tiny_checkpoint, tmp_path_factory)
-        r = mssan_infer.Retriever.load(bundle, backend="recorder", threads=1)
+        r = mssan_infer.Retriever.load(bundle, Threaded(threads=1))
         r.add_images(np.ones((2, 3, 24), np.float32))
         r.search(text="a dog", k=1)
     finally:
@@ -135,9 +145,9 @@ def test_custom_backend_plugs_into_retriever_load(tiny_checkpoint: Path, tmp_pat
 
 
 def test_a_factory_that_returns_no_backend_is_refused(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    register_backend("duck", lambda bundle, **kw: object(), replace=True)   # type: ignore[arg-type, return-value]
+    register_backend("duck", lambda bundle, options: object(), replace=True)   # type: ignore[arg-type, return-value]
     try:
-        with pytest.raises(mssan_infer.MssanError, match="not a mssan_infer.backends.Backend"):
+        with pytest.raises(mssan_infer.MssanError, match="not a mssan_infer.Backend"):
             mssan_infer.Retriever.load(_bundle(tiny_checkpoint, tmp_path_factory), backend="duck")
     finally:
         from mssan_infer.backends import _REGISTRY
@@ -163,7 +173,7 @@ def test_feeds_are_checked_once_against_the_spec_before_any_backend_runs(
 ) -> None:
     from mssan_infer.bundle import load_bundle
 
-    be = Recorder(OnnxRuntimeBackend.from_bundle(load_bundle(_bundle(tiny_checkpoint, tmp_path_factory)), threads=1))
+    be = Recorder(OnnxRuntimeBackend.from_bundle(load_bundle(_bundle(tiny_checkpoint, tmp_path_factory)), OnnxRuntimeOptions(threads=1)))
     with be:
         with pytest.raises(InputError, match=match):
             be.run(graph, feeds)
@@ -245,12 +255,12 @@ def test_onnxruntime_options_are_checked(tiny_checkpoint: Path, tmp_path_factory
 
     b = load_bundle(_bundle(tiny_checkpoint, tmp_path_factory))
     with pytest.raises(InputError, match="threads"):
-        OnnxRuntimeBackend.from_bundle(b, threads=0)
+        OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(threads=0))
     with pytest.raises(InputError, match="graph_optimization"):
-        OnnxRuntimeBackend.from_bundle(b, graph_optimization="max")
-    with pytest.raises(InputError, match="unknown onnxruntime options"):
-        OnnxRuntimeBackend.from_bundle(b, turbo=True)
-    be = OnnxRuntimeBackend.from_bundle(b, threads=1, inter_op_threads=1, graph_optimization="basic")
+        OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(graph_optimization="max"))
+    with pytest.raises(TypeError, match="turbo"):
+        OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(turbo=True))  # type: ignore[call-arg]
+    be = OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(threads=1, inter_op_threads=1, graph_optimization="basic"))
 
     def spin_entry(sess: object) -> str:
         try:
@@ -259,8 +269,7 @@ def test_onnxruntime_options_are_checked(tiny_checkpoint: Path, tmp_path_factory
             return "unset"
 
     assert {spin_entry(s) for s in be._sessions.values()} == {"0"}      # idle workers yield their core by default
-    spinning = OnnxRuntimeBackend.from_bundle(b, threads=1, allow_spinning=True,
-                                              session_config={"session.force_spinning_stop": "1"})
+    spinning = OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(threads=1, allow_spinning=True, session_config={"session.force_spinning_stop": "1"}))
     assert {spin_entry(s) for s in spinning._sessions.values()} == {"unset"}
     assert {s.get_session_options().get_session_config_entry("session.force_spinning_stop")
             for s in spinning._sessions.values()} == {"1"}
@@ -269,7 +278,7 @@ def test_onnxruntime_options_are_checked(tiny_checkpoint: Path, tmp_path_factory
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            OnnxRuntimeBackend.from_bundle(b, device="cuda")
+            OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(device="cuda"))
         assert any("CUDA" in str(x.message) for x in w)
 
 
@@ -308,3 +317,13 @@ def test_ids_that_read_the_same_as_other_ids_are_refused(tiny_bundle: Path) -> N
         r.add_texts(["the cat", "a tree"], ids=[7, "7"])
     assert r.add_texts(["the cat", "a tree"], ids=["01", "x"]) == ["01", "x"]   # '01' is not how 1 reads
     assert r.n_texts == 4
+
+
+def test_load_takes_typed_options_not_a_long_keyword_list() -> None:
+    import inspect
+
+    params = inspect.signature(mssan_infer.Retriever.load).parameters
+    assert len(params) <= 8 and not any(p.kind is p.VAR_KEYWORD for p in params.values()), list(params)
+    for cls in (mssan_infer.GalleryOptions, mssan_infer.Stage1Options, mssan_infer.SearchOptions,
+                mssan_infer.OnnxRuntimeOptions, mssan_infer.TensorRTOptions, mssan_infer.TritonOptions):
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen  # type: ignore[attr-defined]

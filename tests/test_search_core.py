@@ -1,4 +1,4 @@
-"""The shared search core (mssan_infer.core.search) on its own: scorer batching and limits."""
+"""The shared search core (mssan_infer.search) on its own: scorer batching and limits."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,8 +6,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mssan_infer.core.memory import GalleryIndex
-from mssan_infer.core.search import Encoded, ScorerLimits, search
+from mssan_infer.gallery.memory import MemoryGallery
+from mssan_infer.search import Encoded, ScorerLimits, search
 from mssan_infer.errors import InputError
 
 D = 4
@@ -31,14 +31,14 @@ def _scorer(calls: list[dict[str, tuple[int, ...]]]) -> Any:
 
 
 @pytest.fixture()
-def gallery() -> GalleryIndex:
-    g = GalleryIndex(2 * D, D)
+def gallery() -> MemoryGallery:
+    g = MemoryGallery(2 * D, D)
     items = _items(20, 5, seed=1)
     g.add(items.stage1, items.local, items.mask, items.gram)
     return g
 
 
-def test_scorer_calls_are_split_to_the_scorers_candidate_limit_and_rank_the_same(gallery: GalleryIndex) -> None:
+def test_scorer_calls_are_split_to_the_scorers_candidate_limit_and_rank_the_same(gallery: MemoryGallery) -> None:
     q = _items(2, 3, seed=2)
     free: list[dict[str, tuple[int, ...]]] = []
     bounded: list[dict[str, tuple[int, ...]]] = []
@@ -52,7 +52,7 @@ def test_scorer_calls_are_split_to_the_scorers_candidate_limit_and_rank_the_same
         np.testing.assert_allclose(a.score, b.score, atol=1e-6)
 
 
-def test_items_longer_than_the_scorers_limit_are_an_input_error_naming_the_profile(gallery: GalleryIndex) -> None:
+def test_items_longer_than_the_scorers_limit_are_an_input_error_naming_the_profile(gallery: MemoryGallery) -> None:
     with pytest.raises(InputError, match="at most L=2.*--trt-profile L="):
         search(_items(1, 3, seed=3), gallery.view(), _scorer([]), query_is_text=True, k=2, rerank=5,
                limits=ScorerLimits(words=2))
@@ -64,10 +64,10 @@ def test_items_longer_than_the_scorers_limit_are_an_input_error_naming_the_profi
 
 
 def test_an_exhaustive_search_scores_shards_of_at_least_exhaustive_shard_items_within_the_limit() -> None:
-    from mssan_infer.core.search import EXHAUSTIVE_SHARD
+    from mssan_infer.search import EXHAUSTIVE_SHARD
 
     n = EXHAUSTIVE_SHARD + 300
-    g = GalleryIndex(2 * D, D)
+    g = MemoryGallery(2 * D, D)
     items = _items(n, 2, seed=5)
     g.add(items.stage1, items.local, items.mask, items.gram)
     q = _items(1, 3, seed=6)

@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mssan_infer.bundle import load_bundle, safe_member
+from mssan_infer.bundle import load_bundle
+from mssan_infer.files import safe_member
 from mssan_infer.errors import BundleError, IndexFileError
+from mssan_infer import OnnxRuntimeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {"tests", ".git", ".venv", "venv", "build", "dist", "__pycache__", "node_modules", ".mypy_cache",
@@ -104,7 +106,7 @@ def test_the_scanner_accepts_safe_loads(snippet: str) -> None:
 
 def test_no_pickle_capable_load_anywhere_in_the_code() -> None:
     files = _sources()
-    assert len(files) > 20 and any(p.name == "index.py" for p in files)
+    assert len(files) > 20 and any(p.name == "folder.py" for p in files)
     found = [h for p in files for h in pickle_hazards(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))]
     assert found == [], "pickle-capable loads:\n" + "\n".join(found)
 
@@ -170,23 +172,24 @@ def test_graph_entries_that_leave_the_bundle_are_refused(tiny_bundle: Path, tmp_
     m["files"][name] = m["files"]["scorer.onnx"]
     (root / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="relative paths|'..'|symlink"):
-        Retriever.load(root, precision="fp32" if table == "graphs" else "fp16")
+        Retriever.load(root, OnnxRuntimeOptions(precision="fp32" if table == "graphs" else "fp16"))
 
 
 def test_graph_path_is_checked_again_when_the_graph_is_opened(tiny_bundle: Path, tmp_path: Path) -> None:
     """A manifest edited after verification (load_bundle then graph_path) still cannot leave the folder."""
     root, _ = _bundle_copy(tiny_bundle, tmp_path)
     b = load_bundle(root)
-    b.manifest["graphs"]["scorer"] = {"file": "../../etc/passwd"}
+    b.manifest.graphs["fp32"]["scorer"] = "../../etc/passwd"
     with pytest.raises(BundleError, match="'..'"):
         b.graph_path("scorer")
 
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "../outside.npy", "link.npy"])
 def test_index_files_that_leave_the_index_folder_are_refused(tmp_path: Path, name: str) -> None:
-    from mssan_infer.index import GalleryIndex, load_index, save_index
+    from mssan_infer.gallery.memory import MemoryGallery
+    from mssan_infer.gallery.folder import load_index, save_index
 
-    g = GalleryIndex(8, 4)
+    g = MemoryGallery(8, 4)
     g.add(np.ones((1, 8), np.float32), np.ones((1, 2, 4), np.float32), np.ones((1, 2), np.float32),
           np.ones((1, 2, 2), np.float32), ids=["a"])
     path = save_index(tmp_path / "idx", {"images": g}, bundle_id="b")

@@ -1,6 +1,6 @@
 """The subword tokenizer of transformer bundles: ids identical to Hugging Face ``tokenizers`` everywhere.
 
-Runtime (``mssan_infer.subword``), the training data path and the Triton repository's tokenizer
+Runtime (``mssan_infer.text.subword``), the training data path and the Triton repository's tokenizer
 file give the same ids as ``tokenizers``' own encoding of the model folder's ``tokenizer.json``.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _reference_ids(tokenizer_json: Path, text: str) -> list[int]:
 
 @pytest.mark.slow
 def test_minilm_ids_equal_tokenizers_own_encoding(minilm_folder: Path, tmp_path: Path) -> None:
-    from mssan_infer.subword import SubwordTokenizer
+    from mssan_infer.text.subword import SubwordTokenizer
     from training.text_transformer import hf_tokenizer_json
 
     tok = SubwordTokenizer(hf_tokenizer_json(minilm_folder), max_len=512)
@@ -54,12 +54,12 @@ def test_minilm_ids_equal_tokenizers_own_encoding(minilm_folder: Path, tmp_path:
 
 def test_truncation_keeps_the_first_max_len_subwords_and_warns(tiny_bert_folder: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    from mssan_infer.subword import SubwordTokenizer
+    from mssan_infer.text.subword import SubwordTokenizer
 
     text = (tiny_bert_folder / "tokenizer.json").read_text()
     long_tok, short_tok = SubwordTokenizer(text, max_len=512), SubwordTokenizer(text, max_len=4)
     cap = "a red dog near the blue ball and a green tree"
-    with caplog.at_level(logging.WARNING, logger="mssan_infer.core.subword"):
+    with caplog.at_level(logging.WARNING, logger="mssan_infer.text.subword"):
         assert short_tok.encode(cap) == long_tok.encode(cap)[:4]
     assert "truncated to max_len=4" in caplog.text
     tokens, mask = short_tok.encode_batch([cap, "a cat", ""])
@@ -69,7 +69,7 @@ def test_truncation_keeps_the_first_max_len_subwords_and_warns(tiny_bert_folder:
 
 def test_bad_input_and_bad_files_give_typed_errors(tiny_bert_folder: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from mssan_infer.subword import SubwordTokenizer
+    from mssan_infer.text.subword import SubwordTokenizer
 
     tok = SubwordTokenizer.from_file(tiny_bert_folder / "tokenizer.json")
     with pytest.raises(InputError, match="decode bytes"):

@@ -9,7 +9,7 @@ import pytest
 
 
 from mssan_infer.errors import InputError  # noqa: E402
-from mssan_infer.tokenizer import tokenize  # noqa: E402
+from mssan_infer.text.words import tokenize  # noqa: E402
 from training import synth  # noqa: E402
 from training.data import load_split  # noqa: E402
 

@@ -25,6 +25,7 @@ from mssan_infer.errors import BackendUnavailableError, BundleError, InputError,
 from mssan_infer.spec import DEFAULT_PROFILES, GRAPHS, IMAGE_ENCODER, SCORER, TEXT_ENCODER, TOLERANCES
 
 from . import trt_standin
+from mssan_infer import OnnxRuntimeOptions, SearchOptions, TensorRTOptions
 
 DIMS = {"D": 32, "D2": 64, "Dv": 24}
 HERE = Path(__file__).resolve().parent
@@ -120,8 +121,8 @@ def test_profiles_cover_the_bundles_longest_caption_and_pixel_grid(tiny_bundle: 
 # ---- manifest record -------------------------------------------------------------------
 def test_engine_record_lists_plans_with_sha256_profiles_limits_and_build_settings(tmp_path: Path) -> None:
     from export.tensorrt import TensorRTSettings, derive_profiles, engine_record, resolve_axes
-    from mssan_infer.core.layout import plan_name
-    from mssan_infer.spec import sha256_file
+    from mssan_infer.names import plan_name
+    from mssan_infer.files import sha256_file
 
     settings = TensorRTSettings(profiles={"B": (1, 8, 16)}, version_compatible=True, hardware_compatibility="ampere_plus")
     axes = resolve_axes(settings.profiles)
@@ -232,10 +233,10 @@ def test_tensorrt_export_step_fails_fast_without_tensorrt(monkeypatch: pytest.Mo
 # ---- chunking beyond the profile (the numpy helpers every backend shares) ----------------------
 @pytest.fixture(scope="module")
 def ort_backend(tiny_bundle: Path):  # type: ignore[no-untyped-def]
-    from mssan_infer import load_bundle
+    from mssan_infer import OnnxRuntimeOptions, load_bundle
     from mssan_infer.backends import create_backend
 
-    be = create_backend("onnxruntime", load_bundle(tiny_bundle), threads=1)
+    be = create_backend(OnnxRuntimeOptions(threads=1), load_bundle(tiny_bundle))
     yield be
     be.close()
 
@@ -406,7 +407,7 @@ def test_tf32_rounding_is_past_the_fp32_tolerance(tiny_bundle: Path, tmp_path: P
     MatMul/Gemm inputs to 10-bit mantissas as TF32 does) fail the fp32 parity check."""
     from export.tensorrt import bundle_shape, derive_profiles, engine_parity, resolve_axes
     from mssan_infer.backends.tensorrt import TensorRTBackend
-    from mssan_infer.core.layout import plan_name
+    from mssan_infer.names import plan_name
 
     trt = standin.tensorrt
     root = _copy(tiny_bundle, tmp_path / "b")
@@ -481,7 +482,7 @@ def standin_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
 def test_export_records_engines_limits_and_parity_in_the_schema_of_the_onnx_check(standin_bundle: Path) -> None:
     from mssan_infer import load_bundle
 
-    m = load_bundle(standin_bundle).manifest                          # every engine hashed
+    m = load_bundle(standin_bundle).manifest.raw                          # every engine hashed
     rec = m["tensorrt"]
     assert set(rec["engines"]) == {"fp32", "fp16"} and rec["limits"] == {a: v[2] for a, v in SMALL.items()}
     for precision, rep in rec["parity"].items():
@@ -526,8 +527,8 @@ def test_tensorrt_retriever_matches_onnxruntime_through_the_standin(standin_bund
     caps = ["a red dog on the beach", "a blue ball near a tree", "man sits in a boat"] * 6
     for precision in ("fp32", "fp16"):
         tol = TOLERANCES[precision].atol
-        with Retriever.load(standin_bundle, threads=1) as ref, \
-                Retriever.load(standin_bundle, backend="tensorrt", precision=precision) as r:
+        with Retriever.load(standin_bundle, OnnxRuntimeOptions(threads=1)) as ref, \
+                Retriever.load(standin_bundle, TensorRTOptions(precision=precision)) as r:
             for x in (ref, r):
                 x.add_images(feats)
                 x.add_texts(caps)
@@ -551,7 +552,7 @@ def test_every_slot_switches_to_its_own_profile_and_a_refusal_is_typed(standin_b
         assert be.graphs == sorted(GRAPHS) and str(be.device) == "cuda:0"
         assert be.limits("scorer") == {"Ni": 24, "Nt": 12, "R": 40, "L": 32}
     assert standin.profile_switches == [(1, 0)] * 3                   # profile 0 is a new context's own
-    with TensorRTBackend.from_bundle(bundle, slots=1):
+    with TensorRTBackend.from_bundle(bundle, TensorRTOptions(slots=1)):
         pass
     assert len(standin.profile_switches) == 3
     standin.refuse_profile_switch = True
@@ -567,7 +568,7 @@ def test_worker_threads_run_on_the_backends_gpu(standin_bundle: Path, monkeypatc
     s = trt_standin.install(monkeypatch, devices=2)
     rng = np.random.default_rng(1)
     feats = np.abs(rng.standard_normal((20, 12, 24))).astype(np.float32)
-    with Retriever.load(standin_bundle, backend="tensorrt", device="cuda:1", gather_threads=1) as r:
+    with Retriever.load(standin_bundle, TensorRTOptions(device="cuda:1"), search=SearchOptions(gather_threads=1)) as r:
         r.add_images(feats)
         main = threading.current_thread().name
         assert s.current == 0                                         # the caller's device is restored
@@ -602,7 +603,7 @@ def test_version_compatible_engines_load_with_host_code_allowed(tiny_bundle: Pat
     assert all(b["flags"]["VERSION_COMPATIBLE"] for b in standin.builds)
     bundle = load_bundle(root)
     TensorRTBackend.from_bundle(bundle).close()                       # the backend allows the embedded lean runtime
-    record = {**bundle.manifest["tensorrt"], "settings": {**bundle.manifest["tensorrt"]["settings"],
+    record = {**bundle.manifest.raw["tensorrt"], "settings": {**bundle.manifest.raw["tensorrt"]["settings"],
                                                          "version_compatible": False}}
     with pytest.raises(TensorRTEngineMismatchError, match="could not deserialize"):
         TensorRTBackend({g: root / e["file"] for g, e in record["engines"]["fp32"].items()}, record=record)
@@ -651,7 +652,7 @@ def test_tensorrt_retriever_matches_onnxruntime(trt_bundle: Path, precision: str
     feats = np.abs(rng.standard_normal((60, 36, 24))).astype(np.float32)
     caps = ["a red dog on the beach", "a blue ball near a tree", "man sits in a boat"] * 4
     tol = TOLERANCES[precision].atol
-    with Retriever.load(trt_bundle) as ref, Retriever.load(trt_bundle, backend="tensorrt", precision=precision) as r:
+    with Retriever.load(trt_bundle) as ref, Retriever.load(trt_bundle, TensorRTOptions(precision=precision)) as r:
         for x in (ref, r):
             x.add_images(feats)
             x.add_texts(caps)

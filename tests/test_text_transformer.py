@@ -60,7 +60,7 @@ def test_ids_under_padding_never_change_the_encoding(tiny_bert_checkpoint: Path)
 def test_a_checkpoint_rebuilds_the_tower_without_the_model_folder(tiny_bert_checkpoint: Path, tmp_path: Path) -> None:
     import shutil
 
-    from mssan_infer.subword import SubwordTokenizer
+    from mssan_infer.text.subword import SubwordTokenizer
 
     ck_dir = tmp_path / "ck"
     shutil.copytree(tiny_bert_checkpoint, ck_dir)

@@ -18,6 +18,7 @@ from mssan_infer.errors import BackendUnavailableError
 from mssan_infer.spec import GRAPHS
 
 import tritonclient.grpc  # noqa: E402,F401  (dev extra: needed, never skipped)
+from mssan_infer import OnnxRuntimeOptions, TritonOptions
 
 CAPTIONS = ["a red dog on the beach", "a blue ball near a tree", "man sits in a boat", "the cat runs in the field",
             "a small bird on the car", "a woman near the house"]
@@ -27,7 +28,7 @@ CAPTIONS = ["a red dog on the beach", "a blue ball near a tree", "man sits in a 
 @pytest.mark.parametrize("backend", ["onnxruntime", "python", "tensorrt"])
 def test_every_config_parses_and_matches_its_graph(tiny_bundle: Path, tmp_path: Path, backend: str) -> None:
     from export.triton import TritonSettings, validate_config, write_repository
-    from mssan_infer.core.layout import plan_name
+    from mssan_infer.names import plan_name
 
     root = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, root)
@@ -63,30 +64,34 @@ def test_every_config_parses_and_matches_its_graph(tiny_bundle: Path, tmp_path: 
     assert tk["max_len"] == 32 and tk["vocab"]["<unk>"] == 3
 
 
-def test_the_retriever_model_runs_the_runtimes_own_search_core_without_mssan_infer(
+def test_the_retriever_model_imports_the_runtime_copied_beside_it_when_mssan_infer_is_not_installed(
         tiny_bundle: Path, tmp_path: Path) -> None:
     import subprocess
     import sys
 
+    import mssan_infer
     from export.triton import write_repository
-    from mssan_infer import core
 
     write_repository(tiny_bundle, out=tmp_path / "repo")
     here = tmp_path / "repo" / "retriever" / "1"
-    copied = sorted(p.name for p in (here / "mssan_core").glob("*.py"))
-    assert copied == sorted(p.name for p in Path(core.__file__).parent.glob("*.py"))
+    src = Path(mssan_infer.__file__).parent
+    copied = sorted(p.relative_to(here / "mssan_infer") for p in (here / "mssan_infer").rglob("*.py"))
+    assert copied == sorted(p.relative_to(src) for p in src.rglob("*.py"))
     for name in copied:
-        assert (here / "mssan_core" / name).read_bytes() == (Path(core.__file__).parent / name).read_bytes()
-    # the model file imports the copy, with mssan_infer and torch unimportable (as in NVIDIA's container)
+        assert (here / "mssan_infer" / name).read_bytes() == (src / name).read_bytes()
+    # as in NVIDIA's container: mssan_infer is not installed and torch is unimportable; Triton's Python
+    # backend appends the model's version folder to sys.path, so model.py imports the copy as a package
     probe = (
-        "import sys; sys.modules['mssan_infer'] = None; sys.modules['torch'] = None\n"
+        "import sys; sys.modules['torch'] = None\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
+        f"sys.path[:] = [p for p in sys.path if p not in ('', {str(src.parent)!r})] + [{str(here)!r}]\n"
         "import importlib.util\n"
         f"spec = importlib.util.spec_from_file_location('model', {str(here / 'model.py')!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "print(m.core.__file__)\n"
+        "print(sys.modules['mssan_infer'].__file__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(here / "mssan_core" / "__init__.py")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert out.strip() == str(here / "mssan_infer" / "__init__.py")
 
 
 @pytest.mark.parametrize("edit, problem", [
@@ -143,22 +148,21 @@ def test_tensorrt_flavour_without_engines_is_refused(tiny_bundle: Path, tmp_path
 
 
 def test_triton_backend_with_no_server_gives_a_clear_error(tiny_bundle: Path) -> None:
-    from mssan_infer.serve import free_port
+    from mssan_infer.triton.server import free_port
     from mssan_infer import Retriever
     from mssan_infer.backends.triton import TritonUnavailableError
 
     port = free_port()
     for protocol in ("http", "grpc"):
         with pytest.raises(TritonUnavailableError, match=f"127.0.0.1:{port}.*tritonserver --model-repository"):
-            Retriever.load(tiny_bundle, backend="triton", url=f"127.0.0.1:{port}", protocol=protocol,
-                           connect_timeout_s=1.0)
+            Retriever.load(tiny_bundle, TritonOptions(url=f"127.0.0.1:{port}", protocol=protocol, connect_timeout_s=1.0))
     assert issubclass(TritonUnavailableError, BackendUnavailableError)
 
 
 # ---- a real server ----------------------------------------------------------------------------
 def _binary() -> Any:
     from mssan_infer.errors import MssanError
-    from mssan_infer.serve import find_tritonserver
+    from mssan_infer.triton.server import find_tritonserver
 
     try:
         return find_tritonserver()
@@ -186,7 +190,7 @@ def gallery(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     rng = np.random.default_rng(0)
     feats = np.abs(rng.standard_normal((40, 12, 24))).astype(np.float32)
     mask = (np.arange(12)[None] < rng.integers(3, 13, (40, 1))).astype(np.float32)
-    local = Retriever.load(tiny_bundle, threads=1)
+    local = Retriever.load(tiny_bundle, OnnxRuntimeOptions(threads=1))
     local.add_images(feats, mask=mask, ids=[f"img{i}" for i in range(40)])
     local.add_texts(CAPTIONS * 3)
     local.save(work / "index")
@@ -200,7 +204,7 @@ def gallery(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.fixture(scope="module")
 def server(gallery: dict[str, Any]) -> Iterator[Any]:
-    from mssan_infer.serve import local_tritonserver
+    from mssan_infer.triton.server import local_tritonserver
 
     binary = _binary()
     with local_tritonserver(gallery["repo"], binary=binary, startup_timeout_s=60) as s:
@@ -215,7 +219,7 @@ def test_triton_retriever_returns_the_hits_of_onnxruntime(tiny_bundle: Path, gal
 
     url = server.http_url if protocol == "http" else server.grpc_url
     local = gallery["local"]
-    with Retriever.load(tiny_bundle, backend="triton", url=url, protocol=protocol, index=gallery["index"]) as remote:
+    with Retriever.load(tiny_bundle, TritonOptions(url=url, protocol=protocol), index=gallery["index"]) as remote:
         for q in ("a red dog on the beach", "a bird near the tree"):
             for rerank in (0, 15, 40):
                 a, b = local.search(text=q, k=7, rerank=rerank), remote.search(text=q, k=7, rerank=rerank)
@@ -334,7 +338,7 @@ def test_the_retriever_answers_a_plain_json_request_with_ids_as_text(gallery: di
 
 def test_retriever_graph_mode_is_local_only_on_a_cpu_server_with_the_onnx_files(tmp_path: Path) -> None:
     from mssan_infer.errors import InputError
-    from mssan_infer.triton_models.retriever_model import choose_graphs
+    from mssan_infer.triton.retriever_model import choose_graphs
 
     files = {g: str(tmp_path / f"{g}.onnx") for g in GRAPHS}
     for f in files.values():
@@ -353,8 +357,8 @@ def test_retriever_graph_mode_is_local_only_on_a_cpu_server_with_the_onnx_files(
 
 def test_serve_refuses_a_repository_whose_backend_the_server_lacks(tiny_bundle: Path, tmp_path: Path) -> None:
     from export.triton import TritonSettings, write_repository
-    from mssan_infer.core.layout import plan_name
-    from mssan_infer.serve import local_tritonserver
+    from mssan_infer.names import plan_name
+    from mssan_infer.triton.server import local_tritonserver
 
     root = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, root)
@@ -373,7 +377,7 @@ def test_serve_refuses_a_repository_whose_backend_the_server_lacks(tiny_bundle: 
 
 def test_serve_refuses_an_index_of_another_bundle_before_starting(gallery: dict[str, Any], tmp_path: Path) -> None:
     from mssan_infer.errors import InputError
-    from mssan_infer.serve import serve
+    from mssan_infer.triton.server import serve
 
     index = tmp_path / "index"
     shutil.copytree(gallery["index"], index)
@@ -386,19 +390,19 @@ def test_serve_refuses_an_index_of_another_bundle_before_starting(gallery: dict[
 
 @pytest.mark.triton
 def test_a_stopped_server_gives_a_clear_error(tiny_bundle: Path, gallery: dict[str, Any]) -> None:
-    from mssan_infer.serve import local_tritonserver
+    from mssan_infer.triton.server import local_tritonserver
     from mssan_infer import Retriever
     from mssan_infer.backends.triton import TritonUnavailableError
 
     with local_tritonserver(gallery["repo"], binary=_binary()) as s:
         url = s.http_url
-        remote = Retriever.load(tiny_bundle, backend="triton", url=url, index=gallery["index"], connect_timeout_s=2)
+        remote = Retriever.load(tiny_bundle, TritonOptions(url=url, connect_timeout_s=2), index=gallery["index"])
         assert remote.search(text="a red dog", k=3)
     with pytest.raises(TritonUnavailableError, match="failed during text_encoder inference"):
         remote.search(text="a red dog", k=3)
     remote.close()
     with pytest.raises(TritonUnavailableError, match="cannot be reached"):
-        Retriever.load(tiny_bundle, backend="triton", url=url, connect_timeout_s=1)
+        Retriever.load(tiny_bundle, TritonOptions(url=url, connect_timeout_s=1))
 
 
 @pytest.mark.triton
@@ -413,8 +417,8 @@ def test_a_server_holding_another_bundle_is_refused(tiny_bundle: Path, gallery: 
     manifest["files"]["vocab.json"] = "0" * 64                # another bundle id (loaded without verify)
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TritonUnavailableError, match="serves bundle"):
-        Retriever.load(other, backend="triton", url=server.http_url, verify=False)
-    Retriever.load(other, backend="triton", url=server.http_url, verify=False, check_bundle=False).close()
+        Retriever.load(other, TritonOptions(url=server.http_url), verify=False)
+    Retriever.load(other, TritonOptions(url=server.http_url, check_bundle=False), verify=False).close()
 
 
 def test_install_index_refuses_an_index_of_another_bundle(gallery: dict[str, Any], tmp_path: Path) -> None:
@@ -439,17 +443,17 @@ def test_export_with_triton_writes_a_verified_repository_into_the_bundle(tiny_ch
 
     out = export_bundle(tiny_checkpoint, tmp_path / "b", triton=TritonSettings(backend="python", instances=2))
     b = load_bundle(out)
-    rec = b.manifest["triton"]
+    rec = b.manifest.raw["triton"]
     assert rec["bundle_id"] == b.bundle_id and rec["settings"]["backend"] == "python"
-    assert "triton/scorer/config.pbtxt" in b.manifest["files"] and "triton/retriever/1/model.py" in b.manifest["files"]
+    assert "triton/scorer/config.pbtxt" in b.manifest.raw["files"] and "triton/retriever/1/model.py" in b.manifest.raw["files"]
     assert validate_config(out / "triton" / "scorer" / "config.pbtxt", out / "scorer.onnx").instance_group[0].count == 2
     tk = json.loads((out / "triton" / "retriever" / "1" / "tokenizer.json").read_text())
-    assert tk["max_len"] == b.manifest["tokenizer"]["max_len"]
+    assert tk["max_len"] == b.manifest.raw["tokenizer"]["max_len"]
     assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "c"), "--triton", "-q"]) == 0
-    assert load_bundle(tmp_path / "c").manifest["triton"]["settings"]["backend"] == "onnxruntime"
+    assert load_bundle(tmp_path / "c").manifest.raw["triton"]["settings"]["backend"] == "onnxruntime"
     # the bundle id covers what index vectors depend on (fp32 graphs, vocabulary), not the extras:
     # tiny_bundle is the same checkpoint exported with --fp16 and without --triton
-    assert "fp16_graphs" in load_bundle(tiny_bundle).manifest and "fp16_graphs" not in b.manifest
+    assert "fp16" in load_bundle(tiny_bundle).manifest.graphs and "fp16" not in b.manifest.graphs
     assert b.bundle_id == load_bundle(tiny_bundle).bundle_id == load_bundle(tmp_path / "c").bundle_id
 
 
@@ -457,7 +461,7 @@ def test_serve_refuses_a_port_that_something_listens_on(gallery: dict[str, Any])
     import socket
 
     from mssan_infer.errors import InputError
-    from mssan_infer.serve import local_tritonserver
+    from mssan_infer.triton.server import local_tritonserver
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -475,10 +479,10 @@ def test_the_retriever_model_serves_galleries_kept_in_qdrant(tiny_bundle: Path, 
     server process opens; a Qdrant server collection is the same code through qdrant-client)."""
     from export.triton import TritonSettings, write_repository
     from mssan_infer import Retriever
-    from mssan_infer.serve import local_tritonserver
+    from mssan_infer.triton.server import local_tritonserver
 
     spec = f"qdrant-edge:{tmp_path / 'galleries'}"
-    filler = Retriever.load(tiny_bundle, gallery=spec, threads=1)
+    filler = Retriever.load(tiny_bundle, OnnxRuntimeOptions(threads=1), gallery=spec)
     filler.add_images(gallery["feats"], mask=gallery["mask"], ids=[f"img{i}" for i in range(40)])
     filler.add_texts(CAPTIONS * 3)
     filler.close()                                    # an Edge shard belongs to one process: hand it over

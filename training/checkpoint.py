@@ -1,5 +1,5 @@
 """Checkpoint folders: ``config.json``, ``model.safetensors``, ``state.json``, and the tokenizer:
-``vocab.json`` (Bi-GRU tower) or ``tokenizer.json`` (transformer tower, ``mssan_infer.subword``).
+``vocab.json`` (Bi-GRU tower) or ``tokenizer.json`` (transformer tower, ``mssan_infer.text.subword``).
 
 No pickle: weights and optimizer tensors go through safetensors, everything
 else through JSON. Each file is written atomically (temp file, then rename).
@@ -11,22 +11,22 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from mssan_infer.errors import BundleError
-from mssan_infer.subword import FILE as SUBWORD_FILE, SubwordTokenizer
-from mssan_infer.tokenizer import Tokenizer
+from mssan_infer.text.subword import FILE as SUBWORD_FILE, SubwordTokenizer
+from mssan_infer.text.base import TextTokenizer
+from mssan_infer.text.words import Tokenizer
 
 from .config import ModelConfig, TrainConfig
 from .model import MSSAN
 
-__all__ = ["Checkpoint", "TextTokenizer", "save_checkpoint", "load_checkpoint", "load_model", "tokenizer_file"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_model", "tokenizer_file"]
 
 CONFIG, WEIGHTS, STATE, VOCAB, OPTIM = "config.json", "model.safetensors", "state.json", "vocab.json", "optimizer.safetensors"
-TextTokenizer = Union[Tokenizer, SubwordTokenizer]
 
 
 def tokenizer_file(cfg: ModelConfig) -> str:

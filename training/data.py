@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from mssan_infer.errors import InputError
-from mssan_infer.subword import SubwordTokenizer
-from mssan_infer.tokenizer import Tokenizer, build_vocab
+from mssan_infer.text.subword import SubwordTokenizer
+from mssan_infer.text.words import Tokenizer, build_vocab
 
 __all__ = [
     "CAPS_PER_IMAGE",

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mssan_infer.subword import SubwordTokenizer
-from mssan_infer.tokenizer import Tokenizer
+from mssan_infer.text.subword import SubwordTokenizer
+from mssan_infer.text.words import Tokenizer
 
 from .model import MSSAN, TERMS, Encoded
 

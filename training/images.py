@@ -4,7 +4,7 @@
 layout (``{split}_ims.npy [N, H'*W', C]``, ``{split}_caps.txt``) with a ResNet
 backbone (``training.backbone``), so region-path training runs on Flickr8K/30K
 or COCO images. Splits: ``train`` = Karpathy train + restval, ``dev`` = val,
-``test`` = test. The eval transform is ``mssan_infer.preprocess`` (pillow decode,
+``test`` = test. The eval transform is ``mssan_infer.images.preprocess`` (pillow decode,
 resize, centre crop) followed by the normalisation in torch, so the runtime's
 numpy preprocessing reproduces the features' inputs.
 """
@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mssan_infer.errors import InputError
-from mssan_infer.preprocess import IMAGE_SUFFIXES, RESAMPLE, Preprocessing, load_image, resize_crop
-from mssan_infer.spec import sha256_file
+from mssan_infer.images.preprocess import IMAGE_SUFFIXES, RESAMPLE, Preprocessing, load_image, resize_crop
+from mssan_infer.files import sha256_file
 
 from .backbone import build_backbone, grid_side
 from .data import CAPS_PER_IMAGE, read_karpathy

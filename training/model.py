@@ -1,6 +1,7 @@
 """MSSAN: Multi-level Symmetric Semantic Alignment Network (DESIGN §2).
 
-Imports only torch and the config dataclass. Shapes: ``B`` batch, ``R``
+Imports only torch, the config dataclass and ``training.ops``; the transformer text
+tower (``training.text_transformer``) is imported lazily when configured. Shapes: ``B`` batch, ``R``
 regions, ``L`` words, ``Dv`` region feature size, ``D`` joint size. Masks are
 float 1/0, 1 for real positions; padded positions are zeroed in the encoders
 and every pooling/softmax is masked, so a fully masked row yields 0, not NaN.
@@ -14,52 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .ops import EPS, NEG_FILL, l2norm, masked_mean, masked_softmax, reverse_padded
 
 __all__ = [
     "MSSAN",
     "Encoded",
     "TERMS",
-    "l2norm",
-    "masked_softmax",
-    "masked_mean",
-    "reverse_padded",
     "cross_attention_score",
 ]
 
-EPS = 1e-8
-NEG_FILL = -1e4
 TERMS = ("gg", "gl", "ll")
-
-
-def l2norm(x: Tensor, dim: int = -1) -> Tensor:
-    """``x / sqrt(sum(x^2) + 1e-8)``: the one normalisation form of the model."""
-    return x / torch.sqrt((x * x).sum(dim, keepdim=True) + EPS)
-
-
-def masked_softmax(logits: Tensor, mask: Tensor, dim: int) -> Tensor:
-    """Softmax over ``dim`` of positions where ``mask`` > 0; masked (and all-masked) -> 0."""
-    keep = mask > 0
-    p = torch.softmax(torch.where(keep, logits, torch.full_like(logits, NEG_FILL)), dim=dim)
-    return torch.where(keep, p, torch.zeros_like(p))
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean over axis 1 of ``x [B,N,D]`` at positions ``mask [B,N]`` > 0; empty -> 0."""
-    keep = (mask > 0).unsqueeze(-1)                                   # [B,N,1]
-    total = torch.where(keep, x, torch.zeros_like(x)).sum(1)          # [B,D]
-    count = mask.sum(1, keepdim=True).clamp(min=1.0)                  # [B,1]
-    return total / count
-
-
-def reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:
-    """Reverse each sequence of ``x [B,L,E]`` within its length; padding stays in place.
-
-    An involution: applying it twice gives ``x`` back. Exports to ONNX at any ``L``.
-    """
-    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)    # [1,L]
-    idx = lengths.unsqueeze(1) - 1 - steps                            # [B,L]
-    idx = torch.where(idx >= 0, idx, steps.expand_as(idx))
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
 
 
 def _aggregate(x: Tensor, mask: Tensor, agg: str, lambda_lse: float) -> Tensor:

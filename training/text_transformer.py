@@ -28,13 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .model import l2norm
+from .ops import NEG_FILL, l2norm
 
 __all__ = ["TransformerText", "PRETRAINED_PREFIX", "load_pretrained", "hf_tokenizer_json", "special_ids"]
 
 log = logging.getLogger(__name__)
 
-NEG_FILL = -1e4                      # additive attention bias at padding (the model's one fill value)
 PRETRAINED_PREFIX = "text_tower.encoder."   # state-dict prefix of the pretrained weights (lr multiplier, freezing)
 
 

@@ -23,10 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from mssan_infer.subword import SubwordTokenizer
-from mssan_infer.tokenizer import Tokenizer
+from mssan_infer.text.subword import SubwordTokenizer
+from mssan_infer.text.words import Tokenizer
 
-from .checkpoint import TextTokenizer, load_checkpoint, save_checkpoint
+from mssan_infer.text.base import TextTokenizer
+
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, preset as get_preset
 from .data import PairDataset, collate, load_split, vocab_from_split
 from .distributed import DistInfo, cleanup, gather_encoded, gather_with_grad, init_distributed

@@ -1,7 +1,8 @@
 """Backends behind one contract (:class:`Backend`) and a small registry to pick one by name.
 
-A backend is made by a factory ``factory(bundle, *, device, precision, threads,
-**options) -> Backend`` (a subclass of :class:`Backend`, checked when it is made).
+A backend is made by a factory ``factory(bundle, options) -> Backend`` (a subclass of
+:class:`Backend`, checked when it is made), with ``options`` a :class:`~mssan_infer.options.BackendOptions`
+(the subclass registered with the name, e.g. :class:`~mssan_infer.options.OnnxRuntimeOptions`).
 Factories are registered by name, either as a callable
 or as a ``"module:attribute"`` string imported only when that backend is
 asked for, so optional packages (tensorrt, tritonclient) are never imported
@@ -12,15 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Union
 
-from ..bundle import Bundle
-from ..errors import BackendUnavailableError, InputError, MssanError
-from .base import Backend, Device, parse_device
+from mssan_infer.backends.base import Backend
+from mssan_infer.bundle import Bundle
+from mssan_infer.errors import BackendUnavailableError, InputError, MssanError
+from mssan_infer.options import BackendOptions, OnnxRuntimeOptions, TensorRTOptions, TritonOptions
 
-__all__ = [
-    "Backend", "Device", "parse_device", "BackendFactory", "register_backend", "create_backend", "available_backends",
-]
+__all__ = ["BackendFactory", "register_backend", "create_backend", "available_backends", "backend_options"]
 
-BackendFactory = Callable[..., Backend]
+BackendFactory = Callable[[Bundle, BackendOptions], Backend]
 
 _REGISTRY: dict[str, Union[str, BackendFactory]] = {
     "onnxruntime": "mssan_infer.backends.onnxruntime:OnnxRuntimeBackend.from_bundle",
@@ -29,13 +29,28 @@ _REGISTRY: dict[str, Union[str, BackendFactory]] = {
 }
 
 
-def register_backend(name: str, factory: Union[str, BackendFactory], *, replace: bool = False) -> None:
+_OPTIONS: dict[str, type[BackendOptions]] = {
+    "onnxruntime": OnnxRuntimeOptions,
+    "tensorrt": TensorRTOptions,
+    "triton": TritonOptions,
+}
+
+
+def register_backend(
+    name: str,
+    factory: Union[str, BackendFactory],
+    *,
+    options: type[BackendOptions] = BackendOptions,
+    replace: bool = False,
+) -> None:
     """Make ``Retriever.load(..., backend=name)`` use ``factory``.
 
     Args:
         name: backend name (lower case).
-        factory: a callable ``(bundle, *, device, precision, threads, **options) -> Backend``
-            or a ``"package.module:attr[.attr]"`` string resolved lazily.
+        factory: a callable ``(bundle, options) -> Backend`` or a ``"package.module:attr[.attr]"``
+            string resolved lazily.
+        options: the options class of this backend (``Retriever.load(bundle, backend=name)`` makes
+            one with its defaults).
         replace: allow replacing an existing registration.
 
     Raises:
@@ -45,7 +60,10 @@ def register_backend(name: str, factory: Union[str, BackendFactory], *, replace:
         raise InputError(f"backend name must be a non-empty str, got {name!r}")
     if name in _REGISTRY and not replace:
         raise InputError(f"backend {name!r} is already registered; pass replace=True to override it")
+    if not (isinstance(options, type) and issubclass(options, BackendOptions)):
+        raise InputError(f"options must be a subclass of BackendOptions, got {options!r}")
     _REGISTRY[name] = factory
+    _OPTIONS[name] = options
 
 
 def available_backends() -> list[str]:
@@ -72,31 +90,42 @@ def _resolve(name: str, target: str) -> BackendFactory:
     return obj  # type: ignore[no-any-return]
 
 
-def create_backend(
-    name: str,
-    bundle: Bundle,
-    *,
-    device: str | Device = "cpu",
-    precision: str = "fp32",
-    threads: int | None = None,
-    **options: Any,
-) -> Backend:
-    """Build the backend registered as ``name`` for ``bundle``.
+def backend_options(backend: str | BackendOptions) -> tuple[str, BackendOptions]:
+    """``(name, options)`` for a backend name (its options class with defaults) or an options object.
 
     Raises:
-        InputError: ``name`` is not a registered backend.
+        InputError: an unknown name, an options object of no registered backend, or anything else.
+    """
+    if isinstance(backend, BackendOptions):
+        name = type(backend).backend
+        if name not in _REGISTRY:
+            raise InputError(
+                f"{type(backend).__name__} names no registered backend ({name!r}); set its `backend` "
+                f"class attribute to one of {available_backends()} or register_backend(...) it"
+            )
+        return name, backend
+    if not isinstance(backend, str) or backend not in _REGISTRY:
+        raise InputError(f"unknown backend {backend!r}; choose one of {available_backends()}")
+    return backend, _OPTIONS.get(backend, BackendOptions)()
+
+
+def create_backend(backend: str | BackendOptions, bundle: Bundle) -> Backend:
+    """Build a backend for ``bundle``: by name (default options) or from an options object
+    (:class:`~mssan_infer.options.OnnxRuntimeOptions`, ...).
+
+    Raises:
+        InputError: an unknown backend, or options that do not fit it.
         BackendUnavailableError: the backend's package is not installed.
         BundleError: the bundle lacks a graph the backend needs.
         MssanError: the factory returned something that is not a :class:`Backend`.
     """
-    if name not in _REGISTRY:
-        raise InputError(f"unknown backend {name!r}; choose one of {available_backends()}")
+    name, options = backend_options(backend)
     entry = _REGISTRY[name]
     factory = _resolve(name, entry) if isinstance(entry, str) else entry
-    backend = factory(bundle, device=device, precision=precision, threads=threads, **options)
-    if not isinstance(backend, Backend):
+    made = factory(bundle, options)
+    if not isinstance(made, Backend):
         raise MssanError(
-            f"the factory of backend {name!r} returned {type(backend).__name__}, not a mssan_infer.backends.Backend; "
+            f"the factory of backend {name!r} returned {type(made).__name__}, not a mssan_infer.Backend; "
             "subclass Backend (implement _run) so feeds are checked the same way on every backend"
         )
-    return backend
+    return made

@@ -27,67 +27,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import BundleError, InputError, MssanError
-from ..spec import FIXED_AXES, GRAPHS, OPTIONAL_GRAPHS, GraphSpec
+from mssan_infer.options import Device, parse_device
+from mssan_infer.errors import BundleError, InputError, MssanError
+from mssan_infer.spec import FIXED_AXES, GRAPHS, OPTIONAL_GRAPHS, GraphSpec
 
 __all__ = [
-    "Backend", "Device", "parse_device", "ALL_GRAPHS", "check_feeds", "declared_dims",
+    "Backend", "ALL_GRAPHS", "check_feeds", "declared_dims",
     "split_axes", "axis_sizes", "run_chunked", "RunFn",
 ]
 
 ALL_GRAPHS: dict[str, GraphSpec] = {**GRAPHS, **OPTIONAL_GRAPHS}
 RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
-DEVICE_KINDS = ("cpu", "cuda")
-
-
-# ---- devices -------------------------------------------------------------------------------
-class Device(str):
-    """Where a backend computes: ``Device("cpu")`` or ``Device("cuda", N)``, with ``kind`` and ``ordinal``.
-
-    A ``str`` subclass whose value is the canonical ``"cpu"`` / ``"cuda:N"``, so code that
-    passes a device on as text (to ONNX Runtime, to logs) keeps working. ``ordinal`` is the
-    CUDA device ordinal (``cudaSetDevice``'s argument).
-    """
-
-    __slots__ = ()
-
-    def __new__(cls, kind: str, ordinal: int = 0) -> "Device":
-        if kind not in DEVICE_KINDS or not isinstance(ordinal, int) or isinstance(ordinal, bool) or ordinal < 0 \
-                or (kind == "cpu" and ordinal):
-            raise InputError(f"device must be 'cpu' or 'cuda[:N]', got kind {kind!r} ordinal {ordinal!r}")
-        return super().__new__(cls, "cpu" if kind == "cpu" else f"cuda:{ordinal}")
-
-    def __getnewargs__(self) -> tuple[str, int]:      # type: ignore[override]
-        return self.kind, self.ordinal
-
-    @property
-    def kind(self) -> str:
-        return self.partition(":")[0]
-
-    @property
-    def ordinal(self) -> int:
-        return int(self.partition(":")[2] or 0)
-
-    def __repr__(self) -> str:
-        return f"Device({str(self)!r})"
-
-
-def parse_device(device: str | Device) -> Device:
-    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (any case) as a :class:`Device`.
-
-    Raises:
-        InputError: anything else (``"gpu"``, ``"cuda:x"``, ``"cpu:0"``, an int...).
-    """
-    if isinstance(device, Device):
-        return device
-    if not isinstance(device, str):
-        raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    kind, sep, idx = device.strip().lower().partition(":")
-    if kind not in DEVICE_KINDS or (sep and not idx.isdigit()) or (kind == "cpu" and sep):
-        raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    return Device(kind, int(idx or 0))
-
-
 # ---- feeds -------------------------------------------------------------------------------------
 def declared_dims(spec: GraphSpec, shapes: Mapping[str, Sequence[Any]], where: str) -> dict[str, int]:
     """The fixed-axis sizes (``D``, ``D2``, ``Dv``, ``C``) a loaded graph declares for its inputs.

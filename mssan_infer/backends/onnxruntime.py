@@ -8,30 +8,67 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..bundle import PRECISIONS, Bundle
-from ..errors import BackendUnavailableError, BundleError, InputError
-from ..spec import GRAPHS
-from .base import ALL_GRAPHS, Backend, Device, declared_dims, parse_device
+from mssan_infer.bundle import Bundle
+from mssan_infer.deps import optional_import
+from mssan_infer.errors import BundleError, InputError
+from mssan_infer.options import BackendOptions, Device, OnnxRuntimeOptions, parse_device
+from mssan_infer.spec import GRAPHS
+from mssan_infer.backends.base import ALL_GRAPHS, Backend, declared_dims
 
-__all__ = ["OnnxRuntimeBackend", "select_providers", "OPT_LEVELS"]
+__all__ = ["OnnxRuntimeBackend", "OnnxGraph", "select_providers", "import_onnxruntime", "session_options", "open_session"]
 
 log = logging.getLogger(__name__)
 
-OPT_LEVELS = ("disable", "basic", "extended", "all")
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}
 
 
-def _import_ort() -> Any:
+def import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or a :class:`BackendUnavailableError` saying what to install."""
+    return optional_import("onnxruntime", "onnxruntime", "running graphs (onnxruntime-gpu for device='cuda')")
+
+
+def session_options(options: OnnxRuntimeOptions, *, threads: int | None = None) -> Any:
+    """ONNX Runtime ``SessionOptions`` from ``options`` (``threads`` overrides its intra-op threads).
+
+    Idle workers do not spin unless ``allow_spinning``: the sessions of a query run back to back (and,
+    in Triton, several models share the cores), and a worker spinning for one holds the core the next needs.
+    """
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[options.graph_optimization]
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+    if not options.allow_spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    for key, value in (options.session_config or {}).items():
+        opts.add_session_config_entry(key, value)
+    if options.inter_op_threads is not None:
+        opts.inter_op_num_threads = options.inter_op_threads
+        opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    opts.log_severity_level = 3
+    return opts
+
+
+def open_session(path: str | os.PathLike[str] | bytes, opts: Any, providers: list[Any], where: str) -> Any:
+    """An ``InferenceSession`` on ``path`` (a file or the serialized model).
+
+    Raises:
+        BundleError: ONNX Runtime cannot load it.
+    """
+    ort = import_onnxruntime()
     try:
-        import onnxruntime as ort
-    except ImportError as e:  # pragma: no cover - onnxruntime is a core dependency
-        raise BackendUnavailableError(
-            "backend 'onnxruntime' needs the onnxruntime package: `pip install onnxruntime` "
-            "(or onnxruntime-gpu for device='cuda')"
-        ) from e
-    return ort
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=opts,
+                                    providers=providers)
+    except Exception as e:  # ORT raises its own exception types
+        raise BundleError(f"onnxruntime cannot load {where}: {e}. Re-export the bundle.") from e
 
 
 def select_providers(device: str | Device, available: list[str]) -> list[Any]:
@@ -63,27 +100,12 @@ class OnnxRuntimeBackend(Backend):
     Args:
         graphs: graph name -> ``.onnx`` path, or the serialized model (``bytes``); names of
             ``spec.GRAPHS`` / ``spec.OPTIONAL_GRAPHS``.
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        threads: intra-op threads per session (``None``: ORT's default).
-        inter_op_threads: inter-op threads per session (``None``: ORT's default).
-        graph_optimization: one of ``OPT_LEVELS``.
-        providers: explicit ORT providers, overriding ``device``.
-        graph_threads: intra-op threads for some graphs, overriding ``threads`` (e.g.
-            ``{"text_encoder": 1}``: the Bi-GRU's per-step barriers stall when another
-            process takes a core, so one thread is faster on a busy CPU).
-        allow_spinning: let idle ORT workers spin-wait after a run (ORT's own default). Off by
-            default here: a query runs three sessions and numpy's stage 1 back to back, and a
-            worker still spinning for the previous one holds the core the next one needs (on 2
-            cores, text->image at rerank 100 over 5K images: 26.7 ms spinning, 12.4 ms not;
-            ``python -m bench`` times both).
-        session_config: extra ONNX Runtime session config entries for every session (e.g.
-            ``{"session.force_spinning_stop": "1"}`` with ``allow_spinning=True``: spin during a
-            run, stop when it returns).
+        options: :class:`~mssan_infer.options.OnnxRuntimeOptions` (device, threads, spinning...).
 
     Raises:
         BackendUnavailableError: onnxruntime is not installed.
         BundleError: a graph cannot be loaded or its inputs/outputs differ from the spec.
-        InputError: bad device, thread count or optimisation level.
+        InputError: options that do not fit the graphs.
     """
 
     name = "onnxruntime"
@@ -91,72 +113,32 @@ class OnnxRuntimeBackend(Backend):
     def __init__(
         self,
         graphs: Mapping[str, str | os.PathLike[str] | bytes],
-        *,
-        device: str | Device = "cpu",
-        threads: int | None = None,
-        inter_op_threads: int | None = None,
-        graph_optimization: str = "all",
-        providers: list[Any] | None = None,
-        graph_threads: Mapping[str, int] | None = None,
-        allow_spinning: bool = False,
-        session_config: Mapping[str, str] | None = None,
+        options: OnnxRuntimeOptions | None = None,
     ) -> None:
-        ort = _import_ort()
-        super().__init__(device)
-        graph_threads = dict(graph_threads or {})
+        opts = options if options is not None else OnnxRuntimeOptions()
+        if not isinstance(opts, OnnxRuntimeOptions):
+            raise InputError(f"options must be OnnxRuntimeOptions, got {type(opts).__name__}")
+        ort = import_onnxruntime()
+        super().__init__(opts.device)
+        graph_threads = dict(opts.graph_threads or {})
         unknown_graphs = set(graph_threads) - set(graphs)
         if unknown_graphs:
             raise InputError(f"graph_threads names unknown graphs {sorted(unknown_graphs)}; graphs: {sorted(graphs)}")
-        if not isinstance(allow_spinning, bool):
-            raise InputError(f"allow_spinning must be True or False, got {allow_spinning!r}")
-        if session_config is not None and (
-            not isinstance(session_config, Mapping)
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in session_config.items())
-        ):
-            raise InputError(
-                "session_config must map ONNX Runtime session config keys to string values, "
-                f"e.g. {{'session.force_spinning_stop': '1'}}; got {session_config!r}"
-            )
-        checks = [("threads", threads), ("inter_op_threads", inter_op_threads)]
-        checks += [(f"graph_threads[{g!r}]", n) for g, n in graph_threads.items()]
-        for label, n in checks:
-            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-                raise InputError(f"{label} must be a positive int or None, got {n!r}")
-        if graph_optimization not in OPT_LEVELS:
-            raise InputError(f"graph_optimization must be one of {OPT_LEVELS}, got {graph_optimization!r}")
+        providers = opts.providers
         if providers is None:
             providers = select_providers(self.device, list(ort.get_available_providers()))
         self.providers = providers
-        level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[graph_optimization]
         self._sessions: dict[str, Any] = {}
         self._outputs: dict[str, list[str]] = {}
         wanted_cuda = any((p[0] if isinstance(p, tuple) else p) == _CUDA for p in providers)
         for gname, path in graphs.items():
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = level
-            n_threads = graph_threads.get(gname, threads)
-            if n_threads is not None:
-                opts.intra_op_num_threads = n_threads
-            if not allow_spinning:
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-            for key, value in (session_config or {}).items():
-                opts.add_session_config_entry(key, value)
-            if inter_op_threads is not None:
-                opts.inter_op_num_threads = inter_op_threads
-                opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
-            opts.log_severity_level = 3
             where = f"<{gname} graph in memory>" if isinstance(path, bytes) else str(path)
-            try:
-                sess = ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=opts,
-                                            providers=providers)
-            except Exception as e:  # ORT raises its own exception types
-                raise BundleError(f"onnxruntime cannot load {where}: {e}. Re-export the bundle.") from e
+            sess = open_session(
+                path,
+                session_options(opts, threads=graph_threads.get(gname, opts.threads)),
+                providers,
+                where,
+            )
             if wanted_cuda and _CUDA not in sess.get_providers():
                 warnings.warn(
                     f"CUDA was asked for but the {gname} session runs on {sess.get_providers()}; "
@@ -188,31 +170,22 @@ class OnnxRuntimeBackend(Backend):
         self._outputs[gname] = outputs
 
     @classmethod
-    def from_bundle(
-        cls,
-        bundle: Bundle,
-        *,
-        device: str | Device = "cpu",
-        precision: str = "fp32",
-        threads: int | None = None,
-        **options: Any,
-    ) -> "OnnxRuntimeBackend":
-        """A backend for ``bundle``'s graphs at ``precision`` ("fp32", "fp16", or "int8": the
+    def from_bundle(cls, bundle: Bundle, options: BackendOptions | None = None) -> "OnnxRuntimeBackend":
+        """A backend for ``bundle``'s graphs at ``options.precision`` ("fp32", "fp16", or "int8": the
         dynamically quantized text encoder of an ``--int8`` export with the fp32 image encoder and scorer).
 
         Raises:
             BundleError: the bundle has no graphs at that precision.
-            InputError: unknown precision or option.
+            InputError: options of another backend.
         """
-        if precision not in PRECISIONS:
-            raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        allowed = {"inter_op_threads", "graph_optimization", "providers", "graph_threads", "allow_spinning",
-                   "session_config"}
-        unknown = set(options) - allowed
-        if unknown:
-            raise InputError(f"unknown onnxruntime options {sorted(unknown)}; known: {sorted(allowed)}")
-        graphs = {g: bundle.graph_path(g, precision) for g in GRAPHS}
-        return cls(graphs, device=device, threads=threads, **options)
+        if options is None:
+            options = OnnxRuntimeOptions()
+        if type(options) is BackendOptions:
+            options = OnnxRuntimeOptions(device=options.device, precision=options.precision, threads=options.threads)
+        if not isinstance(options, OnnxRuntimeOptions):
+            raise InputError(f"backend 'onnxruntime' takes OnnxRuntimeOptions, got {type(options).__name__}")
+        graphs = {g: bundle.graph_path(g, options.precision) for g in GRAPHS}
+        return cls(graphs, options)
 
     def active_providers(self, graph: str = "scorer") -> list[str]:
         """Providers the session of ``graph`` actually runs on."""
@@ -229,3 +202,30 @@ class OnnxRuntimeBackend(Backend):
 
     def _close(self) -> None:
         self._sessions.clear()
+
+
+_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16,
+          "tensor(int32)": np.int32, "tensor(double)": np.float64}
+
+
+class OnnxGraph:
+    """One ``.onnx`` file on ONNX Runtime's CPU provider, without the spec checks of a bundle graph: the
+    Triton Python-backend models run their graphs with it (the same session settings as the backend).
+
+    Args:
+        path: the graph.
+        threads: intra-op threads (``0``: ONNX Runtime's default, one per core).
+    """
+
+    def __init__(self, path: str, *, threads: int = 0) -> None:
+        opts = session_options(OnnxRuntimeOptions(), threads=threads if threads > 0 else None)
+        self.path = path
+        self.session = open_session(path, opts, [_CPU], path)
+        self.inputs = {i.name: np.dtype(_TYPES.get(i.type, np.float32)) for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run on ``feeds`` (cast to the graph's input dtypes) -> ``{output name: array}``."""
+        names = outputs or self.outputs
+        cast = {n: np.ascontiguousarray(feeds[n], dtype=t) for n, t in self.inputs.items()}
+        return dict(zip(names, self.session.run(names, cast)))

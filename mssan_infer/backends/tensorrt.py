@@ -40,11 +40,13 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from ..bundle import Bundle
-from ..core.layout import LIMITS_KEY, TENSORRT_KEY
-from ..errors import BackendUnavailableError, BundleError, InputError, MssanError
-from ..spec import GRAPHS, SCORER
-from .base import Backend, Device, declared_dims, parse_device
+from mssan_infer.bundle import Bundle
+from mssan_infer.names import LIMITS_KEY, TENSORRT_KEY
+from mssan_infer.errors import BackendUnavailableError, BundleError, InputError, MssanError
+from mssan_infer.spec import GRAPHS, SCORER
+from mssan_infer.backends.base import Backend, declared_dims
+from mssan_infer.deps import optional_import
+from mssan_infer.options import BackendOptions, Device, TensorRTOptions, parse_device
 
 __all__ = [
     "TensorRTBackend",
@@ -67,30 +69,19 @@ class TensorRTEngineMismatchError(BackendUnavailableError):
 # ---- optional packages ---------------------------------------------------------
 def import_tensorrt() -> Any:
     """``import tensorrt``, or a ``BackendUnavailableError`` saying how to get it."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise BackendUnavailableError(
-            "backend 'tensorrt' needs the tensorrt Python package and an NVIDIA GPU with its driver: "
-            "`pip install tensorrt` (TensorRT 10 or 11, matching your CUDA), or use backend='onnxruntime' "
-            f"(import failed: {e})"
-        ) from e
-    return trt
+    return optional_import(
+        "tensorrt", "tensorrt", "backend 'tensorrt' (with an NVIDIA GPU and its driver; TensorRT 10 or 11 matching "
+        "your CUDA)", "backend='onnxruntime'"
+    )
 
 
 def import_cudart() -> Any:
     """cuda-python's runtime API (``cuda.bindings.runtime``, or ``cuda.cudart`` in older releases)."""
     try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # type: ignore[no-redef]  # cuda-python < 12.6
-        except ImportError as e:
-            raise BackendUnavailableError(
-                "backend 'tensorrt' needs cuda-python for device memory: `pip install cuda-python` "
-                f"(matching your CUDA major version), or use backend='onnxruntime' (import failed: {e})"
-            ) from e
-    return cudart
+        return optional_import("cuda.bindings.runtime", "cuda-python", "backend 'tensorrt' (device memory)")
+    except BackendUnavailableError:
+        # cuda-python < 12.6 names it cuda.cudart
+        return optional_import("cuda.cudart", "cuda-python", "backend 'tensorrt' (device memory)", "backend='onnxruntime'")
 
 
 def _check(cudart: Any, result: Any, what: str) -> Any:
@@ -409,33 +400,28 @@ class TensorRTBackend(Backend):
     def from_bundle(
         cls,
         bundle: Bundle,
-        *,
-        device: str | Device = "cuda",
-        precision: str = "fp32",
-        threads: int | None = None,
-        **options: Any,
+        options: BackendOptions | None = None,
     ) -> "TensorRTBackend":
-        """The engines of ``bundle`` at ``precision`` ("fp32" or "fp16").
-
-        ``device`` is ``"cuda"``/``"cuda:N"`` (``"cpu"``, the Retriever default, means ``cuda:0``:
-        TensorRT only runs on a GPU). ``threads`` is ignored. Options: ``slots``.
+        """The engines of ``bundle`` at ``options.precision`` ("fp32" or "fp16") on ``options.device``
+        (``"cpu"`` means ``cuda:0``: TensorRT only runs on a GPU; ``threads`` is ignored).
 
         Raises:
             BundleError: the bundle has no TensorRT engines at that precision.
-            InputError: bad device, precision or option.
+            InputError: options of another backend, or a precision without engines.
         """
-        unknown = set(options) - {"slots"}
-        if unknown:
-            raise InputError(f"unknown tensorrt options {sorted(unknown)}; known: ['slots']")
-        if precision not in ("fp32", "fp16"):
-            raise InputError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-        dev = parse_device(device)
+        opts = options if options is not None else TensorRTOptions()
+        if type(opts) is BackendOptions:
+            opts = TensorRTOptions(device=opts.device, precision=opts.precision, threads=opts.threads)
+        if not isinstance(opts, TensorRTOptions):
+            raise InputError(f"backend 'tensorrt' takes TensorRTOptions, got {type(opts).__name__}")
+        precision = opts.precision
+        dev = parse_device(opts.device)
         if dev.kind == "cpu":
             dev = Device("cuda", 0)
         import_tensorrt()                      # missing packages first: they are the first thing to fix
         import_cudart()
-        record = bundle.manifest.get(TENSORRT_KEY)
-        if not isinstance(record, dict) or not record.get("engines"):
+        record = bundle.manifest.tensorrt
+        if record is None or not record.get("engines"):
             raise BundleError(
                 f"bundle {bundle.root} has no TensorRT engines; export with "
                 "`python -m export --checkpoint CKPT --out BUNDLE --tensorrt` on a machine with TensorRT and a GPU"
@@ -450,7 +436,7 @@ class TensorRTBackend(Backend):
         if missing:
             raise BundleError(f"bundle {bundle.root} lacks TensorRT engines for {missing}; re-export with --tensorrt")
         engines = {g: bundle.path(table[g]["file"]) for g in GRAPHS}
-        return cls(engines, record=record, device=dev, slots=options.get("slots"))
+        return cls(engines, record=record, device=dev, slots=opts.slots)
 
     def limits(self, graph: str) -> dict[str, int]:
         """Largest size of each dynamic axis one engine call accepts (the profile maximum)."""

@@ -21,11 +21,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..bundle import Bundle
-from ..core.layout import BUNDLE_ID_PARAM
-from ..errors import BackendUnavailableError, InputError, MssanError
-from ..spec import GRAPHS
-from .base import Backend, declared_dims
+from mssan_infer.bundle import Bundle
+from mssan_infer.names import BUNDLE_ID_PARAM
+from mssan_infer.errors import BackendUnavailableError, InputError, MssanError
+from mssan_infer.spec import GRAPHS
+from mssan_infer.backends.base import Backend, declared_dims
+from mssan_infer.deps import optional_import
+from mssan_infer.options import BackendOptions, TritonOptions
 
 __all__ = ["TritonBackend", "TritonUnavailableError", "TritonRequestError", "PROTOCOLS"]
 
@@ -44,17 +46,9 @@ class TritonRequestError(MssanError):
 
 
 def _import_client(protocol: str) -> Any:
-    try:
-        if protocol == "grpc":
-            import tritonclient.grpc as client
-        else:
-            import tritonclient.http as client
-    except ImportError as e:
-        raise BackendUnavailableError(
-            f"backend 'triton' needs tritonclient with {protocol} support: `pip install 'tritonclient[{protocol}]'` "
-            f"(or `pip install mssan[triton]`), or use backend='onnxruntime' (import failed: {e})"
-        ) from e
-    return client
+    return optional_import(
+        f"tritonclient.{protocol}", f"'tritonclient[{protocol}]'", "backend 'triton'", "backend='onnxruntime'"
+    )
 
 
 def _is_connection_error(e: BaseException) -> bool:
@@ -128,29 +122,22 @@ class TritonBackend(Backend):
 
     # ---- construction -----------------------------------------------------------
     @classmethod
-    def from_bundle(
-        cls,
-        bundle: Bundle,
-        *,
-        device: str = "cpu",
-        precision: str = "fp32",
-        threads: int | None = None,
-        **options: Any,
-    ) -> "TritonBackend":
-        """A backend for ``bundle`` served at ``options["url"]``.
+    def from_bundle(cls, bundle: Bundle, options: BackendOptions | None = None) -> "TritonBackend":
+        """A client of the server at ``options.url`` serving ``bundle``'s repository (with
+        ``check_bundle``, the server must serve this bundle).
 
-        ``device``, ``precision`` and ``threads`` are the server's business and are ignored here
-        (the repository was written for one precision). Options: ``url``, ``protocol``,
-        ``models``, ``model_version``, ``timeout_s``, ``connect_timeout_s``, ``wait_ready_s``,
-        ``check_bundle`` (default True: the server must serve this bundle).
+        Raises:
+            InputError: options of another backend.
+            TritonUnavailableError: as in :class:`TritonBackend`.
         """
-        allowed = {"url", "protocol", "models", "model_version", "timeout_s", "connect_timeout_s",
-                   "wait_ready_s", "check_bundle"}
-        unknown = set(options) - allowed
-        if unknown:
-            raise InputError(f"unknown triton options {sorted(unknown)}; known: {sorted(allowed)}")
-        check = options.pop("check_bundle", True)
-        return cls(bundle_id=bundle.bundle_id if check else None, **options)
+        opts = options if options is not None else TritonOptions()
+        if not isinstance(opts, TritonOptions):
+            raise InputError(f"backend 'triton' takes TritonOptions (url=..., protocol=...), got {type(opts).__name__}")
+        return cls(
+            opts.url, protocol=opts.protocol, bundle_id=bundle.bundle_id if opts.check_bundle else None,
+            models=opts.models, model_version=opts.model_version, timeout_s=opts.timeout_s,
+            connect_timeout_s=opts.connect_timeout_s, wait_ready_s=opts.wait_ready_s,
+        )
 
     def _new_client(self) -> Any:
         if self.protocol == "http":

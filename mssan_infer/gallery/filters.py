@@ -1,0 +1,149 @@
+"""Metadata filters on galleries: ``search(..., where={"album": "x"})``.
+
+Items may carry metadata (a JSON object per item, given to ``add_images``/``add_texts``).
+A filter is a mapping from a metadata key to a condition; an item passes when every
+condition holds (AND):
+
+- ``{"album": "x"}``: equality with a ``str``, ``int`` or ``bool``;
+- ``{"album": ["x", "y"]}``: the value is one of a non-empty list of ``str`` or of ``int``;
+- ``{"year": {"gte": 2000, "lt": 2010}}``: a numeric range (``gt``, ``gte``, ``lt``, ``lte``).
+
+An item without the key does not pass (a filter over a key no item has is an empty result,
+not an error); an item whose value is a list passes when one of its elements does. Keys starting with ``mssan_`` are reserved for the galleries' own fields.
+The in-memory gallery evaluates conditions with :func:`matches`; the Qdrant galleries
+translate them into Qdrant payload filters, with the same meaning.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence, Union
+
+from mssan_infer.errors import InputError
+
+__all__ = ["Condition", "Where", "parse_where", "matches", "check_metadata", "RESERVED_PREFIX"]
+
+RESERVED_PREFIX = "mssan_"
+RANGE_OPS = ("gt", "gte", "lt", "lte")
+Where = Mapping[str, Any]
+Scalar = Union[str, int, bool]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One checked condition: ``kind`` is ``"eq"``, ``"in"`` or ``"range"``."""
+
+    key: str
+    kind: str
+    value: Any          # eq: a scalar; in: a tuple of scalars; range: {op: float}
+
+
+def _check_key(key: Any, what: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise InputError(f"{what} keys must be non-empty strings, got {key!r}")
+    if key.startswith(RESERVED_PREFIX):
+        raise InputError(f"{what} key {key!r}: keys starting with {RESERVED_PREFIX!r} are reserved; rename it")
+    return key
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_where(where: Where | None) -> tuple[Condition, ...]:
+    """Check a filter and return its conditions (empty for ``None`` or ``{}``).
+
+    Raises:
+        InputError: a key that is not a str or is reserved, or a condition of another form
+            (a float to match exactly, an empty or mixed list, an unknown range operator).
+    """
+    if where is None:
+        return ()
+    if not isinstance(where, Mapping):
+        raise InputError(f"where must be a mapping of metadata key -> condition, got {type(where).__name__}")
+    out: list[Condition] = []
+    for key, cond in where.items():
+        key = _check_key(key, "where")
+        if isinstance(cond, (str, bool)) or (isinstance(cond, int) and not isinstance(cond, bool)):
+            out.append(Condition(key, "eq", cond))
+        elif isinstance(cond, (list, tuple)):
+            values = list(cond)
+            if not values or not (all(isinstance(v, str) for v in values)
+                                  or all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
+                raise InputError(
+                    f"where[{key!r}]: a list matches one of its values and must be a non-empty list of str "
+                    f"or of int, got {cond!r}"
+                )
+            out.append(Condition(key, "in", tuple(values)))
+        elif isinstance(cond, Mapping):
+            bad = [op for op in cond if op not in RANGE_OPS]
+            if bad or not cond or not all(_is_number(v) for v in cond.values()):
+                raise InputError(
+                    f"where[{key!r}]: a range is a mapping of {RANGE_OPS} to finite numbers, got {dict(cond)!r}"
+                )
+            out.append(Condition(key, "range", {op: float(v) for op, v in cond.items()}))
+        else:
+            hint = "; match a float with a range, e.g. {'gte': x, 'lte': x}" if isinstance(cond, float) else ""
+            raise InputError(
+                f"where[{key!r}] must be a str/int/bool, a list of str or int, or a range mapping, "
+                f"got {type(cond).__name__}{hint}"
+            )
+    return tuple(out)
+
+
+def _holds(value: Any, c: Condition) -> bool:
+    if isinstance(value, list):          # a list value passes when one of its elements does (as in Qdrant)
+        return any(_holds(v, c) for v in value)
+    if c.kind == "eq":
+        # bool is an int in Python; keep True from matching 1, as a JSON payload filter does
+        return type(value) is type(c.value) and value == c.value
+    if c.kind == "in":
+        return any(type(value) is type(v) and value == v for v in c.value)
+    if not _is_number(value):
+        return False
+    r = c.value
+    return (("gt" not in r or value > r["gt"]) and ("gte" not in r or value >= r["gte"])
+            and ("lt" not in r or value < r["lt"]) and ("lte" not in r or value <= r["lte"]))
+
+
+def matches(meta: Mapping[str, Any] | None, conditions: Sequence[Condition]) -> bool:
+    """Whether an item's metadata passes every condition (a missing key fails)."""
+    if not conditions:
+        return True
+    if not meta:
+        return False
+    return all(c.key in meta and _holds(meta[c.key], c) for c in conditions)
+
+
+def check_metadata(metadata: Any, n: int) -> list[dict[str, Any] | None]:
+    """``metadata`` for ``n`` new items: ``None`` or a list of ``n`` JSON objects (or ``None`` each).
+
+    Raises:
+        InputError: not a list of ``n``, an item that is not a mapping, a reserved or non-str key,
+            or a value that JSON cannot hold (NaN, inf, objects).
+    """
+    if metadata is None:
+        return [None] * n
+    if isinstance(metadata, Mapping) or isinstance(metadata, (str, bytes)):
+        raise InputError("metadata must be a list with one mapping (or None) per item, not a single mapping")
+    try:
+        items = list(metadata)
+    except TypeError:
+        raise InputError(f"metadata must be a list of mappings, got {type(metadata).__name__}") from None
+    if len(items) != n:
+        raise InputError(f"got {len(items)} metadata entries for {n} items")
+    out: list[dict[str, Any] | None] = []
+    for i, m in enumerate(items):
+        if m is None:
+            out.append(None)
+            continue
+        if not isinstance(m, Mapping):
+            raise InputError(f"metadata {i} must be a mapping (or None), got {type(m).__name__}")
+        clean = {_check_key(k, f"metadata {i}"): v for k, v in m.items()}
+        try:
+            json.dumps(clean, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"metadata {i} must hold JSON values only (no NaN/inf or objects): {e}") from None
+        out.append(clean)
+    return out

@@ -1,0 +1,427 @@
+"""Index folders: galleries saved atomically with sha256 of every file, and loaded back verified.
+
+Layout (a folder): ``index.json`` (format, version, bundle id, gallery metadata, sha256 of
+every file) plus ``{gallery}_{array}.npy``, ``{gallery}_ids.json`` and, when items carry metadata,
+``{gallery}_meta.json`` per gallery. Nothing
+is pickled. A save writes a temp folder beside the target and swaps it in with one atomic
+directory exchange (two renames where the platform has none; :func:`load_index` then puts
+back a previous index left aside by a save killed between them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from mssan_infer.gallery.base import ItemId, check_id
+from mssan_infer.options import GalleryOptions
+from mssan_infer.errors import IndexFileError, IndexWriteError, InputError, MssanError
+from mssan_infer.files import read_versioned_json, exchange_dirs, fsync_dir, release_rows, rows_per_chunk, safe_member, sha256_file, write_npy, write_npy_parts
+from mssan_infer.gallery.filters import check_metadata
+from mssan_infer.names import INDEX_FORMAT, INDEX_FORMAT_VERSION, INDEX_MANIFEST
+from mssan_infer.gallery.memory import MemoryGallery
+from mssan_infer.gallery.storage import Layout, Stage1Codec, store_locals
+
+__all__ = ["save_index", "load_index", "read_index_manifest", "recover_interrupted_save", "write_gallery",
+           "read_gallery", "saved_layout", "encode_stage1"]
+
+log = logging.getLogger(__name__)
+
+
+# ---- one gallery ------------------------------------------------------------------
+def _write_json(path: Path, obj: Any) -> str:
+    """Write ``obj`` as JSON to ``path`` (fsync'd); returns the file name."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    return path.name
+
+
+def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str, Any]:
+    """Write one gallery's arrays and ids into ``folder`` (fsync'd) as it is at one moment.
+
+    Returns the manifest entry: the gallery's ``meta()`` (with its layout) plus ``files`` {array: file name}.
+    Every layout writes ``stage1`` (float32), ``local``, ``mask``, ``gram`` and ``ids``; int8 locals add
+    ``local_scale`` (one float32 per vector); a compressed stage 1 adds ``stage1_codes``, ``stage1_peak``
+    and, for int8, ``stage1_scale`` (per dimension) and ``stage1_outliers`` (rows kept exact).
+    """
+    with gallery._lock:                      # one consistent moment: meta and view together
+        entry = gallery.meta()
+        view = gallery.view()
+    n, p = view.n, view.max_length
+    lay = gallery.layout
+    files: dict[str, str] = {}
+
+    def parts(name: str) -> list[tuple[int, np.ndarray]]:
+        return [(b.start, getattr(b, name)) for b in view.blocks]
+
+    shapes = {"stage1": ((n, gallery.stage1_dim), np.float32), "local": ((n, p, gallery.local_dim), lay.local),
+              "mask": ((n, p), np.float32), "gram": ((n, p, p), lay.gram)}
+    if lay.local == "int8":
+        shapes["scale"] = ((n, p), np.float32)
+    for name, (shape, dtype) in shapes.items():
+        key = "local_scale" if name == "scale" else name
+        fname = f"{prefix}_{key}.npy"
+        write_npy_parts(folder / fname, shape, dtype, parts(name))
+        files[key] = fname
+    codec = view.codec
+    if codec is not None:
+        subs = view.searcher.subs if view.searcher is not None else ()
+        fname = f"{prefix}_stage1_codes.npy"
+        starts = np.cumsum([0] + [ix.ntotal for ix in subs[:-1]]).tolist()
+        write_npy_parts(folder / fname, (n, gallery.stage1_dim), codec.code_dtype,
+                        ((int(a), codec.codes_of(ix)) for a, ix in zip(starts, subs)))
+        files["stage1_codes"] = fname
+        extra = {"stage1_peak": codec.peak}
+        if codec.storage == "int8" and codec.sigma is not None:      # no scales before the first item
+            assert view.outliers is not None
+            extra.update({"stage1_scale": codec.sigma, "stage1_outliers": view.outliers[view.outliers < n]})
+            entry["layout"]["stage1_l1max"] = int(codec.l1max)
+        for key, arr in extra.items():
+            fname = f"{prefix}_{key}.npy"
+            write_npy(folder / fname, np.asarray(arr))
+            files[key] = fname
+    files["ids"] = _write_json(folder / f"{prefix}_ids.json", list(view.ids[: view.n]))
+    meta = list(view.meta[: view.n])
+    if any(m is not None for m in meta):
+        files["meta"] = _write_json(folder / f"{prefix}_meta.json", meta)
+    entry["files"] = files
+    return entry
+
+
+def saved_layout(entry: Mapping[str, Any]) -> Layout:
+    """The layout a manifest entry was saved in."""
+    rec = entry.get("layout")
+    if not isinstance(rec, dict):
+        raise IndexFileError("the index manifest's layout record is not an object; rebuild the index")
+    if str(entry.get("dtype")) != str(rec.get("local")):
+        raise IndexFileError(f"gallery dtype {entry.get('dtype')!r} does not match its layout's locals "
+                             f"{rec.get('local')!r}; the index is damaged, rebuild it")
+    return Layout(str(rec["stage1"]), str(rec["local"]))
+
+
+def _conversion(saved: Layout, wanted: Layout, folder: Path) -> None:
+    """Refuse a load that would need values the index no longer has (lossy locals loaded as finer ones)."""
+    rank = {"float32": 0, "float16": 1, "int8": 2}
+    if rank[wanted.local] < rank[saved.local]:
+        raise InputError(
+            f"index {folder} holds {saved.local} locals (layout {saved.name!r}); they cannot be loaded as "
+            f"{wanted.local} (the exact values are gone). Load it with layout={saved.name!r}, or rebuild the "
+            "index from the features with the layout you want"
+        )
+
+
+def read_gallery(
+    folder: Path,
+    entry: Mapping[str, Any],
+    options: GalleryOptions | None = None,
+) -> MemoryGallery:
+    """Rebuild a gallery from :func:`write_gallery`'s files (already checksum-verified by the caller).
+
+    With ``options.mmap`` the saved arrays are mapped read-only (later adds go to new segments). A
+    compressed stage 1 always maps its float32 rows. ``options.layout`` (default: as saved) converts
+    while loading: float32 locals to float16 or int8, float16 to int8, and any stage 1 to any (every
+    index keeps float32 stage-1 rows); loading coarser locals as finer ones is refused.
+
+    Raises:
+        IndexFileError: missing or inconsistent files.
+        InputError: a layout the saved values cannot give (e.g. int8 locals as float32).
+    """
+    try:
+        files = entry["files"]
+        saved = saved_layout(entry)
+        opts = options if options is not None else GalleryOptions()
+        wanted = opts.resolved_layout(saved)
+        n = int(entry["n"])
+        stage1_dim, local_dim = int(entry["stage1_dim"]), int(entry["local_dim"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise IndexFileError(f"index in {folder} is damaged or incomplete ({e!r}); rebuild it") from e
+    except InputError as e:
+        raise IndexFileError(f"index in {folder} has an unknown layout ({e}); rebuild it") from e
+    _conversion(saved, wanted, folder)
+    g = MemoryGallery(stage1_dim, local_dim, dataclasses.replace(opts, layout=wanted))
+    mmap = opts.mmap
+
+    def load(key: str, mapped: bool) -> np.ndarray:
+        return np.load(safe_member(folder, files[key], IndexFileError), allow_pickle=False,
+                       mmap_mode="r" if mapped else None)
+
+    same_local = wanted.local == saved.local
+    try:
+        st = load("stage1", True if wanted.compressed_stage1 else mmap)
+        lo = load("local", mmap or not same_local)
+        sc = load("local_scale", mmap) if saved.local == "int8" else None
+        ma = load("mask", mmap)
+        gr = load("gram", mmap or not same_local)
+        with open(safe_member(folder, files["ids"], IndexFileError), encoding="utf-8") as f:
+            ids = json.load(f)
+        meta = None
+        if "meta" in files:
+            with open(safe_member(folder, files["meta"], IndexFileError), encoding="utf-8") as f:
+                meta = json.load(f)
+        codes = peak = sigma = outliers = None
+        if wanted.stage1 == saved.stage1 and saved.compressed_stage1:
+            codes, peak = load("stage1_codes", False), load("stage1_peak", False)
+            if saved.stage1 == "int8" and "stage1_scale" in files:
+                sigma, outliers = load("stage1_scale", False), load("stage1_outliers", False)
+    except IndexFileError:
+        raise
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        raise IndexFileError(f"index in {folder} is damaged or incomplete ({e!r}); rebuild it") from e
+    p = lo.shape[1] if lo.ndim == 3 else -1
+    if (
+        not isinstance(ids, list) or len(ids) != n or st.shape != (n, stage1_dim)
+        or lo.shape != (n, p, local_dim) or ma.shape != (n, p) or gr.shape != (n, p, p)
+        or lo.dtype.name != saved.local or gr.dtype.name != saved.gram
+        or st.dtype != np.float32 or ma.dtype != np.float32
+        or (sc is not None and (sc.shape != (n, p) or sc.dtype != np.float32))
+        or (codes is not None and (codes.shape != (n, stage1_dim) or codes.dtype.name != saved.stage1))
+        or (peak is not None and peak.shape != (stage1_dim,))
+        or (codes is not None and saved.stage1 == "int8" and n > 0 and sigma is None)
+        or (sigma is not None and sigma.shape != (stage1_dim,))
+        or (outliers is not None and (outliers.ndim != 1 or (len(outliers) and not 0 <= outliers.min() <= outliers.max() < n)))
+    ):
+        raise IndexFileError(f"index arrays in {folder} do not match their metadata; rebuild the index")
+    try:
+        clean: list[ItemId] = [check_id(i) for i in ids]
+    except InputError as e:
+        raise IndexFileError(f"index ids in {folder} are invalid: {e}") from e
+    if len(set(clean)) != n:
+        raise IndexFileError(f"index ids in {folder} contain duplicates; rebuild the index")
+    if meta is not None:
+        try:
+            meta = check_metadata(meta, n)
+        except InputError as e:
+            raise IndexFileError(f"index metadata in {folder} is invalid: {e}; rebuild the index") from e
+    if not same_local:
+        lo, sc, gr = _convert_locals(g, lo, gr, ma)
+    codec = None
+    if wanted.compressed_stage1:
+        if codes is not None:
+            codec = Stage1Codec(wanted.stage1, stage1_dim, sigma=sigma, peak=peak)
+            l1 = (entry.get("layout") or {}).get("stage1_l1max")
+            if isinstance(l1, int) and not isinstance(l1, bool) and 0 <= l1 <= 127 * stage1_dim:
+                codec.l1max, codec._fitted_l1 = l1, True
+        else:
+            codec, codes, outliers = encode_stage1(wanted.stage1, st)
+    g.adopt((st, lo, ma, gr, sc), clean, codes=codes, codec=codec, outliers=outliers, meta=meta)
+    return g
+
+
+def _convert_locals(g: MemoryGallery, lo: np.ndarray, gr: np.ndarray, ma: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Saved locals and Grams (mapped) in ``g``'s layout, converted in row blocks (one new copy, no more)."""
+    n, p, d = lo.shape
+    storage = g.layout.local
+    mapped = g.mmap
+    new_lo = g._alloc("local", (n, p, d), storage, mapped)
+    new_sc = g._alloc("scale", (n, p), np.float32, mapped) if storage == "int8" else None
+    new_gr = g._alloc("gram", (n, p, p), g.layout.gram, mapped)
+    step = rows_per_chunk(max(1, lo[:1].nbytes * 4))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        l_, s_, g_ = store_locals(storage, np.asarray(lo[a:b], np.float32), np.asarray(gr[a:b], np.float32))
+        new_lo[a:b], new_gr[a:b] = l_, g_
+        if new_sc is not None and s_ is not None:
+            new_sc[a:b] = s_
+        release_rows(lo, a, b)
+        release_rows(gr, a, b)
+    return new_lo, new_sc, new_gr
+
+
+def encode_stage1(storage: str, st: np.ndarray) -> tuple[Stage1Codec, np.ndarray, np.ndarray]:
+    """A codec fitted on every saved float32 stage-1 row, their codes and outliers (none: the scales fit all)."""
+    n, dim = st.shape
+    codec = Stage1Codec(storage, dim)
+    step = rows_per_chunk(max(1, st[:1].nbytes))
+    peak = np.zeros(dim, np.float32)
+    for a in range(0, n, step):
+        peak = np.maximum(peak, np.abs(np.asarray(st[a:a + step])).max(axis=0))
+        release_rows(st, a, a + step)
+    codec.fit_peak(peak)
+    codes = np.empty((n, dim), codec.code_dtype)
+    outl = []
+    for a in range(0, n, step):
+        c, o = codec.encode(np.asarray(st[a:a + step]))
+        codes[a:a + len(c)] = c
+        release_rows(st, a, a + len(c))
+        outl.append(a + np.flatnonzero(o))
+    return codec, codes, (np.concatenate(outl) if outl else np.zeros(0, np.int64))
+
+
+# ---- index folders ------------------------------------------------------------------
+def save_index(
+    path: str | os.PathLike[str],
+    galleries: Mapping[str, MemoryGallery],
+    *,
+    bundle_id: str,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``galleries`` (name -> gallery) to the folder ``path`` atomically.
+
+    Everything is written to a temp folder beside ``path`` with sha256 of every
+    file in ``index.json``, then swapped into place; an existing index at
+    ``path`` is replaced only once the new one is complete.
+
+    Raises:
+        IndexFileError: ``path`` exists and is not an mssan index (it is never overwritten).
+        IndexWriteError: writing failed (disk full, permissions, a bad path); the previous
+            index at ``path``, if any, is unchanged and no temp folder is left behind.
+    """
+    try:
+        return _save_index(Path(path), galleries, bundle_id=bundle_id, extra=extra)
+    except (OSError, ValueError) as e:
+        if isinstance(e, MssanError):
+            raise
+        raise IndexWriteError(
+            f"cannot write the index to {path}: {e}. Free some space or choose a writable path; "
+            "the previous index there (if any) is unchanged"
+        ) from e
+
+
+def _save_index(
+    out: Path, galleries: Mapping[str, MemoryGallery], *, bundle_id: str, extra: Mapping[str, Any] | None
+) -> Path:
+    if out.exists() and not (out.is_dir() and ((out / INDEX_MANIFEST).is_file() or not any(out.iterdir()))):
+        raise IndexFileError(f"{out} exists and is not an mssan index folder; choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        entries = {name: write_gallery(g, tmp, name) for name, g in galleries.items()}
+        digests = {fname: sha256_file(tmp / fname) for entry in entries.values() for fname in entry["files"].values()}
+        manifest = {
+            "format": INDEX_FORMAT,
+            "format_version": INDEX_FORMAT_VERSION,
+            "bundle_id": bundle_id,
+            "galleries": entries,
+            "files": digests,
+            **dict(extra or {}),
+        }
+        with open(tmp / INDEX_MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        if out.exists() and exchange_dirs(tmp, out):
+            old = tmp                                   # tmp now holds the previous index
+        else:
+            # no atomic exchange here: a crash between these two renames leaves the previous
+            # index at ``old``, which load_index puts back (see recover_interrupted_save)
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
+        fsync_dir(out.parent)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved index %s (%s)", out, ", ".join(f"{k}: {len(g)}" for k, g in galleries.items()))
+    return out
+
+
+def recover_interrupted_save(root: Path) -> bool:
+    """Put back the previous index when a save was killed between its two renames (non-Linux path).
+
+    When ``root`` is missing and a complete ``.NAME.old-*`` folder lies beside it, the newest one
+    is renamed back to ``root``. Returns whether it did. :func:`load_index` calls this.
+    """
+    if root.exists() or not root.parent.is_dir():
+        return False
+    olds = [p for p in root.parent.glob(f".{root.name}.old-*") if (p / INDEX_MANIFEST).is_file()]
+    if not olds:
+        return False
+    latest = max(olds, key=lambda p: p.stat().st_mtime)
+    try:
+        os.replace(latest, root)
+    except OSError:
+        return False
+    log.warning("restored index %s from %s, left by an interrupted save", root, latest.name)
+    return True
+
+
+def read_index_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked ``index.json`` of an index folder (format and version only; files not hashed).
+
+    Reads only: it never renames anything (see :func:`load_index` for recovery).
+
+    Raises:
+        IndexFileError: missing/invalid manifest, unknown format, newer version.
+    """
+    root = Path(path)
+    mpath = root / INDEX_MANIFEST
+    if not mpath.is_file():
+        raise IndexFileError(f"{root} is not an mssan index ({INDEX_MANIFEST} missing); build one with Retriever.save")
+    manifest = read_versioned_json(mpath, error=IndexFileError, fix="rebuild the index",
+                                   version=INDEX_FORMAT_VERSION, format_tag=INDEX_FORMAT)
+    for key in ("bundle_id", "galleries", "files"):
+        if key not in manifest:
+            raise IndexFileError(f"{mpath} lacks {key!r}; rebuild the index")
+    if not isinstance(manifest["files"], dict) or not isinstance(manifest["galleries"], dict):
+        raise IndexFileError(f"{mpath} is malformed; rebuild the index")
+    for entry in manifest["galleries"].values():
+        if not isinstance(entry, dict) or not isinstance(entry.get("files", {}), dict):
+            raise IndexFileError(f"{mpath} is malformed (a gallery entry is not an object); rebuild the index")
+        for fname in entry.get("files", {}).values():
+            if fname not in manifest["files"]:
+                raise IndexFileError(f"index file {fname} has no sha256 in the manifest; rebuild the index")
+    return manifest
+
+
+def load_index(
+    path: str | os.PathLike[str],
+    *,
+    bundle_id: str | None = None,
+    verify: bool = True,
+    options: GalleryOptions | None = None,
+) -> tuple[dict[str, MemoryGallery], dict[str, Any]]:
+    """Load an index folder written by :func:`save_index`.
+
+    A previous index left aside by a save killed between its two renames (platforms without an
+    atomic directory exchange) is put back first (:func:`recover_interrupted_save`).
+
+    Args:
+        bundle_id: when given, the index must have been built with this bundle.
+        verify: check the sha256 of every file.
+        options: :class:`~mssan_infer.options.GalleryOptions` (``layout`` defaults to what each gallery was
+            saved with; another converts while loading, see :func:`read_gallery`).
+    Returns:
+        ``(galleries, manifest)``.
+    Raises:
+        IndexFileError: missing, damaged, tampered, newer-format or other-bundle index.
+        InputError: a ``layout``/``dtype`` the saved values cannot give.
+    """
+    root = Path(path)
+    recover_interrupted_save(root)
+    manifest = read_index_manifest(root)
+    if bundle_id is not None and manifest["bundle_id"] != bundle_id:
+        raise IndexFileError(
+            f"index {root} was built with bundle {manifest['bundle_id']}, but the loaded bundle is {bundle_id}; "
+            "its vectors would not match. Rebuild the index with this bundle."
+        )
+    for fname, digest in manifest["files"].items():
+        try:
+            fpath = safe_member(root, fname, IndexFileError)
+        except IndexFileError as e:
+            raise IndexFileError(f"index manifest names an unsafe file {fname!r}: {e}") from e
+        if not fpath.is_file():
+            raise IndexFileError(f"index file {fname} is missing from {root}; copy the whole folder or rebuild")
+        if verify and sha256_file(fpath) != digest:
+            raise IndexFileError(
+                f"index file {fname} does not match its sha256 (truncated or modified); rebuild the index"
+            )
+    galleries = {
+        name: read_gallery(root, entry, options)
+        for name, entry in manifest["galleries"].items()
+    }
+    return galleries, manifest

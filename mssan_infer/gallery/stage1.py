@@ -1,0 +1,119 @@
+"""Stage 1: maximum-inner-product top-k over stage-1 vectors (exact numpy, or FAISS)."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mssan_infer.deps import optional_import
+from mssan_infer.errors import InputError
+from mssan_infer.files import CHUNK_BYTES
+
+__all__ = ["STAGE1_METHODS", "topk_inner_product", "merge_topk", "import_faiss", "build_faiss", "faiss_topk",
+           "default_ivf_nlist", "check_method"]
+
+log = logging.getLogger(__name__)
+
+STAGE1_METHODS = ("numpy", "faiss", "faiss-ivf", "faiss-hnsw")
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is a stage-1 method (FAISS ones need faiss installed).
+
+    Raises:
+        InputError: unknown method. BackendUnavailableError: a FAISS method without faiss.
+    """
+    if method not in STAGE1_METHODS:
+        raise InputError(f"stage1 must be one of {STAGE1_METHODS}, got {method!r}")
+    if method != "numpy":
+        import_faiss()
+    return method
+
+
+def default_ivf_nlist(n: int) -> int:
+    """IVF lists for ``n`` items when ``nlist`` is not given: 4 sqrt(n), at least 39 items per list."""
+    return max(1, min(n // 39, int(4 * math.sqrt(n))))
+
+
+def merge_topk(idx: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` columns of candidate rows ``idx [Q, M]`` with ``scores [Q, M]``: by decreasing score, ties by row."""
+    order = np.lexsort((idx, -scores), axis=1)[:, :k]          # lexsort sorts by the last key first
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def topk_inner_product(
+    queries: np.ndarray, base: np.ndarray | Sequence[tuple[int, np.ndarray]], k: int, *, chunk_bytes: int = CHUNK_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact maximum-inner-product top-k.
+
+    Args:
+        queries: ``[Q, D]`` float32.
+        base: ``[N, D]`` (may be a memmap; read in chunks of rows), or blocks ``(first row, [n_b, D])``
+            that together hold rows ``0..N-1``.
+        k: results per query; clipped to ``N``.
+    Returns:
+        ``(idx [Q, k'] int64, scores [Q, k'] float32)`` sorted by decreasing score,
+        ties by increasing index; ``k' = min(k, N)``.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    blocks = [(0, base)] if isinstance(base, np.ndarray) else list(base)
+    n = sum(int(b.shape[0]) for _, b in blocks)
+    k = min(int(k), n)
+    nq = q.shape[0]
+    if k <= 0 or nq == 0:
+        return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
+    best_i = np.zeros((nq, 0), np.int64)
+    best_s = np.zeros((nq, 0), np.float32)
+    for start, arr in blocks:
+        rows = max(k, chunk_bytes // (4 * (max(1, nq) + arr.shape[1])), 1)   # base rows per block
+        for a in range(0, int(arr.shape[0]), rows):
+            block = np.asarray(arr[a : a + rows], dtype=np.float32)
+            s = q @ block.T                                                   # [Q, n_block]
+            kk = min(k, s.shape[1])
+            if kk < s.shape[1]:
+                part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            else:
+                part = np.broadcast_to(np.arange(s.shape[1]), (nq, s.shape[1]))
+            cand_i = np.concatenate([best_i, part + (start + a)], axis=1)
+            cand_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
+            best_i, best_s = merge_topk(cand_i, cand_s, k)
+    return best_i.astype(np.int64), best_s.astype(np.float32)
+
+
+def import_faiss(needed_for: str = "stage-1 search with FAISS", instead: str = "stage1='numpy'") -> Any:
+    """The ``faiss`` module, or a :class:`BackendUnavailableError` naming the package (``faiss-cpu``)."""
+    return optional_import("faiss", "faiss-cpu", needed_for, instead)
+
+
+def build_faiss(method: str, stage1: np.ndarray, options: Mapping[str, int]) -> Any:
+    """A FAISS index of ``method`` ("faiss" flat, "faiss-ivf", "faiss-hnsw") over ``stage1 [N, 2D]``."""
+    faiss = import_faiss()
+    x = np.ascontiguousarray(stage1, dtype=np.float32)
+    d, n = x.shape[1], x.shape[0]
+    if method == "faiss":
+        index = faiss.IndexFlatIP(d)
+    elif method == "faiss-hnsw":
+        index = faiss.IndexHNSWFlat(d, int(options.get("M", 32)), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = int(options.get("ef_search", 128))
+    else:
+        nlist = int(options.get("nlist", default_ivf_nlist(n)))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.nprobe = int(options.get("nprobe", min(nlist, 16)))   # FAISS keeps `quantizer` referenced
+    index.add(x)
+    log.debug("built FAISS %s over %d items", method, n)
+    return index
+
+
+def faiss_topk(index: Any, queries: np.ndarray, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k from a FAISS index; columns that some query could not fill are dropped."""
+    k = min(int(k), n)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    scores, idx = index.search(q, k)
+    if (idx < 0).any():  # IVF/HNSW may return fewer than k: keep the columns every row filled
+        width = int((idx >= 0).sum(1).min())
+        idx, scores = idx[:, :width], scores[:, :width]
+    return idx.astype(np.int64), scores.astype(np.float32)

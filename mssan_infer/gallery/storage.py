@@ -1,0 +1,266 @@
+"""Gallery layouts: how a gallery stores its stage-1 vectors and locals (exact, float16, int8).
+
+A *layout* is a pair: the storage of the stage-1 vectors that stage 1 scans, and the storage
+of the locals (and Gram matrices) that the scorer reranks.
+
+========================  ==============  =========================  ==========================
+layout                    stage-1 scan    locals / Grams             final scores
+========================  ==============  =========================  ==========================
+``fp32`` (default)        float32 (BLAS)  float32 / float32          the PyTorch ``score``
+``fp16``                  float16 (FAISS) float16 / float16          stage-1 exact, ``s_ll`` of
+                                                                     fp16-rounded locals
+``int8-stage1``           int8 (FAISS)    float32 / float32          the PyTorch ``score``
+``int8``                  int8 (FAISS)    int8 + per-vector scale /  stage-1 exact, ``s_ll`` of
+                                          float16 (of the int8)      the dequantized locals
+========================  ==============  =========================  ==========================
+
+A compressed stage 1 (``float16``, ``int8``) keeps the float32 stage-1 rows too, in a
+memory-mapped file that is read only for candidates: the scan over-fetches by the
+compressed scores, the candidates are rescored exactly from the float32 rows, and a bound on
+the quantization error (:func:`Stage1Codec.bound`) certifies that no item outside the
+candidates could have entered the top ``k`` (else the search fetches more). Stage 1 therefore
+returns the same rows and float32 scores as the exact scan (items within float32 rounding of
+the ``k``-th score may be exchanged, as between any two float32 summation orders).
+
+int8 stage-1 codes are ``round(x_j / sigma_j)`` with one scale per dimension ``sigma_j``
+(``max |x_j|`` of the first items added, / 127); the scan is FAISS's
+``IndexScalarQuantizer(QT_8bit_direct_signed)`` with the query multiplied by ``sigma``, so the
+per-dimension scales cost nothing at search time. An item with a component past the scale's
+range is an *outlier*: it is kept exact and scored on every query (the scales are refitted
+when outliers pass 1/16 of the gallery).
+
+int8 locals are symmetric per vector (each region's / word's ``D`` values share one scale,
+``max |v| / 127``) and are dequantized while the candidates are gathered; their Gram matrices
+are computed from the dequantized vectors, so the scorer scores the dequantized items exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mssan_infer.errors import InputError
+from mssan_infer.gallery.stage1 import import_faiss
+
+__all__ = ["Layout", "LAYOUTS", "STORAGE", "parse_layout", "Stage1Codec", "quantize_vectors",
+           "dequantize_into", "store_locals", "F16_REL"]
+
+STORAGE = ("float32", "float16", "int8")
+F16_REL = 2.0 ** -11          # float16 rounding: relative error of a normal number
+_F32_EPS = 2.0 ** -24
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Storage of one gallery: ``stage1`` (the scanned vectors) and ``local`` (locals; Grams follow)."""
+
+    stage1: str = "float32"
+    local: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.stage1 not in STORAGE or self.local not in STORAGE:
+            raise InputError(f"layout storage must be one of {STORAGE}, got stage1={self.stage1!r}, local={self.local!r}")
+
+    @property
+    def gram(self) -> str:
+        """Gram storage: float32 beside float32 locals, else float16."""
+        return "float32" if self.local == "float32" else "float16"
+
+    @property
+    def name(self) -> str:
+        for name, lay in LAYOUTS.items():
+            if lay == self:
+                return name
+        return f"stage1={self.stage1},local={self.local}"
+
+    @property
+    def compressed_stage1(self) -> bool:
+        return self.stage1 != "float32"
+
+    @property
+    def exact(self) -> bool:
+        """Final scores equal the PyTorch model's ``score`` (float32 locals)."""
+        return self.local == "float32"
+
+    def record(self) -> dict[str, str]:
+        """The manifest record of this layout."""
+        return {"name": self.name, "stage1": self.stage1, "local": self.local, "gram": self.gram}
+
+
+LAYOUTS: dict[str, Layout] = {
+    "fp32": Layout("float32", "float32"),
+    "fp16": Layout("float16", "float16"),
+    "int8-stage1": Layout("int8", "float32"),
+    "int8": Layout("int8", "int8"),
+}
+
+
+def parse_layout(layout: str | Layout | None, local_dtype: str | None = None) -> Layout:
+    """A :class:`Layout` from a name in :data:`LAYOUTS` (default ``"fp32"``); ``local_dtype`` overrides its locals.
+
+    Raises:
+        InputError: an unknown name or storage.
+    """
+    if isinstance(layout, Layout):
+        lay = layout
+    elif layout is None:
+        lay = LAYOUTS["fp32"]
+    elif isinstance(layout, str) and layout in LAYOUTS:
+        lay = LAYOUTS[layout]
+    else:
+        raise InputError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    if local_dtype is not None:
+        if local_dtype not in STORAGE:
+            raise InputError(f"local_dtype must be one of {STORAGE}, got {local_dtype!r}")
+        lay = Layout(lay.stage1, local_dtype)
+    return lay
+
+
+# ---- locals: int8 with one scale per vector --------------------------------------------
+def quantize_vectors(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of ``x [..., D]`` with one float32 scale per vector (``max |v| / 127``).
+
+    Returns ``(codes [..., D] int8, scale [...] float32)``; a zero vector gets scale 0 and zero codes.
+    Dequantized: ``codes * scale[..., None]``; each value is within ``scale / 2`` of ``x``.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    scale = (np.abs(x).max(axis=-1) / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    codes = np.rint(x / safe[..., None])
+    np.clip(codes, -127, 127, out=codes)
+    return codes.astype(np.int8), scale
+
+
+def store_locals(storage: str, local: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Locals ``[N, P, D]`` and Grams ``[N, P, P]`` (float32) as ``storage`` keeps them -> ``(local, scale, gram)``.
+
+    ``float16``: both rounded. ``int8``: per-vector codes and scales ``[N, P]``, and the Grams of the
+    dequantized locals in float16 (the scorer then scores the dequantized item exactly).
+    """
+    if storage == "float32":
+        return local, None, gram
+    if storage == "float16":
+        return local.astype(np.float16), None, gram.astype(np.float16)
+    codes, scale = quantize_vectors(local)
+    deq = codes * scale[..., None]
+    return codes, scale, np.matmul(deq, deq.transpose(0, 2, 1)).astype(np.float16)
+
+
+def dequantize_into(out: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> None:
+    """``out[...] = codes * scale[..., None]`` in one pass (float32 ``out``)."""
+    np.multiply(codes, scale[..., None], out=out)
+
+
+# ---- stage 1: compressed codes searched by FAISS, rescored from float32 rows -----------------
+class Stage1Codec:
+    """Compressed stage-1 storage (``"float16"`` or ``"int8"``) and its error bound.
+
+    ``int8``: codes ``round(x / sigma)`` in ``[-127, 127]`` with per-dimension scales ``sigma``
+    (FAISS ``QT_8bit_direct_signed`` searched with ``q * sigma``). ``float16``: FAISS ``QT_fp16``.
+    ``peak`` tracks ``max |x_j|`` per dimension over the encoded items (float16's bound).
+
+    Raises:
+        BackendUnavailableError: faiss is not installed.
+    """
+
+    def __init__(self, storage: str, dim: int, sigma: np.ndarray | None = None, peak: np.ndarray | None = None) -> None:
+        if storage not in ("float16", "int8"):
+            raise InputError(f"compressed stage-1 storage must be 'float16' or 'int8', got {storage!r}")
+        self.faiss = import_faiss(f"a layout with a {storage} stage 1", "layout='fp32'")
+        self.storage = storage
+        self.dim = int(dim)
+        self.sigma = None if sigma is None else np.ascontiguousarray(sigma, dtype=np.float32)
+        self.peak = np.zeros(self.dim, np.float32) if peak is None else np.asarray(peak, np.float32).copy()
+        self.l1max = 0 if self.sigma is None else 127 * self.dim     # largest sum_j |code_j| (int8; refined on encode)
+        self._fitted_l1 = self.sigma is None      # a codec given saved scales starts from the worst case
+        qt = self.faiss.ScalarQuantizer
+        self._qtype = qt.QT_fp16 if storage == "float16" else qt.QT_8bit_direct_signed
+
+    @property
+    def code_dtype(self) -> np.dtype[Any]:
+        return np.dtype(np.float16 if self.storage == "float16" else np.int8)
+
+    def fit(self, x: np.ndarray) -> None:
+        """Per-dimension int8 scales from ``x [N, 2D]`` (``max |x_j| / 127``, at least a tiny floor)."""
+        self.fit_peak(np.abs(np.asarray(x, np.float32)).max(axis=0) if len(x) else np.zeros(self.dim, np.float32))
+
+    def fit_peak(self, peak: np.ndarray) -> None:
+        """Per-dimension int8 scales from the largest ``|x_j|`` per dimension (codes then need re-encoding)."""
+        self.sigma = (np.maximum(np.asarray(peak, np.float32), 1e-12) / 127.0).astype(np.float32)
+        self.l1max, self._fitted_l1 = 0, True
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Codes of ``x [N, 2D]`` and the boolean ``[N]`` of outliers (int8 values past the scale's range)."""
+        x = np.asarray(x, np.float32)
+        if len(x):
+            self.peak = np.maximum(self.peak, np.abs(x).max(axis=0))    # replaced, not changed: views keep theirs
+        if self.storage == "float16":
+            return x.astype(np.float16), np.zeros(len(x), bool)
+        if self.sigma is None:
+            self.fit(x)
+        assert self.sigma is not None
+        y = x / self.sigma
+        out = (np.abs(y) > 127.5).any(axis=1)
+        np.rint(y, out=y)
+        np.clip(y, -127, 127, out=y)
+        codes = y.astype(np.int8)
+        if len(codes):
+            self.l1max = max(self.l1max if self._fitted_l1 else 0, int(np.abs(y).sum(axis=1).max()))
+            self._fitted_l1 = True
+        return codes, out
+
+    def new_index(self) -> Any:
+        """An empty FAISS index searching codes of this storage by inner product."""
+        return self.faiss.IndexScalarQuantizer(self.dim, self._qtype, self.faiss.METRIC_INNER_PRODUCT)
+
+    def add_codes(self, index: Any, codes: np.ndarray) -> None:
+        """Append ``codes [N, 2D]`` (this storage's dtype) to a FAISS index of :meth:`new_index`."""
+        if not len(codes):
+            return
+        if self.storage == "float16":
+            raw = np.ascontiguousarray(codes, dtype=np.float16).view(np.uint8)
+        else:
+            raw = np.ascontiguousarray(codes, dtype=np.int8).view(np.uint8) ^ np.uint8(0x80)   # FAISS: value + 128
+        index.add_sa_codes(np.ascontiguousarray(raw))
+
+    def codes_of(self, index: Any) -> np.ndarray:
+        """The codes held by a FAISS index, ``[ntotal, 2D]`` of this storage's dtype (a copy)."""
+        raw = self.faiss.vector_to_array(index.codes).reshape(index.ntotal, -1)
+        if self.storage == "float16":
+            return raw.view(np.float16).reshape(index.ntotal, self.dim)
+        return (raw ^ np.uint8(0x80)).view(np.int8)
+
+    def query(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What FAISS is searched with for float32 queries ``q [Q, 2D]``, and ``[Q]`` factors turning its scores
+        into approximate inner products.
+
+        int8: FAISS scans int8 codes against an *integer* query (its byte kernel rounds the query to
+        integers), so the query ``q * sigma`` is scaled to span ``[-127, 127]`` and rounded here.
+        """
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if self.storage == "float16":
+            return q, np.ones(len(q), np.float64)
+        assert self.sigma is not None
+        qs = q.astype(np.float64) * self.sigma
+        lam = 127.0 / np.maximum(np.abs(qs).max(axis=1), 1e-30)                 # [Q]
+        return np.ascontiguousarray(np.rint(qs * lam[:, None]), dtype=np.float32), 1.0 / lam
+
+    def bound(self, q: np.ndarray) -> np.ndarray:
+        """``[Q]``: the most a compressed score can differ from the float32 one, for any stored non-outlier item.
+
+        int8: ``sum_j |q_j| sigma_j / 2`` (codes rounded to the nearest step) ``+ l1 / (2 lam)`` (the query
+        rounded to integers, ``l1`` the largest ``sum_j |code_j|`` of any item); float16:
+        ``2^-11 sum_j |q_j| peak_j`` (+ subnormals); both plus the float32 summation error of the two dot
+        products (``2 * 2D * 2^-24 * sum_j |q_j| peak_j``).
+        """
+        aq = np.abs(np.asarray(q, np.float32)).astype(np.float64)
+        mass = aq @ self.peak.astype(np.float64)
+        if self.storage == "int8":
+            assert self.sigma is not None
+            inv_lam = np.abs(aq * self.sigma).max(axis=1) / 127.0
+            quant = 0.5 * (aq @ self.sigma.astype(np.float64)) + 0.5 * inv_lam * float(self.l1max)
+        else:
+            quant = F16_REL * mass + 2.0 ** -25 * aq.sum(axis=1)
+        return (quant + 2.0 * self.dim * _F32_EPS * (mass + 1.0)).astype(np.float64)
+

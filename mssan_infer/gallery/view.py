@@ -1,0 +1,279 @@
+"""A snapshot of an in-memory gallery: what one search reads (stage-1 top-k, candidates' locals).
+
+:class:`ArrayView` is the in-memory gallery's :class:`~.contract.GalleryView`: the segments'
+first rows as :class:`Block` s, the compressed stage-1 searcher and codec of that moment, and the
+items' metadata. Later adds write past those rows and removals replace segments, so a view
+never changes while a search uses it.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from mssan_infer.gallery.base import ItemId, extent
+from mssan_infer.gallery.filters import Where, matches, parse_where
+from mssan_infer.gallery.storage import Layout, Stage1Codec, dequantize_into
+from mssan_infer.gallery.stage1 import faiss_topk, topk_inner_product
+
+__all__ = ["ArrayView", "Block", "Codes", "OVERFETCH"]
+
+log = logging.getLogger(__name__)
+
+OVERFETCH = 4              # compressed stage 1 fetches this many times the rows asked for, then rescores
+_MIN_ROWS_PER_PART = 16    # gathers smaller than this per thread are not split
+
+
+@dataclass(frozen=True)
+class Codes:
+    """Compressed stage-1 codes: FAISS sub-indexes (rows numbered in order) and one searcher over them all."""
+
+    shards: Any                 # faiss.IndexShards, searching the sub-indexes on threads of their own
+    subs: tuple[Any, ...]       # FAISS does not own them: they live as long as this object
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.shards.search(q, k)     # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Block:
+    """``count`` rows of one segment, starting at gallery row ``start`` (a view's piece)."""
+
+    start: int
+    count: int
+    stage1: np.ndarray          # [count, D2] float32
+    local: np.ndarray           # [count, P, D] float32 | float16 | int8
+    scale: np.ndarray | None    # [count, P] float32 (int8 locals)
+    mask: np.ndarray            # [count, P] float32
+    gram: np.ndarray            # [count, P, P]
+
+    def dequantized(self, a: int, b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """float32 locals and Grams of block rows ``a:b`` trimmed to ``width`` (no copy when stored so)."""
+        lo, gr = self.local[a:b, :width], self.gram[a:b, :width, :width]
+        if self.scale is not None:
+            out = np.empty(lo.shape, np.float32)
+            dequantize_into(out, lo, self.scale[a:b, :width])
+            lo = out
+        return np.ascontiguousarray(lo, dtype=np.float32), np.ascontiguousarray(gr, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ArrayView:
+    """A consistent read-only snapshot of an in-memory gallery (taken under its lock).
+
+    Blocks are views of the first rows of the gallery's segments; later appends write past
+    them and removals replace segments instead of editing them in place.
+    """
+
+    n: int
+    ids: Sequence[ItemId]                   # valid at positions < n
+    blocks: tuple[Block, ...]
+    layout: Layout
+    faiss_index: Any = None                 # FAISS over the float32 stage 1 (stage1="faiss*")
+    codec: Stage1Codec | None = None        # compressed stage 1: its scales at the time of the snapshot
+    searcher: Codes | None = None           # FAISS over the compressed codes
+    outliers: np.ndarray | None = None      # rows scored exactly on every query (int8 stage 1)
+    overfetch: int = OVERFETCH
+    certify: bool = False
+    meta: Sequence[dict[str, Any] | None] = ()   # per-item metadata, valid at positions < n
+
+    def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemId]:
+        return [self.ids[int(r)] for r in rows]
+
+    # ---- whole arrays (saving, tests) --------------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        return max([0] + [b.local.shape[1] for b in self.blocks])
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Stage-1 vectors, locals, masks and Grams of every item as float32 (a copy; for tests and tools)."""
+        p = self.max_length
+        d = self.blocks[0].local.shape[2] if self.blocks else 0
+        st = np.concatenate([b.stage1 for b in self.blocks]).astype(np.float32) if self.blocks else np.zeros((0, 0))
+        lo = np.zeros((self.n, p, d), np.float32)
+        ma = np.zeros((self.n, p), np.float32)
+        gr = np.zeros((self.n, p, p), np.float32)
+        for b in self.blocks:
+            w = b.local.shape[1]
+            lo[b.start:b.start + b.count, :w] = b.dequantized(0, b.count, w)[0]
+            ma[b.start:b.start + b.count, :w] = b.mask
+            gr[b.start:b.start + b.count, :w, :w] = b.gram
+        return st, lo, ma, gr
+
+    # ---- stage 1 --------------------------------------------------------------------------------
+    def stage1_blocks(self) -> list[tuple[int, np.ndarray]]:
+        return [(b.start, b.stage1) for b in self.blocks]
+
+    def topk(self, queries: np.ndarray, k: int, where: Where | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Stage-1 top-k rows for ``queries [Q, D2]`` -> ``(idx [Q,k'], scores [Q,k'])`` (float32 scores).
+
+        With ``where``, only items whose metadata passes the filter are ranked, by an exact scan of
+        their float32 rows (whatever the layout's or the FAISS stage 1).
+        """
+        conditions = parse_where(where)
+        if conditions:
+            allowed = np.array([r for r in range(self.n)
+                                if matches(self.meta[r] if r < len(self.meta) else None, conditions)], np.int64)
+            q = np.ascontiguousarray(queries, dtype=np.float32)
+            scores = np.stack([self._rescore(q[i], allowed) for i in range(len(q))]) if len(q) else \
+                np.zeros((0, len(allowed)), np.float32)                              # [Q, allowed]
+            k = min(int(k), len(allowed))
+            order = np.lexsort((np.broadcast_to(allowed, scores.shape), -scores), axis=1)[:, :k]
+            return allowed[order], np.take_along_axis(scores, order, axis=1)
+        if self.faiss_index is not None:
+            return faiss_topk(self.faiss_index, queries, k, self.n)
+        if self.codec is None or k >= self.n:
+            return topk_inner_product(queries, self.stage1_blocks(), k)
+        return self._compressed_topk(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def _rescore(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """float32 inner products of ``q [D2]`` with the stored float32 rows ``rows`` (sorted) -> ``[len(rows)]``."""
+        out = np.empty(len(rows), np.float32)
+        if not len(rows):
+            return out
+        starts = np.array([b.start for b in self.blocks])
+        which = np.searchsorted(starts, rows, side="right") - 1
+        for bi in np.unique(which):
+            sel = np.flatnonzero(which == bi)
+            b = self.blocks[int(bi)]
+            out[sel] = np.take(b.stage1, rows[sel] - b.start, axis=0) @ q
+        return out
+
+    def _compressed_topk(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Over-fetch by the compressed scores, rescore exactly, widen until the error bound certifies the top k."""
+        assert self.codec is not None and self.searcher is not None
+        k = min(int(k), self.n)
+        nq = len(q)
+        out_i = np.zeros((nq, k), np.int64)
+        out_s = np.zeros((nq, k), np.float32)
+        bound = self.codec.bound(q)
+        qq, factor = self.codec.query(q)
+        outliers = self.outliers if self.outliers is not None else np.zeros(0, np.int64)
+        todo = np.arange(nq)
+        fetch = min(self.n, max(k * self.overfetch, k + 32))
+        while len(todo):
+            raw, idx = self.searcher.search(qq[todo], fetch)               # [Q', fetch] best first
+            left = []
+            for j, qi in enumerate(todo):
+                found = idx[j] >= 0
+                rows = np.union1d(idx[j][found], outliers)
+                exact = self._rescore(q[qi], rows)
+                order = np.lexsort((rows, -exact))[:k]
+                out_i[qi], out_s[qi] = rows[order], exact[order]
+                complete = fetch >= self.n or int(found.sum()) < fetch
+                # no unfetched item can beat the k-th: its compressed score is at most the last fetched one's
+                if self.certify and not complete and float(exact[order[-1]]) < float(raw[j, -1]) * factor[qi] + bound[qi]:
+                    left.append(qi)
+            todo = np.asarray(left, np.int64)
+            if len(todo):
+                fetch = min(self.n, fetch * 4)
+                log.debug("compressed stage 1: %d queries not certified, fetching %d", len(todo), fetch)
+        return out_i, out_s
+
+    # ---- candidates ---------------------------------------------------------------------------
+    def _locate(self, rows: np.ndarray) -> np.ndarray:
+        starts = np.array([b.start for b in self.blocks], np.int64)
+        return np.searchsorted(starts, rows, side="right") - 1
+
+    def gather(
+        self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Locals, masks and Grams of ``rows``, float32, trimmed to their longest item.
+
+        Args:
+            rows: gallery rows, in the order wanted.
+            executor, parts: copy in ``parts`` slices, ``parts - 1`` of them on ``executor``
+                (the caller copies one). One thread's copy is bound by its memory reads; two
+                threads fetch twice as many rows at once. Memory-mapped rows are read in file order.
+        Returns: ``local [K,P',D]``, ``mask [K,P']``, ``gram [K,P',P']``. A run of consecutive rows
+        of one float32 block at its full width is returned without a copy (exhaustive search).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        k = len(rows)
+        which = self._locate(rows) if k else np.zeros(0, np.int64)
+        if k and which[0] == which[-1] and rows[-1] - rows[0] == k - 1 and (np.diff(rows) == 1).all():
+            b = self.blocks[int(which[0])]
+            a = int(rows[0]) - b.start
+            mask = b.mask[a:a + k]
+            width = max(1, extent(mask))
+            local, gram = b.dequantized(a, a + k, width)
+            return local, np.ascontiguousarray(mask[:, :width], dtype=np.float32), gram
+        d = self.blocks[0].local.shape[2] if self.blocks else 1
+        pad = self.max_length
+        mask_full = np.zeros((k, max(1, pad)), np.float32)
+        for bi in np.unique(which):
+            sel = np.flatnonzero(which == bi)
+            b = self.blocks[int(bi)]
+            mask_full[sel, : b.mask.shape[1]] = np.take(b.mask, rows[sel] - b.start, axis=0)
+        width = max(1, extent(mask_full))
+        local = np.empty((k, width, d), np.float32)
+        gram = np.empty((k, width, width), np.float32)
+        single = len(self.blocks) == 1 and k > 0
+        b0 = self.blocks[0] if single else None
+        in_ram = b0 is not None and not any(isinstance(a, np.memmap) or isinstance(a.base, np.memmap)
+                                            for a in (b0.local, b0.gram))
+        if in_ram:
+            assert b0 is not None
+            src_local, src_gram, src_scale = b0.local, b0.gram, b0.scale
+            whole = b0.local.shape[1] == width and src_local.dtype == np.float32 and src_gram.dtype == np.float32
+
+            def copy(a: int, b: int) -> None:             # a few C calls per slice, without the GIL
+                r = rows[a:b]
+                if whole:
+                    np.take(src_local, r, axis=0, out=local[a:b], mode="clip")   # rows are in range
+                    np.take(src_gram, r, axis=0, out=gram[a:b], mode="clip")
+                    return
+                lo = np.take(src_local, r, axis=0, mode="clip")[:, :width]      # int8/float16: 2-4x fewer bytes
+                if src_scale is not None:
+                    sc = np.take(src_scale, r, axis=0, mode="clip")[:, :width]
+                    dequantize_into(local[a:b], lo, sc)
+                else:
+                    np.copyto(local[a:b], lo)
+                np.copyto(gram[a:b], np.take(src_gram, r, axis=0, mode="clip")[:, :width, :width])
+        else:
+            rows_l = rows.tolist()
+            which_l = which.tolist()
+            mapped = any(isinstance(b.local, np.memmap) or isinstance(b.local.base, np.memmap) for b in self.blocks)
+            order_l = np.argsort(rows, kind="stable").tolist() if mapped else list(range(k))
+            blocks = self.blocks
+
+            def copy(a: int, b: int) -> None:
+                for pos in order_l[a:b]:
+                    blk = blocks[which_l[pos]]
+                    r = rows_l[pos] - blk.start
+                    w = min(width, blk.local.shape[1])
+                    if w < width:
+                        local[pos, w:] = 0
+                        gram[pos] = 0
+                    if blk.scale is not None:
+                        dequantize_into(local[pos, :w], blk.local[r, :w], blk.scale[r, :w])
+                    else:
+                        local[pos, :w] = blk.local[r, :w]       # casts float16 storage
+                    gram[pos, :w, :w] = blk.gram[r, :w, :w]
+
+        parts = max(1, min(int(parts), k // _MIN_ROWS_PER_PART)) if executor is not None else 1
+        if parts == 1 or executor is None:
+            copy(0, k)
+        else:
+            bounds = np.linspace(0, k, parts + 1).astype(int).tolist()
+            futures = [executor.submit(copy, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+            copy(bounds[0], bounds[1])
+            for f in futures:
+                f.result()
+        return local, np.ascontiguousarray(mask_full[:, :width]), gram
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of the snapshot's arrays, split by whether they are memory-mapped (``mapped``) or in RAM."""
+        out = {"ram": 0, "mapped": 0}
+        for b in self.blocks:
+            for a in (b.stage1, b.local, b.scale, b.mask, b.gram):
+                if a is None:
+                    continue
+                mapped = isinstance(a, np.memmap) or isinstance(a.base, np.memmap)
+                out["mapped" if mapped else "ram"] += int(a.nbytes)
+        if self.codec is not None:
+            out["ram"] += int(self.n * self.codec.dim * self.codec.code_dtype.itemsize)
+        return out

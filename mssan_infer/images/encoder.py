@@ -1,0 +1,122 @@
+"""Images from pixels: the bundle's optional pixel graph (backbone + image encoder) and its runner.
+
+A bundle exported with ``--pixels`` holds ``image_encoder_pixels.onnx`` and the preprocessing
+constants in ``preprocessing.image``; images given as paths, PIL images or uint8 arrays are
+preprocessed (:mod:`mssan_infer.images.preprocess`) and encoded by that graph, on the retriever's
+backend when it has the graph, else in an ONNX Runtime session of its own.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from mssan_infer.backends.base import Backend
+from mssan_infer.bundle import Bundle
+from mssan_infer.search import Encoded
+from mssan_infer.errors import BundleError, InputError
+from mssan_infer.images.preprocess import ImageSource, Preprocessing, describe, is_image_source, preprocess
+from mssan_infer.progress import batches
+from mssan_infer.spec import IMAGE_ENCODER_PIXELS
+
+__all__ = ["PIXEL_GRAPH", "PixelEncoder", "pixel_sources", "has_pixel_graph"]
+
+PIXEL_GRAPH = IMAGE_ENCODER_PIXELS.name
+
+
+def pixel_sources(x: object) -> list[ImageSource] | None:
+    """``x`` as a list of images (paths, PIL images, uint8 arrays), or None when it is region features."""
+    if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] in (1, 3, 4):
+        return list(x)                                                   # [N,H,W,C] uint8
+    if is_image_source(x):
+        return [x]  # type: ignore[list-item]
+    if isinstance(x, (list, tuple)) and x and all(is_image_source(i) for i in x):
+        return list(x)
+    return None
+
+
+def has_pixel_graph(bundle: Bundle) -> bool:
+    """Whether the bundle can encode images from pixels (exported with ``--pixels``)."""
+    return PIXEL_GRAPH in bundle.manifest.optional_graphs
+
+
+class PixelEncoder:
+    """Encodes images from pixels with a bundle's pixel graph; the runner is made on first use.
+
+    Args:
+        bundle: the bundle.
+        backend: the retriever's backend (used when it has the pixel graph).
+        embed_size: ``D``.
+    """
+
+    def __init__(self, bundle: Bundle, backend: Backend, embed_size: int) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.embed_size = embed_size
+        self._lock = threading.Lock()
+        self._runner: tuple[Backend, Preprocessing] | None = None
+
+    def _runner_and_config(self) -> tuple[Backend, Preprocessing]:
+        with self._lock:
+            if self._runner is None:
+                m = self.bundle.manifest
+                entry = m.optional_graphs.get(PIXEL_GRAPH)
+                if entry is None:
+                    dv = m.img_dim
+                    raise InputError(
+                        f"bundle {self.bundle.root} has no pixel graph, so images must be region features "
+                        f"[N, R, {dv}]; to index image files re-export it with `python -m export "
+                        "--checkpoint CKPT --out DIR --pixels --features DATA --backbone-weights PATH`"
+                    )
+                prep = m.preprocessing.get("image")
+                if not isinstance(prep, dict):
+                    raise BundleError(
+                        f"bundle {self.bundle.root} has a pixel graph but no preprocessing.image entry; re-export it"
+                    )
+                cfg = Preprocessing.from_dict(prep)
+                if PIXEL_GRAPH in self.backend.graphs:
+                    runner: Backend = self.backend
+                else:
+                    from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend
+                    from mssan_infer.options import OnnxRuntimeOptions
+
+                    name = str(entry.get("file", ""))
+                    if name not in m.files:
+                        raise BundleError(
+                            f"bundle {self.bundle.root}: pixel graph {name!r} has no sha256 in the manifest; re-export it"
+                        )
+                    runner = OnnxRuntimeBackend(
+                        {PIXEL_GRAPH: self.bundle.path(name)}, OnnxRuntimeOptions(device=self.backend.device)
+                    )
+                self._runner = (runner, cfg)
+            return self._runner
+
+    def encode(self, sources: Sequence[ImageSource], batch_size: int, *, progress: bool = False) -> Encoded:
+        """Preprocess and encode images -> :class:`Encoded` (every grid cell is a real region).
+
+        Raises:
+            InputError: no images, a file that is missing or not an image, or no pixel graph.
+        """
+        runner, cfg = self._runner_and_config()
+        n = len(sources)
+        if n == 0:
+            raise InputError("no images given")
+        pixels = np.stack([preprocess(s, cfg, describe(s, i)) for i, s in enumerate(sources)])   # [N,3,S,S]
+        out: Encoded | None = None
+        for a, b in batches(n, batch_size, "encode images", progress):
+            res = runner.run(PIXEL_GRAPH, {"pixels": pixels[a:b]})
+            if out is None:
+                r, d = res["img_local"].shape[1], self.embed_size
+                out = Encoded(np.zeros((n, 2 * d), np.float32), np.zeros((n, r, d), np.float32),
+                              np.ones((n, r), np.float32), np.zeros((n, r, r), np.float32))
+            out.stage1[a:b] = res["img_stage1"]
+            out.local[a:b] = res["img_local"]
+            out.gram[a:b] = res["img_gram"]
+        assert out is not None
+        return out
+
+    def close(self) -> None:
+        """Close the pixel graph's own session (not the retriever's backend)."""
+        if self._runner is not None and self._runner[0] is not self.backend:
+            self._runner[0].close()

@@ -1,0 +1,312 @@
+"""Galleries kept in Qdrant: Qdrant Edge shards in-process, or collections on a Qdrant server/cluster.
+
+One point per item, in the bundle's layout:
+
+- ``stage1``: the stage-1 vector (dense, dot product), optionally int8 scalar-quantized with
+  rescoring from the original vectors;
+- ``local``: the item's locals as a multivector, only its real regions/words (no padding), with
+  no HNSW graph on it (``m=0``), stored float32 (exact), float16 or uint8 (a per-vector scale in
+  the payload);
+- payload: ``mssan_id`` (the item id, str or int), ``mssan_seq`` (insertion order, which breaks
+  score ties as the in-memory gallery's rows do), ``mssan_scale`` (uint8 locals only) and the
+  user's metadata (filterable with ``where=``).
+
+The point id is a UUID derived from the item id, so any process can find, test or remove an item
+without a lookup table. Gram matrices are not stored: they are recomputed from the fetched locals
+at rerank time (``local @ local.T`` over the candidates). The bundle id, dims and layout are
+recorded with the gallery (a ``mssan_gallery.json`` beside an Edge shard; the collection's metadata
+on a server), and a gallery built with another bundle or layout is refused.
+
+``qdrant_edge`` and ``qdrant_client`` are imported only when such a gallery is opened.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from mssan_infer.gallery.base import ItemId, check_encoded, check_id, new_ids
+from mssan_infer.errors import IndexFileError, InputError
+from mssan_infer.gallery.filters import Where, check_metadata, parse_where
+from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions, QdrantServer
+from mssan_infer.qdrant.stores import META_FILE, ClientStore, EdgeStore, Store, import_client
+
+__all__ = ["QdrantGallery", "QdrantView", "open_qdrant_galleries", "point_id", "copy_gallery"]
+
+log = logging.getLogger(__name__)
+
+_NAMESPACE = uuid.UUID("5b2c2f5e-6a4e-4f3c-9a43-3c1f0b7de1a1")   # point ids of mssan items
+_ID, _SEQ, _SCALE = "mssan_id", "mssan_seq", "mssan_scale"
+_BATCH = 256                              # points per upsert / retrieve request
+
+
+def point_id(item_id: ItemId) -> str:
+    """The Qdrant point id of an item: a UUID from the id's type and value (``"7"`` and ``7`` differ)."""
+    return str(uuid.uuid5(_NAMESPACE, f"{'i' if isinstance(item_id, int) else 's'}:{item_id}"))
+
+
+class QdrantGallery:
+    """A :class:`~.contract.Gallery` kept in Qdrant (see the module docstring for the point layout).
+
+    Thread-safe: Qdrant orders concurrent writes; a lock keeps each ``add``'s id checks and
+    upsert together within this process. Searches do not take the lock.
+    """
+
+    def __init__(self, store: Store, stage1_dim: int, local_dim: int, options: QdrantOptions) -> None:
+        self._store = store
+        self.stage1_dim, self.local_dim, self.options = int(stage1_dim), int(local_dim), options
+        self._lock = threading.Lock()
+        self._seq = time.time_ns()
+
+    @property
+    def where(self) -> str:
+        return self._store.where
+
+    def __len__(self) -> int:
+        return self._store.count()
+
+    def __contains__(self, item_id: object) -> bool:
+        try:
+            pid = point_id(check_id(item_id))
+        except InputError:
+            return False
+        return pid in self._store.present([pid])
+
+    def _ordered_payloads(self) -> list[dict[str, Any]]:
+        return sorted(self._store.payloads(), key=lambda p: (p.get(_SEQ, 0), str(p.get(_ID))))
+
+    @property
+    def ids(self) -> list[ItemId]:
+        """A copy of the ids, in insertion order (reads every point's payload)."""
+        return [p[_ID] for p in self._ordered_payloads() if _ID in p]
+
+    def next_ids(self, count: int) -> list[int]:
+        """``count`` fresh integer ids (one more than the largest int id, counting up; reads every payload)."""
+        ints = [i for i in self.ids if isinstance(i, int)]
+        start = max(ints) + 1 if ints else 0
+        return list(range(start, start + count))
+
+    def _present_ids(self, ids: list[ItemId]) -> list[ItemId]:
+        found: set[str] = set()
+        pids = [point_id(i) for i in ids]
+        for a in range(0, len(pids), _BATCH):
+            found |= self._store.present(pids[a : a + _BATCH])
+        return [i for i, p in zip(ids, pids) if p in found]
+
+    def _encode_local(self, local: np.ndarray) -> tuple[Any, list[float] | None]:
+        """One item's real locals ``[P, D]`` in the storage dtype (and per-vector scales for uint8)."""
+        if self.options.local_dtype != "uint8":
+            return local.astype(np.float32), None
+        scale = np.maximum(np.abs(local).max(1), 1e-12).astype(np.float32)           # [P]
+        q = np.rint(local / scale[:, None] * 127.0) + 128.0
+        return np.clip(q, 0, 255).astype(np.float32), scale.tolist()
+
+    def decode_local(self, stored: Any, payload: Mapping[str, Any]) -> np.ndarray:
+        """Locals ``[P, D]`` float32 from what Qdrant returns."""
+        arr = np.asarray(stored, dtype=np.float32).reshape(-1, self.local_dim)
+        if self.options.local_dtype == "uint8":
+            scale = np.asarray(payload.get(_SCALE, []), np.float32)
+            if scale.shape != (arr.shape[0],):
+                raise IndexFileError(f"{self.where}: a point's uint8 locals have no matching scales; rebuild it")
+            arr = (arr - 128.0) * (scale[:, None] / 127.0)
+        return arr
+
+    def add(
+        self,
+        stage1: np.ndarray,
+        local: np.ndarray,
+        mask: np.ndarray,
+        gram: np.ndarray,
+        ids: Sequence[ItemId] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> list[ItemId]:
+        """Upsert encoded items as points (all or nothing for bad input; Qdrant acknowledges each batch).
+
+        Raises:
+            InputError: shapes, NaN/inf, bad, duplicate or present ids, bad metadata.
+        """
+        stage1, local, mask, gram = check_encoded(stage1, local, mask, gram, self.stage1_dim, self.local_dim)
+        n = stage1.shape[0]
+        meta = check_metadata(metadata, n)
+        with self._lock:
+            new = self.next_ids(n) if ids is None else new_ids(ids, n, self._present_ids)
+            points = []
+            for j in range(n):
+                real = local[j][mask[j] > 0]                                        # [P_j, D]
+                stored, scale = self._encode_local(real)
+                self._seq += 1
+                payload: dict[str, Any] = {**(meta[j] or {}), _ID: new[j], _SEQ: self._seq}
+                if scale is not None:
+                    payload[_SCALE] = scale
+                points.append((point_id(new[j]), stage1[j], stored, payload))
+            for a in range(0, n, _BATCH):
+                self._store.upsert(points[a : a + _BATCH])
+        return list(new)
+
+    def remove(self, ids: Iterable[ItemId]) -> None:
+        """Remove items by id (all or nothing). Raises InputError for an unknown id."""
+        drop = list(dict.fromkeys(check_id(i) for i in ids))
+        with self._lock:
+            known = set(self._present_ids(drop))
+            unknown = [i for i in drop if i not in known]
+            if unknown:
+                raise InputError(f"unknown ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; nothing was removed")
+            if drop:
+                self._store.delete([point_id(i) for i in drop])
+
+    def flush(self) -> None:
+        """Make every acknowledged change durable (Edge: flush the shard; a server already has)."""
+        self._store.flush()
+
+    def close(self) -> None:
+        self._store.close()
+
+    def view(self) -> "QdrantView":
+        return QdrantView(self)
+
+
+class QdrantView:
+    """One search's view of a Qdrant gallery: stage 1 fetches the candidates' locals in the same request,
+    so the rerank sees the items exactly as stage 1 found them."""
+
+    def __init__(self, gallery: QdrantGallery) -> None:
+        self._g = gallery
+        self._n = len(gallery)
+        self._rows: dict[str, int] = {}                  # point id -> row of this view
+        self._items: list[tuple[ItemId, dict[str, Any], Any]] = []     # (id, payload, stored locals)
+
+    @property
+    def n(self) -> int:
+        return self._n
+
+    def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemId]:
+        return [self._items[int(r)][0] for r in rows]
+
+    def topk(self, queries: np.ndarray, k: int, where: Where | None = None) -> tuple[np.ndarray, np.ndarray]:
+        conditions = parse_where(where)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(int(k), max(self._n, 1))
+        found = [self._g._store.query(q[i], k, conditions, with_locals=True) for i in range(q.shape[0])]
+        # rows in insertion order (mssan_seq, then point id), so ties break as in the in-memory gallery
+        new = {pid: (pl, lo) for res in found for pid, _, pl, lo in res if pid not in self._rows}
+        for pid in sorted(new, key=lambda p: (new[p][0].get(_SEQ, 0), p)):
+            pl, lo = new[pid]
+            self._rows[pid] = len(self._items)
+            self._items.append((check_id(pl.get(_ID)), pl, lo))
+        width = min(len(res) for res in found) if found else 0
+        rows = np.zeros((len(found), width), np.int64)
+        scores = np.zeros((len(found), width), np.float32)
+        for i, res in enumerate(found):
+            r = np.array([self._rows[pid] for pid, _, _, _ in res], np.int64)
+            s = np.array([score for _, score, _, _ in res], np.float32)
+            order = np.lexsort((r, -s))[:width]
+            rows[i], scores[i] = r[order], s[order]
+        return rows, scores
+
+    def gather(self, rows: np.ndarray, executor: Executor | None = None,
+               parts: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        items = [self._g.decode_local(self._items[int(r)][2], self._items[int(r)][1]) for r in rows]
+        width = max([1] + [x.shape[0] for x in items])
+        local = np.zeros((len(items), width, self._g.local_dim), np.float32)
+        mask = np.zeros((len(items), width), np.float32)
+        for j, x in enumerate(items):
+            local[j, : x.shape[0]] = x
+            mask[j, : x.shape[0]] = 1.0
+        gram = np.matmul(local, local.transpose(0, 2, 1))                          # [K, P, P]
+        return local, mask, gram
+
+
+# ---- opening ------------------------------------------------------------------------------------
+def _check_meta(meta: dict[str, Any], want: dict[str, Any], where: str) -> None:
+    if meta.get("bundle_id") != want["bundle_id"]:
+        raise IndexFileError(
+            f"{where} was built with bundle {meta.get('bundle_id')}, but the loaded bundle is {want['bundle_id']}; "
+            "its vectors would not match. Use another path/collection or rebuild it with this bundle."
+        )
+    for key in ("gallery", "stage1_dim", "local_dim", "layout"):
+        if meta.get(key) != want[key]:
+            raise IndexFileError(
+                f"{where} holds {key} {meta.get(key)!r}, but it was opened with {want[key]!r}; open it with the "
+                "options it was built with, or rebuild it"
+            )
+
+
+def open_qdrant_galleries(
+    spec: QdrantEdge | QdrantServer, names: Sequence[str], stage1_dim: int, local_dim: int, bundle_id: str
+) -> dict[str, QdrantGallery]:
+    """Open (creating when missing) one Qdrant gallery per name for a bundle.
+
+    Raises:
+        IndexFileError: a gallery built with another bundle or layout, or one that cannot be opened.
+        BackendUnavailableError: the Qdrant package is not installed.
+    """
+    opts = spec.options
+    out: dict[str, QdrantGallery] = {}
+    client = None
+    if isinstance(spec, QdrantServer):
+        client = spec.client
+        if client is None:
+            if not spec.url:
+                raise InputError("QdrantServer needs url= (e.g. 'http://localhost:6333') or client=")
+            qc = import_client("qdrant_client", "qdrant-client")
+            client = qc.QdrantClient(url=spec.url, api_key=spec.api_key, prefer_grpc=spec.prefer_grpc)
+    for name in names:
+        want = {"format": "mssan-qdrant-gallery", "bundle_id": bundle_id, "gallery": name, "stage1_dim": stage1_dim,
+                "local_dim": local_dim, "layout": opts.layout()}
+        if isinstance(spec, QdrantEdge):
+            store: Store = EdgeStore(Path(spec.path) / name, stage1_dim, local_dim, opts)
+            meta = store.read_meta()
+            if meta is None:
+                if store.count():
+                    raise IndexFileError(f"{store.where} holds points but no {META_FILE}; it is not an mssan gallery")
+                store.write_meta(want)
+            else:
+                _check_meta(meta, want, store.where)
+        else:
+            cs = ClientStore(client, f"{spec.prefix}_{name}", stage1_dim, local_dim, opts)
+            meta = cs.read_meta()
+            if meta is None:
+                cs.create(want)
+            elif meta.get("format") != "mssan-qdrant-gallery":
+                raise IndexFileError(f"{cs.where} exists but is not an mssan gallery; choose another prefix")
+            else:
+                _check_meta(meta, want, cs.where)
+            store = cs
+        out[name] = QdrantGallery(store, stage1_dim, local_dim, opts)
+    return out
+
+
+def copy_gallery(src: QdrantGallery, dst: QdrantGallery, batch: int = _BATCH) -> int:
+    """Copy every item of ``src`` (e.g. an Edge shard) into ``dst`` (e.g. a server collection), ids,
+    metadata and insertion order included: the way a gallery built on one machine moves up to a shared
+    server. Returns the number of items copied.
+
+    Raises:
+        InputError: ids already in ``dst`` (checked before anything is written) or other dims.
+    """
+    if (src.stage1_dim, src.local_dim) != (dst.stage1_dim, dst.local_dim):
+        raise InputError(f"{src.where} and {dst.where} hold vectors of different sizes")
+    ids = src.ids
+    clash = dst._present_ids(ids)
+    if clash:
+        raise InputError(f"ids already in {dst.where}: {clash[:5]}; nothing was copied")
+    for a in range(0, len(ids), batch):
+        part = ids[a : a + batch]
+        records = src._store.fetch([point_id(i) for i in part])
+        stage1 = np.stack([np.asarray(s1, np.float32) for s1, _, _ in records])
+        locals_ = [src.decode_local(lo, pl) for _, lo, pl in records]
+        width = max(x.shape[0] for x in locals_)
+        local = np.zeros((len(part), width, src.local_dim), np.float32)
+        mask = np.zeros((len(part), width), np.float32)
+        for j, x in enumerate(locals_):
+            local[j, : x.shape[0]], mask[j, : x.shape[0]] = x, 1.0
+        gram = np.matmul(local, local.transpose(0, 2, 1))
+        user = [{k: v for k, v in pl.items() if not k.startswith("mssan_")} or None for _, _, pl in records]
+        dst.add(stage1, local, mask, gram, ids=part, metadata=user)
+    return len(ids)

@@ -1,0 +1,133 @@
+"""Where Qdrant galleries live and how they store and search: :class:`QdrantOptions`, :class:`QdrantEdge`,
+:class:`QdrantServer`, and :func:`parse_gallery` for the ``"qdrant-edge:PATH"`` / ``"qdrant:URL"`` strings."""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from mssan_infer.errors import InputError
+
+__all__ = ["QdrantOptions", "QdrantEdge", "QdrantServer", "parse_gallery", "LOCAL_DTYPES"]
+
+LOCAL_DTYPES = ("float32", "float16", "uint8")
+
+
+@dataclass(frozen=True)
+class QdrantOptions:
+    """How a Qdrant gallery stores and searches.
+
+    Attributes:
+        exact: stage 1 by a full scan; ``False`` uses the HNSW graph with ``hnsw_ef`` (approximate:
+            measure its recall). A full scan without quantization is exact: the in-memory gallery's results.
+        quantization: ``None`` or ``"int8"``: int8 scalar quantization of the stage-1 vectors, scanned
+            first, then the top ``oversampling * k`` rescored from the original vectors (the returned
+            stage-1 scores are exact; which items reach the top can differ: measure its recall).
+        oversampling: candidates rescored per result with ``quantization``.
+        hnsw_m, hnsw_ef: HNSW graph degree and search breadth (``exact=False``).
+        local_dtype: storage of the locals: ``"float32"`` (exact), ``"float16"`` or ``"uint8"``.
+    """
+
+    exact: bool = True
+    quantization: str | None = None
+    oversampling: float = 2.0
+    hnsw_m: int = 16
+    hnsw_ef: int = 128
+    local_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.quantization not in (None, "int8"):
+            raise InputError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.local_dtype not in LOCAL_DTYPES:
+            raise InputError(f"local_dtype must be one of {LOCAL_DTYPES}, got {self.local_dtype!r}")
+        if not (isinstance(self.oversampling, (int, float)) and self.oversampling >= 1):
+            raise InputError(f"oversampling must be a number >= 1, got {self.oversampling!r}")
+        for name in ("hnsw_m", "hnsw_ef"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InputError(f"{name} must be a positive int, got {v!r}")
+
+    def layout(self) -> dict[str, Any]:
+        """What must match between a gallery and the options it is opened with."""
+        return {"quantization": self.quantization, "local_dtype": self.local_dtype, "hnsw_m": self.hnsw_m}
+
+
+@dataclass(frozen=True)
+class QdrantEdge:
+    """Galleries in Qdrant Edge shards (the Qdrant engine in-process): ``path/images``, ``path/texts``."""
+
+    path: str | os.PathLike[str]
+    options: QdrantOptions = field(default_factory=QdrantOptions)
+
+
+@dataclass(frozen=True)
+class QdrantServer:
+    """Galleries as collections ``{prefix}_images`` / ``{prefix}_texts`` on a Qdrant server or cluster.
+
+    Give ``url`` (e.g. ``"http://localhost:6333"``), or ``client``: any ``qdrant_client.QdrantClient``
+    (its local mode ``QdrantClient(":memory:")`` or ``QdrantClient(path=...)`` included).
+    """
+
+    url: str | None = None
+    prefix: str = "mssan"
+    client: Any = None
+    api_key: str | None = None
+    prefer_grpc: bool = False
+    options: QdrantOptions = field(default_factory=QdrantOptions)
+
+
+GallerySpec = Union[None, str, QdrantEdge, QdrantServer]
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_gallery(spec: GallerySpec) -> QdrantEdge | QdrantServer | None:
+    """Where galleries live, from ``Retriever.load(gallery=...)`` or the CLI's ``--gallery``.
+
+    ``None`` or ``"memory"``: in this process (``None`` is returned). ``"qdrant-edge:PATH"``: Qdrant
+    Edge shards under ``PATH``. ``"qdrant:URL"`` (e.g. ``"qdrant:http://localhost:6333"``): collections
+    on a Qdrant server. Both take options after ``?``: ``prefix`` (server collections, default
+    ``mssan``), ``exact``, ``quantization``, ``oversampling``, ``hnsw_m``, ``hnsw_ef``, ``local_dtype``,
+    e.g. ``"qdrant-edge:/data/g?quantization=int8&local_dtype=float16"``.
+
+    Raises:
+        InputError: anything else, or an unknown or malformed option.
+    """
+    if isinstance(spec, (QdrantEdge, QdrantServer)):
+        return spec
+    if spec is None or spec == "memory":
+        return None
+    if not isinstance(spec, str):
+        raise InputError(f"gallery must be 'memory', 'qdrant-edge:PATH', 'qdrant:URL', QdrantEdge or QdrantServer, "
+                         f"got {type(spec).__name__}")
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("qdrant-edge", "qdrant") or not rest:
+        raise InputError(f"gallery {spec!r}: expected 'memory', 'qdrant-edge:PATH' or 'qdrant:URL' (options after '?')")
+    target, _, query = rest.partition("?")
+    raw = dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
+    prefix = raw.pop("prefix", "mssan")
+    unknown = sorted(set(raw) - {"exact", "hnsw_m", "hnsw_ef", "oversampling", "quantization", "local_dtype"})
+    if unknown:
+        raise InputError(f"gallery {spec!r}: unknown option {unknown[0]!r}")
+    opts: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            if key == "exact":
+                opts[key] = _BOOLS[value.lower()]
+            elif key in ("hnsw_m", "hnsw_ef"):
+                opts[key] = int(value)
+            elif key == "oversampling":
+                opts[key] = float(value)
+            elif key == "quantization":
+                opts[key] = None if value.lower() in ("", "none") else value
+            else:
+                opts[key] = value
+        except (KeyError, ValueError):
+            raise InputError(f"gallery {spec!r}: option {key}={value!r} is malformed") from None
+    options = QdrantOptions(**opts)
+    if kind == "qdrant-edge":
+        return QdrantEdge(target, options)
+    return QdrantServer(url=target, prefix=prefix, options=options)
+
+

@@ -4,6 +4,7 @@ synth -> train (tiny preset) -> evaluate -> export (fp32 + fp16, parity enforced
 -> index the test images with the torch-free runtime -> search both ways -> print.
 Everything lands under ``--work`` (default ``demo/``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,11 +15,15 @@ from pathlib import Path
 
 
 def _table(rep: dict) -> str:  # type: ignore[type-arg]
-    lines = [f"  {'mode':<16}{'i2t R@1':>8}{'R@5':>7}{'R@10':>7}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'rSum':>8}"]
+    lines = [
+        f"  {'mode':<16}{'i2t R@1':>8}{'R@5':>7}{'R@10':>7}{'t2i R@1':>9}{'R@5':>7}{'R@10':>7}{'rSum':>8}"
+    ]
     for mode, r in rep.items():
         i, t = r["i2t"], r["t2i"]
-        lines.append(f"  {mode:<16}{i['r1']:>8.1f}{i['r5']:>7.1f}{i['r10']:>7.1f}{t['r1']:>9.1f}"
-                     f"{t['r5']:>7.1f}{t['r10']:>7.1f}{r['rsum']:>8.1f}")
+        lines.append(
+            f"  {mode:<16}{i['r1']:>8.1f}{i['r5']:>7.1f}{i['r10']:>7.1f}{t['r1']:>9.1f}"
+            f"{t['r5']:>7.1f}{t['r10']:>7.1f}{r['rsum']:>8.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -50,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[3/6] evaluating on the test split (two-stage at K={args.rerank})")
     ck = load_checkpoint(ckpt)
     test = load_split(data, "test")
-    print(_table(evaluate_split(ck.model, test.images, test.region_mask, test.captions, ck.tokenizer,
-                                rerank=args.rerank)))
+    print(
+        _table(
+            evaluate_split(
+                ck.model, test.images, test.region_mask, test.captions, ck.tokenizer, rerank=args.rerank
+            )
+        )
+    )
 
     from export import export_bundle
 

@@ -8,6 +8,7 @@ loads (they pin OpenBLAS to slower kernels on some machines); pass
 ``--keep-openblas-env`` to keep them. Tests and CI never change them.
 ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` in this process (set it to override).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,36 +30,95 @@ import logging  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
-from mssan_infer import GalleryOptions, Layout, OnnxRuntimeOptions
+
+from mssan_infer import GalleryOptions, Layout, OnnxRuntimeOptions  # noqa: E402
 
 log = logging.getLogger("bench")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
-        "d": 1024, "word_dim": 300, "dv": 2048, "regions": 36, "words": 12,
-        "scorer_k": 100, "shard": 128, "scorer_repeats": 30, "loop_max_pairs": 128 * 128,
-        "t2i_sizes": [1000, 5000, 25000], "i2t_sizes": [1000, 5000], "mmap_sizes": [100000], "ivf_sizes": [25000, 100000],
-        "i2t_mmap_sizes": [20000], "layout_sizes": [5000, 25000, 100000], "i2t_layout_sizes": [1000, 5000, 20000],
-        "exhaustive_max": 100000, "depths": [0, 10, 50, 100, 200],
-        "repeats_fast": 40, "repeats_slow": 7, "max_seconds": 90.0,
-        "pool": 500, "queries": 50,
-        "train_images": 1500, "epochs": 3, "train_max_steps": None, "train_model_overrides": {}, "recall_images": 5000, "recall_queries": 500,
-        "encode_batch": 64, "encode_repeats": 10, "ref_small": 5000, "ref_large": 25000, "ref_mmap": 100000,
-        "qdrant_sizes": [25000, 100000], "qdrant_repeats": 15,
-        "text_model": None, "text_sizes": [5000, 25000], "text_repeats": 30, "text_layers": [2, 3],
+        "d": 1024,
+        "word_dim": 300,
+        "dv": 2048,
+        "regions": 36,
+        "words": 12,
+        "scorer_k": 100,
+        "shard": 128,
+        "scorer_repeats": 30,
+        "loop_max_pairs": 128 * 128,
+        "t2i_sizes": [1000, 5000, 25000],
+        "i2t_sizes": [1000, 5000],
+        "mmap_sizes": [100000],
+        "ivf_sizes": [25000, 100000],
+        "i2t_mmap_sizes": [20000],
+        "layout_sizes": [5000, 25000, 100000],
+        "i2t_layout_sizes": [1000, 5000, 20000],
+        "exhaustive_max": 100000,
+        "depths": [0, 10, 50, 100, 200],
+        "repeats_fast": 40,
+        "repeats_slow": 7,
+        "max_seconds": 90.0,
+        "pool": 500,
+        "queries": 50,
+        "train_images": 1500,
+        "epochs": 3,
+        "train_max_steps": None,
+        "train_model_overrides": {},
+        "recall_images": 5000,
+        "recall_queries": 500,
+        "encode_batch": 64,
+        "encode_repeats": 10,
+        "ref_small": 5000,
+        "ref_large": 25000,
+        "ref_mmap": 100000,
+        "qdrant_sizes": [25000, 100000],
+        "qdrant_repeats": 15,
+        "text_model": None,
+        "text_sizes": [5000, 25000],
+        "text_repeats": 30,
+        "text_layers": [2, 3],
     },
     "quick": {
-        "d": 1024, "word_dim": 300, "dv": 2048, "regions": 36, "words": 12,
-        "scorer_k": 100, "shard": 64, "scorer_repeats": 10, "loop_max_pairs": 64 * 64,
-        "t2i_sizes": [1000, 5000], "i2t_sizes": [1000], "mmap_sizes": [], "ivf_sizes": [5000],
-        "i2t_mmap_sizes": [], "layout_sizes": [5000], "i2t_layout_sizes": [1000],
-        "exhaustive_max": 5000, "depths": [0, 10, 50, 100, 200],
-        "repeats_fast": 15, "repeats_slow": 3, "max_seconds": 20.0,
-        "pool": 200, "queries": 20,
-        "train_images": 500, "epochs": 1, "train_max_steps": None, "train_model_overrides": {}, "recall_images": 1000, "recall_queries": 200,
-        "encode_batch": 32, "encode_repeats": 4, "ref_small": 1000, "ref_large": 5000, "ref_mmap": 100000,
-        "qdrant_sizes": [2000], "qdrant_repeats": 5,
-        "text_model": None, "text_sizes": [1000, 5000], "text_repeats": 8, "text_layers": [2, 3],
+        "d": 1024,
+        "word_dim": 300,
+        "dv": 2048,
+        "regions": 36,
+        "words": 12,
+        "scorer_k": 100,
+        "shard": 64,
+        "scorer_repeats": 10,
+        "loop_max_pairs": 64 * 64,
+        "t2i_sizes": [1000, 5000],
+        "i2t_sizes": [1000],
+        "mmap_sizes": [],
+        "ivf_sizes": [5000],
+        "i2t_mmap_sizes": [],
+        "layout_sizes": [5000],
+        "i2t_layout_sizes": [1000],
+        "exhaustive_max": 5000,
+        "depths": [0, 10, 50, 100, 200],
+        "repeats_fast": 15,
+        "repeats_slow": 3,
+        "max_seconds": 20.0,
+        "pool": 200,
+        "queries": 20,
+        "train_images": 500,
+        "epochs": 1,
+        "train_max_steps": None,
+        "train_model_overrides": {},
+        "recall_images": 1000,
+        "recall_queries": 200,
+        "encode_batch": 32,
+        "encode_repeats": 4,
+        "ref_small": 1000,
+        "ref_large": 5000,
+        "ref_mmap": 100000,
+        "qdrant_sizes": [2000],
+        "qdrant_repeats": 5,
+        "text_model": None,
+        "text_sizes": [1000, 5000],
+        "text_repeats": 8,
+        "text_layers": [2, 3],
     },
 }
 SECTIONS = ("scorer", "latency", "recall", "encode", "text", "qdrant")
@@ -75,14 +135,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    ap.add_argument("--work", type=Path, default=None, help="scratch folder (bundles, galleries); default /tmp/mssan-bench")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="scratch folder (bundles, galleries); default /tmp/mssan-bench",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint", type=Path, default=None, help="trained checkpoint for the recall section")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
     ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--keep-openblas-env", action="store_true", help="keep OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                    help="override a preset value, e.g. --set t2i_sizes=[1000] --set d=64 (repeatable)")
+    ap.add_argument(
+        "--keep-openblas-env", action="store_true", help="keep OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE"
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a preset value, e.g. --set t2i_sizes=[1000] --set d=64 (repeatable)",
+    )
     return ap.parse_args(argv)
 
 
@@ -98,14 +170,24 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg[k] = json.loads(v)
         except ValueError:
-            raise SystemExit(f"--set {k}: {v!r} is not JSON; quote strings, e.g. --set '{k}=\"{v}\"'") from None
+            raise SystemExit(
+                f"--set {k}: {v!r} is not JSON; quote strings, e.g. --set '{k}=\"{v}\"'"
+            ) from None
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = set(sections) - set(SECTIONS)
     if bad:
         raise SystemExit(f"--sections: unknown {sorted(bad)}; choose from {SECTIONS}")
-    cfg.update({"mode": mode, "threads": args.threads, "sections": sections,
-                "scorer_k_shape": f"t2i_1x{cfg['scorer_k']}", "scorer_shard_shape": f"shard_{cfg['shard']}x{cfg['shard']}",
-                "openblas_env_removed": sorted(_REMOVED_ENV), "omp_wait_policy": _OMP_WAIT})
+    cfg.update(
+        {
+            "mode": mode,
+            "threads": args.threads,
+            "sections": sections,
+            "scorer_k_shape": f"t2i_1x{cfg['scorer_k']}",
+            "scorer_shard_shape": f"shard_{cfg['shard']}x{cfg['shard']}",
+            "openblas_env_removed": sorted(_REMOVED_ENV),
+            "omp_wait_policy": _OMP_WAIT,
+        }
+    )
     work = args.work or Path("/tmp/mssan-bench")
     work.mkdir(parents=True, exist_ok=True)
 
@@ -124,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg["numpy_threads"] = "OpenBLAS default (threadpoolctl not installed)"
     notes = [
         "Candidates of one comparison run interleaved (rotating order) on the same inputs after warm-up.",
-        "ONNX Runtime sessions of the scorer comparison run with allow_spinning=0 so idle workers do not steal the "
-        "cores from the interleaved PyTorch rounds; PyTorch runs with OMP_WAIT_POLICY="
+        "ONNX Runtime sessions of the scorer comparison run with allow_spinning=0 so idle workers do not "
+        "steal the cores from the interleaved PyTorch rounds; PyTorch runs with OMP_WAIT_POLICY="
         f"{_OMP_WAIT} for the same reason (numpy BLAS on 1 thread except in the sgemm rounds of section 1).",
         "Gallery size N: t2i searches N images; i2t searches the 5N captions of N images.",
-        "Latency galleries are tiled from items encoded by the bundle's encoders (values do not change speed).",
-        "Exhaustive PyTorch = encode the query in PyTorch + MSSAN.score over every gallery item (shards of 1024) + top-k.",
+        "Latency galleries are tiled from items encoded by the bundle's encoders "
+        "(values do not change speed).",
+        "Exhaustive PyTorch = encode the query in PyTorch + MSSAN.score over every gallery item "
+        "(shards of 1024) + top-k.",
     ]
     if _REMOVED_ENV:
         notes.append(f"Removed from the bench process environment: {sorted(_REMOVED_ENV)}.")
@@ -157,19 +241,37 @@ def main(argv: list[str] | None = None) -> int:
         k, s = cfg["scorer_k"], cfg["shard"]
         # t2i rerank: one caption x K images; i2t rerank: one image x K captions; evaluation shard.
         shapes = [(f"t2i_1x{k}", k, 1), (f"i2t_1x{k}", 1, k), (f"shard_{s}x{s}", s, s)]
-        res["scorer"] = run_scorer(speed, model, pool_imgs, pool_txts, shapes, args.threads,
-                                   cfg["scorer_repeats"], cfg["loop_max_pairs"], cfg["max_seconds"])
+        res["scorer"] = run_scorer(
+            speed,
+            model,
+            pool_imgs,
+            pool_txts,
+            shapes,
+            args.threads,
+            cfg["scorer_repeats"],
+            cfg["loop_max_pairs"],
+            cfg["max_seconds"],
+        )
     if "latency" in sections:
         from .retrieval import run_latency
 
         bundle_id = rt.bundle_id
-        sizes = [{"n": n, "direction": "t2i", "exhaustive": n <= cfg["exhaustive_max"]} for n in cfg["t2i_sizes"]]
-        sizes += [{"n": n, "direction": "i2t", "exhaustive": n <= cfg["exhaustive_max"]} for n in cfg["i2t_sizes"]]
-        # memory-mapped galleries are written as float32, so every layout (fp32 included) can be opened from them
-        sizes += [{"n": n, "direction": "t2i", "mmap": True, "exhaustive": n <= cfg["exhaustive_max"]}
-                  for n in cfg["mmap_sizes"]]
-        sizes += [{"n": n, "direction": "i2t", "mmap": True, "exhaustive": 5 * n <= cfg["exhaustive_max"]}
-                  for n in cfg["i2t_mmap_sizes"]]
+        sizes = [
+            {"n": n, "direction": "t2i", "exhaustive": n <= cfg["exhaustive_max"]} for n in cfg["t2i_sizes"]
+        ]
+        sizes += [
+            {"n": n, "direction": "i2t", "exhaustive": n <= cfg["exhaustive_max"]} for n in cfg["i2t_sizes"]
+        ]
+        # memory-mapped galleries are written as float32, so every layout (fp32 included) can be
+        # opened from them
+        sizes += [
+            {"n": n, "direction": "t2i", "mmap": True, "exhaustive": n <= cfg["exhaustive_max"]}
+            for n in cfg["mmap_sizes"]
+        ]
+        sizes += [
+            {"n": n, "direction": "i2t", "mmap": True, "exhaustive": 5 * n <= cfg["exhaustive_max"]}
+            for n in cfg["i2t_mmap_sizes"]
+        ]
         for sz in sizes:
             sz["bundle_id"] = bundle_id
             sz["ivf"] = sz["direction"] == "t2i" and sz["n"] in cfg["ivf_sizes"]
@@ -179,57 +281,130 @@ def main(argv: list[str] | None = None) -> int:
         pools = {"images": pool_imgs, "texts": pool_txts}
 
         def factory(index: Path, mmap: bool, local_dtype: str) -> Any:
-            return Retriever.load(speed, OnnxRuntimeOptions(threads=args.threads), index=index, verify=False, gallery=GalleryOptions(layout=(Layout("float32", local_dtype) if local_dtype else None), mmap=mmap))
+            return Retriever.load(
+                speed,
+                OnnxRuntimeOptions(threads=args.threads),
+                index=index,
+                verify=False,
+                gallery=GalleryOptions(
+                    layout=(Layout("float32", local_dtype) if local_dtype else None), mmap=mmap
+                ),
+            )
 
-        queries = {"texts": random_captions(cfg["queries"], cfg["words"], seed=7),
-                   "images": random_regions(cfg["queries"], cfg["regions"], cfg["dv"], seed=7)}
+        queries = {
+            "texts": random_captions(cfg["queries"], cfg["words"], seed=7),
+            "images": random_regions(cfg["queries"], cfg["regions"], cfg["dv"], seed=7),
+        }
         free = _free_gb(work)
         # the float32 gallery; memory-mapped ones opened in every layout add float16 and int8 copies saved
         # beside it, plus the float16 spill file of the conversion while it is saved
-        need = sum(sz.get("n_items", sz["n"]) * (cfg["regions"] if sz["direction"] == "t2i" else cfg["words"])
-                   * cfg["d"] * (9 if sz.get("mmap") and sz["layouts"] else 4) for sz in sizes) / 2**30
+        need = (
+            sum(
+                sz.get("n_items", sz["n"])
+                * (cfg["regions"] if sz["direction"] == "t2i" else cfg["words"])
+                * cfg["d"]
+                * (9 if sz.get("mmap") and sz["layouts"] else 4)
+                for sz in sizes
+            )
+            / 2**30
+        )
         log.info("latency: galleries need about %.1f GB on %s (%.1f GB free)", need, work, free)
         if need > free * 0.8:
-            raise SystemExit(f"not enough disk in {work}: galleries need ~{need:.1f} GB, {free:.1f} GB free; "
-                             "pass --work elsewhere or smaller --set sizes")
+            raise SystemExit(
+                f"not enough disk in {work}: galleries need ~{need:.1f} GB, {free:.1f} GB free; "
+                "pass --work elsewhere or smaller --set sizes"
+            )
         from .layouts import bandwidth_gbs, resident_mb
 
         res["bandwidth_gbs"] = bandwidth_gbs(args.threads)
         log.info("latency: memory read bandwidth %.1f GB/s (%d threads)", res["bandwidth_gbs"], args.threads)
         res["resident_bundle_only"] = resident_mb(speed, None, "fp32", False, True, queries["texts"])
-        res["latency"] = run_latency(factory, model, rt.tokenizer, pools, sizes, cfg["depths"], work, args.threads,
-                                     queries, cfg["repeats_fast"], cfg["repeats_slow"], cfg["max_seconds"],
-                                     variant_options=VARIANTS, bundle=speed, bandwidth=res["bandwidth_gbs"])
+        res["latency"] = run_latency(
+            factory,
+            model,
+            rt.tokenizer,
+            pools,
+            sizes,
+            cfg["depths"],
+            work,
+            args.threads,
+            queries,
+            cfg["repeats_fast"],
+            cfg["repeats_slow"],
+            cfg["max_seconds"],
+            variant_options=VARIANTS,
+            bundle=speed,
+            bandwidth=res["bandwidth_gbs"],
+        )
     if "qdrant" in sections:
         from .qdrant import run_qdrant_latency
 
-        res["qdrant"] = run_qdrant_latency(speed, pool_imgs, cfg["qdrant_sizes"],
-                                           random_captions(cfg["queries"], cfg["words"], seed=7), work, args.threads,
-                                           cfg["qdrant_repeats"], cfg["max_seconds"])
+        res["qdrant"] = run_qdrant_latency(
+            speed,
+            pool_imgs,
+            cfg["qdrant_sizes"],
+            random_captions(cfg["queries"], cfg["words"], seed=7),
+            work,
+            args.threads,
+            cfg["qdrant_repeats"],
+            cfg["max_seconds"],
+        )
     if "encode" in sections:
         from .encode import run_encode
 
-        res["encode"] = run_encode(rt, cfg["regions"], cfg["dv"], cfg["words"], cfg["encode_batch"],
-                                   cfg["encode_repeats"], cfg["max_seconds"])
+        res["encode"] = run_encode(
+            rt,
+            cfg["regions"],
+            cfg["dv"],
+            cfg["words"],
+            cfg["encode_batch"],
+            cfg["encode_repeats"],
+            cfg["max_seconds"],
+        )
     if "text" in sections:
         from .text_tower import default_text_model, run_text_tower
 
         # text_model: a local Hugging Face folder (default: the MiniLM of the dev extra)
         folder = Path(cfg["text_model"]) if cfg["text_model"] else default_text_model()
-        res["text"] = run_text_tower(work, speed, folder, args.threads, cfg["d"], cfg["dv"], cfg["regions"],
-                                     cfg["words"], cfg["encode_batch"], cfg["text_sizes"], cfg["text_repeats"],
-                                     cfg["max_seconds"], queries=cfg["queries"], layers=cfg["text_layers"])
+        res["text"] = run_text_tower(
+            work,
+            speed,
+            folder,
+            args.threads,
+            cfg["d"],
+            cfg["dv"],
+            cfg["regions"],
+            cfg["words"],
+            cfg["encode_batch"],
+            cfg["text_sizes"],
+            cfg["text_repeats"],
+            cfg["max_seconds"],
+            queries=cfg["queries"],
+            layers=cfg["text_layers"],
+        )
     if speed is not None:
         rt.close()
     if "recall" in sections:
         from .recall import run_recall
 
-        ckpt, tb, info = trained_bundle(work, cfg["train_images"], cfg["epochs"], checkpoint=args.checkpoint,
-                                        max_steps=cfg["train_max_steps"], model_overrides=cfg["train_model_overrides"])
+        ckpt, tb, info = trained_bundle(
+            work,
+            cfg["train_images"],
+            cfg["epochs"],
+            checkpoint=args.checkpoint,
+            max_steps=cfg["train_max_steps"],
+            model_overrides=cfg["train_model_overrides"],
+        )
         res["train"] = info
         with Retriever.load(tb, OnnxRuntimeOptions(threads=args.threads), verify=False) as r:
-            res["recall"] = run_recall(r, cfg["recall_images"], cfg["depths"], cfg["recall_queries"], ivf=True,
-                                       layouts=("fp16", "int8-stage1", "int8"))
+            res["recall"] = run_recall(
+                r,
+                cfg["recall_images"],
+                cfg["depths"],
+                cfg["recall_queries"],
+                ivf=True,
+                layouts=("fp16", "int8-stage1", "int8"),
+            )
             if "qdrant" in sections:
                 from .qdrant import run_qdrant_recall
 

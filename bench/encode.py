@@ -1,4 +1,5 @@
 """Section 4: encoder throughput (images/s, captions/s) through the runtime, batched and single-query."""
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,9 @@ __all__ = ["run_encode"]
 log = logging.getLogger(__name__)
 
 
-def run_encode(retriever: Any, regions: int, dv: int, words: int, batch: int, repeats: int,
-               max_seconds: float) -> dict[str, Any]:
+def run_encode(
+    retriever: Any, regions: int, dv: int, words: int, batch: int, repeats: int, max_seconds: float
+) -> dict[str, Any]:
     """Time ``encode_images`` / ``encode_texts`` on ``batch`` items and on one item, interleaved."""
     ims = random_regions(batch, regions, dv, seed=1)
     caps = random_captions(batch, words, seed=1)

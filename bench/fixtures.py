@@ -1,4 +1,5 @@
 """What the benchmark measures on: a paper-size random bundle, a trained tiny checkpoint, query captions."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["speed_bundle", "speed_checkpoint", "code_hash", "trained_bundle", "random_captions", "random_regions", "WORDS"]
+__all__ = [
+    "speed_bundle",
+    "speed_checkpoint",
+    "code_hash",
+    "trained_bundle",
+    "random_captions",
+    "random_regions",
+    "WORDS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +27,8 @@ WORDS = tuple(
     "a an the and of on in with near under behind next to at by two three some man woman child dog cat "
     "horse bird car bus train boat bike ball tree house street beach field table plate pizza bowl cup "
     "red blue green yellow black white brown small big old young tall little wooden open empty "
-    "runs sits stands holds walks rides eats looks plays jumps lies grass water snow sky road room wall".split()
+    "runs sits stands holds walks rides eats looks plays jumps lies grass water snow sky "
+    "road room wall".split()
 )
 
 
@@ -71,9 +81,15 @@ def speed_checkpoint(work: Path, d: int, word_dim: int, dv: int) -> Path:
     return work / f"ckpt-d{d}-w{word_dim}-v{dv}"
 
 
-def trained_bundle(work: Path, images: int, epochs: int, seed: int = 0, checkpoint: Path | None = None,
-                   max_steps: int | None = None,
-                   model_overrides: dict[str, Any] | None = None) -> tuple[Path, Path, dict[str, Any]]:
+def trained_bundle(
+    work: Path,
+    images: int,
+    epochs: int,
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    max_steps: int | None = None,
+    model_overrides: dict[str, Any] | None = None,
+) -> tuple[Path, Path, dict[str, Any]]:
     """A tiny model trained on synthetic data (or ``checkpoint``), exported; cached in ``work``.
 
     Returns ``(checkpoint, bundle, train_info)``.
@@ -86,15 +102,33 @@ def trained_bundle(work: Path, images: int, epochs: int, seed: int = 0, checkpoi
         from training.train import train
 
         tag = "".join(f"-{k}{v}" for k, v in sorted((model_overrides or {}).items()))
-        checkpoint = work / (f"tiny-{images}-{epochs}-s{seed}{tag}" + (f"-steps{max_steps}" if max_steps else ""))
+        checkpoint = work / (
+            f"tiny-{images}-{epochs}-s{seed}{tag}" + (f"-steps{max_steps}" if max_steps else "")
+        )
         if not (checkpoint / "state.json").is_file():
             data = generate(work / f"synth-{images}-s{seed}", images=images, seed=seed)
             log.info("training a tiny checkpoint: %d images, %d epochs", images, epochs)
-            res = train(data, checkpoint, preset="tiny", epochs=epochs, progress=False, max_steps=max_steps,
-                        model_overrides=model_overrides)
+            res = train(
+                data,
+                checkpoint,
+                preset="tiny",
+                epochs=epochs,
+                progress=False,
+                max_steps=max_steps,
+                model_overrides=model_overrides,
+            )
             info = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
-        info.update({"images": images, "epochs": epochs, "seed": seed, "max_steps": max_steps,
-                     "model_overrides": model_overrides or {}, "preset": "tiny", "trained_here": True})
+        info.update(
+            {
+                "images": images,
+                "epochs": epochs,
+                "seed": seed,
+                "max_steps": max_steps,
+                "model_overrides": model_overrides or {},
+                "preset": "tiny",
+                "trained_here": True,
+            }
+        )
     else:
         info = {"checkpoint": str(checkpoint), "trained_here": False}
     try:

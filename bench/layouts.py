@@ -1,14 +1,16 @@
-"""Gallery layouts side by side: the same gallery as fp32, fp16, int8-stage1 and int8 (``mssan_infer.gallery.storage``).
+"""Gallery layouts side by side: the same gallery as fp32, fp16, int8-stage1 and int8
+(``mssan_infer.gallery.storage``).
 
 For one gallery size, :func:`layout_retrievers` opens the gallery in each layout next to the
 default fp32 one (sharing the bundle's backend): fp16 and int8 are converted while loading the
 saved float32 index (``load_index(layout=...)``, as a user would) or, for a memory-mapped gallery,
 read from a copy saved once in that layout (:func:`layout_index`: what an edge box maps), int8-stage1
-keeps the fp32 gallery's locals and adds int8 stage-1 codes. :func:`layout_group` times them in one interleaved
-group. :func:`resident_mb` loads each layout in a fresh process (bundle + gallery, no PyTorch)
+keeps the fp32 gallery's locals and adds int8 stage-1 codes. :func:`layout_group` times them in one
+interleaved group. :func:`resident_mb` loads each layout in a fresh process (bundle + gallery, no PyTorch)
 and reads its resident memory after a few searches. :func:`bytes_per_query` is the memory a
 query reads in each layout, to compare with the measured bandwidth.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,15 +23,22 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mssan_infer.gallery.view import OVERFETCH
+from mssan_infer import GalleryOptions, SearchOptions
+from mssan_infer.gallery.folder import encode_stage1, load_index, save_index
 from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.storage import LAYOUTS
+from mssan_infer.gallery.view import OVERFETCH
 from mssan_infer.names import INDEX_MANIFEST
-from mssan_infer.gallery.folder import encode_stage1, load_index, save_index
-from mssan_infer import GalleryOptions
-from mssan_infer import SearchOptions
 
-__all__ = ["LAYOUT_NAMES", "layout_index", "layout_retrievers", "layout_group", "resident_mb", "bytes_per_query", "bandwidth_gbs"]
+__all__ = [
+    "LAYOUT_NAMES",
+    "layout_index",
+    "layout_retrievers",
+    "layout_group",
+    "resident_mb",
+    "bytes_per_query",
+    "bandwidth_gbs",
+]
 
 log = logging.getLogger(__name__)
 LAYOUT_NAMES = ("fp32", "fp16", "int8-stage1", "int8")
@@ -42,7 +51,9 @@ def _share_locals(g: MemoryGallery, layout: str) -> MemoryGallery:
     b = v.blocks[0]
     out = MemoryGallery(g.stage1_dim, g.local_dim, GalleryOptions(layout=layout))
     codec, codes, outliers = encode_stage1(LAYOUTS[layout].stage1, b.stage1)
-    out.adopt((b.stage1, b.local, b.mask, b.gram), list(v.ids[: v.n]), codes=codes, codec=codec, outliers=outliers)
+    out.adopt(
+        (b.stage1, b.local, b.mask, b.gram), list(v.ids[: v.n]), codes=codes, codec=codec, outliers=outliers
+    )
     return out
 
 
@@ -59,7 +70,9 @@ def layout_index(index: Path, gname: str, layout: str, mmap: bool) -> Path:
     out = index.with_name(f"{index.name}-{layout}")
     if not (out / INDEX_MANIFEST).is_file():
         log.info("layouts: saving the %s gallery of %s as %s (once)", gname, index.name, layout)
-        galleries, manifest = load_index(index, verify=False, options=GalleryOptions(layout=layout, mmap=True))
+        galleries, manifest = load_index(
+            index, verify=False, options=GalleryOptions(layout=layout, mmap=True)
+        )
         save_index(out, {gname: galleries[gname]}, bundle_id=manifest["bundle_id"])
         del galleries
     return out
@@ -76,15 +89,29 @@ def layout_retrievers(r: Any, index: Path, gname: str, mmap: bool) -> dict[str, 
         if name == "int8-stage1":
             g = _share_locals(base, name)
         else:
-            g = load_index(layout_index(index, gname, name, mmap), verify=False, options=GalleryOptions(layout=name, mmap=mmap))[0][gname]
+            g = load_index(
+                layout_index(index, gname, name, mmap),
+                verify=False,
+                options=GalleryOptions(layout=name, mmap=mmap),
+            )[0][gname]
         other = MemoryGallery(base.stage1_dim, base.local_dim)
         images, texts = (g, other) if gname == "images" else (other, g)
-        out[name] = Retriever(r.bundle, r.backend, r.tokenizer, images, texts, SearchOptions(batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=r.gather_threads))
+        out[name] = Retriever(
+            r.bundle,
+            r.backend,
+            r.tokenizer,
+            images,
+            texts,
+            SearchOptions(
+                batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=r.gather_threads
+            ),
+        )
     return out
 
 
-def layout_group(rs: dict[str, Any], text_query: bool, next_q: Callable[[], Any], encoded: list[Any],
-                 k: int = 10) -> dict[str, Callable[[], Any]]:
+def layout_group(
+    rs: dict[str, Any], text_query: bool, next_q: Callable[[], Any], encoded: list[Any], k: int = 10
+) -> dict[str, Callable[[], Any]]:
     """Candidates per layout: the whole query at rerank 100, the query without its encoder, and its parts."""
     from mssan_infer.search import rerank_scores
 
@@ -103,14 +130,24 @@ def layout_group(rs: dict[str, Any], text_query: bool, next_q: Callable[[], Any]
             fns[f"rerank_100[{name}]"] = lambda r=r: r.search(text=next_q(), k=k, rerank=100)
         else:
             fns[f"rerank_100[{name}]"] = lambda r=r: r.search(image=next_q(), k=k, rerank=100)
-        fns[f"no_encode_100[{name}]"] = lambda r=r: r.search_encoded(next_enc(), query_is_text=text_query, k=k,
-                                                                   rerank=100)
+        fns[f"no_encode_100[{name}]"] = lambda r=r: r.search_encoded(
+            next_enc(), query_is_text=text_query, k=k, rerank=100
+        )
         fns[f"stage1_topk100[{name}]"] = lambda view=view: view.topk(next_enc().stage1, 100)
-        fns[f"gather_100[{name}]"] = lambda view=view, rows=rows, r=r: view.gather(rows, r._gatherer(),
-                                                                                  r.gather_threads)
+        fns[f"gather_100[{name}]"] = lambda view=view, rows=rows, r=r: view.gather(
+            rows, r._gatherer(), r.gather_threads
+        )
         fns[f"scorer_100[{name}]"] = lambda view=view, rows=rows, r=r, q0=q0: rerank_scores(
-            q0, 0, view, rows, lambda feeds: r.backend.run("scorer", feeds)["s_ll"], query_is_text=text_query,
-            batch=r.scorer_batch, executor=r._gatherer(), parts=r.gather_threads)
+            q0,
+            0,
+            view,
+            rows,
+            lambda feeds: r.backend.run("scorer", feeds)["s_ll"],
+            query_is_text=text_query,
+            batch=r.scorer_batch,
+            executor=r._gatherer(),
+            parts=r.gather_threads,
+        )
     return fns
 
 
@@ -125,8 +162,12 @@ def bytes_per_query(layout: str, n: int, d: int, p: int, q_len: int, rerank: int
     item = p * d * BYTES[lay.local] + p * 4 + p * p * BYTES[lay.gram] + (p * 4 if lay.local == "int8" else 0)
     gather = rerank * item
     scorer = rerank * (p * d + p + p * p) * 4 + (q_len * d + q_len + q_len * q_len) * 4
-    return {"stage1": float(stage1), "gather": float(gather), "scorer": float(scorer),
-            "total": float(stage1 + gather + scorer)}
+    return {
+        "stage1": float(stage1),
+        "gather": float(gather),
+        "scorer": float(scorer),
+        "total": float(stage1 + gather + scorer),
+    }
 
 
 def bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
@@ -151,12 +192,13 @@ def bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     return rows * cols * 4 / best / 1e9
 
 
-RESIDENT = r"""
+RESIDENT = """
 import json, sys, numpy as np
 sys.path.insert(0, sys.argv[1])
 from bench.timing import rss_mb, peak_rss_mb
 from mssan_infer import GalleryOptions, OnnxRuntimeOptions, Retriever
-bundle, index, layout, mmap, text = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1", sys.argv[6] == "1"
+bundle, index, layout, mmap, text = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1", \
+sys.argv[6] == "1"
 kw = {} if index == "-" else {"index": index, "gallery": GalleryOptions(layout=layout, mmap=mmap)}
 r = Retriever.load(bundle, OnnxRuntimeOptions(threads=2), verify=False, **kw)
 queries = json.loads(sys.argv[7])
@@ -171,13 +213,24 @@ print(json.dumps({"rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}))
 """
 
 
-def resident_mb(bundle: Path, index: Path | None, layout: str, mmap: bool, text_query: bool,
-                captions: list[str]) -> dict[str, float]:
-    """Resident memory of a fresh process that loads ``bundle`` and the index in ``layout`` and searches 20 times
-    (``index=None``: the bundle alone)."""
+def resident_mb(
+    bundle: Path, index: Path | None, layout: str, mmap: bool, text_query: bool, captions: list[str]
+) -> dict[str, float]:
+    """Resident memory of a fresh process that loads ``bundle`` and the index in ``layout`` and
+    searches 20 times (``index=None``: the bundle alone)."""
     root = str(Path(__file__).resolve().parents[1])
-    cmd = [sys.executable, "-c", RESIDENT, root, str(bundle), str(index) if index else "-", layout,
-           "1" if mmap else "0", "1" if text_query else "0", json.dumps(captions[:20])]
+    cmd = [
+        sys.executable,
+        "-c",
+        RESIDENT,
+        root,
+        str(bundle),
+        str(index) if index else "-",
+        layout,
+        "1" if mmap else "0",
+        "1" if text_query else "0",
+        json.dumps(captions[:20]),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:

@@ -7,6 +7,7 @@ depend on the values); BatchNorm statistics are randomised so the folded graph i
 not trivially an identity. The model is the paper preset (D=1024, Dv=2048).
 Writes ``bench/results/pixel_path.json`` and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import torch
 from PIL import Image
 
 from export.inputs import FIRST_TOKEN_ID
-from export.pixels import PixelEncoderGraph
 from export.onnx import export_graph
+from export.pixels import PixelEncoderGraph
 from mssan_infer.images.preprocess import Preprocessing, load_image, preprocess_batch
 from mssan_infer.spec import IMAGE_ENCODER_PIXELS
 from training.backbone import build_backbone
@@ -77,15 +78,28 @@ def main() -> None:
         if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None:
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 2.0)
-    model = MSSAN(ModelConfig(vocab_size=FIRST_TOKEN_ID + 100, word_dim=300, embed_size=1024, img_dim=net.out_dim)).eval()
+    model = MSSAN(
+        ModelConfig(vocab_size=FIRST_TOKEN_ID + 100, word_dim=300, embed_size=1024, img_dim=net.out_dim)
+    ).eval()
     graph = PixelEncoderGraph(net.eval(), model).eval()
-    res: dict[str, Any] = {"backbone": args.backbone, "batch": args.batch, "threads": args.threads,
-                           "iters": args.iters, "torch": torch.__version__, "onnxruntime": ort.__version__,
-                           "loadavg_before": os.getloadavg(), "sizes": {}}
+    res: dict[str, Any] = {
+        "backbone": args.backbone,
+        "batch": args.batch,
+        "threads": args.threads,
+        "iters": args.iters,
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "loadavg_before": os.getloadavg(),
+        "sizes": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
         t0 = time.perf_counter()
-        example = {"pixels": np.random.default_rng(0).standard_normal((2, 3, args.sizes[0], args.sizes[0])).astype(np.float32)}
+        example = {
+            "pixels": np.random.default_rng(0)
+            .standard_normal((2, 3, args.sizes[0], args.sizes[0]))
+            .astype(np.float32)
+        }
         path = export_graph(graph, IMAGE_ENCODER_PIXELS, example, tmpd / IMAGE_ENCODER_PIXELS.file)
         res["export_s"] = time.perf_counter() - t0
         res["onnx_mib"] = path.stat().st_size / 2**20
@@ -98,11 +112,14 @@ def main() -> None:
             cfg = Preprocessing(image_size=size, resize=size)
             row: dict[str, Any] = {"grid_regions": None, "parity_max_abs": {}}
             # preprocessing: numpy runtime vs training's torch eval transform (both decode the JPEGs)
-            row["preprocess_numpy_img_s"] = _rate(lambda: preprocess_batch(photos, cfg), len(photos), args.iters)
+            row["preprocess_numpy_img_s"] = _rate(
+                lambda: preprocess_batch(photos, cfg), len(photos), args.iters
+            )
             tr = EvalTransform(cfg)
-            torch.set_num_threads(1)            # as in DataLoader workers; elementwise ops on one image
+            torch.set_num_threads(1)  # as in DataLoader workers; elementwise ops on one image
             row["preprocess_torch_img_s"] = _rate(
-                lambda: torch.stack([tr(load_image(p)) for p in photos]), len(photos), args.iters)
+                lambda: torch.stack([tr(load_image(p)) for p in photos]), len(photos), args.iters
+            )
             torch.set_num_threads(args.threads)
             pixels = preprocess_batch(photos, cfg)
             ref_pix = torch.stack([tr(load_image(p)) for p in photos]).numpy()
@@ -119,17 +136,24 @@ def main() -> None:
             x = torch.from_numpy(pixels)
             with torch.inference_mode():
                 row["encoder_torch_img_s"] = _rate(lambda: graph(x), len(photos), args.iters)
-            row["encoder_ort_img_s"] = _rate(lambda: sess.run(None, {"pixels": pixels}), len(photos), args.iters)
+            row["encoder_ort_img_s"] = _rate(
+                lambda: sess.run(None, {"pixels": pixels}), len(photos), args.iters
+            )
             res["sizes"][str(size)] = row
             print(json.dumps({size: row}, indent=1), flush=True)
     res["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     print(f"\n{args.backbone}, batch {args.batch}, {args.threads} threads (images/s)")
-    print(f"{'size':>6}{'regions':>9}{'prep numpy':>12}{'prep torch':>12}{'enc ORT':>10}{'enc torch':>11}{'max |diff|':>12}")
+    print(
+        f"{'size':>6}{'regions':>9}{'prep numpy':>12}{'prep torch':>12}"
+        f"{'enc ORT':>10}{'enc torch':>11}{'max |diff|':>12}"
+    )
     for size, r in res["sizes"].items():
-        print(f"{size:>6}{r['grid_regions']:>9}{r['preprocess_numpy_img_s']:>12.1f}{r['preprocess_torch_img_s']:>12.1f}"
-              f"{r['encoder_ort_img_s']:>10.2f}{r['encoder_torch_img_s']:>11.2f}{max(r['parity_max_abs'].values()):>12.2e}")
+        print(
+            f"{size:>6}{r['grid_regions']:>9}{r['preprocess_numpy_img_s']:>12.1f}{r['preprocess_torch_img_s']:>12.1f}"
+            f"{r['encoder_ort_img_s']:>10.2f}{r['encoder_torch_img_s']:>11.2f}{max(r['parity_max_abs'].values()):>12.2e}"
+        )
     print(f"wrote {args.out}")
 
 

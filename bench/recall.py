@@ -7,6 +7,7 @@ and image->text over their ``5n`` captions, with a seeded subsample of queries.
 Exhaustive = rerank depth equal to the gallery size (ranking equals the full
 ``score``, DESIGN §2).
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,8 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
-from mssan_infer import GalleryOptions
-from mssan_infer import SearchOptions
+
+from mssan_infer import GalleryOptions, SearchOptions
 
 __all__ = ["run_recall"]
 
@@ -27,14 +28,23 @@ def _recall(hit_rank: np.ndarray) -> dict[str, float]:
     return {f"r{k}": float(100.0 * np.mean(hit_rank < k)) for k in (1, 5, 10)}
 
 
-def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, seed: int = 0,
-               split: str = "bench", ivf: bool = False, layouts: Sequence[str] = ()) -> dict[str, Any]:
+def run_recall(
+    retriever: Any,
+    n_images: int,
+    depths: list[int],
+    queries: int,
+    seed: int = 0,
+    split: str = "bench",
+    ivf: bool = False,
+    layouts: Sequence[str] = (),
+) -> dict[str, Any]:
     """Recall per depth for both directions. ``retriever`` is a fresh Retriever of the trained bundle.
 
     ``ivf``: also rerank 100 over an IVF stage 1 (FAISS, ``retrieval.ivf_options``), as row ``ivf_100``.
-    ``layouts``: also rerank 100 over galleries of these layouts (``mssan_infer.gallery.storage.LAYOUTS``), as rows
-    ``layout_<name>`` with the R@1 ratio against the float32 layout at rerank 100 (``r1_ratio_vs_fp32``) and
-    the largest difference of a returned hit's final score from its float32 one (``score_err_max``).
+    ``layouts``: also rerank 100 over galleries of these layouts (``mssan_infer.gallery.storage.LAYOUTS``),
+    as rows ``layout_<name>`` with the R@1 ratio against the float32 layout at rerank 100
+    (``r1_ratio_vs_fp32``) and the largest difference of a returned hit's final score from its float32
+    one (``score_err_max``).
     """
     from training.synth import generate_split
 
@@ -47,8 +57,15 @@ def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, s
     rng = np.random.default_rng(seed)
     q_caps = np.sort(rng.choice(len(caps), size=min(queries, len(caps)), replace=False))
     q_ims = np.sort(rng.choice(n_images, size=min(queries, n_images), replace=False))
-    out: dict[str, Any] = {"images": n_images, "captions": len(caps), "queries_t2i": len(q_caps),
-                           "queries_i2t": len(q_ims), "encode_s": encode_s, "t2i": {}, "i2t": {}}
+    out: dict[str, Any] = {
+        "images": n_images,
+        "captions": len(caps),
+        "queries_t2i": len(q_caps),
+        "queries_i2t": len(q_ims),
+        "encode_s": encode_s,
+        "t2i": {},
+        "i2t": {},
+    }
     all_depths: list[Any] = [*depths, "exhaustive"]
     runs: list[tuple[str, Any, int | None]] = [(str(d), retriever, None) for d in all_depths]
     if ivf:
@@ -63,7 +80,14 @@ def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, s
         from mssan_infer.gallery.memory import MemoryGallery
 
         d = retriever.embed_size
-        lr = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, MemoryGallery(2 * d, d, GalleryOptions(layout=name)), MemoryGallery(2 * d, d, GalleryOptions(layout=name)), SearchOptions(scorer_batch=retriever.scorer_batch, gather_threads=retriever.gather_threads))
+        lr = Retriever(
+            retriever.bundle,
+            retriever.backend,
+            retriever.tokenizer,
+            MemoryGallery(2 * d, d, GalleryOptions(layout=name)),
+            MemoryGallery(2 * d, d, GalleryOptions(layout=name)),
+            SearchOptions(scorer_batch=retriever.scorer_batch, gather_threads=retriever.gather_threads),
+        )
         lr.add_images(enc_ims, ids=list(range(n_images)))
         lr.add_texts(enc_caps, ids=list(range(len(caps))))
         lay_rs.append(lr)
@@ -75,14 +99,19 @@ def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, s
         d_i2t = len(caps) if depth == "exhaustive" else int(depth)
         t0 = time.perf_counter()
         hits = r.search_batch(texts=[caps[i] for i in q_caps], k=10, rerank=d_t2i)
-        ranks = np.array([next((j for j, h in enumerate(hs) if h.id == int(c) // CAPS), 10)
-                          for c, hs in zip(q_caps, hits)])
+        ranks = np.array(
+            [next((j for j, h in enumerate(hs) if h.id == int(c) // CAPS), 10) for c, hs in zip(q_caps, hits)]
+        )
         hits_t2i = hits
         t_t2i = time.perf_counter() - t0
         t0 = time.perf_counter()
         hits = r.search_batch(images=ims[q_ims], k=10, rerank=d_i2t)
-        ranks_i = np.array([next((j for j, h in enumerate(hs) if int(h.id) // CAPS == int(i)), 10)
-                            for i, hs in zip(q_ims, hits)])
+        ranks_i = np.array(
+            [
+                next((j for j, h in enumerate(hs) if int(h.id) // CAPS == int(i)), 10)
+                for i, hs in zip(q_ims, hits)
+            ]
+        )
         t_i2t = time.perf_counter() - t0
         scores[name] = (hits_t2i, hits)
         out["t2i"][name] = {**_recall(ranks), "seconds": t_t2i}
@@ -92,22 +121,29 @@ def run_recall(retriever: Any, n_images: int, depths: list[int], queries: int, s
         variant.close()
     for lr in lay_rs:
         if lr._gather_pool is not None:
-            lr._gather_pool.shutdown()                    # the backend is the caller's
+            lr._gather_pool.shutdown()  # the backend is the caller's
     for name in layouts:
         for di, direction in enumerate(("t2i", "i2t")):
             ref = {(qi, h.id): h.score for qi, hs in enumerate(scores["100"][di]) for h in hs}
-            errs = [abs(h.score - ref[(qi, h.id)]) for qi, hs in enumerate(scores[f"layout_{name}"][di])
-                    for h in hs if (qi, h.id) in ref]
+            errs = [
+                abs(h.score - ref[(qi, h.id)])
+                for qi, hs in enumerate(scores[f"layout_{name}"][di])
+                for h in hs
+                if (qi, h.id) in ref
+            ]
             out[direction][f"layout_{name}"]["score_err_max"] = float(max(errs)) if errs else float("nan")
     for direction in ("t2i", "i2t"):
         ex = out[direction]["exhaustive"]
         for name, _, _ in runs:
             row = out[direction][name]
             # 0/0 (an untrained model finds nothing either way) counts as equal recall
-            row["r1_ratio"] = row["r1"] / ex["r1"] if ex["r1"] > 0 else (1.0 if row["r1"] == 0 else float("inf"))
+            row["r1_ratio"] = (
+                row["r1"] / ex["r1"] if ex["r1"] > 0 else (1.0 if row["r1"] == 0 else float("inf"))
+            )
             if name.startswith("layout_"):
                 base = out[direction]["100"]
                 for r_ in ("r1", "r5", "r10"):
-                    row[f"{r_}_ratio_vs_fp32"] = (row[r_] / base[r_] if base[r_] > 0
-                                                  else (1.0 if row[r_] == 0 else float("inf")))
+                    row[f"{r_}_ratio_vs_fp32"] = (
+                        row[r_] / base[r_] if base[r_] > 0 else (1.0 if row[r_] == 0 else float("inf"))
+                    )
     return out

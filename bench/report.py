@@ -1,4 +1,5 @@
 """Turn the sections' results into summary.json, results.md (printed) and PNG plots."""
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,23 @@ __all__ = ["summarise", "markdown", "plots", "write_results", "SUMMARY_KEYS"]
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = (
-    "scorer_speedup_vs_torch", "scorer_speedup_vs_loop", "scorer_fraction_of_sgemm_peak",
-    "twostage_speedup_vs_exhaustive_5k", "twostage_speedup_vs_exhaustive_25k", "twostage_recall1_ratio_5k",
-    "t2i_p50_ms_5k_rerank100", "i2t_p50_ms_5k_rerank100",
+    "scorer_speedup_vs_torch",
+    "scorer_speedup_vs_loop",
+    "scorer_fraction_of_sgemm_peak",
+    "twostage_speedup_vs_exhaustive_5k",
+    "twostage_speedup_vs_exhaustive_25k",
+    "twostage_recall1_ratio_5k",
+    "t2i_p50_ms_5k_rerank100",
+    "i2t_p50_ms_5k_rerank100",
     # gallery layouts (issue 13)
-    "twostage_speedup_vs_exhaustive_25k_int8", "twostage_recall1_ratio_5k_int8",
-    "t2i_p50_ms_25k_rerank100_no_encode_int8", "rss_mb_25k_int8", "exhaustive_runtime_vs_torch_5k",
+    "twostage_speedup_vs_exhaustive_25k_int8",
+    "twostage_recall1_ratio_5k_int8",
+    "t2i_p50_ms_25k_rerank100_no_encode_int8",
+    "rss_mb_25k_int8",
+    "exhaustive_runtime_vs_torch_5k",
     "t2i_p50_ms_100k_rerank100_int8",
-    "text_encode_speedup_int8_vs_bigru", "t2i_p50_ms_5k_rerank100_minilm",
+    "text_encode_speedup_int8_vs_bigru",
+    "t2i_p50_ms_5k_rerank100_minilm",
 )
 LAYOUT_NAMES = ("fp32", "fp16", "int8-stage1", "int8")
 TARGETS = {
@@ -72,11 +82,15 @@ def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     for tag, n in (("5k", cfg["ref_small"]), ("25k", cfg["ref_large"])):
         row = lat.get(f"t2i_{n}", {})
         s[f"twostage_speedup_vs_exhaustive_{tag}"] = _nan(row.get("speedup_rerank100_vs_exhaustive_torch"))
-        src[f"twostage_speedup_vs_exhaustive_{tag}"] = f"latency t2i_{n}: exhaustive PyTorch p50 / rerank 100 p50"
+        src[f"twostage_speedup_vs_exhaustive_{tag}"] = (
+            f"latency t2i_{n}: exhaustive PyTorch p50 / rerank 100 p50"
+        )
     for d in ("t2i", "i2t"):
         row = lat.get(f"{d}_{cfg['ref_small']}", {})
         s[f"{d}_p50_ms_5k_rerank100"] = _nan(row.get("fast", {}).get("rerank_100", {}).get("p50_ms"))
-        src[f"{d}_p50_ms_5k_rerank100"] = f"latency {d}_{cfg['ref_small']} rerank_100 (default backend settings)"
+        src[f"{d}_p50_ms_5k_rerank100"] = (
+            f"latency {d}_{cfg['ref_small']} rerank_100 (default backend settings)"
+        )
         fast = row.get("fast", {})
         opts = {k: v["p50_ms"] for k, v in fast.items() if k.startswith("rerank_100[")}
         if opts:
@@ -85,50 +99,72 @@ def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
             s[f"{d}_best_setting_5k_rerank100"] = best
     row = lat.get(f"t2i_{cfg['ref_large']}", {})
     s["twostage_ivf_speedup_vs_exhaustive_25k"] = _nan(row.get("speedup_rerank100_ivf_vs_exhaustive_torch"))
-    src["twostage_ivf_speedup_vs_exhaustive_25k"] = (f"latency t2i_{cfg['ref_large']}: exhaustive PyTorch p50 / "
-                                                     f"rerank 100 over a FAISS IVF stage 1 {row.get('ivf_options')} p50")
+    src["twostage_ivf_speedup_vs_exhaustive_25k"] = (
+        f"latency t2i_{cfg['ref_large']}: exhaustive PyTorch p50 / "
+        f"rerank 100 over a FAISS IVF stage 1 {row.get('ivf_options')} p50"
+    )
     rec = res.get("recall", {})
     ivf_ratios = [_nan(rec.get(d, {}).get("ivf_100", {}).get("r1_ratio")) for d in ("t2i", "i2t")]
     s["twostage_ivf_recall1_ratio_5k"] = min(ivf_ratios)
-    src["twostage_ivf_recall1_ratio_5k"] = (f"recall on {rec.get('images')} synthetic images: min over t2i/i2t of "
-                                            f"R@1(rerank 100, IVF stage 1 {rec.get('ivf_options')}) / R@1(exhaustive)")
+    src["twostage_ivf_recall1_ratio_5k"] = (
+        f"recall on {rec.get('images')} synthetic images: min over t2i/i2t of "
+        f"R@1(rerank 100, IVF stage 1 {rec.get('ivf_options')}) / R@1(exhaustive)"
+    )
     ratios = [_nan(rec.get(d, {}).get("100", {}).get("r1_ratio")) for d in ("t2i", "i2t")]
     s["twostage_recall1_ratio_5k"] = min(ratios) if ratios else float("nan")
     s["twostage_recall1_ratio_5k_t2i"], s["twostage_recall1_ratio_5k_i2t"] = ratios
-    src["twostage_recall1_ratio_5k"] = (f"recall on {rec.get('images')} synthetic images: min over t2i/i2t of "
-                                        "R@1(rerank 100) / R@1(exhaustive)")
+    src["twostage_recall1_ratio_5k"] = (
+        f"recall on {rec.get('images')} synthetic images: min over t2i/i2t of "
+        "R@1(rerank 100) / R@1(exhaustive)"
+    )
     # ---- gallery layouts
     big = lat.get(f"t2i_{cfg['ref_large']}", {})
     s["twostage_speedup_vs_exhaustive_25k_int8"] = _nan(big.get("speedup_rerank100_int8_vs_exhaustive_torch"))
-    src["twostage_speedup_vs_exhaustive_25k_int8"] = (f"latency t2i_{cfg['ref_large']} slow group: exhaustive PyTorch "
-                                                      "p50 / rerank 100 p50 with the int8 layout")
+    src["twostage_speedup_vs_exhaustive_25k_int8"] = (
+        f"latency t2i_{cfg['ref_large']} slow group: exhaustive PyTorch "
+        "p50 / rerank 100 p50 with the int8 layout"
+    )
     lay = big.get("layouts", {}).get("int8", {})
     s["t2i_p50_ms_25k_rerank100_no_encode_int8"] = _nan(lay.get("no_encode_100", {}).get("p50_ms"))
-    src["t2i_p50_ms_25k_rerank100_no_encode_int8"] = (f"latency t2i_{cfg['ref_large']} layouts group: search_encoded "
-                                                      "(stage 1 + gather + scorer) at rerank 100, int8 layout")
+    src["t2i_p50_ms_25k_rerank100_no_encode_int8"] = (
+        f"latency t2i_{cfg['ref_large']} layouts group: search_encoded "
+        "(stage 1 + gather + scorer) at rerank 100, int8 layout"
+    )
     s["rss_mb_25k_int8"] = _nan(lay.get("resident", {}).get("rss_mb"))
-    src["rss_mb_25k_int8"] = (f"VmRSS of a fresh process holding the bundle and the {cfg['ref_large']}-image gallery "
-                              "in the int8 layout, after 20 searches")
+    src["rss_mb_25k_int8"] = (
+        f"VmRSS of a fresh process holding the bundle and the {cfg['ref_large']}-image gallery "
+        "in the int8 layout, after 20 searches"
+    )
     ratios = {}
     for d in ("t2i", "i2t"):
         row = lat.get(f"{d}_{cfg['ref_small']}", {})
         ratios[d] = _nan(row.get("exhaustive_runtime_vs_torch"))
         s[f"exhaustive_runtime_vs_torch_5k_{d}"] = ratios[d]
     s["exhaustive_runtime_vs_torch_5k"] = _nanmin(ratios.values())
-    src["exhaustive_runtime_vs_torch_5k"] = (f"latency t2i/i2t_{cfg['ref_small']} slow group: exhaustive PyTorch p50 / "
-                                             "runtime exhaustive (rerank = gallery) p50, the smaller of the two")
+    src["exhaustive_runtime_vs_torch_5k"] = (
+        f"latency t2i/i2t_{cfg['ref_small']} slow group: exhaustive PyTorch p50 / "
+        "runtime exhaustive (rerank = gallery) p50, the smaller of the two"
+    )
     mm = lat.get(f"t2i_{cfg['ref_mmap']}_mmap", {})
-    s["t2i_p50_ms_100k_rerank100_int8"] = _nan(mm.get("layouts", {}).get("int8", {}).get("rerank_100", {}).get("p50_ms"))
-    src["t2i_p50_ms_100k_rerank100_int8"] = f"latency t2i_{cfg['ref_mmap']}_mmap layouts group, rerank 100, int8 layout"
+    s["t2i_p50_ms_100k_rerank100_int8"] = _nan(
+        mm.get("layouts", {}).get("int8", {}).get("rerank_100", {}).get("p50_ms")
+    )
+    src["t2i_p50_ms_100k_rerank100_int8"] = (
+        f"latency t2i_{cfg['ref_mmap']}_mmap layouts group, rerank 100, int8 layout"
+    )
     lr = [_nan(rec.get(d, {}).get("layout_int8", {}).get("r1_ratio_vs_fp32")) for d in ("t2i", "i2t")]
     s["twostage_recall1_ratio_5k_int8"] = _nanmin(lr)
     s["twostage_recall1_ratio_5k_int8_t2i"], s["twostage_recall1_ratio_5k_int8_i2t"] = lr
-    src["twostage_recall1_ratio_5k_int8"] = (f"recall on {rec.get('images')} synthetic images at rerank 100: min over "
-                                             "t2i/i2t of R@1(int8 layout) / R@1(fp32 layout)")
+    src["twostage_recall1_ratio_5k_int8"] = (
+        f"recall on {rec.get('images')} synthetic images at rerank 100: min over "
+        "t2i/i2t of R@1(int8 layout) / R@1(fp32 layout)"
+    )
     for name in LAYOUT_NAMES[1:]:
         for d in ("t2i", "i2t"):
             row = rec.get(d, {}).get(f"layout_{name}", {})
-            s[f"recall_ratio_5k_{name}_{d}"] = {r: _nan(row.get(f"{r}_ratio_vs_fp32")) for r in ("r1", "r5", "r10")}
+            s[f"recall_ratio_5k_{name}_{d}"] = {
+                r: _nan(row.get(f"{r}_ratio_vs_fp32")) for r in ("r1", "r5", "r10")
+            }
             s[f"score_err_max_5k_{name}_{d}"] = _nan(row.get("score_err_max"))
     s["bandwidth_gbs"] = _nan(res.get("bandwidth_gbs"))
     _summarise_qdrant(res, s, src, cfg)
@@ -137,30 +173,47 @@ def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     s["captions_per_s"] = _nan(enc.get("captions_per_s"))
     txt = res.get("text", {})
     s["text_encode_speedup_int8_vs_bigru"] = _nan(txt.get("speedup_minilm_int8_vs_bigru_b1"))
-    src["text_encode_speedup_int8_vs_bigru"] = (f"text: Bi-GRU (D={cfg['d']}) p50 / MiniLM int8 p50, text encoder alone, "
-                                                f"one {cfg['words']}-word query, {cfg['threads']} threads")
+    src["text_encode_speedup_int8_vs_bigru"] = (
+        f"text: Bi-GRU (D={cfg['d']}) p50 / MiniLM int8 p50, text encoder alone, "
+        f"one {cfg['words']}-word query, {cfg['threads']} threads"
+    )
     s["text_encode_speedup_fp32_vs_bigru"] = _nan(txt.get("speedup_minilm_fp32_vs_bigru_b1"))
-    s["text_encode_ms_b1_minilm_int8_products"] = _nan(txt.get("encoder", {}).get("minilm_int8_products_b1", {}).get("p50_ms"))
-    s["text_encode_speedup_bound_int8_vs_bigru"] = _nan(txt.get("speedup_bound_minilm_int8_products_vs_bigru_b1"))
-    src["text_encode_speedup_bound_int8_vs_bigru"] = ("text: Bi-GRU p50 / p50 of a graph holding only the MiniLM int8 "
-                                                      "encoder's weight products (same shapes and kernels, same rounds)")
+    s["text_encode_ms_b1_minilm_int8_products"] = _nan(
+        txt.get("encoder", {}).get("minilm_int8_products_b1", {}).get("p50_ms")
+    )
+    s["text_encode_speedup_bound_int8_vs_bigru"] = _nan(
+        txt.get("speedup_bound_minilm_int8_products_vs_bigru_b1")
+    )
+    src["text_encode_speedup_bound_int8_vs_bigru"] = (
+        "text: Bi-GRU p50 / p50 of a graph holding only the MiniLM int8 "
+        "encoder's weight products (same shapes and kernels, same rounds)"
+    )
     for n in txt.get("layers", []):
         s[f"text_encode_speedup_int8_l{n}_vs_bigru"] = _nan(txt.get(f"speedup_minilm_l{n}_int8_vs_bigru_b1"))
-        src[f"text_encode_speedup_int8_l{n}_vs_bigru"] = (f"text: Bi-GRU p50 / p50 of the MiniLM cut to its first {n} "
-                                                          "layers (--text-layers), int8, in the same rounds")
+        src[f"text_encode_speedup_int8_l{n}_vs_bigru"] = (
+            f"text: Bi-GRU p50 / p50 of the MiniLM cut to its first {n} "
+            "layers (--text-layers), int8, in the same rounds"
+        )
         s[f"text_encode_speedup_bound_int8_l{n}_vs_bigru"] = _nan(
-            txt.get(f"speedup_bound_minilm_l{n}_int8_products_vs_bigru_b1"))
+            txt.get(f"speedup_bound_minilm_l{n}_int8_products_vs_bigru_b1")
+        )
     for tower in txt.get("towers", TEXT_TOWERS):
         for b in (1, txt.get("batch", cfg["encode_batch"])):
-            s[f"text_encode_ms_b{b}_{tower}"] = _nan(txt.get("encoder", {}).get(f"{tower}_b{b}", {}).get("p50_ms"))
+            s[f"text_encode_ms_b{b}_{tower}"] = _nan(
+                txt.get("encoder", {}).get(f"{tower}_b{b}", {}).get("p50_ms")
+            )
         for tag, n in (("5k", cfg["ref_small"]), ("25k", cfg["ref_large"])):
-            s[f"t2i_p50_ms_{tag}_rerank100_{tower}"] = _nan(txt.get("t2i", {}).get(str(n), {}).get(tower, {}).get("p50_ms"))
+            s[f"t2i_p50_ms_{tag}_rerank100_{tower}"] = _nan(
+                txt.get("t2i", {}).get(str(n), {}).get(tower, {}).get("p50_ms")
+            )
     s["t2i_p50_ms_5k_rerank100_minilm"] = s["t2i_p50_ms_5k_rerank100_minilm_int8"]
-    src["t2i_p50_ms_5k_rerank100_minilm"] = (f"text: t2i over {cfg['ref_small']} images, rerank 100, MiniLM int8 "
-                                             "text encoder (interleaved with Bi-GRU and MiniLM fp32 on one gallery)")
+    src["t2i_p50_ms_5k_rerank100_minilm"] = (
+        f"text: t2i over {cfg['ref_small']} images, rerank 100, MiniLM int8 "
+        "text encoder (interleaved with Bi-GRU and MiniLM fp32 on one gallery)"
+    )
     s["targets"] = {}
     targets = dict(TARGETS)
-    for n in txt.get("layers", []):        # the issue-14 targets, also for each cut MiniLM tower
+    for n in txt.get("layers", []):  # the issue-14 targets, also for each cut MiniLM tower
         targets[f"text_encode_speedup_int8_l{n}_vs_bigru"] = TARGETS["text_encode_speedup_int8_vs_bigru"]
         targets[f"t2i_p50_ms_5k_rerank100_minilm_l{n}_int8"] = TARGETS["t2i_p50_ms_5k_rerank100_minilm"]
     for k, (op, v) in targets.items():
@@ -179,7 +232,9 @@ def _tag(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
-def _summarise_qdrant(res: dict[str, Any], s: dict[str, Any], src: dict[str, str], cfg: dict[str, Any]) -> None:
+def _summarise_qdrant(
+    res: dict[str, Any], s: dict[str, Any], src: dict[str, str], cfg: dict[str, Any]
+) -> None:
     """Qdrant Edge figures: p50 at rerank 100, resident MB, ratios to the in-memory gallery, recall ratios;
     at the memory-mapped size, the ratio to the best in-process layout of the latency section."""
     mm = res.get("latency", {}).get(f"t2i_{cfg.get('ref_mmap')}_mmap", {}).get("layouts", {})
@@ -195,17 +250,22 @@ def _summarise_qdrant(res: dict[str, Any], s: dict[str, Any], src: dict[str, str
             s[f"qdrant_rss_mb_{tag}_{name}"] = _nan(row.get("rss_mb", {}).get(name))
             if name != "memory":
                 s[f"qdrant_{name}_vs_memory_p50_{tag}"] = _nan(r.get("p50_ms")) / mem
-                s[f"qdrant_{name}_vs_memory_rss_{tag}"] = (_nan(row.get("rss_mb", {}).get(name))
-                                                          / _nan(row.get("rss_mb", {}).get("memory")))
+                s[f"qdrant_{name}_vs_memory_rss_{tag}"] = _nan(row.get("rss_mb", {}).get(name)) / _nan(
+                    row.get("rss_mb", {}).get("memory")
+                )
         for mode in ("int8", "hnsw"):
             s[f"qdrant_{mode}_stage1_recall100_{tag}"] = _nan(row.get(f"{mode}_stage1_recall100"))
         if int(n) == cfg.get("ref_mmap"):
             for name, r in lat.items():
                 if name != "memory":
                     s[f"qdrant_{name}_vs_best_inprocess_p50_{tag}"] = _nan(r.get("p50_ms")) / best
-                    s[f"qdrant_{name}_vs_inprocess_fp32_rss_{tag}"] = _nan(row.get("rss_mb", {}).get(name)) / fp32_rss
-        src[f"qdrant_*_{tag}"] = (f"qdrant {n}: t2i rerank 100, Qdrant Edge vs the in-memory gallery "
-                                  f"({row.get('memory_layout')}) side by side; RSS of a fresh process per gallery")
+                    s[f"qdrant_{name}_vs_inprocess_fp32_rss_{tag}"] = (
+                        _nan(row.get("rss_mb", {}).get(name)) / fp32_rss
+                    )
+        src[f"qdrant_*_{tag}"] = (
+            f"qdrant {n}: t2i rerank 100, Qdrant Edge vs the in-memory gallery "
+            f"({row.get('memory_layout')}) side by side; RSS of a fresh process per gallery"
+        )
     rec = res.get("qdrant_recall", {})
     for d in ("t2i", "i2t"):
         for name, r in rec.get(d, {}).items():
@@ -224,84 +284,155 @@ def _f(x: Any, nd: int = 2) -> str:
 
 def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) -> str:
     m = res["machine"]
-    lines = [f"# MSSAN benchmark ({cfg['mode']})", "",
-             f"{m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {cfg['threads']} threads; "
-             f"load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}; CPU pressure (PSI) at start "
-             f"'{m.get('cpu_pressure_start')}', at end '{m.get('cpu_pressure_end')}'. "
-             f"Model D={cfg['d']}, word {cfg['word_dim']}, Dv={cfg['dv']}, R={cfg['regions']}, "
-             f"captions of {cfg['words']} words. p50 / p99 over interleaved rounds.", "",
-             "## Headline", "", "| figure | value | target | holds |", "|---|---|---|---|"]
+    lines = [
+        f"# MSSAN benchmark ({cfg['mode']})",
+        "",
+        f"{m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {cfg['threads']} threads; "
+        f"load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}; "
+        "CPU pressure (PSI) at start "
+        f"'{m.get('cpu_pressure_start')}', at end '{m.get('cpu_pressure_end')}'. "
+        f"Model D={cfg['d']}, word {cfg['word_dim']}, Dv={cfg['dv']}, R={cfg['regions']}, "
+        f"captions of {cfg['words']} words. p50 / p99 over interleaved rounds.",
+        "",
+        "## Headline",
+        "",
+        "| figure | value | target | holds |",
+        "|---|---|---|---|",
+    ]
     for k in SUMMARY_KEYS:
         t = summary["targets"].get(k)
-        lines.append(f"| {k} | {_f(summary[k], 3)} | {t['target'] if t else ''} | "
-                     f"{'' if not t else ('yes' if t['holds'] else ('no' if t['holds'] is False else '?'))} |")
+        lines.append(
+            f"| {k} | {_f(summary[k], 3)} | {t['target'] if t else ''} | "
+            f"{'' if not t else ('yes' if t['holds'] else ('no' if t['holds'] is False else '?'))} |"
+        )
     lines.append(f"| sgemm peak (numpy, GFLOP/s, p50) | {_f(summary['sgemm_gflops'], 1)} | | |")
     for k in ("twostage_ivf_speedup_vs_exhaustive_25k", "twostage_ivf_recall1_ratio_5k"):
-        lines.append(f"| {k} (opt-in `stage1=\"faiss-ivf\"`) | {_f(summary.get(k), 3)} | | |")
+        lines.append(f'| {k} (opt-in `stage1="faiss-ivf"`) | {_f(summary.get(k), 3)} | | |')
     sc = res.get("scorer")
     if sc:
-        lines += ["", "## 1. Scorer throughput", "",
-                  "| shape | candidate | p50 ms | p99 ms | pairs/s | GFLOP/s | of sgemm peak |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## 1. Scorer throughput",
+            "",
+            "| shape | candidate | p50 ms | p99 ms | pairs/s | GFLOP/s | of sgemm peak |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, row in sc["shapes"].items():
             for c in ("onnxruntime", "torch_eager", "scan_loop"):
                 if c in row:
                     x = row[c]
-                    lines.append(f"| {name} ({row['ni']}x{row['nt']}) | {c} | {_f(x['p50_ms'])} | {_f(x['p99_ms'])} | "
-                                 f"{_f(x['pairs_per_s'], 0)} | {_f(x['gflops'], 1)} | {_f(100 * x['fraction_of_sgemm'], 1)}% |")
-            lines.append(f"| {name} | sgemm 2048³ | {_f(row['sgemm']['p50_ms'])} | {_f(row['sgemm']['p99_ms'])} | | "
-                         f"{_f(row['sgemm_gflops'], 1)} | 100% |")
+                    lines.append(
+                        f"| {name} ({row['ni']}x{row['nt']}) | {c} | {_f(x['p50_ms'])} | {_f(x['p99_ms'])} | "
+                        f"{_f(x['pairs_per_s'], 0)} | {_f(x['gflops'], 1)} | "
+                        f"{_f(100 * x['fraction_of_sgemm'], 1)}% |"
+                    )
+            lines.append(
+                f"| {name} | sgemm 2048³ | {_f(row['sgemm']['p50_ms'])} | {_f(row['sgemm']['p99_ms'])} | | "
+                f"{_f(row['sgemm_gflops'], 1)} | 100% |"
+            )
         lines.append("")
-        lines.append("FLOPs per pair (Gram form, matrix products only): "
-                     + ", ".join(f"{n}: {_f(r['flops_per_pair'] / 1e6, 3)} M" for n, r in sc["shapes"].items())
-                     + ". Max |score - PyTorch| per candidate: "
-                     + "; ".join(f"{n}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff_vs_torch"].items())
-                                 for n, r in sc["shapes"].items()) + ".")
+        lines.append(
+            "FLOPs per pair (Gram form, matrix products only): "
+            + ", ".join(f"{n}: {_f(r['flops_per_pair'] / 1e6, 3)} M" for n, r in sc["shapes"].items())
+            + ". Max |score - PyTorch| per candidate: "
+            + "; ".join(
+                f"{n}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff_vs_torch"].items())
+                for n, r in sc["shapes"].items()
+            )
+            + "."
+        )
     lat = res.get("latency")
     if lat:
         depths = cfg["depths"]
-        lines += ["", "## 2. End-to-end query latency (ms, p50 / p99)", "",
-                  "| query | gallery | " + " | ".join(f"rerank {d}" for d in depths)
-                  + " | exhaustive runtime | exhaustive PyTorch | rerank 100 (same rounds) | speedup vs PyTorch | peak RSS MB |",
-                  "|---|---|" + "---|" * (len(depths) + 5)]
+        lines += [
+            "",
+            "## 2. End-to-end query latency (ms, p50 / p99)",
+            "",
+            "| query | gallery | "
+            + " | ".join(f"rerank {d}" for d in depths)
+            + " | exhaustive runtime | exhaustive PyTorch | rerank 100 (same rounds) | "
+            "speedup vs PyTorch | peak RSS MB |",
+            "|---|---|" + "---|" * (len(depths) + 5),
+        ]
         for key, row in lat.items():
             f, s = row["fast"], row["slow"]
             cells = [f"{_f(f[f'rerank_{d}']['p50_ms'])} / {_f(f[f'rerank_{d}']['p99_ms'])}" for d in depths]
-            ex = [f"{_f(s[c]['p50_ms'])} / {_f(s[c]['p99_ms'])}" if c in s else "–"
-                  for c in ("exhaustive_runtime", "exhaustive_torch", "rerank_100")]
-            gal = f"{row.get('n_items', row['n']):,} {row['gallery']}" + (f" ({row['dtype']} mmap)" if row["mmap"] else "")
-            lines.append(f"| {row['direction']} | {gal} | " + " | ".join(cells) + " | " + " | ".join(ex)
-                         + f" | {_f(row.get('speedup_rerank100_vs_exhaustive_torch'), 1)}x | {_f(row['peak_rss_mb'], 0)} |")
-        lines += ["", "Breakdown of rerank 100 (p50 ms): " + "; ".join(
-            f"{k}: " + ", ".join(f"{c} {_f(row['fast'][c]['p50_ms'])}"
-                                 for c in ("encode_query", "stage1_topk100", "gather_100", "rerank_step_100"))
-            for k, row in lat.items())]
-        lines += ["", "Runtime settings at rerank 100, interleaved in their own group (p50 ms; default = ORT workers do "
-                  "not spin, candidates gathered on all threads; spin = ORT allow_spinning on, txt1 = text encoder on 1 "
-                  "thread, gather1 = candidates gathered on 1 thread, blas1 = numpy stage 1 on 1 thread): " + "; ".join(
-            f"{k}: " + ", ".join(f"{c[11:-1]} {_f(v['p50_ms'])}"
-                                 for c, v in row["fast"].items() if c.startswith("rerank_100["))
-            for k, row in lat.items())]
+            ex = [
+                f"{_f(s[c]['p50_ms'])} / {_f(s[c]['p99_ms'])}" if c in s else "–"
+                for c in ("exhaustive_runtime", "exhaustive_torch", "rerank_100")
+            ]
+            gal = f"{row.get('n_items', row['n']):,} {row['gallery']}" + (
+                f" ({row['dtype']} mmap)" if row["mmap"] else ""
+            )
+            lines.append(
+                f"| {row['direction']} | {gal} | "
+                + " | ".join(cells)
+                + " | "
+                + " | ".join(ex)
+                + f" | {_f(row.get('speedup_rerank100_vs_exhaustive_torch'), 1)}x | "
+                f"{_f(row['peak_rss_mb'], 0)} |"
+            )
+        lines += [
+            "",
+            "Breakdown of rerank 100 (p50 ms): "
+            + "; ".join(
+                f"{k}: "
+                + ", ".join(
+                    f"{c} {_f(row['fast'][c]['p50_ms'])}"
+                    for c in ("encode_query", "stage1_topk100", "gather_100", "rerank_step_100")
+                )
+                for k, row in lat.items()
+            ),
+        ]
+        lines += [
+            "",
+            "Runtime settings at rerank 100, interleaved in their own group (p50 ms; default = ORT "
+            "workers do not spin, candidates gathered on all threads; spin = ORT allow_spinning on, "
+            "txt1 = text encoder on 1 "
+            "thread, gather1 = candidates gathered on 1 thread, blas1 = numpy stage 1 on 1 thread): "
+            + "; ".join(
+                f"{k}: "
+                + ", ".join(
+                    f"{c[11:-1]} {_f(v['p50_ms'])}"
+                    for c, v in row["fast"].items()
+                    if c.startswith("rerank_100[")
+                )
+                for k, row in lat.items()
+            ),
+        ]
         ivf_rows = [(k, row) for k, row in lat.items() if "ivf_options" in row]
         if ivf_rows:
-            lines += ["", "Opt-in FAISS IVF stage 1 (`stage1=\"faiss-ivf\"`; approximate candidates, exact final "
-                      "scores), rerank 100, p50 / p99 ms in the slow group: " + "; ".join(
-                f"{k} {row['ivf_options']}: {_f(row['slow'].get('rerank_100_ivf', {}).get('p50_ms'))} / "
-                f"{_f(row['slow'].get('rerank_100_ivf', {}).get('p99_ms'))}, "
-                f"{_f(row.get('speedup_rerank100_ivf_vs_exhaustive_torch'), 1)}x vs exhaustive PyTorch "
-                f"(IVF built in {_f(row['ivf_build_s'], 1)} s)" for k, row in ivf_rows)]
+            lines += [
+                "",
+                'Opt-in FAISS IVF stage 1 (`stage1="faiss-ivf"`; approximate candidates, exact final '
+                "scores), rerank 100, p50 / p99 ms in the slow group: "
+                + "; ".join(
+                    f"{k} {row['ivf_options']}: {_f(row['slow'].get('rerank_100_ivf', {}).get('p50_ms'))} / "
+                    f"{_f(row['slow'].get('rerank_100_ivf', {}).get('p99_ms'))}, "
+                    f"{_f(row.get('speedup_rerank100_ivf_vs_exhaustive_torch'), 1)}x vs exhaustive PyTorch "
+                    f"(IVF built in {_f(row['ivf_build_s'], 1)} s)"
+                    for k, row in ivf_rows
+                ),
+            ]
     lay_rows = [(k, row) for k, row in (lat or {}).items() if "layouts" in row]
     if lay_rows:
         bw = _nan(res.get("bandwidth_gbs"))
         base = res.get("resident_bundle_only", {})
-        lines += ["", "## 2b. Gallery layouts (rerank 100; one interleaved group per gallery)", "",
-                  f"Measured memory read bandwidth: {_f(bw, 1)} GB/s (float32 matrix-vector product over 1 GiB, "
-                  f"{cfg['threads']} threads). Resident MB: VmRSS of a fresh process holding the bundle and the "
-                  f"gallery in that layout after 20 searches (bundle alone: {_f(base.get('rss_mb'), 0)} MB). Bytes "
-                  "per query: stage-1 scan (+ the 400 over-fetched float32 rows of a compressed stage 1) + the 100 "
-                  "candidates' stored items + the scorer's float32 inputs, against the no-encode p50.", "",
-                  "| query | gallery | layout | p50 / p99 ms | no encode p50 | stage 1 | gather | scorer | speedup vs "
-                  "exhaustive PyTorch | resident MB | MB read / query | GB/s | of bandwidth |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## 2b. Gallery layouts (rerank 100; one interleaved group per gallery)",
+            "",
+            f"Measured memory read bandwidth: {_f(bw, 1)} GB/s (float32 matrix-vector product over 1 GiB, "
+            f"{cfg['threads']} threads). Resident MB: VmRSS of a fresh process holding the bundle and the "
+            f"gallery in that layout after 20 searches (bundle alone: {_f(base.get('rss_mb'), 0)} MB). Bytes "
+            "per query: stage-1 scan (+ the 400 over-fetched float32 rows of a compressed stage 1) + the 100 "
+            "candidates' stored items + the scorer's float32 inputs, against the no-encode p50.",
+            "",
+            "| query | gallery | layout | p50 / p99 ms | no encode p50 | stage 1 | gather | scorer | "
+            "speedup vs "
+            "exhaustive PyTorch | resident MB | MB read / query | GB/s | of bandwidth |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for key, row in lay_rows:
             torch_ms = _nan(row.get("slow", {}).get("exhaustive_torch", {}).get("p50_ms"))
             gal = f"{row['n_items']:,} {row['gallery']}" + (" (mmap)" if row["mmap"] else "")
@@ -312,31 +443,56 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
                     f"{_f(x['stage1_topk100']['p50_ms'])} | {_f(x['gather_100']['p50_ms'])} | "
                     f"{_f(x['scorer_100']['p50_ms'])} | {_f(torch_ms / x['rerank_100']['p50_ms'], 1)}x | "
                     f"{_f(x.get('resident', {}).get('rss_mb'), 0)} | {_f(x['bytes']['total'] / 1e6, 1)} | "
-                    f"{_f(x['gb_per_s'], 1)} | {_f(100 * _nan(x.get('fraction_of_bandwidth')), 0)}% |")
-        lines += ["", "Speedups in this table divide the exhaustive PyTorch p50 of the slow group by the layout "
-                  "group's p50 (two groups of one run); the headline int8 speedup is measured inside the slow group."]
+                    f"{_f(x['gb_per_s'], 1)} | {_f(100 * _nan(x.get('fraction_of_bandwidth')), 0)}% |"
+                )
+        lines += [
+            "",
+            "Speedups in this table divide the exhaustive PyTorch p50 of the slow group by the layout "
+            "group's p50 (two groups of one run); the headline int8 speedup is measured inside the "
+            "slow group.",
+        ]
     rec = res.get("recall")
     if rec:
-        lines += ["", f"## 3. Recall vs rerank depth ({rec['images']} synthetic images, {rec['captions']} captions; "
-                  f"{rec['queries_t2i']} caption / {rec['queries_i2t']} image queries)", "",
-                  "| depth | t2i R@1 | R@5 | R@10 | R@1 / exhaustive | i2t R@1 | R@5 | R@10 | R@1 / exhaustive |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## 3. Recall vs rerank depth ({rec['images']} synthetic images, {rec['captions']} captions; "
+            f"{rec['queries_t2i']} caption / {rec['queries_i2t']} image queries)",
+            "",
+            "| depth | t2i R@1 | R@5 | R@10 | R@1 / exhaustive | i2t R@1 | R@5 | R@10 | R@1 / exhaustive |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for d in rec["t2i"]:
             a, b = rec["t2i"][d], rec["i2t"][d]
-            label = f"100, IVF stage 1 (images {rec['ivf_options']['images']}, texts {rec['ivf_options']['texts']})" \
-                if d == "ivf_100" else d
-            lines.append(f"| {label} | {_f(a['r1'], 1)} | {_f(a['r5'], 1)} | {_f(a['r10'], 1)} | {_f(a['r1_ratio'], 3)} | "
-                         f"{_f(b['r1'], 1)} | {_f(b['r5'], 1)} | {_f(b['r10'], 1)} | {_f(b['r1_ratio'], 3)} |")
+            label = (
+                f"100, IVF stage 1 (images {rec['ivf_options']['images']}, "
+                f"texts {rec['ivf_options']['texts']})"
+                if d == "ivf_100"
+                else d
+            )
+            lines.append(
+                f"| {label} | {_f(a['r1'], 1)} | {_f(a['r5'], 1)} | {_f(a['r10'], 1)} | "
+                f"{_f(a['r1_ratio'], 3)} | "
+                f"{_f(b['r1'], 1)} | {_f(b['r5'], 1)} | {_f(b['r10'], 1)} | {_f(b['r1_ratio'], 3)} |"
+            )
         lays = [d for d in rec["t2i"] if d.startswith("layout_")]
         if lays:
-            lines += ["", "Layouts at rerank 100, against the fp32 layout at rerank 100 (ratios of R@1 / R@5 / R@10; "
-                      "largest |final score - fp32 final score| of a returned hit):", "",
-                      "| layout | t2i ratios | t2i score error | i2t ratios | i2t score error |", "|---|---|---|---|---|"]
+            lines += [
+                "",
+                "Layouts at rerank 100, against the fp32 layout at rerank 100 (ratios of R@1 / R@5 / R@10; "
+                "largest |final score - fp32 final score| of a returned hit):",
+                "",
+                "| layout | t2i ratios | t2i score error | i2t ratios | i2t score error |",
+                "|---|---|---|---|---|",
+            ]
             for d in lays:
                 a, b = rec["t2i"][d], rec["i2t"][d]
-                lines.append(f"| {d[7:]} | {' / '.join(_f(a[f'{r}_ratio_vs_fp32'], 3) for r in ('r1', 'r5', 'r10'))} | "
-                             f"{a['score_err_max']:.1e} | {' / '.join(_f(b[f'{r}_ratio_vs_fp32'], 3) for r in ('r1', 'r5', 'r10'))} | "
-                             f"{b['score_err_max']:.1e} |")
+                lines.append(
+                    f"| {d[7:]} | "
+                    f"{' / '.join(_f(a[f'{r}_ratio_vs_fp32'], 3) for r in ('r1', 'r5', 'r10'))} | "
+                    f"{a['score_err_max']:.1e} | "
+                    f"{' / '.join(_f(b[f'{r}_ratio_vs_fp32'], 3) for r in ('r1', 'r5', 'r10'))} | "
+                    f"{b['score_err_max']:.1e} |"
+                )
         tr = res.get("train", {})
         lines += ["", f"Checkpoint: {json.dumps(tr)}"]
     enc = res.get("encode")
@@ -346,32 +502,50 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
         for k, v in t.items():
             n = enc["batch"] if not k.endswith("_b1") else 1
             unit = "images/s" if k.startswith("images") else "captions/s"
-            lines.append(f"| {k} | {_f(v['p50_ms'])} | {_f(v['p99_ms'])} | {_f(n / v['p50_ms'] * 1e3, 1)} {unit} |")
+            lines.append(
+                f"| {k} | {_f(v['p50_ms'])} | {_f(v['p99_ms'])} | {_f(n / v['p50_ms'] * 1e3, 1)} {unit} |"
+            )
         if lat:
             lines += ["", "| gallery | locals | peak RSS MB (after load + searches) |", "|---|---|---|"]
             for key, row in lat.items():
-                lines.append(f"| {row['direction']} {row['n']:,} {row['gallery']} | {row['dtype']}"
-                             f"{' mmap' if row['mmap'] else ' RAM'} | {_f(row['peak_rss_mb'], 0)} |")
+                lines.append(
+                    f"| {row['direction']} {row['n']:,} {row['gallery']} | {row['dtype']}"
+                    f"{' mmap' if row['mmap'] else ' RAM'} | {_f(row['peak_rss_mb'], 0)} |"
+                )
     txt = res.get("text")
     if txt:
         b = txt["batch"]
-        lines += ["", f"## 5. Text towers ({txt['words']}-word query; tokens per query {txt['tokens_per_query']}; "
-                  f"MiniLM text encoder {_f(txt['fp32_file_mb'], 1)} MB fp32, {_f(txt['int8_file_mb'], 1)} MB int8)", "",
-                  "| tower | encoder b1 p50 / p99 ms | encoder b" + str(b) + " p50 ms | tokenize b1 ms | "
-                  + " | ".join(f"t2i {int(n):,} rerank 100 p50 / p99 ms" for n in txt["t2i"]) + " |",
-                  "|---|---|---|---|" + "---|" * len(txt["t2i"])]
+        lines += [
+            "",
+            f"## 5. Text towers ({txt['words']}-word query; tokens per query {txt['tokens_per_query']}; "
+            f"MiniLM text encoder {_f(txt['fp32_file_mb'], 1)} MB fp32, "
+            f"{_f(txt['int8_file_mb'], 1)} MB int8)",
+            "",
+            "| tower | encoder b1 p50 / p99 ms | encoder b"
+            + str(b)
+            + " p50 ms | tokenize b1 ms | "
+            + " | ".join(f"t2i {int(n):,} rerank 100 p50 / p99 ms" for n in txt["t2i"])
+            + " |",
+            "|---|---|---|---|" + "---|" * len(txt["t2i"]),
+        ]
         for tower in txt.get("towers", TEXT_TOWERS):
             e = txt["encoder"]
             cells = [f"{_f(v[tower]['p50_ms'])} / {_f(v[tower]['p99_ms'])}" for v in txt["t2i"].values()]
-            lines.append(f"| {tower} | {_f(e[f'{tower}_b1']['p50_ms'])} / {_f(e[f'{tower}_b1']['p99_ms'])} | "
-                         f"{_f(e[f'{tower}_b{b}']['p50_ms'])} | {_f(txt['tokenize_b1'][tower]['p50_ms'], 3)} | "
-                         + " | ".join(cells) + " |")
+            lines.append(
+                f"| {tower} | {_f(e[f'{tower}_b1']['p50_ms'])} / {_f(e[f'{tower}_b1']['p99_ms'])} | "
+                f"{_f(e[f'{tower}_b{b}']['p50_ms'])} | {_f(txt['tokenize_b1'][tower]['p50_ms'], 3)} | "
+                + " | ".join(cells)
+                + " |"
+            )
         for tower, prod in txt.get("int8_products", {}).items():
             p = txt["encoder"][f"{tower}_products_b1"]
-            lines += ["", f"{tower}: its {prod['count']} weight products alone (a graph of only those MatMuls, "
-                      f"{prod['rows']} rows each, int8 like the encoder), in the same rounds: {_f(p['p50_ms'])} / "
-                      f"{_f(p['p99_ms'])} ms, so no fusion of the rest can make that encoder more than "
-                      f"{_f(txt[f'speedup_bound_{tower}_products_vs_bigru_b1'])}x the Bi-GRU here."]
+            lines += [
+                "",
+                f"{tower}: its {prod['count']} weight products alone (a graph of only those MatMuls, "
+                f"{prod['rows']} rows each, int8 like the encoder), in the same rounds: {_f(p['p50_ms'])} / "
+                f"{_f(p['p99_ms'])} ms, so no fusion of the rest can make that encoder more than "
+                f"{_f(txt[f'speedup_bound_{tower}_products_vs_bigru_b1'])}x the Bi-GRU here.",
+            ]
     lines += _qdrant_markdown(res)
     lines += ["", "Notes: " + " ".join(cfg.get("notes", []))]
     return "\n".join(lines) + "\n"
@@ -381,9 +555,15 @@ def _qdrant_markdown(res: dict[str, Any]) -> list[str]:
     q = res.get("qdrant", {}).get("sizes", {})
     if not q:
         return []
-    lines = ["", "## 6. Galleries in Qdrant Edge (text->image, rerank 100, side by side)", "",
-             "| images | gallery | p50 ms | p99 ms | x in-memory p50 | RSS MB | x in-memory RSS | disk MB | fill s |"
-             " stage-1 recall@100 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## 6. Galleries in Qdrant Edge (text->image, rerank 100, side by side)",
+        "",
+        "| images | gallery | p50 ms | p99 ms | x in-memory p50 | RSS MB | x in-memory RSS | "
+        "disk MB | fill s |"
+        " stage-1 recall@100 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for n, row in q.items():
         lat, rss, disk = row["latency"], row.get("rss_mb", {}), row.get("disk_mb", {})
         mem_p50, mem_rss = _nan(lat["memory"]["p50_ms"]), _nan(rss.get("memory"))
@@ -391,18 +571,28 @@ def _qdrant_markdown(res: dict[str, Any]) -> list[str]:
             label = f"in-memory ({row.get('memory_layout')})" if name == "memory" else f"Qdrant Edge {name}"
             disk_key = "index" if name == "memory" else name
             lines.append(
-                f"| {int(n):,} | {label} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(_nan(r['p50_ms']) / mem_p50)} | "
-                f"{_f(rss.get(name), 0)} | {_f(_nan(rss.get(name)) / mem_rss)} | {_f(disk.get(disk_key), 0)} | "
+                f"| {int(n):,} | {label} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | "
+                f"{_f(_nan(r['p50_ms']) / mem_p50)} | "
+                f"{_f(rss.get(name), 0)} | {_f(_nan(rss.get(name)) / mem_rss)} | "
+                f"{_f(disk.get(disk_key), 0)} | "
                 f"{_f(row.get(f'{name}_fill_s' if name != 'memory' else 'memory_fill_s'), 0)} | "
-                f"{_f(row.get(f'{name}_stage1_recall100'), 3)} |")
+                f"{_f(row.get(f'{name}_stage1_recall100'), 3)} |"
+            )
     rec = res.get("qdrant_recall", {})
     if rec:
-        lines += ["", "Recall through Qdrant Edge galleries (trained model, rerank 100): R@1 / ratio to in-memory", "",
-                  "| gallery | t2i R@1 | t2i ratio | i2t R@1 | i2t ratio |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Recall through Qdrant Edge galleries (trained model, rerank 100): R@1 / ratio to in-memory",
+            "",
+            "| gallery | t2i R@1 | t2i ratio | i2t R@1 | i2t ratio |",
+            "|---|---|---|---|---|",
+        ]
         for name in rec.get("t2i", {}):
             a, b = rec["t2i"][name], rec["i2t"][name]
-            lines.append(f"| {name} | {_f(a['r1'], 1)} | {_f(a['r1_ratio'], 3)} | {_f(b['r1'], 1)} | "
-                         f"{_f(b['r1_ratio'], 3)} |")
+            lines.append(
+                f"| {name} | {_f(a['r1'], 1)} | {_f(a['r1_ratio'], 3)} | {_f(b['r1'], 1)} | "
+                f"{_f(b['r1_ratio'], 3)} |"
+            )
     return lines
 
 
@@ -424,11 +614,22 @@ def plots(res: dict[str, Any], cfg: dict[str, Any], out: Path) -> list[str]:
                 ys = [rec[direction][d]["r1"] for d in depths]
                 axes[0].plot(xs, ys, style, label=f"{direction} R@1")
                 colour = axes[0].lines[-1].get_color()
-                axes[0].axhline(rec[direction]["exhaustive"]["r1"], ls="--", lw=0.8, color=colour,
-                                label=f"{direction} exhaustive")
+                axes[0].axhline(
+                    rec[direction]["exhaustive"]["r1"],
+                    ls="--",
+                    lw=0.8,
+                    color=colour,
+                    label=f"{direction} exhaustive",
+                )
                 if "ivf_100" in rec[direction]:
-                    axes[0].plot([100], [rec[direction]["ivf_100"]["r1"]], "x", ms=9, color=colour,
-                                 label=f"{direction} IVF stage 1")
+                    axes[0].plot(
+                        [100],
+                        [rec[direction]["ivf_100"]["r1"]],
+                        "x",
+                        ms=9,
+                        color=colour,
+                        label=f"{direction} IVF stage 1",
+                    )
             axes[0].set_xlabel("rerank depth")
             axes[0].set_ylabel("R@1 (%)")
             axes[0].set_title(f"recall vs depth ({rec['images']} synthetic images)")
@@ -453,8 +654,12 @@ def plots(res: dict[str, Any], cfg: dict[str, Any], out: Path) -> list[str]:
         cands = ("onnxruntime", "torch_eager", "scan_loop")
         w = 0.25
         for i, c in enumerate(cands):
-            ax.bar([j + i * w for j in range(len(names))],
-                   [sc["shapes"][n].get(c, {}).get("pairs_per_s", 0.0) for n in names], w, label=c)
+            ax.bar(
+                [j + i * w for j in range(len(names))],
+                [sc["shapes"][n].get(c, {}).get("pairs_per_s", 0.0) for n in names],
+                w,
+                label=c,
+            )
         ax.set_xticks([j + w for j in range(len(names))], names, fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("pairs/s (p50)")
@@ -478,11 +683,14 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-def write_results(res: dict[str, Any], cfg: dict[str, Any], out: Path, with_plots: bool = True) -> dict[str, Any]:
+def write_results(
+    res: dict[str, Any], cfg: dict[str, Any], out: Path, with_plots: bool = True
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(res, cfg)
     (out / "results.json").write_text(
-        json.dumps(_json_safe({"config": cfg, "results": res}), indent=1, default=str, allow_nan=False))
+        json.dumps(_json_safe({"config": cfg, "results": res}), indent=1, default=str, allow_nan=False)
+    )
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, default=str, allow_nan=False))
     md = markdown(res, summary, cfg)
     (out / "results.md").write_text(md, encoding="utf-8")

@@ -13,6 +13,7 @@ Per size, two interleaved groups run on the same query sequence:
   size) and exhaustive PyTorch (encode the query, ``MSSAN.score`` over the
   whole gallery in shards, top-k) — the speedups come from this group.
 """
+
 from __future__ import annotations
 
 import gc
@@ -26,20 +27,20 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mssan_infer import SearchOptions
+from mssan_infer.gallery.stage1 import default_ivf_nlist
 from mssan_infer.gallery.storage import Layout
 from mssan_infer.names import INDEX_FORMAT, INDEX_FORMAT_VERSION
 from mssan_infer.search import rerank_scores
-from mssan_infer.gallery.stage1 import default_ivf_nlist
 
 from .timing import numpy_blas_setter, peak_rss_mb, reset_peak_rss, side_by_side
-from mssan_infer import SearchOptions
 
 __all__ = ["write_gallery_index", "run_latency", "stage1_variant", "ivf_options"]
 
 log = logging.getLogger(__name__)
 SHARD = 1024
-IVF_PROBE_FRACTION = 0.025      # IVF stage 1: probe 2.5% of the lists (16 of 632 at 25K items)
-BLOCK = 5          # query calls per candidate per round (after one untimed call), see timing.side_by_side
+IVF_PROBE_FRACTION = 0.025  # IVF stage 1: probe 2.5% of the lists (16 of 632 at 25K items)
+BLOCK = 5  # query calls per candidate per round (after one untimed call), see timing.side_by_side
 
 
 def rounds(calls: int) -> int:
@@ -47,8 +48,9 @@ def rounds(calls: int) -> int:
     return max(3, -(-calls // BLOCK))
 
 
-def write_gallery_index(folder: Path, name: str, pool: Any, n: int, dtype: str, bundle_id: str,
-                        seed: int = 0) -> Path:
+def write_gallery_index(
+    folder: Path, name: str, pool: Any, n: int, dtype: str, bundle_id: str, seed: int = 0
+) -> Path:
     """Write a gallery of ``n`` items tiled from ``pool`` (runtime ``Encoded``) as an index folder.
 
     Stage-1 vectors are the pool's plus fresh noise (so top-k sees distinct scores).
@@ -81,23 +83,39 @@ def write_gallery_index(folder: Path, name: str, pool: Any, n: int, dtype: str, 
     (folder / f"{name}_ids.json").write_text(json.dumps(list(range(n))))
     files["ids"] = f"{name}_ids.json"
     manifest = {
-        "format": INDEX_FORMAT, "format_version": INDEX_FORMAT_VERSION, "bundle_id": bundle_id,
-        "galleries": {name: {"n": n, "stage1_dim": 2 * d, "local_dim": d, "max_length": p, "dtype": dtype,
-                             "layout": Layout("float32", dtype).record(), "files": files}},
+        "format": INDEX_FORMAT,
+        "format_version": INDEX_FORMAT_VERSION,
+        "bundle_id": bundle_id,
+        "galleries": {
+            name: {
+                "n": n,
+                "stage1_dim": 2 * d,
+                "local_dim": d,
+                "max_length": p,
+                "dtype": dtype,
+                "layout": Layout("float32", dtype).record(),
+                "files": files,
+            }
+        },
         "files": {f: "not-computed-by-bench" for f in files.values()},
     }
     (folder / "index.json").write_text(json.dumps(manifest, indent=2))
     return folder
 
 
-def _torch_exhaustive(model: Any, view: Any, query: Callable[[], Any], text_query: bool, k: int) -> Callable[[], Any]:
-    """Exhaustive PyTorch search: encode the query, ``model.score`` against every gallery item in shards, top-k."""
+def _torch_exhaustive(
+    model: Any, view: Any, query: Callable[[], Any], text_query: bool, k: int
+) -> Callable[[], Any]:
+    """Exhaustive PyTorch search: encode the query, ``model.score`` against every gallery item in
+    shards, top-k."""
     import torch
 
     from training.model import Encoded
 
     d = view.blocks[0].local.shape[2]
-    stage1 = np.concatenate([b.stage1 for b in view.blocks]) if len(view.blocks) > 1 else view.blocks[0].stage1
+    stage1 = (
+        np.concatenate([b.stage1 for b in view.blocks]) if len(view.blocks) > 1 else view.blocks[0].stage1
+    )
 
     def run() -> Any:
         with torch.inference_mode():
@@ -105,10 +123,16 @@ def _torch_exhaustive(model: Any, view: Any, query: Callable[[], Any], text_quer
             parts = []
             for a in range(0, view.n, SHARD):
                 b = min(view.n, a + SHARD)
-                local, mask, gram = view.gather(np.arange(a, b))         # float32, no copy for an fp32 block
+                local, mask, gram = view.gather(np.arange(a, b))  # float32, no copy for an fp32 block
                 z = torch.zeros(b - a, d)
-                g = Encoded(torch.from_numpy(np.asarray(stage1[a:b])), torch.from_numpy(local),
-                            torch.from_numpy(mask), torch.from_numpy(gram), z, z)
+                g = Encoded(
+                    torch.from_numpy(np.asarray(stage1[a:b])),
+                    torch.from_numpy(local),
+                    torch.from_numpy(mask),
+                    torch.from_numpy(gram),
+                    z,
+                    z,
+                )
                 parts.append(model.score(g, q)[:, 0] if text_query else model.score(q, g)[0, :])
             return torch.topk(torch.cat(parts), k)
 
@@ -116,7 +140,8 @@ def _torch_exhaustive(model: Any, view: Any, query: Callable[[], Any], text_quer
 
 
 def ivf_options(n: int, probe_fraction: float = IVF_PROBE_FRACTION) -> dict[str, int]:
-    """IVF lists for ``n`` items (the runtime's default count) and the probes covering ``probe_fraction`` of them."""
+    """IVF lists for ``n`` items (the runtime's default count) and the probes covering
+    ``probe_fraction`` of them."""
     nlist = default_ivf_nlist(n)
     return {"nlist": nlist, "nprobe": max(1, math.ceil(nlist * probe_fraction))}
 
@@ -138,8 +163,15 @@ def stage1_variant(r: Any, method: str, options: Callable[[int], dict[str, int]]
         c.stage1_method, c.faiss_options = method, dict(options(len(g)) if options else {})
         c._lock, c._faiss, c._faiss_n = threading.RLock(), None, -1
         galleries.append(c)
-    v = Retriever(r.bundle, r.backend, r.tokenizer, galleries[0], galleries[1], SearchOptions(batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=r.gather_threads))
-    v.close = lambda: v._gather_pool.shutdown() if v._gather_pool else None    # the backend stays r's
+    v = Retriever(
+        r.bundle,
+        r.backend,
+        r.tokenizer,
+        galleries[0],
+        galleries[1],
+        SearchOptions(batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=r.gather_threads),
+    )
+    v.close = lambda: v._gather_pool.shutdown() if v._gather_pool else None  # the backend stays r's
     return v
 
 
@@ -163,7 +195,8 @@ def _with_blas_threads(fn: Callable[[], Any], n: int, restore: int) -> Callable[
 
 
 def _variant(r: Any, threads: int, opts: dict[str, Any]) -> Any:
-    """A Retriever on ``r``'s bundle and galleries with other settings (``gather_threads``, backend options)."""
+    """A Retriever on ``r``'s bundle and galleries with other settings (``gather_threads``,
+    backend options)."""
     from mssan_infer import OnnxRuntimeOptions, Retriever, SearchOptions
     from mssan_infer.backends import create_backend
 
@@ -174,17 +207,31 @@ def _variant(r: Any, threads: int, opts: dict[str, Any]) -> Any:
     return Retriever(r.bundle, be, r.tokenizer, r.images, r.texts, search)
 
 
-def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: Any, pools: dict[str, Any],
-                sizes: list[dict[str, Any]], depths: list[int], work: Path, threads: int,
-                queries: dict[str, Any], repeats_fast: int, repeats_slow: int, max_seconds: float,
-                k: int = 10, variant_options: dict[str, dict[str, Any]] | None = None,
-                bundle: Path | None = None, bandwidth: float | None = None) -> dict[str, Any]:
+def run_latency(
+    retriever_factory: Callable[..., Any],
+    model: Any,
+    tokenizer: Any,
+    pools: dict[str, Any],
+    sizes: list[dict[str, Any]],
+    depths: list[int],
+    work: Path,
+    threads: int,
+    queries: dict[str, Any],
+    repeats_fast: int,
+    repeats_slow: int,
+    max_seconds: float,
+    k: int = 10,
+    variant_options: dict[str, dict[str, Any]] | None = None,
+    bundle: Path | None = None,
+    bandwidth: float | None = None,
+) -> dict[str, Any]:
     """Latency per gallery size and direction.
 
     Args:
         retriever_factory: ``(index=..., mmap=..., local_dtype=...) -> Retriever``.
         pools: ``{"images": Encoded, "texts": Encoded}`` pools to tile galleries from.
-        sizes: ``[{"n": 5000, "direction": "t2i", "dtype": "float32", "mmap": False, "exhaustive": True}, ...]``.
+        sizes: ``[{"n": 5000, "direction": "t2i", "dtype": "float32", "mmap": False,
+            "exhaustive": True}, ...]``.
         queries: ``{"texts": [captions], "images": [Q, R, Dv] array}``.
         variant_options: name -> ONNX Runtime backend options; each adds a ``rerank_100[name]``
             candidate to the fast group (same galleries, another backend).
@@ -196,13 +243,20 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
     results: dict[str, Any] = {}
     for spec in sizes:
         n, direction = int(spec["n"]), spec["direction"]
-        n_items = int(spec.get("n_items", n))          # i2t: the captions of n images
+        n_items = int(spec.get("n_items", n))  # i2t: the captions of n images
         dtype, mmap = spec.get("dtype", "float32"), bool(spec.get("mmap", False))
         text_query = direction == "t2i"
         gname = "images" if text_query else "texts"
         key = f"{direction}_{n}" + (("_fp16mmap" if dtype == "float16" else "_mmap") if mmap else "")
         folder = work / f"gallery-{gname}-{n_items}-{dtype}-{spec['bundle_id']}"
-        log.info("latency %s: writing/opening the gallery (%d %s, %s%s)", key, n_items, gname, dtype, ", mmap" if mmap else "")
+        log.info(
+            "latency %s: writing/opening the gallery (%d %s, %s%s)",
+            key,
+            n_items,
+            gname,
+            dtype,
+            ", mmap" if mmap else "",
+        )
         gc.collect()
         reset_peak_rss()
         index = write_gallery_index(folder, gname, pools[gname], n_items, dtype, spec["bundle_id"])
@@ -222,7 +276,9 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
             return lambda: r.search(image=next_q(), k=k, rerank=depth)
 
         # breakdown of rerank 100: same work as search(), step by step
-        enc = (lambda: r.encode_texts([next_q()])) if text_query else (lambda: r.encode_images(next_q()[None]))
+        enc = (
+            (lambda: r.encode_texts([next_q()])) if text_query else (lambda: r.encode_images(next_q()[None]))
+        )
         q_enc = enc()
         rows100 = view.topk(q_enc.stage1, 100)[0][0]
         fast: dict[str, Callable[[], Any]] = {f"rerank_{d}": search(d) for d in depths}
@@ -230,10 +286,20 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
         fast["stage1_topk100"] = lambda: view.topk(q_enc.stage1, 100)
         fast["gather_100"] = lambda: view.gather(rows100, r._gatherer(), r.gather_threads)
         fast["rerank_step_100"] = lambda: rerank_scores(
-            q_enc, 0, view, rows100, lambda feeds: r.backend.run("scorer", feeds)["s_ll"], query_is_text=text_query,
-            batch=r.scorer_batch, executor=r._gatherer(), parts=r.gather_threads)
+            q_enc,
+            0,
+            view,
+            rows100,
+            lambda feeds: r.backend.run("scorer", feeds)["s_ll"],
+            query_is_text=text_query,
+            batch=r.scorer_batch,
+            executor=r._gatherer(),
+            parts=r.gather_threads,
+        )
         log.info("latency %s: fast group", key)
-        res_fast = side_by_side(fast, repeats=rounds(repeats_fast), warmup=3, max_seconds=max_seconds, block=BLOCK)
+        res_fast = side_by_side(
+            fast, repeats=rounds(repeats_fast), warmup=3, max_seconds=max_seconds, block=BLOCK
+        )
         # backend settings: their own interleaved group (the default again as the reference), so the
         # extra sessions' threads cannot disturb the depth sweep above
         variants = []
@@ -242,43 +308,72 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
         if spec.get("ivf"):
             t0 = time.perf_counter()
             ivf = stage1_variant(r, "faiss-ivf", ivf_options)
-            (ivf.images if text_query else ivf.texts).view()          # builds (trains) the IVF index
+            (ivf.images if text_query else ivf.texts).view()  # builds (trains) the IVF index
             ivf_build_s = time.perf_counter() - t0
             log.info("latency %s: IVF stage 1 built in %.1f s", key, ivf_build_s)
-            group["rerank_100[ivf]"] = ((lambda: ivf.search(text=next_q(), k=k, rerank=100)) if text_query
-                                        else (lambda: ivf.search(image=next_q(), k=k, rerank=100)))
+            group["rerank_100[ivf]"] = (
+                (lambda: ivf.search(text=next_q(), k=k, rerank=100))
+                if text_query
+                else (lambda: ivf.search(image=next_q(), k=k, rerank=100))
+            )
         for vname, opts in (variant_options or {}).items():
             opts = dict(opts)
             blas = opts.pop("numpy_threads", None)
             vr = _variant(r, threads, opts) if opts else r
             if opts:
                 variants.append(vr)
-            call = ((lambda vr=vr: vr.search(text=next_q(), k=k, rerank=100)) if text_query
-                    else (lambda vr=vr: vr.search(image=next_q(), k=k, rerank=100)))
+            call = (
+                (lambda vr=vr: vr.search(text=next_q(), k=k, rerank=100))
+                if text_query
+                else (lambda vr=vr: vr.search(image=next_q(), k=k, rerank=100))
+            )
             if blas is not None:
                 call = _with_blas_threads(call, int(blas), threads)
             group[f"rerank_100[{vname}]"] = call
         if len(group) > 1:
             log.info("latency %s: backend settings group", key)
-            res_var = side_by_side(group, repeats=rounds(repeats_fast), warmup=2, max_seconds=max_seconds, block=BLOCK)
+            res_var = side_by_side(
+                group, repeats=rounds(repeats_fast), warmup=2, max_seconds=max_seconds, block=BLOCK
+            )
             res_fast.update({k: v for k, v in res_var.items() if k != "rerank_100"})
             res_fast["rerank_100[default]"] = res_var["rerank_100"]
         lay_rs: dict[str, Any] = {}
         layouts_row: dict[str, Any] = {}
         if spec.get("layouts"):
-            from .layouts import LAYOUT_NAMES, bytes_per_query, layout_group, layout_index, layout_retrievers, resident_mb
+            from .layouts import (
+                LAYOUT_NAMES,
+                bytes_per_query,
+                layout_group,
+                layout_index,
+                layout_retrievers,
+                resident_mb,
+            )
 
             lay_rs = layout_retrievers(r, index, gname, mmap)
-            encoded = [r.encode_texts([qs[i]]) if text_query else r.encode_images(qs[i][None])
-                       for i in range(min(10, len(qs)))]
+            encoded = [
+                r.encode_texts([qs[i]]) if text_query else r.encode_images(qs[i][None])
+                for i in range(min(10, len(qs)))
+            ]
             log.info("latency %s: layouts group", key)
-            res_lay = side_by_side(layout_group(lay_rs, text_query, next_q, encoded, k), repeats=rounds(repeats_fast),
-                                   warmup=2, max_seconds=max_seconds, block=BLOCK)
+            res_lay = side_by_side(
+                layout_group(lay_rs, text_query, next_q, encoded, k),
+                repeats=rounds(repeats_fast),
+                warmup=2,
+                max_seconds=max_seconds,
+                block=BLOCK,
+            )
             for name in LAYOUT_NAMES:
-                lrow: dict[str, Any] = {c: res_lay[f"{c}[{name}]"] for c in
-                                        ("rerank_100", "no_encode_100", "stage1_topk100", "gather_100", "scorer_100")}
-                b = bytes_per_query(name, n_items, view.blocks[0].local.shape[2], view.max_length,
-                                    int(encoded[0].mask.shape[1]))
+                lrow: dict[str, Any] = {
+                    c: res_lay[f"{c}[{name}]"]
+                    for c in ("rerank_100", "no_encode_100", "stage1_topk100", "gather_100", "scorer_100")
+                }
+                b = bytes_per_query(
+                    name,
+                    n_items,
+                    view.blocks[0].local.shape[2],
+                    view.max_length,
+                    int(encoded[0].mask.shape[1]),
+                )
                 lrow["bytes"] = b
                 lrow["gb_per_s"] = b["total"] / (lrow["no_encode_100"]["p50_ms"] / 1e3) / 1e9
                 if bandwidth:
@@ -289,34 +384,63 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
             if bundle is not None:
                 for name in LAYOUT_NAMES:
                     log.info("latency %s: resident memory of the %s layout (fresh process)", key, name)
-                    layouts_row[name]["resident"] = resident_mb(bundle, layout_index(index, gname, name, mmap), name,
-                                                                mmap, text_query, list(queries["texts"]))
+                    layouts_row[name]["resident"] = resident_mb(
+                        bundle,
+                        layout_index(index, gname, name, mmap),
+                        name,
+                        mmap,
+                        text_query,
+                        list(queries["texts"]),
+                    )
         res_slow: dict[str, Any] = {}
         if spec.get("exhaustive", True):
             from training.model import MSSAN  # noqa: F401  (model is an MSSAN)
 
             if text_query:
+
                 def tq() -> Any:
                     tok, msk = tokenizer.encode_batch([next_q()])
                     return model.encode_text(torch.from_numpy(tok), torch.from_numpy(msk))
             else:
+
                 def tq() -> Any:
                     x = torch.from_numpy(np.ascontiguousarray(next_q()[None], dtype=np.float32))
                     return model.encode_image(x, torch.ones(x.shape[:2]))
-            slow = {"rerank_100": search(100), "exhaustive_runtime": search(n_items),
-                    "exhaustive_torch": _torch_exhaustive(model, view, tq, text_query, k)}
+
+            slow = {
+                "rerank_100": search(100),
+                "exhaustive_runtime": search(n_items),
+                "exhaustive_torch": _torch_exhaustive(model, view, tq, text_query, k),
+            }
             if ivf is not None:
                 slow["rerank_100_ivf"] = group["rerank_100[ivf]"]
             if lay_rs:
                 r8 = lay_rs["int8"]
-                slow["rerank_100_int8"] = ((lambda: r8.search(text=next_q(), k=k, rerank=100)) if text_query
-                                           else (lambda: r8.search(image=next_q(), k=k, rerank=100)))
+                slow["rerank_100_int8"] = (
+                    (lambda: r8.search(text=next_q(), k=k, rerank=100))
+                    if text_query
+                    else (lambda: r8.search(image=next_q(), k=k, rerank=100))
+                )
             log.info("latency %s: slow group (exhaustive)", key)
-            res_slow = side_by_side(slow, repeats=repeats_slow, warmup=1, max_seconds=max_seconds,
-                                    block={"rerank_100": BLOCK, "rerank_100_ivf": BLOCK, "rerank_100_int8": BLOCK})
-        row: dict[str, Any] = {"n": n, "n_items": n_items, "direction": direction, "dtype": dtype, "mmap": mmap,
-                               "gallery": gname, "fast": res_fast, "slow": res_slow,
-                               "peak_rss_mb": max(rss_after_load, peak_rss_mb()), "rss_after_load_mb": rss_after_load}
+            res_slow = side_by_side(
+                slow,
+                repeats=repeats_slow,
+                warmup=1,
+                max_seconds=max_seconds,
+                block={"rerank_100": BLOCK, "rerank_100_ivf": BLOCK, "rerank_100_int8": BLOCK},
+            )
+        row: dict[str, Any] = {
+            "n": n,
+            "n_items": n_items,
+            "direction": direction,
+            "dtype": dtype,
+            "mmap": mmap,
+            "gallery": gname,
+            "fast": res_fast,
+            "slow": res_slow,
+            "peak_rss_mb": max(rss_after_load, peak_rss_mb()),
+            "rss_after_load_mb": rss_after_load,
+        }
         if layouts_row:
             row["layouts"] = layouts_row
         if res_slow:
@@ -324,13 +448,16 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
             row["speedup_rerank100_vs_exhaustive_torch"] = res_slow["exhaustive_torch"]["p50_ms"] / base
             row["speedup_rerank100_vs_exhaustive_runtime"] = res_slow["exhaustive_runtime"]["p50_ms"] / base
             if "rerank_100_int8" in res_slow:
-                row["speedup_rerank100_int8_vs_exhaustive_torch"] = (res_slow["exhaustive_torch"]["p50_ms"]
-                                                                     / res_slow["rerank_100_int8"]["p50_ms"])
-            row["exhaustive_runtime_vs_torch"] = (res_slow["exhaustive_torch"]["p50_ms"]
-                                                  / res_slow["exhaustive_runtime"]["p50_ms"])
+                row["speedup_rerank100_int8_vs_exhaustive_torch"] = (
+                    res_slow["exhaustive_torch"]["p50_ms"] / res_slow["rerank_100_int8"]["p50_ms"]
+                )
+            row["exhaustive_runtime_vs_torch"] = (
+                res_slow["exhaustive_torch"]["p50_ms"] / res_slow["exhaustive_runtime"]["p50_ms"]
+            )
             if "rerank_100_ivf" in res_slow:
-                row["speedup_rerank100_ivf_vs_exhaustive_torch"] = (res_slow["exhaustive_torch"]["p50_ms"]
-                                                                    / res_slow["rerank_100_ivf"]["p50_ms"])
+                row["speedup_rerank100_ivf_vs_exhaustive_torch"] = (
+                    res_slow["exhaustive_torch"]["p50_ms"] / res_slow["rerank_100_ivf"]["p50_ms"]
+                )
         if ivf is not None:
             row["ivf_build_s"] = ivf_build_s
             row["ivf_options"] = _ivf_options(ivf.images if text_query else ivf.texts)
@@ -339,12 +466,12 @@ def run_latency(retriever_factory: Callable[..., Any], model: Any, tokenizer: An
             vr.close()
         for name, vr in lay_rs.items():
             if name != "fp32" and vr._gather_pool is not None:
-                vr._gather_pool.shutdown()                       # the backend is r's, closed below
+                vr._gather_pool.shutdown()  # the backend is r's, closed below
         lay_rs.clear()
         if ivf is not None:
             ivf.close()
             del ivf
         r.close()
-        del r, view
+        r = view = None  # release the gallery before the next size is built
         gc.collect()
     return results

@@ -7,6 +7,7 @@ similarities, ``2R^2L`` for ``alpha^T G_v alpha`` and ``2RL^2`` for
 ``beta^T G_w beta``; element-wise work is not counted, so the fraction of the
 sgemm peak is a lower bound.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .timing import numpy_blas_setter, side_by_side, sgemm_fn
+from .timing import numpy_blas_setter, sgemm_fn, side_by_side
 
 __all__ = ["run_scorer", "scan_loop_score", "flops_per_pair"]
 
@@ -27,9 +28,11 @@ def flops_per_pair(r: int, l: int, d: int) -> float:
     return 2.0 * r * l * d + 2.0 * r * r * l + 2.0 * r * l * l
 
 
-def scan_loop_score(v: Any, v_mask: Any, w: Any, w_mask: Any, lambda_t2i: float, lambda_i2t: float,
-                    leaky: float) -> Any:
-    """S_ll the way SCAN's reference code scores: for each caption, attended contexts materialised over all images.
+def scan_loop_score(
+    v: Any, v_mask: Any, w: Any, w_mask: Any, lambda_t2i: float, lambda_i2t: float, leaky: float
+) -> Any:
+    """S_ll the way SCAN's reference code scores: for each caption, attended contexts materialised
+    over all images.
 
     ``v [Ni,R,D]``, ``w [Nt,L,D]`` (PyTorch tensors, zero at padding) -> ``[Ni,Nt]``.
     Same math as ``training.model.cross_attention_score`` with ``agg="mean"``.
@@ -39,22 +42,22 @@ def scan_loop_score(v: Any, v_mask: Any, w: Any, w_mask: Any, lambda_t2i: float,
 
     ni = v.shape[0]
     out = torch.empty(ni, w.shape[0], dtype=v.dtype)
-    v_keep = (v_mask > 0).unsqueeze(2)                                   # [Ni,R,1]
-    n_reg = v_mask.sum(1).clamp(min=1.0)                                 # [Ni]
+    v_keep = (v_mask > 0).unsqueeze(2)  # [Ni,R,1]
+    n_reg = v_mask.sum(1).clamp(min=1.0)  # [Ni]
     for j in range(w.shape[0]):
         n_words = int((w_mask[j] > 0).sum())
-        cap = w[j, :n_words].unsqueeze(0).expand(ni, -1, -1)             # [Ni,L,D]
-        attn = F.leaky_relu(torch.bmm(v, cap.transpose(1, 2)), leaky)    # [Ni,R,L]
+        cap = w[j, :n_words].unsqueeze(0).expand(ni, -1, -1)  # [Ni,L,D]
+        attn = F.leaky_relu(torch.bmm(v, cap.transpose(1, 2)), leaky)  # [Ni,R,L]
         # t2i: normalise each region's row over words, softmax over regions, contexts [Ni,L,D]
         a = lambda_t2i * F.normalize(attn, dim=2, eps=1e-8)
         alpha = torch.softmax(a.masked_fill(~v_keep, -1e4), dim=1)
-        ctx = torch.bmm(alpha.transpose(1, 2), v)                        # [Ni,L,D]
-        t2i = F.cosine_similarity(cap, ctx, dim=2, eps=1e-8).mean(1)     # [Ni]
+        ctx = torch.bmm(alpha.transpose(1, 2), v)  # [Ni,L,D]
+        t2i = F.cosine_similarity(cap, ctx, dim=2, eps=1e-8).mean(1)  # [Ni]
         # i2t: normalise each word's column over regions, softmax over words, contexts [Ni,R,D]
         b = lambda_i2t * F.normalize(attn.masked_fill(~v_keep, 0.0), dim=1, eps=1e-8)
         beta = torch.softmax(b, dim=2)
-        ctx_i = torch.bmm(beta, cap)                                     # [Ni,R,D]
-        cos_i = F.cosine_similarity(v, ctx_i, dim=2, eps=1e-8)           # [Ni,R]
+        ctx_i = torch.bmm(beta, cap)  # [Ni,R,D]
+        cos_i = F.cosine_similarity(v, ctx_i, dim=2, eps=1e-8)  # [Ni,R]
         i2t = torch.where(v_keep[..., 0], cos_i, torch.zeros_like(cos_i)).sum(1) / n_reg
         out[:, j] = 0.5 * (t2i + i2t)
     return out
@@ -73,8 +76,17 @@ def _ort_scorer(bundle: Any, threads: int) -> Any:
     return ort.InferenceSession(str(bundle / "scorer.onnx"), o, providers=["CPUExecutionProvider"])
 
 
-def run_scorer(bundle: Any, model: Any, imgs: Any, txts: Any, shapes: list[tuple[str, int, int]],
-               threads: int, repeats: int, loop_max_pairs: int, max_seconds: float) -> dict[str, Any]:
+def run_scorer(
+    bundle: Any,
+    model: Any,
+    imgs: Any,
+    txts: Any,
+    shapes: list[tuple[str, int, int]],
+    threads: int,
+    repeats: int,
+    loop_max_pairs: int,
+    max_seconds: float,
+) -> dict[str, Any]:
     """Time every candidate on each ``(name, Ni, Nt)`` shape.
 
     Args:
@@ -106,14 +118,20 @@ def run_scorer(bundle: Any, model: Any, imgs: Any, txts: Any, shapes: list[tuple
         iv = [np.ascontiguousarray(a[:ni]) for a in (imgs.stage1, imgs.local, imgs.mask, imgs.gram)]
         tv = [np.ascontiguousarray(a[:nt]) for a in (txts.stage1, txts.local, txts.mask, txts.gram)]
         r, l, d = iv[1].shape[1], tv[1].shape[1], iv[1].shape[2]
-        feeds = {"img_local": iv[1], "region_mask": iv[2], "img_gram": iv[3],
-                 "txt_local": tv[1], "token_mask": tv[2], "txt_gram": tv[3]}
+        feeds = {
+            "img_local": iv[1],
+            "region_mask": iv[2],
+            "img_gram": iv[3],
+            "txt_local": tv[1],
+            "token_mask": tv[2],
+            "txt_gram": tv[3],
+        }
         zi, zt = torch.zeros(ni, d), torch.zeros(nt, d)
         ie = Encoded(T(iv[0]), T(iv[1]), T(iv[2]), T(iv[3]), zi, zi)
         te = Encoded(T(tv[0]), T(tv[1]), T(tv[2]), T(tv[3]), zt, zt)
 
         def ort_score() -> np.ndarray:
-            return iv[0] @ tv[0].T + sess.run(None, feeds)[0]          # stage 1 + s_ll, as the runtime adds them
+            return iv[0] @ tv[0].T + sess.run(None, feeds)[0]  # stage 1 + s_ll, as the runtime adds them
 
         def torch_score() -> Any:
             with torch.inference_mode():
@@ -122,28 +140,47 @@ def run_scorer(bundle: Any, model: Any, imgs: Any, txts: Any, shapes: list[tuple
         def loop_score() -> Any:
             with torch.inference_mode():
                 return ie.stage1 @ te.stage1.t() + cfg.lam_ll * scan_loop_score(
-                    ie.local, ie.mask, te.local, te.mask, cfg.lambda_t2i, cfg.lambda_i2t, cfg.leaky)
+                    ie.local, ie.mask, te.local, te.mask, cfg.lambda_t2i, cfg.lambda_i2t, cfg.leaky
+                )
 
         fns: dict[str, Callable[[], Any]] = {"onnxruntime": ort_score, "torch_eager": torch_score}
         if ni * nt <= loop_max_pairs:
             fns["scan_loop"] = loop_score
         fns["sgemm"] = sgemm
         ref = torch_score().numpy()
-        agree = {k: float(np.abs(np.asarray(f() if k != "sgemm" else ref) - ref).max())
-                 for k, f in fns.items() if k not in ("sgemm", "torch_eager")}
+        agree = {
+            k: float(np.abs(np.asarray(f() if k != "sgemm" else ref) - ref).max())
+            for k, f in fns.items()
+            if k not in ("sgemm", "torch_eager")
+        }
         log.info("scorer %s (%dx%d): timing %s", name, ni, nt, list(fns))
-        res = side_by_side(fns, repeats=repeats, warmup=2, max_seconds=max_seconds,
-                           after={"sgemm": lambda: time.sleep(0.2)})
+        res = side_by_side(
+            fns, repeats=repeats, warmup=2, max_seconds=max_seconds, after={"sgemm": lambda: time.sleep(0.2)}
+        )
         fpp = flops_per_pair(r, l, d)
         pairs = ni * nt
         sg = sgemm_flops / (res["sgemm"]["p50_ms"] / 1e3) / 1e9
-        row: dict[str, Any] = {"ni": ni, "nt": nt, "r": r, "l": l, "d": d, "pairs": pairs,
-                               "flops_per_pair": fpp, "sgemm_gflops": sg, "max_abs_diff_vs_torch": agree}
+        row: dict[str, Any] = {
+            "ni": ni,
+            "nt": nt,
+            "r": r,
+            "l": l,
+            "d": d,
+            "pairs": pairs,
+            "flops_per_pair": fpp,
+            "sgemm_gflops": sg,
+            "max_abs_diff_vs_torch": agree,
+        }
         for k, s in res.items():
             if k == "sgemm":
                 continue
             pps = pairs / (s["p50_ms"] / 1e3)
-            row[k] = {**s, "pairs_per_s": pps, "gflops": pps * fpp / 1e9, "fraction_of_sgemm": pps * fpp / 1e9 / sg}
+            row[k] = {
+                **s,
+                "pairs_per_s": pps,
+                "gflops": pps * fpp / 1e9,
+                "fraction_of_sgemm": pps * fpp / 1e9 / sg,
+            }
         row["sgemm"] = res["sgemm"]
         row["speedup_ort_vs_torch"] = res["torch_eager"]["p50_ms"] / res["onnxruntime"]["p50_ms"]
         if "scan_loop" in res:

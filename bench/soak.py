@@ -8,6 +8,7 @@ MssanError. Everything is in-process (no network). It prints the query count, th
 resident memory after warm-up and at the end, and exits 1 when memory grew by more than ``--max-growth-mib``
 or an operation failed unexpectedly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,21 @@ import numpy as np
 
 from bench.fixtures import random_captions, random_regions, speed_bundle
 from bench.timing import rss_mb
-from mssan_infer import Retriever
+from mssan_infer import OnnxRuntimeOptions, Retriever
 from mssan_infer.errors import MssanError
-from mssan_infer import OnnxRuntimeOptions
 
 log = logging.getLogger("bench.soak")
 
 
-def _worker(r: Retriever, n_ops: int, seed: int, dv: int, counts: dict[str, int], errors: list[str],
-            lock: threading.Lock) -> None:
+def _worker(
+    r: Retriever,
+    n_ops: int,
+    seed: int,
+    dv: int,
+    counts: dict[str, int],
+    errors: list[str],
+    lock: threading.Lock,
+) -> None:
     rnd = random.Random(seed)
     rng = np.random.default_rng(seed)
     caps = random_captions(64, words=8, seed=seed)
@@ -59,8 +66,14 @@ def _worker(r: Retriever, n_ops: int, seed: int, dv: int, counts: dict[str, int]
                 r.remove([f"{tag}-c"], gallery="texts")
                 local["add_remove"] += 1
             else:
-                bad = rnd.choice([dict(text=""), dict(text="qqq zzz"), dict(text="a dog", k=0),
-                                  dict(image=np.full((3, dv), np.nan, np.float32))])
+                bad = rnd.choice(
+                    [
+                        dict(text=""),
+                        dict(text="qqq zzz"),
+                        dict(text="a dog", k=0),
+                        dict(image=np.full((3, dv), np.nan, np.float32)),
+                    ]
+                )
                 try:
                     r.search(**bad)  # type: ignore[arg-type]
                     raise AssertionError(f"bad input {bad} was accepted")
@@ -74,8 +87,13 @@ def _worker(r: Retriever, n_ops: int, seed: int, dv: int, counts: dict[str, int]
             counts[k] = counts.get(k, 0) + v
 
 
-def soak(queries: int = 20000, threads: int = 2, work: Path | None = None, gallery: int = 500,
-         max_growth_mib: float = 20.0) -> dict[str, float]:
+def soak(
+    queries: int = 20000,
+    threads: int = 2,
+    work: Path | None = None,
+    gallery: int = 500,
+    max_growth_mib: float = 20.0,
+) -> dict[str, float]:
     """Run the soak; returns its figures (see the module docstring)."""
     d, word_dim, dv = 32, 16, 24
     work = work or Path(tempfile.gettempdir()) / "mssan-soak"
@@ -87,12 +105,14 @@ def soak(queries: int = 20000, threads: int = 2, work: Path | None = None, galle
     counts: dict[str, int] = {}
     errors: list[str] = []
     lock = threading.Lock()
-    _worker(r, 300, 999, dv, {}, errors, lock)                   # warm-up: allocator and ORT arenas settle
+    _worker(r, 300, 999, dv, {}, errors, lock)  # warm-up: allocator and ORT arenas settle
     gc.collect()
     start_rss = rss_mb()
     t0 = time.perf_counter()
     per = [queries // threads + (1 if i < queries % threads else 0) for i in range(threads)]
-    pool = [threading.Thread(target=_worker, args=(r, n, i, dv, counts, errors, lock)) for i, n in enumerate(per)]
+    pool = [
+        threading.Thread(target=_worker, args=(r, n, i, dv, counts, errors, lock)) for i, n in enumerate(per)
+    ]
     samples: list[float] = []
     for t in pool:
         t.start()
@@ -105,20 +125,35 @@ def soak(queries: int = 20000, threads: int = 2, work: Path | None = None, galle
     gc.collect()
     end_rss = rss_mb()
     figures = {
-        "queries": float(sum(per)), "seconds": wall, "qps": sum(per) / wall,
-        "rss_start_mib": start_rss, "rss_end_mib": end_rss, "rss_peak_mib": max(samples + [end_rss]),
-        "rss_growth_mib": end_rss - start_rss, "errors": float(len(errors)),
-        "images": float(r.n_images), "texts": float(r.n_texts),
+        "queries": float(sum(per)),
+        "seconds": wall,
+        "qps": sum(per) / wall,
+        "rss_start_mib": start_rss,
+        "rss_end_mib": end_rss,
+        "rss_peak_mib": max(samples + [end_rss]),
+        "rss_growth_mib": end_rss - start_rss,
+        "errors": float(len(errors)),
+        "images": float(r.n_images),
+        "texts": float(r.n_texts),
     }
-    print(f"soak: {sum(per)} operations from {threads} threads in {wall:.1f} s ({figures['qps']:.0f}/s): "
-          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    print(f"RSS start {start_rss:.1f} MiB, end {end_rss:.1f} MiB, peak {figures['rss_peak_mib']:.1f} MiB "
-          f"(growth {end_rss - start_rss:+.1f} MiB); galleries {r.n_images} images, {r.n_texts} captions "
-          f"(unchanged: {r.n_images == gallery and r.n_texts == gallery}); unexpected errors {len(errors)}")
+    print(
+        f"soak: {sum(per)} operations from {threads} threads in {wall:.1f} s ({figures['qps']:.0f}/s): "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    )
+    print(
+        f"RSS start {start_rss:.1f} MiB, end {end_rss:.1f} MiB, peak {figures['rss_peak_mib']:.1f} MiB "
+        f"(growth {end_rss - start_rss:+.1f} MiB); galleries {r.n_images} images, {r.n_texts} captions "
+        f"(unchanged: {r.n_images == gallery and r.n_texts == gallery}); unexpected errors {len(errors)}"
+    )
     for e in errors[:5]:
         print(f"  error: {e}")
     r.close()
-    ok = not errors and end_rss - start_rss <= max_growth_mib and r.n_images == gallery and r.n_texts == gallery
+    ok = (
+        not errors
+        and end_rss - start_rss <= max_growth_mib
+        and r.n_images == gallery
+        and r.n_texts == gallery
+    )
     figures["ok"] = float(ok)
     return figures
 

@@ -7,6 +7,7 @@ of them alike; figures are the median and p99 over the timed calls. Query
 latencies run in short blocks per round (one untimed call, then several timed),
 so each candidate is timed in its own steady state.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,20 +19,40 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["cpu_pressure", "side_by_side", "stats", "machine_info", "versions", "rss_mb", "peak_rss_mb", "reset_peak_rss", "sgemm_fn", "loadavg"]
+__all__ = [
+    "cpu_pressure",
+    "side_by_side",
+    "stats",
+    "machine_info",
+    "versions",
+    "rss_mb",
+    "peak_rss_mb",
+    "reset_peak_rss",
+    "sgemm_fn",
+    "loadavg",
+]
 
 
 def stats(seconds: list[float]) -> dict[str, float]:
     """Median, p99, mean and min of ``seconds`` in milliseconds, and the round count."""
     a = np.asarray(seconds, dtype=np.float64) * 1e3
-    return {"p50_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99)),
-            "mean_ms": float(a.mean()), "min_ms": float(a.min()), "n": int(a.size)}
+    return {
+        "p50_ms": float(np.median(a)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "min_ms": float(a.min()),
+        "n": int(a.size),
+    }
 
 
-def side_by_side(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 3,
-                 max_seconds: float | None = None,
-                 after: Mapping[str, Callable[[], Any]] | None = None,
-                 block: int | Mapping[str, int] = 1) -> dict[str, dict[str, float]]:
+def side_by_side(
+    fns: Mapping[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 3,
+    max_seconds: float | None = None,
+    after: Mapping[str, Callable[[], Any]] | None = None,
+    block: int | Mapping[str, int] = 1,
+) -> dict[str, dict[str, float]]:
     """Time each zero-argument callable over ``repeats`` interleaved rounds, after ``warmup`` calls each.
 
     Each round runs every candidate (the order rotating round to round) ``block`` times in a
@@ -53,7 +74,7 @@ def side_by_side(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int
         k = r % len(names)
         for n in names[k:] + names[:k]:
             if blocks[n] > 1:
-                fns[n]()                                   # settle: untimed
+                fns[n]()  # settle: untimed
             for _ in range(blocks[n]):
                 t0 = time.perf_counter()
                 fns[n]()
@@ -71,7 +92,7 @@ def sgemm_fn(n: int = 2048) -> tuple[Callable[[], Any], float]:
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     out = np.empty((n, n), np.float32)
-    return (lambda: np.matmul(a, b, out=out)), 2.0 * n ** 3
+    return (lambda: np.matmul(a, b, out=out)), 2.0 * n**3
 
 
 def loadavg() -> list[float]:
@@ -115,9 +136,15 @@ def machine_info() -> dict[str, Any]:
                     mem_gb = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    return {"cores": os.cpu_count(), "cores_usable": usable, "cpu_model": _cpu_model(),
-            "memory_gb": mem_gb, "platform": platform.platform(), "loadavg_start": loadavg(),
-            "cpu_pressure_start": cpu_pressure()}
+    return {
+        "cores": os.cpu_count(),
+        "cores_usable": usable,
+        "cpu_model": _cpu_model(),
+        "memory_gb": mem_gb,
+        "platform": platform.platform(),
+        "loadavg_start": loadavg(),
+        "cpu_pressure_start": cpu_pressure(),
+    }
 
 
 def versions() -> dict[str, str]:
@@ -170,8 +197,11 @@ def numpy_blas_setter() -> Callable[[int], None]:
         from threadpoolctl import ThreadpoolController
     except ImportError:
         return lambda n: None
-    libs = [lc for lc in ThreadpoolController().lib_controllers
-            if lc.internal_api in ("openblas", "mkl", "blis") and "numpy" in str(lc.filepath)]
+    libs = [
+        lc
+        for lc in ThreadpoolController().lib_controllers
+        if lc.internal_api in ("openblas", "mkl", "blis") and "numpy" in str(lc.filepath)
+    ]
 
     def set_threads(n: int) -> None:
         for lc in libs:

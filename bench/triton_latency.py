@@ -23,6 +23,7 @@ retriever with ``graphs: bls``: encoders and scorer called through BLS) and
 Everything runs on this machine's CPU: note its load (printed) beside the figures. Results go
 to ``--json`` (nothing is written to ``bench/results`` unless you pass that path).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
 from mssan_infer import OnnxRuntimeOptions
 
 SIZES = {
@@ -50,8 +52,12 @@ CONCURRENCY = (1, 2, 4, 8)
 
 def _pct(xs: list[float]) -> dict[str, float]:
     a = np.asarray(xs) * 1e3
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-            "mean_ms": float(statistics.fmean(a)), "n": len(xs)}
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(statistics.fmean(a)),
+        "n": len(xs),
+    }
 
 
 def _load() -> str:
@@ -60,6 +66,7 @@ def _load() -> str:
 
 def _server_ms(stats_before: dict[str, Any], stats_after: dict[str, Any]) -> float:
     """Mean server time per request between two ``get_inference_statistics`` snapshots (queue + compute)."""
+
     def part(s: dict[str, Any], k: str) -> tuple[int, int]:
         v = s["model_stats"][0]["inference_stats"][k]
         return int(v["count"]), int(v["ns"])
@@ -96,8 +103,9 @@ def _cpu_s(pids: list[int]) -> float:
     return total / tick
 
 
-def latency_part(local: Any, url: str, server_pid: int, models: tuple[str, ...], queries: list[str],
-                 rerank: int) -> dict[str, Any]:
+def latency_part(
+    local: Any, url: str, server_pid: int, models: tuple[str, ...], queries: list[str], rerank: int
+) -> dict[str, Any]:
     """One query at a time, the modes interleaved query by query: wall time per request (client side),
     Triton's mean server time, and CPU seconds per query (in this process for the in-process search; all
     processes of the server's group for a model) -- the last does not depend on how busy the machine is."""
@@ -139,7 +147,8 @@ def latency_part(local: Any, url: str, server_pid: int, models: tuple[str, ...],
 
 
 def _derive_models(repo: Path) -> None:
-    """``retriever_bls`` (graphs: bls) and ``*_nobatch`` encoders (no dynamic batching) beside the generated models."""
+    """``retriever_bls`` (graphs: bls) and ``*_nobatch`` encoders (no dynamic batching) beside the
+    generated models."""
     src = repo / "retriever"
     dst = repo / "retriever_bls"
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("index"))
@@ -168,7 +177,10 @@ def _retriever_inputs(mod: Any, text: str, k: int, rerank: int) -> list[Any]:
 
 def _encoder_inputs(mod: Any, enc: str, tokens: np.ndarray, regions: np.ndarray) -> list[Any]:
     if enc.startswith("text"):
-        a, b = mod.InferInput("tokens", list(tokens.shape), "INT64"), mod.InferInput("token_mask", list(tokens.shape), "FP32")
+        a, b = (
+            mod.InferInput("tokens", list(tokens.shape), "INT64"),
+            mod.InferInput("token_mask", list(tokens.shape), "FP32"),
+        )
         a.set_data_from_numpy(tokens)
         b.set_data_from_numpy(np.ones(tokens.shape, np.float32))
     else:
@@ -179,14 +191,16 @@ def _encoder_inputs(mod: Any, enc: str, tokens: np.ndarray, regions: np.ndarray)
     return [a, b]
 
 
-async def _load_run(url: str, model: str, make: Callable[[Any, int], list[Any]], concurrency: int,
-                    requests: int) -> dict[str, float]:
-    """``requests`` requests to ``model`` from ``concurrency`` concurrent async clients: throughput, p50/p99."""
+async def _load_run(
+    url: str, model: str, make: Callable[[Any, int], list[Any]], concurrency: int, requests: int
+) -> dict[str, float]:
+    """``requests`` requests to ``model`` from ``concurrency`` concurrent async clients: throughput,
+    p50/p99."""
     import tritonclient.http.aio as aio
 
     client = aio.InferenceServerClient(url, conn_limit=max(concurrency, 4))
     try:
-        for i in range(min(10, requests)):                                   # warm-up
+        for i in range(min(10, requests)):  # warm-up
             await client.infer(model, make(aio, i))
         lat: list[float] = []
         counter = iter(range(requests))
@@ -205,7 +219,9 @@ async def _load_run(url: str, model: str, make: Callable[[Any, int], list[Any]],
     return {"concurrency": concurrency, "throughput_per_s": len(lat) / wall, **_pct(lat)}
 
 
-def _inprocess_load(r: Any, queries: list[str], concurrency: int, requests: int, rerank: int) -> dict[str, float]:
+def _inprocess_load(
+    r: Any, queries: list[str], concurrency: int, requests: int, rerank: int
+) -> dict[str, float]:
     """The same load on an in-process Retriever from ``concurrency`` threads."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -223,7 +239,9 @@ def _inprocess_load(r: Any, queries: list[str], concurrency: int, requests: int,
     return {"concurrency": concurrency, "throughput_per_s": len(lat) / wall, **_pct(lat)}
 
 
-def run_size(name: str, work: Path, *, queries_n: int, requests: int, rerank: int, threads: int) -> dict[str, Any]:
+def run_size(
+    name: str, work: Path, *, queries_n: int, requests: int, rerank: int, threads: int
+) -> dict[str, Any]:
     from bench.fixtures import random_captions, random_regions, speed_bundle
     from export.triton import TritonSettings, install_index, write_repository
     from mssan_infer import Retriever
@@ -232,7 +250,9 @@ def run_size(name: str, work: Path, *, queries_n: int, requests: int, rerank: in
     size = SIZES[name]
     bundle = speed_bundle(work, size["d"], size["word_dim"], size["dv"])
     local = Retriever.load(bundle, OnnxRuntimeOptions(threads=threads or None))
-    local.add_images(random_regions(size["images"], 36, size["dv"], seed=1), ids=[f"img{i}" for i in range(size["images"])])
+    local.add_images(
+        random_regions(size["images"], 36, size["dv"], seed=1), ids=[f"img{i}" for i in range(size["images"])]
+    )
     index = work / f"index-{name}"
     shutil.rmtree(index, ignore_errors=True)
     local.save(index)
@@ -242,9 +262,12 @@ def run_size(name: str, work: Path, *, queries_n: int, requests: int, rerank: in
     _derive_models(repo)
     queries = random_captions(queries_n + 20, words=8, seed=2)
     fixed = random_captions(64, words=12, seed=3)
-    tok = np.array([local.tokenize([c])[0] for c in fixed], np.int64)            # [64, 12]
+    tok = np.array([local.tokenize([c])[0] for c in fixed], np.int64)  # [64, 12]
     regions = random_regions(64, 36, size["dv"], seed=4)
-    out: dict[str, Any] = {"size": {**size, "rerank": rerank, "k": 10, "threads": threads}, "load_before": _load()}
+    out: dict[str, Any] = {
+        "size": {**size, "rerank": rerank, "k": 10, "threads": threads},
+        "load_before": _load(),
+    }
     with local_tritonserver(repo, startup_timeout_s=300) as server:
         models = ("retriever", "retriever_bls")
         out["latency"] = latency_part(local, server.http_url, server.pid, models, queries, rerank)
@@ -252,13 +275,34 @@ def run_size(name: str, work: Path, *, queries_n: int, requests: int, rerank: in
         load: dict[str, list[dict[str, float]]] = {}
         load["in_process"] = [_inprocess_load(local, queries, c, requests, rerank) for c in CONCURRENCY]
         for m in models:
-            load[m] = [asyncio.run(_load_run(server.http_url, m, lambda mod, i: _retriever_inputs(
-                mod, queries[i % len(queries)], 10, rerank), c, requests)) for c in CONCURRENCY]
+            load[m] = [
+                asyncio.run(
+                    _load_run(
+                        server.http_url,
+                        m,
+                        lambda mod, i: _retriever_inputs(mod, queries[i % len(queries)], 10, rerank),
+                        c,
+                        requests,
+                    )
+                )
+                for c in CONCURRENCY
+            ]
         for enc in ("text_encoder", "image_encoder"):
             for variant in (enc, f"{enc}_nobatch"):
-                load[variant] = [asyncio.run(_load_run(server.http_url, variant, lambda mod, i, e=enc: _encoder_inputs(
-                    mod, e, tok[i % 64 : i % 64 + 1], regions[i % 64 : i % 64 + 1]), c, requests))
-                    for c in CONCURRENCY]
+                load[variant] = [
+                    asyncio.run(
+                        _load_run(
+                            server.http_url,
+                            variant,
+                            lambda mod, i, e=enc: _encoder_inputs(
+                                mod, e, tok[i % 64 : i % 64 + 1], regions[i % 64 : i % 64 + 1]
+                            ),
+                            c,
+                            requests,
+                        )
+                    )
+                    for c in CONCURRENCY
+                ]
         out["load"] = load
     local.close()
     out["load_after"] = _load()
@@ -268,15 +312,25 @@ def run_size(name: str, work: Path, *, queries_n: int, requests: int, rerank: in
 def _print(name: str, res: dict[str, Any]) -> None:
     print(f"\n== {name}: {res['size']}  (load {res['load_before']} -> {res['load_after']})")
     lat = res["latency"]
-    print(f"{'mode':<16}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'CPU ms/q':>10}{'server ms':>11}"
-          f"{'server/in-proc':>16}{'p50/in-proc':>13}{'CPU/in-proc':>13}")
+    print(
+        f"{'mode':<16}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'CPU ms/q':>10}{'server ms':>11}"
+        f"{'server/in-proc':>16}{'p50/in-proc':>13}{'CPU/in-proc':>13}"
+    )
     for m, v in lat.items():
-        srv = (f"{v['server_mean_ms']:>11.2f}{v['server_vs_in_process']:>15.2f}x{v['p50_vs_in_process']:>12.2f}x"
-               f"{v['cpu_vs_in_process']:>12.2f}x" if "server_mean_ms" in v else "")
-        print(f"{m:<16}{v['p50_ms']:>9.2f}{v['p99_ms']:>9.2f}{v['mean_ms']:>9.2f}{v['cpu_ms_per_query']:>10.2f}{srv}")
+        srv = (
+            f"{v['server_mean_ms']:>11.2f}{v['server_vs_in_process']:>15.2f}x{v['p50_vs_in_process']:>12.2f}x"
+            f"{v['cpu_vs_in_process']:>12.2f}x"
+            if "server_mean_ms" in v
+            else ""
+        )
+        print(
+            f"{m:<16}{v['p50_ms']:>9.2f}{v['p99_ms']:>9.2f}{v['mean_ms']:>9.2f}{v['cpu_ms_per_query']:>10.2f}{srv}"
+        )
     print(f"{'load':<22}" + "".join(f"{'c=' + str(c):>24}" for c in CONCURRENCY))
     for m, rows in res["load"].items():
-        cells = "".join(f"{r['throughput_per_s']:>8.1f}/s {r['p50_ms']:>5.1f}/{r['p99_ms']:>6.1f}" for r in rows)
+        cells = "".join(
+            f"{r['throughput_per_s']:>8.1f}/s {r['p50_ms']:>5.1f}/{r['p99_ms']:>6.1f}" for r in rows
+        )
         print(f"{m:<22}{cells}")
     print("(load rows: throughput, p50/p99 ms)")
 
@@ -285,19 +339,33 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="demo,paper", help="comma-separated: demo, paper")
     ap.add_argument("--queries", type=int, default=200, help="queries per mode in the latency part")
-    ap.add_argument("--requests", type=int, default=300, help="requests per model and concurrency in the load part")
+    ap.add_argument(
+        "--requests", type=int, default=300, help="requests per model and concurrency in the load part"
+    )
     ap.add_argument("--rerank", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads, here and on the server "
-                                                            "(0: its default)")
-    ap.add_argument("--work", type=Path, default=None, help="cache folder for bundles (default: a temp folder)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime intra-op threads, here and on the server (0: its default)",
+    )
+    ap.add_argument(
+        "--work", type=Path, default=None, help="cache folder for bundles (default: a temp folder)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="mssan-triton-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"cpus": os.cpu_count()}
     for name in args.sizes.split(","):
-        results[name] = run_size(name, work, queries_n=args.queries, requests=args.requests, rerank=args.rerank,
-                                 threads=args.threads)
+        results[name] = run_size(
+            name,
+            work,
+            queries_n=args.queries,
+            requests=args.requests,
+            rerank=args.rerank,
+            threads=args.threads,
+        )
         _print(name, results[name])
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))

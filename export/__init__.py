@@ -2,6 +2,7 @@
 
 ``python -m export --checkpoint CKPT --out DIR`` or ``export.export_bundle(CKPT, DIR)``.
 """
+
 from __future__ import annotations
 
 from .api import export_bundle

@@ -1,4 +1,5 @@
 """``export_bundle``: checkpoint folder -> verified bundle folder (DESIGN §5)."""
+
 from __future__ import annotations
 
 import logging
@@ -11,9 +12,9 @@ from typing import Any
 
 import onnx
 
-from mssan_infer.spec import GRAPHS
-from mssan_infer.names import MANIFEST_FILE
 from mssan_infer.files import sha256_file
+from mssan_infer.names import MANIFEST_FILE
+from mssan_infer.spec import GRAPHS
 from training.checkpoint import WEIGHTS, load_checkpoint
 
 from .deployment_step import DeploymentStep
@@ -55,7 +56,7 @@ def _check_out(out: Path, checkpoint: Path, force: bool) -> None:
         return
     if out.is_dir() and not out.is_symlink():
         if (out / MANIFEST_FILE).is_file() or not any(out.iterdir()):
-            return                                  # an earlier bundle or an empty folder: replaced
+            return  # an earlier bundle or an empty folder: replaced
     if not force:
         raise ExportError(
             f"--out {out} exists and is not an export bundle (no {MANIFEST_FILE}); "
@@ -144,9 +145,14 @@ def export_bundle(
     if atol is not None and not (isinstance(atol, (int, float)) and atol > 0):
         raise ExportError(f"atol must be a positive number, got {atol!r}")
     if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ExportError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}; the default is {DEFAULT_OPSET}")
-    steps = [_deployment_step(t, None if on is True else on)
-             for t, on in (("tensorrt", tensorrt), ("triton", triton)) if on]
+        raise ExportError(
+            f"opset must be an integer >= {MIN_OPSET}, got {opset!r}; the default is {DEFAULT_OPSET}"
+        )
+    steps = [
+        _deployment_step(t, None if on is True else on)
+        for t, on in (("tensorrt", tensorrt), ("triton", triton))
+        if on
+    ]
     ckpt, outp = Path(checkpoint), Path(out)
     _check_out(outp, ckpt, force)
     started = time.perf_counter()
@@ -159,15 +165,23 @@ def export_bundle(
         settings = pixel_settings(features, backbone, backbone_weights, image_size, resize)
         pixel_prep = settings.preprocessing
         pixel_backbone = load_pixel_backbone(model, settings.backbone, backbone_weights)
-    log.info("checkpoint %s: D=%d, text %s, Dv=%d, vocab %d", ckpt, cfg.embed_size, cfg.text_encoder, cfg.img_dim,
-             cfg.vocab_size)
+    log.info(
+        "checkpoint %s: D=%d, text %s, Dv=%d, vocab %d",
+        ckpt,
+        cfg.embed_size,
+        cfg.text_encoder,
+        cfg.img_dim,
+        cfg.vocab_size,
+    )
 
     outp.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{outp.name}.tmp-", dir=outp.parent))
     try:
         wrappers, examples = build_graphs(model), example_feeds(model)
-        paths = {name: export_graph(wrappers[name], spec, examples[name], tmp / spec.file, opset=opset)
-                 for name, spec in GRAPHS.items()}
+        paths = {
+            name: export_graph(wrappers[name], spec, examples[name], tmp / spec.file, opset=opset)
+            for name, spec in GRAPHS.items()
+        }
         reports: list[ParityReport] = [validate_graphs(model, paths, precision="fp32", atol=atol)]
         if fp16:
             (tmp / FP16_DIR).mkdir()
@@ -188,14 +202,23 @@ def export_bundle(
         if pixel_backbone is not None and pixel_prep is not None:
             from .pixels import export_pixel_graph
 
-            pixel_report, pixel_extra = export_pixel_graph(model, pixel_backbone, tmp, pixel_prep, opset=opset,
-                                                           atol=atol, backbone_weights=backbone_weights)
+            pixel_report, pixel_extra = export_pixel_graph(
+                model,
+                pixel_backbone,
+                tmp,
+                pixel_prep,
+                opset=opset,
+                atol=atol,
+                backbone_weights=backbone_weights,
+            )
             reports.append(pixel_report)
         failed = [r for r in reports if not r.passed]
         if verify:
             raise_if_failed(reports)
         for r in failed:
-            log.warning("--no-verify: %d %s parity failure(s) recorded in the manifest", len(r.failures), r.precision)
+            log.warning(
+                "--no-verify: %d %s parity failure(s) recorded in the manifest", len(r.failures), r.precision
+            )
         ck.tokenizer.save(tmp / bundle_tokenizer_file(cfg))
 
         manifest_extra: dict[str, Any] = {**pixel_extra, **int8_extra}
@@ -204,15 +227,26 @@ def export_bundle(
 
         parity = {r.precision: r.to_dict() for r in reports}
         manifest = build_manifest(
-            tmp, cfg, opset=opset, fp16=fp16, parity=parity, verified=bool(verify and not failed),
-            checkpoint=ckpt.resolve(), checkpoint_sha256=sha256_file(ckpt / WEIGHTS), extra=manifest_extra,
+            tmp,
+            cfg,
+            opset=opset,
+            fp16=fp16,
+            parity=parity,
+            verified=bool(verify and not failed),
+            checkpoint=ckpt.resolve(),
+            checkpoint_sha256=sha256_file(ckpt / WEIGHTS),
+            extra=manifest_extra,
         )
         write_manifest(tmp, manifest)
-        _check_out(outp, ckpt, force)            # again: something may have appeared meanwhile
+        _check_out(outp, ckpt, force)  # again: something may have appeared meanwhile
         _place(tmp, outp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("bundle written to %s in %.1f s (verified: %s)", outp, time.perf_counter() - started, manifest["verified"])
+    log.info(
+        "bundle written to %s in %.1f s (verified: %s)",
+        outp,
+        time.perf_counter() - started,
+        manifest["verified"],
+    )
     return outp
-

@@ -4,6 +4,7 @@
 runs it; the targets only need this type. It lives here, not in ``export.api``, so the
 imports flow one way: api -> tensorrt/triton -> deployment_step.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

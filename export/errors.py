@@ -1,4 +1,5 @@
 """Typed errors of the exporter (all ``MssanError``s, so the CLI reports them in one line)."""
+
 from __future__ import annotations
 
 from mssan_infer.errors import MssanError, ParityError
@@ -7,5 +8,5 @@ __all__ = ["ExportError", "ParityError"]
 
 
 class ExportError(MssanError):
-    """The export cannot proceed: bad arguments, an output folder that must not be replaced, an invalid graph."""
-
+    """The export cannot proceed: bad arguments, an output folder that must not be replaced, an invalid
+    graph."""

@@ -8,6 +8,7 @@ stay fp32 -- ``1e-8`` is 0 in fp16, and the masked fills (-1e4) and
 exponentials need fp32 range. Graph inputs and outputs stay float32, so an fp16
 graph has the same I/O contract as its fp32 graph.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,7 +31,11 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
     """Names of the float32 tensors of the top-level graph (from shape inference)."""
     inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
-    names = {v.name for v in (*g.input, *g.output, *g.value_info) if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    names = {
+        v.name
+        for v in (*g.input, *g.output, *g.value_info)
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT
+    }
     names |= {i.name for i in g.initializer if i.data_type == TensorProto.FLOAT}
     return names
 
@@ -47,7 +52,7 @@ def convert_to_fp16(model: onnx.ModelProto, ops: tuple[str, ...] = FP16_OPS) -> 
     g = out.graph
     floats = _float_tensors(model)
     inits = {i.name: i for i in g.initializer}
-    half_of: dict[str, str] = {}          # fp32 tensor -> its fp16 twin
+    half_of: dict[str, str] = {}  # fp32 tensor -> its fp16 twin
     new_inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
     converted = 0
@@ -59,10 +64,14 @@ def convert_to_fp16(model: onnx.ModelProto, ops: tuple[str, ...] = FP16_OPS) -> 
         if name in inits:
             w = numpy_helper.to_array(inits[name])
             if np.abs(w).max(initial=0.0) > FP16_MAX:
-                raise ExportError(f"weight {name} has values beyond the fp16 range (|w| > {FP16_MAX:g}); export fp32 only")
+                raise ExportError(
+                    f"weight {name} has values beyond the fp16 range (|w| > {FP16_MAX:g}); export fp32 only"
+                )
             new_inits.append(numpy_helper.from_array(w.astype(np.float16), twin))
         else:
-            nodes.append(helper.make_node("Cast", [name], [twin], name=f"{twin}__cast", to=TensorProto.FLOAT16))
+            nodes.append(
+                helper.make_node("Cast", [name], [twin], name=f"{twin}__cast", to=TensorProto.FLOAT16)
+            )
         half_of[name] = twin
         return twin
 
@@ -71,7 +80,9 @@ def convert_to_fp16(model: onnx.ModelProto, ops: tuple[str, ...] = FP16_OPS) -> 
             nodes.append(node)
             continue
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise ExportError(f"node {node.name} ({node.op_type}) has subgraphs; the fp16 transform does not handle them")
+            raise ExportError(
+                f"node {node.name} ({node.op_type}) has subgraphs; the fp16 transform does not handle them"
+            )
         new = onnx.NodeProto()
         new.CopyFrom(node)
         for i, name in enumerate(node.input):
@@ -81,7 +92,11 @@ def convert_to_fp16(model: onnx.ModelProto, ops: tuple[str, ...] = FP16_OPS) -> 
             new.output[i] = f"{name}__fp16"
         nodes.append(new)
         for name in node.output:
-            nodes.append(helper.make_node("Cast", [f"{name}__fp16"], [name], name=f"{name}__cast_fp32", to=TensorProto.FLOAT))
+            nodes.append(
+                helper.make_node(
+                    "Cast", [f"{name}__fp16"], [name], name=f"{name}__cast_fp32", to=TensorProto.FLOAT
+                )
+            )
         converted += 1
 
     # fp32 weights no longer read by any node are dropped.
@@ -91,7 +106,9 @@ def convert_to_fp16(model: onnx.ModelProto, ops: tuple[str, ...] = FP16_OPS) -> 
     g.initializer.extend(kept + new_inits)
     del g.node[:]
     g.node.extend(nodes)
-    log.info("fp16: %d node(s) of %s converted, %d weight(s) in fp16", converted, "/".join(ops), len(new_inits))
+    log.info(
+        "fp16: %d node(s) of %s converted, %d weight(s) in fp16", converted, "/".join(ops), len(new_inits)
+    )
     return out
 
 

@@ -4,6 +4,7 @@ Each wrapper's ``forward`` takes the inputs of its ``mssan_infer.spec`` graph in
 order and returns its outputs in order, so ``torch.onnx.export`` and the parity
 check can both be driven by the spec.
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -15,7 +16,8 @@ __all__ = ["ImageEncoderGraph", "TextEncoderGraph", "ScorerGraph", "build_graphs
 
 
 class ImageEncoderGraph(nn.Module):
-    """``regions [B,R,Dv]``, ``region_mask [B,R]`` -> ``img_stage1 [B,2D]``, ``img_local [B,R,D]``, ``img_gram [B,R,R]``."""
+    """``regions [B,R,Dv]``, ``region_mask [B,R]`` -> ``img_stage1 [B,2D]``, ``img_local [B,R,D]``,
+    ``img_gram [B,R,R]``."""
 
     spec = IMAGE_ENCODER
 
@@ -29,7 +31,8 @@ class ImageEncoderGraph(nn.Module):
 
 
 class TextEncoderGraph(nn.Module):
-    """``tokens [B,L]`` int64, ``token_mask [B,L]`` -> ``txt_stage1 [B,2D]``, ``txt_local [B,L,D]``, ``txt_gram [B,L,L]``."""
+    """``tokens [B,L]`` int64, ``token_mask [B,L]`` -> ``txt_stage1 [B,2D]``, ``txt_local [B,L,D]``,
+    ``txt_gram [B,L,L]``."""
 
     spec = TEXT_ENCODER
 
@@ -43,7 +46,8 @@ class TextEncoderGraph(nn.Module):
 
 
 class ScorerGraph(nn.Module):
-    """Image locals ``[Ni,R,D]`` and caption locals ``[Nt,L,D]`` (+ masks, Grams) -> ``s_ll [Ni,Nt]`` = lam_ll * S_ll."""
+    """Image locals ``[Ni,R,D]`` and caption locals ``[Nt,L,D]`` (+ masks, Grams) -> ``s_ll [Ni,Nt]`` =
+    lam_ll * S_ll."""
 
     spec = SCORER
 
@@ -52,14 +56,28 @@ class ScorerGraph(nn.Module):
         self.model = model
 
     def forward(
-        self, img_local: Tensor, region_mask: Tensor, img_gram: Tensor,
-        txt_local: Tensor, token_mask: Tensor, txt_gram: Tensor,
+        self,
+        img_local: Tensor,
+        region_mask: Tensor,
+        img_gram: Tensor,
+        txt_local: Tensor,
+        token_mask: Tensor,
+        txt_gram: Tensor,
     ) -> Tensor:
         c = self.model.cfg
         s = cross_attention_score(
-            img_local, region_mask, img_gram, txt_local, token_mask, txt_gram,
-            c.lambda_t2i, c.lambda_i2t, c.leaky, c.agg, c.lambda_lse,
-        )                                                              # [Ni,Nt]
+            img_local,
+            region_mask,
+            img_gram,
+            txt_local,
+            token_mask,
+            txt_gram,
+            c.lambda_t2i,
+            c.lambda_i2t,
+            c.leaky,
+            c.agg,
+            c.lambda_lse,
+        )  # [Ni,Nt]
         return c.lam_ll * s
 
 

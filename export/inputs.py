@@ -8,6 +8,7 @@ the engine cases (:func:`profile_cases`) sit at the optimisation profiles' min/o
 Scorer inputs are always what an encoder makes of image and text feeds (unit locals,
 zero padding, consistent Grams), through whichever runner is the reference.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,12 +24,23 @@ from .graphs import build_graphs
 from .runners import TorchRunner, to_torch
 
 __all__ = [
-    "Case", "Feeds", "FeedConfig", "to_torch", "image_feeds", "text_feeds", "scorer_feeds", "torch_runner",
-    "example_feeds", "parity_cases", "profile_cases", "rerank_inputs", "FIRST_TOKEN_ID",
+    "Case",
+    "Feeds",
+    "FeedConfig",
+    "to_torch",
+    "image_feeds",
+    "text_feeds",
+    "scorer_feeds",
+    "torch_runner",
+    "example_feeds",
+    "parity_cases",
+    "profile_cases",
+    "rerank_inputs",
+    "FIRST_TOKEN_ID",
 ]
 
 Feeds = dict[str, np.ndarray]
-FIRST_TOKEN_ID = 4                     # ids 0..3 are <pad> <start> <end> <unk>
+FIRST_TOKEN_ID = 4  # ids 0..3 are <pad> <start> <end> <unk>
 
 # The tracing example: small, padded, and with every dynamic dimension distinct.
 EXAMPLE_B, EXAMPLE_R, EXAMPLE_L = 2, 7, 5
@@ -36,7 +48,8 @@ EXAMPLE_NI, EXAMPLE_NT = 2, 3
 
 
 class FeedConfig(Protocol):
-    """What feeds are made from: ``training.config.ModelConfig``, or a bundle's sizes (``export.tensorrt``)."""
+    """What feeds are made from: ``training.config.ModelConfig``, or a bundle's sizes
+    (``export.tensorrt``)."""
 
     @property
     def img_dim(self) -> int: ...
@@ -59,19 +72,21 @@ class Case:
 
 def _mask(lengths: Sequence[int], n: int) -> np.ndarray:
     lengths = [min(max(int(x), 0), n) for x in lengths]
-    return (np.arange(n)[None, :] < np.asarray(lengths)[:, None]).astype(np.float32)   # [B,n]
+    return (np.arange(n)[None, :] < np.asarray(lengths)[:, None]).astype(np.float32)  # [B,n]
 
 
 def image_feeds(cfg: FeedConfig, rng: np.random.Generator, lengths: Sequence[int], r: int) -> Feeds:
-    """Region features ``[B,R,Dv]`` (non-negative, like pooled CNN features; junk at padding) and their mask."""
+    """Region features ``[B,R,Dv]`` (non-negative, like pooled CNN features; junk at padding) and their
+    mask."""
     regions = np.abs(rng.standard_normal((len(lengths), r, cfg.img_dim))).astype(np.float32)
     return {"regions": regions, "region_mask": _mask(lengths, r)}
 
 
 def text_feeds(cfg: FeedConfig, rng: np.random.Generator, lengths: Sequence[int], l: int) -> Feeds:
     """Token ids ``[B,L]`` (random words; random ids also at padding, which must not leak) and their mask."""
-    tokens = rng.integers(FIRST_TOKEN_ID, max(FIRST_TOKEN_ID + 1, cfg.vocab_size), size=(len(lengths), l),
-                          dtype=np.int64)
+    tokens = rng.integers(
+        FIRST_TOKEN_ID, max(FIRST_TOKEN_ID + 1, cfg.vocab_size), size=(len(lengths), l), dtype=np.int64
+    )
     return {"tokens": tokens, "token_mask": _mask(lengths, l)}
 
 
@@ -80,15 +95,21 @@ def scorer_feeds(encoder: Backend, images: Feeds, texts: Feeds) -> Feeds:
     img = encoder.run(IMAGE_ENCODER.name, images)
     txt = encoder.run(TEXT_ENCODER.name, texts)
     return {
-        "img_local": img["img_local"], "region_mask": images["region_mask"], "img_gram": img["img_gram"],
-        "txt_local": txt["txt_local"], "token_mask": texts["token_mask"], "txt_gram": txt["txt_gram"],
+        "img_local": img["img_local"],
+        "region_mask": images["region_mask"],
+        "img_gram": img["img_gram"],
+        "txt_local": txt["txt_local"],
+        "token_mask": texts["token_mask"],
+        "txt_gram": txt["txt_gram"],
     }
 
 
 def torch_runner(model: MSSAN) -> TorchRunner:
     """The PyTorch graph wrappers of ``model`` as a runner (the reference of the ONNX graphs)."""
     cfg = model.cfg
-    return TorchRunner(build_graphs(model), {"D": cfg.embed_size, "D2": 2 * cfg.embed_size, "Dv": cfg.img_dim})
+    return TorchRunner(
+        build_graphs(model), {"D": cfg.embed_size, "D2": 2 * cfg.embed_size, "Dv": cfg.img_dim}
+    )
 
 
 def example_feeds(model: MSSAN, seed: int = 0) -> dict[str, Feeds]:
@@ -141,8 +162,10 @@ def parity_cases(model: MSSAN, seed: int = 1) -> dict[str, list[Case]]:
         Case("Ni1_Nt1_R36_L1", sc(img([36], 36), txt([1], 1))),
         Case("Ni9_Nt1_R3_L12", sc(img([3, 1, 2, 3, 2, 3, 1, 2, 3], 3), txt([12], 12))),
         Case(f"Ni1_Nt8_R36_L{lmax}", sc(img([30], 36), txt([lmax, 1, 2, 5, 9, 12, lmax - 3, 4], lmax))),
-        Case("Ni4_Nt5_R20_L15_heavy_padding_and_empty_rows",
-             sc(img([1, 0, 20, 3], 20), txt([15, 0, 1, 2, 0], 15))),
+        Case(
+            "Ni4_Nt5_R20_L15_heavy_padding_and_empty_rows",
+            sc(img([1, 0, 20, 3], 20), txt([15, 0, 1, 2, 0], 15)),
+        ),
     ]
     return {IMAGE_ENCODER.name: image_cases, TEXT_ENCODER.name: text_cases, SCORER.name: scorer_cases}
 
@@ -168,19 +191,30 @@ def profile_cases(
     for i, label in enumerate(("min", "opt", "max")):
         b, r, l = (axes[a][i] for a in ("B", "R", "L"))
         pad = label != "min"
-        cases[IMAGE_ENCODER.name].append(Case(f"{label}_B{b}_R{r}", image_feeds(cfg, rng, _lengths(b, r, pad), r)))
-        cases[TEXT_ENCODER.name].append(Case(f"{label}_B{b}_L{l}", text_feeds(cfg, rng, _lengths(b, l, pad), l)))
-        pairs = [(axes["Ni"][i], axes["Nt"][i])] if label != "max" else [(axes["Ni"][2], 1), (1, axes["Nt"][2])]
+        cases[IMAGE_ENCODER.name].append(
+            Case(f"{label}_B{b}_R{r}", image_feeds(cfg, rng, _lengths(b, r, pad), r))
+        )
+        cases[TEXT_ENCODER.name].append(
+            Case(f"{label}_B{b}_L{l}", text_feeds(cfg, rng, _lengths(b, l, pad), l))
+        )
+        pairs = (
+            [(axes["Ni"][i], axes["Nt"][i])] if label != "max" else [(axes["Ni"][2], 1), (1, axes["Nt"][2])]
+        )
         for ni, nt in pairs:
-            feeds = scorer_feeds(encoder, image_feeds(cfg, rng, _lengths(ni, r, pad), r),
-                                 text_feeds(cfg, rng, _lengths(nt, l, pad), l))
+            feeds = scorer_feeds(
+                encoder,
+                image_feeds(cfg, rng, _lengths(ni, r, pad), r),
+                text_feeds(cfg, rng, _lengths(nt, l, pad), l),
+            )
             cases[SCORER.name].append(Case(f"{label}_Ni{ni}_Nt{nt}_R{r}_L{l}", feeds))
     return cases
 
 
-def rerank_inputs(cfg: FeedConfig, direction: str, depth: int, seed: int, r_max: int = 36,
-                  l_max: int | None = None) -> tuple[Feeds, Feeds]:
-    """One query against ``depth`` candidates: ``"t2i"`` one caption vs images, ``"i2t"`` one image vs captions.
+def rerank_inputs(
+    cfg: FeedConfig, direction: str, depth: int, seed: int, r_max: int = 36, l_max: int | None = None
+) -> tuple[Feeds, Feeds]:
+    """One query against ``depth`` candidates: ``"t2i"`` one caption vs images, ``"i2t"`` one image vs
+    captions.
 
     Images have up to ``min(36, r_max)`` regions, captions up to 12 (query) / 20 (candidates) words,
     within ``l_max`` (default: the tokenizer's ``max_len``).

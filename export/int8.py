@@ -7,7 +7,8 @@
 2. ``onnxruntime.quantization.quantize_dynamic`` quantizes every ``MatMul``/``Gemm`` whose
    second input is a weight to int8, one scale per output channel, in 7 bits (``reduce_range``:
    x86 CPUs without VNNI run U8S8 through ``vpmaddubsw``, whose int16 pair sums saturate on full
-   8-bit weights) (``MatMulInteger``, activations quantized per call as uint8). Products of two activations (attention scores, the Gram
+   8-bit weights) (``MatMulInteger``, activations quantized per call as uint8). Products of two activations
+   (attention scores, the Gram
    matrix) stay fp32, and so do softmax, norms and reductions; I/O is unchanged.
 
 The result is ``int8/text_encoder.onnx``; the bundle's ``int8_graphs`` pairs it with the
@@ -23,6 +24,7 @@ Gate (fatal like the other parity checks; DESIGN §10 "int8 text encoder"):
   reference top 10 on average, and exhaustive R@1 of int8 over R@1 of the reference must be
   >= ``INT8_RECALL_RATIO`` in both directions.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +41,6 @@ import onnx
 import torch
 
 from mssan_infer.spec import IMAGE_ENCODER, SCORER, TEXT_ENCODER
-
 from training.model import MSSAN, Encoded
 
 from .errors import ExportError
@@ -48,13 +49,20 @@ from .onnx import check_onnx
 from .runners import onnx_runner
 from .validate import ParityReport, validate_graphs
 
-__all__ = ["INT8_TOP10", "INT8_RECALL_RATIO", "Int8Report", "quantize_text_encoder", "check_split", "export_int8"]
+__all__ = [
+    "INT8_TOP10",
+    "INT8_RECALL_RATIO",
+    "Int8Report",
+    "quantize_text_encoder",
+    "check_split",
+    "export_int8",
+]
 
 log = logging.getLogger(__name__)
 
-INT8_TOP10 = 0.9              # mean share of the reference top 10 kept by a rerank with int8 captions
-INT8_RECALL_RATIO = 0.99      # R@1(int8) / R@1(fp32 PyTorch), exhaustive, each direction
-SPLIT_IMAGES = 200            # images of the synthetic test split when no data is given
+INT8_TOP10 = 0.9  # mean share of the reference top 10 kept by a rerank with int8 captions
+INT8_RECALL_RATIO = 0.99  # R@1(int8) / R@1(fp32 PyTorch), exhaustive, each direction
+SPLIT_IMAGES = 200  # images of the synthetic test split when no data is given
 QUANTIZED_OPS = ("MatMul", "Gemm")
 
 
@@ -103,9 +111,15 @@ def quantize_text_encoder(src: Path, dst: Path, hf_config: Mapping[str, Any] | N
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    record: dict[str, Any] = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "int8",
-                              "activations": "uint8, quantized per call", "op_types": list(QUANTIZED_OPS),
-                              "per_channel": True, "reduce_range": True, "matmul_const_b_only": True}
+    record: dict[str, Any] = {
+        "method": "onnxruntime.quantization.quantize_dynamic",
+        "weight_type": "int8",
+        "activations": "uint8, quantized per call",
+        "op_types": list(QUANTIZED_OPS),
+        "per_channel": True,
+        "reduce_range": True,
+        "matmul_const_b_only": True,
+    }
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mssan-int8-") as tmp, _quiet_root_logger():
         fused = Path(tmp) / "fused.onnx"
@@ -113,8 +127,14 @@ def quantize_text_encoder(src: Path, dst: Path, hf_config: Mapping[str, Any] | N
             from onnxruntime.transformers.optimizer import optimize_model
 
             try:
-                opt = optimize_model(str(src), model_type="bert", num_heads=int(hf_config["num_attention_heads"]),
-                                     hidden_size=int(hf_config["hidden_size"]), opt_level=0, use_gpu=False)
+                opt = optimize_model(
+                    str(src),
+                    model_type="bert",
+                    num_heads=int(hf_config["num_attention_heads"]),
+                    hidden_size=int(hf_config["hidden_size"]),
+                    opt_level=0,
+                    use_gpu=False,
+                )
             except Exception as e:  # the optimizer raises many types
                 raise ExportError(f"ONNX Runtime's transformer optimizer failed on {src.name}: {e}") from e
             record["fusions"] = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
@@ -128,9 +148,15 @@ def quantize_text_encoder(src: Path, dst: Path, hf_config: Mapping[str, Any] | N
             # (reduce_range, ONNX Runtime's advice for CPUs without VNNI): on the 8-epoch MiniLM default
             # model full 8-bit weights failed the R@1 gate on an AVX2 EPYC (t2i 0.983, i2t 0.987), 7-bit
             # passed (1.000, 0.993) at the same speed (docs/design.md §10)
-            quantize_dynamic(str(fused), str(dst), op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
-                             reduce_range=True, weight_type=QuantType.QInt8,
-                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+            quantize_dynamic(
+                str(fused),
+                str(dst),
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                per_channel=True,
+                reduce_range=True,
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
         except Exception as e:  # the quantizer raises many types
             raise ExportError(f"dynamic int8 quantization of {src.name} failed: {e}") from e
     ops = _op_counts(onnx.load(str(dst)))
@@ -140,12 +166,19 @@ def quantize_text_encoder(src: Path, dst: Path, hf_config: Mapping[str, Any] | N
     if record["quantized_nodes"] == 0:
         raise ExportError(f"int8: no MatMul/Gemm with a weight was quantized in {src.name}")
     check_onnx(dst)
-    log.info("int8 text encoder: fusions %s, %d quantized MatMul(s), %d fp32 MatMul(s) left, %.1f MiB",
-             record["fusions"], record["quantized_nodes"], record["fp32_matmuls_left"], dst.stat().st_size / 2**20)
+    log.info(
+        "int8 text encoder: fusions %s, %d quantized MatMul(s), %d fp32 MatMul(s) left, %.1f MiB",
+        record["fusions"],
+        record["quantized_nodes"],
+        record["fp32_matmuls_left"],
+        dst.stat().st_size / 2**20,
+    )
     return record
 
 
-def _split(model: MSSAN, data: str | os.PathLike[str] | None) -> tuple[np.ndarray, np.ndarray | None, list[str], str]:
+def _split(
+    model: MSSAN, data: str | os.PathLike[str] | None
+) -> tuple[np.ndarray, np.ndarray | None, list[str], str]:
     """Images, region mask, captions and a description of the split the gate runs on."""
     if data is not None:
         from training.data import load_split
@@ -158,7 +191,8 @@ def _split(model: MSSAN, data: str | os.PathLike[str] | None) -> tuple[np.ndarra
     if model.cfg.img_dim != feat_dim:
         raise ExportError(
             f"--int8 checks recall on the synthetic test split ({feat_dim}-d regions), but this model takes "
-            f"{model.cfg.img_dim}-d regions; pass --int8-data DIR (a precomp folder with a test split of its data)"
+            f"{model.cfg.img_dim}-d regions; pass --int8-data DIR (a precomp folder with a test split of "
+            "its data)"
         )
     ims, caps = generate_split(SPLIT_IMAGES, seed=0, split="test")
     return ims, None, caps, f"synthetic test split (seed 0, {SPLIT_IMAGES} images)"
@@ -166,15 +200,26 @@ def _split(model: MSSAN, data: str | os.PathLike[str] | None) -> tuple[np.ndarra
 
 @torch.inference_mode()
 def check_split(
-    model: MSSAN, tokenizer: Any, int8_text: Path, data: str | os.PathLike[str] | None = None,
-    depth: int = 100, batch: int = 64,
+    model: MSSAN,
+    tokenizer: Any,
+    int8_text: Path,
+    data: str | os.PathLike[str] | None = None,
+    depth: int = 100,
+    batch: int = 64,
 ) -> dict[str, Any]:
     """Top-10 agreement of a rerank and the exhaustive R@1 ratio, int8 captions vs PyTorch fp32.
 
     ``tokenizer``: the checkpoint's (word or subword). Returns the record; ``failures`` lists what
     is below ``INT8_TOP10`` / ``INT8_RECALL_RATIO``.
     """
-    from training.evaluate import encode_split, pad_cat, ranks_i2t, ranks_t2i, recall_from_ranks, sharded_score
+    from training.evaluate import (
+        encode_split,
+        pad_cat,
+        ranks_i2t,
+        ranks_t2i,
+        recall_from_ranks,
+        sharded_score,
+    )
 
     ims, mask, caps, where = _split(model, data)
     tok = tokenizer
@@ -182,7 +227,7 @@ def check_split(
     runner = onnx_runner({TEXT_ENCODER.name: int8_text}, "int8")
     parts = []
     for s in range(0, len(caps), batch):
-        tokens, tmask = tok.encode_batch(caps[s:s + batch])
+        tokens, tmask = tok.encode_batch(caps[s : s + batch])
         res = runner.run(TEXT_ENCODER.name, {"tokens": tokens, "token_mask": tmask})
         st1, loc, gram = (res[n] for n in TEXT_ENCODER.output_names)
         d = model.cfg.embed_size
@@ -191,8 +236,13 @@ def check_split(
     q = pad_cat(parts)
     full_ref = sharded_score(model, img, ref)
     full_q = sharded_score(model, img, q)
-    out: dict[str, Any] = {"data": where, "images": int(img.stage1.shape[0]), "captions": len(caps), "depth": depth,
-                           "failures": []}
+    out: dict[str, Any] = {
+        "data": where,
+        "images": int(img.stage1.shape[0]),
+        "captions": len(caps),
+        "depth": depth,
+        "failures": [],
+    }
     rec_ref = {"i2t": recall_from_ranks(ranks_i2t(full_ref)), "t2i": recall_from_ranks(ranks_t2i(full_ref))}
     rec_q = {"i2t": recall_from_ranks(ranks_i2t(full_q)), "t2i": recall_from_ranks(ranks_t2i(full_q))}
     out["recall_fp32"], out["recall_int8"] = rec_ref, rec_q
@@ -202,51 +252,97 @@ def check_split(
         ratios[direction] = a / b if b > 0 else (1.0 if a == 0 else float("inf"))
     out["recall1_ratio"] = ratios
     # rerank: each query's top `depth` candidates by the reference stage 1, re-ordered by the final scores
-    stage1 = (img.stage1 @ ref.stage1.t()).numpy()                                       # [Ni,Nt]
+    stage1 = (img.stage1 @ ref.stage1.t()).numpy()  # [Ni,Nt]
     agree = {}
     for direction, s1, fr, fq in (("t2i", stage1.T, full_ref.T, full_q.T), ("i2t", stage1, full_ref, full_q)):
         k = min(depth, s1.shape[1])
-        cand = np.argpartition(-s1, k - 1, axis=1)[:, :k]                                # [Q,k]
-        top_r = np.take_along_axis(cand, np.argsort(-np.take_along_axis(fr, cand, 1), 1, kind="stable")[:, :10], 1)
-        top_q = np.take_along_axis(cand, np.argsort(-np.take_along_axis(fq, cand, 1), 1, kind="stable")[:, :10], 1)
+        cand = np.argpartition(-s1, k - 1, axis=1)[:, :k]  # [Q,k]
+        top_r = np.take_along_axis(
+            cand, np.argsort(-np.take_along_axis(fr, cand, 1), 1, kind="stable")[:, :10], 1
+        )
+        top_q = np.take_along_axis(
+            cand, np.argsort(-np.take_along_axis(fq, cand, 1), 1, kind="stable")[:, :10], 1
+        )
         shared = [len(set(a) & set(b)) / top_r.shape[1] for a, b in zip(top_r.tolist(), top_q.tolist())]
         agree[direction] = {"mean": float(np.mean(shared)), "min": float(np.min(shared))}
     out["top10_agreement"] = agree
     out["max_abs_score"] = float(np.abs(full_q.astype(np.float64) - full_ref).max())
     for direction in ("t2i", "i2t"):
         if agree[direction]["mean"] < INT8_TOP10:
-            out["failures"].append(f"split rerank {direction}@{depth}: mean top-10 agreement "
-                                   f"{agree[direction]['mean']:.3f} < {INT8_TOP10}")
+            out["failures"].append(
+                f"split rerank {direction}@{depth}: mean top-10 agreement "
+                f"{agree[direction]['mean']:.3f} < {INT8_TOP10}"
+            )
         if not ratios[direction] >= INT8_RECALL_RATIO:
-            out["failures"].append(f"split {direction} R@1 ratio int8/fp32 {ratios[direction]:.3f} < {INT8_RECALL_RATIO} "
-                                   f"({rec_q[direction]['r1']:.1f} vs {rec_ref[direction]['r1']:.1f})")
+            out["failures"].append(
+                f"split {direction} R@1 ratio int8/fp32 {ratios[direction]:.3f} < {INT8_RECALL_RATIO} "
+                f"({rec_q[direction]['r1']:.1f} vs {rec_ref[direction]['r1']:.1f})"
+            )
     log_fn = log.error if out["failures"] else log.info
-    log_fn("int8 on the %s: top-10 agreement t2i %.3f i2t %.3f; R@1 ratio t2i %.3f i2t %.3f; max |score diff| %.3g",
-           where, agree["t2i"]["mean"], agree["i2t"]["mean"], ratios["t2i"], ratios["i2t"], out["max_abs_score"])
+    log_fn(
+        "int8 on the %s: top-10 agreement t2i %.3f i2t %.3f; R@1 ratio t2i %.3f i2t %.3f; max |score diff| "
+        "%.3g",
+        where,
+        agree["t2i"]["mean"],
+        agree["i2t"]["mean"],
+        ratios["t2i"],
+        ratios["i2t"],
+        out["max_abs_score"],
+    )
     return out
 
 
 def export_int8(
-    model: MSSAN, tokenizer: Any, fp32_paths: Mapping[str, Path], root: Path, *,
+    model: MSSAN,
+    tokenizer: Any,
+    fp32_paths: Mapping[str, Path],
+    root: Path,
+    *,
     data: str | os.PathLike[str] | None = None,
 ) -> tuple[Int8Report, dict[str, Any]]:
-    """Write ``root/int8/text_encoder.onnx`` and check it; returns the report and the manifest's ``int8_graphs``."""
+    """Write ``root/int8/text_encoder.onnx`` and check it; returns the report and the manifest's
+    ``int8_graphs``."""
     (root / INT8_DIR).mkdir(exist_ok=True)
     dst = root / INT8_DIR / TEXT_ENCODER.file
-    record = quantize_text_encoder(Path(fp32_paths[TEXT_ENCODER.name]), dst,
-                                   model.cfg.text_config if model.cfg.text_encoder == "transformer" else None)
-    paths = {IMAGE_ENCODER.name: fp32_paths[IMAGE_ENCODER.name], TEXT_ENCODER.name: dst,
-             SCORER.name: fp32_paths[SCORER.name]}
+    record = quantize_text_encoder(
+        Path(fp32_paths[TEXT_ENCODER.name]),
+        dst,
+        model.cfg.text_config if model.cfg.text_encoder == "transformer" else None,
+    )
+    paths = {
+        IMAGE_ENCODER.name: fp32_paths[IMAGE_ENCODER.name],
+        TEXT_ENCODER.name: dst,
+        SCORER.name: fp32_paths[SCORER.name],
+    }
     base = validate_graphs(model, paths, precision="int8")
-    report = Int8Report(**{k: getattr(base, k) for k in ("precision", "tolerance", "execution", "reference", "label",
-                                                         "contract", "outputs", "reranks")})
-    report.execution = "onnxruntime CPUExecutionProvider (default optimizations); int8 text encoder, fp32 others"
+    report = Int8Report(
+        **{
+            k: getattr(base, k)
+            for k in (
+                "precision",
+                "tolerance",
+                "execution",
+                "reference",
+                "label",
+                "contract",
+                "outputs",
+                "reranks",
+            )
+        }
+    )
+    report.execution = (
+        "onnxruntime CPUExecutionProvider (default optimizations); int8 text encoder, fp32 others"
+    )
     report.quantization = record
     report.split = check_split(model, tokenizer, dst, data)
     table = {
-        TEXT_ENCODER.name: {**TEXT_ENCODER.to_dict(), "file": f"{INT8_DIR}/{TEXT_ENCODER.file}", "precision": "int8",
-                            "note": "MatMul/Gemm weights int8 (dynamic quantization, CPU); products of two "
-                                    "activations, softmax, norms and reductions fp32; float32 I/O"},
+        TEXT_ENCODER.name: {
+            **TEXT_ENCODER.to_dict(),
+            "file": f"{INT8_DIR}/{TEXT_ENCODER.file}",
+            "precision": "int8",
+            "note": "MatMul/Gemm weights int8 (dynamic quantization, CPU); products of two "
+            "activations, softmax, norms and reductions fp32; float32 I/O",
+        },
         IMAGE_ENCODER.name: {**IMAGE_ENCODER.to_dict(), "precision": "fp32"},
         SCORER.name: {**SCORER.to_dict(), "precision": "fp32"},
     }

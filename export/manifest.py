@@ -1,4 +1,5 @@
 """The bundle's ``manifest.json``: what ``mssan_infer.bundle.load_bundle`` and the runtime read."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -12,15 +13,23 @@ import onnx
 import onnxruntime
 import torch
 
+from mssan_infer.files import sha256_file
 from mssan_infer.names import FORMAT_VERSION, MANIFEST_FILE, VOCAB_FILE
 from mssan_infer.spec import GRAPHS
-from mssan_infer.files import sha256_file
 from mssan_infer.text import subword
 from mssan_infer.text import words as word_tokenizer
 from training.config import ModelConfig
 
-__all__ = ["EXPORTER_VERSION", "FP16_DIR", "INT8_DIR", "hash_files", "build_manifest", "write_manifest",
-           "tokenizer_entry", "bundle_tokenizer_file"]
+__all__ = [
+    "EXPORTER_VERSION",
+    "FP16_DIR",
+    "INT8_DIR",
+    "hash_files",
+    "build_manifest",
+    "write_manifest",
+    "tokenizer_entry",
+    "bundle_tokenizer_file",
+]
 
 EXPORTER_VERSION = "0.1.0"
 FP16_DIR = "fp16"
@@ -49,14 +58,18 @@ def tokenizer_entry(root: Path, cfg: ModelConfig) -> dict[str, Any]:
             "max_len": cfg.max_len,
             "truncation": "the first max_len subwords (a word may be cut between its pieces)",
             "padding": "0 after the last subword; token_mask 1 for real subwords",
-            "special_tokens_in_graph": "the text encoder adds prefix_ids before and suffix_ids after the subwords; "
-                                       "they are context for the transformer, not word locals",
+            "special_tokens_in_graph": "the text encoder adds prefix_ids before and suffix_ids after the "
+            "subwords; they are context for the transformer, not word locals",
             "prefix_ids": list(cfg.text_prefix_ids),
             "suffix_ids": list(cfg.text_suffix_ids),
             "unk_id": tok.unk_id,
             "vocab_size": len(tok),
         }
-    return {"vocab": VOCAB_FILE, "sha256": sha256_file(root / VOCAB_FILE), **word_tokenizer.settings(cfg.max_len)}
+    return {
+        "vocab": VOCAB_FILE,
+        "sha256": sha256_file(root / VOCAB_FILE),
+        **word_tokenizer.settings(cfg.max_len),
+    }
 
 
 def hash_files(root: Path) -> dict[str, str]:
@@ -88,35 +101,41 @@ def build_manifest(
     }
     if fp16:
         manifest["fp16_graphs"] = {
-            name: {**spec.to_dict(), "file": f"{FP16_DIR}/{spec.file}", "precision": "fp16",
-                   "note": "MatMul/Gemm in fp16; softmax, norms, reductions and the GRU in fp32; float32 I/O"}
+            name: {
+                **spec.to_dict(),
+                "file": f"{FP16_DIR}/{spec.file}",
+                "precision": "fp16",
+                "note": "MatMul/Gemm in fp16; softmax, norms, reductions and the GRU in fp32; float32 I/O",
+            }
             for name, spec in GRAPHS.items()
         }
-    manifest.update({
-        "files": hash_files(root),
-        "model_config": cfg.to_dict(),
-        "tokenizer": tokenizer_entry(root, cfg),
-        "scoring": {
-            "final": "img_stage1 . txt_stage1 + s_ll",
-            "lam_gg": cfg.lam_gg,
-            "lam_gl": cfg.lam_gl,
-            "lam_ll": cfg.lam_ll,
-        },
-        "dims": {"D": d, "D2": 2 * d, "Dv": cfg.img_dim},
-        "preprocessing": {"input": "regions", "feature_dim": cfg.img_dim},
-        "parity": parity,
-        "verified": verified,
-        "versions": {
-            "mssan_export": EXPORTER_VERSION,
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "opset": opset,
-            "python": platform.python_version(),
-        },
-        "source_checkpoint": {"path": str(checkpoint), "sha256": checkpoint_sha256},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    })
+    manifest.update(
+        {
+            "files": hash_files(root),
+            "model_config": cfg.to_dict(),
+            "tokenizer": tokenizer_entry(root, cfg),
+            "scoring": {
+                "final": "img_stage1 . txt_stage1 + s_ll",
+                "lam_gg": cfg.lam_gg,
+                "lam_gl": cfg.lam_gl,
+                "lam_ll": cfg.lam_ll,
+            },
+            "dims": {"D": d, "D2": 2 * d, "Dv": cfg.img_dim},
+            "preprocessing": {"input": "regions", "feature_dim": cfg.img_dim},
+            "parity": parity,
+            "verified": verified,
+            "versions": {
+                "mssan_export": EXPORTER_VERSION,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "opset": opset,
+                "python": platform.python_version(),
+            },
+            "source_checkpoint": {"path": str(checkpoint), "sha256": checkpoint_sha256},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
     if extra:
         manifest.update(extra)
     return manifest

@@ -4,6 +4,7 @@ The legacy (TorchScript) exporter is used on purpose: it exports the masked
 Bi-GRU (two ``nn.GRU`` and a gather reversal) with dynamic batch and length and
 matches PyTorch to ~1e-7; the dynamo exporter fails on it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,7 @@ __all__ = ["DEFAULT_OPSET", "export_graph", "check_onnx"]
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-MIN_OPSET = 14          # older opsets are not tested
+MIN_OPSET = 14  # older opsets are not tested
 
 
 def export_graph(
@@ -48,7 +49,9 @@ def export_graph(
         ExportError: bad opset, missing example inputs, or an exporter/checker failure.
     """
     if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ExportError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}; the default is {DEFAULT_OPSET}")
+        raise ExportError(
+            f"opset must be an integer >= {MIN_OPSET}, got {opset!r}; the default is {DEFAULT_OPSET}"
+        )
     missing = [n for n in spec.input_names if n not in example]
     if missing:
         raise ExportError(f"example inputs for {spec.name} lack {missing}")
@@ -62,7 +65,9 @@ def export_graph(
             warnings.filterwarnings("ignore", message=".*batch_size other than 1.*GRU.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(
-                module, args, str(out),
+                module,
+                args,
+                str(out),
                 dynamo=False,
                 export_params=True,
                 opset_version=opset,

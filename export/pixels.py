@@ -7,6 +7,7 @@ against PyTorch at two image sizes with B=1 and B>1 (fatal past tolerance, like
 the other graphs), and described in the manifest: ``optional_graphs`` and the
 preprocessing constants under ``preprocessing.image``.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,9 @@ import numpy as np
 from torch import Tensor, nn
 
 from mssan_infer.errors import MssanError
+from mssan_infer.files import sha256_file
 from mssan_infer.images.preprocess import Preprocessing
 from mssan_infer.spec import IMAGE_ENCODER_PIXELS
-from mssan_infer.files import sha256_file
 from training.backbone import ResNetBackbone, build_backbone, grid_side
 from training.model import MSSAN
 
@@ -33,15 +34,22 @@ from .runners import TorchRunner, onnx_runner
 from .validate import ParityReport, check_contract, check_graph, tolerance_for
 
 __all__ = [
-    "PixelEncoderGraph", "PixelSettings", "pixel_settings", "load_pixel_backbone", "pixel_cases", "export_pixel_graph",
-    "PIXEL_PRECISION", "DEFAULT_BACKBONE", "DEFAULT_IMAGE_SIZE",
+    "PixelEncoderGraph",
+    "PixelSettings",
+    "pixel_settings",
+    "load_pixel_backbone",
+    "pixel_cases",
+    "export_pixel_graph",
+    "PIXEL_PRECISION",
+    "DEFAULT_BACKBONE",
+    "DEFAULT_IMAGE_SIZE",
 ]
 
 log = logging.getLogger(__name__)
 
-PIXEL_PRECISION = "fp32-pixels"          # the parity report's label in the manifest
+PIXEL_PRECISION = "fp32-pixels"  # the parity report's label in the manifest
 EXAMPLE_B = 2
-DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE = "resnet152", 448      # as `python -m training features`
+DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE = "resnet152", 448  # as `python -m training features`
 
 
 @dataclass(frozen=True)
@@ -72,20 +80,27 @@ def pixel_settings(
         try:
             info = json.loads(p.read_text(encoding="utf-8"))
             prep = info["preprocessing"]
-            recorded = {"backbone": info["backbone"], "image_size": int(prep["image_size"]),
-                        "resize": int(prep.get("resize", prep["image_size"]))}
+            recorded = {
+                "backbone": info["backbone"],
+                "image_size": int(prep["image_size"]),
+                "resize": int(prep.get("resize", prep["image_size"])),
+            }
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ExportError(f"{p}: not a features.json from `python -m training features` ({e})") from e
         given = {"backbone": backbone, "image_size": image_size, "resize": resize}
         clash = {k: (v, recorded[k]) for k, v in given.items() if v is not None and v != recorded[k]}
         if clash:
-            raise ExportError(f"{p} records the features' settings, and these differ: "
-                              + ", ".join(f"{k} {a!r} != recorded {b!r}" for k, (a, b) in clash.items()))
+            raise ExportError(
+                f"{p} records the features' settings, and these differ: "
+                + ", ".join(f"{k} {a!r} != recorded {b!r}" for k, (a, b) in clash.items())
+            )
         backbone, image_size, resize = recorded["backbone"], recorded["image_size"], recorded["resize"]
         want = info.get("backbone_sha256")
         if want and weights is not None and sha256_file(weights) != want:
-            raise ExportError(f"--backbone-weights {weights} are not the weights the features in {p.parent} were "
-                              f"computed with (sha256 differs); pass {info.get('backbone_weights')}")
+            raise ExportError(
+                f"--backbone-weights {weights} are not the weights the features in {p.parent} were "
+                f"computed with (sha256 differs); pass {info.get('backbone_weights')}"
+            )
     size = image_size or DEFAULT_IMAGE_SIZE
     try:
         prep = Preprocessing(image_size=size, resize=resize or size)
@@ -95,7 +110,8 @@ def pixel_settings(
 
 
 class PixelEncoderGraph(nn.Module):
-    """``pixels [B,3,H,W]`` -> ``img_stage1 [B,2D]``, ``img_local [B,R,D]``, ``img_gram [B,R,R]``, ``R = H'*W'``."""
+    """``pixels [B,3,H,W]`` -> ``img_stage1 [B,2D]``, ``img_local [B,R,D]``, ``img_gram [B,R,R]``, ``R =
+    H'*W'``."""
 
     spec = IMAGE_ENCODER_PIXELS
 
@@ -105,13 +121,15 @@ class PixelEncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        regions = self.backbone(pixels)                                # [B,R,Dv]
-        mask = regions.new_ones(regions.shape[:2])                     # [B,R] every grid cell is real
+        regions = self.backbone(pixels)  # [B,R,Dv]
+        mask = regions.new_ones(regions.shape[:2])  # [B,R] every grid cell is real
         enc = self.model.encode_image(regions, mask)
         return enc.stage1, enc.local, enc.gram
 
 
-def load_pixel_backbone(model: MSSAN, backbone: str, weights: str | os.PathLike[str] | None) -> ResNetBackbone:
+def load_pixel_backbone(
+    model: MSSAN, backbone: str, weights: str | os.PathLike[str] | None
+) -> ResNetBackbone:
     """The backbone for the pixel graph; its feature size must be the model's ``img_dim``.
 
     Raises:
@@ -136,7 +154,9 @@ def load_pixel_backbone(model: MSSAN, backbone: str, weights: str | os.PathLike[
 
 
 def _pixels(rng: np.random.Generator, b: int, size: int) -> dict[str, np.ndarray]:
-    return {"pixels": rng.standard_normal((b, 3, size, size)).astype(np.float32)}      # normalised-image statistics
+    return {
+        "pixels": rng.standard_normal((b, 3, size, size)).astype(np.float32)
+    }  # normalised-image statistics
 
 
 def pixel_cases(image_size: int, seed: int = 3) -> list[Case]:
@@ -146,7 +166,9 @@ def pixel_cases(image_size: int, seed: int = 3) -> list[Case]:
     if grid_side(other) == grid_side(image_size):
         other = image_size + 32
     return [
-        Case(f"example_B{EXAMPLE_B}_{image_size}px", _pixels(np.random.default_rng(0), EXAMPLE_B, image_size)),
+        Case(
+            f"example_B{EXAMPLE_B}_{image_size}px", _pixels(np.random.default_rng(0), EXAMPLE_B, image_size)
+        ),
         Case(f"B1_{image_size}px", _pixels(rng, 1, image_size)),
         Case(f"B3_{other}px", _pixels(rng, 3, other)),
     ]
@@ -182,10 +204,14 @@ def export_pixel_graph(
     try:
         candidate = onnx_runner({spec.name: path})
     except MssanError as e:
-        report.contract.append(f"{spec.name}: ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0][:300]}")
+        report.contract.append(
+            f"{spec.name}: ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0][:300]}"
+        )
     else:
         with candidate:
-            report.outputs += check_graph(TorchRunner({spec.name: graph}, dims), candidate, spec.name, cases, tol)
+            report.outputs += check_graph(
+                TorchRunner({spec.name: graph}, dims), candidate, spec.name, cases, tol
+            )
     for m in report.contract:
         log.error("[%s] %s", PIXEL_PRECISION, m)
     side = grid_side(preprocessing.image_size)
@@ -208,7 +234,7 @@ def export_pixel_graph(
                 "backbone": backbone.spec.name,
                 "grid": [side, side],
                 "steps": "decode, EXIF orientation, RGB, resize shorter side to `resize`, centre crop "
-                         "`image_size`, x*scale, (x-mean)/std, HWC->CHW",
+                "`image_size`, x*scale, (x-mean)/std, HWC->CHW",
             },
         },
     }

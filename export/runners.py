@@ -9,6 +9,7 @@
 So every runner takes the same feeds, checked the same way, and gives float32 outputs
 keyed by the spec's names; ``export.validate`` compares any two of them.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,12 +21,12 @@ import onnx
 import torch
 from torch import nn
 
+from mssan_infer import OnnxRuntimeOptions
 from mssan_infer.backends.base import Backend
 from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend
 from mssan_infer.errors import BundleError
 
 from .fp16 import with_explicit_rounding
-from mssan_infer import OnnxRuntimeOptions
 
 __all__ = ["TorchRunner", "onnx_runner", "to_torch"]
 

@@ -33,6 +33,7 @@ Only the pure parts (profile derivation, settings, manifest records) run
 without TensorRT; building and running engines needs ``tensorrt``, cuda-python
 and an NVIDIA GPU (the tests drive them through a stand-in, ``tests/trt_standin.py``).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,13 +48,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mssan_infer.backends.base import Backend
-from mssan_infer.options import Device
 from mssan_infer.backends.tensorrt import cuda_device, gpu_info, import_cudart, import_tensorrt
-from mssan_infer.names import LIMITS_KEY, TENSORRT_KEY, plan_name
 from mssan_infer.errors import BackendUnavailableError
-from mssan_infer.spec import DEFAULT_PROFILES, FIXED_AXES, GRAPHS, GraphSpec
-from mssan_infer.names import MANIFEST_FILE, VOCAB_FILE
 from mssan_infer.files import sha256_file
+from mssan_infer.names import LIMITS_KEY, MANIFEST_FILE, TENSORRT_KEY, VOCAB_FILE, plan_name
+from mssan_infer.options import Device
+from mssan_infer.spec import DEFAULT_PROFILES, FIXED_AXES, GRAPHS, GraphSpec
 
 from .deployment_step import DeploymentStep
 from .errors import ExportError
@@ -97,14 +97,17 @@ class TensorRTSettings:
 
     Attributes:
         profiles: per-axis ``(min, opt, max)`` overrides of ``DEFAULT_PROFILES`` (axes B, R, L, Ni, Nt).
-        precisions: which graphs to build from: ``("fp32",)``, or with ``"fp16"`` (needs an ``--fp16`` export).
+        precisions: which graphs to build from: ``("fp32",)``, or with ``"fp16"`` (needs an ``--fp16``
+        export).
         num_profiles: identical optimisation profiles per engine = concurrent execution contexts.
         workspace_mib: builder workspace memory pool limit.
-        timing_cache: a timing cache file to read and update (default: ``tensorrt/timing.cache`` in the bundle).
+        timing_cache: a timing cache file to read and update (default: ``tensorrt/timing.cache`` in the
+        bundle).
         version_compatible: ``BuilderFlag.VERSION_COMPATIBLE`` (engines load in later TensorRT versions).
         hardware_compatibility: ``"none"``, ``"ampere_plus"`` or ``"same_compute_capability"``.
         optimization_level: builder optimisation level 0-5 (None: TensorRT's default, 3).
-        typing: ``"auto"``/``"strong"`` strongly typed; ``"weak"`` weak typing + ``BuilderFlag.FP16`` (TensorRT 10).
+        typing: ``"auto"``/``"strong"`` strongly typed; ``"weak"`` weak typing + ``BuilderFlag.FP16``
+        (TensorRT 10).
         parity: run the ONNX Runtime parity check after the build (fatal past tolerance).
     """
 
@@ -123,20 +126,26 @@ class TensorRTSettings:
         resolve_axes(self.profiles)
         bad = [p for p in self.precisions if p not in ("fp32", "fp16")]
         if bad or not self.precisions:
-            raise ExportError(f"TensorRT precisions must be a non-empty subset of ('fp32', 'fp16'), got {self.precisions}")
+            raise ExportError(
+                f"TensorRT precisions must be a non-empty subset of ('fp32', 'fp16'), got {self.precisions}"
+            )
         if not isinstance(self.num_profiles, int) or not 1 <= self.num_profiles <= 16:
             raise ExportError(f"num_profiles must be an int in 1..16, got {self.num_profiles!r}")
         if not isinstance(self.workspace_mib, int) or self.workspace_mib < 16:
             raise ExportError(f"workspace_mib must be an int >= 16, got {self.workspace_mib!r}")
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
-            raise ExportError(f"hardware_compatibility must be one of {HARDWARE_COMPATIBILITY}, got {self.hardware_compatibility!r}")
+            raise ExportError(
+                f"hardware_compatibility must be one of {HARDWARE_COMPATIBILITY}, got "
+                f"{self.hardware_compatibility!r}"
+            )
         if self.optimization_level is not None and self.optimization_level not in range(6):
             raise ExportError(f"optimization_level must be 0..5 or None, got {self.optimization_level!r}")
         if self.typing not in TYPING:
             raise ExportError(f"typing must be one of {TYPING}, got {self.typing!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as asked (``profiles``: the overrides only; the record's ``profiles`` has what was built)."""
+        """The settings as asked (``profiles``: the overrides only; the record's ``profiles`` has what was
+        built)."""
         d = asdict(self)
         d["profiles"] = {k: [int(x) for x in v] for k, v in self.profiles.items()}
         d["precisions"] = list(self.precisions)
@@ -157,18 +166,23 @@ def resolve_axes(overrides: Mapping[str, Sequence[int]] | None = None) -> dict[s
     axes = dict(DEFAULT_PROFILES)
     for axis, triple in (overrides or {}).items():
         if axis in FIXED_AXES:
-            raise ExportError(f"axis {axis} is fixed by the model config; only {sorted(DEFAULT_PROFILES)} have profiles")
+            raise ExportError(
+                f"axis {axis} is fixed by the model config; only {sorted(DEFAULT_PROFILES)} have profiles"
+            )
         if axis not in DEFAULT_PROFILES:
             raise ExportError(f"unknown profile axis {axis!r}; choose from {sorted(DEFAULT_PROFILES)}")
         try:
             mn, opt, mx = (int(x) for x in triple)
         except (TypeError, ValueError):
-            raise ExportError(f"profile of {axis} must be three integers (min, opt, max), got {triple!r}") from None
+            raise ExportError(
+                f"profile of {axis} must be three integers (min, opt, max), got {triple!r}"
+            ) from None
         if not 1 <= mn <= opt <= mx:
             raise ExportError(f"profile of {axis} must satisfy 1 <= min <= opt <= max, got {(mn, opt, mx)}")
         if mn != 1:
             raise ExportError(
-                f"profile of {axis} must start at 1, got {(mn, opt, mx)}: the runtime sends single queries and "
+                f"profile of {axis} must start at 1, got {(mn, opt, mx)}: the runtime sends single queries "
+                "and "
                 "trims padding, so every size from 1 up occurs"
             )
         axes[axis] = (mn, opt, mx)
@@ -199,7 +213,8 @@ def bundle_axes(
             continue
         if axis in given:
             raise ExportError(
-                f"--trt-profile {axis}={mn},{opt},{mx} is too small for this bundle, which sends {axis} up to {need} "
+                f"--trt-profile {axis}={mn},{opt},{mx} is too small for this bundle, which sends {axis} up "
+                f"to {need} "
                 f"({_NEEDS[axis]}); use a maximum of at least {need}"
             )
         axes[axis] = (mn, opt, int(need))
@@ -264,7 +279,8 @@ def profile_record(profiles: Mapping[str, tuple[Shape, Shape, Shape]]) -> dict[s
 
 
 def axis_limits(axes: Mapping[str, tuple[int, int, int]]) -> dict[str, int]:
-    """The manifest's ``tensorrt.limits``: ``{axis: largest size one engine call takes}`` (the profile maxima)."""
+    """The manifest's ``tensorrt.limits``: ``{axis: largest size one engine call takes}`` (the profile
+    maxima)."""
     return {axis: int(axes[axis][2]) for axis in DEFAULT_PROFILES}
 
 
@@ -355,8 +371,10 @@ def hardware_level(trt: Any, level: str) -> Any:
     member = getattr(getattr(trt, "HardwareCompatibilityLevel", None), level.upper(), None)
     if member is None:
         raise BackendUnavailableError(
-            f"--trt-hardware-compatibility {level} needs trt.HardwareCompatibilityLevel.{level.upper()}, which this "
-            f"TensorRT ({getattr(trt, '__version__', '?')}) does not have (its Python binding came in TensorRT 10.9); "
+            f"--trt-hardware-compatibility {level} needs trt.HardwareCompatibilityLevel.{level.upper()}, "
+            "which this "
+            f"TensorRT ({getattr(trt, '__version__', '?')}) does not have (its Python binding came in "
+            "TensorRT 10.9); "
             "upgrade tensorrt, or use --trt-hardware-compatibility ampere_plus / none"
         )
     return member
@@ -390,7 +408,7 @@ def build_engine(
     flags = 0
     flag_enum = trt.NetworkDefinitionCreationFlag
     if typing == "strong" and _major(trt.__version__) < 11 and hasattr(flag_enum, "STRONGLY_TYPED"):
-        flags |= 1 << int(flag_enum.STRONGLY_TYPED)      # TensorRT 11: always strongly typed, flag deprecated
+        flags |= 1 << int(flag_enum.STRONGLY_TYPED)  # TensorRT 11: always strongly typed, flag deprecated
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -402,7 +420,9 @@ def build_engine(
     # 10-bit mantissas. Cleared on every engine (the fp16 graphs keep their GRU and norms in fp32 too).
     config.clear_flag(trt.BuilderFlag.TF32)
     if config.get_flag(trt.BuilderFlag.TF32):
-        raise ExportError(f"TensorRT kept BuilderFlag.TF32 set for {onnx_path.name}; fp32 engines would round to TF32")
+        raise ExportError(
+            f"TensorRT kept BuilderFlag.TF32 set for {onnx_path.name}; fp32 engines would round to TF32"
+        )
     if typing == "weak":
         config.set_flag(trt.BuilderFlag.FP16)
     if settings.version_compatible:
@@ -420,19 +440,30 @@ def build_engine(
         for name, (mn, opt, mx) in profiles.items():
             profile.set_shape(name, mn, opt, mx)
         if config.add_optimization_profile(profile) < 0:
-            raise ExportError(f"TensorRT refused the optimisation profile of {onnx_path.name}: {dict(profiles)}")
-    recorded = {name: bool(config.get_flag(getattr(trt.BuilderFlag, name)))
-                for name in _RECORDED_FLAGS if hasattr(trt.BuilderFlag, name)}
+            raise ExportError(
+                f"TensorRT refused the optimisation profile of {onnx_path.name}: {dict(profiles)}"
+            )
+    recorded = {
+        name: bool(config.get_flag(getattr(trt.BuilderFlag, name)))
+        for name in _RECORDED_FLAGS
+        if hasattr(trt.BuilderFlag, name)
+    }
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name} (see the TensorRT log above)")
+        raise ExportError(
+            f"TensorRT failed to build an engine from {onnx_path.name} (see the TensorRT log above)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(memoryview(plan))
     os.replace(tmp, out)
     new_cache = config.get_timing_cache()
-    return typing, (bytes(memoryview(new_cache.serialize())) if new_cache is not None else timing_cache), recorded
+    return (
+        typing,
+        (bytes(memoryview(new_cache.serialize())) if new_cache is not None else timing_cache),
+        recorded,
+    )
 
 
 @dataclass(frozen=True)
@@ -476,7 +507,7 @@ def bundle_dims(root: Path) -> tuple[dict[str, int], int]:
 
     def last_dim(path: Path, name: str, inputs: bool) -> int:
         g = onnx.load(str(path), load_external_data=False).graph
-        for v in (g.input if inputs else g.output):
+        for v in g.input if inputs else g.output:
             if v.name == name:
                 d = v.type.tensor_type.shape.dim[-1]
                 if d.HasField("dim_value"):
@@ -487,7 +518,7 @@ def bundle_dims(root: Path) -> tuple[dict[str, int], int]:
     d = last_dim(root / GRAPHS["image_encoder"].file, "img_local", False)
     vocab_path = root / VOCAB_FILE
     vocab = len(json.loads(vocab_path.read_text(encoding="utf-8"))) if vocab_path.is_file() else 5
-    if not vocab_path.is_file() and (root / "tokenizer.json").is_file():       # a transformer tower's subwords
+    if not vocab_path.is_file() and (root / "tokenizer.json").is_file():  # a transformer tower's subwords
         from mssan_infer.text.subword import SubwordTokenizer
 
         vocab = len(SubwordTokenizer.from_file(root / "tokenizer.json"))
@@ -505,10 +536,14 @@ def bundle_shape(root: Path, manifest: Mapping[str, Any] | None = None) -> Bundl
     if manifest is None:
         path = root / MANIFEST_FILE
         manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    max_len = (manifest.get("tokenizer") or {}).get("max_len") or (manifest.get("model_config") or {}).get("max_len")
+    max_len = (manifest.get("tokenizer") or {}).get("max_len") or (manifest.get("model_config") or {}).get(
+        "max_len"
+    )
     if not isinstance(max_len, int):
-        log.warning("tokenizer max_len unknown (no manifest yet); engines take captions of up to %d words",
-                    DEFAULT_PROFILES["L"][2])
+        log.warning(
+            "tokenizer max_len unknown (no manifest yet); engines take captions of up to %d words",
+            DEFAULT_PROFILES["L"][2],
+        )
         max_len = DEFAULT_PROFILES["L"][2]
     grid = ((manifest.get("preprocessing") or {}).get("image") or {}).get("grid")
     cells = int(np.prod(grid)) if isinstance(grid, list) and grid else None
@@ -535,9 +570,17 @@ def engine_parity(
     with onnx_runner({g: root / spec.file for g, spec in GRAPHS.items()}) as reference:
         cases = profile_cases(shape, axes, reference, seed=seed)
         rerank = rerank_cases(shape, tol.rerank_depth, seed + 2, r_max=axes["R"][2], l_max=axes["L"][2])
-        return compare_runners(reference, engines, cases, tol, precision=precision, rerank=rerank,
-                               execution=f"{engines.name} {precision} engines", reference_name="onnxruntime fp32 graphs",
-                               label=f"{engines.name} {precision}")
+        return compare_runners(
+            reference,
+            engines,
+            cases,
+            tol,
+            precision=precision,
+            rerank=rerank,
+            execution=f"{engines.name} {precision} engines",
+            reference_name="onnxruntime fp32 graphs",
+            label=f"{engines.name} {precision}",
+        )
 
 
 def build_engines(
@@ -547,7 +590,8 @@ def build_engines(
     device: int = 0,
     manifest: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build every engine of the bundle (finished, or being built) in ``root`` and check them against ONNX Runtime.
+    """Build every engine of the bundle (finished, or being built) in ``root`` and check them against ONNX
+    Runtime.
 
     Args:
         device: the CUDA device to build on and check with.
@@ -569,10 +613,14 @@ def build_engines(
     shape = bundle_shape(root, manifest)
     axes = bundle_axes(settings.profiles, shape.needs(), shape.typical())
     profiles = {g: derive_profiles(spec, shape.dims, axes) for g, spec in GRAPHS.items()}
-    precisions = [p for p in settings.precisions if p == "fp32" or (root / FP16_DIR / "scorer.onnx").is_file()]
+    precisions = [
+        p for p in settings.precisions if p == "fp32" or (root / FP16_DIR / "scorer.onnx").is_file()
+    ]
     skipped = [p for p in settings.precisions if p not in precisions]
     for p in skipped:
-        log.warning("no fp16 ONNX graphs in the bundle (export with --fp16): %s TensorRT engines not built", p)
+        log.warning(
+            "no fp16 ONNX graphs in the bundle (export with --fp16): %s TensorRT engines not built", p
+        )
     cache_path = Path(settings.timing_cache) if settings.timing_cache else root / TIMING_CACHE
     cache = cache_path.read_bytes() if cache_path.is_file() else None
     engines: dict[str, dict[str, Path]] = {}
@@ -580,12 +628,17 @@ def build_engines(
     flags: dict[str, dict[str, bool]] = {}
     seconds: dict[str, float] = {}
     reports: list[ParityReport] = []
-    check_record = {"tensorrt_version": trt.__version__, "gpu": gpu,
-                    "settings": {"version_compatible": settings.version_compatible,
-                                 "hardware_compatibility": settings.hardware_compatibility}}
+    check_record = {
+        "tensorrt_version": trt.__version__,
+        "gpu": gpu,
+        "settings": {
+            "version_compatible": settings.version_compatible,
+            "hardware_compatibility": settings.hardware_compatibility,
+        },
+    }
     stage = root / f".tensorrt-build-{os.getpid()}"  # engines go into the bundle only once they pass
     try:
-        with cuda_device(cudart, device):                # the builder works on the current device
+        with cuda_device(cudart, device):  # the builder works on the current device
             for precision in precisions:
                 engines[precision] = {}
                 for graph, spec in GRAPHS.items():
@@ -593,17 +646,26 @@ def build_engines(
                     out = stage / plan_name(graph, precision)
                     t0 = time.perf_counter()
                     typing[precision], cache, flags[f"{precision}/{graph}"] = build_engine(
-                        src, out, profiles[graph], settings, precision=precision, timing_cache=cache)
+                        src, out, profiles[graph], settings, precision=precision, timing_cache=cache
+                    )
                     seconds[f"{precision}/{graph}"] = time.perf_counter() - t0
                     engines[precision][graph] = out
-                    log.info("TensorRT %s %s: %.1f KiB in %.1f s", precision, graph, out.stat().st_size / 1024,
-                             seconds[f"{precision}/{graph}"])
+                    log.info(
+                        "TensorRT %s %s: %.1f KiB in %.1f s",
+                        precision,
+                        graph,
+                        out.stat().st_size / 1024,
+                        seconds[f"{precision}/{graph}"],
+                    )
         if settings.parity:
             for precision, table in engines.items():
                 with TensorRTBackend(table, record=check_record, device=Device("cuda", device)) as backend:
                     reports.append(engine_parity(root, backend, axes, shape, precision))
-            raise_if_failed(reports, hint="The TensorRT engines do not reproduce the ONNX graphs; they were not added "
-                                          "to the bundle. Check the TensorRT log, or rebuild with other --trt-* settings.")
+            raise_if_failed(
+                reports,
+                hint="The TensorRT engines do not reproduce the ONNX graphs; they were not added "
+                "to the bundle. Check the TensorRT log, or rebuild with other --trt-* settings.",
+            )
         for precision, table in engines.items():
             for graph, staged in table.items():
                 final = root / plan_name(graph, precision)
@@ -615,16 +677,27 @@ def build_engines(
     if cache:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_bytes(cache)
-    record = engine_record(root, engines, profiles, settings, axes=axes, tensorrt_version=str(trt.__version__),
-                           gpu=gpu, typing=typing, builder_flags=flags, build_seconds=seconds,
-                           parity={r.precision: r.to_dict() for r in reports} or None)
+    record = engine_record(
+        root,
+        engines,
+        profiles,
+        settings,
+        axes=axes,
+        tensorrt_version=str(trt.__version__),
+        gpu=gpu,
+        typing=typing,
+        builder_flags=flags,
+        build_seconds=seconds,
+        parity={r.precision: r.to_dict() for r in reports} or None,
+    )
     if skipped:
         record["skipped_precisions"] = skipped
     return {TENSORRT_KEY: record}
 
 
 def make_step(settings: TensorRTSettings | None = None, device: int = 0) -> DeploymentStep:
-    """The ``--tensorrt`` deployment step of ``export_bundle``: ``step(tmp, manifest_extra) -> manifest entries``.
+    """The ``--tensorrt`` deployment step of ``export_bundle``: ``step(tmp, manifest_extra) -> manifest
+    entries``.
 
     Checks that tensorrt imports and has what the settings need before the (long) ONNX export starts.
     """

@@ -32,6 +32,7 @@ The ``tensorrt`` flavour follows the engines, as Triton's TensorRT backend needs
   ``scorer_limits`` (``{"Ni", "Nt", "R", "L"}``, from the manifest's ``tensorrt.limits``;
   ``{}`` for the other flavours) so it can split its scorer calls.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,16 +46,17 @@ from typing import Any, Mapping
 
 from mssan_infer.backends.tensorrt import scorer_limits
 from mssan_infer.bundle import bundle_id, id_files
-from mssan_infer.text import words as word_tokenizer
 from mssan_infer.names import (
     BUNDLE_ID_PARAM,
+    MANIFEST_FILE,
     RETRIEVER_TOKENIZER,
     SCORER_LIMITS_PARAM,
     TENSORRT_KEY,
+    VOCAB_FILE,
     plan_name,
 )
 from mssan_infer.spec import DEFAULT_PROFILES, GRAPHS, GraphSpec
-from mssan_infer.names import MANIFEST_FILE, VOCAB_FILE
+from mssan_infer.text import words as word_tokenizer
 from mssan_infer.triton import ONNX_MODEL, RETRIEVER_MODEL, copy_runtime
 
 from .deployment_step import DeploymentStep
@@ -82,10 +84,11 @@ KINDS = ("auto", "KIND_AUTO", "KIND_CPU", "KIND_GPU")
 REPOSITORY_DIR = "triton"
 RETRIEVER = "retriever"
 RETRIEVER_GRAPHS = ("auto", "local", "bls")
-SUBWORD_FILE = "subword_tokenizer.json"     # the Hugging Face tokenizer beside the retriever's tokenizer.json
+SUBWORD_FILE = "subword_tokenizer.json"  # the Hugging Face tokenizer beside the retriever's tokenizer.json
 _TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "float16": "TYPE_FP16"}
-_DYNAMIC_AXES = frozenset(a for spec in GRAPHS.values() for t in (*spec.inputs, *spec.outputs)
-                          for a in t.dynamic_axes().values())
+_DYNAMIC_AXES = frozenset(
+    a for spec in GRAPHS.values() for t in (*spec.inputs, *spec.outputs) for a in t.dynamic_axes().values()
+)
 _ONNX_TO_TRITON = {1: "TYPE_FP32", 7: "TYPE_INT64", 10: "TYPE_FP16", 6: "TYPE_INT32", 11: "TYPE_FP64"}
 
 
@@ -132,12 +135,18 @@ class TritonSettings:
             raise ExportError(f"triton instance kind must be one of {KINDS}, got {self.kind!r}")
         for name in ("instances", "scorer_batch"):
             v = getattr(self, name)
-            if (v is not None or name == "scorer_batch") and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if (v is not None or name == "scorer_batch") and (
+                not isinstance(v, int) or isinstance(v, bool) or v < 1
+            ):
                 raise ExportError(f"triton {name} must be a positive int, got {v!r}")
-        if self.max_batch_size is not None and (not isinstance(self.max_batch_size, int) or self.max_batch_size < 1):
+        if self.max_batch_size is not None and (
+            not isinstance(self.max_batch_size, int) or self.max_batch_size < 1
+        ):
             raise ExportError(f"triton max_batch_size must be a positive int, got {self.max_batch_size!r}")
         if self.retriever_graphs not in RETRIEVER_GRAPHS:
-            raise ExportError(f"retriever_graphs must be one of {RETRIEVER_GRAPHS}, got {self.retriever_graphs!r}")
+            raise ExportError(
+                f"retriever_graphs must be one of {RETRIEVER_GRAPHS}, got {self.retriever_graphs!r}"
+            )
         if not isinstance(self.max_queue_delay_us, int) or self.max_queue_delay_us < 0:
             raise ExportError(f"max_queue_delay_us must be an int >= 0, got {self.max_queue_delay_us!r}")
 
@@ -158,29 +167,39 @@ def _io(kind: str, tensors: Any, dims: Mapping[str, int], batched: bool) -> str:
     for t in tensors:
         axes = t.axes[1:] if batched else t.axes
         items.append(
-            f'  {{\n    name: "{t.name}"\n    data_type: {_TRITON_TYPES[t.dtype]}\n    dims: [ {_dims(axes, dims)} ]\n  }}'
+            f'  {{\n    name: "{t.name}"\n    data_type: {_TRITON_TYPES[t.dtype]}\n'
+            f"    dims: [ {_dims(axes, dims)} ]\n  }}"
         )
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
 
 def _params(params: Mapping[str, str]) -> str:
     return "".join(
-        f'parameters {{\n  key: "{k}"\n  value: {{ string_value: {json.dumps(str(v))} }}\n}}\n' for k, v in params.items()
+        f'parameters {{\n  key: "{k}"\n  value: {{ string_value: {json.dumps(str(v))} }}\n}}\n'
+        for k, v in params.items()
     )
 
 
 def _instance_groups(kind: str, count: int, profiles: int | None) -> str:
-    """``instance_group``: ``count`` instances, or (``profiles``: the tensorrt flavour) one group per profile 0..count-1."""
+    """``instance_group``: ``count`` instances, or (``profiles``: the tensorrt flavour) one group per profile
+    0..count-1."""
     if profiles is None:
         groups = [f"  {{\n    count: {count}\n    kind: {kind}\n  }}"]
     else:
-        groups = [f'  {{\n    name: "profile_{p}"\n    count: 1\n    kind: {kind}\n    profile: [ "{p}" ]\n  }}'
-                  for p in range(count)]
+        groups = [
+            f'  {{\n    name: "profile_{p}"\n    count: 1\n    kind: {kind}\n    profile: [ "{p}" ]\n  }}'
+            for p in range(count)
+        ]
     return "instance_group [\n" + ",\n".join(groups) + "\n]\n"
 
 
 def config_text(
-    spec: GraphSpec, dims: Mapping[str, int], settings: TritonSettings, *, bundle_id: str, max_batch_size: int,
+    spec: GraphSpec,
+    dims: Mapping[str, int],
+    settings: TritonSettings,
+    *,
+    bundle_id: str,
+    max_batch_size: int,
     profiles: int | None = None,
 ) -> str:
     """``config.pbtxt`` of one graph. Encoders batch on ``B``; the scorer has ``max_batch_size: 0``.
@@ -190,8 +209,11 @@ def config_text(
             instance group per profile used, each naming its profile.
     """
     batched = spec.name != "scorer"
-    platform = {"onnxruntime": 'backend: "onnxruntime"', "tensorrt": 'backend: "tensorrt"',
-                "python": 'backend: "python"'}[settings.backend]
+    platform = {
+        "onnxruntime": 'backend: "onnxruntime"',
+        "tensorrt": 'backend: "tensorrt"',
+        "python": 'backend: "python"',
+    }[settings.backend]
     text = f'name: "{spec.name}"\n{platform}\nmax_batch_size: {max_batch_size if batched else 0}\n'
     text += _io("input", spec.inputs, dims, batched) + _io("output", spec.outputs, dims, batched)
     if batched:
@@ -204,32 +226,58 @@ def config_text(
     return text + _params(params)
 
 
-def retriever_config_text(dims: Mapping[str, int], settings: TritonSettings, *, bundle_id: str,
-                          limits: Mapping[str, int] | None = None) -> str:
+def retriever_config_text(
+    dims: Mapping[str, int],
+    settings: TritonSettings,
+    *,
+    bundle_id: str,
+    limits: Mapping[str, int] | None = None,
+) -> str:
     """``config.pbtxt`` of the ``retriever`` BLS model (Python backend, one query per request).
 
     ``limits``: the scorer's largest ``Ni``/``Nt``/``R``/``L`` per call (``scorer_limits`` of the
     manifest), written as the JSON parameter ``scorer_limits`` (``{}``: none).
     """
-    inputs = [("text", "TYPE_STRING", "1"), ("regions", "TYPE_FP32", f"-1, {dims['Dv']}"),
-              ("region_mask", "TYPE_FP32", "-1"), ("k", "TYPE_INT32", "1"), ("rerank", "TYPE_INT32", "1")]
+    inputs = [
+        ("text", "TYPE_STRING", "1"),
+        ("regions", "TYPE_FP32", f"-1, {dims['Dv']}"),
+        ("region_mask", "TYPE_FP32", "-1"),
+        ("k", "TYPE_INT32", "1"),
+        ("rerank", "TYPE_INT32", "1"),
+    ]
     outputs = [("ids", "TYPE_STRING"), ("scores", "TYPE_FP32"), ("stage1", "TYPE_FP32")]
     text = f'name: "{RETRIEVER}"\nbackend: "python"\nmax_batch_size: 0\n'
-    text += "input [\n" + ",\n".join(
-        f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {d} ]\n    optional: true\n  }}' for n, t, d in inputs
-    ) + "\n]\n"
-    text += "output [\n" + ",\n".join(
-        f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ -1 ]\n  }}' for n, t in outputs
-    ) + "\n]\n"
+    text += (
+        "input [\n"
+        + ",\n".join(
+            f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {d} ]\n    optional: true\n  }}'
+            for n, t, d in inputs
+        )
+        + "\n]\n"
+    )
+    text += (
+        "output [\n"
+        + ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ -1 ]\n  }}' for n, t in outputs)
+        + "\n]\n"
+    )
     text += _instance_groups("KIND_CPU", settings.instances or 1, None)
-    return text + _params({
-        BUNDLE_ID_PARAM: bundle_id, "index_dir": "index", "tokenizer": RETRIEVER_TOKENIZER,
-        "scorer_batch": str(settings.scorer_batch), "verify_index": "true",
-        SCORER_LIMITS_PARAM: json.dumps(dict(limits or {}), sort_keys=True),
-        "image_encoder": "image_encoder", "text_encoder": "text_encoder", "scorer": "scorer",
-        "graphs": settings.retriever_graphs, "intra_op_thread_count": str(settings.threads),
-        "gallery": "", "embed_size": str(dims["D"]),
-    })
+    return text + _params(
+        {
+            BUNDLE_ID_PARAM: bundle_id,
+            "index_dir": "index",
+            "tokenizer": RETRIEVER_TOKENIZER,
+            "scorer_batch": str(settings.scorer_batch),
+            "verify_index": "true",
+            SCORER_LIMITS_PARAM: json.dumps(dict(limits or {}), sort_keys=True),
+            "image_encoder": "image_encoder",
+            "text_encoder": "text_encoder",
+            "scorer": "scorer",
+            "graphs": settings.retriever_graphs,
+            "intra_op_thread_count": str(settings.threads),
+            "gallery": "",
+            "embed_size": str(dims["D"]),
+        }
+    )
 
 
 # ---- validation ----------------------------------------------------------------------
@@ -271,7 +319,10 @@ def validate_config(config: str | os.PathLike[str], onnx_path: str | os.PathLike
 
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
         batched = cfg.max_batch_size > 0
-        for kind, declared, actual in (("input", cfg.input, graph.input), ("output", cfg.output, graph.output)):
+        for kind, declared, actual in (
+            ("input", cfg.input, graph.input),
+            ("output", cfg.output, graph.output),
+        ):
             inits = {i.name for i in graph.initializer}
             tensors = {v.name: v for v in actual if v.name not in inits}
             seen = {}
@@ -295,11 +346,17 @@ def validate_config(config: str | os.PathLike[str], onnx_path: str | os.PathLike
                 gnames = [x.dim_param if not x.HasField("dim_value") else "" for x in ttype.shape.dim]
                 if batched:
                     if not gdims or gdims[0] != -1:
-                        problems.append(f"{kind} {name}: max_batch_size > 0 but the graph's first dim is {gdims[:1]}, not dynamic")
+                        problems.append(
+                            f"{kind} {name}: max_batch_size > 0 but the graph's first dim is {gdims[:1]}, "
+                            "not dynamic"
+                        )
                     gdims, gnames = gdims[1:], gnames[1:]
                 cdims = list(d.dims)
                 if len(cdims) != len(gdims):
-                    problems.append(f"{kind} {name}: dims {cdims} (rank {len(cdims)}), graph has rank {len(gdims)} {gdims}")
+                    problems.append(
+                        f"{kind} {name}: dims {cdims} (rank {len(cdims)}), graph has rank {len(gdims)} "
+                        f"{gdims}"
+                    )
                     continue
                 for pos, (c, g, sym) in enumerate(zip(cdims, gdims, gnames)):
                     # graph fixed: the config must say the same size; graph symbolic: -1, or a fixed
@@ -307,12 +364,20 @@ def validate_config(config: str | os.PathLike[str], onnx_path: str | os.PathLike
                     if g >= 0 and c != g:
                         problems.append(f"{kind} {name}: dim {pos} is {c}, graph has {g}")
                     elif g < 0 and c != -1 and (sym in _DYNAMIC_AXES or c < 1):
-                        problems.append(f"{kind} {name}: dim {pos} is {c}, but the graph's axis {sym or '?'} is dynamic (-1)")
+                        problems.append(
+                            f"{kind} {name}: dim {pos} is {c}, but the graph's axis {sym or '?'} is dynamic "
+                            "(-1)"
+                        )
         if batched:
-            firsts = {x.type.tensor_type.shape.dim[0].dim_param for x in (*graph.input, *graph.output)
-                      if x.name not in {i.name for i in graph.initializer} and x.type.tensor_type.shape.dim}
+            firsts = {
+                x.type.tensor_type.shape.dim[0].dim_param
+                for x in (*graph.input, *graph.output)
+                if x.name not in {i.name for i in graph.initializer} and x.type.tensor_type.shape.dim
+            }
             if len(firsts) != 1 or "" in firsts:
-                problems.append(f"max_batch_size > 0 needs one shared symbolic batch axis; graph has {sorted(firsts)}")
+                problems.append(
+                    f"max_batch_size > 0 needs one shared symbolic batch axis; graph has {sorted(firsts)}"
+                )
     if problems:
         raise ExportError(f"{path} does not match {onnx_path or 'its model'}:\n  " + "\n  ".join(problems))
     return cfg
@@ -331,20 +396,24 @@ def _bundle_id(root: Path) -> str:
         files = m["files"]
         tk = m.get("tokenizer") or {}
         tokenizer = str(tk.get("file") or tk.get("vocab", VOCAB_FILE))
-    else:                                          # a bundle under construction: files as the manifest will list them
+    else:  # a bundle under construction: files as the manifest will list them
         files, tokenizer = hash_files(root), VOCAB_FILE
     return bundle_id(id_files(files, (spec.file for spec in GRAPHS.values()), tokenizer))
 
 
-def _tokenizer_spec(root: Path, max_len: int | None, model_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The retriever's ``tokenizer.json``: the word tokenizer's settings (as the manifest records them) and its
-    vocabulary, or, for a transformer tower, ``kind: "subword"`` with the name of the Hugging Face tokenizer file
+def _tokenizer_spec(
+    root: Path, max_len: int | None, model_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The retriever's ``tokenizer.json``: the word tokenizer's settings (as the manifest records them) and
+    its
+    vocabulary, or, for a transformer tower, ``kind: "subword"`` with the name of the Hugging Face tokenizer
+    file
     copied beside it (``SUBWORD_FILE``, from ``source``). The retriever loads either with the runtime's loader
     (``core.subword.load_text_tokenizer``), so both give the same ids."""
     tk: dict[str, Any] = {}
     if (root / MANIFEST_FILE).is_file():
         tk = dict(json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8")).get("tokenizer") or {})
-    elif model_config is not None:                 # a bundle under construction inside export_bundle
+    elif model_config is not None:  # a bundle under construction inside export_bundle
         from training.config import ModelConfig
 
         from .manifest import tokenizer_entry
@@ -356,7 +425,9 @@ def _tokenizer_spec(root: Path, max_len: int | None, model_config: Mapping[str, 
             "file": SUBWORD_FILE,
             "source": tk["file"],
             "sha256": tk["sha256"],
-            "encode": "tokenizers.Tokenizer.from_file(file).encode(text, add_special_tokens=False).ids[:max_len]",
+            "encode": (
+                "tokenizers.Tokenizer.from_file(file).encode(text, add_special_tokens=False).ids[:max_len]"
+            ),
             "max_len": int(max_len if max_len is not None else tk["max_len"]),
             "prefix_ids": tk["prefix_ids"],
             "suffix_ids": tk["suffix_ids"],
@@ -365,8 +436,10 @@ def _tokenizer_spec(root: Path, max_len: int | None, model_config: Mapping[str, 
     if max_len is not None:
         tk["max_len"] = int(max_len)
     if "max_len" not in tk:
-        log.warning("tokenizer max_len unknown (no manifest yet); the retriever truncates captions at %d words",
-                    DEFAULT_PROFILES["L"][2])
+        log.warning(
+            "tokenizer max_len unknown (no manifest yet); the retriever truncates captions at %d words",
+            DEFAULT_PROFILES["L"][2],
+        )
         tk["max_len"] = DEFAULT_PROFILES["L"][2]
     word_tokenizer.check_settings(tk, f"bundle {root}")
     vocab = json.loads((root / tk.get("vocab", "vocab.json")).read_text(encoding="utf-8"))
@@ -395,11 +468,13 @@ def _batching(
     if settings.max_batch_size is not None and settings.max_batch_size > b_max:
         raise ExportError(
             f"--triton-max-batch {settings.max_batch_size} is above the engines' B maximum {b_max}: Triton's "
-            f"TensorRT backend would refuse to load them. Use at most {b_max}, or rebuild with --trt-profile B=1,OPT,MAX"
+            f"TensorRT backend would refuse to load them. Use at most {b_max}, or rebuild with "
+            "--trt-profile B=1,OPT,MAX"
         )
     if settings.instances is not None and settings.instances > profiles:
         raise ExportError(
-            f"--triton-instances {settings.instances} is above the engines' {profiles} optimisation profile(s): "
+            f"--triton-instances {settings.instances} is above the engines' {profiles} optimisation "
+            "profile(s): "
             "instances on one GPU must each use their own profile. Rebuild with --trt-profiles N"
         )
     return settings.max_batch_size or b_max, profiles, scorer_limits({TENSORRT_KEY: record})
@@ -446,14 +521,17 @@ def write_repository(
             if not src.is_file():
                 raise ExportError(
                     f"--triton-backend tensorrt needs the bundle's {settings.precision} engine {src.name}; "
-                    f"export with --tensorrt{' --fp16' if settings.precision == 'fp16' else ''} on a GPU machine"
+                    f"export with --tensorrt{' --fp16' if settings.precision == 'fp16' else ''} on a GPU "
+                    "machine"
                 )
         else:
             src = rootp / spec.file if settings.precision == "fp32" else rootp / FP16_DIR / spec.file
             if not src.is_file():
                 raise ExportError(f"bundle has no {settings.precision} graph {src.name}; export with --fp16")
         sources[graph] = src
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent if dest.parent.exists() else None))
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent if dest.parent.exists() else None)
+    )
     try:
         models: dict[str, Any] = {}
         for graph, spec in GRAPHS.items():
@@ -465,13 +543,18 @@ def write_repository(
                 shutil.copyfile(ONNX_MODEL, mdir / "model.py")
                 copy_runtime(mdir)
             cfg_path = tmp / graph / "config.pbtxt"
-            cfg_path.write_text(config_text(spec, dims, settings, bundle_id=bundle_id, max_batch_size=mbs,
-                                            profiles=profiles), encoding="utf-8")
+            cfg_path.write_text(
+                config_text(spec, dims, settings, bundle_id=bundle_id, max_batch_size=mbs, profiles=profiles),
+                encoding="utf-8",
+            )
             onnx_ref = rootp / spec.file if settings.precision == "fp32" else rootp / FP16_DIR / spec.file
             validate_config(cfg_path, onnx_ref)
-            models[graph] = {"config": f"{graph}/config.pbtxt", "model": f"{graph}/1/{fname}",
-                             "max_batch_size": mbs if graph != "scorer" else 0,
-                             "instances": settings.instances or (profiles or 1)}
+            models[graph] = {
+                "config": f"{graph}/config.pbtxt",
+                "model": f"{graph}/1/{fname}",
+                "max_batch_size": mbs if graph != "scorer" else 0,
+                "instances": settings.instances or (profiles or 1),
+            }
         if settings.retriever:
             mdir = tmp / RETRIEVER / "1"
             mdir.mkdir(parents=True)
@@ -482,8 +565,9 @@ def write_repository(
             if tk.get("kind") == "subword":
                 shutil.copyfile(rootp / tk.pop("source"), mdir / tk["file"])
             cfg_path = tmp / RETRIEVER / "config.pbtxt"
-            cfg_path.write_text(retriever_config_text(dims, settings, bundle_id=bundle_id, limits=limits),
-                                encoding="utf-8")
+            cfg_path.write_text(
+                retriever_config_text(dims, settings, bundle_id=bundle_id, limits=limits), encoding="utf-8"
+            )
             validate_config(cfg_path)
             models[RETRIEVER] = {"config": f"{RETRIEVER}/config.pbtxt", "model": f"{RETRIEVER}/1/model.py"}
         if dest.exists():
@@ -505,7 +589,7 @@ def write_repository(
         "bundle_id": bundle_id,
         "models": models,
         "validated": "config.pbtxt parsed into tritonclient.grpc.model_config_pb2.ModelConfig; "
-                     "names, dtypes and dims checked against the ONNX graphs",
+        "names, dtypes and dims checked against the ONNX graphs",
     }
     return {"triton": record}
 
@@ -547,15 +631,23 @@ def install_index(repository: str | os.PathLike[str], index: str | os.PathLike[s
 
 
 def make_step(settings: TritonSettings | None = None) -> DeploymentStep:
-    """The ``--triton`` deployment step of ``export_bundle``: ``step(tmp, manifest_extra) -> manifest entries``."""
+    """The ``--triton`` deployment step of ``export_bundle``: ``step(tmp, manifest_extra) -> manifest
+    entries``."""
     settings = settings or TritonSettings()
-    _parse('name: "probe"', "probe")             # fail fast when tritonclient[grpc] is missing
+    _parse('name: "probe"', "probe")  # fail fast when tritonclient[grpc] is missing
 
     def step(root: Path, extra: Mapping[str, Any]) -> dict[str, Any]:
         if settings.backend == "tensorrt" and TENSORRT_KEY not in extra:
-            raise ExportError("--triton-backend tensorrt needs --tensorrt in the same export (or an earlier one)")
-        mcfg = extra.get("model_config") or {}           # export_bundle passes the model config
-        return write_repository(root, settings, max_len=mcfg.get("max_len"), tensorrt=extra.get(TENSORRT_KEY),
-                                model_config=mcfg or None)
+            raise ExportError(
+                "--triton-backend tensorrt needs --tensorrt in the same export (or an earlier one)"
+            )
+        mcfg = extra.get("model_config") or {}  # export_bundle passes the model config
+        return write_repository(
+            root,
+            settings,
+            max_len=mcfg.get("max_len"),
+            tensorrt=extra.get(TENSORRT_KEY),
+            model_config=mcfg or None,
+        )
 
     return step

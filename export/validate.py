@@ -15,6 +15,7 @@ ONNX Runtime as the candidate, plus a static check of each graph's I/O against i
 (names, dtypes, ranks, which axes are dynamic). ``export.tensorrt`` calls
 :func:`compare_runners` with ONNX Runtime as the reference and the engines as the candidate.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,24 +30,39 @@ import torch
 
 from mssan_infer.backends.base import Backend
 from mssan_infer.errors import MssanError, ParityError
-from mssan_infer.spec import GRAPHS, IMAGE_ENCODER, SCORER, TEXT_ENCODER, GraphSpec, Tolerance, TOLERANCES
-
+from mssan_infer.spec import GRAPHS, IMAGE_ENCODER, SCORER, TEXT_ENCODER, TOLERANCES, GraphSpec, Tolerance
 from training.model import MSSAN
 
 from .inputs import Case, FeedConfig, Feeds, parity_cases, rerank_inputs, to_torch, torch_runner
 from .runners import onnx_runner
 
 __all__ = [
-    "OutputCheck", "RerankCheck", "ParityReport", "raise_if_failed", "tolerance_for", "check_contract",
-    "compare", "check_graph", "final_scores", "check_rerank", "rerank_order_check", "compare_runners",
-    "validate_graphs", "rerank_cases", "ScoreFn",
+    "OutputCheck",
+    "RerankCheck",
+    "ParityReport",
+    "raise_if_failed",
+    "tolerance_for",
+    "check_contract",
+    "compare",
+    "check_graph",
+    "final_scores",
+    "check_rerank",
+    "rerank_order_check",
+    "compare_runners",
+    "validate_graphs",
+    "rerank_cases",
+    "ScoreFn",
 ]
 
 log = logging.getLogger(__name__)
 
-_ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT16: "float16"}
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.FLOAT16: "float16",
+}
 TOPK = 10
-ScoreFn = Callable[[Feeds, Feeds], np.ndarray]       # (image feeds, text feeds) -> final scores [Ni, Nt]
+ScoreFn = Callable[[Feeds, Feeds], np.ndarray]  # (image feeds, text feeds) -> final scores [Ni, Nt]
 
 
 @dataclass
@@ -60,7 +76,7 @@ class OutputCheck:
     shape: list[int] | None = None
     max_abs: float | None = None
     max_rel: float | None = None
-    error: str | None = None          # None: passed
+    error: str | None = None  # None: passed
 
     @property
     def ok(self) -> bool:
@@ -71,14 +87,16 @@ class OutputCheck:
 class RerankCheck:
     """Final two-stage scores (stage 1 + s_ll from ONNX Runtime) of one query against ``depth`` candidates."""
 
-    direction: str                    # "t2i": one caption vs images; "i2t": one image vs captions
+    direction: str  # "t2i": one caption vs images; "i2t": one image vs captions
     depth: int
     max_abs: float | None = None
-    order_agreement: float | None = None    # fraction of rank positions identical to PyTorch's
-    tolerated_swaps: int = 0                # inverted pairs whose reference scores lie within atol
-    violations: int = 0                     # inverted pairs further apart than atol
-    topk_agreement: float | None = None     # |top-10 ONNX ∩ top-10 PyTorch| / 10
-    topk_agreement_near_ties: float | None = None   # the same, counting near-ties with PyTorch's 10th as shared
+    order_agreement: float | None = None  # fraction of rank positions identical to PyTorch's
+    tolerated_swaps: int = 0  # inverted pairs whose reference scores lie within atol
+    violations: int = 0  # inverted pairs further apart than atol
+    topk_agreement: float | None = None  # |top-10 ONNX ∩ top-10 PyTorch| / 10
+    topk_agreement_near_ties: float | None = (
+        None  # the same, counting near-ties with PyTorch's 10th as shared
+    )
     error: str | None = None
 
     @property
@@ -99,8 +117,8 @@ class ParityReport:
     tolerance: Tolerance
     execution: str = "onnxruntime CPUExecutionProvider"
     reference: str = "pytorch fp32"
-    label: str = ""                                       # failure prefix; default: the precision
-    contract: list[str] = field(default_factory=list)     # static I/O contract failures
+    label: str = ""  # failure prefix; default: the precision
+    contract: list[str] = field(default_factory=list)  # static I/O contract failures
     outputs: list[OutputCheck] = field(default_factory=list)
     reranks: list[RerankCheck] = field(default_factory=list)
 
@@ -138,7 +156,9 @@ class ParityReport:
             "passed": self.passed,
             "max_abs": self.max_abs(),
             "graphs": graphs,
-            "rerank": {r.direction: {k: v for k, v in asdict(r).items() if k != "direction"} for r in self.reranks},
+            "rerank": {
+                r.direction: {k: v for k, v in asdict(r).items() if k != "direction"} for r in self.reranks
+            },
             "failures": self.failures,
         }
 
@@ -160,8 +180,11 @@ def raise_if_failed(reports: Sequence[ParityReport], hint: str | None = None) ->
     refs = sorted({r.reference for r in reports})
     raise ParityError(
         f"{len(failures)} parity check(s) failed ({tols}); first: {failures[0]}\n  {lines}\n"
-        + (hint or f"The exported graphs do not reproduce {' / '.join(refs)}. "
-                   "Pass verify=False / --no-verify only to inspect a broken export.")
+        + (
+            hint
+            or f"The exported graphs do not reproduce {' / '.join(refs)}. "
+            "Pass verify=False / --no-verify only to inspect a broken export."
+        )
     )
 
 
@@ -174,7 +197,9 @@ def tolerance_for(precision: str, atol: float | None = None) -> Tolerance:
         return tol
     if not atol > 0:
         raise ValueError(f"atol must be > 0, got {atol}")
-    return Tolerance(atol=float(atol), rtol=tol.rtol, rerank_depth=tol.rerank_depth, topk_agreement=tol.topk_agreement)
+    return Tolerance(
+        atol=float(atol), rtol=tol.rtol, rerank_depth=tol.rerank_depth, topk_agreement=tol.topk_agreement
+    )
 
 
 # ---- static contract --------------------------------------------------------
@@ -202,22 +227,31 @@ def check_contract(path: str | os.PathLike[str], spec: GraphSpec, dims: Mapping[
                 problems.append(f"{spec.name}: {kind} {t.name} is {dtype}, the spec says {t.dtype}")
             shape = tt.shape.dim
             if len(shape) != len(t.axes):
-                problems.append(f"{spec.name}: {kind} {t.name} has rank {len(shape)}, the spec says {len(t.axes)} {t.axes}")
+                problems.append(
+                    f"{spec.name}: {kind} {t.name} has rank {len(shape)}, the spec says {len(t.axes)} "
+                    f"{t.axes}"
+                )
                 continue
             dynamic = t.dynamic_axes()
             for i, (axis, d) in enumerate(zip(t.axes, shape)):
                 concrete = d.HasField("dim_value")
                 if i in dynamic and concrete:
                     problems.append(
-                        f"{spec.name}: {kind} {t.name} axis {i} ({axis}) is frozen at {d.dim_value}; the spec makes it dynamic"
+                        f"{spec.name}: {kind} {t.name} axis {i} ({axis}) is frozen at {d.dim_value}; the "
+                        "spec makes it dynamic"
                     )
                 elif i not in dynamic and concrete and axis in dims and d.dim_value != dims[axis]:
-                    problems.append(f"{spec.name}: {kind} {t.name} axis {i} ({axis}) is {d.dim_value}, expected {dims[axis]}")
+                    problems.append(
+                        f"{spec.name}: {kind} {t.name} axis {i} ({axis}) is {d.dim_value}, expected "
+                        f"{dims[axis]}"
+                    )
     return problems
 
 
 # ---- per-output parity -------------------------------------------------------
-def compare(graph: str, case: str, name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> OutputCheck:
+def compare(
+    graph: str, case: str, name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance
+) -> OutputCheck:
     """One output against its reference: shape, the same values finite, ``|got-ref| <= atol + rtol*|ref|``."""
     check = OutputCheck(graph, case, name, list(ref.shape), shape=list(got.shape))
     if got.shape != ref.shape:
@@ -225,7 +259,8 @@ def compare(graph: str, case: str, name: str, got: np.ndarray, ref: np.ndarray, 
         return check
     finite_ref, finite_got = np.isfinite(ref), np.isfinite(got)
     if not np.array_equal(finite_ref, finite_got):
-        check.error = f"{int((finite_ref != finite_got).sum())} value(s) non-finite in one of candidate/reference but not the other"
+        n = int((finite_ref != finite_got).sum())
+        check.error = f"{n} value(s) non-finite in one of candidate/reference but not the other"
         return check
     if got.size == 0:
         check.max_abs = check.max_rel = 0.0
@@ -247,8 +282,11 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:300]
 
 
-def check_graph(reference: Backend, candidate: Backend, graph: str, cases: Sequence[Case], tol: Tolerance) -> list[OutputCheck]:
-    """Run ``cases`` of ``graph`` through ``reference`` and ``candidate``; one ``OutputCheck`` per case and output.
+def check_graph(
+    reference: Backend, candidate: Backend, graph: str, cases: Sequence[Case], tol: Tolerance
+) -> list[OutputCheck]:
+    """Run ``cases`` of ``graph`` through ``reference`` and ``candidate``; one ``OutputCheck`` per case and
+    output.
 
     A candidate that raises on a case fails every output of that case (the message says why);
     the reference raising is a bug of the check itself and propagates.
@@ -269,8 +307,15 @@ def check_graph(reference: Backend, candidate: Backend, graph: str, cases: Seque
             c = compare(graph, case.name, name, got[name], ref[name], tol)
             checks.append(c)
             if c.ok:
-                log.info("%s[%s] %s: shape %s ok, max abs %.2e, max rel %.2e", graph, case.name, name,
-                         tuple(c.shape or ()), c.max_abs, c.max_rel)
+                log.info(
+                    "%s[%s] %s: shape %s ok, max abs %.2e, max rel %.2e",
+                    graph,
+                    case.name,
+                    name,
+                    tuple(c.shape or ()),
+                    c.max_abs,
+                    c.max_rel,
+                )
             else:
                 log.error("%s[%s] %s: %s", graph, case.name, name, c.error)
     return checks
@@ -287,21 +332,30 @@ def rerank_order_check(ref: np.ndarray, got: np.ndarray, atol: float) -> tuple[f
     """
     order_got = np.argsort(-got, kind="stable")
     order_ref = np.argsort(-ref, kind="stable")
-    r = ref[order_got].astype(np.float64)            # reference scores in candidate rank order
-    later_higher = r[None, :] - r[:, None]           # [i,j]: ref[j] - ref[i]
+    r = ref[order_got].astype(np.float64)  # reference scores in candidate rank order
+    later_higher = r[None, :] - r[:, None]  # [i,j]: ref[j] - ref[i]
     upper = np.triu(np.ones_like(later_higher, dtype=bool), k=1)
-    inverted = upper & (later_higher > 0)            # i ranked above j, but ref says j > i
+    inverted = upper & (later_higher > 0)  # i ranked above j, but ref says j > i
     violations = int((inverted & (later_higher > atol)).sum())
     return float(np.mean(order_got == order_ref)), int(inverted.sum()) - violations, violations
 
 
 def final_scores(runner: Backend, images: Feeds, texts: Feeds) -> np.ndarray:
-    """``img_stage1 . txt_stage1 + s_ll`` of every image/caption pair, all through ``runner`` -> ``[Ni, Nt]``."""
+    """``img_stage1 . txt_stage1 + s_ll`` of every image/caption pair, all through ``runner`` -> ``[Ni,
+    Nt]``."""
     img = runner.run(IMAGE_ENCODER.name, images)
     txt = runner.run(TEXT_ENCODER.name, texts)
-    s_ll = runner.run(SCORER.name, {"img_local": img["img_local"], "region_mask": images["region_mask"],
-                                    "img_gram": img["img_gram"], "txt_local": txt["txt_local"],
-                                    "token_mask": texts["token_mask"], "txt_gram": txt["txt_gram"]})["s_ll"]
+    s_ll = runner.run(
+        SCORER.name,
+        {
+            "img_local": img["img_local"],
+            "region_mask": images["region_mask"],
+            "img_gram": img["img_gram"],
+            "txt_local": txt["txt_local"],
+            "token_mask": texts["token_mask"],
+            "txt_gram": txt["txt_gram"],
+        },
+    )["s_ll"]
     return np.asarray(img["img_stage1"] @ txt["txt_stage1"].T + s_ll)
 
 
@@ -311,7 +365,8 @@ def check_rerank(
     tol: Tolerance,
     inputs: Sequence[tuple[str, Feeds, Feeds]],
 ) -> list[RerankCheck]:
-    """Final scores of ``candidate`` (:func:`final_scores`) against ``reference`` on each ``(direction, images, texts)``.
+    """Final scores of ``candidate`` (:func:`final_scores`) against ``reference`` on each ``(direction,
+    images, texts)``.
 
     Fails past ``tol.atol`` on any score; on the order when ``tol.topk_agreement`` is 1 (except
     near-ties: candidates whose reference scores lie within atol of each other may swap);
@@ -323,7 +378,7 @@ def check_rerank(
         depth = len(images["regions"]) if direction == "t2i" else len(texts["tokens"])
         check = RerankCheck(direction, depth)
         checks.append(check)
-        ref = np.asarray(reference(images, texts))                                 # [Ni,Nt]
+        ref = np.asarray(reference(images, texts))  # [Ni,Nt]
         try:
             got = final_scores(candidate, images, texts)
         except Exception as e:  # noqa: BLE001 - onnxruntime/TensorRT raise their own types
@@ -336,7 +391,9 @@ def check_rerank(
             continue
         ref_1d, got_1d = ref.reshape(-1), got.reshape(-1)
         check.max_abs = float(np.abs(got_1d.astype(np.float64) - ref_1d).max())
-        check.order_agreement, check.tolerated_swaps, check.violations = rerank_order_check(ref_1d, got_1d, tol.atol)
+        check.order_agreement, check.tolerated_swaps, check.violations = rerank_order_check(
+            ref_1d, got_1d, tol.atol
+        )
         top = min(TOPK, ref_1d.size)
         top_got = np.argsort(-got_1d, kind="stable")[:top]
         top_ref = np.argsort(-ref_1d, kind="stable")[:top]
@@ -347,7 +404,8 @@ def check_rerank(
             errors.append(f"max abs diff of final scores {check.max_abs:.3g} > atol {tol.atol:g}")
         if tol.topk_agreement >= 1.0 and check.violations:
             errors.append(
-                f"rerank order differs from the reference in {check.violations} pair(s) whose reference scores "
+                f"rerank order differs from the reference in {check.violations} pair(s) whose reference "
+                "scores "
                 f"differ by more than atol {tol.atol:g}"
             )
         if check.topk_agreement_near_ties < tol.topk_agreement and tol.topk_agreement < 1.0:
@@ -357,9 +415,19 @@ def check_rerank(
             )
         check.error = "; ".join(errors) or None
         log_fn = log.info if check.ok else log.error
-        log_fn("rerank %s@%d: max abs %.2e, order agreement %.2f, near-tie swaps %d, violations %d, top-%d %.2f%s",
-               direction, check.depth, check.max_abs, check.order_agreement, check.tolerated_swaps,
-               check.violations, top, check.topk_agreement, "" if check.ok else f" -- {check.error}")
+        log_fn(
+            "rerank %s@%d: max abs %.2e, order agreement %.2f, near-tie swaps %d, violations %d, top-%d "
+            "%.2f%s",
+            direction,
+            check.depth,
+            check.max_abs,
+            check.order_agreement,
+            check.tolerated_swaps,
+            check.violations,
+            top,
+            check.topk_agreement,
+            "" if check.ok else f" -- {check.error}",
+        )
     return checks
 
 
@@ -386,8 +454,13 @@ def compare_runners(
     Returns:
         The report; never raises on a mismatch (``raise_if_failed`` makes failures fatal).
     """
-    report = ParityReport(precision, tol, execution=execution or candidate.name,
-                          reference=reference_name or reference.name, label=label)
+    report = ParityReport(
+        precision,
+        tol,
+        execution=execution or candidate.name,
+        reference=reference_name or reference.name,
+        label=label,
+    )
     for graph, graph_cases in cases.items():
         if graph not in candidate.graphs:
             report.contract.append(f"{candidate.name} has no graph {graph!r} (has {candidate.graphs})")
@@ -436,7 +509,9 @@ def validate_graphs(
     try:
         candidate: Backend | None = onnx_runner(paths, precision)
     except MssanError as e:
-        contract.append(f"ONNX Runtime cannot load {sorted(Path(p).name for p in paths.values())}: {_first_line(e)}")
+        contract.append(
+            f"ONNX Runtime cannot load {sorted(Path(p).name for p in paths.values())}: {_first_line(e)}"
+        )
         candidate = None
     cases = parity_cases(model) if cases is None else cases
     if candidate is None:
@@ -444,9 +519,17 @@ def validate_graphs(
     else:
         with candidate:
             report = compare_runners(
-                torch_runner(model), candidate, {g: cases.get(g, ()) for g in paths}, tol, precision=precision,
-                rerank=rerank_cases(cfg, tol.rerank_depth, seed) if rerank and set(paths) == set(GRAPHS) else (),
-                reference_scores=_model_scores(model), execution=execution, reference_name="pytorch fp32",
+                torch_runner(model),
+                candidate,
+                {g: cases.get(g, ()) for g in paths},
+                tol,
+                precision=precision,
+                rerank=rerank_cases(cfg, tol.rerank_depth, seed)
+                if rerank and set(paths) == set(GRAPHS)
+                else (),
+                reference_scores=_model_scores(model),
+                execution=execution,
+                reference_name="pytorch fp32",
             )
         if rerank and set(paths) != set(GRAPHS):
             report.contract.append(f"rerank check needs all of {sorted(GRAPHS)}; have {sorted(paths)}")
@@ -456,9 +539,11 @@ def validate_graphs(
     return report
 
 
-def rerank_cases(cfg: FeedConfig, depth: int, seed: int, r_max: int = 36,
-                 l_max: int | None = None) -> list[tuple[str, Feeds, Feeds]]:
-    """The inputs of the rerank check: one caption vs ``depth`` images (t2i), one image vs ``depth`` captions (i2t)."""
+def rerank_cases(
+    cfg: FeedConfig, depth: int, seed: int, r_max: int = 36, l_max: int | None = None
+) -> list[tuple[str, Feeds, Feeds]]:
+    """The inputs of the rerank check: one caption vs ``depth`` images (t2i), one image vs ``depth`` captions
+    (i2t)."""
     return [(d, *rerank_inputs(cfg, d, depth, seed + k, r_max, l_max)) for k, d in enumerate(("t2i", "i2t"))]
 
 
@@ -468,7 +553,11 @@ def _model_scores(model: MSSAN) -> ScoreFn:
     @torch.inference_mode()
     def scores(images: Feeds, texts: Feeds) -> np.ndarray:
         ti, tt = to_torch(images), to_torch(texts)
-        return np.asarray(model.score(model.encode_image(ti["regions"], ti["region_mask"]),
-                                      model.encode_text(tt["tokens"], tt["token_mask"])).numpy())
+        return np.asarray(
+            model.score(
+                model.encode_image(ti["regions"], ti["region_mask"]),
+                model.encode_text(tt["tokens"], tt["token_mask"]),
+            ).numpy()
+        )
 
     return scores

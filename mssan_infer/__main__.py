@@ -1,9 +1,11 @@
-"""``python -m mssan_infer index|search|info|serve``: build an index, search it, describe a bundle/index, serve it.
+"""``python -m mssan_infer index|search|info|serve``: build an index, search it, describe a bundle/index,
+serve it.
 
 Thin argparse over typed functions (:func:`run_index`, :func:`run_search`,
 :func:`run_info`) that tests call directly. Any :class:`MssanError` ends the
 command with exit status 1 and a one-line message on stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +24,9 @@ from mssan_infer.bundle import load_bundle
 from mssan_infer.cli import HelpFormatter, error_line
 from mssan_infer.errors import InputError, MssanError
 from mssan_infer.gallery.base import ItemId, colliding_ids
-from mssan_infer.qdrant.options import parse_gallery
-from mssan_infer.names import INDEX_MANIFEST
 from mssan_infer.gallery.folder import read_index_manifest
-from mssan_infer.progress import batches
-from mssan_infer.retriever import Hit, Retriever
 from mssan_infer.gallery.storage import Layout
+from mssan_infer.names import INDEX_MANIFEST
 from mssan_infer.options import (
     BackendOptions,
     GalleryOptions,
@@ -37,7 +36,9 @@ from mssan_infer.options import (
     TensorRTOptions,
     TritonOptions,
 )
-from mssan_infer.qdrant.options import QdrantEdge, QdrantServer
+from mssan_infer.progress import batches
+from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
+from mssan_infer.retriever import Hit, Retriever
 from mssan_infer.triton.server import DEFAULT_PORTS
 
 __all__ = ["main", "run_index", "run_search", "run_info", "read_lines", "read_metadata", "parity_summary"]
@@ -72,10 +73,16 @@ def _load_features(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def _gallery_ids(
-    gallery: Any, n: int, ids_file: str | os.PathLike[str] | None, new_ids: bool, what: str, flag: str,
+    gallery: Any,
+    n: int,
+    ids_file: str | os.PathLike[str] | None,
+    new_ids: bool,
+    what: str,
+    flag: str,
     where: str,
 ) -> list[ItemId]:
-    """Ids for ``n`` new items: from ``ids_file`` (str, one per line), fresh ints (``new_ids``), or ``0..n-1``.
+    """Ids for ``n`` new items: from ``ids_file`` (str, one per line), fresh ints (``new_ids``), or
+    ``0..n-1``.
 
     Raises:
         InputError: a count mismatch, duplicates, or ids already in the index (with what to do).
@@ -181,10 +188,14 @@ def run_index(
         raise InputError("--metadata needs --images and --text-metadata needs --texts")
     qdrant = not isinstance(gallery, GalleryOptions) and parse_gallery(gallery) is not None
     if qdrant == (out is not None):
-        raise InputError("give --out FOLDER (an index folder) or --gallery SPEC (Qdrant), exactly one of them")
+        raise InputError(
+            "give --out FOLDER (an index folder) or --gallery SPEC (Qdrant), exactly one of them"
+        )
     if out is None:
         r = Retriever.load(bundle, backend, gallery=gallery, search=search)
-        _add_files(r, images, ids, texts, text_ids, metadata, text_metadata, new_ids, str(gallery), chunk, progress)
+        _add_files(
+            r, images, ids, texts, text_ids, metadata, text_metadata, new_ids, str(gallery), chunk, progress
+        )
         r.flush()
         return r
     outp = Path(out)
@@ -194,37 +205,80 @@ def run_index(
     if existing and not append and not overwrite:
         galleries = read_index_manifest(outp)["galleries"]
         nouns = {"images": "images", "texts": "captions"}
-        held = ", ".join(f"{e.get('n', '?')} {nouns.get(name, name)}" for name, e in galleries.items()) or "nothing"
+        held = (
+            ", ".join(f"{e.get('n', '?')} {nouns.get(name, name)}" for name, e in galleries.items())
+            or "nothing"
+        )
         raise InputError(
-            f"--out {outp} already holds an index ({held}); pass --append to add to it, or --overwrite to replace it"
+            f"--out {outp} already holds an index ({held}); pass --append to add to it, or --overwrite to "
+            "replace it"
         )
     if append and not existing:
         log.info("%s holds no index yet: starting a new one", outp)
-    r = Retriever.load(bundle, backend, index=outp if append and existing else None, gallery=gallery, search=search)
-    _add_files(r, images, ids, texts, text_ids, metadata, text_metadata, new_ids, f"the index at {outp}", chunk,
-               progress)
+    r = Retriever.load(
+        bundle, backend, index=outp if append and existing else None, gallery=gallery, search=search
+    )
+    _add_files(
+        r,
+        images,
+        ids,
+        texts,
+        text_ids,
+        metadata,
+        text_metadata,
+        new_ids,
+        f"the index at {outp}",
+        chunk,
+        progress,
+    )
     r.save(outp)
     return r
 
 
 def _add_files(
-    r: Retriever, images: Any, ids: Any, texts: Any, text_ids: Any, metadata: Any, text_metadata: Any,
-    new_ids: bool, where: str, chunk: int, progress: bool,
+    r: Retriever,
+    images: Any,
+    ids: Any,
+    texts: Any,
+    text_ids: Any,
+    metadata: Any,
+    text_metadata: Any,
+    new_ids: bool,
+    where: str,
+    chunk: int,
+    progress: bool,
 ) -> None:
     """Read the files, check every id, then encode and add (nothing is added when a check fails)."""
     feats = _load_features(images) if images is not None else None
     caps = read_lines(texts, "captions") if texts is not None else None
-    image_ids = (_gallery_ids(r.images, feats.shape[0], ids, new_ids, "image", "--ids", where)
-                 if feats is not None else [])
-    cap_ids = (_gallery_ids(r.texts, len(caps), text_ids, new_ids, "caption", "--text-ids", where)
-               if caps is not None else [])
-    meta = read_metadata(metadata, feats.shape[0], "metadata") if metadata is not None and feats is not None else None
-    cap_meta = read_metadata(text_metadata, len(caps), "text metadata") if text_metadata is not None and caps else None
+    image_ids = (
+        _gallery_ids(r.images, feats.shape[0], ids, new_ids, "image", "--ids", where)
+        if feats is not None
+        else []
+    )
+    cap_ids = (
+        _gallery_ids(r.texts, len(caps), text_ids, new_ids, "caption", "--text-ids", where)
+        if caps is not None
+        else []
+    )
+    meta = (
+        read_metadata(metadata, feats.shape[0], "metadata")
+        if metadata is not None and feats is not None
+        else None
+    )
+    cap_meta = (
+        read_metadata(text_metadata, len(caps), "text metadata")
+        if text_metadata is not None and caps
+        else None
+    )
     if feats is not None:
         n = feats.shape[0]
         for a, b in batches(n, chunk, "encode images", progress):
-            r.add_images(np.asarray(feats[a:b], dtype=np.float32), ids=image_ids[a:b],
-                         metadata=meta[a:b] if meta is not None else None)
+            r.add_images(
+                np.asarray(feats[a:b], dtype=np.float32),
+                ids=image_ids[a:b],
+                metadata=meta[a:b] if meta is not None else None,
+            )
     if caps is not None:
         r.add_texts(caps, ids=cap_ids, metadata=cap_meta, progress=progress)
 
@@ -271,7 +325,7 @@ def _where(text: str | None) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise InputError(f"--where must be a JSON object, e.g. '{{\"album\": \"beach\"}}' ({e})") from None
+        raise InputError(f'--where must be a JSON object, e.g. \'{{"album": "beach"}}\' ({e})') from None
     if not isinstance(value, dict):
         raise InputError(f"--where must be a JSON object, got {type(value).__name__}")
     return value
@@ -357,7 +411,11 @@ def _parity_line(summary: dict[str, Any] | None) -> str:
     parts = []
     for precision, p in summary.items():
         verdict = "passed" if p["passed"] else f"FAILED ({p['failures']} failure(s))"
-        worst = f", max abs {p['max_abs']:.2g} (atol {p['atol']:g})" if p["max_abs"] is not None and p["atol"] else ""
+        worst = (
+            f", max abs {p['max_abs']:.2g} (atol {p['atol']:g})"
+            if p["max_abs"] is not None and p["atol"]
+            else ""
+        )
         parts.append(f"{precision} {verdict}{worst}")
     return "; ".join(parts)
 
@@ -381,19 +439,33 @@ def _print_info(info: dict[str, Any], out: TextIO) -> None:
         f"vocab={cfg.get('vocab_size')}  max_len={cfg.get('max_len')}  agg={cfg.get('agg')}",
         file=out,
     )
-    print(f"weights    lam_gg={cfg.get('lam_gg')}  lam_gl={cfg.get('lam_gl')}  lam_ll={cfg.get('lam_ll')}", file=out)
+    print(
+        f"weights    lam_gg={cfg.get('lam_gg')}  lam_gl={cfg.get('lam_gl')}  lam_ll={cfg.get('lam_ll')}",
+        file=out,
+    )
     print(f"graphs     {', '.join(f'{k}: {v}' for k, v in info['graphs'].items())}", file=out)
     print(f"text       {info['text_encoder']} tower, {info['tokenizer']} tokenizer", file=out)
-    print(f"fp16       {'yes' if info['fp16'] else 'no'}   int8 text encoder {'yes' if info['int8'] else 'no'}", file=out)
+    print(
+        f"fp16       {'yes' if info['fp16'] else 'no'}   int8 text encoder {'yes' if info['int8'] else 'no'}",
+        file=out,
+    )
     print(f"verified   {info['verified']}", file=out)
     print(f"parity     {_parity_line(info['parity'])}", file=out)
     if "tensorrt" in info:
         t = info["tensorrt"]
-        print(f"tensorrt   {t['tensorrt_version']} on {(t['gpu'] or {}).get('name')}, {', '.join(t['precisions'])}; "
-              f"limits {t['limits']}; parity {_parity_line(t['parity'])}", file=out)
+        print(
+            f"tensorrt   {t['tensorrt_version']} on {(t['gpu'] or {}).get('name')}, "
+            f"{', '.join(t['precisions'])}; "
+            f"limits {t['limits']}; parity {_parity_line(t['parity'])}",
+            file=out,
+        )
     if "index" in info:
         ix = info["index"]
-        match = "matches this bundle" if ix["matches_bundle"] else f"built with ANOTHER bundle ({ix['bundle_id']})"
+        match = (
+            "matches this bundle"
+            if ix["matches_bundle"]
+            else f"built with ANOTHER bundle ({ix['bundle_id']})"
+        )
         print(f"index      {ix['path']}  (format {ix['format_version']}, {match})", file=out)
         for name, g in ix["galleries"].items():
             print(
@@ -403,65 +475,107 @@ def _print_info(info: dict[str, Any], out: TextIO) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mssan_infer", description="Two-stage image-text retrieval.", formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mssan_infer",
+        description="Two-stage image-text retrieval.",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True, metavar="{index,search,info,serve}")
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--bundle", required=True, help="bundle folder written by `python -m export`")
-        sp.add_argument("--backend", default="onnxruntime",
-                        help="where the graphs run: onnxruntime, tensorrt, triton (on a server, see --url), or a "
-                             "name given to mssan_infer.register_backend")
+        sp.add_argument(
+            "--backend",
+            default="onnxruntime",
+            help="where the graphs run: onnxruntime, tensorrt, triton (on a server, see --url), or a "
+            "name given to mssan_infer.register_backend",
+        )
         sp.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (onnxruntime, tensorrt)")
-        sp.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
-        sp.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
-                        help="graphs to run (fp16 needs an `export --fp16` bundle)")
-        sp.add_argument("--url", default=None,
-                        help="with --backend triton: the server's host:port (default 127.0.0.1:8000 for http, "
-                             "127.0.0.1:8001 for grpc)")
+        sp.add_argument(
+            "--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)"
+        )
+        sp.add_argument(
+            "--precision",
+            default="fp32",
+            choices=("fp32", "fp16"),
+            help="graphs to run (fp16 needs an `export --fp16` bundle)",
+        )
+        sp.add_argument(
+            "--url",
+            default=None,
+            help="with --backend triton: the server's host:port (default 127.0.0.1:8000 for http, "
+            "127.0.0.1:8001 for grpc)",
+        )
         sp.add_argument("--protocol", default="http", choices=("http", "grpc"), help="with --backend triton")
-        sp.add_argument("--gallery", default=None,
-                        help="galleries in Qdrant instead of an index folder: 'qdrant-edge:PATH' (Qdrant Edge, "
-                             "in-process) or 'qdrant:URL' (a server), options after '?' (e.g. ?quantization=int8)")
+        sp.add_argument(
+            "--gallery",
+            default=None,
+            help="galleries in Qdrant instead of an index folder: 'qdrant-edge:PATH' (Qdrant Edge, "
+            "in-process) or 'qdrant:URL' (a server), options after '?' (e.g. ?quantization=int8)",
+        )
 
     ix = sub.add_parser(
-        "index", help="encode image features / captions into an index folder", formatter_class=HelpFormatter,
+        "index",
+        help="encode image features / captions into an index folder",
+        formatter_class=HelpFormatter,
         description="Encode image features and/or captions into an index folder.\n\nIds: one per line from "
-                    "--ids / --text-ids (kept as text); otherwise row / line numbers 0, 1, 2, ... . An index at "
-                    "--out is never replaced or extended unless you say so (--overwrite, --append), and --append "
-                    "refuses ids already in the index unless --new-ids numbers the new items after them.")
+        "--ids / --text-ids (kept as text); otherwise row / line numbers 0, 1, 2, ... . An index at "
+        "--out is never replaced or extended unless you say so (--overwrite, --append), and --append "
+        "refuses ids already in the index unless --new-ids numbers the new items after them.",
+    )
     common(ix)
     ix.add_argument("--images", help=".npy region features [N, R, Dv]")
     ix.add_argument("--ids", help="image ids, one per line, kept as text (default: row numbers 0..N-1)")
     ix.add_argument("--texts", help="captions, one per line")
-    ix.add_argument("--text-ids", help="caption ids, one per line, kept as text (default: line numbers 0..M-1)")
+    ix.add_argument(
+        "--text-ids", help="caption ids, one per line, kept as text (default: line numbers 0..M-1)"
+    )
     ix.add_argument("--out", help="index folder (written atomically); or --gallery for Qdrant")
     ix.add_argument("--metadata", help="JSON lines, one object per image (filterable with search --where)")
     ix.add_argument("--text-metadata", help="JSON lines, one object per caption")
     mode = ix.add_mutually_exclusive_group()
-    mode.add_argument("--append", action="store_true",
-                      help="add to the index at --out (its ids must not repeat: see --new-ids)")
+    mode.add_argument(
+        "--append",
+        action="store_true",
+        help="add to the index at --out (its ids must not repeat: see --new-ids)",
+    )
     mode.add_argument("--overwrite", action="store_true", help="replace an index already at --out")
-    ix.add_argument("--new-ids", action="store_true",
-                    help="number items without an ids file after the largest int id in the index, not from 0")
-    ix.add_argument("--fp16-locals", action="store_true", help="store locals and Grams in float16 (half the size)")
-    ix.add_argument("--layout", choices=("fp32", "fp16", "int8-stage1", "int8"), default=None,
-                    help="gallery layout (default fp32, or the layout of the index appended to); README 'Gallery "
-                         "layouts'")
+    ix.add_argument(
+        "--new-ids",
+        action="store_true",
+        help="number items without an ids file after the largest int id in the index, not from 0",
+    )
+    ix.add_argument(
+        "--fp16-locals", action="store_true", help="store locals and Grams in float16 (half the size)"
+    )
+    ix.add_argument(
+        "--layout",
+        choices=("fp32", "fp16", "int8-stage1", "int8"),
+        default=None,
+        help="gallery layout (default fp32, or the layout of the index appended to); README 'Gallery "
+        "layouts'",
+    )
     ix.add_argument("--batch-size", type=int, default=32, help="items per encoder call")
     ix.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    se = sub.add_parser("search", help="search an index with a caption or an image", formatter_class=HelpFormatter)
+    se = sub.add_parser(
+        "search", help="search an index with a caption or an image", formatter_class=HelpFormatter
+    )
     common(se)
     se.add_argument("--index", help="index folder written by `index`; or --gallery for Qdrant")
-    se.add_argument("--where", help="metadata filter as JSON, e.g. '{\"album\": \"beach\"}'")
+    se.add_argument("--where", help='metadata filter as JSON, e.g. \'{"album": "beach"}\'')
     se.add_argument("text", nargs="?", help="caption to search the image gallery with")
     se.add_argument("--image", help=".npy region features; searches the caption gallery")
     se.add_argument("--row", type=int, default=0, help="row of --image to use")
     se.add_argument("-k", type=int, default=10, help="results to print")
     se.add_argument("--rerank", type=int, default=100, help="stage-2 depth (0: stage 1 only)")
-    se.add_argument("--stage1", default="numpy", choices=("numpy", "faiss", "faiss-ivf", "faiss-hnsw"),
-                    help="stage-1 search (numpy and faiss exact; faiss-ivf, faiss-hnsw approximate)")
+    se.add_argument(
+        "--stage1",
+        default="numpy",
+        choices=("numpy", "faiss", "faiss-ivf", "faiss-hnsw"),
+        help="stage-1 search (numpy and faiss exact; faiss-ivf, faiss-hnsw approximate)",
+    )
     se.add_argument("--json", action="store_true", help="print one JSON object (ids keep their type)")
 
     inf = sub.add_parser("info", help="describe a bundle (and an index)", formatter_class=HelpFormatter)
@@ -470,21 +584,32 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("--json", action="store_true", help="print one JSON object")
 
     sv = sub.add_parser(
-        "serve", help="serve a bundle's Triton repository with a local tritonserver", formatter_class=HelpFormatter,
+        "serve",
+        help="serve a bundle's Triton repository with a local tritonserver",
+        formatter_class=HelpFormatter,
         description="Start tritonserver on a bundle's Triton repository (written by `python -m export ... "
-                    "--triton`) and print its URLs; Ctrl-C stops it. Uses $TRITONSERVER, /opt/tritonserver or "
-                    "PATH, else the CPU tritonserver of nvidia-pytriton (`pip install 'mssan[triton]'`).")
+        "--triton`) and print its URLs; Ctrl-C stops it. Uses $TRITONSERVER, /opt/tritonserver or "
+        "PATH, else the CPU tritonserver of nvidia-pytriton (`pip install 'mssan[triton]'`).",
+    )
     where = sv.add_mutually_exclusive_group(required=True)
     where.add_argument("--bundle", help="bundle folder: serves its triton/ repository")
     where.add_argument("--repository", help="a model repository folder (instead of --bundle)")
-    sv.add_argument("--index", help="index folder for the retriever model (default: the one installed in the "
-                                    "repository, if any)")
+    sv.add_argument(
+        "--index",
+        help="index folder for the retriever model (default: the one installed in the repository, if any)",
+    )
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"], help="HTTP/REST (KServe v2) port")
     sv.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"], help="gRPC port")
-    sv.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"], help="Prometheus metrics port")
-    sv.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for the models to load")
-    sv.add_argument("--log", default=None, help="write the server log here (default: a temp file, removed on exit)")
+    sv.add_argument(
+        "--metrics-port", type=int, default=DEFAULT_PORTS["metrics"], help="Prometheus metrics port"
+    )
+    sv.add_argument(
+        "--startup-timeout", type=float, default=120.0, help="seconds to wait for the models to load"
+    )
+    sv.add_argument(
+        "--log", default=None, help="write the server log here (default: a temp file, removed on exit)"
+    )
     return p
 
 
@@ -529,7 +654,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     out = out or sys.stdout
     err = err or sys.stderr
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "info":
             info = run_info(args.bundle, args.index)
@@ -541,35 +668,67 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         if args.command == "serve":
             from mssan_infer.triton.server import serve
 
-            return serve(_repository(args), index=args.index, host=args.host, http_port=args.http_port,
-                         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                         startup_timeout_s=args.startup_timeout, log_path=args.log, out=out)
+            return serve(
+                _repository(args),
+                index=args.index,
+                host=args.host,
+                http_port=args.http_port,
+                grpc_port=args.grpc_port,
+                metrics_port=args.metrics_port,
+                startup_timeout_s=args.startup_timeout,
+                log_path=args.log,
+                out=out,
+            )
         backend = _backend(args)
         if args.command == "index":
             if args.fp16_locals and args.layout is not None:
                 raise InputError("--fp16-locals is --layout with float16 locals: give one of them")
             layout = Layout("float32", "float16") if args.fp16_locals else args.layout
             if args.gallery is not None and args.gallery != "memory" and layout is not None:
-                raise InputError("--layout and --fp16-locals are for an index folder (--out); a Qdrant gallery takes "
-                                 "its storage options in --gallery (e.g. ?local_dtype=float16)")
+                raise InputError(
+                    "--layout and --fp16-locals are for an index folder (--out); a Qdrant gallery takes "
+                    "its storage options in --gallery (e.g. ?local_dtype=float16)"
+                )
             r = run_index(
-                args.bundle, args.out, images=args.images, ids=args.ids, texts=args.texts, text_ids=args.text_ids,
-                metadata=args.metadata, text_metadata=args.text_metadata,
+                args.bundle,
+                args.out,
+                images=args.images,
+                ids=args.ids,
+                texts=args.texts,
+                text_ids=args.text_ids,
+                metadata=args.metadata,
+                text_metadata=args.text_metadata,
                 gallery=_gallery(args, GalleryOptions(layout=layout)),
-                append=args.append, overwrite=args.overwrite, new_ids=args.new_ids, progress=not args.no_progress,
-                backend=backend, search=SearchOptions(batch_size=args.batch_size),
+                append=args.append,
+                overwrite=args.overwrite,
+                new_ids=args.new_ids,
+                progress=not args.no_progress,
+                backend=backend,
+                search=SearchOptions(batch_size=args.batch_size),
             )
-            print(f"indexed {r.n_images} images and {r.n_texts} captions into {args.out or args.gallery}", file=out)
+            print(
+                f"indexed {r.n_images} images and {r.n_texts} captions into {args.out or args.gallery}",
+                file=out,
+            )
             return 0
         hits = run_search(
-            args.bundle, args.index, text=args.text, image=args.image, row=args.row, k=args.k, rerank=args.rerank,
+            args.bundle,
+            args.index,
+            text=args.text,
+            image=args.image,
+            row=args.row,
+            k=args.k,
+            rerank=args.rerank,
             gallery=_gallery(args, GalleryOptions(stage1=Stage1Options(method=args.stage1))),
-            where=_where(args.where), backend=backend,
+            where=_where(args.where),
+            backend=backend,
         )
         query = f"text: {args.text!r}" if args.text is not None else f"image: {args.image} row {args.row}"
         if args.json:
             payload = {
-                "query": {"text": args.text} if args.text is not None else {"image": args.image, "row": args.row},
+                "query": {"text": args.text}
+                if args.text is not None
+                else {"image": args.image, "row": args.row},
                 "k": args.k,
                 "rerank": args.rerank,
                 "hits": [{"id": h.id, "score": h.score, "stage1": h.stage1} for h in hits],

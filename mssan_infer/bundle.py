@@ -19,7 +19,16 @@ from mssan_infer.names import FORMAT_VERSION, MANIFEST_FILE, VOCAB_FILE
 from mssan_infer.spec import GRAPHS, PRECISIONS
 from mssan_infer.text.base import TextTokenizer, load_text_tokenizer
 
-__all__ = ["Bundle", "Manifest", "load_bundle", "id_files", "bundle_id", "check_index_bundle", "tokenizer_from_bundle", "BUNDLE_FILES"]
+__all__ = [
+    "Bundle",
+    "Manifest",
+    "load_bundle",
+    "id_files",
+    "bundle_id",
+    "check_index_bundle",
+    "tokenizer_from_bundle",
+    "BUNDLE_FILES",
+]
 
 
 @dataclass(frozen=True)
@@ -29,7 +38,8 @@ class Manifest:
     Attributes:
         format_version: the bundle format.
         files: bundle-relative file -> sha256 (every file the bundle holds).
-        graphs: precision (``"fp32"``, ``"fp16"``, ``"int8"``) -> graph name -> file; ``"fp32"`` holds all three.
+        graphs: precision (``"fp32"``, ``"fp16"``, ``"int8"``) -> graph name -> file; ``"fp32"`` holds all
+        three.
         optional_graphs: extra graphs (the ``--pixels`` graph) -> their entry.
         model_config: the model's settings (``embed_size`` D, ``img_dim`` Dv, ``max_len``...).
         embed_size, img_dim, max_len: from ``model_config``.
@@ -78,7 +88,10 @@ class Manifest:
                 raise BundleError(f"{where} lacks {key!r}; re-export the bundle")
         for key in ("graphs", "model_config", "tokenizer", "files"):
             if not isinstance(m[key], dict):
-                raise BundleError(f"{where}: {key!r} must be a JSON object, got {type(m[key]).__name__}; re-export the bundle")
+                raise BundleError(
+                    f"{where}: {key!r} must be a JSON object, got {type(m[key]).__name__}; re-export the "
+                    "bundle"
+                )
         graphs: dict[str, dict[str, str]] = {}
         for precision in PRECISIONS:
             table = "graphs" if precision == "fp32" else f"{precision}_graphs"
@@ -97,14 +110,18 @@ class Manifest:
         for key in ("embed_size", "img_dim"):
             value = cfg.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise BundleError(f"{where}: model_config.{key} must be a positive int, got {value!r}; re-export the bundle")
+                raise BundleError(
+                    f"{where}: model_config.{key} must be a positive int, got {value!r}; re-export the bundle"
+                )
         optional = m.get("optional_graphs") or {}
         tensorrt, triton = m.get("tensorrt"), m.get("triton")
         return cls(
             format_version=int(m["format_version"]),
             files={str(k): str(v) for k, v in m["files"].items()},
             graphs=graphs,
-            optional_graphs={k: v for k, v in optional.items() if isinstance(v, dict)} if isinstance(optional, dict) else {},
+            optional_graphs={k: v for k, v in optional.items() if isinstance(v, dict)}
+            if isinstance(optional, dict)
+            else {},
             model_config=cfg,
             embed_size=int(cfg["embed_size"]),
             img_dim=int(cfg["img_dim"]),
@@ -154,16 +171,20 @@ class Bundle:
         graphs, the ``--pixels`` graph, TensorRT engines, the Triton repository) do not change it, so
         re-exporting a checkpoint with other extras keeps the id and the indexes built with it.
         """
-        return id_files(self.manifest.files, self.manifest.graphs["fp32"].values(), self.manifest.tokenizer_file)
+        return id_files(
+            self.manifest.files, self.manifest.graphs["fp32"].values(), self.manifest.tokenizer_file
+        )
 
     @property
     def bundle_id(self) -> str:
-        """Identifies the bundle's weights: the sha256 of its fp32 graphs and vocabulary, combined (:attr:`id_files`)."""
+        """Identifies the bundle's weights: the sha256 of its fp32 graphs and vocabulary, combined
+        (:attr:`id_files`)."""
         return bundle_id(self.id_files)
 
 
 def id_files(files: Mapping[str, str], graph_files: Iterable[str], tokenizer_file: str) -> dict[str, str]:
-    """The entries of ``files`` (name -> sha256) that a bundle id covers: the fp32 graphs and the tokenizer file."""
+    """The entries of ``files`` (name -> sha256) that a bundle id covers: the fp32 graphs and the tokenizer
+    file."""
     names = set(graph_files) | {tokenizer_file}
     return {k: files[k] for k in sorted(names) if k in files}
 
@@ -182,21 +203,31 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
     """
     rootp = Path(root)
     if not rootp.is_dir():
-        raise BundleError(f"bundle folder {rootp} does not exist; create one with `python -m export --checkpoint CKPT --out {rootp}`")
+        raise BundleError(
+            f"bundle folder {rootp} does not exist; create one with `python -m export --checkpoint CKPT "
+            f"--out {rootp}`"
+        )
     mpath = rootp / MANIFEST_FILE
     if not mpath.is_file():
-        raise BundleError(f"{rootp} has no {MANIFEST_FILE}: not a bundle, or the export did not finish. Re-export it.")
+        raise BundleError(
+            f"{rootp} has no {MANIFEST_FILE}: not a bundle, or the export did not finish. Re-export it."
+        )
     manifest = Manifest.parse(
-        read_versioned_json(mpath, error=BundleError, fix="re-export the bundle", version=FORMAT_VERSION), mpath
+        read_versioned_json(mpath, error=BundleError, fix="re-export the bundle", version=FORMAT_VERSION),
+        mpath,
     )
     listed = [f for table in manifest.graphs.values() for f in table.values()] + [manifest.tokenizer_file]
     unhashed = [n for n in listed if n not in manifest.files]
     if unhashed:
-        raise BundleError(f"manifest lists {unhashed} without a sha256; the bundle cannot be verified. Re-export it.")
+        raise BundleError(
+            f"manifest lists {unhashed} without a sha256; the bundle cannot be verified. Re-export it."
+        )
     for name, digest in manifest.files.items():
         path = safe_member(rootp, name)
         if not path.is_file():
-            raise BundleError(f"bundle file {name} is missing from {rootp}; copy the whole bundle folder or re-export")
+            raise BundleError(
+                f"bundle file {name} is missing from {rootp}; copy the whole bundle folder or re-export"
+            )
         if verify and sha256_file(path) != digest:
             raise BundleError(
                 f"bundle file {name} does not match its sha256 in the manifest (truncated or modified); "
@@ -205,7 +236,7 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
     return Bundle(rootp, manifest)
 
 
-BUNDLE_FILES = "bundle_files"      # index manifest: the files (and sha256) the bundle id was made of
+BUNDLE_FILES = "bundle_files"  # index manifest: the files (and sha256) the bundle id was made of
 
 
 def check_index_bundle(index: str | os.PathLike[str], bundle: Bundle) -> None:
@@ -217,19 +248,26 @@ def check_index_bundle(index: str | os.PathLike[str], bundle: Bundle) -> None:
     try:
         manifest = read_index_manifest(index)
     except IndexFileError:
-        return                          # load_index reports it (after putting back an interrupted save)
+        return  # load_index reports it (after putting back an interrupted save)
     if manifest["bundle_id"] == bundle.bundle_id:
         return
     old = manifest.get(BUNDLE_FILES)
     if isinstance(old, dict):
         new = bundle.id_files
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        what = f"these files differ: {', '.join(changed)}" if changed else "the bundle id is computed differently"
+        what = (
+            f"these files differ: {', '.join(changed)}"
+            if changed
+            else "the bundle id is computed differently"
+        )
     else:
-        what = ("the index does not record which files it was built with (indexes written before bundle ids "
-                "ignored --fp16 and --pixels)")
+        what = (
+            "the index does not record which files it was built with (indexes written before bundle ids "
+            "ignored --fp16 and --pixels)"
+        )
     raise IndexFileError(
-        f"index {index} was built with bundle {manifest['bundle_id']}, but the loaded bundle is {bundle.bundle_id} "
+        f"index {index} was built with bundle {manifest['bundle_id']}, but the loaded bundle is "
+        f"{bundle.bundle_id} "
         f"({what}); its vectors would not match. Rebuild the index with this bundle "
         "(`python -m mssan_infer index --bundle ... --overwrite`)."
     )

@@ -4,6 +4,7 @@ Each function returns the checked, converted value or raises :class:`InputError`
 what was wrong and what to do. The ``Retriever``, the CLI and the Triton ``retriever``
 model all use these, so the same bad input gets the same message everywhere.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mssan_infer.gallery.base import ItemId, check_id
 from mssan_infer.errors import InputError
+from mssan_infer.gallery.base import ItemId, check_id
 from mssan_infer.text.base import TextTokenizer
 
 __all__ = ["region_batch", "caption_list", "token_ids", "id_list", "check_k", "positive_int"]
@@ -41,10 +42,11 @@ def region_batch(feats: Any, mask: Any, dv: int) -> tuple[np.ndarray, np.ndarray
         arr = np.asarray(feats)
         if arr.ndim != 3 or arr.shape[2] != dv:
             raise InputError(
-                f"image features must be [N, R, {dv}] (or a list of [R_i, {dv}] arrays); got shape {arr.shape}"
+                f"image features must be [N, R, {dv}] (or a list of [R_i, {dv}] arrays); got shape "
+                f"{arr.shape}"
             )
         _real_numbers(arr, "image features")
-        with np.errstate(over="ignore"):          # values beyond float32 become inf: refused below
+        with np.errstate(over="ignore"):  # values beyond float32 become inf: refused below
             regions = np.asarray(arr, dtype=np.float32)
         if mask is None:
             m = np.ones(regions.shape[:2], np.float32)
@@ -54,7 +56,9 @@ def region_batch(feats: Any, mask: Any, dv: int) -> tuple[np.ndarray, np.ndarray
                 raise InputError(f"mask must be [N, R] = {regions.shape[:2]}, got {m.shape}")
     else:
         if mask is not None:
-            raise InputError("mask is only accepted with an [N, R, Dv] array; a list of [R_i, Dv] makes its own")
+            raise InputError(
+                "mask is only accepted with an [N, R, Dv] array; a list of [R_i, Dv] makes its own"
+            )
         try:
             items = [np.asarray(x) for x in feats]
         except TypeError:
@@ -74,13 +78,17 @@ def region_batch(feats: Any, mask: Any, dv: int) -> tuple[np.ndarray, np.ndarray
                 regions[i, : x.shape[0]] = x
                 m[i, : x.shape[0]] = 1.0
     if regions.shape[0] == 0:
-        raise InputError(f"no images given (an empty batch); pass at least one image of [R, {dv}] region features")
+        raise InputError(
+            f"no images given (an empty batch); pass at least one image of [R, {dv}] region features"
+        )
     if not np.isin(m, (0.0, 1.0)).all():
         raise InputError("mask must hold only 1 (real region) and 0 (padding); got other values or NaN")
     real = m > 0
     empty = np.flatnonzero(~real.any(1))
     if empty.size:
-        raise InputError(f"images {empty[:5].tolist()} have no regions (mask all zero); every image needs >= 1")
+        raise InputError(
+            f"images {empty[:5].tolist()} have no regions (mask all zero); every image needs >= 1"
+        )
     if not np.isfinite(regions[real]).all():
         raise InputError("image features contain NaN or inf")
     return regions, m
@@ -134,9 +142,16 @@ def token_ids(tokenizer: TextTokenizer, texts: Sequence[Any]) -> list[list[int]]
     if unseen:
         words = ", ".join(f"{w!r}" + (f" x{c}" if c > 1 else "") for w, c in unseen.most_common(20))
         more = f" and {len(unseen) - 20} more" if len(unseen) > 20 else ""
-        where = f"the caption {texts[0][:60]!r}" if len(texts) == 1 else f"{with_unseen} of {len(texts)} captions"
-        log.warning("words not in the model's vocabulary (%d words) are all read as the one <unk> token in %s: %s%s",
-                    len(tokenizer), where, words, more)
+        where = (
+            f"the caption {texts[0][:60]!r}" if len(texts) == 1 else f"{with_unseen} of {len(texts)} captions"
+        )
+        log.warning(
+            "words not in the model's vocabulary (%d words) are all read as the one <unk> token in %s: %s%s",
+            len(tokenizer),
+            where,
+            words,
+            more,
+        )
     return ids
 
 

@@ -1,5 +1,7 @@
-"""What the three command lines (``python -m training``, ``python -m export``, ``python -m mssan_infer``) share:
+"""What the three command lines (``python -m training``, ``python -m export``, ``python -m mssan_infer``)
+share:
 help that shows defaults, and one form of error line."""
+
 from __future__ import annotations
 
 import argparse

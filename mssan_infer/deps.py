@@ -1,4 +1,5 @@
-"""The one way the runtime imports an optional package: when first needed, with a typed error saying what to install."""
+"""The one way the runtime imports an optional package: when first needed, with a typed error saying what to
+install."""
 
 from __future__ import annotations
 
@@ -26,5 +27,6 @@ def optional_import(module: str, install: str, needed_for: str, instead: str = "
     except ImportError as e:
         alt = f", or use {instead}" if instead else ""
         raise BackendUnavailableError(
-            f"{needed_for} needs {module.split('.')[0]}: `pip install {install}`{alt} (import of {module} failed: {e})"
+            f"{needed_for} needs {module.split('.')[0]}: `pip install {install}`{alt} (import of {module} "
+            f"failed: {e})"
         ) from e

@@ -3,6 +3,7 @@
 Every error a user can cause is an ``MssanError``: its message says what was
 wrong, what was expected and what to do.
 """
+
 from __future__ import annotations
 
 __all__ = [
@@ -29,7 +30,8 @@ class IndexFileError(MssanError):
 
 
 class IndexWriteError(IndexFileError, OSError):
-    """An index could not be written (disk full, no permission, a bad path); the previous index is unchanged."""
+    """An index could not be written (disk full, no permission, a bad path); the previous index is
+    unchanged."""
 
 
 class InputError(MssanError, ValueError):

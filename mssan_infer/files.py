@@ -1,4 +1,5 @@
 """Files: sha256, path confinement inside a bundle or index folder, durable writes, atomic folder swaps."""
+
 from __future__ import annotations
 
 import errno
@@ -13,9 +14,19 @@ import numpy as np
 
 from mssan_infer.errors import BundleError, MssanError
 
-__all__ = ["sha256_file", "safe_member", "write_npy", "write_npy_parts", "release_rows", "fsync_dir", "exchange_dirs", "CHUNK_BYTES", "rows_per_chunk"]
+__all__ = [
+    "sha256_file",
+    "safe_member",
+    "write_npy",
+    "write_npy_parts",
+    "release_rows",
+    "fsync_dir",
+    "exchange_dirs",
+    "CHUNK_BYTES",
+    "rows_per_chunk",
+]
 
-CHUNK_BYTES = 64 << 20          # copies of large arrays go in blocks of about this many bytes
+CHUNK_BYTES = 64 << 20  # copies of large arrays go in blocks of about this many bytes
 
 
 def rows_per_chunk(row_bytes: int) -> int:
@@ -70,12 +81,14 @@ def write_npy(path: Path, src: np.ndarray) -> None:
     write_npy_parts(path, src.shape, src.dtype, [(0, src)])
 
 
-def write_npy_parts(path: Path, shape: tuple[int, ...], dtype: Any, parts: Iterable[tuple[int, np.ndarray]]) -> None:
+def write_npy_parts(
+    path: Path, shape: tuple[int, ...], dtype: Any, parts: Iterable[tuple[int, np.ndarray]]
+) -> None:
     """Write a ``shape`` .npy from ``(first row, rows)`` parts, fsync'd, in row blocks.
 
     Each part lands in the leading corner of its rows (a part narrower than ``shape`` is zero-padded).
     """
-    if 0 in shape:                                   # nothing to map: an empty array
+    if 0 in shape:  # nothing to map: an empty array
         write_npy(path, np.zeros(shape, dtype))
         return
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape))
@@ -97,7 +110,8 @@ def write_npy_parts(path: Path, shape: tuple[int, ...], dtype: Any, parts: Itera
 
 
 def release_rows(arr: np.ndarray, a: int, b: int) -> None:
-    """Drop rows ``a:b`` of a read-only memory map from this process's resident pages (a hint; no-op elsewhere).
+    """Drop rows ``a:b`` of a read-only memory map from this process's resident pages (a hint; no-op
+    elsewhere).
 
     Streaming through a mapped file (converting a saved index) otherwise leaves every page read resident
     in the process until the map is closed.
@@ -110,10 +124,10 @@ def release_rows(arr: np.ndarray, a: int, b: int) -> None:
     if advise is None or flag is None or not isinstance(arr, np.memmap) or b <= a:
         return
     row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.itemsize
-    skew = int(arr.offset) % _mmap.ALLOCATIONGRANULARITY           # the map starts this far before the data
+    skew = int(arr.offset) % _mmap.ALLOCATIONGRANULARITY  # the map starts this far before the data
     start, stop = skew + a * row, skew + b * row
     page = _mmap.PAGESIZE
-    start = -(-start // page) * page                                # only whole pages inside the rows
+    start = -(-start // page) * page  # only whole pages inside the rows
     stop = (stop // page) * page
     if stop > start:
         try:
@@ -185,13 +199,18 @@ def read_versioned_json(
     if not isinstance(obj, dict):
         raise error(f"{path} is not a JSON object; {fix}")
     if format_tag is not None and obj.get("format") != format_tag:
-        raise error(f"{path} is not an {format_tag.replace('-', ' ')} manifest (format {obj.get('format')!r}); {fix}")
+        raise error(
+            f"{path} is not an {format_tag.replace('-', ' ')} manifest (format {obj.get('format')!r}); {fix}"
+        )
     if version is not None:
         found = obj.get("format_version")
         if not isinstance(found, int) or isinstance(found, bool):
             raise error(f"{path} has no integer format_version; {fix}")
         if found > version:
-            raise error(f"{path}: format {found} is newer than this mssan_infer reads ({version}); upgrade mssan_infer")
+            raise error(
+                f"{path}: format {found} is newer than this mssan_infer reads ({version}); upgrade "
+                "mssan_infer"
+            )
         if found < version:
             raise error(f"{path}: format {found} is older than this mssan_infer reads ({version}); {fix}")
     return obj

@@ -3,14 +3,26 @@
 Everything that two parts of MSSAN must spell the same way (export and the runtime,
 the runtime and the Triton ``retriever`` model) is named here.
 """
+
 from __future__ import annotations
 
 __all__ = [
-    "FORMAT_VERSION", "MANIFEST_FILE", "VOCAB_FILE",
-    "INDEX_FORMAT", "INDEX_FORMAT_VERSION", "INDEX_MANIFEST",
-    "IMAGES", "TEXTS", "GALLERIES",
-    "TENSORRT_KEY", "LIMITS_KEY", "plan_name",
-    "BUNDLE_ID_PARAM", "RUNTIME_PACKAGE", "RETRIEVER_TOKENIZER", "SCORER_LIMITS_PARAM",
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "VOCAB_FILE",
+    "INDEX_FORMAT",
+    "INDEX_FORMAT_VERSION",
+    "INDEX_MANIFEST",
+    "IMAGES",
+    "TEXTS",
+    "GALLERIES",
+    "TENSORRT_KEY",
+    "LIMITS_KEY",
+    "plan_name",
+    "BUNDLE_ID_PARAM",
+    "RUNTIME_PACKAGE",
+    "RETRIEVER_TOKENIZER",
+    "SCORER_LIMITS_PARAM",
 ]
 
 # ---- bundle (``python -m export``) -------------------------------------------------
@@ -22,21 +34,22 @@ VOCAB_FILE = "vocab.json"
 INDEX_FORMAT = "mssan-index"
 INDEX_FORMAT_VERSION = 2
 INDEX_MANIFEST = "index.json"
-IMAGES, TEXTS = "images", "texts"       # the image gallery (searched by text) and the caption gallery
+IMAGES, TEXTS = "images", "texts"  # the image gallery (searched by text) and the caption gallery
 GALLERIES = {IMAGES: "image gallery (searched by text)", TEXTS: "caption gallery (searched by images)"}
 
 # ---- TensorRT engines in a bundle ---------------------------------------------------
-TENSORRT_KEY = "tensorrt"               # the manifest's engine record
-LIMITS_KEY = "limits"                   # in it: the engines' maxima per axis {B, R, L, Ni, Nt}
+TENSORRT_KEY = "tensorrt"  # the manifest's engine record
+LIMITS_KEY = "limits"  # in it: the engines' maxima per axis {B, R, L, Ni, Nt}
 
 
 def plan_name(graph: str, precision: str) -> str:
-    """Bundle-relative file of an engine: ``tensorrt/<graph>.plan`` (fp32) or ``tensorrt/<graph>.fp16.plan``."""
+    """Bundle-relative file of an engine: ``tensorrt/<graph>.plan`` (fp32) or
+    ``tensorrt/<graph>.fp16.plan``."""
     return f"tensorrt/{graph}.plan" if precision == "fp32" else f"tensorrt/{graph}.{precision}.plan"
 
 
 # ---- Triton model repository --------------------------------------------------------
-BUNDLE_ID_PARAM = "mssan_bundle_id"     # config.pbtxt parameter naming the bundle a model serves
+BUNDLE_ID_PARAM = "mssan_bundle_id"  # config.pbtxt parameter naming the bundle a model serves
 RUNTIME_PACKAGE = "mssan_infer"  # the runtime package, copied beside the models' model.py
 RETRIEVER_TOKENIZER = "tokenizer.json"  # the retriever's tokenizer settings and vocabulary
-SCORER_LIMITS_PARAM = "scorer_limits"   # retriever parameter: JSON {"Ni","Nt","R","L"} maxima ({}: none)
+SCORER_LIMITS_PARAM = "scorer_limits"  # retriever parameter: JSON {"Ni","Nt","R","L"} maxima ({}: none)

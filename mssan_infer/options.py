@@ -51,12 +51,17 @@ class Device(str):
     __slots__ = ()
 
     def __new__(cls, kind: str, ordinal: int = 0) -> "Device":
-        if kind not in DEVICE_KINDS or not isinstance(ordinal, int) or isinstance(ordinal, bool) or ordinal < 0 \
-                or (kind == "cpu" and ordinal):
+        if (
+            kind not in DEVICE_KINDS
+            or not isinstance(ordinal, int)
+            or isinstance(ordinal, bool)
+            or ordinal < 0
+            or (kind == "cpu" and ordinal)
+        ):
             raise InputError(f"device must be 'cpu' or 'cuda[:N]', got kind {kind!r} ordinal {ordinal!r}")
         return super().__new__(cls, "cpu" if kind == "cpu" else f"cuda:{ordinal}")
 
-    def __getnewargs__(self) -> tuple[str, int]:      # type: ignore[override]
+    def __getnewargs__(self) -> tuple[str, int]:  # type: ignore[override]
         return self.kind, self.ordinal
 
     @property
@@ -101,7 +106,9 @@ def _flag(name: str, v: Any) -> None:
 
 def _seconds(name: str, v: Any, *, zero: bool = False) -> None:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and not zero):
-        raise InputError(f"{name} must be a {'non-negative' if zero else 'positive'} number of seconds, got {v!r}")
+        raise InputError(
+            f"{name} must be a {'non-negative' if zero else 'positive'} number of seconds, got {v!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,9 @@ class Stage1Options:
     @property
     def faiss(self) -> dict[str, int]:
         """The FAISS settings given (``nlist``, ``nprobe``, ``M``, ``ef_search``)."""
-        return {k: int(v) for k in ("nlist", "nprobe", "M", "ef_search") if (v := getattr(self, k)) is not None}
+        return {
+            k: int(v) for k in ("nlist", "nprobe", "M", "ef_search") if (v := getattr(self, k)) is not None
+        }
 
 
 @dataclass(frozen=True)
@@ -263,7 +272,9 @@ class OnnxRuntimeOptions(BackendOptions):
         super().__post_init__()
         _positive("inter_op_threads", self.inter_op_threads, optional=True)
         if self.graph_optimization not in OPT_LEVELS:
-            raise InputError(f"graph_optimization must be one of {OPT_LEVELS}, got {self.graph_optimization!r}")
+            raise InputError(
+                f"graph_optimization must be one of {OPT_LEVELS}, got {self.graph_optimization!r}"
+            )
         for g, n in (self.graph_threads or {}).items():
             _positive(f"graph_threads[{g!r}]", n)
         _flag("allow_spinning", self.allow_spinning)

@@ -6,6 +6,7 @@ Stage 1 ranks a gallery by the inner product of stage-1 vectors (exactly
 PyTorch model's ``score`` (DESIGN §2). Text queries search the image gallery,
 image queries the caption gallery.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,24 +20,24 @@ from typing import Any, Iterable, Literal, Mapping, Sequence, Union
 
 import numpy as np
 
-from mssan_infer.backends.base import Backend
-from mssan_infer.backends import backend_options, create_backend
-from mssan_infer.bundle import BUNDLE_FILES, Bundle, check_index_bundle, load_bundle, tokenizer_from_bundle
 from mssan_infer import checks
+from mssan_infer.backends import backend_options, create_backend
+from mssan_infer.backends.base import Backend
+from mssan_infer.bundle import BUNDLE_FILES, Bundle, check_index_bundle, load_bundle, tokenizer_from_bundle
+from mssan_infer.errors import InputError
 from mssan_infer.gallery.base import Gallery, GalleryView, ItemId, extent, raise_colliding
 from mssan_infer.gallery.filters import parse_where
-from mssan_infer.names import IMAGES, TEXTS
-from mssan_infer.gallery.memory import MemoryGallery
-from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
-from mssan_infer.qdrant.gallery import QdrantGallery, open_qdrant_galleries
-from mssan_infer.search import Encoded, ScorerLimits, search
 from mssan_infer.gallery.folder import load_index, save_index
-from mssan_infer.text.base import TextTokenizer
-from mssan_infer.errors import InputError
-from mssan_infer.options import BackendOptions, GalleryOptions, SearchOptions
+from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.images.encoder import PixelEncoder, has_pixel_graph, pixel_sources
 from mssan_infer.images.preprocess import ImageSource
+from mssan_infer.names import IMAGES, TEXTS
+from mssan_infer.options import BackendOptions, GalleryOptions, SearchOptions
 from mssan_infer.progress import batches
+from mssan_infer.qdrant.gallery import QdrantGallery, open_qdrant_galleries
+from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
+from mssan_infer.search import Encoded, ScorerLimits, search
+from mssan_infer.text.base import TextTokenizer
 
 __all__ = ["Retriever", "Hit", "ImageInput"]
 
@@ -84,17 +85,20 @@ class Retriever:
         self.scorer_batch = opts.scorer_batch
         # copying the reranked candidates out of the gallery is bound by one thread's memory reads:
         # more threads fetch more rows at once
-        self.gather_threads = opts.gather_threads if opts.gather_threads is not None else min(4, os.cpu_count() or 1)
+        self.gather_threads = (
+            opts.gather_threads if opts.gather_threads is not None else min(4, os.cpu_count() or 1)
+        )
         self._gather_pool: ThreadPoolExecutor | None = None
         self._gather_pid = os.getpid()
         self._gather_pool_lock = threading.Lock()
         for name, g in ((IMAGES, images), (TEXTS, texts)):
             if g.stage1_dim != 2 * self.embed_size or g.local_dim != self.embed_size:
                 raise InputError(
-                    f"{name} gallery has dims (2D={g.stage1_dim}, D={g.local_dim}) but the bundle has D={self.embed_size}"
+                    f"{name} gallery has dims (2D={g.stage1_dim}, D={g.local_dim}) but the bundle has "
+                    f"D={self.embed_size}"
                 )
         self._galleries: dict[str, Gallery] = {IMAGES: images, TEXTS: texts}
-        self._pixels = PixelEncoder(bundle, backend, self.embed_size)     # its session is made on first use
+        self._pixels = PixelEncoder(bundle, backend, self.embed_size)  # its session is made on first use
 
     # ---- construction -------------------------------------------------------
     @classmethod
@@ -130,7 +134,7 @@ class Retriever:
             BackendUnavailableError: the backend's package is not installed.
             InputError: unknown backend name or bad option.
         """
-        _, backend_opts = backend_options(backend)          # checked before anything is loaded
+        _, backend_opts = backend_options(backend)  # checked before anything is loaded
         b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         tokenizer = tokenizer_from_bundle(b)
         d = b.manifest.embed_size
@@ -155,7 +159,13 @@ class Retriever:
         if search.gather_threads is None and backend_opts.threads is not None:
             search = dataclasses.replace(search, gather_threads=backend_opts.threads)
         r = cls(b, be, tokenizer, images, texts, search)
-        log.info("retriever ready: bundle %s (%s), %d images, %d texts", b.root, b.bundle_id, len(images), len(texts))
+        log.info(
+            "retriever ready: bundle %s (%s), %d images, %d texts",
+            b.root,
+            b.bundle_id,
+            len(images),
+            len(texts),
+        )
         return r
 
     # ---- properties -----------------------------------------------------------
@@ -239,11 +249,13 @@ class Retriever:
         n, r = m.shape
         d = self.embed_size
         out = Encoded(
-            np.zeros((n, 2 * d), np.float32), np.zeros((n, r, d), np.float32),
-            m.astype(np.float32, copy=True), np.zeros((n, r, r), np.float32),
+            np.zeros((n, 2 * d), np.float32),
+            np.zeros((n, r, d), np.float32),
+            m.astype(np.float32, copy=True),
+            np.zeros((n, r, r), np.float32),
         )
         for a, b in batches(n, self.batch_size, "encode images", progress):
-            w = max(1, extent(m[a:b]))                      # trim the batch's padding
+            w = max(1, extent(m[a:b]))  # trim the batch's padding
             res = self.backend.run("image_encoder", {"regions": regions[a:b, :w], "region_mask": m[a:b, :w]})
             out.stage1[a:b] = res["img_stage1"]
             out.local[a:b, :w] = res["img_local"]
@@ -280,8 +292,10 @@ class Retriever:
         d = self.embed_size
         lmax = max([1] + [len(x) for x in ids])
         out = Encoded(
-            np.zeros((n, 2 * d), np.float32), np.zeros((n, lmax, d), np.float32),
-            np.zeros((n, lmax), np.float32), np.zeros((n, lmax, lmax), np.float32),
+            np.zeros((n, 2 * d), np.float32),
+            np.zeros((n, lmax, d), np.float32),
+            np.zeros((n, lmax), np.float32),
+            np.zeros((n, lmax, lmax), np.float32),
         )
         order = np.argsort([len(x) for x in ids], kind="stable")
         for a, b in batches(n, self.batch_size, "encode texts", progress):
@@ -328,8 +342,12 @@ class Retriever:
         return self.images.add(enc.stage1, enc.local, enc.mask, enc.gram, ids, metadata=metadata)
 
     def add_texts(
-        self, texts: str | Sequence[str] | Encoded, ids: Sequence[ItemId] | None = None, *,
-        metadata: Sequence[Mapping[str, Any] | None] | None = None, progress: bool = False,
+        self,
+        texts: str | Sequence[str] | Encoded,
+        ids: Sequence[ItemId] | None = None,
+        *,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        progress: bool = False,
     ) -> list[ItemId]:
         """Encode captions and append them to the caption gallery.
 
@@ -374,7 +392,9 @@ class Retriever:
             return
         both = [i for i in ids if i in self.images and i in self.texts]
         if both:
-            raise InputError(f"ids {both[:5]} are in both galleries; pass gallery='images' or gallery='texts'")
+            raise InputError(
+                f"ids {both[:5]} are in both galleries; pass gallery='images' or gallery='texts'"
+            )
         unknown = [i for i in ids if i not in self.images and i not in self.texts]
         if unknown:
             raise InputError(f"unknown ids {unknown[:5]}; nothing was removed")
@@ -390,7 +410,9 @@ class Retriever:
         """
         own = {name: g for name, g in self._galleries.items() if isinstance(g, MemoryGallery)}
         if len(own) != len(self._galleries):
-            raise InputError("these galleries live in Qdrant and persist on their own: call flush() instead of save()")
+            raise InputError(
+                "these galleries live in Qdrant and persist on their own: call flush() instead of save()"
+            )
         return save_index(path, own, bundle_id=self.bundle_id, extra={BUNDLE_FILES: self.bundle.id_files})
 
     def flush(self) -> None:
@@ -422,7 +444,8 @@ class Retriever:
             rerank: stage-1 candidates rescored by the scorer. ``0``: stage 1 only (final
                 score = stage-1 score); ``0 < rerank < k`` is raised to ``k``.
             where: only items whose metadata passes this filter, e.g. ``{"album": "x"}``,
-                ``{"album": ["x", "y"]}``, ``{"year": {"gte": 2000}}`` (see :mod:`mssan_infer.gallery.filters`).
+                ``{"album": ["x", "y"]}``, ``{"year": {"gte": 2000}}`` (see
+                :mod:`mssan_infer.gallery.filters`).
         Returns:
             Up to ``k`` :class:`Hit` sorted by decreasing final score.
         Raises:
@@ -433,18 +456,24 @@ class Retriever:
             raise InputError("give exactly one of text= (searches images) or image= (searches captions)")
         if text is not None:
             if not isinstance(text, str):
-                raise InputError(f"text must be a str, got {type(text).__name__}; use search_batch for several")
+                raise InputError(
+                    f"text must be a str, got {type(text).__name__}; use search_batch for several"
+                )
             return self.search_batch(texts=[text], k=k, rerank=rerank, where=where)[0]
         sources = pixel_sources(image)
         if sources is not None:
             if len(sources) != 1:
-                raise InputError(f"image= takes one image, got {len(sources)}; use search_batch(images=[...])")
+                raise InputError(
+                    f"image= takes one image, got {len(sources)}; use search_batch(images=[...])"
+                )
             return self.search_batch(images=sources, k=k, rerank=rerank, where=where)[0]  # type: ignore[arg-type]
         arr = np.asarray(image)
         if arr.ndim == 3 and arr.shape[0] == 1:
             arr = arr[0]
         if arr.ndim != 2:
-            raise InputError(f"image must be [R, {self.img_dim}] region features of one image, got shape {arr.shape}")
+            raise InputError(
+                f"image must be [R, {self.img_dim}] region features of one image, got shape {arr.shape}"
+            )
         return self.search_batch(images=[arr], k=k, rerank=rerank, where=where)[0]
 
     def search_batch(
@@ -470,7 +499,7 @@ class Retriever:
             InputError: as in :meth:`search`.
         """
         k, rerank = checks.check_k(k, rerank)
-        parse_where(where)                                   # refuse a malformed filter before encoding
+        parse_where(where)  # refuse a malformed filter before encoding
         if (texts is None) == (images is None):
             raise InputError("give exactly one of texts= (searches images) or images= (searches captions)")
         if texts is not None:
@@ -486,12 +515,21 @@ class Retriever:
             gallery, name = self.texts, TEXTS
             view = gallery.view()
             if view.n == 0:
-                raise InputError("the caption gallery is empty: add_texts(...) before searching with an image")
+                raise InputError(
+                    "the caption gallery is empty: add_texts(...) before searching with an image"
+                )
             q = self.encode_images(images, image_mask)
         return self._search_encoded(q, view, query_is_text=(name == IMAGES), k=k, rerank=rerank, where=where)
 
-    def search_encoded(self, query: Encoded, *, query_is_text: bool, k: int = 10, rerank: int = 100,
-                       where: Mapping[str, Any] | None = None) -> list[list[Hit]]:
+    def search_encoded(
+        self,
+        query: Encoded,
+        *,
+        query_is_text: bool,
+        k: int = 10,
+        rerank: int = 100,
+        where: Mapping[str, Any] | None = None,
+    ) -> list[list[Hit]]:
         """Search with queries already encoded (``query_is_text``: search the image gallery)."""
         k, rerank = checks.check_k(k, rerank)
         view = (self.images if query_is_text else self.texts).view()
@@ -500,16 +538,32 @@ class Retriever:
         return self._search_encoded(query, view, query_is_text=query_is_text, k=k, rerank=rerank, where=where)
 
     def _search_encoded(
-        self, q: Encoded, view: GalleryView, *, query_is_text: bool, k: int, rerank: int,
+        self,
+        q: Encoded,
+        view: GalleryView,
+        *,
+        query_is_text: bool,
+        k: int,
+        rerank: int,
         where: Mapping[str, Any] | None = None,
     ) -> list[list[Hit]]:
         ranked = search(
-            q, view, lambda feeds: self.backend.run("scorer", feeds)["s_ll"], query_is_text=query_is_text, k=k,
-            rerank=rerank, batch=self.scorer_batch, limits=self._scorer_limits(query_is_text),
-            executor=self._gatherer(), parts=self.gather_threads, where=where,
+            q,
+            view,
+            lambda feeds: self.backend.run("scorer", feeds)["s_ll"],
+            query_is_text=query_is_text,
+            k=k,
+            rerank=rerank,
+            batch=self.scorer_batch,
+            limits=self._scorer_limits(query_is_text),
+            executor=self._gatherer(),
+            parts=self.gather_threads,
+            where=where,
         )
-        return [[Hit(i, float(f), float(s)) for i, f, s in zip(view.ids_at(r.rows), r.score, r.stage1)]
-                for r in ranked]
+        return [
+            [Hit(i, float(f), float(s)) for i, f, s in zip(view.ids_at(r.rows), r.score, r.stage1)]
+            for r in ranked
+        ]
 
     def _scorer_limits(self, query_is_text: bool) -> ScorerLimits:
         """The backend's scorer limits (a TensorRT engine's profile maxima; none for ONNX Runtime)."""
@@ -522,6 +576,8 @@ class Retriever:
         with self._gather_pool_lock:
             # a forked child inherits the pool object but not its threads: make a new one there
             if self._gather_pool is None or self._gather_pid != os.getpid():
-                self._gather_pool = ThreadPoolExecutor(self.gather_threads - 1, thread_name_prefix="mssan-gather")
+                self._gather_pool = ThreadPoolExecutor(
+                    self.gather_threads - 1, thread_name_prefix="mssan-gather"
+                )
                 self._gather_pid = os.getpid()
             return self._gather_pool

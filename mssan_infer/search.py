@@ -6,6 +6,7 @@ the two rank identically, ties included: candidates come from the view's stage-1
 (ties by increasing row), the scorer sees them in that order and in the same batches,
 and the final order is by decreasing final score, ties by increasing row.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import Executor
@@ -14,11 +15,19 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from mssan_infer.gallery.base import GalleryView, extent
 from mssan_infer.errors import InputError
+from mssan_infer.gallery.base import GalleryView, extent
 
-__all__ = ["Encoded", "Ranked", "ScorerLimits", "ScoreFn", "EXHAUSTIVE_SHARD", "scorer_feeds", "search",
-           "rerank_scores"]
+__all__ = [
+    "Encoded",
+    "Ranked",
+    "ScorerLimits",
+    "ScoreFn",
+    "EXHAUSTIVE_SHARD",
+    "scorer_feeds",
+    "search",
+    "rerank_scores",
+]
 
 # scorer feeds (the scorer graph's six inputs) -> s_ll [Ni, Nt]
 ScoreFn = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -58,9 +67,9 @@ class Encoded:
 class Ranked:
     """One query's results: gallery rows best first, their final and stage-1 scores (float32)."""
 
-    rows: np.ndarray        # [k'] int64
-    score: np.ndarray       # [k'] stage-1 + s_ll (stage-1 alone when not reranked)
-    stage1: np.ndarray      # [k']
+    rows: np.ndarray  # [k'] int64
+    score: np.ndarray  # [k'] stage-1 + s_ll (stage-1 alone when not reranked)
+    stage1: np.ndarray  # [k']
 
 
 @dataclass(frozen=True)
@@ -89,47 +98,77 @@ class ScorerLimits:
 
 
 def scorer_feeds(
-    q_local: np.ndarray, q_mask: np.ndarray, q_gram: np.ndarray,
-    c_local: np.ndarray, c_mask: np.ndarray, c_gram: np.ndarray, *, query_is_text: bool,
+    q_local: np.ndarray,
+    q_mask: np.ndarray,
+    q_gram: np.ndarray,
+    c_local: np.ndarray,
+    c_mask: np.ndarray,
+    c_gram: np.ndarray,
+    *,
+    query_is_text: bool,
 ) -> dict[str, np.ndarray]:
     """The scorer graph's feeds for a query (one item) and candidates (``K`` items) of the other modality."""
     if query_is_text:
-        return {"img_local": c_local, "region_mask": c_mask, "img_gram": c_gram,
-                "txt_local": q_local, "token_mask": q_mask, "txt_gram": q_gram}
-    return {"img_local": q_local, "region_mask": q_mask, "img_gram": q_gram,
-            "txt_local": c_local, "token_mask": c_mask, "txt_gram": c_gram}
+        return {
+            "img_local": c_local,
+            "region_mask": c_mask,
+            "img_gram": c_gram,
+            "txt_local": q_local,
+            "token_mask": q_mask,
+            "txt_gram": q_gram,
+        }
+    return {
+        "img_local": q_local,
+        "region_mask": q_mask,
+        "img_gram": q_gram,
+        "txt_local": c_local,
+        "token_mask": c_mask,
+        "txt_gram": c_gram,
+    }
 
 
 def _check_length(width: int, limit: int | None, what: str, axis: str) -> None:
     if limit is not None and width > limit:
         raise InputError(
             f"{what} has {width} {'regions' if axis == 'R' else 'words'}, but the scorer takes at most "
-            f"{axis}={limit}; rebuild its engine with a larger profile (e.g. `--trt-profile {axis}=1,{limit},{width}`)"
+            f"{axis}={limit}; rebuild its engine with a larger profile (e.g. `--trt-profile "
+            f"{axis}=1,{limit},{width}`)"
         )
 
 
 def rerank_scores(
-    query: Encoded, qi: int, view: GalleryView, rows: np.ndarray, score: ScoreFn, *,
-    query_is_text: bool, batch: int, limits: ScorerLimits | None = None,
-    executor: Executor | None = None, parts: int = 1,
+    query: Encoded,
+    qi: int,
+    view: GalleryView,
+    rows: np.ndarray,
+    score: ScoreFn,
+    *,
+    query_is_text: bool,
+    batch: int,
+    limits: ScorerLimits | None = None,
+    executor: Executor | None = None,
+    parts: int = 1,
 ) -> np.ndarray:
-    """``s_ll`` of query ``qi`` against gallery ``rows``, in batches of at most ``batch`` -> ``[K]`` float32."""
+    """``s_ll`` of query ``qi`` against gallery ``rows``, in batches of at most ``batch`` -> ``[K]``
+    float32."""
     limits = limits or ScorerLimits()
     q_axis, c_axis = ("L", "R") if query_is_text else ("R", "L")
     q_limit, c_limit = (limits.words, limits.regions) if query_is_text else (limits.regions, limits.words)
     width = max(1, extent(query.mask[qi : qi + 1]))
     _check_length(width, q_limit, "the query", q_axis)
-    q_local = query.local[qi : qi + 1, :width]                                     # [1, P, D]
+    q_local = query.local[qi : qi + 1, :width]  # [1, P, D]
     q_mask = query.mask[qi : qi + 1, :width]
     q_gram = query.gram[qi : qi + 1, :width, :width]
     step = max(1, min(batch, limits.items or batch))
     out = np.empty(len(rows), np.float32)
     for a in range(0, len(rows), step):
         b = min(len(rows), a + step)
-        c_local, c_mask, c_gram = view.gather(rows[a:b], executor, parts)          # [K, P', D] ...
+        c_local, c_mask, c_gram = view.gather(rows[a:b], executor, parts)  # [K, P', D] ...
         _check_length(c_local.shape[1], c_limit, "a gallery item", c_axis)
-        s_ll = score(scorer_feeds(q_local, q_mask, q_gram, c_local, c_mask, c_gram, query_is_text=query_is_text))
-        out[a:b] = s_ll[:, 0] if query_is_text else s_ll[0, :]                    # [K, 1] or [1, K]
+        s_ll = score(
+            scorer_feeds(q_local, q_mask, q_gram, c_local, c_mask, c_gram, query_is_text=query_is_text)
+        )
+        out[a:b] = s_ll[:, 0] if query_is_text else s_ll[0, :]  # [K, 1] or [1, K]
     return out
 
 
@@ -165,7 +204,7 @@ def search(
         One :class:`Ranked` per query, at most ``k`` rows each.
     """
     depth = max(k, rerank) if rerank > 0 else k
-    rows, s1 = view.topk(query.stage1, depth, where) if where else view.topk(query.stage1, depth)   # [Q, K]
+    rows, s1 = view.topk(query.stage1, depth, where) if where else view.topk(query.stage1, depth)  # [Q, K]
     # Exhaustive (every item reranked): score the gallery in storage order, in shards of consecutive
     # rows that the view hands over without copying, then look the scores up in stage-1 order.
     exhaustive = rerank > 0 and depth >= view.n and not where
@@ -175,11 +214,31 @@ def search(
         r, s = rows[qi], s1[qi]
         if rerank > 0 and len(r):
             if exhaustive:
-                s_ll = rerank_scores(query, qi, view, storage_order, score, query_is_text=query_is_text,
-                                     batch=max(batch, EXHAUSTIVE_SHARD), limits=limits, executor=executor, parts=parts)[r]
+                s_ll = rerank_scores(
+                    query,
+                    qi,
+                    view,
+                    storage_order,
+                    score,
+                    query_is_text=query_is_text,
+                    batch=max(batch, EXHAUSTIVE_SHARD),
+                    limits=limits,
+                    executor=executor,
+                    parts=parts,
+                )[r]
             else:
-                s_ll = rerank_scores(query, qi, view, r, score, query_is_text=query_is_text, batch=batch,
-                                     limits=limits, executor=executor, parts=parts)
+                s_ll = rerank_scores(
+                    query,
+                    qi,
+                    view,
+                    r,
+                    score,
+                    query_is_text=query_is_text,
+                    batch=batch,
+                    limits=limits,
+                    executor=executor,
+                    parts=parts,
+                )
             final = s + s_ll
             order = np.lexsort((r, -final))[:k]
         else:

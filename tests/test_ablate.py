@@ -1,5 +1,6 @@
 """``python -m training ablate``: every subset of the levels retrained, fixed-margin and fixed-weight rows,
 eval-time rows."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,18 @@ def ablation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
 
     root = tmp_path_factory.mktemp("ablate")
     data = generate(root / "data", images=80, seed=2, **SMALL)
-    args = ["ablate", "--data", str(data), "--out", str(root / "runs"), "--epochs", "1", "--rerank", "5", "--no-progress"]
+    args = [
+        "ablate",
+        "--data",
+        str(data),
+        "--out",
+        str(root / "runs"),
+        "--epochs",
+        "1",
+        "--rerank",
+        "5",
+        "--no-progress",
+    ]
     for s in SETS:
         args += ["--set", s]
     assert main(args) == 0
@@ -28,8 +40,20 @@ def ablation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
 def test_ablation_retrains_seven_subsets_a_fixed_margin_and_scores_each_level_alone(ablation) -> None:  # type: ignore[no-untyped-def]
     _, runs, res = ablation
     names = [r["name"] for r in res["rows"]]
-    assert names == ["gg", "gl", "ll", "gg+gl", "gg+ll", "gl+ll", "gg+gl+ll", "gg+gl+ll fixed margin",
-                     "gg+gl+ll fixed weights", "gg+gl+ll scored with gg only", "gg+gl+ll scored with gl only", "gg+gl+ll scored with ll only"]
+    assert names == [
+        "gg",
+        "gl",
+        "ll",
+        "gg+gl",
+        "gg+ll",
+        "gl+ll",
+        "gg+gl+ll",
+        "gg+gl+ll fixed margin",
+        "gg+gl+ll fixed weights",
+        "gg+gl+ll scored with gg only",
+        "gg+gl+ll scored with gl only",
+        "gg+gl+ll scored with ll only",
+    ]
     for r in res["rows"][:7]:
         present = set(r["name"].split("+"))
         # absent levels are weighted 0 in the retrained model; present ones are not
@@ -69,8 +93,9 @@ def test_eval_time_rows_equal_the_full_checkpoint_scored_with_one_term(ablation)
     rows = {r["name"]: r for r in res["rows"]}
     with torch.inference_mode():
         for t in ("gg", "ll"):
-            rep = evaluate_split(ck.model, test.images, test.region_mask, test.captions, ck.tokenizer,
-                                 rerank=0, terms=(t,))["exhaustive"]
+            rep = evaluate_split(
+                ck.model, test.images, test.region_mask, test.captions, ck.tokenizer, rerank=0, terms=(t,)
+            )["exhaustive"]
             assert rows[f"gg+gl+ll scored with {t} only"]["rsum"] == pytest.approx(rep["rsum"])
         full = evaluate_split(ck.model, test.images, test.region_mask, test.captions, ck.tokenizer, rerank=5)
     assert rows["gg+gl+ll"]["rsum"] == pytest.approx(full["exhaustive"]["rsum"])
@@ -91,10 +116,17 @@ def test_a_second_ablation_reuses_finished_runs_and_retrains_changed_ones(ablati
     monkeypatch.setattr(training.train, "train", counting)
     spec_file = runs / "gl" / "ablate_run.json"
     spec = json.loads(spec_file.read_text())
-    spec["epochs"] = 7                                           # as if gl had been run with other settings
+    spec["epochs"] = 7  # as if gl had been run with other settings
     spec_file.write_text(json.dumps(spec))
-    again = ablate(data, runs, epochs=1, rerank=5, model_overrides=dict(embed_size=32, word_dim=16),
-                   train_overrides=dict(batch_size=50, lr=3e-3), progress=False)
+    again = ablate(
+        data,
+        runs,
+        epochs=1,
+        rerank=5,
+        model_overrides=dict(embed_size=32, word_dim=16),
+        train_overrides=dict(batch_size=50, lr=3e-3),
+        progress=False,
+    )
     assert calls == ["gl"]
     same = [r["rsum"] for r in again["rows"] if r["name"] != "gl"]
     assert same == [r["rsum"] for r in first["rows"] if r["name"] != "gl"]

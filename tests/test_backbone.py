@@ -1,4 +1,5 @@
 """training.backbone: torchvision-layout ResNets, their feature grid, strict weight loading."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,14 +9,21 @@ import torch
 from safetensors.torch import save_file
 
 from mssan_infer.errors import InputError
-from training.backbone import BACKBONES, BackboneSpec, ResNetBackbone, build_backbone, grid_side, load_backbone_weights
+from training.backbone import (
+    BACKBONES,
+    BackboneSpec,
+    ResNetBackbone,
+    build_backbone,
+    grid_side,
+    load_backbone_weights,
+)
 
 TORCHVISION_PARAMS = {"resnet50": 25_557_032, "resnet101": 44_549_160, "resnet152": 60_192_808}
-TORCHVISION_KEYS = {"resnet50": 320, "resnet101": 626, "resnet152": 932}     # len(state_dict()) incl. BN buffers
+TORCHVISION_KEYS = {"resnet50": 320, "resnet101": 626, "resnet152": 932}  # len(state_dict()) incl. BN buffers
 
 
 def _meta(name: str) -> ResNetBackbone:
-    with torch.device("meta"):                      # shapes only: no 240 MB allocation for resnet152
+    with torch.device("meta"):  # shapes only: no 240 MB allocation for resnet152
         return ResNetBackbone(BACKBONES[name])
 
 
@@ -31,9 +39,9 @@ def test_resnet50_keys_and_shapes_follow_torchvision_v1_5() -> None:
     sd = {k: tuple(v.shape) for k, v in _meta("resnet50").state_dict().items()}
     assert sd["conv1.weight"] == (64, 3, 7, 7)
     assert sd["bn1.running_var"] == (64,) and "bn1.num_batches_tracked" in sd
-    assert sd["layer1.0.downsample.0.weight"] == (256, 64, 1, 1)       # projection even at stride 1
+    assert sd["layer1.0.downsample.0.weight"] == (256, 64, 1, 1)  # projection even at stride 1
     assert sd["layer1.0.downsample.1.running_mean"] == (256,)
-    assert sd["layer2.0.conv1.weight"] == (128, 256, 1, 1)              # stride on the 3x3 (v1.5) ...
+    assert sd["layer2.0.conv1.weight"] == (128, 256, 1, 1)  # stride on the 3x3 (v1.5) ...
     assert sd["layer2.0.conv2.weight"] == (128, 128, 3, 3)
     assert sd["layer4.0.downsample.0.weight"] == (2048, 1024, 1, 1)
     assert sd["layer4.2.conv3.weight"] == (2048, 512, 1, 1)
@@ -56,7 +64,7 @@ def test_forward_returns_row_major_grid_regions() -> None:
     with torch.inference_mode():
         regions, fmap = net(x), net.feature_map(x)
     assert fmap.shape == (2, 256, 3, 2) and regions.shape == (2, 6, 256)
-    assert torch.equal(regions[:, 1], fmap[:, :, 0, 1])       # cell (row 0, col 1) is region 1
+    assert torch.equal(regions[:, 1], fmap[:, :, 0, 1])  # cell (row 0, col 1) is region 1
     assert torch.equal(regions[:, 2], fmap[:, :, 1, 0])
 
 

@@ -12,6 +12,7 @@ numpy, onnxruntime, json or OS exception. Policy decisions the rows pin down:
   ``Tokenizer.encode``), with a logged warning; ``bytes`` captions are refused (decode them first).
 - ``remove`` with an id twice removes it once.
 """
+
 from __future__ import annotations
 
 import io
@@ -27,15 +28,21 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from mssan_infer import (
+    BackendOptions,
+    GalleryOptions,
+    Layout,
+    OnnxRuntimeOptions,
+    Retriever,
+    SearchOptions,
+    Stage1Options,
+)
+from mssan_infer.errors import BundleError, IndexFileError, InputError, MssanError
 from mssan_infer.names import INDEX_FORMAT_VERSION
 
-from mssan_infer import Retriever
-from mssan_infer.errors import BundleError, IndexFileError, InputError, MssanError
-from mssan_infer import BackendOptions, GalleryOptions, Layout, OnnxRuntimeOptions, SearchOptions, Stage1Options
-
 ROOT = Path(__file__).resolve().parents[1]
-DV = 24          # the tiny model's region feature size (conftest)
-MAX_LEN = 32     # the tiny model's tokenizer max_len (conftest)
+DV = 24  # the tiny model's region feature size (conftest)
+MAX_LEN = 32  # the tiny model's tokenizer max_len (conftest)
 
 
 # ---- fixtures ----------------------------------------------------------------------------
@@ -44,8 +51,10 @@ def retriever(tiny_bundle: Path) -> Retriever:
     r = Retriever.load(tiny_bundle)
     rng = np.random.default_rng(0)
     r.add_images(rng.normal(size=(6, 5, DV)).astype(np.float32), ids=[f"img{i}" for i in range(6)])
-    r.add_texts(["a red dog on the beach", "a blue ball near a tree", "a man in the street"], ids=["c0", "c1", "c2"])
-    r.add_texts(["a cat"], ids=["img0"])          # an id present in both galleries
+    r.add_texts(
+        ["a red dog on the beach", "a blue ball near a tree", "a man in the street"], ids=["c0", "c1", "c2"]
+    )
+    r.add_texts(["a cat"], ids=["img0"])  # an id present in both galleries
     return r
 
 
@@ -100,9 +109,13 @@ ADD_IMAGES: list[Any] = [
     pytest.param(dict(feats=_feats(), mask=np.zeros((2, 4), np.float32)), "no regions", id="mask-all-zero"),
     pytest.param(dict(feats=_feats(), mask=np.full((2, 4), np.nan, np.float32)), "mask", id="mask-nan"),
     pytest.param(dict(feats=_feats(), mask=np.full((2, 4), 0.5, np.float32)), "mask", id="mask-not-0-1"),
-    pytest.param(dict(feats=[_feats()[0]], mask=np.ones((1, 4))), "mask is only accepted", id="mask-with-list"),
+    pytest.param(
+        dict(feats=[_feats()[0]], mask=np.ones((1, 4))), "mask is only accepted", id="mask-with-list"
+    ),
     pytest.param(dict(feats=_feats(), ids=["a", "a"]), "duplicate", id="duplicate-ids"),
-    pytest.param(dict(feats=_feats(), ids=["img0", "new"]), "already in the gallery", id="id-already-present"),
+    pytest.param(
+        dict(feats=_feats(), ids=["img0", "new"]), "already in the gallery", id="id-already-present"
+    ),
     pytest.param(dict(feats=_feats(), ids=["a"]), "1 ids for 2 items", id="too-few-ids"),
     pytest.param(dict(feats=_feats(), ids=["a", "b", "c"]), "3 ids for 2 items", id="too-many-ids"),
     pytest.param(dict(feats=_feats(), ids="ab"), "not a single string", id="ids-a-string"),
@@ -159,7 +172,7 @@ def test_a_caption_longer_than_max_len_is_truncated_as_in_training_with_a_warnin
     from training.checkpoint import load_model
 
     _, train_tok = load_model(tiny_checkpoint)
-    long = " ".join(["red dog"] * MAX_LEN + ["blue ball"] * 5)           # 2*MAX_LEN + 10 words
+    long = " ".join(["red dog"] * MAX_LEN + ["blue ball"] * 5)  # 2*MAX_LEN + 10 words
     with caplog.at_level(logging.WARNING):
         ids = retriever.tokenize([long])[0]
     assert any("truncated" in r.getMessage() and str(MAX_LEN) in r.getMessage() for r in caplog.records)
@@ -198,7 +211,9 @@ SEARCH: list[Any] = [
 
 
 @pytest.mark.parametrize("kwargs, match", SEARCH)
-def test_search_refuses_bad_input_with_a_typed_error(retriever: Retriever, kwargs: dict[str, Any], match: str) -> None:
+def test_search_refuses_bad_input_with_a_typed_error(
+    retriever: Retriever, kwargs: dict[str, Any], match: str
+) -> None:
     _expect(lambda: retriever.search(**kwargs), InputError, match)
 
 
@@ -209,7 +224,9 @@ def test_search_on_an_empty_gallery_says_what_to_add(tiny_bundle: Path) -> None:
 
 
 @pytest.mark.parametrize("k, rerank", [(100, 100), (100, 0), (100, 3), (2, 1000), (6, 6)])
-def test_k_and_rerank_above_the_gallery_size_return_every_item(retriever: Retriever, k: int, rerank: int) -> None:
+def test_k_and_rerank_above_the_gallery_size_return_every_item(
+    retriever: Retriever, k: int, rerank: int
+) -> None:
     hits = retriever.search(text="a red dog", k=k, rerank=rerank)
     assert len(hits) == min(k, retriever.n_images)
     exhaustive = retriever.search(text="a red dog", k=retriever.n_images, rerank=retriever.n_images)
@@ -323,6 +340,7 @@ def test_save_refuses_a_read_only_parent_with_a_typed_error(
     if os.geteuid() != 0:
         (tmp_path / "ro").chmod(0o500)
     else:  # root ignores directory permissions: make the temp-folder creation fail as it would
+
         def denied(*args: Any, **kwargs: Any) -> str:
             raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
 
@@ -348,6 +366,7 @@ def _edit_manifest(fn: Callable[[dict[str, Any]], None]) -> Callable[[Path], Non
         m = _manifest(root)
         fn(m)
         _set_manifest(root, m)
+
     return edit
 
 
@@ -355,6 +374,7 @@ def _truncate(name: str) -> Callable[[Path], None]:
     def edit(root: Path) -> None:
         data = (root / name).read_bytes()
         (root / name).write_bytes(data[: len(data) // 2])
+
     return edit
 
 
@@ -363,6 +383,7 @@ def _flip_byte(name: str) -> Callable[[Path], None]:
         data = bytearray((root / name).read_bytes())
         data[len(data) // 2] ^= 0x01
         (root / name).write_bytes(bytes(data))
+
     return edit
 
 
@@ -495,10 +516,18 @@ def _other_tokenizer(m: dict[str, Any]) -> None:
 BUNDLES: list[Any] = [
     pytest.param(lambda root: shutil.rmtree(root), "does not exist", id="missing-folder"),
     pytest.param(_remove("manifest.json"), "manifest.json", id="missing-manifest"),
-    pytest.param(lambda root: (root / "manifest.json").write_text("{not json"), "not valid JSON", id="manifest-not-json"),
+    pytest.param(
+        lambda root: (root / "manifest.json").write_text("{not json"),
+        "not valid JSON",
+        id="manifest-not-json",
+    ),
     pytest.param(_truncate("manifest.json"), "not valid JSON", id="manifest-truncated"),
-    pytest.param(lambda root: (root / "manifest.json").write_bytes(b"\xff\xfe{}"), "manifest", id="manifest-not-utf8"),
-    pytest.param(lambda root: (root / "manifest.json").write_text("[1, 2]"), "JSON object", id="manifest-a-list"),
+    pytest.param(
+        lambda root: (root / "manifest.json").write_bytes(b"\xff\xfe{}"), "manifest", id="manifest-not-utf8"
+    ),
+    pytest.param(
+        lambda root: (root / "manifest.json").write_text("[1, 2]"), "JSON object", id="manifest-a-list"
+    ),
     pytest.param(_remove("scorer.onnx"), "missing", id="missing-graph"),
     pytest.param(_remove("vocab.json"), "missing", id="missing-vocab"),
     pytest.param(_truncate("scorer.onnx"), "sha256", id="truncated-graph"),
@@ -543,7 +572,11 @@ def test_fp16_precision_from_a_bundle_without_fp16_graphs_says_how_to_export_the
     root = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, root)
     _edit_manifest(lambda m: m.pop("fp16_graphs"))(root)
-    _expect(lambda: Retriever.load(root, OnnxRuntimeOptions(precision="fp16")), BundleError, "python -m export --fp16")
+    _expect(
+        lambda: Retriever.load(root, OnnxRuntimeOptions(precision="fp16")),
+        BundleError,
+        "python -m export --fp16",
+    )
 
 
 def _index_manifest(root: Path) -> dict[str, Any]:
@@ -555,6 +588,7 @@ def _edit_index(fn: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
         m = _index_manifest(root)
         fn(m)
         (root / "index.json").write_text(json.dumps(m))
+
     return edit
 
 
@@ -574,6 +608,7 @@ def _index_file_outside(kind: str) -> Callable[[Path], None]:
         m["galleries"]["images"]["files"]["stage1"] = new
         m["files"][new] = m["files"].pop(name)
         (root / "index.json").write_text(json.dumps(m))
+
     return edit
 
 
@@ -613,6 +648,7 @@ def _not_index(m: dict[str, Any]) -> None:
 def _index_file(gallery: str, array: str, fn: Callable[[Path], None]) -> Callable[[Path], None]:
     def edit(root: Path) -> None:
         fn(root / f"{gallery}_{array}.npy" if array != "ids" else root / f"{gallery}_ids.json")
+
     return edit
 
 
@@ -629,9 +665,13 @@ def _flip_file(p: Path) -> None:
 INDEXES: list[Any] = [
     pytest.param(lambda root: shutil.rmtree(root), "not an mssan index", id="missing-folder"),
     pytest.param(_remove("index.json"), "not an mssan index", id="missing-manifest"),
-    pytest.param(lambda root: (root / "index.json").write_text("{"), "not valid JSON", id="manifest-not-json"),
+    pytest.param(
+        lambda root: (root / "index.json").write_text("{"), "not valid JSON", id="manifest-not-json"
+    ),
     pytest.param(_truncate("index.json"), "not valid JSON", id="manifest-truncated"),
-    pytest.param(lambda root: (root / "index.json").write_bytes(b"\xff\xfe"), "index.json", id="manifest-not-utf8"),
+    pytest.param(
+        lambda root: (root / "index.json").write_bytes(b"\xff\xfe"), "index.json", id="manifest-not-utf8"
+    ),
     pytest.param(_edit_index(_not_index), "not an mssan index", id="other-format"),
     pytest.param(_edit_index(_index_newer), "newer", id="newer-format"),
     pytest.param(_edit_index(_other_bundle), "built with bundle", id="made-with-another-bundle"),
@@ -678,18 +718,32 @@ LOAD_OPTIONS: list[Any] = [
     pytest.param(dict(stage1="annoy"), InputError, "stage1", id="unknown-stage1"),
     pytest.param(dict(layout=("float32", "int4")), InputError, "local='int4'", id="unknown-local-dtype"),
     pytest.param(dict(layout="int4"), InputError, "layout", id="unknown-layout"),
-    pytest.param(dict(layout="int8", stage1="faiss-ivf"), InputError, "scans its own", id="layout-with-faiss-ivf"),
+    pytest.param(
+        dict(layout="int8", stage1="faiss-ivf"), InputError, "scans its own", id="layout-with-faiss-ivf"
+    ),
     pytest.param(dict(batch_size=0), InputError, "batch_size", id="batch-size-zero"),
     pytest.param(dict(scorer_batch=-1), InputError, "scorer_batch", id="scorer-batch-negative"),
     pytest.param(dict(gather_threads=0), InputError, "gather_threads", id="gather-threads-zero"),
     pytest.param(dict(gather_threads=1.5), InputError, "gather_threads", id="gather-threads-float"),
     pytest.param(dict(allow_spinning="no"), InputError, "allow_spinning", id="allow-spinning-str"),
-    pytest.param(dict(session_config={"session.force_spinning_stop": 1}), InputError, "session_config",
-                 id="session-config-int-value"),
-    pytest.param(dict(session_config=["session.force_spinning_stop"]), InputError, "session_config",
-                 id="session-config-list"),
-    pytest.param(dict(graph_optimization="max"), InputError, "graph_optimization", id="unknown-ort-option-value"),
-    pytest.param(dict(backend=BackendOptions()), InputError, "names no registered backend", id="options-of-no-backend"),
+    pytest.param(
+        dict(session_config={"session.force_spinning_stop": 1}),
+        InputError,
+        "session_config",
+        id="session-config-int-value",
+    ),
+    pytest.param(
+        dict(session_config=["session.force_spinning_stop"]),
+        InputError,
+        "session_config",
+        id="session-config-list",
+    ),
+    pytest.param(
+        dict(graph_optimization="max"), InputError, "graph_optimization", id="unknown-ort-option-value"
+    ),
+    pytest.param(
+        dict(backend=BackendOptions()), InputError, "names no registered backend", id="options-of-no-backend"
+    ),
 ]
 
 _BACKEND = {"device", "threads", "precision", "allow_spinning", "session_config", "graph_optimization"}
@@ -764,74 +818,228 @@ def cli_files(tmp_path_factory: pytest.TempPathFactory, saved_index: Path) -> Pa
 CLI: list[Any] = [
     pytest.param(["info", "--bundle", "{missing}"], "does not exist", id="info-missing-bundle"),
     pytest.param(["info", "--bundle", "{d}"], "manifest.json", id="info-not-a-bundle"),
-    pytest.param(["info", "--bundle", "{bundle}", "--index", "{missing}"], "not an mssan index", id="info-missing-index"),
+    pytest.param(
+        ["info", "--bundle", "{bundle}", "--index", "{missing}"],
+        "not an mssan index",
+        id="info-missing-index",
+    ),
     pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}"], "nothing to index", id="index-nothing"),
-    pytest.param(["index", "--bundle", "{missing}", "--out", "{out}", "--images", "{d}/feats.npy"],
-                 "does not exist", id="index-missing-bundle"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/none.npy"],
-                 "cannot read features", id="index-missing-features"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/not_npy.npy"],
-                 "cannot read features", id="index-features-not-npy"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_trunc.npy"],
-                 "cannot read features", id="index-features-truncated"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_obj.npy"],
-                 "cannot read features", id="index-features-pickled-objects"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats2d.npy"],
-                 "[N, R, Dv]", id="index-features-ndim"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_dv.npy"],
-                 "[N, R, 24]", id="index-features-size"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_str.npy"],
-                 "real numbers", id="index-features-dtype"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_nan.npy"],
-                 "NaN", id="index-features-nan"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats.npy",
-                  "--ids", "{d}/ids2.txt"], "2 ids for 3 images", id="index-id-count"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats.npy",
-                  "--ids", "{d}/ids_dup.txt"], "duplicate", id="index-duplicate-ids"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps.txt", "--ids", "{d}/ids3.txt"],
-                 "--ids needs --images", id="index-ids-without-images"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps_latin1.txt"],
-                 "cannot read captions", id="index-captions-not-utf8"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps_empty.txt"],
-                 "empty", id="index-captions-empty-file"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps_unknown.txt"],
-                 "vocabulary", id="index-captions-unknown-words"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps.txt",
-                  "--text-ids", "{d}/ids3.txt"], "3 ids for 2 captions", id="index-text-id-count"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{d}/a_file", "--texts", "{d}/caps.txt"],
-                 "not an mssan index", id="index-out-is-a-file"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{d}/a_file/x", "--texts", "{d}/caps.txt"],
-                 "cannot write", id="index-out-under-a-file"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps.txt", "--threads", "0"],
-                 "threads", id="index-threads-zero"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps.txt", "--batch-size", "0"],
-                 "batch_size", id="index-batch-size-zero"),
-    pytest.param(["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps.txt", "--backend", "x"],
-                 "unknown backend", id="index-unknown-backend"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{index}", "quokka"], "vocabulary",
-                 id="search-unknown-words"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{index}", "   "], "no words", id="search-whitespace"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{index}", "a dog", "-k", "0"], "k must be",
-                 id="search-k-zero"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{index}", "a dog", "-k", "-2"], "k must be",
-                 id="search-k-negative"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{index}", "a dog", "--rerank", "-1"], "rerank",
-                 id="search-rerank-negative"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{index}"], "give a caption", id="search-no-query"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{index}", "--image", "{d}/feats.npy", "--row", "3"],
-                 "outside", id="search-row-outside"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{index}", "--image", "{d}/feats.npy", "--row", "-1"],
-                 "outside", id="search-row-negative"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{index}", "--image", "{d}/feats_dv.npy"],
-                 "24", id="search-image-feature-size"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{index}", "--image", "{d}/feats_nan.npy",
-                  "--row", "1"], "NaN", id="search-image-nan"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{missing}", "a dog"], "not an mssan index",
-                 id="search-missing-index"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{d}/tampered", "a dog"], "sha256",
-                 id="search-tampered-index"),
-    pytest.param(["search", "--bundle", "{bundle}", "--index", "{d}/other", "a dog"], "built with bundle",
-                 id="search-index-of-another-bundle"),
+    pytest.param(
+        ["index", "--bundle", "{missing}", "--out", "{out}", "--images", "{d}/feats.npy"],
+        "does not exist",
+        id="index-missing-bundle",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/none.npy"],
+        "cannot read features",
+        id="index-missing-features",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/not_npy.npy"],
+        "cannot read features",
+        id="index-features-not-npy",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_trunc.npy"],
+        "cannot read features",
+        id="index-features-truncated",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_obj.npy"],
+        "cannot read features",
+        id="index-features-pickled-objects",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats2d.npy"],
+        "[N, R, Dv]",
+        id="index-features-ndim",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_dv.npy"],
+        "[N, R, 24]",
+        id="index-features-size",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_str.npy"],
+        "real numbers",
+        id="index-features-dtype",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_nan.npy"],
+        "NaN",
+        id="index-features-nan",
+    ),
+    pytest.param(
+        [
+            "index",
+            "--bundle",
+            "{bundle}",
+            "--out",
+            "{out}",
+            "--images",
+            "{d}/feats.npy",
+            "--ids",
+            "{d}/ids2.txt",
+        ],
+        "2 ids for 3 images",
+        id="index-id-count",
+    ),
+    pytest.param(
+        [
+            "index",
+            "--bundle",
+            "{bundle}",
+            "--out",
+            "{out}",
+            "--images",
+            "{d}/feats.npy",
+            "--ids",
+            "{d}/ids_dup.txt",
+        ],
+        "duplicate",
+        id="index-duplicate-ids",
+    ),
+    pytest.param(
+        [
+            "index",
+            "--bundle",
+            "{bundle}",
+            "--out",
+            "{out}",
+            "--texts",
+            "{d}/caps.txt",
+            "--ids",
+            "{d}/ids3.txt",
+        ],
+        "--ids needs --images",
+        id="index-ids-without-images",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps_latin1.txt"],
+        "cannot read captions",
+        id="index-captions-not-utf8",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps_empty.txt"],
+        "empty",
+        id="index-captions-empty-file",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps_unknown.txt"],
+        "vocabulary",
+        id="index-captions-unknown-words",
+    ),
+    pytest.param(
+        [
+            "index",
+            "--bundle",
+            "{bundle}",
+            "--out",
+            "{out}",
+            "--texts",
+            "{d}/caps.txt",
+            "--text-ids",
+            "{d}/ids3.txt",
+        ],
+        "3 ids for 2 captions",
+        id="index-text-id-count",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{d}/a_file", "--texts", "{d}/caps.txt"],
+        "not an mssan index",
+        id="index-out-is-a-file",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{d}/a_file/x", "--texts", "{d}/caps.txt"],
+        "cannot write",
+        id="index-out-under-a-file",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps.txt", "--threads", "0"],
+        "threads",
+        id="index-threads-zero",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps.txt", "--batch-size", "0"],
+        "batch_size",
+        id="index-batch-size-zero",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps.txt", "--backend", "x"],
+        "unknown backend",
+        id="index-unknown-backend",
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{index}", "quokka"],
+        "vocabulary",
+        id="search-unknown-words",
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{index}", "   "], "no words", id="search-whitespace"
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{index}", "a dog", "-k", "0"],
+        "k must be",
+        id="search-k-zero",
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{index}", "a dog", "-k", "-2"],
+        "k must be",
+        id="search-k-negative",
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{index}", "a dog", "--rerank", "-1"],
+        "rerank",
+        id="search-rerank-negative",
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{index}"], "give a caption", id="search-no-query"
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{index}", "--image", "{d}/feats.npy", "--row", "3"],
+        "outside",
+        id="search-row-outside",
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{index}", "--image", "{d}/feats.npy", "--row", "-1"],
+        "outside",
+        id="search-row-negative",
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{index}", "--image", "{d}/feats_dv.npy"],
+        "24",
+        id="search-image-feature-size",
+    ),
+    pytest.param(
+        [
+            "search",
+            "--bundle",
+            "{bundle}",
+            "--index",
+            "{index}",
+            "--image",
+            "{d}/feats_nan.npy",
+            "--row",
+            "1",
+        ],
+        "NaN",
+        id="search-image-nan",
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{missing}", "a dog"],
+        "not an mssan index",
+        id="search-missing-index",
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{d}/tampered", "a dog"],
+        "sha256",
+        id="search-tampered-index",
+    ),
+    pytest.param(
+        ["search", "--bundle", "{bundle}", "--index", "{d}/other", "a dog"],
+        "built with bundle",
+        id="search-index-of-another-bundle",
+    ),
 ]
 
 
@@ -841,8 +1049,13 @@ def test_mssan_infer_cli_exits_1_with_a_one_line_typed_message(
 ) -> None:
     from mssan_infer.__main__ import main
 
-    subs = {"{bundle}": str(tiny_bundle), "{index}": str(saved_index), "{missing}": str(tmp_path / "missing"),
-            "{out}": str(tmp_path / "out"), "{d}": str(cli_files)}
+    subs = {
+        "{bundle}": str(tiny_bundle),
+        "{index}": str(saved_index),
+        "{missing}": str(tmp_path / "missing"),
+        "{out}": str(tmp_path / "out"),
+        "{d}": str(cli_files),
+    }
     args = []
     for a in argv:
         for key, value in subs.items():
@@ -857,11 +1070,22 @@ def test_mssan_infer_cli_exits_1_with_a_one_line_typed_message(
 
 
 def test_mssan_infer_cli_with_non_utf8_argv_fails_cleanly(tiny_bundle: Path, saved_index: Path) -> None:
-    """A caption of bytes that are not UTF-8 (surrogate-escaped by Python) is an unknown-word error, not a crash."""
+    """A caption of bytes that are not UTF-8 (surrogate-escaped by Python) is an unknown-word error,
+    not a crash."""
     res = subprocess.run(
-        [sys.executable, "-m", "mssan_infer", "search", "--bundle", str(tiny_bundle), "--index", str(saved_index),
-         b"\xff\xfe \xc3"],
-        cwd=ROOT, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "mssan_infer",
+            "search",
+            "--bundle",
+            str(tiny_bundle),
+            "--index",
+            str(saved_index),
+            b"\xff\xfe \xc3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
     )
     err = res.stderr.decode("utf-8", "replace")
     assert res.returncode == 1 and err.startswith("error: ") and "Traceback" not in err, err
@@ -888,6 +1112,7 @@ def _ck_edit(name: str, data: bytes | Callable[[bytes], bytes]) -> Callable[[Pat
         old = (c / name).read_bytes()
         (c / name).write_bytes(data(old) if callable(data) else data)
         return dict(checkpoint=c, out=tmp / "b")
+
     return make
 
 
@@ -896,6 +1121,7 @@ def _ck_remove(name: str) -> Callable[[Path, Path], dict[str, Any]]:
         c = _ckpt_copy(ck, tmp / "ck")
         (c / name).unlink()
         return dict(checkpoint=c, out=tmp / "b")
+
     return make
 
 
@@ -938,20 +1164,34 @@ def _opt(**kw: Any) -> Callable[[Path, Path], dict[str, Any]]:
 EXPORT: list[Any] = [
     pytest.param(_ck_missing, "BundleError", "not a checkpoint folder", id="checkpoint-missing"),
     pytest.param(_ck_file, "BundleError", "not a checkpoint folder", id="checkpoint-is-a-file"),
-    pytest.param(_ck_remove("model.safetensors"), "BundleError", "model.safetensors is missing", id="weights-missing"),
-    pytest.param(_ck_edit("model.safetensors", lambda b: b[: len(b) // 2]), "BundleError", "cannot load weights",
-                 id="weights-truncated"),
-    pytest.param(_ck_edit("model.safetensors", b"\x00" * 64), "BundleError", "cannot load weights",
-                 id="weights-garbage"),
+    pytest.param(
+        _ck_remove("model.safetensors"), "BundleError", "model.safetensors is missing", id="weights-missing"
+    ),
+    pytest.param(
+        _ck_edit("model.safetensors", lambda b: b[: len(b) // 2]),
+        "BundleError",
+        "cannot load weights",
+        id="weights-truncated",
+    ),
+    pytest.param(
+        _ck_edit("model.safetensors", b"\x00" * 64),
+        "BundleError",
+        "cannot load weights",
+        id="weights-garbage",
+    ),
     pytest.param(_ck_edit("config.json", b"{not json"), "BundleError", "damaged", id="config-not-json"),
     pytest.param(_ck_edit("config.json", b"\xff\xfe"), "BundleError", "damaged", id="config-not-utf8"),
     pytest.param(_ck_edit("config.json", b"{}"), "BundleError", "damaged", id="config-without-model"),
     pytest.param(_ck_unknown_config_key, "BundleError", "colour", id="config-unknown-key"),
     pytest.param(_ck_edit("state.json", b"[1"), "BundleError", "damaged", id="state-not-json"),
     pytest.param(_ck_edit("vocab.json", b"[]"), "BundleError", "word->id", id="vocab-not-an-object"),
-    pytest.param(_ck_edit("vocab.json", b'{"a": 0}'), "BundleError", "vocabulary must map", id="vocab-without-specials"),
+    pytest.param(
+        _ck_edit("vocab.json", b'{"a": 0}'), "BundleError", "vocabulary must map", id="vocab-without-specials"
+    ),
     pytest.param(_ck_bigger_vocab, "BundleError", "vocab_size", id="vocab-bigger-than-model"),
-    pytest.param(_out_is_checkpoint, "ExportError", "would replace the checkpoint", id="out-is-the-checkpoint"),
+    pytest.param(
+        _out_is_checkpoint, "ExportError", "would replace the checkpoint", id="out-is-the-checkpoint"
+    ),
     pytest.param(_out_is_a_file, "ExportError", "not an export bundle", id="out-is-a-file"),
     pytest.param(_out_is_a_folder, "ExportError", "not an export bundle", id="out-is-a-non-bundle-folder"),
     pytest.param(_opt(opset=5), "ExportError", "opset", id="opset-too-old"),
@@ -964,8 +1204,12 @@ EXPORT: list[Any] = [
 
 @pytest.mark.parametrize("make, error, match", EXPORT)
 def test_export_bundle_refuses_bad_input_with_a_typed_error_and_writes_nothing(
-    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    make: Callable[[Path, Path], dict[str, Any]], error: str, match: str
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make: Callable[[Path, Path], dict[str, Any]],
+    error: str,
+    match: str,
 ) -> None:
     from export import export_bundle
 
@@ -975,15 +1219,35 @@ def test_export_bundle_refuses_bad_input_with_a_typed_error_and_writes_nothing(
     e = _expect(lambda: export_bundle(**kwargs), MssanError, match)
     assert type(e).__name__ == error, f"{type(e).__name__}: {e}"
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]       # no temp folder left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
-@pytest.mark.parametrize("make, error, match", [p for p in EXPORT if p.id in (
-    "checkpoint-missing", "weights-truncated", "config-not-json", "vocab-bigger-than-model", "out-is-a-file",
-    "opset-too-old", "atol-negative", "tensorrt-not-installed")])
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        p
+        for p in EXPORT
+        if p.id
+        in (
+            "checkpoint-missing",
+            "weights-truncated",
+            "config-not-json",
+            "vocab-bigger-than-model",
+            "out-is-a-file",
+            "opset-too-old",
+            "atol-negative",
+            "tensorrt-not-installed",
+        )
+    ],
+)
 def test_export_cli_exits_1_with_a_one_line_typed_message(
-    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    make: Callable[[Path, Path], dict[str, Any]], error: str, match: str
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make: Callable[[Path, Path], dict[str, Any]],
+    error: str,
+    match: str,
 ) -> None:
     from export.__main__ import main
 
@@ -1045,6 +1309,7 @@ def _loader(name: str, *args: Any) -> Callable[[Path], Any]:
 
         real = [d / a[2:] if isinstance(a, str) and a.startswith("d/") else a for a in args]
         return getattr(data, name)(*real)
+
     return call
 
 
@@ -1063,6 +1328,7 @@ def _split_then(split: str, what: str) -> Callable[[Path], Any]:
             ds = PairDataset(s, Tokenizer(build_vocab(["a dog"] * 4)))
             return [ds[k] for k in range(len(ds))]
         raise AssertionError(what)
+
     return call
 
 
@@ -1071,6 +1337,7 @@ def _in_memory(images: Any, captions: list[str], mask: Any = None) -> Callable[[
         from training.data import PrecompSplit
 
         return PrecompSplit(images, mask, captions, name="mem")
+
     return call
 
 
@@ -1083,6 +1350,7 @@ def _iterate_bad_batch(fn: str) -> Callable[[Path], Any]:
         if fn == "images":
             return list(data.iterate_images(s, 0))
         return list(data.iterate_captions(s, Tokenizer(build_vocab(["a dog"] * 4)), -1))
+
     return call
 
 
@@ -1106,10 +1374,14 @@ LOADERS: list[Any] = [
     pytest.param(_loader("read_karpathy", "d/none.json"), "not found", id="karpathy-missing"),
     pytest.param(_loader("read_karpathy", "d/good_caps.txt"), "JSON", id="karpathy-not-json"),
     pytest.param(_loader("read_karpathy", "d/karpathy_list.json"), "not a Karpathy", id="karpathy-a-list"),
-    pytest.param(_loader("read_karpathy", "d/karpathy_bad.json"), "Karpathy format", id="karpathy-missing-fields"),
+    pytest.param(
+        _loader("read_karpathy", "d/karpathy_bad.json"), "Karpathy format", id="karpathy-missing-fields"
+    ),
     pytest.param(_loader("read_karpathy", "d/karpathy_latin1.json"), "cannot read", id="karpathy-not-utf8"),
     pytest.param(_in_memory([[1.0]], ["a"] * 5), "[N, R, Dv]", id="in-memory-list"),
-    pytest.param(_in_memory(np.zeros((1, 2, 3), np.complex64), ["a"] * 5), "floating", id="in-memory-complex"),
+    pytest.param(
+        _in_memory(np.zeros((1, 2, 3), np.complex64), ["a"] * 5), "floating", id="in-memory-complex"
+    ),
     pytest.param(_loader("collate", []), "empty batch", id="collate-empty-batch"),
     pytest.param(_iterate_bad_batch("images"), "batch_size", id="iterate-images-batch-size-0"),
     pytest.param(_iterate_bad_batch("captions"), "batch_size", id="iterate-captions-batch-size-negative"),
@@ -1134,17 +1406,34 @@ def test_training_tokenizer_truncates_long_captions_with_a_warning(caplog: pytes
 
 
 TRAINING_CLI: list[Any] = [
-    pytest.param(["eval", "--checkpoint", "{tmp}/missing", "--data", "{d}"], "not a checkpoint folder",
-                 id="eval-checkpoint-missing"),
-    pytest.param(["eval", "--checkpoint", "{ck}", "--data", "{tmp}/missing"], "incomplete", id="eval-data-missing"),
-    pytest.param(["eval", "--checkpoint", "{ck}", "--data", "{d}", "--split", "nosuch"], "incomplete",
-                 id="eval-split-missing"),
-    pytest.param(["eval", "--checkpoint", "{ck}", "--data", "{d}", "--split", "ndim"], "[N, R, Dv]",
-                 id="eval-features-ndim"),
-    pytest.param(["eval", "--checkpoint", "{ck}", "--data", "{d}", "--split", "latin1"], "UTF-8",
-                 id="eval-captions-not-utf8"),
-    pytest.param(["train", "--data", "{tmp}/missing", "--out", "{tmp}/run", "--epochs", "1", "--no-progress"],
-                 "incomplete", id="train-data-missing"),
+    pytest.param(
+        ["eval", "--checkpoint", "{tmp}/missing", "--data", "{d}"],
+        "not a checkpoint folder",
+        id="eval-checkpoint-missing",
+    ),
+    pytest.param(
+        ["eval", "--checkpoint", "{ck}", "--data", "{tmp}/missing"], "incomplete", id="eval-data-missing"
+    ),
+    pytest.param(
+        ["eval", "--checkpoint", "{ck}", "--data", "{d}", "--split", "nosuch"],
+        "incomplete",
+        id="eval-split-missing",
+    ),
+    pytest.param(
+        ["eval", "--checkpoint", "{ck}", "--data", "{d}", "--split", "ndim"],
+        "[N, R, Dv]",
+        id="eval-features-ndim",
+    ),
+    pytest.param(
+        ["eval", "--checkpoint", "{ck}", "--data", "{d}", "--split", "latin1"],
+        "UTF-8",
+        id="eval-captions-not-utf8",
+    ),
+    pytest.param(
+        ["train", "--data", "{tmp}/missing", "--out", "{tmp}/run", "--epochs", "1", "--no-progress"],
+        "incomplete",
+        id="train-data-missing",
+    ),
     pytest.param(["synth", "--out", "{tmp}/s", "--images", "0"], ">= 1", id="synth-zero-images"),
     pytest.param(["synth", "--out", "{d}/good_ims.npy", "--images", "2"], "error", id="synth-out-is-a-file"),
 ]
@@ -1152,8 +1441,12 @@ TRAINING_CLI: list[Any] = [
 
 @pytest.mark.parametrize("argv, match", TRAINING_CLI)
 def test_training_cli_exits_1_with_a_one_line_message(
-    tiny_checkpoint: Path, precomp: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    argv: list[str], match: str
+    tiny_checkpoint: Path,
+    precomp: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    match: str,
 ) -> None:
     from training.__main__ import main
 

@@ -1,4 +1,5 @@
 """Checkpoint folders: round trip, no pickle, clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,20 @@ def _scores(model: torch.nn.Module) -> torch.Tensor:
 def test_round_trip_gives_identical_scores(tiny_checkpoint: Path, tmp_path: Path) -> None:
     ck = load_checkpoint(tiny_checkpoint)
     opt = torch.optim.Adam(ck.model.parameters(), lr=1e-3)
-    out = save_checkpoint(tmp_path / "copy", ck.model, ck.tokenizer, state={"epoch": 3, "margins": [0.3, 0.25]}, optimizer=opt)
+    out = save_checkpoint(
+        tmp_path / "copy", ck.model, ck.tokenizer, state={"epoch": 3, "margins": [0.3, 0.25]}, optimizer=opt
+    )
     back = load_checkpoint(out)
     assert torch.equal(_scores(ck.model), _scores(back.model))
     assert back.state["epoch"] == 3 and back.state["margins"] == [0.3, 0.25]
     assert back.tokenizer.vocab == ck.tokenizer.vocab
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model.safetensors", "optimizer.safetensors", "state.json", "vocab.json"]
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+        "vocab.json",
+    ]
 
 
 def test_optimizer_state_survives_for_resume(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -55,4 +63,4 @@ def test_missing_file_gives_a_clear_error(tmp_path: Path) -> None:
 
 def test_weights_are_safetensors_not_pickle(tiny_checkpoint: Path) -> None:
     head = (tiny_checkpoint / "model.safetensors").read_bytes()[:16]
-    assert not head.startswith(b"\x80") and not head.startswith(b"PK")   # neither pickle nor torch zip
+    assert not head.startswith(b"\x80") and not head.startswith(b"PK")  # neither pickle nor torch zip

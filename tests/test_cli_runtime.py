@@ -1,4 +1,5 @@
 """`python -m mssan_infer index|search|info` end to end on a tiny bundle."""
+
 from __future__ import annotations
 
 import io
@@ -39,15 +40,29 @@ def cli(*argv: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def index(bundle: Path, files: Path) -> Path:
     out = files / "index"
-    code, text, err = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--ids", files / "ids.txt",
-                          "--texts", files / "caps.txt", "--out", out, "--no-progress")
+    code, text, err = cli(
+        "index",
+        "--bundle",
+        bundle,
+        "--images",
+        files / "feats.npy",
+        "--ids",
+        files / "ids.txt",
+        "--texts",
+        files / "caps.txt",
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert code == 0, err
     assert "30 images and 3 captions" in text
     return out
 
 
 def test_search_by_text_prints_a_ranked_table_of_image_ids(bundle: Path, index: Path) -> None:
-    code, text, _ = cli("search", "--bundle", bundle, "--index", index, "a dog on the beach", "-k", "5", "--rerank", "20")
+    code, text, _ = cli(
+        "search", "--bundle", bundle, "--index", index, "a dog on the beach", "-k", "5", "--rerank", "20"
+    )
     assert code == 0
     lines = text.strip().splitlines()
     assert lines[0] == "text: 'a dog on the beach'" and "score" in lines[1] and len(lines) == 2 + 5
@@ -66,8 +81,20 @@ def test_search_json_equals_the_library_result(bundle: Path, index: Path) -> Non
 
 
 def test_search_by_image_row_ranks_captions(bundle: Path, index: Path, files: Path) -> None:
-    code, text, _ = cli("search", "--bundle", bundle, "--index", index, "--image", files / "feats.npy", "--row", "3",
-                        "-k", "3", "--json")
+    code, text, _ = cli(
+        "search",
+        "--bundle",
+        bundle,
+        "--index",
+        index,
+        "--image",
+        files / "feats.npy",
+        "--row",
+        "3",
+        "-k",
+        "3",
+        "--json",
+    )
     assert code == 0
     hits = json.loads(text)["hits"]
     assert sorted(h["id"] for h in hits) == [0, 1, 2]
@@ -75,15 +102,37 @@ def test_search_by_image_row_ranks_captions(bundle: Path, index: Path, files: Pa
 
 def test_index_append_adds_without_rebuilding(bundle: Path, files: Path, tmp_path: Path) -> None:
     out = tmp_path / "idx"
-    assert cli("index", "--bundle", bundle, "--texts", files / "caps.txt", "--out", out, "--no-progress")[0] == 0
-    code, text, _ = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--append", "--no-progress")
+    assert (
+        cli("index", "--bundle", bundle, "--texts", files / "caps.txt", "--out", out, "--no-progress")[0] == 0
+    )
+    code, text, _ = cli(
+        "index",
+        "--bundle",
+        bundle,
+        "--images",
+        files / "feats.npy",
+        "--out",
+        out,
+        "--append",
+        "--no-progress",
+    )
     assert code == 0 and "30 images and 3 captions" in text
 
 
 def test_index_with_a_layout_saves_it_and_search_uses_it(bundle: Path, files: Path, tmp_path: Path) -> None:
     out = tmp_path / "idx8"
-    code, _, err = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--layout", "int8",
-                       "--no-progress")
+    code, _, err = cli(
+        "index",
+        "--bundle",
+        bundle,
+        "--images",
+        files / "feats.npy",
+        "--out",
+        out,
+        "--layout",
+        "int8",
+        "--no-progress",
+    )
     assert code == 0, err
     assert json.loads((out / "index.json").read_text())["galleries"]["images"]["layout"]["name"] == "int8"
     code, text, _ = cli("search", "--bundle", bundle, "--index", out, "a red dog", "-k", "3", "--json")
@@ -111,13 +160,17 @@ def test_info_reports_parity_per_precision(bundle: Path, tmp_path: Path) -> None
         assert p["max_abs"] == max(manifest[precision]["max_abs"].values()) and 0 < p["max_abs"] <= p["atol"]
     code, text, _ = cli("info", "--bundle", bundle)
     assert "parity     fp32 passed, max abs" in text
-    copy = shutil.copytree(bundle, tmp_path / "b")                    # a --no-verify bundle whose fp32 check failed
+    copy = shutil.copytree(bundle, tmp_path / "b")  # a --no-verify bundle whose fp32 check failed
     m = json.loads((copy / "manifest.json").read_text())
     m["parity"]["fp32"].update(passed=False, failures=["[fp32] scorer[x] s_ll: max abs diff 1 > atol 0.0001"])
     (copy / "manifest.json").write_text(json.dumps(m))
     code, text, _ = cli("info", "--bundle", copy, "--json")
-    assert json.loads(text)["parity"]["fp32"] | {"max_abs": None} == {**parity["fp32"], "passed": False,
-                                                                       "failures": 1, "max_abs": None}
+    assert json.loads(text)["parity"]["fp32"] | {"max_abs": None} == {
+        **parity["fp32"],
+        "passed": False,
+        "failures": 1,
+        "max_abs": None,
+    }
     assert "tensorrt" not in json.loads(text)
 
 
@@ -131,7 +184,9 @@ def test_info_reports_parity_per_precision(bundle: Path, tmp_path: Path) -> None
         (["index", "--out", "{missing}"], "nothing to index"),
     ],
 )
-def test_errors_exit_1_with_one_line(bundle: Path, index: Path, files: Path, argv: list[str], match: str) -> None:
+def test_errors_exit_1_with_one_line(
+    bundle: Path, index: Path, files: Path, argv: list[str], match: str
+) -> None:
     subs = {"{index}": str(index), "{feats}": str(files / "feats.npy"), "{missing}": str(files / "nope")}
     args = [subs.get(a, a) for a in argv]
     code, _, err = cli(args[0], "--bundle", bundle, *args[1:])
@@ -139,8 +194,12 @@ def test_errors_exit_1_with_one_line(bundle: Path, index: Path, files: Path, arg
 
 
 def test_module_entry_point_exits_1_on_a_missing_bundle(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "mssan_infer", "info", "--bundle", str(tmp_path / "nothing")],
-                         cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "mssan_infer", "info", "--bundle", str(tmp_path / "nothing")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 1 and res.stderr.startswith("error: ") and "does not exist" in res.stderr
 
 
@@ -152,64 +211,110 @@ def _index_ids(path: Path) -> list[object]:
     return list(galleries["images"].ids) if "images" in galleries else []
 
 
-def test_index_refuses_to_replace_an_existing_index_without_overwrite(bundle: Path, files: Path,
-                                                                      tmp_path: Path) -> None:
+def test_index_refuses_to_replace_an_existing_index_without_overwrite(
+    bundle: Path, files: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "idx"
-    assert cli("index", "--bundle", bundle, "--texts", files / "caps.txt", "--out", out, "--no-progress")[0] == 0
+    assert (
+        cli("index", "--bundle", bundle, "--texts", files / "caps.txt", "--out", out, "--no-progress")[0] == 0
+    )
     before = (out / "index.json").read_bytes()
-    code, _, err = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--no-progress")
+    code, _, err = cli(
+        "index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--no-progress"
+    )
     assert code == 1 and err.count("\n") == 1
-    assert "already holds an index (0 images, 3 captions)" in err and "--overwrite" in err and "--append" in err
+    assert (
+        "already holds an index (0 images, 3 captions)" in err and "--overwrite" in err and "--append" in err
+    )
     assert (out / "index.json").read_bytes() == before
-    code, text, _ = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out,
-                        "--overwrite", "--no-progress")
+    code, text, _ = cli(
+        "index",
+        "--bundle",
+        bundle,
+        "--images",
+        files / "feats.npy",
+        "--out",
+        out,
+        "--overwrite",
+        "--no-progress",
+    )
     assert code == 0 and "30 images and 0 captions" in text
 
 
 def test_appending_the_same_file_twice_is_refused_and_new_ids_number_after_the_index(
-        bundle: Path, files: Path, tmp_path: Path) -> None:
+    bundle: Path, files: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "idx"
     args = ("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--no-progress")
     assert cli(*args)[0] == 0
-    assert _index_ids(out) == list(range(30))                        # row numbers, as the help says
+    assert _index_ids(out) == list(range(30))  # row numbers, as the help says
     code, _, err = cli(*args, "--append")
     assert code == 1 and "30 of the 30 image ids (row numbers 0..29) are already in the index" in err
-    assert "--new-ids" in err and _index_ids(out) == list(range(30))   # nothing changed
+    assert "--new-ids" in err and _index_ids(out) == list(range(30))  # nothing changed
     code, text, _ = cli(*args, "--append", "--new-ids")
     assert code == 0 and "60 images" in text and _index_ids(out) == list(range(60))
 
 
-def test_append_refuses_ids_from_a_file_that_are_already_in_the_index(bundle: Path, files: Path,
-                                                                      tmp_path: Path) -> None:
+def test_append_refuses_ids_from_a_file_that_are_already_in_the_index(
+    bundle: Path, files: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "idx"
     base = ("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--no-progress")
     assert cli(*base, "--ids", files / "ids.txt")[0] == 0
     code, _, err = cli(*base, "--ids", files / "ids.txt", "--append")
     assert code == 1 and "already in the index" in err and "'photo_000'" in err
-    # ids that read like the index's (str '7' beside int 7) are refused too: Triton and the CLI print ids as text
+    # ids that read like the index's (str '7' beside int 7) are refused too: Triton and the CLI print
+    # ids as text
     (tmp_path / "num.txt").write_text("\n".join(str(i) for i in range(30)))
     out2 = tmp_path / "idx2"
-    assert cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out2, "--no-progress")[0] == 0
-    code, _, err = cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out2, "--append",
-                       "--ids", tmp_path / "num.txt", "--no-progress")
+    assert (
+        cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out2, "--no-progress")[0]
+        == 0
+    )
+    code, _, err = cli(
+        "index",
+        "--bundle",
+        bundle,
+        "--images",
+        files / "feats.npy",
+        "--out",
+        out2,
+        "--append",
+        "--ids",
+        tmp_path / "num.txt",
+        "--no-progress",
+    )
     assert code == 1 and "read the same as ids (of another type)" in err
 
 
-def test_append_and_overwrite_together_are_refused_by_the_parser(bundle: Path, files: Path, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_append_and_overwrite_together_are_refused_by_the_parser(
+    bundle: Path, files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as e:
-        cli("index", "--bundle", bundle, "--texts", files / "caps.txt", "--out", tmp_path / "i", "--append",
-            "--overwrite")
+        cli(
+            "index",
+            "--bundle",
+            bundle,
+            "--texts",
+            files / "caps.txt",
+            "--out",
+            tmp_path / "i",
+            "--append",
+            "--overwrite",
+        )
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
-def test_file_ids_stay_text_and_default_ids_are_row_numbers_in_search_json(bundle: Path, index: Path,
-                                                                           files: Path) -> None:
+def test_file_ids_stay_text_and_default_ids_are_row_numbers_in_search_json(
+    bundle: Path, index: Path, files: Path
+) -> None:
     code, text, _ = cli("search", "--bundle", bundle, "--index", index, "a red dog", "-k", "3", "--json")
-    assert code == 0 and all(isinstance(h["id"], str) and h["id"].startswith("photo_")
-                             for h in json.loads(text)["hits"])
-    code, text, _ = cli("search", "--bundle", bundle, "--index", index, "--image", files / "feats.npy", "-k", "3",
-                        "--json")
+    assert code == 0 and all(
+        isinstance(h["id"], str) and h["id"].startswith("photo_") for h in json.loads(text)["hits"]
+    )
+    code, text, _ = cli(
+        "search", "--bundle", bundle, "--index", index, "--image", files / "feats.npy", "-k", "3", "--json"
+    )
     assert code == 0 and all(isinstance(h["id"], int) for h in json.loads(text)["hits"])
 
 
@@ -219,13 +324,26 @@ def test_url_and_protocol_are_only_for_the_triton_backend(bundle: Path, index: P
     code, _, err = cli("search", "--bundle", bundle, "--index", index, "a dog", "--url", "127.0.0.1:1")
     assert code == 1 and err == "error: --url and --protocol are for --backend triton\n"
     port = free_port()
-    code, _, err = cli("search", "--bundle", bundle, "--index", index, "a dog", "--backend", "triton",
-                       "--url", f"127.0.0.1:{port}", "--protocol", "grpc")
+    code, _, err = cli(
+        "search",
+        "--bundle",
+        bundle,
+        "--index",
+        index,
+        "a dog",
+        "--backend",
+        "triton",
+        "--url",
+        f"127.0.0.1:{port}",
+        "--protocol",
+        "grpc",
+    )
     assert code == 1 and f"Triton server at 127.0.0.1:{port} (grpc)" in err and err.count("\n") == 1
 
 
 def test_a_caption_with_unseen_words_logs_which_words_were_not_understood(
-        bundle: Path, index: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bundle: Path, index: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from mssan_infer import Retriever
 
     r = Retriever.load(bundle, index=index)
@@ -248,7 +366,11 @@ def _all_parsers() -> list[tuple[str, Any]]:
     from training.__main__ import build_parser as training_parser
 
     out = []
-    for name, p in (("mssan_infer", runtime_parser()), ("export", export_parser()), ("training", training_parser())):
+    for name, p in (
+        ("mssan_infer", runtime_parser()),
+        ("export", export_parser()),
+        ("training", training_parser()),
+    ):
         out.append((name, p))
         for action in p._actions:
             if isinstance(action, argparse._SubParsersAction):

@@ -1,4 +1,5 @@
 """training.data: precomp loading (memmap, typed errors), batching with masks, Karpathy JSON."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 
 from mssan_infer.errors import InputError  # noqa: E402
@@ -25,7 +25,9 @@ from training.data import (  # noqa: E402
 WORDS = "a red blue dog ball on the beach and".split()
 
 
-def _write_split(d: Path, split: str, n: int = 4, r: int = 3, dv: int = 5, caps: list[str] | None = None) -> np.ndarray:
+def _write_split(
+    d: Path, split: str, n: int = 4, r: int = 3, dv: int = 5, caps: list[str] | None = None
+) -> np.ndarray:
     rng = np.random.default_rng(0)
     ims = rng.standard_normal((n, r, dv)).astype(np.float32)
     np.save(d / f"{split}_ims.npy", ims)
@@ -154,10 +156,22 @@ def test_read_karpathy_groups_images_by_split(tmp_path: Path) -> None:
     doc = {
         "dataset": "flickr8k",
         "images": [
-            {"filename": "1.jpg", "imgid": 0, "split": "train",
-             "sentences": [{"raw": "A dog runs.", "tokens": ["a", "dog", "runs"]}, {"raw": "A brown dog."}]},
-            {"filename": "2.jpg", "filepath": "val2014", "imgid": 1, "split": "restval",
-             "sentences": [{"raw": "Two cats."}]},
+            {
+                "filename": "1.jpg",
+                "imgid": 0,
+                "split": "train",
+                "sentences": [
+                    {"raw": "A dog runs.", "tokens": ["a", "dog", "runs"]},
+                    {"raw": "A brown dog."},
+                ],
+            },
+            {
+                "filename": "2.jpg",
+                "filepath": "val2014",
+                "imgid": 1,
+                "split": "restval",
+                "sentences": [{"raw": "Two cats."}],
+            },
             {"filename": "3.jpg", "imgid": 2, "split": "test", "sentences": [{"raw": "A bird."}]},
         ],
     }

@@ -1,4 +1,5 @@
 """Two gloo processes under torchrun take the same step as one process with the doubled batch."""
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,21 @@ def _free_port() -> int:
 
 def test_two_process_ddp_step_equals_single_process_on_doubled_batch(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(tmp_path),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -46,7 +59,7 @@ def test_two_process_ddp_step_equals_single_process_on_doubled_batch(tmp_path: P
     for name, p in model.state_dict().items():
         assert torch.allclose(ddp[name], p, atol=1e-5), name
         moved = max(moved, float((p - make_model().state_dict()[name]).abs().max()))
-    assert moved > 1e-3     # the step really changed the weights
+    assert moved > 1e-3  # the step really changed the weights
     grads = load_file(str(tmp_path / "grads.safetensors"))
     for name, p in model.named_parameters():
         if p.grad is not None:

@@ -8,6 +8,7 @@ The one change: the server gets free ports instead of 8000-8002 (``--http-port``
 the ``serve`` line, the same numbers swapped into the other commands), so a test never
 collides with a server already running on this machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,10 @@ def test_the_quick_start_section_has_the_commands_this_test_runs() -> None:
     blocks = quick_start_blocks()
     commands = [line for lang, code in blocks if lang == "bash" for line in code.splitlines() if line.strip()]
     assert [c.split()[:4] for c in commands[:3]] == [
-        ["python", "-m", "export", "--checkpoint"], ["python", "-m", "mssan_infer", "index"],
-        ["python", "-m", "mssan_infer", "serve"]]
+        ["python", "-m", "export", "--checkpoint"],
+        ["python", "-m", "mssan_infer", "index"],
+        ["python", "-m", "mssan_infer", "serve"],
+    ]
     assert sum("curl" in c for c in commands) == 3 and sum(lang == "python" for lang, _ in blocks) == 2
 
 
@@ -97,26 +100,52 @@ def test_the_deployment_quick_start_works_as_written(tiny_checkpoint: Path, tmp_
     try:
         for lang, code in quick_start_blocks():
             if lang == "python":
-                res = subprocess.run([sys.executable, "-c", localize(code)], cwd=tmp_path, env=env,
-                                     capture_output=True, text=True, timeout=300)
+                res = subprocess.run(
+                    [sys.executable, "-c", localize(code)],
+                    cwd=tmp_path,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 assert res.returncode == 0, f"python block failed:\n{code}\n{res.stderr[-3000:]}"
                 outputs.append(res.stdout)
                 continue
             for cmd in (line for line in code.splitlines() if line.strip()):
                 if " mssan_infer serve " in f" {cmd} ":
-                    cmd += f" --http-port {ports['8000']} --grpc-port {ports['8001']} --metrics-port {ports['8002']}"
-                    serve = subprocess.Popen(shlex.split(cmd), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                    cmd += (
+                        f" --http-port {ports['8000']} --grpc-port {ports['8001']}"
+                        f" --metrics-port {ports['8002']}"
+                    )
+                    serve = subprocess.Popen(
+                        shlex.split(cmd),
+                        cwd=tmp_path,
+                        env=env,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                        start_new_session=True,
+                    )
                     out = _Output(serve)
                     deadline = time.monotonic() + 240
                     while "Press Ctrl-C" not in out.text:
                         assert serve.poll() is None, f"serve exited:\n{out.text[-3000:]}"
                         assert time.monotonic() < deadline, f"serve not ready:\n{out.text[-3000:]}"
                         time.sleep(0.2)
-                    assert f"http://127.0.0.1:{ports['8000']}" in out.text and f"127.0.0.1:{ports['8001']}" in out.text
+                    assert (
+                        f"http://127.0.0.1:{ports['8000']}" in out.text
+                        and f"127.0.0.1:{ports['8001']}" in out.text
+                    )
                     continue
-                res = subprocess.run(localize(cmd), shell=True, cwd=tmp_path, env=env, capture_output=True,
-                                     text=True, timeout=600)
+                res = subprocess.run(
+                    localize(cmd),
+                    shell=True,
+                    cwd=tmp_path,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
                 assert res.returncode == 0, f"{cmd}\nfailed:\n{res.stderr[-3000:]}"
                 outputs.append(res.stdout)
         # what the commands printed: readiness, a ranking equal to the in-process one, the encoder's vectors
@@ -140,7 +169,8 @@ def test_the_deployment_quick_start_works_as_written(tiny_checkpoint: Path, tmp_
         assert out.text.rstrip().endswith("stopped")
         time.sleep(0.5)
         from mssan_infer.triton.server import _check_port
-        _check_port("127.0.0.1", int(ports["8000"]), "http")          # the port is free again
+
+        _check_port("127.0.0.1", int(ports["8000"]), "http")  # the port is free again
     finally:
         if serve is not None and serve.poll() is None:
             os.killpg(serve.pid, signal.SIGTERM)

@@ -1,4 +1,5 @@
 """Recall metrics on hand-made similarity matrices."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,7 @@ from training.evaluate import ranks_i2t, ranks_t2i, recall_report, twostage_scor
 def _perfect(n: int) -> np.ndarray:
     s = np.zeros((n, 5 * n), dtype=np.float32)
     for i in range(n):
-        s[i, 5 * i:5 * i + 5] = 1.0
+        s[i, 5 * i : 5 * i + 5] = 1.0
     return s
 
 
@@ -27,10 +28,10 @@ def test_constant_scores_give_zero_r1_ties_are_pessimistic() -> None:
 
 def test_i2t_uses_the_best_of_five_captions() -> None:
     s = np.zeros((2, 10), dtype=np.float32)
-    s[0, 4] = 0.9                    # only the 5th caption of image 0 ranks first
-    s[0, 5:] = 0.5                   # captions of image 1 beat the other four
+    s[0, 4] = 0.9  # only the 5th caption of image 0 ranks first
+    s[0, 5:] = 0.5  # captions of image 1 beat the other four
     s[1, 5] = 0.2
-    s[1, 0] = 0.3                    # image 1: a caption of image 0 ranks first
+    s[1, 0] = 0.3  # image 1: a caption of image 0 ranks first
     r = ranks_i2t(s)
     assert r.tolist() == [0, 1]
 
@@ -38,10 +39,10 @@ def test_i2t_uses_the_best_of_five_captions() -> None:
 def test_t2i_rank_counts_images_above_the_ground_truth() -> None:
     s = np.zeros((3, 15), dtype=np.float32)
     s[0, :5] = 0.5
-    s[1, :5] = 0.6                   # image 1 beats image 0 on image 0's captions
+    s[1, :5] = 0.6  # image 1 beats image 0 on image 0's captions
     s[1, 5:10] = 0.9
     s[2, 10:] = 0.1
-    s[0, 10:] = 0.2                  # ... and image 0 beats image 2 on image 2's
+    s[0, 10:] = 0.2  # ... and image 0 beats image 2 on image 2's
     s[1, 10:] = 0.05
     r = ranks_t2i(s)
     assert r.tolist() == [1] * 5 + [0] * 5 + [1] * 5
@@ -51,9 +52,9 @@ def test_twostage_reorders_only_the_top_k() -> None:
     stage1 = np.array([[0.9, 0.8, 0.7, 0.1]])
     full = np.array([[0.1, 0.5, 0.9, 2.0]])
     eff = twostage_scores(stage1, full, k=2, axis=1)
-    assert list(np.argsort(-eff[0])) == [1, 0, 2, 3]        # item 3 is outside the top 2: stays last
+    assert list(np.argsort(-eff[0])) == [1, 0, 2, 3]  # item 3 is outside the top 2: stays last
     eff_all = twostage_scores(stage1, full, k=4, axis=1)
-    assert list(np.argsort(-eff_all[0])) == [3, 2, 1, 0]     # K = gallery size: exhaustive order
+    assert list(np.argsort(-eff_all[0])) == [3, 2, 1, 0]  # K = gallery size: exhaustive order
 
 
 def test_wrong_shape_is_refused() -> None:
@@ -62,11 +63,12 @@ def test_wrong_shape_is_refused() -> None:
 
 
 def _levels(n: int = 30, seed: int = 0) -> dict[str, np.ndarray]:
-    """gg: right up to a shared offset with loud noise; ll: right but quiet. Only a small gg weight ranks well."""
+    """gg: right up to a shared offset with loud noise; ll: right but quiet. Only a small gg weight
+    ranks well."""
     rng = np.random.default_rng(seed)
     truth = np.zeros((n, 5 * n), np.float32)
     for i in range(n):
-        truth[i, 5 * i:5 * i + 5] = 1.0
+        truth[i, 5 * i : 5 * i + 5] = 1.0
     ll = 0.05 * truth + 0.02 * rng.standard_normal(truth.shape).astype(np.float32)
     gg = 0.3 * truth + 0.5 * rng.standard_normal(truth.shape).astype(np.float32)
     return {"gg": gg, "ll": ll}
@@ -77,7 +79,7 @@ def test_select_level_weights_turns_down_a_loud_noisy_level() -> None:
 
     levels = _levels()
     w, rep = select_level_weights(levels, {"gg": 1.0, "gl": 0.0, "ll": 1.0})
-    assert w["ll"] == 1.0 and w["gl"] == 0.0           # reference level keeps 1; an absent level stays absent
+    assert w["ll"] == 1.0 and w["gl"] == 0.0  # reference level keeps 1; an absent level stays absent
     assert 0 < w["gg"] <= 0.1, w
     at_start = recall_report(levels["gg"] + levels["ll"])["rsum"]
     assert rep["rsum"] > at_start + 20
@@ -88,8 +90,10 @@ def test_select_level_weights_keeps_the_training_weights_on_a_tie() -> None:
     from training.evaluate import select_level_weights
 
     perfect = _perfect(6)
-    w, rep = select_level_weights({"gg": perfect, "gl": perfect, "ll": perfect}, {"gg": 0.7, "gl": 1.4, "ll": 0.7})
-    assert w == {"gg": 1.0, "gl": 2.0, "ll": 1.0} and rep["rsum"] == 600.0      # 0.7:1.4:0.7, scaled to ll = 1
+    w, rep = select_level_weights(
+        {"gg": perfect, "gl": perfect, "ll": perfect}, {"gg": 0.7, "gl": 1.4, "ll": 0.7}
+    )
+    assert w == {"gg": 1.0, "gl": 2.0, "ll": 1.0} and rep["rsum"] == 600.0  # 0.7:1.4:0.7, scaled to ll = 1
     w, _ = select_level_weights({"gg": perfect}, {"gg": 2.0, "gl": 0.0, "ll": 0.0})
     assert w == {"gg": 1.0, "gl": 0.0, "ll": 0.0}
     with pytest.raises(ValueError, match="no level"):

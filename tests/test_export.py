@@ -1,4 +1,5 @@
 """export: checkpoint -> bundle, parity with PyTorch, fp16 variants, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ from training.model import MSSAN
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_FILES = sorted(
-    [spec.file for spec in GRAPHS.values()] + [f"fp16/{spec.file}" for spec in GRAPHS.values()] + ["vocab.json"]
+    [spec.file for spec in GRAPHS.values()]
+    + [f"fp16/{spec.file}" for spec in GRAPHS.values()]
+    + ["vocab.json"]
 )
 
 
@@ -44,7 +47,9 @@ def _paths(bundle: Path, precision: str = "fp32") -> dict[str, Path]:
 
 
 # ---- parity ---------------------------------------------------------------------
-def test_exported_graphs_match_pytorch_at_shapes_other_than_the_tracing_example(tiny_bundle: Path, model: MSSAN) -> None:
+def test_exported_graphs_match_pytorch_at_shapes_other_than_the_tracing_example(
+    tiny_bundle: Path, model: MSSAN
+) -> None:
     report = validate_graphs(model, _paths(tiny_bundle), rerank=False)
     assert report.passed, report.failures
     shapes = {(c.graph, c.case): c.shape for c in report.outputs}
@@ -73,11 +78,11 @@ def test_rerank_order_check_allows_near_ties_but_not_real_swaps() -> None:
     ref = np.array([0.9, 0.5, 0.50005, 0.1])
     assert rerank_order_check(ref, ref, 1e-4) == (1.0, 0, 0)
     tie = ref.copy()
-    tie[1] = 0.5001                                        # swaps with a candidate 5e-5 away: allowed
+    tie[1] = 0.5001  # swaps with a candidate 5e-5 away: allowed
     _, swaps, violations = rerank_order_check(ref, tie, 1e-4)
     assert (swaps, violations) == (1, 0)
     wrong = ref.copy()
-    wrong[3] = 0.95                                        # the worst candidate ranked first
+    wrong[3] = 0.95  # the worst candidate ranked first
     assert rerank_order_check(ref, wrong, 1e-4)[2] == 3
 
 
@@ -85,12 +90,17 @@ def test_validator_rejects_a_graph_exported_with_a_frozen_batch_axis(tmp_path: P
     from export.inputs import example_feeds
 
     axes = {k: {i: a for i, a in v.items() if a != "B"} for k, v in IMAGE_ENCODER.dynamic_axes().items()}
-    path = export_graph(build_graphs(model)[IMAGE_ENCODER.name], IMAGE_ENCODER,
-                        example_feeds(model)[IMAGE_ENCODER.name], tmp_path / "frozen.onnx", dynamic_axes=axes)
+    path = export_graph(
+        build_graphs(model)[IMAGE_ENCODER.name],
+        IMAGE_ENCODER,
+        example_feeds(model)[IMAGE_ENCODER.name],
+        tmp_path / "frozen.onnx",
+        dynamic_axes=axes,
+    )
     report = validate_graphs(model, {IMAGE_ENCODER.name: path}, rerank=False)
     assert any("frozen" in m for m in report.contract)
-    assert any(not c.ok and "B1_R36" in c.case for c in report.outputs)        # fails at run time too
-    with pytest.raises(ParityError, match="(?s)B1_R36.*B9_R3"):                # every failure, one error
+    assert any(not c.ok and "B1_R36" in c.case for c in report.outputs)  # fails at run time too
+    with pytest.raises(ParityError, match="(?s)B1_R36.*B9_R3"):  # every failure, one error
         report.raise_if_failed()
 
 
@@ -99,7 +109,9 @@ def test_validator_rejects_a_graph_that_computes_something_else(tmp_path: Path, 
 
     other = MSSAN(ModelConfig.from_dict({**model.cfg.to_dict(), "lam_ll": 2.0}))
     other.load_state_dict(model.state_dict())
-    path = export_graph(build_graphs(other)[SCORER.name], SCORER, example_feeds(model)[SCORER.name], tmp_path / "s.onnx")
+    path = export_graph(
+        build_graphs(other)[SCORER.name], SCORER, example_feeds(model)[SCORER.name], tmp_path / "s.onnx"
+    )
     report = validate_graphs(model, {SCORER.name: path}, rerank=False)
     assert not report.contract
     assert report.outputs and not any(c.ok for c in report.outputs if c.case.startswith("example"))
@@ -112,18 +124,22 @@ def test_export_with_failing_parity_raises_and_writes_nothing(tmp_path: Path, ti
     with pytest.raises(ParityError, match="parity check"):
         export_bundle(tiny_checkpoint, out, atol=1e-15)
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == []                   # no temp folder left behind
+    assert list(tmp_path.iterdir()) == []  # no temp folder left behind
 
 
 # ---- the bundle ------------------------------------------------------------------
-def test_bundle_manifest_hashes_every_file_and_satisfies_the_runtime(tiny_bundle: Path, tiny_checkpoint: Path) -> None:
+def test_bundle_manifest_hashes_every_file_and_satisfies_the_runtime(
+    tiny_bundle: Path, tiny_checkpoint: Path
+) -> None:
     bundle = load_bundle(tiny_bundle)
     m = bundle.manifest.raw
     on_disk = sorted(p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file())
     assert sorted(m["files"]) == BUNDLE_FILES == [f for f in on_disk if f != MANIFEST_FILE]
     assert m["format_version"] == FORMAT_VERSION and m["verified"] is True
     assert m["graphs"] == {name: spec.to_dict() for name, spec in GRAPHS.items()}
-    assert {g: e["file"] for g, e in m["fp16_graphs"].items()} == {g: f"fp16/{s.file}" for g, s in GRAPHS.items()}
+    assert {g: e["file"] for g, e in m["fp16_graphs"].items()} == {
+        g: f"fp16/{s.file}" for g, s in GRAPHS.items()
+    }
     cfg = load_checkpoint(tiny_checkpoint).model.cfg
     assert m["model_config"] == cfg.to_dict()
     assert m["dims"] == {"D": cfg.embed_size, "D2": 2 * cfg.embed_size, "Dv": cfg.img_dim}
@@ -132,7 +148,7 @@ def test_bundle_manifest_hashes_every_file_and_satisfies_the_runtime(tiny_bundle
     assert m["preprocessing"] == {"input": "regions", "feature_dim": cfg.img_dim}
     assert m["versions"]["opset"] == 17 and m["source_checkpoint"]["sha256"]
     for path in bundle.root.rglob("*.onnx"):
-        check_onnx(path)                                    # checker + strict shape inference
+        check_onnx(path)  # checker + strict shape inference
         assert not onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
 
 
@@ -147,7 +163,7 @@ def test_a_flipped_byte_in_any_bundle_file_is_refused(tiny_bundle: Path, tmp_pat
         load_bundle(copy)
 
 
-_CHILD = r"""
+_CHILD = """
 import json, sys
 import numpy as np
 import onnxruntime as ort
@@ -156,7 +172,8 @@ from mssan_infer.spec import GRAPHS
 
 bundle = load_bundle(sys.argv[1])
 feeds = dict(np.load(sys.argv[2]))
-sess = {g: ort.InferenceSession(str(bundle.graph_path(g, sys.argv[3])), providers=["CPUExecutionProvider"]) for g in GRAPHS}
+sess = {g: ort.InferenceSession(str(bundle.graph_path(g, sys.argv[3])), \
+providers=["CPUExecutionProvider"]) for g in GRAPHS}
 def run(g, f):
     return dict(zip(GRAPHS[g].output_names, sess[g].run(None, {n: f[n] for n in GRAPHS[g].input_names})))
 img = run("image_encoder", feeds)
@@ -173,28 +190,43 @@ def test_graphs_run_in_a_fresh_process_with_runtime_dependencies_only(
     tiny_bundle: Path, model: MSSAN, tmp_path: Path, precision: str
 ) -> None:
     rng = np.random.default_rng(7)
-    feeds = {**image_feeds(model.cfg, rng, [36, 3, 0, 20, 36], 36), **text_feeds(model.cfg, rng, [4, 1, 9], 9)}
+    feeds = {
+        **image_feeds(model.cfg, rng, [36, 3, 0, 20, 36], 36),
+        **text_feeds(model.cfg, rng, [4, 1, 9], 9),
+    }
     np.savez(tmp_path / "feeds.npz", **feeds)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(tiny_bundle), str(tmp_path / "feeds.npz"), precision],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(tiny_bundle), str(tmp_path / "feeds.npz"), precision],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["torch"] is False and out["ours"] == []
     t = to_torch(feeds)
     with torch.inference_mode():
-        ref = model.score(model.encode_image(t["regions"], t["region_mask"]),
-                          model.encode_text(t["tokens"], t["token_mask"])).numpy()
+        ref = model.score(
+            model.encode_image(t["regions"], t["region_mask"]),
+            model.encode_text(t["tokens"], t["token_mask"]),
+        ).numpy()
     np.testing.assert_allclose(np.array(out["final"]), ref, rtol=0, atol=TOLERANCES[precision].atol)
 
 
 # ---- fp16 --------------------------------------------------------------------------
-def test_fp16_graphs_agree_with_pytorch_fp32_within_the_fp16_tolerance(tiny_bundle: Path, model: MSSAN) -> None:
+def test_fp16_graphs_agree_with_pytorch_fp32_within_the_fp16_tolerance(
+    tiny_bundle: Path, model: MSSAN
+) -> None:
     report = validate_graphs(model, _paths(tiny_bundle, "fp16"), precision="fp16")
     assert report.passed, report.failures
     tol = TOLERANCES["fp16"]
     assert len(report.reranks) == 2
-    assert all(r.topk_agreement is not None and r.topk_agreement >= tol.topk_agreement for r in report.reranks)
+    assert all(
+        r.topk_agreement is not None and r.topk_agreement >= tol.topk_agreement for r in report.reranks
+    )
     worst = report.max_abs()
     assert max(worst.values()) <= tol.atol
     # fp16 rounding is really measured (the CPU provider would otherwise compute in fp32).
@@ -219,23 +251,27 @@ def test_fp16_graphs_keep_softmax_norms_reductions_and_gru_in_fp32(tiny_bundle: 
             elif node.op_type in ("Softmax", "Sqrt", "Div", "ReduceSum", "ReduceMean", "GRU", "Exp", "Log"):
                 assert onnx.TensorProto.FLOAT16 not in ins, f"{name}: {node.op_type} {node.name} runs in fp16"
         assert fp16_ops == {"MatMul"}
-        assert [types[i.name] for i in g.input] == [onnx.TensorProto.FLOAT if t.dtype == "float32"
-                                                    else onnx.TensorProto.INT64 for t in spec.inputs]
+        assert [types[i.name] for i in g.input] == [
+            onnx.TensorProto.FLOAT if t.dtype == "float32" else onnx.TensorProto.INT64 for t in spec.inputs
+        ]
         assert {types[o.name] for o in g.output} == {onnx.TensorProto.FLOAT}
 
 
 # ---- arguments, output folder, CLI -----------------------------------------------------
-def test_tensorrt_without_tensorrt_fails_before_writing_anything(tmp_path: Path, tiny_checkpoint: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensorrt_without_tensorrt_fails_before_writing_anything(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mssan_infer.errors import BackendUnavailableError
 
-    monkeypatch.setitem(sys.modules, "tensorrt", None)             # as on a machine without TensorRT
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on a machine without TensorRT
     with pytest.raises(BackendUnavailableError, match="pip install tensorrt"):
         export_bundle(tiny_checkpoint, tmp_path / "b", tensorrt=True)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_out_folder_that_is_not_a_bundle_is_kept_unless_forced(tmp_path: Path, tiny_checkpoint: Path) -> None:
+def test_an_out_folder_that_is_not_a_bundle_is_kept_unless_forced(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
     out = tmp_path / "data"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
@@ -247,26 +283,47 @@ def test_an_out_folder_that_is_not_a_bundle_is_kept_unless_forced(tmp_path: Path
     assert (tiny_checkpoint / "model.safetensors").is_file()
     export_bundle(tiny_checkpoint, out, force=True)
     assert not (out / "precious.txt").exists() and load_bundle(out).manifest.raw["verified"] is True
-    export_bundle(tiny_checkpoint, out)                     # an existing bundle is replaced without --force
+    export_bundle(tiny_checkpoint, out)  # an existing bundle is replaced without --force
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "export", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 def test_cli_help_lists_the_options(tmp_path: Path) -> None:
     proc = _cli("--help", cwd=tmp_path)
     assert proc.returncode == 0
-    for opt in ("--checkpoint", "--out", "--opset", "--fp16", "--atol", "--no-verify", "--force", "--tensorrt", "--triton"):
+    for opt in (
+        "--checkpoint",
+        "--out",
+        "--opset",
+        "--fp16",
+        "--atol",
+        "--no-verify",
+        "--force",
+        "--tensorrt",
+        "--triton",
+    ):
         assert opt in proc.stdout
 
 
-def test_cli_no_verify_records_failed_parity_and_writes_verified_false(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    proc = _cli("--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--atol", "1e-15", "--no-verify",
-                cwd=tmp_path)
+def test_cli_no_verify_records_failed_parity_and_writes_verified_false(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    proc = _cli(
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--out",
+        str(tmp_path / "b"),
+        "--atol",
+        "1e-15",
+        "--no-verify",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = load_bundle(tmp_path / "b").manifest.raw
     assert m["verified"] is False
@@ -274,9 +331,9 @@ def test_cli_no_verify_records_failed_parity_and_writes_verified_false(tmp_path:
     assert "fp16_graphs" not in m
 
 
-def test_cli_reports_a_typed_error_in_one_line_and_exits_1(tmp_path: Path, tiny_checkpoint: Path,
-                                                           capsys: pytest.CaptureFixture[str],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_reports_a_typed_error_in_one_line_and_exits_1(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from export.__main__ import main
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
@@ -291,18 +348,21 @@ def test_cli_reports_a_typed_error_in_one_line_and_exits_1(tmp_path: Path, tiny_
 
 
 def test_non_unit_level_weights_reach_the_manifest_and_both_stages_of_the_runtime(
-    tmp_path: Path, tiny_checkpoint: Path,
+    tmp_path: Path,
+    tiny_checkpoint: Path,
 ) -> None:
     from mssan_infer import Retriever
     from training.checkpoint import save_checkpoint
 
     ck = load_checkpoint(tiny_checkpoint)
-    lams = {"lam_gg": 0.3, "lam_gl": 1.7, "lam_ll": 0.6}             # as dev selection may save them
+    lams = {"lam_gg": 0.3, "lam_gl": 1.7, "lam_ll": 0.6}  # as dev selection may save them
     weighted = MSSAN(ModelConfig.from_dict({**ck.model.cfg.to_dict(), **lams}))
     weighted.load_state_dict(ck.model.state_dict())
     bundle = export_bundle(save_checkpoint(tmp_path / "ck", weighted, ck.tokenizer), tmp_path / "bundle")
     m = json.loads((bundle / MANIFEST_FILE).read_text())
-    assert {k: m["scoring"][k] for k in lams} == lams and all(m["model_config"][k] == v for k, v in lams.items())
+    assert {k: m["scoring"][k] for k in lams} == lams and all(
+        m["model_config"][k] == v for k, v in lams.items()
+    )
 
     rng = np.random.default_rng(3)
     feats = rng.normal(size=(12, 5, ck.model.cfg.img_dim)).astype(np.float32)
@@ -312,11 +372,11 @@ def test_non_unit_level_weights_reach_the_manifest_and_both_stages_of_the_runtim
     with torch.inference_mode():
         img = weighted.encode_image(torch.tensor(feats), torch.ones(12, 5))
         txt = weighted.encode_text(*map(torch.tensor, ck.tokenizer.encode_batch(caps)))
-        s1 = (0.3 * weighted.s_gg(img, txt) + 1.7 * weighted.s_gl(img, txt)).numpy()        # [12, 3]
+        s1 = (0.3 * weighted.s_gg(img, txt) + 1.7 * weighted.s_gl(img, txt)).numpy()  # [12, 3]
         full = s1 + 0.6 * weighted.s_ll(img, txt).numpy()
     for j, cap in enumerate(caps):
-        for h in r.search(text=cap, k=12, rerank=0):                  # stage 1 alone: exact lam_gg*S_gg + lam_gl*S_gl
-            assert abs(h.stage1 - s1[int(h.id), j]) < 1e-5           # type: ignore[call-overload]
+        for h in r.search(text=cap, k=12, rerank=0):  # stage 1 alone: exact lam_gg*S_gg + lam_gl*S_gl
+            assert abs(h.stage1 - s1[int(h.id), j]) < 1e-5  # type: ignore[call-overload]
         hits = r.search(text=cap, k=12, rerank=12)
-        assert [int(h.id) for h in hits] == np.argsort(-full[:, j], kind="stable").tolist()   # type: ignore[call-overload]
-        assert all(abs(h.score - full[int(h.id), j]) < 1e-4 for h in hits)                  # type: ignore[call-overload]
+        assert [int(h.id) for h in hits] == np.argsort(-full[:, j], kind="stable").tolist()  # type: ignore[call-overload]
+        assert all(abs(h.score - full[int(h.id), j]) < 1e-4 for h in hits)  # type: ignore[call-overload]

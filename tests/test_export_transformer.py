@@ -1,5 +1,6 @@
 """Export of the transformer text tower: fp32/fp16 parity at dynamic B and L, the int8 variant and its gate,
 the runtime on such bundles, TensorRT profiles and Triton configs for the new graph."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,14 @@ import onnx
 import pytest
 import torch
 
-from mssan_infer import Retriever
+from mssan_infer import OnnxRuntimeOptions, Retriever
 from mssan_infer.errors import BundleError, InputError
 from mssan_infer.spec import GRAPHS, TEXT_ENCODER, TOLERANCES
-from mssan_infer import OnnxRuntimeOptions
 
 
-def test_transformer_bundle_is_verified_at_fp32_and_fp16_with_dynamic_batch_and_length(tiny_bert_bundle: Path) -> None:
+def test_transformer_bundle_is_verified_at_fp32_and_fp16_with_dynamic_batch_and_length(
+    tiny_bert_bundle: Path,
+) -> None:
     m = json.loads((tiny_bert_bundle / "manifest.json").read_text())
     assert m["verified"] and m["model_config"]["text_encoder"] == "transformer"
     for precision in ("fp32", "fp16"):
@@ -34,8 +36,9 @@ def test_transformer_bundle_is_verified_at_fp32_and_fp16_with_dynamic_batch_and_
     assert m["files"]["tokenizer.json"] == m["tokenizer"]["sha256"]
 
 
-def test_runtime_encodings_equal_pytorch_on_the_bundle_tokenizer(tiny_bert_bundle: Path,
-                                                                 tiny_bert_checkpoint: Path) -> None:
+def test_runtime_encodings_equal_pytorch_on_the_bundle_tokenizer(
+    tiny_bert_bundle: Path, tiny_bert_checkpoint: Path
+) -> None:
     from training.checkpoint import load_checkpoint
 
     caps = ["a red dog near the blue ball", "a cat", "the green tree and a small car on the beach"]
@@ -56,29 +59,46 @@ def split_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small precomp folder with 24-d regions (the tiny checkpoint's Dv) for the int8 gate."""
     from training.synth import generate
 
-    return generate(tmp_path_factory.mktemp("int8") / "data", images=20, seed=0, feat_dim=24, eval_images=30,
-                    regions=12, max_object_regions=2)
+    return generate(
+        tmp_path_factory.mktemp("int8") / "data",
+        images=20,
+        seed=0,
+        feat_dim=24,
+        eval_images=30,
+        regions=12,
+        max_object_regions=2,
+    )
 
 
 @pytest.fixture(scope="module")
-def int8_bundle(tiny_bert_checkpoint: Path, split_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def int8_bundle(
+    tiny_bert_checkpoint: Path, split_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     from export import export_bundle
 
     # An untrained model: its recall is near chance, so the ratio gate is recorded, not enforced, here.
-    return export_bundle(tiny_bert_checkpoint, tmp_path_factory.mktemp("b8") / "b", int8=True,
-                         int8_data=split_data, verify=False)
+    return export_bundle(
+        tiny_bert_checkpoint,
+        tmp_path_factory.mktemp("b8") / "b",
+        int8=True,
+        int8_data=split_data,
+        verify=False,
+    )
 
 
 def test_int8_text_encoder_is_fused_quantized_and_recorded(int8_bundle: Path) -> None:
     m = json.loads((int8_bundle / "manifest.json").read_text())
     table = m["int8_graphs"]
-    assert table["text_encoder"]["file"] == "int8/text_encoder.onnx" and table["text_encoder"]["precision"] == "int8"
+    assert (
+        table["text_encoder"]["file"] == "int8/text_encoder.onnx"
+        and table["text_encoder"]["precision"] == "int8"
+    )
     assert table["image_encoder"]["file"] == "image_encoder.onnx" and table["scorer"]["file"] == "scorer.onnx"
     rep = m["parity"]["int8"]
     q = rep["quantization"]
     assert q["fusions"].get("SkipLayerNormalization", 0) >= 2 and q["quantized_nodes"] >= 8
-    assert q["fp32_matmuls_left"] >= 1                     # attention scores and the Gram: two activations
-    assert q["per_channel"] is True and q["reduce_range"] is True       # 7-bit weights: no U8S8 saturation on AVX2
+    assert q["fp32_matmuls_left"] >= 1  # attention scores and the Gram: two activations
+    assert q["per_channel"] is True and q["reduce_range"] is True  # 7-bit weights: no U8S8 saturation on AVX2
     ops = {n.op_type for n in onnx.load(str(int8_bundle / "int8" / "text_encoder.onnx")).graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
     assert 0 < rep["max_abs"]["text_encoder"] <= TOLERANCES["int8"].atol
@@ -86,7 +106,7 @@ def test_int8_text_encoder_is_fused_quantized_and_recorded(int8_bundle: Path) ->
     assert set(split) >= {"recall_fp32", "recall_int8", "recall1_ratio", "top10_agreement", "failures"}
     assert split["captions"] == 150 and split["top10_agreement"]["t2i"]["mean"] > 0.5
     assert rep["passed"] == (not rep["failures"])
-    assert m["verified"] is False                          # exported with verify=False: recorded, never "verified"
+    assert m["verified"] is False  # exported with verify=False: recorded, never "verified"
 
 
 def test_retriever_loads_the_int8_text_encoder(int8_bundle: Path) -> None:
@@ -113,8 +133,9 @@ def _without_int8(bundle: Path) -> Path:
     return out
 
 
-def test_int8_gate_passes_an_exact_graph_and_fails_another_models_graph(tiny_bert_bundle: Path, tiny_bert_folder: Path,
-                                                                      split_data: Path, tmp_path: Path) -> None:
+def test_int8_gate_passes_an_exact_graph_and_fails_another_models_graph(
+    tiny_bert_bundle: Path, tiny_bert_folder: Path, split_data: Path, tmp_path: Path
+) -> None:
     from export.graphs import build_graphs
     from export.inputs import example_feeds
     from export.int8 import check_split
@@ -128,12 +149,18 @@ def test_int8_gate_passes_an_exact_graph_and_fails_another_models_graph(tiny_ber
     same = check_split(model, tok, tiny_bert_bundle / "text_encoder.onnx", split_data)
     assert not same["failures"] and same["recall1_ratio"] == {"i2t": 1.0, "t2i": 1.0}
     assert same["top10_agreement"]["t2i"]["mean"] == 1.0
-    torch.manual_seed(123)                                     # another model: another text encoder
-    other, _ = pretrained_text_model(tiny_bert_folder, ModelConfig(embed_size=32, img_dim=24, max_len=32), None, 24)
+    torch.manual_seed(123)  # another model: another text encoder
+    other, _ = pretrained_text_model(
+        tiny_bert_folder, ModelConfig(embed_size=32, img_dim=24, max_len=32), None, 24
+    )
     for p in other.text_tower.encoder.parameters():
         torch.nn.init.normal_(p, std=0.5)
-    path = export_graph(build_graphs(other)[TEXT_ENCODER.name], TEXT_ENCODER, example_feeds(other)[TEXT_ENCODER.name],
-                        tmp_path / "other.onnx")
+    path = export_graph(
+        build_graphs(other)[TEXT_ENCODER.name],
+        TEXT_ENCODER,
+        example_feeds(other)[TEXT_ENCODER.name],
+        tmp_path / "other.onnx",
+    )
     wrong = check_split(model, tok, path, split_data)
     assert any("top-10 agreement" in f for f in wrong["failures"]), wrong
 
@@ -162,18 +189,24 @@ def test_transformer_graphs_pass_the_engine_parity_machinery_at_max_len(tiny_ber
     axes = bundle_axes({"B": (1, 4, 8), "Ni": (1, 4, 8), "Nt": (1, 1, 4)}, shape.needs())
     assert axes["L"][2] >= shape.max_len
     graphs = {g: tiny_bert_bundle / "fp16" / spec.file for g, spec in GRAPHS.items()}
-    with OnnxRuntimeBackend(graphs) as fp16:                      # the fp16 graphs stand in for engines
+    with OnnxRuntimeBackend(graphs) as fp16:  # the fp16 graphs stand in for engines
         rep = engine_parity(tiny_bert_bundle, fp16, axes, shape, "fp16")
     assert rep.passed, rep.failures
 
 
-def test_triton_configs_validate_against_the_transformer_text_encoder(tiny_bert_bundle: Path, tmp_path: Path) -> None:
+def test_triton_configs_validate_against_the_transformer_text_encoder(
+    tiny_bert_bundle: Path, tmp_path: Path
+) -> None:
     from export.triton import SUBWORD_FILE, TritonSettings, validate_config, write_repository
 
     write_repository(tiny_bert_bundle, TritonSettings(), out=tmp_path / "repo")
-    cfg = validate_config(tmp_path / "repo" / "text_encoder" / "config.pbtxt", tiny_bert_bundle / "text_encoder.onnx")
+    cfg = validate_config(
+        tmp_path / "repo" / "text_encoder" / "config.pbtxt", tiny_bert_bundle / "text_encoder.onnx"
+    )
     assert [list(i.dims) for i in cfg.input] == [[-1], [-1]]
-    assert (tmp_path / "repo" / "retriever" / "1" / SUBWORD_FILE).read_bytes() == (tiny_bert_bundle / "tokenizer.json").read_bytes()
+    assert (tmp_path / "repo" / "retriever" / "1" / SUBWORD_FILE).read_bytes() == (
+        tiny_bert_bundle / "tokenizer.json"
+    ).read_bytes()
 
 
 # ---- the real MiniLM -------------------------------------------------------------------------
@@ -185,7 +218,9 @@ def test_minilm_text_encoder_exports_with_fp32_parity(minilm_folder: Path, tmp_p
     from training.train import pretrained_text_model
 
     torch.manual_seed(0)
-    model, tok = pretrained_text_model(minilm_folder, ModelConfig(embed_size=64, img_dim=16, max_len=24), None, 16)
+    model, tok = pretrained_text_model(
+        minilm_folder, ModelConfig(embed_size=64, img_dim=16, max_len=24), None, 16
+    )
     ck = save_checkpoint(tmp_path / "ck", model, tok, state={"epoch": 0})
     b = export_bundle(ck, tmp_path / "b")
     m = json.loads((b / "manifest.json").read_text())

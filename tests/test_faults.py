@@ -1,4 +1,5 @@
 """Faults: a save killed with SIGKILL, a disk that fills up mid-save, and concurrent adds/removes/searches."""
+
 from __future__ import annotations
 
 import errno
@@ -16,11 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mssan_infer import Retriever
+from mssan_infer import Retriever, SearchOptions
 from mssan_infer.errors import IndexFileError, IndexWriteError
-from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.folder import load_index, save_index
-from mssan_infer import SearchOptions
+from mssan_infer.gallery.memory import MemoryGallery
 
 ROOT = Path(__file__).resolve().parents[1]
 D, P = 32, 12
@@ -31,8 +31,13 @@ def state(seed: int, n: int) -> MemoryGallery:
     rng = np.random.default_rng(seed)
     g = MemoryGallery(2 * D, D)
     local = rng.normal(size=(n, P, D)).astype(np.float32)
-    g.add(rng.normal(size=(n, 2 * D)).astype(np.float32), local, np.ones((n, P), np.float32),
-          local @ local.transpose(0, 2, 1), ids=[f"s{seed}-{i}" for i in range(n)])
+    g.add(
+        rng.normal(size=(n, 2 * D)).astype(np.float32),
+        local,
+        np.ones((n, P), np.float32),
+        local @ local.transpose(0, 2, 1),
+        ids=[f"s{seed}-{i}" for i in range(n)],
+    )
     return g
 
 
@@ -55,26 +60,27 @@ while True:
 
 
 def test_sigkill_during_save_leaves_the_old_or_the_new_index_loadable_and_intact(tmp_path: Path) -> None:
-    n = 1500                                          # ~11 MB per save: kills land inside writes
+    n = 1500  # ~11 MB per save: kills land inside writes
     path = tmp_path / "idx"
     expected = [state(0, 3), state(1, n), state(2, n + 7)]
     save_index(path, {"images": expected[0]}, bundle_id="b")
     rnd = random.Random(0)
     outcomes = []
     for kill in range(6):
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(ROOT), str(path), str(n)],
-                                 stdout=subprocess.PIPE, cwd=ROOT)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(ROOT), str(path), str(n)], stdout=subprocess.PIPE, cwd=ROOT
+        )
         try:
             assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
             time.sleep(rnd.uniform(0.05, 0.6))
         finally:
             os.kill(child.pid, signal.SIGKILL)
             child.wait()
-        galleries, _ = load_index(path, bundle_id="b")         # verifies every sha256
+        galleries, _ = load_index(path, bundle_id="b")  # verifies every sha256
         matches = [i for i, g in enumerate(expected) if _same(galleries["images"], g)]
         assert len(matches) == 1, f"kill {kill}: the index equals none of the saved states"
         outcomes.append(matches[0])
-    assert any(o in (1, 2) for o in outcomes)        # the children did replace the first index
+    assert any(o in (1, 2) for o in outcomes)  # the children did replace the first index
 
 
 def _fail_on_call(monkeypatch: pytest.MonkeyPatch, target: str, after: int) -> list[int]:
@@ -94,15 +100,18 @@ def _fail_on_call(monkeypatch: pytest.MonkeyPatch, target: str, after: int) -> l
     return calls
 
 
-@pytest.mark.parametrize("target, after", [
-    ("mssan_infer.gallery.folder.write_npy_parts", 1),     # the first array
-    ("mssan_infer.gallery.folder.write_npy_parts", 3),     # half way through a gallery
-    ("mssan_infer.gallery.folder.write_npy_parts", 6),     # in the second gallery
-    ("os.fsync", 4),                         # flushing an array
-    ("mssan_infer.gallery.folder.sha256_file", 2),    # reading back for the manifest
-    ("json.dump", 3),                        # writing the manifest (ids are json.dump'ed first)
-    ("os.replace", 1),                       # putting the new index in place (fallback path)
-])
+@pytest.mark.parametrize(
+    "target, after",
+    [
+        ("mssan_infer.gallery.folder.write_npy_parts", 1),  # the first array
+        ("mssan_infer.gallery.folder.write_npy_parts", 3),  # half way through a gallery
+        ("mssan_infer.gallery.folder.write_npy_parts", 6),  # in the second gallery
+        ("os.fsync", 4),  # flushing an array
+        ("mssan_infer.gallery.folder.sha256_file", 2),  # reading back for the manifest
+        ("json.dump", 3),  # writing the manifest (ids are json.dump'ed first)
+        ("os.replace", 1),  # putting the new index in place (fallback path)
+    ],
+)
 @pytest.mark.parametrize("existing", [True, False])
 def test_a_failed_write_leaves_nothing_half_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, after: int, existing: bool
@@ -125,11 +134,12 @@ def test_a_failed_write_leaves_nothing_half_written(
         assert _same(galleries["images"], state(0, 5))
     else:
         assert not path.exists()
-    assert [p.name for p in tmp_path.iterdir()] == (["idx"] if existing else [])   # no temp folder left
+    assert [p.name for p in tmp_path.iterdir()] == (["idx"] if existing else [])  # no temp folder left
 
 
-def test_a_save_killed_between_the_two_renames_is_rolled_back_on_load(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_save_killed_between_the_two_renames_is_rolled_back_on_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Where directories cannot be swapped atomically, the previous index is put back by the next load."""
     path = tmp_path / "idx"
     save_index(path, {"images": state(0, 5)}, bundle_id="b")
@@ -140,11 +150,11 @@ def test_a_save_killed_between_the_two_renames_is_rolled_back_on_load(tmp_path: 
     def die_on_second(src: Any, dst: Any) -> None:
         calls[0] += 1
         if calls[0] == 2:
-            raise KeyboardInterrupt            # stands for the process dying here: nothing else runs
+            raise KeyboardInterrupt  # stands for the process dying here: nothing else runs
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", die_on_second)
-    monkeypatch.setattr("shutil.rmtree", lambda *a, **k: None)    # a dead process cleans nothing up
+    monkeypatch.setattr("shutil.rmtree", lambda *a, **k: None)  # a dead process cleans nothing up
     with pytest.raises(KeyboardInterrupt):
         save_index(path, {"images": state(1, 9)}, bundle_id="b")
     monkeypatch.undo()
@@ -174,10 +184,12 @@ def test_concurrent_adds_removes_and_searches_never_return_torn_results(tiny_bun
     ref.add_images(feats, mask=mask, ids=[f"i{j}" for j in range(n)])
     ref.add_texts(CAPS * 4, ids=[f"c{j}" for j in range(len(CAPS) * 4)])
     truth_t2i = {q: {h.id: (h.score, h.stage1) for h in ref.search(text=q, k=n, rerank=n)} for q in QUERIES}
-    truth_i2t = {j: {h.id: (h.score, h.stage1) for h in ref.search(image=feats[j][mask[j] > 0], k=24, rerank=24)}
-                 for j in range(4)}
+    truth_i2t = {
+        j: {h.id: (h.score, h.stage1) for h in ref.search(image=feats[j][mask[j] > 0], k=24, rerank=24)}
+        for j in range(4)
+    }
 
-    r = Retriever.load(tiny_bundle, search=SearchOptions(scorer_batch=7))              # several scorer calls per search
+    r = Retriever.load(tiny_bundle, search=SearchOptions(scorer_batch=7))  # several scorer calls per search
     r.add_images(feats[:8], mask=mask[:8], ids=[f"i{j}" for j in range(8)])
     r.add_texts(CAPS[:2], ids=["c0", "c1"])
     stop = threading.Event()
@@ -212,15 +224,17 @@ def test_concurrent_adds_removes_and_searches_never_return_torn_results(tiny_bun
                 for h in hits:
                     score, stage1 = truth[h.id]
                     assert abs(h.stage1 - stage1) < 1e-4, (h, stage1)
-                    if rerank == 0:                     # stage 1 only: the final score is the stage-1 score
+                    if rerank == 0:  # stage 1 only: the final score is the stage-1 score
                         assert h.score == h.stage1, h
-                    else:                               # every returned hit was reranked: the full score
+                    else:  # every returned hit was reranked: the full score
                         assert abs(h.score - score) < 1e-4, (h, score)
                 checked[0] += 1
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader, args=(s,)) for s in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -228,8 +242,9 @@ def test_concurrent_adds_removes_and_searches_never_return_torn_results(tiny_bun
     assert not errors, errors[0]
     assert checked[0] >= 40 and r.n_images == n and r.n_texts == len(CAPS) * 4
     final = r.search(text=QUERIES[0], k=n, rerank=n)
-    assert [(h.id, round(h.score, 4)) for h in final] == [(h.id, round(h.score, 4)) for h in ref.search(
-        text=QUERIES[0], k=n, rerank=n)]
+    assert [(h.id, round(h.score, 4)) for h in final] == [
+        (h.id, round(h.score, 4)) for h in ref.search(text=QUERIES[0], k=n, rerank=n)
+    ]
 
 
 def test_concurrent_saves_and_adds_always_leave_a_loadable_index(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -259,6 +274,6 @@ def test_concurrent_saves_and_adds_always_leave_a_loadable_index(tiny_bundle: Pa
     assert not errors, errors[0]
     loaded = Retriever.load(tiny_bundle, index=tmp_path / "idx")
     ids = loaded.images.ids
-    assert ids == r.images.ids[: len(ids)]                 # a prefix of the additions, in order
+    assert ids == r.images.ids[: len(ids)]  # a prefix of the additions, in order
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]
     json.loads((tmp_path / "idx" / "index.json").read_text())

@@ -1,4 +1,5 @@
 """training.images: Karpathy splits over an image folder, augmentation, and the grid-feature writer."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,13 @@ from training.__main__ import main as training_main
 from training.backbone import BACKBONES, ResNetBackbone
 from training.data import load_split
 from training.images import (
-    EvalTransform, ImageCaptionDataset, TrainTransform, image_folder, karpathy_splits, to_tensor, write_features,
+    EvalTransform,
+    ImageCaptionDataset,
+    TrainTransform,
+    image_folder,
+    karpathy_splits,
+    to_tensor,
+    write_features,
 )
 
 SIZE = 64
@@ -31,14 +38,16 @@ def make_images(root: Path, n: int, seed: int = 0) -> list[str]:
         w, h = (80, 64) if i % 3 else (64, 90)
         arr = np.full((h, w, 3), rng.integers(0, 255, 3), np.uint8)
         y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
-        arr[y: y + h // 2, x: x + w // 2] = rng.integers(0, 255, 3)
+        arr[y : y + h // 2, x : x + w // 2] = rng.integers(0, 255, 3)
         name = f"img{i:03d}.{'png' if i % 2 else 'jpg'}"
         Image.fromarray(arr).save(root / name)
         names.append(name)
     return names
 
 
-WORDS = "red blue green yellow black white dog cat ball tree car man woman bird boat house beach street".split()
+WORDS = (
+    "red blue green yellow black white dog cat ball tree car man woman bird boat house beach street".split()
+)
 
 
 def karpathy_doc(names: list[str], splits: list[str], filepath: str = "") -> dict[str, Any]:
@@ -46,8 +55,15 @@ def karpathy_doc(names: list[str], splits: list[str], filepath: str = "") -> dic
     rng = np.random.default_rng(len(names))
     images = []
     for i, (name, split) in enumerate(zip(names, splits)):
-        caps = [f"a {' '.join(rng.choice(WORDS, 3, replace=False))} picture {i} caption {j}" for j in range(5)]
-        im: dict[str, Any] = {"filename": name, "split": split, "imgid": i, "sentences": [{"raw": c} for c in caps]}
+        caps = [
+            f"a {' '.join(rng.choice(WORDS, 3, replace=False))} picture {i} caption {j}" for j in range(5)
+        ]
+        im: dict[str, Any] = {
+            "filename": name,
+            "split": split,
+            "imgid": i,
+            "sentences": [{"raw": c} for c in caps],
+        }
         if filepath:
             im["filepath"] = filepath
         images.append(im)
@@ -74,7 +90,11 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     splits = ["train"] * 5 + ["restval"] * 2 + ["val"] * 2 + ["test"] * 3
     names = make_images(root / "imgs", len(splits))
     (root / "k.json").write_text(json.dumps(karpathy_doc(names, splits)))
-    return {"images": root / "imgs", "karpathy": root / "k.json", "weights": tiny_weights(root / "bb.safetensors")}
+    return {
+        "images": root / "imgs",
+        "karpathy": root / "k.json",
+        "weights": tiny_weights(root / "bb.safetensors"),
+    }
 
 
 def test_restval_joins_train_val_becomes_dev(dataset: dict[str, Path]) -> None:
@@ -119,14 +139,29 @@ def test_image_folder_lists_images_only(tmp_path: Path) -> None:
 def test_features_are_the_backbone_grid_of_the_eval_transform_in_precomp_layout(
     dataset: dict[str, Path], tmp_path: Path
 ) -> None:
-    info = write_features(dataset["images"], dataset["karpathy"], tmp_path, backbone="resnet-tiny",
-                          weights=dataset["weights"], image_size=SIZE, batch_size=3, progress=False)
-    assert info["grid"] == [2, 2] and info["feature_dim"] == 256 and info["images"] == {"train": 7, "dev": 2, "test": 3}
+    info = write_features(
+        dataset["images"],
+        dataset["karpathy"],
+        tmp_path,
+        backbone="resnet-tiny",
+        weights=dataset["weights"],
+        image_size=SIZE,
+        batch_size=3,
+        progress=False,
+    )
+    assert (
+        info["grid"] == [2, 2]
+        and info["feature_dim"] == 256
+        and info["images"] == {"train": 7, "dev": 2, "test": 3}
+    )
     assert json.loads((tmp_path / "features.json").read_text())["backbone_sha256"] == info["backbone_sha256"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"{s}_{k}" for s in ("train", "dev", "test") for k in ("ims.npy", "caps.txt")] + ["features.json"])
+        [f"{s}_{k}" for s in ("train", "dev", "test") for k in ("ims.npy", "caps.txt")] + ["features.json"]
+    )
     split = load_split(tmp_path, "train")
-    assert split.images.shape == (7, 4, 256) and split.images.dtype == np.float32 and split.region_mask is None
+    assert (
+        split.images.shape == (7, 4, 256) and split.images.dtype == np.float32 and split.region_mask is None
+    )
     # every row (batches of 3 over 7 images, the last one partial) equals the backbone on that image
     from training.backbone import build_backbone
 
@@ -140,22 +175,40 @@ def test_features_are_the_backbone_grid_of_the_eval_transform_in_precomp_layout(
 
 
 def test_float16_storage_halves_the_file(dataset: dict[str, Path], tmp_path: Path) -> None:
-    write_features(dataset["images"], dataset["karpathy"], tmp_path, backbone="resnet-tiny",
-                   weights=dataset["weights"], image_size=SIZE, batch_size=8, dtype="float16", progress=False)
+    write_features(
+        dataset["images"],
+        dataset["karpathy"],
+        tmp_path,
+        backbone="resnet-tiny",
+        weights=dataset["weights"],
+        image_size=SIZE,
+        batch_size=8,
+        dtype="float16",
+        progress=False,
+    )
     split = load_split(tmp_path, "test")
     assert split.images.dtype == np.float16
     regions, mask = split.image_batch(0, 3)
     assert regions.dtype == np.float32 and mask.shape == (3, 4)
 
 
-def test_an_undecodable_image_fails_naming_it_and_leaves_no_partial_file(dataset: dict[str, Path], tmp_path: Path) -> None:
+def test_an_undecodable_image_fails_naming_it_and_leaves_no_partial_file(
+    dataset: dict[str, Path], tmp_path: Path
+) -> None:
     imgs = tmp_path / "imgs"
     names = make_images(imgs, 3)
     (imgs / names[1]).write_bytes((imgs / names[1]).read_bytes()[:40])
     (tmp_path / "k.json").write_text(json.dumps(karpathy_doc(names, ["train", "train", "test"])))
     with pytest.raises(InputError, match=names[1].replace(".", r"\.")):
-        write_features(imgs, tmp_path / "k.json", tmp_path / "out", backbone="resnet-tiny",
-                       weights=dataset["weights"], image_size=SIZE, progress=False)
+        write_features(
+            imgs,
+            tmp_path / "k.json",
+            tmp_path / "out",
+            backbone="resnet-tiny",
+            weights=dataset["weights"],
+            image_size=SIZE,
+            progress=False,
+        )
     assert not list((tmp_path / "out").glob("*train*"))
 
 
@@ -184,13 +237,41 @@ def test_image_caption_dataset_yields_one_item_per_caption(dataset: dict[str, Pa
     assert pixels.shape == (3, SIZE, SIZE) and (i, k) == (1, 7) and caption == s["dev"].captions[7]
 
 
-def test_features_command_writes_the_precomp_layout(dataset: dict[str, Path], tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    rc = training_main(["features", "--images", str(dataset["images"]), "--karpathy", str(dataset["karpathy"]),
-                        "--out", str(tmp_path), "--backbone", "resnet-tiny", "--backbone-weights",
-                        str(dataset["weights"]), "--image-size", "64", "--batch-size", "4", "--no-progress"])
+def test_features_command_writes_the_precomp_layout(
+    dataset: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = training_main(
+        [
+            "features",
+            "--images",
+            str(dataset["images"]),
+            "--karpathy",
+            str(dataset["karpathy"]),
+            "--out",
+            str(tmp_path),
+            "--backbone",
+            "resnet-tiny",
+            "--backbone-weights",
+            str(dataset["weights"]),
+            "--image-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and "resnet-tiny" in capsys.readouterr().out
     assert load_split(tmp_path, "dev").images.shape == (2, 4, 256)
-    rc = training_main(["features", "--images", str(dataset["images"]), "--karpathy", str(tmp_path / "none.json"),
-                        "--out", str(tmp_path), "--no-progress"])
+    rc = training_main(
+        [
+            "features",
+            "--images",
+            str(dataset["images"]),
+            "--karpathy",
+            str(tmp_path / "none.json"),
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 1

@@ -9,6 +9,7 @@ a function, a class, a ``try`` or an ``if`` (a lazy import is still an edge: it 
 moves the circle from import time to call time). ``from pkg import name`` is an edge to
 the submodule ``pkg.name`` where there is one, else to ``pkg`` itself.
 """
+
 from __future__ import annotations
 
 import ast
@@ -63,13 +64,13 @@ def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) 
         target = node.module or ""
     for alias in node.names:
         if alias.name != "*":
-            yield f"{target}.{alias.name}"     # a submodule if there is one ...
-    yield target                                # ... else the package / module itself
+            yield f"{target}.{alias.name}"  # a submodule if there is one ...
+    yield target  # ... else the package / module itself
 
 
 def _edges(tree: ast.AST, module: str, is_package: bool, modules: set[str]) -> set[str]:
     out: set[str] = set()
-    for node in ast.walk(tree):                 # walks function bodies too: lazy imports count
+    for node in ast.walk(tree):  # walks function bodies too: lazy imports count
         if not isinstance(node, (ast.Import, ast.ImportFrom)):
             continue
         if isinstance(node, ast.ImportFrom):
@@ -158,7 +159,7 @@ def _shortest_cycle(graph: Mapping[str, set[str]], comp: list[str]) -> list[str]
             if child not in prev:
                 prev[child] = node
                 queue.append(child)
-    raise AssertionError(f"no cycle through {start} in {comp}")    # pragma: no cover
+    raise AssertionError(f"no cycle through {start} in {comp}")  # pragma: no cover
 
 
 def find_cycles(graph: Mapping[str, set[str]]) -> list[list[str]]:
@@ -170,14 +171,29 @@ def _describe(cycles: list[list[str]], graph: Mapping[str, set[str]]) -> str:
     lines = []
     for cycle in cycles:
         members = next(c for c in _strong_components(graph) if cycle[0] in c)
-        extra = f" (circle of {len(members)} modules: {', '.join(members)})" if len(members) > len(cycle) - 1 else ""
+        extra = (
+            f" (circle of {len(members)} modules: {', '.join(members)})"
+            if len(members) > len(cycle) - 1
+            else ""
+        )
         lines.append("  " + " -> ".join(cycle) + extra)
     return "\n".join(lines)
 
 
 # ---- sys.path edits ----------------------------------------------------------------
-_MUTATORS = {"insert", "append", "extend", "remove", "pop", "clear", "reverse", "sort",
-             "__setitem__", "__delitem__", "__iadd__"}
+_MUTATORS = {
+    "insert",
+    "append",
+    "extend",
+    "remove",
+    "pop",
+    "clear",
+    "reverse",
+    "sort",
+    "__setitem__",
+    "__delitem__",
+    "__iadd__",
+}
 
 
 def sys_path_edits(tree: ast.AST) -> list[tuple[int, str]]:
@@ -210,13 +226,16 @@ def sys_path_edits(tree: ast.AST) -> list[tuple[int, str]]:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             if node.func.attr in _MUTATORS and is_sys_path(node.func.value):
                 found.append((node.lineno, f"sys.path.{node.func.attr}(...)"))
-            elif (node.func.attr == "addsitedir" and isinstance(node.func.value, ast.Name)
-                  and node.func.value.id == "site"):
+            elif (
+                node.func.attr == "addsitedir"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "site"
+            ):
                 found.append((node.lineno, "site.addsitedir(...)"))
         elif (
             (isinstance(node, ast.Assign) and any(targets_sys_path(t) for t in node.targets))
             or (isinstance(node, ast.AnnAssign) and targets_sys_path(node.target))
-            or (isinstance(node, ast.AugAssign) and is_sys_path(node.target))   # also ``path += [...]``
+            or (isinstance(node, ast.AugAssign) and is_sys_path(node.target))  # also ``path += [...]``
             or (isinstance(node, ast.AugAssign) and targets_sys_path(node.target))
         ):
             found.append((node.lineno, "assignment to sys.path"))
@@ -255,14 +274,18 @@ def _write(root: Path, files: Mapping[str, str]) -> None:
 
 
 def test_import_graph_finds_lazy_and_submodule_circles(tmp_path: Path) -> None:
-    _write(tmp_path, {
-        "pkg/__init__.py": "from .a import run\n",
-        "pkg/a.py": "def run():\n    from .sub import b\n    return b\n",          # lazy, from-package-import-submodule
-        "pkg/sub/__init__.py": "",
-        "pkg/sub/b.py": "import pkg.sub.c\n",
-        "pkg/sub/c.py": "from ..a import run\n",                                    # back to pkg.a
-        "pkg/d.py": "from pkg import run\nimport json\n",                           # a name of pkg/__init__
-    })
+    _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "from .a import run\n",
+            # lazy, from-package-import-submodule
+            "pkg/a.py": "def run():\n    from .sub import b\n    return b\n",
+            "pkg/sub/__init__.py": "",
+            "pkg/sub/b.py": "import pkg.sub.c\n",
+            "pkg/sub/c.py": "from ..a import run\n",  # back to pkg.a
+            "pkg/d.py": "from pkg import run\nimport json\n",  # a name of pkg/__init__
+        },
+    )
     graph = import_graph(tmp_path, ["pkg"])
     assert graph["pkg"] == {"pkg.a"}
     assert graph["pkg.a"] == {"pkg.sub.b"}
@@ -271,7 +294,7 @@ def test_import_graph_finds_lazy_and_submodule_circles(tmp_path: Path) -> None:
     assert graph["pkg.d"] == {"pkg"}
     assert find_cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.sub.c", "pkg.a"]]
 
-    (tmp_path / "pkg/sub/c.py").write_text("from .. import d\n", encoding="utf-8")   # -> pkg.d -> pkg -> pkg.a
+    (tmp_path / "pkg/sub/c.py").write_text("from .. import d\n", encoding="utf-8")  # -> pkg.d -> pkg -> pkg.a
     cycles = find_cycles(import_graph(tmp_path, ["pkg"]))
     assert cycles == [["pkg", "pkg.a", "pkg.sub.b", "pkg.sub.c", "pkg.d", "pkg"]]
 
@@ -279,26 +302,32 @@ def test_import_graph_finds_lazy_and_submodule_circles(tmp_path: Path) -> None:
     assert find_cycles(import_graph(tmp_path, ["pkg"])) == []
 
 
-@pytest.mark.parametrize("source", [
-    "import sys\nsys.path.insert(0, 'x')\n",
-    "import sys\ndef f():\n    sys.path.append('x')\n",
-    "import sys as s\ns.path.extend(['x'])\n",
-    "import sys\nsys.path = ['x']\n",
-    "import sys\nsys.path[:0] = ['x']\n",
-    "import sys\nsys.path += ['x']\n",
-    "from sys import path\npath.insert(0, 'x')\n",
-    "import site\nsite.addsitedir('x')\n",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import sys\nsys.path.insert(0, 'x')\n",
+        "import sys\ndef f():\n    sys.path.append('x')\n",
+        "import sys as s\ns.path.extend(['x'])\n",
+        "import sys\nsys.path = ['x']\n",
+        "import sys\nsys.path[:0] = ['x']\n",
+        "import sys\nsys.path += ['x']\n",
+        "from sys import path\npath.insert(0, 'x')\n",
+        "import site\nsite.addsitedir('x')\n",
+    ],
+)
 def test_sys_path_edits_are_found(source: str) -> None:
     assert sys_path_edits(ast.parse(source))
 
 
-@pytest.mark.parametrize("source", [
-    "import sys\npaths = list(sys.path)\n",
-    "import os\nos.path.join('a', 'b')\n",
-    "S = '''\nimport sys\nsys.path.insert(0, sys.argv[1])\n'''\n",     # a child script's text, not an edit
-    "from pathlib import Path\npath = Path('x')\npath.parent\n",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import sys\npaths = list(sys.path)\n",
+        "import os\nos.path.join('a', 'b')\n",
+        "S = '''\nimport sys\nsys.path.insert(0, sys.argv[1])\n'''\n",  # a child script's text, not an edit
+        "from pathlib import Path\npath = Path('x')\npath.parent\n",
+    ],
+)
 def test_sys_path_reads_are_not_edits(source: str) -> None:
     assert sys_path_edits(ast.parse(source)) == []
 
@@ -311,17 +340,30 @@ def reexports_only(tree: ast.Module) -> bool:
     only a docstring is not a shim (it defines the package).
     """
     body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
-    imports = [n for n in body if isinstance(n, (ast.Import, ast.ImportFrom)) and not (
-        isinstance(n, ast.ImportFrom) and n.module == "__future__")]
-    rest = [n for n in body if not isinstance(n, (ast.Import, ast.ImportFrom)) and not (
-        isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets))]
+    imports = [
+        n
+        for n in body
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")
+    ]
+    rest = [
+        n
+        for n in body
+        if not isinstance(n, (ast.Import, ast.ImportFrom))
+        and not (
+            isinstance(n, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)
+        )
+    ]
     return bool(imports) and not rest
 
 
 def test_no_runtime_module_only_reexports_another() -> None:
     shims = [
-        _module_name(ROOT, p) for package in ("mssan_infer", "export", "training")
-        for p in _py_files(ROOT, package) if p.name != "__init__.py" and reexports_only(_parse(p))
+        _module_name(ROOT, p)
+        for package in ("mssan_infer", "export", "training")
+        for p in _py_files(ROOT, package)
+        if p.name != "__init__.py" and reexports_only(_parse(p))
     ]
     assert shims == [], f"modules that only re-export others (import from the defining module): {shims}"
 

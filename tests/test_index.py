@@ -1,4 +1,5 @@
 """Gallery store: top-k, padding, append, remove, snapshots, atomic save/load with checksums (numpy only)."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mssan_infer.errors import IndexFileError, InputError
-from mssan_infer.names import INDEX_FORMAT_VERSION, INDEX_MANIFEST
-from mssan_infer.gallery.memory import MemoryGallery
-from mssan_infer.gallery.folder import load_index, save_index
-from mssan_infer.gallery.stage1 import topk_inner_product
 from mssan_infer import GalleryOptions, Layout, Stage1Options
+from mssan_infer.errors import IndexFileError, InputError
+from mssan_infer.gallery.folder import load_index, save_index
+from mssan_infer.gallery.memory import MemoryGallery
+from mssan_infer.gallery.stage1 import topk_inner_product
+from mssan_infer.names import INDEX_FORMAT_VERSION, INDEX_MANIFEST
 
 D = 8
 
@@ -57,8 +58,12 @@ def test_topk_clips_k_to_gallery_size_and_breaks_ties_by_row() -> None:
 
 def test_faiss_flat_and_numpy_stage1_return_the_same_topk() -> None:
     import faiss  # noqa: F401  (dev extra: a missing faiss fails, never skips)
+
     st, lo, ma, gr = items(300, 3, seed=2)
-    a, b = MemoryGallery(2 * D, D), MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss")))
+    a, b = (
+        MemoryGallery(2 * D, D),
+        MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss"))),
+    )
     a.add(st, lo, ma, gr)
     b.add(st, lo, ma, gr)
     q = np.random.default_rng(3).normal(size=(5, 2 * D)).astype(np.float32)
@@ -66,14 +71,18 @@ def test_faiss_flat_and_numpy_stage1_return_the_same_topk() -> None:
     ib, sb = b.view().topk(q, 15)
     assert np.array_equal(ia, ib)
     assert np.allclose(sa, sb, atol=1e-4)
-    b.add(*items(10, 3, seed=9))          # the FAISS index follows appends
+    b.add(*items(10, 3, seed=9))  # the FAISS index follows appends
     assert b.view().topk(q, 400)[0].shape == (5, 310)
 
 
 def test_faiss_hnsw_finds_most_exact_neighbours() -> None:
     import faiss  # noqa: F401  (dev extra: a missing faiss fails, never skips)
+
     st, lo, ma, gr = items(400, 2, seed=4)
-    exact, hnsw = MemoryGallery(2 * D, D), MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss-hnsw")))
+    exact, hnsw = (
+        MemoryGallery(2 * D, D),
+        MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss-hnsw"))),
+    )
     exact.add(st, lo, ma, gr)
     hnsw.add(st, lo, ma, gr)
     q = np.random.default_rng(5).normal(size=(10, 2 * D)).astype(np.float32)
@@ -87,12 +96,16 @@ def test_faiss_ivf_finds_most_exact_neighbours_and_all_when_probing_every_list(
     options: dict[str, int], min_overlap: float
 ) -> None:
     import faiss  # noqa: F401  (dev extra: a missing faiss fails, never skips)
+
     st, lo, ma, gr = items(800, 2, seed=6)
-    exact, ivf = MemoryGallery(2 * D, D), MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss-ivf", **options)))
+    exact, ivf = (
+        MemoryGallery(2 * D, D),
+        MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss-ivf", **options))),
+    )
     exact.add(st, lo, ma, gr)
     ivf.add(st, lo, ma, gr)
     q = np.random.default_rng(7).normal(size=(10, 2 * D)).astype(np.float32)
-    (ie, se), (ii, si) = exact.view().topk(q, 10), ivf.view().topk(q, 10)
+    (ie, _), (ii, si) = exact.view().topk(q, 10), ivf.view().topk(q, 10)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ie, ii)])
     assert overlap >= min_overlap
     idx = ivf.view().faiss_index
@@ -117,30 +130,40 @@ def test_items_of_different_lengths_are_padded_to_the_longest_with_masks() -> No
     assert np.array_equal(st, np.concatenate([first[0], second[0]]))
     rows = np.array([4, 0])
     local, mask, gram = g.view().gather(rows)
-    assert local.shape == (2, 4, D)          # trimmed to the longest of the gathered items
+    assert local.shape == (2, 4, D)  # trimmed to the longest of the gathered items
     assert mask.sum(1).tolist() == [4, 2]
 
 
 def test_gather_keeps_real_positions_after_a_masked_gap() -> None:
     st, lo, ma, gr = items(2, 4, seed=3)
     ma[0, 3] = 0
-    ma[1, 1:3] = 0                             # gap in the middle: width must stay 4
+    ma[1, 1:3] = 0  # gap in the middle: width must stay 4
     g = MemoryGallery(2 * D, D)
     g.add(st, lo, ma, gr)
     local, mask, _ = g.view().gather(np.array([1]))
     assert local.shape[1] == 4 and mask[0].tolist() == [1, 0, 0, 1]
 
 
-@pytest.mark.parametrize("dtype, mmap", [("float32", False), ("float16", False), ("float32", True), ("float16", True)])
+@pytest.mark.parametrize(
+    "dtype, mmap", [("float32", False), ("float16", False), ("float32", True), ("float16", True)]
+)
 @pytest.mark.parametrize("lengths", [[6] * 70, [2, 6, 3, 4] * 17 + [1, 5]], ids=["full-width", "trimmed"])
-def test_gather_split_over_threads_equals_one_thread(tmp_path: Path, dtype: str, mmap: bool, lengths: list[int]) -> None:
+def test_gather_split_over_threads_equals_one_thread(
+    tmp_path: Path, dtype: str, mmap: bool, lengths: list[int]
+) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     st, lo, ma, gr = items(len(lengths), lengths, seed=5)
-    g = MemoryGallery(2 * D, D, GalleryOptions(layout=(Layout("float32", dtype) if dtype else None), mmap=mmap, spill_dir=tmp_path / "spill"))
+    g = MemoryGallery(
+        2 * D,
+        D,
+        GalleryOptions(
+            layout=(Layout("float32", dtype) if dtype else None), mmap=mmap, spill_dir=tmp_path / "spill"
+        ),
+    )
     g.add(st, lo, ma, gr)
     rows = np.random.default_rng(0).permutation(len(lengths))[:50]
-    rows[:5] = rows[0]                                          # repeated rows are fine
+    rows[:5] = rows[0]  # repeated rows are fine
     view = g.view()
     one = view.gather(rows)
     with ThreadPoolExecutor(3) as pool:
@@ -165,7 +188,13 @@ def test_default_ids_count_up_from_the_largest_int_id() -> None:
 
 @pytest.mark.parametrize(
     "ids, match",
-    [(["a", "a"], "duplicate"), (["a", 0], "already"), ([True, "z"], "str or int"), ([1.5, "z"], "str or int"), (["z"], "ids for")],
+    [
+        (["a", "a"], "duplicate"),
+        (["a", 0], "already"),
+        ([True, "z"], "str or int"),
+        ([1.5, "z"], "str or int"),
+        (["z"], "ids for"),
+    ],
 )
 def test_bad_or_colliding_ids_are_refused_and_nothing_is_added(ids: list[object], match: str) -> None:
     g = MemoryGallery(2 * D, D)
@@ -208,7 +237,7 @@ def test_a_view_is_unchanged_by_later_adds_and_removes() -> None:
     g.add(*items(4, 2), ids=[0, 1, 2, 3])
     v = g.view()
     before = v.arrays()[1], list(v.ids[: v.n])
-    g.add(*items(3, 6, seed=1))                # grows the padding: new buffers
+    g.add(*items(3, 6, seed=1))  # grows the padding: new buffers
     g.remove([0, 2])
     assert np.array_equal(v.arrays()[1], before[0]) and list(v.ids[: v.n]) == before[1]
 
@@ -232,7 +261,9 @@ def test_concurrent_adds_from_threads_lose_nothing() -> None:
 
 # ---- memory-mapped / fp16 ---------------------------------------------------------
 def test_memmapped_fp16_gallery_lives_in_spill_files_and_matches_fp32(tmp_path: Path) -> None:
-    g = MemoryGallery(2 * D, D, GalleryOptions(layout=Layout("float32", "float16"), mmap=True, spill_dir=tmp_path / "spill"))
+    g = MemoryGallery(
+        2 * D, D, GalleryOptions(layout=Layout("float32", "float16"), mmap=True, spill_dir=tmp_path / "spill")
+    )
     ref = MemoryGallery(2 * D, D)
     for seed in range(3):
         batch = items(20, 2 + seed, seed=seed)
@@ -242,7 +273,7 @@ def test_memmapped_fp16_gallery_lives_in_spill_files_and_matches_fp32(tmp_path: 
     local = v.blocks[0].local
     assert isinstance(local.base, np.memmap) or isinstance(local, np.memmap)
     assert local.dtype == np.float16
-    for name in ("stage1", "local", "mask", "gram"):           # spill files are unlinked once mapped (POSIX)
+    for name in ("stage1", "local", "mask", "gram"):  # spill files are unlinked once mapped (POSIX)
         arr = getattr(v.blocks[0], name)
         mapped = arr if isinstance(arr, np.memmap) else arr.base
         assert isinstance(mapped, np.memmap) and Path(mapped.filename).parent == tmp_path / "spill"
@@ -269,7 +300,7 @@ def test_save_load_round_trip_restores_arrays_and_ids(tmp_path: Path, mmap: bool
     assert h.ids == ["a", "b", 7, "d", 9, "f"] and h.dtype == np.dtype(dtype)
     for a, b in zip(full(g), full(h)):
         assert np.array_equal(a, b)
-    h.add(*items(1, 8, seed=5), ids=["new"])   # append without re-encoding the rest
+    h.add(*items(1, 8, seed=5), ids=["new"])  # append without re-encoding the rest
     h.remove(["a"])
     assert h.ids[-1] == "new" and h.max_length == 8
     assert np.array_equal(full(h)[1][:5, :4], full(g)[1][1:, :4])
@@ -322,7 +353,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(OSError):
         save_index(path, {"images": g}, bundle_id="b1")
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["idx"]     # no temp folder left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no temp folder left behind
 
 
 def test_save_never_overwrites_a_folder_that_is_not_an_index(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 """Gallery layouts: compressed stage 1 rescored exactly, int8 locals, memory while adding, saved layouts."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mssan_infer import GalleryOptions, Stage1Options
+from mssan_infer.errors import IndexFileError, InputError
+from mssan_infer.gallery.folder import load_index, save_index
 from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.storage import LAYOUTS, Stage1Codec, quantize_vectors
-from mssan_infer.gallery.folder import load_index, save_index
-from mssan_infer.errors import IndexFileError, InputError
-from mssan_infer import GalleryOptions, Stage1Options
 
 D = 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def test_compressed_stage1_returns_the_exact_topk_with_float32_scores(layout: st
     ri, rs = exact.view().topk(q, k)
     ci, cs = comp.view().topk(q, k)
     assert np.array_equal(ci, ri)
-    np.testing.assert_allclose(cs, rs, rtol=0, atol=1e-5)        # float32 dot products, other summation order
+    np.testing.assert_allclose(cs, rs, rtol=0, atol=1e-5)  # float32 dot products, other summation order
     assert cs.dtype == np.float32
 
 
@@ -65,7 +66,9 @@ def test_certified_stage1_is_exact_even_when_compressed_scores_tie(layout: str) 
     st = (base + 1e-4 * rng.normal(size=(600, 2 * D))).astype(np.float32)
     _, lo, ma, gr = items(600)
     exact = MemoryGallery(2 * D, D)
-    comp = MemoryGallery(2 * D, D, GalleryOptions(layout=layout, stage1=Stage1Options(overfetch=1, certify=True)))
+    comp = MemoryGallery(
+        2 * D, D, GalleryOptions(layout=layout, stage1=Stage1Options(overfetch=1, certify=True))
+    )
     for g in (exact, comp):
         g.add(st, lo, ma, gr)
     q = queries(3)
@@ -80,7 +83,7 @@ def test_stage1_error_bound_holds_for_every_item() -> None:
         codes, outl = codec.encode(st)
         assert not outl.any()
         qq, factor = codec.query(q)
-        approx = (qq.astype(np.float64) @ codes.astype(np.float64).T) * factor[:, None]      # what FAISS computes
+        approx = (qq.astype(np.float64) @ codes.astype(np.float64).T) * factor[:, None]  # what FAISS computes
         err = np.abs(approx - q.astype(np.float64) @ st.astype(np.float64).T)
         assert (err.max(axis=1) <= codec.bound(q)).all()
 
@@ -90,25 +93,27 @@ def test_items_past_the_int8_range_are_kept_exact_then_requantized() -> None:
     comp = MemoryGallery(2 * D, D, GalleryOptions(layout="int8-stage1"))
     small, big = items(20, seed=1, scale=0.1), items(60, seed=2, scale=3.0)
     for g in (exact, comp):
-        g.add(*small)                     # the scales are fitted on this first batch
-        g.add(*big)                       # every one of these is past their range
+        g.add(*small)  # the scales are fitted on this first batch
+        g.add(*big)  # every one of these is past their range
     assert len(comp.outliers) == 60
     q = queries()
     assert np.array_equal(comp.view().topk(q, 10)[0], exact.view().topk(q, 10)[0])
     for g in (exact, comp):
-        g.add(*items(300, seed=3, scale=3.0))    # outliers pass 1/16 of the gallery: scales refitted
+        g.add(*items(300, seed=3, scale=3.0))  # outliers pass 1/16 of the gallery: scales refitted
     assert len(comp.outliers) == 0
     assert np.array_equal(comp.view().topk(q, 10)[0], exact.view().topk(q, 10)[0])
 
 
 def test_a_compressed_layout_without_faiss_names_the_package(tmp_path: Path) -> None:
-    code = ("import sys; sys.modules['faiss'] = None\n"
-            "from mssan_infer.gallery.memory import MemoryGallery\n"
-            "from mssan_infer.errors import BackendUnavailableError\n"
-            "from mssan_infer.options import GalleryOptions\n"
-            "MemoryGallery(4, 2)\n"
-            "try:\n    MemoryGallery(4, 2, GalleryOptions(layout='int8'))\n"
-            "except BackendUnavailableError as e:\n    print('faiss' in str(e) and 'pip install' in str(e))\n")
+    code = (
+        "import sys; sys.modules['faiss'] = None\n"
+        "from mssan_infer.gallery.memory import MemoryGallery\n"
+        "from mssan_infer.errors import BackendUnavailableError\n"
+        "from mssan_infer.options import GalleryOptions\n"
+        "MemoryGallery(4, 2)\n"
+        "try:\n    MemoryGallery(4, 2, GalleryOptions(layout='int8'))\n"
+        "except BackendUnavailableError as e:\n    print('faiss' in str(e) and 'pip install' in str(e))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
 
@@ -150,11 +155,11 @@ def test_adding_never_copies_the_items_already_stored(layout: str) -> None:
     finally:
         tracemalloc.stop()
     after = g.view()
-    for old, new in zip(before.blocks, after.blocks):          # every stored block is still the same memory
+    for old, new in zip(before.blocks, after.blocks):  # every stored block is still the same memory
         assert np.shares_memory(old.local, new.local) and np.shares_memory(old.stage1, new.stage1)
     batch_bytes = sum(int(a.nbytes) for a in batch)
     segment_bytes = 512 * (stored // g.view().n + 1)
-    assert peak < 4 * batch_bytes + 2 * segment_bytes < stored       # never a second copy of the gallery
+    assert peak < 4 * batch_bytes + 2 * segment_bytes < stored  # never a second copy of the gallery
 
 
 def test_remove_rewrites_only_the_segments_it_touches() -> None:
@@ -180,7 +185,7 @@ def test_each_layout_saves_and_loads_with_its_scales_hashed(tmp_path: Path, layo
     entry = manifest["galleries"]["images"]
     assert entry["layout"]["name"] == layout
     for key, fname in entry["files"].items():
-        assert fname in manifest["files"], key                      # every file, scales included, is hashed
+        assert fname in manifest["files"], key  # every file, scales included, is hashed
     if layout == "int8":
         assert {"local_scale", "stage1_scale", "stage1_codes"} <= set(entry["files"])
     h = load_index(path, bundle_id="b", options=GalleryOptions(mmap=mmap))[0]["images"]
@@ -189,7 +194,7 @@ def test_each_layout_saves_and_loads_with_its_scales_hashed(tmp_path: Path, layo
         assert np.array_equal(a, b)
     q = queries()
     assert np.array_equal(h.view().topk(q, 10)[0], g.view().topk(q, 10)[0])
-    h.add(*items(5, seed=77))                                       # loaded galleries grow in new segments
+    h.add(*items(5, seed=77))  # loaded galleries grow in new segments
     assert len(h) == 305
 
 
@@ -205,7 +210,9 @@ def test_a_float32_index_converts_to_a_compressed_layout_on_load(tmp_path: Path)
 
 
 @pytest.mark.parametrize("saved, wanted", [("int8", "fp32"), ("int8", "int8-stage1"), ("fp16", "fp32")])
-def test_loading_coarser_locals_as_finer_ones_is_a_typed_error(tmp_path: Path, saved: str, wanted: str) -> None:
+def test_loading_coarser_locals_as_finer_ones_is_a_typed_error(
+    tmp_path: Path, saved: str, wanted: str
+) -> None:
     path = save_index(tmp_path / "idx", {"images": filled(saved, batches=1, n=50)}, bundle_id="b")
     with pytest.raises(InputError, match=f"layout='{saved}'"):
         load_index(path, options=GalleryOptions(layout=wanted))
@@ -226,7 +233,7 @@ def test_a_format_1_index_is_refused_with_the_fix(tmp_path: Path) -> None:
     path = save_index(tmp_path / "idx", {"images": g}, bundle_id="b")
     m = json.loads((path / "index.json").read_text())
     m["format_version"] = 1
-    del m["galleries"]["images"]["layout"]                # what format 1 wrote
+    del m["galleries"]["images"]["layout"]  # what format 1 wrote
     (path / "index.json").write_text(json.dumps(m))
     with pytest.raises(IndexFileError, match="format 1 is older.*rebuild the index"):
         load_index(path, bundle_id="b")
@@ -271,8 +278,10 @@ def test_int8_stage1_layout_returns_the_exact_hits_and_scores_both_ways(
     tiny_bundle: Path, encoded: dict[str, Any], rerank: int
 ) -> None:
     exact, comp = _retriever(tiny_bundle, "fp32", encoded), _retriever(tiny_bundle, "int8-stage1", encoded)
-    for a, b in ((exact.search(text=c, k=10, rerank=rerank), comp.search(text=c, k=10, rerank=rerank))
-                 for c in CAPTIONS):
+    for a, b in (
+        (exact.search(text=c, k=10, rerank=rerank), comp.search(text=c, k=10, rerank=rerank))
+        for c in CAPTIONS
+    ):
         assert [h.id for h in a] == [h.id for h in b]
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
     for j in range(4):
@@ -288,7 +297,7 @@ def test_int8_locals_change_final_scores_by_less_than_1e2(tiny_bundle: Path, enc
     for c in CAPTIONS:
         ref = {h.id: h for h in exact.search(text=c, k=120, rerank=120)}
         for h in comp.search(text=c, k=120, rerank=120):
-            assert abs(h.stage1 - ref[h.id].stage1) < 1e-5          # stage 1 stays exact
+            assert abs(h.stage1 - ref[h.id].stage1) < 1e-5  # stage 1 stays exact
             worst = max(worst, abs(h.score - ref[h.id].score))
     assert 0 < worst < 1e-2
 
@@ -297,9 +306,9 @@ def test_a_run_of_consecutive_rows_is_gathered_without_a_copy() -> None:
     g = MemoryGallery(2 * D, D)
     g.add(*items(100))
     v = g.view()
-    local, mask, gram = v.gather(np.arange(10, 50))          # what exhaustive search asks for
+    local, mask, gram = v.gather(np.arange(10, 50))  # what exhaustive search asks for
     assert np.shares_memory(local, v.blocks[0].local) and np.shares_memory(gram, v.blocks[0].gram)
-    ref = v.gather(np.arange(10, 50)[::-1])[0][::-1]          # the copying path gives the same values
+    ref = v.gather(np.arange(10, 50)[::-1])[0][::-1]  # the copying path gives the same values
     assert np.array_equal(local, ref)
 
 

@@ -1,4 +1,5 @@
 """Adaptive-margin triplet loss against hand-computed values."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,9 +7,7 @@ import torch
 
 from training.loss import AdaptiveMarginLoss
 
-S = torch.tensor([[0.9, 0.3, 0.5],
-                  [0.2, 0.8, 0.7],
-                  [0.6, 0.1, 0.4]])
+S = torch.tensor([[0.9, 0.3, 0.5], [0.2, 0.8, 0.7], [0.6, 0.1, 0.4]])
 IDS = torch.tensor([0, 1, 2])
 
 
@@ -23,8 +22,8 @@ def test_hardest_negative_loss_equals_hand_computed_vsepp() -> None:
 
 def test_all_negatives_sums_every_violation() -> None:
     loss, _ = AdaptiveMarginLoss(m0=0.2, adaptive=False, negatives="all")(S, IDS)
-    i2t = [0, 0, 0, 0.1, 0.4, 0.0]   # (0,1) (0,2) | (1,0) (1,2) | (2,0) (2,1)
-    t2i = [0, 0, 0, 0, 0.3, 0.5]     # col0: (1,0)(2,0) col1: (0,1)(2,1) col2: (0,2)(1,2)
+    i2t = [0, 0, 0, 0.1, 0.4, 0.0]  # (0,1) (0,2) | (1,0) (1,2) | (2,0) (2,1)
+    t2i = [0, 0, 0, 0, 0.3, 0.5]  # col0: (1,0)(2,0) col1: (0,1)(2,1) col2: (0,2)(1,2)
     expect = sum(max(0, 0.2 - S[i, i] + S[i, j]) for i in range(3) for j in range(3) if i != j)
     expect += sum(max(0, 0.2 - S[j, j] + S[i, j]) for j in range(3) for i in range(3) if i != j)
     assert float(loss) == pytest.approx(float(expect), abs=1e-6)

@@ -1,4 +1,5 @@
 """MSSAN math: the cross-product score, the Gram identity, masks, stage-1 decomposition."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,6 @@ import torch.nn.functional as F
 
 from training.config import ModelConfig
 from training.model import MSSAN, cross_attention_score, l2norm, reverse_padded
-
-
 
 
 def _model(agg: str = "mean", **kw: float) -> MSSAN:
@@ -32,15 +31,15 @@ def _inputs(seed: int = 1) -> tuple[torch.Tensor, ...]:
 
 def _reference_s_ll(v, vm, w, wm, lt2i=9.0, li2t=4.0, leaky=0.1):  # type: ignore[no-untyped-def]
     """SCAN-form S_ll for ONE pair with materialised attended contexts (no Gram identity)."""
-    v, w = v[vm > 0], w[wm > 0]                      # [R,D], [L,D] real positions only
-    s = v @ w.t()                                    # [R,L]
-    a = l2norm(F.leaky_relu(s, leaky), dim=1)        # each region's row over words
-    alpha = torch.softmax(lt2i * a, dim=0)           # over regions
-    ctx = alpha.t() @ v                              # [L,D]
+    v, w = v[vm > 0], w[wm > 0]  # [R,D], [L,D] real positions only
+    s = v @ w.t()  # [R,L]
+    a = l2norm(F.leaky_relu(s, leaky), dim=1)  # each region's row over words
+    alpha = torch.softmax(lt2i * a, dim=0)  # over regions
+    ctx = alpha.t() @ v  # [L,D]
     t2i = (l2norm(w) * l2norm(ctx)).sum(-1).mean()
-    b = l2norm(F.leaky_relu(s, leaky), dim=0)        # each word's column over regions
-    beta = torch.softmax(li2t * b, dim=1)            # over words
-    ctx_i = beta @ w                                 # [R,D]
+    b = l2norm(F.leaky_relu(s, leaky), dim=0)  # each word's column over regions
+    beta = torch.softmax(li2t * b, dim=1)  # over words
+    ctx_i = beta @ w  # [R,D]
     i2t = (l2norm(v) * l2norm(ctx_i)).sum(-1).mean()
     return 0.5 * (t2i + i2t)
 
@@ -85,9 +84,11 @@ def test_padding_never_changes_a_score(agg: str) -> None:
     base = m.score(m.encode_image(reg, rmask), m.encode_text(tok, tmask))
     g = torch.Generator().manual_seed(7)
     reg2 = torch.cat([reg, 5 * torch.randn(4, 3, 20, generator=g)], 1)
-    tok2 = torch.cat([tok, torch.randint(4, 40, (5, 5), generator=g)], 1)   # garbage ids under the mask
-    padded = m.score(m.encode_image(reg2, torch.cat([rmask, torch.zeros(4, 3)], 1)),
-                     m.encode_text(tok2, torch.cat([tmask, torch.zeros(5, 5)], 1)))
+    tok2 = torch.cat([tok, torch.randint(4, 40, (5, 5), generator=g)], 1)  # garbage ids under the mask
+    padded = m.score(
+        m.encode_image(reg2, torch.cat([rmask, torch.zeros(4, 3)], 1)),
+        m.encode_text(tok2, torch.cat([tmask, torch.zeros(5, 5)], 1)),
+    )
     assert (base - padded).abs().max() < 1e-5
 
 
@@ -131,7 +132,9 @@ def test_cross_attention_is_symmetric_in_shard_order() -> None:
     reg, rmask, tok, tmask = _inputs()
     img, txt = m.encode_image(reg, rmask), m.encode_text(tok, tmask)
     whole = cross_attention_score(img.local, img.mask, img.gram, txt.local, txt.mask, txt.gram)
-    part = cross_attention_score(img.local[2:], img.mask[2:], img.gram[2:], txt.local[:2], txt.mask[:2], txt.gram[:2])
+    part = cross_attention_score(
+        img.local[2:], img.mask[2:], img.gram[2:], txt.local[:2], txt.mask[:2], txt.gram[:2]
+    )
     assert torch.allclose(whole[2:, :2], part, atol=1e-6)
 
 

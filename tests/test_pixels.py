@@ -3,6 +3,7 @@
 
 Tiny backbone (``resnet-tiny``, 256-d, 2x2 grid at 64 px) and small images, so it stays fast.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,13 @@ from PIL import Image
 
 from export import ExportError, export_bundle
 from export.__main__ import main as export_main
-from export.pixels import PIXEL_PRECISION, PixelEncoderGraph, export_pixel_graph, load_pixel_backbone, pixel_settings
+from export.pixels import (
+    PIXEL_PRECISION,
+    PixelEncoderGraph,
+    export_pixel_graph,
+    load_pixel_backbone,
+    pixel_settings,
+)
 from export.validate import raise_if_failed
 from mssan_infer import Retriever
 from mssan_infer.bundle import load_bundle
@@ -46,21 +53,57 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     names = make_images(root / "imgs", len(splits), seed=1)
     (root / "k.json").write_text(json.dumps(karpathy_doc(names, splits)))
     weights = tiny_weights(root / "bb.safetensors", seed=3)
-    write_features(root / "imgs", root / "k.json", root / "data", backbone="resnet-tiny", weights=weights,
-                   image_size=SIZE, batch_size=8, progress=False)
-    with torch.enable_grad():       # `python -m training eval` run in-process by other tests turns grad off globally
-        train(root / "data", root / "ckpt", preset="tiny", epochs=1, max_steps=2, progress=False,
-              model_overrides={"embed_size": 32, "word_dim": 16},
-              train_overrides={"batch_size": 20, "vocab_threshold": 1, "eval_rerank": 5})
-    rc = export_main(["--checkpoint", str(root / "ckpt"), "--out", str(root / "bundle"), "--pixels",
-                      "--features", str(root / "data"), "--backbone-weights", str(weights), "-q"])
+    write_features(
+        root / "imgs",
+        root / "k.json",
+        root / "data",
+        backbone="resnet-tiny",
+        weights=weights,
+        image_size=SIZE,
+        batch_size=8,
+        progress=False,
+    )
+    with (
+        torch.enable_grad()
+    ):  # `python -m training eval` run in-process by other tests turns grad off globally
+        train(
+            root / "data",
+            root / "ckpt",
+            preset="tiny",
+            epochs=1,
+            max_steps=2,
+            progress=False,
+            model_overrides={"embed_size": 32, "word_dim": 16},
+            train_overrides={"batch_size": 20, "vocab_threshold": 1, "eval_rerank": 5},
+        )
+    rc = export_main(
+        [
+            "--checkpoint",
+            str(root / "ckpt"),
+            "--out",
+            str(root / "bundle"),
+            "--pixels",
+            "--features",
+            str(root / "data"),
+            "--backbone-weights",
+            str(weights),
+            "-q",
+        ]
+    )
     assert rc == 0
-    return {"root": root, "images": root / "imgs", "karpathy": root / "k.json", "weights": weights,
-            "data": root / "data", "ckpt": root / "ckpt", "bundle": root / "bundle"}
+    return {
+        "root": root,
+        "images": root / "imgs",
+        "karpathy": root / "k.json",
+        "weights": weights,
+        "data": root / "data",
+        "ckpt": root / "ckpt",
+        "bundle": root / "bundle",
+    }
 
 
 def test_pixel_graph_is_optional_hashed_and_described_in_the_manifest(e2e: dict[str, Path]) -> None:
-    b = load_bundle(e2e["bundle"])                                   # verifies every sha256
+    b = load_bundle(e2e["bundle"])  # verifies every sha256
     m = b.manifest.raw
     assert IMAGE_ENCODER_PIXELS.name not in GRAPHS and IMAGE_ENCODER_PIXELS.name in OPTIONAL_GRAPHS
     assert set(m["graphs"]) == set(GRAPHS)
@@ -70,7 +113,11 @@ def test_pixel_graph_is_optional_hashed_and_described_in_the_manifest(e2e: dict[
     prep = m["preprocessing"]["image"]
     assert Preprocessing.from_dict(prep) == Preprocessing(image_size=SIZE, resize=SIZE)
     assert prep["channel_order"] == "RGB" and prep["layout"] == "NCHW" and prep["resample"] == "bilinear"
-    assert prep["mean"] == [0.485, 0.456, 0.406] and prep["std"] == [0.229, 0.224, 0.225] and prep["grid"] == [2, 2]
+    assert (
+        prep["mean"] == [0.485, 0.456, 0.406]
+        and prep["std"] == [0.229, 0.224, 0.225]
+        and prep["grid"] == [2, 2]
+    )
     assert m["preprocessing"]["feature_dim"] == 256 and m["verified"] is True
 
 
@@ -79,7 +126,7 @@ def test_pixel_parity_covers_two_sizes_and_batch_one_and_several(e2e: dict[str, 
     assert rep["passed"] and not rep["failures"]
     cases = rep["graphs"][IMAGE_ENCODER_PIXELS.name]
     shapes = [c["shapes"]["img_local"] for c in cases.values()]
-    assert {s[0] for s in shapes} >= {1, 3} and {s[1] for s in shapes} == {4, 1}     # 64 px -> 2x2, 32 px -> 1x1
+    assert {s[0] for s in shapes} >= {1, 3} and {s[1] for s in shapes} == {4, 1}  # 64 px -> 2x2, 32 px -> 1x1
     assert all(v <= TOLERANCES["fp32"].atol for c in cases.values() for v in c["max_abs"].values())
 
 
@@ -88,7 +135,9 @@ def test_pixel_graph_equals_region_graph_on_the_written_features(e2e: dict[str, 
     split = load_split(e2e["data"], "test")
     paths = karpathy_splits(e2e["images"], e2e["karpathy"])["test"].paths
     pixels = preprocess_batch(paths, Preprocessing(image_size=SIZE, resize=SIZE))
-    pix = ort.InferenceSession(str(e2e["bundle"] / "image_encoder_pixels.onnx"), providers=["CPUExecutionProvider"])
+    pix = ort.InferenceSession(
+        str(e2e["bundle"] / "image_encoder_pixels.onnx"), providers=["CPUExecutionProvider"]
+    )
     reg = ort.InferenceSession(str(e2e["bundle"] / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
     got = pix.run(None, {"pixels": pixels})
     regions = np.asarray(split.images, np.float32)
@@ -97,22 +146,26 @@ def test_pixel_graph_equals_region_graph_on_the_written_features(e2e: dict[str, 
         assert g.shape == w.shape and np.abs(g - w).max() < 1e-4
 
 
-def test_parity_failure_of_the_pixel_graph_is_reported_and_fatal(e2e: dict[str, Path], tmp_path: Path) -> None:
+def test_parity_failure_of_the_pixel_graph_is_reported_and_fatal(
+    e2e: dict[str, Path], tmp_path: Path
+) -> None:
     model = load_checkpoint(e2e["ckpt"]).model
     backbone = load_pixel_backbone(model, "resnet-tiny", e2e["weights"])
-    with pytest.MonkeyPatch.context() as mp:            # a graph that drifts from PyTorch: perturb after export
+    with pytest.MonkeyPatch.context() as mp:  # a graph that drifts from PyTorch: perturb after export
         import export.pixels as px
 
         real = px.export_graph
 
         def export_then_perturb(*a: object, **k: object) -> Path:
             out = real(*a, **k)  # type: ignore[arg-type]
-            backbone.layer4[0].bn3.running_mean.add_(0.5)       # PyTorch reference changes, the file does not
+            backbone.layer4[0].bn3.running_mean.add_(0.5)  # PyTorch reference changes, the file does not
             return out
 
         mp.setattr(px, "export_graph", export_then_perturb)
         report, _ = export_pixel_graph(model, backbone, tmp_path, Preprocessing(SIZE, SIZE))
-    assert not report.passed and all(f.startswith(f"[{PIXEL_PRECISION}] image_encoder_pixels") for f in report.failures)
+    assert not report.passed and all(
+        f.startswith(f"[{PIXEL_PRECISION}] image_encoder_pixels") for f in report.failures
+    )
     with pytest.raises(ParityError, match="image_encoder_pixels"):
         raise_if_failed([report])
 
@@ -121,17 +174,31 @@ def test_export_refuses_a_backbone_whose_features_the_model_was_not_trained_on(
     tiny_checkpoint: Path, e2e: dict[str, Path], tmp_path: Path
 ) -> None:
     with pytest.raises(ExportError, match="img_dim"):
-        export_bundle(tiny_checkpoint, tmp_path / "b", pixels=True, backbone="resnet-tiny",
-                      backbone_weights=e2e["weights"], image_size=SIZE)
+        export_bundle(
+            tiny_checkpoint,
+            tmp_path / "b",
+            pixels=True,
+            backbone="resnet-tiny",
+            backbone_weights=e2e["weights"],
+            image_size=SIZE,
+        )
     with pytest.raises(ExportError, match="--backbone-weights"):
         export_bundle(e2e["ckpt"], tmp_path / "b", pixels=True, backbone="resnet-tiny", image_size=SIZE)
     with pytest.raises(ExportError, match="do not fit"):
-        export_bundle(e2e["ckpt"], tmp_path / "b", pixels=True, backbone="resnet50",
-                      backbone_weights=e2e["weights"], image_size=SIZE)
+        export_bundle(
+            e2e["ckpt"],
+            tmp_path / "b",
+            pixels=True,
+            backbone="resnet50",
+            backbone_weights=e2e["weights"],
+            image_size=SIZE,
+        )
     assert not (tmp_path / "b").exists()
 
 
-def test_settings_come_from_features_json_and_contradictions_are_refused(e2e: dict[str, Path], tmp_path: Path) -> None:
+def test_settings_come_from_features_json_and_contradictions_are_refused(
+    e2e: dict[str, Path], tmp_path: Path
+) -> None:
     st = pixel_settings(e2e["data"], weights=e2e["weights"])
     assert st.backbone == "resnet-tiny" and st.preprocessing == Preprocessing(SIZE, SIZE)
     assert pixel_settings().backbone == "resnet152" and pixel_settings().preprocessing.image_size == 448
@@ -176,8 +243,10 @@ def test_images_from_paths_encode_like_their_region_features(
     from_pixels = retriever.encode_images(paths)
     from_regions = retriever.encode_images(feats)
     assert from_pixels.local.shape == from_regions.local.shape == (len(paths), 4, 32)
-    for a, b in zip((from_pixels.stage1, from_pixels.local, from_pixels.gram),
-                    (from_regions.stage1, from_regions.local, from_regions.gram)):
+    for a, b in zip(
+        (from_pixels.stage1, from_pixels.local, from_pixels.gram),
+        (from_regions.stage1, from_regions.local, from_regions.gram),
+    ):
         assert np.abs(a - b).max() < 1e-4
     assert np.array_equal(from_pixels.mask, np.ones((len(paths), 4), np.float32))
 
@@ -191,9 +260,9 @@ def test_paths_pil_images_and_uint8_arrays_give_the_same_encoding(
     ref = retriever.encode_images([str(p) for p in paths[:2]]).stage1
     assert np.allclose(retriever.encode_images(pil).stage1, ref, atol=1e-6)
     assert np.allclose(retriever.encode_images(arrays).stage1, ref, atol=1e-6)
-    stacked = np.stack([arrays[1], arrays[1]])                                              # [N,H,W,3] uint8
+    stacked = np.stack([arrays[1], arrays[1]])  # [N,H,W,3] uint8
     assert np.allclose(retriever.encode_images(stacked).stage1, ref[[1, 1]], atol=1e-6)
-    assert np.allclose(retriever.encode_images(arrays[0]).stage1, ref[:1], atol=1e-6)      # one [H,W,3]
+    assert np.allclose(retriever.encode_images(arrays[0]).stage1, ref[:1], atol=1e-6)  # one [H,W,3]
 
 
 def test_index_and_search_with_images_match_the_region_path(
@@ -259,7 +328,9 @@ def test_a_manifest_pixel_entry_without_its_hash_is_refused(e2e: dict[str, Path]
         r.encode_images([np.zeros((40, 40, 3), np.uint8)])
 
 
-def test_pixel_search_runs_without_torch(e2e: dict[str, Path], test_images: tuple[list[Path], np.ndarray, list[str]]) -> None:
+def test_pixel_search_runs_without_torch(
+    e2e: dict[str, Path], test_images: tuple[list[Path], np.ndarray, list[str]]
+) -> None:
     paths = [str(p) for p in test_images[0]]
     code = (
         "import sys; from mssan_infer import Retriever; "

@@ -1,4 +1,6 @@
-"""mssan_infer.images.preprocess: pillow+numpy preprocessing equal to training's torch eval transform; decoding rules."""
+"""mssan_infer.images.preprocess: pillow+numpy preprocessing equal to training's torch eval transform;
+decoding rules."""
+
 from __future__ import annotations
 
 import io
@@ -12,7 +14,13 @@ import torch
 from PIL import Image
 
 from mssan_infer.errors import BundleError, InputError
-from mssan_infer.images.preprocess import Preprocessing, is_image_source, load_image, preprocess, preprocess_batch
+from mssan_infer.images.preprocess import (
+    Preprocessing,
+    is_image_source,
+    load_image,
+    preprocess,
+    preprocess_batch,
+)
 from training.images import EvalTransform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,13 +34,17 @@ def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8), "RGB")
 
 
-@pytest.mark.parametrize("w, h, size, resize", [(80, 64, 64, 64), (50, 90, 64, 72), (64, 64, 64, 64), (300, 120, 96, 110)])
-def test_numpy_preprocessing_equals_the_torch_eval_transform(tmp_path: Path, w: int, h: int, size: int, resize: int) -> None:
+@pytest.mark.parametrize(
+    "w, h, size, resize", [(80, 64, 64, 64), (50, 90, 64, 72), (64, 64, 64, 64), (300, 120, 96, 110)]
+)
+def test_numpy_preprocessing_equals_the_torch_eval_transform(
+    tmp_path: Path, w: int, h: int, size: int, resize: int
+) -> None:
     cfg = Preprocessing(image_size=size, resize=resize)
     path = tmp_path / "a.png"
     _photo(w, h).save(path)
-    ours = preprocess(path, cfg)                                            # numpy
-    ref = EvalTransform(cfg)(load_image(path)).numpy()                      # torch
+    ours = preprocess(path, cfg)  # numpy
+    ref = EvalTransform(cfg)(load_image(path)).numpy()  # torch
     assert ours.shape == ref.shape == (3, size, size) and ours.dtype == np.float32
     assert np.abs(ours - ref).max() <= 1e-5
 
@@ -40,7 +52,7 @@ def test_numpy_preprocessing_equals_the_torch_eval_transform(tmp_path: Path, w: 
 def test_normalisation_uses_imagenet_mean_and_std_in_rgb_chw() -> None:
     cfg = Preprocessing(image_size=32, resize=32)
     arr = np.zeros((32, 32, 3), np.uint8)
-    arr[..., 0] = 255                                                       # pure red
+    arr[..., 0] = 255  # pure red
     x = preprocess(arr, cfg)
     assert np.allclose(x[:, 0, 0], [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0 - 0.406) / 0.225], atol=1e-6)
 
@@ -48,7 +60,7 @@ def test_normalisation_uses_imagenet_mean_and_std_in_rgb_chw() -> None:
 def test_resize_keeps_aspect_and_centre_crops() -> None:
     cfg = Preprocessing(image_size=32, resize=32)
     arr = np.zeros((32, 96, 3), np.uint8)
-    arr[:, 32:64] = 255                                                     # white middle third
+    arr[:, 32:64] = 255  # white middle third
     x = preprocess(arr, cfg)
     assert np.allclose(x, preprocess(np.full((32, 32, 3), 255, np.uint8), cfg))
 
@@ -56,7 +68,7 @@ def test_resize_keeps_aspect_and_centre_crops() -> None:
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     img = _photo(40, 24)
     exif = Image.Exif()
-    exif[0x0112] = 6                                                        # rotate 90 CW to display
+    exif[0x0112] = 6  # rotate 90 CW to display
     img.save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
     out = load_image(tmp_path / "r.jpg")
     assert out.size == (24, 40)
@@ -70,10 +82,10 @@ def test_modes_are_converted_to_rgb(tmp_path: Path) -> None:
     assert np.all(np.asarray(load_image(tmp_path / "l.png")) == 100)
 
     rgba = np.zeros((8, 8, 4), np.uint8)
-    rgba[:4] = (10, 20, 30, 255)                                            # top half opaque, bottom transparent black
+    rgba[:4] = (10, 20, 30, 255)  # top half opaque, bottom transparent black
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     out = np.asarray(load_image(tmp_path / "a.png"))
-    assert np.all(out[:4] == (10, 20, 30)) and np.all(out[4:] == 255)     # composited over white
+    assert np.all(out[:4] == (10, 20, 30)) and np.all(out[4:] == 255)  # composited over white
 
     pal = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
     pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
@@ -84,13 +96,13 @@ def test_modes_are_converted_to_rgb(tmp_path: Path) -> None:
 
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=100)
     r, gg, b = np.asarray(load_image(tmp_path / "c.jpg")).reshape(-1, 3).mean(0)
-    assert r > 200 and gg < 60 and b < 60                                   # CMYK red stays red
+    assert r > 200 and gg < 60 and b < 60  # CMYK red stays red
 
     sixteen = np.array([[0, 65535], [257 * 100, 257 * 200]], np.uint16)
     Image.fromarray(sixteen).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")
     out = np.asarray(load_image(tmp_path / "g16.png"))[..., 0]
-    assert out.tolist() == [[0, 255], [100, 200]]                           # scaled, not clipped to 255
+    assert out.tolist() == [[0, 255], [100, 200]]  # scaled, not clipped to 255
 
     Image.fromarray(np.array([[0, 255]], np.uint8)).convert("1").save(tmp_path / "b.png")
     assert np.asarray(load_image(tmp_path / "b.png"))[0].tolist() == [[0, 0, 0], [255, 255, 255]]

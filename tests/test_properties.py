@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis): the tokenizer, search on arbitrary text, and the gallery index
 against a model of it under add/remove/save/load."""
+
 from __future__ import annotations
 
 import shutil
@@ -13,22 +14,39 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from mssan_infer import Retriever
+from mssan_infer import GalleryOptions, Retriever
 from mssan_infer.errors import MssanError
-from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.folder import load_index, save_index
+from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.text.words import UNK_ID, Tokenizer, build_vocab, tokenize
-from mssan_infer import GalleryOptions
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 WORDS = ["a", "red", "dog", "on", "the", "beach", "blue", "ball", "man", "street"]
 VOCAB = build_vocab([" ".join(WORDS)] * 4)
 
 # any str, including surrogates, controls, combining marks and very long inputs
-any_text = st.text(st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF), max_size=200) | st.sampled_from(
-    ["", " ", "\x00", "\ud800", "dog's", "DOG\u2019S", "ﬁ", "①②", "a" * 5000, "dog " * 300, "\u0301\u0301", "\n\t\r"]
+any_text = st.text(
+    st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF), max_size=200
+) | st.sampled_from(
+    [
+        "",
+        " ",
+        "\x00",
+        "\ud800",
+        "dog's",
+        "DOG\u2019S",
+        "ﬁ",
+        "①②",
+        "a" * 5000,
+        "dog " * 300,
+        "\u0301\u0301",
+        "\n\t\r",
+    ]
 )
-captions = st.lists(st.sampled_from(WORDS + ["zebra", "?!", "  ", "DOG", "dog's"]), max_size=40).map(" ".join) | any_text
+captions = (
+    st.lists(st.sampled_from(WORDS + ["zebra", "?!", "  ", "DOG", "dog's"]), max_size=40).map(" ".join)
+    | any_text
+)
 
 
 @FAST
@@ -40,7 +58,7 @@ def test_tokenizer_never_raises_on_a_str_and_is_deterministic(text: str) -> None
     ids = tok.encode(text)
     assert ids == tok.encode(text) and len(ids) <= 8
     assert all(0 <= i < len(VOCAB) for i in ids) and all(i == UNK_ID or i > UNK_ID for i in ids)
-    assert tokenize(" ".join(a)) == a                       # words are stable under re-tokenisation
+    assert tokenize(" ".join(a)) == a  # words are stable under re-tokenisation
 
 
 @FAST
@@ -64,7 +82,8 @@ def searcher(tiny_bundle: Path) -> Retriever:
 @FAST
 @given(text=captions, k=st.integers(-2, 12), rerank=st.integers(-2, 12))
 def test_search_on_arbitrary_text_succeeds_exactly_when_the_query_is_valid(
-        searcher: Retriever, text: str, k: int, rerank: int) -> None:
+    searcher: Retriever, text: str, k: int, rerank: int
+) -> None:
     valid = k >= 1 and rerank >= 0 and any(t != UNK_ID for t in searcher.tokenizer.encode(text))
     try:
         hits = searcher.search(text=text, k=k, rerank=rerank)
@@ -78,16 +97,23 @@ def test_search_on_arbitrary_text_succeeds_exactly_when_the_query_is_valid(
 
 
 @FAST
-@given(image=st.one_of(
-    st.integers(0, 6).flatmap(lambda r: st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32),
-                                                 min_size=r * 24, max_size=r * 24).map(
-        lambda xs: np.array(xs, np.float32).reshape(-1, 24))),
-    st.integers(1, 6).map(lambda r: np.random.default_rng(r).normal(size=(r, 24)).astype(np.float32)),
-    st.sampled_from([np.zeros((3, 23)), np.zeros((2, 3, 24)), np.zeros(24), np.array(1.0)]),
-))
+@given(
+    image=st.one_of(
+        st.integers(0, 6).flatmap(
+            lambda r: st.lists(
+                st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=r * 24, max_size=r * 24
+            ).map(lambda xs: np.array(xs, np.float32).reshape(-1, 24))
+        ),
+        st.integers(1, 6).map(lambda r: np.random.default_rng(r).normal(size=(r, 24)).astype(np.float32)),
+        st.sampled_from([np.zeros((3, 23)), np.zeros((2, 3, 24)), np.zeros(24), np.array(1.0)]),
+    )
+)
 def test_search_on_arbitrary_image_arrays_succeeds_exactly_when_the_image_is_valid(
-        searcher: Retriever, image: np.ndarray) -> None:
-    valid = image.ndim == 2 and image.shape[0] >= 1 and image.shape[1] == 24 and bool(np.isfinite(image).all())
+    searcher: Retriever, image: np.ndarray
+) -> None:
+    valid = (
+        image.ndim == 2 and image.shape[0] >= 1 and image.shape[1] == 24 and bool(np.isfinite(image).all())
+    )
     try:
         hits = searcher.search(image=image, k=2)
     except MssanError:
@@ -114,7 +140,7 @@ class IndexMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="mssan-prop-"))
-        self.model: list[tuple[Any, int, int]] = []              # (id, seed, length) in order
+        self.model: list[tuple[Any, int, int]] = []  # (id, seed, length) in order
         self.saved: list[tuple[Any, int, int]] | None = None
         self.index = MemoryGallery(2 * D, D)
 
@@ -125,8 +151,11 @@ class IndexMachine(RuleBasedStateMachine):
     def start(self) -> None:
         self.index = MemoryGallery(2 * D, D)
 
-    @rule(ident=st.one_of(st.integers(0, 20), st.sampled_from(["a", "b", "c", "é", "x y"])),
-          seed=st.integers(0, 1000), length=st.integers(1, 6))
+    @rule(
+        ident=st.one_of(st.integers(0, 20), st.sampled_from(["a", "b", "c", "é", "x y"])),
+        seed=st.integers(0, 1000),
+        length=st.integers(1, 6),
+    )
     def add(self, ident: Any, seed: int, length: int) -> None:
         present = any(i == ident and type(i) is type(ident) for i, _, _ in self.model)
         try:
@@ -168,7 +197,9 @@ class IndexMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.saved is not None)
     @rule(mmap=st.booleans())
     def load(self, mmap: bool) -> None:
-        galleries, _ = load_index(self.tmp / "idx", bundle_id="b", options=GalleryOptions(mmap=mmap, spill_dir=self.tmp / "spill"))
+        galleries, _ = load_index(
+            self.tmp / "idx", bundle_id="b", options=GalleryOptions(mmap=mmap, spill_dir=self.tmp / "spill")
+        )
         self.index = galleries["g"]
         assert self.saved is not None
         self.model = list(self.saved)

@@ -1,5 +1,6 @@
 """Galleries in Qdrant (Qdrant Edge in-process, and the server code path through qdrant-client's local
 mode) against the in-memory gallery; metadata filters on every gallery."""
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,20 @@ import qdrant_client  # noqa: F401  (dev extra: needed, never skipped)
 import qdrant_edge  # noqa: F401
 
 from mssan_infer import OnnxRuntimeOptions, Retriever
-from mssan_infer.gallery.filters import parse_where
-from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions, QdrantServer, parse_gallery
-from mssan_infer.qdrant.gallery import copy_gallery, open_qdrant_galleries, point_id
 from mssan_infer.errors import IndexFileError, InputError
+from mssan_infer.gallery.filters import parse_where
+from mssan_infer.qdrant.gallery import copy_gallery, open_qdrant_galleries, point_id
+from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions, QdrantServer, parse_gallery
 
 DV = 24
-CAPTIONS = ["a red dog on the beach", "the blue ball near a tree", "a man in the street", "a small bird",
-            "the cat runs in the field", "a woman near the house"]
+CAPTIONS = [
+    "a red dog on the beach",
+    "the blue ball near a tree",
+    "a man in the street",
+    "a small bird",
+    "the cat runs in the field",
+    "a woman near the house",
+]
 QUERIES = ["a red dog", "the ball near the tree", "a man"]
 N = 40
 
@@ -48,10 +55,17 @@ def data() -> dict[str, Any]:
 
 def _filled(bundle: Path, data: dict[str, Any], **load: Any) -> Retriever:
     r = Retriever.load(bundle, OnnxRuntimeOptions(threads=1), **load)
-    r.add_images(data["feats"], mask=data["mask"], ids=[f"img{i}" for i in range(N)],
-                 metadata=[_meta(i) for i in range(N)])
-    r.add_texts(CAPTIONS * 2, ids=list(range(len(CAPTIONS) * 2)),
-                metadata=[{"lang": "en" if i < 6 else "fr"} for i in range(12)])
+    r.add_images(
+        data["feats"],
+        mask=data["mask"],
+        ids=[f"img{i}" for i in range(N)],
+        metadata=[_meta(i) for i in range(N)],
+    )
+    r.add_texts(
+        CAPTIONS * 2,
+        ids=list(range(len(CAPTIONS) * 2)),
+        metadata=[{"lang": "en" if i < 6 else "fr"} for i in range(12)],
+    )
     return r
 
 
@@ -63,8 +77,12 @@ def memory(tiny_bundle: Path, data: dict[str, Any]) -> Iterator[Retriever]:
 
 
 @pytest.fixture(scope="module", params=["edge", "server"])
-def qdrant(request: pytest.FixtureRequest, tiny_bundle: Path, data: dict[str, Any],
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Retriever]:
+def qdrant(
+    request: pytest.FixtureRequest,
+    tiny_bundle: Path,
+    data: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Retriever]:
     gallery = QdrantEdge(tmp_path_factory.mktemp("edge")) if request.param == "edge" else _server()
     r = _filled(tiny_bundle, data, gallery=gallery)
     yield r
@@ -80,13 +98,15 @@ def _same(a: list[Any], b: list[Any], atol: float = 1e-5) -> None:
 # ---- exact mode equals the in-memory gallery ------------------------------------------------------------
 @pytest.mark.parametrize("rerank", [0, 10, N])
 def test_exact_qdrant_gallery_returns_the_in_memory_rankings_and_scores_text_to_image(
-        memory: Retriever, qdrant: Retriever, rerank: int) -> None:
+    memory: Retriever, qdrant: Retriever, rerank: int
+) -> None:
     for q in QUERIES:
         _same(qdrant.search(text=q, k=8, rerank=rerank), memory.search(text=q, k=8, rerank=rerank))
 
 
 def test_exact_qdrant_gallery_returns_the_in_memory_rankings_and_scores_image_to_text(
-        memory: Retriever, qdrant: Retriever, data: dict[str, Any]) -> None:
+    memory: Retriever, qdrant: Retriever, data: dict[str, Any]
+) -> None:
     for i in (0, 7, 19):
         img = data["feats"][i][data["mask"][i] > 0]
         _same(qdrant.search(image=img, k=6, rerank=12), memory.search(image=img, k=6, rerank=12))
@@ -96,7 +116,7 @@ def test_ids_counts_and_membership_match_the_in_memory_gallery(memory: Retriever
     assert qdrant.images.ids == memory.images.ids and qdrant.texts.ids == memory.texts.ids
     assert (qdrant.n_images, qdrant.n_texts) == (N, 12)
     assert "img3" in qdrant.images and 3 in qdrant.texts
-    assert "3" not in qdrant.texts and point_id(3) != point_id("3")       # int and str ids stay distinct
+    assert "3" not in qdrant.texts and point_id(3) != point_id("3")  # int and str ids stay distinct
 
 
 # ---- filters ------------------------------------------------------------------------------------------
@@ -110,8 +130,9 @@ FILTERS: list[Any] = [
 
 
 @pytest.mark.parametrize("where", FILTERS, ids=["eq", "in", "range", "and", "in-list-value"])
-def test_filters_give_the_same_results_on_every_gallery(memory: Retriever, qdrant: Retriever,
-                                                        where: dict[str, Any]) -> None:
+def test_filters_give_the_same_results_on_every_gallery(
+    memory: Retriever, qdrant: Retriever, where: dict[str, Any]
+) -> None:
     for q in QUERIES:
         want = memory.search(text=q, k=7, rerank=14, where=where)
         assert want, "the filter should keep some items"
@@ -129,31 +150,38 @@ def test_a_filter_over_a_missing_key_is_an_empty_result(memory: Retriever, qdran
         assert r.search(image=np.ones((3, DV), np.float32), k=5, where={"lang": "de"}) == []
 
 
-@pytest.mark.parametrize("where, match", [
-    ({"x": 1.5}, "range"),
-    ({"x": []}, "non-empty list"),
-    ({"x": ["a", 1]}, "non-empty list"),
-    ({"x": {"between": 1}}, "range"),
-    ({"x": {"gt": float("nan")}}, "range"),
-    ({"mssan_id": "a"}, "reserved"),
-    ({3: "a"}, "keys"),
-    ("album", "mapping"),
-])
+@pytest.mark.parametrize(
+    "where, match",
+    [
+        ({"x": 1.5}, "range"),
+        ({"x": []}, "non-empty list"),
+        ({"x": ["a", 1]}, "non-empty list"),
+        ({"x": {"between": 1}}, "range"),
+        ({"x": {"gt": float("nan")}}, "range"),
+        ({"mssan_id": "a"}, "reserved"),
+        ({3: "a"}, "keys"),
+        ("album", "mapping"),
+    ],
+)
 def test_malformed_filters_are_refused_before_searching(memory: Retriever, where: Any, match: str) -> None:
     with pytest.raises(InputError, match=match):
         memory.search(text="a red dog", where=where)
 
 
-@pytest.mark.parametrize("metadata, match", [
-    ([{"a": 1}], "1 metadata entries for 2"),
-    ({"a": 1}, "list"),
-    ([{"mssan_seq": 1}, None], "reserved"),
-    ([{"a": float("nan")}, None], "JSON"),
-    ([{"a": object()}, None], "JSON"),
-    ([3, None], "mapping"),
-])
-def test_bad_metadata_is_refused_and_nothing_is_added(memory: Retriever, qdrant: Retriever, metadata: Any,
-                                                     match: str) -> None:
+@pytest.mark.parametrize(
+    "metadata, match",
+    [
+        ([{"a": 1}], "1 metadata entries for 2"),
+        ({"a": 1}, "list"),
+        ([{"mssan_seq": 1}, None], "reserved"),
+        ([{"a": float("nan")}, None], "JSON"),
+        ([{"a": object()}, None], "JSON"),
+        ([3, None], "mapping"),
+    ],
+)
+def test_bad_metadata_is_refused_and_nothing_is_added(
+    memory: Retriever, qdrant: Retriever, metadata: Any, match: str
+) -> None:
     for r in (memory, qdrant):
         before = r.n_images
         with pytest.raises(InputError, match=match):
@@ -165,18 +193,24 @@ def test_metadata_survives_save_and_load(memory: Retriever, tiny_bundle: Path, t
     memory.save(tmp_path / "idx")
     again = Retriever.load(tiny_bundle, index=tmp_path / "idx")
     for where in FILTERS[:3]:
-        _same(again.search(text="a red dog", k=5, where=where), memory.search(text="a red dog", k=5, where=where))
+        _same(
+            again.search(text="a red dog", k=5, where=where),
+            memory.search(text="a red dog", k=5, where=where),
+        )
     assert json.loads((tmp_path / "idx" / "images_meta.json").read_text())[0] == _meta(0)
 
 
 # ---- bad input, bundles and layouts ----------------------------------------------------------------------
-@pytest.mark.parametrize("ids, match", [
-    (["img1", "new"], "already in the gallery"),
-    (["a", "a"], "duplicate"),
-    ([True, False], "str or int"),
-    ([1.5, 2.5], "str or int"),
-    (["a"], "1 ids for 2"),
-])
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        (["img1", "new"], "already in the gallery"),
+        (["a", "a"], "duplicate"),
+        ([True, False], "str or int"),
+        ([1.5, 2.5], "str or int"),
+        (["a"], "1 ids for 2"),
+    ],
+)
 def test_bad_ids_are_refused_and_nothing_is_written(qdrant: Retriever, ids: list[Any], match: str) -> None:
     before = qdrant.n_images
     with pytest.raises(InputError, match=match):
@@ -188,12 +222,20 @@ def test_vectors_of_the_wrong_size_are_refused(tiny_bundle: Path, tmp_path: Path
     g = open_qdrant_galleries(QdrantEdge(tmp_path / "e"), ["images"], 8, 4, "b")["images"]
     ones = np.ones
     with pytest.raises(InputError, match="stage1 \\[N,8\\]"):
-        g.add(ones((1, 9), np.float32), ones((1, 2, 4), np.float32), ones((1, 2), np.float32), ones((1, 2, 2)))
+        g.add(
+            ones((1, 9), np.float32), ones((1, 2, 4), np.float32), ones((1, 2), np.float32), ones((1, 2, 2))
+        )
     with pytest.raises(InputError, match="local \\[N,P,4\\]"):
-        g.add(ones((1, 8), np.float32), ones((1, 2, 5), np.float32), ones((1, 2), np.float32), ones((1, 2, 2)))
+        g.add(
+            ones((1, 8), np.float32), ones((1, 2, 5), np.float32), ones((1, 2), np.float32), ones((1, 2, 2))
+        )
     with pytest.raises(InputError, match="NaN"):
-        g.add(np.full((1, 8), np.nan, np.float32), ones((1, 2, 4), np.float32), ones((1, 2), np.float32),
-              ones((1, 2, 2)))
+        g.add(
+            np.full((1, 8), np.nan, np.float32),
+            ones((1, 2, 4), np.float32),
+            ones((1, 2), np.float32),
+            ones((1, 2, 2)),
+        )
     with pytest.raises(InputError, match="unknown ids"):
         g.remove(["never"])
     assert len(g) == 0
@@ -207,8 +249,9 @@ def test_a_gallery_built_with_another_bundle_or_layout_is_refused(tiny_bundle: P
     with pytest.raises(IndexFileError, match="built with bundle bundle-a"):
         open_qdrant_galleries(QdrantEdge(tmp_path / "e"), ["images"], 8, 4, "bundle-b")
     with pytest.raises(IndexFileError, match="local_dtype|layout"):
-        open_qdrant_galleries(QdrantEdge(tmp_path / "e", QdrantOptions(local_dtype="float16")), ["images"], 8, 4,
-                              "bundle-a")
+        open_qdrant_galleries(
+            QdrantEdge(tmp_path / "e", QdrantOptions(local_dtype="float16")), ["images"], 8, 4, "bundle-a"
+        )
     client = QdrantClient(":memory:")
     open_qdrant_galleries(QdrantServer(client=client), ["images"], 8, 4, "bundle-a")
     with pytest.raises(IndexFileError, match="built with bundle bundle-a"):
@@ -223,12 +266,22 @@ def test_a_gallery_built_with_another_bundle_or_layout_is_refused(tiny_bundle: P
     r.close()
 
 
-@pytest.mark.parametrize("spec, kind, options", [
-    ("qdrant-edge:/data/g", "edge", {}),
-    ("qdrant-edge:/data/g?quantization=int8&local_dtype=float16", "edge",
-     {"quantization": "int8", "local_dtype": "float16"}),
-    ("qdrant:http://localhost:6333?prefix=demo&exact=false&hnsw_ef=64", "server", {"exact": False, "hnsw_ef": 64}),
-])
+@pytest.mark.parametrize(
+    "spec, kind, options",
+    [
+        ("qdrant-edge:/data/g", "edge", {}),
+        (
+            "qdrant-edge:/data/g?quantization=int8&local_dtype=float16",
+            "edge",
+            {"quantization": "int8", "local_dtype": "float16"},
+        ),
+        (
+            "qdrant:http://localhost:6333?prefix=demo&exact=false&hnsw_ef=64",
+            "server",
+            {"exact": False, "hnsw_ef": 64},
+        ),
+    ],
+)
 def test_gallery_strings_name_qdrant_galleries(spec: str, kind: str, options: dict[str, Any]) -> None:
     g = parse_gallery(spec)
     assert isinstance(g, QdrantEdge if kind == "edge" else QdrantServer)
@@ -239,26 +292,41 @@ def test_gallery_strings_name_qdrant_galleries(spec: str, kind: str, options: di
     assert parse_gallery("memory") is None and parse_gallery(None) is None
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("qdrant", "expected"), ("redis:x", "expected"), ("qdrant-edge:/g?colour=red", "unknown option"),
-    ("qdrant-edge:/g?exact=maybe", "malformed"), ("qdrant-edge:/g?local_dtype=int4", "local_dtype"),
-    ("qdrant-edge:/g?quantization=pq", "quantization"), (3, "gallery must be"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("qdrant", "expected"),
+        ("redis:x", "expected"),
+        ("qdrant-edge:/g?colour=red", "unknown option"),
+        ("qdrant-edge:/g?exact=maybe", "malformed"),
+        ("qdrant-edge:/g?local_dtype=int4", "local_dtype"),
+        ("qdrant-edge:/g?quantization=pq", "quantization"),
+        (3, "gallery must be"),
+    ],
+)
 def test_bad_gallery_strings_are_refused(spec: Any, match: str) -> None:
     with pytest.raises(InputError, match=match):
         parse_gallery(spec)
 
 
 # ---- compressed and approximate modes -------------------------------------------------------------------
-@pytest.mark.parametrize("options, atol", [
-    ({"quantization": "int8"}, 1e-5),                  # stage 1 int8, rescored: final scores exact
-    ({"local_dtype": "float16"}, 5e-3),
-    ({"local_dtype": "uint8"}, 3e-2),
-    ({"exact": False, "hnsw_ef": 64}, 1e-5),
-])
+@pytest.mark.parametrize(
+    "options, atol",
+    [
+        ({"quantization": "int8"}, 1e-5),  # stage 1 int8, rescored: final scores exact
+        ({"local_dtype": "float16"}, 5e-3),
+        ({"local_dtype": "uint8"}, 3e-2),
+        ({"exact": False, "hnsw_ef": 64}, 1e-5),
+    ],
+)
 def test_compressed_and_approximate_modes_score_what_they_return_within_their_bounds(
-        memory: Retriever, tiny_bundle: Path, data: dict[str, Any], tmp_path: Path, options: dict[str, Any],
-        atol: float) -> None:
+    memory: Retriever,
+    tiny_bundle: Path,
+    data: dict[str, Any],
+    tmp_path: Path,
+    options: dict[str, Any],
+    atol: float,
+) -> None:
     r = _filled(tiny_bundle, data, gallery=QdrantEdge(tmp_path / "g", QdrantOptions(**options)))
     for q in QUERIES:
         got = r.search(text=q, k=6, rerank=N)
@@ -272,7 +340,8 @@ def test_compressed_and_approximate_modes_score_what_they_return_within_their_bo
 
 # ---- moving up, sharing, durability ---------------------------------------------------------------------
 def test_an_edge_gallery_copied_to_a_server_collection_searches_the_same(
-        tiny_bundle: Path, data: dict[str, Any], memory: Retriever, tmp_path: Path) -> None:
+    tiny_bundle: Path, data: dict[str, Any], memory: Retriever, tmp_path: Path
+) -> None:
     edge = _filled(tiny_bundle, data, gallery=QdrantEdge(tmp_path / "edge"))
     server = Retriever.load(tiny_bundle, gallery=_server())
     from mssan_infer.qdrant.gallery import QdrantGallery
@@ -285,14 +354,19 @@ def test_an_edge_gallery_copied_to_a_server_collection_searches_the_same(
             copy_gallery(src, dst)
     assert server.images.ids == memory.images.ids
     for q in QUERIES:
-        _same(server.search(text=q, k=5, where={"album": "city"}), memory.search(text=q, k=5, where={"album": "city"}))
+        _same(
+            server.search(text=q, k=5, where={"album": "city"}),
+            memory.search(text=q, k=5, where={"album": "city"}),
+        )
     edge.close()
 
 
-def test_replicas_on_one_server_collection_see_each_others_writes(tiny_bundle: Path, data: dict[str, Any]) -> None:
+def test_replicas_on_one_server_collection_see_each_others_writes(
+    tiny_bundle: Path, data: dict[str, Any]
+) -> None:
     from qdrant_client import QdrantClient
 
-    client = QdrantClient(":memory:")            # stands for one server; each Retriever is a replica
+    client = QdrantClient(":memory:")  # stands for one server; each Retriever is a replica
     a = Retriever.load(tiny_bundle, gallery=QdrantServer(client=client, prefix="shared"))
     b = Retriever.load(tiny_bundle, gallery=QdrantServer(client=client, prefix="shared"))
     a.add_images(data["feats"][:10], mask=data["mask"][:10], ids=[f"a{i}" for i in range(10)])
@@ -320,8 +394,9 @@ for step in range(10_000):
 
 def test_a_killed_process_loses_no_acknowledged_edge_upsert(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "shard")], stdout=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path / "shard")], stdout=subprocess.PIPE, text=True, env=env
+    )
     acked: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -338,8 +413,9 @@ def test_a_killed_process_loses_no_acknowledged_edge_upsert(tmp_path: Path) -> N
 
 
 # ---- the CLI -------------------------------------------------------------------------------------------
-def test_cli_indexes_into_qdrant_edge_with_metadata_and_searches_with_a_filter(tiny_bundle: Path,
-                                                                               tmp_path: Path) -> None:
+def test_cli_indexes_into_qdrant_edge_with_metadata_and_searches_with_a_filter(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
     import io
 
     from mssan_infer.__main__ import main
@@ -350,13 +426,36 @@ def test_cli_indexes_into_qdrant_edge_with_metadata_and_searches_with_a_filter(t
 
     feats = np.random.default_rng(0).normal(size=(12, 5, DV)).astype(np.float32)
     np.save(tmp_path / "feats.npy", feats)
-    (tmp_path / "meta.jsonl").write_text("\n".join(json.dumps({"album": "a" if i < 4 else "b"}) for i in range(12)))
+    (tmp_path / "meta.jsonl").write_text(
+        "\n".join(json.dumps({"album": "a" if i < 4 else "b"}) for i in range(12))
+    )
     spec = f"qdrant-edge:{tmp_path / 'g'}"
-    code, text, err = cli("index", "--bundle", tiny_bundle, "--images", tmp_path / "feats.npy", "--metadata",
-                          tmp_path / "meta.jsonl", "--gallery", spec, "--no-progress")
+    code, text, err = cli(
+        "index",
+        "--bundle",
+        tiny_bundle,
+        "--images",
+        tmp_path / "feats.npy",
+        "--metadata",
+        tmp_path / "meta.jsonl",
+        "--gallery",
+        spec,
+        "--no-progress",
+    )
     assert code == 0 and "12 images" in text, err
-    code, text, err = cli("search", "--bundle", tiny_bundle, "--gallery", spec, "a red dog", "-k", "10",
-                          "--where", '{"album": "a"}', "--json")
+    code, text, err = cli(
+        "search",
+        "--bundle",
+        tiny_bundle,
+        "--gallery",
+        spec,
+        "a red dog",
+        "-k",
+        "10",
+        "--where",
+        '{"album": "a"}',
+        "--json",
+    )
     assert code == 0, err
     assert sorted(h["id"] for h in json.loads(text)["hits"]) == [0, 1, 2, 3]
     code, _, err = cli("search", "--bundle", tiny_bundle, "--gallery", spec, "a dog", "--where", "[1]")

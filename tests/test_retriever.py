@@ -1,4 +1,6 @@
-"""Retriever end to end against the PyTorch model: scores, rankings, save/load, FAISS, fp16-memmap, threads, errors."""
+"""Retriever end to end against the PyTorch model: scores, rankings, save/load, FAISS, fp16-memmap,
+threads, errors."""
+
 from __future__ import annotations
 
 import threading
@@ -7,12 +9,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from mssan_infer import Encoded, Hit, Retriever
-from mssan_infer.errors import InputError
-
 import torch
-from mssan_infer import GalleryOptions, Layout, OnnxRuntimeOptions, SearchOptions, Stage1Options
+
+from mssan_infer import (
+    Encoded,
+    GalleryOptions,
+    Hit,
+    Layout,
+    OnnxRuntimeOptions,
+    Retriever,
+    SearchOptions,
+    Stage1Options,
+)
+from mssan_infer.errors import InputError
 
 CAPTIONS = [
     "a red dog on the beach",
@@ -20,7 +29,7 @@ CAPTIONS = [
     "a man sits in the street",
     "woman",
     "a big white house with a small green car and a black bird near the boat in the field",
-    "two cats: a yellow one, and a zebra",          # unknown words mixed in
+    "two cats: a yellow one, and a zebra",  # unknown words mixed in
     "A DOG'S BALL!",
 ]
 
@@ -77,9 +86,23 @@ def _row(hit: Hit) -> int:
 def test_bundle_tokenizer_gives_the_checkpoint_tokenizers_ids(retriever: Retriever, model: Any) -> None:
     _, tok = model
     awkward = [
-        "", " ", "!!!", "a", "A Dog's ball", "dog’s", "naïve café 東京 ｆｕｌｌｗｉｄｔｈ ﬁ",
-        "red,blue;green:yellow", "tab\tnew\nline\r\n", "under_score and-hyphen", "123 4th", "'quoted' \"dog\"",
-        "😀 dog 😀", "\u00a0non\u00a0breaking", "a " * 200, "x" * 5000, "İstanbul ß ΣΊΣΥΦΟΣ",
+        "",
+        " ",
+        "!!!",
+        "a",
+        "A Dog's ball",
+        "dog’s",
+        "naïve café 東京 ｆｕｌｌｗｉｄｔｈ ﬁ",
+        "red,blue;green:yellow",
+        "tab\tnew\nline\r\n",
+        "under_score and-hyphen",
+        "123 4th",
+        "'quoted' \"dog\"",
+        "😀 dog 😀",
+        "\u00a0non\u00a0breaking",
+        "a " * 200,
+        "x" * 5000,
+        "İstanbul ß ΣΊΣΥΦΟΣ",
     ]
     assert retriever.tokenizer.max_len == tok.max_len
     for text in awkward:
@@ -88,7 +111,9 @@ def test_bundle_tokenizer_gives_the_checkpoint_tokenizers_ids(retriever: Retriev
         assert np.array_equal(a, b)
 
 
-def test_encoders_match_the_pytorch_model(retriever: Retriever, model: Any, gallery: tuple[np.ndarray, np.ndarray]) -> None:
+def test_encoders_match_the_pytorch_model(
+    retriever: Retriever, model: Any, gallery: tuple[np.ndarray, np.ndarray]
+) -> None:
     net, tok = model
     feats, mask = gallery
     enc = retriever.encode_images(feats[:9], mask[:9])
@@ -99,10 +124,14 @@ def test_encoders_match_the_pytorch_model(retriever: Retriever, model: Any, gall
     for ours, ref in ((enc, ref_i), (txt, ref_t)):
         assert isinstance(ours, Encoded)
         for name in ("stage1", "local", "mask", "gram"):
-            np.testing.assert_allclose(getattr(ours, name), getattr(ref, name).numpy(), atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(
+                getattr(ours, name), getattr(ref, name).numpy(), atol=1e-5, err_msg=name
+            )
 
 
-def test_list_of_ragged_images_equals_padded_array_with_mask(retriever: Retriever, gallery: tuple[np.ndarray, np.ndarray]) -> None:
+def test_list_of_ragged_images_equals_padded_array_with_mask(
+    retriever: Retriever, gallery: tuple[np.ndarray, np.ndarray]
+) -> None:
     feats, mask = gallery
     ragged = [feats[i][mask[i] > 0] for i in range(6)]
     a, b = retriever.encode_images(ragged), retriever.encode_images(feats[:6], mask[:6])
@@ -124,7 +153,7 @@ def test_every_final_score_is_the_pytorch_score_in_both_directions(
     for i in range(0, 40, 7):
         hits = retriever.search(image=feats[i][mask[i] > 0], k=5, rerank=rerank)
         for h in hits:
-            assert abs(h.score - reference[i, int(h.id)]) < 1e-4    # type: ignore[arg-type]
+            assert abs(h.score - reference[i, int(h.id)]) < 1e-4  # type: ignore[arg-type]
 
 
 def test_rerank_depth_equal_to_gallery_matches_exhaustive_ranking_both_directions(
@@ -139,7 +168,9 @@ def test_rerank_depth_equal_to_gallery_matches_exhaustive_ranking_both_direction
         assert [h.id for h in hits] == np.argsort(-reference[i], kind="stable").tolist()
 
 
-def test_rerank_zero_is_stage1_only(retriever: Retriever, model: Any, gallery: tuple[np.ndarray, np.ndarray]) -> None:
+def test_rerank_zero_is_stage1_only(
+    retriever: Retriever, model: Any, gallery: tuple[np.ndarray, np.ndarray]
+) -> None:
     net, tok = model
     feats, mask = gallery
     with torch.inference_mode():
@@ -167,8 +198,22 @@ def test_search_batch_equals_single_searches(retriever: Retriever) -> None:
 
 
 def test_gathering_candidates_on_several_threads_changes_nothing(retriever: Retriever) -> None:
-    one = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, retriever.images, retriever.texts, SearchOptions(gather_threads=1))
-    three = Retriever(retriever.bundle, retriever.backend, retriever.tokenizer, retriever.images, retriever.texts, SearchOptions(gather_threads=3))
+    one = Retriever(
+        retriever.bundle,
+        retriever.backend,
+        retriever.tokenizer,
+        retriever.images,
+        retriever.texts,
+        SearchOptions(gather_threads=1),
+    )
+    three = Retriever(
+        retriever.bundle,
+        retriever.backend,
+        retriever.tokenizer,
+        retriever.images,
+        retriever.texts,
+        SearchOptions(gather_threads=3),
+    )
     assert three._gatherer() is not None and one._gatherer() is None
     for c in CAPTIONS:
         a, b = one.search(text=c, k=40, rerank=40), three.search(text=c, k=40, rerank=40)
@@ -188,10 +233,15 @@ def test_save_load_round_trip_gives_identical_results(
     assert again.search(image=img, k=3) == retriever.search(image=img, k=3)
 
 
-def test_faiss_and_numpy_stage1_return_the_same_topk(retriever: Retriever, bundle: Path, tmp_path: Path) -> None:
+def test_faiss_and_numpy_stage1_return_the_same_topk(
+    retriever: Retriever, bundle: Path, tmp_path: Path
+) -> None:
     import faiss  # noqa: F401  (dev extra)
+
     retriever.save(tmp_path / "idx")
-    with_faiss = Retriever.load(bundle, index=tmp_path / "idx", gallery=GalleryOptions(stage1=Stage1Options(method="faiss")))
+    with_faiss = Retriever.load(
+        bundle, index=tmp_path / "idx", gallery=GalleryOptions(stage1=Stage1Options(method="faiss"))
+    )
     for cap in CAPTIONS:
         a = with_faiss.search(text=cap, k=15, rerank=0)
         b = retriever.search(text=cap, k=15, rerank=0)
@@ -206,17 +256,24 @@ def test_fp16_memmapped_locals_score_within_2e3_of_fp32(
     retriever: Retriever, bundle: Path, gallery: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
     retriever.save(tmp_path / "idx")
-    small = Retriever.load(bundle, index=tmp_path / "idx", gallery=GalleryOptions(layout=Layout("float32", "float16"), mmap=True, spill_dir=tmp_path / "spill"))
+    small = Retriever.load(
+        bundle,
+        index=tmp_path / "idx",
+        gallery=GalleryOptions(layout=Layout("float32", "float16"), mmap=True, spill_dir=tmp_path / "spill"),
+    )
     local = small.images.view().blocks[0].local
     assert local.dtype == np.float16 and isinstance(local, np.memmap)
     for cap in CAPTIONS:
         ref = {h.id: h.score for h in retriever.search(text=cap, k=40, rerank=40)}
         for h in small.search(text=cap, k=40, rerank=40):
             assert abs(h.score - ref[h.id]) < 2e-3
-    fresh = Retriever.load(bundle, gallery=GalleryOptions(layout=Layout("float32", "float16"), mmap=True, spill_dir=tmp_path / "spill2"))
+    fresh = Retriever.load(
+        bundle,
+        gallery=GalleryOptions(layout=Layout("float32", "float16"), mmap=True, spill_dir=tmp_path / "spill2"),
+    )
     feats, mask = gallery
     fresh.add_images(feats, mask=mask, ids=[f"img{i}" for i in range(40)])
-    local = fresh.images.view().blocks[0].local               # mapped from spill2 (unlinked once mapped)
+    local = fresh.images.view().blocks[0].local  # mapped from spill2 (unlinked once mapped)
     assert isinstance(local, np.memmap) and Path(local.filename).parent == tmp_path / "spill2"
     got = {h.id: h.score for h in fresh.search(text=CAPTIONS[0], k=40, rerank=40)}
     ref = {h.id: h.score for h in retriever.search(text=CAPTIONS[0], k=40, rerank=40)}
@@ -227,7 +284,9 @@ def test_concurrent_searches_from_8_threads_equal_serial_ones(
     retriever: Retriever, gallery: tuple[np.ndarray, np.ndarray]
 ) -> None:
     feats, mask = gallery
-    queries: list[dict[str, Any]] = [{"text": c} for c in CAPTIONS] + [{"image": feats[i][mask[i] > 0]} for i in range(5)]
+    queries: list[dict[str, Any]] = [{"text": c} for c in CAPTIONS] + [
+        {"image": feats[i][mask[i] > 0]} for i in range(5)
+    ]
     serial = [retriever.search(**q, k=5, rerank=20) for q in queries]
     results: dict[tuple[int, int], list[Hit]] = {}
     errors: list[BaseException] = []

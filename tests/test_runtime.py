@@ -1,4 +1,5 @@
 """Runtime packaging: no torch on import, backend registry, provider selection, lazy optional packages."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,12 +14,12 @@ import numpy as np
 import pytest
 
 import mssan_infer
-from mssan_infer.backends.base import Backend
+from mssan_infer import OnnxRuntimeOptions
 from mssan_infer.backends import create_backend, register_backend
-from mssan_infer.options import BackendOptions, Device, parse_device
+from mssan_infer.backends.base import Backend
 from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend, select_providers
 from mssan_infer.errors import BackendUnavailableError, InputError
-from mssan_infer import OnnxRuntimeOptions
+from mssan_infer.options import BackendOptions, Device, parse_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,8 @@ def test_import_mssan_infer_does_not_import_torch_or_optional_packages() -> None
     code = (
         "import json, sys; import mssan_infer, mssan_infer.__main__; "
         "from mssan_infer import Retriever, MemoryGallery; "
-        "print(json.dumps(sorted(m for m in ('torch', 'training', 'export', 'faiss', 'tensorrt', 'tritonclient', "
+        "print(json.dumps(sorted(m for m in ('torch', 'training', 'export', 'faiss', 'tensorrt', "
+        "'tritonclient', "
         "'onnxruntime') if m in sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -37,15 +39,27 @@ def test_import_mssan_infer_does_not_import_torch_or_optional_packages() -> None
 def test_every_runtime_module_imports_in_a_clean_interpreter_without_torch() -> None:
     root = ROOT / "mssan_infer"
     mods = sorted(
-        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in root.rglob("*.py")
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in root.rglob("*.py")
     )
-    code = "import importlib, sys; [importlib.import_module(m) for m in %r]; print('torch' in sys.modules)" % mods
+    code = (
+        "import importlib, sys; [importlib.import_module(m) for m in %r]; print('torch' in sys.modules)"
+        % mods
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_public_api_is_exported_and_typed() -> None:
-    for name in ("Retriever", "Hit", "Encoded", "MemoryGallery", "load_bundle", "MssanError", "register_backend"):
+    for name in (
+        "Retriever",
+        "Hit",
+        "Encoded",
+        "MemoryGallery",
+        "load_bundle",
+        "MssanError",
+        "register_backend",
+    ):
         assert name in mssan_infer.__all__ and hasattr(mssan_infer, name)
     assert (ROOT / "mssan_infer" / "py.typed").is_file()
 
@@ -68,7 +82,9 @@ def test_backend_whose_package_is_missing_says_what_to_install() -> None:
         create_backend("needs-missing-pkg", None)  # type: ignore[arg-type]
 
 
-def test_backend_module_that_imports_a_missing_package_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backend_module_that_imports_a_missing_package_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "mssan_fake_backend.py").write_text("import mssan_fake_gpu_runtime\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     register_backend("fake", "mssan_fake_backend:Backend.from_bundle", replace=True)
@@ -80,9 +96,12 @@ def test_tensorrt_and_triton_are_registered_names() -> None:
     assert {"onnxruntime", "tensorrt", "triton"} <= set(mssan_infer.available_backends())
 
 
-def test_tensorrt_without_its_package_is_a_typed_error(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_tensorrt_without_its_package_is_a_typed_error(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     try:
         import tensorrt  # noqa: F401
+
         pytest.skip("tensorrt is installed")
     except ImportError:
         pass
@@ -115,7 +134,9 @@ class Recorder(Backend):
         self.inner.close()
 
 
-def test_custom_backend_plugs_into_retriever_load(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_custom_backend_plugs_into_retriever_load(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """A backend registered by name is what Retriever.load uses (the tensorrt/triton path)."""
     from mssan_infer.bundle import Bundle
 
@@ -144,8 +165,10 @@ def test_custom_backend_plugs_into_retriever_load(tiny_checkpoint: Path, tmp_pat
     assert {g for g, _ in made["backend"].seen} >= {"image_encoder", "text_encoder", "scorer"}  # type: ignore[attr-defined]
 
 
-def test_a_factory_that_returns_no_backend_is_refused(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    register_backend("duck", lambda bundle, options: object(), replace=True)   # type: ignore[arg-type, return-value]
+def test_a_factory_that_returns_no_backend_is_refused(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    register_backend("duck", lambda bundle, options: object(), replace=True)  # type: ignore[arg-type, return-value]
     try:
         with pytest.raises(mssan_infer.MssanError, match="not a mssan_infer.Backend"):
             mssan_infer.Retriever.load(_bundle(tiny_checkpoint, tmp_path_factory), backend="duck")
@@ -155,37 +178,65 @@ def test_a_factory_that_returns_no_backend_is_refused(tiny_checkpoint: Path, tmp
         _REGISTRY.pop("duck", None)
 
 
-@pytest.mark.parametrize("graph, feeds, match", [
-    ("image_encoder", {"regions": np.ones((3, 24), np.float32), "region_mask": np.ones((1, 3), np.float32)},
-     r"regions must be \[B, R, Dv\] \(rank 3\)"),
-    ("image_encoder", {"regions": np.ones((1, 3, 25), np.float32), "region_mask": np.ones((1, 3), np.float32)},
-     "axis Dv must be 24"),
-    ("image_encoder", {"regions": np.ones((1, 3, 24), np.float32), "region_mask": np.ones((1, 4), np.float32)},
-     "axis R is 3 in regions and 4 in region_mask"),
-    ("text_encoder", {"tokens": np.ones((1, 3), np.float32), "token_mask": np.ones((1, 3), np.float32)},
-     "integer token ids"),
-    ("text_encoder", {"tokens": np.array([["a", "b"]]), "token_mask": np.ones((1, 2), np.float32)}, "integer token ids"),
-    ("scorer", {"img_local": np.zeros((1, 1, 32), np.float32)}, "takes inputs"),
-    ("decoder", {}, "unknown graph"),
-])
+@pytest.mark.parametrize(
+    "graph, feeds, match",
+    [
+        (
+            "image_encoder",
+            {"regions": np.ones((3, 24), np.float32), "region_mask": np.ones((1, 3), np.float32)},
+            r"regions must be \[B, R, Dv\] \(rank 3\)",
+        ),
+        (
+            "image_encoder",
+            {"regions": np.ones((1, 3, 25), np.float32), "region_mask": np.ones((1, 3), np.float32)},
+            "axis Dv must be 24",
+        ),
+        (
+            "image_encoder",
+            {"regions": np.ones((1, 3, 24), np.float32), "region_mask": np.ones((1, 4), np.float32)},
+            "axis R is 3 in regions and 4 in region_mask",
+        ),
+        (
+            "text_encoder",
+            {"tokens": np.ones((1, 3), np.float32), "token_mask": np.ones((1, 3), np.float32)},
+            "integer token ids",
+        ),
+        (
+            "text_encoder",
+            {"tokens": np.array([["a", "b"]]), "token_mask": np.ones((1, 2), np.float32)},
+            "integer token ids",
+        ),
+        ("scorer", {"img_local": np.zeros((1, 1, 32), np.float32)}, "takes inputs"),
+        ("decoder", {}, "unknown graph"),
+    ],
+)
 def test_feeds_are_checked_once_against_the_spec_before_any_backend_runs(
-    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, graph: str, feeds: dict[str, np.ndarray], match: str
+    tiny_checkpoint: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    graph: str,
+    feeds: dict[str, np.ndarray],
+    match: str,
 ) -> None:
     from mssan_infer.bundle import load_bundle
 
-    be = Recorder(OnnxRuntimeBackend.from_bundle(load_bundle(_bundle(tiny_checkpoint, tmp_path_factory)), OnnxRuntimeOptions(threads=1)))
+    be = Recorder(
+        OnnxRuntimeBackend.from_bundle(
+            load_bundle(_bundle(tiny_checkpoint, tmp_path_factory)), OnnxRuntimeOptions(threads=1)
+        )
+    )
     with be:
         with pytest.raises(InputError, match=match):
             be.run(graph, feeds)
-        assert be.seen == []                             # nothing reached the runtime
+        assert be.seen == []  # nothing reached the runtime
         ok = be.run("image_encoder", {"regions": np.ones((2, 3, 24)), "region_mask": np.ones((2, 3), bool)})
-        assert ok["img_local"].dtype == np.float32 and ok["img_local"].shape == (2, 3, 32)    # cast, then run
+        assert ok["img_local"].dtype == np.float32 and ok["img_local"].shape == (2, 3, 32)  # cast, then run
     with pytest.raises(mssan_infer.MssanError, match="closed"):
         be.run("image_encoder", {"regions": np.ones((1, 3, 24)), "region_mask": np.ones((1, 3))})
 
 
-def test_a_backend_that_breaks_the_output_contract_is_caught(tiny_checkpoint: Path,
-                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_backend_that_breaks_the_output_contract_is_caught(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     from mssan_infer.bundle import load_bundle
 
     class Half(Recorder):
@@ -198,9 +249,15 @@ def test_a_backend_that_breaks_the_output_contract_is_caught(tiny_checkpoint: Pa
 
     b = load_bundle(_bundle(tiny_checkpoint, tmp_path_factory))
     feeds = {"regions": np.ones((2, 3, 24), np.float32), "region_mask": np.ones((2, 3), np.float32)}
-    with Half(OnnxRuntimeBackend.from_bundle(b)) as be, pytest.raises(mssan_infer.MssanError, match="float16, not float32"):
+    with (
+        Half(OnnxRuntimeBackend.from_bundle(b)) as be,
+        pytest.raises(mssan_infer.MssanError, match="float16, not float32"),
+    ):
         be.run("image_encoder", feeds)
-    with Short(OnnxRuntimeBackend.from_bundle(b)) as be, pytest.raises(mssan_infer.MssanError, match=r"shape \(1,"):
+    with (
+        Short(OnnxRuntimeBackend.from_bundle(b)) as be,
+        pytest.raises(mssan_infer.MssanError, match=r"shape \(1,"),
+    ):
         be.run("image_encoder", feeds)
 
 
@@ -209,8 +266,14 @@ def test_one_device_parser_for_every_backend() -> None:
 
     assert parse_device("cpu") == Device("cpu") == "cpu" and parse_device("CUDA") == "cuda:0"
     cuda3 = parse_device(" cuda:3")
-    assert cuda3 == Device("cuda", 3) and (cuda3.kind, cuda3.ordinal) == ("cuda", 3) and parse_device(cuda3) is cuda3
-    assert pickle.loads(pickle.dumps(cuda3)) == cuda3 and isinstance(pickle.loads(pickle.dumps(cuda3)), Device)
+    assert (
+        cuda3 == Device("cuda", 3)
+        and (cuda3.kind, cuda3.ordinal) == ("cuda", 3)
+        and parse_device(cuda3) is cuda3
+    )
+    assert pickle.loads(pickle.dumps(cuda3)) == cuda3 and isinstance(
+        pickle.loads(pickle.dumps(cuda3)), Device
+    )
     for bad in ("gpu", "cuda:", "cuda:-1", "cpu:0", "", 0):
         with pytest.raises(InputError, match="device"):
             parse_device(bad)  # type: ignore[arg-type]
@@ -231,7 +294,9 @@ def _bundle(ckpt: Path, factory: pytest.TempPathFactory) -> Path:
 
 
 def test_cpu_device_uses_only_the_cpu_provider() -> None:
-    assert select_providers("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert select_providers("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CPUExecutionProvider"
+    ]
 
 
 def test_cuda_device_takes_cuda_when_available() -> None:
@@ -250,7 +315,9 @@ def test_unknown_device_is_an_input_error(device: object) -> None:
         select_providers(device, ["CPUExecutionProvider"])  # type: ignore[arg-type]
 
 
-def test_onnxruntime_options_are_checked(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_onnxruntime_options_are_checked(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     from mssan_infer.bundle import load_bundle
 
     b = load_bundle(_bundle(tiny_checkpoint, tmp_path_factory))
@@ -260,19 +327,28 @@ def test_onnxruntime_options_are_checked(tiny_checkpoint: Path, tmp_path_factory
         OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(graph_optimization="max"))
     with pytest.raises(TypeError, match="turbo"):
         OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(turbo=True))  # type: ignore[call-arg]
-    be = OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(threads=1, inter_op_threads=1, graph_optimization="basic"))
+    be = OnnxRuntimeBackend.from_bundle(
+        b, OnnxRuntimeOptions(threads=1, inter_op_threads=1, graph_optimization="basic")
+    )
 
     def spin_entry(sess: object) -> str:
         try:
             return str(sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))  # type: ignore[attr-defined]
-        except RuntimeError:                # not set: ORT's own default, spinning
+        except RuntimeError:  # not set: ORT's own default, spinning
             return "unset"
 
-    assert {spin_entry(s) for s in be._sessions.values()} == {"0"}      # idle workers yield their core by default
-    spinning = OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(threads=1, allow_spinning=True, session_config={"session.force_spinning_stop": "1"}))
+    assert {spin_entry(s) for s in be._sessions.values()} == {"0"}  # idle workers yield their core by default
+    spinning = OnnxRuntimeBackend.from_bundle(
+        b,
+        OnnxRuntimeOptions(
+            threads=1, allow_spinning=True, session_config={"session.force_spinning_stop": "1"}
+        ),
+    )
     assert {spin_entry(s) for s in spinning._sessions.values()} == {"unset"}
-    assert {s.get_session_options().get_session_config_entry("session.force_spinning_stop")
-            for s in spinning._sessions.values()} == {"1"}
+    assert {
+        s.get_session_options().get_session_config_entry("session.force_spinning_stop")
+        for s in spinning._sessions.values()
+    } == {"1"}
     assert be.graphs == ["image_encoder", "scorer", "text_encoder"]
     assert be.active_providers() == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
@@ -282,7 +358,9 @@ def test_onnxruntime_options_are_checked(tiny_checkpoint: Path, tmp_path_factory
         assert any("CUDA" in str(x.message) for x in w)
 
 
-def test_an_index_of_another_bundle_is_refused_naming_the_files_that_differ(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_an_index_of_another_bundle_is_refused_naming_the_files_that_differ(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
     import shutil
 
     from mssan_infer import Retriever
@@ -294,14 +372,17 @@ def test_an_index_of_another_bundle_is_refused_naming_the_files_that_differ(tiny
     other = tmp_path / "other"
     shutil.copytree(tiny_bundle, other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["files"]["text_encoder.onnx"] = "0" * 64          # as if re-exported from other weights
-    manifest["files"]["fp16/text_encoder.onnx"] = "1" * 64     # fp16 graphs do not count towards the id
+    manifest["files"]["text_encoder.onnx"] = "0" * 64  # as if re-exported from other weights
+    manifest["files"]["fp16/text_encoder.onnx"] = "1" * 64  # fp16 graphs do not count towards the id
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexFileError, match=r"these files differ: text_encoder\.onnx\)"):
         Retriever.load(other, index=tmp_path / "index", verify=False)
-    del manifest["fp16_graphs"]                                  # the same bundle without its --fp16 extras
-    manifest["files"] = {k: v for k, v in json.loads((tiny_bundle / "manifest.json").read_text())["files"].items()
-                         if not k.startswith("fp16/")}
+    del manifest["fp16_graphs"]  # the same bundle without its --fp16 extras
+    manifest["files"] = {
+        k: v
+        for k, v in json.loads((tiny_bundle / "manifest.json").read_text())["files"].items()
+        if not k.startswith("fp16/")
+    }
     (other / "manifest.json").write_text(json.dumps(manifest))
     assert Retriever.load(other, index=tmp_path / "index", verify=False).n_texts == 2
 
@@ -310,12 +391,12 @@ def test_ids_that_read_the_same_as_other_ids_are_refused(tiny_bundle: Path) -> N
     from mssan_infer import Retriever
 
     r = Retriever.load(tiny_bundle)
-    r.add_texts(["a red dog", "a blue ball"])                    # ids 0 and 1
+    r.add_texts(["a red dog", "a blue ball"])  # ids 0 and 1
     with pytest.raises(InputError, match="read the same as other ids"):
         r.add_texts(["the cat"], ids=["1"])
     with pytest.raises(InputError, match="read the same as other ids"):
         r.add_texts(["the cat", "a tree"], ids=[7, "7"])
-    assert r.add_texts(["the cat", "a tree"], ids=["01", "x"]) == ["01", "x"]   # '01' is not how 1 reads
+    assert r.add_texts(["the cat", "a tree"], ids=["01", "x"]) == ["01", "x"]  # '01' is not how 1 reads
     assert r.n_texts == 4
 
 
@@ -324,6 +405,12 @@ def test_load_takes_typed_options_not_a_long_keyword_list() -> None:
 
     params = inspect.signature(mssan_infer.Retriever.load).parameters
     assert len(params) <= 8 and not any(p.kind is p.VAR_KEYWORD for p in params.values()), list(params)
-    for cls in (mssan_infer.GalleryOptions, mssan_infer.Stage1Options, mssan_infer.SearchOptions,
-                mssan_infer.OnnxRuntimeOptions, mssan_infer.TensorRTOptions, mssan_infer.TritonOptions):
+    for cls in (
+        mssan_infer.GalleryOptions,
+        mssan_infer.Stage1Options,
+        mssan_infer.SearchOptions,
+        mssan_infer.OnnxRuntimeOptions,
+        mssan_infer.TensorRTOptions,
+        mssan_infer.TritonOptions,
+    ):
         assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen  # type: ignore[attr-defined]

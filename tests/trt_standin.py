@@ -1,4 +1,5 @@
-"""A stand-in for ``tensorrt`` and cuda-python's ``cudart``, so the TensorRT path runs end to end without a GPU.
+"""A stand-in for ``tensorrt`` and cuda-python's ``cudart``, so the TensorRT path runs end to end
+without a GPU.
 
 It implements the parts of the TensorRT 10/11 Python API and of ``cuda.bindings.runtime``
 that ``export/tensorrt.py`` and ``mssan_infer/backends/tensorrt.py`` use, with their
@@ -18,6 +19,7 @@ on the CPU (fp16 graphs with explicit fp16 rounding, like a real fp16 device). A
 built with TF32 left on rounds the inputs of every MatMul/Gemm to 10-bit mantissas (through
 fp16, which has the same mantissa), so a forgotten ``clear_flag(TF32)`` shows in parity.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -50,9 +52,9 @@ class StandIn:
     devices: int = 1
     gpu_name: str = "Stand-in GPU"
     compute_capability: tuple[int, int] = (9, 0)
-    same_cc_binding: bool = True                # HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY bound
+    same_cc_binding: bool = True  # HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY bound
     builds: list[dict[str, Any]] = field(default_factory=list)
-    calls: list[tuple[str, str, int]] = field(default_factory=list)       # (thread, call, current device)
+    calls: list[tuple[str, str, int]] = field(default_factory=list)  # (thread, call, current device)
     violations: list[str] = field(default_factory=list)
     profile_switches: list[tuple[int, int]] = field(default_factory=list)  # (profile, device) per switch
     refuse_profile_switch: bool = False
@@ -77,16 +79,21 @@ class StandIn:
 
 
 def install(monkeypatch: Any, **options: Any) -> StandIn:
-    """Put the stand-in's ``tensorrt`` and ``cuda.bindings.runtime`` into ``sys.modules`` (undone by ``monkeypatch``)."""
+    """Put the stand-in's ``tensorrt`` and ``cuda.bindings.runtime`` into ``sys.modules``
+    (undone by ``monkeypatch``)."""
     s = StandIn(**options)
     s.tensorrt = _tensorrt_module(s)
     s.cudart = _cudart_module(s)
     bindings = types.ModuleType("cuda.bindings")
-    bindings.runtime = s.cudart                       # type: ignore[attr-defined]
+    bindings.runtime = s.cudart  # type: ignore[attr-defined]
     cuda = types.ModuleType("cuda")
-    cuda.bindings = bindings                          # type: ignore[attr-defined]
-    for name, mod in (("tensorrt", s.tensorrt), ("cuda", cuda), ("cuda.bindings", bindings),
-                      ("cuda.bindings.runtime", s.cudart)):
+    cuda.bindings = bindings  # type: ignore[attr-defined]
+    for name, mod in (
+        ("tensorrt", s.tensorrt),
+        ("cuda", cuda),
+        ("cuda.bindings", bindings),
+        ("cuda.bindings.runtime", s.cudart),
+    ):
         monkeypatch.setitem(sys.modules, name, mod)
     return s
 
@@ -113,7 +120,9 @@ def _cudart_module(s: StandIn) -> types.ModuleType:
         if not 0 <= device < s.devices:
             return cudaError_t.cudaErrorInvalidDevice, None
         name = s.gpu_name.encode() + b"\0" * 8
-        return ok, types.SimpleNamespace(name=name, major=s.compute_capability[0], minor=s.compute_capability[1])
+        return ok, types.SimpleNamespace(
+            name=name, major=s.compute_capability[0], minor=s.compute_capability[1]
+        )
 
     def cudaGetDevice() -> tuple[Any, int]:
         return ok, s.current
@@ -166,8 +175,10 @@ def _cudart_module(s: StandIn) -> types.ModuleType:
         if dev is None:
             return (cudaError_t.cudaErrorInvalidValue,)
         if s.streams.get(int(stream)) != s.current or dev != s.current:
-            s.violation(f"cudaMemcpyAsync on device {dev} memory / stream of device {s.streams.get(int(stream))} "
-                        f"with device {s.current} current")
+            s.violation(
+                f"cudaMemcpyAsync on device {dev} memory / stream of device {s.streams.get(int(stream))} "
+                f"with device {s.current} current"
+            )
         ctypes.memmove(int(dst), int(src), int(n))
         s.record("cudaMemcpyAsync")
         return (ok,)
@@ -178,7 +189,7 @@ def _cudart_module(s: StandIn) -> types.ModuleType:
     for name, obj in list(locals().items()):
         if name.startswith("cuda"):
             setattr(m, name, obj)
-    m._device_of = _device_of                          # type: ignore[attr-defined]
+    m._device_of = _device_of  # type: ignore[attr-defined]
     return m
 
 
@@ -186,13 +197,13 @@ def _cudart_module(s: StandIn) -> types.ModuleType:
 def _flag_enum(version: str) -> type[enum.Enum]:
     names = ["DEBUG", "TF32", "VERSION_COMPATIBLE", "STRICT_NANS"]
     if int(version.split(".")[0]) < 11:
-        names.append("FP16")                           # TensorRT 11 has no precision flags
-    return enum.Enum("BuilderFlag", names)             # type: ignore[return-value]
+        names.append("FP16")  # TensorRT 11 has no precision flags
+    return enum.Enum("BuilderFlag", names)  # type: ignore[return-value]
 
 
 def _tensorrt_module(s: StandIn) -> types.ModuleType:
     m = types.ModuleType("tensorrt")
-    m.__version__ = s.version                          # type: ignore[attr-defined]
+    m.__version__ = s.version  # type: ignore[attr-defined]
     BuilderFlag = _flag_enum(s.version)
     levels = ["NONE", "AMPERE_PLUS"] + (["SAME_COMPUTE_CAPABILITY"] if s.same_cc_binding else [])
     HardwareCompatibilityLevel = enum.Enum("HardwareCompatibilityLevel", levels)
@@ -258,7 +269,7 @@ def _tensorrt_module(s: StandIn) -> types.ModuleType:
 
     class _Config:
         def __init__(self) -> None:
-            self.flags = {BuilderFlag.TF32}             # on by default (BuilderFlag::kTF32)
+            self.flags = {BuilderFlag.TF32}  # on by default (BuilderFlag::kTF32)
             self.pools: dict[Any, int] = {}
             self.hardware_compatibility_level = HardwareCompatibilityLevel.NONE
             self.builder_optimization_level = 3
@@ -314,8 +325,14 @@ def _tensorrt_module(s: StandIn) -> types.ModuleType:
                 "profiles": [p.shapes for p in config.profiles],
                 "device": s.current,
             }
-            s.builds.append({**json.loads(json.dumps(header)), "onnx": network.path, "optimization_level": config.builder_optimization_level,
-                             "workspace": dict((k.name, v) for k, v in config.pools.items())})
+            s.builds.append(
+                {
+                    **json.loads(json.dumps(header)),
+                    "onnx": network.path,
+                    "optimization_level": config.builder_optimization_level,
+                    "workspace": dict((k.name, v) for k, v in config.pools.items()),
+                }
+            )
             s.record("build_serialized_network")
             return MAGIC + json.dumps(header).encode() + b"\n" + network.onnx
 
@@ -329,7 +346,7 @@ def _tensorrt_module(s: StandIn) -> types.ModuleType:
 
         def set_optimization_profile_async(self, profile: int, stream: int) -> bool:
             if s.refuse_profile_switch or not 0 <= profile < len(self.engine.profiles):
-                raise RuntimeError("Error in set optimization profile async.")   # as the binding does
+                raise RuntimeError("Error in set optimization profile async.")  # as the binding does
             self.profile = profile
             s.profile_switches.append((profile, s.current))
             return True
@@ -354,7 +371,9 @@ def _tensorrt_module(s: StandIn) -> types.ModuleType:
         def execute_async_v3(self, stream: int) -> bool:
             s.record("execute_async_v3")
             if s.current != self.device or s.streams.get(int(stream)) != self.device:
-                s.violation(f"execute_async_v3 of a device-{self.device} context with device {s.current} current")
+                s.violation(
+                    f"execute_async_v3 of a device-{self.device} context with device {s.current} current"
+                )
                 return False
             feeds = {}
             for name in self.engine.inputs:
@@ -387,10 +406,15 @@ def _tensorrt_module(s: StandIn) -> types.ModuleType:
             spec = next(sp for sp in GRAPHS.values() if set(sp.input_names) == set(self.inputs))
             self.spec = spec
             types_ = {TensorProto.FLOAT: np.dtype(np.float32), TensorProto.INT64: np.dtype(np.int64)}
-            self.dtypes = {v.name: types_[v.type.tensor_type.elem_type] for v in (*g.input, *g.output)
-                           if v.name not in inits}
-            self.declared = {v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
-                             for v in (*g.input, *g.output)}
+            self.dtypes = {
+                v.name: types_[v.type.tensor_type.elem_type]
+                for v in (*g.input, *g.output)
+                if v.name not in inits
+            }
+            self.declared = {
+                v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+                for v in (*g.input, *g.output)
+            }
             fp16 = any(i.data_type == TensorProto.FLOAT16 for i in g.initializer)
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
@@ -402,7 +426,9 @@ def _tensorrt_module(s: StandIn) -> types.ModuleType:
                 model = with_explicit_rounding(model)
             elif header["flags"].get("TF32"):
                 model = _tf32_rounding(model)
-            self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+            )
             self.shape_cache: dict[tuple[tuple[int, ...], ...], dict[str, list[int]]] = {}
             self.device = s.current
 
@@ -433,7 +459,9 @@ def _tensorrt_module(s: StandIn) -> types.ModuleType:
         def create_execution_context(self) -> _Context:
             s.record("create_execution_context")
             if s.current != self.device:
-                s.violation(f"execution context of a device-{self.device} engine made with device {s.current} current")
+                s.violation(
+                    f"execution context of a device-{self.device} engine made with device {s.current} current"
+                )
             return _Context(self)
 
         def output_shape(self, name: str, shapes: dict[str, tuple[int, ...]]) -> list[int]:
@@ -441,7 +469,9 @@ def _tensorrt_module(s: StandIn) -> types.ModuleType:
             key = tuple(shapes.get(n, ()) for n in self.inputs)
             if key not in self.shape_cache:
                 zeros = {n: np.zeros(shapes[n], self.dtypes[n]) for n in self.inputs}
-                self.shape_cache[key] = {n: list(o.shape) for n, o in zip(self.outputs, self.session.run(self.outputs, zeros))}
+                self.shape_cache[key] = {
+                    n: list(o.shape) for n, o in zip(self.outputs, self.session.run(self.outputs, zeros))
+                }
             return list(self.shape_cache[key][name])
 
     class Runtime:
@@ -453,10 +483,10 @@ def _tensorrt_module(s: StandIn) -> types.ModuleType:
             s.record("deserialize_cuda_engine")
             if not bytes(data).startswith(MAGIC):
                 return None
-            head, _, body = bytes(data)[len(MAGIC):].partition(b"\n")
+            head, _, body = bytes(data)[len(MAGIC) :].partition(b"\n")
             header = json.loads(head)
             if header["flags"].get("VERSION_COMPATIBLE") and not self.engine_host_code_allowed:
-                return None                             # a version-compatible plan needs host code allowed
+                return None  # a version-compatible plan needs host code allowed
             return _Engine(header, onnx.load_from_string(body))
 
     for name, obj in list(locals().items()):
@@ -466,7 +496,8 @@ def _tensorrt_module(s: StandIn) -> types.ModuleType:
 
 
 def _tf32_rounding(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of an fp32 graph whose MatMul/Gemm inputs are rounded to 10-bit mantissas (TF32), outputs fp32."""
+    """A copy of an fp32 graph whose MatMul/Gemm inputs are rounded to 10-bit mantissas (TF32),
+    outputs fp32."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -490,7 +521,9 @@ def _tf32_rounding(model: onnx.ModelProto) -> onnx.ModelProto:
                     else:
                         nodes.append(helper.make_node("Cast", [name], [f"{name}__h"], to=TensorProto.FLOAT16))
                         nodes.append(helper.make_node("Identity", [f"{name}__h"], [f"{name}__hk"]))
-                        nodes.append(helper.make_node("Cast", [f"{name}__hk"], [rounded], to=TensorProto.FLOAT))
+                        nodes.append(
+                            helper.make_node("Cast", [f"{name}__hk"], [rounded], to=TensorProto.FLOAT)
+                        )
                     done[name] = rounded
                 new.input[i] = done[name]
             nodes.append(new)

@@ -8,6 +8,7 @@ recall on one split; the full model's row also carries stage-1 and two-stage fig
 The table is written as ``ablation.json`` and ``ablation.md``; each run's checkpoint
 stays in its own folder, and a finished run with the same settings is reused.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -28,7 +29,13 @@ __all__ = ["SUBSETS", "ablate", "markdown_table"]
 log = logging.getLogger(__name__)
 
 SUBSETS: tuple[tuple[str, ...], ...] = (
-    ("gg",), ("gl",), ("ll",), ("gg", "gl"), ("gg", "ll"), ("gl", "ll"), ("gg", "gl", "ll"),
+    ("gg",),
+    ("gl",),
+    ("ll",),
+    ("gg", "gl"),
+    ("gg", "ll"),
+    ("gl", "ll"),
+    ("gg", "gl", "ll"),
 )
 RUN_SPEC = "ablate_run.json"
 
@@ -45,15 +52,35 @@ def _runs(model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> l
         for t in TERMS:
             if t not in terms:
                 mo[f"lam_{t}"] = 0.0
-        runs.append({"name": _name(terms), "kind": "retrained", "terms": list(terms),
-                     "model": mo, "train": dict(train_overrides)})
-    runs.append({"name": "gg+gl+ll fixed margin", "kind": "retrained (VSE++ margin)", "terms": list(TERMS),
-                 "model": dict(model_overrides), "train": {**train_overrides, "adaptive": False}})
+        runs.append(
+            {
+                "name": _name(terms),
+                "kind": "retrained",
+                "terms": list(terms),
+                "model": mo,
+                "train": dict(train_overrides),
+            }
+        )
+    runs.append(
+        {
+            "name": "gg+gl+ll fixed margin",
+            "kind": "retrained (VSE++ margin)",
+            "terms": list(TERMS),
+            "model": dict(model_overrides),
+            "train": {**train_overrides, "adaptive": False},
+        }
+    )
     if train_overrides.get("level_weights", "dev") == "dev":
         # the lever dev-selected weights pull: the same model saved with its training weights (1:1:1)
-        runs.append({"name": "gg+gl+ll fixed weights", "kind": "retrained (level weights as trained)",
-                     "terms": list(TERMS), "model": dict(model_overrides),
-                     "train": {**train_overrides, "level_weights": "fixed"}})
+        runs.append(
+            {
+                "name": "gg+gl+ll fixed weights",
+                "kind": "retrained (level weights as trained)",
+                "terms": list(TERMS),
+                "model": dict(model_overrides),
+                "train": {**train_overrides, "level_weights": "fixed"},
+            }
+        )
     return runs
 
 
@@ -99,8 +126,13 @@ def ablate(
     # the full model first (the row a user waits for); the table keeps the order of _runs
     for at, run in sorted(enumerate(runs), key=lambda r: r[1]["name"] != _name(TERMS)):
         folder = out / run["name"].replace(" ", "-")
-        spec = {"data": str(Path(data_dir).resolve()), "preset": preset, "epochs": epochs,
-                "model": run["model"], "train": run["train"]}
+        spec = {
+            "data": str(Path(data_dir).resolve()),
+            "preset": preset,
+            "epochs": epochs,
+            "model": run["model"],
+            "train": run["train"],
+        }
         log_file, spec_file = folder / "train_log.json", folder / RUN_SPEC
         if log_file.is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
             log.info("ablation %s: reusing the finished run in %s", run["name"], folder)
@@ -108,8 +140,15 @@ def ablate(
         else:
             log.info("ablation %s: training -> %s", run["name"], folder)
             load_start = os.getloadavg()
-            res = train(Path(data_dir), folder, preset=preset, epochs=epochs, model_overrides=run["model"],
-                        train_overrides=run["train"], progress=progress)
+            res = train(
+                Path(data_dir),
+                folder,
+                preset=preset,
+                epochs=epochs,
+                model_overrides=run["model"],
+                train_overrides=run["train"],
+                progress=progress,
+            )
             res["load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}
             log_file.write_text(json.dumps(res, indent=2))
             spec_file.write_text(json.dumps(spec, indent=2))
@@ -121,26 +160,47 @@ def ablate(
         elapsed = [h["elapsed_s"] for h in hist]
         epoch_s = [b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)]
         row = _row(run["name"], run["kind"], rep)
-        row.update({
-            "train_s": res["wall_s"], "epochs": len(hist), "epoch_s": epoch_s,
-            "load_average": res.get("load_average"), "best_epoch": ck.state.get("best_epoch"),
-            "level_weights": {t: getattr(ck.model.cfg, f"lam_{t}") for t in TERMS},
-        })
+        row.update(
+            {
+                "train_s": res["wall_s"],
+                "epochs": len(hist),
+                "epoch_s": epoch_s,
+                "load_average": res.get("load_average"),
+                "best_epoch": ck.state.get("best_epoch"),
+                "level_weights": {t: getattr(ck.model.cfg, f"lam_{t}") for t in TERMS},
+            }
+        )
         rows[at] = row
         if run["name"] == _name(TERMS):
-            full = {"stage1": rep["stage1"], f"twostage@{rerank}": rep[f"twostage@{rerank}"],
-                    "exhaustive": rep["exhaustive"]}
+            full = {
+                "stage1": rep["stage1"],
+                f"twostage@{rerank}": rep[f"twostage@{rerank}"],
+                "exhaustive": rep["exhaustive"],
+            }
             with torch.inference_mode():
                 for t in TERMS:
-                    eval_rows.append(_row(f"{_name(TERMS)} scored with {t} only", "eval-time terms",
-                                     evaluate(ck.model, img, txt, rerank=0, terms=(t,))))
+                    eval_rows.append(
+                        _row(
+                            f"{_name(TERMS)} scored with {t} only",
+                            "eval-time terms",
+                            evaluate(ck.model, img, txt, rerank=0, terms=(t,)),
+                        )
+                    )
     result = {
-        "data": str(data_dir), "split": split, "preset": preset,
+        "data": str(data_dir),
+        "split": split,
+        "preset": preset,
         "epochs": epochs if epochs is not None else get_preset(preset).train.epochs,
-        "model_overrides": mo, "train_overrides": to, "rerank": rerank,
-        "rows": [r for r in rows if r is not None] + eval_rows, "full_model": full,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform()},
+        "model_overrides": mo,
+        "train_overrides": to,
+        "rerank": rerank,
+        "rows": [r for r in rows if r is not None] + eval_rows,
+        "full_model": full,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -154,7 +214,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"Split `{result['split']}`, exhaustive recall; preset `{result['preset']}`, "
         f"{result['epochs']} epochs; every retrained row on the same data and seed.",
         "",
-        "| levels | how | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rSum | train s (s/epoch) | load avg |",
+        "| levels | how | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rSum | train s (s/epoch) | "
+        "load avg |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
@@ -169,11 +230,16 @@ def markdown_table(result: dict[str, Any]) -> str:
             time_s, load = "-", "-"
         lines.append(
             f"| {r['name']} | {r['kind']} | {i['r1']:.1f} | {i['r5']:.1f} | {i['r10']:.1f} | "
-            f"{t['r1']:.1f} | {t['r5']:.1f} | {t['r10']:.1f} | {r['rsum']:.1f} | {time_s} | {load} |")
+            f"{t['r1']:.1f} | {t['r5']:.1f} | {t['r10']:.1f} | {r['rsum']:.1f} | {time_s} | {load} |"
+        )
     full = result.get("full_model") or {}
     if full:
         figs = ", ".join(f"{mode} rSum {rep['rsum']:.1f}" for mode, rep in full.items())
         lines += ["", f"Full model: {figs}."]
-    lines += ["", "Train s: wall time of the whole run (with the per-epoch dev evaluation); s/epoch: median "
-              "epoch. Load avg: 1-minute load average at the run's start and end.", ""]
+    lines += [
+        "",
+        "Train s: wall time of the whole run (with the per-epoch dev evaluation); s/epoch: median "
+        "epoch. Load avg: 1-minute load average at the run's start and end.",
+        "",
+    ]
     return "\n".join(lines)

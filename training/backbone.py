@@ -8,6 +8,7 @@ convolution); ``resnet-tiny`` (one block per stage, 8 stem channels) exists for
 tests. The output is the last stage's feature map flattened to regions in row-major
 order: ``[B, H'*W', C]`` with ``H' = ceil(H/32)`` (7x7 at 224, 14x14 at 448).
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,14 @@ from torch import Tensor, nn
 from mssan_infer.errors import InputError
 
 __all__ = [
-    "BackboneSpec", "BACKBONES", "ResNetBackbone", "Bottleneck", "build_backbone", "load_backbone_weights",
-    "read_state_dict", "grid_side",
+    "BackboneSpec",
+    "BACKBONES",
+    "ResNetBackbone",
+    "Bottleneck",
+    "build_backbone",
+    "load_backbone_weights",
+    "read_state_dict",
+    "grid_side",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,11 +54,12 @@ class BackboneSpec:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    s.name: s for s in (
+    s.name: s
+    for s in (
         BackboneSpec("resnet50", (3, 4, 6, 3)),
         BackboneSpec("resnet101", (3, 4, 23, 3)),
         BackboneSpec("resnet152", (3, 8, 36, 3)),
-        BackboneSpec("resnet-tiny", (1, 1, 1, 1), width=8),     # tests: out_dim 256
+        BackboneSpec("resnet-tiny", (1, 1, 1, 1), width=8),  # tests: out_dim 256
     )
 }
 
@@ -64,9 +72,12 @@ def grid_side(size: int) -> int:
 
 
 class Bottleneck(nn.Module):
-    """torchvision's ``Bottleneck`` (v1.5): 1x1 -> 3x3 (stride) -> 1x1 (x4), identity or projected shortcut."""
+    """torchvision's ``Bottleneck`` (v1.5): 1x1 -> 3x3 (stride) -> 1x1 (x4), identity or projected
+    shortcut."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -107,7 +118,7 @@ class ResNetBackbone(nn.Module):
         self.layer4 = self._make_layer(8 * w, spec.layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(spec.out_dim, num_classes)
-        for m in self.modules():      # torchvision's initialisation
+        for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
@@ -152,8 +163,11 @@ def build_backbone(name: str, weights: str | os.PathLike[str] | None = None) -> 
     if weights is not None:
         load_backbone_weights(net, weights)
     else:
-        log.warning("backbone %s: random initialisation (no --backbone-weights); its features carry no "
-                    "ImageNet knowledge", name)
+        log.warning(
+            "backbone %s: random initialisation (no --backbone-weights); its features carry no "
+            "ImageNet knowledge",
+            name,
+        )
     return net.eval()
 
 
@@ -168,8 +182,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"backbone weights {p} not found; pass a local .pth/.pt/.safetensors file "
-                         "(e.g. torchvision's resnet152-*.pth copied to this machine)")
+        raise InputError(
+            f"backbone weights {p} not found; pass a local .pth/.pt/.safetensors file "
+            "(e.g. torchvision's resnet152-*.pth copied to this machine)"
+        )
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -189,7 +205,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         raise InputError(f"backbone weights {p} do not hold a state dict (a mapping of names to tensors)")
     state = {str(k): v for k, v in obj.items()}
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -205,8 +221,11 @@ def load_backbone_weights(net: ResNetBackbone, path: str | os.PathLike[str]) -> 
     own = net.state_dict()
     missing = [k for k in own if k not in state and not k.startswith("fc.")]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -216,7 +235,8 @@ def load_backbone_weights(net: ResNetBackbone, path: str | os.PathLike[str]) -> 
         if shapes:
             parts.append(f"{len(shapes)} of another shape (e.g. {shapes[:2]})")
         raise InputError(
-            f"backbone weights {path} do not fit {net.spec.name}: " + "; ".join(parts)
+            f"backbone weights {path} do not fit {net.spec.name}: "
+            + "; ".join(parts)
             + ". Expected torchvision's key layout for this depth (conv1, bn1, layer1.0.conv1, ..., fc); "
             "check --backbone against the file"
         )

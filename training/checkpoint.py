@@ -4,6 +4,7 @@
 No pickle: weights and optimizer tensors go through safetensors, everything
 else through JSON. Each file is written atomically (temp file, then rename).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mssan_infer.errors import BundleError
-from mssan_infer.text.subword import FILE as SUBWORD_FILE, SubwordTokenizer
 from mssan_infer.text.base import TextTokenizer
+from mssan_infer.text.subword import FILE as SUBWORD_FILE
+from mssan_infer.text.subword import SubwordTokenizer
 from mssan_infer.text.words import Tokenizer
 
 from .config import ModelConfig, TrainConfig
@@ -26,7 +28,13 @@ from .model import MSSAN
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_model", "tokenizer_file"]
 
-CONFIG, WEIGHTS, STATE, VOCAB, OPTIM = "config.json", "model.safetensors", "state.json", "vocab.json", "optimizer.safetensors"
+CONFIG, WEIGHTS, STATE, VOCAB, OPTIM = (
+    "config.json",
+    "model.safetensors",
+    "state.json",
+    "vocab.json",
+    "optimizer.safetensors",
+)
 
 
 def tokenizer_file(cfg: ModelConfig) -> str:
@@ -94,8 +102,12 @@ def save_checkpoint(
     st = dict(state or {})
     # Each file is written beside its target and renamed into place; state.json,
     # which says what the folder holds, goes last.
-    _atomic(out / WEIGHTS, lambda p: save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(p)))
+    _atomic(
+        out / WEIGHTS,
+        lambda p: save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(p)
+        ),
+    )
     if optimizer is not None:
         tensors, scalars = _optimizer_to_flat(optimizer.state_dict())
         _atomic(out / OPTIM, lambda p: save_file(tensors, str(p)))
@@ -113,7 +125,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
         if not (p / name).is_file():
             raise BundleError(
                 f"{p} is not a checkpoint folder: {name} is missing "
-                "(a checkpoint holds config.json, model.safetensors, state.json, vocab.json or tokenizer.json)"
+                "(a checkpoint holds config.json, model.safetensors, state.json, vocab.json or "
+                "tokenizer.json)"
             )
     try:
         cfg = json.loads((p / CONFIG).read_text(encoding="utf-8"))
@@ -129,9 +142,15 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
         ) from e
     tok_name = tokenizer_file(mcfg)
     if not (p / tok_name).is_file():
-        raise BundleError(f"{p} is not a complete checkpoint: {tok_name} (the {mcfg.text_encoder} tower's tokenizer) is missing")
-    tok: TextTokenizer = (SubwordTokenizer.from_file(p / tok_name, max_len=mcfg.max_len) if tok_name == SUBWORD_FILE
-                          else Tokenizer.from_file(p / tok_name, max_len=mcfg.max_len))
+        raise BundleError(
+            f"{p} is not a complete checkpoint: {tok_name} (the {mcfg.text_encoder} tower's tokenizer) "
+            "is missing"
+        )
+    tok: TextTokenizer = (
+        SubwordTokenizer.from_file(p / tok_name, max_len=mcfg.max_len)
+        if tok_name == SUBWORD_FILE
+        else Tokenizer.from_file(p / tok_name, max_len=mcfg.max_len)
+    )
     if len(tok) > mcfg.vocab_size:
         raise BundleError(
             f"checkpoint {p}: {tok_name} has {len(tok)} tokens but the model was built for vocab_size="

@@ -1,4 +1,5 @@
 """Model and training configuration: dataclasses that read and write JSON."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,27 +13,27 @@ __all__ = ["ModelConfig", "TrainConfig", "PRESETS", "preset"]
 class ModelConfig:
     """Everything needed to rebuild an ``MSSAN`` (and nothing about training)."""
 
-    vocab_size: int = 0          # set from the vocabulary
-    word_dim: int = 300          # word embedding size
-    embed_size: int = 1024       # D, joint space
-    img_dim: int = 2048          # Dv, region feature size
-    lambda_t2i: float = 9.0      # softmax temperature over regions (t2i)
-    lambda_i2t: float = 4.0      # softmax temperature over words (i2t)
+    vocab_size: int = 0  # set from the vocabulary
+    word_dim: int = 300  # word embedding size
+    embed_size: int = 1024  # D, joint space
+    img_dim: int = 2048  # Dv, region feature size
+    lambda_t2i: float = 9.0  # softmax temperature over regions (t2i)
+    lambda_i2t: float = 4.0  # softmax temperature over words (i2t)
     agg: Literal["mean", "lse"] = "mean"
     lambda_lse: float = 6.0
     leaky: float = 0.1
     lam_gg: float = 1.0
     lam_gl: float = 1.0
     lam_ll: float = 1.0
-    max_len: int = 64            # tokenizer truncation (words, or subwords without the special tokens)
+    max_len: int = 64  # tokenizer truncation (words, or subwords without the special tokens)
     # Text tower: "bigru" (DESIGN §2) or "transformer" (a BERT-family Hugging Face encoder,
     # training/text_transformer.py). The text_* fields below belong to the transformer and are
     # filled from the model folder by `python -m training train --text-model PATH`.
     text_encoder: Literal["bigru", "transformer"] = "bigru"
-    text_model: str = ""         # the folder the pretrained weights came from (a record only)
-    text_config: dict[str, Any] = field(default_factory=dict)   # its Hugging Face config.json
-    text_prefix_ids: list[int] = field(default_factory=list)    # special ids before the subwords ([CLS])
-    text_suffix_ids: list[int] = field(default_factory=list)    # special ids after them ([SEP])
+    text_model: str = ""  # the folder the pretrained weights came from (a record only)
+    text_config: dict[str, Any] = field(default_factory=dict)  # its Hugging Face config.json
+    text_prefix_ids: list[int] = field(default_factory=list)  # special ids before the subwords ([CLS])
+    text_suffix_ids: list[int] = field(default_factory=list)  # special ids after them ([SEP])
     text_pad_id: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,29 +51,29 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-4
     epochs: int = 30
-    lr_decay_epoch: int = 15     # lr *= lr_decay at this epoch (step schedule)
+    lr_decay_epoch: int = 15  # lr *= lr_decay at this epoch (step schedule)
     lr_decay: float = 0.1
     grad_clip: float = 2.0
     # loss (DESIGN §3)
     negatives: Literal["hardest", "all"] = "hardest"
-    warmup_all_epochs: int = 1   # use negatives="all" for the first epochs
+    warmup_all_epochs: int = 1  # use negatives="all" for the first epochs
     adaptive: bool = True
     m0: float = 0.2
     rho: float = 0.01
     kappa: float = 0.5
     m_min: float = 0.05
     m_max: float = 0.5
-    level_loss: float = 0.0      # deep supervision: + level_loss * each weighted level's own ranking loss
-    level_weights: Literal["fixed", "dev"] = "dev"     # "dev": the saved model's lam_* are chosen on dev (rSum)
+    level_loss: float = 0.0  # deep supervision: + level_loss * each weighted level's own ranking loss
+    level_weights: Literal["fixed", "dev"] = "dev"  # "dev": the saved model's lam_* are chosen on dev (rSum)
     vocab_threshold: int = 4
     seed: int = 0
-    eval_rerank: int = 20        # K for the two-stage figure reported on dev
+    eval_rerank: int = 20  # K for the two-stage figure reported on dev
     workers: int = 0
     device: str = "cpu"
     amp: Literal["none", "bf16", "fp16"] = "none"
     compile: bool = False
     # Pretrained text tower (text_encoder="transformer"; the VSE-infinity recipe):
-    text_lr_mult: float = 1.0    # its encoder's learning rate = lr * text_lr_mult (the projection gets lr)
+    text_lr_mult: float = 1.0  # its encoder's learning rate = lr * text_lr_mult (the projection gets lr)
     freeze_text_epochs: int = 0  # keep its encoder frozen for the first N epochs (-1: always)
 
     def to_dict(self) -> dict[str, Any]:

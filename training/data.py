@@ -6,6 +6,7 @@ caption ``k`` belongs to image ``k // 5``) and, optionally,
 ``{split}_masks.npy`` ``[N,R]`` (1 for real regions). Region features are
 memory-mapped, never loaded whole; nothing is unpickled.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,7 +72,9 @@ class PrecompSplit:
                 f"got shape {shape}. Write them as one float32 .npy per split."
             )
         if not np.issubdtype(self.images.dtype, np.floating):
-            raise InputError(f"{what}: region features must be floating point (float32), got {self.images.dtype}")
+            raise InputError(
+                f"{what}: region features must be floating point (float32), got {self.images.dtype}"
+            )
         n, r, _ = self.images.shape
         if n == 0:
             raise InputError(f"{what}: has no images")
@@ -84,7 +87,8 @@ class PrecompSplit:
         if self.region_mask is not None:
             if tuple(self.region_mask.shape) != (n, r):
                 raise InputError(
-                    f"{what}: region mask has shape {tuple(self.region_mask.shape)}, expected [N, R] = [{n}, {r}]"
+                    f"{what}: region mask has shape {tuple(self.region_mask.shape)}, "
+                    f"expected [N, R] = [{n}, {r}]"
                 )
 
     @property
@@ -160,7 +164,9 @@ def read_captions(path: str | os.PathLike[str]) -> list[str]:
     except UnicodeDecodeError as e:
         raise InputError(f"{p}: captions must be UTF-8 text ({e}); re-encode the file as UTF-8") from e
     except OSError as e:
-        raise InputError(f"{p}: cannot read the captions file ({e}); expected UTF-8 text, one caption per line") from e
+        raise InputError(
+            f"{p}: cannot read the captions file ({e}); expected UTF-8 text, one caption per line"
+        ) from e
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -210,8 +216,11 @@ class PairDataset(torch.utils.data.Dataset):
     def __init__(self, split: PrecompSplit, tokenizer: Tokenizer | SubwordTokenizer) -> None:
         self.split = split
         self.tokenizer = tokenizer
-        ids = (tokenizer.encode_many(split.captions) if isinstance(tokenizer, SubwordTokenizer)
-               else [tokenizer.encode(c) for c in split.captions])
+        ids = (
+            tokenizer.encode_many(split.captions)
+            if isinstance(tokenizer, SubwordTokenizer)
+            else [tokenizer.encode(c) for c in split.captions]
+        )
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         self._offsets = np.concatenate([[0], np.cumsum(lengths)])
         self._flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
@@ -223,7 +232,7 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.split.captions)
 
     def tokens(self, k: int) -> list[int]:
-        return self._flat[self._offsets[k]: self._offsets[k + 1]].tolist()
+        return self._flat[self._offsets[k] : self._offsets[k + 1]].tolist()
 
     def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray, list[int], int, int]:
         if not 0 <= k < len(self):
@@ -258,10 +267,10 @@ def collate(items: Sequence[tuple[Any, Any, Sequence[int], int, int]]) -> dict[s
     region_mask = torch.from_numpy(np.stack([np.asarray(it[1], dtype=np.float32) for it in items]))
     tokens, token_mask = _pad([it[2] for it in items])
     return {
-        "regions": regions,                                            # [B,R,Dv]
-        "region_mask": region_mask,                                    # [B,R]
-        "tokens": tokens,                                              # [B,L]
-        "token_mask": token_mask,                                      # [B,L]
+        "regions": regions,  # [B,R,Dv]
+        "region_mask": region_mask,  # [B,R]
+        "tokens": tokens,  # [B,L]
+        "token_mask": token_mask,  # [B,L]
         "img_ids": torch.as_tensor([int(it[3]) for it in items], dtype=torch.int64),
         "cap_ids": torch.as_tensor([int(it[4]) for it in items], dtype=torch.int64),
     }
@@ -280,12 +289,14 @@ def iterate_images(split: PrecompSplit, batch_size: int) -> Iterator[tuple[Tenso
         yield torch.from_numpy(regions), torch.from_numpy(mask)
 
 
-def iterate_captions(split: PrecompSplit, tokenizer: Tokenizer | SubwordTokenizer, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+def iterate_captions(
+    split: PrecompSplit, tokenizer: Tokenizer | SubwordTokenizer, batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Every caption in order, in batches: ``(tokens [b,L] int64, token_mask [b,L] float32)``."""
     _check_batch_size(batch_size)
     caps = split.captions
     for start in range(0, len(caps), batch_size):
-        tokens, mask = tokenizer.encode_batch(caps[start: start + batch_size])
+        tokens, mask = tokenizer.encode_batch(caps[start : start + batch_size])
         yield torch.from_numpy(tokens), torch.from_numpy(mask)
 
 
@@ -294,8 +305,8 @@ class KarpathyImage:
     """One image of a Karpathy split file (``dataset_flickr8k.json`` ...)."""
 
     filename: str
-    filepath: str          # "" when the file has none (Flickr)
-    captions: list[str]    # the raw sentences
+    filepath: str  # "" when the file has none (Flickr)
+    captions: list[str]  # the raw sentences
     imgid: int
 
 
@@ -318,7 +329,7 @@ def read_karpathy(json_path: str | os.PathLike[str]) -> dict[str, list[KarpathyI
     except (OSError, ValueError) as e:
         raise InputError(f"{p}: cannot read as JSON ({e})") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
-        raise InputError(f"{p}: not a Karpathy split file: expected an object with an \"images\" list")
+        raise InputError(f'{p}: not a Karpathy split file: expected an object with an "images" list')
     out: dict[str, list[KarpathyImage]] = {s: [] for s in KARPATHY_SPLITS}
     for n, im in enumerate(doc["images"]):
         try:

@@ -6,6 +6,7 @@ computes the loss over the global score matrix. DDP then averages gradients
 over ranks, so each rank's loss is multiplied by the world size: the update
 equals a single process's on the concatenated batch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -91,4 +92,6 @@ def gather_encoded(enc: Encoded, info: DistInfo) -> Encoded:
     local = _pad_dim(enc.local, 1, size)
     mask = _pad_dim(enc.mask, 1, size)
     gram = _pad_dim(_pad_dim(enc.gram, 1, size), 2, size)
-    return Encoded(*(gather_with_grad(t, info) for t in (enc.stage1, local, mask, gram, enc.glob, enc.summary)))
+    return Encoded(
+        *(gather_with_grad(t, info) for t in (enc.stage1, local, mask, gram, enc.glob, enc.summary))
+    )

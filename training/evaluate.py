@@ -4,6 +4,7 @@ Scores go through the model's one cross-product ``score``, sharded. Ranks are
 pessimistic on ties: a ground truth tied with a negative counts as ranked
 below it, so a constant scorer gets R@1 = 0, never 100.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -20,14 +21,25 @@ from mssan_infer.text.words import Tokenizer
 from .model import MSSAN, TERMS, Encoded
 
 __all__ = [
-    "ranks_i2t", "ranks_t2i", "recall_from_ranks", "recall_report", "twostage_scores",
-    "encode_split", "pad_cat", "sharded_score", "evaluate", "evaluate_split", "report_from_scores",
-    "sharded_level_scores", "select_level_weights", "LEVEL_GRID",
+    "ranks_i2t",
+    "ranks_t2i",
+    "recall_from_ranks",
+    "recall_report",
+    "twostage_scores",
+    "encode_split",
+    "pad_cat",
+    "sharded_score",
+    "evaluate",
+    "evaluate_split",
+    "report_from_scores",
+    "sharded_level_scores",
+    "select_level_weights",
+    "LEVEL_GRID",
 ]
 
 log = logging.getLogger(__name__)
 CAPS = 5
-_RERANK_OFFSET = 1e4   # lifts reranked candidates above every stage-1 score
+_RERANK_OFFSET = 1e4  # lifts reranked candidates above every stage-1 score
 # Candidate weights of a level relative to the reference level (S_ll when it is on), which keeps 1.
 # No 0: a level the config weights stays in the score (and stage 1 keeps a global level to rank by).
 LEVEL_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
@@ -41,7 +53,7 @@ def ranks_i2t(sims: np.ndarray, caps_per_image: int = CAPS) -> np.ndarray:
     gt = np.zeros_like(sims, dtype=bool)
     rows = np.repeat(np.arange(n), caps_per_image)
     gt[rows, np.arange(m)] = True
-    best_gt = np.where(gt, sims, -np.inf).max(1, keepdims=True)                # [N,1]
+    best_gt = np.where(gt, sims, -np.inf).max(1, keepdims=True)  # [N,1]
     return ((sims >= best_gt) & ~gt).sum(1)
 
 
@@ -51,7 +63,7 @@ def ranks_t2i(sims: np.ndarray, caps_per_image: int = CAPS) -> np.ndarray:
     if m != caps_per_image * n:
         raise ValueError(f"t2i needs [N, {caps_per_image}N] similarities, got {sims.shape}")
     gt_img = np.arange(m) // caps_per_image
-    gt_score = sims[gt_img, np.arange(m)]                                       # [M]
+    gt_score = sims[gt_img, np.arange(m)]  # [M]
     ge = sims >= gt_score[None, :]
     ge[gt_img, np.arange(m)] = False
     return ge.sum(0)
@@ -96,37 +108,54 @@ def pad_cat(parts: Sequence[Encoded]) -> Encoded:
     out = []
     for p in parts:
         pad = n - p.local.shape[1]
-        out.append(Encoded(
-            p.stage1, F.pad(p.local, (0, 0, 0, pad)), F.pad(p.mask, (0, pad)),
-            F.pad(p.gram, (0, pad, 0, pad)), p.glob, p.summary,
-        ))
+        out.append(
+            Encoded(
+                p.stage1,
+                F.pad(p.local, (0, 0, 0, pad)),
+                F.pad(p.mask, (0, pad)),
+                F.pad(p.gram, (0, pad, 0, pad)),
+                p.glob,
+                p.summary,
+            )
+        )
     return Encoded(*(torch.cat(ts, 0) for ts in zip(*out)))
 
 
 @torch.inference_mode()
 def encode_split(
-    model: MSSAN, images: np.ndarray, region_mask: np.ndarray | None, captions: Sequence[str],
-    tokenizer: Tokenizer | SubwordTokenizer, batch_size: int = 256,
+    model: MSSAN,
+    images: np.ndarray,
+    region_mask: np.ndarray | None,
+    captions: Sequence[str],
+    tokenizer: Tokenizer | SubwordTokenizer,
+    batch_size: int = 256,
 ) -> tuple[Encoded, Encoded]:
     """Encode every image (``[N,R,Dv]``, possibly a memmap) and caption of a split."""
     model.eval()
     dev = next(model.parameters()).device
     imgs = []
     for s in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[s:s + batch_size], dtype=np.float32)).to(dev)
-        m = (torch.ones(x.shape[:2]) if region_mask is None
-             else torch.from_numpy(np.asarray(region_mask[s:s + batch_size], dtype=np.float32))).to(dev)
+        x = torch.from_numpy(np.array(images[s : s + batch_size], dtype=np.float32)).to(dev)
+        m = (
+            torch.ones(x.shape[:2])
+            if region_mask is None
+            else torch.from_numpy(np.asarray(region_mask[s : s + batch_size], dtype=np.float32))
+        ).to(dev)
         imgs.append(model.encode_image(x, m))
     txts = []
     for s in range(0, len(captions), batch_size):
-        tok, msk = tokenizer.encode_batch(list(captions[s:s + batch_size]))
+        tok, msk = tokenizer.encode_batch(list(captions[s : s + batch_size]))
         txts.append(model.encode_text(torch.from_numpy(tok).to(dev), torch.from_numpy(msk).to(dev)))
     return pad_cat(imgs), pad_cat(txts)
 
 
 @torch.inference_mode()
 def sharded_score(
-    model: MSSAN, img: Encoded, txt: Encoded, shard: int = 128, terms: Iterable[str] = TERMS,
+    model: MSSAN,
+    img: Encoded,
+    txt: Encoded,
+    shard: int = 128,
+    terms: Iterable[str] = TERMS,
 ) -> np.ndarray:
     """``model.score`` over all pairs in ``shard x shard`` blocks -> ``[Ni, Nt]`` numpy."""
     terms = tuple(terms)
@@ -135,12 +164,18 @@ def sharded_score(
     for i in range(0, ni, shard):
         sub_i = img.select(slice(i, i + shard))
         for j in range(0, nt, shard):
-            out[i:i + shard, j:j + shard] = model.score(sub_i, txt.select(slice(j, j + shard)), terms).float().cpu().numpy()
+            out[i : i + shard, j : j + shard] = (
+                model.score(sub_i, txt.select(slice(j, j + shard)), terms).float().cpu().numpy()
+            )
     return out
 
 
 def evaluate(
-    model: MSSAN, img: Encoded, txt: Encoded, rerank: int = 100, terms: Iterable[str] = TERMS,
+    model: MSSAN,
+    img: Encoded,
+    txt: Encoded,
+    rerank: int = 100,
+    terms: Iterable[str] = TERMS,
     shard: int = 128,
 ) -> dict[str, dict[str, Any]]:
     """Recall for ``stage1``, ``twostage@K`` and ``exhaustive`` on encoded images x captions."""
@@ -164,8 +199,14 @@ def report_from_scores(full: np.ndarray, stage1: np.ndarray, rerank: int = 100) 
 
 
 def evaluate_split(
-    model: MSSAN, images: np.ndarray, region_mask: np.ndarray | None, captions: Sequence[str],
-    tokenizer: Tokenizer | SubwordTokenizer, rerank: int = 100, terms: Iterable[str] = TERMS, coco: bool = False,
+    model: MSSAN,
+    images: np.ndarray,
+    region_mask: np.ndarray | None,
+    captions: Sequence[str],
+    tokenizer: Tokenizer | SubwordTokenizer,
+    rerank: int = 100,
+    terms: Iterable[str] = TERMS,
+    coco: bool = False,
 ) -> dict[str, Any]:
     """Encode and evaluate a split; with ``coco=True`` (COCO ``testall``) report 1K (5 folds) and 5K."""
     img, txt = encode_split(model, images, region_mask, captions, tokenizer)
@@ -174,8 +215,16 @@ def evaluate_split(
     n = img.stage1.shape[0]
     if n < 5000:
         raise ValueError(f"COCO 1K/5K evaluation needs the 5000-image testall split, got {n} images")
-    folds = [evaluate(model, img.select(slice(f * 1000, (f + 1) * 1000)),
-                      txt.select(slice(f * 5000, (f + 1) * 5000)), rerank, terms) for f in range(5)]
+    folds = [
+        evaluate(
+            model,
+            img.select(slice(f * 1000, (f + 1) * 1000)),
+            txt.select(slice(f * 5000, (f + 1) * 5000)),
+            rerank,
+            terms,
+        )
+        for f in range(5)
+    ]
     return {"coco1k": _mean_reports(folds), "coco5k": evaluate(model, img, txt, rerank, terms)}
 
 
@@ -183,7 +232,9 @@ def _mean_reports(reports: list[dict[str, dict[str, Any]]]) -> dict[str, dict[st
     out: dict[str, dict[str, Any]] = {}
     for mode in reports[0]:
         rs = [r[mode] for r in reports]
-        agg: dict[str, Any] = {d: {k: float(np.mean([r[d][k] for r in rs])) for k in rs[0][d]} for d in ("i2t", "t2i")}
+        agg: dict[str, Any] = {
+            d: {k: float(np.mean([r[d][k] for r in rs])) for k in rs[0][d]} for d in ("i2t", "t2i")
+        }
         agg["rsum"] = float(np.mean([r["rsum"] for r in rs]))
         agg["mode"] = mode
         out[mode] = agg
@@ -196,12 +247,16 @@ def sharded_level_scores(model: MSSAN, img: Encoded, txt: Encoded, shard: int = 
     for t in TERMS:
         lam = float(getattr(model.cfg, f"lam_{t}"))
         if lam:
-            out[t] = sharded_score(model, img, txt, shard if t == "ll" else max(shard, 1024), (t,)) / np.float32(lam)
+            out[t] = sharded_score(
+                model, img, txt, shard if t == "ll" else max(shard, 1024), (t,)
+            ) / np.float32(lam)
     return out
 
 
 def select_level_weights(
-    levels: dict[str, np.ndarray], start: dict[str, float], grid: Sequence[float] = LEVEL_GRID,
+    levels: dict[str, np.ndarray],
+    start: dict[str, float],
+    grid: Sequence[float] = LEVEL_GRID,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Level weights with the best exhaustive rSum on ``levels`` (a dev split's ``sharded_level_scores``).
 

@@ -8,6 +8,7 @@ or COCO images. Splits: ``train`` = Karpathy train + restval, ``dev`` = val,
 resize, centre crop) followed by the normalisation in torch, so the runtime's
 numpy preprocessing reproduces the features' inputs.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,21 +27,34 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mssan_infer.errors import InputError
-from mssan_infer.images.preprocess import IMAGE_SUFFIXES, RESAMPLE, Preprocessing, load_image, resize_crop
 from mssan_infer.files import sha256_file
+from mssan_infer.images.preprocess import IMAGE_SUFFIXES, RESAMPLE, Preprocessing, load_image, resize_crop
 
 from .backbone import build_backbone, grid_side
 from .data import CAPS_PER_IMAGE, read_karpathy
 
 __all__ = [
-    "PRECOMP_SPLITS", "ImageCaptionSplit", "karpathy_splits", "image_folder", "to_tensor", "EvalTransform",
-    "TrainTransform", "ImageDataset", "ImageCaptionDataset", "write_features", "FEATURES_INFO",
+    "PRECOMP_SPLITS",
+    "ImageCaptionSplit",
+    "karpathy_splits",
+    "image_folder",
+    "to_tensor",
+    "EvalTransform",
+    "TrainTransform",
+    "ImageDataset",
+    "ImageCaptionDataset",
+    "write_features",
+    "FEATURES_INFO",
 ]
 
 log = logging.getLogger(__name__)
 
 # precomp split <- Karpathy splits
-PRECOMP_SPLITS: dict[str, tuple[str, ...]] = {"train": ("train", "restval"), "dev": ("val",), "test": ("test",)}
+PRECOMP_SPLITS: dict[str, tuple[str, ...]] = {
+    "train": ("train", "restval"),
+    "dev": ("val",),
+    "test": ("test",),
+}
 FEATURES_INFO = "features.json"
 
 
@@ -65,8 +79,9 @@ def _resolve(images_dir: Path, filepath: str, filename: str) -> Path:
     return images_dir / filename
 
 
-def karpathy_splits(images_dir: str | os.PathLike[str], karpathy_json: str | os.PathLike[str],
-                    check_files: bool = True) -> dict[str, ImageCaptionSplit]:
+def karpathy_splits(
+    images_dir: str | os.PathLike[str], karpathy_json: str | os.PathLike[str], check_files: bool = True
+) -> dict[str, ImageCaptionSplit]:
     """The precomp splits (train/dev/test) of a Karpathy JSON, with image paths under ``images_dir``.
 
     Each image keeps its first ``CAPS_PER_IMAGE`` captions (COCO has a few with 6-7).
@@ -121,7 +136,7 @@ def image_folder(images_dir: str | os.PathLike[str]) -> list[Path]:
 
 def to_tensor(img: Any, cfg: Preprocessing) -> Tensor:
     """RGB pillow image -> normalised ``float32 [3,H,W]`` (``(x * scale - mean) / std``)."""
-    x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()   # [3,H,W]
+    x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()  # [3,H,W]
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
     return (x * cfg.scale - mean) / std
@@ -144,9 +159,14 @@ class TrainTransform:
     (0.08, 1), because a caption describes the whole picture.
     """
 
-    def __init__(self, cfg: Preprocessing, scale: tuple[float, float] = (0.5, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: float = 0.5,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Preprocessing,
+        scale: tuple[float, float] = (0.5, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: float = 0.5,
+        generator: torch.Generator | None = None,
+    ) -> None:
         if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
             raise InputError(f"bad crop scale {scale} or ratio {ratio}")
         self.cfg, self.scale, self.ratio, self.flip, self.generator = cfg, scale, ratio, flip, generator
@@ -166,7 +186,7 @@ class TrainTransform:
                 top = int(torch.randint(0, h - ch + 1, (1,), generator=self.generator))
                 left = int(torch.randint(0, w - cw + 1, (1,), generator=self.generator))
                 return left, top, cw, ch
-        in_ratio = w / h                                   # fallback: centre crop within the ratio range
+        in_ratio = w / h  # fallback: centre crop within the ratio range
         if in_ratio < self.ratio[0]:
             cw, ch = w, int(round(w / self.ratio[0]))
         elif in_ratio > self.ratio[1]:
@@ -179,7 +199,7 @@ class TrainTransform:
         left, top, cw, ch = self.crop_box(*img.size)
         s = self.cfg.image_size
         img = img.resize((s, s), RESAMPLE[self.cfg.resample], box=(left, top, left + cw, top + ch))
-        x = to_tensor(img, self.cfg)                                           # [3,S,S]
+        x = to_tensor(img, self.cfg)  # [3,S,S]
         if float(torch.rand(1, generator=self.generator)) < self.flip:
             x = x.flip(-1)
         return x
@@ -200,7 +220,8 @@ class ImageDataset(Dataset):
 
 
 class ImageCaptionDataset(Dataset):
-    """One item per caption, for training on pixels: ``(pixels [3,S,S], caption, image_index, caption_index)``."""
+    """One item per caption, for training on pixels: ``(pixels [3,S,S], caption, image_index,
+    caption_index)``."""
 
     def __init__(self, split: ImageCaptionSplit, transform: Any) -> None:
         self.split, self.transform = split, transform
@@ -272,11 +293,13 @@ def write_features(
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(len(split), grid, dim))
         ok = False
         try:
-            loader = DataLoader(ImageDataset(split.paths, transform), batch_size=batch_size, num_workers=workers)
+            loader = DataLoader(
+                ImageDataset(split.paths, transform), batch_size=batch_size, num_workers=workers
+            )
             bar = tqdm(total=len(split), desc=f"features {name}", unit="img", disable=not progress)
             for pixels, idx in loader:
-                feats = net(pixels.to(device)).float().cpu().numpy()            # [b, G, C]
-                arr[int(idx[0]): int(idx[-1]) + 1] = feats
+                feats = net(pixels.to(device)).float().cpu().numpy()  # [b, G, C]
+                arr[int(idx[0]) : int(idx[-1]) + 1] = feats
                 bar.update(len(idx))
             bar.close()
             arr.flush()
@@ -286,7 +309,7 @@ def write_features(
             if not ok:
                 tmp.unlink(missing_ok=True)
         os.replace(tmp, target)
-        (outp / f"{name}_masks.npy").unlink(missing_ok=True)       # every grid cell is a real region
+        (outp / f"{name}_masks.npy").unlink(missing_ok=True)  # every grid cell is a real region
         _atomic_text(outp / f"{name}_caps.txt", "".join(c + "\n" for c in split.captions))
         counts[name] = len(split)
         total += len(split)

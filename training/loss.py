@@ -1,4 +1,5 @@
 """Triplet ranking loss with adaptively updated margins (DESIGN §3)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -23,8 +24,13 @@ class AdaptiveMarginLoss(nn.Module):
     """
 
     def __init__(
-        self, m0: float = 0.2, rho: float = 0.01, kappa: float = 0.5,
-        m_min: float = 0.05, m_max: float = 0.5, adaptive: bool = True,
+        self,
+        m0: float = 0.2,
+        rho: float = 0.01,
+        kappa: float = 0.5,
+        m_min: float = 0.05,
+        m_max: float = 0.5,
+        adaptive: bool = True,
         negatives: Negatives = "hardest",
     ) -> None:
         super().__init__()
@@ -40,12 +46,16 @@ class AdaptiveMarginLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         """Loss (scalar, summed over the batch) and stats ``gap_i2t``, ``gap_t2i``."""
         mode = negatives or self.negatives
-        pos = scores.diagonal()                                        # [B]
-        neg = img_ids.unsqueeze(1) != img_ids.unsqueeze(0)             # [B,B] True where a valid negative
+        pos = scores.diagonal()  # [B]
+        neg = img_ids.unsqueeze(1) != img_ids.unsqueeze(0)  # [B,B] True where a valid negative
         m_i2t, m_t2i = self.margin[0], self.margin[1]
         zero = torch.zeros_like(scores)
-        cost_cap = torch.where(neg, (m_i2t - pos.unsqueeze(1) + scores).clamp(min=0), zero)  # image i vs caption j
-        cost_img = torch.where(neg, (m_t2i - pos.unsqueeze(0) + scores).clamp(min=0), zero)  # caption j vs image i
+        cost_cap = torch.where(
+            neg, (m_i2t - pos.unsqueeze(1) + scores).clamp(min=0), zero
+        )  # image i vs caption j
+        cost_img = torch.where(
+            neg, (m_t2i - pos.unsqueeze(0) + scores).clamp(min=0), zero
+        )  # caption j vs image i
         if mode == "hardest":
             loss = cost_cap.max(1).values.sum() + cost_img.max(0).values.sum()
         elif mode == "all":

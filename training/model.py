@@ -6,6 +6,7 @@ regions, ``L`` words, ``Dv`` region feature size, ``D`` joint size. Masks are
 float 1/0, 1 for real positions; padded positions are zeroed in the encoders
 and every pooling/softmax is masked, so a fully masked row yields 0, not NaN.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, NamedTuple
@@ -41,10 +42,17 @@ def _aggregate(x: Tensor, mask: Tensor, agg: str, lambda_lse: float) -> Tensor:
 
 
 def cross_attention_score(
-    v: Tensor, v_mask: Tensor, v_gram: Tensor,
-    w: Tensor, w_mask: Tensor, w_gram: Tensor,
-    lambda_t2i: float = 9.0, lambda_i2t: float = 4.0, leaky: float = 0.1,
-    agg: str = "mean", lambda_lse: float = 6.0,
+    v: Tensor,
+    v_mask: Tensor,
+    v_gram: Tensor,
+    w: Tensor,
+    w_mask: Tensor,
+    w_gram: Tensor,
+    lambda_t2i: float = 9.0,
+    lambda_i2t: float = 4.0,
+    leaky: float = 0.1,
+    agg: str = "mean",
+    lambda_lse: float = 6.0,
 ) -> Tensor:
     """S_ll for every image x caption pair, through the Gram identity.
 
@@ -62,48 +70,48 @@ def cross_attention_score(
     nt, l, _ = w.shape
     # s[n,m,i,j] = v[n,i] . w[m,j]: one [Ni*R, D] x [D, Nt*L] product. Locals are zero at
     # padding, so s (and everything below) is already zero at padded positions.
-    s = torch.matmul(v.reshape(-1, d), w.reshape(-1, d).t())          # [Ni*R, Nt*L]
-    s = s.reshape(ni, r, nt, l).permute(0, 2, 1, 3)                   # [Ni,Nt,R,L]
+    s = torch.matmul(v.reshape(-1, d), w.reshape(-1, d).t())  # [Ni*R, Nt*L]
+    s = s.reshape(ni, r, nt, l).permute(0, 2, 1, 3)  # [Ni,Nt,R,L]
     # Padding enters the softmaxes as an additive bias (0 or NEG_FILL), broadcast, never expanded:
     # one Add instead of a Where over [Ni,Nt,R,L]. Scores at padded positions are exactly 0, so
     # 0 + NEG_FILL == NEG_FILL there, the same logits masked_fill would give.
     v_bias = ((v_mask <= 0).to(v.dtype) * NEG_FILL).reshape(ni, 1, r, 1)
     w_bias = ((w_mask <= 0).to(w.dtype) * NEG_FILL).reshape(1, nt, 1, l)
     act = F.leaky_relu(s, leaky)
-    sq = act * act                                                    # shared by both normalisations
+    sq = act * act  # shared by both normalisations
 
     # text -> image: each region's row normalised over words, then each word attends over regions.
     a = act * (lambda_t2i * torch.rsqrt(sq.sum(3, keepdim=True) + EPS))
-    alpha = torch.softmax(a + v_bias, dim=2)                    # [Ni,Nt,R,L], softmax over R
-    num = (alpha * s).sum(2)                                          # [Ni,Nt,L]  w_j . c_j
-    c2 = (alpha * torch.matmul(v_gram.unsqueeze(1), alpha)).sum(2)   # [Ni,Nt,L]  |c_j|^2 = a^T G_v a
-    w2 = w_gram.reshape(nt, l * l)[:, :: l + 1].unsqueeze(0)          # [1,Nt,L]   |w_j|^2 (strided diagonal)
+    alpha = torch.softmax(a + v_bias, dim=2)  # [Ni,Nt,R,L], softmax over R
+    num = (alpha * s).sum(2)  # [Ni,Nt,L]  w_j . c_j
+    c2 = (alpha * torch.matmul(v_gram.unsqueeze(1), alpha)).sum(2)  # [Ni,Nt,L]  |c_j|^2 = a^T G_v a
+    w2 = w_gram.reshape(nt, l * l)[:, :: l + 1].unsqueeze(0)  # [1,Nt,L]   |w_j|^2 (strided diagonal)
     cos_t = num * torch.rsqrt(c2 + EPS) * torch.rsqrt(w2 + EPS)
     # A pair with an empty side has no alignment at all: aggregate over nothing -> 0.
-    has_v = (v_mask.sum(1) > 0).to(v_mask.dtype).reshape(ni, 1, 1)   # [Ni,1,1]
-    has_w = (w_mask.sum(1) > 0).to(w_mask.dtype).reshape(1, nt, 1)   # [1,Nt,1]
-    s_t2i = _aggregate(cos_t, w_mask.unsqueeze(0) * has_v, agg, lambda_lse)     # [Ni,Nt]
+    has_v = (v_mask.sum(1) > 0).to(v_mask.dtype).reshape(ni, 1, 1)  # [Ni,1,1]
+    has_w = (w_mask.sum(1) > 0).to(w_mask.dtype).reshape(1, nt, 1)  # [1,Nt,1]
+    s_t2i = _aggregate(cos_t, w_mask.unsqueeze(0) * has_v, agg, lambda_lse)  # [Ni,Nt]
 
     # image -> text: each word's column normalised over regions, then each region attends over words.
     b = act * (lambda_i2t * torch.rsqrt(sq.sum(2, keepdim=True) + EPS))
-    beta = torch.softmax(b + w_bias, dim=3)                     # [Ni,Nt,R,L], softmax over L
-    num_i = (beta * s).sum(3)                                         # [Ni,Nt,R]  v_i . c_i
-    c2_i = (beta * torch.matmul(beta, w_gram.unsqueeze(0))).sum(3)    # [Ni,Nt,R]  |c_i|^2 = b^T G_w b
-    v2 = v_gram.reshape(ni, r * r)[:, :: r + 1].unsqueeze(1)          # [Ni,1,R]   |v_i|^2 (strided diagonal)
+    beta = torch.softmax(b + w_bias, dim=3)  # [Ni,Nt,R,L], softmax over L
+    num_i = (beta * s).sum(3)  # [Ni,Nt,R]  v_i . c_i
+    c2_i = (beta * torch.matmul(beta, w_gram.unsqueeze(0))).sum(3)  # [Ni,Nt,R]  |c_i|^2 = b^T G_w b
+    v2 = v_gram.reshape(ni, r * r)[:, :: r + 1].unsqueeze(1)  # [Ni,1,R]   |v_i|^2 (strided diagonal)
     cos_i = num_i * torch.rsqrt(c2_i + EPS) * torch.rsqrt(v2 + EPS)
-    s_i2t = _aggregate(cos_i, v_mask.unsqueeze(1) * has_w, agg, lambda_lse)     # [Ni,Nt]
+    s_i2t = _aggregate(cos_i, v_mask.unsqueeze(1) * has_w, agg, lambda_lse)  # [Ni,Nt]
     return 0.5 * (s_t2i + s_i2t)
 
 
 class Encoded(NamedTuple):
     """One side's encoding. ``local`` is zero at padded positions."""
 
-    stage1: Tensor    # [B,2D]  stage-1 vector (e_img or e_txt)
-    local: Tensor     # [B,N,D] unfused locals
-    mask: Tensor      # [B,N]
-    gram: Tensor      # [B,N,N] local @ local^T
-    glob: Tensor      # [B,D]   g
-    summary: Tensor   # [B,D]   u (MFFM, not normalised)
+    stage1: Tensor  # [B,2D]  stage-1 vector (e_img or e_txt)
+    local: Tensor  # [B,N,D] unfused locals
+    mask: Tensor  # [B,N]
+    gram: Tensor  # [B,N,N] local @ local^T
+    glob: Tensor  # [B,D]   g
+    summary: Tensor  # [B,D]   u (MFFM, not normalised)
 
     def select(self, idx: Tensor | slice) -> "Encoded":
         return Encoded(*(t[idx] for t in self))
@@ -114,18 +122,18 @@ class MFFM(nn.Module):
 
     def __init__(self, d: int) -> None:
         super().__init__()
-        self.att = nn.Linear(d, d)                   # W_a (with bias)
-        self.query = nn.Linear(d, 1, bias=False)     # q
-        self.gate = nn.Linear(2 * d, d)              # W_z, b_z
+        self.att = nn.Linear(d, d)  # W_a (with bias)
+        self.query = nn.Linear(d, 1, bias=False)  # q
+        self.gate = nn.Linear(2 * d, d)  # W_z, b_z
 
     def forward(self, x: Tensor, g: Tensor, mask: Tensor) -> Tensor:
         """``x [B,N,D]`` locals, ``g [B,D]`` global, ``mask [B,N]`` -> ``u [B,D]``."""
-        logits = self.query(torch.tanh(self.att(x))).squeeze(-1)     # [B,N]
-        a = masked_softmax(logits, mask, dim=1)                       # [B,N]
-        gx = g.unsqueeze(1).expand_as(x)                              # [B,N,D]
-        z = torch.sigmoid(self.gate(torch.cat([x, gx], dim=-1)))      # [B,N,D]
-        fused = l2norm(x + z * gx)                                    # [B,N,D]
-        return (a.unsqueeze(-1) * fused).sum(1)                       # [B,D]
+        logits = self.query(torch.tanh(self.att(x))).squeeze(-1)  # [B,N]
+        a = masked_softmax(logits, mask, dim=1)  # [B,N]
+        gx = g.unsqueeze(1).expand_as(x)  # [B,N,D]
+        z = torch.sigmoid(self.gate(torch.cat([x, gx], dim=-1)))  # [B,N,D]
+        fused = l2norm(x + z * gx)  # [B,N,D]
+        return (a.unsqueeze(-1) * fused).sum(1)  # [B,D]
 
 
 class MSSAN(nn.Module):
@@ -139,7 +147,7 @@ class MSSAN(nn.Module):
         d = cfg.embed_size
         self.img_fc = nn.Linear(cfg.img_dim, d)
         if cfg.text_encoder == "transformer":
-            from .text_transformer import TransformerText   # imports transformers
+            from .text_transformer import TransformerText  # imports transformers
 
             self.text_tower = TransformerText(cfg)
         elif cfg.text_encoder == "bigru":
@@ -147,7 +155,9 @@ class MSSAN(nn.Module):
             self.gru_fwd = nn.GRU(cfg.word_dim, d, batch_first=True)
             self.gru_bwd = nn.GRU(cfg.word_dim, d, batch_first=True)
         else:
-            raise ValueError(f"ModelConfig.text_encoder must be 'bigru' or 'transformer', got {cfg.text_encoder!r}")
+            raise ValueError(
+                f"ModelConfig.text_encoder must be 'bigru' or 'transformer', got {cfg.text_encoder!r}"
+            )
         self.mffm_img = MFFM(d)
         self.mffm_txt = MFFM(d)
         self.reset_parameters()
@@ -164,11 +174,11 @@ class MSSAN(nn.Module):
     # ---- encoders -------------------------------------------------------
     def encode_image(self, regions: Tensor, region_mask: Tensor) -> Encoded:
         """``regions [B,R,Dv]``, ``region_mask [B,R]`` -> image ``Encoded``."""
-        keep = (region_mask > 0).unsqueeze(-1)                         # [B,R,1]
-        v = l2norm(self.img_fc(regions))                               # [B,R,D]
+        keep = (region_mask > 0).unsqueeze(-1)  # [B,R,1]
+        v = l2norm(self.img_fc(regions))  # [B,R,D]
         v = torch.where(keep, v, torch.zeros_like(v))
-        g = l2norm(masked_mean(v, region_mask))                        # [B,D]
-        u = self.mffm_img(v, g, region_mask)                           # [B,D]
+        g = l2norm(masked_mean(v, region_mask))  # [B,D]
+        u = self.mffm_img(v, g, region_mask)  # [B,D]
         c = self.cfg
         stage1 = torch.cat([c.lam_gg * g + 0.5 * c.lam_gl * u, 0.5 * c.lam_gl * g], dim=-1)
         return Encoded(stage1, v, region_mask, torch.matmul(v, v.transpose(1, 2)), g, u)
@@ -176,20 +186,20 @@ class MSSAN(nn.Module):
     def encode_text(self, tokens: Tensor, token_mask: Tensor) -> Encoded:
         """``tokens [B,L]`` int64, ``token_mask [B,L]`` -> text ``Encoded``."""
         if self.cfg.text_encoder == "transformer":
-            w = self.text_tower(tokens, token_mask)                    # [B,L,D] subword locals
+            w = self.text_tower(tokens, token_mask)  # [B,L,D] subword locals
         else:
-            w = self._bigru_locals(tokens, token_mask)                 # [B,L,D]
-        g = l2norm(masked_mean(w, token_mask))                         # [B,D]
-        u = self.mffm_txt(w, g, token_mask)                            # [B,D]
+            w = self._bigru_locals(tokens, token_mask)  # [B,L,D]
+        g = l2norm(masked_mean(w, token_mask))  # [B,D]
+        u = self.mffm_txt(w, g, token_mask)  # [B,D]
         return Encoded(torch.cat([g, u], dim=-1), w, token_mask, torch.matmul(w, w.transpose(1, 2)), g, u)
 
     def _bigru_locals(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
         """Masked Bi-GRU word locals ``[B,L,D]``, L2-normalised, zero at padding."""
-        keep = (token_mask > 0).unsqueeze(-1)                          # [B,L,1]
-        lengths = (token_mask > 0).sum(1)                              # [B]
-        x = self.embed(tokens)                                         # [B,L,E]
-        h_f, _ = self.gru_fwd(x)                                       # [B,L,D]
-        h_b, _ = self.gru_bwd(reverse_padded(x, lengths))              # [B,L,D] (reversed time)
+        keep = (token_mask > 0).unsqueeze(-1)  # [B,L,1]
+        lengths = (token_mask > 0).sum(1)  # [B]
+        x = self.embed(tokens)  # [B,L,E]
+        h_f, _ = self.gru_fwd(x)  # [B,L,D]
+        h_b, _ = self.gru_bwd(reverse_padded(x, lengths))  # [B,L,D] (reversed time)
         h_b = reverse_padded(h_b, lengths)
         w = l2norm((h_f + h_b) / 2)
         return torch.where(keep, w, torch.zeros_like(w))
@@ -206,12 +216,22 @@ class MSSAN(nn.Module):
     def s_ll(self, img: Encoded, txt: Encoded) -> Tensor:
         c = self.cfg
         return cross_attention_score(
-            img.local, img.mask, img.gram, txt.local, txt.mask, txt.gram,
-            c.lambda_t2i, c.lambda_i2t, c.leaky, c.agg, c.lambda_lse,
+            img.local,
+            img.mask,
+            img.gram,
+            txt.local,
+            txt.mask,
+            txt.gram,
+            c.lambda_t2i,
+            c.lambda_i2t,
+            c.leaky,
+            c.agg,
+            c.lambda_lse,
         )
 
     def level_scores(self, img: Encoded, txt: Encoded) -> dict[str, Tensor]:
-        """Each level the config weights (``lam_* != 0``), unweighted: ``{"gg": S_gg, ...}``, ``[Ni,Nt]`` each."""
+        """Each level the config weights (``lam_* != 0``), unweighted: ``{"gg": S_gg, ...}``,
+        ``[Ni,Nt]`` each."""
         fns = {"gg": self.s_gg, "gl": self.s_gl, "ll": self.s_ll}
         return {t: fns[t](img, txt) for t in TERMS if getattr(self.cfg, f"lam_{t}")}
 
@@ -230,7 +250,9 @@ class MSSAN(nn.Module):
         if "gg" in terms and "gl" in terms and c.lam_gg and c.lam_gl:
             out = self.stage1_score(img, txt)
         else:
-            out = torch.zeros(img.stage1.shape[0], txt.stage1.shape[0], dtype=img.stage1.dtype, device=img.stage1.device)
+            out = torch.zeros(
+                img.stage1.shape[0], txt.stage1.shape[0], dtype=img.stage1.dtype, device=img.stage1.device
+            )
             if "gg" in terms and c.lam_gg:
                 out = out + c.lam_gg * self.s_gg(img, txt)
             if "gl" in terms and c.lam_gl:

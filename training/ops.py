@@ -4,6 +4,7 @@ Imports only torch. Masks are float 1/0, 1 for real positions; a fully masked ro
 yields 0, not NaN. ``training.model`` and ``training.text_transformer`` both import
 from here, so neither has to import the other for these.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor
 __all__ = ["EPS", "NEG_FILL", "l2norm", "masked_mean", "masked_softmax", "reverse_padded"]
 
 EPS = 1e-8
-NEG_FILL = -1e4     # additive attention bias / softmax fill at padding (the model's one fill value)
+NEG_FILL = -1e4  # additive attention bias / softmax fill at padding (the model's one fill value)
 
 
 def l2norm(x: Tensor, dim: int = -1) -> Tensor:
@@ -29,9 +30,9 @@ def masked_softmax(logits: Tensor, mask: Tensor, dim: int) -> Tensor:
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean over axis 1 of ``x [B,N,D]`` at positions ``mask [B,N]`` > 0; empty -> 0."""
-    keep = (mask > 0).unsqueeze(-1)                                   # [B,N,1]
-    total = torch.where(keep, x, torch.zeros_like(x)).sum(1)          # [B,D]
-    count = mask.sum(1, keepdim=True).clamp(min=1.0)                  # [B,1]
+    keep = (mask > 0).unsqueeze(-1)  # [B,N,1]
+    total = torch.where(keep, x, torch.zeros_like(x)).sum(1)  # [B,D]
+    count = mask.sum(1, keepdim=True).clamp(min=1.0)  # [B,1]
     return total / count
 
 
@@ -40,7 +41,7 @@ def reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:
 
     An involution: applying it twice gives ``x`` back. Exports to ONNX at any ``L``.
     """
-    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)    # [1,L]
-    idx = lengths.unsqueeze(1) - 1 - steps                            # [B,L]
+    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # [1,L]
+    idx = lengths.unsqueeze(1) - 1 - steps  # [B,L]
     idx = torch.where(idx >= 0, idx, steps.expand_as(idx))
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))

@@ -27,6 +27,7 @@ scene, never the distractors.
 Generation is vectorised per chunk of images and seeded per chunk, so a split
 is the same bytes however it is written (in memory or memory-mapped to disk).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,21 @@ import numpy as np
 
 from mssan_infer.errors import InputError
 
-__all__ = ["SYNTH_KNOBS", "FORMAT_VERSION", "generate", "generate_split", "eval_split_size", "split_twins", "resolve_knobs", "World"]
+__all__ = [
+    "SYNTH_KNOBS",
+    "FORMAT_VERSION",
+    "generate",
+    "generate_split",
+    "eval_split_size",
+    "split_twins",
+    "resolve_knobs",
+    "World",
+]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CHUNK = 512                      # images per vectorised (and separately seeded) chunk
+CHUNK = 512  # images per vectorised (and separately seeded) chunk
 
 # name -> (default, help). Every knob is an int or a float (so a CLI can derive its flags).
 SYNTH_KNOBS: dict[str, tuple[int | float, str]] = {
@@ -65,47 +75,115 @@ SYNTH_KNOBS: dict[str, tuple[int | float, str]] = {
     "max_object_regions": (5, "most regions an object covers"),
     "distractors": (2, "unnamed objects per image (one region each, with an attribute)"),
     "attr_scale": (0.7, "norm of the attribute part of an object's region (object prototype: 1)"),
-    "scene_scale": (0.4, "norm of the scene part added to EVERY region: weak in one region, clear in "
-                          "the mean (a global signal)"),
+    "scene_scale": (
+        0.4,
+        "norm of the scene part added to EVERY region: weak in one region, clear in "
+        "the mean (a global signal)",
+    ),
     "noise": (0.8, "norm of the Gaussian noise added to every region"),
-    "twin_prob": (0.35, "chance an image is a twin of the previous one: same objects, scene and "
-                        "distractors, attributes rotated among its objects"),
+    "twin_prob": (
+        0.35,
+        "chance an image is a twin of the previous one: same objects, scene and "
+        "distractors, attributes rotated among its objects",
+    ),
     "max_mentions": (3, "most objects one caption names (each names a random non-empty subset)"),
     "attr_prob": (0.85, "chance a named object is named with its attribute"),
     "scene_prob": (0.5, "chance a caption names the scene"),
-    "holdout_synonym": (0, "1: hold each concept's last synonym out of the train and dev captions and name the "
-                           "concept only by it in the test captions (unseen words); 2: the same train and dev "
-                           "captions, test captions with the seen words (the control of 1); 0: off"),
-    "stuff": (0, "stuff concepts (sand, sky, grass...); 0 = none. With stuff, every background region "
-                 "shows one, drawn from its scene's mix: a region fits several scenes, the mix names one"),
+    "holdout_synonym": (
+        0,
+        "1: hold each concept's last synonym out of the train and dev captions and name the "
+        "concept only by it in the test captions (unseen words); 2: the same train and dev "
+        "captions, test captions with the seen words (the control of 1); 0: off",
+    ),
+    "stuff": (
+        0,
+        "stuff concepts (sand, sky, grass...); 0 = none. With stuff, every background region "
+        "shows one, drawn from its scene's mix: a region fits several scenes, the mix names one",
+    ),
     "scene_stuff": (3, "stuff concepts in each scene's mix (with stuff > 0)"),
-    "salience": (0.0, "0: an image's objects share one size and captions name them uniformly; > 0: each "
-                      "object has its own size (regions) and captions name it with weight size**salience"),
+    "salience": (
+        0.0,
+        "0: an image's objects share one size and captions name them uniformly; > 0: each "
+        "object has its own size (regions) and captions name it with weight size**salience",
+    ),
 }
 
 _OBJECTS = [
-    ("dog", "puppy", "hound"), ("cat", "kitten"), ("ball",), ("car", "automobile"), ("bird", "sparrow"),
-    ("boat", "ship"), ("house", "cottage"), ("tree",), ("horse", "pony"), ("bicycle", "bike"),
-    ("bus",), ("truck", "lorry"), ("chair", "seat"), ("table", "desk"), ("cup", "mug"),
-    ("bottle",), ("umbrella", "parasol"), ("kite",), ("airplane", "plane"), ("train",),
-    ("bench",), ("lamp",), ("clock",), ("book",), ("phone", "cellphone"),
-    ("backpack", "bag"), ("hat", "cap"), ("shirt", "tshirt"), ("shoe", "sneaker"), ("flower", "blossom"),
-    ("fence",), ("door",), ("window",), ("sign", "signboard"), ("vase",),
-    ("pillow", "cushion"), ("sheep", "lamb"), ("cow",), ("bear",), ("elephant",),
+    ("dog", "puppy", "hound"),
+    ("cat", "kitten"),
+    ("ball",),
+    ("car", "automobile"),
+    ("bird", "sparrow"),
+    ("boat", "ship"),
+    ("house", "cottage"),
+    ("tree",),
+    ("horse", "pony"),
+    ("bicycle", "bike"),
+    ("bus",),
+    ("truck", "lorry"),
+    ("chair", "seat"),
+    ("table", "desk"),
+    ("cup", "mug"),
+    ("bottle",),
+    ("umbrella", "parasol"),
+    ("kite",),
+    ("airplane", "plane"),
+    ("train",),
+    ("bench",),
+    ("lamp",),
+    ("clock",),
+    ("book",),
+    ("phone", "cellphone"),
+    ("backpack", "bag"),
+    ("hat", "cap"),
+    ("shirt", "tshirt"),
+    ("shoe", "sneaker"),
+    ("flower", "blossom"),
+    ("fence",),
+    ("door",),
+    ("window",),
+    ("sign", "signboard"),
+    ("vase",),
+    ("pillow", "cushion"),
+    ("sheep", "lamb"),
+    ("cow",),
+    ("bear",),
+    ("elephant",),
 ]
 _ATTRIBUTES = [
-    ("red", "crimson"), ("blue", "azure"), ("green", "emerald"), ("yellow", "golden"), ("black", "dark"),
-    ("white", "pale"), ("orange",), ("purple", "violet"), ("pink",), ("brown",), ("gray", "grey"),
+    ("red", "crimson"),
+    ("blue", "azure"),
+    ("green", "emerald"),
+    ("yellow", "golden"),
+    ("black", "dark"),
+    ("white", "pale"),
+    ("orange",),
+    ("purple", "violet"),
+    ("pink",),
+    ("brown",),
+    ("gray", "grey"),
     ("silver",),
 ]
 _SCENES = [
-    ("on the beach", "at the beach"), ("in a park", "in the park"), ("on a street", "on the road"),
-    ("in a kitchen",), ("in a field", "on a meadow"), ("in a bedroom",), ("in the snow",),
-    ("at the lake", "by the water"), ("in an office",), ("in a garden",),
+    ("on the beach", "at the beach"),
+    ("in a park", "in the park"),
+    ("on a street", "on the road"),
+    ("in a kitchen",),
+    ("in a field", "on a meadow"),
+    ("in a bedroom",),
+    ("in the snow",),
+    ("at the lake", "by the water"),
+    ("in an office",),
+    ("in a garden",),
 ]
 _TEMPLATES = (
-    "{}{}", "a photo of {}{}", "there is {}{}", "an image showing {}{}", "{}{} in this picture",
-    "a picture of {}{}", "we can see {}{}",
+    "{}{}",
+    "a photo of {}{}",
+    "there is {}{}",
+    "an image showing {}{}",
+    "{}{} in this picture",
+    "a picture of {}{}",
+    "we can see {}{}",
 )
 _RELATIONS = ("next to", "near", "beside", "with")
 _SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "be", "du", "fa", "go", "pe", "si")
@@ -121,7 +199,9 @@ def _pseudo_word(i: int, prefix: str) -> str:
     return s
 
 
-def _surfaces(builtin: Sequence[tuple[str, ...]], n: int, synonyms: int, prefix: str) -> list[tuple[str, ...]]:
+def _surfaces(
+    builtin: Sequence[tuple[str, ...]], n: int, synonyms: int, prefix: str
+) -> list[tuple[str, ...]]:
     out = []
     for i in range(n):
         forms = builtin[i] if i < len(builtin) else (_pseudo_word(i, prefix),)
@@ -149,24 +229,42 @@ def resolve_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
         if not cond:
             raise InputError(f"synth knobs: {msg} (got {k})")
 
-    for name in ("regions", "feat_dim", "objects", "attributes", "scenes", "synonyms",
-                 "min_objects", "min_object_regions", "max_mentions"):
+    for name in (
+        "regions",
+        "feat_dim",
+        "objects",
+        "attributes",
+        "scenes",
+        "synonyms",
+        "min_objects",
+        "min_object_regions",
+        "max_mentions",
+    ):
         need(k[name] >= 1, f"{name} must be >= 1")
     need(k["eval_images"] >= 0, "eval_images must be >= 0")
     need(k["distractors"] >= 0, "distractors must be >= 0")
     need(k["min_objects"] <= k["max_objects"], "min_objects must be <= max_objects")
-    need(k["min_object_regions"] <= k["max_object_regions"], "min_object_regions must be <= max_object_regions")
-    need(k["max_objects"] * k["max_object_regions"] + k["distractors"] < k["regions"],
-         "max_objects * max_object_regions + distractors must leave at least one background region")
-    need(k["attributes"] >= k["max_objects"], "attributes must be >= max_objects (an image's objects differ in attribute)")
+    need(
+        k["min_object_regions"] <= k["max_object_regions"], "min_object_regions must be <= max_object_regions"
+    )
+    need(
+        k["max_objects"] * k["max_object_regions"] + k["distractors"] < k["regions"],
+        "max_objects * max_object_regions + distractors must leave at least one background region",
+    )
+    need(
+        k["attributes"] >= k["max_objects"],
+        "attributes must be >= max_objects (an image's objects differ in attribute)",
+    )
     need(k["objects"] >= k["max_objects"] + k["distractors"], "objects must be >= max_objects + distractors")
     need(k["stuff"] >= 0 and k["salience"] >= 0, "stuff and salience must be >= 0")
     need(k["stuff"] == 0 or 1 <= k["scene_stuff"] <= k["stuff"], "scene_stuff must be in [1, stuff]")
     for name in ("twin_prob", "attr_prob", "scene_prob"):
         need(0.0 <= k[name] <= 1.0, f"{name} must be in [0, 1]")
     need(k["holdout_synonym"] in (0, 1, 2), "holdout_synonym must be 0, 1 or 2")
-    need(k["attr_scale"] >= 0 and k["noise"] >= 0 and k["scene_scale"] >= 0,
-         "attr_scale, scene_scale and noise must be >= 0")
+    need(
+        k["attr_scale"] >= 0 and k["noise"] >= 0 and k["scene_scale"] >= 0,
+        "attr_scale, scene_scale and noise must be >= 0",
+    )
     return k
 
 
@@ -177,12 +275,12 @@ def eval_split_size(images: int, eval_images: int = 0) -> int:
 
 @dataclass
 class _Layout:
-    objs: tuple[int, ...]      # object concepts
-    attrs: tuple[int, ...]     # attribute of each object
-    m: tuple[int, ...]         # regions of each object
+    objs: tuple[int, ...]  # object concepts
+    attrs: tuple[int, ...]  # attribute of each object
+    m: tuple[int, ...]  # regions of each object
     scene: int
-    distractors: tuple[tuple[int, int], ...]   # (object, attribute)
-    twin_of: int               # index of the image this is a twin of, -1 if none
+    distractors: tuple[tuple[int, int], ...]  # (object, attribute)
+    twin_of: int  # index of the image this is a twin of, -1 if none
     stuff: tuple[int, ...] = ()  # stuff concept of each background region (knob stuff > 0)
 
 
@@ -202,16 +300,24 @@ class World:
         # Drawn after the others, so a world without stuff is the same as before the knob existed.
         stuff = protos(k["stuff"]) if k["stuff"] else np.zeros((0, dv), np.float32)
         # each scene's stuff mix: scene_stuff distinct concepts with Dirichlet(1) proportions
-        self.scene_mix: list[tuple[list[int], list[float]]] = [
-            (rng.choice(k["stuff"], k["scene_stuff"], replace=False).tolist(),
-             rng.dirichlet(np.ones(k["scene_stuff"])).tolist()) for _ in range(k["scenes"])
-        ] if k["stuff"] else []
+        self.scene_mix: list[tuple[list[int], list[float]]] = (
+            [
+                (
+                    rng.choice(k["stuff"], k["scene_stuff"], replace=False).tolist(),
+                    rng.dirichlet(np.ones(k["scene_stuff"])).tolist(),
+                )
+                for _ in range(k["scenes"])
+            ]
+            if k["stuff"]
+            else []
+        )
         # Region = table[base] + attr_table[attr] + scene_table[scene]: bases are objects, one
         # zero row (background), then stuff; the last attribute row is zero (no attribute).
-        self.table = np.concatenate([obj, np.zeros((1, dv), np.float32), stuff])         # [O+1+St, Dv]
-        self.scene_table = scene * np.float32(k["scene_scale"])                          # [S, Dv]
-        self.attr_table = np.concatenate([attr * np.float32(k["attr_scale"]),
-                                          np.zeros((1, dv), np.float32)])                 # [A+1, Dv]
+        self.table = np.concatenate([obj, np.zeros((1, dv), np.float32), stuff])  # [O+1+St, Dv]
+        self.scene_table = scene * np.float32(k["scene_scale"])  # [S, Dv]
+        self.attr_table = np.concatenate(
+            [attr * np.float32(k["attr_scale"]), np.zeros((1, dv), np.float32)]
+        )  # [A+1, Dv]
         self.no_attr = k["attributes"]
         self.objects = _surfaces(_OBJECTS, k["objects"], k["synonyms"], "ob")
         self.attributes = _surfaces(_ATTRIBUTES, k["attributes"], k["synonyms"], "at")
@@ -223,8 +329,13 @@ class World:
         out: list[_Layout] = []
         for i in range(n):
             prev = out[-1] if out else None
-            if prev is not None and prev.twin_of < 0 and len(prev.objs) >= 2 and rnd.random() < k["twin_prob"]:
-                attrs = prev.attrs[1:] + prev.attrs[:1]          # rotate: every object changes attribute
+            if (
+                prev is not None
+                and prev.twin_of < 0
+                and len(prev.objs) >= 2
+                and rnd.random() < k["twin_prob"]
+            ):
+                attrs = prev.attrs[1:] + prev.attrs[:1]  # rotate: every object changes attribute
                 out.append(_Layout(prev.objs, attrs, prev.m, prev.scene, prev.distractors, i - 1, prev.stuff))
                 continue
             nobj = rnd.randint(k["min_objects"], k["max_objects"])
@@ -232,7 +343,11 @@ class World:
             objs, dis = tuple(picked[:nobj]), picked[nobj:]
             attrs = tuple(rnd.sample(range(k["attributes"]), nobj))
             lo, hi = k["min_object_regions"], k["max_object_regions"]
-            m = tuple(rnd.randint(lo, hi) for _ in objs) if k["salience"] > 0 else (rnd.randint(lo, hi),) * nobj
+            m = (
+                tuple(rnd.randint(lo, hi) for _ in objs)
+                if k["salience"] > 0
+                else (rnd.randint(lo, hi),) * nobj
+            )
             scene = rnd.randrange(k["scenes"])
             dis_attr = tuple((o, rnd.randrange(k["attributes"])) for o in dis)
             stuff: tuple[int, ...] = ()
@@ -303,10 +418,10 @@ class World:
         """Region features ``[c,R,Dv]`` float32 of a chunk of layouts."""
         k = self.k
         base, attr = self.region_ids(lays)
-        perm = np.argsort(rng.random(base.shape), axis=1)                 # shuffle regions per image
+        perm = np.argsort(rng.random(base.shape), axis=1)  # shuffle regions per image
         base = np.take_along_axis(base, perm, 1)
         attr = np.take_along_axis(attr, perm, 1)
-        feats = self.table[base]                                          # [c,R,Dv]
+        feats = self.table[base]  # [c,R,Dv]
         feats += self.attr_table[attr]
         scenes = np.array([lay.scene for lay in lays], np.int64)
         feats += self.scene_table[scenes][:, None, :]
@@ -343,7 +458,11 @@ def split_twins(n: int, seed: int = 0, split: str = "test", **knobs: Any) -> np.
 
 
 def _generate_into(
-    out: np.ndarray, seed: int, split: str, world: World, progress: Callable[[int], None] | None = None,
+    out: np.ndarray,
+    seed: int,
+    split: str,
+    world: World,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[list[str], list[_Layout]]:
     n = out.shape[0]
     ss = _split_seed(seed, split)
@@ -409,13 +528,16 @@ def generate(out_dir: str | os.PathLike[str], images: int = 1000, seed: int = 0,
     twins: dict[str, int] = {}
     try:
         from tqdm import tqdm
+
         bar: Any = tqdm(total=sum(sizes.values()), unit="img", desc="synth", disable=None)
     except ImportError:  # pragma: no cover - tqdm comes with the train extra
         bar = None
     for split, n in sizes.items():
         ims_path = out / f"{split}_ims.npy"
         tmp = out / f".{split}_ims.npy.tmp"
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, k["regions"], k["feat_dim"]))
+        arr = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.float32, shape=(n, k["regions"], k["feat_dim"])
+        )
         try:
             captions, lays = _generate_into(arr, seed, split, world, bar.update if bar is not None else None)
             arr.flush()
@@ -440,8 +562,11 @@ def generate(out_dir: str | os.PathLike[str], images: int = 1000, seed: int = 0,
             "attributes": [list(w) for w in world.attributes],
             "scenes": [list(w) for w in world.scenes],
         },
-        "held_out_words": sorted({f[-1] for forms in (world.objects, world.attributes, world.scenes)
-                                  for f in forms if len(f) > 1}) if k["holdout_synonym"] else [],
+        "held_out_words": sorted(
+            {f[-1] for forms in (world.objects, world.attributes, world.scenes) for f in forms if len(f) > 1}
+        )
+        if k["holdout_synonym"]
+        else [],
     }
     _atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     log.info("wrote synthetic data to %s (%s)", out, sizes)

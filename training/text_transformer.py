@@ -16,6 +16,7 @@ local folder (``load_pretrained``) or from a checkpoint, whose
 ``ModelConfig.text_config`` holds the Hugging Face config to rebuild the
 architecture.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,7 +35,9 @@ __all__ = ["TransformerText", "PRETRAINED_PREFIX", "load_pretrained", "hf_tokeni
 
 log = logging.getLogger(__name__)
 
-PRETRAINED_PREFIX = "text_tower.encoder."   # state-dict prefix of the pretrained weights (lr multiplier, freezing)
+PRETRAINED_PREFIX = (
+    "text_tower.encoder."  # state-dict prefix of the pretrained weights (lr multiplier, freezing)
+)
 
 
 def _import_transformers() -> Any:
@@ -58,7 +61,7 @@ def _build_encoder(hf_config: dict[str, Any]) -> nn.Module:
     config = tf.AutoConfig.for_model(model_type, **d)
     try:
         enc = tf.AutoModel.from_config(config, add_pooling_layer=False)
-    except TypeError:                                   # models without a pooler argument
+    except TypeError:  # models without a pooler argument
         enc = tf.AutoModel.from_config(config)
     _check_architecture(enc, model_type)
     return enc  # type: ignore[no-any-return]
@@ -81,7 +84,7 @@ class TransformerText(nn.Module):
     its hidden size to ``D``.
     """
 
-    prefix: Tensor          # [P] int64 buffer: the special ids before the subwords
+    prefix: Tensor  # [P] int64 buffer: the special ids before the subwords
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -101,7 +104,9 @@ class TransformerText(nn.Module):
                 f"{max_pos} positions; set max_len <= {max_pos - specials}"
             )
         self.proj = nn.Linear(hidden, cfg.embed_size)
-        self.register_buffer("prefix", torch.tensor(list(cfg.text_prefix_ids), dtype=torch.int64), persistent=False)
+        self.register_buffer(
+            "prefix", torch.tensor(list(cfg.text_prefix_ids), dtype=torch.int64), persistent=False
+        )
         self.suffix_ids = tuple(int(i) for i in cfg.text_suffix_ids)
         self.pad_id = int(cfg.text_pad_id)
 
@@ -115,15 +120,15 @@ class TransformerText(nn.Module):
         b, l = tokens.shape
         p, s = int(self.prefix.shape[0]), len(self.suffix_ids)
         keep = token_mask > 0
-        lengths = keep.sum(1, keepdim=True)                                       # [B,1]
-        body = torch.where(keep, tokens, torch.full_like(tokens, self.pad_id))    # [B,L]
-        pre = self.prefix.unsqueeze(0).expand(b, p)                               # [B,P]
-        post = torch.full_like(tokens[:, :1], self.pad_id).expand(b, s)           # [B,S]
-        ids = torch.cat([pre, body, post], dim=1)                                 # [B,T]
-        pos = torch.arange(ids.shape[1], device=tokens.device).unsqueeze(0)       # [1,T]
+        lengths = keep.sum(1, keepdim=True)  # [B,1]
+        body = torch.where(keep, tokens, torch.full_like(tokens, self.pad_id))  # [B,L]
+        pre = self.prefix.unsqueeze(0).expand(b, p)  # [B,P]
+        post = torch.full_like(tokens[:, :1], self.pad_id).expand(b, s)  # [B,S]
+        ids = torch.cat([pre, body, post], dim=1)  # [B,T]
+        pos = torch.arange(ids.shape[1], device=tokens.device).unsqueeze(0)  # [1,T]
         for k, sid in enumerate(self.suffix_ids):
             ids = torch.where(pos == lengths + (p + k), torch.full_like(ids, sid), ids)
-        attention = (pos < lengths + (p + s)).to(torch.int64)                     # [B,T]
+        attention = (pos < lengths + (p + s)).to(torch.int64)  # [B,T]
         return ids, attention
 
     def forward(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
@@ -131,13 +136,13 @@ class TransformerText(nn.Module):
         l = tokens.shape[1]
         p = int(self.prefix.shape[0])
         ids, attention = self.with_specials(tokens, token_mask)
-        h = self.encoder.embeddings(input_ids=ids)                                # [B,T,H]
+        h = self.encoder.embeddings(input_ids=ids)  # [B,T,H]
         # The additive mask in the classic BERT form (Unsqueeze, Cast, Sub, Mul), which ONNX
         # Runtime's transformer optimizer recognises when it fuses the attention for int8 export.
-        bias = (1.0 - attention[:, None, None, :].to(h.dtype)) * NEG_FILL         # [B,1,1,T]
-        h = self.encoder.encoder(h, attention_mask=bias).last_hidden_state        # [B,T,H]
-        words = h.narrow(1, p, l)                                                 # [B,L,H] subwords only
-        w = l2norm(self.proj(words))                                              # [B,L,D]
+        bias = (1.0 - attention[:, None, None, :].to(h.dtype)) * NEG_FILL  # [B,1,1,T]
+        h = self.encoder.encoder(h, attention_mask=bias).last_hidden_state  # [B,T,H]
+        words = h.narrow(1, p, l)  # [B,L,H] subwords only
+        w = l2norm(self.proj(words))  # [B,L,D]
         keep = (token_mask > 0).unsqueeze(-1)
         return torch.where(keep, w, torch.zeros_like(w))
 
@@ -172,13 +177,14 @@ def special_ids(tokenizer_json: str) -> tuple[list[int], list[int]]:
     plain = tok.encode("a", add_special_tokens=False).ids
     full = tok.encode("a", add_special_tokens=True).ids
     for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return full[:start], full[start + len(plain):]
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
     raise ValueError("cannot locate the sequence inside the tokenizer's special-token template")
 
 
 def load_pretrained(
-    folder: str | os.PathLike[str], layers: int | None = None,
+    folder: str | os.PathLike[str],
+    layers: int | None = None,
 ) -> tuple[dict[str, Any], str, dict[str, Tensor]]:
     """Read a local Hugging Face folder: the ``ModelConfig`` fields of its tower, its
     ``tokenizer.json`` text, and its encoder weights keyed as in ``MSSAN.state_dict()``.
@@ -196,7 +202,7 @@ def load_pretrained(
     if not (p / "config.json").is_file():
         raise ValueError(f"--text-model {p}: no config.json; expected a local Hugging Face model folder")
     verbosity, bars = tf.logging.get_verbosity(), tf.utils.logging.is_progress_bar_enabled()
-    tf.logging.set_verbosity_error()              # not the load report of the pooler weights we leave out
+    tf.logging.set_verbosity_error()  # not the load report of the pooler weights we leave out
     tf.utils.logging.disable_progress_bar()
     try:
         try:
@@ -231,9 +237,15 @@ def load_pretrained(
         "vocab_size": int(vocab),
     }
     weights = {f"{PRETRAINED_PREFIX}{k}": v for k, v in state.items()}
-    log.info("text model %s: %s, %d layers, hidden %d, %.1fM parameters, vocab %d", p, enc.config.model_type,
-             hf_config.get("num_hidden_layers", -1), enc.config.hidden_size,
-             sum(t.numel() for t in state.values()) / 1e6, vocab)
+    log.info(
+        "text model %s: %s, %d layers, hidden %d, %.1fM parameters, vocab %d",
+        p,
+        enc.config.model_type,
+        hf_config.get("num_hidden_layers", -1),
+        enc.config.hidden_size,
+        sum(t.numel() for t in state.values()) / 1e6,
+        vocab,
+    )
     return fields, tok_json, weights
 
 
@@ -241,7 +253,10 @@ _LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.")
 
 
 def _first_layers(
-    hf_config: dict[str, Any], state: dict[str, Tensor], layers: int, folder: Path,
+    hf_config: dict[str, Any],
+    state: dict[str, Tensor],
+    layers: int,
+    folder: Path,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """``hf_config`` and ``state`` cut to the encoder's first ``layers`` layers (BERT-family naming
     ``encoder.layer.N.``): the embeddings and those layers keep their pretrained weights."""
@@ -249,9 +264,10 @@ def _first_layers(
     if not isinstance(total, int):
         raise ValueError(f"--text-layers: {folder}/config.json has no num_hidden_layers to cut")
     if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= total:
-        raise ValueError(f"--text-layers must be an integer from 1 to {total} (the layers of {folder}), got {layers!r}")
-    kept = {k: v for k, v in state.items()
-            if (m := _LAYER_KEY.match(k)) is None or int(m.group(1)) < layers}
+        raise ValueError(
+            f"--text-layers must be an integer from 1 to {total} (the layers of {folder}), got {layers!r}"
+        )
+    kept = {k: v for k, v in state.items() if (m := _LAYER_KEY.match(k)) is None or int(m.group(1)) < layers}
     if not any(_LAYER_KEY.match(k) for k in state):
         raise ValueError(f"--text-layers: {folder} has no encoder.layer.N weights; it cannot be cut by layer")
     return {**hf_config, "num_hidden_layers": layers}, kept

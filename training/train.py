@@ -5,6 +5,7 @@ the latest one, from which ``resume=True`` continues. Under ``torchrun`` the
 loop runs data-parallel (DDP) with negatives gathered across ranks; rank 0 alone
 evaluates, logs and writes checkpoints.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,21 +24,35 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from mssan_infer.text.base import TextTokenizer
 from mssan_infer.text.subword import SubwordTokenizer
 from mssan_infer.text.words import Tokenizer
 
-from mssan_infer.text.base import TextTokenizer
-
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ModelConfig, TrainConfig, preset as get_preset
+from .config import ModelConfig, TrainConfig
+from .config import preset as get_preset
 from .data import PairDataset, collate, load_split, vocab_from_split
 from .distributed import DistInfo, cleanup, gather_encoded, gather_with_grad, init_distributed
-from .evaluate import encode_split, evaluate_split, report_from_scores, select_level_weights, sharded_level_scores
+from .evaluate import (
+    encode_split,
+    evaluate_split,
+    report_from_scores,
+    select_level_weights,
+    sharded_level_scores,
+)
 from .loss import AdaptiveMarginLoss, Negatives
 from .model import MSSAN, TERMS, Encoded
 
-__all__ = ["train", "train_step", "EncodeBoth", "seed_everything", "lr_at", "param_groups", "text_frozen",
-           "pretrained_text_model"]
+__all__ = [
+    "train",
+    "train_step",
+    "EncodeBoth",
+    "seed_everything",
+    "lr_at",
+    "param_groups",
+    "text_frozen",
+    "pretrained_text_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +84,8 @@ def param_groups(model: MSSAN, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 def text_frozen(cfg: TrainConfig, epoch: int) -> bool:
-    """Whether the pretrained text encoder is frozen in ``epoch`` (``freeze_text_epochs``: N first epochs, -1 always)."""
+    """Whether the pretrained text encoder is frozen in ``epoch`` (``freeze_text_epochs``: N first
+    epochs, -1 always)."""
     return cfg.freeze_text_epochs < 0 or epoch < cfg.freeze_text_epochs
 
 
@@ -91,7 +107,9 @@ class EncodeBoth(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, regions: Tensor, region_mask: Tensor, tokens: Tensor, token_mask: Tensor) -> tuple[Encoded, Encoded]:
+    def forward(
+        self, regions: Tensor, region_mask: Tensor, tokens: Tensor, token_mask: Tensor
+    ) -> tuple[Encoded, Encoded]:
         return self.model.encode_image(regions, region_mask), self.model.encode_text(tokens, token_mask)
 
 
@@ -103,9 +121,17 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
 
 
 def train_step(
-    encoder: nn.Module, model: MSSAN, loss_fn: AdaptiveMarginLoss, opt: torch.optim.Optimizer,
-    batch: dict[str, Tensor], negatives: Negatives, info: DistInfo = DistInfo(), grad_clip: float = 0.0,
-    amp: str = "none", scaler: torch.amp.GradScaler | None = None, level_loss: float = 0.0,
+    encoder: nn.Module,
+    model: MSSAN,
+    loss_fn: AdaptiveMarginLoss,
+    opt: torch.optim.Optimizer,
+    batch: dict[str, Tensor],
+    negatives: Negatives,
+    info: DistInfo = DistInfo(),
+    grad_clip: float = 0.0,
+    amp: str = "none",
+    scaler: torch.amp.GradScaler | None = None,
+    level_loss: float = 0.0,
 ) -> tuple[float, dict[str, float]]:
     """One optimiser step on ``batch`` (this rank's part of the global batch).
 
@@ -123,7 +149,9 @@ def train_step(
     img_ids = gather_with_grad(batch["img_ids"], info)
     if level_loss > 0:
         levels = model.level_scores(img, txt)
-        loss, stats = loss_fn(sum(getattr(model.cfg, f"lam_{t}") * s for t, s in levels.items()), img_ids, negatives)
+        loss, stats = loss_fn(
+            sum(getattr(model.cfg, f"lam_{t}") * s for t, s in levels.items()), img_ids, negatives
+        )
         for s in levels.values():
             loss = loss + level_loss * loss_fn(s, img_ids, negatives)[0]
     else:
@@ -157,7 +185,10 @@ TRANSFORMER_MODEL_DEFAULTS: dict[str, Any] = {"agg": "lse"}
 
 
 def pretrained_text_model(
-    folder: str | Path, base_model: Any, model_overrides: dict[str, Any] | None, img_dim: int,
+    folder: str | Path,
+    base_model: Any,
+    model_overrides: dict[str, Any] | None,
+    img_dim: int,
     layers: int | None = None,
 ) -> tuple[MSSAN, TextTokenizer]:
     """A fresh MSSAN whose text tower holds the pretrained weights of ``folder`` (its first ``layers``
@@ -168,24 +199,33 @@ def pretrained_text_model(
     clash = sorted(set(model_overrides or {}) & set(fields))
     if clash:
         raise ValueError(f"--text-model sets {clash} from the model folder; do not also --set them")
-    mcfg = _overrides(base_model, {**TRANSFORMER_MODEL_DEFAULTS, **(model_overrides or {}), **fields, "img_dim": img_dim})
+    mcfg = _overrides(
+        base_model, {**TRANSFORMER_MODEL_DEFAULTS, **(model_overrides or {}), **fields, "img_dim": img_dim}
+    )
     tokenizer = SubwordTokenizer(tok_json, max_len=mcfg.max_len)
     model = MSSAN(mcfg)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     lost = [k for k in missing if k.startswith(PRETRAINED_PREFIX)]
     if unexpected or lost:
-        raise ValueError(f"--text-model {folder}: weights do not fit the tower (unexpected {unexpected[:5]}, "
-                         f"missing {lost[:5]})")
+        raise ValueError(
+            f"--text-model {folder}: weights do not fit the tower (unexpected {unexpected[:5]}, "
+            f"missing {lost[:5]})"
+        )
     return model, tokenizer
 
 
 def _dev_report(
-    model: MSSAN, dev: Any, tokenizer: TextTokenizer, tcfg: TrainConfig,
+    model: MSSAN,
+    dev: Any,
+    tokenizer: TextTokenizer,
+    tcfg: TrainConfig,
 ) -> tuple[dict[str, Any], tuple[dict[str, float], dict[str, Any]] | None]:
     """Dev recall at the training weights and, with ``level_weights="dev"``, the dev-selected
     level weights with their recall (from one encoding and one scoring of the split)."""
     if tcfg.level_weights == "fixed":
-        return evaluate_split(model, dev.images, dev.region_mask, dev.captions, tokenizer, rerank=tcfg.eval_rerank), None
+        return evaluate_split(
+            model, dev.images, dev.region_mask, dev.captions, tokenizer, rerank=tcfg.eval_rerank
+        ), None
     if tcfg.level_weights != "dev":
         raise ValueError(f"level_weights must be 'fixed' or 'dev', got {tcfg.level_weights!r}")
     img, txt = encode_split(model, dev.images, dev.region_mask, dev.captions, tokenizer)
@@ -204,7 +244,9 @@ def _level_weights(model: MSSAN, weights: dict[str, float] | None) -> Iterator[N
         yield
         return
     saved = model.cfg
-    model.cfg = ModelConfig.from_dict({**saved.to_dict(), **{f"lam_{t}": float(w) for t, w in weights.items()}})
+    model.cfg = ModelConfig.from_dict(
+        {**saved.to_dict(), **{f"lam_{t}": float(w) for t, w in weights.items()}}
+    )
     try:
         yield
     finally:
@@ -265,14 +307,35 @@ def train(
     if epochs is not None:
         tcfg.epochs = epochs
     with _maybe_distributed(tcfg.device) as info, torch.enable_grad():
-        return _train(Path(data_dir), Path(out_dir), preset, p.model, tcfg, model_overrides, resume,
-                      max_steps, progress, info, text_model, text_layers)
+        return _train(
+            Path(data_dir),
+            Path(out_dir),
+            preset,
+            p.model,
+            tcfg,
+            model_overrides,
+            resume,
+            max_steps,
+            progress,
+            info,
+            text_model,
+            text_layers,
+        )
 
 
 def _train(
-    data_dir: Path, out: Path, preset: str, base_model: Any, tcfg: TrainConfig,
-    model_overrides: dict[str, Any] | None, resume: bool, max_steps: int | None, progress: bool,
-    info: DistInfo, text_model: str | Path | None = None, text_layers: int | None = None,
+    data_dir: Path,
+    out: Path,
+    preset: str,
+    base_model: Any,
+    tcfg: TrainConfig,
+    model_overrides: dict[str, Any] | None,
+    resume: bool,
+    max_steps: int | None,
+    progress: bool,
+    info: DistInfo,
+    text_model: str | Path | None = None,
+    text_layers: int | None = None,
 ) -> dict[str, Any]:
     seed_everything(tcfg.seed)
     train_split = load_split(data_dir, "train")
@@ -288,18 +351,24 @@ def _train(
         history = list(resumed.state.get("history", []))
         log.info("resuming from %s at epoch %d", out / "last", start_epoch)
     elif text_model is not None:
-        model, tokenizer = pretrained_text_model(text_model, base_model, model_overrides, train_split.feat_dim,
-                                                 text_layers)
+        model, tokenizer = pretrained_text_model(
+            text_model, base_model, model_overrides, train_split.feat_dim, text_layers
+        )
     else:
         tokenizer = Tokenizer(vocab_from_split(train_split, tcfg.vocab_threshold))
-        mcfg = _overrides(base_model, {**(model_overrides or {}), "vocab_size": len(tokenizer),
-                                       "img_dim": train_split.feat_dim})
+        mcfg = _overrides(
+            base_model,
+            {**(model_overrides or {}), "vocab_size": len(tokenizer), "img_dim": train_split.feat_dim},
+        )
         tokenizer.max_len = mcfg.max_len
-        model = MSSAN(mcfg)       # same seed on every rank -> same initial weights
-    device = torch.device(f"cuda:{info.local_rank}" if tcfg.device == "cuda" and info.enabled else tcfg.device)
+        model = MSSAN(mcfg)  # same seed on every rank -> same initial weights
+    device = torch.device(
+        f"cuda:{info.local_rank}" if tcfg.device == "cuda" and info.enabled else tcfg.device
+    )
     model.to(device)
-    loss_fn = AdaptiveMarginLoss(tcfg.m0, tcfg.rho, tcfg.kappa, tcfg.m_min, tcfg.m_max, tcfg.adaptive,
-                                 tcfg.negatives).to(device)
+    loss_fn = AdaptiveMarginLoss(
+        tcfg.m0, tcfg.rho, tcfg.kappa, tcfg.m_min, tcfg.m_max, tcfg.adaptive, tcfg.negatives
+    ).to(device)
     opt = torch.optim.Adam(param_groups(model, tcfg), lr=tcfg.lr)
     if resumed is not None:
         if resumed.optimizer_state is not None:
@@ -310,8 +379,11 @@ def _train(
     encoder: nn.Module = EncodeBoth(model)
     if info.enabled:
         # a text encoder frozen for some epochs only leaves parameters without gradients in those
-        encoder = DistributedDataParallel(encoder, device_ids=[info.local_rank] if device.type == "cuda" else None,
-                                          find_unused_parameters=tcfg.freeze_text_epochs > 0 and hasattr(model, "text_tower"))
+        encoder = DistributedDataParallel(
+            encoder,
+            device_ids=[info.local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=tcfg.freeze_text_epochs > 0 and hasattr(model, "text_tower"),
+        )
     if tcfg.compile:
         encoder = torch.compile(encoder)  # type: ignore[assignment]
     scaler = torch.amp.GradScaler(device.type) if tcfg.amp == "fp16" else None
@@ -319,18 +391,33 @@ def _train(
     ds = PairDataset(train_split, tokenizer)
     t0, steps = time.perf_counter(), 0
     if info.main:
-        log.info("training %s: %d captions, %d images, vocab %d, %d epochs, world %d, global batch %d",
-                 preset, len(ds), train_split.n_images, len(tokenizer), tcfg.epochs, info.world,
-                 tcfg.batch_size * info.world)
+        log.info(
+            "training %s: %d captions, %d images, vocab %d, %d epochs, world %d, global batch %d",
+            preset,
+            len(ds),
+            train_split.n_images,
+            len(tokenizer),
+            tcfg.epochs,
+            info.world,
+            tcfg.batch_size * info.world,
+        )
     for epoch in range(start_epoch, tcfg.epochs):
         if info.enabled:
-            sampler: Any = DistributedSampler(ds, info.world, info.rank, shuffle=True, seed=tcfg.seed, drop_last=True)
+            sampler: Any = DistributedSampler(
+                ds, info.world, info.rank, shuffle=True, seed=tcfg.seed, drop_last=True
+            )
             sampler.set_epoch(epoch)
         else:
             gen = torch.Generator().manual_seed(tcfg.seed * 1000 + epoch)
             sampler = RandomSampler(ds, generator=gen)
-        loader = DataLoader(ds, batch_size=tcfg.batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=tcfg.workers, drop_last=True)
+        loader = DataLoader(
+            ds,
+            batch_size=tcfg.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=tcfg.workers,
+            drop_last=True,
+        )
         for group in opt.param_groups:
             group["lr"] = lr_at(tcfg, epoch) * float(group.get("lr_mult", 1.0))
         negatives: Negatives = "all" if epoch < tcfg.warmup_all_epochs else tcfg.negatives
@@ -340,8 +427,19 @@ def _train(
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (progress and info.main), leave=False)
         for batch in bar:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss, _ = train_step(encoder, model, loss_fn, opt, batch, negatives, info, tcfg.grad_clip,
-                                 tcfg.amp, scaler, tcfg.level_loss)
+            loss, _ = train_step(
+                encoder,
+                model,
+                loss_fn,
+                opt,
+                batch,
+                negatives,
+                info,
+                tcfg.grad_clip,
+                tcfg.amp,
+                scaler,
+                tcfg.level_loss,
+            )
             total += loss
             n += 1
             steps += 1
@@ -352,18 +450,37 @@ def _train(
             assert dev_split is not None
             rep, chosen = _dev_report(model, dev_split, tokenizer, tcfg)
             rsum = rep["exhaustive"]["rsum"]
-            rec = {"epoch": epoch, "loss": total / max(n, 1), "negatives": negatives,
-                   "margins": loss_fn.margin.tolist(), "dev_rsum": rsum,
-                   "dev_stage1_rsum": rep["stage1"]["rsum"], "elapsed_s": time.perf_counter() - t0}
+            rec = {
+                "epoch": epoch,
+                "loss": total / max(n, 1),
+                "negatives": negatives,
+                "margins": loss_fn.margin.tolist(),
+                "dev_rsum": rsum,
+                "dev_stage1_rsum": rep["stage1"]["rsum"],
+                "elapsed_s": time.perf_counter() - t0,
+            }
             if chosen is not None:
                 rec["level_weights"], rec["dev_rsum_train_weights"] = chosen[0], rsum
                 rsum = rec["dev_rsum"] = chosen[1]["rsum"]
             history.append(rec)
-            log.info("epoch %d loss %.3f margins %s dev rsum %.1f (stage1 %.1f)%s %.0fs", epoch, rec["loss"],
-                     [round(m, 3) for m in rec["margins"]], rsum, rep["stage1"]["rsum"],
-                     f" with level weights {chosen[0]}" if chosen else "", rec["elapsed_s"])
-            state = {"epoch": epoch, "margins": loss_fn.margin.tolist(), "best_rsum": max(best, rsum),
-                     "history": history, "dev": rep, "world_size": info.world}
+            log.info(
+                "epoch %d loss %.3f margins %s dev rsum %.1f (stage1 %.1f)%s %.0fs",
+                epoch,
+                rec["loss"],
+                [round(m, 3) for m in rec["margins"]],
+                rsum,
+                rep["stage1"]["rsum"],
+                f" with level weights {chosen[0]}" if chosen else "",
+                rec["elapsed_s"],
+            )
+            state = {
+                "epoch": epoch,
+                "margins": loss_fn.margin.tolist(),
+                "best_rsum": max(best, rsum),
+                "history": history,
+                "dev": rep,
+                "world_size": info.world,
+            }
             if rsum > best:
                 best = rsum
                 with _level_weights(model, chosen[0] if chosen else None):

@@ -8,6 +8,7 @@ or as a ``"module:attribute"`` string imported only when that backend is
 asked for, so optional packages (tensorrt, tritonclient) are never imported
 by ``import mssan_infer``.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -19,6 +19,7 @@ along the batch-like axes (``B`` of the encoders, ``Ni``/``Nt`` of the scorer) a
 concatenate the outputs; an axis that cannot be split (``R``, ``L``) past its limit is
 an ``InputError`` naming the flag that rebuilds the engines.
 """
+
 from __future__ import annotations
 
 import abc
@@ -27,17 +28,25 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mssan_infer.options import Device, parse_device
 from mssan_infer.errors import BundleError, InputError, MssanError
+from mssan_infer.options import Device, parse_device
 from mssan_infer.spec import FIXED_AXES, GRAPHS, OPTIONAL_GRAPHS, GraphSpec
 
 __all__ = [
-    "Backend", "ALL_GRAPHS", "check_feeds", "declared_dims",
-    "split_axes", "axis_sizes", "run_chunked", "RunFn",
+    "Backend",
+    "ALL_GRAPHS",
+    "check_feeds",
+    "declared_dims",
+    "split_axes",
+    "axis_sizes",
+    "run_chunked",
+    "RunFn",
 ]
 
 ALL_GRAPHS: dict[str, GraphSpec] = {**GRAPHS, **OPTIONAL_GRAPHS}
 RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
 # ---- feeds -------------------------------------------------------------------------------------
 def declared_dims(spec: GraphSpec, shapes: Mapping[str, Sequence[Any]], where: str) -> dict[str, int]:
     """The fixed-axis sizes (``D``, ``D2``, ``Dv``, ``C``) a loaded graph declares for its inputs.
@@ -57,13 +66,16 @@ def declared_dims(spec: GraphSpec, shapes: Mapping[str, Sequence[Any]], where: s
         shape = list(shapes[t.name])
         if len(shape) != len(t.axes):
             raise BundleError(
-                f"{where}: input {t.name} has rank {len(shape)} {shape}, the spec says [{', '.join(t.axes)}]; "
+                f"{where}: input {t.name} has rank {len(shape)} {shape}, the spec says "
+                f"[{', '.join(t.axes)}]; "
                 "re-export the bundle with this mssan version"
             )
         for axis, d in zip(t.axes, shape):
             if axis in FIXED_AXES and isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0:
                 if dims.setdefault(axis, int(d)) != int(d):
-                    raise BundleError(f"{where}: axis {axis} is {dims[axis]} in one input and {d} in {t.name}")
+                    raise BundleError(
+                        f"{where}: axis {axis} is {dims[axis]} in one input and {d} in {t.name}"
+                    )
     return dims
 
 
@@ -78,7 +90,9 @@ def check_feeds(spec: GraphSpec, feeds: Mapping[str, Any], dims: Mapping[str, in
         InputError: saying which input is wrong and what was expected.
     """
     if not isinstance(feeds, Mapping):
-        raise InputError(f"feeds of {spec.name!r} must be a mapping of input name -> array, got {type(feeds).__name__}")
+        raise InputError(
+            f"feeds of {spec.name!r} must be a mapping of input name -> array, got {type(feeds).__name__}"
+        )
     if set(feeds) != set(spec.input_names):
         raise InputError(f"graph {spec.name!r} takes inputs {sorted(spec.input_names)}, got {sorted(feeds)}")
     out: dict[str, np.ndarray] = {}
@@ -87,7 +101,9 @@ def check_feeds(spec: GraphSpec, feeds: Mapping[str, Any], dims: Mapping[str, in
         a = np.asarray(feeds[t.name])
         where = f"{spec.name}.{t.name}"
         if a.ndim != len(t.axes):
-            raise InputError(f"{where} must be [{', '.join(t.axes)}] (rank {len(t.axes)}), got shape {a.shape}")
+            raise InputError(
+                f"{where} must be [{', '.join(t.axes)}] (rank {len(t.axes)}), got shape {a.shape}"
+            )
         kind = a.dtype.kind
         if t.dtype == "int64" and kind not in "iu":
             raise InputError(f"{where} must hold integer token ids (int64), got dtype {a.dtype}")
@@ -95,7 +111,9 @@ def check_feeds(spec: GraphSpec, feeds: Mapping[str, Any], dims: Mapping[str, in
             raise InputError(f"{where} must hold real numbers ({t.dtype}), got dtype {a.dtype}")
         for axis, n in zip(t.axes, a.shape):
             if axis in dims and n != dims[axis]:
-                raise InputError(f"{where}: axis {axis} must be {dims[axis]} for this bundle, got {n} (shape {a.shape})")
+                raise InputError(
+                    f"{where}: axis {axis} must be {dims[axis]} for this bundle, got {n} (shape {a.shape})"
+                )
             first = sizes.setdefault(axis, (int(n), t.name))
             if first[0] != n:
                 raise InputError(f"{spec.name}: axis {axis} is {first[0]} in {first[1]} and {n} in {t.name}")
@@ -139,7 +157,9 @@ def axis_sizes(spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, in
             raise InputError(f"{spec.name}.{t.name} must be [{', '.join(t.axes)}], got shape {tuple(shape)}")
         for axis, n in zip(t.axes, shape):
             if sizes.setdefault(axis, int(n)) != int(n):
-                raise InputError(f"{spec.name}: axis {axis} is {sizes[axis]} in one input and {n} in {t.name}")
+                raise InputError(
+                    f"{spec.name}: axis {axis} is {sizes[axis]} in one input and {n} in {t.name}"
+                )
     return sizes
 
 
@@ -165,7 +185,8 @@ def run_chunked(
         lim = limits.get(axis)
         if lim is not None and n > lim and axis not in splittable:
             raise InputError(
-                f"{spec.name}: axis {axis} is {n}, above the engine's profile maximum {lim}; rebuild the engines "
+                f"{spec.name}: axis {axis} is {n}, above the engine's profile maximum {lim}; rebuild the "
+                "engines "
                 f"with a larger profile (python -m export ... --tensorrt --trt-profile {axis}=MIN,OPT,MAX)"
             )
     for axis, (ins, outs) in splittable.items():
@@ -178,7 +199,9 @@ def run_chunked(
             sub = {k: (v[a : a + lim] if k in ins else v) for k, v in feeds.items()}
             parts.append(run_chunked(spec, sub, limits, run))
         return {
-            name: (np.concatenate([p[name] for p in parts], axis=outs[name]) if name in outs else parts[0][name])
+            name: (
+                np.concatenate([p[name] for p in parts], axis=outs[name]) if name in outs else parts[0][name]
+            )
             for name in parts[0]
         }
     return run(feeds)
@@ -247,7 +270,8 @@ class Backend(abc.ABC):
             raise InputError(f"unknown graph {graph!r}; this backend has {self.graphs}") from None
 
     def fixed_dims(self, graph: str) -> dict[str, int]:
-        """The fixed-axis sizes (``D``, ``D2``, ``Dv``, ``C``) the loaded ``graph`` declares (checked on every run)."""
+        """The fixed-axis sizes (``D``, ``D2``, ``Dv``, ``C``) the loaded ``graph`` declares (checked on
+        every run)."""
         self.spec(graph)
         return dict(self._dims[graph])
 
@@ -284,7 +308,9 @@ class Backend(abc.ABC):
                     f"[{', '.join(f'{x}={w}' if w is not None else x for x, w in zip(t.axes, want))}]"
                 )
             if a.dtype != np.dtype(t.dtype):
-                raise MssanError(f"{self.name} backend returned {spec.name}.{t.name} as {a.dtype}, not {t.dtype}")
+                raise MssanError(
+                    f"{self.name} backend returned {spec.name}.{t.name} as {a.dtype}, not {t.dtype}"
+                )
             result[t.name] = a
         return result
 
@@ -297,8 +323,9 @@ class Backend(abc.ABC):
     def __enter__(self) -> "Backend":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:

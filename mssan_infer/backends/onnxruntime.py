@@ -1,4 +1,5 @@
 """ONNX Runtime backend: one InferenceSession per graph, made once, with checked providers."""
+
 from __future__ import annotations
 
 import logging
@@ -8,14 +9,21 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mssan_infer.backends.base import ALL_GRAPHS, Backend, declared_dims
 from mssan_infer.bundle import Bundle
 from mssan_infer.deps import optional_import
 from mssan_infer.errors import BundleError, InputError
 from mssan_infer.options import BackendOptions, Device, OnnxRuntimeOptions, parse_device
 from mssan_infer.spec import GRAPHS
-from mssan_infer.backends.base import ALL_GRAPHS, Backend, declared_dims
 
-__all__ = ["OnnxRuntimeBackend", "OnnxGraph", "select_providers", "import_onnxruntime", "session_options", "open_session"]
+__all__ = [
+    "OnnxRuntimeBackend",
+    "OnnxGraph",
+    "select_providers",
+    "import_onnxruntime",
+    "session_options",
+    "open_session",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +73,9 @@ def open_session(path: str | os.PathLike[str] | bytes, opts: Any, providers: lis
     """
     ort = import_onnxruntime()
     try:
-        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=opts,
-                                    providers=providers)
+        return ort.InferenceSession(
+            path if isinstance(path, bytes) else str(path), sess_options=opts, providers=providers
+        )
     except Exception as e:  # ORT raises its own exception types
         raise BundleError(f"onnxruntime cannot load {where}: {e}. Re-export the bundle.") from e
 
@@ -123,7 +132,9 @@ class OnnxRuntimeBackend(Backend):
         graph_threads = dict(opts.graph_threads or {})
         unknown_graphs = set(graph_threads) - set(graphs)
         if unknown_graphs:
-            raise InputError(f"graph_threads names unknown graphs {sorted(unknown_graphs)}; graphs: {sorted(graphs)}")
+            raise InputError(
+                f"graph_threads names unknown graphs {sorted(unknown_graphs)}; graphs: {sorted(graphs)}"
+            )
         providers = opts.providers
         if providers is None:
             providers = select_providers(self.device, list(ort.get_available_providers()))
@@ -160,12 +171,15 @@ class OnnxRuntimeBackend(Backend):
         if set(inputs) != set(spec.input_names) or not set(spec.output_names) <= set(outputs):
             raise BundleError(
                 f"{path} has inputs {sorted(inputs)} and outputs {outputs}, but graph {gname!r} must take "
-                f"{spec.input_names} and give {spec.output_names}; re-export the bundle with this mssan version"
+                f"{spec.input_names} and give {spec.output_names}; re-export the bundle with this mssan "
+                "version"
             )
         for t in spec.inputs:
             if _ORT_TYPES.get(inputs[t.name].type) != t.dtype:
-                raise BundleError(f"{path}: input {t.name} is {inputs[t.name].type}, the spec says {t.dtype}; "
-                                  "re-export the bundle with this mssan version")
+                raise BundleError(
+                    f"{path}: input {t.name} is {inputs[t.name].type}, the spec says {t.dtype}; "
+                    "re-export the bundle with this mssan version"
+                )
         self._add_graph(gname, declared_dims(spec, {n: list(i.shape) for n, i in inputs.items()}, path))
         self._outputs[gname] = outputs
 
@@ -181,7 +195,9 @@ class OnnxRuntimeBackend(Backend):
         if options is None:
             options = OnnxRuntimeOptions()
         if type(options) is BackendOptions:
-            options = OnnxRuntimeOptions(device=options.device, precision=options.precision, threads=options.threads)
+            options = OnnxRuntimeOptions(
+                device=options.device, precision=options.precision, threads=options.threads
+            )
         if not isinstance(options, OnnxRuntimeOptions):
             raise InputError(f"backend 'onnxruntime' takes OnnxRuntimeOptions, got {type(options).__name__}")
         graphs = {g: bundle.graph_path(g, options.precision) for g in GRAPHS}
@@ -204,8 +220,13 @@ class OnnxRuntimeBackend(Backend):
         self._sessions.clear()
 
 
-_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16,
-          "tensor(int32)": np.int32, "tensor(double)": np.float64}
+_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(int64)": np.int64,
+    "tensor(float16)": np.float16,
+    "tensor(int32)": np.int32,
+    "tensor(double)": np.float64,
+}
 
 
 class OnnxGraph:

@@ -28,6 +28,7 @@ takes; :func:`scorer_limits` reads the scorer's for callers that chunk (the Trit
 
 ``tensorrt`` and ``cuda-python`` are imported only when the backend is made.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,13 +41,13 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from mssan_infer.bundle import Bundle
-from mssan_infer.names import LIMITS_KEY, TENSORRT_KEY
-from mssan_infer.errors import BackendUnavailableError, BundleError, InputError, MssanError
-from mssan_infer.spec import GRAPHS, SCORER
 from mssan_infer.backends.base import Backend, declared_dims
+from mssan_infer.bundle import Bundle
 from mssan_infer.deps import optional_import
+from mssan_infer.errors import BackendUnavailableError, BundleError, InputError, MssanError
+from mssan_infer.names import LIMITS_KEY, TENSORRT_KEY
 from mssan_infer.options import BackendOptions, Device, TensorRTOptions, parse_device
+from mssan_infer.spec import GRAPHS, SCORER
 
 __all__ = [
     "TensorRTBackend",
@@ -61,7 +62,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-
 class TensorRTEngineMismatchError(BackendUnavailableError):
     """The bundle's engines were built for another TensorRT version or GPU than this machine's."""
 
@@ -70,8 +70,10 @@ class TensorRTEngineMismatchError(BackendUnavailableError):
 def import_tensorrt() -> Any:
     """``import tensorrt``, or a ``BackendUnavailableError`` saying how to get it."""
     return optional_import(
-        "tensorrt", "tensorrt", "backend 'tensorrt' (with an NVIDIA GPU and its driver; TensorRT 10 or 11 matching "
-        "your CUDA)", "backend='onnxruntime'"
+        "tensorrt",
+        "tensorrt",
+        "backend 'tensorrt' (with an NVIDIA GPU and its driver; TensorRT 10 or 11 matching your CUDA)",
+        "backend='onnxruntime'",
     )
 
 
@@ -81,7 +83,9 @@ def import_cudart() -> Any:
         return optional_import("cuda.bindings.runtime", "cuda-python", "backend 'tensorrt' (device memory)")
     except BackendUnavailableError:
         # cuda-python < 12.6 names it cuda.cudart
-        return optional_import("cuda.cudart", "cuda-python", "backend 'tensorrt' (device memory)", "backend='onnxruntime'")
+        return optional_import(
+            "cuda.cudart", "cuda-python", "backend 'tensorrt' (device memory)", "backend='onnxruntime'"
+        )
 
 
 def _check(cudart: Any, result: Any, what: str) -> Any:
@@ -92,7 +96,8 @@ def _check(cudart: Any, result: Any, what: str) -> Any:
         err, values = result, ()
     if err != cudart.cudaError_t.cudaSuccess:
         raise BackendUnavailableError(
-            f"CUDA call {what} failed: {err}. Check that an NVIDIA GPU and a driver matching cuda-python are present "
+            f"CUDA call {what} failed: {err}. Check that an NVIDIA GPU and a driver matching cuda-python "
+            "are present "
             "(nvidia-smi), or use backend='onnxruntime'"
         )
     if not values:
@@ -117,14 +122,14 @@ def gpu_info(device: int = 0) -> dict[str, Any]:
     cudart = import_cudart()
     count = _check(cudart, cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
     if device >= int(count):
-        raise BackendUnavailableError(f"CUDA device {device} requested but only {count} device(s) are visible")
+        raise BackendUnavailableError(
+            f"CUDA device {device} requested but only {count} device(s) are visible"
+        )
     props = _check(cudart, cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = props.name
     if isinstance(name, (bytes, bytearray)):
         name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")
     return {"name": str(name), "compute_capability": f"{props.major}.{props.minor}", "device": device}
-
-
 
 
 # ---- the engines' limits, as the manifest records them ---------------------------------------
@@ -147,7 +152,8 @@ def scorer_limits(manifest: Mapping[str, Any]) -> dict[str, int] | None:
         isinstance(limits.get(a), int) and not isinstance(limits.get(a), bool) and limits[a] > 0 for a in axes
     ):
         raise BundleError(
-            f"the manifest's {TENSORRT_KEY}.{LIMITS_KEY} must give a positive int for each of {axes}, got {limits!r}; "
+            f"the manifest's {TENSORRT_KEY}.{LIMITS_KEY} must give a positive int for each of {axes}, got "
+            f"{limits!r}; "
             "re-export with --tensorrt"
         )
     return {a: int(limits[a]) for a in axes}
@@ -174,20 +180,24 @@ class _Slot:
         self.context = context
         self.profile = profile
         self.stream = stream
-        self.buffers: dict[str, tuple[int, int]] = {}      # tensor -> (device pointer, capacity in bytes)
+        self.buffers: dict[str, tuple[int, int]] = {}  # tensor -> (device pointer, capacity in bytes)
 
 
 class _Engine:
     """One deserialized engine and its slots. Every method runs with the backend's device current."""
 
-    def __init__(self, trt: Any, cudart: Any, runtime: Any, graph: str, path: Path, num_slots: int | None) -> None:
+    def __init__(
+        self, trt: Any, cudart: Any, runtime: Any, graph: str, path: Path, num_slots: int | None
+    ) -> None:
         self.trt, self.cudart, self.graph, self.path = trt, cudart, graph, path
         self._all: list[_Slot] = []
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise TensorRTEngineMismatchError(
-                f"TensorRT could not deserialize {path} (see the TensorRT log above): it was built by another "
-                "TensorRT version or for another GPU, or the file is damaged. Rebuild the engines on this machine: "
+                f"TensorRT could not deserialize {path} (see the TensorRT log above): it was built by "
+                "another "
+                "TensorRT version or for another GPU, or the file is damaged. Rebuild the engines on this "
+                "machine: "
                 "python -m export --checkpoint CKPT --out BUNDLE --tensorrt"
             )
         self.engine = engine
@@ -201,11 +211,17 @@ class _Engine:
                 f"{spec.input_names} and give {spec.output_names}. Rebuild the engines."
             )
         self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-        wrong = [f"{t.name} is {self.dtypes[t.name]}" for t in (*spec.inputs, *spec.outputs)
-                 if self.dtypes[t.name] != np.dtype(t.dtype) and not (t.dtype == "float32" and self.dtypes[t.name].kind == "f")]
+        wrong = [
+            f"{t.name} is {self.dtypes[t.name]}"
+            for t in (*spec.inputs, *spec.outputs)
+            if self.dtypes[t.name] != np.dtype(t.dtype)
+            and not (t.dtype == "float32" and self.dtypes[t.name].kind == "f")
+        ]
         if wrong:
             raise BundleError(f"{path}: {', '.join(wrong)}, not as the spec says; rebuild the engines")
-        self.dims = declared_dims(spec, {n: [int(d) for d in engine.get_tensor_shape(n)] for n in self.inputs}, str(path))
+        self.dims = declared_dims(
+            spec, {n: [int(d) for d in engine.get_tensor_shape(n)] for n in self.inputs}, str(path)
+        )
         profiles = int(engine.num_optimization_profiles)
         n_slots = profiles if num_slots is None else max(1, min(int(num_slots), profiles))
         # per axis: the smallest profile maximum over inputs and profiles (the profiles are identical)
@@ -227,11 +243,13 @@ class _Engine:
         for p in range(n_slots):
             context = engine.create_execution_context()
             if context is None:
-                raise BackendUnavailableError(f"TensorRT could not create an execution context for {path} (GPU memory?)")
+                raise BackendUnavailableError(
+                    f"TensorRT could not create an execution context for {path} (GPU memory?)"
+                )
             stream = _check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
             slot = _Slot(context, p, stream)
             self._all.append(slot)
-            if p:          # a new context starts on profile 0 (IExecutionContext::setOptimizationProfileAsync)
+            if p:  # a new context starts on profile 0 (IExecutionContext::setOptimizationProfileAsync)
                 try:
                     # The Python binding raises RuntimeError where the C++ call returns false
                     # (python/src/infer/pyCore.cpp, context_set_optimization_profile_async); check both.
@@ -261,7 +279,9 @@ class _Engine:
 
     def _bind(self, slot: _Slot, name: str, ptr: int) -> None:
         if not slot.context.set_tensor_address(name, ptr):
-            raise MssanError(f"TensorRT refused the device address of {self.graph}.{name} (see the TensorRT log)")
+            raise MssanError(
+                f"TensorRT refused the device address of {self.graph}.{name} (see the TensorRT log)"
+            )
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         cudart = self.cudart
@@ -272,12 +292,18 @@ class _Engine:
             host_in: list[np.ndarray] = []
             for name in self.inputs:
                 arr = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
-                host_in.append(arr)                                   # alive until the stream syncs
+                host_in.append(arr)  # alive until the stream syncs
                 if not ctx.set_input_shape(name, tuple(int(s) for s in arr.shape)):
-                    raise InputError(f"TensorRT rejected shape {arr.shape} for {self.graph}.{name} (outside the profile)")
+                    raise InputError(
+                        f"TensorRT rejected shape {arr.shape} for {self.graph}.{name} (outside the profile)"
+                    )
                 ptr = self._buffer(slot, name, arr.nbytes)
                 if arr.nbytes:
-                    _check(cudart, cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, stream), "cudaMemcpyAsync")
+                    _check(
+                        cudart,
+                        cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, stream),
+                        "cudaMemcpyAsync",
+                    )
                 self._bind(slot, name, ptr)
             host_out: dict[str, np.ndarray] = {}
             for name in self.outputs:
@@ -292,11 +318,17 @@ class _Engine:
             for name, out in host_out.items():
                 if out.nbytes:
                     ptr = slot.buffers[name][0]
-                    _check(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, stream), "cudaMemcpyAsync")
+                    _check(
+                        cudart,
+                        cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, d2h, stream),
+                        "cudaMemcpyAsync",
+                    )
             _check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
             del host_in
-            return {n: (a.astype(np.float32) if a.dtype != np.float32 and a.dtype.kind == "f" else a)
-                    for n, a in host_out.items()}
+            return {
+                n: (a.astype(np.float32) if a.dtype != np.float32 and a.dtype.kind == "f" else a)
+                for n, a in host_out.items()
+            }
         finally:
             self._slots.put(slot)
 
@@ -317,7 +349,8 @@ def _check_record(record: Mapping[str, Any], trt_version: str, gpu: Mapping[str,
         raise TensorRTEngineMismatchError(
             f"the bundle's TensorRT engines were built with TensorRT {built}, but this machine has TensorRT "
             f"{trt_version}; engines only load in the TensorRT version that built them. Rebuild them here "
-            "(python -m export --checkpoint CKPT --out BUNDLE --tensorrt), export with --trt-version-compatible, "
+            "(python -m export --checkpoint CKPT --out BUNDLE --tensorrt), export with "
+            "--trt-version-compatible, "
             "or use backend='onnxruntime'"
         )
     built_gpu = record.get("gpu") or {}
@@ -327,14 +360,18 @@ def _check_record(record: Mapping[str, Any], trt_version: str, gpu: Mapping[str,
     cc_built, cc_here = str(built_gpu.get("compute_capability")), str(gpu.get("compute_capability"))
     if level in ("none", "same_compute_capability") and cc_built != cc_here:
         raise TensorRTEngineMismatchError(
-            f"the bundle's TensorRT engines were built for {built_gpu.get('name')} (compute capability {cc_built}), "
-            f"but this GPU is {gpu.get('name')} (compute capability {cc_here}). Rebuild them on this GPU, export with "
+            f"the bundle's TensorRT engines were built for {built_gpu.get('name')} (compute capability "
+            f"{cc_built}), "
+            f"but this GPU is {gpu.get('name')} (compute capability {cc_here}). Rebuild them on this GPU, "
+            "export with "
             "--trt-hardware-compatibility ampere_plus, or use backend='onnxruntime'"
         )
     if level == "none" and built_gpu.get("name") != gpu.get("name"):
         warnings.warn(
-            f"TensorRT engines were built on {built_gpu.get('name')} and run on {gpu.get('name')} (same compute "
-            "capability); TensorRT allows it but performance may differ. Rebuild on this GPU for best results.",
+            f"TensorRT engines were built on {built_gpu.get('name')} and run on {gpu.get('name')} (same "
+            "compute "
+            "capability); TensorRT allows it but performance may differ. Rebuild on this GPU for best "
+            "results.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -369,7 +406,9 @@ class TensorRTBackend(Backend):
     ) -> None:
         super().__init__(device)
         if self.device.kind != "cuda":
-            raise InputError(f"backend 'tensorrt' runs on a CUDA device ('cuda' or 'cuda:N'), got {str(self.device)!r}")
+            raise InputError(
+                f"backend 'tensorrt' runs on a CUDA device ('cuda' or 'cuda:N'), got {str(self.device)!r}"
+            )
         trt = import_tensorrt()
         cudart = import_cudart()
         gpu = gpu_info(self.device.ordinal)
@@ -383,11 +422,14 @@ class TensorRTBackend(Backend):
             self._logger = trt.Logger(trt.Logger.WARNING)
             self._runtime = trt.Runtime(self._logger)
             if record is not None and (record.get("settings") or {}).get("version_compatible"):
-                self._runtime.engine_host_code_allowed = True     # version-compatible plans embed a lean runtime
+                self._runtime.engine_host_code_allowed = True  # version-compatible plans embed a lean runtime
             try:
                 for graph, path in engines.items():
                     if graph not in GRAPHS:
-                        raise BundleError(f"no TensorRT engine is built for graph {graph!r}; engines exist for {sorted(GRAPHS)}")
+                        raise BundleError(
+                            f"no TensorRT engine is built for graph {graph!r}; engines exist for "
+                            f"{sorted(GRAPHS)}"
+                        )
                     eng = _Engine(trt, cudart, self._runtime, graph, Path(path), slots)
                     self._engines[graph] = eng
                     self._add_graph(graph, eng.dims)
@@ -418,23 +460,27 @@ class TensorRTBackend(Backend):
         dev = parse_device(opts.device)
         if dev.kind == "cpu":
             dev = Device("cuda", 0)
-        import_tensorrt()                      # missing packages first: they are the first thing to fix
+        import_tensorrt()  # missing packages first: they are the first thing to fix
         import_cudart()
         record = bundle.manifest.tensorrt
         if record is None or not record.get("engines"):
             raise BundleError(
                 f"bundle {bundle.root} has no TensorRT engines; export with "
-                "`python -m export --checkpoint CKPT --out BUNDLE --tensorrt` on a machine with TensorRT and a GPU"
+                "`python -m export --checkpoint CKPT --out BUNDLE --tensorrt` on a machine with TensorRT "
+                "and a GPU"
             )
         table = record["engines"].get(precision)
         if not table:
             raise BundleError(
-                f"bundle {bundle.root} has no {precision} TensorRT engines (has {sorted(record['engines'])}); "
+                f"bundle {bundle.root} has no {precision} TensorRT engines (has "
+                f"{sorted(record['engines'])}); "
                 f"re-export with --tensorrt{' --fp16' if precision == 'fp16' else ''}"
             )
         missing = [g for g in GRAPHS if g not in table]
         if missing:
-            raise BundleError(f"bundle {bundle.root} lacks TensorRT engines for {missing}; re-export with --tensorrt")
+            raise BundleError(
+                f"bundle {bundle.root} lacks TensorRT engines for {missing}; re-export with --tensorrt"
+            )
         engines = {g: bundle.path(table[g]["file"]) for g in GRAPHS}
         return cls(engines, record=record, device=dev, slots=opts.slots)
 

@@ -12,6 +12,7 @@ tritonclient is imported lazily. Clients are made per thread (the HTTP client
 is not thread-safe), so a Retriever on this backend can be searched from
 several threads.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,13 +22,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mssan_infer.bundle import Bundle
-from mssan_infer.names import BUNDLE_ID_PARAM
-from mssan_infer.errors import BackendUnavailableError, InputError, MssanError
-from mssan_infer.spec import GRAPHS
 from mssan_infer.backends.base import Backend, declared_dims
+from mssan_infer.bundle import Bundle
 from mssan_infer.deps import optional_import
+from mssan_infer.errors import BackendUnavailableError, InputError, MssanError
+from mssan_infer.names import BUNDLE_ID_PARAM
 from mssan_infer.options import BackendOptions, TritonOptions
+from mssan_infer.spec import GRAPHS
 
 __all__ = ["TritonBackend", "TritonUnavailableError", "TritonRequestError", "PROTOCOLS"]
 
@@ -56,10 +57,21 @@ def _is_connection_error(e: BaseException) -> bool:
         return True
     text = str(e).lower()
     status = str(getattr(e, "status", lambda: "")() or "").lower()
-    return any(s in text or s in status for s in (
-        "unavailable", "failed to connect", "connection refused", "connect failed", "deadline",
-        "timed out", "timeout", "socket closed", "broken pipe", "connection reset",
-    ))
+    return any(
+        s in text or s in status
+        for s in (
+            "unavailable",
+            "failed to connect",
+            "connection refused",
+            "connect failed",
+            "deadline",
+            "timed out",
+            "timeout",
+            "socket closed",
+            "broken pipe",
+            "connection reset",
+        )
+    )
 
 
 class TritonBackend(Backend):
@@ -95,7 +107,7 @@ class TritonBackend(Backend):
         connect_timeout_s: float = 5.0,
         wait_ready_s: float = 0.0,
     ) -> None:
-        super().__init__("cpu")                      # the client's side; the server places the models
+        super().__init__("cpu")  # the client's side; the server places the models
         if protocol not in PROTOCOLS:
             raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if not isinstance(url, str) or not url:
@@ -132,11 +144,18 @@ class TritonBackend(Backend):
         """
         opts = options if options is not None else TritonOptions()
         if not isinstance(opts, TritonOptions):
-            raise InputError(f"backend 'triton' takes TritonOptions (url=..., protocol=...), got {type(opts).__name__}")
+            raise InputError(
+                f"backend 'triton' takes TritonOptions (url=..., protocol=...), got {type(opts).__name__}"
+            )
         return cls(
-            opts.url, protocol=opts.protocol, bundle_id=bundle.bundle_id if opts.check_bundle else None,
-            models=opts.models, model_version=opts.model_version, timeout_s=opts.timeout_s,
-            connect_timeout_s=opts.connect_timeout_s, wait_ready_s=opts.wait_ready_s,
+            opts.url,
+            protocol=opts.protocol,
+            bundle_id=bundle.bundle_id if opts.check_bundle else None,
+            models=opts.models,
+            model_version=opts.model_version,
+            timeout_s=opts.timeout_s,
+            connect_timeout_s=opts.connect_timeout_s,
+            wait_ready_s=opts.wait_ready_s,
         )
 
     def _new_client(self) -> Any:
@@ -160,7 +179,8 @@ class TritonBackend(Backend):
     def _unavailable(self, what: str, e: BaseException | None = None) -> TritonUnavailableError:
         detail = f" ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})" if e else ""
         return TritonUnavailableError(
-            f"Triton server at {self.url} ({self.protocol}) {what}{detail}. Start it with the bundle's repository "
+            f"Triton server at {self.url} ({self.protocol}) {what}{detail}. Start it with the bundle's "
+            "repository "
             "(tritonserver --model-repository BUNDLE/triton, see docs/deployment.md), check url/protocol "
             "(HTTP is port 8000, gRPC 8001 by default), or use backend='onnxruntime'"
         )
@@ -173,8 +193,11 @@ class TritonBackend(Backend):
                 client = self._client()
                 if not client.is_server_live(**self._control_timeout()):
                     raise self._unavailable("is not live")
-                not_ready = [m for m in self.models.values()
-                             if not client.is_model_ready(m, self.model_version, **self._control_timeout())]
+                not_ready = [
+                    m
+                    for m in self.models.values()
+                    if not client.is_model_ready(m, self.model_version, **self._control_timeout())
+                ]
                 if not not_ready:
                     break
                 last = self._unavailable(f"has not loaded models {not_ready} (not ready)")
@@ -194,13 +217,17 @@ class TritonBackend(Backend):
             served = (params.get(BUNDLE_ID_PARAM) or {}).get("string_value")
             if bundle_id is not None and served is not None and served != bundle_id:
                 raise TritonUnavailableError(
-                    f"Triton model {model!r} at {self.url} serves bundle {served}, but this Retriever loaded bundle "
-                    f"{bundle_id}; their vectors would not match. Serve this bundle's triton/ repository, or pass "
+                    f"Triton model {model!r} at {self.url} serves bundle {served}, but this Retriever "
+                    "loaded bundle "
+                    f"{bundle_id}; their vectors would not match. Serve this bundle's triton/ repository, "
+                    "or pass "
                     "check_bundle=False if you know better"
                 )
             mbs = int(cfg.get("max_batch_size", 0) or 0)
             self._limits[graph] = {"B": mbs} if mbs > 0 else {}
-            self._add_graph(graph, declared_dims(GRAPHS[graph], _config_shapes(cfg, mbs > 0), f"Triton model {model!r}"))
+            self._add_graph(
+                graph, declared_dims(GRAPHS[graph], _config_shapes(cfg, mbs > 0), f"Triton model {model!r}")
+            )
         log.info("triton backend ready: %s (%s), models %s", self.url, self.protocol, self.models)
 
     def _control_timeout(self) -> dict[str, float]:
@@ -210,7 +237,9 @@ class TritonBackend(Backend):
     def _model_config(self, client: Any, model: str) -> dict[str, Any]:
         try:
             if self.protocol == "grpc":
-                cfg = client.get_model_config(model, self.model_version, as_json=True, **self._control_timeout())
+                cfg = client.get_model_config(
+                    model, self.model_version, as_json=True, **self._control_timeout()
+                )
                 return dict(cfg.get("config", cfg))
             return dict(client.get_model_config(model, self.model_version))
         except Exception as e:  # noqa: BLE001
@@ -240,8 +269,9 @@ class TritonBackend(Backend):
             outputs = [mod.InferRequestedOutput(n) for n in spec.output_names]
             kwargs = {"client_timeout": self.timeout_s}
         try:
-            result = self._client().infer(self.models[graph], inputs, model_version=self.model_version,
-                                          outputs=outputs, **kwargs)
+            result = self._client().infer(
+                self.models[graph], inputs, model_version=self.model_version, outputs=outputs, **kwargs
+            )
         except MssanError:
             raise
         except Exception as e:  # noqa: BLE001 - tritonclient raises InferenceServerException, socket errors...

@@ -7,6 +7,7 @@ for the candidates' locals. Every gallery implementation (the in-memory numpy/FA
 gallery, compressed layouts, external vector stores) honours these two protocols, and
 :func:`mssan_infer.search.search` is written against them alone.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,18 @@ import numpy as np
 
 from mssan_infer.errors import InputError
 
-__all__ = ["ItemId", "check_id", "id_text", "colliding_ids", "raise_colliding", "new_ids", "check_encoded",
-           "GalleryView", "Gallery", "extent"]
+__all__ = [
+    "ItemId",
+    "check_id",
+    "id_text",
+    "colliding_ids",
+    "raise_colliding",
+    "new_ids",
+    "check_encoded",
+    "GalleryView",
+    "Gallery",
+    "extent",
+]
 
 ItemId = Union[str, int]
 
@@ -39,7 +50,8 @@ def check_id(x: Any) -> ItemId:
 
 
 def id_text(x: ItemId) -> str:
-    """The text form of an id: ``str(id)``. Triton's ``retriever`` returns ids in this form and the CLI prints it;
+    """The text form of an id: ``str(id)``. Triton's ``retriever`` returns ids in this form and the CLI
+    prints it;
     it is unique within a gallery (see :func:`colliding_ids`), so it always names one item."""
     return str(x)
 
@@ -73,7 +85,8 @@ def raise_colliding(new: Sequence[ItemId], present: Any) -> None:
         raise InputError(f"ids already in the gallery: {same[:5]}; remove them first or use other ids")
     if text:
         raise InputError(
-            f"ids {text[:5]} read the same as other ids of another type (7 and '7'): Triton and the CLI give ids "
+            f"ids {text[:5]} read the same as other ids of another type (7 and '7'): Triton and the CLI "
+            "give ids "
             "as text, so one gallery cannot hold both; use one type"
         )
 
@@ -119,8 +132,11 @@ def check_encoded(
     gram = np.asarray(gram)
     n = stage1.shape[0] if stage1.ndim == 2 else -1
     if (
-        stage1.ndim != 2 or stage1.shape[1] != stage1_dim
-        or local.ndim != 3 or local.shape[0] != n or local.shape[2] != local_dim
+        stage1.ndim != 2
+        or stage1.shape[1] != stage1_dim
+        or local.ndim != 3
+        or local.shape[0] != n
+        or local.shape[2] != local_dim
         or mask.shape != local.shape[:2]
         or gram.shape != (n, local.shape[1], local.shape[1])
     ):
@@ -156,7 +172,9 @@ class GalleryView(Protocol):
         """The ids of ``rows``."""
         ...
 
-    def topk(self, queries: np.ndarray, k: int, where: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def topk(
+        self, queries: np.ndarray, k: int, where: Mapping[str, Any] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Stage 1: the best rows for each of ``queries [Q, 2D]`` by inner product with the stage-1 vectors,
         among the items whose metadata passes ``where`` (all items without it; see :mod:`.filters`).
 
@@ -186,8 +204,8 @@ class Gallery(Protocol):
     changes and never shows half an ``add``.
     """
 
-    stage1_dim: int      # 2D
-    local_dim: int       # D
+    stage1_dim: int  # 2D
+    local_dim: int  # D
 
     def __len__(self) -> int: ...
 

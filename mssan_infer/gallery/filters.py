@@ -9,10 +9,12 @@ condition holds (AND):
 - ``{"year": {"gte": 2000, "lt": 2010}}``: a numeric range (``gt``, ``gte``, ``lt``, ``lte``).
 
 An item without the key does not pass (a filter over a key no item has is an empty result,
-not an error); an item whose value is a list passes when one of its elements does. Keys starting with ``mssan_`` are reserved for the galleries' own fields.
+not an error); an item whose value is a list passes when one of its elements does. Keys starting with
+``mssan_`` are reserved for the galleries' own fields.
 The in-memory gallery evaluates conditions with :func:`matches`; the Qdrant galleries
 translate them into Qdrant payload filters, with the same meaning.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,14 +38,16 @@ class Condition:
 
     key: str
     kind: str
-    value: Any          # eq: a scalar; in: a tuple of scalars; range: {op: float}
+    value: Any  # eq: a scalar; in: a tuple of scalars; range: {op: float}
 
 
 def _check_key(key: Any, what: str) -> str:
     if not isinstance(key, str) or not key:
         raise InputError(f"{what} keys must be non-empty strings, got {key!r}")
     if key.startswith(RESERVED_PREFIX):
-        raise InputError(f"{what} key {key!r}: keys starting with {RESERVED_PREFIX!r} are reserved; rename it")
+        raise InputError(
+            f"{what} key {key!r}: keys starting with {RESERVED_PREFIX!r} are reserved; rename it"
+        )
     return key
 
 
@@ -69,8 +73,10 @@ def parse_where(where: Where | None) -> tuple[Condition, ...]:
             out.append(Condition(key, "eq", cond))
         elif isinstance(cond, (list, tuple)):
             values = list(cond)
-            if not values or not (all(isinstance(v, str) for v in values)
-                                  or all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
+            if not values or not (
+                all(isinstance(v, str) for v in values)
+                or all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+            ):
                 raise InputError(
                     f"where[{key!r}]: a list matches one of its values and must be a non-empty list of str "
                     f"or of int, got {cond!r}"
@@ -80,11 +86,14 @@ def parse_where(where: Where | None) -> tuple[Condition, ...]:
             bad = [op for op in cond if op not in RANGE_OPS]
             if bad or not cond or not all(_is_number(v) for v in cond.values()):
                 raise InputError(
-                    f"where[{key!r}]: a range is a mapping of {RANGE_OPS} to finite numbers, got {dict(cond)!r}"
+                    f"where[{key!r}]: a range is a mapping of {RANGE_OPS} to finite numbers, got "
+                    f"{dict(cond)!r}"
                 )
             out.append(Condition(key, "range", {op: float(v) for op, v in cond.items()}))
         else:
-            hint = "; match a float with a range, e.g. {'gte': x, 'lte': x}" if isinstance(cond, float) else ""
+            hint = (
+                "; match a float with a range, e.g. {'gte': x, 'lte': x}" if isinstance(cond, float) else ""
+            )
             raise InputError(
                 f"where[{key!r}] must be a str/int/bool, a list of str or int, or a range mapping, "
                 f"got {type(cond).__name__}{hint}"
@@ -93,7 +102,7 @@ def parse_where(where: Where | None) -> tuple[Condition, ...]:
 
 
 def _holds(value: Any, c: Condition) -> bool:
-    if isinstance(value, list):          # a list value passes when one of its elements does (as in Qdrant)
+    if isinstance(value, list):  # a list value passes when one of its elements does (as in Qdrant)
         return any(_holds(v, c) for v in value)
     if c.kind == "eq":
         # bool is an int in Python; keep True from matching 1, as a JSON payload filter does
@@ -103,8 +112,12 @@ def _holds(value: Any, c: Condition) -> bool:
     if not _is_number(value):
         return False
     r = c.value
-    return (("gt" not in r or value > r["gt"]) and ("gte" not in r or value >= r["gte"])
-            and ("lt" not in r or value < r["lt"]) and ("lte" not in r or value <= r["lte"]))
+    return (
+        ("gt" not in r or value > r["gt"])
+        and ("gte" not in r or value >= r["gte"])
+        and ("lt" not in r or value < r["lt"])
+        and ("lte" not in r or value <= r["lte"])
+    )
 
 
 def matches(meta: Mapping[str, Any] | None, conditions: Sequence[Condition]) -> bool:
@@ -144,6 +157,8 @@ def check_metadata(metadata: Any, n: int) -> list[dict[str, Any] | None]:
         try:
             json.dumps(clean, allow_nan=False)
         except (TypeError, ValueError) as e:
-            raise InputError(f"metadata {i} must hold JSON values only (no NaN/inf or objects): {e}") from None
+            raise InputError(
+                f"metadata {i} must hold JSON values only (no NaN/inf or objects): {e}"
+            ) from None
         out.append(clean)
     return out

@@ -7,6 +7,7 @@ is pickled. A save writes a temp folder beside the target and swaps it in with o
 directory exchange (two renames where the platform has none; :func:`load_index` then puts
 back a previous index left aside by a save killed between them).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,17 +22,35 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mssan_infer.gallery.base import ItemId, check_id
-from mssan_infer.options import GalleryOptions
 from mssan_infer.errors import IndexFileError, IndexWriteError, InputError, MssanError
-from mssan_infer.files import read_versioned_json, exchange_dirs, fsync_dir, release_rows, rows_per_chunk, safe_member, sha256_file, write_npy, write_npy_parts
+from mssan_infer.files import (
+    exchange_dirs,
+    fsync_dir,
+    read_versioned_json,
+    release_rows,
+    rows_per_chunk,
+    safe_member,
+    sha256_file,
+    write_npy,
+    write_npy_parts,
+)
+from mssan_infer.gallery.base import ItemId, check_id
 from mssan_infer.gallery.filters import check_metadata
-from mssan_infer.names import INDEX_FORMAT, INDEX_FORMAT_VERSION, INDEX_MANIFEST
 from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.storage import Layout, Stage1Codec, store_locals
+from mssan_infer.names import INDEX_FORMAT, INDEX_FORMAT_VERSION, INDEX_MANIFEST
+from mssan_infer.options import GalleryOptions
 
-__all__ = ["save_index", "load_index", "read_index_manifest", "recover_interrupted_save", "write_gallery",
-           "read_gallery", "saved_layout", "encode_stage1"]
+__all__ = [
+    "save_index",
+    "load_index",
+    "read_index_manifest",
+    "recover_interrupted_save",
+    "write_gallery",
+    "read_gallery",
+    "saved_layout",
+    "encode_stage1",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +73,7 @@ def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str
     ``local_scale`` (one float32 per vector); a compressed stage 1 adds ``stage1_codes``, ``stage1_peak``
     and, for int8, ``stage1_scale`` (per dimension) and ``stage1_outliers`` (rows kept exact).
     """
-    with gallery._lock:                      # one consistent moment: meta and view together
+    with gallery._lock:  # one consistent moment: meta and view together
         entry = gallery.meta()
         view = gallery.view()
     n, p = view.n, view.max_length
@@ -64,8 +83,12 @@ def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str
     def parts(name: str) -> list[tuple[int, np.ndarray]]:
         return [(b.start, getattr(b, name)) for b in view.blocks]
 
-    shapes = {"stage1": ((n, gallery.stage1_dim), np.float32), "local": ((n, p, gallery.local_dim), lay.local),
-              "mask": ((n, p), np.float32), "gram": ((n, p, p), lay.gram)}
+    shapes = {
+        "stage1": ((n, gallery.stage1_dim), np.float32),
+        "local": ((n, p, gallery.local_dim), lay.local),
+        "mask": ((n, p), np.float32),
+        "gram": ((n, p, p), lay.gram),
+    }
     if lay.local == "int8":
         shapes["scale"] = ((n, p), np.float32)
     for name, (shape, dtype) in shapes.items():
@@ -78,11 +101,15 @@ def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str
         subs = view.searcher.subs if view.searcher is not None else ()
         fname = f"{prefix}_stage1_codes.npy"
         starts = np.cumsum([0] + [ix.ntotal for ix in subs[:-1]]).tolist()
-        write_npy_parts(folder / fname, (n, gallery.stage1_dim), codec.code_dtype,
-                        ((int(a), codec.codes_of(ix)) for a, ix in zip(starts, subs)))
+        write_npy_parts(
+            folder / fname,
+            (n, gallery.stage1_dim),
+            codec.code_dtype,
+            ((int(a), codec.codes_of(ix)) for a, ix in zip(starts, subs)),
+        )
         files["stage1_codes"] = fname
         extra = {"stage1_peak": codec.peak}
-        if codec.storage == "int8" and codec.sigma is not None:      # no scales before the first item
+        if codec.storage == "int8" and codec.sigma is not None:  # no scales before the first item
             assert view.outliers is not None
             extra.update({"stage1_scale": codec.sigma, "stage1_outliers": view.outliers[view.outliers < n]})
             entry["layout"]["stage1_l1max"] = int(codec.l1max)
@@ -104,8 +131,10 @@ def saved_layout(entry: Mapping[str, Any]) -> Layout:
     if not isinstance(rec, dict):
         raise IndexFileError("the index manifest's layout record is not an object; rebuild the index")
     if str(entry.get("dtype")) != str(rec.get("local")):
-        raise IndexFileError(f"gallery dtype {entry.get('dtype')!r} does not match its layout's locals "
-                             f"{rec.get('local')!r}; the index is damaged, rebuild it")
+        raise IndexFileError(
+            f"gallery dtype {entry.get('dtype')!r} does not match its layout's locals "
+            f"{rec.get('local')!r}; the index is damaged, rebuild it"
+        )
     return Layout(str(rec["stage1"]), str(rec["local"]))
 
 
@@ -152,8 +181,11 @@ def read_gallery(
     mmap = opts.mmap
 
     def load(key: str, mapped: bool) -> np.ndarray:
-        return np.load(safe_member(folder, files[key], IndexFileError), allow_pickle=False,
-                       mmap_mode="r" if mapped else None)
+        return np.load(
+            safe_member(folder, files[key], IndexFileError),
+            allow_pickle=False,
+            mmap_mode="r" if mapped else None,
+        )
 
     same_local = wanted.local == saved.local
     try:
@@ -179,16 +211,25 @@ def read_gallery(
         raise IndexFileError(f"index in {folder} is damaged or incomplete ({e!r}); rebuild it") from e
     p = lo.shape[1] if lo.ndim == 3 else -1
     if (
-        not isinstance(ids, list) or len(ids) != n or st.shape != (n, stage1_dim)
-        or lo.shape != (n, p, local_dim) or ma.shape != (n, p) or gr.shape != (n, p, p)
-        or lo.dtype.name != saved.local or gr.dtype.name != saved.gram
-        or st.dtype != np.float32 or ma.dtype != np.float32
+        not isinstance(ids, list)
+        or len(ids) != n
+        or st.shape != (n, stage1_dim)
+        or lo.shape != (n, p, local_dim)
+        or ma.shape != (n, p)
+        or gr.shape != (n, p, p)
+        or lo.dtype.name != saved.local
+        or gr.dtype.name != saved.gram
+        or st.dtype != np.float32
+        or ma.dtype != np.float32
         or (sc is not None and (sc.shape != (n, p) or sc.dtype != np.float32))
         or (codes is not None and (codes.shape != (n, stage1_dim) or codes.dtype.name != saved.stage1))
         or (peak is not None and peak.shape != (stage1_dim,))
         or (codes is not None and saved.stage1 == "int8" and n > 0 and sigma is None)
         or (sigma is not None and sigma.shape != (stage1_dim,))
-        or (outliers is not None and (outliers.ndim != 1 or (len(outliers) and not 0 <= outliers.min() <= outliers.max() < n)))
+        or (
+            outliers is not None
+            and (outliers.ndim != 1 or (len(outliers) and not 0 <= outliers.min() <= outliers.max() < n))
+        )
     ):
         raise IndexFileError(f"index arrays in {folder} do not match their metadata; rebuild the index")
     try:
@@ -217,8 +258,9 @@ def read_gallery(
     return g
 
 
-def _convert_locals(g: MemoryGallery, lo: np.ndarray, gr: np.ndarray, ma: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def _convert_locals(
+    g: MemoryGallery, lo: np.ndarray, gr: np.ndarray, ma: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Saved locals and Grams (mapped) in ``g``'s layout, converted in row blocks (one new copy, no more)."""
     n, p, d = lo.shape
     storage = g.layout.local
@@ -239,20 +281,21 @@ def _convert_locals(g: MemoryGallery, lo: np.ndarray, gr: np.ndarray, ma: np.nda
 
 
 def encode_stage1(storage: str, st: np.ndarray) -> tuple[Stage1Codec, np.ndarray, np.ndarray]:
-    """A codec fitted on every saved float32 stage-1 row, their codes and outliers (none: the scales fit all)."""
+    """A codec fitted on every saved float32 stage-1 row, their codes and outliers (none: the scales fit
+    all)."""
     n, dim = st.shape
     codec = Stage1Codec(storage, dim)
     step = rows_per_chunk(max(1, st[:1].nbytes))
     peak = np.zeros(dim, np.float32)
     for a in range(0, n, step):
-        peak = np.maximum(peak, np.abs(np.asarray(st[a:a + step])).max(axis=0))
+        peak = np.maximum(peak, np.abs(np.asarray(st[a : a + step])).max(axis=0))
         release_rows(st, a, a + step)
     codec.fit_peak(peak)
     codes = np.empty((n, dim), codec.code_dtype)
     outl = []
     for a in range(0, n, step):
-        c, o = codec.encode(np.asarray(st[a:a + step]))
-        codes[a:a + len(c)] = c
+        c, o = codec.encode(np.asarray(st[a : a + step]))
+        codes[a : a + len(c)] = c
         release_rows(st, a, a + len(c))
         outl.append(a + np.flatnonzero(o))
     return codec, codes, (np.concatenate(outl) if outl else np.zeros(0, np.int64))
@@ -297,7 +340,9 @@ def _save_index(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         entries = {name: write_gallery(g, tmp, name) for name, g in galleries.items()}
-        digests = {fname: sha256_file(tmp / fname) for entry in entries.values() for fname in entry["files"].values()}
+        digests = {
+            fname: sha256_file(tmp / fname) for entry in entries.values() for fname in entry["files"].values()
+        }
         manifest = {
             "format": INDEX_FORMAT,
             "format_version": INDEX_FORMAT_VERSION,
@@ -313,7 +358,7 @@ def _save_index(
         fsync_dir(tmp)
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         if out.exists() and exchange_dirs(tmp, out):
-            old = tmp                                   # tmp now holds the previous index
+            old = tmp  # tmp now holds the previous index
         else:
             # no atomic exchange here: a crash between these two renames leaves the previous
             # index at ``old``, which load_index puts back (see recover_interrupted_save)
@@ -361,9 +406,16 @@ def read_index_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     root = Path(path)
     mpath = root / INDEX_MANIFEST
     if not mpath.is_file():
-        raise IndexFileError(f"{root} is not an mssan index ({INDEX_MANIFEST} missing); build one with Retriever.save")
-    manifest = read_versioned_json(mpath, error=IndexFileError, fix="rebuild the index",
-                                   version=INDEX_FORMAT_VERSION, format_tag=INDEX_FORMAT)
+        raise IndexFileError(
+            f"{root} is not an mssan index ({INDEX_MANIFEST} missing); build one with Retriever.save"
+        )
+    manifest = read_versioned_json(
+        mpath,
+        error=IndexFileError,
+        fix="rebuild the index",
+        version=INDEX_FORMAT_VERSION,
+        format_tag=INDEX_FORMAT,
+    )
     for key in ("bundle_id", "galleries", "files"):
         if key not in manifest:
             raise IndexFileError(f"{mpath} lacks {key!r}; rebuild the index")
@@ -371,7 +423,9 @@ def read_index_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise IndexFileError(f"{mpath} is malformed; rebuild the index")
     for entry in manifest["galleries"].values():
         if not isinstance(entry, dict) or not isinstance(entry.get("files", {}), dict):
-            raise IndexFileError(f"{mpath} is malformed (a gallery entry is not an object); rebuild the index")
+            raise IndexFileError(
+                f"{mpath} is malformed (a gallery entry is not an object); rebuild the index"
+            )
         for fname in entry.get("files", {}).values():
             if fname not in manifest["files"]:
                 raise IndexFileError(f"index file {fname} has no sha256 in the manifest; rebuild the index")
@@ -406,7 +460,8 @@ def load_index(
     manifest = read_index_manifest(root)
     if bundle_id is not None and manifest["bundle_id"] != bundle_id:
         raise IndexFileError(
-            f"index {root} was built with bundle {manifest['bundle_id']}, but the loaded bundle is {bundle_id}; "
+            f"index {root} was built with bundle {manifest['bundle_id']}, but the loaded bundle is "
+            f"{bundle_id}; "
             "its vectors would not match. Rebuild the index with this bundle."
         )
     for fname, digest in manifest["files"].items():
@@ -415,13 +470,12 @@ def load_index(
         except IndexFileError as e:
             raise IndexFileError(f"index manifest names an unsafe file {fname!r}: {e}") from e
         if not fpath.is_file():
-            raise IndexFileError(f"index file {fname} is missing from {root}; copy the whole folder or rebuild")
+            raise IndexFileError(
+                f"index file {fname} is missing from {root}; copy the whole folder or rebuild"
+            )
         if verify and sha256_file(fpath) != digest:
             raise IndexFileError(
                 f"index file {fname} does not match its sha256 (truncated or modified); rebuild the index"
             )
-    galleries = {
-        name: read_gallery(root, entry, options)
-        for name, entry in manifest["galleries"].items()
-    }
+    galleries = {name: read_gallery(root, entry, options) for name, entry in manifest["galleries"].items()}
     return galleries, manifest

@@ -14,6 +14,7 @@ Stage 1 is an exact inner-product top-k in numpy by default, FAISS (flat, IVF or
 request, or a compressed scan rescored exactly (compressed stage-1 layouts).
 Saving to and loading from folders is :mod:`mssan_infer.gallery.folder`'s job.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,22 +29,22 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mssan_infer.errors import InputError
 from mssan_infer.gallery.base import ItemId, check_encoded, check_id
 from mssan_infer.gallery.base import new_ids as new_ids_checked
-from mssan_infer.errors import InputError
-from mssan_infer.options import GalleryOptions
 from mssan_infer.gallery.filters import check_metadata
-from mssan_infer.gallery.storage import Stage1Codec, store_locals
 from mssan_infer.gallery.stage1 import build_faiss, check_method
+from mssan_infer.gallery.storage import Stage1Codec, store_locals
 from mssan_infer.gallery.view import ArrayView, Block, Codes
+from mssan_infer.options import GalleryOptions
 
 __all__ = ["MemoryGallery", "ARRAYS", "SEGMENT_ROWS", "CODE_ROWS"]
 
 log = logging.getLogger(__name__)
 
 ARRAYS = ("stage1", "local", "mask", "gram")
-SEGMENT_ROWS = 4096        # rows of a new segment (more when one batch is larger)
-CODE_ROWS = 8192           # compressed stage-1 codes per FAISS sub-index (searched on threads of their own)
+SEGMENT_ROWS = 4096  # rows of a new segment (more when one batch is larger)
+CODE_ROWS = 8192  # compressed stage-1 codes per FAISS sub-index (searched on threads of their own)
 
 
 class _Segment:
@@ -51,10 +52,18 @@ class _Segment:
 
     __slots__ = ("stage1", "local", "scale", "mask", "gram", "codes", "n")
 
-    def __init__(self, stage1: np.ndarray, local: np.ndarray, scale: np.ndarray | None, mask: np.ndarray,
-                 gram: np.ndarray, n: int = 0, codes: list[Any] | None = None) -> None:
+    def __init__(
+        self,
+        stage1: np.ndarray,
+        local: np.ndarray,
+        scale: np.ndarray | None,
+        mask: np.ndarray,
+        gram: np.ndarray,
+        n: int = 0,
+        codes: list[Any] | None = None,
+    ) -> None:
         self.stage1, self.local, self.scale, self.mask, self.gram = stage1, local, scale, mask, gram
-        self.codes: list[Any] = list(codes or [])     # FAISS sub-indexes over rows < n (compressed stage 1)
+        self.codes: list[Any] = list(codes or [])  # FAISS sub-indexes over rows < n (compressed stage 1)
         self.n = n
 
     @property
@@ -112,10 +121,11 @@ class MemoryGallery:
         self._n = 0
         self._segs: list[_Segment] = []
         self._ids: list[ItemId] = []
-        self._meta: list[dict[str, Any] | None] = []   # per-item metadata (None: none given)
+        self._meta: list[dict[str, Any] | None] = []  # per-item metadata (None: none given)
         self._pos: dict[ItemId, int] = {}
         self._codec: Stage1Codec | None = (
-            Stage1Codec(self.layout.stage1, self.stage1_dim) if self.layout.compressed_stage1 else None)
+            Stage1Codec(self.layout.stage1, self.stage1_dim) if self.layout.compressed_stage1 else None
+        )
         self._outliers = np.zeros(0, np.int64)
         self._faiss: Any = None
         self._faiss_n = -1
@@ -137,7 +147,7 @@ class MemoryGallery:
         path = self._spill_dir() / f"{name}.{uuid.uuid4().hex[:12]}.npy"
         arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
         try:
-            path.unlink()        # open maps keep the data alive (POSIX); elsewhere the file stays until exit
+            path.unlink()  # open maps keep the data alive (POSIX); elsewhere the file stays until exit
         except OSError:
             pass
         return arr
@@ -153,20 +163,21 @@ class MemoryGallery:
         )
 
     def _append_codes(self, seg: _Segment, a: int, codes: np.ndarray, rows_per_sub: int = CODE_ROWS) -> None:
-        """Add compressed stage-1 ``codes`` of segment rows ``a..`` (the last sub-index is cloned, never changed)."""
+        """Add compressed stage-1 ``codes`` of segment rows ``a..`` (the last sub-index is cloned, never
+        changed)."""
         assert self._codec is not None
         faiss = self._codec.faiss
         subs = list(seg.codes)
         pos = 0
         while pos < len(codes):
             if subs and subs[-1].ntotal < rows_per_sub:
-                last = faiss.clone_index(subs[-1])        # views may be searching the old one
+                last = faiss.clone_index(subs[-1])  # views may be searching the old one
                 subs[-1] = last
             else:
                 last = self._codec.new_index()
                 subs.append(last)
             take = min(len(codes) - pos, rows_per_sub - last.ntotal)
-            self._codec.add_codes(last, codes[pos:pos + take])
+            self._codec.add_codes(last, codes[pos : pos + take])
             pos += take
         seg.codes = subs
 
@@ -241,10 +252,15 @@ class MemoryGallery:
         n, width = stage1.shape[0], mask.shape[1]
         meta = check_metadata(metadata, n)
         local = local.astype(np.float32, copy=False)
-        lo_store, scale, gr_store = store_locals(self.layout.local, local, gram.astype(np.float32, copy=False))
+        lo_store, scale, gr_store = store_locals(
+            self.layout.local, local, gram.astype(np.float32, copy=False)
+        )
         with self._lock:
-            new_ids = self.next_ids(n) if ids is None else new_ids_checked(
-                ids, n, lambda xs: [i for i in xs if i in self._pos])
+            new_ids = (
+                self.next_ids(n)
+                if ids is None
+                else new_ids_checked(ids, n, lambda xs: [i for i in xs if i in self._pos])
+            )
             if n == 0:
                 return []
             codes = outl = None
@@ -264,7 +280,7 @@ class MemoryGallery:
                 src = slice(done, done + take)
                 seg.stage1[a:b] = stage1[src]
                 seg.local[a:b, :width] = lo_store[src]
-                seg.local[a:b, width:] = 0                           # padding (storage is not pre-zeroed)
+                seg.local[a:b, width:] = 0  # padding (storage is not pre-zeroed)
                 if seg.scale is not None and scale is not None:
                     seg.scale[a:b, :width] = scale[src]
                     seg.scale[a:b, width:] = 0
@@ -282,19 +298,28 @@ class MemoryGallery:
             for j, i in enumerate(new_ids):
                 self._pos[i] = self._n + j
             self._ids.extend(new_ids)
-            self._meta.extend(meta)                  # views read only their first n entries
+            self._meta.extend(meta)  # views read only their first n entries
             self._n += n
             self._faiss = None
             self._searcher = None
-            if self._codec is not None and self._codec.storage == "int8" and len(self._outliers) > max(256, self._n // 16):
+            if (
+                self._codec is not None
+                and self._codec.storage == "int8"
+                and len(self._outliers) > max(256, self._n // 16)
+            ):
                 self._requantize()
             return list(new_ids)
 
     def _requantize(self) -> None:
-        """Refit the int8 stage-1 scales on every item and re-encode the codes (new sub-indexes; views keep theirs)."""
+        """Refit the int8 stage-1 scales on every item and re-encode the codes (new sub-indexes; views keep
+        theirs)."""
         assert self._codec is not None
         codec = copy.copy(self._codec)
-        codec.fit(np.concatenate([s.stage1[: s.n] for s in self._segs]) if self._segs else np.zeros((0, self.stage1_dim)))
+        codec.fit(
+            np.concatenate([s.stage1[: s.n] for s in self._segs])
+            if self._segs
+            else np.zeros((0, self.stage1_dim))
+        )
         outliers = []
         start = 0
         for seg in self._segs:
@@ -322,7 +347,9 @@ class MemoryGallery:
             drop = [check_id(i) for i in ids]
             unknown = [i for i in drop if i not in self._pos]
             if unknown:
-                raise InputError(f"unknown ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; nothing was removed")
+                raise InputError(
+                    f"unknown ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; nothing was removed"
+                )
             rows = np.unique(np.array([self._pos[i] for i in drop], np.int64))
             if not len(rows):
                 return
@@ -331,9 +358,11 @@ class MemoryGallery:
             for seg in self._segs:
                 mine = rows[(rows >= start) & (rows < start + seg.n)] - start
                 if not len(mine):
-                    segs.append(seg)                       # untouched: shared with views as it is
+                    segs.append(seg)  # untouched: shared with views as it is
                 elif len(mine) < seg.n:
-                    segs.append(self._compacted(seg, np.setdiff1d(np.arange(seg.n), mine)))   # readers keep the old
+                    segs.append(
+                        self._compacted(seg, np.setdiff1d(np.arange(seg.n), mine))
+                    )  # readers keep the old
                 start += seg.n
             self._segs = segs
             keep = np.setdiff1d(np.arange(self._n), rows)
@@ -360,13 +389,23 @@ class MemoryGallery:
             self._append_codes(new, 0, codes)
         return new
 
-    def adopt(self, arrays: Sequence[np.ndarray | None], ids: list[ItemId], *,
-              codes: np.ndarray | None = None, codec: Stage1Codec | None = None,
-              outliers: np.ndarray | None = None, meta: list[dict[str, Any] | None] | None = None) -> None:
-        """Take stored arrays as the content of this empty gallery, kept as they are (e.g. read-only memory maps).
+    def adopt(
+        self,
+        arrays: Sequence[np.ndarray | None],
+        ids: list[ItemId],
+        *,
+        codes: np.ndarray | None = None,
+        codec: Stage1Codec | None = None,
+        outliers: np.ndarray | None = None,
+        meta: list[dict[str, Any] | None] | None = None,
+    ) -> None:
+        """Take stored arrays as the content of this empty gallery, kept as they are (e.g. read-only memory
+        maps).
 
-        ``arrays`` are ``stage1, local, mask, gram`` and, for int8 locals, ``scale``, already checked and stored
-        as this gallery's layout stores them; with a compressed stage 1, ``codes`` and ``codec`` too. Later adds
+        ``arrays`` are ``stage1, local, mask, gram`` and, for int8 locals, ``scale``, already checked and
+        stored
+        as this gallery's layout stores them; with a compressed stage 1, ``codes`` and ``codec`` too. Later
+        adds
         go to new segments: the adopted arrays are never copied.
         """
         st, lo, ma, gr = arrays[0], arrays[1], arrays[2], arrays[3]
@@ -413,8 +452,17 @@ class MemoryGallery:
             for s in self._segs:
                 if s.n:
                     c = s.n
-                    blocks.append(Block(start, c, s.stage1[:c], s.local[:c], None if s.scale is None else s.scale[:c],
-                                        s.mask[:c], s.gram[:c]))
+                    blocks.append(
+                        Block(
+                            start,
+                            c,
+                            s.stage1[:c],
+                            s.local[:c],
+                            None if s.scale is None else s.scale[:c],
+                            s.mask[:c],
+                            s.gram[:c],
+                        )
+                    )
                     start += c
             faiss_index = None
             if self.stage1_method != "numpy" and n > 0:
@@ -428,9 +476,19 @@ class MemoryGallery:
                 if self._searcher is None:
                     self._searcher = self._shards()
                 searcher = self._searcher
-            return ArrayView(n, self._ids, tuple(blocks), self.layout, faiss_index,
-                             copy.copy(self._codec) if self._codec is not None else None, searcher,
-                             self._outliers, self.overfetch, self.certify, self._meta)
+            return ArrayView(
+                n,
+                self._ids,
+                tuple(blocks),
+                self.layout,
+                faiss_index,
+                copy.copy(self._codec) if self._codec is not None else None,
+                searcher,
+                self._outliers,
+                self.overfetch,
+                self.certify,
+                self._meta,
+            )
 
     def _shards(self) -> Any:
         """FAISS IndexShards over every codes sub-index (rows numbered in order; searched on threads)."""

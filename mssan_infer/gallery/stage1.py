@@ -1,4 +1,5 @@
 """Stage 1: maximum-inner-product top-k over stage-1 vectors (exact numpy, or FAISS)."""
+
 from __future__ import annotations
 
 import logging
@@ -11,8 +12,16 @@ from mssan_infer.deps import optional_import
 from mssan_infer.errors import InputError
 from mssan_infer.files import CHUNK_BYTES
 
-__all__ = ["STAGE1_METHODS", "topk_inner_product", "merge_topk", "import_faiss", "build_faiss", "faiss_topk",
-           "default_ivf_nlist", "check_method"]
+__all__ = [
+    "STAGE1_METHODS",
+    "topk_inner_product",
+    "merge_topk",
+    "import_faiss",
+    "build_faiss",
+    "faiss_topk",
+    "default_ivf_nlist",
+    "check_method",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +47,18 @@ def default_ivf_nlist(n: int) -> int:
 
 
 def merge_topk(idx: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The best ``k`` columns of candidate rows ``idx [Q, M]`` with ``scores [Q, M]``: by decreasing score, ties by row."""
-    order = np.lexsort((idx, -scores), axis=1)[:, :k]          # lexsort sorts by the last key first
+    """The best ``k`` columns of candidate rows ``idx [Q, M]`` with ``scores [Q, M]``: by decreasing score,
+    ties by row."""
+    order = np.lexsort((idx, -scores), axis=1)[:, :k]  # lexsort sorts by the last key first
     return np.take_along_axis(idx, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
 def topk_inner_product(
-    queries: np.ndarray, base: np.ndarray | Sequence[tuple[int, np.ndarray]], k: int, *, chunk_bytes: int = CHUNK_BYTES
+    queries: np.ndarray,
+    base: np.ndarray | Sequence[tuple[int, np.ndarray]],
+    k: int,
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact maximum-inner-product top-k.
 
@@ -67,10 +81,10 @@ def topk_inner_product(
     best_i = np.zeros((nq, 0), np.int64)
     best_s = np.zeros((nq, 0), np.float32)
     for start, arr in blocks:
-        rows = max(k, chunk_bytes // (4 * (max(1, nq) + arr.shape[1])), 1)   # base rows per block
+        rows = max(k, chunk_bytes // (4 * (max(1, nq) + arr.shape[1])), 1)  # base rows per block
         for a in range(0, int(arr.shape[0]), rows):
             block = np.asarray(arr[a : a + rows], dtype=np.float32)
-            s = q @ block.T                                                   # [Q, n_block]
+            s = q @ block.T  # [Q, n_block]
             kk = min(k, s.shape[1])
             if kk < s.shape[1]:
                 part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
@@ -102,7 +116,7 @@ def build_faiss(method: str, stage1: np.ndarray, options: Mapping[str, int]) -> 
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(x)
-        index.nprobe = int(options.get("nprobe", min(nlist, 16)))   # FAISS keeps `quantizer` referenced
+        index.nprobe = int(options.get("nprobe", min(nlist, 16)))  # FAISS keeps `quantizer` referenced
     index.add(x)
     log.debug("built FAISS %s over %d items", method, n)
     return index

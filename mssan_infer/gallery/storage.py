@@ -33,6 +33,7 @@ int8 locals are symmetric per vector (each region's / word's ``D`` values share 
 ``max |v| / 127``) and are dequantized while the candidates are gathered; their Gram matrices
 are computed from the dequantized vectors, so the scorer scores the dequantized items exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,12 +44,21 @@ import numpy as np
 from mssan_infer.errors import InputError
 from mssan_infer.gallery.stage1 import import_faiss
 
-__all__ = ["Layout", "LAYOUTS", "STORAGE", "parse_layout", "Stage1Codec", "quantize_vectors",
-           "dequantize_into", "store_locals", "F16_REL"]
+__all__ = [
+    "Layout",
+    "LAYOUTS",
+    "STORAGE",
+    "parse_layout",
+    "Stage1Codec",
+    "quantize_vectors",
+    "dequantize_into",
+    "store_locals",
+    "F16_REL",
+]
 
 STORAGE = ("float32", "float16", "int8")
-F16_REL = 2.0 ** -11          # float16 rounding: relative error of a normal number
-_F32_EPS = 2.0 ** -24
+F16_REL = 2.0**-11  # float16 rounding: relative error of a normal number
+_F32_EPS = 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,9 @@ class Layout:
 
     def __post_init__(self) -> None:
         if self.stage1 not in STORAGE or self.local not in STORAGE:
-            raise InputError(f"layout storage must be one of {STORAGE}, got stage1={self.stage1!r}, local={self.local!r}")
+            raise InputError(
+                f"layout storage must be one of {STORAGE}, got stage1={self.stage1!r}, local={self.local!r}"
+            )
 
     @property
     def gram(self) -> str:
@@ -97,7 +109,8 @@ LAYOUTS: dict[str, Layout] = {
 
 
 def parse_layout(layout: str | Layout | None, local_dtype: str | None = None) -> Layout:
-    """A :class:`Layout` from a name in :data:`LAYOUTS` (default ``"fp32"``); ``local_dtype`` overrides its locals.
+    """A :class:`Layout` from a name in :data:`LAYOUTS` (default ``"fp32"``); ``local_dtype`` overrides its
+    locals.
 
     Raises:
         InputError: an unknown name or storage.
@@ -132,8 +145,11 @@ def quantize_vectors(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int8), scale
 
 
-def store_locals(storage: str, local: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Locals ``[N, P, D]`` and Grams ``[N, P, P]`` (float32) as ``storage`` keeps them -> ``(local, scale, gram)``.
+def store_locals(
+    storage: str, local: np.ndarray, gram: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Locals ``[N, P, D]`` and Grams ``[N, P, P]`` (float32) as ``storage`` keeps them -> ``(local, scale,
+    gram)``.
 
     ``float16``: both rounded. ``int8``: per-vector codes and scales ``[N, P]``, and the Grams of the
     dequantized locals in float16 (the scorer then scores the dequantized item exactly).
@@ -164,7 +180,9 @@ class Stage1Codec:
         BackendUnavailableError: faiss is not installed.
     """
 
-    def __init__(self, storage: str, dim: int, sigma: np.ndarray | None = None, peak: np.ndarray | None = None) -> None:
+    def __init__(
+        self, storage: str, dim: int, sigma: np.ndarray | None = None, peak: np.ndarray | None = None
+    ) -> None:
         if storage not in ("float16", "int8"):
             raise InputError(f"compressed stage-1 storage must be 'float16' or 'int8', got {storage!r}")
         self.faiss = import_faiss(f"a layout with a {storage} stage 1", "layout='fp32'")
@@ -172,8 +190,10 @@ class Stage1Codec:
         self.dim = int(dim)
         self.sigma = None if sigma is None else np.ascontiguousarray(sigma, dtype=np.float32)
         self.peak = np.zeros(self.dim, np.float32) if peak is None else np.asarray(peak, np.float32).copy()
-        self.l1max = 0 if self.sigma is None else 127 * self.dim     # largest sum_j |code_j| (int8; refined on encode)
-        self._fitted_l1 = self.sigma is None      # a codec given saved scales starts from the worst case
+        self.l1max = (
+            0 if self.sigma is None else 127 * self.dim
+        )  # largest sum_j |code_j| (int8; refined on encode)
+        self._fitted_l1 = self.sigma is None  # a codec given saved scales starts from the worst case
         qt = self.faiss.ScalarQuantizer
         self._qtype = qt.QT_fp16 if storage == "float16" else qt.QT_8bit_direct_signed
 
@@ -183,10 +203,13 @@ class Stage1Codec:
 
     def fit(self, x: np.ndarray) -> None:
         """Per-dimension int8 scales from ``x [N, 2D]`` (``max |x_j| / 127``, at least a tiny floor)."""
-        self.fit_peak(np.abs(np.asarray(x, np.float32)).max(axis=0) if len(x) else np.zeros(self.dim, np.float32))
+        self.fit_peak(
+            np.abs(np.asarray(x, np.float32)).max(axis=0) if len(x) else np.zeros(self.dim, np.float32)
+        )
 
     def fit_peak(self, peak: np.ndarray) -> None:
-        """Per-dimension int8 scales from the largest ``|x_j|`` per dimension (codes then need re-encoding)."""
+        """Per-dimension int8 scales from the largest ``|x_j|`` per dimension (codes then need
+        re-encoding)."""
         self.sigma = (np.maximum(np.asarray(peak, np.float32), 1e-12) / 127.0).astype(np.float32)
         self.l1max, self._fitted_l1 = 0, True
 
@@ -194,7 +217,9 @@ class Stage1Codec:
         """Codes of ``x [N, 2D]`` and the boolean ``[N]`` of outliers (int8 values past the scale's range)."""
         x = np.asarray(x, np.float32)
         if len(x):
-            self.peak = np.maximum(self.peak, np.abs(x).max(axis=0))    # replaced, not changed: views keep theirs
+            self.peak = np.maximum(
+                self.peak, np.abs(x).max(axis=0)
+            )  # replaced, not changed: views keep theirs
         if self.storage == "float16":
             return x.astype(np.float16), np.zeros(len(x), bool)
         if self.sigma is None:
@@ -221,7 +246,9 @@ class Stage1Codec:
         if self.storage == "float16":
             raw = np.ascontiguousarray(codes, dtype=np.float16).view(np.uint8)
         else:
-            raw = np.ascontiguousarray(codes, dtype=np.int8).view(np.uint8) ^ np.uint8(0x80)   # FAISS: value + 128
+            raw = np.ascontiguousarray(codes, dtype=np.int8).view(np.uint8) ^ np.uint8(
+                0x80
+            )  # FAISS: value + 128
         index.add_sa_codes(np.ascontiguousarray(raw))
 
     def codes_of(self, index: Any) -> np.ndarray:
@@ -232,7 +259,8 @@ class Stage1Codec:
         return (raw ^ np.uint8(0x80)).view(np.int8)
 
     def query(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """What FAISS is searched with for float32 queries ``q [Q, 2D]``, and ``[Q]`` factors turning its scores
+        """What FAISS is searched with for float32 queries ``q [Q, 2D]``, and ``[Q]`` factors turning its
+        scores
         into approximate inner products.
 
         int8: FAISS scans int8 codes against an *integer* query (its byte kernel rounds the query to
@@ -243,11 +271,12 @@ class Stage1Codec:
             return q, np.ones(len(q), np.float64)
         assert self.sigma is not None
         qs = q.astype(np.float64) * self.sigma
-        lam = 127.0 / np.maximum(np.abs(qs).max(axis=1), 1e-30)                 # [Q]
+        lam = 127.0 / np.maximum(np.abs(qs).max(axis=1), 1e-30)  # [Q]
         return np.ascontiguousarray(np.rint(qs * lam[:, None]), dtype=np.float32), 1.0 / lam
 
     def bound(self, q: np.ndarray) -> np.ndarray:
-        """``[Q]``: the most a compressed score can differ from the float32 one, for any stored non-outlier item.
+        """``[Q]``: the most a compressed score can differ from the float32 one, for any stored non-outlier
+        item.
 
         int8: ``sum_j |q_j| sigma_j / 2`` (codes rounded to the nearest step) ``+ l1 / (2 lam)`` (the query
         rounded to integers, ``l1`` the largest ``sum_j |code_j|`` of any item); float16:
@@ -261,6 +290,5 @@ class Stage1Codec:
             inv_lam = np.abs(aq * self.sigma).max(axis=1) / 127.0
             quant = 0.5 * (aq @ self.sigma.astype(np.float64)) + 0.5 * inv_lam * float(self.l1max)
         else:
-            quant = F16_REL * mass + 2.0 ** -25 * aq.sum(axis=1)
+            quant = F16_REL * mass + 2.0**-25 * aq.sum(axis=1)
         return (quant + 2.0 * self.dim * _F32_EPS * (mass + 1.0)).astype(np.float64)
-

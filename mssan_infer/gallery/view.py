@@ -5,6 +5,7 @@ first rows as :class:`Block` s, the compressed stage-1 searcher and codec of tha
 items' metadata. Later adds write past those rows and removals replace segments, so a view
 never changes while a search uses it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,26 +17,26 @@ import numpy as np
 
 from mssan_infer.gallery.base import ItemId, extent
 from mssan_infer.gallery.filters import Where, matches, parse_where
-from mssan_infer.gallery.storage import Layout, Stage1Codec, dequantize_into
 from mssan_infer.gallery.stage1 import faiss_topk, topk_inner_product
+from mssan_infer.gallery.storage import Layout, Stage1Codec, dequantize_into
 
 __all__ = ["ArrayView", "Block", "Codes", "OVERFETCH"]
 
 log = logging.getLogger(__name__)
 
-OVERFETCH = 4              # compressed stage 1 fetches this many times the rows asked for, then rescores
-_MIN_ROWS_PER_PART = 16    # gathers smaller than this per thread are not split
+OVERFETCH = 4  # compressed stage 1 fetches this many times the rows asked for, then rescores
+_MIN_ROWS_PER_PART = 16  # gathers smaller than this per thread are not split
 
 
 @dataclass(frozen=True)
 class Codes:
     """Compressed stage-1 codes: FAISS sub-indexes (rows numbered in order) and one searcher over them all."""
 
-    shards: Any                 # faiss.IndexShards, searching the sub-indexes on threads of their own
-    subs: tuple[Any, ...]       # FAISS does not own them: they live as long as this object
+    shards: Any  # faiss.IndexShards, searching the sub-indexes on threads of their own
+    subs: tuple[Any, ...]  # FAISS does not own them: they live as long as this object
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.shards.search(q, k)     # type: ignore[no-any-return]
+        return self.shards.search(q, k)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,11 @@ class Block:
 
     start: int
     count: int
-    stage1: np.ndarray          # [count, D2] float32
-    local: np.ndarray           # [count, P, D] float32 | float16 | int8
-    scale: np.ndarray | None    # [count, P] float32 (int8 locals)
-    mask: np.ndarray            # [count, P] float32
-    gram: np.ndarray            # [count, P, P]
+    stage1: np.ndarray  # [count, D2] float32
+    local: np.ndarray  # [count, P, D] float32 | float16 | int8
+    scale: np.ndarray | None  # [count, P] float32 (int8 locals)
+    mask: np.ndarray  # [count, P] float32
+    gram: np.ndarray  # [count, P, P]
 
     def dequantized(self, a: int, b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 locals and Grams of block rows ``a:b`` trimmed to ``width`` (no copy when stored so)."""
@@ -69,16 +70,16 @@ class ArrayView:
     """
 
     n: int
-    ids: Sequence[ItemId]                   # valid at positions < n
+    ids: Sequence[ItemId]  # valid at positions < n
     blocks: tuple[Block, ...]
     layout: Layout
-    faiss_index: Any = None                 # FAISS over the float32 stage 1 (stage1="faiss*")
-    codec: Stage1Codec | None = None        # compressed stage 1: its scales at the time of the snapshot
-    searcher: Codes | None = None           # FAISS over the compressed codes
-    outliers: np.ndarray | None = None      # rows scored exactly on every query (int8 stage 1)
+    faiss_index: Any = None  # FAISS over the float32 stage 1 (stage1="faiss*")
+    codec: Stage1Codec | None = None  # compressed stage 1: its scales at the time of the snapshot
+    searcher: Codes | None = None  # FAISS over the compressed codes
+    outliers: np.ndarray | None = None  # rows scored exactly on every query (int8 stage 1)
     overfetch: int = OVERFETCH
     certify: bool = False
-    meta: Sequence[dict[str, Any] | None] = ()   # per-item metadata, valid at positions < n
+    meta: Sequence[dict[str, Any] | None] = ()  # per-item metadata, valid at positions < n
 
     def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemId]:
         return [self.ids[int(r)] for r in rows]
@@ -92,15 +93,19 @@ class ArrayView:
         """Stage-1 vectors, locals, masks and Grams of every item as float32 (a copy; for tests and tools)."""
         p = self.max_length
         d = self.blocks[0].local.shape[2] if self.blocks else 0
-        st = np.concatenate([b.stage1 for b in self.blocks]).astype(np.float32) if self.blocks else np.zeros((0, 0))
+        st = (
+            np.concatenate([b.stage1 for b in self.blocks]).astype(np.float32)
+            if self.blocks
+            else np.zeros((0, 0))
+        )
         lo = np.zeros((self.n, p, d), np.float32)
         ma = np.zeros((self.n, p), np.float32)
         gr = np.zeros((self.n, p, p), np.float32)
         for b in self.blocks:
             w = b.local.shape[1]
-            lo[b.start:b.start + b.count, :w] = b.dequantized(0, b.count, w)[0]
-            ma[b.start:b.start + b.count, :w] = b.mask
-            gr[b.start:b.start + b.count, :w, :w] = b.gram
+            lo[b.start : b.start + b.count, :w] = b.dequantized(0, b.count, w)[0]
+            ma[b.start : b.start + b.count, :w] = b.mask
+            gr[b.start : b.start + b.count, :w, :w] = b.gram
         return st, lo, ma, gr
 
     # ---- stage 1 --------------------------------------------------------------------------------
@@ -115,11 +120,20 @@ class ArrayView:
         """
         conditions = parse_where(where)
         if conditions:
-            allowed = np.array([r for r in range(self.n)
-                                if matches(self.meta[r] if r < len(self.meta) else None, conditions)], np.int64)
+            allowed = np.array(
+                [
+                    r
+                    for r in range(self.n)
+                    if matches(self.meta[r] if r < len(self.meta) else None, conditions)
+                ],
+                np.int64,
+            )
             q = np.ascontiguousarray(queries, dtype=np.float32)
-            scores = np.stack([self._rescore(q[i], allowed) for i in range(len(q))]) if len(q) else \
-                np.zeros((0, len(allowed)), np.float32)                              # [Q, allowed]
+            scores = (
+                np.stack([self._rescore(q[i], allowed) for i in range(len(q))])
+                if len(q)
+                else np.zeros((0, len(allowed)), np.float32)
+            )  # [Q, allowed]
             k = min(int(k), len(allowed))
             order = np.lexsort((np.broadcast_to(allowed, scores.shape), -scores), axis=1)[:, :k]
             return allowed[order], np.take_along_axis(scores, order, axis=1)
@@ -130,7 +144,8 @@ class ArrayView:
         return self._compressed_topk(np.ascontiguousarray(queries, dtype=np.float32), k)
 
     def _rescore(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """float32 inner products of ``q [D2]`` with the stored float32 rows ``rows`` (sorted) -> ``[len(rows)]``."""
+        """float32 inner products of ``q [D2]`` with the stored float32 rows ``rows`` (sorted) ->
+        ``[len(rows)]``."""
         out = np.empty(len(rows), np.float32)
         if not len(rows):
             return out
@@ -143,7 +158,8 @@ class ArrayView:
         return out
 
     def _compressed_topk(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Over-fetch by the compressed scores, rescore exactly, widen until the error bound certifies the top k."""
+        """Over-fetch by the compressed scores, rescore exactly, widen until the error bound certifies the
+        top k."""
         assert self.codec is not None and self.searcher is not None
         k = min(int(k), self.n)
         nq = len(q)
@@ -155,7 +171,7 @@ class ArrayView:
         todo = np.arange(nq)
         fetch = min(self.n, max(k * self.overfetch, k + 32))
         while len(todo):
-            raw, idx = self.searcher.search(qq[todo], fetch)               # [Q', fetch] best first
+            raw, idx = self.searcher.search(qq[todo], fetch)  # [Q', fetch] best first
             left = []
             for j, qi in enumerate(todo):
                 found = idx[j] >= 0
@@ -165,7 +181,11 @@ class ArrayView:
                 out_i[qi], out_s[qi] = rows[order], exact[order]
                 complete = fetch >= self.n or int(found.sum()) < fetch
                 # no unfetched item can beat the k-th: its compressed score is at most the last fetched one's
-                if self.certify and not complete and float(exact[order[-1]]) < float(raw[j, -1]) * factor[qi] + bound[qi]:
+                if (
+                    self.certify
+                    and not complete
+                    and float(exact[order[-1]]) < float(raw[j, -1]) * factor[qi] + bound[qi]
+                ):
                     left.append(qi)
             todo = np.asarray(left, np.int64)
             if len(todo):
@@ -197,7 +217,7 @@ class ArrayView:
         if k and which[0] == which[-1] and rows[-1] - rows[0] == k - 1 and (np.diff(rows) == 1).all():
             b = self.blocks[int(which[0])]
             a = int(rows[0]) - b.start
-            mask = b.mask[a:a + k]
+            mask = b.mask[a : a + k]
             width = max(1, extent(mask))
             local, gram = b.dequantized(a, a + k, width)
             return local, np.ascontiguousarray(mask[:, :width], dtype=np.float32), gram
@@ -213,20 +233,23 @@ class ArrayView:
         gram = np.empty((k, width, width), np.float32)
         single = len(self.blocks) == 1 and k > 0
         b0 = self.blocks[0] if single else None
-        in_ram = b0 is not None and not any(isinstance(a, np.memmap) or isinstance(a.base, np.memmap)
-                                            for a in (b0.local, b0.gram))
+        in_ram = b0 is not None and not any(
+            isinstance(a, np.memmap) or isinstance(a.base, np.memmap) for a in (b0.local, b0.gram)
+        )
         if in_ram:
             assert b0 is not None
             src_local, src_gram, src_scale = b0.local, b0.gram, b0.scale
-            whole = b0.local.shape[1] == width and src_local.dtype == np.float32 and src_gram.dtype == np.float32
+            whole = (
+                b0.local.shape[1] == width and src_local.dtype == np.float32 and src_gram.dtype == np.float32
+            )
 
-            def copy(a: int, b: int) -> None:             # a few C calls per slice, without the GIL
+            def copy(a: int, b: int) -> None:  # a few C calls per slice, without the GIL
                 r = rows[a:b]
                 if whole:
-                    np.take(src_local, r, axis=0, out=local[a:b], mode="clip")   # rows are in range
+                    np.take(src_local, r, axis=0, out=local[a:b], mode="clip")  # rows are in range
                     np.take(src_gram, r, axis=0, out=gram[a:b], mode="clip")
                     return
-                lo = np.take(src_local, r, axis=0, mode="clip")[:, :width]      # int8/float16: 2-4x fewer bytes
+                lo = np.take(src_local, r, axis=0, mode="clip")[:, :width]  # int8/float16: 2-4x fewer bytes
                 if src_scale is not None:
                     sc = np.take(src_scale, r, axis=0, mode="clip")[:, :width]
                     dequantize_into(local[a:b], lo, sc)
@@ -236,7 +259,9 @@ class ArrayView:
         else:
             rows_l = rows.tolist()
             which_l = which.tolist()
-            mapped = any(isinstance(b.local, np.memmap) or isinstance(b.local.base, np.memmap) for b in self.blocks)
+            mapped = any(
+                isinstance(b.local, np.memmap) or isinstance(b.local.base, np.memmap) for b in self.blocks
+            )
             order_l = np.argsort(rows, kind="stable").tolist() if mapped else list(range(k))
             blocks = self.blocks
 
@@ -251,7 +276,7 @@ class ArrayView:
                     if blk.scale is not None:
                         dequantize_into(local[pos, :w], blk.local[r, :w], blk.scale[r, :w])
                     else:
-                        local[pos, :w] = blk.local[r, :w]       # casts float16 storage
+                        local[pos, :w] = blk.local[r, :w]  # casts float16 storage
                     gram[pos, :w, :w] = blk.gram[r, :w, :w]
 
         parts = max(1, min(int(parts), k // _MIN_ROWS_PER_PART)) if executor is not None else 1

@@ -5,6 +5,7 @@ constants in ``preprocessing.image``; images given as paths, PIL images or uint8
 preprocessed (:mod:`mssan_infer.images.preprocess`) and encoded by that graph, on the retriever's
 backend when it has the graph, else in an ONNX Runtime session of its own.
 """
+
 from __future__ import annotations
 
 import threading
@@ -14,10 +15,10 @@ import numpy as np
 
 from mssan_infer.backends.base import Backend
 from mssan_infer.bundle import Bundle
-from mssan_infer.search import Encoded
 from mssan_infer.errors import BundleError, InputError
 from mssan_infer.images.preprocess import ImageSource, Preprocessing, describe, is_image_source, preprocess
 from mssan_infer.progress import batches
+from mssan_infer.search import Encoded
 from mssan_infer.spec import IMAGE_ENCODER_PIXELS
 
 __all__ = ["PIXEL_GRAPH", "PixelEncoder", "pixel_sources", "has_pixel_graph"]
@@ -28,7 +29,7 @@ PIXEL_GRAPH = IMAGE_ENCODER_PIXELS.name
 def pixel_sources(x: object) -> list[ImageSource] | None:
     """``x`` as a list of images (paths, PIL images, uint8 arrays), or None when it is region features."""
     if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] in (1, 3, 4):
-        return list(x)                                                   # [N,H,W,C] uint8
+        return list(x)  # [N,H,W,C] uint8
     if is_image_source(x):
         return [x]  # type: ignore[list-item]
     if isinstance(x, (list, tuple)) and x and all(is_image_source(i) for i in x):
@@ -72,7 +73,8 @@ class PixelEncoder:
                 prep = m.preprocessing.get("image")
                 if not isinstance(prep, dict):
                     raise BundleError(
-                        f"bundle {self.bundle.root} has a pixel graph but no preprocessing.image entry; re-export it"
+                        f"bundle {self.bundle.root} has a pixel graph but no preprocessing.image entry; "
+                        "re-export it"
                     )
                 cfg = Preprocessing.from_dict(prep)
                 if PIXEL_GRAPH in self.backend.graphs:
@@ -84,7 +86,8 @@ class PixelEncoder:
                     name = str(entry.get("file", ""))
                     if name not in m.files:
                         raise BundleError(
-                            f"bundle {self.bundle.root}: pixel graph {name!r} has no sha256 in the manifest; re-export it"
+                            f"bundle {self.bundle.root}: pixel graph {name!r} has no sha256 in the "
+                            "manifest; re-export it"
                         )
                     runner = OnnxRuntimeBackend(
                         {PIXEL_GRAPH: self.bundle.path(name)}, OnnxRuntimeOptions(device=self.backend.device)
@@ -102,14 +105,18 @@ class PixelEncoder:
         n = len(sources)
         if n == 0:
             raise InputError("no images given")
-        pixels = np.stack([preprocess(s, cfg, describe(s, i)) for i, s in enumerate(sources)])   # [N,3,S,S]
+        pixels = np.stack([preprocess(s, cfg, describe(s, i)) for i, s in enumerate(sources)])  # [N,3,S,S]
         out: Encoded | None = None
         for a, b in batches(n, batch_size, "encode images", progress):
             res = runner.run(PIXEL_GRAPH, {"pixels": pixels[a:b]})
             if out is None:
                 r, d = res["img_local"].shape[1], self.embed_size
-                out = Encoded(np.zeros((n, 2 * d), np.float32), np.zeros((n, r, d), np.float32),
-                              np.ones((n, r), np.float32), np.zeros((n, r, r), np.float32))
+                out = Encoded(
+                    np.zeros((n, 2 * d), np.float32),
+                    np.zeros((n, r, d), np.float32),
+                    np.ones((n, r), np.float32),
+                    np.zeros((n, r, r), np.float32),
+                )
             out.stage1[a:b] = res["img_stage1"]
             out.local[a:b] = res["img_local"]
             out.gram[a:b] = res["img_gram"]

@@ -11,6 +11,7 @@ transparency (``RGBA``, ``LA``, palette with a transparent colour) is composited
 white; 16-bit grayscale (``I;16*``, ``I``) is scaled ``0..65535 -> 0..255`` rather
 than clipped; float (``F``) is clipped to ``0..255``.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,19 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "RESAMPLE", "Preprocessing", "ImageSource",
-    "is_image_source", "load_image", "to_rgb", "resize_crop", "normalize", "preprocess", "preprocess_batch",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_SUFFIXES",
+    "RESAMPLE",
+    "Preprocessing",
+    "ImageSource",
+    "is_image_source",
+    "load_image",
+    "to_rgb",
+    "resize_crop",
+    "normalize",
+    "preprocess",
+    "preprocess_batch",
     "describe",
 ]
 
@@ -62,7 +74,9 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 32:
-            raise InputError(f"image_size must be an int >= 32 (the backbone's stride), got {self.image_size!r}")
+            raise InputError(
+                f"image_size must be an int >= 32 (the backbone's stride), got {self.image_size!r}"
+            )
         if not isinstance(self.resize, int) or self.resize < self.image_size:
             raise InputError(f"resize ({self.resize!r}) must be an int >= image_size ({self.image_size})")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
@@ -80,16 +94,22 @@ class Preprocessing:
         """From a manifest entry; settings this runtime cannot reproduce raise ``BundleError``."""
         for key, want in (("channel_order", "RGB"), ("layout", "NCHW"), ("dtype", "float32")):
             if d.get(key, want) != want:
-                raise BundleError(f"pixel preprocessing with {key}={d.get(key)!r} is not supported (only {want!r})")
+                raise BundleError(
+                    f"pixel preprocessing with {key}={d.get(key)!r} is not supported (only {want!r})"
+                )
         try:
             return cls(
-                image_size=int(d["image_size"]), resize=int(d.get("resize", d["image_size"])),
+                image_size=int(d["image_size"]),
+                resize=int(d.get("resize", d["image_size"])),
                 mean=tuple(float(x) for x in d.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
                 std=tuple(float(x) for x in d.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
-                resample=str(d.get("resample", "bilinear")), scale=float(d.get("scale", 1.0 / 255.0)),
+                resample=str(d.get("resample", "bilinear")),
+                scale=float(d.get("scale", 1.0 / 255.0)),
             )
         except (KeyError, TypeError, ValueError, InputError) as e:
-            raise BundleError(f"manifest preprocessing entry {dict(d)} is invalid ({e}); re-export the bundle") from e
+            raise BundleError(
+                f"manifest preprocessing entry {dict(d)} is invalid ({e}); re-export the bundle"
+            ) from e
 
 
 RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}
@@ -165,7 +185,7 @@ def load_image(src: ImageSource, name: str | None = None) -> "PILImage.Image":
             raise InputError(f"{path}: image file not found")
         try:
             with Image.open(path) as im:
-                im.load()                                   # decode now: truncation shows up here
+                im.load()  # decode now: truncation shows up here
                 upright = ImageOps.exif_transpose(im)
                 return to_rgb(upright if upright is not None else im)
         except UnidentifiedImageError as e:

@@ -19,6 +19,7 @@ on a server), and a gallery built with another bundle or layout is refused.
 
 ``qdrant_edge`` and ``qdrant_client`` are imported only when such a gallery is opened.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mssan_infer.gallery.base import ItemId, check_encoded, check_id, new_ids
 from mssan_infer.errors import IndexFileError, InputError
+from mssan_infer.gallery.base import ItemId, check_encoded, check_id, new_ids
 from mssan_infer.gallery.filters import Where, check_metadata, parse_where
 from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions, QdrantServer
 from mssan_infer.qdrant.stores import META_FILE, ClientStore, EdgeStore, Store, import_client
@@ -41,9 +42,9 @@ __all__ = ["QdrantGallery", "QdrantView", "open_qdrant_galleries", "point_id", "
 
 log = logging.getLogger(__name__)
 
-_NAMESPACE = uuid.UUID("5b2c2f5e-6a4e-4f3c-9a43-3c1f0b7de1a1")   # point ids of mssan items
+_NAMESPACE = uuid.UUID("5b2c2f5e-6a4e-4f3c-9a43-3c1f0b7de1a1")  # point ids of mssan items
 _ID, _SEQ, _SCALE = "mssan_id", "mssan_seq", "mssan_scale"
-_BATCH = 256                              # points per upsert / retrieve request
+_BATCH = 256  # points per upsert / retrieve request
 
 
 def point_id(item_id: ItemId) -> str:
@@ -87,7 +88,8 @@ class QdrantGallery:
         return [p[_ID] for p in self._ordered_payloads() if _ID in p]
 
     def next_ids(self, count: int) -> list[int]:
-        """``count`` fresh integer ids (one more than the largest int id, counting up; reads every payload)."""
+        """``count`` fresh integer ids (one more than the largest int id, counting up; reads every
+        payload)."""
         ints = [i for i in self.ids if isinstance(i, int)]
         start = max(ints) + 1 if ints else 0
         return list(range(start, start + count))
@@ -103,7 +105,7 @@ class QdrantGallery:
         """One item's real locals ``[P, D]`` in the storage dtype (and per-vector scales for uint8)."""
         if self.options.local_dtype != "uint8":
             return local.astype(np.float32), None
-        scale = np.maximum(np.abs(local).max(1), 1e-12).astype(np.float32)           # [P]
+        scale = np.maximum(np.abs(local).max(1), 1e-12).astype(np.float32)  # [P]
         q = np.rint(local / scale[:, None] * 127.0) + 128.0
         return np.clip(q, 0, 255).astype(np.float32), scale.tolist()
 
@@ -113,7 +115,9 @@ class QdrantGallery:
         if self.options.local_dtype == "uint8":
             scale = np.asarray(payload.get(_SCALE, []), np.float32)
             if scale.shape != (arr.shape[0],):
-                raise IndexFileError(f"{self.where}: a point's uint8 locals have no matching scales; rebuild it")
+                raise IndexFileError(
+                    f"{self.where}: a point's uint8 locals have no matching scales; rebuild it"
+                )
             arr = (arr - 128.0) * (scale[:, None] / 127.0)
         return arr
 
@@ -138,7 +142,7 @@ class QdrantGallery:
             new = self.next_ids(n) if ids is None else new_ids(ids, n, self._present_ids)
             points = []
             for j in range(n):
-                real = local[j][mask[j] > 0]                                        # [P_j, D]
+                real = local[j][mask[j] > 0]  # [P_j, D]
                 stored, scale = self._encode_local(real)
                 self._seq += 1
                 payload: dict[str, Any] = {**(meta[j] or {}), _ID: new[j], _SEQ: self._seq}
@@ -156,7 +160,9 @@ class QdrantGallery:
             known = set(self._present_ids(drop))
             unknown = [i for i in drop if i not in known]
             if unknown:
-                raise InputError(f"unknown ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; nothing was removed")
+                raise InputError(
+                    f"unknown ids {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; nothing was removed"
+                )
             if drop:
                 self._store.delete([point_id(i) for i in drop])
 
@@ -178,8 +184,8 @@ class QdrantView:
     def __init__(self, gallery: QdrantGallery) -> None:
         self._g = gallery
         self._n = len(gallery)
-        self._rows: dict[str, int] = {}                  # point id -> row of this view
-        self._items: list[tuple[ItemId, dict[str, Any], Any]] = []     # (id, payload, stored locals)
+        self._rows: dict[str, int] = {}  # point id -> row of this view
+        self._items: list[tuple[ItemId, dict[str, Any], Any]] = []  # (id, payload, stored locals)
 
     @property
     def n(self) -> int:
@@ -209,8 +215,9 @@ class QdrantView:
             rows[i], scores[i] = r[order], s[order]
         return rows, scores
 
-    def gather(self, rows: np.ndarray, executor: Executor | None = None,
-               parts: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def gather(
+        self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         items = [self._g.decode_local(self._items[int(r)][2], self._items[int(r)][1]) for r in rows]
         width = max([1] + [x.shape[0] for x in items])
         local = np.zeros((len(items), width, self._g.local_dim), np.float32)
@@ -218,7 +225,7 @@ class QdrantView:
         for j, x in enumerate(items):
             local[j, : x.shape[0]] = x
             mask[j, : x.shape[0]] = 1.0
-        gram = np.matmul(local, local.transpose(0, 2, 1))                          # [K, P, P]
+        gram = np.matmul(local, local.transpose(0, 2, 1))  # [K, P, P]
         return local, mask, gram
 
 
@@ -226,13 +233,15 @@ class QdrantView:
 def _check_meta(meta: dict[str, Any], want: dict[str, Any], where: str) -> None:
     if meta.get("bundle_id") != want["bundle_id"]:
         raise IndexFileError(
-            f"{where} was built with bundle {meta.get('bundle_id')}, but the loaded bundle is {want['bundle_id']}; "
+            f"{where} was built with bundle {meta.get('bundle_id')}, but the loaded bundle is "
+            f"{want['bundle_id']}; "
             "its vectors would not match. Use another path/collection or rebuild it with this bundle."
         )
     for key in ("gallery", "stage1_dim", "local_dim", "layout"):
         if meta.get(key) != want[key]:
             raise IndexFileError(
-                f"{where} holds {key} {meta.get(key)!r}, but it was opened with {want[key]!r}; open it with the "
+                f"{where} holds {key} {meta.get(key)!r}, but it was opened with {want[key]!r}; open it with "
+                "the "
                 "options it was built with, or rebuild it"
             )
 
@@ -257,14 +266,22 @@ def open_qdrant_galleries(
             qc = import_client("qdrant_client", "qdrant-client")
             client = qc.QdrantClient(url=spec.url, api_key=spec.api_key, prefer_grpc=spec.prefer_grpc)
     for name in names:
-        want = {"format": "mssan-qdrant-gallery", "bundle_id": bundle_id, "gallery": name, "stage1_dim": stage1_dim,
-                "local_dim": local_dim, "layout": opts.layout()}
+        want = {
+            "format": "mssan-qdrant-gallery",
+            "bundle_id": bundle_id,
+            "gallery": name,
+            "stage1_dim": stage1_dim,
+            "local_dim": local_dim,
+            "layout": opts.layout(),
+        }
         if isinstance(spec, QdrantEdge):
             store: Store = EdgeStore(Path(spec.path) / name, stage1_dim, local_dim, opts)
             meta = store.read_meta()
             if meta is None:
                 if store.count():
-                    raise IndexFileError(f"{store.where} holds points but no {META_FILE}; it is not an mssan gallery")
+                    raise IndexFileError(
+                        f"{store.where} holds points but no {META_FILE}; it is not an mssan gallery"
+                    )
                 store.write_meta(want)
             else:
                 _check_meta(meta, want, store.where)

@@ -99,11 +99,15 @@ def parse_gallery(spec: GallerySpec) -> QdrantEdge | QdrantServer | None:
     if spec is None or spec == "memory":
         return None
     if not isinstance(spec, str):
-        raise InputError(f"gallery must be 'memory', 'qdrant-edge:PATH', 'qdrant:URL', QdrantEdge or QdrantServer, "
-                         f"got {type(spec).__name__}")
+        raise InputError(
+            f"gallery must be 'memory', 'qdrant-edge:PATH', 'qdrant:URL', QdrantEdge or QdrantServer, "
+            f"got {type(spec).__name__}"
+        )
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in ("qdrant-edge", "qdrant") or not rest:
-        raise InputError(f"gallery {spec!r}: expected 'memory', 'qdrant-edge:PATH' or 'qdrant:URL' (options after '?')")
+        raise InputError(
+            f"gallery {spec!r}: expected 'memory', 'qdrant-edge:PATH' or 'qdrant:URL' (options after '?')"
+        )
     target, _, query = rest.partition("?")
     raw = dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
     prefix = raw.pop("prefix", "mssan")
@@ -129,5 +133,3 @@ def parse_gallery(spec: GallerySpec) -> QdrantEdge | QdrantServer | None:
     if kind == "qdrant-edge":
         return QdrantEdge(target, options)
     return QdrantServer(url=target, prefix=prefix, options=options)
-
-

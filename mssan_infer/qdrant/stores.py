@@ -4,6 +4,7 @@
 holds only the calls into each client library behind one protocol, ``Store``. The client libraries
 are imported when a store is made, never at import time.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Store", "EdgeStore", "ClientStore", "import_client", "META_FILE"]
 
-META_FILE = "mssan_gallery.json"          # beside an Edge shard: bundle id, dims, layout
+META_FILE = "mssan_gallery.json"  # beside an Edge shard: bundle id, dims, layout
 
 
 class Store(Protocol):
@@ -36,8 +37,9 @@ class Store(Protocol):
     def upsert(self, points: list[tuple[str, np.ndarray, Any, dict[str, Any]]]) -> None: ...
     def delete(self, pids: list[str]) -> None: ...
     def present(self, pids: list[str]) -> set[str]: ...
-    def query(self, vector: np.ndarray, limit: int, conditions: Sequence[Condition],
-              with_locals: bool) -> list[tuple[str, float, dict[str, Any], Any]]: ...
+    def query(
+        self, vector: np.ndarray, limit: int, conditions: Sequence[Condition], with_locals: bool
+    ) -> list[tuple[str, float, dict[str, Any], Any]]: ...
     def fetch(self, pids: list[str]) -> list[tuple[Any, Any, dict[str, Any]]]: ...
     def payloads(self) -> list[dict[str, Any]]: ...
     def count(self) -> int: ...
@@ -58,20 +60,34 @@ class EdgeStore:
     def __init__(self, path: Path, stage1_dim: int, local_dim: int, opts: QdrantOptions) -> None:
         qe = import_client("qdrant_edge", "qdrant-edge-py")
         self.qe, self.path, self.opts, self.where = qe, path, opts, f"Qdrant Edge shard {path}"
-        stage1 = {"size": stage1_dim, "distance": qe.Distance.Dot,
-                  "hnsw_config": qe.HnswIndexConfig(m=opts.hnsw_m, ef_construct=100, full_scan_threshold=10000)}
+        stage1 = {
+            "size": stage1_dim,
+            "distance": qe.Distance.Dot,
+            "hnsw_config": qe.HnswIndexConfig(m=opts.hnsw_m, ef_construct=100, full_scan_threshold=10000),
+        }
         if opts.quantization == "int8":
-            stage1["quantization_config"] = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99)
-        dtype = {"float32": qe.VectorStorageDatatype.Float32, "float16": qe.VectorStorageDatatype.Float16,
-                 "uint8": qe.VectorStorageDatatype.Uint8}[opts.local_dtype]
-        config = qe.EdgeConfig(vectors={
-            "stage1": qe.EdgeVectorParams(**stage1),
-            # locals stay on disk (memory-mapped, read only for candidates): they are most of the bytes
-            "local": qe.EdgeVectorParams(
-                size=local_dim, distance=qe.Distance.Dot, datatype=dtype, memory=qe.Memory.Cold,
-                multivector_config=qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim),
-                hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10000)),
-        })
+            stage1["quantization_config"] = qe.ScalarQuantizationConfig(
+                type=qe.ScalarType.Int8, quantile=0.99
+            )
+        dtype = {
+            "float32": qe.VectorStorageDatatype.Float32,
+            "float16": qe.VectorStorageDatatype.Float16,
+            "uint8": qe.VectorStorageDatatype.Uint8,
+        }[opts.local_dtype]
+        config = qe.EdgeConfig(
+            vectors={
+                "stage1": qe.EdgeVectorParams(**stage1),
+                # locals stay on disk (memory-mapped, read only for candidates): they are most of the bytes
+                "local": qe.EdgeVectorParams(
+                    size=local_dim,
+                    distance=qe.Distance.Dot,
+                    datatype=dtype,
+                    memory=qe.Memory.Cold,
+                    multivector_config=qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim),
+                    hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10000),
+                ),
+            }
+        )
         try:
             if (path / "edge_config.json").is_file():
                 self.shard = qe.EdgeShard.load(str(path))
@@ -86,9 +102,12 @@ class EdgeStore:
         qe = self.qe
         quant = None
         if self.opts.quantization:
-            quant = qe.QuantizationSearchParams(ignore=False, rescore=True, oversampling=float(self.opts.oversampling))
-        return qe.SearchParams(exact=self.opts.exact, hnsw_ef=None if self.opts.exact else self.opts.hnsw_ef,
-                               quantization=quant)
+            quant = qe.QuantizationSearchParams(
+                ignore=False, rescore=True, oversampling=float(self.opts.oversampling)
+            )
+        return qe.SearchParams(
+            exact=self.opts.exact, hnsw_ef=None if self.opts.exact else self.opts.hnsw_ef, quantization=quant
+        )
 
     def _filter(self, conditions: Sequence[Condition]) -> Any:
         qe = self.qe
@@ -107,8 +126,10 @@ class EdgeStore:
     def upsert(self, points: list[tuple[str, np.ndarray, Any, dict[str, Any]]]) -> None:
         qe = self.qe
         # lists, not arrays: the binding reads a list about twice as fast as it iterates an ndarray
-        ops = [qe.Point(pid, {"stage1": np.asarray(s1).tolist(), "local": np.asarray(lo).tolist()}, payload)
-               for pid, s1, lo, payload in points]
+        ops = [
+            qe.Point(pid, {"stage1": np.asarray(s1).tolist(), "local": np.asarray(lo).tolist()}, payload)
+            for pid, s1, lo, payload in points
+        ]
         with self._lock:
             self.shard.update(qe.UpdateOperation.upsert_points(ops))
 
@@ -119,14 +140,22 @@ class EdgeStore:
     def present(self, pids: list[str]) -> set[str]:
         return {str(r.id) for r in self.shard.retrieve(pids, with_payload=False, with_vector=False)}
 
-    def query(self, vector: np.ndarray, limit: int, conditions: Sequence[Condition],
-              with_locals: bool) -> list[tuple[str, float, dict[str, Any], Any]]:
+    def query(
+        self, vector: np.ndarray, limit: int, conditions: Sequence[Condition], with_locals: bool
+    ) -> list[tuple[str, float, dict[str, Any], Any]]:
         qe = self.qe
-        req = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(vector.tolist(), using="stage1"),
-                              filter=self._filter(conditions), with_payload=True,
-                              with_vector=["local"] if with_locals else False, params=self._params())
-        return [(str(p.id), float(p.score), p.payload or {}, (p.vector or {}).get("local"))
-                for p in self.shard.query(req)]
+        req = qe.QueryRequest(
+            limit=limit,
+            query=qe.Query.Nearest(vector.tolist(), using="stage1"),
+            filter=self._filter(conditions),
+            with_payload=True,
+            with_vector=["local"] if with_locals else False,
+            params=self._params(),
+        )
+        return [
+            (str(p.id), float(p.score), p.payload or {}, (p.vector or {}).get("local"))
+            for p in self.shard.query(req)
+        ]
 
     def fetch(self, pids: list[str]) -> list[tuple[Any, Any, dict[str, Any]]]:
         """``(stage1, stored locals, payload)`` of each point, in the order asked."""
@@ -137,8 +166,9 @@ class EdgeStore:
         out: list[dict[str, Any]] = []
         offset = None
         while True:
-            recs, offset = self.shard.scroll(self.qe.ScrollRequest(offset=offset, limit=4096, with_payload=True,
-                                                                   with_vector=False))
+            recs, offset = self.shard.scroll(
+                self.qe.ScrollRequest(offset=offset, limit=4096, with_payload=True, with_vector=False)
+            )
             out.extend(r.payload or {} for r in recs)
             if offset is None:
                 return out
@@ -170,7 +200,9 @@ class EdgeStore:
 class ClientStore:
     """One collection through ``qdrant_client`` (a server, a cluster, or the client's local mode)."""
 
-    def __init__(self, client: Any, collection: str, stage1_dim: int, local_dim: int, opts: QdrantOptions) -> None:
+    def __init__(
+        self, client: Any, collection: str, stage1_dim: int, local_dim: int, opts: QdrantOptions
+    ) -> None:
         import_client("qdrant_client", "qdrant-client")
         from qdrant_client import models
 
@@ -182,17 +214,27 @@ class ClientStore:
         m, opts = self.m, self.opts
         quant = None
         if opts.quantization == "int8":
-            quant = m.ScalarQuantization(scalar=m.ScalarQuantizationConfig(type=m.ScalarType.INT8, quantile=0.99))
+            quant = m.ScalarQuantization(
+                scalar=m.ScalarQuantizationConfig(type=m.ScalarType.INT8, quantile=0.99)
+            )
         dtype = {"float32": m.Datatype.FLOAT32, "float16": m.Datatype.FLOAT16, "uint8": m.Datatype.UINT8}
         self.client.create_collection(
             self.collection,
             vectors_config={
-                "stage1": m.VectorParams(size=self._stage1_dim, distance=m.Distance.DOT, quantization_config=quant,
-                                         hnsw_config=m.HnswConfigDiff(m=opts.hnsw_m)),
+                "stage1": m.VectorParams(
+                    size=self._stage1_dim,
+                    distance=m.Distance.DOT,
+                    quantization_config=quant,
+                    hnsw_config=m.HnswConfigDiff(m=opts.hnsw_m),
+                ),
                 "local": m.VectorParams(
-                    size=self._local_dim, distance=m.Distance.DOT, datatype=dtype[opts.local_dtype], on_disk=True,
+                    size=self._local_dim,
+                    distance=m.Distance.DOT,
+                    datatype=dtype[opts.local_dtype],
+                    on_disk=True,
                     multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM),
-                    hnsw_config=m.HnswConfigDiff(m=0)),
+                    hnsw_config=m.HnswConfigDiff(m=0),
+                ),
             },
             metadata=meta,
         )
@@ -216,9 +258,16 @@ class ClientStore:
 
     def upsert(self, points: list[tuple[str, np.ndarray, Any, dict[str, Any]]]) -> None:
         m = self.m
-        self.client.upsert(self.collection, wait=True, points=[
-            m.PointStruct(id=pid, vector={"stage1": s1.tolist(), "local": np.asarray(lo).tolist()}, payload=payload)
-            for pid, s1, lo, payload in points])
+        self.client.upsert(
+            self.collection,
+            wait=True,
+            points=[
+                m.PointStruct(
+                    id=pid, vector={"stage1": s1.tolist(), "local": np.asarray(lo).tolist()}, payload=payload
+                )
+                for pid, s1, lo, payload in points
+            ],
+        )
 
     def delete(self, pids: list[str]) -> None:
         self.client.delete(self.collection, points_selector=self.m.PointIdsList(points=list(pids)), wait=True)
@@ -226,34 +275,55 @@ class ClientStore:
     def present(self, pids: list[str]) -> set[str]:
         return {str(r.id) for r in self.client.retrieve(self.collection, ids=pids, with_payload=False)}
 
-    def query(self, vector: np.ndarray, limit: int, conditions: Sequence[Condition],
-              with_locals: bool) -> list[tuple[str, float, dict[str, Any], Any]]:
+    def query(
+        self, vector: np.ndarray, limit: int, conditions: Sequence[Condition], with_locals: bool
+    ) -> list[tuple[str, float, dict[str, Any], Any]]:
         m, opts = self.m, self.opts
         quant = None
         if opts.quantization:
-            quant = m.QuantizationSearchParams(ignore=False, rescore=True, oversampling=float(opts.oversampling))
-        params = m.SearchParams(exact=opts.exact, hnsw_ef=None if opts.exact else opts.hnsw_ef, quantization=quant)
-        with warnings.catch_warnings():     # the client's local mode says it ignores search_params: it is exact
+            quant = m.QuantizationSearchParams(
+                ignore=False, rescore=True, oversampling=float(opts.oversampling)
+            )
+        params = m.SearchParams(
+            exact=opts.exact, hnsw_ef=None if opts.exact else opts.hnsw_ef, quantization=quant
+        )
+        with warnings.catch_warnings():  # the client's local mode says it ignores search_params: it is exact
             warnings.filterwarnings("ignore", message="Local mode performs exact")
             res = self.client.query_points(
-                self.collection, query=vector.tolist(), using="stage1", limit=limit,
-                query_filter=self._filter(conditions), search_params=params, with_payload=True,
-                with_vectors=["local"] if with_locals else False)
-        return [(str(p.id), float(p.score), p.payload or {}, (p.vector or {}).get("local") if with_locals else None)
-                for p in res.points]
+                self.collection,
+                query=vector.tolist(),
+                using="stage1",
+                limit=limit,
+                query_filter=self._filter(conditions),
+                search_params=params,
+                with_payload=True,
+                with_vectors=["local"] if with_locals else False,
+            )
+        return [
+            (
+                str(p.id),
+                float(p.score),
+                p.payload or {},
+                (p.vector or {}).get("local") if with_locals else None,
+            )
+            for p in res.points
+        ]
 
     def fetch(self, pids: list[str]) -> list[tuple[Any, Any, dict[str, Any]]]:
         """``(stage1, stored locals, payload)`` of each point, in the order asked."""
-        recs = {str(r.id): r for r in self.client.retrieve(self.collection, ids=pids, with_payload=True,
-                                                            with_vectors=True)}
+        recs = {
+            str(r.id): r
+            for r in self.client.retrieve(self.collection, ids=pids, with_payload=True, with_vectors=True)
+        }
         return [(recs[p].vector["stage1"], recs[p].vector["local"], recs[p].payload or {}) for p in pids]
 
     def payloads(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         offset = None
         while True:
-            recs, offset = self.client.scroll(self.collection, offset=offset, limit=4096, with_payload=True,
-                                              with_vectors=False)
+            recs, offset = self.client.scroll(
+                self.collection, offset=offset, limit=4096, with_payload=True, with_vectors=False
+            )
             out.extend(r.payload or {} for r in recs)
             if offset is None:
                 return out
@@ -262,10 +332,10 @@ class ClientStore:
         return int(self.client.count(self.collection, exact=True).count)
 
     def flush(self) -> None:
-        return None                      # a server acknowledges writes with wait=True; nothing to flush
+        return None  # a server acknowledges writes with wait=True; nothing to flush
 
     def close(self) -> None:
-        return None                      # the client belongs to the caller (or to QdrantServer)
+        return None  # the client belongs to the caller (or to QdrantServer)
 
     def read_meta(self) -> dict[str, Any] | None:
         if not self.exists():

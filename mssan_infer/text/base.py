@@ -1,4 +1,5 @@
-"""What the runtime needs of a tokenizer (:class:`TextTokenizer`), and the one loader of a recorded tokenizer."""
+"""What the runtime needs of a tokenizer (:class:`TextTokenizer`), and the one loader of a recorded
+tokenizer."""
 
 from __future__ import annotations
 
@@ -78,10 +79,14 @@ def load_text_tokenizer(spec: Mapping[str, Any], path_of: Callable[[str], Path],
         tok = SubwordTokenizer.from_file(path, max_len=max_len)
         digest = spec.get("sha256")
         if digest is not None and hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            raise BundleError(f"{where}: {name} does not match the sha256 its tokenizer entry records; re-export")
+            raise BundleError(
+                f"{where}: {name} does not match the sha256 its tokenizer entry records; re-export"
+            )
         return tok
     if kind != WORD_KIND:
-        raise BundleError(f"{where} has a tokenizer of kind {kind!r}, which this mssan_infer does not know; upgrade it")
+        raise BundleError(
+            f"{where} has a tokenizer of kind {kind!r}, which this mssan_infer does not know; upgrade it"
+        )
     check_settings(spec, where)
     vocab = spec.get("vocab", "vocab.json")
     if isinstance(vocab, dict):

@@ -1,4 +1,5 @@
-"""The subword tokenizer of transformer text towers: Hugging Face ``tokenizers`` on the bundle's ``tokenizer.json``.
+"""The subword tokenizer of transformer text towers: Hugging Face ``tokenizers`` on the bundle's
+``tokenizer.json``.
 
 One definition shared by training (``training.data``), export and the runtime:
 
@@ -16,6 +17,7 @@ One definition shared by training (``training.data``), export and the runtime:
 The Triton ``retriever`` model tokenizes the same way (DESIGN §10 "Subword tokenizer").
 Imports only the standard library, numpy and (when a tokenizer is made) ``tokenizers``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,7 +43,9 @@ FILE = "tokenizer.json"
 def import_tokenizers() -> Any:
     """The ``tokenizers`` module, or a ``BackendUnavailableError`` saying how to install it."""
     return optional_import(
-        "tokenizers", "'mssan[subword]'", "a transformer text tower (its captions are tokenized by Hugging Face tokenizers)"
+        "tokenizers",
+        "'mssan[subword]'",
+        "a transformer text tower (its captions are tokenized by Hugging Face tokenizers)",
     )
 
 
@@ -124,7 +128,9 @@ class SubwordTokenizer:
     def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode`` of each caption (one call into the Rust library for the whole list)."""
         checked = [self._check(t, i) for i, t in enumerate(texts)]
-        return [self._truncate(list(e.ids)) for e in self._tok.encode_batch(checked, add_special_tokens=False)]
+        return [
+            self._truncate(list(e.ids)) for e in self._tok.encode_batch(checked, add_special_tokens=False)
+        ]
 
     def unknown_words(self, text: str) -> list[str]:
         """The caption itself (cut to 60 characters): which words became unknown subwords is the
@@ -149,7 +155,7 @@ def _unk_token(tok: Any) -> str | None:
     unk = model.get("unk_token")
     if isinstance(unk, str):
         return unk
-    unk_id = model.get("unk_id")                                   # Unigram: an index into its vocab
+    unk_id = model.get("unk_id")  # Unigram: an index into its vocab
     vocab = model.get("vocab")
     if isinstance(unk_id, int) and isinstance(vocab, list) and 0 <= unk_id < len(vocab):
         entry = vocab[unk_id]

@@ -5,6 +5,7 @@ are maximal runs of letters/digits (unicode aware); an apostrophe inside a
 word is dropped ("dog's" -> "dogs"); every other character separates words.
 Captions carry no ``<start>``/``<end>`` tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,22 @@ import numpy as np
 
 from mssan_infer.errors import BundleError, InputError
 
-__all__ = ["Tokenizer", "SPECIAL_TOKENS", "PAD", "UNK", "PAD_ID", "UNK_ID", "tokenize", "build_vocab",
-           "WORD_PATTERN", "APOSTROPHE_PATTERN", "KIND", "settings", "check_settings", "pad_ids"]
+__all__ = [
+    "Tokenizer",
+    "SPECIAL_TOKENS",
+    "PAD",
+    "UNK",
+    "PAD_ID",
+    "UNK_ID",
+    "tokenize",
+    "build_vocab",
+    "WORD_PATTERN",
+    "APOSTROPHE_PATTERN",
+    "KIND",
+    "settings",
+    "check_settings",
+    "pad_ids",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +71,15 @@ def check_settings(recorded: Mapping[str, Any], where: str) -> None:
         BundleError: a pattern, the normalisation, lower-casing or a special id differs.
     """
     here = settings(1)
-    for key in ("kind", "normalization", "lowercase", "word_pattern", "apostrophe_pattern", "pad_id", "unk_id"):
+    for key in (
+        "kind",
+        "normalization",
+        "lowercase",
+        "word_pattern",
+        "apostrophe_pattern",
+        "pad_id",
+        "unk_id",
+    ):
         if key in recorded and recorded[key] != here[key]:
             raise BundleError(
                 f"{where} was exported with another tokenizer ({key} {recorded[key]!r} != {here[key]!r}); "

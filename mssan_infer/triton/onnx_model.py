@@ -14,6 +14,7 @@ concatenated and run as one batch. The graph runs in
 file, see :mod:`mssan_infer.triton`). Parameters: ``intra_op_thread_count``
 (the name Triton's onnxruntime backend uses; 0 = ONNX Runtime's default).
 """
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,8 @@ class TritonPythonModel:
                 feeds = self._feeds(request)
             except Exception as e:  # noqa: BLE001 - reported to the client
                 responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+                    output_tensors=[], error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+                )
                 continue
             key = tuple((n, a.shape[1:]) for n, a in feeds.items()) if self.batching else ("single", i)
             groups.setdefault(key, []).append((i, feeds))
@@ -69,18 +71,24 @@ class TritonPythonModel:
                 if len(members) == 1:
                     outs = self.graph.run(members[0][1])
                 else:
-                    outs = self.graph.run({n: np.concatenate([f[n] for _, f in members]) for n in self.graph.inputs})
+                    outs = self.graph.run(
+                        {n: np.concatenate([f[n] for _, f in members]) for n in self.graph.inputs}
+                    )
                 start = 0
                 for i, feeds in members:
                     n = next(iter(feeds.values())).shape[0] if len(members) > 1 else None
                     part = {name: o[start : start + n] if n is not None else o for name, o in outs.items()}
                     start += n or 0
                     responses[i] = pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(o)) for name, o in part.items()]
+                        output_tensors=[
+                            pb_utils.Tensor(name, np.ascontiguousarray(o)) for name, o in part.items()
+                        ]
                     )
             except Exception as e:  # noqa: BLE001 - reported to the client
                 for i, _ in members:
-                    responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e)))
+                    responses[i] = pb_utils.InferenceResponse(
+                        output_tensors=[], error=pb_utils.TritonError(str(e))
+                    )
         return responses
 
     def finalize(self) -> None:

@@ -37,6 +37,7 @@ the environment variable ``MSSAN_RETRIEVER_GALLERY`` overrides it; ``embed_size`
 default) and ``image_encoder`` / ``text_encoder`` / ``scorer`` (model names). Without an index the model still
 loads and answers every query with an error saying where to put one.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,8 @@ from mssan_infer.errors import BackendUnavailableError, BundleError, IndexFileEr
 from mssan_infer.files import safe_member
 from mssan_infer.gallery.base import Gallery, GalleryView, extent, id_text
 from mssan_infer.gallery.folder import load_index
-from mssan_infer.qdrant.options import parse_gallery
 from mssan_infer.qdrant.gallery import open_qdrant_galleries
+from mssan_infer.qdrant.options import parse_gallery
 from mssan_infer.search import Encoded, ScorerLimits, search
 from mssan_infer.text.base import load_text_tokenizer
 
@@ -80,7 +81,9 @@ def choose_graphs(mode: str, files: dict[str, str], gpu_visible: bool) -> tuple[
         if missing or ort:
             raise InputError(
                 "graphs: local needs onnxruntime in the server's Python and each model's model.onnx; "
-                + (f"missing {missing}" if missing else f"onnxruntime: {ort}") + "; set graphs: bls")
+                + (f"missing {missing}" if missing else f"onnxruntime: {ort}")
+                + "; set graphs: bls"
+            )
         return "local", "graphs: local"
     if missing:
         return "bls", f"no model.onnx for {missing}"
@@ -89,6 +92,7 @@ def choose_graphs(mode: str, files: dict[str, str], gpu_visible: bool) -> tuple[
     if gpu_visible:
         return "bls", "an NVIDIA GPU is visible (the models may run on it)"
     return "local", "CPU only, onnxruntime available"
+
 
 try:
     import triton_python_backend_utils as pb_utils
@@ -109,37 +113,49 @@ class TritonPythonModel:
         files = {g: os.path.join(repo, m, "1", "model.onnx") for g, m in self.models.items()}
         self.mode, why = choose_graphs(p.get("graphs") or "auto", files, os.path.exists("/dev/nvidiactl"))
         threads = int(p.get("intra_op_thread_count") or 0)
-        self.graphs = {g: OnnxGraph(f, threads=threads) for g, f in files.items()} if self.mode == "local" else {}
-        pb_utils.Logger.log_info(f"mssan retriever: graphs run {'here (ONNX Runtime)' if self.graphs else 'through BLS'}"
-                                 f" ({why})")
+        self.graphs = (
+            {g: OnnxGraph(f, threads=threads) for g, f in files.items()} if self.mode == "local" else {}
+        )
+        pb_utils.Logger.log_info(
+            f"mssan retriever: graphs run {'here (ONNX Runtime)' if self.graphs else 'through BLS'} ({why})"
+        )
         with open(os.path.join(here, p.get("tokenizer") or names.RETRIEVER_TOKENIZER), encoding="utf-8") as f:
-            # word (vocabulary inline) or subword (a Hugging Face tokenizer.json beside it, `tokenizers` needed)
+            # word (vocabulary inline) or subword (a Hugging Face tokenizer.json beside it, `tokenizers`
+            # needed)
             self.tokenizer = load_text_tokenizer(
-                json.load(f), lambda name: safe_member(Path(here), name, BundleError),
-                "the retriever's tokenizer.json")
+                json.load(f),
+                lambda name: safe_member(Path(here), name, BundleError),
+                "the retriever's tokenizer.json",
+            )
         index_dir = os.environ.get("MSSAN_RETRIEVER_INDEX") or p.get("index_dir") or "index"
         self.index_dir = index_dir if os.path.isabs(index_dir) else os.path.join(here, index_dir)
         self.galleries: dict[str, Gallery] = {}
         self.missing = ""
         gallery = os.environ.get("MSSAN_RETRIEVER_GALLERY") or p.get("gallery") or ""
-        if gallery:                              # galleries in Qdrant (e.g. a server shared by replicas)
+        if gallery:  # galleries in Qdrant (e.g. a server shared by replicas)
             spec = parse_gallery(gallery)
             d = int(p["embed_size"])
             if spec is not None:
-                self.galleries = dict(open_qdrant_galleries(
-                    spec, (names.IMAGES, names.TEXTS), 2 * d, d, p.get(names.BUNDLE_ID_PARAM) or ""))
+                self.galleries = dict(
+                    open_qdrant_galleries(
+                        spec, (names.IMAGES, names.TEXTS), 2 * d, d, p.get(names.BUNDLE_ID_PARAM) or ""
+                    )
+                )
                 pb_utils.Logger.log_info(f"mssan retriever: galleries in {gallery}")
         elif os.path.isfile(os.path.join(self.index_dir, names.INDEX_MANIFEST)):
             verify = (p.get("verify_index") or "true").lower() != "false"
             index, _ = load_index(
-                self.index_dir, bundle_id=p.get(names.BUNDLE_ID_PARAM) or None, verify=verify)
+                self.index_dir, bundle_id=p.get(names.BUNDLE_ID_PARAM) or None, verify=verify
+            )
             self.galleries = dict(index)
             sizes = ", ".join(f"{k}: {len(v)}" for k, v in self.galleries.items())
             pb_utils.Logger.log_info(f"mssan retriever: index {self.index_dir} ({sizes})")
         else:
             self.missing = (
-                f"no index at {self.index_dir}: build one with `python -m mssan_infer index` (or Retriever.save) and "
-                "serve it with `python -m mssan_infer serve --index DIR`, set MSSAN_RETRIEVER_INDEX=DIR in the "
+                f"no index at {self.index_dir}: build one with `python -m mssan_infer index` (or "
+                "Retriever.save) and "
+                "serve it with `python -m mssan_infer serve --index DIR`, set MSSAN_RETRIEVER_INDEX=DIR in "
+                "the "
                 "server's environment, or copy it in with `python -m export ... --triton-index DIR` "
                 "(export.triton.install_index); or set MSSAN_RETRIEVER_GALLERY to Qdrant galleries"
             )
@@ -188,7 +204,8 @@ class TritonPythonModel:
         regions = pb_utils.get_input_tensor_by_name(request, "regions")
         if (text is None) == (regions is None):
             raise InputError(
-                "give exactly one of the inputs 'text' (searches images) or 'regions' (searches captions)")
+                "give exactly one of the inputs 'text' (searches images) or 'regions' (searches captions)"
+            )
         if text is not None:
             raw = np.asarray(text.as_numpy()).reshape(-1)
             if raw.size != 1:
@@ -200,8 +217,9 @@ class TritonPythonModel:
             tokens = checks.token_ids(self.tokenizer, [caption])[0]
             view = self._view(names.IMAGES)
             mask = np.ones((1, len(tokens)), np.float32)
-            q = self._encode("text_encoder", {"tokens": np.asarray([tokens], np.int64), "token_mask": mask},
-                             "txt", mask)
+            q = self._encode(
+                "text_encoder", {"tokens": np.asarray([tokens], np.int64), "token_mask": mask}, "txt", mask
+            )
         else:
             feats = np.asarray(regions.as_numpy())
             if feats.ndim == 3 and feats.shape[0] == 1:
@@ -213,12 +231,18 @@ class TritonPythonModel:
             batch, mask = checks.region_batch(feats[None], mask_in, self.img_dim)
             view = self._view(names.TEXTS)
             w = max(1, extent(mask))
-            q = self._encode("image_encoder", {"regions": batch[:, :w], "region_mask": mask[:, :w]}, "img",
-                             mask[:, :w])
+            q = self._encode(
+                "image_encoder", {"regions": batch[:, :w], "region_mask": mask[:, :w]}, "img", mask[:, :w]
+            )
         query_is_text = text is not None
         ranked = search(
-            q, view, lambda feeds: self._infer("scorer", feeds, ["s_ll"])["s_ll"], query_is_text=query_is_text,
-            k=k, rerank=rerank, batch=self.scorer_batch,
+            q,
+            view,
+            lambda feeds: self._infer("scorer", feeds, ["s_ll"])["s_ll"],
+            query_is_text=query_is_text,
+            k=k,
+            rerank=rerank,
+            batch=self.scorer_batch,
             limits=ScorerLimits.from_axes(self.limits, query_is_text=query_is_text),
         )[0]
         return [id_text(i) for i in view.ids_at(ranked.rows)], ranked.score, ranked.stage1
@@ -228,14 +252,26 @@ class TritonPythonModel:
         for request in requests:
             try:
                 ids, scores, stage1 = self._query(request)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("ids", np.array([i.encode("utf-8") for i in ids], dtype=np.object_)),
-                    pb_utils.Tensor("scores", scores),
-                    pb_utils.Tensor("stage1", stage1),
-                ]))
-            except InputError as e:              # the request is wrong: HTTP 400 / gRPC INVALID_ARGUMENT
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        output_tensors=[
+                            pb_utils.Tensor(
+                                "ids", np.array([i.encode("utf-8") for i in ids], dtype=np.object_)
+                            ),
+                            pb_utils.Tensor("scores", scores),
+                            pb_utils.Tensor("stage1", stage1),
+                        ]
+                    )
+                )
+            except InputError as e:  # the request is wrong: HTTP 400 / gRPC INVALID_ARGUMENT
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        output_tensors=[],
+                        error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG),
+                    )
+                )
             except Exception as e:  # noqa: BLE001 - reported to the client (HTTP 500)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
+                responses.append(
+                    pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e)))
+                )
         return responses

@@ -18,6 +18,7 @@ The server listens on 127.0.0.1 unless told otherwise, and its whole process gro
 always stopped when :func:`local_tritonserver` exits, even on error. Nothing here
 imports torch or the exporter.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,35 +39,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence, TextIO
 
-from mssan_infer.names import BUNDLE_ID_PARAM, INDEX_MANIFEST
-from mssan_infer.gallery.folder import read_index_manifest
 from mssan_infer.deps import optional_import
 from mssan_infer.errors import BackendUnavailableError, InputError
+from mssan_infer.gallery.folder import read_index_manifest
+from mssan_infer.names import BUNDLE_ID_PARAM, INDEX_MANIFEST
 from mssan_infer.triton import ONNX_MODEL, copy_runtime
 
 __all__ = [
-    "TritonBinary", "RunningServer", "find_tritonserver", "free_port", "local_tritonserver", "server_env",
-    "repository_backends", "serve", "DEFAULT_PORTS", "INDEX_ENV",
+    "TritonBinary",
+    "RunningServer",
+    "find_tritonserver",
+    "free_port",
+    "local_tritonserver",
+    "server_env",
+    "repository_backends",
+    "serve",
+    "DEFAULT_PORTS",
+    "INDEX_ENV",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}      # Triton's own defaults
-INDEX_ENV = "MSSAN_RETRIEVER_INDEX"                                   # read by the retriever model
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's own defaults
+INDEX_ENV = "MSSAN_RETRIEVER_INDEX"  # read by the retriever model
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
 class TritonBinary:
-    server: Path            # the tritonserver executable
-    backends: Path          # --backend-directory
-    libs: Path | None       # extra LD_LIBRARY_PATH entry the binary needs (pytriton's vendored libs)
-    stub: Path | None       # Python backend stub to place beside libtriton_python.so (pytriton)
+    server: Path  # the tritonserver executable
+    backends: Path  # --backend-directory
+    libs: Path | None  # extra LD_LIBRARY_PATH entry the binary needs (pytriton's vendored libs)
+    stub: Path | None  # Python backend stub to place beside libtriton_python.so (pytriton)
 
 
 @dataclass(frozen=True)
 class RunningServer:
-    http_url: str           # "127.0.0.1:PORT"
+    http_url: str  # "127.0.0.1:PORT"
     grpc_url: str
     metrics_port: int
     pid: int
@@ -97,7 +106,9 @@ def find_tritonserver() -> TritonBinary:
             backends = c.parent.parent / "backends"
             return TritonBinary(c, backends, None, None)
     pytriton = optional_import(
-        "pytriton", "nvidia-pytriton", "serving without a tritonserver on PATH (its wheel holds a CPU tritonserver)",
+        "pytriton",
+        "nvidia-pytriton",
+        "serving without a tritonserver on PATH (its wheel holds a CPU tritonserver)",
         "$TRITONSERVER, put tritonserver on PATH, or NVIDIA's tritonserver container (docs/deployment.md)",
     )
     root = Path(pytriton.__file__).resolve().parent / "tritonserver"
@@ -107,8 +118,12 @@ def find_tritonserver() -> TritonBinary:
     if not (root / "bin" / "tritonserver").is_file() or not stub.is_file():
         raise BackendUnavailableError(
             f"nvidia-pytriton at {root} lacks the tritonserver binary or a Python {ver} backend stub; "
-            "reinstall it (`pip install --force-reinstall nvidia-pytriton`) or use a Python it ships a stub for")
-    return TritonBinary(root / "bin" / "tritonserver", root / "backends", libs if libs.is_dir() else None, stub)
+            "reinstall it (`pip install --force-reinstall nvidia-pytriton`) or use a Python it ships a stub "
+            "for"
+        )
+    return TritonBinary(
+        root / "bin" / "tritonserver", root / "backends", libs if libs.is_dir() else None, stub
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -131,9 +146,11 @@ def _check_port(host: str, port: int, what: str) -> None:
             ) from None
 
 
-def server_env(binary: TritonBinary, python_path: Sequence[str] | None = None,
-               extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment of the server: libpython and the binary's libs on LD_LIBRARY_PATH, sys.path on PYTHONPATH."""
+def server_env(
+    binary: TritonBinary, python_path: Sequence[str] | None = None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Environment of the server: libpython and the binary's libs on LD_LIBRARY_PATH, sys.path on
+    PYTHONPATH."""
     env = dict(os.environ)
     libdirs = [str(sysconfig.get_config_var("LIBDIR") or "")]
     if binary.libs is not None:
@@ -197,17 +214,24 @@ def _check_repository(repo: Path, backends: Path) -> None:
     """Refuse, before starting, a repository whose models need backends this server lacks."""
     models = repository_backends(repo)
     if not models:
-        raise InputError(f"{repo} holds no models (no */config.pbtxt); write one with `python -m export ... --triton`")
+        raise InputError(
+            f"{repo} holds no models (no */config.pbtxt); write one with `python -m export ... --triton`"
+        )
     have = _available_backends(backends)
-    if not have:                                   # an unknown layout: let the server decide
+    if not have:  # an unknown layout: let the server decide
         return
     missing = {m: b for m, b in models.items() if b not in have}
     if missing:
         needs = ", ".join(f"{m} ({b})" for m, b in sorted(missing.items()))
-        hint = (" The `tensorrt` flavour needs a GPU and NVIDIA's container (docs/deployment.md); re-export with "
-                "`--triton-backend onnxruntime` to serve on CPU here." if "tensorrt" in missing.values() else "")
+        hint = (
+            " The `tensorrt` flavour needs a GPU and NVIDIA's container (docs/deployment.md); re-export with "
+            "`--triton-backend onnxruntime` to serve on CPU here."
+            if "tensorrt" in missing.values()
+            else ""
+        )
         raise BackendUnavailableError(
-            f"this tritonserver ({backends}) has no backend for {needs}; it has {sorted(have)}.{hint}")
+            f"this tritonserver ({backends}) has no backend for {needs}; it has {sorted(have)}.{hint}"
+        )
 
 
 def _ready(http_url: str, timeout: float) -> bool:
@@ -277,7 +301,9 @@ def local_tritonserver(
     binary = binary or find_tritonserver()
     repo = Path(repository).resolve()
     if not repo.is_dir():
-        raise InputError(f"model repository {repo} does not exist; write one with `python -m export ... --triton`")
+        raise InputError(
+            f"model repository {repo} does not exist; write one with `python -m export ... --triton`"
+        )
     work = Path(tempfile.mkdtemp(prefix="mssan-triton-"))
     proc: subprocess.Popen[bytes] | None = None
     shm_prefix = ""
@@ -297,29 +323,45 @@ def local_tritonserver(
             str(binary.server),
             f"--model-repository={repo}",
             f"--backend-directory={backends}",
-            f"--http-address={host}", f"--http-port={http}",
-            f"--grpc-address={host}", f"--grpc-port={grpc}",
-            f"--metrics-address={host}", f"--metrics-port={metrics}", "--allow-gpu-metrics=false",
-            "--strict-readiness=true", "--exit-on-error=true", "--disable-auto-complete-config",
+            f"--http-address={host}",
+            f"--http-port={http}",
+            f"--grpc-address={host}",
+            f"--grpc-port={grpc}",
+            f"--metrics-address={host}",
+            f"--metrics-port={metrics}",
+            "--allow-gpu-metrics=false",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--disable-auto-complete-config",
             f"--log-verbose={log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
-            "--exit-timeout-secs=3",            # do not wait long for clients that keep connections open
+            "--exit-timeout-secs=3",  # do not wait long for clients that keep connections open
             "--pinned-memory-pool-byte-size=0",
             *extra_args,
         ]
         with open(logp, "wb") as logf:
-            proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
-                                    env=server_env(binary, python_path, env), cwd=work, start_new_session=True)
+            proc = subprocess.Popen(
+                args,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=server_env(binary, python_path, env),
+                cwd=work,
+                start_new_session=True,
+            )
         url_host = "127.0.0.1" if host in ("0.0.0.0", "localhost") else host
         server = RunningServer(f"{url_host}:{http}", f"{url_host}:{grpc}", metrics, proc.pid, logp, proc)
         deadline = time.monotonic() + startup_timeout_s
         while not _ready(server.http_url, 1.0):
             if proc.poll() is not None:
                 raise BackendUnavailableError(
-                    f"tritonserver exited with code {proc.returncode} during startup; log tail:\n{server.log_tail()}")
+                    f"tritonserver exited with code {proc.returncode} during startup; log "
+                    f"tail:\n{server.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 raise BackendUnavailableError(
-                    f"tritonserver was not ready after {startup_timeout_s:.0f} s; log tail:\n{server.log_tail()}")
+                    f"tritonserver was not ready after {startup_timeout_s:.0f} s; log "
+                    f"tail:\n{server.log_tail()}"
+                )
             time.sleep(0.25)
         yield server
     finally:
@@ -333,12 +375,15 @@ def _served_bundle_id(repo: Path) -> str | None:
     cfg = repo / "retriever" / "config.pbtxt"
     if not cfg.is_file():
         return None
-    m = re.search(rf'key:\s*"{BUNDLE_ID_PARAM}"\s*value:\s*{{\s*string_value:\s*"([^"]*)"', cfg.read_text("utf-8"))
+    m = re.search(
+        rf'key:\s*"{BUNDLE_ID_PARAM}"\s*value:\s*{{\s*string_value:\s*"([^"]*)"', cfg.read_text("utf-8")
+    )
     return m.group(1) if m else None
 
 
 def _check_index(repo: Path, index: Path) -> None:
-    """The index must exist and come from the bundle the repository serves (checked before the server starts)."""
+    """The index must exist and come from the bundle the repository serves (checked before the server
+    starts)."""
     manifest = read_index_manifest(index)
     want = _served_bundle_id(repo)
     if want is None:
@@ -346,7 +391,8 @@ def _check_index(repo: Path, index: Path) -> None:
     if manifest["bundle_id"] != want:
         raise InputError(
             f"index {index} was built with bundle {manifest['bundle_id']}, but {repo} serves bundle {want}; "
-            "index the gallery with the same bundle (`python -m mssan_infer index --bundle ...`)")
+            "index the gallery with the same bundle (`python -m mssan_infer index --bundle ...`)"
+        )
 
 
 def serve(
@@ -377,9 +423,14 @@ def serve(
         idx = Path(index).resolve()
         _check_index(repo, idx)
         env[INDEX_ENV] = str(idx)
-    elif _served_bundle_id(repo) is not None and not (repo / "retriever" / "1" / "index" / INDEX_MANIFEST).is_file():
-        log.warning("the retriever model has no index: pass --index DIR (a folder written by "
-                    "`python -m mssan_infer index`); it answers with an error until then")
+    elif (
+        _served_bundle_id(repo) is not None
+        and not (repo / "retriever" / "1" / "index" / INDEX_MANIFEST).is_file()
+    ):
+        log.warning(
+            "the retriever model has no index: pass --index DIR (a folder written by "
+            "`python -m mssan_infer index`); it answers with an error until then"
+        )
     if host not in _LOOPBACK:
         log.warning("listening on %s: anyone who can reach this machine can query the models", host)
 
@@ -393,21 +444,33 @@ def serve(
     # SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own
     previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with local_tritonserver(repo, host=host, http_port=http_port, grpc_port=grpc_port,
-                                metrics_port=metrics_port, startup_timeout_s=startup_timeout_s, env=env,
-                                log_path=log_path) as server:
+        with local_tritonserver(
+            repo,
+            host=host,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            startup_timeout_s=startup_timeout_s,
+            env=env,
+            log_path=log_path,
+        ) as server:
             models = ", ".join(f"{m} ({b})" for m, b in repository_backends(repo).items())
             h, _, _ = server.http_url.rpartition(":")
             print(f"Triton is serving {repo}: {models}", file=out)
-            print(f"  HTTP/REST  http://{server.http_url}   (KServe v2: POST /v2/models/retriever/infer)", file=out)
+            print(
+                f"  HTTP/REST  http://{server.http_url}   (KServe v2: POST /v2/models/retriever/infer)",
+                file=out,
+            )
             print(f"  gRPC       {server.grpc_url}", file=out)
             print(f"  metrics    http://{h}:{server.metrics_port}/metrics", file=out)
             print(f"  log        {server.log_path}", file=out)
             print("Press Ctrl-C to stop.", file=out, flush=True)
             proc_gone = _wait(server)
             if proc_gone is not None:
-                print(f"error: tritonserver exited with code {proc_gone}; log tail:\n{server.log_tail()}",
-                      file=sys.stderr)
+                print(
+                    f"error: tritonserver exited with code {proc_gone}; log tail:\n{server.log_tail()}",
+                    file=sys.stderr,
+                )
                 return 1
     except KeyboardInterrupt:
         print("stopped", file=out, flush=True)

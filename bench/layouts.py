@@ -194,14 +194,13 @@ def bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
 
 RESIDENT = """
 import json, sys, numpy as np
-sys.path.insert(0, sys.argv[1])
 from bench.timing import rss_mb, peak_rss_mb
 from mssan_infer import GalleryOptions, OnnxRuntimeOptions, Retriever
-bundle, index, layout, mmap, text = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1", \
-sys.argv[6] == "1"
+bundle, index, layout, mmap, text = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", \
+sys.argv[5] == "1"
 kw = {} if index == "-" else {"index": index, "gallery": GalleryOptions(layout=layout, mmap=mmap)}
 r = Retriever.load(bundle, OnnxRuntimeOptions(threads=2), verify=False, **kw)
-queries = json.loads(sys.argv[7])
+queries = json.loads(sys.argv[6])
 if index != "-":
     for i in range(20):
         if text:
@@ -223,7 +222,6 @@ def resident_mb(
         sys.executable,
         "-c",
         RESIDENT,
-        root,
         str(bundle),
         str(index) if index else "-",
         layout,
@@ -232,7 +230,7 @@ def resident_mb(
         json.dumps(captions[:20]),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=root)
     if proc.returncode != 0:
         raise RuntimeError(f"resident-memory probe failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]

@@ -62,7 +62,7 @@ def speed_bundle(work: Path, d: int, word_dim: int, dv: int) -> Path:
     cfg = ModelConfig(vocab_size=len(tok), word_dim=word_dim, embed_size=d, img_dim=dv, max_len=64)
     ckpt = save_checkpoint(speed_checkpoint(work, d, word_dim, dv), MSSAN(cfg), tok, state={"epoch": 0})
     log.info("exporting the speed bundle (D=%d, word %d, Dv=%d)", d, word_dim, dv)
-    return export_bundle(ckpt, out, force=True)
+    return export_bundle(ckpt, out)
 
 
 def code_hash() -> str:
@@ -141,5 +141,5 @@ def trained_bundle(
         pass
     bundle = work / f"bundle-{checkpoint.name}-{code_hash()}"
     if not (bundle / "manifest.json").is_file():
-        export_bundle(checkpoint, bundle, force=True)
+        export_bundle(checkpoint, bundle)
     return checkpoint, bundle, info

@@ -8,9 +8,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .labels import DIRECTIONS, candidate_label, count, gallery_label, scorer_shape_label
 from .text_tower import TOWERS as TEXT_TOWERS
 
-__all__ = ["summarise", "markdown", "plots", "write_results", "SUMMARY_KEYS"]
+__all__ = ["summarise", "markdown", "figures", "plots", "write_results", "SUMMARY_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -596,30 +597,35 @@ def _qdrant_markdown(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plots(res: dict[str, Any], cfg: dict[str, Any], out: Path) -> list[str]:
-    """recall_latency_vs_depth.png and scorer.png (small)."""
+def figures(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """The plots as matplotlib figures, ``{file name: Figure}``: ``recall_latency_vs_depth.png`` (recall
+    and latency by rerank depth) and ``scorer.png`` (scorer throughput), each with a title, axis labels
+    with units and words for the result keys (``bench.labels``). The caller closes them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    written = []
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}")  # log axes: 20, not 2x10^1
+    out: dict[str, Any] = {}
     rec, lat = res.get("recall"), res.get("latency")
     if rec or lat:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=80)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=80)
         if rec:
             depths = [d for d in rec["t2i"] if d.isdigit()]
             xs = [int(d) for d in depths]
             for direction, style in (("t2i", "-o"), ("i2t", "-s")):
+                words = DIRECTIONS[direction]
                 ys = [rec[direction][d]["r1"] for d in depths]
-                axes[0].plot(xs, ys, style, label=f"{direction} R@1")
+                axes[0].plot(xs, ys, style, label=f"{words}, two-stage")
                 colour = axes[0].lines[-1].get_color()
                 axes[0].axhline(
                     rec[direction]["exhaustive"]["r1"],
                     ls="--",
                     lw=0.8,
                     color=colour,
-                    label=f"{direction} exhaustive",
+                    label=f"{words}, exhaustive",
                 )
                 if "ivf_100" in rec[direction]:
                     axes[0].plot(
@@ -628,28 +634,36 @@ def plots(res: dict[str, Any], cfg: dict[str, Any], out: Path) -> list[str]:
                         "x",
                         ms=9,
                         color=colour,
-                        label=f"{direction} IVF stage 1",
+                        label=f"{words}, FAISS IVF stage 1 (rerank 100)",
                     )
-            axes[0].set_xlabel("rerank depth")
+            axes[0].set_xlabel("rerank depth (stage-1 candidates rescored)")
             axes[0].set_ylabel("R@1 (%)")
-            axes[0].set_title(f"recall vs depth ({rec['images']} synthetic images)")
+            axes[0].set_title(
+                f"Recall@1 vs rerank depth\n({count(rec['images'])} synthetic images, "
+                f"{count(rec.get('captions') or 5 * rec['images'])} captions)"
+            )
             axes[0].legend(fontsize=7)
         if lat:
             for key, row in lat.items():
                 ds = [d for d in cfg["depths"]]
-                axes[1].plot(ds, [row["fast"][f"rerank_{d}"]["p50_ms"] for d in ds], "-o", label=key)
+                axes[1].plot(
+                    ds,
+                    [row["fast"][f"rerank_{d}"]["p50_ms"] for d in ds],
+                    "-o",
+                    label=gallery_label(key, row),
+                )
             axes[1].set_yscale("log")
-            axes[1].set_xlabel("rerank depth")
-            axes[1].set_ylabel("p50 latency (ms)")
-            axes[1].set_title("end-to-end query latency")
+            axes[1].yaxis.set_major_formatter(plain)
+            axes[1].yaxis.set_minor_formatter(plain)
+            axes[1].set_xlabel("rerank depth (stage-1 candidates rescored)")
+            axes[1].set_ylabel("p50 latency per query (ms, log scale)")
+            axes[1].set_title("End-to-end query latency vs rerank depth\n(encode + stage 1 + rerank, p50)")
             axes[1].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "recall_latency_vs_depth.png")
-        plt.close(fig)
-        written.append("recall_latency_vs_depth.png")
+        out["recall_latency_vs_depth.png"] = fig
     sc = res.get("scorer")
     if sc:
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=80)
         names = list(sc["shapes"])
         cands = ("onnxruntime", "torch_eager", "scan_loop")
         w = 0.25
@@ -658,17 +672,34 @@ def plots(res: dict[str, Any], cfg: dict[str, Any], out: Path) -> list[str]:
                 [j + i * w for j in range(len(names))],
                 [sc["shapes"][n].get(c, {}).get("pairs_per_s", 0.0) for n in names],
                 w,
-                label=c,
+                label=candidate_label(c),
             )
-        ax.set_xticks([j + w for j in range(len(names))], names, fontsize=8)
+        ax.set_xticks(
+            [j + w for j in range(len(names))],
+            [scorer_shape_label(n, sc["shapes"][n]) for n in names],
+            fontsize=8,
+        )
         ax.set_yscale("log")
-        ax.set_ylabel("pairs/s (p50)")
-        ax.set_title("scorer throughput")
+        ax.yaxis.set_major_formatter(plain)
+        ax.set_xlabel("scorer call (queries × candidates)")
+        ax.set_ylabel("image–caption pairs per second (p50, log scale)")
+        ax.set_title("Cross-attention scorer throughput")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "scorer.png")
+        out["scorer.png"] = fig
+    return out
+
+
+def plots(res: dict[str, Any], cfg: dict[str, Any], out: Path) -> list[str]:
+    """Write ``figures(res, cfg)`` as PNG files into ``out``; returns their names."""
+    figs = figures(res, cfg)  # selects the Agg backend before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, fig in figs.items():
+        fig.savefig(out / name)
         plt.close(fig)
-        written.append("scorer.png")
+        written.append(name)
     return written
 
 

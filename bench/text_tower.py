@@ -68,7 +68,7 @@ def minilm_speed_bundle(
         )
         ckpt = save_checkpoint(work / f"ckpt-{tag}", model, tok, state={"epoch": 0})
         log.info("exporting the %s speed bundle (D=%d, Dv=%d)", text_model.name, d, dv)
-        export_bundle(ckpt, out, force=True)
+        export_bundle(ckpt, out)
     if not int8.is_file():
         import json
 

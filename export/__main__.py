@@ -10,7 +10,8 @@ from typing import Sequence
 from mssan_infer.cli import HelpFormatter, error_line
 from mssan_infer.errors import MssanError, ParityError
 
-from .api import export_bundle
+from .api import ADD_PARTS, add_to_bundle, export_bundle
+from .errors import ExportError
 from .onnx import DEFAULT_OPSET
 
 
@@ -19,18 +20,48 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m export",
         description="Export an MSSAN checkpoint to a bundle: ONNX graphs (image_encoder, text_encoder, "
         "scorer), vocab.json and manifest.json, checked against PyTorch.",
-        epilog="example: python -m export --checkpoint runs/tiny --out bundle/ --fp16 --triton",
+        epilog="examples:\n"
+        "  python -m export --checkpoint runs/tiny --out bundle/ --fp16 --triton\n"
+        "  python -m export --checkpoint runs/tiny --out bundle/ --fp16 --overwrite   # replace bundle/\n"
+        "  python -m export --out bundle/ --add tensorrt --fp16     # + engines; keeps graphs and triton/\n"
+        "--out must be a new or empty folder. An existing bundle is replaced only with --overwrite,\n"
+        "or added to with --add; any other existing path is never replaced.",
         formatter_class=HelpFormatter,
     )
-    req = p.add_argument_group("required arguments")
+    req = p.add_argument_group("checkpoint and bundle (--checkpoint is required unless --add)")
     req.add_argument(
         "--checkpoint",
         "-c",
+        default=None,
+        metavar="DIR",
+        help="checkpoint folder (config.json, model.safetensors, vocab.json or tokenizer.json); "
+        "optional with --add (then checked against the bundle's)",
+    )
+    req.add_argument(
+        "--out",
+        "-o",
         required=True,
         metavar="DIR",
-        help="checkpoint folder (config.json, model.safetensors, vocab.json or tokenizer.json)",
+        help="bundle folder to write: a new or empty folder (an existing bundle: --overwrite or --add)",
     )
-    req.add_argument("--out", "-o", required=True, metavar="DIR", help="bundle folder to write")
+    out = p.add_argument_group("an existing bundle at --out")
+    mode = out.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the bundle at --out, everything in it (triton/, tensorrt/ included); the old one "
+        "stays until the new one is complete. A folder that is not a bundle is never replaced",
+    )
+    mode.add_argument(
+        "--add",
+        action="append",
+        default=[],
+        choices=list(ADD_PARTS),
+        metavar="PART",
+        help="add a deployment part (tensorrt or triton; repeatable) to the bundle at --out and keep "
+        "the rest: its graphs, fp16/int8/pixel graphs, the other part, its bundle id. Takes the "
+        "--trt-* / --triton-* options; --fp16 with --add tensorrt also builds fp16 engines",
+    )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument(
         "--fp16",
@@ -42,14 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8",
         action="store_true",
         help="also write int8/text_encoder.onnx (ONNX Runtime CPU fusions + dynamic int8 MatMul/Gemm "
-        "weights), gated by top-10 agreement and the R@1 ratio on the synthetic test split; "
-        "Retriever.load(..., precision='int8') runs it",
+        "weights), gated by top-10 agreement and the R@1 ratio against fp32 on a dev split (--int8-data); "
+        "a model too weak to judge is refused (--no-verify writes it unverified). "
+        "Retriever.load(..., OnnxRuntimeOptions(precision='int8')) runs it",
     )
     p.add_argument(
         "--int8-data",
         default=None,
         metavar="DIR",
-        help="precomp folder whose test split the int8 gate uses (default: the synthetic test split)",
+        help="precomp folder whose dev split (test if it has none) the int8 gate runs on (default: the "
+        "training data the checkpoint records; regenerated when it was synthetic and is gone)",
     )
     p.add_argument(
         "--atol",
@@ -63,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not fail on parity errors; they are recorded and the manifest says verified: false",
     )
-    p.add_argument("--force", action="store_true", help="replace --out even if it is not an export bundle")
     trt = p.add_argument_group("TensorRT (docs/deployment.md)")
     trt.add_argument(
         "--tensorrt",
@@ -197,17 +229,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# options that change the graphs: --add keeps the bundle's graphs, so it refuses them
+_GRAPH_OPTIONS = {
+    "int8": "--int8",
+    "int8_data": "--int8-data",
+    "pixels": "--pixels",
+    "features": "--features",
+    "backbone": "--backbone",
+    "backbone_weights": "--backbone-weights",
+    "image_size": "--image-size",
+    "resize": "--resize",
+    "atol": "--atol",
+}
+
+
+def _check_add(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse what ``--add`` cannot do, naming the flags and what to run instead."""
+    if args.tensorrt or args.triton:
+        given = " ".join(f for f, on in (("--tensorrt", args.tensorrt), ("--triton", args.triton)) if on)
+        raise ExportError(
+            f"with --add, name every part to add with --add (e.g. --add tensorrt --add triton), not {given}"
+        )
+    default = parser.get_default
+    changed = [flag for key, flag in _GRAPH_OPTIONS.items() if getattr(args, key) != default(key)]
+    if args.opset != DEFAULT_OPSET:
+        changed.append("--opset")
+    if not args.verify:
+        changed.append("--no-verify")
+    if args.fp16 and "tensorrt" not in args.add:
+        changed.append("--fp16")
+    if changed:
+        raise ExportError(
+            f"--add keeps the bundle's graphs as they are, so {', '.join(changed)} cannot apply; to change "
+            f"the graphs re-export with --checkpoint CKPT --out {args.out} --overwrite "
+            f"{' '.join(changed)} ..."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.add:
+            _check_add(args, parser)
+        elif args.checkpoint is None:
+            raise ExportError(
+                "--checkpoint DIR is required (to add a deployment part to an existing bundle instead: "
+                "--out BUNDLE --add tensorrt|triton)"
+            )
         tensorrt: object = False
         triton: object = False
-        if args.tensorrt:
+        if args.tensorrt or "tensorrt" in args.add:
             from .tensorrt import TensorRTSettings, parse_profile_override
 
             tensorrt = TensorRTSettings(
@@ -219,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 version_compatible=args.trt_version_compatible,
                 hardware_compatibility=args.trt_hardware_compatibility,
             )
-        if args.triton:
+        if args.triton or "triton" in args.add:
             from .triton import TritonSettings
 
             triton = TritonSettings(
@@ -231,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 threads=args.triton_threads,
                 retriever_graphs=args.triton_retriever_graphs,
             )
+        if args.add:
+            add_to_bundle(args.out, tensorrt=tensorrt, triton=triton, checkpoint=args.checkpoint)
+            return 0
         export_bundle(
             args.checkpoint,
             args.out,
@@ -240,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verify=args.verify,
             tensorrt=tensorrt,
             triton=triton,
-            force=args.force,
+            overwrite=args.overwrite,
             pixels=args.pixels,
             backbone=args.backbone,
             backbone_weights=args.backbone_weights,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import logging
 import os
 import shutil
@@ -13,7 +15,7 @@ from typing import Any
 import onnx
 
 from mssan_infer.files import sha256_file
-from mssan_infer.names import MANIFEST_FILE
+from mssan_infer.names import MANIFEST_FILE, TENSORRT_KEY, plan_name
 from mssan_infer.spec import GRAPHS
 from training.checkpoint import WEIGHTS, load_checkpoint
 
@@ -22,11 +24,11 @@ from .errors import ExportError
 from .fp16 import convert_to_fp16
 from .graphs import build_graphs
 from .inputs import example_feeds
-from .manifest import FP16_DIR, build_manifest, bundle_tokenizer_file, write_manifest
+from .manifest import FP16_DIR, build_manifest, bundle_tokenizer_file, hash_files, write_manifest
 from .onnx import DEFAULT_OPSET, MIN_OPSET, check_onnx, export_graph
 from .validate import ParityReport, raise_if_failed, validate_graphs
 
-__all__ = ["export_bundle"]
+__all__ = ["export_bundle", "add_to_bundle", "bundle_parts"]
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +49,61 @@ def _deployment_step(target: str, options: Any = None) -> DeploymentStep:
     raise ExportError(f"unknown deployment target {target!r}; choose 'tensorrt' or 'triton'")
 
 
-def _check_out(out: Path, checkpoint: Path, force: bool) -> None:
-    """Refuse an ``out`` that would destroy something: the checkpoint, or a non-bundle without ``force``."""
-    ck, dst = checkpoint.resolve(), out.resolve()
-    if dst == ck or dst in ck.parents:
-        raise ExportError(f"--out {out} would replace the checkpoint {checkpoint}; choose another folder")
+def bundle_parts(root: Path) -> list[str]:
+    """What the bundle at ``root`` holds beyond its fp32 graphs, in words (for messages); ``[]`` when
+    its manifest cannot be read."""
+    try:
+        m = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(m, dict):
+        return []
+    parts = ["fp32 graphs"]
+    if m.get("fp16_graphs"):
+        parts.append("fp16 graphs")
+    if m.get("int8_graphs"):
+        parts.append("the int8 text encoder")
+    if (m.get("optional_graphs") or {}).get("image_encoder_pixels"):
+        parts.append("the pixel graph")
+    if m.get(TENSORRT_KEY):
+        parts.append("TensorRT engines (tensorrt/)")
+    if m.get("triton"):
+        parts.append("a Triton repository (triton/)")
+    return parts
+
+
+def _check_out(out: Path, checkpoint: Path | None, overwrite: bool) -> None:
+    """The one rule for ``--out``: a new or empty folder is written; an existing bundle is replaced only
+    with ``overwrite``; anything else (and the checkpoint) is never replaced.
+
+    Raises:
+        ExportError: ``out`` is (or holds) the checkpoint, is a bundle and ``overwrite`` is off, or
+            exists and is not a bundle.
+    """
+    dst = out.resolve()
+    if checkpoint is not None:
+        ck = checkpoint.resolve()
+        if dst == ck or dst in ck.parents:
+            raise ExportError(f"--out {out} would replace the checkpoint {checkpoint}; choose another folder")
     if not out.exists() and not out.is_symlink():
         return
-    if out.is_dir() and not out.is_symlink():
-        if (out / MANIFEST_FILE).is_file() or not any(out.iterdir()):
-            return  # an earlier bundle or an empty folder: replaced
-    if not force:
+    is_dir = out.is_dir() and not out.is_symlink()
+    if is_dir and not any(out.iterdir()):
+        return  # an empty folder: written
+    if is_dir and (out / MANIFEST_FILE).is_file():
+        parts = ", ".join(bundle_parts(out)) or "a bundle"
+        if overwrite:
+            log.warning("--overwrite: replacing the bundle at %s (%s)", out, parts)
+            return
         raise ExportError(
-            f"--out {out} exists and is not an export bundle (no {MANIFEST_FILE}); "
-            "refusing to replace it. Choose a new folder or pass force=True / --force"
+            f"--out {out} already holds a bundle ({parts}); refusing to replace it. Pass --overwrite to "
+            "replace all of it, or --add tensorrt / --add triton to add a deployment part and keep the "
+            "rest (python -m export --out DIR --add triton), or choose a new folder"
         )
-    log.warning("--force: replacing %s", out)
+    raise ExportError(
+        f"--out {out} exists and is not an export bundle (no {MANIFEST_FILE}); refusing to replace it "
+        "(not even with --overwrite, which replaces bundles only). Choose a new folder, or remove it first"
+    )
 
 
 def _place(tmp: Path, out: Path) -> None:
@@ -92,7 +133,7 @@ def export_bundle(
     verify: bool = True,
     tensorrt: Any = False,
     triton: Any = False,
-    force: bool = False,
+    overwrite: bool = False,
     pixels: bool = False,
     backbone: str | None = None,
     backbone_weights: str | os.PathLike[str] | None = None,
@@ -112,8 +153,9 @@ def export_bundle(
 
     Args:
         checkpoint: a folder written by ``training.checkpoint.save_checkpoint``.
-        out: the bundle folder. An existing bundle or empty folder is replaced; anything
-            else only with ``force``.
+        out: the bundle folder: a new or empty folder. An existing bundle is replaced (with
+            everything in it: ``triton/``, ``tensorrt/``) only with ``overwrite``; any other existing
+            path is never replaced. ``add_to_bundle`` adds a deployment part to a bundle instead.
         opset: ONNX opset of the exported graphs.
         fp16: also write fp16 variants (matrix products in fp16, the rest fp32) under ``fp16/``.
         atol: overrides the fp32 parity tolerance (``TOLERANCES["fp32"].atol``).
@@ -123,7 +165,8 @@ def export_bundle(
             ``export.tensorrt.TensorRTSettings``); needs tensorrt and a GPU.
         triton: also write a Triton model repository ``triton/`` (True, or an
             ``export.triton.TritonSettings``). See docs/deployment.md.
-        force: replace an ``out`` that is not a bundle.
+        overwrite: replace a bundle already at ``out`` (atomically: the old one stays until the new
+            one is complete).
         pixels: also write ``image_encoder_pixels.onnx`` (``backbone`` with ``backbone_weights``, then
             the image encoder) taking ``[B,3,H,W]`` pixels preprocessed as ``image_size``/``resize``
             say (recorded in the manifest); see ``export.pixels``. Defaults: resnet152 at 448, or
@@ -131,14 +174,16 @@ def export_bundle(
             weights' sha256 is checked against it.
         int8: also write ``int8/text_encoder.onnx`` (ONNX Runtime's CPU fusions, then dynamic int8
             quantization of MatMul/Gemm weights; ``export.int8``), gated by top-10 agreement of a
-            rerank and the R@1 ratio on the synthetic test split (or ``int8_data``'s test split).
-        int8_data: a precomp folder whose ``test`` split the int8 gate runs on (needed when the
-            model's regions are not the synthetic default's).
+            rerank and the R@1 ratio on a dev split: ``int8_data``'s, else that of the training data
+            the checkpoint records (``export.int8.gate_data``). A model too weak for the ratio to mean
+            anything is refused (``ExportError``; with ``verify=False`` int8 is written unverified).
+        int8_data: a precomp folder whose ``dev`` split (``test`` if it has none) the int8 gate runs on.
     Returns:
         The bundle folder.
     Raises:
         BundleError: the checkpoint folder is missing or damaged.
-        ExportError: ``out`` must not be replaced, or an exporter/ONNX checker failure.
+        ExportError: ``out`` must not be replaced, an exporter/ONNX checker failure, or (``int8`` with
+            ``verify``) a model too weak for the int8 gate to judge.
         BackendUnavailableError: ``tensorrt`` asked for without tensorrt/cuda-python/GPU.
         ParityError: (with ``verify``) the graphs disagree with PyTorch past tolerance.
     """
@@ -148,16 +193,21 @@ def export_bundle(
         raise ExportError(
             f"opset must be an integer >= {MIN_OPSET}, got {opset!r}; the default is {DEFAULT_OPSET}"
         )
+    ckpt, outp = Path(checkpoint), Path(out)
+    _check_out(outp, ckpt, overwrite)
     steps = [
         _deployment_step(t, None if on is True else on)
         for t, on in (("tensorrt", tensorrt), ("triton", triton))
         if on
     ]
-    ckpt, outp = Path(checkpoint), Path(out)
-    _check_out(outp, ckpt, force)
     started = time.perf_counter()
     ck = load_checkpoint(ckpt)
     model, cfg = ck.model.eval(), ck.model.cfg
+    int8_gate = None
+    if int8:  # the gate's split first: a missing one fails before the long export
+        from .int8 import gate_data
+
+        int8_gate = gate_data(model, int8_data, ck.state.get("data"), ckpt)
     pixel_backbone, pixel_prep = None, None
     if pixels:
         from .pixels import load_pixel_backbone, pixel_settings
@@ -196,7 +246,7 @@ def export_bundle(
         if int8:
             from .int8 import export_int8
 
-            int8_report, int8_extra = export_int8(model, ck.tokenizer, paths, tmp, data=int8_data)
+            int8_report, int8_extra = export_int8(model, ck.tokenizer, paths, tmp, data=int8_gate)
             reports.append(int8_report)
         pixel_extra: dict[str, Any] = {}
         if pixel_backbone is not None and pixel_prep is not None:
@@ -215,10 +265,19 @@ def export_bundle(
         failed = [r for r in reports if not r.passed]
         if verify:
             raise_if_failed(reports)
+            if int8:
+                from .int8 import raise_if_not_judged
+
+                raise_if_not_judged(int8_report)
         for r in failed:
-            log.warning(
-                "--no-verify: %d %s parity failure(s) recorded in the manifest", len(r.failures), r.precision
-            )
+            if r.failures:
+                log.warning(
+                    "--no-verify: %d %s parity failure(s) recorded in the manifest",
+                    len(r.failures),
+                    r.precision,
+                )
+            else:  # the int8 gate could not judge (a weak model): recorded, never "verified"
+                log.warning("--no-verify: %s check not judged, recorded in the manifest", r.precision)
         ck.tokenizer.save(tmp / bundle_tokenizer_file(cfg))
 
         manifest_extra: dict[str, Any] = {**pixel_extra, **int8_extra}
@@ -238,7 +297,7 @@ def export_bundle(
             extra=manifest_extra,
         )
         write_manifest(tmp, manifest)
-        _check_out(outp, ckpt, force)  # again: something may have appeared meanwhile
+        _check_out(outp, ckpt, overwrite)  # again: something may have appeared meanwhile
         _place(tmp, outp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -250,3 +309,121 @@ def export_bundle(
         manifest["verified"],
     )
     return outp
+
+
+ADD_PARTS = ("tensorrt", "triton")  # what add_to_bundle adds, in the order it runs them
+
+
+def _installed_index(root: Path) -> Path | None:
+    """The index installed in the bundle's Triton ``retriever`` model (``export --triton-index``), if any."""
+    from .triton import REPOSITORY_DIR, RETRIEVER
+
+    index = root / REPOSITORY_DIR / RETRIEVER / "1" / "index"
+    return index if index.is_dir() else None
+
+
+def add_to_bundle(
+    bundle: str | os.PathLike[str],
+    *,
+    tensorrt: Any = False,
+    triton: Any = False,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Add deployment parts to an existing bundle and keep everything else.
+
+    The graphs (fp32, fp16, int8, pixels), the tokenizer, the parity reports and the bundle id are
+    kept as they are; ``tensorrt`` (re)builds ``tensorrt/`` from the bundle's graphs, ``triton``
+    (re)writes ``triton/`` (an index installed in its ``retriever`` model is kept unless the settings
+    install another). The other part is kept. The bundle is copied beside itself, the parts are added
+    to the copy, the manifest records them (``added``), and the copy replaces the bundle only when all
+    of it succeeded: a failure leaves the bundle as it was.
+
+    Args:
+        bundle: a bundle folder written by ``export_bundle``.
+        tensorrt: True or an ``export.tensorrt.TensorRTSettings``: build TensorRT engines (fp16 ones
+            only when its ``precisions`` ask, which needs the bundle's fp16 graphs).
+        triton: True or an ``export.triton.TritonSettings``: write the Triton repository.
+        checkpoint: optional; when given it must be the checkpoint the bundle was exported from.
+    Returns:
+        The bundle folder.
+    Raises:
+        BundleError: ``bundle`` is not a bundle, or is damaged.
+        ExportError: nothing to add, a checkpoint other than the bundle's, fp16 engines without fp16
+            graphs, a Triton repository of TensorRT engines that would go stale, or a step's failure.
+        BackendUnavailableError: ``tensorrt`` without tensorrt/cuda-python/GPU.
+        ParityError: the engines disagree with ONNX Runtime (nothing is added).
+    """
+    from mssan_infer.bundle import load_bundle
+
+    root = Path(bundle)
+    asked = [(t, on) for t, on in (("tensorrt", tensorrt), ("triton", triton)) if on]
+    if not asked:
+        raise ExportError("--add needs a part to add: --add tensorrt and/or --add triton")
+    if not (root / MANIFEST_FILE).is_file():
+        raise ExportError(
+            f"--add adds to an existing bundle, and {root} is not one (no {MANIFEST_FILE}); export it first: "
+            f"python -m export --checkpoint CKPT --out {root}"
+        )
+    manifest: dict[str, Any] = dict(load_bundle(root).manifest.raw)  # every file's sha256 checked
+    if checkpoint is not None:
+        weights = Path(checkpoint) / WEIGHTS
+        if not weights.is_file():
+            raise ExportError(f"--checkpoint {checkpoint} is not a checkpoint folder ({WEIGHTS} is missing)")
+        source = manifest.get("source_checkpoint") or {}
+        if source.get("sha256") and sha256_file(weights) != source["sha256"]:
+            raise ExportError(
+                f"--checkpoint {checkpoint} is not the checkpoint the bundle {root} was exported from "
+                f"({source.get('path')}); --add keeps the bundle's graphs. Re-export with --overwrite to "
+                "use this checkpoint"
+            )
+    names = [t for t, _ in asked]
+    if tensorrt:
+        precisions = tuple(getattr(tensorrt, "precisions", ("fp32",)))
+        if "fp16" in precisions and not manifest.get("fp16_graphs"):
+            raise ExportError(
+                f"fp16 TensorRT engines need the bundle's fp16 graphs, and {root} has none; re-export with "
+                "--fp16 --overwrite, or add fp32 engines only (--add tensorrt without --fp16)"
+            )
+        served = (manifest.get("triton") or {}).get("settings") or {}
+        if served.get("backend") == "tensorrt" and not triton:
+            raise ExportError(
+                "the bundle's Triton repository serves its TensorRT engines (--triton-backend tensorrt), "
+                "which --add tensorrt rebuilds: add both, "
+                "--add tensorrt --add triton --triton-backend tensorrt"
+            )
+    steps = [(t, _deployment_step(t, None if on is True else on)) for t, on in asked]
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        shutil.copytree(root, tmp, dirs_exist_ok=True, symlinks=True)
+        extra: dict[str, Any] = {}
+        for name, step in steps:
+            if name == "tensorrt":
+                engines = Path(plan_name("scorer", "fp32")).parent
+                old = sorted((tmp / engines).glob("*.plan"))
+                for plan in old:  # engines of the old build go; the timing cache stays
+                    plan.unlink()
+                if old:
+                    log.info("--add tensorrt: replacing %d engine(s) in %s", len(old), root / engines)
+            if name == "triton" and manifest.get("triton"):
+                log.info("--add triton: replacing the Triton repository in %s", root)
+            extra.update(step(tmp, {**manifest, **extra}))
+            if name == "triton":
+                from .triton import REPOSITORY_DIR, install_index
+
+                settings = None if triton is True else triton
+                kept = _installed_index(root)
+                if kept is not None and getattr(settings, "index", None) is None:
+                    install_index(tmp / REPOSITORY_DIR, kept)
+                    log.info("--add triton: kept the index installed in the old repository")
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        manifest.update(extra)
+        manifest["added"] = [*manifest.get("added", []), *({"part": n, "created": now} for n in names)]
+        manifest["files"] = hash_files(tmp)
+        write_manifest(tmp, manifest)
+        _place(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("added %s to %s in %.1f s", " and ".join(names), root, time.perf_counter() - started)
+    return root

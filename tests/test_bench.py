@@ -128,3 +128,34 @@ def test_side_by_side_interleaves_blocks_with_an_untimed_settling_call() -> None
     # warm-up a b | round 0: a (settle) a a a, b | round 1 (rotated): b, a (settle) a a a
     assert calls == ["a", "b"] + ["a"] * 4 + ["b"] + ["b"] + ["a"] * 4
     assert res["a"]["n"] == 6 and res["b"]["n"] == 2
+
+
+def test_plots_have_titles_axis_labels_with_units_and_words_not_result_keys() -> None:
+    """The plots of the committed run, drawn again: every axis has a title and labelled axes (units in
+    parentheses), and no legend entry or tick label is a raw result key (``t2i_5000``, ``torch_eager``)."""
+    import matplotlib.pyplot as plt
+
+    from bench.labels import looks_like_a_key
+    from bench.report import figures
+
+    committed = json.loads((ROOT / "bench" / "results" / "results.json").read_text())
+    figs = figures(committed["results"], committed["config"])
+    assert set(figs) == {"recall_latency_vs_depth.png", "scorer.png"}
+    try:
+        for name, fig in figs.items():
+            for ax in fig.axes:
+                title, x, y = ax.get_title(), ax.get_xlabel(), ax.get_ylabel()
+                assert title and x and y, (name, title, x, y)
+                assert "(" in y and ")" in y, (name, y)  # a unit: (%), (ms, ...), (p50, ...)
+                words = [t.get_text() for t in ax.get_legend().get_texts()]
+                words += [t.get_text() for t in ax.get_xticklabels()] + [title, x, y]
+                assert words and not [w for w in words if looks_like_a_key(w)], (name, words)
+        latency = [t.get_text() for t in figs["recall_latency_vs_depth.png"].axes[1].get_legend().get_texts()]
+        assert "text→image, 5K images" in latency and "image→text, 25K captions (5K images)" in latency
+        assert "text→image, 100K images (memory-mapped)" in latency
+        ticks = [t.get_text() for t in figs["scorer.png"].axes[0].get_xticklabels()]
+        assert ticks == ["1 caption × 100 images", "1 image × 100 captions", "128 images × 128 captions"]
+    finally:
+        for fig in figs.values():
+            plt.close(fig)
+    assert looks_like_a_key("t2i_5000") and looks_like_a_key("torch_eager") and looks_like_a_key("t2i R@1")

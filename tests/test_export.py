@@ -269,22 +269,164 @@ def test_tensorrt_without_tensorrt_fails_before_writing_anything(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_out_folder_that_is_not_a_bundle_is_kept_unless_forced(
+def test_an_out_folder_that_is_not_a_bundle_is_never_replaced_not_even_with_overwrite(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
     out = tmp_path / "data"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(ExportError, match="not an export bundle"):
-        export_bundle(tiny_checkpoint, out)
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match="not an export bundle"):
+            export_bundle(tiny_checkpoint, out, overwrite=overwrite)
     assert (out / "precious.txt").read_text() == "keep me"
     with pytest.raises(ExportError, match="checkpoint"):
-        export_bundle(tiny_checkpoint, tiny_checkpoint, force=True)
+        export_bundle(tiny_checkpoint, tiny_checkpoint, overwrite=True)
     assert (tiny_checkpoint / "model.safetensors").is_file()
-    export_bundle(tiny_checkpoint, out, force=True)
-    assert not (out / "precious.txt").exists() and load_bundle(out).manifest.raw["verified"] is True
-    export_bundle(tiny_checkpoint, out)  # an existing bundle is replaced without --force
+    (out / "precious.txt").unlink()
+    export_bundle(tiny_checkpoint, out)  # an empty folder is written
+    assert load_bundle(out).manifest.raw["verified"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_an_existing_bundle_is_replaced_only_with_overwrite_and_the_error_names_both_ways(
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from export.__main__ import main
+
+    out = tmp_path / "bundle"
+    assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--fp16", "--triton", "-q"]) == 0
+    before = _tree(out)
+    assert "triton/retriever/config.pbtxt" in before
+    # the README's old second line: exporting again into the bundle would wipe triton/
+    assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--tensorrt", "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "already holds a bundle" in err and "Triton repository" in err
+    assert "--overwrite" in err and "--add tensorrt" in err
+    assert _tree(out) == before  # nothing lost
+    with pytest.raises(ExportError, match="--overwrite"):
+        export_bundle(tiny_checkpoint, out)
+    assert _tree(out) == before
+    with caplog.at_level("WARNING", logger="export.api"):
+        assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--overwrite", "-q"]) == 0
+    assert "replacing the bundle" in caplog.text and "Triton repository" in caplog.text
+    m = load_bundle(out).manifest.raw  # replaced as asked: no triton/, no fp16/
+    assert "triton" not in m and "fp16_graphs" not in m and not (out / "triton").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temp folder left
+
+
+def test_add_triton_keeps_the_graphs_and_the_bundle_id_and_an_installed_index(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    from export.__main__ import main
+    from mssan_infer import Retriever
+
+    out, index = tmp_path / "bundle", tmp_path / "index"
+    export_bundle(tiny_checkpoint, out, fp16=True)
+    before, bundle_id = _tree(out), load_bundle(out).bundle_id
+    r = Retriever.load(out)
+    r.add_images(np.abs(np.random.default_rng(0).standard_normal((4, 5, 24))).astype(np.float32))
+    r.save(index)
+    assert main(["--out", str(out), "--add", "triton", "--triton-index", str(index), "-q"]) == 0
+    b = load_bundle(out)  # every file's sha256, the new ones included
+    assert b.bundle_id == bundle_id and [a["part"] for a in b.manifest.raw["added"]] == ["triton"]
+    after = _tree(out)
+    kept = {k: v for k, v in before.items() if k != MANIFEST_FILE}
+    assert {k: after[k] for k in kept} == kept  # graphs, fp16, vocabulary untouched
+    assert b.manifest.raw["triton"]["bundle_id"] == bundle_id and b.manifest.raw["fp16_graphs"]
+    assert _tree(out / "triton" / "retriever" / "1" / "index") == _tree(index)
+    # adding triton again (other settings) replaces the repository and keeps its index
+    assert main(["--out", str(out), "--add", "triton", "--triton-threads", "1", "-q"]) == 0
+    m = load_bundle(out).manifest.raw
+    assert m["triton"]["settings"]["threads"] == 1 and len(m["added"]) == 2
+    assert _tree(out / "triton" / "retriever" / "1" / "index") == _tree(index)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "index"]
+
+
+def test_add_refuses_what_it_cannot_do_and_leaves_the_bundle_as_it_was(
+    tmp_path: Path,
+    tiny_bundle: Path,
+    tiny_checkpoint: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from export.__main__ import main
+
+    out = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    before = _tree(out)
+    other = shutil.copytree(tiny_checkpoint, tmp_path / "other")
+    weights = bytearray((other / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (other / "model.safetensors").write_bytes(bytes(weights))
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # no TensorRT here
+    cases = [
+        (["--add", "triton", "--int8"], "--int8"),
+        (["--add", "triton", "--pixels", "--atol", "0.1"], "--pixels, --atol"),
+        (["--add", "triton", "--triton"], "--add tensorrt --add triton"),
+        (["--add", "triton", "--checkpoint", str(other)], "not the checkpoint"),
+        (["--add", "tensorrt"], "tensorrt"),  # the package is missing: nothing is touched
+    ]
+    for args, match in cases:
+        assert main(["--out", str(out), *args, "-q"]) == 1, args
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and match in err, (args, err)
+    assert _tree(out) == before
+    assert main(["--out", str(tmp_path / "nothing"), "--add", "triton", "-q"]) == 1
+    assert "not one" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
+    assert main(["--out", str(out), "-q"]) == 1  # no --checkpoint, no --add
+    assert "--checkpoint DIR is required" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "other"]
+
+
+def test_the_deployment_sequence_adds_engines_to_a_served_bundle_and_keeps_its_triton_repository(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's deployment block: export --fp16 --triton, then --add tensorrt --fp16 (TensorRT through
+    the stand-in of tests/test_tensorrt.py)."""
+    from export.__main__ import main
+
+    from . import trt_standin
+
+    out, ck = tmp_path / "bundle", str(tiny_checkpoint)
+    small = ["--trt-profile", "B=1,4,16", "--trt-profile", "R=1,12,40", "--trt-profile", "Ni=1,8,24"]
+    small += ["--trt-profile", "Nt=1,2,12"]
+    with pytest.MonkeyPatch.context() as mp:
+        trt_standin.install(mp)
+        assert main(["--checkpoint", ck, "--out", str(out), "--triton", "-q"]) == 0
+        plain = _tree(out)
+        assert main(["--out", str(out), "--add", "tensorrt", "--fp16", *small, "-q"]) == 1
+        assert "fp16 graphs" in capsys.readouterr().err  # exported without --fp16: said, nothing changed
+        assert _tree(out) == plain
+        assert main(["--checkpoint", ck, "--out", str(out), "--fp16", "--triton", "--overwrite", "-q"]) == 0
+        served, bundle_id = _tree(out), load_bundle(out).bundle_id
+        assert main(["--out", str(out), "--add", "tensorrt", "--fp16", *small, "-q"]) == 0
+        b = load_bundle(out)
+        assert b.bundle_id == bundle_id and set(b.manifest.raw["tensorrt"]["engines"]) == {"fp32", "fp16"}
+        after = _tree(out)
+        assert {k: after[k] for k in served if k != MANIFEST_FILE} == {
+            k: v for k, v in served.items() if k != MANIFEST_FILE
+        }  # triton/ and the graphs byte for byte
+        assert b.manifest.raw["triton"] and (out / "tensorrt" / "scorer.fp16.plan").is_file()
+        # a repository that serves the engines would go stale: --add tensorrt alone is refused then
+        assert main(["--out", str(out), "--add", "triton", "--triton-backend", "tensorrt", "-q"]) == 0
+        assert main(["--out", str(out), "--add", "tensorrt", *small, "-q"]) == 1
+        assert "--add tensorrt --add triton" in capsys.readouterr().err
+        assert (
+            main(
+                ["--out", str(out), "--add", "tensorrt", "--add", "triton", "--triton-backend", "tensorrt"]
+                + small
+                + ["-q"]
+            )
+            == 0
+        )
+        assert load_bundle(out).manifest.raw["triton"]["settings"]["backend"] == "tensorrt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -304,7 +446,8 @@ def test_cli_help_lists_the_options(tmp_path: Path) -> None:
         "--fp16",
         "--atol",
         "--no-verify",
-        "--force",
+        "--overwrite",
+        "--add",
         "--tensorrt",
         "--triton",
     ):

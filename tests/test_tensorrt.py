@@ -607,7 +607,7 @@ def test_export_records_engines_limits_and_parity_in_the_schema_of_the_onnx_chec
 
 
 def test_info_reports_tensorrt_parity_per_precision(standin_bundle: Path) -> None:
-    from mssan_infer.__main__ import run_info
+    from mssan_infer.cli.info import run_info
 
     info = run_info(standin_bundle)
     assert (

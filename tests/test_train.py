@@ -152,3 +152,65 @@ def test_dev_selected_level_weights_are_saved_with_the_best_model_and_give_its_d
     dev = load_split(data, "dev")
     rep = evaluate_split(ck.model, dev.images, dev.region_mask, dev.captions, ck.tokenizer, rerank=0)
     assert rep["exhaustive"]["rsum"] == pytest.approx(best["dev_rsum"], abs=1.0)  # the saved weights give it
+
+
+# ---- training that says what it did ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def few(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 training images = 120 captions: fewer than one batch of the tiny preset (128)."""
+    from training.synth import generate
+
+    return generate(
+        tmp_path_factory.mktemp("few") / "data", images=24, seed=1, **{**SMALL, "eval_images": 10}
+    )
+
+
+def test_fewer_training_captions_than_a_batch_is_an_error_naming_both_numbers_and_the_flag(
+    few: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.__main__ import main
+
+    rc = main(["train", "--data", str(few), "--out", str(tmp_path / "ck"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert "120 captions" in err and "--batch-size 128" in err and "--batch-size 120 or less" in err
+    assert not (tmp_path / "ck").exists()  # no "best" checkpoint of an untrained model
+
+
+def test_zero_epochs_is_an_error_before_anything_is_written(
+    few: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.__main__ import main
+
+    rc = main(
+        ["train", "--data", str(few), "--out", str(tmp_path / "ck"), "--epochs", "0", "--batch-size", "32"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and err == "error: --epochs must be at least 1, got 0: training 0 epochs writes no " + (
+        "checkpoint (to evaluate a checkpoint use `python -m training eval`)"
+    )
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_checkpoint_records_its_training_data_and_the_steps_an_epoch_takes(
+    few: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from training.train import train
+
+    with caplog.at_level("INFO", logger="training.train"):
+        train(
+            few,
+            tmp_path / "ck",
+            epochs=1,
+            max_steps=1,
+            progress=False,
+            model_overrides=MODEL,
+            train_overrides={**TRAIN, "batch_size": 50},
+        )
+    assert "1 epochs of 2 steps (the last 20 captions of each shuffled epoch are left out" in caplog.text
+    for ck in (tmp_path / "ck", tmp_path / "ck" / "last"):
+        data = json.loads((ck / "state.json").read_text())["data"]
+        assert data["path"] == str(few.resolve()) and data["splits"] == {"train": 24, "dev": 10}
+        assert (
+            data["feat_dim"] == 32 and data["synth"]["seed"] == 1 and data["synth"]["knobs"]["regions"] == 16
+        )

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from mssan_infer.errors import InputError
 from mssan_infer.text.base import TextTokenizer
 from mssan_infer.text.subword import SubwordTokenizer
 from mssan_infer.text.words import Tokenizer
@@ -45,6 +46,8 @@ from .model import MSSAN, TERMS, Encoded
 
 __all__ = [
     "train",
+    "data_record",
+    "check_batches",
     "train_step",
     "EncodeBoth",
     "seed_everything",
@@ -214,6 +217,46 @@ def pretrained_text_model(
     return model, tokenizer
 
 
+def data_record(data_dir: Path, train_images: int, dev_images: int, feat_dim: int) -> dict[str, Any]:
+    """What the checkpoint records about its training data (``state.json``'s ``data``): the folder,
+    the split sizes and, for the synthetic set (``meta.json`` of ``training.synth``), its seed, knobs
+    and sizes, so ``export --int8`` can check recall on the same data, or regenerate its dev split."""
+    rec: dict[str, Any] = {
+        "path": str(data_dir.resolve()),
+        "splits": {"train": int(train_images), "dev": int(dev_images)},
+        "feat_dim": int(feat_dim),
+    }
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return rec
+    if isinstance(meta, dict) and meta.get("generator") == "training.synth":
+        rec["synth"] = {k: meta.get(k) for k in ("seed", "knobs", "splits")}
+    return rec
+
+
+def check_batches(items: int, batch_size: int, world: int = 1) -> int:
+    """Optimizer steps per epoch of ``items`` training captions at ``batch_size`` per process over
+    ``world`` processes (the last incomplete batch is dropped).
+
+    Raises:
+        InputError: fewer captions per process than one batch: an epoch would take no step.
+    """
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    per_process = items // world
+    steps = per_process // batch_size
+    if steps < 1:
+        spread = f" over {world} processes ({per_process} each)" if world > 1 else ""
+        raise InputError(
+            f"the training split has {items} captions{spread}, fewer than one batch of --batch-size "
+            f"{batch_size}: an epoch would take no optimizer step and save an untrained model. Pass "
+            f"--batch-size {max(per_process, 1)} or less (in-batch negatives need a few dozen to learn "
+            "well), or train on more data"
+        )
+    return steps
+
+
 def _dev_report(
     model: MSSAN,
     dev: Any,
@@ -306,6 +349,11 @@ def train(
     tcfg: TrainConfig = _overrides(p.train, train_overrides)
     if epochs is not None:
         tcfg.epochs = epochs
+    if not isinstance(tcfg.epochs, int) or tcfg.epochs < 1:
+        raise InputError(
+            f"--epochs must be at least 1, got {tcfg.epochs}: training 0 epochs writes no checkpoint "
+            "(to evaluate a checkpoint use `python -m training eval`)"
+        )
     with _maybe_distributed(tcfg.device) as info, torch.enable_grad():
         return _train(
             Path(data_dir),
@@ -339,6 +387,7 @@ def _train(
 ) -> dict[str, Any]:
     seed_everything(tcfg.seed)
     train_split = load_split(data_dir, "train")
+    per_epoch = check_batches(len(train_split.captions), tcfg.batch_size, info.world)  # before any work
     dev_split = load_split(data_dir, "dev") if info.main else None
 
     start_epoch, best, history = 0, -1.0, []
@@ -389,18 +438,32 @@ def _train(
     scaler = torch.amp.GradScaler(device.type) if tcfg.amp == "fp16" else None
 
     ds = PairDataset(train_split, tokenizer)
+    data = data_record(
+        data_dir, train_split.n_images, dev_split.n_images if dev_split else 0, train_split.feat_dim
+    )
     t0, steps = time.perf_counter(), 0
     if info.main:
         log.info(
-            "training %s: %d captions, %d images, vocab %d, %d epochs, world %d, global batch %d",
+            "training %s: %d captions, %d images, vocab %d, %d epochs of %d steps (the last %d captions of "
+            "each shuffled epoch are left out: incomplete batch), world %d, global batch %d",
             preset,
             len(ds),
             train_split.n_images,
             len(tokenizer),
             tcfg.epochs,
+            per_epoch,
+            len(ds) - per_epoch * tcfg.batch_size * info.world,
             info.world,
             tcfg.batch_size * info.world,
         )
+        if start_epoch >= tcfg.epochs:
+            log.warning(
+                "%s already holds %d epoch(s), as many as --epochs %d asks: nothing to train; pass a larger "
+                "--epochs to continue",
+                out / "last",
+                start_epoch,
+                tcfg.epochs,
+            )
     for epoch in range(start_epoch, tcfg.epochs):
         if info.enabled:
             sampler: Any = DistributedSampler(
@@ -480,6 +543,7 @@ def _train(
                 "history": history,
                 "dev": rep,
                 "world_size": info.world,
+                "data": data,
             }
             if rsum > best:
                 best = rsum

@@ -8,7 +8,12 @@ Writes ``triton/`` with
 - ``scorer``: ``max_batch_size: 0`` with ``-1`` dims (its inputs share no batch
   dimension with its output ``[Ni, Nt]``);
 - ``retriever`` (Python backend, BLS): two-stage text->image / image->text search
-  over a saved mssan_infer index (see ``mssan_infer/triton_models/retriever_model.py``).
+  over a saved mssan_infer index (see ``mssan_infer/triton/retriever_model.py``);
+- ``image_encoder_pixels``, when the bundle has the pixel graph (``export --pixels``): the pixel
+  graph (fp32 ONNX; on ``onnxruntime`` in the ``tensorrt`` flavour too, which has no engine for it),
+  batched like the encoders. The ``retriever`` then takes image files (input ``image``), decoding and
+  preprocessing them itself with the bundle's constants (its parameter ``image_preprocessing``) and
+  encoding them with this model (BLS) or its ``model.onnx`` (``graphs: local``).
 
 The three graphs run on one of three backends: ``onnxruntime`` (the usual choice
 in NVIDIA's tritonserver containers), ``tensorrt`` (the bundle's ``tensorrt/*.plan``)
@@ -40,7 +45,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,14 +53,16 @@ from mssan_infer.backends.tensorrt import scorer_limits
 from mssan_infer.bundle import bundle_id, id_files
 from mssan_infer.names import (
     BUNDLE_ID_PARAM,
+    IMAGE_PREPROCESSING_PARAM,
     MANIFEST_FILE,
+    RETRIEVER_OUTPUTS,
     RETRIEVER_TOKENIZER,
     SCORER_LIMITS_PARAM,
     TENSORRT_KEY,
     VOCAB_FILE,
     plan_name,
 )
-from mssan_infer.spec import DEFAULT_PROFILES, GRAPHS, GraphSpec
+from mssan_infer.spec import DEFAULT_PROFILES, GRAPHS, IMAGE_ENCODER_PIXELS, GraphSpec
 from mssan_infer.text import words as word_tokenizer
 from mssan_infer.triton import ONNX_MODEL, RETRIEVER_MODEL, copy_runtime
 
@@ -232,20 +239,25 @@ def retriever_config_text(
     *,
     bundle_id: str,
     limits: Mapping[str, int] | None = None,
+    image_preprocessing: Mapping[str, Any] | None = None,
 ) -> str:
     """``config.pbtxt`` of the ``retriever`` BLS model (Python backend, one query per request).
 
     ``limits``: the scorer's largest ``Ni``/``Nt``/``R``/``L`` per call (``scorer_limits`` of the
     manifest), written as the JSON parameter ``scorer_limits`` (``{}``: none).
+    ``image_preprocessing``: the manifest's ``preprocessing.image`` when the repository has the pixel
+    model (the parameter ``image_preprocessing``; empty: the input ``image`` is refused with a message).
     """
     inputs = [
         ("text", "TYPE_STRING", "1"),
+        ("image", "TYPE_STRING", "1"),  # the bytes of one image file (raw, or base64 text)
         ("regions", "TYPE_FP32", f"-1, {dims['Dv']}"),
         ("region_mask", "TYPE_FP32", "-1"),
         ("k", "TYPE_INT32", "1"),
         ("rerank", "TYPE_INT32", "1"),
     ]
-    outputs = [("ids", "TYPE_STRING"), ("scores", "TYPE_FP32"), ("stage1", "TYPE_FP32")]
+    # per hit: ids, texts, sources ("" when none) and metadata (a JSON object) as text; scores and stage1
+    outputs = [(n, "TYPE_FP32" if n in ("scores", "stage1") else "TYPE_STRING") for n in RETRIEVER_OUTPUTS]
     text = f'name: "{RETRIEVER}"\nbackend: "python"\nmax_batch_size: 0\n'
     text += (
         "input [\n"
@@ -272,6 +284,10 @@ def retriever_config_text(
             "image_encoder": "image_encoder",
             "text_encoder": "text_encoder",
             "scorer": "scorer",
+            IMAGE_ENCODER_PIXELS.name: IMAGE_ENCODER_PIXELS.name,
+            IMAGE_PREPROCESSING_PARAM: (
+                json.dumps(dict(image_preprocessing), sort_keys=True) if image_preprocessing else ""
+            ),
             "graphs": settings.retriever_graphs,
             "intra_op_thread_count": str(settings.threads),
             "gallery": "",
@@ -480,6 +496,31 @@ def _batching(
     return settings.max_batch_size or b_max, profiles, scorer_limits({TENSORRT_KEY: record})
 
 
+def _pixel_graph(root: Path, pixels: Mapping[str, Any] | None) -> tuple[Path, dict[str, Any]] | None:
+    """``(the pixel graph's ONNX file, its preprocessing entry)`` when the bundle has the pixel graph.
+
+    ``pixels``: the manifest entries ``optional_graphs`` and ``preprocessing`` when ``root`` has no
+    manifest yet (a bundle under construction); else they are read from its manifest.
+
+    Raises:
+        ExportError: a pixel graph without its file or its preprocessing entry.
+    """
+    m: Mapping[str, Any] = pixels or {}
+    if (root / MANIFEST_FILE).is_file():
+        m = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+    entry = (m.get("optional_graphs") or {}).get(IMAGE_ENCODER_PIXELS.name)
+    if not isinstance(entry, Mapping):
+        return None
+    prep = (m.get("preprocessing") or {}).get("image")
+    src = root / str(entry.get("file") or IMAGE_ENCODER_PIXELS.file)
+    if not isinstance(prep, Mapping) or not src.is_file():
+        lacks = f"its file {src.name}" if isinstance(prep, Mapping) else "its preprocessing.image entry"
+        raise ExportError(
+            f"bundle {root} lists the pixel graph but lacks {lacks}; re-export it with --pixels"
+        )
+    return src, dict(prep)
+
+
 def write_repository(
     root: str | os.PathLike[str],
     settings: TritonSettings | None = None,
@@ -488,6 +529,7 @@ def write_repository(
     max_len: int | None = None,
     tensorrt: Mapping[str, Any] | None = None,
     model_config: Mapping[str, Any] | None = None,
+    pixels: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write (and validate) a Triton model repository for the bundle in ``root``.
 
@@ -499,6 +541,9 @@ def write_repository(
         tensorrt: the manifest's ``tensorrt`` record when ``root`` has no manifest yet (the
             ``tensorrt`` flavour takes ``max_batch_size``, profiles and limits from it).
         model_config: the model config when ``root`` has no manifest yet (the tokenizer's kind).
+        pixels: the manifest entries ``optional_graphs`` and ``preprocessing`` when ``root`` has no
+            manifest yet; with the pixel graph the repository gets the model ``image_encoder_pixels`` and
+            the ``retriever`` takes image files.
     Returns:
         ``{"triton": record}`` for the manifest.
     Raises:
@@ -529,6 +574,7 @@ def write_repository(
             if not src.is_file():
                 raise ExportError(f"bundle has no {settings.precision} graph {src.name}; export with --fp16")
         sources[graph] = src
+    pixel_graph = _pixel_graph(rootp, pixels)
     tmp = Path(
         tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent if dest.parent.exists() else None)
     )
@@ -555,6 +601,31 @@ def write_repository(
                 "max_batch_size": mbs if graph != "scorer" else 0,
                 "instances": settings.instances or (profiles or 1),
             }
+        if pixel_graph is not None:  # fp32 ONNX only: the tensorrt flavour serves it on onnxruntime
+            spec = IMAGE_ENCODER_PIXELS
+            pix_settings = replace(
+                settings,
+                backend="python" if settings.backend == "python" else "onnxruntime",
+                precision="fp32",
+            )
+            mdir = tmp / spec.name / "1"
+            mdir.mkdir(parents=True)
+            shutil.copyfile(pixel_graph[0], mdir / "model.onnx")
+            if pix_settings.backend == "python":
+                shutil.copyfile(ONNX_MODEL, mdir / "model.py")
+                copy_runtime(mdir)
+            cfg_path = tmp / spec.name / "config.pbtxt"
+            cfg_path.write_text(
+                config_text(spec, {**dims, "C": 3}, pix_settings, bundle_id=bundle_id, max_batch_size=mbs),
+                encoding="utf-8",
+            )
+            validate_config(cfg_path, pixel_graph[0])
+            models[spec.name] = {
+                "config": f"{spec.name}/config.pbtxt",
+                "model": f"{spec.name}/1/model.onnx",
+                "max_batch_size": mbs,
+                "instances": pix_settings.instances or 1,
+            }
         if settings.retriever:
             mdir = tmp / RETRIEVER / "1"
             mdir.mkdir(parents=True)
@@ -566,7 +637,14 @@ def write_repository(
                 shutil.copyfile(rootp / tk.pop("source"), mdir / tk["file"])
             cfg_path = tmp / RETRIEVER / "config.pbtxt"
             cfg_path.write_text(
-                retriever_config_text(dims, settings, bundle_id=bundle_id, limits=limits), encoding="utf-8"
+                retriever_config_text(
+                    dims,
+                    settings,
+                    bundle_id=bundle_id,
+                    limits=limits,
+                    image_preprocessing=pixel_graph[1] if pixel_graph is not None else None,
+                ),
+                encoding="utf-8",
             )
             validate_config(cfg_path)
             models[RETRIEVER] = {"config": f"{RETRIEVER}/config.pbtxt", "model": f"{RETRIEVER}/1/model.py"}
@@ -648,6 +726,7 @@ def make_step(settings: TritonSettings | None = None) -> DeploymentStep:
             max_len=mcfg.get("max_len"),
             tensorrt=extra.get(TENSORRT_KEY),
             model_config=mcfg or None,
+            pixels=extra,
         )
 
     return step

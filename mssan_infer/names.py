@@ -23,6 +23,8 @@ __all__ = [
     "RUNTIME_PACKAGE",
     "RETRIEVER_TOKENIZER",
     "SCORER_LIMITS_PARAM",
+    "IMAGE_PREPROCESSING_PARAM",
+    "RETRIEVER_OUTPUTS",
 ]
 
 # ---- bundle (``python -m export``) -------------------------------------------------
@@ -53,3 +55,9 @@ BUNDLE_ID_PARAM = "mssan_bundle_id"  # config.pbtxt parameter naming the bundle 
 RUNTIME_PACKAGE = "mssan_infer"  # the runtime package, copied beside the models' model.py
 RETRIEVER_TOKENIZER = "tokenizer.json"  # the retriever's tokenizer settings and vocabulary
 SCORER_LIMITS_PARAM = "scorer_limits"  # retriever parameter: JSON {"Ni","Nt","R","L"} maxima ({}: none)
+# retriever parameter: the pixel graph's preprocessing (the manifest's preprocessing.image, JSON; "": no
+# pixel graph, so the retriever's input ``image`` is refused)
+IMAGE_PREPROCESSING_PARAM = "image_preprocessing"
+# the retriever's outputs, one entry per hit, best first: ids (str(id)), scores and stage1 (FP32), texts,
+# sources (a caption's text, an image's source file; "" when none) and metadata (one JSON object each)
+RETRIEVER_OUTPUTS = ("ids", "scores", "stage1", "texts", "sources", "metadata")

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence, Union
 
@@ -25,7 +25,7 @@ from mssan_infer.backends import backend_options, create_backend
 from mssan_infer.backends.base import Backend
 from mssan_infer.bundle import BUNDLE_FILES, Bundle, check_index_bundle, load_bundle, tokenizer_from_bundle
 from mssan_infer.errors import InputError
-from mssan_infer.gallery.base import Gallery, GalleryView, ItemId, extent, raise_colliding
+from mssan_infer.gallery.base import Gallery, GalleryView, ItemId, check_labels, extent, raise_colliding
 from mssan_infer.gallery.filters import parse_where
 from mssan_infer.gallery.folder import load_index, save_index
 from mssan_infer.gallery.memory import MemoryGallery
@@ -50,11 +50,27 @@ PixelInput = Union[ImageSource, Sequence[ImageSource]]
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the gallery item's id, its final score and its stage-1 score."""
+    """One search result: the gallery item's id, its final score and its stage-1 score, and what the
+    gallery keeps of the item to show it.
+
+    Attributes:
+        id: the id the item was added with (str or int, as given).
+        score: final score (stage 1 + ``s_ll``; stage 1 alone when not reranked).
+        stage1: stage-1 score.
+        text: the caption's text (items added with :meth:`Retriever.add_texts` from str captions; ``None``
+            for images and for captions added as an :class:`Encoded`).
+        source: the file an image was indexed from (:meth:`Retriever.add_images` with paths, or its
+            ``sources=``); ``None`` otherwise.
+        metadata: the item's metadata as given to ``add_images``/``add_texts`` (a copy; ``None`` when it has
+            none or an empty one).
+    """
 
     id: ItemId
     score: float
     stage1: float
+    text: str | None = None
+    source: str | None = None
+    metadata: dict[str, Any] | None = field(default=None, hash=False)
 
 
 class Retriever:
@@ -226,8 +242,9 @@ class Retriever:
 
         Args:
             feats: ``[N, R, Dv]`` array, or a list of ``[R_i, Dv]`` arrays (padded here); or, with a
-                bundle exported with ``--pixels``, image paths, PIL images or uint8 ``[H,W(,C)]`` arrays
-                (one, a list, or ``[N,H,W,C]`` uint8), preprocessed as the manifest says.
+                bundle exported with ``--pixels``, image paths, image file bytes (JPEG, PNG, WebP...), PIL
+                images or uint8 ``[H,W(,C)]`` arrays (one, a list, or ``[N,H,W,C]`` uint8), preprocessed as
+                the manifest says.
             mask: ``[N, R]`` 1 for real regions (only with an array; default all ones).
             progress: show a tqdm bar.
         Returns:
@@ -321,6 +338,7 @@ class Retriever:
         *,
         mask: np.ndarray | None = None,
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        sources: Sequence[str | None] | None = None,
         progress: bool = False,
     ) -> list[ItemId]:
         """Encode images and append them to the image gallery.
@@ -328,18 +346,34 @@ class Retriever:
         Args:
             feats: ``[N, R, Dv]`` array, a list of ``[R_i, Dv]``, or an :class:`Encoded` from
                 :meth:`encode_images` (added without re-encoding); with a ``--pixels`` bundle also
-                image paths, PIL images or uint8 arrays (see :meth:`encode_images`).
+                image paths, PIL images, uint8 arrays or encoded file bytes (see :meth:`encode_images`).
             ids: ``N`` unique str/int ids (default: consecutive ints).
             mask: ``[N, R]`` region mask for an array input.
-            metadata: one JSON object (or None) per image, for ``search(..., where=...)`` filters.
+            metadata: one JSON object (or None) per image, for ``search(..., where=...)`` filters; returned
+                with hits (:attr:`Hit.metadata`).
+            sources: one str (or None) per image, kept as the image's source and returned with its hits
+                (:attr:`Hit.source`). Default: each image given as a path (str or PathLike) keeps that path,
+                as given; other inputs keep none.
         Returns:
             The ids added.
         Raises:
-            InputError: bad shapes/values, duplicate ids or ids already present, bad metadata.
+            InputError: bad shapes/values, duplicate ids or ids already present, bad metadata or sources.
         """
         self._check_ids_free(self.images, ids)
+        given = None if isinstance(feats, Encoded) else pixel_sources(feats)
+        if sources is None and given is not None:
+            paths = [os.fspath(s) if isinstance(s, (str, os.PathLike)) else None for s in given]
+            sources = paths if any(p is not None for p in paths) else None
+        elif sources is not None and (
+            given is not None or isinstance(feats, (Encoded, list, tuple, np.ndarray))
+        ):
+            # refused before encoding (the gallery checks again)
+            n = len(given) if given is not None else len(feats)  # type: ignore[arg-type]
+            sources = check_labels(sources, n, "sources")
         enc = feats if isinstance(feats, Encoded) else self.encode_images(feats, mask, progress=progress)
-        return self.images.add(enc.stage1, enc.local, enc.mask, enc.gram, ids, metadata=metadata)
+        return self.images.add(
+            enc.stage1, enc.local, enc.mask, enc.gram, ids, metadata=metadata, sources=sources
+        )
 
     def add_texts(
         self,
@@ -349,20 +383,28 @@ class Retriever:
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
         progress: bool = False,
     ) -> list[ItemId]:
-        """Encode captions and append them to the caption gallery.
+        """Encode captions and append them to the caption gallery, each with its text.
 
         Args:
-            texts: captions, or an :class:`Encoded` from :meth:`encode_texts`.
+            texts: captions (each kept as given and returned with its hits, :attr:`Hit.text`), or an
+                :class:`Encoded` from :meth:`encode_texts` (added without re-encoding, and without texts).
             ids: unique str/int ids (default: consecutive ints).
-            metadata: one JSON object (or None) per caption, for ``search(..., where=...)`` filters.
+            metadata: one JSON object (or None) per caption, for ``search(..., where=...)`` filters; returned
+                with hits (:attr:`Hit.metadata`).
         Returns:
             The ids added.
         Raises:
             InputError: empty/all-unknown captions, duplicate ids or ids already present, bad metadata.
         """
         self._check_ids_free(self.texts, ids)
-        enc = texts if isinstance(texts, Encoded) else self.encode_texts(texts, progress=progress)
-        return self.texts.add(enc.stage1, enc.local, enc.mask, enc.gram, ids, metadata=metadata)
+        if isinstance(texts, Encoded):
+            enc, captions = texts, None
+        else:
+            captions = checks.caption_list(texts)
+            enc = self.encode_texts(captions, progress=progress)
+        return self.texts.add(
+            enc.stage1, enc.local, enc.mask, enc.gram, ids, metadata=metadata, texts=captions
+        )
 
     @staticmethod
     def _check_ids_free(gallery: Gallery, ids: Sequence[ItemId] | None) -> None:
@@ -439,7 +481,8 @@ class Retriever:
         Args:
             text: a caption (text -> image).
             image: ``[R, Dv]`` region features of one image (image -> text); ``[1, R, Dv]`` also accepted;
-                with a ``--pixels`` bundle also an image path, a PIL image or a uint8 ``[H,W(,C)]`` array.
+                with a ``--pixels`` bundle also an image path, image file bytes, a PIL image or a uint8
+                ``[H,W(,C)]`` array.
             k: results to return.
             rerank: stage-1 candidates rescored by the scorer. ``0``: stage 1 only (final
                 score = stage-1 score); ``0 < rerank < k`` is raised to ``k``.
@@ -560,8 +603,12 @@ class Retriever:
             parts=self.gather_threads,
             where=where,
         )
+        # texts, sources and metadata of the returned hits only (never of every reranked candidate)
         return [
-            [Hit(i, float(f), float(s)) for i, f, s in zip(view.ids_at(r.rows), r.score, r.stage1)]
+            [
+                Hit(rec.id, float(f), float(s), rec.text, rec.source, rec.metadata)
+                for rec, f, s in zip(view.records_at(r.rows), r.score, r.stage1)
+            ]
             for r in ranked
         ]
 

@@ -40,6 +40,31 @@ def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bundle") / "tiny", fp16=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_pixel_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-initialised small MSSAN on ``resnet-tiny`` regions (Dv=256), exported with the pixel graph
+    (random ``resnet-tiny`` weights, 64 px images, a 2x2 grid): image files in, untrained. Read-only."""
+    import torch
+
+    from export import export_bundle
+    from mssan_infer.text.words import Tokenizer, build_vocab
+    from training.checkpoint import save_checkpoint
+    from training.config import ModelConfig
+    from training.model import MSSAN
+
+    from .test_images import tiny_weights
+
+    root = tmp_path_factory.mktemp("pixel-bundle")
+    torch.manual_seed(0)
+    tok = Tokenizer(build_vocab([" ".join(WORDS)] * 4, threshold=4), max_len=32)
+    cfg = ModelConfig(vocab_size=len(tok), word_dim=16, embed_size=32, img_dim=256, max_len=32)
+    ckpt = save_checkpoint(root / "ckpt", MSSAN(cfg), tok, state={"epoch": 0})
+    weights = tiny_weights(root / "resnet-tiny.safetensors", seed=3)
+    return export_bundle(
+        ckpt, root / "bundle", pixels=True, backbone="resnet-tiny", backbone_weights=weights, image_size=64
+    )
+
+
 def write_tiny_bert(
     folder: Path,
     words: list[str],

@@ -794,6 +794,7 @@ def cli_files(tmp_path_factory: pytest.TempPathFactory, saved_index: Path) -> Pa
     nan = rng.normal(size=(3, 4, DV)).astype(np.float32)
     nan[1, 1, 1] = np.nan
     np.save(d / "feats_nan.npy", nan)
+    np.save(d / "feats_empty.npy", np.zeros((0, 4, DV), np.float32))
     np.save(d / "feats_obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.save(d / "feats_str.npy", np.zeros((3, 4, DV), "U2"))
     (d / "feats_trunc.npy").write_bytes((d / "feats.npy").read_bytes()[:200])
@@ -801,6 +802,7 @@ def cli_files(tmp_path_factory: pytest.TempPathFactory, saved_index: Path) -> Pa
     (d / "caps.txt").write_text("a red dog\na blue ball\n")
     (d / "caps_latin1.txt").write_bytes("a red dog\ncaf\xe9 dog\n".encode("latin-1"))
     (d / "caps_empty.txt").write_text("\n  \n")
+    (d / "caps_gap.txt").write_text("a red dog\n\na blue ball\n")
     (d / "caps_unknown.txt").write_text("a red dog\nquokka zebra\n")
     (d / "ids3.txt").write_text("a\nb\nc\n")
     (d / "ids2.txt").write_text("a\nb\n")
@@ -836,7 +838,7 @@ CLI: list[Any] = [
     ),
     pytest.param(
         ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/not_npy.npy"],
-        "cannot read features",
+        "not_npy.npy is not a .npy file",
         id="index-features-not-npy",
     ),
     pytest.param(
@@ -846,7 +848,7 @@ CLI: list[Any] = [
     ),
     pytest.param(
         ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_obj.npy"],
-        "cannot read features",
+        "holds Python objects (a pickled array), which are never loaded",
         id="index-features-pickled-objects",
     ),
     pytest.param(
@@ -866,8 +868,28 @@ CLI: list[Any] = [
     ),
     pytest.param(
         ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_nan.npy"],
-        "NaN",
+        "feats_nan.npy: row 1 has NaN or inf (region 1)",
         id="index-features-nan",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}/feats_empty.npy"],
+        "feats_empty.npy holds no images",
+        id="index-features-empty",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--images", "{d}"],
+        "has no pixel graph",
+        id="index-image-folder-without-pixel-graph",
+    ),
+    pytest.param(
+        ["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps_gap.txt"],
+        "line 2 is blank",
+        id="index-captions-blank-line",
+    ),
+    pytest.param(
+        ["remove", "--bundle", "{bundle}", "--index", "{index}", "--ids", "nope"],
+        "nothing was removed",
+        id="remove-unknown-id",
     ),
     pytest.param(
         [
@@ -956,12 +978,12 @@ CLI: list[Any] = [
     ),
     pytest.param(
         ["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps.txt", "--threads", "0"],
-        "threads",
+        "--threads must be a positive int",
         id="index-threads-zero",
     ),
     pytest.param(
         ["index", "--bundle", "{bundle}", "--out", "{out}", "--texts", "{d}/caps.txt", "--batch-size", "0"],
-        "batch_size",
+        "--batch-size must be a positive int",
         id="index-batch-size-zero",
     ),
     pytest.param(
@@ -1047,7 +1069,7 @@ CLI: list[Any] = [
 def test_mssan_infer_cli_exits_1_with_a_one_line_typed_message(
     tiny_bundle: Path, saved_index: Path, cli_files: Path, tmp_path: Path, argv: list[str], match: str
 ) -> None:
-    from mssan_infer.__main__ import main
+    from mssan_infer.cli.main import main
 
     subs = {
         "{bundle}": str(tiny_bundle),

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mssan_infer.__main__ import main
+from mssan_infer.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -362,7 +362,7 @@ def _all_parsers() -> list[tuple[str, Any]]:
     import argparse
 
     from export.__main__ import build_parser as export_parser
-    from mssan_infer.__main__ import _parser as runtime_parser
+    from mssan_infer.cli.main import _parser as runtime_parser
     from training.__main__ import build_parser as training_parser
 
     out = []
@@ -398,3 +398,165 @@ def test_every_option_of_the_three_clis_has_help_and_shows_its_default() -> None
     assert not no_default, f"options whose default is not shown: {no_default}"
     index_help = " ".join(dict(_all_parsers())["mssan_infer index"].format_help().split())
     assert "(default: 32)" in index_help and "row numbers 0..N-1" in index_help
+
+
+# ---- ids you can trust: line i of a file is item i - 1 ---------------------------------------------------
+def test_a_blank_line_inside_an_ids_or_captions_file_is_an_error_naming_the_line_file_and_flag(
+    bundle: Path, files: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "caps.txt").write_text("a red dog\n\nthe blue ball\n")
+    code, _, err = cli("index", "--bundle", bundle, "--texts", tmp_path / "caps.txt", "--out", tmp_path / "i")
+    assert code == 1 and err.count("\n") == 1
+    assert f"--texts {tmp_path / 'caps.txt'}: line 2 is blank" in err and "shift" in err
+    lines = [f"p{i}" for i in range(30)]
+    lines[15] = "   "  # line 16: only spaces (30 lines for 30 images)
+    (tmp_path / "ids.txt").write_text("\n".join(lines) + "\n")
+    code, _, err = cli(
+        "index", "--bundle", bundle, "--images", files / "feats.npy", "--ids", tmp_path / "ids.txt",
+        "--out", tmp_path / "i",
+    )  # fmt: skip
+    assert code == 1 and f"--ids {tmp_path / 'ids.txt'}: line 16 is blank" in err
+    assert not (tmp_path / "i").exists()
+
+
+def test_blank_lines_at_the_end_crlf_endings_and_a_utf8_bom_keep_the_line_numbers(
+    bundle: Path, tmp_path: Path
+) -> None:
+    from mssan_infer.cli.files import read_lines
+
+    (tmp_path / "caps.txt").write_bytes("\ufeffa red dog\r\nthe blue ball\r\na man\r\n\r\n\n".encode("utf-8"))
+    assert read_lines(tmp_path / "caps.txt", "captions") == ["a red dog", "the blue ball", "a man"]
+    (tmp_path / "ids.txt").write_bytes("\ufeffdog\r\nball\r\nman".encode("utf-8"))
+    out = tmp_path / "i"
+    code, _, err = cli(
+        "index", "--bundle", bundle, "--texts", tmp_path / "caps.txt", "--text-ids", tmp_path / "ids.txt",
+        "--out", out, "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    code, text, _ = cli("search", "--bundle", bundle, "--index", out, "--image", _feats(tmp_path), "--json")
+    hits = {h["id"]: h["text"] for h in json.loads(text)["hits"]}
+    assert hits == {"dog": "a red dog", "ball": "the blue ball", "man": "a man"}  # no "\ufeffdog", no "\r"
+
+
+def _feats(tmp_path: Path) -> Path:
+    np.save(tmp_path / "q.npy", np.random.default_rng(1).normal(size=(1, 6, 24)).astype(np.float32))
+    return tmp_path / "q.npy"
+
+
+# ---- small ones -------------------------------------------------------------------------------------------
+def test_precision_int8_is_accepted_and_a_bundle_without_it_says_how_to_export_it(
+    bundle: Path, index: Path
+) -> None:
+    code, _, err = cli("search", "--bundle", bundle, "--index", index, "a red dog", "--precision", "int8")
+    assert code == 1 and err.count("\n") == 1 and "no int8 graph" in err and "--int8" in err
+
+
+def test_fp16_locals_is_explained_in_the_help_and_refused_with_layout(
+    bundle: Path, files: Path, tmp_path: Path
+) -> None:
+    help_text = " ".join(dict(_all_parsers())["mssan_infer index"].format_help().split())
+    assert "--fp16-locals store locals and Grams in float16" in help_text
+    assert "stage1=float32, local=float16" in help_text and "not with --layout" in help_text
+    code, _, err = cli(
+        "index", "--bundle", bundle, "--images", files / "feats.npy", "--out", tmp_path / "i",
+        "--fp16-locals", "--layout", "int8",
+    )  # fmt: skip
+    assert code == 1 and "give one of them" in err
+    code, _, err = cli(
+        "index", "--bundle", bundle, "--images", files / "feats.npy", "--out", tmp_path / "i",
+        "--fp16-locals", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    layout = json.loads((tmp_path / "i" / "index.json").read_text())["galleries"]["images"]["layout"]
+    assert (layout["stage1"], layout["local"]) == ("float32", "float16")
+
+
+def test_remove_takes_ids_out_of_an_index_folder_all_or_nothing(
+    bundle: Path, files: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "i"
+    args = ("index", "--bundle", bundle, "--images", files / "feats.npy", "--texts", files / "caps.txt")
+    assert cli(*args, "--ids", files / "ids.txt", "--out", out, "--no-progress")[0] == 0
+    before = (out / "index.json").read_bytes()
+    code, _, err = cli("remove", "--bundle", bundle, "--index", out, "--ids", "photo_001", "photo_999")
+    assert code == 1 and "1 of the 2 ids are not in the index" in err and "nothing was removed" in err
+    assert (out / "index.json").read_bytes() == before
+    (tmp_path / "drop.txt").write_text("photo_001\nphoto_002\n")
+    code, text, err = cli("remove", "--bundle", bundle, "--index", out, "--ids", tmp_path / "drop.txt")
+    assert code == 0, err
+    assert (
+        text.strip()
+        == f"removed 2 items (2 images, 0 captions) from {out}; it now holds 28 images and 3 captions"
+    )
+    code, text, err = cli("remove", "--bundle", bundle, "--index", out, "--ids", "1")  # the int id 1
+    assert code == 0 and "(0 images, 1 captions)" in text and "28 images and 2 captions" in text
+    code, text, _ = cli(
+        "search", "--bundle", bundle, "--index", out, "a man in the street", "-k", "30", "--json"
+    )
+    assert {"photo_001", "photo_002"}.isdisjoint(h["id"] for h in json.loads(text)["hits"])
+    code, _, err = cli("remove", "--bundle", bundle, "--index", tmp_path / "none", "--ids", "1")
+    assert code == 1 and "is not an mssan index" in err and not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize(
+    "make, flag, match",
+    [
+        (lambda d: np.save(d / "x.npy", np.zeros((0, 6, 24), np.float32)), "--images", "holds no images"),
+        (lambda d: (d / "x.txt").write_text(""), "--texts", "is empty"),
+        (lambda d: (d / "x.txt").write_text("\n \n\n"), "--texts", "is empty"),
+    ],
+    ids=["empty-npy", "empty-captions", "blank-captions"],
+)
+def test_empty_inputs_are_refused_and_nothing_is_written(
+    bundle: Path, tmp_path: Path, make: Any, flag: str, match: str
+) -> None:
+    make(tmp_path)
+    name = tmp_path / ("x.npy" if flag == "--images" else "x.txt")
+    code, _, err = cli("index", "--bundle", bundle, flag, name, "--out", tmp_path / "i")
+    assert code == 1 and match in err and str(name) in err and flag in err
+    assert not (tmp_path / "i").exists()
+
+
+def test_a_features_file_that_is_not_npy_names_the_file_and_what_was_expected(
+    bundle: Path, index: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "feats.npy").write_bytes(b"PK\x03\x04 a zip, not an array")
+    for argv in (
+        ("index", "--bundle", bundle, "--images", tmp_path / "feats.npy", "--out", tmp_path / "i"),
+        ("search", "--bundle", bundle, "--index", index, "--image", tmp_path / "feats.npy"),
+    ):
+        code, _, err = cli(*argv)
+        assert code == 1 and f"{tmp_path / 'feats.npy'} is not a .npy file" in err and "[N, R, Dv]" in err
+        assert "pickle" not in err
+
+
+def test_nan_in_features_names_the_file_and_the_row(bundle: Path, index: Path, tmp_path: Path) -> None:
+    feats = np.random.default_rng(0).normal(size=(5, 6, 24))
+    feats[3, 2, 7] = np.nan
+    feats[4, 0, 0] = 1e39  # finite in float64, inf once cast to float32
+    np.save(tmp_path / "f.npy", feats)
+    code, _, err = cli("index", "--bundle", bundle, "--images", tmp_path / "f.npy", "--out", tmp_path / "i")
+    assert (
+        code == 1
+        and f"--images {tmp_path / 'f.npy'}: row 3 has NaN or inf (region 2) (and 1 more rows)" in err
+    )
+    code, _, err = cli(
+        "search", "--bundle", bundle, "--index", index, "--image", tmp_path / "f.npy", "--row", "4"
+    )
+    assert code == 1 and "row 4 has NaN or inf (region 0)" in err
+
+
+def test_cli_errors_name_cli_flags_not_python_functions(bundle: Path, files: Path, tmp_path: Path) -> None:
+    caps_only = tmp_path / "caps-only"
+    assert cli("index", "--bundle", bundle, "--texts", files / "caps.txt", "--out", caps_only)[0] == 0
+    errors = [
+        cli("search", "--bundle", bundle, "--index", caps_only, "a red dog")[2],
+        cli("search", "--bundle", bundle, "--index", tmp_path / "nothing", "a red dog")[2],
+        cli("info", "--bundle", bundle, "--index", tmp_path / "nothing")[2],
+    ]
+    assert "holds no images to search" in errors[0] and "--append" in errors[0]
+    assert "python -m mssan_infer index" in errors[1] and "--out" in errors[1]
+    for err in errors:
+        assert err.startswith("error: ")
+        for python in ("Retriever.", "add_images(", "add_texts(", "save()", "flush()", "search_batch", "="):
+            assert python not in err, err

@@ -287,6 +287,25 @@ def test_index_and_search_with_images_match_the_region_path(
     assert [h.id for h in retriever.search(image=str(paths[1]), k=5, rerank=10)] == [h.id for h in got]
 
 
+def test_images_given_as_paths_keep_their_path_as_source_and_file_bytes_search_like_the_file(
+    retriever: Retriever, test_images: tuple[list[Path], np.ndarray, list[str]]
+) -> None:
+    paths, _, captions = test_images
+    retriever.add_images([paths[0], str(paths[1])], ids=["p0", "p1"])
+    retriever.add_images([paths[2].read_bytes(), Image.open(paths[3])], ids=["b2", "i3"])
+    retriever.add_images([paths[0]], ids=["named"], sources=["photos/first.jpg"])
+    hits = {h.id: h for h in retriever.search(text=captions[0], k=5)}
+    assert hits["p0"].source == str(paths[0]) and hits["p1"].source == str(paths[1])
+    assert hits["b2"].source is None and hits["i3"].source is None
+    assert hits["named"].source == "photos/first.jpg"
+    retriever.add_texts(captions)
+    by_path = retriever.search(image=paths[1], k=4)
+    by_bytes = retriever.search(image=paths[1].read_bytes(), k=4)
+    assert [(h.id, h.text) for h in by_bytes] == [(h.id, h.text) for h in by_path]
+    assert [h.text for h in by_path] == [captions[int(h.id)] for h in by_path]
+    assert np.allclose([h.score for h in by_bytes], [h.score for h in by_path], atol=1e-6)
+
+
 def test_bad_image_files_are_named_and_nothing_is_added(
     retriever: Retriever, test_images: tuple[list[Path], np.ndarray, list[str]], tmp_path: Path
 ) -> None:

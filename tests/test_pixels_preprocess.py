@@ -124,6 +124,28 @@ def test_arrays_and_pil_images_equal_the_same_image_from_a_file(tmp_path: Path) 
     assert batch.shape == (2, 3, 32, 32) and np.array_equal(batch[0], batch[1])
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_the_bytes_of_an_image_file_equal_the_file(tmp_path: Path, fmt: str) -> None:
+    cfg = Preprocessing(image_size=32, resize=40)
+    path = tmp_path / f"x.{fmt.lower()}"
+    _photo(50, 45).save(path, fmt)
+    data = path.read_bytes()
+    assert is_image_source(data) and is_image_source(bytearray(data))
+    assert np.array_equal(preprocess(data, cfg), preprocess(path, cfg))
+    assert np.array_equal(preprocess(bytearray(data), cfg), preprocess(path, cfg))
+
+
+def test_bytes_that_are_not_a_whole_image_are_input_errors_saying_so() -> None:
+    buf = io.BytesIO()
+    _photo(64, 64).save(buf, "JPEG")
+    with pytest.raises(InputError, match=r"image \(\d+ bytes\): cannot decode image, the file is truncated"):
+        load_image(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(InputError, match="not an image file pillow can read"):
+        load_image(b"this is not an image")
+    with pytest.raises(InputError, match="no bytes"):
+        load_image(b"")
+
+
 def test_region_features_are_not_mistaken_for_images() -> None:
     assert not is_image_source(np.zeros((36, 2048), np.float32))
     assert not is_image_source(np.zeros((2, 36, 2048), np.float32))

@@ -418,7 +418,7 @@ def test_cli_indexes_into_qdrant_edge_with_metadata_and_searches_with_a_filter(
 ) -> None:
     import io
 
-    from mssan_infer.__main__ import main
+    from mssan_infer.cli.main import main
 
     def cli(*argv: Any) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()

@@ -612,3 +612,291 @@ def test_the_retriever_model_serves_galleries_kept_in_qdrant(
             want = local.search(text=q, k=6, rerank=25)
             assert [x.decode() for x in res.as_numpy("ids")] == [str(h.id) for h in want]
             np.testing.assert_allclose(res.as_numpy("scores"), [h.score for h in want], atol=1e-5)
+
+
+# ---- image files in, readable hits out ---------------------------------------------------------------
+class _FakeTensor:
+    def __init__(self, name: str, value: Any) -> None:
+        self.name, self.value = name, value
+
+    def as_numpy(self) -> Any:
+        return self.value
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors: list[_FakeTensor], error: Any = None) -> None:
+        self.outputs = {t.name: t.value for t in output_tensors}
+        self.error = error
+
+
+class _FakeError:
+    INVALID_ARG = "INVALID_ARG"
+
+    def __init__(self, message: str, code: str = "INTERNAL") -> None:
+        self.message, self.code = message, code
+
+
+class _FakeLogger:
+    @staticmethod
+    def log_info(msg: str) -> None:
+        pass
+
+    log_warn = log_info
+
+
+class _FakePbUtils:
+    """What the retriever model uses of ``triton_python_backend_utils``, to run it outside Triton."""
+
+    Tensor = _FakeTensor
+    InferenceResponse = _FakeResponse
+    TritonError = _FakeError
+    Logger = _FakeLogger
+
+    @staticmethod
+    def get_input_tensor_by_name(request: dict[str, Any], name: str) -> _FakeTensor | None:
+        return _FakeTensor(name, request[name]) if name in request else None
+
+
+def _model_outside_triton(repo: Path, monkeypatch: pytest.MonkeyPatch, index: Path | None = None) -> Any:
+    """The repository's ``retriever`` model (``graphs: local``) run in this process with a stand-in
+    ``pb_utils``."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from mssan_infer.triton import retriever_model
+
+    monkeypatch.setattr(retriever_model, "pb_utils", _FakePbUtils)
+    if index is not None:
+        monkeypatch.setenv("MSSAN_RETRIEVER_INDEX", str(index))
+    cfg = text_format.Parse((repo / "retriever" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    model = retriever_model.TritonPythonModel()
+    model.initialize(
+        {
+            "model_config": json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True)),
+            "model_repository": str(repo / "retriever"),
+            "model_version": "1",
+        }
+    )
+    return model
+
+
+def _run(model: Any, **inputs: Any) -> _FakeResponse:
+    request = {k: np.asarray(v, dtype=object if k in ("text", "image") else None) for k, v in inputs.items()}
+    (response,) = model.execute([request])
+    return response  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def pixels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A bundle with the pixel graph (untrained tiny model on ``resnet-tiny`` at 64 px) and its python-flavour
+    repository (written by the export, as ``--pixels --triton`` does), a few image files, an index of their
+    paths and captions, and a copy of the repository holding it (retriever: ``graphs: local``, plus
+    ``retriever_bls``)."""
+    import torch
+
+    from export import export_bundle
+    from export.triton import TritonSettings, install_index
+    from mssan_infer import Retriever
+    from mssan_infer.text.words import Tokenizer, build_vocab
+    from training.checkpoint import save_checkpoint
+    from training.config import ModelConfig
+    from training.model import MSSAN
+
+    from .conftest import WORDS
+    from .test_images import make_images, tiny_weights
+
+    work = tmp_path_factory.mktemp("pixels-triton")
+    torch.manual_seed(0)
+    tok = Tokenizer(build_vocab([" ".join(WORDS)] * 4, threshold=4), max_len=32)
+    cfg = ModelConfig(vocab_size=len(tok), word_dim=16, embed_size=32, img_dim=256, max_len=32)
+    ckpt = save_checkpoint(work / "ckpt", MSSAN(cfg), tok, state={"epoch": 0})
+    bundle = export_bundle(
+        ckpt,
+        work / "bundle",
+        pixels=True,
+        backbone="resnet-tiny",
+        backbone_weights=tiny_weights(work / "bb.safetensors", seed=3),
+        image_size=64,
+        triton=TritonSettings(backend="python", threads=1),
+    )
+    photos = [work / "photos" / n for n in make_images(work / "photos", 6, seed=2)]
+    local = Retriever.load(bundle, OnnxRuntimeOptions(threads=1))
+    local.add_images(photos, ids=[p.stem for p in photos], metadata=[{"n": i} for i in range(6)])
+    local.add_texts(CAPTIONS, metadata=[{"lang": "en"} if i % 2 else None for i in range(len(CAPTIONS))])
+    local.save(work / "index")
+    shutil.copytree(bundle / "triton", work / "repo")
+    install_index(work / "repo", work / "index")
+    _add_bls_retriever(work / "repo")
+    yield {"bundle": bundle, "photos": photos, "local": local, "index": work / "index", "repo": work / "repo"}
+    local.close()
+
+
+def test_a_bundle_with_the_pixel_graph_gives_the_repository_a_pixel_model_and_the_retriever_its_preprocessing(
+    pixels: dict[str, Any],
+) -> None:
+    from export.triton import validate_config
+    from mssan_infer import load_bundle
+
+    repo, bundle = pixels["repo"], pixels["bundle"]
+    cfg = validate_config(
+        repo / "image_encoder_pixels" / "config.pbtxt", bundle / "image_encoder_pixels.onnx"
+    )
+    assert cfg.max_batch_size == 128 and [list(i.dims) for i in cfg.input] == [[3, -1, -1]]
+    ret = validate_config(repo / "retriever" / "config.pbtxt")
+    assert [(i.name, i.optional) for i in ret.input if i.name == "image"] == [("image", True)]
+    assert [o.name for o in ret.output] == ["ids", "scores", "stage1", "texts", "sources", "metadata"]
+    prep = json.loads(ret.parameters["image_preprocessing"].string_value)
+    b = load_bundle(bundle)  # verifies the sha256 of every file, the repository's included
+    assert prep == b.manifest.preprocessing["image"]
+    assert "triton/image_encoder_pixels/1/model.onnx" in b.manifest.raw["files"]
+    assert "image_encoder_pixels" in b.manifest.raw["triton"]["models"]
+
+
+def test_the_tensorrt_flavour_serves_the_pixel_graph_on_onnxruntime(
+    pixels: dict[str, Any], tmp_path: Path
+) -> None:
+    from export.triton import TritonSettings, validate_config, write_repository
+    from mssan_infer.names import plan_name
+
+    root = tmp_path / "bundle"
+    shutil.copytree(pixels["bundle"], root)
+    for g in GRAPHS:  # stand-in plans: only the layout is checked here
+        (root / plan_name(g, "fp32")).parent.mkdir(exist_ok=True)
+        (root / plan_name(g, "fp32")).write_bytes(b"plan")
+    trt = {"settings": {"num_profiles": 2}, "limits": {"B": 16, "R": 100, "L": 64, "Ni": 256, "Nt": 128}}
+    write_repository(root, TritonSettings(backend="tensorrt"), out=tmp_path / "repo", tensorrt=trt)
+    cfg = validate_config(
+        tmp_path / "repo" / "image_encoder_pixels" / "config.pbtxt", root / "image_encoder_pixels.onnx"
+    )
+    assert cfg.backend == "onnxruntime" and cfg.max_batch_size == 16
+    assert cfg.parameters["mssan_precision"].string_value == "fp32"
+    assert (tmp_path / "repo" / "image_encoder_pixels" / "1" / "model.onnx").is_file()
+
+
+def test_image_bytes_takes_raw_bytes_base64_with_line_breaks_and_data_urls(pixels: dict[str, Any]) -> None:
+    import base64
+
+    from mssan_infer.triton.retriever_model import image_bytes
+
+    raw = pixels["photos"][0].read_bytes()
+    assert image_bytes(raw) is raw
+    assert image_bytes(base64.encodebytes(raw)) == raw  # `base64 photo.jpg` wraps lines at 76
+    assert image_bytes(b"data:image/jpeg;base64," + base64.b64encode(raw)) == raw
+
+
+def test_the_retriever_model_decodes_image_bytes_and_returns_texts_sources_and_metadata(
+    pixels: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+
+    model = _model_outside_triton(pixels["repo"], monkeypatch)
+    local, photo = pixels["local"], pixels["photos"][1]
+    want = local.search(image=photo, k=4)
+    raw = photo.read_bytes()
+    for sent in (raw, base64.b64encode(raw), b"data:image/png;base64," + base64.b64encode(raw)):
+        res = _run(model, image=[sent], k=[4])
+        assert res.error is None
+        out = res.outputs
+        assert [x.decode() for x in out["ids"]] == [str(h.id) for h in want]
+        np.testing.assert_allclose(out["scores"], [h.score for h in want], atol=1e-5)
+        assert [x.decode() for x in out["texts"]] == [h.text for h in want]
+        assert [x.decode() for x in out["sources"]] == [""] * 4
+        assert [json.loads(x) for x in out["metadata"]] == [h.metadata or {} for h in want]
+    want = local.search(text="a red dog", k=3)
+    out = _run(model, text=["a red dog"], k=[3]).outputs
+    assert (
+        [x.decode() for x in out["sources"]]
+        == [h.source for h in want]
+        == [str(pixels["photos"][int(str(h.id)[3:])]) for h in want]
+    )
+    assert [json.loads(x) for x in out["metadata"]] == [h.metadata for h in want]
+    assert [x.decode() for x in out["texts"]] == [""] * 3
+
+
+@pytest.mark.parametrize(
+    "sent, message",
+    [
+        (b"\x89PNG\r\n\x1a\n broken", "not an image file pillow can read"),
+        (b"", "'image' is empty"),
+        (b"data:image/png;base64,@@@", "not 'data:<type>;base64,<base64>'"),
+    ],
+    ids=["not-an-image", "empty", "bad-data-url"],
+)
+def test_an_image_that_does_not_decode_is_an_invalid_argument(
+    pixels: dict[str, Any], monkeypatch: pytest.MonkeyPatch, sent: bytes, message: str
+) -> None:
+    model = _model_outside_triton(pixels["repo"], monkeypatch)
+    res = _run(model, image=[sent])
+    assert res.error is not None and res.error.code == "INVALID_ARG" and message in res.error.message
+
+
+def test_a_cut_image_file_is_an_invalid_argument(
+    pixels: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model_outside_triton(pixels["repo"], monkeypatch)
+    jpg = next(p for p in pixels["photos"] if p.suffix == ".jpg").read_bytes()
+    res = _run(model, image=[jpg[: len(jpg) // 2]])
+    assert (
+        res.error is not None
+        and res.error.code == "INVALID_ARG"
+        and "truncated or damaged" in res.error.message
+    )
+
+
+def test_without_the_pixel_graph_an_image_request_says_how_to_get_one(
+    gallery: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model_outside_triton(gallery["repo"], monkeypatch)
+    res = _run(model, image=[b"\x89PNG..."])
+    assert res.error is not None and res.error.code == "INVALID_ARG"
+    assert "without the pixel graph" in res.error.message and "--pixels" in res.error.message
+    res = _run(model, text=["a dog"], image=[b"x"])
+    assert res.error is not None and "exactly one of the inputs" in res.error.message
+
+
+@pytest.mark.triton
+def test_a_real_server_takes_image_bytes_and_answers_with_caption_texts(pixels: dict[str, Any]) -> None:
+    import base64
+
+    import tritonclient.http as hc
+
+    from mssan_infer.triton.server import local_tritonserver
+
+    local, photo = pixels["local"], pixels["photos"][2]
+    want = local.search(image=photo, k=5)
+    with local_tritonserver(pixels["repo"], binary=_binary(), startup_timeout_s=60) as s:
+        # plain KServe v2 JSON, as curl sends it: the file as base64 text
+        body = {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "data": [base64.b64encode(photo.read_bytes()).decode()],
+                },
+                {"name": "k", "shape": [1], "datatype": "INT32", "data": [5]},
+            ]
+        }
+        code, reply = _post(s.http_url, "/v2/models/retriever/infer", body)
+        assert code == 200, reply
+        out = {o["name"]: o["data"] for o in reply["outputs"]}
+        assert out["ids"] == [str(h.id) for h in want] and out["texts"] == [h.text for h in want]
+        np.testing.assert_allclose(out["scores"], [h.score for h in want], atol=1e-5)
+        assert [json.loads(m) for m in out["metadata"]] == [h.metadata or {} for h in want]
+        # the raw bytes (tritonclient's binary tensor data), through BLS to the image_encoder_pixels model
+        image = hc.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([photo.read_bytes()], dtype=object))
+        client = hc.InferenceServerClient(s.http_url)
+        try:
+            res = client.infer("retriever_bls", [image])
+        finally:
+            client.close()
+        want10 = local.search(image=photo, k=10)
+        assert [x.decode() for x in res.as_numpy("texts")] == [h.text for h in want10]
+        np.testing.assert_allclose(res.as_numpy("scores"), [h.score for h in want10], atol=1e-5)
+        code, reply = _post(
+            s.http_url,
+            "/v2/models/retriever/infer",
+            {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["bm90IGFuIGltYWdl"]}]},
+        )
+        assert code == 400 and "not an image file pillow can read" in reply["error"]

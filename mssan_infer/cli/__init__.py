@@ -1,6 +1,6 @@
-"""What the three command lines (``python -m training``, ``python -m export``, ``python -m mssan_infer``)
-share:
-help that shows defaults, and one form of error line."""
+"""The command lines: what the three (``python -m training``, ``python -m export``, ``python -m mssan_infer``)
+share -- help that shows defaults, one form of error line -- and, in its modules, the runtime's commands
+(:mod:`.main` parses flags; :mod:`.index`, :mod:`.search`, :mod:`.remove`, :mod:`.info` do the work)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
@@ -26,6 +27,8 @@ __all__ = [
     "raise_colliding",
     "new_ids",
     "check_encoded",
+    "check_labels",
+    "ItemRecord",
     "GalleryView",
     "Gallery",
     "extent",
@@ -150,6 +153,39 @@ def check_encoded(
     return stage1, local[:, :width], mask[:, :width], gram[:, :width, :width]
 
 
+def check_labels(values: Any, n: int, what: str) -> list[str | None]:
+    """``values`` for ``n`` new items: ``None`` (none), or ``n`` str or ``None`` each (a caption's text, an
+    image's source path).
+
+    Raises:
+        InputError: not a sequence of ``n``, or an entry that is neither a str nor None.
+    """
+    if values is None:
+        return [None] * n
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise InputError(
+            f"{what} must be a list with one str (or None) per item, got {type(values).__name__}"
+        )
+    out = list(values)
+    if len(out) != n:
+        raise InputError(f"got {len(out)} {what} for {n} items")
+    for i, v in enumerate(out):
+        if v is not None and not isinstance(v, str):
+            raise InputError(f"{what} {i} must be a str or None, got {type(v).__name__}")
+    return out
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """What a gallery keeps of an item besides its vectors: its id, the caption's text (caption galleries),
+    the file an image was indexed from, and the user's metadata (``None`` for each one it does not have)."""
+
+    id: ItemId
+    text: str | None = None
+    source: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
 def extent(mask: np.ndarray) -> int:
     """Padded width needed by ``mask [N, P]``: one past the last real position of any item (0 if none)."""
     cols = np.flatnonzero((np.asarray(mask) > 0).any(0))
@@ -170,6 +206,13 @@ class GalleryView(Protocol):
 
     def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemId]:
         """The ids of ``rows``."""
+        ...
+
+    def records_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemRecord]:
+        """The ids, texts, sources and metadata of ``rows`` (search asks only for the hits it returns).
+
+        The metadata is the caller's own copy; an empty one reads as ``None``.
+        """
         ...
 
     def topk(
@@ -228,11 +271,15 @@ class Gallery(Protocol):
         gram: np.ndarray,
         ids: Sequence[ItemId] | None = None,
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        texts: Sequence[str | None] | None = None,
+        sources: Sequence[str | None] | None = None,
     ) -> list[ItemId]:
-        """Append encoded items (all or nothing) with optional per-item metadata; returns their ids.
+        """Append encoded items (all or nothing) with optional per-item metadata, caption texts and source
+        paths (kept with the item and returned with its hits); returns their ids.
 
         Raises:
-            InputError: shapes, NaN/inf, bad, duplicate or already present ids, bad metadata.
+            InputError: shapes, NaN/inf, bad, duplicate or already present ids, bad metadata, texts or
+                sources.
         """
         ...
 

@@ -1,8 +1,9 @@
 """Index folders: galleries saved atomically with sha256 of every file, and loaded back verified.
 
 Layout (a folder): ``index.json`` (format, version, bundle id, gallery metadata, sha256 of
-every file) plus ``{gallery}_{array}.npy``, ``{gallery}_ids.json`` and, when items carry metadata,
-``{gallery}_meta.json`` per gallery. Nothing
+every file) plus ``{gallery}_{array}.npy``, ``{gallery}_ids.json`` and, when items carry them,
+``{gallery}_meta.json`` (metadata), ``{gallery}_text.json`` (caption texts) and ``{gallery}_source.json``
+(source paths) per gallery: JSON lists aligned with the ids (``null`` where an item has none). Nothing
 is pickled. A save writes a temp folder beside the target and swaps it in with one atomic
 directory exchange (two renames where the platform has none; :func:`load_index` then puts
 back a previous index left aside by a save killed between them).
@@ -34,7 +35,7 @@ from mssan_infer.files import (
     write_npy,
     write_npy_parts,
 )
-from mssan_infer.gallery.base import ItemId, check_id
+from mssan_infer.gallery.base import ItemId, check_id, check_labels
 from mssan_infer.gallery.filters import check_metadata
 from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.storage import Layout, Stage1Codec, store_locals
@@ -69,7 +70,8 @@ def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str
     """Write one gallery's arrays and ids into ``folder`` (fsync'd) as it is at one moment.
 
     Returns the manifest entry: the gallery's ``meta()`` (with its layout) plus ``files`` {array: file name}.
-    Every layout writes ``stage1`` (float32), ``local``, ``mask``, ``gram`` and ``ids``; int8 locals add
+    Every layout writes ``stage1`` (float32), ``local``, ``mask``, ``gram`` and ``ids`` (plus ``meta``,
+    ``text`` and ``source`` when any item has them); int8 locals add
     ``local_scale`` (one float32 per vector); a compressed stage 1 adds ``stage1_codes``, ``stage1_peak``
     and, for int8, ``stage1_scale`` (per dimension) and ``stage1_outliers`` (rows kept exact).
     """
@@ -118,9 +120,10 @@ def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str
             write_npy(folder / fname, np.asarray(arr))
             files[key] = fname
     files["ids"] = _write_json(folder / f"{prefix}_ids.json", list(view.ids[: view.n]))
-    meta = list(view.meta[: view.n])
-    if any(m is not None for m in meta):
-        files["meta"] = _write_json(folder / f"{prefix}_meta.json", meta)
+    for key, values in (("meta", view.meta), ("text", view.texts), ("source", view.sources)):
+        column = list(values[: view.n])
+        if any(v is not None for v in column):
+            files[key] = _write_json(folder / f"{prefix}_{key}.json", column)
     entry["files"] = files
     return entry
 
@@ -196,10 +199,11 @@ def read_gallery(
         gr = load("gram", mmap or not same_local)
         with open(safe_member(folder, files["ids"], IndexFileError), encoding="utf-8") as f:
             ids = json.load(f)
-        meta = None
-        if "meta" in files:
-            with open(safe_member(folder, files["meta"], IndexFileError), encoding="utf-8") as f:
-                meta = json.load(f)
+        columns: dict[str, Any] = {}
+        for key in ("meta", "text", "source"):
+            if key in files:
+                with open(safe_member(folder, files[key], IndexFileError), encoding="utf-8") as f:
+                    columns[key] = json.load(f)
         codes = peak = sigma = outliers = None
         if wanted.stage1 == saved.stage1 and saved.compressed_stage1:
             codes, peak = load("stage1_codes", False), load("stage1_peak", False)
@@ -238,11 +242,14 @@ def read_gallery(
         raise IndexFileError(f"index ids in {folder} are invalid: {e}") from e
     if len(set(clean)) != n:
         raise IndexFileError(f"index ids in {folder} contain duplicates; rebuild the index")
-    if meta is not None:
-        try:
-            meta = check_metadata(meta, n)
-        except InputError as e:
-            raise IndexFileError(f"index metadata in {folder} is invalid: {e}; rebuild the index") from e
+    try:
+        meta = check_metadata(columns["meta"], n) if "meta" in columns else None
+        texts = check_labels(columns["text"], n, "texts") if "text" in columns else None
+        sources = check_labels(columns["source"], n, "sources") if "source" in columns else None
+    except InputError as e:
+        raise IndexFileError(
+            f"index metadata, texts or sources in {folder} are invalid: {e}; rebuild the index"
+        ) from e
     if not same_local:
         lo, sc, gr = _convert_locals(g, lo, gr, ma)
     codec = None
@@ -254,7 +261,16 @@ def read_gallery(
                 codec.l1max, codec._fitted_l1 = l1, True
         else:
             codec, codes, outliers = encode_stage1(wanted.stage1, st)
-    g.adopt((st, lo, ma, gr, sc), clean, codes=codes, codec=codec, outliers=outliers, meta=meta)
+    g.adopt(
+        (st, lo, ma, gr, sc),
+        clean,
+        codes=codes,
+        codec=codec,
+        outliers=outliers,
+        meta=meta,
+        texts=texts,
+        sources=sources,
+    )
     return g
 
 
@@ -407,7 +423,8 @@ def read_index_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     mpath = root / INDEX_MANIFEST
     if not mpath.is_file():
         raise IndexFileError(
-            f"{root} is not an mssan index ({INDEX_MANIFEST} missing); build one with Retriever.save"
+            f"{root} is not an mssan index ({INDEX_MANIFEST} missing); build one with "
+            f"`python -m mssan_infer index ... --out {root}` (or Retriever.save)"
         )
     manifest = read_versioned_json(
         mpath,

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from mssan_infer.errors import InputError
-from mssan_infer.gallery.base import ItemId, check_encoded, check_id
+from mssan_infer.gallery.base import ItemId, check_encoded, check_id, check_labels
 from mssan_infer.gallery.base import new_ids as new_ids_checked
 from mssan_infer.gallery.filters import check_metadata
 from mssan_infer.gallery.stage1 import build_faiss, check_method
@@ -122,6 +122,8 @@ class MemoryGallery:
         self._segs: list[_Segment] = []
         self._ids: list[ItemId] = []
         self._meta: list[dict[str, Any] | None] = []  # per-item metadata (None: none given)
+        self._text: list[str | None] = []  # per-item caption text (None: none)
+        self._source: list[str | None] = []  # per-item source path (None: none)
         self._pos: dict[ItemId, int] = {}
         self._codec: Stage1Codec | None = (
             Stage1Codec(self.layout.stage1, self.stage1_dim) if self.layout.compressed_stage1 else None
@@ -235,6 +237,8 @@ class MemoryGallery:
         gram: np.ndarray,
         ids: Sequence[ItemId] | None = None,
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        texts: Sequence[str | None] | None = None,
+        sources: Sequence[str | None] | None = None,
     ) -> list[ItemId]:
         """Append encoded items.
 
@@ -242,15 +246,20 @@ class MemoryGallery:
             stage1: ``[N, 2D]``; local ``[N, P, D]``; mask ``[N, P]``; gram ``[N, P, P]``.
             ids: ``N`` unique str/int ids not yet in the gallery (default: fresh ints).
             metadata: ``N`` JSON objects (or None), filterable with ``where=`` (see :mod:`.filters`).
+            texts: ``N`` caption texts (or None), returned with the items' hits.
+            sources: ``N`` source paths (or None), returned with the items' hits.
         Returns:
             The ids added.
         Raises:
             InputError: shape mismatch, non-finite values (refused before anything is quantized: int8
-                codes of NaN/inf would be silently wrong), bad or duplicate ids, bad metadata.
+                codes of NaN/inf would be silently wrong), bad or duplicate ids, bad metadata, texts or
+                sources.
         """
         stage1, local, mask, gram = check_encoded(stage1, local, mask, gram, self.stage1_dim, self.local_dim)
         n, width = stage1.shape[0], mask.shape[1]
         meta = check_metadata(metadata, n)
+        text = check_labels(texts, n, "texts")
+        source = check_labels(sources, n, "sources")
         local = local.astype(np.float32, copy=False)
         lo_store, scale, gr_store = store_locals(
             self.layout.local, local, gram.astype(np.float32, copy=False)
@@ -299,6 +308,8 @@ class MemoryGallery:
                 self._pos[i] = self._n + j
             self._ids.extend(new_ids)
             self._meta.extend(meta)  # views read only their first n entries
+            self._text.extend(text)
+            self._source.extend(source)
             self._n += n
             self._faiss = None
             self._searcher = None
@@ -368,6 +379,8 @@ class MemoryGallery:
             keep = np.setdiff1d(np.arange(self._n), rows)
             self._ids = [self._ids[r] for r in keep]
             self._meta = [self._meta[r] for r in keep]
+            self._text = [self._text[r] for r in keep]
+            self._source = [self._source[r] for r in keep]
             self._pos = {i: j for j, i in enumerate(self._ids)}
             if len(self._outliers):
                 kept = self._outliers[~np.isin(self._outliers, rows)]
@@ -398,6 +411,8 @@ class MemoryGallery:
         codec: Stage1Codec | None = None,
         outliers: np.ndarray | None = None,
         meta: list[dict[str, Any] | None] | None = None,
+        texts: list[str | None] | None = None,
+        sources: list[str | None] | None = None,
     ) -> None:
         """Take stored arrays as the content of this empty gallery, kept as they are (e.g. read-only memory
         maps).
@@ -406,7 +421,8 @@ class MemoryGallery:
         stored
         as this gallery's layout stores them; with a compressed stage 1, ``codes`` and ``codec`` too. Later
         adds
-        go to new segments: the adopted arrays are never copied.
+        go to new segments: the adopted arrays are never copied. ``meta``, ``texts`` and ``sources`` are the
+        items' metadata, caption texts and source paths (already checked; default none).
         """
         st, lo, ma, gr = arrays[0], arrays[1], arrays[2], arrays[3]
         sc = arrays[4] if len(arrays) > 4 else None
@@ -429,6 +445,8 @@ class MemoryGallery:
             self._n = n
             self._ids = list(ids)
             self._meta = list(meta) if meta is not None else [None] * n
+            self._text = list(texts) if texts is not None else [None] * n
+            self._source = list(sources) if sources is not None else [None] * n
             self._pos = {i: j for j, i in enumerate(self._ids)}
             self._faiss = None
             self._searcher = None
@@ -488,6 +506,8 @@ class MemoryGallery:
                 self.overfetch,
                 self.certify,
                 self._meta,
+                self._text,
+                self._source,
             )
 
     def _shards(self) -> Any:

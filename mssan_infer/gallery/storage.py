@@ -185,7 +185,7 @@ class Stage1Codec:
     ) -> None:
         if storage not in ("float16", "int8"):
             raise InputError(f"compressed stage-1 storage must be 'float16' or 'int8', got {storage!r}")
-        self.faiss = import_faiss(f"a layout with a {storage} stage 1", "layout='fp32'")
+        self.faiss = import_faiss(f"a layout with a {storage} stage 1", "the fp32 layout")
         self.storage = storage
         self.dim = int(dim)
         self.sigma = None if sigma is None else np.ascontiguousarray(sigma, dtype=np.float32)

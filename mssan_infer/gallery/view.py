@@ -2,12 +2,13 @@
 
 :class:`ArrayView` is the in-memory gallery's :class:`~.contract.GalleryView`: the segments'
 first rows as :class:`Block` s, the compressed stage-1 searcher and codec of that moment, and the
-items' metadata. Later adds write past those rows and removals replace segments, so a view
-never changes while a search uses it.
+items' metadata, caption texts and source paths. Later adds write past those rows and removals replace
+segments, so a view never changes while a search uses it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mssan_infer.gallery.base import ItemId, extent
+from mssan_infer.gallery.base import ItemId, ItemRecord, extent
 from mssan_infer.gallery.filters import Where, matches, parse_where
 from mssan_infer.gallery.stage1 import faiss_topk, topk_inner_product
 from mssan_infer.gallery.storage import Layout, Stage1Codec, dequantize_into
@@ -80,9 +81,27 @@ class ArrayView:
     overfetch: int = OVERFETCH
     certify: bool = False
     meta: Sequence[dict[str, Any] | None] = ()  # per-item metadata, valid at positions < n
+    texts: Sequence[str | None] = ()  # per-item caption texts, valid at positions < n
+    sources: Sequence[str | None] = ()  # per-item source paths, valid at positions < n
 
     def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemId]:
         return [self.ids[int(r)] for r in rows]
+
+    def records_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemRecord]:
+        """Ids, texts, sources and metadata (a copy; an empty one as ``None``) of ``rows``."""
+        out = []
+        for r in rows:
+            i = int(r)
+            meta = self.meta[i] if i < len(self.meta) else None
+            out.append(
+                ItemRecord(
+                    self.ids[i],
+                    self.texts[i] if i < len(self.texts) else None,
+                    self.sources[i] if i < len(self.sources) else None,
+                    copy.deepcopy(meta) if meta else None,
+                )
+            )
+        return out
 
     # ---- whole arrays (saving, tests) --------------------------------------------------------
     @property

@@ -1,7 +1,7 @@
 """Images from pixels: the bundle's optional pixel graph (backbone + image encoder) and its runner.
 
 A bundle exported with ``--pixels`` holds ``image_encoder_pixels.onnx`` and the preprocessing
-constants in ``preprocessing.image``; images given as paths, PIL images or uint8 arrays are
+constants in ``preprocessing.image``; images given as paths, file bytes, PIL images or uint8 arrays are
 preprocessed (:mod:`mssan_infer.images.preprocess`) and encoded by that graph, on the retriever's
 backend when it has the graph, else in an ONNX Runtime session of its own.
 """
@@ -27,7 +27,8 @@ PIXEL_GRAPH = IMAGE_ENCODER_PIXELS.name
 
 
 def pixel_sources(x: object) -> list[ImageSource] | None:
-    """``x`` as a list of images (paths, PIL images, uint8 arrays), or None when it is region features."""
+    """``x`` as a list of images (paths, image file bytes, PIL images, uint8 arrays), or None when it is
+    region features."""
     if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] in (1, 3, 4):
         return list(x)  # [N,H,W,C] uint8
     if is_image_source(x):

@@ -14,6 +14,7 @@ than clipped; float (``F``) is clipped to ``0..255``.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from mssan_infer.deps import optional_import
 from mssan_infer.errors import BundleError, InputError
 
 if TYPE_CHECKING:
@@ -47,7 +49,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
-ImageSource = Union[str, "os.PathLike[str]", "PILImage.Image", np.ndarray]
+# a path, a PIL image, a uint8/uint16 array, or the encoded bytes of an image file (JPEG, PNG, WebP...)
+ImageSource = Union[str, "os.PathLike[str]", "PILImage.Image", np.ndarray, bytes]
 
 
 @dataclass(frozen=True)
@@ -116,14 +119,13 @@ RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}
 
 
 def _pil() -> Any:
-    from PIL import Image
-
-    return Image
+    return optional_import("PIL.Image", "pillow", "decoding image files")
 
 
 def is_image_source(x: object) -> bool:
-    """A path (str/PathLike), a PIL image, or a uint8/uint16 array ``[H,W]``, ``[H,W,1|3|4]``."""
-    if isinstance(x, (str, os.PathLike)):
+    """A path (str/PathLike), encoded file bytes, a PIL image, or a uint8/uint16 array ``[H,W]``,
+    ``[H,W,1|3|4]``."""
+    if isinstance(x, (str, os.PathLike, bytes, bytearray)):
         return True
     if isinstance(x, np.ndarray):
         return x.dtype in (np.uint8, np.uint16) and (x.ndim == 2 or (x.ndim == 3 and x.shape[2] in (1, 3, 4)))
@@ -135,6 +137,8 @@ def describe(src: object, i: int | None = None) -> str:
     if isinstance(src, (str, os.PathLike)):
         return str(src)
     where = "image" if i is None else f"image {i}"
+    if isinstance(src, (bytes, bytearray)):
+        return f"{where} ({len(src)} bytes)"
     if isinstance(src, np.ndarray):
         return f"{where} (array {src.shape} {src.dtype})"
     return f"{where} ({type(src).__name__})"
@@ -166,32 +170,48 @@ def to_rgb(img: "PILImage.Image") -> "PILImage.Image":
     return img.convert("RGB")
 
 
-def load_image(src: ImageSource, name: str | None = None) -> "PILImage.Image":
-    """Decode ``src`` (path, PIL image, uint8/uint16 array) into an upright RGB pillow image.
+def _decode(file: "Path | io.BytesIO", label: str) -> "PILImage.Image":
+    """Decode an image file (a path or its bytes) into an upright RGB pillow image."""
+    Image = _pil()
+    from PIL import ImageOps, UnidentifiedImageError
 
-    Arrays are HWC (or HW); uint8 RGB(A) or grayscale, uint16 grayscale.
+    try:
+        with Image.open(file) as im:
+            im.load()  # decode now: truncation shows up here
+            upright = ImageOps.exif_transpose(im)
+            return to_rgb(upright if upright is not None else im)
+    except UnidentifiedImageError as e:
+        raise InputError(
+            f"{label}: not an image file pillow can read (it reads JPEG, PNG, WebP, GIF, BMP, TIFF...)"
+        ) from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{label}: cannot decode image, the file is truncated or damaged ({e})") from e
+
+
+def load_image(src: ImageSource, name: str | None = None) -> "PILImage.Image":
+    """Decode ``src`` (path, encoded file bytes, PIL image, uint8/uint16 array) into an upright RGB pillow
+    image.
+
+    Arrays are HWC (or HW); uint8 RGB(A) or grayscale, uint16 grayscale. Bytes are the content of an image
+    file (any format pillow reads: JPEG, PNG, WebP...).
 
     Raises:
         InputError: missing file, not an image, truncated/damaged data (naming the file), or an
             array of another dtype/shape.
     """
     Image = _pil()
-    from PIL import ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
 
     label = name or describe(src)
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.is_file():
             raise InputError(f"{path}: image file not found")
-        try:
-            with Image.open(path) as im:
-                im.load()  # decode now: truncation shows up here
-                upright = ImageOps.exif_transpose(im)
-                return to_rgb(upright if upright is not None else im)
-        except UnidentifiedImageError as e:
-            raise InputError(f"{path}: not an image file pillow can read ({e})") from e
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise InputError(f"{path}: cannot decode image, the file is truncated or damaged ({e})") from e
+        return _decode(path, str(path))
+    if isinstance(src, (bytes, bytearray)):
+        if not src:
+            raise InputError(f"{label}: no bytes; expected the content of an image file (JPEG, PNG, WebP...)")
+        return _decode(io.BytesIO(bytes(src)), label)
     if isinstance(src, np.ndarray):
         if not is_image_source(src):
             raise InputError(
@@ -213,7 +233,7 @@ def load_image(src: ImageSource, name: str | None = None) -> "PILImage.Image":
             return to_rgb(upright if upright is not None else src)
         except (OSError, SyntaxError, ValueError) as e:
             raise InputError(f"{label}: cannot decode image ({e})") from e
-    raise InputError(f"{label}: expected an image path, a PIL image or a uint8 HWC array")
+    raise InputError(f"{label}: expected an image path, image file bytes, a PIL image or a uint8 HWC array")
 
 
 def resize_crop(img: "PILImage.Image", cfg: Preprocessing) -> "PILImage.Image":

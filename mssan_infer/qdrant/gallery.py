@@ -8,8 +8,9 @@ One point per item, in the bundle's layout:
   no HNSW graph on it (``m=0``), stored float32 (exact), float16 or uint8 (a per-vector scale in
   the payload);
 - payload: ``mssan_id`` (the item id, str or int), ``mssan_seq`` (insertion order, which breaks
-  score ties as the in-memory gallery's rows do), ``mssan_scale`` (uint8 locals only) and the
-  user's metadata (filterable with ``where=``).
+  score ties as the in-memory gallery's rows do), ``mssan_scale`` (uint8 locals only),
+  ``mssan_text`` (a caption's text) and ``mssan_source`` (an image's source path) when the item has
+  them, and the user's metadata (filterable with ``where=``; its keys never start with ``mssan_``).
 
 The point id is a UUID derived from the item id, so any process can find, test or remove an item
 without a lookup table. Gram matrices are not stored: they are recomputed from the fetched locals
@@ -22,29 +23,49 @@ on a server), and a gallery built with another bundle or layout is refused.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import os
+import shutil
 import threading
 import time
 import uuid
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from mssan_infer.errors import IndexFileError, InputError
-from mssan_infer.gallery.base import ItemId, check_encoded, check_id, new_ids
-from mssan_infer.gallery.filters import Where, check_metadata, parse_where
+from mssan_infer.files import exchange_dirs, fsync_dir
+from mssan_infer.gallery.base import ItemId, ItemRecord, check_encoded, check_id, check_labels, new_ids
+from mssan_infer.gallery.filters import RESERVED_PREFIX, Where, check_metadata, parse_where
 from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions, QdrantServer
 from mssan_infer.qdrant.stores import META_FILE, ClientStore, EdgeStore, Store, import_client
 
-__all__ = ["QdrantGallery", "QdrantView", "open_qdrant_galleries", "point_id", "copy_gallery"]
+__all__ = [
+    "QdrantGallery",
+    "QdrantView",
+    "open_qdrant_galleries",
+    "missing_qdrant_galleries",
+    "replacing_qdrant_galleries",
+    "point_id",
+    "copy_gallery",
+    "user_metadata",
+]
 
 log = logging.getLogger(__name__)
 
 _NAMESPACE = uuid.UUID("5b2c2f5e-6a4e-4f3c-9a43-3c1f0b7de1a1")  # point ids of mssan items
 _ID, _SEQ, _SCALE = "mssan_id", "mssan_seq", "mssan_scale"
+_TEXT, _SOURCE = "mssan_text", "mssan_source"
 _BATCH = 256  # points per upsert / retrieve request
+
+
+def user_metadata(payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The user's metadata in a point's payload (every key not starting ``mssan_``; ``None`` when none)."""
+    return {k: v for k, v in payload.items() if not k.startswith(RESERVED_PREFIX)} or None
 
 
 def point_id(item_id: ItemId) -> str:
@@ -129,15 +150,21 @@ class QdrantGallery:
         gram: np.ndarray,
         ids: Sequence[ItemId] | None = None,
         metadata: Sequence[Mapping[str, Any] | None] | None = None,
+        texts: Sequence[str | None] | None = None,
+        sources: Sequence[str | None] | None = None,
     ) -> list[ItemId]:
         """Upsert encoded items as points (all or nothing for bad input; Qdrant acknowledges each batch).
 
+        ``texts`` and ``sources`` (one str or None per item) are kept in the payload and returned with hits.
+
         Raises:
-            InputError: shapes, NaN/inf, bad, duplicate or present ids, bad metadata.
+            InputError: shapes, NaN/inf, bad, duplicate or present ids, bad metadata, texts or sources.
         """
         stage1, local, mask, gram = check_encoded(stage1, local, mask, gram, self.stage1_dim, self.local_dim)
         n = stage1.shape[0]
         meta = check_metadata(metadata, n)
+        text = check_labels(texts, n, "texts")
+        source = check_labels(sources, n, "sources")
         with self._lock:
             new = self.next_ids(n) if ids is None else new_ids(ids, n, self._present_ids)
             points = []
@@ -148,6 +175,10 @@ class QdrantGallery:
                 payload: dict[str, Any] = {**(meta[j] or {}), _ID: new[j], _SEQ: self._seq}
                 if scale is not None:
                     payload[_SCALE] = scale
+                if text[j] is not None:
+                    payload[_TEXT] = text[j]
+                if source[j] is not None:
+                    payload[_SOURCE] = source[j]
                 points.append((point_id(new[j]), stage1[j], stored, payload))
             for a in range(0, n, _BATCH):
                 self._store.upsert(points[a : a + _BATCH])
@@ -193,6 +224,22 @@ class QdrantView:
 
     def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemId]:
         return [self._items[int(r)][0] for r in rows]
+
+    def records_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemRecord]:
+        """Ids, texts, sources and metadata of ``rows``, from the payloads stage 1 fetched (no request)."""
+        out = []
+        for r in rows:
+            item_id, payload, _ = self._items[int(r)]
+            text, source = payload.get(_TEXT), payload.get(_SOURCE)
+            out.append(
+                ItemRecord(
+                    item_id,
+                    text if isinstance(text, str) else None,
+                    source if isinstance(source, str) else None,
+                    user_metadata(payload),
+                )
+            )
+        return out
 
     def topk(self, queries: np.ndarray, k: int, where: Where | None = None) -> tuple[np.ndarray, np.ndarray]:
         conditions = parse_where(where)
@@ -246,25 +293,82 @@ def _check_meta(meta: dict[str, Any], want: dict[str, Any], where: str) -> None:
             )
 
 
-def open_qdrant_galleries(
-    spec: QdrantEdge | QdrantServer, names: Sequence[str], stage1_dim: int, local_dim: int, bundle_id: str
-) -> dict[str, QdrantGallery]:
-    """Open (creating when missing) one Qdrant gallery per name for a bundle.
+_EDGE_CONFIG = "edge_config.json"  # what makes a folder a Qdrant Edge shard (EdgeStore loads it)
+
+
+def _server_client(spec: QdrantServer) -> Any:
+    """The spec's ``qdrant_client`` client (made from its url when it has none)."""
+    if spec.client is not None:
+        return spec.client
+    if not spec.url:
+        raise InputError("QdrantServer needs url= (e.g. 'http://localhost:6333') or client=")
+    qc = import_client("qdrant_client", "qdrant-client")
+    return qc.QdrantClient(url=spec.url, api_key=spec.api_key, prefer_grpc=spec.prefer_grpc)
+
+
+def _aliases(client: Any) -> dict[str, str]:
+    """Alias -> collection of every alias on the server."""
+    return {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
+
+
+def _collection_of(client: Any, name: str, aliases: Mapping[str, str] | None = None) -> str | None:
+    """The collection a gallery name resolves to (its alias's, or the collection of that name), or None."""
+    aliases = _aliases(client) if aliases is None else aliases
+    if name in aliases:
+        return aliases[name]
+    return name if client.collection_exists(name) else None
+
+
+def missing_qdrant_galleries(
+    spec: QdrantEdge | QdrantServer, names: Sequence[str], *, client: Any = None
+) -> list[str]:
+    """The names among ``names`` that have no gallery in ``spec`` yet. Reads only: creates nothing.
 
     Raises:
-        IndexFileError: a gallery built with another bundle or layout, or one that cannot be opened.
+        BackendUnavailableError: the client package of a server is not installed.
+    """
+    if isinstance(spec, QdrantEdge):
+        return [n for n in names if not (Path(spec.path) / n / _EDGE_CONFIG).is_file()]
+    client = _server_client(spec) if client is None else client
+    aliases = _aliases(client)
+    return [n for n in names if _collection_of(client, f"{spec.prefix}_{n}", aliases) is None]
+
+
+def _gallery_place(spec: QdrantEdge | QdrantServer, name: str) -> str:
+    if isinstance(spec, QdrantEdge):
+        return f"Qdrant Edge shard {Path(spec.path) / name}"
+    return f"Qdrant collection {spec.prefix + '_' + name!r}"
+
+
+def open_qdrant_galleries(
+    spec: QdrantEdge | QdrantServer,
+    names: Sequence[str],
+    stage1_dim: int,
+    local_dim: int,
+    bundle_id: str,
+) -> dict[str, QdrantGallery]:
+    """Open one Qdrant gallery per name for a bundle (with ``spec.create``, making the missing ones).
+
+    A gallery on a server is made as a collection ``{prefix}_{name}_{random}`` under the alias
+    ``{prefix}_{name}``, so that :func:`replacing_qdrant_galleries` can later switch the name to a new
+    collection in one step.
+
+    Raises:
+        IndexFileError: a gallery built with another bundle or layout, one that cannot be opened, or (without
+            ``spec.create``) one that does not exist.
         BackendUnavailableError: the Qdrant package is not installed.
     """
     opts = spec.options
     out: dict[str, QdrantGallery] = {}
-    client = None
-    if isinstance(spec, QdrantServer):
-        client = spec.client
-        if client is None:
-            if not spec.url:
-                raise InputError("QdrantServer needs url= (e.g. 'http://localhost:6333') or client=")
-            qc = import_client("qdrant_client", "qdrant-client")
-            client = qc.QdrantClient(url=spec.url, api_key=spec.api_key, prefer_grpc=spec.prefer_grpc)
+    client = _server_client(spec) if isinstance(spec, QdrantServer) else None
+    if not spec.create:
+        missing = missing_qdrant_galleries(spec, names, client=client)
+        if missing:
+            raise IndexFileError(
+                f"no mssan gallery at {', '.join(_gallery_place(spec, n) for n in missing)}, and none was "
+                "created: check the path (or URL and prefix), or index items into it first"
+            )
+    aliases = _aliases(client) if client is not None else {}
     for name in names:
         want = {
             "format": "mssan-qdrant-gallery",
@@ -286,23 +390,150 @@ def open_qdrant_galleries(
             else:
                 _check_meta(meta, want, store.where)
         else:
-            cs = ClientStore(client, f"{spec.prefix}_{name}", stage1_dim, local_dim, opts)
-            meta = cs.read_meta()
-            if meta is None:
-                cs.create(want)
-            elif meta.get("format") != "mssan-qdrant-gallery":
-                raise IndexFileError(f"{cs.where} exists but is not an mssan gallery; choose another prefix")
+            assert client is not None
+            alias = f"{spec.prefix}_{name}"
+            target = _collection_of(client, alias, aliases)
+            if target is None:
+                target = f"{alias}_{uuid.uuid4().hex[:12]}"
+                ClientStore(client, target, stage1_dim, local_dim, opts).create(want)
+                client.update_collection_aliases(
+                    change_aliases_operations=[_alias_op(client, "create", alias, target)]
+                )
             else:
-                _check_meta(meta, want, cs.where)
-            store = cs
+                meta = ClientStore(client, target, stage1_dim, local_dim, opts).read_meta()
+                if meta is None or meta.get("format") != "mssan-qdrant-gallery":
+                    raise IndexFileError(
+                        f"Qdrant collection {alias!r} exists but is not an mssan gallery; choose another "
+                        "prefix"
+                    )
+                _check_meta(meta, want, f"Qdrant collection {alias!r}")
+            store = ClientStore(client, alias, stage1_dim, local_dim, opts)  # the alias: follows a replace
         out[name] = QdrantGallery(store, stage1_dim, local_dim, opts)
     return out
 
 
+def _alias_op(client: Any, kind: str, alias: str, collection: str = "") -> Any:
+    """One ``update_collection_aliases`` operation: ``create`` alias -> collection, or ``delete`` alias."""
+    from qdrant_client import models
+
+    if kind == "create":
+        return models.CreateAliasOperation(
+            create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)
+        )
+    return models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))
+
+
+def _edge_folder_holds_only_galleries(root: Path) -> list[str]:
+    """What else than Qdrant Edge galleries ``root`` holds (names), for a refusal to replace it."""
+    others = []
+    for entry in sorted(root.iterdir()):
+        if not (entry.is_dir() and not entry.is_symlink() and (entry / _EDGE_CONFIG).is_file()):
+            others.append(entry.name)
+    return others
+
+
+@contextlib.contextmanager
+def replacing_qdrant_galleries(
+    spec: QdrantEdge | QdrantServer, names: Sequence[str]
+) -> Iterator[QdrantEdge | QdrantServer]:
+    """A new, empty place to build galleries that then replace the galleries ``names`` of ``spec`` at once.
+
+    Build the new galleries in the yielded spec and close everything opened there before the block ends.
+    When it ends without an error, the new galleries take the old ones' place; on an error they are
+    deleted and the old ones are untouched.
+
+    - Qdrant Edge: the new shards are built in a temp folder beside ``spec.path`` and the two folders are
+      exchanged in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames, and a crash
+      between them leaves the previous galleries beside the path as ``.NAME.old-*``). ``spec.path`` must
+      hold nothing but Qdrant Edge galleries (it is replaced as a whole).
+    - A server: the new collections get temporary aliases; one alias update then points every
+      ``{prefix}_{name}`` at its new collection (Qdrant applies the operations of one update together), and
+      the old collections are deleted. A gallery made as a plain collection (without an alias) must be
+      deleted before its name can become an alias: for that one switch, a search in between finds no
+      gallery.
+
+    Raises:
+        InputError: ``spec.path`` holds other things than galleries, or is not a folder.
+        IndexFileError / IndexWriteError: the swap failed (the old galleries are kept).
+    """
+    if isinstance(spec, QdrantEdge):
+        with _replacing_edge(spec) as edge:
+            yield edge
+        return
+    client = _server_client(spec)
+    token = uuid.uuid4().hex[:8]
+    staged = dataclasses.replace(spec, client=client, prefix=f"{spec.prefix}_new{token}")
+    switching = False  # past this point the new collections hold the only copy: never delete them
+    try:
+        yield staged
+        aliases = _aliases(client)
+        ops, old, plain = [], [], []
+        for name in names:
+            final, temp = f"{spec.prefix}_{name}", f"{staged.prefix}_{name}"
+            if temp not in aliases:
+                raise IndexFileError(f"the new Qdrant gallery {temp!r} was not built; nothing was replaced")
+            ops.append(_alias_op(client, "delete", temp))
+            if final in aliases:
+                ops.append(_alias_op(client, "delete", final))
+                old.append(aliases[final])
+            elif client.collection_exists(final):
+                plain.append(final)
+            ops.append(_alias_op(client, "create", final, aliases[temp]))
+        switching = True
+        for final in plain:
+            log.warning("Qdrant collection %r has no alias: deleting it before its name moves", final)
+            client.delete_collection(final)
+        client.update_collection_aliases(change_aliases_operations=ops)
+    except BaseException:
+        if not switching:
+            for name in names:
+                target = _aliases(client).get(f"{staged.prefix}_{name}")
+                if target is not None:
+                    client.delete_collection(target)
+        raise
+    still = set(_aliases(client).values())
+    for collection in old:
+        if collection not in still:
+            client.delete_collection(collection)
+
+
+@contextlib.contextmanager
+def _replacing_edge(spec: QdrantEdge) -> Iterator[QdrantEdge]:
+    root = Path(spec.path)
+    if root.exists():
+        if not root.is_dir():
+            raise InputError(f"{root} is not a folder of Qdrant Edge galleries; choose another path")
+        others = _edge_folder_holds_only_galleries(root)
+        if others:
+            raise InputError(
+                f"{root} holds other things than Qdrant Edge galleries ({', '.join(others[:5])}); replacing "
+                "the galleries replaces the whole folder, so it is refused: choose another path"
+            )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex[:8]}")
+    aside = root.with_name(f".{root.name}.old-{uuid.uuid4().hex[:8]}")
+    try:
+        yield dataclasses.replace(spec, path=tmp)
+        tmp.mkdir(exist_ok=True)
+        if root.exists() and exchange_dirs(tmp, root):
+            aside = tmp  # tmp now holds the previous galleries
+        else:  # no atomic exchange here: two renames
+            if root.exists():
+                os.replace(root, aside)
+            os.replace(tmp, root)
+        fsync_dir(root.parent)
+    except BaseException:
+        if aside.exists() and not root.exists():
+            os.replace(aside, root)  # the second rename failed: put the previous galleries back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def copy_gallery(src: QdrantGallery, dst: QdrantGallery, batch: int = _BATCH) -> int:
     """Copy every item of ``src`` (e.g. an Edge shard) into ``dst`` (e.g. a server collection), ids,
-    metadata and insertion order included: the way a gallery built on one machine moves up to a shared
-    server. Returns the number of items copied.
+    metadata, texts, sources and insertion order included: the way a gallery built on one machine moves up
+    to a shared server. Returns the number of items copied.
 
     Raises:
         InputError: ids already in ``dst`` (checked before anything is written) or other dims.
@@ -324,6 +555,15 @@ def copy_gallery(src: QdrantGallery, dst: QdrantGallery, batch: int = _BATCH) ->
         for j, x in enumerate(locals_):
             local[j, : x.shape[0]], mask[j, : x.shape[0]] = x, 1.0
         gram = np.matmul(local, local.transpose(0, 2, 1))
-        user = [{k: v for k, v in pl.items() if not k.startswith("mssan_")} or None for _, _, pl in records]
-        dst.add(stage1, local, mask, gram, ids=part, metadata=user)
+        payloads = [pl for _, _, pl in records]
+        dst.add(
+            stage1,
+            local,
+            mask,
+            gram,
+            ids=part,
+            metadata=[user_metadata(pl) for pl in payloads],
+            texts=[pl.get(_TEXT) for pl in payloads],
+            sources=[pl.get(_SOURCE) for pl in payloads],
+        )
     return len(ids)

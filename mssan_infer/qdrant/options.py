@@ -56,10 +56,15 @@ class QdrantOptions:
 
 @dataclass(frozen=True)
 class QdrantEdge:
-    """Galleries in Qdrant Edge shards (the Qdrant engine in-process): ``path/images``, ``path/texts``."""
+    """Galleries in Qdrant Edge shards (the Qdrant engine in-process): ``path/images``, ``path/texts``.
+
+    ``create``: make the galleries when they do not exist yet; ``False``: a missing gallery is an error and
+    nothing is created (searching, describing and removing must not make a gallery of a mistyped path).
+    """
 
     path: str | os.PathLike[str]
     options: QdrantOptions = field(default_factory=QdrantOptions)
+    create: bool = True
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ class QdrantServer:
     """Galleries as collections ``{prefix}_images`` / ``{prefix}_texts`` on a Qdrant server or cluster.
 
     Give ``url`` (e.g. ``"http://localhost:6333"``), or ``client``: any ``qdrant_client.QdrantClient``
-    (its local mode ``QdrantClient(":memory:")`` or ``QdrantClient(path=...)`` included).
+    (its local mode ``QdrantClient(":memory:")`` or ``QdrantClient(path=...)`` included). ``create``: as
+    in :class:`QdrantEdge`.
     """
 
     url: str | None = None
@@ -76,6 +82,7 @@ class QdrantServer:
     api_key: str | None = None
     prefer_grpc: bool = False
     options: QdrantOptions = field(default_factory=QdrantOptions)
+    create: bool = True
 
 
 GallerySpec = Union[None, str, QdrantEdge, QdrantServer]

@@ -1,0 +1,184 @@
+"""One set of rules for every gallery: an index folder, a Qdrant Edge shard and a Qdrant server collection
+are extended only with --append, replaced only (and atomically) with --overwrite, and searching, describing or
+removing never creates one."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from mssan_infer import Retriever
+from mssan_infer.cli.index import run_index
+from mssan_infer.cli.main import main
+from mssan_infer.cli.remove import run_remove
+from mssan_infer.cli.search import run_search
+from mssan_infer.errors import IndexFileError, InputError
+from mssan_infer.qdrant.gallery import missing_qdrant_galleries, open_qdrant_galleries
+from mssan_infer.qdrant.options import QdrantEdge, QdrantServer
+
+DV = 24
+
+
+def cli(*argv: object) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main([str(a) for a in argv], out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("rules")
+    rng = np.random.default_rng(0)
+    np.save(d / "a.npy", np.abs(rng.normal(size=(6, 4, DV))).astype(np.float32))
+    np.save(d / "b.npy", np.abs(rng.normal(size=(4, 4, DV))).astype(np.float32))
+    (d / "caps.txt").write_text("a red dog on the beach\na man in the street\n")
+    (d / "bad_caps.txt").write_text("a red dog\nquokka zebra\n")  # line 2: no known word
+    return d
+
+
+@pytest.fixture()
+def server() -> Iterator[QdrantServer]:
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(":memory:")
+    yield QdrantServer(client=client)
+    client.close()
+
+
+def _image_ids(bundle: Path, gallery: Any) -> list[Any]:
+    r = Retriever.load(bundle, gallery=gallery)
+    try:
+        return list(r.images.ids)
+    finally:
+        r.close()
+
+
+# ---- --append / --overwrite / --new-ids, the same for every gallery -------------------------------------
+def test_a_qdrant_gallery_that_holds_items_is_refused_without_append_or_overwrite(
+    tiny_bundle: Path, files: Path, tmp_path: Path
+) -> None:
+    spec = f"qdrant-edge:{tmp_path / 'g'}"
+    base = ("index", "--bundle", tiny_bundle, "--images", files / "a.npy", "--gallery", spec, "--no-progress")
+    assert cli(*base)[0] == 0
+    code, _, err = cli("index", "--bundle", tiny_bundle, "--texts", files / "caps.txt", "--gallery", spec)
+    assert code == 1 and err.count("\n") == 1
+    assert "already holds 6 images and 0 captions" in err and "--append" in err and "--overwrite" in err
+    assert _image_ids(tiny_bundle, spec) == list(range(6))  # nothing added
+    code, _, err = cli(*base, "--append")
+    assert code == 1 and "are already in --gallery" in err and "--new-ids" in err
+    code, text, err = cli(*base, "--append", "--new-ids")
+    assert code == 0, err
+    assert "indexed 6 images and 0 captions" in text and "it now holds 12 images" in text
+    assert _image_ids(tiny_bundle, spec) == list(range(12))
+
+
+def test_the_same_rules_hold_for_a_qdrant_server(
+    tiny_bundle: Path, files: Path, server: QdrantServer
+) -> None:
+    kw: dict[str, Any] = {"gallery": server, "progress": False}
+    assert run_index(tiny_bundle, images=files / "a.npy", **kw).total_images == 6
+    with pytest.raises(InputError, match="already holds 6 images"):
+        run_index(tiny_bundle, texts=files / "caps.txt", **kw)
+    s = run_index(tiny_bundle, images=files / "b.npy", append=True, new_ids=True, **kw)
+    assert (s.images, s.total_images) == (4, 10)
+    s = run_index(tiny_bundle, images=files / "b.npy", texts=files / "caps.txt", overwrite=True, **kw)
+    assert (s.total_images, s.total_texts) == (4, 2)
+    assert _image_ids(tiny_bundle, server) == [0, 1, 2, 3]
+
+
+def test_overwrite_swaps_a_new_qdrant_edge_folder_in_and_leaves_nothing_beside_it(
+    tiny_bundle: Path, files: Path, tmp_path: Path
+) -> None:
+    spec = f"qdrant-edge:{tmp_path / 'g'}"
+    assert cli("index", "--bundle", tiny_bundle, "--images", files / "a.npy", "--gallery", spec)[0] == 0
+    code, text, err = cli(
+        "index", "--bundle", tiny_bundle, "--images", files / "b.npy", "--texts", files / "caps.txt",
+        "--gallery", spec, "--overwrite", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    assert text.strip() == f"indexed 4 images and 2 captions into {spec}"
+    assert _image_ids(tiny_bundle, spec) == [0, 1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]  # no temp or old folder left
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["images", "texts"]
+
+
+def test_a_failed_overwrite_keeps_the_previous_gallery(
+    tiny_bundle: Path, files: Path, tmp_path: Path, server: QdrantServer
+) -> None:
+    edge = QdrantEdge(tmp_path / "g")
+    for spec in (edge, server):
+        run_index(tiny_bundle, images=files / "a.npy", gallery=spec, progress=False)
+        with pytest.raises(InputError, match="vocabulary"):  # fails after the new images were added
+            run_index(
+                tiny_bundle,
+                images=files / "b.npy",
+                texts=files / "bad_caps.txt",
+                gallery=spec,
+                overwrite=True,
+                progress=False,
+            )
+        assert _image_ids(tiny_bundle, spec) == list(range(6))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+    names = {c.name for c in server.client.get_collections().collections}
+    assert len(names) == 2  # the images and texts collections; the new ones were deleted
+
+
+def test_a_server_overwrite_moves_the_alias_so_open_replicas_see_the_new_gallery(
+    tiny_bundle: Path, files: Path, server: QdrantServer
+) -> None:
+    run_index(tiny_bundle, images=files / "a.npy", gallery=server, progress=False)
+    replica = Retriever.load(tiny_bundle, gallery=server)  # opened before the switch, e.g. a Triton model
+    before = {c.name for c in server.client.get_collections().collections}
+    run_index(tiny_bundle, images=files / "b.npy", gallery=server, overwrite=True, progress=False)
+    after = {c.name for c in server.client.get_collections().collections}
+    assert len(after) == 2 and not before & after  # new collections; the old ones are deleted
+    aliases = {a.alias_name: a.collection_name for a in server.client.get_aliases().aliases}
+    assert set(aliases) == {"mssan_images", "mssan_texts"} and set(aliases.values()) == after
+    assert replica.n_images == 4 and [h.id for h in replica.search(text="a red dog", k=10)] != []
+    replica.close()
+
+
+def test_overwrite_refuses_a_folder_that_holds_other_things_than_galleries(
+    tiny_bundle: Path, files: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "thesis.tex").write_text("keep me")
+    spec = f"qdrant-edge:{tmp_path / 'g'}"
+    code, _, err = cli(
+        "index", "--bundle", tiny_bundle, "--images", files / "a.npy", "--gallery", spec, "--overwrite"
+    )
+    assert code == 1 and "holds other things than Qdrant Edge galleries (thesis.tex)" in err
+    assert (tmp_path / "g" / "thesis.tex").read_text() == "keep me"
+
+
+# ---- nothing creates a gallery but `index` ----------------------------------------------------------------
+def test_search_remove_and_a_mistyped_gallery_create_nothing(
+    tiny_bundle: Path, tmp_path: Path, server: QdrantServer
+) -> None:
+    spec = f"qdrant-edge:{tmp_path / 'MISTYPED'}"
+    code, _, err = cli("search", "--bundle", tiny_bundle, "--gallery", spec, "a red dog")
+    assert code == 1 and "no mssan gallery there" in err and "none was created" in err
+    code, _, err = cli("remove", "--bundle", tiny_bundle, "--gallery", spec, "--ids", "3")
+    assert code == 1 and "no mssan gallery there" in err
+    assert not (tmp_path / "MISTYPED").exists()
+    with pytest.raises(IndexFileError, match="none was created"):
+        run_search(tiny_bundle, text="a red dog", gallery=server)
+    with pytest.raises(IndexFileError, match="none was created"):
+        open_qdrant_galleries(dataclasses.replace(server, create=False), ["images"], 64, 32, "b")
+    assert server.client.get_collections().collections == []
+    assert missing_qdrant_galleries(server, ["images", "texts"]) == ["images", "texts"]
+
+
+def test_remove_works_on_qdrant_galleries_too(tiny_bundle: Path, files: Path, tmp_path: Path) -> None:
+    spec = QdrantEdge(tmp_path / "g")
+    run_index(tiny_bundle, images=files / "a.npy", texts=files / "caps.txt", gallery=spec, progress=False)
+    with pytest.raises(InputError, match="in both the image and the caption gallery"):
+        run_remove(tiny_bundle, ids=["1"], gallery=spec)
+    s = run_remove(tiny_bundle, ids=["1", "4"], kind="images", gallery=spec)
+    assert (s.images, s.texts, s.total_images, s.total_texts) == (2, 0, 4, 2)
+    assert _image_ids(tiny_bundle, spec) == [0, 2, 3, 5]

@@ -8,7 +8,7 @@ part added to an existing bundle: ``python -m export --out DIR --add triton`` or
 from __future__ import annotations
 
 from .api import add_to_bundle, export_bundle
-from .errors import ExportError, ParityError
+from .errors import ExportError
 from .manifest import EXPORTER_VERSION as __version__
 
-__all__ = ["export_bundle", "add_to_bundle", "ExportError", "ParityError", "__version__"]
+__all__ = ["export_bundle", "add_to_bundle", "ExportError", "__version__"]

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import onnx
 
-from mssan_infer.files import sha256_file
+from mssan_infer.errors import BundleError, MssanError
+from mssan_infer.files import (
+    link_or_copy,
+    read_versioned_json,
+    recover_swap,
+    safe_member,
+    sha256_file,
+    swap_in,
+)
 from mssan_infer.names import MANIFEST_FILE, TENSORRT_KEY, plan_name
 from mssan_infer.spec import GRAPHS
 from training.checkpoint import WEIGHTS, load_checkpoint
@@ -24,7 +31,15 @@ from .errors import ExportError
 from .fp16 import convert_to_fp16
 from .graphs import build_graphs
 from .inputs import example_feeds
-from .manifest import FP16_DIR, build_manifest, bundle_tokenizer_file, hash_files, write_manifest
+from .manifest import (
+    FP16_DIR,
+    FileKey,
+    build_manifest,
+    bundle_tokenizer_file,
+    file_key,
+    hash_files,
+    write_manifest,
+)
 from .onnx import DEFAULT_OPSET, MIN_OPSET, check_onnx, export_graph
 from .validate import ParityReport, raise_if_failed, validate_graphs
 
@@ -53,10 +68,8 @@ def bundle_parts(root: Path) -> list[str]:
     """What the bundle at ``root`` holds beyond its fp32 graphs, in words (for messages); ``[]`` when
     its manifest cannot be read."""
     try:
-        m = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    if not isinstance(m, dict):
+        m = read_versioned_json(root / MANIFEST_FILE, error=BundleError, fix="re-export the bundle")
+    except MssanError:
         return []
     parts = ["fp32 graphs"]
     if m.get("fp16_graphs"):
@@ -72,9 +85,12 @@ def bundle_parts(root: Path) -> list[str]:
     return parts
 
 
-def _check_out(out: Path, checkpoint: Path | None, overwrite: bool) -> None:
+def _check_out(out: Path, checkpoint: Path | None, overwrite: bool, *, warn: bool = True) -> None:
     """The one rule for ``--out``: a new or empty folder is written; an existing bundle is replaced only
     with ``overwrite``; anything else (and the checkpoint) is never replaced.
+
+    ``warn``: log that ``overwrite`` replaces a bundle (the check before the build says it; the one
+    before the swap does not repeat it).
 
     Raises:
         ExportError: ``out`` is (or holds) the checkpoint, is a bundle and ``overwrite`` is off, or
@@ -93,7 +109,8 @@ def _check_out(out: Path, checkpoint: Path | None, overwrite: bool) -> None:
     if is_dir and (out / MANIFEST_FILE).is_file():
         parts = ", ".join(bundle_parts(out)) or "a bundle"
         if overwrite:
-            log.warning("--overwrite: replacing the bundle at %s (%s)", out, parts)
+            if warn:
+                log.warning("--overwrite: replacing the bundle at %s (%s)", out, parts)
             return
         raise ExportError(
             f"--out {out} already holds a bundle ({parts}); refusing to replace it. Pass --overwrite to "
@@ -104,23 +121,6 @@ def _check_out(out: Path, checkpoint: Path | None, overwrite: bool) -> None:
         f"--out {out} exists and is not an export bundle (no {MANIFEST_FILE}); refusing to replace it "
         "(not even with --overwrite, which replaces bundles only). Choose a new folder, or remove it first"
     )
-
-
-def _place(tmp: Path, out: Path) -> None:
-    """Move the finished bundle ``tmp`` to ``out``, replacing what ``_check_out`` allowed."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists() or out.is_symlink():
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old.exists() or old.is_symlink():
-            os.replace(old, out)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old.exists() or old.is_symlink():
-        old.unlink()
 
 
 def export_bundle(
@@ -194,6 +194,7 @@ def export_bundle(
             f"opset must be an integer >= {MIN_OPSET}, got {opset!r}; the default is {DEFAULT_OPSET}"
         )
     ckpt, outp = Path(checkpoint), Path(out)
+    recover_swap(outp, MANIFEST_FILE)  # a bundle that a replace killed between two renames left aside
     _check_out(outp, ckpt, overwrite)
     steps = [
         _deployment_step(t, None if on is True else on)
@@ -265,19 +266,10 @@ def export_bundle(
         failed = [r for r in reports if not r.passed]
         if verify:
             raise_if_failed(reports)
-            if int8:
-                from .int8 import raise_if_not_judged
-
-                raise_if_not_judged(int8_report)
-        for r in failed:
-            if r.failures:
-                log.warning(
-                    "--no-verify: %d %s parity failure(s) recorded in the manifest",
-                    len(r.failures),
-                    r.precision,
-                )
-            else:  # the int8 gate could not judge (a weak model): recorded, never "verified"
-                log.warning("--no-verify: %s check not judged, recorded in the manifest", r.precision)
+        for r in failed:  # recorded, never "verified"
+            log.warning(
+                "--no-verify: %s not passed, recorded in the manifest: %s", r.precision, "; ".join(r.reasons)
+            )
         ck.tokenizer.save(tmp / bundle_tokenizer_file(cfg))
 
         manifest_extra: dict[str, Any] = {**pixel_extra, **int8_extra}
@@ -297,8 +289,8 @@ def export_bundle(
             extra=manifest_extra,
         )
         write_manifest(tmp, manifest)
-        _check_out(outp, ckpt, overwrite)  # again: something may have appeared meanwhile
-        _place(tmp, outp)
+        _check_out(outp, ckpt, overwrite, warn=False)  # again: something may have appeared meanwhile
+        swap_in(tmp, outp)  # commits, or raises with what was at outp in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -359,12 +351,18 @@ def add_to_bundle(
     asked = [(t, on) for t, on in (("tensorrt", tensorrt), ("triton", triton)) if on]
     if not asked:
         raise ExportError("--add needs a part to add: --add tensorrt and/or --add triton")
+    recover_swap(root, MANIFEST_FILE)  # a bundle that a replace killed between two renames left aside
     if not (root / MANIFEST_FILE).is_file():
         raise ExportError(
             f"--add adds to an existing bundle, and {root} is not one (no {MANIFEST_FILE}); export it first: "
             f"python -m export --checkpoint CKPT --out {root}"
         )
-    manifest: dict[str, Any] = dict(load_bundle(root).manifest.raw)  # every file's sha256 checked
+    read = sha256_file(root / MANIFEST_FILE)  # the bundle as read: it must still be there at the swap
+    loaded = load_bundle(root)  # every file's sha256 checked
+    manifest: dict[str, Any] = dict(loaded.manifest.raw)
+    # the files as verified (a hard link in the copy is the same file: its sha256 is reused, not recomputed)
+    verified = _verified_files(root, loaded.manifest.files)
+    _refuse_if_changed(root, read)
     if checkpoint is not None:
         weights = Path(checkpoint) / WEIGHTS
         if not weights.is_file():
@@ -395,16 +393,13 @@ def add_to_bundle(
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        shutil.copytree(root, tmp, dirs_exist_ok=True, symlinks=True)
+        _copy_kept(root, tmp, tensorrt=bool(tensorrt), triton=bool(triton))
         extra: dict[str, Any] = {}
         for name, step in steps:
             if name == "tensorrt":
-                engines = Path(plan_name("scorer", "fp32")).parent
-                old = sorted((tmp / engines).glob("*.plan"))
-                for plan in old:  # engines of the old build go; the timing cache stays
-                    plan.unlink()
+                old = sorted((root / _ENGINES).glob("*.plan"))  # not copied: the engines of the old build go
                 if old:
-                    log.info("--add tensorrt: replacing %d engine(s) in %s", len(old), root / engines)
+                    log.info("--add tensorrt: replacing %d engine(s) in %s", len(old), root / _ENGINES)
             if name == "triton" and manifest.get("triton"):
                 log.info("--add triton: replacing the Triton repository in %s", root)
             extra.update(step(tmp, {**manifest, **extra}))
@@ -414,16 +409,78 @@ def add_to_bundle(
                 settings = None if triton is True else triton
                 kept = _installed_index(root)
                 if kept is not None and getattr(settings, "index", None) is None:
-                    install_index(tmp / REPOSITORY_DIR, kept)
+                    install_index(tmp / REPOSITORY_DIR, kept, link=True)
                     log.info("--add triton: kept the index installed in the old repository")
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest.update(extra)
         manifest["added"] = [*manifest.get("added", []), *({"part": n, "created": now} for n in names)]
-        manifest["files"] = hash_files(tmp)
+        manifest["files"] = hash_files(tmp, known=verified)
         write_manifest(tmp, manifest)
-        _place(tmp, root)
+        _refuse_if_changed(root, read)  # a concurrent --add or --overwrite is never silently undone
+        swap_in(tmp, root)  # commits, or raises with the bundle as it was
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("added %s to %s in %.1f s", " and ".join(names), root, time.perf_counter() - started)
     return root
+
+
+_ENGINES = Path(plan_name("scorer", "fp32")).parent.as_posix()  # the bundle's folder of TensorRT engines
+
+
+def _verified_files(root: Path, files: Mapping[str, str]) -> dict[FileKey, str]:
+    """{the identity of a file of the bundle at ``root``: its sha256 in the manifest} (just verified)."""
+    out: dict[FileKey, str] = {}
+    for name, digest in files.items():
+        try:
+            out[file_key(safe_member(root, name))] = digest
+        except (OSError, MssanError):
+            continue
+    return out
+
+
+def _refuse_if_changed(root: Path, read: str) -> None:
+    """Raises: ExportError when the manifest at ``root`` is no longer the one whose sha256 is ``read``."""
+    try:
+        now = sha256_file(root / MANIFEST_FILE)
+    except OSError:
+        now = None
+    if now != read:
+        raise ExportError(
+            f"the bundle at {root} changed while --add ran (another `python -m export --add` or --overwrite "
+            "replaced it); nothing was added, so that change is kept. Run --add again on the bundle as it "
+            "is now"
+        )
+
+
+def _copy_kept(root: Path, tmp: Path, *, tensorrt: bool, triton: bool) -> None:
+    """Copy the bundle ``root`` into ``tmp`` with hard links (copies across devices), less what is rebuilt.
+
+    ``tensorrt``: the old engines are left out, and the rest of ``tensorrt/`` (the timing cache, which the
+    build updates) is copied, never linked. ``triton``: ``triton/`` is left out (rewritten; its installed
+    index is linked back by ``install_index``). Every other file of the copy is the bundle's own file:
+    the steps only add or replace files, never write into one.
+    """
+    skipped: set[str] = set()
+    if triton:
+        from .triton import REPOSITORY_DIR
+
+        skipped.add(REPOSITORY_DIR)
+
+    def rel(path: str) -> tuple[str, ...]:
+        return Path(path).relative_to(root).parts
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        where = rel(folder)
+        if not where:
+            return skipped & set(names)
+        if tensorrt and where == (_ENGINES,):
+            return {n for n in names if n.endswith(".plan")}
+        return set()
+
+    def copy(src: str, dst: str) -> object:
+        if tensorrt and rel(src)[0] == _ENGINES:
+            return shutil.copy2(src, dst)
+        return link_or_copy(src, dst)
+
+    shutil.copytree(root, tmp, dirs_exist_ok=True, symlinks=True, ignore=ignore, copy_function=copy)

@@ -1,10 +1,11 @@
-"""Typed errors of the exporter (all ``MssanError``s, so the CLI reports them in one line)."""
+"""Typed errors of the exporter (all ``MssanError``s, so the CLI reports them in one line); a parity failure
+is ``mssan_infer.errors.ParityError``."""
 
 from __future__ import annotations
 
-from mssan_infer.errors import MssanError, ParityError
+from mssan_infer.errors import MssanError
 
-__all__ = ["ExportError", "ParityError"]
+__all__ = ["ExportError"]
 
 
 class ExportError(MssanError):

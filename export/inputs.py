@@ -21,13 +21,12 @@ from mssan_infer.spec import IMAGE_ENCODER, SCORER, TEXT_ENCODER
 from training.model import MSSAN
 
 from .graphs import build_graphs
-from .runners import TorchRunner, to_torch
+from .runners import TorchRunner
 
 __all__ = [
     "Case",
     "Feeds",
     "FeedConfig",
-    "to_torch",
     "image_feeds",
     "text_feeds",
     "scorer_feeds",

@@ -27,7 +27,8 @@ Gate (fatal like the other parity checks; DESIGN §10 "int8 text encoder"):
   directions;
 - the ratio is judged only when the reference finds enough correct first hits to mean something
   (``judge_floor``): below that the model is too weak to judge, which is neither a pass nor a
-  failure; ``raise_if_not_judged`` refuses the export then (``verify=False`` records it).
+  failure: the report does not pass (its ``reasons`` say why), so ``export.validate.raise_if_failed``
+  refuses the export then (``verify=False`` records it).
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ __all__ = [
     "judge",
     "quantize_text_encoder",
     "check_split",
-    "raise_if_not_judged",
     "export_int8",
 ]
 
@@ -103,9 +103,13 @@ class Int8Report(ParityReport):
         return super().failures + [f"[int8] {m}" for m in self.split.get("failures", [])]
 
     @property
-    def passed(self) -> bool:
-        """No failure and a judged ratio: a model too weak to judge never passes (nor fails)."""
-        return not self.failures and bool(self.split.get("judged", True))
+    def reasons(self) -> list[str]:
+        """The failures, then, when the gate could not judge the R@1 ratio (a model too weak), what to do:
+        such a report never passes (nor fails)."""
+        out = self.failures
+        if not self.split.get("judged", True):
+            out.append(str(self.split.get("too_weak") or f"--int8: the model is {TOO_WEAK}"))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
@@ -251,6 +255,54 @@ def _load_folder(folder: Path, source: str) -> GateData:
     return GateData(ims, mask, caps, f"{folder} {name} split ({size})", source)
 
 
+def _differences(recorded: Mapping[str, Any], folder: Path, split: str, found: GateData) -> list[str]:
+    """How the ``split`` split of ``folder`` (``found``, before the ``GATE_MAX_IMAGES`` cut) differs from
+    what the checkpoint recorded of its training data there (``training.train.data_record``): the split's
+    size, the feature size and, for the synthetic set, its seed and knobs. Sizes the record lacks are not
+    compared."""
+    out = []
+    sizes = recorded.get("splits") or {}
+    n = _split_size(folder, split)
+    want = sizes.get(split) if isinstance(sizes, Mapping) else None
+    if isinstance(want, int) and n is not None and n != want:
+        out.append(f"its {split} split has {n} images, the record says {want}")
+    dim = recorded.get("feat_dim")
+    if isinstance(dim, int) and int(found.images.shape[-1]) != dim:
+        out.append(f"its regions are {int(found.images.shape[-1])}-d, the record says {dim}-d")
+    synth = recorded.get("synth")
+    meta = _synth_meta(folder)
+    if isinstance(synth, Mapping):
+        if meta is None:
+            out.append(f"the record says synthetic data (seed {synth.get('seed')}), the folder is not")
+        else:
+            for key in ("seed", "knobs"):
+                if key in synth and meta.get(key) != synth.get(key):
+                    have, want = meta.get(key), synth.get(key)
+                    out.append(f"its synthetic {key} is {have!r}, the record says {want!r}")
+    elif meta is not None:
+        out.append(f"it is synthetic data (seed {meta.get('seed')}), the record says the data was not")
+    return out
+
+
+def _split_size(folder: Path, split: str) -> int | None:
+    """Images in ``folder/{split}_ims.npy`` (its header only), or None when it cannot be read."""
+    try:
+        return int(np.load(folder / f"{split}_ims.npy", mmap_mode="r", allow_pickle=False).shape[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _synth_meta(folder: Path) -> dict[str, Any] | None:
+    """``meta.json`` of a synthetic set (``training.synth``) in ``folder``, else None."""
+    import json
+
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("generator") == "training.synth" else None
+
+
 def gate_data(
     model: MSSAN,
     data: str | os.PathLike[str] | None,
@@ -261,15 +313,17 @@ def gate_data(
 
     1. ``data`` (``--int8-data DIR``): its ``dev`` split (``test`` if it has none);
     2. else the training data the checkpoint records (``state.json``'s ``data``, written by
-       ``python -m training train``): the dev split of that folder, or, when the folder is gone and
-       it was the synthetic set, the same dev split regenerated from its seed and knobs;
+       ``python -m training train``): the dev split of that folder (``test`` if it has none) when its
+       size, feature size and synthetic seed are the recorded ones (else an error naming
+       ``--int8-data``), or, when the folder is gone and it was the synthetic set, the same dev split
+       regenerated from its seed and knobs;
     3. else an error: the gate never guesses the data.
 
     At most ``GATE_MAX_IMAGES`` images (the first ones) are used.
 
     Raises:
-        ExportError: no data given or recorded, the recorded folder is gone (and was not synthetic),
-            or the split's regions do not fit the model.
+        ExportError: no data given or recorded, the recorded folder is gone (and was not synthetic) or
+            holds other data than the record says, or the split's regions do not fit the model.
         InputError: the folder is not a precomp folder (``training.data.load_split``).
     """
     ck = f"checkpoint {checkpoint}" if checkpoint is not None else "the checkpoint"
@@ -278,8 +332,16 @@ def gate_data(
     elif recorded and recorded.get("path"):
         folder = Path(str(recorded["path"]))
         synth = recorded.get("synth")
-        if (folder / "dev_ims.npy").is_file():
+        if (folder / "dev_ims.npy").is_file() or (folder / "test_ims.npy").is_file():
+            # as --int8-data: the dev split, else the test split; only when it is the recorded data
             out = _load_folder(folder, "the checkpoint's training data")
+            differs = _differences(recorded, folder, _folder_split(folder), out)
+            if differs:
+                raise ExportError(
+                    f"--int8 checks recall on the data the model was trained on, and {ck} was trained on "
+                    f"{folder}, but that folder now holds other data ({'; '.join(differs)}). Pass "
+                    "--int8-data DIR: a precomp folder with a dev split of the data the model was trained on"
+                )
         elif isinstance(synth, Mapping):
             from training.synth import generate_split
 
@@ -299,8 +361,8 @@ def gate_data(
         else:
             raise ExportError(
                 f"--int8 checks recall on the data the model was trained on, and {ck} was trained on "
-                f"{folder}, which is not here (no dev_ims.npy). Pass --int8-data DIR: a precomp folder "
-                "with a dev split of that data"
+                f"{folder}, which is not here (no dev_ims.npy nor test_ims.npy). Pass --int8-data DIR: a "
+                "precomp folder with a dev split of that data"
             )
     else:
         raise ExportError(
@@ -474,12 +536,6 @@ def judge(
         f" (not judged: {TOO_WEAK})" if weak else "",
     )
     return out
-
-
-def raise_if_not_judged(report: "Int8Report") -> None:
-    """Raises: ExportError (what to do) when the gate could not judge the R@1 ratio (a weak model)."""
-    if not report.split.get("judged", True):
-        raise ExportError(str(report.split.get("too_weak") or f"--int8: the model is {TOO_WEAK}"))
 
 
 def export_int8(

@@ -7,7 +7,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Tuple
 
 import onnx
 import onnxruntime
@@ -25,6 +25,8 @@ __all__ = [
     "FP16_DIR",
     "INT8_DIR",
     "hash_files",
+    "FileKey",
+    "file_key",
     "build_manifest",
     "write_manifest",
     "tokenizer_entry",
@@ -72,12 +74,26 @@ def tokenizer_entry(root: Path, cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def hash_files(root: Path) -> dict[str, str]:
-    """{relative posix path: sha256} of every file under ``root`` except the manifest."""
+FileKey = Tuple[int, int, int, int]  # a file's device, inode, size and mtime (ns): the same file, unchanged
+
+
+def file_key(path: Path) -> FileKey:
+    """The identity of the file at ``path`` as it is now (:data:`FileKey`)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def hash_files(root: Path, known: Mapping[FileKey, str] | None = None) -> dict[str, str]:
+    """{relative posix path: sha256} of every file under ``root`` except the manifest.
+
+    ``known``: sha256 of files already verified, by :func:`file_key` (a hard link to one of them, unchanged
+    since, is not read again).
+    """
     files: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_FILE:
-            files[p.relative_to(root).as_posix()] = sha256_file(p)
+            digest = known.get(file_key(p)) if known else None
+            files[p.relative_to(root).as_posix()] = digest or sha256_file(p)
     return files
 
 
@@ -144,6 +160,7 @@ def build_manifest(
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     path = root / MANIFEST_FILE
     tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
+    tmp.unlink(missing_ok=True)  # a new file: never written through a hard link into another bundle
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
     return path

@@ -19,7 +19,8 @@ from torch import nn
 from mssan_infer.spec import GraphSpec
 
 from .errors import ExportError
-from .inputs import Feeds, to_torch
+from .inputs import Feeds
+from .runners import to_torch
 
 __all__ = ["DEFAULT_OPSET", "export_graph", "check_onnx"]
 

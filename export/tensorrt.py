@@ -49,9 +49,9 @@ import numpy as np
 
 from mssan_infer.backends.base import Backend
 from mssan_infer.backends.tensorrt import cuda_device, gpu_info, import_cudart, import_tensorrt
-from mssan_infer.errors import BackendUnavailableError
-from mssan_infer.files import sha256_file
-from mssan_infer.names import LIMITS_KEY, MANIFEST_FILE, TENSORRT_KEY, VOCAB_FILE, plan_name
+from mssan_infer.errors import BackendUnavailableError, BundleError
+from mssan_infer.files import read_versioned_json, sha256_file
+from mssan_infer.names import FORMAT_VERSION, LIMITS_KEY, MANIFEST_FILE, TENSORRT_KEY, VOCAB_FILE, plan_name
 from mssan_infer.options import Device
 from mssan_infer.spec import DEFAULT_PROFILES, FIXED_AXES, GRAPHS, GraphSpec
 
@@ -535,7 +535,11 @@ def bundle_shape(root: Path, manifest: Mapping[str, Any] | None = None) -> Bundl
     dims, vocab = bundle_dims(root)
     if manifest is None:
         path = root / MANIFEST_FILE
-        manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        manifest = (
+            read_versioned_json(path, error=BundleError, fix="re-export the bundle", version=FORMAT_VERSION)
+            if path.is_file()
+            else {}
+        )
     max_len = (manifest.get("tokenizer") or {}).get("max_len") or (manifest.get("model_config") or {}).get(
         "max_len"
     )
@@ -674,9 +678,11 @@ def build_engines(
                 table[graph] = final
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    if cache:
+    if cache:  # a new file replaces the cache: a hard link to it (``add_to_bundle``'s copy) is never written
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(cache)
+        staged_cache = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}")
+        staged_cache.write_bytes(cache)
+        os.replace(staged_cache, cache_path)
     record = engine_record(
         root,
         engines,

@@ -51,8 +51,11 @@ from typing import Any, Mapping
 
 from mssan_infer.backends.tensorrt import scorer_limits
 from mssan_infer.bundle import bundle_id, id_files
+from mssan_infer.errors import BundleError
+from mssan_infer.files import link_or_copy, read_versioned_json
 from mssan_infer.names import (
     BUNDLE_ID_PARAM,
+    FORMAT_VERSION,
     IMAGE_PREPROCESSING_PARAM,
     MANIFEST_FILE,
     RETRIEVER_OUTPUTS,
@@ -406,9 +409,25 @@ def _model_config_type_name(value: int) -> str:
 
 
 # ---- writing ---------------------------------------------------------------------------
+def _manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest of the bundle in ``root`` (format and version checked; its files are not hashed: a
+    bundle being extended by ``add_to_bundle`` has new files), or None for a bundle under construction.
+
+    Raises:
+        BundleError: an unreadable, damaged or newer-format manifest.
+    """
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    m = read_versioned_json(path, error=BundleError, fix="re-export the bundle", version=FORMAT_VERSION)
+    if not isinstance(m.get("files"), dict):
+        raise BundleError(f"{path} has no files table; re-export the bundle")
+    return m
+
+
 def _bundle_id(root: Path) -> str:
-    if (root / MANIFEST_FILE).is_file():
-        m = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+    m = _manifest(root)
+    if m is not None:
         files = m["files"]
         tk = m.get("tokenizer") or {}
         tokenizer = str(tk.get("file") or tk.get("vocab", VOCAB_FILE))
@@ -427,8 +446,9 @@ def _tokenizer_spec(
     copied beside it (``SUBWORD_FILE``, from ``source``). The retriever loads either with the runtime's loader
     (``core.subword.load_text_tokenizer``), so both give the same ids."""
     tk: dict[str, Any] = {}
-    if (root / MANIFEST_FILE).is_file():
-        tk = dict(json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8")).get("tokenizer") or {})
+    m = _manifest(root)
+    if m is not None:
+        tk = dict(m.get("tokenizer") or {})
     elif model_config is not None:  # a bundle under construction inside export_bundle
         from training.config import ModelConfig
 
@@ -469,8 +489,8 @@ def _batching(
     if settings.backend != "tensorrt":
         return settings.max_batch_size or DEFAULT_PROFILES["B"][2], None, None
     record = tensorrt
-    if record is None and (root / MANIFEST_FILE).is_file():
-        record = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8")).get(TENSORRT_KEY)
+    if record is None:
+        record = (_manifest(root) or {}).get(TENSORRT_KEY)
     if not isinstance(record, Mapping) or not isinstance(record.get("limits"), Mapping):
         raise ExportError(
             "--triton-backend tensorrt needs the manifest's tensorrt record (engine profiles and limits); "
@@ -505,9 +525,7 @@ def _pixel_graph(root: Path, pixels: Mapping[str, Any] | None) -> tuple[Path, di
     Raises:
         ExportError: a pixel graph without its file or its preprocessing entry.
     """
-    m: Mapping[str, Any] = pixels or {}
-    if (root / MANIFEST_FILE).is_file():
-        m = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+    m: Mapping[str, Any] = _manifest(root) or pixels or {}
     entry = (m.get("optional_graphs") or {}).get(IMAGE_ENCODER_PIXELS.name)
     if not isinstance(entry, Mapping):
         return None
@@ -672,10 +690,13 @@ def write_repository(
     return {"triton": record}
 
 
-def install_index(repository: str | os.PathLike[str], index: str | os.PathLike[str]) -> Path:
+def install_index(
+    repository: str | os.PathLike[str], index: str | os.PathLike[str], *, link: bool = False
+) -> Path:
     """Copy a saved mssan_infer index into ``repository/retriever/1/index`` (replacing any).
 
-    The index must come from the bundle the repository was written from.
+    The index must come from the bundle the repository was written from. ``link``: hard-link its files
+    where the file system can (an index's files are never written in place: a save replaces the folder).
 
     Raises:
         ExportError: no retriever model, or the index is missing/from another bundle.
@@ -701,7 +722,7 @@ def install_index(repository: str | os.PathLike[str], index: str | os.PathLike[s
     dest = repo / RETRIEVER / "1" / "index"
     tmp = dest.with_name(f".index.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    shutil.copytree(src, tmp, copy_function=link_or_copy if link else shutil.copy2)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

@@ -33,8 +33,9 @@ from mssan_infer.errors import MssanError, ParityError
 from mssan_infer.spec import GRAPHS, IMAGE_ENCODER, SCORER, TEXT_ENCODER, TOLERANCES, GraphSpec, Tolerance
 from training.model import MSSAN
 
-from .inputs import Case, FeedConfig, Feeds, parity_cases, rerank_inputs, to_torch, torch_runner
-from .runners import onnx_runner
+from .errors import ExportError
+from .inputs import Case, FeedConfig, Feeds, parity_cases, rerank_inputs, torch_runner
+from .runners import onnx_runner, to_torch
 
 __all__ = [
     "OutputCheck",
@@ -132,7 +133,13 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return not self.failures
+        return not self.reasons
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the report did not pass, one line each (empty when it passed): its failures here; a report
+        that can also be left unjudged (``export.int8.Int8Report``) adds why."""
+        return self.failures
 
     def max_abs(self) -> dict[str, float]:
         """Largest abs difference per graph over all cases and outputs."""
@@ -168,15 +175,24 @@ class ParityReport:
 
 
 def raise_if_failed(reports: Sequence[ParityReport], hint: str | None = None) -> None:
-    """Raise one ``ParityError`` listing the failures of all ``reports`` (one per line), if any.
+    """Refuse ``reports`` unless every one passed, with the reasons the reports give.
 
-    ``hint`` replaces the default last line (what the user can do).
+    Raises:
+        ParityError: listing the failures of all ``reports`` (one per line, then any other reason);
+            ``hint`` replaces the default last line (what the user can do).
+        ExportError: a report did not pass without a failure (the int8 gate could not judge a model too
+            weak): its reasons (what to do).
     """
-    failures = [f for r in reports for f in r.failures]
-    if not failures:
+    failing = [r for r in reports if not r.passed]
+    if not failing:
         return
+    failures = [f for r in reports for f in r.failures]
+    others = [m for r in failing for m in r.reasons if m not in r.failures]
+    if not failures:
+        tags = ", ".join(r.label or r.precision for r in failing)
+        raise ExportError("\n".join(others) or f"{tags}: not passed")
     tols = ", ".join(f"{r.label or r.precision} atol={r.tolerance.atol:g}" for r in reports)
-    lines = "\n  ".join(failures)
+    lines = "\n  ".join(failures + others)
     refs = sorted({r.reference for r in reports})
     raise ParityError(
         f"{len(failures)} parity check(s) failed ({tols}); first: {failures[0]}\n  {lines}\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from mssan_infer.errors import BundleError, IndexFileError
-from mssan_infer.files import read_versioned_json, safe_member, sha256_file
+from mssan_infer.files import read_versioned_json, recover_swap, safe_member, sha256_file
 from mssan_infer.gallery.folder import read_index_manifest
 from mssan_infer.names import FORMAT_VERSION, MANIFEST_FILE, VOCAB_FILE
 from mssan_infer.spec import GRAPHS, PRECISIONS
@@ -151,6 +151,12 @@ class Bundle:
         """Path of ``graph`` ("image_encoder", "text_encoder", "scorer") at ``precision``
         ("fp32", "fp16", or "int8": the int8 text encoder beside the fp32 image encoder and scorer)."""
         table = self.manifest.graphs.get(precision, {})
+        if precision == "int8" and not table:
+            raise BundleError(
+                f"bundle {self.root} has no int8 text encoder (int8 applies to the text encoder only; the "
+                "image encoder and scorer run in fp32 beside it); re-export the bundle with `python -m "
+                f"export --checkpoint CKPT --out {self.root} --int8`"
+            )
         if graph not in table:
             have = ", ".join(self.manifest.graphs)
             raise BundleError(
@@ -202,6 +208,7 @@ def load_bundle(root: str | os.PathLike[str], verify: bool = True) -> Bundle:
             truncated or tampered, or a path that leaves the bundle.
     """
     rootp = Path(root)
+    recover_swap(rootp, MANIFEST_FILE)  # a bundle that a replace killed between two renames left aside
     if not rootp.is_dir():
         raise BundleError(
             f"bundle folder {rootp} does not exist; create one with `python -m export --checkpoint CKPT "

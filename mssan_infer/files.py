@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
+import logging
 import os
+import shutil
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,9 +26,15 @@ __all__ = [
     "release_rows",
     "fsync_dir",
     "exchange_dirs",
+    "swap_in",
+    "recover_swap",
+    "link_or_copy",
+    "read_versioned_json",
     "CHUNK_BYTES",
     "rows_per_chunk",
 ]
+
+log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 << 20  # copies of large arrays go in blocks of about this many bytes
 
@@ -171,6 +181,133 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+_ASIDE = "old"  # .NAME.old-<uuid>: the previous content, between the two renames of a swap without exchange
+_TRASH = "trash"  # .NAME.trash-<uuid>: the previous content after a swap, being deleted
+
+
+def _beside(dst: Path, kind: str) -> Path:
+    return dst.with_name(f".{dst.name}.{kind}-{uuid.uuid4().hex}")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path`` itself (a symlink is not followed); None when nothing is there."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def swap_in(tmp: Path, dst: Path) -> None:
+    """Put the finished folder ``tmp`` at ``dst`` in one step, replacing what ``dst`` held (if anything).
+
+    Linux: one atomic exchange (:func:`exchange_dirs`). Where there is none: two renames, ``dst`` to an
+    aside folder ``.NAME.old-<uuid>`` beside it, then ``tmp`` to ``dst``; when the second fails the aside
+    is put back, and a process killed between them leaves it for :func:`recover_swap`.
+
+    The swap commits when ``dst`` is ``tmp``'s folder. From then on nothing is raised: the previous
+    content is renamed to ``.NAME.trash-<uuid>`` and deleted, and an error or an interrupt there only
+    leaves it for the next :func:`recover_swap` (an interrupt that lands just after the commit is logged
+    and dropped: the replace happened, and the caller must not report it as failed).
+
+    Raises:
+        OSError, or an interrupt, before the commit: ``dst`` is as it was and ``tmp`` is still there
+            (the caller removes it).
+    """
+    new = _identity(tmp)
+    if new is None:
+        raise FileNotFoundError(errno.ENOENT, "the folder to swap in is missing", str(tmp))
+    old: Path | None = None  # where the previous content of dst is
+    try:
+        if not os.path.lexists(dst):
+            os.replace(tmp, dst)
+        elif exchange_dirs(tmp, dst):
+            old = tmp
+        else:
+            old = _beside(dst, _ASIDE)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+    except BaseException:
+        if _identity(dst) != new:  # not committed
+            if old is not None and old != tmp and os.path.lexists(old) and not os.path.lexists(dst):
+                os.replace(old, dst)  # the second rename failed: put the previous content back
+            raise
+        # committed, and an interrupt (or an error past the rename) landed before this function knew
+        if old is None and _identity(tmp) not in (None, new):
+            old = tmp  # the exchange happened: tmp holds the previous content
+        log.warning("interrupted just after %s was replaced: the replace is complete", dst)
+    _discard(dst, old)
+
+
+def _discard(dst: Path, old: Path | None) -> None:
+    """After a committed swap: delete the previous content (first renamed to a trash name, so that what an
+    interrupt leaves is found by :func:`recover_swap`) and make the swap durable. Never raises."""
+    try:
+        if old is not None:
+            trash = _beside(dst, _TRASH)
+            try:
+                os.replace(old, trash)  # never mistaken for an aside to put back
+            except OSError:
+                trash = old
+            old = trash
+        fsync_dir(dst.parent)
+        if old is not None and old.is_symlink():  # dst was a link to a folder: the link goes, not its target
+            old.unlink()
+        elif old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:  # an interrupt: the replace is done; recover_swap deletes what is left
+        log.warning("the previous content of %s is deleted later (%s)", dst, type(e).__name__)
+
+
+def _leftovers(dst: Path, kind: str) -> list[Path]:
+    pattern = f".{glob.escape(dst.name)}.{kind}-*"
+    return [p for p in dst.parent.glob(pattern) if p.is_dir() and not p.is_symlink()]
+
+
+def recover_swap(dst: Path, marker: str | None = None) -> bool:
+    """Undo what a process killed inside :func:`swap_in` left: put back the previous content of ``dst``
+    when ``dst`` is missing and an aside folder of it lies beside it (the newest one holding ``marker``,
+    when given), and delete the leftovers of finished swaps. Returns whether it put one back.
+
+    A missing parent, a read-only folder or a lost race with another process is not an error: what can
+    be done is done.
+    """
+    dst = Path(dst)
+    if not dst.parent.is_dir():
+        return False
+    restored = False
+    asides = _leftovers(dst, _ASIDE)
+    if not os.path.lexists(dst):
+        complete = [p for p in asides if marker is None or (p / marker).is_file()]
+        if not complete:
+            return False
+        latest = max(complete, key=lambda p: p.stat().st_mtime)
+        try:
+            os.replace(latest, dst)
+        except OSError:
+            return False
+        log.warning("restored %s from %s, left by an interrupted replace", dst, latest.name)
+        asides.remove(latest)
+        restored = True
+    for p in asides + _leftovers(dst, _TRASH):  # dst is complete: these are the previous contents
+        shutil.rmtree(p, ignore_errors=True)
+    return restored
+
+
+def link_or_copy(src: str, dst: str) -> str:
+    """``shutil.copytree``'s ``copy_function`` that hard-links a file, or copies it (``copy2``) where it
+    cannot be linked (another device, a file system without links).
+
+    The copy then shares its files with the source: replace a file of it (write a new one and
+    ``os.replace`` it), never write into one.
+    """
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def read_versioned_json(

@@ -150,31 +150,45 @@ class Retriever:
             BackendUnavailableError: the backend's package is not installed.
             InputError: unknown backend name or bad option.
         """
-        _, backend_opts = backend_options(backend)  # checked before anything is loaded
+        # every option is checked before anything is loaded, opened or created
+        _, backend_opts = backend_options(backend)
+        opts = search if search is not None else SearchOptions()
+        if not isinstance(opts, SearchOptions):
+            raise InputError(f"search must be a SearchOptions, got {type(opts).__name__}")
+        if opts.gather_threads is None and backend_opts.threads is not None:
+            opts = dataclasses.replace(opts, gather_threads=backend_opts.threads)
+        memory = gallery if isinstance(gallery, GalleryOptions) else GalleryOptions()
+        spec = None if isinstance(gallery, GalleryOptions) else parse_gallery(gallery)
+        if spec is not None and index is not None:
+            raise InputError("give index= (a saved in-memory index) or a Qdrant gallery=, not both")
         b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         tokenizer = tokenizer_from_bundle(b)
         d = b.manifest.embed_size
-        memory = gallery if isinstance(gallery, GalleryOptions) else GalleryOptions()
-        spec = None if isinstance(gallery, GalleryOptions) else parse_gallery(gallery)
+        if index is not None:
+            check_index_bundle(index, b)
+        be = create_backend(
+            backend, b
+        )  # before the galleries: a backend error leaves no gallery made or open
         images: Gallery
         texts: Gallery
-        if spec is not None:
-            if index is not None:
-                raise InputError("give index= (a saved in-memory index) or a Qdrant gallery=, not both")
-            qd = open_qdrant_galleries(spec, (IMAGES, TEXTS), 2 * d, d, b.bundle_id)
-            images, texts = qd[IMAGES], qd[TEXTS]
-        elif index is not None:
-            check_index_bundle(index, b)
-            galleries, _ = load_index(index, bundle_id=b.bundle_id, verify=verify, options=memory)
-            images = galleries.get(IMAGES) or MemoryGallery(2 * d, d, memory)
-            texts = galleries.get(TEXTS) or MemoryGallery(2 * d, d, memory)
-        else:
-            images, texts = MemoryGallery(2 * d, d, memory), MemoryGallery(2 * d, d, memory)
-        be = create_backend(backend, b)
-        search = search if search is not None else SearchOptions()
-        if search.gather_threads is None and backend_opts.threads is not None:
-            search = dataclasses.replace(search, gather_threads=backend_opts.threads)
-        r = cls(b, be, tokenizer, images, texts, search)
+        qd: dict[str, QdrantGallery] = {}
+        try:
+            if spec is not None:
+                qd = open_qdrant_galleries(spec, (IMAGES, TEXTS), 2 * d, d, b.bundle_id)
+                images, texts = qd[IMAGES], qd[TEXTS]
+            elif index is not None:
+                galleries, _ = load_index(index, bundle_id=b.bundle_id, verify=verify, options=memory)
+                # a saved empty gallery is falsy: keep it (and its layout), make only the missing one
+                images = galleries[IMAGES] if IMAGES in galleries else MemoryGallery(2 * d, d, memory)
+                texts = galleries[TEXTS] if TEXTS in galleries else MemoryGallery(2 * d, d, memory)
+            else:
+                images, texts = MemoryGallery(2 * d, d, memory), MemoryGallery(2 * d, d, memory)
+            r = cls(b, be, tokenizer, images, texts, opts)
+        except BaseException:
+            be.close()
+            for g in qd.values():
+                g.close()
+            raise
         log.info(
             "retriever ready: bundle %s (%s), %d images, %d texts",
             b.root,

@@ -7,11 +7,13 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from mssan_infer import Retriever
 from mssan_infer.cli.index import PARTIAL_EXIT
 from mssan_infer.cli.main import main
 from mssan_infer.errors import InputError
@@ -119,6 +121,44 @@ def test_broken_files_are_listed_at_the_end_and_every_other_image_is_indexed(
     assert f"failed: {tmp_path / 'photos' / 'gone.jpg'}: image file not found" in failed[2]
     assert text.strip() == f"indexed 3 images (3 failed) and 0 captions into {out}"
     assert _ids(out) == ["beach.jpg", "dog.png", "photos/dog.png"]
+
+
+def test_a_broken_file_costs_only_itself_and_the_others_are_encoded_in_full_batches(
+    tiny_pixel_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mssan_infer.backends.base import Backend
+
+    for i, name in enumerate(("a.png", "c.png", "d.png", "e.png", "f.png")):
+        _image(tmp_path / "photos" / name, i)
+    (tmp_path / "photos" / "b.png").write_text("not an image")
+    runs: list[int] = []
+    real = Backend.run
+
+    def counting(self: Backend, graph: str, feeds: Any) -> Any:
+        if graph == "image_encoder_pixels":
+            runs.append(len(feeds["pixels"]))
+        return real(self, graph, feeds)
+
+    monkeypatch.setattr(Backend, "run", counting)
+    out = tmp_path / "idx"
+    code, text, err = cli(
+        "index", "--bundle", tiny_pixel_bundle, "--images", tmp_path / "photos", "--out", out,
+        "--batch-size", "2", "--no-progress",
+    )  # fmt: skip
+    assert code == PARTIAL_EXIT, err
+    assert runs == [2, 2, 1]  # a, c | d, e | f: no batch re-encoded file by file around b
+    assert [line for line in err.splitlines() if line.startswith("failed: ")] == [
+        f"failed: {tmp_path / 'photos' / 'b.png'}: not an image file pillow can read (it reads JPEG, PNG, "
+        "WebP, GIF, BMP, TIFF...)"
+    ]
+    assert _ids(out) == ["a.png", "c.png", "d.png", "e.png", "f.png"]
+    r = Retriever.load(tiny_pixel_bundle)  # the same vectors as encoding the files one by one
+    try:
+        want = r.encode_images([tmp_path / "photos" / "d.png"])
+    finally:
+        r.close()
+    g = load_index(out)[0]["images"]
+    np.testing.assert_allclose(g.view().gather(np.array([2]))[0][0], want.local[0], atol=1e-5)
 
 
 def test_when_no_image_can_be_read_nothing_is_written(tiny_pixel_bundle: Path, tmp_path: Path) -> None:

@@ -448,7 +448,8 @@ def test_precision_int8_is_accepted_and_a_bundle_without_it_says_how_to_export_i
     bundle: Path, index: Path
 ) -> None:
     code, _, err = cli("search", "--bundle", bundle, "--index", index, "a red dog", "--precision", "int8")
-    assert code == 1 and err.count("\n") == 1 and "no int8 graph" in err and "--int8" in err
+    assert code == 1 and err.count("\n") == 1 and "has no int8 text encoder" in err and "--int8" in err
+    assert "image_encoder" not in err  # int8 only ever applies to the text encoder
 
 
 def test_fp16_locals_is_explained_in_the_help_and_refused_with_layout(
@@ -560,3 +561,84 @@ def test_cli_errors_name_cli_flags_not_python_functions(bundle: Path, files: Pat
         assert err.startswith("error: ")
         for python in ("Retriever.", "add_images(", "add_texts(", "save()", "flush()", "search_batch", "="):
             assert python not in err, err
+
+
+# ---- --append keeps the index's layout -------------------------------------------------------------------
+def _manifest_bytes(index: Path) -> bytes:
+    return (index / "index.json").read_bytes()
+
+
+def test_append_in_another_layout_is_refused_in_flag_words_and_changes_nothing(
+    bundle: Path, files: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "fp32"
+    base = ("index", "--bundle", bundle, "--images", files / "feats.npy", "--no-progress")
+    assert cli(*base, "--out", out)[0] == 0
+    before = _manifest_bytes(out)
+    code, _, err = cli(*base, "--out", out, "--append", "--new-ids", "--fp16-locals")
+    assert code == 1 and err.count("\n") == 1
+    assert "built with --layout fp32" in err and "asks for --fp16-locals" in err and "--overwrite" in err
+    assert _manifest_bytes(out) == before  # not rewritten with float16 locals
+    code, _, err = cli(*base, "--out", out, "--append", "--new-ids", "--layout", "int8")
+    assert code == 1 and "asks for --layout int8" in err and _manifest_bytes(out) == before
+    code, text, err = cli(*base, "--out", out, "--append", "--new-ids", "--layout", "fp32")  # the same: fine
+    assert code == 0 and "it now holds 60 images" in text, err
+    code, text, err = cli(*base, "--out", out, "--overwrite", "--fp16-locals")  # a rebuild may change it
+    assert code == 0, err
+    layout = json.loads((out / "index.json").read_text())["galleries"]["images"]["layout"]
+    assert (layout["stage1"], layout["local"]) == ("float32", "float16")
+    code, _, err = cli(*base, "--out", out, "--append", "--new-ids", "--layout", "fp32")
+    assert code == 1 and "built with --fp16-locals" in err and "asks for --layout fp32" in err
+    code, text, err = cli(*base, "--out", out, "--append", "--new-ids")  # keeps the saved layout
+    assert code == 0, err
+    layout = json.loads((out / "index.json").read_text())["galleries"]["images"]["layout"]
+    assert (layout["stage1"], layout["local"]) == ("float32", "float16")
+
+
+# ---- flags in messages, not Python ---------------------------------------------------------------------
+def test_stage1_faiss_on_a_compressed_index_says_to_use_stage1_numpy(
+    bundle: Path, files: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "i8"
+    assert (
+        cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--layout", "int8")[0]
+        == 0
+    )
+    code, _, err = cli("search", "--bundle", bundle, "--index", out, "a red dog", "--stage1", "faiss")
+    assert code == 1 and err.count("\n") == 1
+    assert "--stage1 faiss" in err and "--layout int8" in err and "--stage1 numpy" in err
+    assert "method" not in err
+    assert cli("search", "--bundle", bundle, "--index", out, "a red dog", "--stage1", "numpy")[0] == 0
+
+
+# ---- remove needs no backend ---------------------------------------------------------------------------
+def test_remove_loads_no_graph_and_hashes_no_bundle_file(
+    bundle: Path, files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mssan_infer.bundle
+    import mssan_infer.retriever
+    from mssan_infer.gallery.folder import load_index
+
+    out = tmp_path / "i"
+    argv = ("index", "--bundle", bundle, "--images", files / "feats.npy", "--texts", files / "caps.txt")
+    assert cli(*argv, "--ids", files / "ids.txt", "--out", out, "--no-progress")[0] == 0
+
+    def no_backend(*a: Any, **k: Any) -> Any:
+        raise AssertionError("remove made a backend")
+
+    def no_hash(*a: Any, **k: Any) -> Any:
+        raise AssertionError("remove hashed a bundle file")
+
+    monkeypatch.setattr(mssan_infer.retriever, "create_backend", no_backend)
+    monkeypatch.setattr(mssan_infer.bundle, "sha256_file", no_hash)
+    before = _manifest_bytes(out)
+    code, _, err = cli("remove", "--bundle", bundle, "--index", out, "--ids", "photo_001", "photo_999")
+    assert code == 1 and "nothing was removed" in err and _manifest_bytes(out) == before
+    code, text, err = cli("remove", "--bundle", bundle, "--index", out, "--ids", "photo_001", "2")
+    assert code == 0, err
+    assert text.strip() == (
+        f"removed 2 items (1 images, 1 captions) from {out}; it now holds 29 images and 2 captions"
+    )
+    galleries, manifest = load_index(out)
+    assert "photo_001" not in galleries["images"] and 2 not in galleries["texts"]
+    assert manifest["bundle_files"] == json.loads(before)["bundle_files"]  # still says which bundle

@@ -17,8 +17,9 @@ import torch
 from export import ExportError, export_bundle
 from export.fp16 import FP16_OPS
 from export.graphs import build_graphs
-from export.inputs import EXAMPLE_B, EXAMPLE_L, EXAMPLE_R, image_feeds, text_feeds, to_torch
+from export.inputs import EXAMPLE_B, EXAMPLE_L, EXAMPLE_R, image_feeds, text_feeds
 from export.onnx import check_onnx, export_graph
+from export.runners import to_torch
 from export.validate import rerank_order_check, validate_graphs
 from mssan_infer.bundle import load_bundle
 from mssan_infer.errors import BundleError, ParityError
@@ -315,7 +316,7 @@ def test_an_existing_bundle_is_replaced_only_with_overwrite_and_the_error_names_
     assert _tree(out) == before
     with caplog.at_level("WARNING", logger="export.api"):
         assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--overwrite", "-q"]) == 0
-    assert "replacing the bundle" in caplog.text and "Triton repository" in caplog.text
+    assert caplog.text.count("replacing the bundle") == 1 and "Triton repository" in caplog.text
     m = load_bundle(out).manifest.raw  # replaced as asked: no triton/, no fp16/
     assert "triton" not in m and "fp16_graphs" not in m and not (out / "triton").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temp folder left
@@ -382,6 +383,139 @@ def test_add_refuses_what_it_cannot_do_and_leaves_the_bundle_as_it_was(
     assert main(["--out", str(out), "-q"]) == 1  # no --checkpoint, no --add
     assert "--checkpoint DIR is required" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "other"]
+
+
+def test_a_bundle_replace_killed_between_the_two_renames_is_put_back_by_the_next_load(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--overwrite replaces a bundle as atomically as an index: where directories cannot be exchanged, a
+    process killed between the two renames leaves the old bundle aside, and the next load puts it back."""
+
+    class Died(BaseException):
+        pass
+
+    out = export_bundle(tiny_checkpoint, tmp_path / "bundle")
+    before = _tree(out)
+    monkeypatch.setattr("mssan_infer.files.exchange_dirs", lambda a, b: False)
+    real = os.replace
+
+    def replace(src: object, dst: object) -> None:  # dies after the first rename of the swap (out aside)
+        if Path(str(dst)) == out:
+            raise Died
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr("shutil.rmtree", lambda *a, **k: None)  # a dead process cleans nothing up
+    with pytest.raises(Died):
+        export_bundle(tiny_checkpoint, out, fp16=True, overwrite=True)
+    monkeypatch.undo()
+    assert not out.exists() and len(list(tmp_path.glob(".bundle.old-*"))) == 1
+    b = load_bundle(out)  # puts the old bundle back
+    assert _tree(out) == before and "fp16_graphs" not in b.manifest.raw
+    for leftover in tmp_path.glob(".bundle.tmp-*"):  # the dead export's own folder
+        shutil.rmtree(leftover)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_add_links_the_kept_files_reuses_their_sha256_and_never_writes_into_them(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from export import add_to_bundle
+    from mssan_infer import Retriever
+
+    out, index = tmp_path / "bundle", tmp_path / "index"
+    export_bundle(tiny_checkpoint, out, fp16=True, triton=True)
+    r = Retriever.load(out)
+    r.add_images(np.abs(np.random.default_rng(0).standard_normal((4, 5, 24))).astype(np.float32))
+    r.save(index)
+    add_to_bundle(out, triton=_triton_settings(index=str(index)))
+    kept = {k: v for k, v in _tree(out).items() if not k.startswith("triton/") or "/index/" in k}
+    inodes = {k: (out / k).stat().st_ino for k in kept if k != MANIFEST_FILE}
+    hashed: list[str] = []
+    import export.manifest
+
+    real_sha = export.manifest.sha256_file
+
+    def counting(path: object, *a: object) -> str:
+        hashed.append(Path(str(path)).name)
+        return real_sha(path, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(export.manifest, "sha256_file", counting)
+    add_to_bundle(out, triton=_triton_settings(threads=1))
+    monkeypatch.undo()
+    assert {k: (out / k).stat().st_ino for k in inodes} == inodes  # the same files: linked, not copied
+    assert not {"image_encoder.onnx", "scorer.onnx", "vocab.json"} & set(hashed)  # sha256 reused
+    assert not any(n.endswith(".npy") for n in hashed)  # the installed index: linked and not re-hashed
+    b = load_bundle(out)  # every sha256 right
+    assert b.manifest.raw["triton"]["settings"]["threads"] == 1
+    # a failure after the steps wrote into the copy leaves the bundle byte for byte, the index included
+    before = _tree(out)
+
+    def fail(*a: object, **k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("export.api.write_manifest", fail)
+    with pytest.raises(OSError, match="No space"):
+        add_to_bundle(out, triton=_triton_settings(threads=2))
+    monkeypatch.undo()
+    assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "index"]
+
+
+def _triton_settings(**kw: object) -> object:
+    from export.triton import TritonSettings
+
+    return TritonSettings(**kw)  # type: ignore[arg-type]
+
+
+def test_add_refuses_to_undo_a_concurrent_change_of_the_bundle(
+    tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another --add or --overwrite that finished while this --add ran is kept, never silently undone."""
+    from export import add_to_bundle
+
+    out = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    import export.api
+
+    real = export.api.hash_files
+
+    def concurrent(root: Path, *a: object, **k: object) -> dict[str, str]:
+        m = json.loads((out / MANIFEST_FILE).read_text())
+        (out / MANIFEST_FILE).write_text(json.dumps({**m, "added": [{"part": "someone else's"}]}))
+        return real(root, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(export.api, "hash_files", concurrent)
+    with pytest.raises(ExportError, match="changed while --add ran"):
+        add_to_bundle(out, triton=True)
+    monkeypatch.undo()
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    assert m["added"] == [{"part": "someone else's"}] and "triton" not in m
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_manifests_are_read_with_the_versioned_reader(tmp_path: Path, tiny_bundle: Path) -> None:
+    """A damaged or newer manifest is a BundleError that says what to do, not a JSON traceback."""
+    from export.api import bundle_parts
+    from export.triton import write_repository
+
+    out = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    assert bundle_parts(out) == ["fp32 graphs", "fp16 graphs"]
+    (out / MANIFEST_FILE).write_text(json.dumps({**m, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(BundleError, match="upgrade mssan_infer"):
+        write_repository(out)
+    (out / MANIFEST_FILE).write_text("{ damaged")
+    with pytest.raises(BundleError, match="not valid JSON.*re-export the bundle"):
+        write_repository(out)
+    assert bundle_parts(out) == []
+
+
+def test_each_name_has_one_import_path() -> None:
+    import export
+    import export.errors
+    import export.inputs
+
+    assert not hasattr(export, "ParityError") and not hasattr(export.errors, "ParityError")
+    assert not hasattr(export.inputs, "to_torch")  # export.runners.to_torch
 
 
 def test_the_deployment_sequence_adds_engines_to_a_served_bundle_and_keeps_its_triton_repository(

@@ -174,6 +174,59 @@ def test_int8_gate_data_is_the_int8_data_folder_else_the_recorded_training_data_
         gate_data(other, split_data, None)
 
 
+def test_the_recorded_training_folder_is_used_only_when_it_still_holds_the_recorded_data(
+    tiny_checkpoint: Path, split_data: Path, tmp_path: Path
+) -> None:
+    """The gate refuses, naming --int8-data, a folder at the recorded path whose split size, feature size
+    or synthetic seed differ from the record; a folder without a dev split gives its test split, as
+    --int8-data does."""
+    from export import ExportError
+    from export.int8 import gate_data
+    from training.checkpoint import load_model
+    from training.data import load_split
+    from training.train import data_record
+
+    model, _ = load_model(tiny_checkpoint)
+    record = data_record(split_data, 20, 30, 24)
+    assert record["splits"] == {"train": 20, "dev": 30, "test": 30}
+    for changed, says in (
+        ({"splits": {**record["splits"], "dev": 31}}, "its dev split has 30 images, the record says 31"),
+        ({"feat_dim": 48}, "its regions are 24-d, the record says 48-d"),
+        ({"synth": {**record["synth"], "seed": 1}}, "its synthetic seed is 0, the record says 1"),
+    ):
+        with pytest.raises(ExportError, match=f"now holds other data \\({says}\\).*--int8-data DIR"):
+            gate_data(model, None, {**record, **changed})
+    no_dev = tmp_path / "no-dev"
+    no_dev.mkdir()
+    for f in split_data.iterdir():
+        if not f.name.startswith("dev_"):
+            shutil.copy(f, no_dev / f.name)
+    got = gate_data(model, None, data_record(no_dev, 20, 30, 24))
+    assert got.source == "the checkpoint's training data" and "test split" in got.where
+    assert got.captions == load_split(split_data, "test").captions
+    with pytest.raises(ExportError, match="test split has 30 images, the record says 29"):
+        gate_data(model, None, {**data_record(no_dev, 20, 30, 24), "splits": {"dev": 30, "test": 29}})
+
+
+def test_a_report_that_did_not_pass_is_refused_with_the_reason_it_gives() -> None:
+    """raise_if_failed acts on ``passed``: an int8 gate that could not judge (no failure) is refused with
+    its reason; with failures too, the ParityError lists both."""
+    from export import ExportError
+    from export.int8 import Int8Report
+    from export.validate import raise_if_failed
+    from mssan_infer.errors import ParityError
+
+    split = {"judged": False, "too_weak": "--int8: too weak; train"}
+    weak = Int8Report("int8", TOLERANCES["int8"], split=split)
+    assert not weak.passed and weak.failures == [] and weak.reasons == ["--int8: too weak; train"]
+    with pytest.raises(ExportError, match="^--int8: too weak; train$"):
+        raise_if_failed([weak])
+    weak.split["failures"] = ["split rerank t2i@100: mean top-10 agreement 0.5 < 0.9"]
+    with pytest.raises(ParityError, match="(?s)1 parity check.*top-10 agreement.*--int8: too weak; train"):
+        raise_if_failed([weak])
+    raise_if_failed([Int8Report("int8", TOLERANCES["int8"], split={"judged": True})])  # passed
+
+
 def test_the_int8_ratio_is_judged_only_above_a_floor_of_correct_first_hits() -> None:
     from export.int8 import TOO_WEAK, judge, judge_floor
 

@@ -121,7 +121,7 @@ def test_a_failed_write_leaves_nothing_half_written(
         save_index(path, {"images": state(0, 5), "texts": state(3, 2)}, bundle_id="b")
     before = {p.name: p.read_bytes() for p in path.iterdir()} if existing else None
     if target == "os.replace":
-        monkeypatch.setattr("mssan_infer.gallery.folder.exchange_dirs", lambda a, b: False)
+        monkeypatch.setattr("mssan_infer.files.exchange_dirs", lambda a, b: False)
     calls = _fail_on_call(monkeypatch, target, after)
     with pytest.raises(IndexWriteError) as info:
         save_index(path, {"images": state(1, 40), "texts": state(2, 9)}, bundle_id="b")
@@ -143,24 +143,163 @@ def test_a_save_killed_between_the_two_renames_is_rolled_back_on_load(
     """Where directories cannot be swapped atomically, the previous index is put back by the next load."""
     path = tmp_path / "idx"
     save_index(path, {"images": state(0, 5)}, bundle_id="b")
-    monkeypatch.setattr("mssan_infer.gallery.folder.exchange_dirs", lambda a, b: False)
+    monkeypatch.setattr("mssan_infer.files.exchange_dirs", lambda a, b: False)
+    _die_after_renames(monkeypatch, 1)
+    with pytest.raises(_Died):
+        save_index(path, {"images": state(1, 9)}, bundle_id="b")
+    monkeypatch.undo()
+    assert not path.exists() and len(list(tmp_path.glob(".idx.old-*"))) == 1
+    galleries, _ = load_index(path, bundle_id="b")
+    assert _same(galleries["images"], state(0, 5))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".idx.tmp-")) == ["idx"]
+
+
+class _Died(BaseException):
+    """Stands for the process dying: raised by every later call, so nothing else runs."""
+
+
+def _die_after_renames(monkeypatch: pytest.MonkeyPatch, renames: int) -> None:
+    """Let ``renames`` calls of ``os.replace`` through, then die (and a dead process cleans nothing up)."""
     real = os.replace
     calls = [0]
 
-    def die_on_second(src: Any, dst: Any) -> None:
+    def replace(src: Any, dst: Any) -> None:
         calls[0] += 1
-        if calls[0] == 2:
-            raise KeyboardInterrupt  # stands for the process dying here: nothing else runs
+        if calls[0] > renames:
+            raise _Died
         real(src, dst)
 
-    monkeypatch.setattr(os, "replace", die_on_second)
-    monkeypatch.setattr("shutil.rmtree", lambda *a, **k: None)  # a dead process cleans nothing up
-    with pytest.raises(KeyboardInterrupt):
-        save_index(path, {"images": state(1, 9)}, bundle_id="b")
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr("shutil.rmtree", lambda *a, **k: None)
+
+
+def _interrupt_when_syncing(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[int]:
+    """Ctrl-C lands while ``folder`` is fsync'd (after a swap beside it committed); returns the count."""
+    real, target, hits = os.fsync, os.stat(folder).st_ino, [0]
+
+    def fsync(fd: int) -> None:
+        if os.fstat(fd).st_ino == target:
+            hits[0] += 1
+            raise KeyboardInterrupt
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return hits
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_an_interrupt_just_after_the_swap_is_no_failure_the_new_index_is_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    path = tmp_path / "idx"
+    save_index(path, {"images": state(0, 5)}, bundle_id="b")
+    if not exchange:
+        monkeypatch.setattr("mssan_infer.files.exchange_dirs", lambda a, b: False)
+    hits = _interrupt_when_syncing(monkeypatch, tmp_path)
+    save_index(path, {"images": state(1, 9)}, bundle_id="b")  # returns: the replace happened
     monkeypatch.undo()
-    assert not path.exists()
+    assert hits[0] == 1
     galleries, _ = load_index(path, bundle_id="b")
-    assert _same(galleries["images"], state(0, 5))
+    assert _same(galleries["images"], state(1, 9))
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]
+
+
+# ---- the one folder swap (mssan_infer.files.swap_in / recover_swap) ------------------------------
+def _folder(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "marker").write_text(text)
+    return path
+
+
+def _text(path: Path) -> str:
+    return (path / "marker").read_text()
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+@pytest.mark.parametrize("existing", [True, False])
+def test_swap_in_replaces_the_folder_and_leaves_nothing_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool, existing: bool
+) -> None:
+    from mssan_infer.files import swap_in
+
+    if not exchange:
+        monkeypatch.setattr("mssan_infer.files.exchange_dirs", lambda a, b: False)
+    dst = _folder(tmp_path / "d", "old") if existing else tmp_path / "d"
+    swap_in(_folder(tmp_path / ".d.tmp-1", "new"), dst)
+    assert _text(dst) == "new" and [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_swap_in_puts_the_previous_folder_back_when_the_second_rename_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mssan_infer.files import swap_in
+
+    monkeypatch.setattr("mssan_infer.files.exchange_dirs", lambda a, b: False)
+    dst, tmp = _folder(tmp_path / "d", "old"), _folder(tmp_path / ".d.tmp-1", "new")
+    real, calls = os.replace, [0]
+
+    def replace(src: Any, dst_: Any) -> None:  # the first rename works, the second fails
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst_)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        swap_in(tmp, dst)
+    monkeypatch.undo()
+    assert _text(dst) == "old" and _text(tmp) == "new"  # the caller removes tmp
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.tmp-1", "d"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_swap_in_takes_an_interrupt_right_after_the_commit_as_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    """A Ctrl-C that lands after the folder moved (before the code knew) is no failure: dst holds the new
+    folder, the previous one is deleted, and nothing is raised."""
+    import mssan_infer.files as files
+
+    dst, tmp = _folder(tmp_path / "d", "old"), _folder(tmp_path / ".d.tmp-1", "new")
+    if exchange:
+        real = files.exchange_dirs
+
+        def exchange_then_interrupt(a: Path, b: Path) -> bool:
+            assert real(a, b)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(files, "exchange_dirs", exchange_then_interrupt)
+    else:
+        monkeypatch.setattr(files, "exchange_dirs", lambda a, b: False)
+        real_replace, calls = os.replace, [0]
+
+        def replace(src: Any, dst_: Any) -> None:
+            calls[0] += 1
+            real_replace(src, dst_)
+            if calls[0] == 2:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(os, "replace", replace)
+    files.swap_in(tmp, dst)
+    monkeypatch.undo()
+    assert _text(dst) == "new" and [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_recover_swap_puts_back_a_complete_aside_and_deletes_finished_leftovers(tmp_path: Path) -> None:
+    from mssan_infer.files import recover_swap
+
+    dst = tmp_path / "d"
+    _folder(tmp_path / ".d.old-aaa", "old")
+    (tmp_path / ".d.old-bbb").mkdir()  # no marker: not a complete folder
+    assert recover_swap(dst, "marker") and _text(dst) == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the incomplete one went too
+    _folder(tmp_path / ".d.old-ccc", "older")
+    _folder(tmp_path / ".d.trash-ddd", "deleted half way")
+    _folder(tmp_path / ".d.tmp-eee", "another save, still writing")
+    _folder(tmp_path / ".dd.old-fff", "another folder's")
+    assert not recover_swap(dst, "marker") and _text(dst) == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.tmp-eee", ".dd.old-fff", "d"]
+    assert not recover_swap(tmp_path / "missing", "marker") and not recover_swap(tmp_path / "x" / "y")
 
 
 def test_load_of_a_missing_index_without_leftovers_is_still_an_error(tmp_path: Path) -> None:

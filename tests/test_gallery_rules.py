@@ -107,6 +107,95 @@ def test_overwrite_swaps_a_new_qdrant_edge_folder_in_and_leaves_nothing_beside_i
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["images", "texts"]
 
 
+@pytest.mark.parametrize("exchange", [True, False])
+def test_an_interrupt_just_after_the_edge_folders_were_swapped_is_no_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    """The replace happened: the new galleries stay, the old ones go, and the caller is told it worked."""
+    import os
+
+    from mssan_infer.qdrant.gallery import replacing_qdrant_galleries
+
+    def shard(folder: Path, text: str) -> None:
+        (folder / "images").mkdir(parents=True)
+        (folder / "images" / "edge_config.json").write_text(text)
+
+    root = tmp_path / "g"
+    shard(root, "old")
+    if not exchange:
+        monkeypatch.setattr("mssan_infer.files.exchange_dirs", lambda a, b: False)
+    real, parent = os.fsync, os.stat(tmp_path).st_ino
+
+    def fsync(fd: int) -> None:  # Ctrl-C while the folder beside the swapped ones is synced
+        if os.fstat(fd).st_ino == parent:
+            raise KeyboardInterrupt
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with replacing_qdrant_galleries(QdrantEdge(root), ["images"]) as staged:
+        assert isinstance(staged, QdrantEdge)
+        shard(Path(staged.path), "new")
+    monkeypatch.undo()
+    assert (root / "images" / "edge_config.json").read_text() == "new"
+    with replacing_qdrant_galleries(QdrantEdge(root), ["images"]) as staged:  # clears what the interrupt left
+        shard(Path(staged.path), "newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+
+
+def _killed_replace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An Edge gallery folder whose replace died between its two renames (no exchange available)."""
+    import os
+
+    from mssan_infer.qdrant.gallery import replacing_qdrant_galleries
+
+    class Died(BaseException):
+        pass
+
+    root = tmp_path / "g"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "edge_config.json").write_text("old")
+    monkeypatch.setattr("mssan_infer.files.exchange_dirs", lambda a, b: False)
+    real, calls = os.replace, [0]
+
+    def replace(src: Any, dst: Any) -> None:  # the process dies after the first rename
+        calls[0] += 1
+        if calls[0] > 1:
+            raise Died
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr("shutil.rmtree", lambda *a, **k: None)
+    with pytest.raises(Died):
+        with replacing_qdrant_galleries(QdrantEdge(root), ["images"]) as staged:
+            (Path(staged.path) / "images").mkdir(parents=True)
+    monkeypatch.undo()
+    assert not root.exists()
+    return root
+
+
+def test_a_replace_killed_between_the_two_renames_is_put_back_by_the_next_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mssan_infer.qdrant.gallery import replacing_qdrant_galleries
+
+    root = _killed_replace(tmp_path, monkeypatch)
+    with pytest.raises(RuntimeError, match="stop"):  # the next overwrite puts the old galleries back first
+        with replacing_qdrant_galleries(QdrantEdge(root), ["images"]):
+            assert (root / "images" / "edge_config.json").read_text() == "old"
+            raise RuntimeError("stop")
+    assert (root / "images" / "edge_config.json").read_text() == "old"
+
+
+def test_a_replace_killed_between_the_two_renames_is_put_back_when_the_galleries_are_next_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mssan_infer.qdrant.gallery import missing_qdrant_galleries
+
+    root = _killed_replace(tmp_path, monkeypatch)
+    assert missing_qdrant_galleries(QdrantEdge(root), ["images"]) == []  # found again, not missing
+    assert (root / "images" / "edge_config.json").read_text() == "old"
+
+
 def test_a_failed_overwrite_keeps_the_previous_gallery(
     tiny_bundle: Path, files: Path, tmp_path: Path, server: QdrantServer
 ) -> None:
@@ -180,5 +269,107 @@ def test_remove_works_on_qdrant_galleries_too(tiny_bundle: Path, files: Path, tm
     with pytest.raises(InputError, match="in both the image and the caption gallery"):
         run_remove(tiny_bundle, ids=["1"], gallery=spec)
     s = run_remove(tiny_bundle, ids=["1", "4"], kind="images", gallery=spec)
+    assert (s.images, s.texts, s.total_images, s.total_texts) == (2, 0, 4, 2)
+    assert _image_ids(tiny_bundle, spec) == [0, 2, 3, 5]
+
+
+# ---- a failed run changes nothing, in Qdrant too ---------------------------------------------------------
+def _held(bundle: Path, spec: Any) -> tuple[int, int]:
+    """(images, captions) in the galleries of ``spec``; (0, 0) where there are none."""
+    if missing_qdrant_galleries(spec, ["images", "texts"]):
+        return 0, 0
+    r = Retriever.load(bundle, gallery=dataclasses.replace(spec, create=False))
+    try:
+        return r.n_images, r.n_texts
+    finally:
+        r.close()
+
+
+def test_a_bad_caption_or_caption_metadata_is_refused_before_any_image_reaches_qdrant(
+    tiny_bundle: Path, files: Path, tmp_path: Path, server: QdrantServer
+) -> None:
+    (tmp_path / "nan.jsonl").write_text('{"a": 1}\n{"a": NaN}\n')
+    (tmp_path / "reserved.jsonl").write_text('{"a": 1}\n{"mssan_id": 2}\n')
+    bad = [
+        ({"texts": files / "bad_caps.txt"}, "vocabulary"),
+        ({"texts": files / "caps.txt", "text_metadata": tmp_path / "nan.jsonl"}, "line 2: not JSON"),
+        ({"texts": files / "caps.txt", "text_metadata": tmp_path / "reserved.jsonl"}, "reserved"),
+    ]
+    for spec in (QdrantEdge(tmp_path / "g"), server):
+        for inputs, match in bad:  # into new galleries
+            with pytest.raises(InputError, match=match):
+                run_index(tiny_bundle, images=files / "a.npy", gallery=spec, progress=False, **inputs)
+            assert _held(tiny_bundle, spec) == (0, 0)
+        run_index(tiny_bundle, images=files / "a.npy", gallery=spec, progress=False)
+        for inputs, match in bad:  # appended to galleries that hold items
+            with pytest.raises(InputError, match=match):
+                run_index(
+                    tiny_bundle, images=files / "b.npy", gallery=spec, append=True, new_ids=True,
+                    progress=False, **inputs,
+                )  # fmt: skip
+            assert _held(tiny_bundle, spec) == (6, 0)
+    code, _, err = cli(
+        "index", "--bundle", tiny_bundle, "--images", files / "b.npy", "--texts", files / "bad_caps.txt",
+        "--gallery", f"qdrant-edge:{tmp_path / 'g'}", "--append", "--new-ids", "--no-progress",
+    )  # fmt: skip
+    assert code == 1 and err.count("\n") == 1 and "caption 1 'quokka zebra'" in err
+    assert _held(tiny_bundle, QdrantEdge(tmp_path / "g")) == (6, 0)
+
+
+# ---- --gallery and --stage1 in flag words ------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["index", "search", "remove"])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("qdrant:?prefix=x", "--gallery 'qdrant:?prefix=x': no server URL after 'qdrant:'"),
+        (
+            "qdrant-edge:?exact=true",
+            "--gallery 'qdrant-edge:?exact=true': no folder path after 'qdrant-edge:'",
+        ),
+        ("qdrant-edge:g?quantization=fp16", "option quantization=fp16: must be none or int8"),
+        ("qdrant-edge:g?local_dtype=int4", "option local_dtype=int4: must be float32, float16 or uint8"),
+        ("qdrant-edge:g?hnsw_m=0", "option hnsw_m=0: must be a positive int"),
+        ("qdrant-edge:g?colour=red", "unknown option 'colour'; the options are prefix, exact"),
+    ],
+)
+def test_a_bad_gallery_spec_is_refused_in_the_flags_words(
+    tiny_bundle: Path, files: Path, tmp_path: Path, command: str, spec: str, message: str
+) -> None:
+    argv = {
+        "index": ("--images", files / "a.npy"),
+        "search": ("a red dog",),
+        "remove": ("--ids", "1"),
+    }[command]
+    spec = spec.replace("qdrant-edge:g?", f"qdrant-edge:{tmp_path / 'g'}?")
+    code, _, err = cli(command, "--bundle", tiny_bundle, "--gallery", spec, *argv)
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+    for python in ("QdrantServer", "url=", "None", "client="):
+        assert python not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage1_is_refused_with_a_qdrant_gallery(tiny_bundle: Path, files: Path, tmp_path: Path) -> None:
+    spec = f"qdrant-edge:{tmp_path / 'g'}"
+    assert cli("index", "--bundle", tiny_bundle, "--images", files / "a.npy", "--gallery", spec)[0] == 0
+    for method in ("faiss", "numpy"):
+        code, _, err = cli("search", "--bundle", tiny_bundle, "--gallery", spec, "a dog", "--stage1", method)
+        assert code == 1 and "--stage1 is for an index folder" in err and "--gallery" in err
+    assert cli("search", "--bundle", tiny_bundle, "--gallery", spec, "a dog")[0] == 0
+
+
+def test_remove_from_qdrant_loads_no_graph(
+    tiny_bundle: Path, files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mssan_infer.retriever
+
+    spec = QdrantEdge(tmp_path / "g")
+    run_index(tiny_bundle, images=files / "a.npy", texts=files / "caps.txt", gallery=spec, progress=False)
+
+    def no_backend(*a: Any, **k: Any) -> Any:
+        raise AssertionError("remove made a backend")
+
+    with monkeypatch.context() as m:
+        m.setattr(mssan_infer.retriever, "create_backend", no_backend)
+        s = run_remove(tiny_bundle, ids=["1", "4"], kind="images", gallery=spec)
     assert (s.images, s.texts, s.total_images, s.total_texts) == (2, 0, 4, 2)
     assert _image_ids(tiny_bundle, spec) == [0, 2, 3, 5]

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mssan_infer import GalleryOptions, Stage1Options
+from mssan_infer import GalleryOptions, Retriever, Stage1Options
 from mssan_infer.errors import IndexFileError, InputError
 from mssan_infer.gallery.folder import load_index, save_index
 from mssan_infer.gallery.memory import MemoryGallery
@@ -353,3 +353,12 @@ def test_searches_during_adds_and_removes_see_whole_items(layout: str) -> None:
         t.join()
     assert not errors, errors[:3]
     assert len(g) == 200 + 30 * 15
+
+
+def test_a_saved_empty_gallery_keeps_its_layout_when_loaded(tiny_bundle: Path, tmp_path: Path) -> None:
+    with Retriever.load(tiny_bundle, gallery=GalleryOptions(layout="int8")) as r:
+        r.add_texts(["a red dog", "a blue ball"])  # the image gallery stays empty
+        r.save(tmp_path / "idx")
+    with Retriever.load(tiny_bundle, index=tmp_path / "idx") as back:
+        assert len(back.images) == 0
+        assert back.images.layout.name == "int8" and back.texts.layout.name == "int8"

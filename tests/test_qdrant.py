@@ -376,6 +376,49 @@ def test_replicas_on_one_server_collection_see_each_others_writes(
     assert "a3" not in a.images and a.n_images == 19
 
 
+def test_a_load_that_fails_on_its_options_or_backend_makes_no_gallery(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from mssan_infer import BackendUnavailableError, TensorRTOptions
+
+    with pytest.raises(InputError, match="threads"):
+        Retriever.load(tiny_bundle, OnnxRuntimeOptions(threads=0), gallery=QdrantEdge(tmp_path / "g"))
+    with pytest.raises(InputError, match="SearchOptions"):
+        Retriever.load(tiny_bundle, gallery=QdrantEdge(tmp_path / "g"), search={"batch_size": 8})  # type: ignore[arg-type]
+    with pytest.raises((BackendUnavailableError, InputError)):
+        Retriever.load(tiny_bundle, TensorRTOptions(), gallery=QdrantEdge(tmp_path / "g"))  # no tensorrt here
+    assert not (tmp_path / "g").exists()
+
+
+def test_one_client_per_server_url_is_kept_for_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from mssan_infer.qdrant import gallery
+    from mssan_infer.qdrant.gallery import _server_client
+
+    fake = types.SimpleNamespace(QdrantClient=lambda **kw: object())  # no server, no connection
+    monkeypatch.setattr(gallery, "import_client", lambda module, package: fake)
+    monkeypatch.setattr(gallery, "_CLIENTS", {})
+    a = _server_client(QdrantServer(url="http://127.0.0.1:1"))
+    assert _server_client(QdrantServer(url="http://127.0.0.1:1", prefix="other")) is a
+    assert _server_client(QdrantServer(url="http://127.0.0.1:2")) is not a
+
+
+def test_replacing_server_galleries_refuses_a_plain_collection_before_building(tmp_path: Path) -> None:
+    from qdrant_client import QdrantClient, models
+
+    from mssan_infer.qdrant.gallery import replacing_qdrant_galleries
+
+    client = QdrantClient(":memory:")
+    client.create_collection(
+        "mine_images", vectors_config=models.VectorParams(size=4, distance=models.Distance.DOT)
+    )
+    with pytest.raises(IndexFileError, match="mine_images.*no alias"):
+        with replacing_qdrant_galleries(QdrantServer(client=client, prefix="mine"), ["images"]):
+            raise AssertionError("nothing may be built")
+    assert [c.name for c in client.get_collections().collections] == ["mine_images"]
+
+
 _WRITER = """
 import sys
 import numpy as np

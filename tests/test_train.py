@@ -210,7 +210,7 @@ def test_a_checkpoint_records_its_training_data_and_the_steps_an_epoch_takes(
     assert "1 epochs of 2 steps (the last 20 captions of each shuffled epoch are left out" in caplog.text
     for ck in (tmp_path / "ck", tmp_path / "ck" / "last"):
         data = json.loads((ck / "state.json").read_text())["data"]
-        assert data["path"] == str(few.resolve()) and data["splits"] == {"train": 24, "dev": 10}
+        assert data["path"] == str(few.resolve()) and data["splits"] == {"train": 24, "dev": 10, "test": 10}
         assert (
             data["feat_dim"] == 32 and data["synth"]["seed"] == 1 and data["synth"]["knobs"]["regions"] == 16
         )

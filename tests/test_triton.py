@@ -900,3 +900,52 @@ def test_a_real_server_takes_image_bytes_and_answers_with_caption_texts(pixels: 
             {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["bm90IGFuIGltYWdl"]}]},
         )
         assert code == 400 and "not an image file pillow can read" in reply["error"]
+
+
+def test_a_query_takes_one_gallery_snapshot_and_the_scorer_limits_are_worked_out_once(
+    gallery: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot path asks a gallery for its size once per query (its view's ``n``: one count request to a
+    Qdrant server), and the scorer's limits per direction are computed when the model loads."""
+    from mssan_infer.gallery.memory import MemoryGallery
+    from mssan_infer.search import ScorerLimits
+
+    directions: list[bool] = []
+    real = ScorerLimits.from_axes
+
+    def from_axes(cls: type, axes: Any, *, query_is_text: bool) -> ScorerLimits:
+        directions.append(query_is_text)
+        return real(axes, query_is_text=query_is_text)
+
+    monkeypatch.setattr(ScorerLimits, "from_axes", classmethod(from_axes))
+    model = _model_outside_triton(gallery["repo"], monkeypatch)
+    assert sorted(directions) == [False, True]  # both directions, at initialize
+    assert model.limits[True] == real({}, query_is_text=True)
+
+    class Counted:
+        def __init__(self, g: Any) -> None:
+            self.g, self.sizes = g, 0
+
+        def __len__(self) -> int:
+            self.sizes += 1
+            return len(self.g)
+
+        def view(self) -> Any:
+            return self.g.view()
+
+    local, feats, mask = gallery["local"], gallery["feats"], gallery["mask"]
+    w = int(mask[3].sum())
+    by_text = [str(h.id) for h in local.search(text="a red dog on the beach", k=5, rerank=20)]
+    by_image = [str(h.id) for h in local.search(image=feats[3, :w], k=4)]
+    model.galleries = {name: Counted(g) for name, g in model.galleries.items()}
+    directions.clear()
+    for _ in range(2):
+        res = _run(model, text=["a red dog on the beach"], k=[5], rerank=[20])
+        assert [x.decode() for x in res.outputs["ids"]] == by_text
+        res = _run(model, regions=feats[3, :w], k=[4])
+        assert [x.decode() for x in res.outputs["ids"]] == by_image
+    assert directions == [] and [g.sizes for g in model.galleries.values()] == [0, 0]
+    model.galleries["images"] = MemoryGallery(64, 32)  # an empty gallery is still refused
+    res = _run(model, text=["a red dog"])
+    assert res.error is not None and res.error.code == "INVALID_ARG"
+    assert "the index has no image" in res.error.message

@@ -219,13 +219,16 @@ def pretrained_text_model(
 
 def data_record(data_dir: Path, train_images: int, dev_images: int, feat_dim: int) -> dict[str, Any]:
     """What the checkpoint records about its training data (``state.json``'s ``data``): the folder,
-    the split sizes and, for the synthetic set (``meta.json`` of ``training.synth``), its seed, knobs
-    and sizes, so ``export --int8`` can check recall on the same data, or regenerate its dev split."""
-    rec: dict[str, Any] = {
-        "path": str(data_dir.resolve()),
-        "splits": {"train": int(train_images), "dev": int(dev_images)},
-        "feat_dim": int(feat_dim),
-    }
+    the split sizes (``test`` too when the folder has one), the feature size and, for the synthetic set
+    (``meta.json`` of ``training.synth``), its seed, knobs and sizes, so ``export --int8`` can check
+    recall on the same data (and refuse a folder that now holds other data), or regenerate its dev
+    split."""
+    splits = {"train": int(train_images), "dev": int(dev_images)}
+    try:  # the header only: the test split is not loaded
+        splits["test"] = int(np.load(data_dir / "test_ims.npy", mmap_mode="r", allow_pickle=False).shape[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    rec: dict[str, Any] = {"path": str(data_dir.resolve()), "splits": splits, "feat_dim": int(feat_dim)}
     try:
         meta = json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

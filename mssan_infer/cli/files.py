@@ -12,6 +12,7 @@ import numpy as np
 
 from mssan_infer.errors import InputError
 from mssan_infer.files import rows_per_chunk
+from mssan_infer.gallery.filters import RESERVED_PREFIX, check_metadata
 from mssan_infer.images.files import LIST_SUFFIXES
 
 __all__ = ["read_lines", "load_features", "check_finite", "read_metadata", "ids_to_remove"]
@@ -126,27 +127,43 @@ def check_finite(feats: np.ndarray, path: str | os.PathLike[str], flag: str, fir
         )
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def read_metadata(
     path: str | os.PathLike[str], n: int, what: str, flag: str | None = None
 ) -> list[dict[str, Any] | None]:
     """One JSON object (or ``null``) per line of a UTF-8 file, for ``n`` items (blank lines as in
-    :func:`read_lines`).
+    :func:`read_lines`), checked as a gallery checks metadata (so it is refused before anything is added).
 
     Raises:
-        InputError: unreadable file, a blank line, a line that is not a JSON object or null, or another count.
+        InputError: unreadable file, a blank line, a line that is not a JSON object or null (NaN and
+            Infinity included), a key that is empty or reserved, or another count.
     """
     rows: list[dict[str, Any] | None] = []
+    name = f"{flag} {path}" if flag else str(path)
     for i, line in enumerate(read_lines(path, what, flag), 1):
         try:
-            value = json.loads(line)
+            value = json.loads(line, parse_constant=_no_constant)
         except ValueError as e:
-            raise InputError(f"{path} line {i}: not JSON ({e}); write one JSON object per line") from None
+            raise InputError(f"{name} line {i}: not JSON ({e}); write one JSON object per line") from None
         if value is not None and not isinstance(value, dict):
-            raise InputError(f"{path} line {i}: expected a JSON object or null, got {type(value).__name__}")
+            raise InputError(f"{name} line {i}: expected a JSON object or null, got {type(value).__name__}")
+        for key in value or {}:
+            if not key or key.startswith(RESERVED_PREFIX):
+                raise InputError(
+                    f"{name} line {i}: key {key!r} "
+                    + ("is empty" if not key else f"starts with {RESERVED_PREFIX!r}, which is reserved")
+                    + "; rename it"
+                )
         rows.append(value)
     if len(rows) != n:
-        raise InputError(f"{path} has {len(rows)} {what} lines for {n} items")
-    return rows
+        raise InputError(f"{name} has {len(rows)} {what} lines for {n} items")
+    try:
+        return check_metadata(rows, n)  # the gallery's own check, before anything is added
+    except InputError as e:
+        raise InputError(f"{name}: {e}") from None
 
 
 def ids_to_remove(ids: Sequence[str]) -> list[str]:

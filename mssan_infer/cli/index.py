@@ -14,12 +14,14 @@ import numpy as np
 
 from mssan_infer.bundle import Bundle, load_bundle
 from mssan_infer.cli.files import check_finite, load_features, read_lines, read_metadata
-from mssan_infer.cli.galleries import GalleryArg, no_pixel_graph, spec_text
+from mssan_infer.cli.galleries import GalleryArg, layout_flags, no_pixel_graph, qdrant_spec, spec_text
 from mssan_infer.errors import IndexFileError, InputError
 from mssan_infer.gallery.base import ItemId, colliding_ids
-from mssan_infer.gallery.folder import read_index_manifest
-from mssan_infer.images.encoder import has_pixel_graph
+from mssan_infer.gallery.folder import read_index_manifest, saved_layout
+from mssan_infer.gallery.storage import Layout
+from mssan_infer.images.encoder import PixelEncoder, has_pixel_graph
 from mssan_infer.images.files import ImageFile, collect_images, is_features_file
+from mssan_infer.images.preprocess import preprocess
 from mssan_infer.names import IMAGES, INDEX_MANIFEST, TEXTS
 from mssan_infer.options import (
     BackendOptions,
@@ -32,7 +34,7 @@ from mssan_infer.qdrant.gallery import (
     open_qdrant_galleries,
     replacing_qdrant_galleries,
 )
-from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
+from mssan_infer.qdrant.options import QdrantEdge, QdrantServer
 from mssan_infer.retriever import Retriever
 
 __all__ = ["PARTIAL_EXIT", "IndexSummary", "run_index"]
@@ -105,7 +107,8 @@ class IndexSummary:
         where: the index folder or the ``--gallery`` spec.
         images, texts: items added by this run.
         total_images, total_texts: items held afterwards.
-        failed: ``(file, reason)`` of each image file that could not be read (not indexed).
+        failed: ``(file, error)`` of each image file that could not be read (not indexed); the error names
+            the file (``PATH: reason``).
         skipped: files in the folders given whose extension is not an image format's (not indexed).
     """
 
@@ -255,7 +258,7 @@ def run_index(
         raise InputError("--append adds to what is there and --overwrite replaces it; choose one")
     if (metadata is not None and image_args is None) or (text_metadata is not None and texts is None):
         raise InputError("--metadata needs --images and --text-metadata needs --texts")
-    spec = None if isinstance(gallery, GalleryOptions) else parse_gallery(gallery)
+    spec = qdrant_spec(gallery)
     if (spec is not None) == (out is not None):
         raise InputError(
             "give --out FOLDER (an index folder) or --gallery SPEC (Qdrant), exactly one of them"
@@ -310,26 +313,34 @@ def _index_folder(
         )
     if append and not existing:
         log.info("%s holds no index yet: starting a new one", outp)
-    try:
-        r = Retriever.load(
-            b, backend, index=outp if append and existing else None, gallery=memory, search=search
-        )
-    except InputError as e:
-        if memory is None or memory.layout is None or not (append and existing):
-            raise
-        galleries = read_index_manifest(outp)["galleries"]
-        saved = sorted({str(g.get("layout", {}).get("name")) for g in galleries.values()})
-        raise InputError(
-            f"--out {outp} holds an index in layout {', '.join(saved)}, which cannot be appended to as "
-            f"layout {memory.resolved_layout().name} (the exact values are gone): append without --layout / "
-            "--fp16-locals (keeps the index's layout), or rebuild it with --overwrite"
-        ) from e
+    if append and existing and memory is not None and memory.layout is not None:
+        _check_same_layout(outp, memory.resolved_layout())
+    r = Retriever.load(b, backend, index=outp if append and existing else None, gallery=memory, search=search)
     try:
         summary = fill(r, f"the index at {outp}")
         r.save(outp)
     finally:
         r.close()
     return dataclasses.replace(summary, where=shown)
+
+
+def _check_same_layout(outp: Path, wanted: Layout) -> None:
+    """Refuse ``--append`` with a ``--layout`` / ``--fp16-locals`` other than the saved index's: loading it in
+    another layout would rewrite every item it holds (and a coarser one loses their exact values)."""
+    try:
+        galleries = read_index_manifest(outp)["galleries"].values()
+        saved = {saved_layout(entry) for entry in galleries if int(entry.get("n", 1)) > 0}  # items to convert
+    except (KeyError, TypeError, ValueError, InputError):
+        return  # a damaged manifest: loading the index reports it
+    other = sorted((lay for lay in saved if lay != wanted), key=lambda lay: lay.name)
+    if other:
+        held = " and ".join(layout_flags(lay) for lay in other)
+        raise InputError(
+            f"--out {outp} holds an index built with {held}, but this --append asks for "
+            f"{layout_flags(wanted)}, which would convert every item already there: append without "
+            "--layout / --fp16-locals (the index keeps its layout), or rebuild it in the new layout with "
+            "--overwrite"
+        )
 
 
 def _index_qdrant(
@@ -394,8 +405,9 @@ def _add_inputs(
     chunk: int,
     progress: bool,
 ) -> IndexSummary:
-    """Check every id, then encode and add (nothing is added when a check fails); image files that cannot
-    be read are collected, not fatal, unless none can."""
+    """Check every input, then add. Ids and metadata are checked and the captions encoded (each needs a word
+    the model knows) before the first item is added, so a bad one changes nothing, in Qdrant too; image
+    files that cannot be read are collected, not fatal, unless none can."""
     named = [f.id for f in inp.files] if inp.files is not None else None
     image_ids = (
         _gallery_ids(r.images, inp.n_images, ids, new_ids, "image", "--ids", where, named)
@@ -407,6 +419,8 @@ def _add_inputs(
         if inp.captions is not None
         else []
     )
+    # captions are encoded first: one the model cannot encode (no known word) fails before anything is added
+    captions = r.encode_texts(inp.captions, progress=progress) if inp.captions is not None else None
     meta = inp.image_meta
     failed: list[tuple[str, str]] = []
     if inp.feats is not None:
@@ -420,14 +434,22 @@ def _add_inputs(
     elif inp.files is not None:
         failed = _add_image_files(r, inp.files, image_ids, meta, progress)
         if len(failed) == len(inp.files):
-            shown = "; ".join(f"{f}: {why}" for f, why in failed[:3])
+            shown = "; ".join(why for _, why in failed[:3])
             more = f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""
             raise InputError(
                 f"none of the {len(failed)} image files could be read, so nothing was indexed: {shown}{more}"
             )
     n_images = inp.n_images - len(failed)
-    if inp.captions is not None:
-        r.add_texts(inp.captions, ids=cap_ids, metadata=inp.caption_meta, progress=progress)
+    if captions is not None:
+        r.texts.add(
+            captions.stage1,
+            captions.local,
+            captions.mask,
+            captions.gram,
+            cap_ids,
+            metadata=inp.caption_meta,
+            texts=inp.captions,
+        )
     return IndexSummary(
         where,
         n_images,
@@ -439,15 +461,6 @@ def _add_inputs(
     )
 
 
-def _reason(e: Exception, path: Path) -> str:
-    """An image error's message without the file name it starts with (the CLI prints it first)."""
-    text = str(e)
-    for prefix in (f"{path}: ", f"{os.fspath(path)}: "):
-        if text.startswith(prefix):
-            return text[len(prefix) :]
-    return text
-
-
 def _add_image_files(
     r: Retriever,
     files: list[ImageFile],
@@ -455,26 +468,41 @@ def _add_image_files(
     meta: list[dict[str, Any] | None] | None,
     progress: bool,
 ) -> list[tuple[str, str]]:
-    """Encode and add image files a batch at a time; a batch that fails is retried file by file, so one bad
-    file costs only itself. Each image keeps its absolute path as its source. Returns ``(file, reason)`` of
-    the files that failed."""
+    """Preprocess image files one by one and encode and add the readable ones in full batches of
+    ``r.batch_size``. Each image keeps its absolute path as its source. Returns ``(file, error)`` of the
+    files that could not be read (not indexed); the error names the file."""
     failed: list[tuple[str, str]] = []
+    pending: list[int] = []
+    pixels: list[np.ndarray] = []
+    encoder = PixelEncoder(r.bundle, r.backend, r.embed_size)
 
-    def add(rows: Sequence[int]) -> None:
+    def add() -> None:
+        enc = encoder.encode_pixels(np.stack(pixels), r.batch_size)
         r.add_images(
-            [files[i].path for i in rows],
-            ids=[ids[i] for i in rows],
-            metadata=[meta[i] for i in rows] if meta is not None else None,
-            sources=[str(files[i].path.absolute()) for i in rows],
+            enc,
+            ids=[ids[i] for i in pending],
+            metadata=[meta[i] for i in pending] if meta is not None else None,
+            sources=[str(files[i].path.absolute()) for i in pending],
         )
+        pending.clear()
+        pixels.clear()
 
-    for a, b in batches(len(files), r.batch_size, "index images", progress):
-        try:
-            add(range(a, b))
-        except InputError:
+    try:
+        cfg = encoder.preprocessing
+        for a, b in batches(len(files), r.batch_size, "index images", progress):
             for i in range(a, b):
+                path = files[i].path
                 try:
-                    add([i])
+                    pixels.append(preprocess(path, cfg, str(path)))
                 except InputError as e:
-                    failed.append((str(files[i].path), _reason(e, files[i].path)))
+                    why = str(e)
+                    failed.append((str(path), why if str(path) in why else f"{path}: {why}"))
+                    continue
+                pending.append(i)
+                if len(pending) == r.batch_size:
+                    add()
+        if pending:
+            add()
+    finally:
+        encoder.close()
     return failed

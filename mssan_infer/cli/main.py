@@ -170,9 +170,10 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--rerank", type=int, default=100, help="stage-2 depth (0: stage 1 only)")
     se.add_argument(
         "--stage1",
-        default="numpy",
+        default=None,
         choices=("numpy", "faiss", "faiss-ivf", "faiss-hnsw"),
-        help="stage-1 search (numpy and faiss exact; faiss-ivf, faiss-hnsw approximate)",
+        help="stage-1 search of an index folder (numpy and faiss exact; faiss-ivf, faiss-hnsw approximate; "
+        "default numpy); Qdrant galleries take theirs in --gallery",
     )
     se.add_argument("--json", action="store_true", help="print one JSON object (ids keep their type)")
 
@@ -333,8 +334,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
                 backend=backend,
                 search=SearchOptions(batch_size=args.batch_size),
             )
-            for path, why in summary.failed:
-                print(f"failed: {path}: {why}", file=err)
+            for _, why in summary.failed:  # the error names the file: `failed: PATH: reason`
+                print(f"failed: {why}", file=err)
             if summary.skipped:
                 print(
                     f"note: {len(summary.skipped)} file(s) in the folders given are not images by their "
@@ -350,10 +351,15 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
                 ids=args.ids,
                 kind=args.kind,
                 gallery=_gallery(args, GalleryOptions()),
-                backend=backend,
             )
             print(removed.line(), file=out)
             return 0
+        if args.stage1 is not None and args.gallery is not None and args.gallery != "memory":
+            raise InputError(
+                "--stage1 is for an index folder (--index); Qdrant galleries take their stage-1 search in "
+                "--gallery (e.g. ?exact=false&hnsw_ef=256, or ?quantization=int8)"
+            )
+        stage1 = Stage1Options(method=args.stage1 or "numpy")
         if args.image is not None and args.row is None and is_features_file(args.image):
             args.row = 0
         hits = run_search(
@@ -364,7 +370,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             row=args.row,
             k=args.k,
             rerank=args.rerank,
-            gallery=_gallery(args, GalleryOptions(stage1=Stage1Options(method=args.stage1))),
+            gallery=_gallery(args, GalleryOptions(stage1=stage1)),
             where=where_filter(args.where),
             backend=backend,
         )

@@ -8,12 +8,9 @@ from typing import Sequence
 
 from mssan_infer.bundle import load_bundle
 from mssan_infer.cli.files import ids_to_remove
-from mssan_infer.cli.galleries import GalleryArg, open_existing
+from mssan_infer.cli.galleries import GalleryArg, open_galleries
 from mssan_infer.errors import InputError
 from mssan_infer.names import IMAGES, TEXTS
-from mssan_infer.options import (
-    BackendOptions,
-)
 
 __all__ = ["RemoveSummary", "run_remove"]
 
@@ -44,11 +41,11 @@ def run_remove(
     ids: Sequence[str],
     kind: str | None = None,
     gallery: GalleryArg = None,
-    backend: str | BackendOptions = "onnxruntime",
 ) -> RemoveSummary:
     """Remove items by id from an index folder (atomically: the folder is saved once, or left as it was) or
     from Qdrant galleries. Ids are matched by their text (``"7"`` names the item with id ``7``; a gallery
-    never holds both).
+    never holds both). Nothing is encoded, so no graph is loaded and the bundle is read only for its id
+    (its files are not hashed; the index records which files the id covers).
 
     Args:
         ids: the ids, or one ``.txt`` file of ids (one per line).
@@ -63,11 +60,12 @@ def run_remove(
         raise InputError("--ids: give the ids to remove, or a .txt file of them")
     if kind not in (None, "images", "captions"):
         raise InputError(f"--from must be images or captions, got {kind!r}")
-    b = load_bundle(bundle)
-    r, place = open_existing(b, index, gallery, backend)
+    b = load_bundle(bundle, verify=False)  # only its id is needed: the index is checked with the id's files
+    opened = open_galleries(b, index, gallery)
+    place = opened.where
     try:
         names = {"images": [IMAGES], "captions": [TEXTS], None: [IMAGES, TEXTS]}[kind]
-        by_text = {n: {str(i): i for i in (r.images if n == IMAGES else r.texts).ids} for n in names}
+        by_text = {n: {str(i): i for i in opened.galleries[n].ids} for n in names}
         unknown = [t for t in wanted if not any(t in m for m in by_text.values())]
         if unknown:
             where = place if kind is None else f"the {kind} of {place}"
@@ -84,17 +82,14 @@ def run_remove(
         drop = {n: [m[t] for t in wanted if t in m] for n, m in by_text.items()}
         for name, items in drop.items():
             if items:
-                r.remove(items, gallery=name)  # type: ignore[arg-type]
-        if index is not None:
-            r.save(index)
-        else:
-            r.flush()
+                opened.galleries[name].remove(items)
+        opened.keep()
         return RemoveSummary(
             str(index) if index is not None else place.removeprefix("--gallery "),
             len(drop.get(IMAGES, [])),
             len(drop.get(TEXTS, [])),
-            r.n_images,
-            r.n_texts,
+            len(opened.galleries[IMAGES]),
+            len(opened.galleries[TEXTS]),
         )
     finally:
-        r.close()
+        opened.close()

@@ -4,9 +4,9 @@ Layout (a folder): ``index.json`` (format, version, bundle id, gallery metadata,
 every file) plus ``{gallery}_{array}.npy``, ``{gallery}_ids.json`` and, when items carry them,
 ``{gallery}_meta.json`` (metadata), ``{gallery}_text.json`` (caption texts) and ``{gallery}_source.json``
 (source paths) per gallery: JSON lists aligned with the ids (``null`` where an item has none). Nothing
-is pickled. A save writes a temp folder beside the target and swaps it in with one atomic
-directory exchange (two renames where the platform has none; :func:`load_index` then puts
-back a previous index left aside by a save killed between them).
+is pickled. A save writes a temp folder beside the target and swaps it in with
+:func:`mssan_infer.files.swap_in` (one atomic directory exchange; two renames where the platform has
+none, and :func:`load_index` then puts back a previous index left aside by a save killed between them).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,13 +24,14 @@ import numpy as np
 
 from mssan_infer.errors import IndexFileError, IndexWriteError, InputError, MssanError
 from mssan_infer.files import (
-    exchange_dirs,
     fsync_dir,
     read_versioned_json,
+    recover_swap,
     release_rows,
     rows_per_chunk,
     safe_member,
     sha256_file,
+    swap_in,
     write_npy,
     write_npy_parts,
 )
@@ -372,18 +372,9 @@ def _save_index(
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        if out.exists() and exchange_dirs(tmp, out):
-            old = tmp  # tmp now holds the previous index
-        else:
-            # no atomic exchange here: a crash between these two renames leaves the previous
-            # index at ``old``, which load_index puts back (see recover_interrupted_save)
-            if out.exists():
-                os.replace(out, old)
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
+        # commits, or raises with the previous index in place; a crash between the two renames of
+        # the fallback leaves the previous index aside, which load_index puts back
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -392,23 +383,13 @@ def _save_index(
 
 
 def recover_interrupted_save(root: Path) -> bool:
-    """Put back the previous index when a save was killed between its two renames (non-Linux path).
+    """Put back the previous index when a save was killed between the two renames of a swap without an
+    atomic exchange (:func:`mssan_infer.files.recover_swap` with the index manifest as the marker).
 
     When ``root`` is missing and a complete ``.NAME.old-*`` folder lies beside it, the newest one
     is renamed back to ``root``. Returns whether it did. :func:`load_index` calls this.
     """
-    if root.exists() or not root.parent.is_dir():
-        return False
-    olds = [p for p in root.parent.glob(f".{root.name}.old-*") if (p / INDEX_MANIFEST).is_file()]
-    if not olds:
-        return False
-    latest = max(olds, key=lambda p: p.stat().st_mtime)
-    try:
-        os.replace(latest, root)
-    except OSError:
-        return False
-    log.warning("restored index %s from %s, left by an interrupted save", root, latest.name)
-    return True
+    return recover_swap(Path(root), INDEX_MANIFEST)
 
 
 def read_index_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:

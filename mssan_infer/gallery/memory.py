@@ -76,7 +76,8 @@ class _Segment:
 
 
 class MemoryGallery:
-    """The encoded items of one modality, in numpy arrays (the default :class:`~.contract.Gallery`).
+    """The encoded items of one modality, in numpy arrays (the default
+    :class:`~mssan_infer.gallery.base.Gallery`).
 
     Args:
         stage1_dim: ``2D``.

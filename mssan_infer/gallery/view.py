@@ -1,6 +1,6 @@
 """A snapshot of an in-memory gallery: what one search reads (stage-1 top-k, candidates' locals).
 
-:class:`ArrayView` is the in-memory gallery's :class:`~.contract.GalleryView`: the segments'
+:class:`ArrayView` is the in-memory gallery's :class:`~mssan_infer.gallery.base.GalleryView`: the segments'
 first rows as :class:`Block` s, the compressed stage-1 searcher and codec of that moment, and the
 items' metadata, caption texts and source paths. Later adds write past those rows and removals replace
 segments, so a view never changes while a search uses it.

@@ -96,17 +96,54 @@ class PixelEncoder:
                 self._runner = (runner, cfg)
             return self._runner
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The bundle's pixel preprocessing (``preprocess(source, encoder.preprocessing, name)`` gives the
+        input of :meth:`encode_pixels`).
+
+        Raises:
+            InputError: no pixel graph.
+            BundleError: the bundle's preprocessing entry or pixel graph record is damaged.
+        """
+        return self._runner_and_config()[1]
+
     def encode(self, sources: Sequence[ImageSource], batch_size: int, *, progress: bool = False) -> Encoded:
         """Preprocess and encode images -> :class:`Encoded` (every grid cell is a real region).
 
         Raises:
             InputError: no images, a file that is missing or not an image, or no pixel graph.
         """
-        runner, cfg = self._runner_and_config()
-        n = len(sources)
-        if n == 0:
+        cfg = self.preprocessing
+        if len(sources) == 0:
             raise InputError("no images given")
         pixels = np.stack([preprocess(s, cfg, describe(s, i)) for i, s in enumerate(sources)])  # [N,3,S,S]
+        return self.encode_pixels(pixels, batch_size, progress=progress)
+
+    def encode_pixels(self, pixels: np.ndarray, batch_size: int, *, progress: bool = False) -> Encoded:
+        """Encode images already preprocessed (:func:`preprocess` with :attr:`preprocessing`), ``batch_size``
+        at a time -> :class:`Encoded` (every grid cell is a real region).
+
+        Args:
+            pixels: ``float32 [N, 3, S, S]``, ``S`` the preprocessing's ``image_size``.
+        Raises:
+            InputError: no images, or another shape or dtype; no pixel graph.
+        """
+        runner, cfg = self._runner_and_config()
+        s = cfg.image_size
+        if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.float32 and pixels.ndim == 4):
+            raise InputError(
+                f"preprocessed pixels must be a float32 array [N, 3, {s}, {s}], got "
+                + (
+                    f"{pixels.dtype} {pixels.shape}"
+                    if isinstance(pixels, np.ndarray)
+                    else type(pixels).__name__
+                )
+            )
+        if pixels.shape[1:] != (3, s, s):
+            raise InputError(f"preprocessed pixels must be [N, 3, {s}, {s}], got {pixels.shape}")
+        n = pixels.shape[0]
+        if n == 0:
+            raise InputError("no images given")
         out: Encoded | None = None
         for a, b in batches(n, batch_size, "encode images", progress):
             res = runner.run(PIXEL_GRAPH, {"pixels": pixels[a:b]})

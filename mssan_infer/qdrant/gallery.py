@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import shutil
 import threading
 import time
@@ -38,7 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from mssan_infer.errors import IndexFileError, InputError
-from mssan_infer.files import exchange_dirs, fsync_dir
+from mssan_infer.files import recover_swap, swap_in
 from mssan_infer.gallery.base import ItemId, ItemRecord, check_encoded, check_id, check_labels, new_ids
 from mssan_infer.gallery.filters import RESERVED_PREFIX, Where, check_metadata, parse_where
 from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions, QdrantServer
@@ -74,7 +73,8 @@ def point_id(item_id: ItemId) -> str:
 
 
 class QdrantGallery:
-    """A :class:`~.contract.Gallery` kept in Qdrant (see the module docstring for the point layout).
+    """A :class:`~mssan_infer.gallery.base.Gallery` kept in Qdrant
+    (see the module docstring for the point layout).
 
     Thread-safe: Qdrant orders concurrent writes; a lock keeps each ``add``'s id checks and
     upsert together within this process. Searches do not take the lock.
@@ -296,14 +296,23 @@ def _check_meta(meta: dict[str, Any], want: dict[str, Any], where: str) -> None:
 _EDGE_CONFIG = "edge_config.json"  # what makes a folder a Qdrant Edge shard (EdgeStore loads it)
 
 
+_CLIENTS: dict[tuple[str, str | None, bool], Any] = {}  # one client per server and settings, per process
+_CLIENTS_LOCK = threading.Lock()
+
+
 def _server_client(spec: QdrantServer) -> Any:
-    """The spec's ``qdrant_client`` client (made from its url when it has none)."""
+    """The spec's ``qdrant_client`` client: its own, or the one this process keeps for its url and settings
+    (made on first use, shared by every gallery and command on that server, never one per call)."""
     if spec.client is not None:
         return spec.client
     if not spec.url:
         raise InputError("QdrantServer needs url= (e.g. 'http://localhost:6333') or client=")
-    qc = import_client("qdrant_client", "qdrant-client")
-    return qc.QdrantClient(url=spec.url, api_key=spec.api_key, prefer_grpc=spec.prefer_grpc)
+    key = (spec.url, spec.api_key, spec.prefer_grpc)
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            qc = import_client("qdrant_client", "qdrant-client")
+            _CLIENTS[key] = qc.QdrantClient(url=spec.url, api_key=spec.api_key, prefer_grpc=spec.prefer_grpc)
+        return _CLIENTS[key]
 
 
 def _aliases(client: Any) -> dict[str, str]:
@@ -322,12 +331,14 @@ def _collection_of(client: Any, name: str, aliases: Mapping[str, str] | None = N
 def missing_qdrant_galleries(
     spec: QdrantEdge | QdrantServer, names: Sequence[str], *, client: Any = None
 ) -> list[str]:
-    """The names among ``names`` that have no gallery in ``spec`` yet. Reads only: creates nothing.
+    """The names among ``names`` that have no gallery in ``spec`` yet. Creates nothing (Edge: galleries a
+    killed ``--overwrite`` left aside are put back first).
 
     Raises:
         BackendUnavailableError: the client package of a server is not installed.
     """
     if isinstance(spec, QdrantEdge):
+        recover_swap(Path(spec.path))  # galleries a killed --overwrite left aside are put back first
         return [n for n in names if not (Path(spec.path) / n / _EDGE_CONFIG).is_file()]
     client = _server_client(spec) if client is None else client
     aliases = _aliases(client)
@@ -358,9 +369,10 @@ def open_qdrant_galleries(
             ``spec.create``) one that does not exist.
         BackendUnavailableError: the Qdrant package is not installed.
     """
-    opts = spec.options
     out: dict[str, QdrantGallery] = {}
     client = _server_client(spec) if isinstance(spec, QdrantServer) else None
+    if isinstance(spec, QdrantEdge):
+        recover_swap(Path(spec.path))  # galleries a killed --overwrite left aside are put back first
     if not spec.create:
         missing = missing_qdrant_galleries(spec, names, client=client)
         if missing:
@@ -369,17 +381,39 @@ def open_qdrant_galleries(
                 "created: check the path (or URL and prefix), or index items into it first"
             )
     aliases = _aliases(client) if client is not None else {}
-    for name in names:
-        want = {
-            "format": "mssan-qdrant-gallery",
-            "bundle_id": bundle_id,
-            "gallery": name,
-            "stage1_dim": stage1_dim,
-            "local_dim": local_dim,
-            "layout": opts.layout(),
-        }
-        if isinstance(spec, QdrantEdge):
-            store: Store = EdgeStore(Path(spec.path) / name, stage1_dim, local_dim, opts)
+    try:
+        for name in names:
+            out[name] = _open_one(spec, client, aliases, name, stage1_dim, local_dim, bundle_id)
+    except BaseException:
+        for g in out.values():  # the galleries opened before the one that failed
+            g.close()
+        raise
+    return out
+
+
+def _open_one(
+    spec: QdrantEdge | QdrantServer,
+    client: Any,
+    aliases: Mapping[str, str],
+    name: str,
+    stage1_dim: int,
+    local_dim: int,
+    bundle_id: str,
+) -> QdrantGallery:
+    """One gallery of :func:`open_qdrant_galleries` (made when missing and ``spec.create``)."""
+    opts = spec.options
+    want = {
+        "format": "mssan-qdrant-gallery",
+        "bundle_id": bundle_id,
+        "gallery": name,
+        "stage1_dim": stage1_dim,
+        "local_dim": local_dim,
+        "layout": opts.layout(),
+    }
+    store: Store
+    if isinstance(spec, QdrantEdge):
+        store = EdgeStore(Path(spec.path) / name, stage1_dim, local_dim, opts)
+        try:
             meta = store.read_meta()
             if meta is None:
                 if store.count():
@@ -389,27 +423,43 @@ def open_qdrant_galleries(
                 store.write_meta(want)
             else:
                 _check_meta(meta, want, store.where)
-        else:
-            assert client is not None
-            alias = f"{spec.prefix}_{name}"
-            target = _collection_of(client, alias, aliases)
-            if target is None:
-                target = f"{alias}_{uuid.uuid4().hex[:12]}"
-                ClientStore(client, target, stage1_dim, local_dim, opts).create(want)
-                client.update_collection_aliases(
-                    change_aliases_operations=[_alias_op(client, "create", alias, target)]
-                )
-            else:
-                meta = ClientStore(client, target, stage1_dim, local_dim, opts).read_meta()
-                if meta is None or meta.get("format") != "mssan-qdrant-gallery":
-                    raise IndexFileError(
-                        f"Qdrant collection {alias!r} exists but is not an mssan gallery; choose another "
-                        "prefix"
-                    )
-                _check_meta(meta, want, f"Qdrant collection {alias!r}")
-            store = ClientStore(client, alias, stage1_dim, local_dim, opts)  # the alias: follows a replace
-        out[name] = QdrantGallery(store, stage1_dim, local_dim, opts)
-    return out
+        except BaseException:
+            store.close()
+            raise
+        return QdrantGallery(store, stage1_dim, local_dim, opts)
+    assert client is not None
+    alias = f"{spec.prefix}_{name}"
+    target = _collection_of(client, alias, aliases)
+    if target is None:
+        target = f"{alias}_{uuid.uuid4().hex[:12]}"
+        ClientStore(client, target, stage1_dim, local_dim, opts).create(want)
+        try:
+            client.update_collection_aliases(
+                change_aliases_operations=[_alias_op(client, "create", alias, target)]
+            )
+        except BaseException:
+            client.delete_collection(target)  # no orphan collection without its alias
+            raise
+    else:
+        meta = ClientStore(client, target, stage1_dim, local_dim, opts).read_meta()
+        if meta is None or meta.get("format") != "mssan-qdrant-gallery":
+            raise IndexFileError(
+                f"Qdrant collection {alias!r} exists but is not an mssan gallery; choose another prefix"
+            )
+        _check_meta(meta, want, f"Qdrant collection {alias!r}")
+    # the alias, not the collection: it follows a replace
+    return QdrantGallery(ClientStore(client, alias, stage1_dim, local_dim, opts), stage1_dim, local_dim, opts)
+
+
+def _collections(client: Any) -> list[str]:
+    return [c.name for c in client.get_collections().collections]
+
+
+def _delete_staged(client: Any, prefix: str) -> None:
+    """Delete what a replace built under ``prefix`` (collections with or without their alias yet)."""
+    for collection in _collections(client):
+        if collection.startswith(f"{prefix}_"):
+            client.delete_collection(collection)
 
 
 def _alias_op(client: Any, kind: str, alias: str, collection: str = "") -> Any:
@@ -448,9 +498,8 @@ def replacing_qdrant_galleries(
       hold nothing but Qdrant Edge galleries (it is replaced as a whole).
     - A server: the new collections get temporary aliases; one alias update then points every
       ``{prefix}_{name}`` at its new collection (Qdrant applies the operations of one update together), and
-      the old collections are deleted. A gallery made as a plain collection (without an alias) must be
-      deleted before its name can become an alias: for that one switch, a search in between finds no
-      gallery.
+      the old collections are deleted. A plain collection (no alias) under a gallery's name is refused
+      before anything is built: it was not made by this mssan_infer.
 
     Raises:
         InputError: ``spec.path`` holds other things than galleries, or is not a folder.
@@ -461,13 +510,20 @@ def replacing_qdrant_galleries(
             yield edge
         return
     client = _server_client(spec)
+    aliases = _aliases(client)
+    plain = [f"{spec.prefix}_{n}" for n in names if f"{spec.prefix}_{n}" not in aliases]
+    plain = [c for c in plain if client.collection_exists(c)]
+    if plain:
+        raise IndexFileError(
+            f"Qdrant collection(s) {plain} are not mssan galleries made by this version (no alias); delete "
+            "them or choose another prefix"
+        )
     token = uuid.uuid4().hex[:8]
     staged = dataclasses.replace(spec, client=client, prefix=f"{spec.prefix}_new{token}")
-    switching = False  # past this point the new collections hold the only copy: never delete them
     try:
         yield staged
         aliases = _aliases(client)
-        ops, old, plain = [], [], []
+        ops, old = [], []
         for name in names:
             final, temp = f"{spec.prefix}_{name}", f"{staged.prefix}_{name}"
             if temp not in aliases:
@@ -476,21 +532,20 @@ def replacing_qdrant_galleries(
             if final in aliases:
                 ops.append(_alias_op(client, "delete", final))
                 old.append(aliases[final])
-            elif client.collection_exists(final):
-                plain.append(final)
             ops.append(_alias_op(client, "create", final, aliases[temp]))
-        switching = True
-        for final in plain:
-            log.warning("Qdrant collection %r has no alias: deleting it before its name moves", final)
-            client.delete_collection(final)
-        client.update_collection_aliases(change_aliases_operations=ops)
     except BaseException:
-        if not switching:
-            for name in names:
-                target = _aliases(client).get(f"{staged.prefix}_{name}")
-                if target is not None:
-                    client.delete_collection(target)
+        _delete_staged(client, staged.prefix)
         raise
+    try:
+        client.update_collection_aliases(change_aliases_operations=ops)
+    except Exception as e:
+        built = sorted(c for c in _collections(client) if c.startswith(f"{staged.prefix}_"))
+        raise IndexFileError(
+            f"the new galleries were built in Qdrant collections {built} but moving the names "
+            f"{[f'{spec.prefix}_{n}' for n in names]} onto them failed ({e}); the old galleries are as they "
+            "were unless the server applied the update: check the aliases, then delete the collections "
+            "that no alias names"
+        ) from e
     still = set(_aliases(client).values())
     for collection in old:
         if collection not in still:
@@ -500,6 +555,7 @@ def replacing_qdrant_galleries(
 @contextlib.contextmanager
 def _replacing_edge(spec: QdrantEdge) -> Iterator[QdrantEdge]:
     root = Path(spec.path)
+    recover_swap(root)  # the previous galleries, when a replace was killed between two renames
     if root.exists():
         if not root.is_dir():
             raise InputError(f"{root} is not a folder of Qdrant Edge galleries; choose another path")
@@ -511,23 +567,13 @@ def _replacing_edge(spec: QdrantEdge) -> Iterator[QdrantEdge]:
             )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex[:8]}")
-    aside = root.with_name(f".{root.name}.old-{uuid.uuid4().hex[:8]}")
     try:
         yield dataclasses.replace(spec, path=tmp)
         tmp.mkdir(exist_ok=True)
-        if root.exists() and exchange_dirs(tmp, root):
-            aside = tmp  # tmp now holds the previous galleries
-        else:  # no atomic exchange here: two renames
-            if root.exists():
-                os.replace(root, aside)
-            os.replace(tmp, root)
-        fsync_dir(root.parent)
+        swap_in(tmp, root)  # commits (and then never raises), or raises with the previous galleries in place
     except BaseException:
-        if aside.exists() and not root.exists():
-            os.replace(aside, root)  # the second rename failed: put the previous galleries back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def copy_gallery(src: QdrantGallery, dst: QdrantGallery, batch: int = _BATCH) -> int:

@@ -89,7 +89,17 @@ GallerySpec = Union[None, str, QdrantEdge, QdrantServer]
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def parse_gallery(spec: GallerySpec) -> QdrantEdge | QdrantServer | None:
+_OPTION_VALUES = {
+    "exact": "true or false",
+    "quantization": "none or int8",
+    "oversampling": "a number >= 1",
+    "hnsw_m": "a positive int",
+    "hnsw_ef": "a positive int",
+    "local_dtype": " or ".join((", ".join(LOCAL_DTYPES[:-1]), LOCAL_DTYPES[-1])),
+}
+
+
+def parse_gallery(spec: GallerySpec, *, name: str = "gallery") -> QdrantEdge | QdrantServer | None:
     """Where galleries live, from ``Retriever.load(gallery=...)`` or the CLI's ``--gallery``.
 
     ``None`` or ``"memory"``: in this process (``None`` is returned). ``"qdrant-edge:PATH"``: Qdrant
@@ -98,8 +108,10 @@ def parse_gallery(spec: GallerySpec) -> QdrantEdge | QdrantServer | None:
     ``mssan``), ``exact``, ``quantization``, ``oversampling``, ``hnsw_m``, ``hnsw_ef``, ``local_dtype``,
     e.g. ``"qdrant-edge:/data/g?quantization=int8&local_dtype=float16"``.
 
+    Args:
+        name: what messages call the spec (the CLI passes ``"--gallery"``).
     Raises:
-        InputError: anything else, or an unknown or malformed option.
+        InputError: anything else: no path or URL, an unknown option, or an option's value out of range.
     """
     if isinstance(spec, (QdrantEdge, QdrantServer)):
         return spec
@@ -107,22 +119,27 @@ def parse_gallery(spec: GallerySpec) -> QdrantEdge | QdrantServer | None:
         return None
     if not isinstance(spec, str):
         raise InputError(
-            f"gallery must be 'memory', 'qdrant-edge:PATH', 'qdrant:URL', QdrantEdge or QdrantServer, "
+            f"{name} must be 'memory', 'qdrant-edge:PATH', 'qdrant:URL', QdrantEdge or QdrantServer, "
             f"got {type(spec).__name__}"
         )
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("qdrant-edge", "qdrant") or not rest:
-        raise InputError(
-            f"gallery {spec!r}: expected 'memory', 'qdrant-edge:PATH' or 'qdrant:URL' (options after '?')"
-        )
     target, _, query = rest.partition("?")
+    if not sep or kind not in ("qdrant-edge", "qdrant") or not target:
+        what = {"qdrant-edge": "folder path", "qdrant": "server URL"}.get(kind) if sep else None
+        missing = f"no {what} after '{kind}:'; " if what else ""
+        raise InputError(
+            f"{name} {spec!r}: {missing}expected 'memory', 'qdrant-edge:PATH' (e.g. 'qdrant-edge:galleries') "
+            "or 'qdrant:URL' (e.g. 'qdrant:http://localhost:6333'), options after '?' (e.g. '?prefix=photos')"
+        )
     raw = dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
     prefix = raw.pop("prefix", "mssan")
-    unknown = sorted(set(raw) - {"exact", "hnsw_m", "hnsw_ef", "oversampling", "quantization", "local_dtype"})
+    unknown = sorted(set(raw) - set(_OPTION_VALUES))
     if unknown:
-        raise InputError(f"gallery {spec!r}: unknown option {unknown[0]!r}")
+        known = ", ".join(("prefix", *_OPTION_VALUES))
+        raise InputError(f"{name} {spec!r}: unknown option {unknown[0]!r}; the options are {known}")
     opts: dict[str, Any] = {}
     for key, value in raw.items():
+        head, must = f"{name} {spec!r}: option {key}={value}: ", f"must be {_OPTION_VALUES[key]}"
         try:
             if key == "exact":
                 opts[key] = _BOOLS[value.lower()]
@@ -135,7 +152,11 @@ def parse_gallery(spec: GallerySpec) -> QdrantEdge | QdrantServer | None:
             else:
                 opts[key] = value
         except (KeyError, ValueError):
-            raise InputError(f"gallery {spec!r}: option {key}={value!r} is malformed") from None
+            raise InputError(f"{head}malformed, {must}") from None
+        try:
+            QdrantOptions(**{key: opts[key]})  # this option's own check, said in the spec's words
+        except InputError:
+            raise InputError(head + must) from None
     options = QdrantOptions(**opts)
     if kind == "qdrant-edge":
         return QdrantEdge(target, options)

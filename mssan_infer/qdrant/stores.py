@@ -345,6 +345,3 @@ class ClientStore:
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         self.client.update_collection(self.collection, metadata=meta)
-
-
-# ---- the gallery ------------------------------------------------------------------------------------

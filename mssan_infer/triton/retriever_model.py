@@ -182,7 +182,9 @@ class TritonPythonModel:
         graphs = ("image_encoder", "text_encoder", "scorer") + ((PIXELS,) if self.pixels else ())
         self.models = {g: p.get(g) or g for g in graphs}
         self.scorer_batch = checks.positive_int("scorer_batch", int(p.get("scorer_batch") or 256))
-        self.limits = json.loads(p.get(names.SCORER_LIMITS_PARAM) or "{}")
+        axes = json.loads(p.get(names.SCORER_LIMITS_PARAM) or "{}")
+        # per direction, once: a text query scores images (the scorer's Ni axis), an image query captions (Nt)
+        self.limits = {t: ScorerLimits.from_axes(axes, query_is_text=t) for t in (True, False)}
         self.img_dim = next(int(i["dims"][-1]) for i in cfg["input"] if i["name"] == "regions")
         repo = os.path.dirname(os.path.abspath(args["model_repository"]))
         files = {g: os.path.join(repo, m, "1", "model.onnx") for g, m in self.models.items()}
@@ -209,7 +211,8 @@ class TritonPythonModel:
         self.missing = ""
         gallery = os.environ.get("MSSAN_RETRIEVER_GALLERY") or p.get("gallery") or ""
         if gallery:  # galleries in Qdrant (e.g. a server shared by replicas)
-            spec = parse_gallery(gallery)
+            from_env = bool(os.environ.get("MSSAN_RETRIEVER_GALLERY"))
+            spec = parse_gallery(gallery, name="MSSAN_RETRIEVER_GALLERY" if from_env else "parameter gallery")
             d = int(p["embed_size"])
             if (
                 spec is not None
@@ -267,9 +270,11 @@ class TritonPythonModel:
         if self.missing:
             raise IndexFileError(self.missing)
         g = self.galleries.get(name)
-        if g is None or len(g) == 0:
+        # one snapshot, whose n is counted once (for a Qdrant server: one count request per query)
+        view = g.view() if g is not None else None
+        if view is None or view.n == 0:
             raise InputError(f"the index has no {names.GALLERIES[name]}")
-        return g.view()
+        return view
 
     def _image_query(self, tensor: Any) -> Encoded:
         """Encode the image file sent in the input ``image`` with the pixel graph."""
@@ -344,7 +349,7 @@ class TritonPythonModel:
             k=k,
             rerank=rerank,
             batch=self.scorer_batch,
-            limits=ScorerLimits.from_axes(self.limits, query_is_text=query_is_text),
+            limits=self.limits[query_is_text],
         )[0]
         return view.records_at(ranked.rows), ranked.score, ranked.stage1
 

@@ -455,6 +455,54 @@ def test_a_killed_process_loses_no_acknowledged_edge_upsert(tmp_path: Path) -> N
     g.close()
 
 
+_KILLED_BETWEEN = """
+import os, signal, sys
+import numpy as np
+from mssan_infer.qdrant.options import QdrantEdge
+from mssan_infer.qdrant.gallery import open_qdrant_galleries
+g = open_qdrant_galleries(QdrantEdge(sys.argv[1]), ["images"], 8, 4, "b")["images"]
+rng = np.random.default_rng(0)
+def batch(n):
+    local = rng.normal(size=(n, 3, 4)).astype(np.float32)
+    gram = local @ local.transpose(0, 2, 1)
+    return rng.normal(size=(n, 8)).astype(np.float32), local, np.ones((n, 3), np.float32), gram
+g.add(*batch(5), ids=[f"a{j}" for j in range(5)])
+g.flush()
+g._store.upsert = lambda points: os.kill(os.getpid(), signal.SIGKILL)   # dies between the two writes
+g.add(*batch(5), ids=[f"b{j}" for j in range(5)])
+"""
+
+
+def test_a_process_killed_between_the_locals_and_the_points_leaves_the_batch_invisible(
+    tmp_path: Path,
+) -> None:
+    from mssan_infer.qdrant.locals import FOLDER
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BETWEEN, str(tmp_path / "g")], env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    segments = sorted(p.name for p in (tmp_path / "g" / "images" / FOLDER).iterdir())
+    assert segments == ["seg-00000000", "seg-00000001"]  # the second batch's locals were written first
+    g = open_qdrant_galleries(QdrantEdge(tmp_path / "g"), ["images"], 8, 4, "b")["images"]
+    try:
+        assert sorted(g.ids) == [f"a{j}" for j in range(5)]  # its points never were: the batch is not there
+        rng = np.random.default_rng(1)
+        local = rng.normal(size=(2, 3, 4)).astype(np.float32)
+        g.add(
+            rng.normal(size=(2, 8)).astype(np.float32),
+            local,
+            np.ones((2, 3), np.float32),
+            local @ local.transpose(0, 2, 1),
+            ids=["c0", "c1"],
+        )
+        view = g.view()
+        rows, _ = view.topk(np.ones((1, 8), np.float32), 7)
+        got = dict(zip(view.ids_at(rows[0]), view.gather(rows[0])[0]))
+        np.testing.assert_array_equal(got["c1"], local[1])  # the new batch reads its own rows
+    finally:
+        g.close()
+
+
 # ---- the CLI -------------------------------------------------------------------------------------------
 def test_cli_indexes_into_qdrant_edge_with_metadata_and_searches_with_a_filter(
     tiny_bundle: Path, tmp_path: Path

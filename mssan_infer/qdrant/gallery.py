@@ -4,17 +4,21 @@ One point per item, in the bundle's layout:
 
 - ``stage1``: the stage-1 vector (dense, dot product), optionally int8 scalar-quantized with
   rescoring from the original vectors;
-- ``local``: the item's locals as a multivector, only its real regions/words (no padding), with
-  no HNSW graph on it (``m=0``), stored float32 (exact), float16 or uint8 (a per-vector scale in
-  the payload);
+- the rerank inputs (locals, mask, Gram): on a Qdrant Edge shard, memory-mapped segments beside it
+  (:mod:`mssan_infer.qdrant.locals`, in the in-memory gallery's storage formats; ``mssan_loc`` in the
+  payload addresses the item's row), read as arrays; on a server, the locals as a multivector ``local``
+  (only the real regions/words, no HNSW graph on it, float32, float16 or uint8 with a per-vector scale
+  in the payload), the server staying the one source of truth;
 - payload: ``mssan_id`` (the item id, str or int), ``mssan_seq`` (insertion order, which breaks
-  score ties as the in-memory gallery's rows do), ``mssan_scale`` (uint8 locals only),
+  score ties as the in-memory gallery's rows do), ``mssan_scale`` (a server's uint8 locals),
+  ``mssan_loc`` (Edge),
   ``mssan_text`` (a caption's text) and ``mssan_source`` (an image's source path) when the item has
   them, and the user's metadata (filterable with ``where=``; its keys never start with ``mssan_``).
 
 The point id is a UUID derived from the item id, so any process can find, test or remove an item
-without a lookup table. Gram matrices are not stored: they are recomputed from the fetched locals
-at rerank time (``local @ local.T`` over the candidates). The bundle id, dims and layout are
+without a lookup table. On a server the Gram matrices are recomputed from the fetched locals at
+rerank time (``local @ local.T`` over the candidates); an Edge gallery stores them beside the locals.
+The bundle id, dims and layout are
 recorded with the gallery (a ``mssan_gallery.json`` beside an Edge shard; the collection's metadata
 on a server), and a gallery built with another bundle or layout is refused.
 
@@ -40,6 +44,7 @@ from mssan_infer.errors import IndexFileError, InputError
 from mssan_infer.files import recover_swap, swap_in
 from mssan_infer.gallery.base import ItemId, ItemRecord, check_encoded, check_id, check_labels, new_ids
 from mssan_infer.gallery.filters import RESERVED_PREFIX, Where, check_metadata, parse_where
+from mssan_infer.qdrant.locals import FOLDER, STORAGE_OF, SidecarLocals
 from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions, QdrantServer
 from mssan_infer.qdrant.stores import META_FILE, ClientStore, EdgeStore, Store, import_client
 
@@ -59,6 +64,7 @@ log = logging.getLogger(__name__)
 _NAMESPACE = uuid.UUID("5b2c2f5e-6a4e-4f3c-9a43-3c1f0b7de1a1")  # point ids of mssan items
 _ID, _SEQ, _SCALE = "mssan_id", "mssan_seq", "mssan_scale"
 _TEXT, _SOURCE = "mssan_text", "mssan_source"
+_LOC = "mssan_loc"  # Edge: [segment, row] of the item's rerank inputs beside the shard
 _BATCH = 256  # points per upsert / retrieve request
 
 
@@ -83,6 +89,14 @@ class QdrantGallery:
     def __init__(self, store: Store, stage1_dim: int, local_dim: int, options: QdrantOptions) -> None:
         self._store = store
         self.stage1_dim, self.local_dim, self.options = int(stage1_dim), int(local_dim), options
+        # Edge: the rerank inputs are arrays beside the shard; a server keeps them as multivectors
+        self._sidecar = (
+            SidecarLocals(store.path, local_dim, STORAGE_OF[options.local_dtype])
+            if isinstance(store, EdgeStore)
+            else None
+        )
+        # an Edge shard belongs to this process: its size is counted once, then kept (a server's is asked)
+        self._n: int | None = store.count() if self._sidecar is not None else None
         self._lock = threading.Lock()
         self._seq = time.time_ns()
 
@@ -91,7 +105,7 @@ class QdrantGallery:
         return self._store.where
 
     def __len__(self) -> int:
-        return self._store.count()
+        return self._n if self._n is not None else self._store.count()
 
     def __contains__(self, item_id: object) -> bool:
         try:
@@ -167,21 +181,29 @@ class QdrantGallery:
         source = check_labels(sources, n, "sources")
         with self._lock:
             new = self.next_ids(n) if ids is None else new_ids(ids, n, self._present_ids)
+            # Edge: the rerank inputs are durable beside the shard before any point refers to them
+            seg = self._sidecar.write(local, mask, gram) if self._sidecar is not None else -1
             points = []
             for j in range(n):
-                real = local[j][mask[j] > 0]  # [P_j, D]
-                stored, scale = self._encode_local(real)
                 self._seq += 1
                 payload: dict[str, Any] = {**(meta[j] or {}), _ID: new[j], _SEQ: self._seq}
-                if scale is not None:
-                    payload[_SCALE] = scale
+                stored: Any = None
+                if self._sidecar is not None:
+                    payload[_LOC] = [seg, j]
+                else:
+                    stored, scale = self._encode_local(local[j][mask[j] > 0])  # [P_j, D]
+                    if scale is not None:
+                        payload[_SCALE] = scale
                 if text[j] is not None:
                     payload[_TEXT] = text[j]
                 if source[j] is not None:
                     payload[_SOURCE] = source[j]
                 points.append((point_id(new[j]), stage1[j], stored, payload))
             for a in range(0, n, _BATCH):
-                self._store.upsert(points[a : a + _BATCH])
+                part = points[a : a + _BATCH]
+                self._store.upsert(part)
+                if self._n is not None:
+                    self._n += len(part)
         return list(new)
 
     def remove(self, ids: Iterable[ItemId]) -> None:
@@ -196,12 +218,16 @@ class QdrantGallery:
                 )
             if drop:
                 self._store.delete([point_id(i) for i in drop])
+                if self._n is not None:
+                    self._n -= len(drop)
 
     def flush(self) -> None:
         """Make every acknowledged change durable (Edge: flush the shard; a server already has)."""
         self._store.flush()
 
     def close(self) -> None:
+        if self._sidecar is not None:
+            self._sidecar.close()
         self._store.close()
 
     def view(self) -> "QdrantView":
@@ -245,7 +271,10 @@ class QdrantView:
         conditions = parse_where(where)
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(int(k), max(self._n, 1))
-        found = [self._g._store.query(q[i], k, conditions, with_locals=True) for i in range(q.shape[0])]
+        with_locals = self._g._sidecar is None  # Edge reads them from the arrays beside the shard
+        found = [
+            self._g._store.query(q[i], k, conditions, with_locals=with_locals) for i in range(q.shape[0])
+        ]
         # rows in insertion order (mssan_seq, then point id), so ties break as in the in-memory gallery
         new = {pid: (pl, lo) for res in found for pid, _, pl, lo in res if pid not in self._rows}
         for pid in sorted(new, key=lambda p: (new[p][0].get(_SEQ, 0), p)):
@@ -265,6 +294,8 @@ class QdrantView:
     def gather(
         self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._g._sidecar is not None:
+            return self._g._sidecar.gather([self._items[int(r)][1].get(_LOC) for r in rows])
         items = [self._g.decode_local(self._items[int(r)][2], self._items[int(r)][1]) for r in rows]
         width = max([1] + [x.shape[0] for x in items])
         local = np.zeros((len(items), width, self._g.local_dim), np.float32)
@@ -408,7 +439,10 @@ def _open_one(
         "gallery": name,
         "stage1_dim": stage1_dim,
         "local_dim": local_dim,
-        "layout": opts.layout(),
+        # Edge keeps the rerank inputs beside the shard: a shard that kept them as multivectors is refused
+        "layout": {**opts.layout(), "rerank_inputs": FOLDER}
+        if isinstance(spec, QdrantEdge)
+        else opts.layout(),
     }
     store: Store
     if isinstance(spec, QdrantEdge):
@@ -594,14 +628,17 @@ def copy_gallery(src: QdrantGallery, dst: QdrantGallery, batch: int = _BATCH) ->
         part = ids[a : a + batch]
         records = src._store.fetch([point_id(i) for i in part])
         stage1 = np.stack([np.asarray(s1, np.float32) for s1, _, _ in records])
-        locals_ = [src.decode_local(lo, pl) for _, lo, pl in records]
-        width = max(x.shape[0] for x in locals_)
-        local = np.zeros((len(part), width, src.local_dim), np.float32)
-        mask = np.zeros((len(part), width), np.float32)
-        for j, x in enumerate(locals_):
-            local[j, : x.shape[0]], mask[j, : x.shape[0]] = x, 1.0
-        gram = np.matmul(local, local.transpose(0, 2, 1))
         payloads = [pl for _, _, pl in records]
+        if src._sidecar is not None:
+            local, mask, _ = src._sidecar.gather([pl.get(_LOC) for pl in payloads])
+        else:
+            locals_ = [src.decode_local(lo, pl) for _, lo, pl in records]
+            width = max(x.shape[0] for x in locals_)
+            local = np.zeros((len(part), width, src.local_dim), np.float32)
+            mask = np.zeros((len(part), width), np.float32)
+            for j, x in enumerate(locals_):
+                local[j, : x.shape[0]], mask[j, : x.shape[0]] = x, 1.0
+        gram = np.matmul(local, local.transpose(0, 2, 1))
         dst.add(
             stage1,
             local,

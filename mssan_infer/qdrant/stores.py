@@ -69,25 +69,8 @@ class EdgeStore:
             stage1["quantization_config"] = qe.ScalarQuantizationConfig(
                 type=qe.ScalarType.Int8, quantile=0.99
             )
-        dtype = {
-            "float32": qe.VectorStorageDatatype.Float32,
-            "float16": qe.VectorStorageDatatype.Float16,
-            "uint8": qe.VectorStorageDatatype.Uint8,
-        }[opts.local_dtype]
-        config = qe.EdgeConfig(
-            vectors={
-                "stage1": qe.EdgeVectorParams(**stage1),
-                # locals stay on disk (memory-mapped, read only for candidates): they are most of the bytes
-                "local": qe.EdgeVectorParams(
-                    size=local_dim,
-                    distance=qe.Distance.Dot,
-                    datatype=dtype,
-                    memory=qe.Memory.Cold,
-                    multivector_config=qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim),
-                    hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10000),
-                ),
-            }
-        )
+        # only stage 1 lives in the shard: the rerank inputs are arrays beside it (mssan_infer.qdrant.locals)
+        config = qe.EdgeConfig(vectors={"stage1": qe.EdgeVectorParams(**stage1)})
         try:
             if (path / "edge_config.json").is_file():
                 self.shard = qe.EdgeShard.load(str(path))
@@ -126,10 +109,7 @@ class EdgeStore:
     def upsert(self, points: list[tuple[str, np.ndarray, Any, dict[str, Any]]]) -> None:
         qe = self.qe
         # lists, not arrays: the binding reads a list about twice as fast as it iterates an ndarray
-        ops = [
-            qe.Point(pid, {"stage1": np.asarray(s1).tolist(), "local": np.asarray(lo).tolist()}, payload)
-            for pid, s1, lo, payload in points
-        ]
+        ops = [qe.Point(pid, {"stage1": np.asarray(s1).tolist()}, payload) for pid, s1, _, payload in points]
         with self._lock:
             self.shard.update(qe.UpdateOperation.upsert_points(ops))
 
@@ -149,18 +129,15 @@ class EdgeStore:
             query=qe.Query.Nearest(vector.tolist(), using="stage1"),
             filter=self._filter(conditions),
             with_payload=True,
-            with_vector=["local"] if with_locals else False,
+            with_vector=False,  # the locals are read from the arrays beside the shard
             params=self._params(),
         )
-        return [
-            (str(p.id), float(p.score), p.payload or {}, (p.vector or {}).get("local"))
-            for p in self.shard.query(req)
-        ]
+        return [(str(p.id), float(p.score), p.payload or {}, None) for p in self.shard.query(req)]
 
     def fetch(self, pids: list[str]) -> list[tuple[Any, Any, dict[str, Any]]]:
-        """``(stage1, stored locals, payload)`` of each point, in the order asked."""
-        recs = {str(r.id): r for r in self.shard.retrieve(pids, with_payload=True, with_vector=True)}
-        return [(recs[p].vector["stage1"], recs[p].vector["local"], recs[p].payload or {}) for p in pids]
+        """``(stage1, None, payload)`` of each point, in the order asked (the locals are beside the shard)."""
+        recs = {str(r.id): r for r in self.shard.retrieve(pids, with_payload=True, with_vector=["stage1"])}
+        return [(recs[p].vector["stage1"], None, recs[p].payload or {}) for p in pids]
 
     def payloads(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -134,8 +134,8 @@ def run_qdrant_latency(
     from mssan_infer.gallery.folder import save_index
     from mssan_infer.gallery.memory import MemoryGallery
     from mssan_infer.names import IMAGES
-    from mssan_infer.qdrant.gallery import open_qdrant_galleries
     from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions
+    from mssan_infer.qdrant.places import open_qdrant_galleries
 
     base = Retriever.load(bundle, OnnxRuntimeOptions(threads=threads), verify=False)
     d = base.embed_size
@@ -235,8 +235,8 @@ def run_qdrant_recall(retriever: Any, work: Path, queries: int, seed: int = 0) -
     """R@1/5/10 at rerank 100 through Qdrant Edge galleries holding ``retriever``'s items (already added)."""
     from mssan_infer import Retriever
     from mssan_infer.names import IMAGES, TEXTS
-    from mssan_infer.qdrant.gallery import open_qdrant_galleries
     from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions
+    from mssan_infer.qdrant.places import open_qdrant_galleries
 
     from .recall import CAPS, _recall
 

@@ -34,8 +34,9 @@ from mssan_infer.images.preprocess import ImageSource
 from mssan_infer.names import IMAGES, TEXTS
 from mssan_infer.options import BackendOptions, GalleryOptions, SearchOptions
 from mssan_infer.progress import batches
-from mssan_infer.qdrant.gallery import QdrantGallery, open_qdrant_galleries
+from mssan_infer.qdrant.gallery import QdrantGallery
 from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
+from mssan_infer.qdrant.places import open_qdrant_galleries
 from mssan_infer.search import Encoded, ScorerLimits, search
 from mssan_infer.text.base import TextTokenizer
 

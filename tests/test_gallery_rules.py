@@ -18,8 +18,8 @@ from mssan_infer.cli.main import main
 from mssan_infer.cli.remove import run_remove
 from mssan_infer.cli.search import run_search
 from mssan_infer.errors import IndexFileError, InputError
-from mssan_infer.qdrant.gallery import missing_qdrant_galleries, open_qdrant_galleries
 from mssan_infer.qdrant.options import QdrantEdge, QdrantServer
+from mssan_infer.qdrant.places import missing_qdrant_galleries, open_qdrant_galleries
 
 DV = 24
 
@@ -114,7 +114,7 @@ def test_an_interrupt_just_after_the_edge_folders_were_swapped_is_no_failure(
     """The replace happened: the new galleries stay, the old ones go, and the caller is told it worked."""
     import os
 
-    from mssan_infer.qdrant.gallery import replacing_qdrant_galleries
+    from mssan_infer.qdrant.places import replacing_qdrant_galleries
 
     def shard(folder: Path, text: str) -> None:
         (folder / "images").mkdir(parents=True)
@@ -146,7 +146,7 @@ def _killed_replace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An Edge gallery folder whose replace died between its two renames (no exchange available)."""
     import os
 
-    from mssan_infer.qdrant.gallery import replacing_qdrant_galleries
+    from mssan_infer.qdrant.places import replacing_qdrant_galleries
 
     class Died(BaseException):
         pass
@@ -176,7 +176,7 @@ def _killed_replace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_a_replace_killed_between_the_two_renames_is_put_back_by_the_next_overwrite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mssan_infer.qdrant.gallery import replacing_qdrant_galleries
+    from mssan_infer.qdrant.places import replacing_qdrant_galleries
 
     root = _killed_replace(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="stop"):  # the next overwrite puts the old galleries back first
@@ -189,7 +189,7 @@ def test_a_replace_killed_between_the_two_renames_is_put_back_by_the_next_overwr
 def test_a_replace_killed_between_the_two_renames_is_put_back_when_the_galleries_are_next_looked_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mssan_infer.qdrant.gallery import missing_qdrant_galleries
+    from mssan_infer.qdrant.places import missing_qdrant_galleries
 
     root = _killed_replace(tmp_path, monkeypatch)
     assert missing_qdrant_galleries(QdrantEdge(root), ["images"]) == []  # found again, not missing

@@ -19,8 +19,9 @@ import qdrant_edge  # noqa: F401
 from mssan_infer import OnnxRuntimeOptions, Retriever
 from mssan_infer.errors import IndexFileError, InputError
 from mssan_infer.gallery.filters import parse_where
-from mssan_infer.qdrant.gallery import copy_gallery, open_qdrant_galleries, point_id
+from mssan_infer.qdrant.gallery import copy_gallery, point_id
 from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions, QdrantServer, parse_gallery
+from mssan_infer.qdrant.places import open_qdrant_galleries
 
 DV = 24
 CAPTIONS = [
@@ -393,12 +394,12 @@ def test_a_load_that_fails_on_its_options_or_backend_makes_no_gallery(
 def test_one_client_per_server_url_is_kept_for_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
     import types
 
-    from mssan_infer.qdrant import gallery
-    from mssan_infer.qdrant.gallery import _server_client
+    from mssan_infer.qdrant import places
+    from mssan_infer.qdrant.places import _server_client
 
     fake = types.SimpleNamespace(QdrantClient=lambda **kw: object())  # no server, no connection
-    monkeypatch.setattr(gallery, "import_client", lambda module, package: fake)
-    monkeypatch.setattr(gallery, "_CLIENTS", {})
+    monkeypatch.setattr(places, "import_client", lambda module, package: fake)
+    monkeypatch.setattr(places, "_CLIENTS", {})
     a = _server_client(QdrantServer(url="http://127.0.0.1:1"))
     assert _server_client(QdrantServer(url="http://127.0.0.1:1", prefix="other")) is a
     assert _server_client(QdrantServer(url="http://127.0.0.1:2")) is not a
@@ -407,7 +408,7 @@ def test_one_client_per_server_url_is_kept_for_the_process(monkeypatch: pytest.M
 def test_replacing_server_galleries_refuses_a_plain_collection_before_building(tmp_path: Path) -> None:
     from qdrant_client import QdrantClient, models
 
-    from mssan_infer.qdrant.gallery import replacing_qdrant_galleries
+    from mssan_infer.qdrant.places import replacing_qdrant_galleries
 
     client = QdrantClient(":memory:")
     client.create_collection(
@@ -423,7 +424,7 @@ _WRITER = """
 import sys
 import numpy as np
 from mssan_infer.qdrant.options import QdrantEdge
-from mssan_infer.qdrant.gallery import open_qdrant_galleries
+from mssan_infer.qdrant.places import open_qdrant_galleries
 g = open_qdrant_galleries(QdrantEdge(sys.argv[1]), ["images"], 8, 4, "b")["images"]
 rng = np.random.default_rng(0)
 for step in range(10_000):
@@ -459,7 +460,7 @@ _KILLED_BETWEEN = """
 import os, signal, sys
 import numpy as np
 from mssan_infer.qdrant.options import QdrantEdge
-from mssan_infer.qdrant.gallery import open_qdrant_galleries
+from mssan_infer.qdrant.places import open_qdrant_galleries
 g = open_qdrant_galleries(QdrantEdge(sys.argv[1]), ["images"], 8, 4, "b")["images"]
 rng = np.random.default_rng(0)
 def batch(n):

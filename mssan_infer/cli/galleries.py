@@ -23,8 +23,9 @@ from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.storage import LAYOUTS, Layout
 from mssan_infer.names import IMAGES, INDEX_MANIFEST, TEXTS
 from mssan_infer.options import BackendOptions, GalleryOptions, Stage1Options
-from mssan_infer.qdrant.gallery import QdrantGallery, missing_qdrant_galleries, open_qdrant_galleries
+from mssan_infer.qdrant.gallery import QdrantGallery
 from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
+from mssan_infer.qdrant.places import missing_qdrant_galleries, open_qdrant_galleries
 from mssan_infer.retriever import Retriever
 
 __all__ = [

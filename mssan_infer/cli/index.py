@@ -29,12 +29,12 @@ from mssan_infer.options import (
     SearchOptions,
 )
 from mssan_infer.progress import batches
-from mssan_infer.qdrant.gallery import (
+from mssan_infer.qdrant.options import QdrantEdge, QdrantServer
+from mssan_infer.qdrant.places import (
     missing_qdrant_galleries,
     open_qdrant_galleries,
     replacing_qdrant_galleries,
 )
-from mssan_infer.qdrant.options import QdrantEdge, QdrantServer
 from mssan_infer.retriever import Retriever
 
 __all__ = ["PARTIAL_EXIT", "IndexSummary", "run_index"]

@@ -27,7 +27,9 @@ class QdrantOptions:
             stage-1 scores are exact; which items reach the top can differ: measure its recall).
         oversampling: candidates rescored per result with ``quantization``.
         hnsw_m, hnsw_ef: HNSW graph degree and search breadth (``exact=False``).
-        local_dtype: storage of the locals: ``"float32"`` (exact), ``"float16"`` or ``"uint8"``.
+        local_dtype: storage of the locals: ``"float32"`` (exact), ``"float16"`` or ``"uint8"`` (8 bits with a
+            scale per vector: on an Edge shard, the in-memory ``int8`` layout's codes and scales beside it;
+            on a server, uint8 multivectors).
     """
 
     exact: bool = True

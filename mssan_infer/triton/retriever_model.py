@@ -67,8 +67,8 @@ from mssan_infer.files import safe_member
 from mssan_infer.gallery.base import Gallery, GalleryView, ItemRecord, extent, id_text
 from mssan_infer.gallery.folder import load_index
 from mssan_infer.images.preprocess import Preprocessing, preprocess
-from mssan_infer.qdrant.gallery import open_qdrant_galleries
 from mssan_infer.qdrant.options import parse_gallery
+from mssan_infer.qdrant.places import open_qdrant_galleries
 from mssan_infer.search import Encoded, ScorerLimits, search
 from mssan_infer.spec import IMAGE_ENCODER_PIXELS
 from mssan_infer.text.base import load_text_tokenizer

@@ -253,11 +253,14 @@ def _backend(args: argparse.Namespace) -> BackendOptions:
     return dataclasses.replace(options, **common)
 
 
+def _in_qdrant(args: argparse.Namespace) -> bool:
+    """Whether ``--gallery`` names Qdrant galleries (not given, or ``memory``: an index folder)."""
+    return args.gallery is not None and args.gallery != "memory"
+
+
 def _gallery(args: argparse.Namespace, memory: GalleryOptions) -> GalleryOptions | str:
     """``--gallery`` (Qdrant) when given, else the in-memory gallery's options."""
-    if args.gallery is not None and args.gallery != "memory":
-        return str(args.gallery)
-    return memory
+    return str(args.gallery) if _in_qdrant(args) else memory
 
 
 def _repository(args: argparse.Namespace) -> Path:
@@ -311,7 +314,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             if args.fp16_locals and args.layout is not None:
                 raise InputError("--fp16-locals is --layout with float16 locals: give one of them")
             layout = Layout("float32", "float16") if args.fp16_locals else args.layout
-            if args.gallery is not None and args.gallery != "memory" and layout is not None:
+            if _in_qdrant(args) and layout is not None:
                 raise InputError(
                     "--layout and --fp16-locals are for an index folder (--out); a Qdrant gallery takes "
                     "its storage options in --gallery (e.g. ?local_dtype=float16)"
@@ -354,7 +357,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             )
             print(removed.line(), file=out)
             return 0
-        if args.stage1 is not None and args.gallery is not None and args.gallery != "memory":
+        if args.stage1 is not None and _in_qdrant(args):
             raise InputError(
                 "--stage1 is for an index folder (--index); Qdrant galleries take their stage-1 search in "
                 "--gallery (e.g. ?exact=false&hnsw_ef=256, or ?quantization=int8)"

@@ -1,8 +1,9 @@
 """The end-to-end demo on the embedded synthetic default: ``python -m quickstart``.
 
-synth -> train (tiny preset) -> evaluate -> export (fp32 + fp16, parity enforced)
--> index the test images with the torch-free runtime -> search both ways -> print.
-Everything lands under ``--work`` (default ``demo/``).
+synth -> train (tiny preset: MiniLM's first 2 layers as the text tower) -> evaluate -> export (fp32 +
+fp16, and the int8 text encoder of a transformer tower as `python -m export` writes it by default; parity
+and the int8 gate enforced) -> index the test images with the torch-free runtime -> search both ways ->
+print. Everything lands under ``--work`` (default ``demo/``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="demo", help="folder for data, checkpoint, bundle and index")
     ap.add_argument("--images", type=int, default=1000, help="synthetic training images")
     ap.add_argument("--epochs", type=int, default=None, help="override the tiny preset's epochs")
+    ap.add_argument(
+        "--text-encoder",
+        default=None,
+        choices=["bigru", "transformer"],
+        help="the text tower (default: the tiny preset's, transformer: the bundled MiniLM's first 2 layers; "
+        "bigru: the paper's Bi-GRU)",
+    )
     ap.add_argument("--rerank", type=int, default=100)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -99,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[1/6] synthetic data ({args.images} training images) -> {data}")
     synth.generate(data, images=args.images, seed=0)
     print(f"[2/6] training the tiny preset -> {ckpt}")
-    res = train(data, ckpt, preset="tiny", epochs=args.epochs, progress=sys.stderr.isatty())
+    res = train(
+        data,
+        ckpt,
+        preset="tiny",
+        epochs=args.epochs,
+        progress=sys.stderr.isatty(),
+        text_encoder=args.text_encoder,
+    )
     print(f"      best dev rSum {res['best_dev_rsum']:.1f}, {res['wall_s']:.0f} s")
     print(f"[3/6] evaluating on the test split (two-stage at K={args.rerank})")
     ck = load_checkpoint(ckpt)
@@ -110,9 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(table))
 
     from export import export_bundle
+    from export.int8 import default_int8
 
-    print(f"[4/6] exporting to ONNX (fp32 + fp16) with parity checks -> {bundle}")
-    export_bundle(ckpt, bundle, fp16=True, overwrite=True)
+    int8 = default_int8(ckpt)  # as `python -m export` does: the int8 text encoder of a transformer tower
+    print(
+        f"[4/6] exporting to ONNX (fp32 + fp16{' + int8 text encoder' if int8 else ''}) with parity checks "
+        f"-> {bundle}"
+    )
+    export_bundle(ckpt, bundle, fp16=True, int8=int8, overwrite=True)
 
     from mssan_infer import Retriever
 
@@ -122,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     for prec, rep in parity.items():
         diffs = ", ".join(f"{g} {d:.1e}" for g, d in rep.get("max_abs", {}).items())
         print(f"      {prec}: passed {rep.get('passed')}; max |ONNX - PyTorch|: {diffs}")
+        gate = rep.get("split_check") or {}
+        if gate.get("recall1_ratio"):
+            ratio, agree = gate["recall1_ratio"], gate.get("top10_agreement", {})
+            print(
+                f"      {prec} gate on the dev split: R@1 int8/fp32 t2i {ratio['t2i']:.3f}, "
+                f"i2t {ratio['i2t']:.3f}; "
+                f"top-10 agreement t2i {agree.get('t2i', {}).get('mean', float('nan')):.3f}, "
+                f"i2t {agree.get('i2t', {}).get('mean', float('nan')):.3f}"
+            )
     print(f"[5/6] indexing {test.n_images} test images and {len(test.captions)} captions -> {index}")
     img_ids = [f"img{i:04d}" for i in range(test.n_images)]
     cap_ids = [f"cap{j:05d}" for j in range(len(test.captions))]

@@ -14,6 +14,8 @@ from .api import ADD_PARTS, add_to_bundle, export_bundle
 from .errors import ExportError
 from .onnx import DEFAULT_OPSET
 
+log = logging.getLogger("export")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -71,11 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--int8",
-        action="store_true",
-        help="also write int8/text_encoder.onnx (ONNX Runtime CPU fusions + dynamic int8 MatMul/Gemm "
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write int8/text_encoder.onnx (ONNX Runtime CPU fusions + dynamic int8 MatMul/Gemm "
         "weights), gated by top-10 agreement and the R@1 ratio against fp32 on a dev split (--int8-data); "
         "a model too weak to judge is refused (--no-verify writes it unverified). "
-        "Retriever.load(..., OnnxRuntimeOptions(precision='int8')) runs it",
+        "Retriever.load(..., OnnxRuntimeOptions(precision='int8')) runs it. Default: on for a "
+        "transformer text tower (the default of new models), off for the Bi-GRU; --no-int8 turns it off",
     )
     p.add_argument(
         "--int8-data",
@@ -266,6 +270,22 @@ def _check_add(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         )
 
 
+def _int8(args: argparse.Namespace) -> bool:
+    """``--int8`` / ``--no-int8`` as given, else the checkpoint's default (``export.int8.default_int8``)."""
+    from .int8 import default_int8
+
+    int8 = bool(args.int8) if args.int8 is not None else default_int8(args.checkpoint)
+    if args.int8 is None and int8:
+        log.info("writing the int8 text encoder, the default for a transformer text tower (--no-int8: skip)")
+    if args.int8_data is not None and not int8:
+        said = "--no-int8" if args.int8 is False else "a Bi-GRU tower writes none by default"
+        raise ExportError(
+            f"--int8-data names the data of the int8 text encoder's gate, and no int8 text encoder is "
+            f"written ({said}): pass --int8 as well, or drop --int8-data"
+        )
+    return int8
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -311,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.add:
             add_to_bundle(args.out, tensorrt=tensorrt, triton=triton, checkpoint=args.checkpoint)
             return 0
+        int8 = _int8(args)
         export_bundle(
             args.checkpoint,
             args.out,
@@ -327,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_size=args.image_size,
             resize=args.resize,
             features=args.features,
-            int8=args.int8,
+            int8=int8,
             int8_data=args.int8_data,
         )
     except MssanError as e:

@@ -34,6 +34,7 @@ Gate (fatal like the other parity checks; DESIGN §10 "int8 text encoder"):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -63,6 +64,8 @@ __all__ = [
     "CHANCE_MULTIPLE",
     "GATE_MAX_IMAGES",
     "TOO_WEAK",
+    "NO_INT8",
+    "default_int8",
     "GateData",
     "Int8Report",
     "gate_data",
@@ -89,6 +92,22 @@ GATE_MAX_IMAGES = 1000  # the gate scores every image x caption pair twice: the 
 MIN_R1_HITS = 10
 CHANCE_MULTIPLE = 5.0
 TOO_WEAK = "too weak to judge"
+NO_INT8 = "or --no-int8 to export without the int8 text encoder"
+
+
+def default_int8(checkpoint: str | os.PathLike[str]) -> bool:
+    """Whether ``python -m export`` writes the int8 text encoder of ``checkpoint`` when neither ``--int8``
+    nor ``--no-int8`` is given: yes for a transformer text tower (the default of new models: its int8
+    graph is the fast path's query encoder), no for the Bi-GRU (DESIGN §10 "int8 text encoder").
+
+    Reads only the checkpoint's ``config.json``; one that cannot be read gives ``False`` (the export then
+    reports the broken checkpoint itself).
+    """
+    try:
+        cfg = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+        return bool(cfg["model"].get("text_encoder") == "transformer")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 @dataclass
@@ -340,7 +359,8 @@ def gate_data(
                 raise ExportError(
                     f"--int8 checks recall on the data the model was trained on, and {ck} was trained on "
                     f"{folder}, but that folder now holds other data ({'; '.join(differs)}). Pass "
-                    "--int8-data DIR: a precomp folder with a dev split of the data the model was trained on"
+                    "--int8-data DIR: a precomp folder with a dev split of the data the model was trained on "
+                    f"({NO_INT8})"
                 )
         elif isinstance(synth, Mapping):
             from training.synth import generate_split
@@ -362,14 +382,15 @@ def gate_data(
             raise ExportError(
                 f"--int8 checks recall on the data the model was trained on, and {ck} was trained on "
                 f"{folder}, which is not here (no dev_ims.npy nor test_ims.npy). Pass --int8-data DIR: a "
-                "precomp folder with a dev split of that data"
+                f"precomp folder with a dev split of that data ({NO_INT8})"
             )
     else:
         raise ExportError(
             f"--int8 checks recall on the data the model was trained on, and {ck} does not record it "
             "(trained before checkpoints recorded their data, or not saved by `python -m training train`). "
             "Pass --int8-data DIR: a precomp folder with a dev split of the training data (the synthetic "
-            "default: `python -m training synth --out DIR` with the seed and options you trained on)"
+            "default: `python -m training synth --out DIR` with the seed and options you trained on; "
+            f"{NO_INT8})"
         )
     dv = int(out.images.shape[-1])
     if dv != model.cfg.img_dim:
@@ -520,7 +541,8 @@ def judge(
         out["too_weak"] = (
             f"--int8: the model is {TOO_WEAK} int8 against fp32 on the {where}: its fp32 R@1 is {said}, "
             "so the R@1 ratio (int8 / fp32) of such near-chance recalls would measure luck, not int8. Train "
-            "longer (python -m training train ... --epochs N, or --resume) and export again, or drop --int8; "
+            "longer (python -m training train ... --epochs N, or --resume) and export again, or export "
+            "without it (--no-int8: a transformer tower's export writes it by default); "
             "--no-verify writes the int8 graph unverified (the manifest says verified: false)"
         )
         log.warning("%s", out["too_weak"])

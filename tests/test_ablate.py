@@ -29,6 +29,8 @@ def ablation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
         "1",
         "--rerank",
         "5",
+        "--text-encoder",
+        "bigru",  # the fast tower (the tiny preset's default is MiniLM)
         "--no-progress",
     ]
     for s in SETS:
@@ -78,6 +80,8 @@ def test_ablation_retrains_seven_subsets_a_fixed_margin_and_scores_each_level_al
     assert set(res["full_model"]) == {"stage1", "twostage@5", "exhaustive"}
     md = (runs / "ablation.md").read_text()
     assert all(f"| {n} |" in md for n in names) and "R@10" in md
+    assert res["text_encoder"] == "bigru" and "text tower `bigru`" in md
+    assert json.loads((runs / "gg+gl+ll" / "config.json").read_text())["model"]["text_encoder"] == "bigru"
 
 
 def test_eval_time_rows_equal_the_full_checkpoint_scored_with_one_term(ablation) -> None:  # type: ignore[no-untyped-def]
@@ -126,6 +130,7 @@ def test_a_second_ablation_reuses_finished_runs_and_retrains_changed_ones(ablati
         model_overrides=dict(embed_size=32, word_dim=16),
         train_overrides=dict(batch_size=50, lr=3e-3),
         progress=False,
+        text_encoder="bigru",
     )
     assert calls == ["gl"]
     same = [r["rsum"] for r in again["rows"] if r["name"] != "gl"]

@@ -367,3 +367,53 @@ def test_minilm_text_encoder_exports_with_fp32_parity(minilm_folder: Path, tmp_p
     assert m["tokenizer"]["prefix_ids"] == [101] and m["tokenizer"]["suffix_ids"] == [102]
     r = Retriever.load(b)
     assert r.tokenize(["a crimson puppy"]) == [[1037, 11466, 17022]]
+
+
+# ---- python -m export: the int8 text encoder by default for a transformer tower -----------------------
+def test_export_writes_the_int8_text_encoder_of_a_transformer_tower_by_default_and_no_int8_turns_it_off(
+    tiny_bert_checkpoint: Path, split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.__main__ import main
+    from export.int8 import default_int8
+    from training.train import data_record
+
+    ck = shutil.copytree(tiny_bert_checkpoint, tmp_path / "ck")
+    state = json.loads((ck / "state.json").read_text())
+    (ck / "state.json").write_text(json.dumps({**state, "data": data_record(split_data, 20, 30, 24)}))
+    assert default_int8(ck) and not default_int8(tmp_path / "nothing-here")
+    # the gate stays fatal: an untrained model is too weak to judge, so the default export is refused,
+    # and the error says how to export without int8
+    assert main(["--checkpoint", str(ck), "--out", str(tmp_path / "refused"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --int8: the model is too weak to judge") and "--no-int8" in err
+    assert not (tmp_path / "refused").exists()
+    assert main(["--checkpoint", str(ck), "--out", str(tmp_path / "b8"), "--no-verify", "-q"]) == 0
+    m = json.loads((tmp_path / "b8" / "manifest.json").read_text())
+    assert m["int8_graphs"]["text_encoder"]["file"] == "int8/text_encoder.onnx" and "int8" in m["parity"]
+    assert main(["--checkpoint", str(ck), "--out", str(tmp_path / "b"), "--no-int8", "-q"]) == 0
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["verified"] and "int8_graphs" not in m and not (tmp_path / "b" / "int8").exists()
+    assert main(["--checkpoint", str(ck), "--out", str(tmp_path / "c"), "--no-int8", "--int8-data", "d"]) == 1
+    assert "--int8-data names the data of the int8 text encoder's gate" in capsys.readouterr().err
+
+
+def test_a_bigru_export_writes_no_int8_text_encoder_unless_asked(
+    tiny_checkpoint: Path, split_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.__main__ import main
+    from export.int8 import default_int8
+
+    assert not default_int8(tiny_checkpoint)
+    assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "-q"]) == 0
+    assert "int8_graphs" not in json.loads((tmp_path / "b" / "manifest.json").read_text())
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--out",
+        str(tmp_path / "c"),
+        "--int8-data",
+        str(split_data),
+    ]
+    assert main([*args, "-q"]) == 1  # --int8-data alone: no int8 graph to gate
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "Bi-GRU tower writes none by default" in err and "pass --int8 as well" in err

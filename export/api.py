@@ -41,6 +41,7 @@ from .manifest import (
     write_manifest,
 )
 from .onnx import DEFAULT_OPSET, MIN_OPSET, check_onnx, export_graph
+from .query_scorers import check_fast_recall, export_query_scorers
 from .validate import ParityReport, raise_if_failed, validate_graphs
 
 __all__ = ["export_bundle", "add_to_bundle", "bundle_parts"]
@@ -234,6 +235,8 @@ def export_bundle(
             for name, spec in GRAPHS.items()
         }
         reports: list[ParityReport] = [validate_graphs(model, paths, precision="fp32", atol=atol)]
+        scorer_report, scorer_paths = export_query_scorers(model, tmp, opset=opset, atol=atol)
+        reports.append(scorer_report)
         if fp16:
             (tmp / FP16_DIR).mkdir()
             paths16 = {}
@@ -249,6 +252,16 @@ def export_bundle(
 
             int8_report, int8_extra = export_int8(model, ck.tokenizer, paths, tmp, data=int8_gate)
             reports.append(int8_report)
+            # the fast path (int8 text encoder, int8 layout, int8 query scorers) on the same split
+            fast = check_fast_recall(
+                model,
+                ck.tokenizer,
+                tmp / int8_extra["int8_graphs"]["text_encoder"]["file"],
+                scorer_paths,
+                int8_gate,
+            )
+            scorer_report.notes["fast_path_recall"] = fast
+            scorer_report.contract += fast["failures"]
         pixel_extra: dict[str, Any] = {}
         if pixel_backbone is not None and pixel_prep is not None:
             from .pixels import export_pixel_graph

@@ -7,12 +7,29 @@ check can both be driven by the spec.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
-from mssan_infer.spec import GRAPHS, IMAGE_ENCODER, SCORER, TEXT_ENCODER
-from training.model import MSSAN, cross_attention_score
+from mssan_infer.spec import GRAPHS, IMAGE_ENCODER, QUERY_SCORERS, SCORER, TEXT_ENCODER, GraphSpec
+from training.model import MSSAN, attention_scores, cross_attention_score
 
-__all__ = ["ImageEncoderGraph", "TextEncoderGraph", "ScorerGraph", "build_graphs"]
+__all__ = [
+    "ImageEncoderGraph",
+    "TextEncoderGraph",
+    "ScorerGraph",
+    "QueryScorerGraph",
+    "build_graphs",
+    "build_query_scorers",
+    "QUERY_BITS",
+]
+
+# The query's locals are quantized to symmetric codes in [-63, 63] inside the int8 query scorers: with
+# the candidates' uint8 codes (8 bits) the u8 x s8 kernel's pairwise int16 sums cannot saturate on CPUs
+# without VNNI (2 * 255 * 63 < 2^15).
+QUERY_BITS = 7
+_QMAX = 2 ** (QUERY_BITS - 1) - 1
 
 
 class ImageEncoderGraph(nn.Module):
@@ -79,6 +96,71 @@ class ScorerGraph(nn.Module):
             c.lambda_lse,
         )  # [Ni,Nt]
         return c.lam_ll * s
+
+
+class _MatMulInteger(torch.autograd.Function):
+    """``(a - 128) @ b`` for uint8 ``a`` and int8 ``b`` as int32: ONNX ``MatMulInteger`` (zero points 128
+    and 0). Eager torch computes it exactly in float64 (|sums| < 2^53) for tracing and tests."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor) -> Tensor:  # noqa: ARG004
+        return torch.matmul(a.to(torch.float64) - 128.0, b.to(torch.float64)).to(torch.int32)
+
+    @staticmethod
+    def symbolic(g: Any, a: Any, b: Any) -> Any:
+        za = g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
+        zb = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int8))
+        return g.op("MatMulInteger", a, b, za, zb)
+
+
+def quantize_query(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-vector codes of ``x [P, D]`` in [-63, 63] (int8) and their scales ``[P, 1]``."""
+    scale = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-30) / _QMAX
+    return torch.round(x / scale).to(torch.int8), scale
+
+
+class QueryScorerGraph(nn.Module):
+    """One query against ``K`` candidates (a graph of ``mssan_infer.spec.QUERY_SCORERS``) -> ``s_ll [K]``.
+
+    Candidates' locals ``[K, P, D]`` (float32, or uint8 codes + 128 with per-vector scales ``[K, P]``),
+    masks ``[K, P]``, Grams ``[K, P, P]``; the query's ``[Q, D]``, ``[Q]``, ``[Q, Q]``. The similarities
+    ``[K, P, Q]`` come from one product (an integer GEMM for int8 candidates, the query quantized to
+    7 bits in the graph), then :func:`training.model.attention_scores` -- the model's own math.
+    """
+
+    def __init__(self, model: MSSAN, spec: GraphSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.int8 = spec.name.endswith("_int8")
+        self.query_is_text = spec.name.startswith("scorer_t2i")
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        c = self.model.cfg
+        if self.int8:
+            codes, scale, c_mask, c_gram, q_local, q_mask, q_gram = xs
+            q_codes, q_scale = quantize_query(q_local)  # [Q, D] int8, [Q, 1]
+            # One 2-D GEMM [K*P, D] x [D, Q] (a batched one runs K small GEMMs); its Cast and scaling Mul
+            # fuse into ONNX Runtime's MatMulIntegerToFloat.
+            s_int = _MatMulInteger.apply(codes.reshape(-1, c.embed_size), q_codes.t())  # [K*P, Q] int32
+            s = (s_int.to(torch.float32) * (scale.reshape(-1, 1) * q_scale.t())).reshape(
+                codes.shape[0], codes.shape[1], -1
+            )
+            c_gram = c_gram.to(torch.float32)
+        else:
+            c_local, c_mask, c_gram, q_local, q_mask, q_gram = xs
+            s = torch.matmul(c_local.reshape(-1, c.embed_size), q_local.t())  # [K*P, Q]: one GEMM
+            s = s.reshape(c_local.shape[0], c_local.shape[1], -1)  # [K, P, Q]
+        lam_p, lam_q = (c.lambda_t2i, c.lambda_i2t) if self.query_is_text else (c.lambda_i2t, c.lambda_t2i)
+        return c.lam_ll * attention_scores(
+            s, c_mask, c_gram, q_mask, q_gram, lam_p, lam_q, c.leaky, c.agg, c.lambda_lse
+        )
+
+
+def build_query_scorers(model: MSSAN) -> dict[str, nn.Module]:
+    """One eval-mode wrapper per graph of ``mssan_infer.spec.QUERY_SCORERS``, keyed by graph name."""
+    model.eval()
+    return {name: QueryScorerGraph(model, spec) for name, spec in QUERY_SCORERS.items()}
 
 
 def build_graphs(model: MSSAN) -> dict[str, nn.Module]:

@@ -15,7 +15,7 @@ import torch
 
 from mssan_infer.files import sha256_file
 from mssan_infer.names import FORMAT_VERSION, MANIFEST_FILE, VOCAB_FILE
-from mssan_infer.spec import GRAPHS
+from mssan_infer.spec import GRAPHS, QUERY_SCORERS
 from mssan_infer.text import subword
 from mssan_infer.text import words as word_tokenizer
 from training.config import ModelConfig
@@ -113,7 +113,7 @@ def build_manifest(
     d = cfg.embed_size
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "graphs": {name: spec.to_dict() for name, spec in GRAPHS.items()},
+        "graphs": {name: spec.to_dict() for name, spec in {**GRAPHS, **QUERY_SCORERS}.items()},
     }
     if fp16:
         manifest["fp16_graphs"] = {

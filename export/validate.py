@@ -122,6 +122,7 @@ class ParityReport:
     contract: list[str] = field(default_factory=list)  # static I/O contract failures
     outputs: list[OutputCheck] = field(default_factory=list)
     reranks: list[RerankCheck] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)  # measurements recorded beside the checks
 
     @property
     def failures(self) -> list[str]:
@@ -167,6 +168,7 @@ class ParityReport:
                 r.direction: {k: v for k, v in asdict(r).items() if k != "direction"} for r in self.reranks
             },
             "failures": self.failures,
+            **({"notes": self.notes} if self.notes else {}),
         }
 
     def raise_if_failed(self) -> None:

@@ -177,9 +177,8 @@ class Bundle:
         graphs, the ``--pixels`` graph, TensorRT engines, the Triton repository) do not change it, so
         re-exporting a checkpoint with other extras keeps the id and the indexes built with it.
         """
-        return id_files(
-            self.manifest.files, self.manifest.graphs["fp32"].values(), self.manifest.tokenizer_file
-        )
+        fp32 = self.manifest.graphs["fp32"]
+        return id_files(self.manifest.files, [fp32[g] for g in GRAPHS], self.manifest.tokenizer_file)
 
     @property
     def bundle_id(self) -> str:

@@ -11,6 +11,7 @@ naming the field. Qdrant galleries take :class:`~mssan_infer.qdrant.options.Qdra
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
@@ -34,6 +35,7 @@ __all__ = [
     "Device",
     "parse_device",
     "OPT_LEVELS",
+    "fast_path",
 ]
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")  # ONNX Runtime graph optimisation levels
@@ -123,7 +125,8 @@ class Stage1Options:
         M, ef_search: HNSW graph degree (default 32) and search breadth (default 128).
         overfetch: a compressed stage 1 (``int8-stage1``, ``int8``, ``fp16`` layouts) fetches
             ``overfetch x k`` rows (at least ``k + 32``) by their compressed scores, then rescores them
-            exactly and keeps the best ``k``.
+            exactly, best first, and keeps the best ``k`` (it stops early once the error bound proves
+            that no row left can enter them).
         certify: a compressed stage 1 also proves, with a bound on the compression error, that no
             unfetched item beats the ``k``-th, fetching 4x more until it does: exactly the float32 top k.
     """
@@ -204,8 +207,8 @@ class SearchOptions:
         batch_size: items per encoder call.
         scorer_batch: most candidates per scorer call (an exhaustive search scores shards of
             ``max(scorer_batch, search.EXHAUSTIVE_SHARD)`` consecutive items).
-        gather_threads: threads that copy rerank candidates out of the gallery (default: the
-            backend's ``threads``, else the CPU count up to 4).
+        gather_threads: threads that copy rerank candidates out of the gallery (default 1: one thread
+            copies 100 candidates faster than a hand-off to a second; more help larger reranks).
     """
 
     batch_size: int = 32
@@ -339,3 +342,28 @@ class TritonOptions(BackendOptions):
         _seconds("connect_timeout_s", self.connect_timeout_s)
         _seconds("wait_ready_s", self.wait_ready_s, zero=True)
         _flag("check_bundle", self.check_bundle)
+
+
+def fast_path(backend: Any, gallery: Any) -> tuple[Any, Any]:
+    """``Retriever.load(fast=True)``'s options: the int8 text encoder on ONNX Runtime and the ``int8``
+    layout for in-memory galleries (a Qdrant gallery keeps its own ``local_dtype``).
+
+    Raises:
+        InputError: a backend other than ONNX Runtime, another precision, or another layout.
+    """
+    if backend == "onnxruntime":
+        backend = OnnxRuntimeOptions(precision="int8")
+    elif type(backend) in (BackendOptions, OnnxRuntimeOptions) and backend.precision in ("fp32", "int8"):
+        backend = dataclasses.replace(backend, precision="int8")
+    else:
+        raise InputError(
+            "fast=True runs the int8 text encoder on ONNX Runtime; it cannot be combined with "
+            f"backend={backend!r} (drop fast=True, or use the onnxruntime backend at precision fp32/int8)"
+        )
+    if gallery is None:
+        gallery = GalleryOptions(layout="int8")
+    elif isinstance(gallery, GalleryOptions):
+        if gallery.layout is not None and gallery.resolved_layout().name != "int8":
+            raise InputError(f"fast=True uses the int8 layout; drop fast=True or layout={gallery.layout!r}")
+        gallery = dataclasses.replace(gallery, layout="int8")
+    return backend, gallery

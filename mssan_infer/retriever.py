@@ -9,7 +9,6 @@ image queries the caption gallery.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -32,12 +31,12 @@ from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.images.encoder import PixelEncoder, has_pixel_graph, pixel_sources
 from mssan_infer.images.preprocess import ImageSource
 from mssan_infer.names import IMAGES, TEXTS
-from mssan_infer.options import BackendOptions, GalleryOptions, SearchOptions
+from mssan_infer.options import BackendOptions, GalleryOptions, SearchOptions, fast_path
 from mssan_infer.progress import batches
 from mssan_infer.qdrant.gallery import QdrantGallery
 from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
 from mssan_infer.qdrant.places import open_qdrant_galleries
-from mssan_infer.search import Encoded, ScorerLimits, search
+from mssan_infer.search import Encoded, ScorerLimits, backend_score_fn, search
 from mssan_infer.text.base import TextTokenizer
 
 __all__ = ["Retriever", "Hit", "ImageInput"]
@@ -100,11 +99,7 @@ class Retriever:
         self.img_dim = bundle.manifest.img_dim
         self.batch_size = opts.batch_size
         self.scorer_batch = opts.scorer_batch
-        # copying the reranked candidates out of the gallery is bound by one thread's memory reads:
-        # more threads fetch more rows at once
-        self.gather_threads = (
-            opts.gather_threads if opts.gather_threads is not None else min(4, os.cpu_count() or 1)
-        )
+        self.gather_threads = opts.gather_threads if opts.gather_threads is not None else 1
         self._gather_pool: ThreadPoolExecutor | None = None
         self._gather_pid = os.getpid()
         self._gather_pool_lock = threading.Lock()
@@ -128,6 +123,7 @@ class Retriever:
         gallery: GalleryOptions | QdrantEdge | QdrantServer | str | None = None,
         search: SearchOptions | None = None,
         verify: bool = True,
+        fast: bool = False,
     ) -> "Retriever":
         """Open a bundle (and optionally a saved index or Qdrant galleries) for retrieval.
 
@@ -144,6 +140,8 @@ class Retriever:
                 (``"qdrant-edge:PATH"``, ``"qdrant:URL"``; ``"memory"``: in this process).
             search: batching and threads (:class:`~mssan_infer.options.SearchOptions`).
             verify: check the sha256 of every bundle and index file.
+            fast: the fast query path: the int8 text encoder (``precision="int8"``) and the ``int8`` layout
+                (a layout or precision given otherwise is an error). Default: the exact path.
 
         Raises:
             BundleError: missing/tampered bundle or one exported with another tokenizer.
@@ -152,12 +150,12 @@ class Retriever:
             InputError: unknown backend name or bad option.
         """
         # every option is checked before anything is loaded, opened or created
-        _, backend_opts = backend_options(backend)
+        if fast:
+            backend, gallery = fast_path(backend, gallery)
+        backend_options(backend)  # checked before anything is loaded
         opts = search if search is not None else SearchOptions()
         if not isinstance(opts, SearchOptions):
             raise InputError(f"search must be a SearchOptions, got {type(opts).__name__}")
-        if opts.gather_threads is None and backend_opts.threads is not None:
-            opts = dataclasses.replace(opts, gather_threads=backend_opts.threads)
         memory = gallery if isinstance(gallery, GalleryOptions) else GalleryOptions()
         spec = None if isinstance(gallery, GalleryOptions) else parse_gallery(gallery)
         if spec is not None and index is not None:
@@ -608,7 +606,7 @@ class Retriever:
         ranked = search(
             q,
             view,
-            lambda feeds: self.backend.run("scorer", feeds)["s_ll"],
+            backend_score_fn(self.backend, query_is_text=query_is_text),
             query_is_text=query_is_text,
             k=k,
             rerank=rerank,

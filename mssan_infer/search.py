@@ -1,10 +1,11 @@
 """Two-stage search, written once: stage-1 top-k from a gallery view, then the scorer over the candidates.
 
-Used by :class:`mssan_infer.Retriever` (the scorer is a backend's ``scorer`` graph) and by
-the Triton ``retriever`` model (the scorer is a BLS request to the ``scorer`` model), so
-the two rank identically, ties included: candidates come from the view's stage-1 top-k
-(ties by increasing row), the scorer sees them in that order and in the same batches,
-and the final order is by decreasing final score, ties by increasing row.
+Used by :class:`mssan_infer.Retriever` (the scorer is ONNX Runtime's query scorers, or a backend's
+all-pairs ``scorer`` graph) and by the Triton ``retriever`` model (a BLS request to the ``scorer``
+model): candidates come from the view's stage-1 top-k (ties by increasing row), the scorer sees them
+in that order and in the same batches, and the final order is by decreasing final score, ties by
+increasing row. The same scorer graph therefore ranks identically, ties included; the query scorers
+and the all-pairs scorer agree to float32 rounding (near-ties may swap).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from mssan_infer.errors import InputError
-from mssan_infer.gallery.base import GalleryView, extent
+from mssan_infer.gallery.base import Candidates, GalleryView, extent
+from mssan_infer.spec import QUERY_SCORERS, query_scorer
 
 __all__ = [
     "Encoded",
@@ -25,12 +27,15 @@ __all__ = [
     "ScoreFn",
     "EXHAUSTIVE_SHARD",
     "scorer_feeds",
+    "pairs_score_fn",
+    "backend_score_fn",
+    "query_score_fn",
     "search",
     "rerank_scores",
 ]
 
-# scorer feeds (the scorer graph's six inputs) -> s_ll [Ni, Nt]
-ScoreFn = Callable[[dict[str, np.ndarray]], np.ndarray]
+# (query locals [Q, D], mask [Q], Gram [Q, Q], candidates) -> s_ll [K] float32
+ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray, Candidates], np.ndarray]
 
 # Items per scorer call of an exhaustive search (at least ``batch``; at most the scorer's ``limits.items``).
 # Its shards are consecutive rows that a float32 block hands over without a copy, so a larger shard
@@ -127,6 +132,55 @@ def scorer_feeds(
     }
 
 
+def pairs_score_fn(run: Callable[[dict[str, np.ndarray]], np.ndarray], *, query_is_text: bool) -> ScoreFn:
+    """A :data:`ScoreFn` over the all-pairs ``scorer`` graph (``run``: its feeds -> ``s_ll [Ni, Nt]``): what
+    TensorRT engines and Triton models run. Stored int8 candidates are dequantized for it."""
+
+    def score(q_local: np.ndarray, q_mask: np.ndarray, q_gram: np.ndarray, c: Candidates) -> np.ndarray:
+        local, gram = c.dequantized()
+        s_ll = run(
+            scorer_feeds(
+                q_local[None], q_mask[None], q_gram[None], local, c.mask, gram, query_is_text=query_is_text
+            )
+        )
+        return np.asarray(s_ll[:, 0] if query_is_text else s_ll[0, :], np.float32)  # [K, 1] or [1, K]
+
+    return score
+
+
+def query_score_fn(
+    run: Callable[[str, dict[str, np.ndarray]], np.ndarray], *, query_is_text: bool
+) -> ScoreFn:
+    """A :data:`ScoreFn` over the query scorers (``run``: graph name, feeds -> ``s_ll [K]``): float32
+    candidates go to ``scorer_t2i``/``scorer_i2t``, the ``int8`` layout's stored codes to their ``*_int8``
+    graphs as they are (no float copy)."""
+    c_side, q_side = (
+        (("img", "region"), ("txt", "token")) if query_is_text else (("txt", "token"), ("img", "region"))
+    )
+    fp32_graph, int8_graph = query_scorer(query_is_text, False), query_scorer(query_is_text, True)
+    c_local, c_codes, c_scale = f"{c_side[0]}_local", f"{c_side[0]}_codes", f"{c_side[0]}_scale"
+    c_mask, c_gram = f"{c_side[1]}_mask", f"{c_side[0]}_gram"
+    q_local_n, q_mask_n, q_gram_n = f"{q_side[0]}_local", f"{q_side[1]}_mask", f"{q_side[0]}_gram"
+
+    def score(q_local: np.ndarray, q_mask: np.ndarray, q_gram: np.ndarray, c: Candidates) -> np.ndarray:
+        feeds = {c_mask: c.mask, c_gram: c.gram, q_local_n: q_local, q_mask_n: q_mask, q_gram_n: q_gram}
+        if c.scale is not None:
+            feeds[c_codes], feeds[c_scale] = c.local, c.scale
+            return run(int8_graph, feeds)
+        feeds[c_local] = c.local
+        return run(fp32_graph, feeds)
+
+    return score
+
+
+def backend_score_fn(backend: Any, *, query_is_text: bool) -> ScoreFn:
+    """The query scorers where ``backend`` (a :class:`~mssan_infer.backends.base.Backend`) has them (ONNX
+    Runtime on a bundle of this version), else the all-pairs ``scorer`` (TensorRT, older bundles)."""
+    if all(g in backend.graphs for g in QUERY_SCORERS):
+        return query_score_fn(lambda g, f: backend.run(g, f)["s_ll"], query_is_text=query_is_text)
+    return pairs_score_fn(lambda f: backend.run("scorer", f)["s_ll"], query_is_text=query_is_text)
+
+
 def _check_length(width: int, limit: int | None, what: str, axis: str) -> None:
     if limit is not None and width > limit:
         raise InputError(
@@ -156,19 +210,16 @@ def rerank_scores(
     q_limit, c_limit = (limits.words, limits.regions) if query_is_text else (limits.regions, limits.words)
     width = max(1, extent(query.mask[qi : qi + 1]))
     _check_length(width, q_limit, "the query", q_axis)
-    q_local = query.local[qi : qi + 1, :width]  # [1, P, D]
-    q_mask = query.mask[qi : qi + 1, :width]
-    q_gram = query.gram[qi : qi + 1, :width, :width]
+    q_local = query.local[qi, :width]  # [P, D]
+    q_mask = query.mask[qi, :width]
+    q_gram = query.gram[qi, :width, :width]
     step = max(1, min(batch, limits.items or batch))
     out = np.empty(len(rows), np.float32)
     for a in range(0, len(rows), step):
         b = min(len(rows), a + step)
-        c_local, c_mask, c_gram = view.gather(rows[a:b], executor, parts)  # [K, P', D] ...
-        _check_length(c_local.shape[1], c_limit, "a gallery item", c_axis)
-        s_ll = score(
-            scorer_feeds(q_local, q_mask, q_gram, c_local, c_mask, c_gram, query_is_text=query_is_text)
-        )
-        out[a:b] = s_ll[:, 0] if query_is_text else s_ll[0, :]  # [K, 1] or [1, K]
+        cands = view.gather(rows[a:b], executor, parts)  # [K, P', D] ...
+        _check_length(cands.mask.shape[1], c_limit, "a gallery item", c_axis)
+        out[a:b] = score(q_local, q_mask, q_gram, cands)
     return out
 
 
@@ -191,7 +242,8 @@ def search(
     Args:
         query: encoded queries (captions when ``query_is_text``, else images).
         view: a snapshot of the gallery of the other modality (not empty).
-        score: runs the scorer graph on its feeds, returns ``s_ll [Ni, Nt]``.
+        score: ``s_ll`` of one query against gathered candidates (:func:`query_score_fn` or
+            :func:`pairs_score_fn`).
         k: results per query (``>= 1``).
         rerank: stage-1 candidates rescored by the scorer; ``0`` = stage 1 only;
             ``0 < rerank < k`` reranks ``k``.

@@ -26,6 +26,12 @@ __all__ = [
     "DEFAULT_PROFILES",
     "IMAGE_ENCODER_PIXELS",
     "OPTIONAL_GRAPHS",
+    "QUERY_SCORERS",
+    "SCORER_T2I",
+    "SCORER_I2T",
+    "SCORER_T2I_INT8",
+    "SCORER_I2T_INT8",
+    "query_scorer",
 ]
 
 PRECISIONS = ("fp32", "fp16", "int8")  # graph sets a bundle may hold: graphs, fp16_graphs, int8_graphs
@@ -120,6 +126,60 @@ IMAGE_ENCODER_PIXELS = GraphSpec(
     outputs=IMAGE_ENCODER.outputs,  # R = the backbone's grid cells, all real
 )
 OPTIONAL_GRAPHS: dict[str, GraphSpec] = {IMAGE_ENCODER_PIXELS.name: IMAGE_ENCODER_PIXELS}
+
+# Query scorers: one query against K candidates of the other modality, the scorer's math specialised to
+# that shape (no all-pairs axes) -> ``s_ll [K]`` (already multiplied by lam_ll). ``*_int8`` take the
+# candidates' locals as the ``int8`` layout stores them (codes + 128 as uint8, one float32 scale per
+# vector, float16 Grams) and run the big product as an integer GEMM with the query quantized in the graph
+# to 7 bits. Written by every export into the fp32 graph table; ONNX Runtime runs them, TensorRT and
+# Triton run ``scorer``.
+U8, F16 = "uint8", "float16"
+
+
+def _query_scorer(name: str, query_is_text: bool, int8: bool) -> GraphSpec:
+    cand, query = (
+        (("img", "region", "Ni", "R"), ("txt", "token", "L"))
+        if query_is_text
+        else (
+            ("txt", "token", "Nt", "L"),
+            ("img", "region", "R"),
+        )
+    )
+    c, cm, n, p = cand
+    q, qm, qa = query
+    if int8:
+        cands: tuple[TensorSpec, ...] = (
+            TensorSpec(f"{c}_codes", U8, (n, p, "D")),
+            TensorSpec(f"{c}_scale", F32, (n, p)),
+            TensorSpec(f"{cm}_mask", F32, (n, p)),
+            TensorSpec(f"{c}_gram", F16, (n, p, p)),
+        )
+    else:
+        cands = (
+            TensorSpec(f"{c}_local", F32, (n, p, "D")),
+            TensorSpec(f"{cm}_mask", F32, (n, p)),
+            TensorSpec(f"{c}_gram", F32, (n, p, p)),
+        )
+    queries = (
+        TensorSpec(f"{q}_local", F32, (qa, "D")),
+        TensorSpec(f"{qm}_mask", F32, (qa,)),
+        TensorSpec(f"{q}_gram", F32, (qa, qa)),
+    )
+    return GraphSpec(name, inputs=(*cands, *queries), outputs=(TensorSpec("s_ll", F32, (n,)),))
+
+
+SCORER_T2I = _query_scorer("scorer_t2i", True, False)
+SCORER_I2T = _query_scorer("scorer_i2t", False, False)
+SCORER_T2I_INT8 = _query_scorer("scorer_t2i_int8", True, True)
+SCORER_I2T_INT8 = _query_scorer("scorer_i2t_int8", False, True)
+QUERY_SCORERS: dict[str, GraphSpec] = {
+    g.name: g for g in (SCORER_T2I, SCORER_I2T, SCORER_T2I_INT8, SCORER_I2T_INT8)
+}
+
+
+def query_scorer(query_is_text: bool, int8: bool) -> str:
+    """The name of the query scorer for this direction and candidate storage."""
+    return f"scorer_{'t2i' if query_is_text else 'i2t'}{'_int8' if int8 else ''}"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from export.validate import rerank_order_check, validate_graphs
 from mssan_infer.bundle import load_bundle
 from mssan_infer.errors import BundleError, ParityError
 from mssan_infer.names import FORMAT_VERSION, MANIFEST_FILE
-from mssan_infer.spec import GRAPHS, IMAGE_ENCODER, SCORER, TOLERANCES
+from mssan_infer.spec import GRAPHS, IMAGE_ENCODER, QUERY_SCORERS, SCORER, TOLERANCES
 from training.checkpoint import load_checkpoint
 from training.config import ModelConfig
 from training.model import MSSAN
@@ -32,6 +32,7 @@ from training.model import MSSAN
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_FILES = sorted(
     [spec.file for spec in GRAPHS.values()]
+    + [spec.file for spec in QUERY_SCORERS.values()]
     + [f"fp16/{spec.file}" for spec in GRAPHS.values()]
     + ["vocab.json"]
 )
@@ -137,7 +138,8 @@ def test_bundle_manifest_hashes_every_file_and_satisfies_the_runtime(
     on_disk = sorted(p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file())
     assert sorted(m["files"]) == BUNDLE_FILES == [f for f in on_disk if f != MANIFEST_FILE]
     assert m["format_version"] == FORMAT_VERSION and m["verified"] is True
-    assert m["graphs"] == {name: spec.to_dict() for name, spec in GRAPHS.items()}
+    assert m["graphs"] == {name: spec.to_dict() for name, spec in {**GRAPHS, **QUERY_SCORERS}.items()}
+    assert m["parity"]["query-scorers"]["passed"] is True
     assert {g: e["file"] for g, e in m["fp16_graphs"].items()} == {
         g: f"fp16/{s.file}" for g, s in GRAPHS.items()
     }

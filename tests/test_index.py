@@ -129,7 +129,8 @@ def test_items_of_different_lengths_are_padded_to_the_longest_with_masks() -> No
     assert np.array_equal(gr[:3, :3, :3], first[3]) and not gr[:3, 3:].any()
     assert np.array_equal(st, np.concatenate([first[0], second[0]]))
     rows = np.array([4, 0])
-    local, mask, gram = g.view().gather(rows)
+    c = g.view().gather(rows)
+    local, mask = c.local, c.mask
     assert local.shape == (2, 4, D)  # trimmed to the longest of the gathered items
     assert mask.sum(1).tolist() == [4, 2]
 
@@ -140,12 +141,21 @@ def test_gather_keeps_real_positions_after_a_masked_gap() -> None:
     ma[1, 1:3] = 0  # gap in the middle: width must stay 4
     g = MemoryGallery(2 * D, D)
     g.add(st, lo, ma, gr)
-    local, mask, _ = g.view().gather(np.array([1]))
+    c = g.view().gather(np.array([1]))
+    local, mask = c.local, c.mask
     assert local.shape[1] == 4 and mask[0].tolist() == [1, 0, 0, 1]
 
 
 @pytest.mark.parametrize(
-    "dtype, mmap", [("float32", False), ("float16", False), ("float32", True), ("float16", True)]
+    "dtype, mmap",
+    [
+        ("float32", False),
+        ("float16", False),
+        ("int8", False),
+        ("float32", True),
+        ("float16", True),
+        ("int8", True),
+    ],
 )
 @pytest.mark.parametrize("lengths", [[6] * 70, [2, 6, 3, 4] * 17 + [1, 5]], ids=["full-width", "trimmed"])
 def test_gather_split_over_threads_equals_one_thread(
@@ -166,16 +176,20 @@ def test_gather_split_over_threads_equals_one_thread(
     rows[:5] = rows[0]  # repeated rows are fine
     view = g.view()
     one = view.gather(rows)
+    stored = {"float32": np.float32, "float16": np.float32, "int8": np.uint8}[dtype]  # float16 is widened
+    assert one.local.dtype == stored and (one.scale is not None) == (dtype == "int8")
     with ThreadPoolExecutor(3) as pool:
         for parts in (2, 3, 4, 99):
             split = view.gather(rows, pool, parts)
-            for a, b in zip(one, split):
-                assert a.dtype == b.dtype == np.float32 and np.array_equal(a, b)
+            for a, b in ((one.local, split.local), (one.scale, split.scale), (one.mask, split.mask)):
+                assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))
+            assert np.array_equal(one.gram, split.gram)
     width = max(lengths[r] for r in rows)
-    tol = 0 if dtype == "float32" else 2e-3
-    np.testing.assert_allclose(one[0], lo[rows, :width], atol=tol * np.abs(lo).max())
-    np.testing.assert_allclose(one[2], gr[rows, :width, :width], atol=tol * np.abs(gr).max())
-    assert np.array_equal(one[1], ma[rows, :width])
+    local, gram = one.dequantized()
+    tol = {"float32": 0, "float16": 2e-3, "int8": 1e-2}[dtype]
+    np.testing.assert_allclose(local, lo[rows, :width], atol=tol * np.abs(lo).max())
+    np.testing.assert_allclose(gram, gr[rows, :width, :width], atol=tol * np.abs(gr).max())
+    assert np.array_equal(one.mask, ma[rows, :width])
 
 
 def test_default_ids_count_up_from_the_largest_int_id() -> None:

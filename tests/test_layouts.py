@@ -122,21 +122,26 @@ def test_a_compressed_layout_without_faiss_names_the_package(tmp_path: Path) -> 
 def test_int8_locals_are_within_half_a_step_of_float32() -> None:
     _, lo, _, _ = items(50, seed=5)
     codes, scale = quantize_vectors(lo)
-    assert codes.dtype == np.int8 and scale.shape == lo.shape[:2]
-    assert (np.abs(codes * scale[..., None] - lo) <= scale[..., None] / 2 + 1e-7).all()
+    assert codes.dtype == np.uint8 and scale.shape == lo.shape[:2]  # stored + 128
+    assert codes.min() >= 1 and codes.max() <= 255
+    deq = (codes.astype(np.float32) - 128) * scale[..., None]
+    assert (np.abs(deq - lo) <= scale[..., None] / 2 + 1e-7).all()
 
 
-def test_int8_gallery_gathers_dequantized_locals_and_their_grams() -> None:
+def test_int8_gallery_gathers_the_stored_codes_scales_and_grams() -> None:
     st, lo, ma, gr = items(300, seed=6)
     g = MemoryGallery(2 * D, D, GalleryOptions(layout="int8"))
     g.add(st, lo, ma, gr)
-    rows = np.array([7, 299, 0, 7])
-    local, mask, gram = g.view().gather(rows)
-    step = np.abs(lo[rows]).max(axis=2, keepdims=True) / 127
-    assert (np.abs(local - lo[rows]) <= step / 2 + 1e-7).all()
-    # the Grams are those of the dequantized locals (float16), so the scorer scores the dequantized item
-    np.testing.assert_allclose(gram, local @ local.transpose(0, 2, 1), atol=2e-3)
-    assert np.array_equal(mask, ma[rows])
+    for rows in (np.array([7, 299, 0, 7]), np.arange(5, 9)):  # copied, and a run of consecutive rows
+        c = g.view().gather(rows)
+        # as stored: uint8 codes, float32 scales, float16 Grams -- never widened on the query path
+        assert c.local.dtype == np.uint8 and c.scale is not None and c.gram.dtype == np.float16
+        local, gram = c.dequantized()
+        step = np.abs(lo[rows]).max(axis=2, keepdims=True) / 127
+        assert (np.abs(local - lo[rows]) <= step / 2 + 1e-7).all()
+        # the Grams are those of the dequantized locals (float16), so the scorer scores the dequantized item
+        np.testing.assert_allclose(gram, local @ local.transpose(0, 2, 1), atol=2e-3)
+        assert np.array_equal(c.mask, ma[rows])
 
 
 # ---- memory ---------------------------------------------------------------------------------
@@ -205,8 +210,8 @@ def test_a_float32_index_converts_to_a_compressed_layout_on_load(tmp_path: Path)
     assert h.layout.name == "int8"
     q = queries()
     assert np.array_equal(h.view().topk(q, 10)[0], g.view().topk(q, 10)[0])
-    local = h.view().gather(np.arange(10))[0]
-    assert np.abs(local - g.view().gather(np.arange(10))[0]).max() < 0.01
+    local = h.view().gather(np.arange(10)).dequantized()[0]
+    assert np.abs(local - g.view().gather(np.arange(10)).local).max() < 0.01
 
 
 @pytest.mark.parametrize("saved, wanted", [("int8", "fp32"), ("int8", "int8-stage1"), ("fp16", "fp32")])
@@ -306,9 +311,10 @@ def test_a_run_of_consecutive_rows_is_gathered_without_a_copy() -> None:
     g = MemoryGallery(2 * D, D)
     g.add(*items(100))
     v = g.view()
-    local, mask, gram = v.gather(np.arange(10, 50))  # what exhaustive search asks for
-    assert np.shares_memory(local, v.blocks[0].local) and np.shares_memory(gram, v.blocks[0].gram)
-    ref = v.gather(np.arange(10, 50)[::-1])[0][::-1]  # the copying path gives the same values
+    c = v.gather(np.arange(10, 50))  # what exhaustive search asks for
+    local = c.local
+    assert np.shares_memory(local, v.blocks[0].local) and np.shares_memory(c.gram, v.blocks[0].gram)
+    ref = v.gather(np.arange(10, 50)[::-1]).local[::-1]  # the copying path gives the same values
     assert np.array_equal(local, ref)
 
 

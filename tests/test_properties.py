@@ -217,7 +217,8 @@ class IndexMachine(RuleBasedStateMachine):
         expect = q @ stage1.T
         np.testing.assert_allclose(scores, np.take_along_axis(expect, rows, 1), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(scores[:, 0], expect.max(1), rtol=1e-6, atol=1e-6)
-        local, mask, gram = view.gather(np.arange(len(self.model)))
+        got = view.gather(np.arange(len(self.model)))
+        local, mask, gram = got.local, got.mask, got.gram
         for row, (_, seed, length) in enumerate(self.model):
             _, lo, _, gr = _item(seed, length)
             assert mask[row].sum() == length

@@ -20,6 +20,7 @@ from mssan_infer.backends.base import Backend
 from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend, select_providers
 from mssan_infer.errors import BackendUnavailableError, InputError
 from mssan_infer.options import BackendOptions, Device, parse_device
+from mssan_infer.spec import QUERY_SCORERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +163,7 @@ def test_custom_backend_plugs_into_retriever_load(
 
         _REGISTRY.pop("recorder", None)
     assert made["kw"] == {"device": "cpu", "precision": "fp32", "threads": 1}
-    assert {g for g, _ in made["backend"].seen} >= {"image_encoder", "text_encoder", "scorer"}  # type: ignore[attr-defined]
+    assert {g for g, _ in made["backend"].seen} >= {"image_encoder", "text_encoder", "scorer_t2i"}  # type: ignore[attr-defined]
 
 
 def test_a_factory_that_returns_no_backend_is_refused(
@@ -349,7 +350,7 @@ def test_onnxruntime_options_are_checked(
         s.get_session_options().get_session_config_entry("session.force_spinning_stop")
         for s in spinning._sessions.values()
     } == {"1"}
-    assert be.graphs == ["image_encoder", "scorer", "text_encoder"]
+    assert be.graphs == sorted(["image_encoder", "scorer", "text_encoder", *QUERY_SCORERS])
     assert be.active_providers() == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         with warnings.catch_warnings(record=True) as w:

@@ -9,7 +9,7 @@ import pytest
 
 from mssan_infer.errors import InputError
 from mssan_infer.gallery.memory import MemoryGallery
-from mssan_infer.search import Encoded, ScorerLimits, search
+from mssan_infer.search import Encoded, ScorerLimits, pairs_score_fn, search
 
 D = 4
 
@@ -35,7 +35,7 @@ def _scorer(calls: list[dict[str, tuple[int, ...]]]) -> Any:
         txt = feeds["txt_local"][:, :, 0].sum(1)  # [Nt]
         return (img[:, None] + txt[None, :]).astype(np.float32)  # [Ni, Nt]
 
-    return score
+    return pairs_score_fn(score, query_is_text=True)
 
 
 @pytest.fixture()

@@ -613,7 +613,8 @@ def test_info_reports_tensorrt_parity_per_precision(standin_bundle: Path) -> Non
     assert (
         set(info["tensorrt"]["parity"]) == {"fp32", "fp16"} and info["tensorrt"]["parity"]["fp32"]["passed"]
     )
-    assert info["tensorrt"]["limits"]["Ni"] == SMALL["Ni"][2] and set(info["parity"]) == {"fp32", "fp16"}
+    assert info["tensorrt"]["limits"]["Ni"] == SMALL["Ni"][2]
+    assert set(info["parity"]) == {"fp32", "fp16", "query-scorers"}
 
 
 def test_triton_tensorrt_flavour_follows_the_engines(standin_bundle: Path) -> None:

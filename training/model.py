@@ -23,6 +23,7 @@ __all__ = [
     "Encoded",
     "TERMS",
     "cross_attention_score",
+    "attention_scores",
 ]
 
 TERMS = ("gg", "gl", "ll")
@@ -32,13 +33,75 @@ def _aggregate(x: Tensor, mask: Tensor, agg: str, lambda_lse: float) -> Tensor:
     """Reduce the last axis of ``x`` over positions ``mask`` > 0 ("mean" or "lse")."""
     keep = mask > 0
     count = mask.sum(-1)
-    if agg == "mean":
-        return torch.where(keep, x, torch.zeros_like(x)).sum(-1) / count.clamp(min=1.0)
-    if agg == "lse":
-        filled = torch.where(keep, lambda_lse * x, torch.full_like(x, NEG_FILL))
+    if agg == "mean":  # x is finite, so x * mask is x where kept and 0 elsewhere
+        return (x * keep.to(x.dtype)).sum(-1) / count.clamp(min=1.0)
+    if agg == "lse":  # scalar fills broadcast (no tensor of the input's shape is made for them)
+        filled = torch.where(keep, lambda_lse * x, x.new_tensor(NEG_FILL))
         lse = torch.logsumexp(filled, dim=-1) / lambda_lse
-        return torch.where(count > 0, lse, torch.zeros_like(lse))
+        return torch.where(count > 0, lse, lse.new_tensor(0.0))
     raise ValueError(f"agg must be 'mean' or 'lse', got {agg!r}")
+
+
+def _diagonal(gram: Tensor) -> Tensor:
+    """The diagonal of square matrices ``[..., N, N]`` -> ``[..., N]``: a strided slice of the flattened
+    matrices (ONNX ``Slice``, which TensorRT runs; ``torch.diagonal`` exports to ``EyeLike``, which it does
+    not)."""
+    n = gram.shape[-1]
+    return gram.flatten(-2)[..., :: n + 1]
+
+
+def attention_scores(
+    s: Tensor,
+    p_mask: Tensor,
+    p_gram: Tensor,
+    q_mask: Tensor,
+    q_gram: Tensor,
+    lam_p: float,
+    lam_q: float,
+    leaky: float = 0.1,
+    agg: str = "mean",
+    lambda_lse: float = 6.0,
+) -> Tensor:
+    """S_ll of pairs of items, from their local similarities, through the Gram identity.
+
+    One side of each pair has ``P`` positions, the other ``Q``; leading (batch) axes broadcast.
+
+    Args:
+        s: ``[..., P, Q]`` local similarities ``p_i . q_j`` (zero at padded positions).
+        p_mask: ``[..., P]``, p_gram: ``[..., P, P]`` the P side's mask and Gram matrix.
+        q_mask: ``[..., Q]``, q_gram: ``[..., Q, Q]`` the Q side's.
+        lam_p: temperature of the softmax over P (each Q position attends over the P positions);
+            ``lam_q`` the other way. Images as P: ``lam_p = lambda_t2i``; words as P: ``lambda_i2t``.
+    Returns:
+        ``[...]`` = (S_{Q attends P} + S_{P attends Q}) / 2. The attended contexts are never built:
+        ``q_j . c_j = sum_i alpha_ij s_ij`` and ``|c_j|^2 = alpha_j^T G_p alpha_j``.
+    """
+    # Padding enters the softmaxes as an additive bias (0 or NEG_FILL), broadcast, never expanded:
+    # scores at padded positions are exactly 0, so 0 + NEG_FILL == NEG_FILL there.
+    p_bias = ((p_mask <= 0).to(s.dtype) * NEG_FILL).unsqueeze(-1)  # [...,P,1]
+    q_bias = ((q_mask <= 0).to(s.dtype) * NEG_FILL).unsqueeze(-2)  # [...,1,Q]
+    act = F.leaky_relu(s, leaky)
+    sq = act * act  # shared by both normalisations
+    # A pair with an empty side has no alignment at all: aggregate over nothing -> 0.
+    has_p = (p_mask.sum(-1, keepdim=True) > 0).to(s.dtype)  # [...,1]
+    has_q = (q_mask.sum(-1, keepdim=True) > 0).to(s.dtype)
+
+    # Q attends over P: each P row normalised over Q, softmax over P.
+    a = act * (lam_p * torch.rsqrt(sq.sum(-1, keepdim=True) + EPS))
+    alpha = torch.softmax(a + p_bias, dim=-2)  # [...,P,Q]
+    num = (alpha * s).sum(-2)  # [...,Q]  q_j . c_j
+    c2 = (alpha * torch.matmul(p_gram, alpha)).sum(-2)  # [...,Q]  |c_j|^2
+    q2 = _diagonal(q_gram)  # [...,Q]  |q_j|^2
+    s_q = _aggregate(num * torch.rsqrt(c2 + EPS) * torch.rsqrt(q2 + EPS), q_mask * has_p, agg, lambda_lse)
+
+    # P attends over Q: each Q column normalised over P, softmax over Q.
+    b = act * (lam_q * torch.rsqrt(sq.sum(-2, keepdim=True) + EPS))
+    beta = torch.softmax(b + q_bias, dim=-1)  # [...,P,Q]
+    num_p = (beta * s).sum(-1)  # [...,P]
+    c2_p = (beta * torch.matmul(beta, q_gram)).sum(-1)  # [...,P]
+    p2 = _diagonal(p_gram)  # [...,P]
+    s_p = _aggregate(num_p * torch.rsqrt(c2_p + EPS) * torch.rsqrt(p2 + EPS), p_mask * has_q, agg, lambda_lse)
+    return 0.5 * (s_q + s_p)
 
 
 def cross_attention_score(
@@ -54,53 +117,34 @@ def cross_attention_score(
     agg: str = "mean",
     lambda_lse: float = 6.0,
 ) -> Tensor:
-    """S_ll for every image x caption pair, through the Gram identity.
+    """S_ll for every image x caption pair: :func:`attention_scores` with regions as P, words as Q.
 
     Args:
         v: ``[Ni,R,D]`` unfused region locals (zero at padding), ``v_mask [Ni,R]``,
            ``v_gram = v v^T [Ni,R,R]``.
         w: ``[Nt,L,D]`` word locals, ``w_mask [Nt,L]``, ``w_gram [Nt,L,L]``.
     Returns:
-        ``[Ni,Nt]`` = (S_t2i + S_i2t) / 2. The attended contexts are never built:
-        ``w_j . c_j = sum_i alpha_ij s_ij`` and ``|c_j|^2 = alpha_j^T G_v alpha_j``.
-        Locals must be zero at padded positions (the encoders guarantee it): padded
-        regions/words then contribute nothing even where an all-masked softmax is uniform.
+        ``[Ni,Nt]`` = (S_t2i + S_i2t) / 2. Locals must be zero at padded positions (the encoders
+        guarantee it): padded regions/words then contribute nothing even where an all-masked softmax
+        is uniform.
     """
     ni, r, d = v.shape
     nt, l, _ = w.shape
-    # s[n,m,i,j] = v[n,i] . w[m,j]: one [Ni*R, D] x [D, Nt*L] product. Locals are zero at
-    # padding, so s (and everything below) is already zero at padded positions.
+    # s[n,m,i,j] = v[n,i] . w[m,j]: one [Ni*R, D] x [D, Nt*L] product.
     s = torch.matmul(v.reshape(-1, d), w.reshape(-1, d).t())  # [Ni*R, Nt*L]
     s = s.reshape(ni, r, nt, l).permute(0, 2, 1, 3)  # [Ni,Nt,R,L]
-    # Padding enters the softmaxes as an additive bias (0 or NEG_FILL), broadcast, never expanded:
-    # one Add instead of a Where over [Ni,Nt,R,L]. Scores at padded positions are exactly 0, so
-    # 0 + NEG_FILL == NEG_FILL there, the same logits masked_fill would give.
-    v_bias = ((v_mask <= 0).to(v.dtype) * NEG_FILL).reshape(ni, 1, r, 1)
-    w_bias = ((w_mask <= 0).to(w.dtype) * NEG_FILL).reshape(1, nt, 1, l)
-    act = F.leaky_relu(s, leaky)
-    sq = act * act  # shared by both normalisations
-
-    # text -> image: each region's row normalised over words, then each word attends over regions.
-    a = act * (lambda_t2i * torch.rsqrt(sq.sum(3, keepdim=True) + EPS))
-    alpha = torch.softmax(a + v_bias, dim=2)  # [Ni,Nt,R,L], softmax over R
-    num = (alpha * s).sum(2)  # [Ni,Nt,L]  w_j . c_j
-    c2 = (alpha * torch.matmul(v_gram.unsqueeze(1), alpha)).sum(2)  # [Ni,Nt,L]  |c_j|^2 = a^T G_v a
-    w2 = w_gram.reshape(nt, l * l)[:, :: l + 1].unsqueeze(0)  # [1,Nt,L]   |w_j|^2 (strided diagonal)
-    cos_t = num * torch.rsqrt(c2 + EPS) * torch.rsqrt(w2 + EPS)
-    # A pair with an empty side has no alignment at all: aggregate over nothing -> 0.
-    has_v = (v_mask.sum(1) > 0).to(v_mask.dtype).reshape(ni, 1, 1)  # [Ni,1,1]
-    has_w = (w_mask.sum(1) > 0).to(w_mask.dtype).reshape(1, nt, 1)  # [1,Nt,1]
-    s_t2i = _aggregate(cos_t, w_mask.unsqueeze(0) * has_v, agg, lambda_lse)  # [Ni,Nt]
-
-    # image -> text: each word's column normalised over regions, then each region attends over words.
-    b = act * (lambda_i2t * torch.rsqrt(sq.sum(2, keepdim=True) + EPS))
-    beta = torch.softmax(b + w_bias, dim=3)  # [Ni,Nt,R,L], softmax over L
-    num_i = (beta * s).sum(3)  # [Ni,Nt,R]  v_i . c_i
-    c2_i = (beta * torch.matmul(beta, w_gram.unsqueeze(0))).sum(3)  # [Ni,Nt,R]  |c_i|^2 = b^T G_w b
-    v2 = v_gram.reshape(ni, r * r)[:, :: r + 1].unsqueeze(1)  # [Ni,1,R]   |v_i|^2 (strided diagonal)
-    cos_i = num_i * torch.rsqrt(c2_i + EPS) * torch.rsqrt(v2 + EPS)
-    s_i2t = _aggregate(cos_i, v_mask.unsqueeze(1) * has_w, agg, lambda_lse)  # [Ni,Nt]
-    return 0.5 * (s_t2i + s_i2t)
+    return attention_scores(
+        s,
+        v_mask.unsqueeze(1),
+        v_gram.unsqueeze(1),
+        w_mask.unsqueeze(0),
+        w_gram.unsqueeze(0),
+        lambda_t2i,
+        lambda_i2t,
+        leaky,
+        agg,
+        lambda_lse,
+    )
 
 
 class Encoded(NamedTuple):

@@ -23,6 +23,7 @@ an ``InputError`` naming the flag that rebuilds the engines.
 from __future__ import annotations
 
 import abc
+import functools
 from types import TracebackType
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,7 +31,7 @@ import numpy as np
 
 from mssan_infer.errors import BundleError, InputError, MssanError
 from mssan_infer.options import Device, parse_device
-from mssan_infer.spec import FIXED_AXES, GRAPHS, OPTIONAL_GRAPHS, GraphSpec
+from mssan_infer.spec import FIXED_AXES, GRAPHS, OPTIONAL_GRAPHS, QUERY_SCORERS, GraphSpec
 
 __all__ = [
     "Backend",
@@ -43,7 +44,7 @@ __all__ = [
     "RunFn",
 ]
 
-ALL_GRAPHS: dict[str, GraphSpec] = {**GRAPHS, **OPTIONAL_GRAPHS}
+ALL_GRAPHS: dict[str, GraphSpec] = {**GRAPHS, **OPTIONAL_GRAPHS, **QUERY_SCORERS}
 RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -107,6 +108,8 @@ def check_feeds(spec: GraphSpec, feeds: Mapping[str, Any], dims: Mapping[str, in
         kind = a.dtype.kind
         if t.dtype == "int64" and kind not in "iu":
             raise InputError(f"{where} must hold integer token ids (int64), got dtype {a.dtype}")
+        if t.dtype == "uint8" and a.dtype != np.uint8:
+            raise InputError(f"{where} must hold the int8 layout's stored codes (uint8), got dtype {a.dtype}")
         if kind not in "biuf":
             raise InputError(f"{where} must hold real numbers ({t.dtype}), got dtype {a.dtype}")
         for axis, n in zip(t.axes, a.shape):
@@ -122,6 +125,7 @@ def check_feeds(spec: GraphSpec, feeds: Mapping[str, Any], dims: Mapping[str, in
 
 
 # ---- chunking along batch-like axes -------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def split_axes(spec: GraphSpec) -> dict[str, tuple[dict[str, int], dict[str, int]]]:
     """Axes a graph's inputs can be split along, and where each output concatenates.
 
@@ -180,6 +184,8 @@ def run_chunked(
         InputError: an axis that cannot be split (``R``, ``L``) exceeds its limit.
     """
     sizes = axis_sizes(spec, feeds)
+    if not limits:  # nothing to split (ONNX Runtime): one call
+        return run(feeds)
     splittable = split_axes(spec)
     for axis, n in sizes.items():
         lim = limits.get(axis)

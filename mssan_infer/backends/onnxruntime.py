@@ -14,7 +14,7 @@ from mssan_infer.bundle import Bundle
 from mssan_infer.deps import optional_import
 from mssan_infer.errors import BundleError, InputError
 from mssan_infer.options import BackendOptions, Device, OnnxRuntimeOptions, parse_device
-from mssan_infer.spec import GRAPHS
+from mssan_infer.spec import GRAPHS, QUERY_SCORERS
 
 __all__ = [
     "OnnxRuntimeBackend",
@@ -29,7 +29,12 @@ log = logging.getLogger(__name__)
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(int64)": "int64",
+    "tensor(float16)": "float16",
+    "tensor(uint8)": "uint8",
+}
 
 
 def import_onnxruntime() -> Any:
@@ -200,7 +205,12 @@ class OnnxRuntimeBackend(Backend):
             )
         if not isinstance(options, OnnxRuntimeOptions):
             raise InputError(f"backend 'onnxruntime' takes OnnxRuntimeOptions, got {type(options).__name__}")
-        graphs = {g: bundle.graph_path(g, options.precision) for g in GRAPHS}
+        graphs: dict[str, str | os.PathLike[str] | bytes] = {
+            g: bundle.graph_path(g, options.precision) for g in GRAPHS
+        }
+        fp32 = bundle.manifest.graphs["fp32"]
+        if options.precision != "fp16" and all(g in fp32 for g in QUERY_SCORERS):
+            graphs.update({g: bundle.graph_path(g) for g in QUERY_SCORERS})  # fp32 weights, any precision
         return cls(graphs, options)
 
     def active_providers(self, graph: str = "scorer") -> list[str]:

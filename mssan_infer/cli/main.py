@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
             "of an `export --int8` bundle beside the fp32 image encoder and scorer; onnxruntime only)",
         )
         sp.add_argument(
+            "--fast",
+            action="store_true",
+            help="the fast query path: --precision int8 (the int8 text encoder), and for index --layout int8 "
+            "(int8 locals read by the integer scorer); docs/galleries.md 'Layouts'",
+        )
+        sp.add_argument(
             "--url",
             default=None,
             help="with --backend triton: the server's host:port (default 127.0.0.1:8000 for http, "
@@ -309,6 +315,14 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         for flag, value in (("--threads", args.threads), ("--batch-size", getattr(args, "batch_size", 1))):
             if value is not None and value < 1:
                 raise InputError(f"{flag} must be a positive int, got {value}")
+        if getattr(args, "fast", False):
+            if args.precision not in ("fp32", "int8") or getattr(args, "layout", None) not in (None, "int8"):
+                raise InputError("--fast is --precision int8 with --layout int8: drop --fast or those flags")
+            if args.command == "index" and args.fp16_locals:
+                raise InputError("--fast stores int8 locals: drop --fp16-locals or --fast")
+            args.precision = "int8"
+            if args.command == "index" and not _in_qdrant(args):
+                args.layout = "int8"
         backend = _backend(args)
         if args.command == "index":
             if args.fp16_locals and args.layout is not None:

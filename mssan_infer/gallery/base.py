@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, Union, 
 import numpy as np
 
 from mssan_infer.errors import InputError
+from mssan_infer.gallery.storage import dequantize_into
 
 __all__ = [
     "ItemId",
@@ -32,9 +33,39 @@ __all__ = [
     "GalleryView",
     "Gallery",
     "extent",
+    "Candidates",
 ]
 
 ItemId = Union[str, int]
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The rerank inputs of ``K`` gallery items, as the scorer reads them.
+
+    Attributes:
+        local: ``[K, P, D]`` float32 locals; with ``scale``, the ``int8`` layout's codes as stored
+            (uint8, value + 128), never widened on the query path.
+        scale: ``[K, P]`` float32 per-vector scales of int8 codes, else ``None``.
+        mask: ``[K, P]`` float32, 1 for real regions/words.
+        gram: ``[K, P, P]`` Grams: float32, or float16 beside int8 codes (as stored).
+    """
+
+    local: np.ndarray
+    scale: np.ndarray | None
+    mask: np.ndarray
+    gram: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0])
+
+    def dequantized(self) -> tuple[np.ndarray, np.ndarray]:
+        """float32 locals and Grams (a copy where stored otherwise): for the all-pairs ``scorer``."""
+        local = self.local
+        if self.scale is not None:
+            local = np.empty(self.local.shape, np.float32)
+            dequantize_into(local, self.local, self.scale)
+        return np.ascontiguousarray(local, np.float32), np.ascontiguousarray(self.gram, np.float32)
 
 
 def check_id(x: Any) -> ItemId:
@@ -229,13 +260,9 @@ class GalleryView(Protocol):
         """
         ...
 
-    def gather(
-        self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Locals, masks and Grams of ``rows`` (in that order), float32, trimmed to their longest item.
-
-        Returns: ``local [K, P', D]``, ``mask [K, P']``, ``gram [K, P', P']``.
-        """
+    def gather(self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1) -> "Candidates":
+        """The rerank inputs of ``rows`` (in that order), as the layout stores them, trimmed to their
+        longest item (see :class:`Candidates`)."""
         ...
 
 

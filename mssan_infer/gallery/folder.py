@@ -38,7 +38,7 @@ from mssan_infer.files import (
 from mssan_infer.gallery.base import ItemId, check_id, check_labels
 from mssan_infer.gallery.filters import check_metadata
 from mssan_infer.gallery.memory import MemoryGallery
-from mssan_infer.gallery.storage import Layout, Stage1Codec, store_locals
+from mssan_infer.gallery.storage import Layout, Stage1Codec, int8_codes_as_stored, local_dtype, store_locals
 from mssan_infer.names import INDEX_FORMAT, INDEX_FORMAT_VERSION, INDEX_MANIFEST
 from mssan_infer.options import GalleryOptions
 
@@ -87,7 +87,7 @@ def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str
 
     shapes = {
         "stage1": ((n, gallery.stage1_dim), np.float32),
-        "local": ((n, p, gallery.local_dim), lay.local),
+        "local": ((n, p, gallery.local_dim), local_dtype(lay.local)),
         "mask": ((n, p), np.float32),
         "gram": ((n, p, p), lay.gram),
     }
@@ -214,6 +214,13 @@ def read_gallery(
     except (KeyError, TypeError, ValueError, OSError) as e:
         raise IndexFileError(f"index in {folder} is damaged or incomplete ({e!r}); rebuild it") from e
     p = lo.shape[1] if lo.ndim == 3 else -1
+    if saved.local == "int8" and lo.dtype == np.int8:  # saved before codes were stored + 128
+        log.warning(
+            "index %s stores int8 codes in the old signed form: converted in memory (not mapped); save "
+            "the index again to store them as this version reads them",
+            folder,
+        )
+        lo = int8_codes_as_stored(lo)
     if (
         not isinstance(ids, list)
         or len(ids) != n
@@ -221,7 +228,7 @@ def read_gallery(
         or lo.shape != (n, p, local_dim)
         or ma.shape != (n, p)
         or gr.shape != (n, p, p)
-        or lo.dtype.name != saved.local
+        or lo.dtype != local_dtype(saved.local)
         or gr.dtype.name != saved.gram
         or st.dtype != np.float32
         or ma.dtype != np.float32
@@ -281,7 +288,7 @@ def _convert_locals(
     n, p, d = lo.shape
     storage = g.layout.local
     mapped = g.mmap
-    new_lo = g._alloc("local", (n, p, d), storage, mapped)
+    new_lo = g._alloc("local", (n, p, d), local_dtype(storage), mapped)
     new_sc = g._alloc("scale", (n, p), np.float32, mapped) if storage == "int8" else None
     new_gr = g._alloc("gram", (n, p, p), g.layout.gram, mapped)
     step = rows_per_chunk(max(1, lo[:1].nbytes * 4))

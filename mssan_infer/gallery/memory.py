@@ -33,8 +33,8 @@ from mssan_infer.errors import InputError
 from mssan_infer.gallery.base import ItemId, check_encoded, check_id, check_labels
 from mssan_infer.gallery.base import new_ids as new_ids_checked
 from mssan_infer.gallery.filters import check_metadata
-from mssan_infer.gallery.stage1 import build_faiss, check_method
-from mssan_infer.gallery.storage import Stage1Codec, store_locals
+from mssan_infer.gallery.stage1 import build_faiss, check_method, code_searcher, scan_parts
+from mssan_infer.gallery.storage import Stage1Codec, local_dtype, store_locals
 from mssan_infer.gallery.view import ArrayView, Block, Codes
 from mssan_infer.options import GalleryOptions
 
@@ -159,7 +159,7 @@ class MemoryGallery:
         lay = self.layout
         return _Segment(
             self._alloc("stage1", (cap, self.stage1_dim), np.float32, self.mmap or lay.compressed_stage1),
-            self._alloc("local", (cap, pad, self.local_dim), lay.local, self.mmap),
+            self._alloc("local", (cap, pad, self.local_dim), local_dtype(lay.local), self.mmap),
             self._alloc("scale", (cap, pad), np.float32, self.mmap) if lay.local == "int8" else None,
             self._alloc("mask", (cap, pad), np.float32, self.mmap),
             self._alloc("gram", (cap, pad, pad), lay.gram, self.mmap),
@@ -438,8 +438,9 @@ class MemoryGallery:
                 if self._codec is not None:
                     assert codes is not None and codec is not None
                     self._codec = codec
-                    # at least two sub-indexes, so the scan runs on two threads (FAISS scans one index on one)
-                    parts = max(2, -(-n // CODE_ROWS))
+                    # one sub-index per scan thread (FAISS scans one index on one thread): never appended to,
+                    # an adopted segment's sub-indexes need not be small, and fewer cost less per search
+                    parts = scan_parts(codes.nbytes)
                     self._append_codes(seg, 0, codes, rows_per_sub=max(1, -(-n // parts)))
                     self._outliers = np.asarray(outliers if outliers is not None else np.zeros(0), np.int64)
                 self._segs.append(seg)
@@ -512,11 +513,7 @@ class MemoryGallery:
             )
 
     def _shards(self) -> Any:
-        """FAISS IndexShards over every codes sub-index (rows numbered in order; searched on threads)."""
+        """One FAISS searcher over every codes sub-index (rows numbered in order; see ``code_searcher``)."""
         assert self._codec is not None
-        faiss = self._codec.faiss
         subs = [ix for s in self._segs for ix in s.codes]
-        shards = faiss.IndexShards(self.stage1_dim, len(subs) > 1, True)
-        for ix in subs:
-            shards.add_shard(ix)
-        return Codes(shards, tuple(subs))
+        return Codes(*code_searcher(self._codec.faiss, self.stage1_dim, subs))

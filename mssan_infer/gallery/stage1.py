@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -21,11 +22,19 @@ __all__ = [
     "faiss_topk",
     "default_ivf_nlist",
     "check_method",
+    "code_searcher",
+    "scan_threads",
+    "scan_parts",
+    "MIN_SCAN_BYTES",
 ]
 
 log = logging.getLogger(__name__)
 
 STAGE1_METHODS = ("numpy", "faiss", "faiss-ivf", "faiss-hnsw")
+# a compressed scan gets a second thread only for this many bytes of codes per thread: below it,
+# dispatching the thread and merging its results costs more than it saves (docs/experiments/
+# 2026-12-06-stage1-scan.md)
+MIN_SCAN_BYTES = 4 << 20
 
 
 def check_method(method: str) -> str:
@@ -131,3 +140,63 @@ def faiss_topk(index: Any, queries: np.ndarray, k: int, n: int) -> tuple[np.ndar
         width = int((idx >= 0).sum(1).min())
         idx, scores = idx[:, :width], scores[:, :width]
     return idx.astype(np.int64), scores.astype(np.float32)
+
+
+def scan_threads() -> int:
+    """Threads a compressed stage-1 scan may use: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def scan_parts(nbytes: int, threads: int | None = None, min_bytes: int = MIN_SCAN_BYTES) -> int:
+    """Threads (and sub-index groups) for a scan of ``nbytes`` of codes: at most ``threads`` (default
+    :func:`scan_threads`), at least ``min_bytes`` each, at least one."""
+    most = int(threads) if threads is not None else scan_threads()
+    return max(1, min(most, int(nbytes) // max(1, int(min_bytes))))
+
+
+def code_searcher(
+    faiss: Any, dim: int, subs: Sequence[Any], threads: int | None = None, min_bytes: int = MIN_SCAN_BYTES
+) -> tuple[Any, tuple[Any, ...]]:
+    """One FAISS searcher over the code sub-indexes ``subs`` (rows numbered in order across them).
+
+    A FAISS index scans one query on one thread, so the sub-indexes are put, in order, into
+    :func:`scan_parts` groups of about equal rows (at most ``threads``, at least ``min_bytes`` of codes
+    each); each group is searched on a
+    thread of its own (``IndexShards``), its sub-indexes one after the other. One thread per sub-index
+    would run more threads than cores once a gallery passes a few sub-indexes.
+
+    Returns ``(searcher, keep)``: ``searcher.search(q, k)`` gives FAISS's ``(scores, rows)``; ``keep`` holds
+    the FAISS objects the searcher uses but does not own (keep it as long as the searcher).
+    """
+    subs = list(subs)
+    if len(subs) <= 1:
+        return (subs[0] if subs else faiss.IndexShards(dim, False, True)), tuple(subs)
+    sizes = np.array([int(s.ntotal) for s in subs], np.int64)
+    total = int(sizes.sum())
+    nbytes = sum(int(s.ntotal) * int(s.sa_code_size()) for s in subs)
+    groups = min(len(subs), scan_parts(nbytes, threads, min_bytes))
+    # sub-index i joins the group its middle row falls in when the rows are cut into equal shares
+    middle = np.cumsum(sizes) - sizes / 2.0
+    which = np.minimum((middle * groups / max(1, total)).astype(np.int64), groups - 1)
+    members = [[s for s, w in zip(subs, which) if w == g] for g in range(groups)]
+    members = [m for m in members if m]
+    if len(members) == 1:
+        inner = faiss.IndexShards(dim, False, True)
+        for s in members[0]:
+            inner.add_shard(s)
+        return inner, tuple(subs)
+    outer = faiss.IndexShards(dim, True, True)  # one thread per group
+    inners = []
+    for m in members:
+        if len(m) == 1:
+            outer.add_shard(m[0])
+            continue
+        inner = faiss.IndexShards(dim, False, True)  # its sub-indexes in turn, on the group's thread
+        for s in m:
+            inner.add_shard(s)
+        outer.add_shard(inner)
+        inners.append(inner)
+    return outer, (*subs, *inners)

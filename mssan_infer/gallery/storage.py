@@ -16,22 +16,25 @@ layout                    stage-1 scan    locals / Grams             final score
 
 A compressed stage 1 (``float16``, ``int8``) keeps the float32 stage-1 rows too, in a
 memory-mapped file that is read only for candidates: the scan over-fetches by the
-compressed scores, the candidates are rescored exactly from the float32 rows, and a bound on
-the quantization error (:func:`Stage1Codec.bound`) certifies that no item outside the
-candidates could have entered the top ``k`` (else the search fetches more). Stage 1 therefore
-returns the same rows and float32 scores as the exact scan (items within float32 rounding of
-the ``k``-th score may be exchanged, as between any two float32 summation orders).
+compressed scores, the candidates are rescored exactly from the float32 rows, best compressed
+score first, and a bound on the quantization error (:func:`Stage1Codec.bound`) certifies that no
+item left unrescored could enter the top ``k``: rescoring stops there, else every fetched row is
+rescored (and with ``certify`` the search fetches more). Stage 1 therefore returns the same rows and
+float32 scores as the exact scan (items within float32 rounding of the ``k``-th score may be
+exchanged, as between any two float32 summation orders).
 
 int8 stage-1 codes are ``round(x_j / sigma_j)`` with one scale per dimension ``sigma_j``
 (``max |x_j|`` of the first items added, / 127); the scan is FAISS's
 ``IndexScalarQuantizer(QT_8bit_direct_signed)`` with the query multiplied by ``sigma``, so the
-per-dimension scales cost nothing at search time. An item with a component past the scale's
+per-dimension scales cost nothing at search time, on one thread per core
+(:func:`~mssan_infer.gallery.stage1.code_searcher`). An item with a component past the scale's
 range is an *outlier*: it is kept exact and scored on every query (the scales are refitted
 when outliers pass 1/16 of the gallery).
 
 int8 locals are symmetric per vector (each region's / word's ``D`` values share one scale,
-``max |v| / 127``) and are dequantized while the candidates are gathered; their Gram matrices
-are computed from the dequantized vectors, so the scorer scores the dequantized items exactly.
+``max |v| / 127``), stored as uint8 codes + 128, and reach the scorer as stored: the ``*_int8`` query
+scorers run their big product as an integer GEMM on them. Their Gram matrices are computed from the
+dequantized vectors.
 """
 
 from __future__ import annotations
@@ -51,12 +54,16 @@ __all__ = [
     "parse_layout",
     "Stage1Codec",
     "quantize_vectors",
+    "local_dtype",
+    "int8_codes_as_stored",
+    "LOCAL_DTYPES",
     "dequantize_into",
     "store_locals",
     "F16_REL",
 ]
 
 STORAGE = ("float32", "float16", "int8")
+LOCAL_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.uint8}
 F16_REL = 2.0**-11  # float16 rounding: relative error of a normal number
 _F32_EPS = 2.0**-24
 
@@ -131,18 +138,26 @@ def parse_layout(layout: str | Layout | None, local_dtype: str | None = None) ->
 
 
 # ---- locals: int8 with one scale per vector --------------------------------------------
+def local_dtype(storage: str) -> np.dtype[Any]:
+    """The numpy dtype a locals storage keeps its values in (int8 codes are stored as uint8, + 128)."""
+    return np.dtype(LOCAL_DTYPES[storage])
+
+
 def quantize_vectors(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 codes of ``x [..., D]`` with one float32 scale per vector (``max |v| / 127``).
 
-    Returns ``(codes [..., D] int8, scale [...] float32)``; a zero vector gets scale 0 and zero codes.
-    Dequantized: ``codes * scale[..., None]``; each value is within ``scale / 2`` of ``x``.
+    Returns ``(codes [..., D] uint8, scale [...] float32)``: the codes are stored offset by 128 (the FAISS
+    convention), the form the integer GEMM of the ``*_int8`` query scorers reads (uint8 with zero point
+    128). A zero vector gets scale 0 and codes 128. Dequantized: ``(codes - 128) * scale[..., None]``;
+    each value is within ``scale / 2`` of ``x``.
     """
     x = np.asarray(x, dtype=np.float32)
     scale = (np.abs(x).max(axis=-1) / 127.0).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
     codes = np.rint(x / safe[..., None])
     np.clip(codes, -127, 127, out=codes)
-    return codes.astype(np.int8), scale
+    codes += 128.0
+    return codes.astype(np.uint8), scale
 
 
 def store_locals(
@@ -151,21 +166,28 @@ def store_locals(
     """Locals ``[N, P, D]`` and Grams ``[N, P, P]`` (float32) as ``storage`` keeps them -> ``(local, scale,
     gram)``.
 
-    ``float16``: both rounded. ``int8``: per-vector codes and scales ``[N, P]``, and the Grams of the
-    dequantized locals in float16 (the scorer then scores the dequantized item exactly).
+    ``float16``: both rounded. ``int8``: per-vector codes (uint8, + 128) and scales ``[N, P]``, and the
+    Grams of the dequantized locals in float16 (the scorer then scores the dequantized item exactly).
     """
     if storage == "float32":
         return local, None, gram
     if storage == "float16":
         return local.astype(np.float16), None, gram.astype(np.float16)
     codes, scale = quantize_vectors(local)
-    deq = codes * scale[..., None]
+    deq = np.empty(codes.shape, np.float32)
+    dequantize_into(deq, codes, scale)
     return codes, scale, np.matmul(deq, deq.transpose(0, 2, 1)).astype(np.float16)
 
 
 def dequantize_into(out: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> None:
-    """``out[...] = codes * scale[..., None]`` in one pass (float32 ``out``)."""
-    np.multiply(codes, scale[..., None], out=out)
+    """``out[...] = (codes - 128) * scale[..., None]`` (float32 ``out``, uint8 ``codes``)."""
+    np.subtract(codes, np.float32(128.0), out=out, dtype=np.float32)
+    np.multiply(out, scale[..., None], out=out)
+
+
+def int8_codes_as_stored(codes: np.ndarray) -> np.ndarray:
+    """Signed int8 codes (an index saved before codes were stored + 128) in the stored uint8 form (a copy)."""
+    return np.asarray(codes, np.int8).view(np.uint8) ^ np.uint8(0x80)
 
 
 # ---- stage 1: compressed codes searched by FAISS, rescored from float32 rows -----------------
@@ -273,6 +295,24 @@ class Stage1Codec:
         qs = q.astype(np.float64) * self.sigma
         lam = 127.0 / np.maximum(np.abs(qs).max(axis=1), 1e-30)  # [Q]
         return np.ascontiguousarray(np.rint(qs * lam[:, None]), dtype=np.float32), 1.0 / lam
+
+    def inner_products(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """``rows [n, dim] @ q [dim]`` in float32, on this thread (FAISS ``fvec_inner_products_ny``).
+
+        Rescoring reads a few hundred rows: one thread reads them faster than numpy's BLAS wakes a
+        second one, which waits for a free core when the machine is busy.
+        """
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        out = np.empty(len(rows), np.float32)
+        if len(rows):
+            if rows.shape[1] != q.shape[0]:
+                raise InputError(
+                    f"rows of width {rows.shape[1]} cannot be scored against a query of {q.shape[0]}"
+                )
+            ptr = self.faiss.swig_ptr
+            self.faiss.fvec_inner_products_ny(ptr(out), ptr(q), ptr(rows), q.shape[0], len(rows))
+        return out
 
     def bound(self, q: np.ndarray) -> np.ndarray:
         """``[Q]``: the most a compressed score can differ from the float32 one, for any stored non-outlier

@@ -12,11 +12,11 @@ import copy
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mssan_infer.gallery.base import ItemId, ItemRecord, extent
+from mssan_infer.gallery.base import Candidates, ItemId, ItemRecord, extent
 from mssan_infer.gallery.filters import Where, matches, parse_where
 from mssan_infer.gallery.stage1 import faiss_topk, topk_inner_product
 from mssan_infer.gallery.storage import Layout, Stage1Codec, dequantize_into
@@ -33,8 +33,8 @@ _MIN_ROWS_PER_PART = 16  # gathers smaller than this per thread are not split
 class Codes:
     """Compressed stage-1 codes: FAISS sub-indexes (rows numbered in order) and one searcher over them all."""
 
-    shards: Any  # faiss.IndexShards, searching the sub-indexes on threads of their own
-    subs: tuple[Any, ...]  # FAISS does not own them: they live as long as this object
+    shards: Any  # the searcher of stage1.code_searcher: groups of sub-indexes, a thread per group
+    subs: tuple[Any, ...]  # what it uses but FAISS does not own: they live as long as this object
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.shards.search(q, k)  # type: ignore[no-any-return]
@@ -47,7 +47,7 @@ class Block:
     start: int
     count: int
     stage1: np.ndarray  # [count, D2] float32
-    local: np.ndarray  # [count, P, D] float32 | float16 | int8
+    local: np.ndarray  # [count, P, D] float32 | float16 | uint8 (int8 codes + 128)
     scale: np.ndarray | None  # [count, P] float32 (int8 locals)
     mask: np.ndarray  # [count, P] float32
     gram: np.ndarray  # [count, P, P]
@@ -162,23 +162,29 @@ class ArrayView:
             return topk_inner_product(queries, self.stage1_blocks(), k)
         return self._compressed_topk(np.ascontiguousarray(queries, dtype=np.float32), k)
 
-    def _rescore(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def _rescore(
+        self,
+        q: np.ndarray,
+        rows: np.ndarray,
+        dot: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    ) -> np.ndarray:
         """float32 inner products of ``q [D2]`` with the stored float32 rows ``rows`` (sorted) ->
-        ``[len(rows)]``."""
+        ``[len(rows)]``; ``dot(rows, q)`` computes them (default: numpy's ``@``)."""
         out = np.empty(len(rows), np.float32)
         if not len(rows):
             return out
-        starts = np.array([b.start for b in self.blocks])
-        which = np.searchsorted(starts, rows, side="right") - 1
-        for bi in np.unique(which):
-            sel = np.flatnonzero(which == bi)
-            b = self.blocks[int(bi)]
-            out[sel] = np.take(b.stage1, rows[sel] - b.start, axis=0) @ q
+        # rows are sorted: each block's rows are one slice of them
+        cut = np.searchsorted(rows, [b.start for b in self.blocks] + [self.n]).tolist()
+        for bi, b in enumerate(self.blocks):
+            a, e = cut[bi], cut[bi + 1]
+            if a < e:
+                block = np.take(b.stage1, rows[a:e] - b.start if b.start else rows[a:e], axis=0)
+                out[a:e] = block @ q if dot is None else dot(block, q)
         return out
 
     def _compressed_topk(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Over-fetch by the compressed scores, rescore exactly, widen until the error bound certifies the
-        top k."""
+        """Over-fetch by the compressed scores and rescore exactly (:meth:`_rescored`); with ``certify``,
+        fetch 4x more until the error bound certifies the top k."""
         assert self.codec is not None and self.searcher is not None
         k = min(int(k), self.n)
         nq = len(q)
@@ -193,18 +199,14 @@ class ArrayView:
             raw, idx = self.searcher.search(qq[todo], fetch)  # [Q', fetch] best first
             left = []
             for j, qi in enumerate(todo):
-                found = idx[j] >= 0
-                rows = np.union1d(idx[j][found], outliers)
-                exact = self._rescore(q[qi], rows)
-                order = np.lexsort((rows, -exact))[:k]
-                out_i[qi], out_s[qi] = rows[order], exact[order]
-                complete = fetch >= self.n or int(found.sum()) < fetch
-                # no unfetched item can beat the k-th: its compressed score is at most the last fetched one's
-                if (
-                    self.certify
-                    and not complete
-                    and float(exact[order[-1]]) < float(raw[j, -1]) * factor[qi] + bound[qi]
-                ):
+                rows, approx = idx[j], raw[j]
+                if rows[-1] < 0:  # a short result ends in -1s
+                    rows, approx = rows[rows >= 0], approx[rows >= 0]
+                complete = fetch >= self.n or len(rows) < fetch
+                out_i[qi], out_s[qi], certified = self._rescored(
+                    q[qi], rows, approx * factor[qi], float(bound[qi]), k, outliers, complete
+                )
+                if self.certify and not certified:
                     left.append(qi)
             todo = np.asarray(left, np.int64)
             if len(todo):
@@ -212,34 +214,85 @@ class ArrayView:
                 log.debug("compressed stage 1: %d queries not certified, fetching %d", len(todo), fetch)
         return out_i, out_s
 
+    def _rescored(
+        self,
+        q: np.ndarray,
+        rows: np.ndarray,
+        approx: np.ndarray,
+        bound: float,
+        k: int,
+        outliers: np.ndarray,
+        complete: bool,
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The best ``k`` of the fetched ``rows`` and the ``outliers`` by float32 score, ties by row.
+
+        ``rows`` come best first by their approximate inner products ``approx``, each within ``bound`` of
+        the float32 one (outliers excepted). They are rescored in chunks (the first ``2k``, then ``k`` more
+        at a time) until the ``k``-th float32 score beats the next unrescored row's ``approx + bound``: no
+        row left, fetched or not (``complete``: none is), can then enter the top ``k``, so the result is the
+        exact scan's. Else every fetched row is rescored. Returns ``(rows [k], scores [k], certified)``.
+        """
+        m = len(rows)
+        got_r: list[np.ndarray] = []
+        got_s: list[np.ndarray] = []
+        a, cut = 0, min(m, 2 * k)
+        while True:
+            chunk = rows[a:cut]
+            if len(outliers):  # scored on every query, in the first chunk
+                chunk = np.union1d(chunk, outliers) if a == 0 else np.setdiff1d(chunk, outliers)
+            else:
+                chunk = np.sort(chunk)  # file order
+            got_r.append(chunk)
+            got_s.append(
+                self._rescore(q, chunk, self.codec.inner_products if self.codec is not None else None)
+            )
+            r = np.concatenate(got_r) if len(got_r) > 1 else got_r[0]
+            s = np.concatenate(got_s) if len(got_s) > 1 else got_s[0]
+            order = np.lexsort((r, -s))[:k]
+            full = len(order) == k
+            if cut >= m:  # every fetched row rescored: no unfetched one beats the last fetched one's score
+                certified = complete or (full and float(s[order[-1]]) >= float(approx[m - 1]) + bound)
+                return r[order], s[order], certified
+            if full and float(s[order[-1]]) > float(approx[cut]) + bound:
+                return r[order], s[order], True
+            a, cut = cut, min(m, cut + k)
+
     # ---- candidates ---------------------------------------------------------------------------
     def _locate(self, rows: np.ndarray) -> np.ndarray:
         starts = np.array([b.start for b in self.blocks], np.int64)
         return np.searchsorted(starts, rows, side="right") - 1
 
-    def gather(
-        self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Locals, masks and Grams of ``rows``, float32, trimmed to their longest item.
+    def gather(self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1) -> Candidates:
+        """The rerank inputs of ``rows``, as the layout stores them, trimmed to their longest item.
 
         Args:
             rows: gallery rows, in the order wanted.
             executor, parts: copy in ``parts`` slices, ``parts - 1`` of them on ``executor``
-                (the caller copies one). One thread's copy is bound by its memory reads; two
-                threads fetch twice as many rows at once. Memory-mapped rows are read in file order.
-        Returns: ``local [K,P',D]``, ``mask [K,P']``, ``gram [K,P',P']``. A run of consecutive rows
-        of one float32 block at its full width is returned without a copy (exhaustive search).
+                (the caller copies one). Memory-mapped rows are read in file order.
+        Returns: :class:`Candidates`: float32 locals and Grams (float16 locals are widened), or the
+        ``int8`` layout's uint8 codes, scales and float16 Grams as stored. A run of consecutive rows of
+        one float32 block at its full width is returned without a copy (exhaustive search).
         """
         rows = np.asarray(rows, dtype=np.int64)
         k = len(rows)
         which = self._locate(rows) if k else np.zeros(0, np.int64)
+        int8 = self.layout.local == "int8"
         if k and which[0] == which[-1] and rows[-1] - rows[0] == k - 1 and (np.diff(rows) == 1).all():
             b = self.blocks[int(which[0])]
             a = int(rows[0]) - b.start
             mask = b.mask[a : a + k]
             width = max(1, extent(mask))
+            mask = np.ascontiguousarray(mask[:, :width], dtype=np.float32)
+            if int8:
+                assert b.scale is not None
+                return Candidates(
+                    np.ascontiguousarray(b.local[a : a + k, :width]),
+                    np.ascontiguousarray(b.scale[a : a + k, :width]),
+                    mask,
+                    np.ascontiguousarray(b.gram[a : a + k, :width, :width]),
+                )
             local, gram = b.dequantized(a, a + k, width)
-            return local, np.ascontiguousarray(mask[:, :width], dtype=np.float32), gram
+            return Candidates(local, None, mask, gram)
         d = self.blocks[0].local.shape[2] if self.blocks else 1
         pad = self.max_length
         mask_full = np.zeros((k, max(1, pad)), np.float32)
@@ -248,8 +301,9 @@ class ArrayView:
             b = self.blocks[int(bi)]
             mask_full[sel, : b.mask.shape[1]] = np.take(b.mask, rows[sel] - b.start, axis=0)
         width = max(1, extent(mask_full))
-        local = np.empty((k, width, d), np.float32)
-        gram = np.empty((k, width, width), np.float32)
+        local = np.empty((k, width, d), np.uint8 if int8 else np.float32)
+        scale = np.empty((k, width), np.float32) if int8 else None
+        gram = np.empty((k, width, width), np.float16 if int8 else np.float32)
         single = len(self.blocks) == 1 and k > 0
         b0 = self.blocks[0] if single else None
         in_ram = b0 is not None and not any(
@@ -257,9 +311,10 @@ class ArrayView:
         )
         if in_ram:
             assert b0 is not None
-            src_local, src_gram, src_scale = b0.local, b0.gram, b0.scale
+            src_local, src_gram = b0.local, b0.gram
+            src_scale = b0.scale if b0.scale is not None else np.zeros((0, 0), np.float32)
             whole = (
-                b0.local.shape[1] == width and src_local.dtype == np.float32 and src_gram.dtype == np.float32
+                b0.local.shape[1] == width and src_local.dtype == local.dtype and src_gram.dtype == gram.dtype
             )
 
             def copy(a: int, b: int) -> None:  # a few C calls per slice, without the GIL
@@ -267,15 +322,16 @@ class ArrayView:
                 if whole:
                     np.take(src_local, r, axis=0, out=local[a:b], mode="clip")  # rows are in range
                     np.take(src_gram, r, axis=0, out=gram[a:b], mode="clip")
+                    if scale is not None:
+                        np.take(src_scale, r, axis=0, out=scale[a:b], mode="clip")
                     return
-                lo = np.take(src_local, r, axis=0, mode="clip")[:, :width]  # int8/float16: 2-4x fewer bytes
-                if src_scale is not None:
-                    sc = np.take(src_scale, r, axis=0, mode="clip")[:, :width]
-                    dequantize_into(local[a:b], lo, sc)
-                else:
-                    np.copyto(local[a:b], lo)
+                np.copyto(local[a:b], np.take(src_local, r, axis=0, mode="clip")[:, :width])
+                if scale is not None:
+                    np.copyto(scale[a:b], np.take(src_scale, r, axis=0, mode="clip")[:, :width])
                 np.copyto(gram[a:b], np.take(src_gram, r, axis=0, mode="clip")[:, :width, :width])
         else:
+            # several blocks (or memory-mapped ones): a copy per row (measured faster than a fancy-indexed
+            # take per block for rerank-sized gathers), mapped rows read in file order
             rows_l = rows.tolist()
             which_l = which.tolist()
             mapped = any(
@@ -290,12 +346,13 @@ class ArrayView:
                     r = rows_l[pos] - blk.start
                     w = min(width, blk.local.shape[1])
                     if w < width:
-                        local[pos, w:] = 0
+                        local[pos, w:] = 128 if int8 else 0  # the code of 0
                         gram[pos] = 0
-                    if blk.scale is not None:
-                        dequantize_into(local[pos, :w], blk.local[r, :w], blk.scale[r, :w])
-                    else:
-                        local[pos, :w] = blk.local[r, :w]  # casts float16 storage
+                        if scale is not None:
+                            scale[pos, w:] = 0
+                    local[pos, :w] = blk.local[r, :w]  # casts float16 storage
+                    if scale is not None and blk.scale is not None:
+                        scale[pos, :w] = blk.scale[r, :w]
                     gram[pos, :w, :w] = blk.gram[r, :w, :w]
 
         parts = max(1, min(int(parts), k // _MIN_ROWS_PER_PART)) if executor is not None else 1
@@ -307,7 +364,7 @@ class ArrayView:
             copy(bounds[0], bounds[1])
             for f in futures:
                 f.result()
-        return local, np.ascontiguousarray(mask_full[:, :width]), gram
+        return Candidates(local, scale, np.ascontiguousarray(mask_full[:, :width]), gram)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of the snapshot's arrays, split by whether they are memory-mapped (``mapped``) or in RAM."""

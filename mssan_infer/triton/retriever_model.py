@@ -69,7 +69,7 @@ from mssan_infer.gallery.folder import load_index
 from mssan_infer.images.preprocess import Preprocessing, preprocess
 from mssan_infer.qdrant.options import parse_gallery
 from mssan_infer.qdrant.places import open_qdrant_galleries
-from mssan_infer.search import Encoded, ScorerLimits, search
+from mssan_infer.search import Encoded, ScorerLimits, pairs_score_fn, search
 from mssan_infer.spec import IMAGE_ENCODER_PIXELS
 from mssan_infer.text.base import load_text_tokenizer
 
@@ -344,7 +344,9 @@ class TritonPythonModel:
         ranked = search(
             q,
             view,
-            lambda feeds: self._infer("scorer", feeds, ["s_ll"])["s_ll"],
+            pairs_score_fn(
+                lambda feeds: self._infer("scorer", feeds, ["s_ll"])["s_ll"], query_is_text=query_is_text
+            ),
             query_is_text=query_is_text,
             k=k,
             rerank=rerank,

@@ -1,0 +1,131 @@
+"""The query scorers: one query against K candidates, float32 or the int8 layout's stored codes."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import mssan_infer
+from export.graphs import QUERY_BITS, _MatMulInteger
+from export.query_scorers import export_query_scorers
+from export.validate import raise_if_failed
+from mssan_infer import GalleryOptions, InputError
+from mssan_infer.backends.base import Backend
+from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend
+from mssan_infer.spec import QUERY_SCORERS
+from training.checkpoint import load_checkpoint
+
+
+class _Product(torch.nn.Module):
+    def forward(self, codes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        return _MatMulInteger.apply(codes, query)  # type: ignore[no-any-return]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_integer_gemm_is_exact_at_the_extremes_on_this_cpu() -> None:
+    """uint8 codes (values -127..127 stored + 128) x 7-bit query codes: on AVX2 without VNNI the u8 x s8
+    kernel adds pairs of products in int16, which only a 7-bit operand keeps from saturating."""
+    qmax = 2 ** (QUERY_BITS - 1) - 1
+    d = 1024
+    a = np.array([[255] * d, [1] * d, [255, 1] * (d // 2), [128] * d], np.uint8)  # +127, -127, mixed, 0
+    b = np.stack([np.full(d, qmax), np.full(d, -qmax), np.tile([qmax, -qmax], d // 2)], 1).astype(np.int8)
+    f = io.BytesIO()
+    torch.onnx.export(
+        _Product(), (torch.from_numpy(a), torch.from_numpy(b)), f, dynamo=False, opset_version=17
+    )
+    sess = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(None, dict(zip(names, (a, b))))[0]
+    want = (a.astype(np.int64) - 128) @ b.astype(np.int64)
+    assert np.array_equal(got, want) and np.abs(want).max() == 127 * qmax * d
+
+
+def test_the_gates_compare_every_query_scorer_and_pass(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    model = load_checkpoint(tiny_checkpoint).model
+    report, paths = export_query_scorers(model, tmp_path, opset=17)
+    raise_if_failed([report])
+    assert set(paths) == set(QUERY_SCORERS)
+    assert {c.graph for c in report.outputs} == set(QUERY_SCORERS)
+    rounding = report.notes["int8_query_rounding"]
+    assert 0 < rounding["s_ll"] < 0.05 and rounding["product_bound"] > 0
+
+
+def test_a_wrong_int8_graph_fails_its_gate(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The int8 gate compares against the float32 scorer fed the same (dequantized, rounded) numbers: a
+    graph that forgets the zero point of the stored codes is caught."""
+
+    def off_by_zero_point(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int32)
+
+    monkeypatch.setattr(
+        _MatMulInteger,
+        "symbolic",
+        staticmethod(lambda g, a, b: g.op("MatMulInteger", a, b)),  # zero points dropped
+    )
+    monkeypatch.setattr(_MatMulInteger, "forward", staticmethod(off_by_zero_point))
+    report, _ = export_query_scorers(load_checkpoint(tiny_checkpoint).model, tmp_path, opset=17)
+    bad = {c.graph for c in report.outputs if not c.ok}
+    assert bad == {"scorer_t2i_int8", "scorer_i2t_int8"}
+
+
+class _Recorder(Backend):
+    name = "recorder"
+
+    def __init__(self, inner: OnnxRuntimeBackend) -> None:
+        super().__init__("cpu")
+        self.inner, self.seen = inner, []  # type: ignore[var-annotated]
+        for g in inner.graphs:
+            self._add_graph(g, inner.fixed_dims(g))
+
+    def _run(self, graph: str, feeds: Any) -> dict[str, np.ndarray]:
+        self.seen.append((graph, {k: v.dtype for k, v in feeds.items()}))
+        return self.inner._run(graph, feeds)
+
+
+@pytest.mark.parametrize("query_is_text", [True, False])
+def test_int8_candidates_reach_the_integer_scorer_as_stored_and_rank_like_float32(
+    tiny_bundle: Path, query_is_text: bool
+) -> None:
+    rng = np.random.default_rng(0)
+    regions = rng.normal(size=(40, 5, 24)).astype(np.float32)
+    captions = [f"a dog {w} the red ball" for w in ("on", "near", "under", "with", "by")] * 8
+    hits = {}
+    for layout in ("fp32", "int8"):
+        r = mssan_infer.Retriever.load(tiny_bundle, gallery=GalleryOptions(layout=layout))
+        rec = _Recorder(r.backend)  # type: ignore[arg-type]
+        r.backend = rec
+        r.add_images(regions)
+        r.add_texts(captions)
+        q = {"text": "a dog near a ball"} if query_is_text else {"image": regions[3]}
+        hits[layout] = r.search(**q, k=10, rerank=30)
+        scorers = {g for g, _ in rec.seen if g.startswith("scorer")}
+        want = f"scorer_{'t2i' if query_is_text else 'i2t'}{'_int8' if layout == 'int8' else ''}"
+        assert scorers == {want}
+        if layout == "int8":
+            dtypes = next(d for g, d in rec.seen if g == want)
+            assert dtypes[f"{'img' if query_is_text else 'txt'}_codes"] == np.uint8  # never widened
+    f32, i8 = hits["fp32"], hits["int8"]
+    assert [h.id for h in f32[:3]] == [h.id for h in i8[:3]]
+    assert max(abs(a.score - b.score) for a, b in zip(f32, i8)) < 0.05
+
+
+def test_fast_sets_the_int8_encoder_and_layout_or_refuses_a_contradiction(tiny_bundle: Path) -> None:
+    from mssan_infer import OnnxRuntimeOptions
+    from mssan_infer.options import fast_path
+
+    backend, gallery = fast_path("onnxruntime", None)
+    assert backend.precision == "int8" and gallery.resolved_layout().name == "int8"
+    with pytest.raises(InputError, match="fast=True uses the int8 layout"):
+        fast_path("onnxruntime", GalleryOptions(layout="fp16"))
+    with pytest.raises(InputError, match="int8 text encoder on ONNX Runtime"):
+        fast_path(OnnxRuntimeOptions(precision="fp16"), None)
+    with pytest.raises(InputError, match="int8 text encoder on ONNX Runtime"):
+        fast_path("tensorrt", None)

@@ -1,16 +1,21 @@
 """Section "qdrant": galleries in Qdrant Edge (in-process) beside the in-memory gallery, in one run.
 
-Latency: for each gallery size, the same items (tiled from the bundle's encoded pool, stage-1
-vectors with fresh noise) go into an in-memory gallery (float32 in RAM up to 25K images, float16
-memory-mapped above) and into Qdrant Edge shards in three modes: ``exact`` (full scan),
-``int8`` (int8 stage-1 scan, rescored) and ``hnsw`` (HNSW graph, ``ef`` 128). Text->image
-searches at rerank 100 run interleaved (:func:`timing.side_by_side`). Resident memory is measured
-in a fresh child process per gallery that opens it and runs the queries (VmRSS at the end), so
-one gallery's pages do not count for another. Stage-1 recall of the approximate modes is the
-overlap of their stage-1 top 100 with the exact one's.
+Latency: for each gallery size and direction, the same items (tiled from the bundle's encoded pool,
+stage-1 vectors with fresh noise) go into an in-memory gallery, saved and opened as an index
+(float32 in RAM up to 25K images' worth of locals, float16 memory-mapped above), and into Qdrant Edge
+shards in three modes: ``exact`` (full scan), ``int8`` (int8 stage-1 scan, rescored) and ``hnsw``
+(HNSW graph, ``ef`` 128). Text->image over ``N`` images and image->text over the ``5N`` captions of
+``N`` images (as the latency section names its i2t sizes), at rerank 100, run interleaved
+(:func:`timing.side_by_side`). When the Qdrant galleries of a size do not fit the free disk together,
+they are built, timed (each beside the in-memory gallery) and deleted in groups; ``groups`` says so.
+Resident memory is measured in a fresh child process per gallery that opens it and runs the queries
+(VmRSS at the end), so one gallery's pages do not count for another. Stage-1 recall of the
+approximate modes is the overlap of their stage-1 top 100 with the in-memory gallery's exact one.
 
 Recall (with the trained model): R@1/5/10 at rerank 100 through Qdrant Edge galleries holding the
 recall section's items, against the in-memory gallery's (ratio of R@1).
+
+The server options (multivector, binary payload, read-through cache) are in :mod:`bench.qdrant_server`.
 """
 
 from __future__ import annotations
@@ -73,16 +78,22 @@ def _fill(gallery: Any, pool: Any, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def _child_rss(bundle: Path, spec: dict[str, Any], queries: list[str], threads: int) -> float:
-    """VmRSS (MB) of a fresh process that opens the gallery and runs the queries."""
+def _child_rss(bundle: Path, spec: dict[str, Any], queries: Any, threads: int, work: Path) -> float:
+    """VmRSS (MB) of a fresh process that opens the gallery and runs the queries (captions, or an image
+    array: t2i or i2t)."""
     code = (
         "import json, sys\n"
         "from bench.qdrant import _rss_probe\n"
         "print(json.dumps(_rss_probe(json.loads(sys.argv[1]))))\n"
     )
-    arg = json.dumps({"bundle": str(bundle), "spec": spec, "queries": queries, "threads": threads})
+    args = {"bundle": str(bundle), "spec": spec, "threads": threads}
+    if isinstance(queries, np.ndarray):
+        np.save(work / "rss-queries.npy", queries)
+        args["images"] = str(work / "rss-queries.npy")
+    else:
+        args["texts"] = list(queries)
     out = subprocess.run(
-        [sys.executable, "-c", code, arg],
+        [sys.executable, "-c", code, json.dumps(args)],
         capture_output=True,
         text=True,
         check=True,
@@ -114,113 +125,193 @@ def _rss_probe(args: dict[str, Any]) -> dict[str, float]:
             gallery=QdrantEdge(spec["path"], QdrantOptions(**spec["options"])),
             verify=False,
         )
-    for q in args["queries"]:
-        r.search(text=q, k=10, rerank=100)
+    if "images" in args:
+        for img in np.load(args["images"], allow_pickle=False):
+            r.search(image=img, k=10, rerank=100)
+    else:
+        for q in args["texts"]:
+            r.search(text=q, k=10, rerank=100)
     return {"rss_mb": rss_mb()}
+
+
+_IN_RAM_VECTORS = 25000 * 36  # the in-memory comparator holds float32 in RAM up to 25K images' locals
+
+
+def _bytes_per_item(opts: dict[str, Any], stage1_dim: int, p: int, d: int) -> float:
+    """Disk bytes of one item in a Qdrant Edge gallery with ``opts``, with some slack."""
+    local = {"float32": 4, "float16": 2, "uint8": 1}[opts.get("local_dtype", "float32")]
+    gram = 4 if local == 4 else 2
+    b = 4 * stage1_dim + p * d * local + p * p * gram + 4 * p + (4 * p if local == 1 else 0)
+    if opts.get("quantization") == "int8":
+        b += stage1_dim  # the int8 copy of the stage-1 vectors
+    return 1.1 * b
+
+
+def _groups(modes_: dict[str, dict[str, Any]], need: dict[str, float], free: float) -> list[list[str]]:
+    """The Qdrant modes in as few groups as fit ``free`` bytes of disk together (each beside the in-memory
+    gallery, which is already written): one group when they all fit."""
+    groups: list[list[str]] = [[]]
+    used = 0.0
+    for mode in modes_:
+        if groups[-1] and used + need[mode] > free:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(mode)
+        used += need[mode]
+    return groups
 
 
 def run_qdrant_latency(
     bundle: Path,
-    pool: Any,
+    pools: Any,
     sizes: list[int],
-    queries: list[str],
+    queries: Any,
+    work: Path,
+    threads: int,
+    repeats: int,
+    max_seconds: float,
+    i2t_sizes: list[int] | None = None,
+) -> dict[str, Any]:
+    """Rerank 100 through the in-memory gallery and Qdrant Edge modes, per gallery size: text->image over
+    ``sizes`` images (``out["sizes"]``), image->text over the captions of ``i2t_sizes`` images (5 each, as
+    the latency section names its i2t sizes; ``out["i2t"]``).
+
+    Args:
+        pools: ``{"images": Encoded, "texts": Encoded}`` (an ``Encoded`` alone: images, t2i only).
+        queries: ``{"texts": [captions], "images": [Q, R, Dv]}`` (a list alone: captions).
+    """
+    from mssan_infer import Retriever
+
+    if not isinstance(pools, dict):
+        pools = {"images": pools}
+    if not isinstance(queries, dict):
+        queries = {"texts": queries}
+    base = Retriever.load(bundle, OnnxRuntimeOptions(threads=threads), verify=False)
+    out: dict[str, Any] = {"modes": MODES, "sizes": {}, "i2t": {}}
+    try:
+        for direction, n in [("t2i", n) for n in sizes] + [("i2t", n) for n in i2t_sizes or []]:
+            row = _one_size(base, bundle, pools, queries, direction, n, work, threads, repeats, max_seconds)
+            out["sizes" if direction == "t2i" else "i2t"][str(n)] = row
+    finally:
+        base.close()
+    return out
+
+
+def _one_size(
+    base: Any,
+    bundle: Path,
+    pools: dict[str, Any],
+    queries: dict[str, Any],
+    direction: str,
+    n: int,
     work: Path,
     threads: int,
     repeats: int,
     max_seconds: float,
 ) -> dict[str, Any]:
-    """Text->image at rerank 100: in-memory gallery vs Qdrant Edge modes, per gallery size."""
+    """One gallery size and direction of :func:`run_qdrant_latency`."""
     from mssan_infer import Retriever
     from mssan_infer.gallery.folder import save_index
     from mssan_infer.gallery.memory import MemoryGallery
-    from mssan_infer.names import IMAGES
+    from mssan_infer.names import IMAGES, TEXTS
     from mssan_infer.qdrant.options import QdrantEdge, QdrantOptions
     from mssan_infer.qdrant.places import open_qdrant_galleries
 
-    base = Retriever.load(bundle, OnnxRuntimeOptions(threads=threads), verify=False)
-    d = base.embed_size
-    out: dict[str, Any] = {"modes": MODES, "sizes": {}}
-    for n in sizes:
-        row: dict[str, Any] = {"n": n}
-        folder = work / f"qdrant-{n}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        mmap = n > 25000
-        mem = MemoryGallery(
-            2 * d,
-            d,
-            GalleryOptions(
-                layout=Layout("float32", "float16" if mmap else "float32"),
-                mmap=mmap,
-                spill_dir=folder / "spill",
-            ),
-        )
-        row["memory_layout"] = "float16 memory-mapped" if mmap else "float32 in RAM"
-        row["memory_fill_s"] = _fill(mem, pool, n)
-        save_index(folder / "index", {IMAGES: mem}, bundle_id=base.bundle_id)
-        retrievers: dict[str, Any] = {
-            "memory": Retriever(
-                base.bundle,
-                base.backend,
-                base.tokenizer,
-                mem,
-                MemoryGallery(2 * d, d),
-                SearchOptions(gather_threads=threads),
-            )
-        }
-        for mode, opts in modes(mmap).items():
+    t2i = direction == "t2i"
+    name, pool = (IMAGES, pools["images"]) if t2i else (TEXTS, pools["texts"])
+    qs = queries["texts"] if t2i else queries["images"]
+    n_items = n if t2i else 5 * n
+    d, p = base.embed_size, pool.local.shape[1]
+    row: dict[str, Any] = {"n": n, "n_items": n_items, "direction": direction, "gallery": name}
+    folder = work / f"qdrant-{direction}-{n}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    mmap = n_items * p > _IN_RAM_VECTORS
+    local = "float16" if mmap else "float32"
+    row["memory_layout"] = f"{local} memory-mapped" if mmap else "float32 in RAM"
+    mem = MemoryGallery(
+        2 * d, d, GalleryOptions(layout=Layout("float32", local), mmap=mmap, spill_dir=folder / "spill")
+    )
+    row["memory_fill_s"] = _fill(mem, pool, n_items)
+    save_index(folder / "index", {name: mem}, bundle_id=base.bundle_id)
+    del mem  # the saved index is the comparator: the spilled copy's disk is freed
+    shutil.rmtree(folder / "spill", ignore_errors=True)
+    memory = Retriever.load(
+        bundle,
+        OnnxRuntimeOptions(threads=threads),
+        index=folder / "index",
+        verify=False,
+        gallery=GalleryOptions(mmap=mmap),
+        search=SearchOptions(gather_threads=threads),
+    )
+    mem_gallery = memory._galleries[name]
+    the_modes = modes(mmap)
+    need = {m: n_items * _bytes_per_item(o, 2 * d, p, d) for m, o in the_modes.items()}
+    groups = _groups(the_modes, need, 0.85 * shutil.disk_usage(work).free - 2 * 2**30)
+    row["groups"] = groups
+    enc = base.encode_texts(qs) if t2i else base.encode_images(qs)
+    exact_rows = mem_gallery.view().topk(enc.stage1, 100)[0]
+    ids_mem = [set(x.tolist()) for x in exact_rows]  # rows of the in-memory gallery are its ids
+    state = {"i": 0}
+
+    def query() -> Any:
+        state["i"] += 1
+        return qs[state["i"] % len(qs)]
+
+    def timed(r: Any) -> Callable[[], Any]:
+        if t2i:
+            return lambda: r.search(text=query(), k=10, rerank=100)
+        return lambda: r.search(image=query(), k=10, rerank=100)
+
+    row["latency"], row["rss_mb"], row["disk_mb"] = {}, {}, {"index": _du_mb(folder / "index")}
+    for gi, group in enumerate(groups):
+        retrievers: dict[str, Any] = {"memory": memory}
+        for mode in group:
             g = open_qdrant_galleries(
-                QdrantEdge(folder / mode, QdrantOptions(**opts)), [IMAGES], 2 * d, d, base.bundle_id
-            )[IMAGES]
-            row[f"{mode}_fill_s"] = _fill(g, pool, n)
+                QdrantEdge(folder / mode, QdrantOptions(**the_modes[mode])), [name], 2 * d, d, base.bundle_id
+            )[name]
+            row[f"{mode}_fill_s"] = _fill(g, pool, n_items)
             g.flush()
+            empty = MemoryGallery(2 * d, d)
+            images, texts = (g, empty) if t2i else (empty, g)
             retrievers[mode] = Retriever(
                 base.bundle,
                 base.backend,
                 base.tokenizer,
-                g,
-                MemoryGallery(2 * d, d),
+                images,
+                texts,
                 SearchOptions(gather_threads=threads),
             )
-            log.info("qdrant %d: %s filled in %.0f s", n, mode, row[f"{mode}_fill_s"])
-        state = {"i": 0}
-
-        def query() -> str:
-            state["i"] += 1
-            return queries[state["i"] % len(queries)]
-
-        def timed(r: Any) -> Callable[[], Any]:
-            return lambda: r.search(text=query(), k=10, rerank=100)
-
-        row["latency"] = side_by_side(
-            {name: timed(r) for name, r in retrievers.items()},
-            repeats=repeats,
-            warmup=2,
-            max_seconds=max_seconds,
+            log.info("qdrant %s %d: %s filled in %.0f s", direction, n, mode, row[f"{mode}_fill_s"])
+        lat = side_by_side(
+            {k: timed(r) for k, r in retrievers.items()}, repeats=repeats, warmup=2, max_seconds=max_seconds
         )
-        enc = base.encode_texts(queries)
-        exact_rows = retrievers["memory"].images.view().topk(enc.stage1, 100)[0]
-        ids_mem = [set(x.tolist()) for x in exact_rows]  # rows of the in-memory gallery are its ids
-        for mode in ("int8", "hnsw"):
-            view = retrievers[mode].images.view()
-            ids_q = [set(view.ids_at(r)) for r in view.topk(enc.stage1, 100)[0]]
-            row[f"{mode}_stage1_recall100"] = float(
-                np.mean([len(a & b) / 100 for a, b in zip(ids_mem, ids_q)])
-            )
-        for name, r in retrievers.items():
-            if name != "memory":
-                r.images.close()
-        spec_mem = {"kind": "memory", "index": str(folder / "index"), "mmap": mmap}
-        row["rss_mb"] = {"memory": _child_rss(bundle, spec_mem, queries[:10], threads)}
-        for mode, opts in modes(mmap).items():
-            spec = {"kind": "qdrant-edge", "path": str(folder / mode), "options": opts}
-            row["rss_mb"][mode] = _child_rss(bundle, spec, queries[:10], threads)
-        row["disk_mb"] = {name: _du_mb(folder / name) for name in ("index", *MODES)}
-        out["sizes"][str(n)] = row
-        log.info("qdrant %d: %s", n, {k: v["p50_ms"] for k, v in row["latency"].items()})
-        shutil.rmtree(folder, ignore_errors=True)
-    base.close()
-    return out
+        if gi == 0:
+            row["latency"]["memory"] = lat["memory"]
+        row.setdefault("memory_latency_by_group", []).append(lat["memory"])
+        for mode in group:
+            row["latency"][mode] = lat[mode]
+            # each mode's ratio is to the in-memory gallery timed in its own group
+            row[f"{mode}_memory_p50_ms"] = lat["memory"]["p50_ms"]
+            if mode in ("int8", "hnsw"):
+                view = retrievers[mode]._galleries[name].view()
+                ids_q = [set(view.ids_at(r)) for r in view.topk(enc.stage1, 100)[0]]
+                row[f"{mode}_stage1_recall100"] = float(
+                    np.mean([len(a & b) / 100 for a, b in zip(ids_mem, ids_q)])
+                )
+            retrievers[mode]._galleries[name].close()
+            row["disk_mb"][mode] = _du_mb(folder / mode)
+        for mode in group:  # resident memory: a fresh process per gallery
+            spec = {"kind": "qdrant-edge", "path": str(folder / mode), "options": the_modes[mode]}
+            row["rss_mb"][mode] = _child_rss(bundle, spec, qs[:10], threads, work)
+            if len(groups) > 1:
+                shutil.rmtree(folder / mode, ignore_errors=True)
+    memory.close()
+    spec_mem = {"kind": "memory", "index": str(folder / "index"), "mmap": mmap}
+    row["rss_mb"]["memory"] = _child_rss(bundle, spec_mem, qs[:10], threads, work)
+    log.info("qdrant %s %d: %s", direction, n, {k: v["p50_ms"] for k, v in row["latency"].items()})
+    shutil.rmtree(folder, ignore_errors=True)
+    return row
 
 
 def _du_mb(path: Path) -> float:

@@ -36,10 +36,12 @@ QUERIES = ["a red dog", "the ball near the tree", "a man"]
 N = 40
 
 
-def _server(**options: Any) -> QdrantServer:
+def _server(cache_dir: Path | None = None, **options: Any) -> QdrantServer:
     from qdrant_client import QdrantClient
 
-    return QdrantServer(client=QdrantClient(":memory:"), options=QdrantOptions(**options))
+    return QdrantServer(
+        client=QdrantClient(":memory:"), options=QdrantOptions(**options), cache_dir=cache_dir
+    )
 
 
 def _meta(i: int) -> dict[str, Any]:
@@ -77,14 +79,18 @@ def memory(tiny_bundle: Path, data: dict[str, Any]) -> Iterator[Retriever]:
     r.close()
 
 
-@pytest.fixture(scope="module", params=["edge", "server"])
+@pytest.fixture(scope="module", params=["edge", "server", "server-cache"])
 def qdrant(
     request: pytest.FixtureRequest,
     tiny_bundle: Path,
     data: dict[str, Any],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Retriever]:
-    gallery = QdrantEdge(tmp_path_factory.mktemp("edge")) if request.param == "edge" else _server()
+    gallery = {
+        "edge": lambda: QdrantEdge(tmp_path_factory.mktemp("edge")),
+        "server": lambda: _server(),
+        "server-cache": lambda: _server(cache_dir=tmp_path_factory.mktemp("cache")),
+    }[request.param]()
     r = _filled(tiny_bundle, data, gallery=gallery)
     yield r
     r.close()
@@ -293,6 +299,17 @@ def test_gallery_strings_name_qdrant_galleries(spec: str, kind: str, options: di
     assert parse_gallery("memory") is None and parse_gallery(None) is None
 
 
+def test_a_server_gallery_string_takes_a_cache_folder_and_an_edge_one_refuses_it() -> None:
+    g = parse_gallery("qdrant:http://localhost:6333?prefix=p&cache_dir=/var/cache/mssan&local_dtype=uint8")
+    assert isinstance(g, QdrantServer) and g.cache_dir == "/var/cache/mssan" and g.prefix == "p"
+    assert g.options.local_dtype == "uint8"
+    assert parse_gallery("qdrant:http://localhost:6333").cache_dir is None  # type: ignore[union-attr]
+    with pytest.raises(InputError, match="cache_dir is for 'qdrant:URL'"):
+        parse_gallery("qdrant-edge:/g?cache_dir=/c")
+    with pytest.raises(InputError, match="needs a folder"):
+        parse_gallery("qdrant:http://h?cache_dir=")
+
+
 @pytest.mark.parametrize(
     "spec, match",
     [
@@ -420,6 +437,220 @@ def test_replacing_server_galleries_refuses_a_plain_collection_before_building(t
     assert [c.name for c in client.get_collections().collections] == ["mine_images"]
 
 
+# ---- a server's rerank inputs: binary payloads, read through a cache on the query node --------------------
+@pytest.mark.parametrize("local_dtype, layout", [("float16", "float16"), ("uint8", "int8")])
+@pytest.mark.parametrize("cached", [False, True], ids=["payload", "cache"])
+def test_a_server_gallery_stores_the_in_memory_layout_and_scores_as_it_does(
+    tiny_bundle: Path, data: dict[str, Any], tmp_path: Path, local_dtype: str, layout: str, cached: bool
+) -> None:
+    from mssan_infer import GalleryOptions, Layout
+
+    mem = _filled(tiny_bundle, data, gallery=GalleryOptions(layout=Layout("float32", layout)))
+    srv = _filled(
+        tiny_bundle, data, gallery=_server(tmp_path / "cache" if cached else None, local_dtype=local_dtype)
+    )
+    for q in QUERIES:
+        _same(srv.search(text=q, k=8, rerank=N), mem.search(text=q, k=8, rerank=N))
+    img = data["feats"][3][data["mask"][3] > 0]
+    _same(srv.search(image=img, k=6, rerank=12), mem.search(image=img, k=6, rerank=12))
+    mem.close()
+    srv.close()
+
+
+def _node(client: Any, cache: Path, bundle: Path) -> Retriever:
+    """A query node: a Retriever on the shared server ``client`` with its own cache folder ``cache``."""
+    return Retriever.load(bundle, gallery=QdrantServer(client=client, prefix="g", cache_dir=cache))
+
+
+def _fetched(r: Retriever) -> int:
+    return r.images._server.fetched + r.texts._server.fetched  # type: ignore[union-attr]
+
+
+def test_the_cache_is_filled_at_index_time_and_a_new_node_fills_its_own_from_the_server(
+    tiny_bundle: Path, data: dict[str, Any], memory: Retriever, tmp_path: Path
+) -> None:
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(":memory:")
+    indexer = _node(client, tmp_path / "a", tiny_bundle)
+    _filled_into(indexer, data)
+    for q in QUERIES:
+        _same(indexer.search(text=q, k=8, rerank=N), memory.search(text=q, k=8, rerank=N))
+    assert _fetched(indexer) == 0  # every candidate was in the cache the add filled
+    fresh = _node(client, tmp_path / "b", tiny_bundle)  # another machine: an empty cache
+    _same(fresh.search(text=QUERIES[0], k=8, rerank=N), memory.search(text=QUERIES[0], k=8, rerank=N))
+    assert _fetched(fresh) == N  # every candidate was a miss, fetched from the server once
+    _same(fresh.search(text=QUERIES[1], k=8, rerank=N), memory.search(text=QUERIES[1], k=8, rerank=N))
+    assert _fetched(fresh) == N  # and kept
+    again = _node(client, tmp_path / "b", tiny_bundle)  # its next process reads what it kept
+    _same(again.search(text=QUERIES[2], k=8, rerank=N), memory.search(text=QUERIES[2], k=8, rerank=N))
+    assert _fetched(again) == 0
+    for r in (indexer, fresh, again):
+        r.close()
+
+
+def _filled_into(r: Retriever, data: dict[str, Any]) -> None:
+    r.add_images(
+        data["feats"],
+        mask=data["mask"],
+        ids=[f"img{i}" for i in range(N)],
+        metadata=[_meta(i) for i in range(N)],
+    )
+
+
+def test_a_stale_cache_entry_is_never_used_the_server_decides(
+    tiny_bundle: Path, data: dict[str, Any], tmp_path: Path
+) -> None:
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(":memory:")
+    node = _node(client, tmp_path / "node", tiny_bundle)
+    writer = _node(client, tmp_path / "writer", tiny_bundle)  # another process, its own cache
+    _filled_into(writer, data)
+    node.search(text=QUERIES[0], k=8, rerank=N)  # the node caches every image
+    before = _fetched(node)
+    # the writer replaces img5 with other features under the same id (same point id, another content)
+    writer.remove(["img5"])
+    other = data["feats"][11][None] * 3.0
+    writer.add_images(other, mask=data["mask"][11][None], ids=["img5"], metadata=[_meta(5)])
+    truth = Retriever.load(tiny_bundle)
+    truth.add_images(
+        np.concatenate([data["feats"][:5], data["feats"][6:], other]),
+        mask=np.concatenate([data["mask"][:5], data["mask"][6:], data["mask"][11][None]]),
+        ids=[f"img{i}" for i in range(N) if i != 5] + ["img5"],
+    )
+    for q in QUERIES:
+        got = {h.id: h.score for h in node.search(text=q, k=N, rerank=N)}
+        want = {h.id: h.score for h in truth.search(text=q, k=N, rerank=N)}
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=1e-5)
+    assert _fetched(node) == before + 1  # only the replaced item was fetched again
+    for r in (node, writer, truth):
+        r.close()
+
+
+def test_a_node_sharing_the_cache_folder_reads_what_another_wrote_without_asking_the_server(
+    tiny_bundle: Path, data: dict[str, Any], memory: Retriever, tmp_path: Path
+) -> None:
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(":memory:")
+    reader = _node(client, tmp_path / "shared", tiny_bundle)  # opened before anything was written
+    writer = _node(client, tmp_path / "shared", tiny_bundle)
+    _filled_into(writer, data)
+    _same(reader.search(text=QUERIES[0], k=8, rerank=N), memory.search(text=QUERIES[0], k=8, rerank=N))
+    assert _fetched(reader) == 0  # the writer's segments were picked up on the miss
+    reader.close()
+    writer.close()
+
+
+def test_a_damaged_cache_segment_is_skipped_and_its_items_fetched_again(
+    tiny_bundle: Path, data: dict[str, Any], memory: Retriever, tmp_path: Path
+) -> None:
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(":memory:")
+    writer = _node(client, tmp_path / "cache", tiny_bundle)
+    _filled_into(writer, data)
+    writer.close()
+    for f in (tmp_path / "cache").glob("g_images_*/seg-*/local.npy"):
+        f.write_bytes(f.read_bytes()[:100])  # truncated
+    r = _node(client, tmp_path / "cache", tiny_bundle)
+    _same(r.search(text=QUERIES[0], k=8, rerank=N), memory.search(text=QUERIES[0], k=8, rerank=N))
+    assert _fetched(r) == N
+    _same(r.search(text=QUERIES[1], k=8, rerank=N), memory.search(text=QUERIES[1], k=8, rerank=N))
+    assert _fetched(r) == N  # the refetched items were kept in a new segment
+    r.close()
+
+
+_CACHE_WRITER = """
+import sys
+import numpy as np
+from qdrant_client import QdrantClient
+from mssan_infer import Retriever
+from mssan_infer.qdrant.options import QdrantServer
+feats = np.load(sys.argv[3])
+client = QdrantClient(path=sys.argv[1])
+r = Retriever.load(sys.argv[4], gallery=QdrantServer(client=client, prefix="g", cache_dir=sys.argv[2]))
+r.add_images(feats, ids=[f"p{i}" for i in range(len(feats))])
+r.close()
+client.close()
+"""
+
+
+def test_a_cache_another_process_filled_serves_this_one_and_a_damaged_segment_is_refetched(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from qdrant_client import QdrantClient
+
+    from mssan_infer.qdrant.server_locals import LocalsCache
+
+    feats = np.abs(np.random.default_rng(3).standard_normal((12, 5, DV))).astype(np.float32)
+    np.save(tmp_path / "feats.npy", feats)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CACHE_WRITER,
+            str(tmp_path / "db"),
+            str(tmp_path / "cache"),
+            str(tmp_path / "feats.npy"),
+            str(tiny_bundle),
+        ],
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    truth = Retriever.load(tiny_bundle)
+    truth.add_images(feats, ids=[f"p{i}" for i in range(12)])
+    client = QdrantClient(path=str(tmp_path / "db"))
+    r = _node(client, tmp_path / "cache", tiny_bundle)
+    _same(r.search(text="a red dog", k=12, rerank=12), truth.search(text="a red dog", k=12, rerank=12))
+    assert _fetched(r) == 0  # all from the other process's cache
+    r.close()
+    # a segment whose keys cannot be read is ignored: its items come from the server again
+    (folder,) = [
+        p
+        for p in (tmp_path / "cache").iterdir()
+        if p.name.endswith(tuple("0123456789abcdef")) and "images" in p.name
+    ]
+    for seg in folder.glob("seg-*"):
+        (seg / "keys.json").write_text("not json")
+    assert len(LocalsCache(folder, DV)) == 0
+    r = _node(client, tmp_path / "cache", tiny_bundle)
+    _same(r.search(text="a red dog", k=12, rerank=12), truth.search(text="a red dog", k=12, rerank=12))
+    assert _fetched(r) == 12
+    r.close()
+    truth.close()
+    client.close()
+
+
+def test_a_candidate_removed_during_a_search_is_a_clear_error_and_stage1_skips_the_payload(
+    tiny_bundle: Path, data: dict[str, Any], tmp_path: Path
+) -> None:
+    from qdrant_client import QdrantClient
+
+    from mssan_infer.qdrant.server_locals import HASH, PAYLOAD
+
+    client = QdrantClient(":memory:")
+    writer = _node(client, tmp_path / "w", tiny_bundle)
+    _filled_into(writer, data)
+    node = _node(client, tmp_path / "n", tiny_bundle)
+    g = node.images
+    res = g._store.query(np.ones(g.stage1_dim, np.float32), 3, [], with_locals=False)  # type: ignore[union-attr]
+    assert all(PAYLOAD not in pl and HASH in pl for _, _, pl, _ in res)  # ids, scores, small payloads only
+    view = g.view()
+    rows, _ = view.topk(np.ones((1, g.stage1_dim), np.float32), 5)
+    writer.remove([view.ids_at(rows[0][:1])[0]])
+    with pytest.raises(IndexFileError, match="removed .* while this search ran; search again"):
+        view.gather(rows[0])
+    node.close()
+    writer.close()
+
+
 _WRITER = """
 import sys
 import numpy as np
@@ -498,7 +729,7 @@ def test_a_process_killed_between_the_locals_and_the_points_leaves_the_batch_inv
         )
         view = g.view()
         rows, _ = view.topk(np.ones((1, 8), np.float32), 7)
-        got = dict(zip(view.ids_at(rows[0]), view.gather(rows[0])[0]))
+        got = dict(zip(view.ids_at(rows[0]), view.gather(rows[0]).local))
         np.testing.assert_array_equal(got["c1"], local[1])  # the new batch reads its own rows
     finally:
         g.close()

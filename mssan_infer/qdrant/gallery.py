@@ -6,19 +6,16 @@ One point per item, in the bundle's layout:
   rescoring from the original vectors;
 - the rerank inputs (locals, mask, Gram): on a Qdrant Edge shard, memory-mapped segments beside it
   (:mod:`mssan_infer.qdrant.locals`, in the in-memory gallery's storage formats; ``mssan_loc`` in the
-  payload addresses the item's row), read as arrays; on a server, the locals as a multivector ``local``
-  (only the real regions/words, no HNSW graph on it, float32, float16 or uint8 with a per-vector scale
-  in the payload), the server staying the one source of truth;
+  payload addresses the item's row), read as arrays; on a server, a binary payload ``mssan_lb`` in
+  the same storage formats, with its content hash ``mssan_lh``, read through an optional cache on the
+  query node (:mod:`mssan_infer.qdrant.server_locals`), the server staying the one source of truth;
 - payload: ``mssan_id`` (the item id, str or int), ``mssan_seq`` (insertion order, which breaks
-  score ties as the in-memory gallery's rows do), ``mssan_scale`` (a server's uint8 locals),
-  ``mssan_loc`` (Edge),
+  score ties as the in-memory gallery's rows do), ``mssan_loc`` (Edge),
   ``mssan_text`` (a caption's text) and ``mssan_source`` (an image's source path) when the item has
   them, and the user's metadata (filterable with ``where=``; its keys never start with ``mssan_``).
 
 The point id is a UUID derived from the item id, so any process can find, test or remove an item
-without a lookup table. On a server the Gram matrices are recomputed from the fetched locals at
-rerank time (``local @ local.T`` over the candidates); an Edge gallery stores them beside the locals.
-The bundle id, dims and layout are
+without a lookup table. The bundle id, dims and layout are
 recorded with the gallery (a ``mssan_gallery.json`` beside an Edge shard; the collection's metadata
 on a server), and a gallery built with another bundle or layout is refused.
 
@@ -36,12 +33,20 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mssan_infer.errors import IndexFileError, InputError
-from mssan_infer.gallery.base import ItemId, ItemRecord, check_encoded, check_id, check_labels, new_ids
+from mssan_infer.errors import InputError
+from mssan_infer.gallery.base import (
+    Candidates,
+    ItemId,
+    ItemRecord,
+    check_encoded,
+    check_id,
+    check_labels,
+    new_ids,
+)
 from mssan_infer.gallery.filters import RESERVED_PREFIX, Where, check_metadata, parse_where
 from mssan_infer.qdrant.locals import STORAGE_OF, SidecarLocals
 from mssan_infer.qdrant.options import QdrantOptions
-from mssan_infer.qdrant.stores import EdgeStore, Store
+from mssan_infer.qdrant.stores import ClientStore, EdgeStore, Store
 
 __all__ = [
     "QdrantGallery",
@@ -54,7 +59,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _NAMESPACE = uuid.UUID("5b2c2f5e-6a4e-4f3c-9a43-3c1f0b7de1a1")  # point ids of mssan items
-_ID, _SEQ, _SCALE = "mssan_id", "mssan_seq", "mssan_scale"
+_ID, _SEQ = "mssan_id", "mssan_seq"
 _TEXT, _SOURCE = "mssan_text", "mssan_source"
 _LOC = "mssan_loc"  # Edge: [segment, row] of the item's rerank inputs beside the shard
 _BATCH = 256  # points per upsert / retrieve request
@@ -81,7 +86,8 @@ class QdrantGallery:
     def __init__(self, store: Store, stage1_dim: int, local_dim: int, options: QdrantOptions) -> None:
         self._store = store
         self.stage1_dim, self.local_dim, self.options = int(stage1_dim), int(local_dim), options
-        # Edge: the rerank inputs are arrays beside the shard; a server keeps them as multivectors
+        # Edge: the rerank inputs are arrays beside the shard; a server keeps them as payload
+        self._server = store.locals if isinstance(store, ClientStore) else None
         self._sidecar = (
             SidecarLocals(store.path, local_dim, STORAGE_OF[options.local_dtype])
             if isinstance(store, EdgeStore)
@@ -128,26 +134,6 @@ class QdrantGallery:
             found |= self._store.present(pids[a : a + _BATCH])
         return [i for i, p in zip(ids, pids) if p in found]
 
-    def _encode_local(self, local: np.ndarray) -> tuple[Any, list[float] | None]:
-        """One item's real locals ``[P, D]`` in the storage dtype (and per-vector scales for uint8)."""
-        if self.options.local_dtype != "uint8":
-            return local.astype(np.float32), None
-        scale = np.maximum(np.abs(local).max(1), 1e-12).astype(np.float32)  # [P]
-        q = np.rint(local / scale[:, None] * 127.0) + 128.0
-        return np.clip(q, 0, 255).astype(np.float32), scale.tolist()
-
-    def decode_local(self, stored: Any, payload: Mapping[str, Any]) -> np.ndarray:
-        """Locals ``[P, D]`` float32 from what Qdrant returns."""
-        arr = np.asarray(stored, dtype=np.float32).reshape(-1, self.local_dim)
-        if self.options.local_dtype == "uint8":
-            scale = np.asarray(payload.get(_SCALE, []), np.float32)
-            if scale.shape != (arr.shape[0],):
-                raise IndexFileError(
-                    f"{self.where}: a point's uint8 locals have no matching scales; rebuild it"
-                )
-            arr = (arr - 128.0) * (scale[:, None] / 127.0)
-        return arr
-
     def add(
         self,
         stage1: np.ndarray,
@@ -175,22 +161,21 @@ class QdrantGallery:
             new = self.next_ids(n) if ids is None else new_ids(ids, n, self._present_ids)
             # Edge: the rerank inputs are durable beside the shard before any point refers to them
             seg = self._sidecar.write(local, mask, gram) if self._sidecar is not None else -1
+            pids = [point_id(i) for i in new]
+            server = self._server.encode(pids, local, mask, gram) if self._server is not None else None
             points = []
             for j in range(n):
                 self._seq += 1
                 payload: dict[str, Any] = {**(meta[j] or {}), _ID: new[j], _SEQ: self._seq}
-                stored: Any = None
-                if self._sidecar is not None:
-                    payload[_LOC] = [seg, j]
+                if server is not None:
+                    payload.update(server[j])
                 else:
-                    stored, scale = self._encode_local(local[j][mask[j] > 0])  # [P_j, D]
-                    if scale is not None:
-                        payload[_SCALE] = scale
+                    payload[_LOC] = [seg, j]
                 if text[j] is not None:
                     payload[_TEXT] = text[j]
                 if source[j] is not None:
                     payload[_SOURCE] = source[j]
-                points.append((point_id(new[j]), stage1[j], stored, payload))
+                points.append((pids[j], stage1[j], None, payload))
             for a in range(0, n, _BATCH):
                 part = points[a : a + _BATCH]
                 self._store.upsert(part)
@@ -263,7 +248,8 @@ class QdrantView:
         conditions = parse_where(where)
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(int(k), max(self._n, 1))
-        with_locals = self._g._sidecar is None  # Edge reads them from the arrays beside the shard
+        # in the stage-1 response only from a server without a cache on this node
+        with_locals = self._g._server is not None and self._g._server.cache is None
         found = [
             self._g._store.query(q[i], k, conditions, with_locals=with_locals) for i in range(q.shape[0])
         ]
@@ -283,20 +269,12 @@ class QdrantView:
             rows[i], scores[i] = r[order], s[order]
         return rows, scores
 
-    def gather(
-        self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def gather(self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1) -> Candidates:
         if self._g._sidecar is not None:
             return self._g._sidecar.gather([self._items[int(r)][1].get(_LOC) for r in rows])
-        items = [self._g.decode_local(self._items[int(r)][2], self._items[int(r)][1]) for r in rows]
-        width = max([1] + [x.shape[0] for x in items])
-        local = np.zeros((len(items), width, self._g.local_dim), np.float32)
-        mask = np.zeros((len(items), width), np.float32)
-        for j, x in enumerate(items):
-            local[j, : x.shape[0]] = x
-            mask[j, : x.shape[0]] = 1.0
-        gram = np.matmul(local, local.transpose(0, 2, 1))  # [K, P, P]
-        return local, mask, gram
+        assert self._g._server is not None
+        items = [self._items[int(r)] for r in rows]
+        return self._g._server.gather([(point_id(i), pl) for i, pl, _ in items])
 
 
 def copy_gallery(src: QdrantGallery, dst: QdrantGallery, batch: int = _BATCH) -> int:
@@ -319,14 +297,12 @@ def copy_gallery(src: QdrantGallery, dst: QdrantGallery, batch: int = _BATCH) ->
         stage1 = np.stack([np.asarray(s1, np.float32) for s1, _, _ in records])
         payloads = [pl for _, _, pl in records]
         if src._sidecar is not None:
-            local, mask, _ = src._sidecar.gather([pl.get(_LOC) for pl in payloads])
+            got = src._sidecar.gather([pl.get(_LOC) for pl in payloads])
+            local, mask = got.dequantized()[0], got.mask
         else:
-            locals_ = [src.decode_local(lo, pl) for _, lo, pl in records]
-            width = max(x.shape[0] for x in locals_)
-            local = np.zeros((len(part), width, src.local_dim), np.float32)
-            mask = np.zeros((len(part), width), np.float32)
-            for j, x in enumerate(locals_):
-                local[j, : x.shape[0]], mask[j, : x.shape[0]] = x, 1.0
+            assert src._server is not None
+            got = src._server.gather([(point_id(i), pl) for i, pl in zip(part, payloads)])
+            local, mask = got.dequantized()[0], got.mask
         gram = np.matmul(local, local.transpose(0, 2, 1))
         dst.add(
             stage1,

@@ -26,14 +26,27 @@ import numpy as np
 
 from mssan_infer.errors import IndexFileError
 from mssan_infer.files import fsync_dir, write_npy
-from mssan_infer.gallery.storage import dequantize_into, store_locals
+from mssan_infer.gallery.base import Candidates
+from mssan_infer.gallery.storage import int8_codes_as_stored, store_locals
 
-__all__ = ["SidecarLocals", "FOLDER", "STORAGE_OF"]
+__all__ = ["SidecarLocals", "FOLDER", "STORAGE_OF", "write_arrays"]
 
 FOLDER = "mssan_locals"
 # QdrantOptions.local_dtype -> the in-memory gallery's storage of locals
 STORAGE_OF = {"float32": "float32", "float16": "float16", "uint8": "int8"}
 _SEG = re.compile(r"seg-(\d{8})")
+
+
+def write_arrays(
+    folder: Path, local: np.ndarray, scale: np.ndarray | None, mask: np.ndarray, gram: np.ndarray
+) -> None:
+    """A segment's rerank inputs as ``local.npy`` (stored dtype), ``scale.npy`` (int8 only), ``mask.npy``
+    and ``gram.npy`` in ``folder`` (each written and fsync'd; the caller syncs the folder)."""
+    write_npy(folder / "local.npy", local)
+    if scale is not None:
+        write_npy(folder / "scale.npy", scale)
+    write_npy(folder / "mask.npy", np.ascontiguousarray(mask, dtype=np.float32))
+    write_npy(folder / "gram.npy", gram)
 
 
 class SidecarLocals:
@@ -67,11 +80,7 @@ class SidecarLocals:
         tmp = self.folder / f".seg-{seg:08d}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            write_npy(tmp / "local.npy", stored)
-            if scale is not None:
-                write_npy(tmp / "scale.npy", scale)
-            write_npy(tmp / "mask.npy", np.ascontiguousarray(mask, dtype=np.float32))
-            write_npy(tmp / "gram.npy", grams)
+            write_arrays(tmp, stored, scale, mask, grams)
             fsync_dir(tmp)
             os.replace(tmp, self.folder / f"seg-{seg:08d}")
             fsync_dir(self.folder)
@@ -91,7 +100,10 @@ class SidecarLocals:
                         return np.asarray(np.load(d / name, mmap_mode="r", allow_pickle=False))
 
                     scale = load("scale.npy") if self.storage == "int8" else None
-                    self._open[seg] = (load("local.npy"), scale, load("mask.npy"), load("gram.npy"))
+                    local = load("local.npy")
+                    if local.dtype == np.int8:  # written before int8 codes were stored + 128
+                        local = int8_codes_as_stored(local)
+                    self._open[seg] = (local, scale, load("mask.npy"), load("gram.npy"))
                 except (OSError, ValueError) as e:
                     raise IndexFileError(
                         f"the locals of segment {seg} beside the Qdrant Edge shard are missing or damaged "
@@ -99,9 +111,9 @@ class SidecarLocals:
                     ) from e
             return self._open[seg]
 
-    def gather(self, locs: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(local [K, W, D], mask [K, W], gram [K, W, W])`` float32 of the rows ``locs`` (``[segment, row]``
-        each), ``W`` the longest item among them: one fancy-indexed copy per segment and array."""
+    def gather(self, locs: Sequence[Any]) -> Candidates:
+        """The rerank inputs of the rows ``locs`` (``[segment, row]`` each) as stored (float16 locals
+        widened), trimmed to the longest item among them: one fancy-indexed copy per segment and array."""
         by_seg: dict[int, list[tuple[int, int]]] = {}  # segment -> [(position in the output, row)]
         for at, loc in enumerate(locs):
             try:
@@ -126,19 +138,22 @@ class SidecarLocals:
             parts.append((pos, rows, local, scale, m[:, :w], gram, w))
         width = max([1] + [w for *_, w in parts])
         k, d = len(locs), self.local_dim
-        out_local = np.zeros((k, width, d), np.float32)
+        int8 = self.storage == "int8"
+        out_local = np.full((k, width, d), 128 if int8 else 0, np.uint8 if int8 else np.float32)
+        out_scale = np.zeros((k, width), np.float32) if int8 else None
         out_mask = np.zeros((k, width), np.float32)
-        out_gram = np.zeros((k, width, width), np.float32)
+        out_gram = np.zeros((k, width, width), np.float16 if int8 else np.float32)
         for pos, rows, local, scale, m, gram, w in parts:
-            if scale is not None:
-                block = np.empty((len(rows), w, d), np.float32)
-                dequantize_into(block, local[rows, :w], scale[rows, :w])
-                out_local[pos, :w] = block
+            if len(parts) == 1 and w == width and np.array_equal(pos, np.arange(k)):
+                out_local = np.ascontiguousarray(local[rows, :w], out_local.dtype)
+                out_gram = np.ascontiguousarray(gram[rows, :w, :w], out_gram.dtype)
             else:
                 out_local[pos, :w] = local[rows, :w]
+                out_gram[pos, :w, :w] = gram[rows, :w, :w]
+            if out_scale is not None and scale is not None:
+                out_scale[pos, :w] = scale[rows, :w]
             out_mask[pos, :w] = m
-            out_gram[pos, :w, :w] = gram[rows, :w, :w]
-        return out_local, out_mask, out_gram
+        return Candidates(out_local, out_scale, out_mask, out_gram)
 
     def close(self) -> None:
         with self._lock:

@@ -28,8 +28,8 @@ class QdrantOptions:
         oversampling: candidates rescored per result with ``quantization``.
         hnsw_m, hnsw_ef: HNSW graph degree and search breadth (``exact=False``).
         local_dtype: storage of the locals: ``"float32"`` (exact), ``"float16"`` or ``"uint8"`` (8 bits with a
-            scale per vector: on an Edge shard, the in-memory ``int8`` layout's codes and scales beside it;
-            on a server, uint8 multivectors).
+            scale per vector: the in-memory ``int8`` layout's codes and scales, beside an Edge shard or in
+            a server's payload).
     """
 
     exact: bool = True
@@ -76,6 +76,13 @@ class QdrantServer:
     Give ``url`` (e.g. ``"http://localhost:6333"``), or ``client``: any ``qdrant_client.QdrantClient``
     (its local mode ``QdrantClient(":memory:")`` or ``QdrantClient(path=...)`` included). ``create``: as
     in :class:`QdrantEdge`.
+
+    The server keeps each item's rerank inputs as a binary payload (it stays the one source of truth).
+    ``cache_dir``: a folder on this machine for a read-through cache of them (one subfolder per
+    collection; any number of processes may share it; it may be deleted at any time). A search then
+    fetches only ids, scores and small payloads, reads the candidates' rerank inputs from the cache, and
+    fetches from the server only those it lacks or holds with another content hash. ``None``: no cache; the
+    rerank inputs travel with every search's stage-1 response. See :mod:`mssan_infer.qdrant.server_locals`.
     """
 
     url: str | None = None
@@ -85,6 +92,7 @@ class QdrantServer:
     prefer_grpc: bool = False
     options: QdrantOptions = field(default_factory=QdrantOptions)
     create: bool = True
+    cache_dir: str | os.PathLike[str] | None = None
 
 
 GallerySpec = Union[None, str, QdrantEdge, QdrantServer]
@@ -106,9 +114,11 @@ def parse_gallery(spec: GallerySpec, *, name: str = "gallery") -> QdrantEdge | Q
 
     ``None`` or ``"memory"``: in this process (``None`` is returned). ``"qdrant-edge:PATH"``: Qdrant
     Edge shards under ``PATH``. ``"qdrant:URL"`` (e.g. ``"qdrant:http://localhost:6333"``): collections
-    on a Qdrant server. Both take options after ``?``: ``prefix`` (server collections, default
-    ``mssan``), ``exact``, ``quantization``, ``oversampling``, ``hnsw_m``, ``hnsw_ef``, ``local_dtype``,
-    e.g. ``"qdrant-edge:/data/g?quantization=int8&local_dtype=float16"``.
+    on a Qdrant server. Both take options after ``?``: ``prefix`` and ``cache_dir`` (server only: the
+    collections' prefix, default ``mssan``, and :class:`QdrantServer`'s read-through cache folder),
+    ``exact``, ``quantization``, ``oversampling``, ``hnsw_m``, ``hnsw_ef``, ``local_dtype``,
+    e.g. ``"qdrant-edge:/data/g?quantization=int8&local_dtype=float16"``,
+    ``"qdrant:http://qdrant:6333?prefix=photos&cache_dir=/var/cache/mssan"``.
 
     Args:
         name: what messages call the spec (the CLI passes ``"--gallery"``).
@@ -135,9 +145,17 @@ def parse_gallery(spec: GallerySpec, *, name: str = "gallery") -> QdrantEdge | Q
         )
     raw = dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
     prefix = raw.pop("prefix", "mssan")
+    cache_dir = raw.pop("cache_dir", None)
+    if kind == "qdrant-edge" and cache_dir is not None:
+        raise InputError(
+            f"{name} {spec!r}: cache_dir is for 'qdrant:URL' galleries (an Edge shard's rerank inputs are "
+            "already files on this machine); remove it"
+        )
+    if cache_dir == "":
+        raise InputError(f"{name} {spec!r}: option cache_dir= needs a folder path")
     unknown = sorted(set(raw) - set(_OPTION_VALUES))
     if unknown:
-        known = ", ".join(("prefix", *_OPTION_VALUES))
+        known = ", ".join(("prefix", *_OPTION_VALUES, "cache_dir"))
         raise InputError(f"{name} {spec!r}: unknown option {unknown[0]!r}; the options are {known}")
     opts: dict[str, Any] = {}
     for key, value in raw.items():
@@ -162,4 +180,4 @@ def parse_gallery(spec: GallerySpec, *, name: str = "gallery") -> QdrantEdge | Q
     options = QdrantOptions(**opts)
     if kind == "qdrant-edge":
         return QdrantEdge(target, options)
-    return QdrantServer(url=target, prefix=prefix, options=options)
+    return QdrantServer(url=target, prefix=prefix, options=options, cache_dir=cache_dir)

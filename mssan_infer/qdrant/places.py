@@ -17,6 +17,7 @@ from mssan_infer.files import recover_swap, swap_in
 from mssan_infer.qdrant.gallery import QdrantGallery
 from mssan_infer.qdrant.locals import FOLDER
 from mssan_infer.qdrant.options import QdrantEdge, QdrantServer
+from mssan_infer.qdrant.server_locals import PAYLOAD
 from mssan_infer.qdrant.stores import META_FILE, ClientStore, EdgeStore, Store, import_client
 
 __all__ = ["open_qdrant_galleries", "missing_qdrant_galleries", "replacing_qdrant_galleries"]
@@ -155,10 +156,9 @@ def _open_one(
         "gallery": name,
         "stage1_dim": stage1_dim,
         "local_dim": local_dim,
-        # Edge keeps the rerank inputs beside the shard: a shard that kept them as multivectors is refused
-        "layout": {**opts.layout(), "rerank_inputs": FOLDER}
-        if isinstance(spec, QdrantEdge)
-        else opts.layout(),
+        # where the rerank inputs are: beside an Edge shard, a payload on a server (galleries that kept
+        # them as multivectors are refused)
+        "layout": {**opts.layout(), "rerank_inputs": FOLDER if isinstance(spec, QdrantEdge) else PAYLOAD},
     }
     store: Store
     if isinstance(spec, QdrantEdge):
@@ -197,8 +197,11 @@ def _open_one(
                 f"Qdrant collection {alias!r} exists but is not an mssan gallery; choose another prefix"
             )
         _check_meta(meta, want, f"Qdrant collection {alias!r}")
+    # the cache is the collection's (a replace starts a new one, filled as the new collection was built)
+    cache = Path(spec.cache_dir) / target if spec.cache_dir is not None else None
     # the alias, not the collection: it follows a replace
-    return QdrantGallery(ClientStore(client, alias, stage1_dim, local_dim, opts), stage1_dim, local_dim, opts)
+    store = ClientStore(client, alias, stage1_dim, local_dim, opts, cache=cache)
+    return QdrantGallery(store, stage1_dim, local_dim, opts)
 
 
 def _collections(client: Any) -> list[str]:

@@ -20,6 +20,8 @@ from mssan_infer.deps import optional_import
 from mssan_infer.errors import IndexFileError
 from mssan_infer.files import read_versioned_json
 from mssan_infer.gallery.filters import Condition
+from mssan_infer.qdrant.locals import STORAGE_OF
+from mssan_infer.qdrant.server_locals import HASH, PAYLOAD, ServerLocals
 
 if TYPE_CHECKING:
     from mssan_infer.qdrant.options import QdrantOptions
@@ -175,10 +177,20 @@ class EdgeStore:
 
 
 class ClientStore:
-    """One collection through ``qdrant_client`` (a server, a cluster, or the client's local mode)."""
+    """One collection through ``qdrant_client`` (a server, a cluster, or the client's local mode).
+
+    The rerank inputs are a binary payload on each point, read through ``locals``
+    (:mod:`mssan_infer.qdrant.server_locals`; with ``cache``, a read-through cache in that folder).
+    """
 
     def __init__(
-        self, client: Any, collection: str, stage1_dim: int, local_dim: int, opts: QdrantOptions
+        self,
+        client: Any,
+        collection: str,
+        stage1_dim: int,
+        local_dim: int,
+        opts: QdrantOptions,
+        cache: Path | None = None,
     ) -> None:
         import_client("qdrant_client", "qdrant-client")
         from qdrant_client import models
@@ -186,6 +198,10 @@ class ClientStore:
         self.m, self.client, self.collection, self.opts = models, client, collection, opts
         self.where = f"Qdrant collection {collection!r}"
         self._stage1_dim, self._local_dim = stage1_dim, local_dim
+        self._without_locals = models.PayloadSelectorExclude(exclude=[PAYLOAD])
+        self.locals = ServerLocals(
+            STORAGE_OF[opts.local_dtype], local_dim, cache, self.fetch_locals, where=self.where
+        )
 
     def create(self, meta: dict[str, Any]) -> None:
         m, opts = self.m, self.opts
@@ -194,7 +210,6 @@ class ClientStore:
             quant = m.ScalarQuantization(
                 scalar=m.ScalarQuantizationConfig(type=m.ScalarType.INT8, quantile=0.99)
             )
-        dtype = {"float32": m.Datatype.FLOAT32, "float16": m.Datatype.FLOAT16, "uint8": m.Datatype.UINT8}
         self.client.create_collection(
             self.collection,
             vectors_config={
@@ -204,15 +219,8 @@ class ClientStore:
                     quantization_config=quant,
                     hnsw_config=m.HnswConfigDiff(m=opts.hnsw_m),
                 ),
-                "local": m.VectorParams(
-                    size=self._local_dim,
-                    distance=m.Distance.DOT,
-                    datatype=dtype[opts.local_dtype],
-                    on_disk=True,
-                    multivector_config=m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM),
-                    hnsw_config=m.HnswConfigDiff(m=0),
-                ),
             },
+            on_disk_payload=True,  # the rerank inputs are payload: on disk, not in the server's RAM
             metadata=meta,
         )
 
@@ -239,10 +247,8 @@ class ClientStore:
             self.collection,
             wait=True,
             points=[
-                m.PointStruct(
-                    id=pid, vector={"stage1": s1.tolist(), "local": np.asarray(lo).tolist()}, payload=payload
-                )
-                for pid, s1, lo, payload in points
+                m.PointStruct(id=pid, vector={"stage1": np.asarray(s1).tolist()}, payload=payload)
+                for pid, s1, _, payload in points
             ],
         )
 
@@ -273,33 +279,43 @@ class ClientStore:
                 limit=limit,
                 query_filter=self._filter(conditions),
                 search_params=params,
-                with_payload=True,
-                with_vectors=["local"] if with_locals else False,
+                # with_locals: the rerank inputs come in the same response (no cache on this node)
+                with_payload=True if with_locals else self._without_locals,
+                with_vectors=False,
             )
-        return [
-            (
-                str(p.id),
-                float(p.score),
-                p.payload or {},
-                (p.vector or {}).get("local") if with_locals else None,
-            )
-            for p in res.points
-        ]
+        return [(str(p.id), float(p.score), p.payload or {}, None) for p in res.points]
+
+    def fetch_locals(self, pids: list[str]) -> dict[str, dict[str, Any]]:
+        """``{point id: payload with only the rerank inputs and their hash}`` of the points still there."""
+        recs = self.client.retrieve(
+            self.collection,
+            ids=pids,
+            with_payload=self.m.PayloadSelectorInclude(include=[PAYLOAD, HASH]),
+            with_vectors=False,
+        )
+        return {str(r.id): r.payload or {} for r in recs}
 
     def fetch(self, pids: list[str]) -> list[tuple[Any, Any, dict[str, Any]]]:
-        """``(stage1, stored locals, payload)`` of each point, in the order asked."""
+        """``(stage1, None, payload)`` of each point, in the order asked (the payload holds the rerank
+        inputs)."""
         recs = {
             str(r.id): r
-            for r in self.client.retrieve(self.collection, ids=pids, with_payload=True, with_vectors=True)
+            for r in self.client.retrieve(
+                self.collection, ids=pids, with_payload=True, with_vectors=["stage1"]
+            )
         }
-        return [(recs[p].vector["stage1"], recs[p].vector["local"], recs[p].payload or {}) for p in pids]
+        return [(recs[p].vector["stage1"], None, recs[p].payload or {}) for p in pids]
 
     def payloads(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         offset = None
         while True:
             recs, offset = self.client.scroll(
-                self.collection, offset=offset, limit=4096, with_payload=True, with_vectors=False
+                self.collection,
+                offset=offset,
+                limit=4096,
+                with_payload=self._without_locals,
+                with_vectors=False,
             )
             out.extend(r.payload or {} for r in recs)
             if offset is None:
@@ -312,7 +328,7 @@ class ClientStore:
         return None  # a server acknowledges writes with wait=True; nothing to flush
 
     def close(self) -> None:
-        return None  # the client belongs to the caller (or to QdrantServer)
+        self.locals.close()  # the client belongs to the caller (or to QdrantServer)
 
     def read_meta(self) -> dict[str, Any] | None:
         if not self.exists():

@@ -72,11 +72,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ref_large": 25000,
         "ref_mmap": 100000,
         "qdrant_sizes": [25000, 100000],
+        "qdrant_i2t_sizes": [25000, 100000],
+        "qdrant_server_size": 5000,
         "qdrant_repeats": 15,
         "text_model": None,
         "text_sizes": [5000, 25000],
         "text_repeats": 30,
         "text_layers": [2, 3],
+        "latency_text_layers": 2,
     },
     "quick": {
         "d": 1024,
@@ -93,7 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mmap_sizes": [],
         "ivf_sizes": [5000],
         "i2t_mmap_sizes": [],
-        "layout_sizes": [5000],
+        "layout_sizes": [1000, 5000],
         "i2t_layout_sizes": [1000],
         "exhaustive_max": 5000,
         "depths": [0, 10, 50, 100, 200],
@@ -114,11 +117,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ref_large": 5000,
         "ref_mmap": 100000,
         "qdrant_sizes": [2000],
+        "qdrant_i2t_sizes": [400],
+        "qdrant_server_size": 500,
         "qdrant_repeats": 5,
         "text_model": None,
         "text_sizes": [1000, 5000],
         "text_repeats": 8,
         "text_layers": [2, 3],
+        "latency_text_layers": 2,
     },
 }
 SECTIONS = ("scorer", "latency", "recall", "encode", "text", "qdrant")
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     from .fixtures import random_captions, random_regions, speed_bundle, speed_checkpoint, trained_bundle
 
     speed = None
-    if {"scorer", "latency", "encode", "text", "qdrant"} & set(sections):
+    if {"scorer", "encode", "text", "qdrant"} & set(sections):
         speed = speed_bundle(work, cfg["d"], cfg["word_dim"], cfg["dv"])
         model = load_checkpoint(speed_checkpoint(work, cfg["d"], cfg["word_dim"], cfg["dv"])).model.eval()
         rt = Retriever.load(speed, OnnxRuntimeOptions(threads=args.threads), verify=False)
@@ -254,8 +260,36 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "latency" in sections:
         from .retrieval import run_latency
+        from .text_tower import default_text_model, minilm_speed_bundle, minilm_speed_checkpoint
 
-        bundle_id = rt.bundle_id
+        # the default tower: a paper-size random MSSAN with the MiniLM text tower cut to
+        # latency_text_layers layers; its int8 text encoder is the fast path's (with the int8 layout)
+        lat_folder = Path(cfg["text_model"]) if cfg["text_model"] else default_text_model()
+        lat_name = "all-MiniLM-L6-v2" if not cfg["text_model"] else lat_folder.name
+        lat_layers = cfg["latency_text_layers"]
+        lat_bundle, lat_int8 = minilm_speed_bundle(work, lat_folder, cfg["d"], cfg["dv"], lat_layers)
+        lat_model = load_checkpoint(
+            minilm_speed_checkpoint(work, lat_folder, cfg["d"], cfg["dv"], lat_layers)
+        ).model.eval()
+        lat_rt = Retriever.load(lat_bundle, OnnxRuntimeOptions(threads=args.threads), verify=False)
+        res["latency_tower"] = {
+            "text_model": lat_name,
+            "text_model_folder": str(lat_folder),
+            "text_layers": lat_layers,
+            "bundle": str(lat_bundle),
+            "int8_text_encoder": str(lat_int8),
+        }
+        notes.append(
+            "Latency (section 2): the default tower, a random paper-size MSSAN with "
+            f"{lat_name}'s first {lat_layers} layers as its text tower; exact default = fp32 graphs "
+            "and the fp32 layout, fast path = its int8 text encoder and the int8 layout."
+        )
+        n_lat_pool = max(cfg["pool"], cfg["scorer_k"])
+        lat_pools = {
+            "images": lat_rt.encode_images(random_regions(n_lat_pool, cfg["regions"], cfg["dv"])),
+            "texts": lat_rt.encode_texts(random_captions(n_lat_pool, cfg["words"])),
+        }
+        bundle_id = lat_rt.bundle_id
         sizes = [
             {"n": n, "direction": "t2i", "exhaustive": n <= cfg["exhaustive_max"]} for n in cfg["t2i_sizes"]
         ]
@@ -278,11 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             sz["layouts"] = sz["n"] in cfg["layout_sizes" if sz["direction"] == "t2i" else "i2t_layout_sizes"]
             if sz["direction"] == "i2t":
                 sz["n_items"] = 5 * sz["n"]
-        pools = {"images": pool_imgs, "texts": pool_txts}
+        pools = lat_pools
 
         def factory(index: Path, mmap: bool, local_dtype: str) -> Any:
             return Retriever.load(
-                speed,
+                lat_bundle,
                 OnnxRuntimeOptions(threads=args.threads),
                 index=index,
                 verify=False,
@@ -318,11 +352,11 @@ def main(argv: list[str] | None = None) -> int:
 
         res["bandwidth_gbs"] = bandwidth_gbs(args.threads)
         log.info("latency: memory read bandwidth %.1f GB/s (%d threads)", res["bandwidth_gbs"], args.threads)
-        res["resident_bundle_only"] = resident_mb(speed, None, "fp32", False, True, queries["texts"])
+        res["resident_bundle_only"] = resident_mb(lat_bundle, None, "fp32", False, True, queries["texts"])
         res["latency"] = run_latency(
             factory,
-            model,
-            rt.tokenizer,
+            lat_model,
+            lat_rt.tokenizer,
             pools,
             sizes,
             cfg["depths"],
@@ -333,22 +367,39 @@ def main(argv: list[str] | None = None) -> int:
             cfg["repeats_slow"],
             cfg["max_seconds"],
             variant_options=VARIANTS,
-            bundle=speed,
+            bundle=lat_bundle,
             bandwidth=res["bandwidth_gbs"],
+            int8_text_encoder=lat_int8,
         )
+        lat_rt.close()
+        del lat_model, lat_pools, pools
     if "qdrant" in sections:
         from .qdrant import run_qdrant_latency
+        from .qdrant_server import run_qdrant_server
 
+        q_texts = random_captions(cfg["queries"], cfg["words"], seed=7)
         res["qdrant"] = run_qdrant_latency(
             speed,
-            pool_imgs,
+            {"images": pool_imgs, "texts": pool_txts},
             cfg["qdrant_sizes"],
-            random_captions(cfg["queries"], cfg["words"], seed=7),
+            {"texts": q_texts, "images": random_regions(cfg["queries"], cfg["regions"], cfg["dv"], seed=7)},
             work,
             args.threads,
             cfg["qdrant_repeats"],
             cfg["max_seconds"],
+            i2t_sizes=cfg["qdrant_i2t_sizes"],
         )
+        if cfg["qdrant_server_size"]:
+            res["qdrant_server"] = run_qdrant_server(
+                speed,
+                pool_imgs,
+                cfg["qdrant_server_size"],
+                q_texts,
+                work,
+                args.threads,
+                cfg["qdrant_repeats"],
+                cfg["max_seconds"],
+            )
     if "encode" in sections:
         from .encode import run_encode
 

@@ -113,7 +113,7 @@ def layout_group(
     rs: dict[str, Any], text_query: bool, next_q: Callable[[], Any], encoded: list[Any], k: int = 10
 ) -> dict[str, Callable[[], Any]]:
     """Candidates per layout: the whole query at rerank 100, the query without its encoder, and its parts."""
-    from mssan_infer.search import rerank_scores
+    from mssan_infer.search import backend_score_fn, rerank_scores
 
     fns: dict[str, Callable[[], Any]] = {}
     state = {"i": 0}
@@ -142,7 +142,7 @@ def layout_group(
             0,
             view,
             rows,
-            lambda feeds: r.backend.run("scorer", feeds)["s_ll"],
+            backend_score_fn(r.backend, query_is_text=text_query),
             query_is_text=text_query,
             batch=r.scorer_batch,
             executor=r._gatherer(),
@@ -153,7 +153,9 @@ def layout_group(
 
 def bytes_per_query(layout: str, n: int, d: int, p: int, q_len: int, rerank: int = 100) -> dict[str, float]:
     """Bytes one query reads after encoding: the stage-1 scan (plus the candidates' float32 rows when the
-    stage 1 is compressed), the candidates' stored locals/masks/Grams, and the scorer's float32 inputs."""
+    stage 1 is compressed), the candidates' stored locals/masks/Grams, and the scorer's inputs (the
+    ``int8`` layout's codes, scales and float16 Grams as stored; float32 for the other layouts, whose
+    gather widens float16)."""
     lay = LAYOUTS[layout]
     d2 = 2 * d
     stage1 = n * d2 * BYTES[lay.stage1]
@@ -161,7 +163,9 @@ def bytes_per_query(layout: str, n: int, d: int, p: int, q_len: int, rerank: int
         stage1 += rerank * OVERFETCH * d2 * 4
     item = p * d * BYTES[lay.local] + p * 4 + p * p * BYTES[lay.gram] + (p * 4 if lay.local == "int8" else 0)
     gather = rerank * item
-    scorer = rerank * (p * d + p + p * p) * 4 + (q_len * d + q_len + q_len * q_len) * 4
+    scorer = (gather if lay.local == "int8" else rerank * (p * d + p + p * p) * 4) + (
+        q_len * d + q_len + q_len * q_len
+    ) * 4
     return {
         "stage1": float(stage1),
         "gather": float(gather),

@@ -6,10 +6,17 @@ vectors per item), then opened with ``Retriever.load(index=...)``: in RAM as
 float32, or (``mmap_fp16`` sizes) float16 memory-mapped from disk. Encoding
 cost is measured separately (section 4); latency does not depend on the values.
 
-Per size, two interleaved groups run on the same query sequence:
+The bundle is the caller's: ``python -m bench`` passes the default tower's (a paper-size random MSSAN
+with the MiniLM text tower cut to 2 layers), so the default query path is exact (fp32 graphs, ``fp32``
+layout) and the fast path is the int8 text encoder with the ``int8`` layout (``int8_text_encoder``).
+
+Per size, interleaved groups run on the same query sequence:
 - fast: ``search`` at each rerank depth, plus a breakdown of rerank 100
   (query encoding, stage-1 top-k, candidate gather, scorer);
-- slow: rerank 100 again, exhaustive through the runtime (rerank = gallery
+- backend settings (``variant_options``, IVF stage 1) beside the default;
+- layouts (sizes with ``"layouts"``): each gallery layout at rerank 100 and its parts (``bench.layouts``),
+  then the floor group (``bench.floor``): the exact default and the fast path, each step beside its floor;
+- slow: rerank 100 again (and the fast path), exhaustive through the runtime (rerank = gallery
   size) and exhaustive PyTorch (encode the query, ``MSSAN.score`` over the
   whole gallery in shards, top-k) — the speedups come from this group.
 """
@@ -31,11 +38,18 @@ from mssan_infer import SearchOptions
 from mssan_infer.gallery.stage1 import default_ivf_nlist
 from mssan_infer.gallery.storage import Layout
 from mssan_infer.names import INDEX_FORMAT, INDEX_FORMAT_VERSION
-from mssan_infer.search import rerank_scores
+from mssan_infer.search import backend_score_fn, rerank_scores
 
 from .timing import numpy_blas_setter, peak_rss_mb, reset_peak_rss, side_by_side
 
-__all__ = ["write_gallery_index", "run_latency", "stage1_variant", "ivf_options"]
+__all__ = [
+    "write_gallery_index",
+    "run_latency",
+    "stage1_variant",
+    "ivf_options",
+    "query_backend",
+    "fast_path",
+]
 
 log = logging.getLogger(__name__)
 SHARD = 1024
@@ -123,7 +137,8 @@ def _torch_exhaustive(
             parts = []
             for a in range(0, view.n, SHARD):
                 b = min(view.n, a + SHARD)
-                local, mask, gram = view.gather(np.arange(a, b))  # float32, no copy for an fp32 block
+                got = view.gather(np.arange(a, b))  # float32, no copy for an fp32 block
+                local, mask, gram = got.local, got.mask, got.gram
                 z = torch.zeros(b - a, d)
                 g = Encoded(
                     torch.from_numpy(np.asarray(stage1[a:b])),
@@ -194,6 +209,36 @@ def _with_blas_threads(fn: Callable[[], Any], n: int, restore: int) -> Callable[
     return run
 
 
+def query_backend(bundle: Any, threads: int, text_encoder: Path | None = None) -> Any:
+    """An ONNX Runtime backend on ``bundle``'s fp32 graphs and query scorers, its text encoder replaced by
+    ``text_encoder`` (the int8 one of the fast path) when given: what ``Retriever.load`` makes with
+    ``OnnxRuntimeOptions(threads=threads, precision="int8")`` for a bundle exported with ``--int8``."""
+    from mssan_infer import OnnxRuntimeOptions
+    from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend
+    from mssan_infer.spec import GRAPHS, QUERY_SCORERS
+
+    graphs: dict[str, Any] = {g: bundle.graph_path(g) for g in GRAPHS}
+    graphs.update({g: bundle.graph_path(g) for g in QUERY_SCORERS})
+    if text_encoder is not None:
+        graphs["text_encoder"] = text_encoder
+    return OnnxRuntimeBackend(graphs, OnnxRuntimeOptions(threads=threads))
+
+
+def fast_path(r: Any, lay_int8: Any, threads: int, int8_text_encoder: Path | None) -> Any:
+    """The fast path: ``lay_int8``'s galleries (the int8 layout) with the int8 text encoder (``None``: the
+    fp32 one) on a backend of its own (close it with ``.backend.close()``)."""
+    from mssan_infer import Retriever
+
+    return Retriever(
+        r.bundle,
+        query_backend(r.bundle, threads, int8_text_encoder),
+        r.tokenizer,
+        lay_int8.images,
+        lay_int8.texts,
+        SearchOptions(batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=r.gather_threads),
+    )
+
+
 def _variant(r: Any, threads: int, opts: dict[str, Any]) -> Any:
     """A Retriever on ``r``'s bundle and galleries with other settings (``gather_threads``,
     backend options)."""
@@ -224,6 +269,7 @@ def run_latency(
     variant_options: dict[str, dict[str, Any]] | None = None,
     bundle: Path | None = None,
     bandwidth: float | None = None,
+    int8_text_encoder: Path | None = None,
 ) -> dict[str, Any]:
     """Latency per gallery size and direction.
 
@@ -237,10 +283,16 @@ def run_latency(
             candidate to the fast group (same galleries, another backend).
         bundle, bandwidth: for sizes with ``"layouts": True``, the bundle folder (resident memory is read
             in a fresh process per layout) and the measured memory bandwidth (GB/s).
+        int8_text_encoder: the int8 text encoder of the fast path (int8 text encoder + ``int8`` layout),
+            timed beside the exact default in the floor group (``bench.floor``) of every size with layouts,
+            and at rerank 100 in the slow group; ``None``: the fast path keeps the fp32 text encoder.
     """
     import torch
 
+    from .floor import floor_bandwidth, floor_group, floor_rows
+
     results: dict[str, Any] = {}
+    floor_bw: dict[str, float] | None = None
     for spec in sizes:
         n, direction = int(spec["n"]), spec["direction"]
         n_items = int(spec.get("n_items", n))  # i2t: the captions of n images
@@ -290,7 +342,7 @@ def run_latency(
             0,
             view,
             rows100,
-            lambda feeds: r.backend.run("scorer", feeds)["s_ll"],
+            backend_score_fn(r.backend, query_is_text=text_query),
             query_is_text=text_query,
             batch=r.scorer_batch,
             executor=r._gatherer(),
@@ -339,6 +391,7 @@ def run_latency(
             res_fast["rerank_100[default]"] = res_var["rerank_100"]
         lay_rs: dict[str, Any] = {}
         layouts_row: dict[str, Any] = {}
+        fast_r: Any = None  # the fast path (int8 text encoder + int8 layout), with the layouts
         if spec.get("layouts"):
             from .layouts import (
                 LAYOUT_NAMES,
@@ -381,6 +434,39 @@ def run_latency(
                 g_view = (lay_rs[name].images if text_query else lay_rs[name].texts).view()
                 lrow["gallery_bytes"] = g_view.nbytes()
                 layouts_row[name] = lrow
+            fast_r = fast_path(r, lay_rs["int8"], threads, int8_text_encoder if text_query else None)
+            if floor_bw is None:
+                floor_bw = floor_bandwidth(bandwidth)
+                log.info("latency: floor bandwidth %s GB/s", {k: round(v, 1) for k, v in floor_bw.items()})
+            q_enc_file = "text_encoder" if text_query else "image_encoder"
+            f_fns, f_meta = floor_group(
+                {
+                    "fp32": (r, r.bundle.graph_path(q_enc_file)),
+                    "int8": (
+                        fast_r,
+                        int8_text_encoder
+                        if text_query and int8_text_encoder
+                        else r.bundle.graph_path(q_enc_file),
+                    ),
+                },
+                text_query,
+                next_q,
+                [qs[i] for i in range(min(10, len(qs)))],
+                threads,
+                work,
+                k,
+            )
+            log.info("latency %s: floor group", key)
+            res_floor = side_by_side(
+                f_fns, repeats=rounds(repeats_fast), warmup=2, max_seconds=max_seconds, block=BLOCK
+            )
+            floor = floor_rows(res_floor, f_meta, floor_bw)
+            floor["int8_text_encoder"] = bool(text_query and int8_text_encoder)
+            log.info(
+                "latency %s: end to end / floor %s",
+                key,
+                {p: round(x["floor_ratio"], 2) for p, x in floor["paths"].items()},
+            )
             if bundle is not None:
                 for name in LAYOUT_NAMES:
                     log.info("latency %s: resident memory of the %s layout (fresh process)", key, name)
@@ -415,7 +501,7 @@ def run_latency(
             if ivf is not None:
                 slow["rerank_100_ivf"] = group["rerank_100[ivf]"]
             if lay_rs:
-                r8 = lay_rs["int8"]
+                r8 = fast_r  # the fast path: int8 text encoder + int8 layout
                 slow["rerank_100_int8"] = (
                     (lambda: r8.search(text=next_q(), k=k, rerank=100))
                     if text_query
@@ -443,6 +529,7 @@ def run_latency(
         }
         if layouts_row:
             row["layouts"] = layouts_row
+            row["floor"] = floor
         if res_slow:
             base = res_slow["rerank_100"]["p50_ms"]
             row["speedup_rerank100_vs_exhaustive_torch"] = res_slow["exhaustive_torch"]["p50_ms"] / base
@@ -467,6 +554,9 @@ def run_latency(
         for name, vr in lay_rs.items():
             if name != "fp32" and vr._gather_pool is not None:
                 vr._gather_pool.shutdown()  # the backend is r's, closed below
+        if fast_r is not None:
+            fast_r.close()  # its own backend; the galleries are lay_rs["int8"]'s
+            fast_r = None
         lay_rs.clear()
         if ivf is not None:
             ivf.close()

@@ -27,13 +27,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mssan_infer import OnnxRuntimeOptions, SearchOptions
+from mssan_infer import SearchOptions
 
 from .fixtures import code_hash, random_captions, random_regions
-from .retrieval import BLOCK, rounds, write_gallery_index
+from .retrieval import BLOCK, query_backend, rounds, write_gallery_index
 from .timing import side_by_side
 
-__all__ = ["run_text_tower", "minilm_speed_bundle", "default_text_model", "TOWERS"]
+__all__ = ["run_text_tower", "minilm_speed_bundle", "minilm_speed_checkpoint", "default_text_model", "TOWERS"]
 
 log = logging.getLogger(__name__)
 TOWERS = ("bigru", "minilm_fp32", "minilm_int8")
@@ -59,14 +59,16 @@ def minilm_speed_bundle(
     from training.config import ModelConfig
     from training.train import pretrained_text_model
 
-    tag = f"{text_model.name}{'' if layers is None else f'-l{layers}'}-d{d}-v{dv}-{code_hash()}"
+    tag = _tag(text_model, d, dv, layers)
     out, int8 = work / f"bundle-{tag}", work / f"int8-text-encoder-{tag}.onnx"
     if not (out / "manifest.json").is_file():
         torch.manual_seed(0)
         model, tok = pretrained_text_model(
             text_model, ModelConfig(embed_size=d, img_dim=dv, max_len=64), None, dv, layers
         )
-        ckpt = save_checkpoint(work / f"ckpt-{tag}", model, tok, state={"epoch": 0})
+        ckpt = save_checkpoint(
+            minilm_speed_checkpoint(work, text_model, d, dv, layers), model, tok, state={"epoch": 0}
+        )
         log.info("exporting the %s speed bundle (D=%d, Dv=%d)", text_model.name, d, dv)
         export_bundle(ckpt, out)
     if not int8.is_file():
@@ -75,6 +77,16 @@ def minilm_speed_bundle(
         cfg = json.loads((out / "manifest.json").read_text())["model_config"]
         quantize_text_encoder(out / "text_encoder.onnx", int8, cfg["text_config"])
     return out, int8
+
+
+def _tag(text_model: Path, d: int, dv: int, layers: int | None) -> str:
+    return f"{text_model.name}{'' if layers is None else f'-l{layers}'}-d{d}-v{dv}-{code_hash()}"
+
+
+def minilm_speed_checkpoint(work: Path, text_model: Path, d: int, dv: int, layers: int | None = None) -> Path:
+    """The checkpoint folder behind :func:`minilm_speed_bundle` (the PyTorch model of the latency
+    section's exhaustive baseline); it exists once that bundle was made."""
+    return work / f"ckpt-{_tag(text_model, d, dv, layers)}"
 
 
 def weight_products_graph(int8: Path, rows: int, out: Path) -> tuple[Path, dict[str, Any]]:
@@ -114,18 +126,14 @@ def weight_products_graph(int8: Path, rows: int, out: Path) -> tuple[Path, dict[
 
 
 def _retriever(bundle: Path, threads: int, text_encoder: Path | None = None, galleries: Any = None) -> Any:
-    """A Retriever on ``bundle`` (its text encoder replaced by ``text_encoder``), sharing ``galleries``."""
+    """A Retriever on ``bundle`` (its text encoder replaced by ``text_encoder``; the query scorers as
+    ``Retriever.load`` gives them), sharing ``galleries``."""
     from mssan_infer import Retriever, load_bundle
-    from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend
     from mssan_infer.bundle import tokenizer_from_bundle
     from mssan_infer.gallery.memory import MemoryGallery
-    from mssan_infer.spec import GRAPHS
 
     b = load_bundle(bundle, verify=False)
-    graphs = {g: b.graph_path(g) for g in GRAPHS}
-    if text_encoder is not None:
-        graphs["text_encoder"] = text_encoder
-    be = OnnxRuntimeBackend(graphs, OnnxRuntimeOptions(threads=threads))
+    be = query_backend(b, threads, text_encoder)
     d = int(b.model_config["embed_size"])
     images, texts = galleries if galleries is not None else (MemoryGallery(2 * d, d), MemoryGallery(2 * d, d))
     return Retriever(b, be, tokenizer_from_bundle(b), images, texts, SearchOptions(gather_threads=threads))

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from bench.report import SUMMARY_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ TOY = {
     "ivf_sizes": [400],
     "exhaustive_max": 1000,
     "i2t_mmap_sizes": [],
-    "layout_sizes": [400, 300],
+    "layout_sizes": [200, 400, 300],
     "i2t_layout_sizes": [200],
     "ref_mmap": 300,
     "depths": [0, 10, 100],
@@ -42,7 +44,7 @@ TOY = {
     "train_images": 100,
     "epochs": 1,
     "train_max_steps": 2,
-    "train_model_overrides": {"embed_size": 32, "word_dim": 16},
+    "train_model_overrides": {"embed_size": 32, "word_dim": 16, "text_encoder": "bigru"},  # the fast tower
     "recall_images": 40,
     "recall_queries": 10,
     "encode_batch": 4,
@@ -114,9 +116,24 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(
         summary["twostage_ivf_recall1_ratio_5k"]
     )
     assert "ivf_100" in results["recall"]["t2i"] and "IVF stage 1" in proc.stdout
-    for name in ("results.md", "recall_latency_vs_depth.png", "scorer.png"):
+    for name in ("results.md", "recall_latency_vs_depth.png", "scorer.png", "floor.png"):
         assert (out / name).stat().st_size > 0
     assert "## 1. Scorer throughput" in proc.stdout
+    # the latency section runs the default tower (the transformer cut to 2 layers) and shows the floor
+    assert results["latency_tower"]["text_layers"] == 2
+    for key in ("t2i_400", "t2i_300_mmap", "i2t_200"):
+        paths = results["latency"][key]["floor"]["paths"]
+        assert set(paths) == {"fp32", "int8"} and paths["int8"]["layout"] == "int8"
+        for x in paths.values():
+            assert x["floor_ms"] > 0 and set(x["steps"]) == {
+                "encode",
+                "stage1",
+                "gather",
+                "scorer",
+                "non_kernel",
+            }
+    assert results["latency"]["t2i_400"]["floor"]["int8_text_encoder"] is True
+    assert "## 2c. The floor of a query" in proc.stdout
 
 
 def test_side_by_side_interleaves_blocks_with_an_untimed_settling_call() -> None:
@@ -140,7 +157,7 @@ def test_plots_have_titles_axis_labels_with_units_and_words_not_result_keys() ->
 
     committed = json.loads((ROOT / "bench" / "results" / "results.json").read_text())
     figs = figures(committed["results"], committed["config"])
-    assert set(figs) == {"recall_latency_vs_depth.png", "scorer.png"}
+    assert {"recall_latency_vs_depth.png", "scorer.png"} <= set(figs)
     try:
         for name, fig in figs.items():
             for ax in fig.axes:
@@ -159,3 +176,106 @@ def test_plots_have_titles_axis_labels_with_units_and_words_not_result_keys() ->
         for fig in figs.values():
             plt.close(fig)
     assert looks_like_a_key("t2i_5000") and looks_like_a_key("torch_eager") and looks_like_a_key("t2i R@1")
+
+
+def _floor_fixture() -> tuple[dict[str, object], dict[str, object]]:
+    """A latency section's floor rows made from made-up timings (no timing here)."""
+    from bench.floor import floor_row
+
+    bw = {"gemv_gbs": 10.0, "sum_gbs": 20.0, "gbs": 20.0}
+    lat: dict[str, object] = {}
+    for key, direction, n, mmap in (("t2i_5000", "t2i", 5000, False), ("i2t_5000", "i2t", 5000, False)):
+        paths = {}
+        for p, e2e in (("fp32", 6.0), ("int8", 3.0)):
+            t = {"e2e": e2e, "encode": 1.5, "encoder_graph": 1.0, "stage1": 1.0, "gather": 0.5, "scorer": 0.6}
+            row = floor_row(
+                {**t, "kernel": 0.2}, e2e + 1, {"stage1": 2e7, "gather": 4e6, "scorer": 4e6}, 1e8, 20.0
+            )
+            row.update({"layout": p, "n": n})
+            paths[p] = row
+        lat[key] = {
+            "n": n,
+            "n_items": 5 * n if direction == "i2t" else n,
+            "direction": direction,
+            "mmap": mmap,
+            "layouts": {p: {"rerank_100": {"p50_ms": v}} for p, v in (("fp32", 6.0), ("int8", 4.5))},
+            "floor": {"bandwidth": bw, "paths": paths},
+        }
+    return lat, {"ref_small": 5000, "ref_large": 25000, "ref_mmap": 100000}
+
+
+def test_floor_arithmetic_and_its_table_and_plot() -> None:
+    """The floor of each step from bytes, FLOPs and bandwidth, and what the summary, table and plot make
+    of it (made-up timings; nothing is timed)."""
+    import matplotlib.pyplot as plt
+
+    from bench.floor import (
+        candidate_bytes,
+        floor_figure,
+        floor_markdown,
+        floor_row,
+        scorer_flops,
+        stage1_bytes,
+        summarise_floor,
+    )
+    from bench.labels import looks_like_a_key
+    from mssan_infer.gallery.base import Candidates
+    from mssan_infer.gallery.storage import LAYOUTS
+
+    # stage 1 reads every stored row; a compressed one also the over-fetched float32 rows it rescores
+    assert stage1_bytes(LAYOUTS["fp32"], 5000, 2048) == 5000 * 2048 * 4
+    assert stage1_bytes(LAYOUTS["int8"], 5000, 2048, k=100, overfetch=4) == 5000 * 2048 + 400 * 2048 * 4
+    assert stage1_bytes(LAYOUTS["int8"], 50, 8, k=100) == 50 * 8  # the whole gallery: no rescoring pass
+    c = Candidates(
+        np.zeros((100, 36, 1024), np.uint8),
+        np.zeros((100, 36), np.float32),
+        np.ones((100, 36), np.float32),
+        np.zeros((100, 36, 36), np.float16),
+    )
+    assert candidate_bytes(c) == 100 * 36 * (1024 + 4 + 4 + 36 * 2)
+    assert scorer_flops(100, 36, 12, 1024) == 2 * 100 * 36 * 12 * 1024
+
+    p50 = {"e2e": 5.0, "encode": 1.2, "encoder_graph": 1.0, "stage1": 1.5, "gather": 0.4, "scorer": 0.9}
+    # scorer: the kernel (0.3 ms) beats its bytes (4e6 B at 20 GB/s = 0.2 ms): compute-bound
+    row = floor_row({**p50, "kernel": 0.3}, 7.0, {"stage1": 2e7, "gather": 2e6, "scorer": 4e6}, 9e7, 20.0)
+    st = row["steps"]
+    assert st["encode"]["floor_ms"] == 1.0
+    assert math.isclose(st["stage1"]["floor_ms"], 1.0) and math.isclose(st["gather"]["floor_ms"], 0.1)
+    assert st["scorer"]["floor_ms"] == 0.3 and st["scorer"]["floor_is"] == "kernel FLOPs"
+    assert math.isclose(st["scorer"]["kernel_gflops"], 9e7 / 0.3e-3 / 1e9)
+    assert math.isclose(st["non_kernel"]["p50_ms"], 5.0 - (1.2 + 1.5 + 0.4 + 0.9))
+    assert math.isclose(row["floor_ms"], 1.0 + 1.0 + 0.1 + 0.3)
+    assert math.isclose(row["floor_ratio"], 5.0 / 2.4) and row["e2e_p99_ms"] == 7.0
+    # a slower bandwidth makes the scorer memory-bound: its floor is then its bytes / bandwidth
+    slow = floor_row({**p50, "kernel": 0.3}, 7.0, {"stage1": 2e7, "gather": 2e6, "scorer": 4e6}, 9e7, 4.0)
+    assert (
+        math.isclose(slow["steps"]["scorer"]["floor_ms"], 1.0)
+        and slow["steps"]["scorer"]["floor_is"] == "bytes read"
+    )
+
+    lat, cfg = _floor_fixture()
+    s, src = summarise_floor(lat, cfg)
+    assert math.isclose(
+        s["floor_ratio_t2i_5k_int8"], 3.0 / lat["t2i_5000"]["floor"]["paths"]["int8"]["floor_ms"]
+    )
+    assert s["t2i_p50_ms_5k_rerank100_int8"] == 3.0 and s["i2t_p50_ms_5k_rerank100_int8"] == 3.0
+    assert s["int8_vs_fp32_p50_5k"] == 0.75 and s["fastpath_vs_default_p50_5k"] == 0.5
+    assert math.isnan(s["floor_ratio_t2i_25k_int8"]) and math.isnan(s["t2i_p50_ms_100k_rerank100_int8"])
+    assert "floor_ratio_t2i_5k_*" in src
+    md = "\n".join(floor_markdown(lat))
+    assert "## 2c. The floor of a query" in md and "| text→image | 5K images | int8 |" in md
+    assert "| image→text | 25K captions (5K images) | fp32 |" in md
+    assert floor_markdown({}) == [] and floor_figure({}, {}, 2) is None
+    fig = floor_figure(lat, {"cpu_model": "AMD EPYC"}, 2)
+    try:
+        assert len(fig.axes) == 2
+        for ax in fig.axes:
+            title, x, y = ax.get_title(), ax.get_xlabel(), ax.get_ylabel()
+            assert "AMD EPYC" in title and x and "(ms)" in y
+            words = [t.get_text() for t in ax.get_legend().get_texts()] + [
+                t.get_text() for t in ax.get_xticklabels()
+            ]
+            assert words and not [w for w in words + [title, x, y] if looks_like_a_key(w)], words
+            assert any("int8 layout" in w for w in words) and any("fp32 layout" in w for w in words)
+    finally:
+        plt.close(fig)

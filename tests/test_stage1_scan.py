@@ -1,0 +1,148 @@
+"""The compressed stage-1 scan: sub-indexes searched in groups, and the exact rescoring after it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mssan_infer import GalleryOptions, Stage1Options
+from mssan_infer.gallery.memory import MemoryGallery
+from mssan_infer.gallery.stage1 import MIN_SCAN_BYTES, code_searcher, import_faiss, scan_parts
+from mssan_infer.gallery.view import ArrayView
+
+faiss = import_faiss()
+DIM = 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sq8(codes: np.ndarray) -> object:
+    ix = faiss.IndexScalarQuantizer(
+        DIM, faiss.ScalarQuantizer.QT_8bit_direct_signed, faiss.METRIC_INNER_PRODUCT
+    )
+    ix.add_sa_codes(np.ascontiguousarray(codes.view(np.uint8) ^ np.uint8(0x80)))
+    return ix
+
+
+@pytest.mark.parametrize("cuts", [[700], [100, 600], [300, 300, 100], [50] * 14, [650, 10, 10, 10, 10, 10]])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_grouped_sub_indexes_find_what_one_index_finds(cuts: list[int], threads: int) -> None:
+    rng = np.random.default_rng(len(cuts) * 10 + threads)
+    codes = rng.integers(-127, 128, (sum(cuts), DIM)).astype(np.int8)
+    bounds = np.cumsum([0, *cuts])
+    subs = [sq8(codes[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    searcher, keep = code_searcher(faiss, DIM, subs, threads=threads, min_bytes=1)
+    assert all(s in keep for s in subs)
+    q = rng.integers(-127, 128, (3, DIM)).astype(np.float32)
+    for k in (1, 40, sum(cuts)):
+        scores, rows = searcher.search(q, k)
+        exact = q.astype(np.int64) @ codes.astype(np.int64).T  # [3, N]
+        assert np.array_equal(np.take_along_axis(exact, rows, axis=1), scores.astype(np.int64))
+        assert np.array_equal(scores[:, -1], -np.sort(-exact, axis=1)[:, k - 1])  # the k best scores
+
+
+def test_a_sub_index_per_group_at_most_and_no_empty_group() -> None:
+    subs = [sq8(np.zeros((n, DIM), np.int8)) for n in (10, 10, 10, 10, 10)]
+    searcher, _ = code_searcher(faiss, DIM, subs, threads=2, min_bytes=1)
+    assert searcher.count() == 2 and searcher.ntotal == 50  # two groups of the five, on two threads
+    alone, _ = code_searcher(faiss, DIM, subs[:1], threads=2, min_bytes=1)
+    assert alone is subs[0]
+    assert code_searcher(faiss, DIM, subs, threads=1, min_bytes=1)[0].count() == 5  # one group, in turn
+
+
+def test_a_small_scan_stays_on_one_thread() -> None:
+    subs = [sq8(np.zeros((10, DIM), np.int8)) for _ in range(4)]
+    assert code_searcher(faiss, DIM, subs, threads=2)[0].count() == 4  # 1280 bytes: one group
+    assert code_searcher(faiss, DIM, subs, threads=2, min_bytes=640)[0].count() == 2
+    assert scan_parts(100 << 20, threads=2) == 2 and scan_parts(MIN_SCAN_BYTES - 1, threads=2) == 1
+
+
+@pytest.mark.parametrize("segment_rows", [64, 4096])
+@pytest.mark.parametrize("overfetch", [1, 4])
+def test_rescoring_over_segments_returns_the_exact_scan(segment_rows: int, overfetch: int) -> None:
+    rng = np.random.default_rng(5)
+    n = 900
+    st = rng.normal(size=(n, DIM)).astype(np.float32)
+    lo = rng.normal(size=(n, 3, DIM // 2)).astype(np.float32)
+    ma = np.ones((n, 3), np.float32)
+    gr = lo @ lo.transpose(0, 2, 1)
+    exact = MemoryGallery(DIM, DIM // 2)
+    opts = GalleryOptions(layout="int8-stage1", stage1=Stage1Options(overfetch=overfetch, certify=True))
+    comp = MemoryGallery(DIM, DIM // 2, opts, segment_rows=segment_rows)
+    for a in range(0, n, 300):
+        exact.add(st[a : a + 300], lo[a : a + 300], ma[a : a + 300], gr[a : a + 300])
+        comp.add(st[a : a + 300], lo[a : a + 300], ma[a : a + 300], gr[a : a + 300])
+    q = rng.normal(size=(4, DIM)).astype(np.float32)
+    for k in (1, 10, 100):
+        ri, rs = exact.view().topk(q, k)
+        ci, cs = comp.view().topk(q, k)
+        assert np.array_equal(ci, ri)
+        np.testing.assert_allclose(cs, rs, rtol=0, atol=1e-5)
+
+
+def test_the_scan_bench_checks_every_kernel_against_exact_integer_products(tmp_path: Path) -> None:
+    out = tmp_path / "scan.json"
+    args = ["--sizes", "1500", "--dims", "32", "--repeats", "1", "--bandwidth-gib", "0.02", "--out", str(out)]
+    subprocess.run(
+        [sys.executable, "-m", "bench.stage1_scan", *args], cwd=ROOT, check=True, capture_output=True
+    )
+    res = json.loads(out.read_text())
+    (scan,) = res["scans"]
+    assert all(v for k, v in scan["facts"].items() if not k.endswith("_s")), scan["facts"]
+    assert set(scan["warm"]) == set(scan["cold"]) and "gallery_topk_int8" in scan["warm"]
+    assert res["bandwidth_gbs"]["read_gbs"] > 0
+
+
+def spread_items(n: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    st = rng.normal(size=(n, DIM)).astype(np.float32)
+    st *= rng.uniform(0.2, 3.0, size=(n, 1)).astype(np.float32)  # spread norms: scores far apart
+    return st, np.zeros((n, 1, 4), np.float32), np.ones((n, 1), np.float32), np.zeros((n, 1, 1), np.float32)
+
+
+def counting_rescores(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    rescored: list[int] = []
+    original = ArrayView._rescore
+
+    def counting(self: ArrayView, q: np.ndarray, rows: np.ndarray, *dot: Any) -> np.ndarray:
+        rescored.append(len(rows))
+        return original(self, q, rows, *dot)
+
+    monkeypatch.setattr(ArrayView, "_rescore", counting)
+    return rescored
+
+
+@pytest.mark.parametrize("k", [1, 10, 50])
+def test_rescoring_stops_once_the_error_bound_certifies_the_top_k(
+    monkeypatch: pytest.MonkeyPatch, k: int
+) -> None:
+    rescored = counting_rescores(monkeypatch)
+    data = spread_items(3000)
+    comp, exact = MemoryGallery(DIM, 4, GalleryOptions(layout="int8-stage1")), MemoryGallery(DIM, 4)
+    for g in (comp, exact):
+        g.add(*data)
+    q = np.random.default_rng(1).normal(size=(20, DIM)).astype(np.float32)
+    ri, rs = exact.view().topk(q, k)
+    rescored.clear()
+    ci, cs = comp.view().topk(q, k)
+    assert np.array_equal(ci, ri)
+    np.testing.assert_allclose(cs, rs, rtol=1e-6, atol=1e-5)  # float32 sums in another order
+    fetch = max(4 * k, k + 32)
+    assert sum(rescored) <= len(q) * fetch / 2  # at most half the over-fetched rows
+
+
+def test_without_a_certificate_every_fetched_row_is_rescored(monkeypatch: pytest.MonkeyPatch) -> None:
+    rescored = counting_rescores(monkeypatch)
+    rng = np.random.default_rng(3)
+    st = (rng.normal(size=(1, DIM)) + 1e-4 * rng.normal(size=(600, DIM))).astype(np.float32)  # scores tie
+    _, lo, ma, gr = spread_items(600)
+    comp = MemoryGallery(DIM, 4, GalleryOptions(layout="int8-stage1"))
+    comp.add(st, lo, ma, gr)
+    rescored.clear()
+    comp.view().topk(rng.normal(size=(1, DIM)).astype(np.float32), 5)
+    assert sum(rescored) == max(4 * 5, 5 + 32)  # the bound never beats the gaps: the whole over-fetch

@@ -23,13 +23,14 @@ __all__ = [
     "build_graphs",
     "build_query_scorers",
     "QUERY_BITS",
+    "QUERY_MAX",
 ]
 
 # The query's locals are quantized to symmetric codes in [-63, 63] inside the int8 query scorers: with
 # the candidates' uint8 codes (8 bits) the u8 x s8 kernel's pairwise int16 sums cannot saturate on CPUs
 # without VNNI (2 * 255 * 63 < 2^15).
 QUERY_BITS = 7
-_QMAX = 2 ** (QUERY_BITS - 1) - 1
+QUERY_MAX = 2 ** (QUERY_BITS - 1) - 1  # the largest query code
 
 
 class ImageEncoderGraph(nn.Module):
@@ -115,7 +116,7 @@ class _MatMulInteger(torch.autograd.Function):
 
 def quantize_query(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-vector codes of ``x [P, D]`` in [-63, 63] (int8) and their scales ``[P, 1]``."""
-    scale = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-30) / _QMAX
+    scale = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-30) / QUERY_MAX
     return torch.round(x / scale).to(torch.int8), scale
 
 

@@ -24,11 +24,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mssan_infer.gallery.storage import store_locals
+from mssan_infer.gallery.storage import dequantize_into, store_locals
 from mssan_infer.spec import QUERY_SCORERS, SCORER, query_scorer
 from training.model import MSSAN
 
-from .graphs import QUERY_BITS, build_graphs, build_query_scorers
+from .graphs import QUERY_MAX, build_graphs, build_query_scorers
 from .inputs import Case, Feeds, parity_cases
 from .onnx import export_graph
 from .runners import TorchRunner, onnx_runner
@@ -38,12 +38,10 @@ __all__ = ["export_query_scorers", "query_cases", "quantize_like_the_graph"]
 
 log = logging.getLogger(__name__)
 
-_QMAX = 2 ** (QUERY_BITS - 1) - 1
-
 
 def quantize_like_the_graph(x: np.ndarray) -> np.ndarray:
     """``x [Q, D]`` rounded to the int8 query scorers' 7-bit codes and back (numpy, the graph's formula)."""
-    scale = np.maximum(np.abs(x).max(-1, keepdims=True), np.float32(1e-30)) / np.float32(_QMAX)
+    scale = np.maximum(np.abs(x).max(-1, keepdims=True), np.float32(1e-30)) / np.float32(QUERY_MAX)
     return (np.rint(x / scale) * scale).astype(np.float32)
 
 
@@ -73,15 +71,22 @@ def query_cases(pairs: Feeds, query_is_text: bool, query: int, *, int8: bool) ->
     return feeds
 
 
+def _dequantized(feeds: Feeds, c: str) -> np.ndarray:
+    """The candidates' int8 codes of ``feeds`` as float32 (the runtime's own dequantization)."""
+    codes = feeds[f"{c}_codes"]
+    out = np.empty(codes.shape, np.float32)
+    dequantize_into(out, codes, feeds[f"{c}_scale"])
+    return out
+
+
 def _as_fp32(feeds: Feeds, query_is_text: bool, *, round_query: bool) -> Feeds:
     """int8 query-scorer feeds as the float32 query scorer's: candidates dequantized (optionally the
     query rounded as the int8 graph rounds it)."""
     (c, cm), (q, qm) = _sides(query_is_text)
-    codes, scale = feeds[f"{c}_codes"], feeds[f"{c}_scale"]
-    local = (codes.astype(np.float32) - 128.0) * scale[..., None]
+    local = _dequantized(feeds, c)
     q_local = feeds[f"{q}_local"]
     return {
-        f"{c}_local": local.astype(np.float32),
+        f"{c}_local": local,
         f"{cm}_mask": feeds[f"{cm}_mask"],
         f"{c}_gram": feeds[f"{c}_gram"].astype(np.float32),
         f"{q}_local": quantize_like_the_graph(q_local) if round_query else q_local,
@@ -159,12 +164,12 @@ def export_query_scorers(
 def _rounding(feeds: Feeds, query_is_text: bool, got: np.ndarray, exact: np.ndarray) -> dict[str, float]:
     """How far the query's rounding moved ``s_ll``, beside the bound on the similarities it moved."""
     (c, _), (q, _) = _sides(query_is_text)
-    local = (feeds[f"{c}_codes"].astype(np.float64) - 128.0) * feeds[f"{c}_scale"][..., None]
+    local = _dequantized(feeds, c)
     l1 = np.abs(local).sum(-1).max() if local.size else 0.0
     qmax = float(np.abs(feeds[f"{q}_local"]).max()) if feeds[f"{q}_local"].size else 0.0
     return {
         "s_ll": float(np.abs(got.astype(np.float64) - exact).max()) if got.size else 0.0,
-        "product_bound": float(l1 * qmax / (2 * _QMAX)),
+        "product_bound": float(l1 * qmax / (2 * QUERY_MAX)),
     }
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mssan_infer
-from export.graphs import QUERY_BITS, _MatMulInteger
+from export.graphs import QUERY_MAX, _MatMulInteger
 from export.query_scorers import export_query_scorers
 from export.validate import raise_if_failed
 from mssan_infer import GalleryOptions, InputError
@@ -31,7 +31,7 @@ class _Product(torch.nn.Module):
 def test_the_integer_gemm_is_exact_at_the_extremes_on_this_cpu() -> None:
     """uint8 codes (values -127..127 stored + 128) x 7-bit query codes: on AVX2 without VNNI the u8 x s8
     kernel adds pairs of products in int16, which only a 7-bit operand keeps from saturating."""
-    qmax = 2 ** (QUERY_BITS - 1) - 1
+    qmax = QUERY_MAX
     d = 1024
     a = np.array([[255] * d, [1] * d, [255, 1] * (d // 2), [128] * d], np.uint8)  # +127, -127, mixed, 0
     b = np.stack([np.full(d, qmax), np.full(d, -qmax), np.tile([qmax, -qmax], d // 2)], 1).astype(np.int8)

@@ -330,14 +330,14 @@ def main(argv: list[str] | None = None) -> int:
             "images": random_regions(cfg["queries"], cfg["regions"], cfg["dv"], seed=7),
         }
         free = _free_gb(work)
-        # the float32 gallery; memory-mapped ones opened in every layout add float16 and int8 copies saved
-        # beside it, plus the float16 spill file of the conversion while it is saved
+        # the float32 gallery; memory-mapped ones opened in every layout add an int8 copy saved beside it,
+        # plus the int8 spill file of the conversion while it is saved
         need = (
             sum(
                 sz.get("n_items", sz["n"])
                 * (cfg["regions"] if sz["direction"] == "t2i" else cfg["words"])
                 * cfg["d"]
-                * (9 if sz.get("mmap") and sz["layouts"] else 4)
+                * (6 if sz.get("mmap") and sz["layouts"] else 4)
                 for sz in sizes
             )
             / 2**30
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg["depths"],
                 cfg["recall_queries"],
                 ivf=True,
-                layouts=("fp16", "int8-stage1", "int8"),
+                layouts=("int8-stage1", "int8"),
             )
             if "qdrant" in sections:
                 from .qdrant import run_qdrant_recall

@@ -1,8 +1,8 @@
-"""Gallery layouts side by side: the same gallery as fp32, fp16, int8-stage1 and int8
+"""Gallery layouts side by side: the same gallery as fp32, int8-stage1 and int8
 (``mssan_infer.gallery.storage``).
 
 For one gallery size, :func:`layout_retrievers` opens the gallery in each layout next to the
-default fp32 one (sharing the bundle's backend): fp16 and int8 are converted while loading the
+default fp32 one (sharing the bundle's backend): int8 is converted while loading the
 saved float32 index (``load_index(layout=...)``, as a user would) or, for a memory-mapped gallery,
 read from a copy saved once in that layout (:func:`layout_index`: what an edge box maps), int8-stage1
 keeps the fp32 gallery's locals and adds int8 stage-1 codes. :func:`layout_group` times them in one
@@ -41,8 +41,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-LAYOUT_NAMES = ("fp32", "fp16", "int8-stage1", "int8")
-BYTES = {"float32": 4, "float16": 2, "int8": 1}
+LAYOUT_NAMES = tuple(LAYOUTS)  # fp32 first: the others are opened beside it
+BYTES = {"float32": 4, "float16": 2, "int8": 1}  # float16: the int8 layout's Grams
 
 
 def _share_locals(g: MemoryGallery, layout: str) -> MemoryGallery:
@@ -154,8 +154,7 @@ def layout_group(
 def bytes_per_query(layout: str, n: int, d: int, p: int, q_len: int, rerank: int = 100) -> dict[str, float]:
     """Bytes one query reads after encoding: the stage-1 scan (plus the candidates' float32 rows when the
     stage 1 is compressed), the candidates' stored locals/masks/Grams, and the scorer's inputs (the
-    ``int8`` layout's codes, scales and float16 Grams as stored; float32 for the other layouts, whose
-    gather widens float16)."""
+    ``int8`` layout's codes, scales and float16 Grams as stored; float32 for the other layouts)."""
     lay = LAYOUTS[layout]
     d2 = 2 * d
     stage1 = n * d2 * BYTES[lay.stage1]

@@ -2,7 +2,7 @@
 
 Latency: for each gallery size and direction, the same items (tiled from the bundle's encoded pool,
 stage-1 vectors with fresh noise) go into an in-memory gallery, saved and opened as an index
-(float32 in RAM up to 25K images' worth of locals, float16 memory-mapped above), and into Qdrant Edge
+(float32 in RAM up to 25K images' worth of locals, int8 locals memory-mapped above), and into Qdrant Edge
 shards in three modes: ``exact`` (full scan), ``int8`` (int8 stage-1 scan, rescored) and ``hnsw``
 (HNSW graph, ``ef`` 128). Text->image over ``N`` images and image->text over the ``5N`` captions of
 ``N`` images (as the latency section names its i2t sizes), at rerank 100, run interleaved
@@ -40,8 +40,9 @@ __all__ = ["run_qdrant_latency", "run_qdrant_recall", "MODES"]
 log = logging.getLogger(__name__)
 
 # mode -> QdrantOptions keyword arguments. ``exact`` and ``hnsw`` store the locals as the in-memory
-# gallery beside them does (float32 in RAM up to 25K, float16 memory-mapped above: see modes());
-# ``int8`` stores int8 locals with their scales (the in-memory int8 layout's format).
+# gallery beside them does (float32 in RAM up to 25K, int8 memory-mapped above: see modes(); float16,
+# used before, was removed); ``int8`` stores int8 locals with their scales (the in-memory int8 layout's
+# format) and scans int8 stage-1 vectors.
 MODES: dict[str, dict[str, Any]] = {
     "exact": {},
     "int8": {"local_dtype": "uint8", "quantization": "int8"},
@@ -51,7 +52,7 @@ MODES: dict[str, dict[str, Any]] = {
 
 def modes(mmap: bool) -> dict[str, dict[str, Any]]:
     """:data:`MODES` with the locals of ``exact``/``hnsw`` stored like the in-memory gallery's."""
-    local = "float16" if mmap else "float32"
+    local = "uint8" if mmap else "float32"
     return {m: {"local_dtype": local, **o} for m, o in MODES.items()}
 
 
@@ -139,7 +140,7 @@ _IN_RAM_VECTORS = 25000 * 36  # the in-memory comparator holds float32 in RAM up
 
 def _bytes_per_item(opts: dict[str, Any], stage1_dim: int, p: int, d: int) -> float:
     """Disk bytes of one item in a Qdrant Edge gallery with ``opts``, with some slack."""
-    local = {"float32": 4, "float16": 2, "uint8": 1}[opts.get("local_dtype", "float32")]
+    local = {"float32": 4, "uint8": 1}[opts.get("local_dtype", "float32")]
     gram = 4 if local == 4 else 2
     b = 4 * stage1_dim + p * d * local + p * p * gram + 4 * p + (4 * p if local == 1 else 0)
     if opts.get("quantization") == "int8":
@@ -227,8 +228,8 @@ def _one_size(
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     mmap = n_items * p > _IN_RAM_VECTORS
-    local = "float16" if mmap else "float32"
-    row["memory_layout"] = f"{local} memory-mapped" if mmap else "float32 in RAM"
+    local = "int8" if mmap else "float32"  # the in-memory twin of modes(mmap)'s locals
+    row["memory_layout"] = "int8 locals memory-mapped" if mmap else "float32 in RAM"
     mem = MemoryGallery(
         2 * d, d, GalleryOptions(layout=Layout("float32", local), mmap=mmap, spill_dir=folder / "spill")
     )

@@ -17,8 +17,6 @@ For each stage-1 width (``2D`` = 2048 for the paper model, 512 for the tiny one)
   Runtime packs once (int8 codes, transposed) and a 7-bit uint8 query (zero point 64), one session
   or two halves on two threads, then ``np.argpartition``;
 - ``numpy_f32``: numpy's float32 BLAS over the float32 rows, then ``np.argpartition``;
-- ``faiss_flat_f32`` and ``faiss_fp16``: FAISS ``IndexFlatIP`` and ``QT_fp16`` (the ``faiss`` method
-  and the ``fp16`` layout's scan);
 - ``gallery_topk_*``: the whole stage 1 of a :class:`~mssan_infer.gallery.memory.MemoryGallery`
   (``view.topk(q, 100)``) in the ``int8-stage1`` layout (loaded: float32 rows memory-mapped; or
   ``_added`` in batches of 5000) and the ``fp32`` layout, and ``rescore_select``: its
@@ -33,7 +31,9 @@ other steps of a query do). Memory bandwidth is measured in the same run (the be
 read on 1 and 2 threads), and each scan's GB/s is its bytes read (codes, or float32 rows) over its
 p50. Every kernel is checked to compute the same integer inner products as the reference before it
 is timed. Writes
-``bench/results/stage1_scan.json``. Nothing here is imported by the library.
+``bench/results/stage1_scan.json``. Nothing here is imported by the library. (The committed JSON also
+timed FAISS ``IndexFlatIP`` and ``QT_fp16``, the scans of the ``faiss`` method and the ``fp16`` layout,
+removed since: docs/experiments/2026-12-06-stage1-scan.md.)
 """
 
 from __future__ import annotations
@@ -270,16 +270,8 @@ def scan_candidates(
     keep += [whole, halves]
 
     fns["numpy_f32"] = lambda: top_rows(x @ q, fetch)
-    flat = faiss.IndexFlatIP(dim)
-    flat.add(x)
-    fns["faiss_flat_f32"] = lambda: flat.search(q[None], fetch)
-    f16 = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    f16.add(x)
-    fns["faiss_fp16"] = lambda: f16.search(q[None], fetch)
-    keep += [flat, f16]
     for name in fns:
-        nbytes[name] = float(n * dim * (4 if name in ("numpy_f32", "faiss_flat_f32") else 1))
-    nbytes["faiss_fp16"] = float(n * dim * 2)
+        nbytes[name] = float(n * dim * (4 if name == "numpy_f32" else 1))
 
     # the gallery's own stage 1: a loaded index (float32 rows memory-mapped, codes in RAM)
     st = np.lib.format.open_memmap(work / f"stage1-{n}-{dim}.npy", mode="w+", dtype=np.float32, shape=x.shape)

@@ -118,12 +118,12 @@ class Stage1Options:
     """How stage 1 finds the candidates of a query in an in-memory gallery.
 
     Attributes:
-        method: ``"numpy"`` (exact, default), ``"faiss"`` (IndexFlatIP, exact), ``"faiss-ivf"`` or
-            ``"faiss-hnsw"`` (approximate: measure their recall); float32 stage-1 layouts only.
+        method: one of :data:`~mssan_infer.gallery.stage1.STAGE1_METHODS`: ``"numpy"`` (exact, default)
+            or ``"faiss-ivf"`` (FAISS IndexIVFFlat: approximate, measure its recall); float32 stage-1
+            layouts only.
         nlist, nprobe: IVF lists (default ``4 sqrt(n)``, at least 39 items per list) and lists probed
             (default ``min(nlist, 16)``).
-        M, ef_search: HNSW graph degree (default 32) and search breadth (default 128).
-        overfetch: a compressed stage 1 (``int8-stage1``, ``int8``, ``fp16`` layouts) fetches
+        overfetch: a compressed stage 1 (``int8-stage1``, ``int8`` layouts) fetches
             ``overfetch x k`` rows (at least ``k + 32``) by their compressed scores, then rescores them
             exactly, best first, and keeps the best ``k`` (it stops early once the error bound proves
             that no row left can enter them).
@@ -134,25 +134,21 @@ class Stage1Options:
     method: str = "numpy"
     nlist: int | None = None
     nprobe: int | None = None
-    M: int | None = None
-    ef_search: int | None = None
     overfetch: int = OVERFETCH
     certify: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in STAGE1_METHODS:
             raise InputError(f"stage1 method must be one of {STAGE1_METHODS}, got {self.method!r}")
-        for name in ("nlist", "nprobe", "M", "ef_search"):
+        for name in ("nlist", "nprobe"):
             _positive(name, getattr(self, name), optional=True)
         _positive("overfetch", self.overfetch)
         _flag("certify", self.certify)
 
     @property
     def faiss(self) -> dict[str, int]:
-        """The FAISS settings given (``nlist``, ``nprobe``, ``M``, ``ef_search``)."""
-        return {
-            k: int(v) for k in ("nlist", "nprobe", "M", "ef_search") if (v := getattr(self, k)) is not None
-        }
+        """The FAISS IVF settings given (``nlist``, ``nprobe``)."""
+        return {k: int(v) for k in ("nlist", "nprobe") if (v := getattr(self, k)) is not None}
 
 
 @dataclass(frozen=True)
@@ -161,11 +157,10 @@ class GalleryOptions:
 
     Attributes:
         layout: a name of :data:`~mssan_infer.gallery.storage.LAYOUTS` -- ``"fp32"`` (exact),
-            ``"fp16"``, ``"int8-stage1"`` (int8 stage-1 scan rescored exactly: final scores stay exact),
-            ``"int8"`` (also int8 locals) -- or a :class:`~mssan_infer.gallery.storage.Layout`
-            (e.g. ``Layout("float32", "float16")``: float16 locals beside an exact stage 1).
+            ``"int8-stage1"`` (int8 stage-1 scan rescored exactly: final scores stay exact),
+            ``"int8"`` (also int8 locals) -- or a :class:`~mssan_infer.gallery.storage.Layout`.
             ``None``: ``"fp32"`` for a new gallery, the saved layout for a saved index (another layout
-            converts while loading where the saved values allow it).
+            converts while loading where the saved values allow it). The ``fp16`` layout was removed.
         mmap: keep gallery arrays in memory-mapped files (galleries larger than RAM). A compressed
             stage 1 always keeps its float32 rows memory-mapped (read for candidates only).
         spill_dir: where new memory-mapped files go (default: a fresh temp folder, removed with the gallery).

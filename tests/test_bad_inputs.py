@@ -718,6 +718,31 @@ LOAD_OPTIONS: list[Any] = [
     pytest.param(dict(stage1="annoy"), InputError, "stage1", id="unknown-stage1"),
     pytest.param(dict(layout=("float32", "int4")), InputError, "local='int4'", id="unknown-local-dtype"),
     pytest.param(dict(layout="int4"), InputError, "layout", id="unknown-layout"),
+    # removed names (docs/experiments/2026-12-06-stage1-scan.md) get the same error, listing what is left
+    pytest.param(
+        dict(layout="fp16"),
+        InputError,
+        "layout must be one of ['fp32', 'int8', 'int8-stage1'] or a layout, got 'fp16'",
+        id="removed-layout-fp16",
+    ),
+    pytest.param(
+        dict(layout=("float32", "float16")),
+        InputError,
+        "one of ('float32', 'int8')",
+        id="removed-float16-locals",
+    ),
+    pytest.param(
+        dict(stage1="faiss"),
+        InputError,
+        "stage1 method must be one of ('numpy', 'faiss-ivf'), got 'faiss'",
+        id="removed-stage1-faiss",
+    ),
+    pytest.param(
+        dict(stage1="faiss-hnsw"),
+        InputError,
+        "stage1 method must be one of ('numpy', 'faiss-ivf'), got 'faiss-hnsw'",
+        id="removed-stage1-faiss-hnsw",
+    ),
     pytest.param(
         dict(layout="int8", stage1="faiss-ivf"), InputError, "scans its own", id="layout-with-faiss-ivf"
     ),

@@ -452,24 +452,54 @@ def test_precision_int8_is_accepted_and_a_bundle_without_it_says_how_to_export_i
     assert "image_encoder" not in err  # int8 only ever applies to the text encoder
 
 
-def test_fp16_locals_is_explained_in_the_help_and_refused_with_layout(
+@pytest.mark.parametrize(
+    "argv, wanted",
+    [
+        (("index", "--layout", "fp16"), ["invalid choice: 'fp16'", "fp32", "int8-stage1", "int8"]),
+        (("index", "--fp16-locals"), ["unrecognized arguments: --fp16-locals"]),
+        (("search", "a dog", "--stage1", "faiss"), ["invalid choice: 'faiss'", "numpy", "faiss-ivf"]),
+        (
+            ("search", "a dog", "--stage1", "faiss-hnsw"),
+            ["invalid choice: 'faiss-hnsw'", "numpy", "faiss-ivf"],
+        ),
+    ],
+    ids=["layout-fp16", "fp16-locals", "stage1-faiss", "stage1-faiss-hnsw"],
+)
+def test_removed_layouts_and_stage1_methods_are_refused_by_the_parser_with_the_choices(
+    bundle: Path,
+    files: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: tuple[str, ...],
+    wanted: list[str],
+) -> None:
+    where = ("--images", files / "feats.npy", "--out", tmp_path / "i") if argv[0] == "index" else ()
+    with pytest.raises(SystemExit) as e:
+        cli(argv[0], "--bundle", bundle, *where, *argv[1:])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and all(w in err for w in wanted), err
+    if "(choose from " in err:  # the choices listed are exactly those left
+        assert err.split("(choose from ")[1].rstrip(")").replace("'", "").split(", ") == wanted[1:]
+    assert not (tmp_path / "i").exists()
+
+
+def test_searching_an_index_saved_in_the_removed_fp16_layout_says_to_re_index_with_layout_int8(
     bundle: Path, files: Path, tmp_path: Path
 ) -> None:
-    help_text = " ".join(dict(_all_parsers())["mssan_infer index"].format_help().split())
-    assert "--fp16-locals store locals and Grams in float16" in help_text
-    assert "stage1=float32, local=float16" in help_text and "not with --layout" in help_text
-    code, _, err = cli(
-        "index", "--bundle", bundle, "--images", files / "feats.npy", "--out", tmp_path / "i",
-        "--fp16-locals", "--layout", "int8",
-    )  # fmt: skip
-    assert code == 1 and "give one of them" in err
-    code, _, err = cli(
-        "index", "--bundle", bundle, "--images", files / "feats.npy", "--out", tmp_path / "i",
-        "--fp16-locals", "--no-progress",
-    )  # fmt: skip
-    assert code == 0, err
-    layout = json.loads((tmp_path / "i" / "index.json").read_text())["galleries"]["images"]["layout"]
-    assert (layout["stage1"], layout["local"]) == ("float32", "float16")
+    out = tmp_path / "old"
+    assert (
+        cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--no-progress")[0]
+        == 0
+    )
+    m = json.loads((out / "index.json").read_text())
+    m["galleries"]["images"].update(  # what the fp16 layout wrote (the manifest is not hashed)
+        dtype="float16", layout={"name": "fp16", "stage1": "float16", "local": "float16", "gram": "float16"}
+    )
+    (out / "index.json").write_text(json.dumps(m))
+    code, _, err = cli("search", "--bundle", bundle, "--index", out, "a red dog")
+    assert code == 1 and err.count("\n") == 1
+    assert f"index {out} was saved with the fp16 layout, which was removed" in err
+    assert "--layout int8" in err and "'fp32' (exact)" in err
 
 
 def test_remove_takes_ids_out_of_an_index_folder_all_or_nothing(
@@ -575,28 +605,28 @@ def test_append_in_another_layout_is_refused_in_flag_words_and_changes_nothing(
     base = ("index", "--bundle", bundle, "--images", files / "feats.npy", "--no-progress")
     assert cli(*base, "--out", out)[0] == 0
     before = _manifest_bytes(out)
-    code, _, err = cli(*base, "--out", out, "--append", "--new-ids", "--fp16-locals")
-    assert code == 1 and err.count("\n") == 1
-    assert "built with --layout fp32" in err and "asks for --fp16-locals" in err and "--overwrite" in err
-    assert _manifest_bytes(out) == before  # not rewritten with float16 locals
     code, _, err = cli(*base, "--out", out, "--append", "--new-ids", "--layout", "int8")
-    assert code == 1 and "asks for --layout int8" in err and _manifest_bytes(out) == before
+    assert code == 1 and err.count("\n") == 1
+    assert "built with --layout fp32" in err and "asks for --layout int8" in err and "--overwrite" in err
+    assert _manifest_bytes(out) == before  # not rewritten with int8 locals
+    code, _, err = cli(*base, "--out", out, "--append", "--new-ids", "--layout", "int8-stage1")
+    assert code == 1 and "asks for --layout int8-stage1" in err and _manifest_bytes(out) == before
     code, text, err = cli(*base, "--out", out, "--append", "--new-ids", "--layout", "fp32")  # the same: fine
     assert code == 0 and "it now holds 60 images" in text, err
-    code, text, err = cli(*base, "--out", out, "--overwrite", "--fp16-locals")  # a rebuild may change it
+    code, text, err = cli(*base, "--out", out, "--overwrite", "--layout", "int8")  # a rebuild may change it
     assert code == 0, err
     layout = json.loads((out / "index.json").read_text())["galleries"]["images"]["layout"]
-    assert (layout["stage1"], layout["local"]) == ("float32", "float16")
+    assert (layout["stage1"], layout["local"]) == ("int8", "int8")
     code, _, err = cli(*base, "--out", out, "--append", "--new-ids", "--layout", "fp32")
-    assert code == 1 and "built with --fp16-locals" in err and "asks for --layout fp32" in err
+    assert code == 1 and "built with --layout int8" in err and "asks for --layout fp32" in err
     code, text, err = cli(*base, "--out", out, "--append", "--new-ids")  # keeps the saved layout
     assert code == 0, err
     layout = json.loads((out / "index.json").read_text())["galleries"]["images"]["layout"]
-    assert (layout["stage1"], layout["local"]) == ("float32", "float16")
+    assert (layout["stage1"], layout["local"]) == ("int8", "int8")
 
 
 # ---- flags in messages, not Python ---------------------------------------------------------------------
-def test_stage1_faiss_on_a_compressed_index_says_to_use_stage1_numpy(
+def test_stage1_faiss_ivf_on_a_compressed_index_says_to_use_stage1_numpy(
     bundle: Path, files: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "i8"
@@ -604,9 +634,9 @@ def test_stage1_faiss_on_a_compressed_index_says_to_use_stage1_numpy(
         cli("index", "--bundle", bundle, "--images", files / "feats.npy", "--out", out, "--layout", "int8")[0]
         == 0
     )
-    code, _, err = cli("search", "--bundle", bundle, "--index", out, "a red dog", "--stage1", "faiss")
+    code, _, err = cli("search", "--bundle", bundle, "--index", out, "a red dog", "--stage1", "faiss-ivf")
     assert code == 1 and err.count("\n") == 1
-    assert "--stage1 faiss" in err and "--layout int8" in err and "--stage1 numpy" in err
+    assert "--stage1 faiss-ivf" in err and "--layout int8" in err and "--stage1 numpy" in err
     assert "method" not in err
     assert cli("search", "--bundle", bundle, "--index", out, "a red dog", "--stage1", "numpy")[0] == 0
 

@@ -327,7 +327,11 @@ def test_a_bad_caption_or_caption_metadata_is_refused_before_any_image_reaches_q
             "--gallery 'qdrant-edge:?exact=true': no folder path after 'qdrant-edge:'",
         ),
         ("qdrant-edge:g?quantization=fp16", "option quantization=fp16: must be none or int8"),
-        ("qdrant-edge:g?local_dtype=int4", "option local_dtype=int4: must be float32, float16 or uint8"),
+        ("qdrant-edge:g?local_dtype=int4", "option local_dtype=int4: must be float32 or uint8"),
+        (
+            "qdrant-edge:g?local_dtype=float16",
+            "option local_dtype=float16: must be float32 or uint8",
+        ),  # removed
         ("qdrant-edge:g?hnsw_m=0", "option hnsw_m=0: must be a positive int"),
         ("qdrant-edge:g?colour=red", "unknown option 'colour'; the options are prefix, exact"),
     ],
@@ -351,7 +355,7 @@ def test_a_bad_gallery_spec_is_refused_in_the_flags_words(
 def test_stage1_is_refused_with_a_qdrant_gallery(tiny_bundle: Path, files: Path, tmp_path: Path) -> None:
     spec = f"qdrant-edge:{tmp_path / 'g'}"
     assert cli("index", "--bundle", tiny_bundle, "--images", files / "a.npy", "--gallery", spec)[0] == 0
-    for method in ("faiss", "numpy"):
+    for method in ("faiss-ivf", "numpy"):
         code, _, err = cli("search", "--bundle", tiny_bundle, "--gallery", spec, "a dog", "--stage1", method)
         assert code == 1 and "--stage1 is for an index folder" in err and "--gallery" in err
     assert cli("search", "--bundle", tiny_bundle, "--gallery", spec, "a dog")[0] == 0

@@ -56,13 +56,13 @@ def test_topk_clips_k_to_gallery_size_and_breaks_ties_by_row() -> None:
     assert idx.tolist() == [[0, 1, 2]] and scores.shape == (1, 3)
 
 
-def test_faiss_flat_and_numpy_stage1_return_the_same_topk() -> None:
+def test_faiss_ivf_probing_every_list_returns_numpy_stage1_topk_and_follows_appends() -> None:
     import faiss  # noqa: F401  (dev extra: a missing faiss fails, never skips)
 
     st, lo, ma, gr = items(300, 3, seed=2)
     a, b = (
         MemoryGallery(2 * D, D),
-        MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss"))),
+        MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss-ivf", nlist=4, nprobe=4))),
     )
     a.add(st, lo, ma, gr)
     b.add(st, lo, ma, gr)
@@ -73,22 +73,6 @@ def test_faiss_flat_and_numpy_stage1_return_the_same_topk() -> None:
     assert np.allclose(sa, sb, atol=1e-4)
     b.add(*items(10, 3, seed=9))  # the FAISS index follows appends
     assert b.view().topk(q, 400)[0].shape == (5, 310)
-
-
-def test_faiss_hnsw_finds_most_exact_neighbours() -> None:
-    import faiss  # noqa: F401  (dev extra: a missing faiss fails, never skips)
-
-    st, lo, ma, gr = items(400, 2, seed=4)
-    exact, hnsw = (
-        MemoryGallery(2 * D, D),
-        MemoryGallery(2 * D, D, GalleryOptions(stage1=Stage1Options(method="faiss-hnsw"))),
-    )
-    exact.add(st, lo, ma, gr)
-    hnsw.add(st, lo, ma, gr)
-    q = np.random.default_rng(5).normal(size=(10, 2 * D)).astype(np.float32)
-    ie, ih = exact.view().topk(q, 10)[0], hnsw.view().topk(q, 10)[0]
-    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ie, ih)])
-    assert overlap >= 0.8
 
 
 @pytest.mark.parametrize("options, min_overlap", [({}, 0.6), ({"nlist": 8, "nprobe": 8}, 1.0)])
@@ -150,10 +134,8 @@ def test_gather_keeps_real_positions_after_a_masked_gap() -> None:
     "dtype, mmap",
     [
         ("float32", False),
-        ("float16", False),
         ("int8", False),
         ("float32", True),
-        ("float16", True),
         ("int8", True),
     ],
 )
@@ -176,7 +158,7 @@ def test_gather_split_over_threads_equals_one_thread(
     rows[:5] = rows[0]  # repeated rows are fine
     view = g.view()
     one = view.gather(rows)
-    stored = {"float32": np.float32, "float16": np.float32, "int8": np.uint8}[dtype]  # float16 is widened
+    stored = {"float32": np.float32, "int8": np.uint8}[dtype]
     assert one.local.dtype == stored and (one.scale is not None) == (dtype == "int8")
     with ThreadPoolExecutor(3) as pool:
         for parts in (2, 3, 4, 99):
@@ -186,7 +168,7 @@ def test_gather_split_over_threads_equals_one_thread(
             assert np.array_equal(one.gram, split.gram)
     width = max(lengths[r] for r in rows)
     local, gram = one.dequantized()
-    tol = {"float32": 0, "float16": 2e-3, "int8": 1e-2}[dtype]
+    tol = {"float32": 0, "int8": 1e-2}[dtype]
     np.testing.assert_allclose(local, lo[rows, :width], atol=tol * np.abs(lo).max())
     np.testing.assert_allclose(gram, gr[rows, :width, :width], atol=tol * np.abs(gr).max())
     assert np.array_equal(one.mask, ma[rows, :width])
@@ -273,10 +255,10 @@ def test_concurrent_adds_from_threads_lose_nothing() -> None:
     assert all(v.ids[g.position(i)] == i for i in g.ids)
 
 
-# ---- memory-mapped / fp16 ---------------------------------------------------------
-def test_memmapped_fp16_gallery_lives_in_spill_files_and_matches_fp32(tmp_path: Path) -> None:
+# ---- memory-mapped / int8 locals ---------------------------------------------------
+def test_memmapped_int8_locals_gallery_lives_in_spill_files_and_matches_fp32(tmp_path: Path) -> None:
     g = MemoryGallery(
-        2 * D, D, GalleryOptions(layout=Layout("float32", "float16"), mmap=True, spill_dir=tmp_path / "spill")
+        2 * D, D, GalleryOptions(layout=Layout("float32", "int8"), mmap=True, spill_dir=tmp_path / "spill")
     )
     ref = MemoryGallery(2 * D, D)
     for seed in range(3):
@@ -286,13 +268,13 @@ def test_memmapped_fp16_gallery_lives_in_spill_files_and_matches_fp32(tmp_path: 
     v = g.view()
     local = v.blocks[0].local
     assert isinstance(local.base, np.memmap) or isinstance(local, np.memmap)
-    assert local.dtype == np.float16
-    for name in ("stage1", "local", "mask", "gram"):  # spill files are unlinked once mapped (POSIX)
+    assert local.dtype == np.uint8
+    for name in ("stage1", "local", "scale", "mask", "gram"):  # spill files are unlinked once mapped (POSIX)
         arr = getattr(v.blocks[0], name)
         mapped = arr if isinstance(arr, np.memmap) else arr.base
         assert isinstance(mapped, np.memmap) and Path(mapped.filename).parent == tmp_path / "spill"
     for a, b in zip(full(g), full(ref)):
-        assert np.allclose(a, b, atol=2e-3 * max(1.0, float(np.abs(b).max())))
+        assert np.allclose(a, b, atol=1e-2 * max(1.0, float(np.abs(b).max())))
 
 
 # ---- save / load --------------------------------------------------------------------
@@ -305,7 +287,7 @@ def saved(tmp_path: Path, dtype: str = "float32") -> tuple[Path, MemoryGallery]:
 
 
 @pytest.mark.parametrize("mmap", [False, True])
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
 def test_save_load_round_trip_restores_arrays_and_ids(tmp_path: Path, mmap: bool, dtype: str) -> None:
     path, g = saved(tmp_path, dtype)
     galleries, manifest = load_index(path, bundle_id="b1", options=GalleryOptions(mmap=mmap))

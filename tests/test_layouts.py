@@ -14,6 +14,7 @@ import pytest
 
 from mssan_infer import GalleryOptions, Retriever, Stage1Options
 from mssan_infer.errors import IndexFileError, InputError
+from mssan_infer.files import sha256_file
 from mssan_infer.gallery.folder import load_index, save_index
 from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.storage import LAYOUTS, Stage1Codec, quantize_vectors
@@ -45,7 +46,7 @@ def filled(layout: str, batches: int = 3, n: int = 400, **kw: Any) -> MemoryGall
 
 
 # ---- compressed stage 1 -------------------------------------------------------------
-@pytest.mark.parametrize("layout", ["fp16", "int8-stage1", "int8"])
+@pytest.mark.parametrize("layout", ["int8-stage1", "int8"])
 @pytest.mark.parametrize("k", [1, 10, 50])
 def test_compressed_stage1_returns_the_exact_topk_with_float32_scores(layout: str, k: int) -> None:
     exact, comp = filled("fp32", segment_rows=256), filled(layout, segment_rows=256)
@@ -57,7 +58,7 @@ def test_compressed_stage1_returns_the_exact_topk_with_float32_scores(layout: st
     assert cs.dtype == np.float32
 
 
-@pytest.mark.parametrize("layout", ["fp16", "int8-stage1"])
+@pytest.mark.parametrize("layout", ["int8-stage1", "int8"])
 def test_certified_stage1_is_exact_even_when_compressed_scores_tie(layout: str) -> None:
     # 600 near-copies of one vector: compressed scores tie, so over-fetching alone cannot find the top k;
     # the error bound makes the search fetch more until no unfetched item can beat the k-th
@@ -78,14 +79,13 @@ def test_certified_stage1_is_exact_even_when_compressed_scores_tie(layout: str) 
 def test_stage1_error_bound_holds_for_every_item() -> None:
     st = items(500, seed=4)[0]
     q = queries(8)
-    for storage in ("int8", "float16"):
-        codec = Stage1Codec(storage, 2 * D)
-        codes, outl = codec.encode(st)
-        assert not outl.any()
-        qq, factor = codec.query(q)
-        approx = (qq.astype(np.float64) @ codes.astype(np.float64).T) * factor[:, None]  # what FAISS computes
-        err = np.abs(approx - q.astype(np.float64) @ st.astype(np.float64).T)
-        assert (err.max(axis=1) <= codec.bound(q)).all()
+    codec = Stage1Codec("int8", 2 * D)
+    codes, outl = codec.encode(st)
+    assert not outl.any()
+    qq, factor = codec.query(q)
+    approx = (qq.astype(np.float64) @ codes.astype(np.float64).T) * factor[:, None]  # what FAISS computes
+    err = np.abs(approx - q.astype(np.float64) @ st.astype(np.float64).T)
+    assert (err.max(axis=1) <= codec.bound(q)).all()
 
 
 def test_items_past_the_int8_range_are_kept_exact_then_requantized() -> None:
@@ -214,13 +214,52 @@ def test_a_float32_index_converts_to_a_compressed_layout_on_load(tmp_path: Path)
     assert np.abs(local - g.view().gather(np.arange(10)).local).max() < 0.01
 
 
-@pytest.mark.parametrize("saved, wanted", [("int8", "fp32"), ("int8", "int8-stage1"), ("fp16", "fp32")])
+@pytest.mark.parametrize("saved, wanted", [("int8", "fp32"), ("int8", "int8-stage1")])
 def test_loading_coarser_locals_as_finer_ones_is_a_typed_error(
     tmp_path: Path, saved: str, wanted: str
 ) -> None:
     path = save_index(tmp_path / "idx", {"images": filled(saved, batches=1, n=50)}, bundle_id="b")
     with pytest.raises(InputError, match=f"layout='{saved}'"):
         load_index(path, options=GalleryOptions(layout=wanted))
+
+
+def _saved_as(path: Path, stage1: str, local: str) -> None:
+    """Rewrite a saved gallery's manifest and arrays as an index of ``stage1``/``local`` storage was written
+    before that storage was removed (the sha256 of every file kept right)."""
+    m = json.loads((path / "index.json").read_text())
+    entry = m["galleries"]["images"]
+    entry["dtype"] = local
+    entry["layout"] = {"name": "fp16", "stage1": stage1, "local": local, "gram": local}
+    if local == "float16":
+        for key in ("local", "gram"):
+            f = path / entry["files"][key]
+            np.save(f, np.load(f).astype(np.float16))
+    if stage1 == "float16":
+        f = path / "images_stage1_codes.npy"
+        np.save(f, np.load(path / entry["files"]["stage1"]).astype(np.float16))
+        entry["files"]["stage1_codes"] = f.name
+        np.save(path / "images_stage1_peak.npy", np.zeros(2 * D, np.float32))
+        entry["files"]["stage1_peak"] = "images_stage1_peak.npy"
+    m["files"] = {name: sha256_file(path / name) for name in entry["files"].values()}
+    (path / "index.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    "stage1, local, what",
+    [("float16", "float16", "the fp16 layout"), ("float32", "float16", "float16 locals")],
+    ids=["fp16", "float16-locals"],
+)
+@pytest.mark.parametrize("wanted", [None, "fp32", "int8"])
+def test_an_index_saved_in_the_removed_fp16_layout_is_refused_with_the_fix(
+    tmp_path: Path, stage1: str, local: str, what: str, wanted: str | None
+) -> None:
+    path = save_index(tmp_path / "idx", {"images": filled("fp32", batches=1, n=50)}, bundle_id="b")
+    _saved_as(path, stage1, local)
+    with pytest.raises(IndexFileError) as info:  # neither loaded as saved nor converted (silently widened)
+        load_index(path, bundle_id="b", options=GalleryOptions(layout=wanted))
+    msg = str(info.value)
+    assert f"index {path} was saved with {what}" in msg and "which was removed" in msg
+    assert "layout 'int8' (smaller) or 'fp32' (exact)" in msg and "--layout int8" in msg
 
 
 def test_a_tampered_scale_file_is_refused(tmp_path: Path) -> None:

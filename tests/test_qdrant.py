@@ -3,6 +3,7 @@ mode) against the in-memory gallery; metadata filters on every gallery."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -257,7 +258,7 @@ def test_a_gallery_built_with_another_bundle_or_layout_is_refused(tiny_bundle: P
         open_qdrant_galleries(QdrantEdge(tmp_path / "e"), ["images"], 8, 4, "bundle-b")
     with pytest.raises(IndexFileError, match="local_dtype|layout"):
         open_qdrant_galleries(
-            QdrantEdge(tmp_path / "e", QdrantOptions(local_dtype="float16")), ["images"], 8, 4, "bundle-a"
+            QdrantEdge(tmp_path / "e", QdrantOptions(local_dtype="uint8")), ["images"], 8, 4, "bundle-a"
         )
     client = QdrantClient(":memory:")
     open_qdrant_galleries(QdrantServer(client=client), ["images"], 8, 4, "bundle-a")
@@ -273,14 +274,49 @@ def test_a_gallery_built_with_another_bundle_or_layout_is_refused(tiny_bundle: P
     r.close()
 
 
+def test_a_gallery_built_with_the_removed_float16_locals_is_refused_with_the_fix(tmp_path: Path) -> None:
+    from qdrant_client import QdrantClient
+
+    from mssan_infer.qdrant.stores import META_FILE
+
+    def removed(meta: dict[str, Any]) -> dict[str, Any]:  # what local_dtype=float16 wrote
+        return {**meta, "layout": {**meta["layout"], "local_dtype": "float16"}}
+
+    def refused(spec: QdrantEdge | QdrantServer, where: str) -> None:
+        for options in (
+            QdrantOptions(),
+            QdrantOptions(local_dtype="uint8"),
+        ):  # opened as default, or as advised
+            with pytest.raises(IndexFileError) as info:
+                open_qdrant_galleries(
+                    dataclasses.replace(spec, options=options), ["images"], 8, 4, "bundle-a"
+                )
+            msg = str(info.value)
+            assert (
+                msg.startswith(f"{where} was built with local_dtype=float16") and "which was removed" in msg
+            )
+            assert "local_dtype=uint8 (smaller) or float32 (exact)" in msg and "--overwrite" in msg
+
+    open_qdrant_galleries(QdrantEdge(tmp_path / "e"), ["images"], 8, 4, "bundle-a")["images"].close()
+    meta_file = tmp_path / "e" / "images" / META_FILE
+    meta_file.write_text(json.dumps(removed(json.loads(meta_file.read_text()))))
+    refused(QdrantEdge(tmp_path / "e"), f"Qdrant Edge shard {tmp_path / 'e' / 'images'}")
+    client = QdrantClient(":memory:")
+    open_qdrant_galleries(QdrantServer(client=client), ["images"], 8, 4, "bundle-a")["images"].close()
+    (target,) = [a.collection_name for a in client.get_aliases().aliases if a.alias_name == "mssan_images"]
+    meta = dict(client.get_collection(target).config.metadata)
+    client.update_collection(target, metadata=removed(meta))
+    refused(QdrantServer(client=client), "Qdrant collection 'mssan_images'")
+
+
 @pytest.mark.parametrize(
     "spec, kind, options",
     [
         ("qdrant-edge:/data/g", "edge", {}),
         (
-            "qdrant-edge:/data/g?quantization=int8&local_dtype=float16",
+            "qdrant-edge:/data/g?quantization=int8&local_dtype=uint8",
             "edge",
-            {"quantization": "int8", "local_dtype": "float16"},
+            {"quantization": "int8", "local_dtype": "uint8"},
         ),
         (
             "qdrant:http://localhost:6333?prefix=demo&exact=false&hnsw_ef=64",
@@ -318,6 +354,7 @@ def test_a_server_gallery_string_takes_a_cache_folder_and_an_edge_one_refuses_it
         ("qdrant-edge:/g?colour=red", "unknown option"),
         ("qdrant-edge:/g?exact=maybe", "malformed"),
         ("qdrant-edge:/g?local_dtype=int4", "local_dtype"),
+        ("qdrant-edge:/g?local_dtype=float16", "local_dtype=float16: must be float32 or uint8"),  # removed
         ("qdrant-edge:/g?quantization=pq", "quantization"),
         (3, "gallery must be"),
     ],
@@ -332,7 +369,6 @@ def test_bad_gallery_strings_are_refused(spec: Any, match: str) -> None:
     "options, atol",
     [
         ({"quantization": "int8"}, 1e-5),  # stage 1 int8, rescored: final scores exact
-        ({"local_dtype": "float16"}, 5e-3),
         ({"local_dtype": "uint8"}, 3e-2),
         ({"exact": False, "hnsw_ef": 64}, 1e-5),
     ],
@@ -438,7 +474,7 @@ def test_replacing_server_galleries_refuses_a_plain_collection_before_building(t
 
 
 # ---- a server's rerank inputs: binary payloads, read through a cache on the query node --------------------
-@pytest.mark.parametrize("local_dtype, layout", [("float16", "float16"), ("uint8", "int8")])
+@pytest.mark.parametrize("local_dtype, layout", [("float32", "float32"), ("uint8", "int8")])
 @pytest.mark.parametrize("cached", [False, True], ids=["payload", "cache"])
 def test_a_server_gallery_stores_the_in_memory_layout_and_scores_as_it_does(
     tiny_bundle: Path, data: dict[str, Any], tmp_path: Path, local_dtype: str, layout: str, cached: bool

@@ -124,7 +124,7 @@ def test_fast_sets_the_int8_encoder_and_layout_or_refuses_a_contradiction(tiny_b
     backend, gallery = fast_path("onnxruntime", None)
     assert backend.precision == "int8" and gallery.resolved_layout().name == "int8"
     with pytest.raises(InputError, match="fast=True uses the int8 layout"):
-        fast_path("onnxruntime", GalleryOptions(layout="fp16"))
+        fast_path("onnxruntime", GalleryOptions(layout="int8-stage1"))
     with pytest.raises(InputError, match="int8 text encoder on ONNX Runtime"):
         fast_path(OnnxRuntimeOptions(precision="fp16"), None)
     with pytest.raises(InputError, match="int8 text encoder on ONNX Runtime"):

@@ -124,7 +124,7 @@ def test_a_gallery_without_texts_or_sources_writes_no_such_file(tmp_path: Path) 
     assert _records(galleries["texts"]) == [ItemRecord(0), ItemRecord(1)]
 
 
-@pytest.mark.parametrize("layout", ["fp16", "int8-stage1", "int8"])
+@pytest.mark.parametrize("layout", ["int8-stage1", "int8"])
 def test_records_survive_loading_into_another_layout(tmp_path: Path, layout: str) -> None:
     path = save_index(tmp_path / "idx", {"images": _gallery()}, bundle_id="b1")
     galleries, _ = load_index(path, bundle_id="b1", options=GalleryOptions(layout=layout))

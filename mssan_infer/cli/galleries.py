@@ -94,19 +94,17 @@ def qdrant_spec(gallery: GalleryArg) -> QdrantEdge | QdrantServer | None:
 
 def layout_flags(layout: Layout) -> str:
     """The ``index`` flags that ask for ``layout``."""
-    if layout == Layout("float32", "float16"):
-        return "--fp16-locals"
     if layout.name in LAYOUTS:
         return f"--layout {layout.name}"
     return f"layout stage1={layout.stage1}, local={layout.local} (no flag gives it)"
 
 
 def _check_stage1(index: str | os.PathLike[str], stage1: Stage1Options) -> None:
-    """Refuse ``--stage1`` FAISS on an index whose stage 1 is compressed (it scans its own codes)."""
+    """Refuse ``--stage1 faiss-ivf`` on an index whose stage 1 is compressed (it scans its own codes)."""
     if stage1.method == "numpy":
         return
     try:
-        saved = [saved_layout(e) for e in read_index_manifest(index)["galleries"].values()]
+        saved = [saved_layout(e, f"index {index}") for e in read_index_manifest(index)["galleries"].values()]
     except (KeyError, TypeError, ValueError, InputError):
         return  # a damaged manifest: loading the index reports it
     compressed = sorted({lay.name for lay in saved if lay.compressed_stage1})

@@ -325,11 +325,12 @@ def _index_folder(
 
 
 def _check_same_layout(outp: Path, wanted: Layout) -> None:
-    """Refuse ``--append`` with a ``--layout`` / ``--fp16-locals`` other than the saved index's: loading it in
+    """Refuse ``--append`` with a ``--layout`` other than the saved index's: loading it in
     another layout would rewrite every item it holds (and a coarser one loses their exact values)."""
     try:
         galleries = read_index_manifest(outp)["galleries"].values()
-        saved = {saved_layout(entry) for entry in galleries if int(entry.get("n", 1)) > 0}  # items to convert
+        where = f"the index at --out {outp}"
+        saved = {saved_layout(e, where) for e in galleries if int(e.get("n", 1)) > 0}  # items to convert
     except (KeyError, TypeError, ValueError, InputError):
         return  # a damaged manifest: loading the index reports it
     other = sorted((lay for lay in saved if lay != wanted), key=lambda lay: lay.name)
@@ -338,7 +339,7 @@ def _check_same_layout(outp: Path, wanted: Layout) -> None:
         raise InputError(
             f"--out {outp} holds an index built with {held}, but this --append asks for "
             f"{layout_flags(wanted)}, which would convert every item already there: append without "
-            "--layout / --fp16-locals (the index keeps its layout), or rebuild it in the new layout with "
+            "--layout (the index keeps its layout), or rebuild it in the new layout with "
             "--overwrite"
         )
 

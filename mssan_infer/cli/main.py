@@ -18,7 +18,8 @@ from mssan_infer.cli.info import print_info, run_info
 from mssan_infer.cli.remove import run_remove
 from mssan_infer.cli.search import print_hits, run_search, where_filter
 from mssan_infer.errors import InputError, MssanError
-from mssan_infer.gallery.storage import Layout
+from mssan_infer.gallery.stage1 import STAGE1_METHODS
+from mssan_infer.gallery.storage import LAYOUTS
 from mssan_infer.images.files import is_features_file
 from mssan_infer.options import (
     BackendOptions,
@@ -143,15 +144,8 @@ def _parser() -> argparse.ArgumentParser:
         help="number items without an ids file after the largest int id in the index, not from 0",
     )
     ix.add_argument(
-        "--fp16-locals",
-        action="store_true",
-        help="store locals and Grams in float16 (half their size) beside an exact float32 stage 1: the "
-        "layout stage1=float32, local=float16, which no --layout name gives (--layout fp16 also rounds "
-        "stage 1); an index folder only, not with --layout",
-    )
-    ix.add_argument(
         "--layout",
-        choices=("fp32", "fp16", "int8-stage1", "int8"),
+        choices=tuple(LAYOUTS),
         default=None,
         help="gallery layout (default fp32, or the layout of the index appended to); docs/galleries.md "
         "'Layouts'",
@@ -177,9 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument(
         "--stage1",
         default=None,
-        choices=("numpy", "faiss", "faiss-ivf", "faiss-hnsw"),
-        help="stage-1 search of an index folder (numpy and faiss exact; faiss-ivf, faiss-hnsw approximate; "
-        "default numpy); Qdrant galleries take theirs in --gallery",
+        choices=STAGE1_METHODS,
+        help="stage-1 search of an index folder (numpy exact; faiss-ivf approximate; default numpy); "
+        "Qdrant galleries take theirs in --gallery",
     )
     se.add_argument("--json", action="store_true", help="print one JSON object (ids keep their type)")
 
@@ -318,20 +312,16 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         if getattr(args, "fast", False):
             if args.precision not in ("fp32", "int8") or getattr(args, "layout", None) not in (None, "int8"):
                 raise InputError("--fast is --precision int8 with --layout int8: drop --fast or those flags")
-            if args.command == "index" and args.fp16_locals:
-                raise InputError("--fast stores int8 locals: drop --fp16-locals or --fast")
             args.precision = "int8"
             if args.command == "index" and not _in_qdrant(args):
                 args.layout = "int8"
         backend = _backend(args)
         if args.command == "index":
-            if args.fp16_locals and args.layout is not None:
-                raise InputError("--fp16-locals is --layout with float16 locals: give one of them")
-            layout = Layout("float32", "float16") if args.fp16_locals else args.layout
+            layout = args.layout
             if _in_qdrant(args) and layout is not None:
                 raise InputError(
-                    "--layout and --fp16-locals are for an index folder (--out); a Qdrant gallery takes "
-                    "its storage options in --gallery (e.g. ?local_dtype=float16)"
+                    "--layout is for an index folder (--out); a Qdrant gallery takes its storage options in "
+                    "--gallery (e.g. ?local_dtype=uint8)"
                 )
             summary = run_index(
                 args.bundle,

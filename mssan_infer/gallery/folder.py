@@ -38,7 +38,14 @@ from mssan_infer.files import (
 from mssan_infer.gallery.base import ItemId, check_id, check_labels
 from mssan_infer.gallery.filters import check_metadata
 from mssan_infer.gallery.memory import MemoryGallery
-from mssan_infer.gallery.storage import Layout, Stage1Codec, int8_codes_as_stored, local_dtype, store_locals
+from mssan_infer.gallery.storage import (
+    Layout,
+    Stage1Codec,
+    check_saved_storage,
+    int8_codes_as_stored,
+    local_dtype,
+    store_locals,
+)
 from mssan_infer.names import INDEX_FORMAT, INDEX_FORMAT_VERSION, INDEX_MANIFEST
 from mssan_infer.options import GalleryOptions
 
@@ -72,8 +79,8 @@ def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str
     Returns the manifest entry: the gallery's ``meta()`` (with its layout) plus ``files`` {array: file name}.
     Every layout writes ``stage1`` (float32), ``local``, ``mask``, ``gram`` and ``ids`` (plus ``meta``,
     ``text`` and ``source`` when any item has them); int8 locals add
-    ``local_scale`` (one float32 per vector); a compressed stage 1 adds ``stage1_codes``, ``stage1_peak``
-    and, for int8, ``stage1_scale`` (per dimension) and ``stage1_outliers`` (rows kept exact).
+    ``local_scale`` (one float32 per vector); an int8 stage 1 adds ``stage1_codes``, ``stage1_peak``,
+    ``stage1_scale`` (per dimension) and ``stage1_outliers`` (rows kept exact).
     """
     with gallery._lock:  # one consistent moment: meta and view together
         entry = gallery.meta()
@@ -128,11 +135,16 @@ def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str
     return entry
 
 
-def saved_layout(entry: Mapping[str, Any]) -> Layout:
-    """The layout a manifest entry was saved in."""
+def saved_layout(entry: Mapping[str, Any], where: str = "this index") -> Layout:
+    """The layout a manifest entry was saved in.
+
+    Raises:
+        IndexFileError: a damaged record, or a removed layout (``fp16``, float16 locals: rebuild the index).
+    """
     rec = entry.get("layout")
     if not isinstance(rec, dict):
         raise IndexFileError("the index manifest's layout record is not an object; rebuild the index")
+    check_saved_storage(rec.get("stage1"), rec.get("local"), where)
     if str(entry.get("dtype")) != str(rec.get("local")):
         raise IndexFileError(
             f"gallery dtype {entry.get('dtype')!r} does not match its layout's locals "
@@ -143,7 +155,7 @@ def saved_layout(entry: Mapping[str, Any]) -> Layout:
 
 def _conversion(saved: Layout, wanted: Layout, folder: Path) -> None:
     """Refuse a load that would need values the index no longer has (lossy locals loaded as finer ones)."""
-    rank = {"float32": 0, "float16": 1, "int8": 2}
+    rank = {"float32": 0, "int8": 1}
     if rank[wanted.local] < rank[saved.local]:
         raise InputError(
             f"index {folder} holds {saved.local} locals (layout {saved.name!r}); they cannot be loaded as "
@@ -161,16 +173,16 @@ def read_gallery(
 
     With ``options.mmap`` the saved arrays are mapped read-only (later adds go to new segments). A
     compressed stage 1 always maps its float32 rows. ``options.layout`` (default: as saved) converts
-    while loading: float32 locals to float16 or int8, float16 to int8, and any stage 1 to any (every
-    index keeps float32 stage-1 rows); loading coarser locals as finer ones is refused.
+    while loading: float32 locals to int8, and any stage 1 to any (every index keeps float32 stage-1
+    rows); loading int8 locals as float32 is refused.
 
     Raises:
-        IndexFileError: missing or inconsistent files.
+        IndexFileError: missing or inconsistent files, or a removed layout (``fp16``: rebuild the index).
         InputError: a layout the saved values cannot give (e.g. int8 locals as float32).
     """
     try:
         files = entry["files"]
-        saved = saved_layout(entry)
+        saved = saved_layout(entry, f"index {folder}")
         opts = options if options is not None else GalleryOptions()
         wanted = opts.resolved_layout(saved)
         n = int(entry["n"])

@@ -9,9 +9,9 @@ write only past those rows, and removals replace the segments they touch.
 
 Items of different lengths (regions ``R`` or words ``L``) are padded with a mask, per segment
 to the longest item it holds. How a gallery stores stage-1 vectors and locals is its
-:class:`~.quant.Layout` (float32 by default; float16 and int8 options, see :mod:`.quant`).
-Stage 1 is an exact inner-product top-k in numpy by default, FAISS (flat, IVF or HNSW) on
-request, or a compressed scan rescored exactly (compressed stage-1 layouts).
+:class:`~.storage.Layout` (float32 by default; int8 options, see :mod:`.storage`).
+Stage 1 is an exact inner-product top-k in numpy by default, FAISS IVF on request (approximate),
+or an int8 scan rescored exactly (compressed stage-1 layouts).
 Saving to and loading from folders is :mod:`mssan_infer.gallery.folder`'s job.
 """
 
@@ -87,7 +87,7 @@ class MemoryGallery:
 
     Raises:
         InputError: bad dims or options.
-        BackendUnavailableError: a FAISS method or compressed stage 1 without faiss installed.
+        BackendUnavailableError: the FAISS IVF method or a compressed stage 1 without faiss installed.
     """
 
     def __init__(

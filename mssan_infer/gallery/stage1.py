@@ -1,4 +1,9 @@
-"""Stage 1: maximum-inner-product top-k over stage-1 vectors (exact numpy, or FAISS)."""
+"""Stage 1: maximum-inner-product top-k over stage-1 vectors (exact numpy, or FAISS IVF), and the FAISS
+searcher of the int8 layouts' compressed codes.
+
+The stage-1 methods are ``numpy`` (exact) and ``faiss-ivf`` (approximate); ``faiss`` (IndexFlatIP)
+and ``faiss-hnsw`` were removed: they won on no axis (docs/experiments/2026-12-06-stage1-scan.md).
+"""
 
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STAGE1_METHODS = ("numpy", "faiss", "faiss-ivf", "faiss-hnsw")
+STAGE1_METHODS = ("numpy", "faiss-ivf")
 # a compressed scan gets a second thread only for this many bytes of codes per thread: below it,
 # dispatching the thread and merging its results costs more than it saves (docs/experiments/
 # 2026-12-06-stage1-scan.md)
@@ -38,10 +43,10 @@ MIN_SCAN_BYTES = 4 << 20
 
 
 def check_method(method: str) -> str:
-    """``method`` if it is a stage-1 method (FAISS ones need faiss installed).
+    """``method`` if it is a stage-1 method (``faiss-ivf`` needs faiss installed).
 
     Raises:
-        InputError: unknown method. BackendUnavailableError: a FAISS method without faiss.
+        InputError: unknown method. BackendUnavailableError: ``faiss-ivf`` without faiss.
     """
     if method not in STAGE1_METHODS:
         raise InputError(f"stage1 must be one of {STAGE1_METHODS}, got {method!r}")
@@ -111,21 +116,21 @@ def import_faiss(needed_for: str = "stage-1 search with FAISS", instead: str = "
 
 
 def build_faiss(method: str, stage1: np.ndarray, options: Mapping[str, int]) -> Any:
-    """A FAISS index of ``method`` ("faiss" flat, "faiss-ivf", "faiss-hnsw") over ``stage1 [N, 2D]``."""
+    """A FAISS index of ``method`` (``"faiss-ivf"``: IndexIVFFlat) over ``stage1 [N, 2D]``.
+
+    Raises:
+        InputError: another method.
+    """
+    if method != "faiss-ivf":
+        raise InputError(f"a FAISS stage 1 is 'faiss-ivf', got {method!r}")
     faiss = import_faiss()
     x = np.ascontiguousarray(stage1, dtype=np.float32)
     d, n = x.shape[1], x.shape[0]
-    if method == "faiss":
-        index = faiss.IndexFlatIP(d)
-    elif method == "faiss-hnsw":
-        index = faiss.IndexHNSWFlat(d, int(options.get("M", 32)), faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = int(options.get("ef_search", 128))
-    else:
-        nlist = int(options.get("nlist", default_ivf_nlist(n)))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.nprobe = int(options.get("nprobe", min(nlist, 16)))  # FAISS keeps `quantizer` referenced
+    nlist = int(options.get("nlist", default_ivf_nlist(n)))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.nprobe = int(options.get("nprobe", min(nlist, 16)))  # FAISS keeps `quantizer` referenced
     index.add(x)
     log.debug("built FAISS %s over %d items", method, n)
     return index
@@ -136,7 +141,7 @@ def faiss_topk(index: Any, queries: np.ndarray, k: int, n: int) -> tuple[np.ndar
     k = min(int(k), n)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     scores, idx = index.search(q, k)
-    if (idx < 0).any():  # IVF/HNSW may return fewer than k: keep the columns every row filled
+    if (idx < 0).any():  # IVF may return fewer than k: keep the columns every row filled
         width = int((idx >= 0).sum(1).min())
         idx, scores = idx[:, :width], scores[:, :width]
     return idx.astype(np.int64), scores.astype(np.float32)

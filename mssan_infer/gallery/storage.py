@@ -1,4 +1,4 @@
-"""Gallery layouts: how a gallery stores its stage-1 vectors and locals (exact, float16, int8).
+"""Gallery layouts: how a gallery stores its stage-1 vectors and locals (exact or int8).
 
 A *layout* is a pair: the storage of the stage-1 vectors that stage 1 scans, and the storage
 of the locals (and Gram matrices) that the scorer reranks.
@@ -7,14 +7,12 @@ of the locals (and Gram matrices) that the scorer reranks.
 layout                    stage-1 scan    locals / Grams             final scores
 ========================  ==============  =========================  ==========================
 ``fp32`` (default)        float32 (BLAS)  float32 / float32          the PyTorch ``score``
-``fp16``                  float16 (FAISS) float16 / float16          stage-1 exact, ``s_ll`` of
-                                                                     fp16-rounded locals
 ``int8-stage1``           int8 (FAISS)    float32 / float32          the PyTorch ``score``
 ``int8``                  int8 (FAISS)    int8 + per-vector scale /  stage-1 exact, ``s_ll`` of
                                           float16 (of the int8)      the dequantized locals
 ========================  ==============  =========================  ==========================
 
-A compressed stage 1 (``float16``, ``int8``) keeps the float32 stage-1 rows too, in a
+A compressed (``int8``) stage 1 keeps the float32 stage-1 rows too, in a
 memory-mapped file that is read only for candidates: the scan over-fetches by the
 compressed scores, the candidates are rescored exactly from the float32 rows, best compressed
 score first, and a bound on the quantization error (:func:`Stage1Codec.bound`) certifies that no
@@ -35,6 +33,10 @@ int8 locals are symmetric per vector (each region's / word's ``D`` values share 
 ``max |v| / 127``), stored as uint8 codes + 128, and reach the scorer as stored: the ``*_int8`` query
 scorers run their big product as an integer GEMM on them. Their Gram matrices are computed from the
 dequantized vectors.
+
+The ``fp16`` layout and float16 storage (stage 1 or locals) were removed: they won on no axis
+(docs/experiments/2026-12-06-stage1-scan.md). A gallery saved with them is refused on load
+(:func:`check_saved_storage`), never converted silently.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from mssan_infer.errors import InputError
+from mssan_infer.errors import IndexFileError, InputError
 from mssan_infer.gallery.stage1 import import_faiss
 
 __all__ = [
@@ -59,12 +61,14 @@ __all__ = [
     "LOCAL_DTYPES",
     "dequantize_into",
     "store_locals",
-    "F16_REL",
+    "REMOVED_STORAGE",
+    "check_saved_storage",
 ]
 
-STORAGE = ("float32", "float16", "int8")
-LOCAL_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.uint8}
-F16_REL = 2.0**-11  # float16 rounding: relative error of a normal number
+STORAGE = ("float32", "int8")
+LOCAL_DTYPES = {"float32": np.float32, "int8": np.uint8}
+# float16 gallery storage (the ``fp16`` layout, float16 locals): removed, refused when a saved gallery has it
+REMOVED_STORAGE = "float16"
 _F32_EPS = 2.0**-24
 
 
@@ -83,7 +87,7 @@ class Layout:
 
     @property
     def gram(self) -> str:
-        """Gram storage: float32 beside float32 locals, else float16."""
+        """Gram storage: float32 beside float32 locals, float16 beside int8 locals."""
         return "float32" if self.local == "float32" else "float16"
 
     @property
@@ -109,7 +113,6 @@ class Layout:
 
 LAYOUTS: dict[str, Layout] = {
     "fp32": Layout("float32", "float32"),
-    "fp16": Layout("float16", "float16"),
     "int8-stage1": Layout("int8", "float32"),
     "int8": Layout("int8", "int8"),
 }
@@ -135,6 +138,27 @@ def parse_layout(layout: str | Layout | None, local_dtype: str | None = None) ->
             raise InputError(f"local_dtype must be one of {STORAGE}, got {local_dtype!r}")
         lay = Layout(lay.stage1, local_dtype)
     return lay
+
+
+def check_saved_storage(stage1: Any, local: Any, where: str) -> None:
+    """Refuse a gallery saved with the removed float16 storage (the ``fp16`` layout, or float16 locals).
+
+    Raises:
+        IndexFileError: ``stage1`` or ``local`` is ``"float16"``; the message says how to rebuild it.
+    """
+    if REMOVED_STORAGE not in (stage1, local):
+        return
+    what = (
+        "the fp16 layout"
+        if (stage1, local) == (REMOVED_STORAGE, REMOVED_STORAGE)
+        else f"float16 locals (layout stage1={stage1}, local={local}, `--fp16-locals`)"
+    )
+    raise IndexFileError(
+        f"{where} was saved with {what}, which was removed (float16 gallery storage won on no axis): "
+        "re-index the features with layout 'int8' (smaller) or 'fp32' (exact): "
+        "`python -m mssan_infer index ... --layout int8 --overwrite`, or "
+        "GalleryOptions(layout='int8') and Retriever.save"
+    )
 
 
 # ---- locals: int8 with one scale per vector --------------------------------------------
@@ -166,13 +190,13 @@ def store_locals(
     """Locals ``[N, P, D]`` and Grams ``[N, P, P]`` (float32) as ``storage`` keeps them -> ``(local, scale,
     gram)``.
 
-    ``float16``: both rounded. ``int8``: per-vector codes (uint8, + 128) and scales ``[N, P]``, and the
+    ``float32``: as given. ``int8``: per-vector codes (uint8, + 128) and scales ``[N, P]``, and the
     Grams of the dequantized locals in float16 (the scorer then scores the dequantized item exactly).
     """
     if storage == "float32":
         return local, None, gram
-    if storage == "float16":
-        return local.astype(np.float16), None, gram.astype(np.float16)
+    if storage != "int8":
+        raise InputError(f"locals storage must be one of {STORAGE}, got {storage!r}")
     codes, scale = quantize_vectors(local)
     deq = np.empty(codes.shape, np.float32)
     dequantize_into(deq, codes, scale)
@@ -192,11 +216,11 @@ def int8_codes_as_stored(codes: np.ndarray) -> np.ndarray:
 
 # ---- stage 1: compressed codes searched by FAISS, rescored from float32 rows -----------------
 class Stage1Codec:
-    """Compressed stage-1 storage (``"float16"`` or ``"int8"``) and its error bound.
+    """Compressed stage-1 storage (``"int8"``, the only one) and its error bound.
 
-    ``int8``: codes ``round(x / sigma)`` in ``[-127, 127]`` with per-dimension scales ``sigma``
-    (FAISS ``QT_8bit_direct_signed`` searched with ``q * sigma``). ``float16``: FAISS ``QT_fp16``.
-    ``peak`` tracks ``max |x_j|`` per dimension over the encoded items (float16's bound).
+    Codes ``round(x / sigma)`` in ``[-127, 127]`` with per-dimension scales ``sigma``
+    (FAISS ``QT_8bit_direct_signed`` searched with ``q * sigma``). ``peak`` tracks ``max |x_j|`` per
+    dimension over the encoded items (the float32 summation error of the bound).
 
     Raises:
         BackendUnavailableError: faiss is not installed.
@@ -205,8 +229,8 @@ class Stage1Codec:
     def __init__(
         self, storage: str, dim: int, sigma: np.ndarray | None = None, peak: np.ndarray | None = None
     ) -> None:
-        if storage not in ("float16", "int8"):
-            raise InputError(f"compressed stage-1 storage must be 'float16' or 'int8', got {storage!r}")
+        if storage != "int8":
+            raise InputError(f"compressed stage-1 storage must be 'int8', got {storage!r}")
         self.faiss = import_faiss(f"a layout with a {storage} stage 1", "the fp32 layout")
         self.storage = storage
         self.dim = int(dim)
@@ -216,12 +240,11 @@ class Stage1Codec:
             0 if self.sigma is None else 127 * self.dim
         )  # largest sum_j |code_j| (int8; refined on encode)
         self._fitted_l1 = self.sigma is None  # a codec given saved scales starts from the worst case
-        qt = self.faiss.ScalarQuantizer
-        self._qtype = qt.QT_fp16 if storage == "float16" else qt.QT_8bit_direct_signed
+        self._qtype = self.faiss.ScalarQuantizer.QT_8bit_direct_signed
 
     @property
     def code_dtype(self) -> np.dtype[Any]:
-        return np.dtype(np.float16 if self.storage == "float16" else np.int8)
+        return np.dtype(np.int8)
 
     def fit(self, x: np.ndarray) -> None:
         """Per-dimension int8 scales from ``x [N, 2D]`` (``max |x_j| / 127``, at least a tiny floor)."""
@@ -242,8 +265,6 @@ class Stage1Codec:
             self.peak = np.maximum(
                 self.peak, np.abs(x).max(axis=0)
             )  # replaced, not changed: views keep theirs
-        if self.storage == "float16":
-            return x.astype(np.float16), np.zeros(len(x), bool)
         if self.sigma is None:
             self.fit(x)
         assert self.sigma is not None
@@ -262,22 +283,15 @@ class Stage1Codec:
         return self.faiss.IndexScalarQuantizer(self.dim, self._qtype, self.faiss.METRIC_INNER_PRODUCT)
 
     def add_codes(self, index: Any, codes: np.ndarray) -> None:
-        """Append ``codes [N, 2D]`` (this storage's dtype) to a FAISS index of :meth:`new_index`."""
+        """Append int8 ``codes [N, 2D]`` to a FAISS index of :meth:`new_index`."""
         if not len(codes):
             return
-        if self.storage == "float16":
-            raw = np.ascontiguousarray(codes, dtype=np.float16).view(np.uint8)
-        else:
-            raw = np.ascontiguousarray(codes, dtype=np.int8).view(np.uint8) ^ np.uint8(
-                0x80
-            )  # FAISS: value + 128
+        raw = np.ascontiguousarray(codes, dtype=np.int8).view(np.uint8) ^ np.uint8(0x80)  # FAISS: value + 128
         index.add_sa_codes(np.ascontiguousarray(raw))
 
     def codes_of(self, index: Any) -> np.ndarray:
-        """The codes held by a FAISS index, ``[ntotal, 2D]`` of this storage's dtype (a copy)."""
+        """The int8 codes held by a FAISS index, ``[ntotal, 2D]`` (a copy)."""
         raw = self.faiss.vector_to_array(index.codes).reshape(index.ntotal, -1)
-        if self.storage == "float16":
-            return raw.view(np.float16).reshape(index.ntotal, self.dim)
         return (raw ^ np.uint8(0x80)).view(np.int8)
 
     def query(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -285,12 +299,10 @@ class Stage1Codec:
         scores
         into approximate inner products.
 
-        int8: FAISS scans int8 codes against an *integer* query (its byte kernel rounds the query to
+        FAISS scans int8 codes against an *integer* query (its byte kernel rounds the query to
         integers), so the query ``q * sigma`` is scaled to span ``[-127, 127]`` and rounded here.
         """
         q = np.ascontiguousarray(q, dtype=np.float32)
-        if self.storage == "float16":
-            return q, np.ones(len(q), np.float64)
         assert self.sigma is not None
         qs = q.astype(np.float64) * self.sigma
         lam = 127.0 / np.maximum(np.abs(qs).max(axis=1), 1e-30)  # [Q]
@@ -318,17 +330,13 @@ class Stage1Codec:
         """``[Q]``: the most a compressed score can differ from the float32 one, for any stored non-outlier
         item.
 
-        int8: ``sum_j |q_j| sigma_j / 2`` (codes rounded to the nearest step) ``+ l1 / (2 lam)`` (the query
-        rounded to integers, ``l1`` the largest ``sum_j |code_j|`` of any item); float16:
-        ``2^-11 sum_j |q_j| peak_j`` (+ subnormals); both plus the float32 summation error of the two dot
-        products (``2 * 2D * 2^-24 * sum_j |q_j| peak_j``).
+        ``sum_j |q_j| sigma_j / 2`` (codes rounded to the nearest step) ``+ l1 / (2 lam)`` (the query
+        rounded to integers, ``l1`` the largest ``sum_j |code_j|`` of any item), plus the float32 summation
+        error of the two dot products (``2 * 2D * 2^-24 * sum_j |q_j| peak_j``).
         """
         aq = np.abs(np.asarray(q, np.float32)).astype(np.float64)
         mass = aq @ self.peak.astype(np.float64)
-        if self.storage == "int8":
-            assert self.sigma is not None
-            inv_lam = np.abs(aq * self.sigma).max(axis=1) / 127.0
-            quant = 0.5 * (aq @ self.sigma.astype(np.float64)) + 0.5 * inv_lam * float(self.l1max)
-        else:
-            quant = F16_REL * mass + 2.0**-25 * aq.sum(axis=1)
+        assert self.sigma is not None
+        inv_lam = np.abs(aq * self.sigma).max(axis=1) / 127.0
+        quant = 0.5 * (aq @ self.sigma.astype(np.float64)) + 0.5 * inv_lam * float(self.l1max)
         return (quant + 2.0 * self.dim * _F32_EPS * (mass + 1.0)).astype(np.float64)

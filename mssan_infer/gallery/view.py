@@ -47,7 +47,7 @@ class Block:
     start: int
     count: int
     stage1: np.ndarray  # [count, D2] float32
-    local: np.ndarray  # [count, P, D] float32 | float16 | uint8 (int8 codes + 128)
+    local: np.ndarray  # [count, P, D] float32 | uint8 (int8 codes + 128)
     scale: np.ndarray | None  # [count, P] float32 (int8 locals)
     mask: np.ndarray  # [count, P] float32
     gram: np.ndarray  # [count, P, P]
@@ -74,7 +74,7 @@ class ArrayView:
     ids: Sequence[ItemId]  # valid at positions < n
     blocks: tuple[Block, ...]
     layout: Layout
-    faiss_index: Any = None  # FAISS over the float32 stage 1 (stage1="faiss*")
+    faiss_index: Any = None  # FAISS IVF over the float32 stage 1 (stage1="faiss-ivf")
     codec: Stage1Codec | None = None  # compressed stage 1: its scales at the time of the snapshot
     searcher: Codes | None = None  # FAISS over the compressed codes
     outliers: np.ndarray | None = None  # rows scored exactly on every query (int8 stage 1)
@@ -269,7 +269,7 @@ class ArrayView:
             rows: gallery rows, in the order wanted.
             executor, parts: copy in ``parts`` slices, ``parts - 1`` of them on ``executor``
                 (the caller copies one). Memory-mapped rows are read in file order.
-        Returns: :class:`Candidates`: float32 locals and Grams (float16 locals are widened), or the
+        Returns: :class:`Candidates`: float32 locals and Grams, or the
         ``int8`` layout's uint8 codes, scales and float16 Grams as stored. A run of consecutive rows of
         one float32 block at its full width is returned without a copy (exhaustive search).
         """
@@ -350,7 +350,7 @@ class ArrayView:
                         gram[pos] = 0
                         if scale is not None:
                             scale[pos, w:] = 0
-                    local[pos, :w] = blk.local[r, :w]  # casts float16 storage
+                    local[pos, :w] = blk.local[r, :w]
                     if scale is not None and blk.scale is not None:
                         scale[pos, :w] = blk.scale[r, :w]
                     gram[pos, :w, :w] = blk.gram[r, :w, :w]

@@ -33,7 +33,7 @@ __all__ = ["SidecarLocals", "FOLDER", "STORAGE_OF", "write_arrays"]
 
 FOLDER = "mssan_locals"
 # QdrantOptions.local_dtype -> the in-memory gallery's storage of locals
-STORAGE_OF = {"float32": "float32", "float16": "float16", "uint8": "int8"}
+STORAGE_OF = {"float32": "float32", "uint8": "int8"}
 _SEG = re.compile(r"seg-(\d{8})")
 
 
@@ -55,7 +55,7 @@ class SidecarLocals:
     Args:
         shard: the Edge shard's folder (the segments go in ``shard/mssan_locals``).
         local_dim: ``D``.
-        storage: ``"float32"``, ``"float16"`` or ``"int8"``.
+        storage: ``"float32"`` or ``"int8"``.
     """
 
     def __init__(self, shard: Path, local_dim: int, storage: str) -> None:
@@ -112,8 +112,8 @@ class SidecarLocals:
             return self._open[seg]
 
     def gather(self, locs: Sequence[Any]) -> Candidates:
-        """The rerank inputs of the rows ``locs`` (``[segment, row]`` each) as stored (float16 locals
-        widened), trimmed to the longest item among them: one fancy-indexed copy per segment and array."""
+        """The rerank inputs of the rows ``locs`` (``[segment, row]`` each) as stored, trimmed to the
+        longest item among them: one fancy-indexed copy per segment and array."""
         by_seg: dict[int, list[tuple[int, int]]] = {}  # segment -> [(position in the output, row)]
         for at, loc in enumerate(locs):
             try:

@@ -12,7 +12,8 @@ from mssan_infer.errors import InputError
 
 __all__ = ["QdrantOptions", "QdrantEdge", "QdrantServer", "parse_gallery", "LOCAL_DTYPES"]
 
-LOCAL_DTYPES = ("float32", "float16", "uint8")
+LOCAL_DTYPES = ("float32", "uint8")
+# local_dtype="float16" (float16 locals) was removed with the in-memory fp16 layout: it won on no axis
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,9 @@ class QdrantOptions:
             stage-1 scores are exact; which items reach the top can differ: measure its recall).
         oversampling: candidates rescored per result with ``quantization``.
         hnsw_m, hnsw_ef: HNSW graph degree and search breadth (``exact=False``).
-        local_dtype: storage of the locals: ``"float32"`` (exact), ``"float16"`` or ``"uint8"`` (8 bits with a
-            scale per vector: the in-memory ``int8`` layout's codes and scales, beside an Edge shard or in
-            a server's payload).
+        local_dtype: storage of the locals: ``"float32"`` (exact) or ``"uint8"`` (8 bits with a scale per
+            vector: the in-memory ``int8`` layout's codes and scales, beside an Edge shard or in a server's
+            payload).
     """
 
     exact: bool = True
@@ -117,7 +118,7 @@ def parse_gallery(spec: GallerySpec, *, name: str = "gallery") -> QdrantEdge | Q
     on a Qdrant server. Both take options after ``?``: ``prefix`` and ``cache_dir`` (server only: the
     collections' prefix, default ``mssan``, and :class:`QdrantServer`'s read-through cache folder),
     ``exact``, ``quantization``, ``oversampling``, ``hnsw_m``, ``hnsw_ef``, ``local_dtype``,
-    e.g. ``"qdrant-edge:/data/g?quantization=int8&local_dtype=float16"``,
+    e.g. ``"qdrant-edge:/data/g?quantization=int8&local_dtype=uint8"``,
     ``"qdrant:http://qdrant:6333?prefix=photos&cache_dir=/var/cache/mssan"``.
 
     Args:

@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 
 
 def _check_meta(meta: dict[str, Any], want: dict[str, Any], where: str) -> None:
+    saved = meta.get("layout")
+    if isinstance(saved, dict) and saved.get("local_dtype") == "float16":
+        raise IndexFileError(
+            f"{where} was built with local_dtype=float16 (float16 locals, like the fp16 layout), which was "
+            "removed (float16 gallery storage won on no axis): rebuild it with local_dtype=uint8 (smaller) "
+            "or float32 (exact): `python -m mssan_infer index ... --gallery '...?local_dtype=uint8' "
+            "--overwrite`, or QdrantOptions(local_dtype='uint8')"
+        )
     if meta.get("bundle_id") != want["bundle_id"]:
         raise IndexFileError(
             f"{where} was built with bundle {meta.get('bundle_id')}, but the loaded bundle is "

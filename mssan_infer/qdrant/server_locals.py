@@ -101,6 +101,8 @@ def unpack(blob: Any, local_dim: int) -> Stored:
             at += count * dt.itemsize
         if at != len(raw):
             raise ValueError(f"{len(raw)} bytes for {at}")
+        if out["local"] is not None and out["local"].dtype == np.float16:
+            raise ValueError("float16 locals, a storage that was removed")
         if out["local"] is not None and out["local"].dtype == np.int8:  # codes from before they were + 128
             out["local"] = int8_codes_as_stored(out["local"])
     except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -121,8 +123,8 @@ def _width(mask: np.ndarray) -> int:
 def _assemble(parts: Sequence[Part], k: int, d: int, widen: bool = False) -> Stored:
     """``(local, scale, mask, gram)`` ``[k, W, ...]`` from ``(positions, local, scale, mask, gram)`` parts
     (each ``[n, w, ...]``), ``W`` the widest: in the parts' stored dtypes, or with ``widen`` as the scorer
-    reads them (:class:`~mssan_infer.gallery.base.Candidates`: float16 widened to float32, int8 codes and
-    their float16 Grams kept). Padding is zero (int8 codes: 128, a zero value, with scale 0)."""
+    reads them (:class:`~mssan_infer.gallery.base.Candidates`: float32, or int8 codes and their float16
+    Grams as stored). Padding is zero (int8 codes: 128, a zero value, with scale 0)."""
     width = max([1] + [p[3].shape[1] for p in parts])
     ref = parts[0] if parts else None
     ldt = ref[1].dtype if ref is not None else np.dtype(np.float32)
@@ -130,8 +132,6 @@ def _assemble(parts: Sequence[Part], k: int, d: int, widen: bool = False) -> Sto
     with_scale = ref is not None and ref[2] is not None
     if any(p[1].dtype != ldt or p[4].dtype != gdt or (p[2] is not None) != with_scale for p in parts):
         raise IndexFileError("the gallery's points hold rerank inputs of two storage formats; rebuild it")
-    if widen and ldt == np.float16:
-        ldt = np.dtype(np.float32)
     if widen and not with_scale:
         gdt = np.dtype(np.float32)
     if len(parts) == 1 and parts[0][3].shape == (k, width) and np.array_equal(parts[0][0], np.arange(k)):
@@ -284,8 +284,7 @@ class ServerLocals:
     from the payloads stage 1 returned (no cache) or through a :class:`LocalsCache`.
 
     Args:
-        storage: ``"float32"``, ``"float16"`` or ``"int8"``
-            (:func:`~mssan_infer.gallery.storage.store_locals`).
+        storage: ``"float32"`` or ``"int8"`` (:func:`~mssan_infer.gallery.storage.store_locals`).
         local_dim: ``D``.
         cache: the collection's cache folder, or None.
         fetch: point ids -> ``{point id: payload holding mssan_lb and mssan_lh}`` from the server (the ids it

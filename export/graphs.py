@@ -141,17 +141,14 @@ class QueryScorerGraph(nn.Module):
         if self.int8:
             codes, scale, c_mask, c_gram, q_local, q_mask, q_gram = xs
             q_codes, q_scale = quantize_query(q_local)  # [Q, D] int8, [Q, 1]
-            # One 2-D GEMM [K*P, D] x [D, Q] (a batched one runs K small GEMMs); its Cast and scaling Mul
-            # fuse into ONNX Runtime's MatMulIntegerToFloat.
-            s_int = _MatMulInteger.apply(codes.reshape(-1, c.embed_size), q_codes.t())  # [K*P, Q] int32
-            s = (s_int.to(torch.float32) * (scale.reshape(-1, 1) * q_scale.t())).reshape(
-                codes.shape[0], codes.shape[1], -1
-            )
+            # [K, P, D] x [D, Q]: ONNX Runtime runs it as one GEMM, and fuses the Cast and the scaling
+            # into MatMulIntegerToFloat.
+            s_int = _MatMulInteger.apply(codes, q_codes.t())  # [K, P, Q] int32
+            s = s_int.to(torch.float32) * (scale.unsqueeze(-1) * q_scale.t())
             c_gram = c_gram.to(torch.float32)
         else:
             c_local, c_mask, c_gram, q_local, q_mask, q_gram = xs
-            s = torch.matmul(c_local.reshape(-1, c.embed_size), q_local.t())  # [K*P, Q]: one GEMM
-            s = s.reshape(c_local.shape[0], c_local.shape[1], -1)  # [K, P, Q]
+            s = torch.matmul(c_local, q_local.t())  # [K, P, Q]: one GEMM
         lam_p, lam_q = (c.lambda_t2i, c.lambda_i2t) if self.query_is_text else (c.lambda_i2t, c.lambda_t2i)
         return c.lam_ll * attention_scores(
             s, c_mask, c_gram, q_mask, q_gram, lam_p, lam_q, c.leaky, c.agg, c.lambda_lse

@@ -29,16 +29,14 @@ __all__ = [
 TERMS = ("gg", "gl", "ll")
 
 
-def _aggregate(x: Tensor, mask: Tensor, agg: str, lambda_lse: float) -> Tensor:
-    """Reduce the last axis of ``x`` over positions ``mask`` > 0 ("mean" or "lse")."""
-    keep = mask > 0
-    count = mask.sum(-1)
+def _aggregate(x: Tensor, mask: Tensor, bias: Tensor, agg: str, lambda_lse: float) -> Tensor:
+    """Reduce the last axis of ``x`` over the positions of a 0/1 ``mask`` ("mean" or "lse"); ``bias`` is
+    the mask's additive form (0 kept, ``NEG_FILL`` dropped). A row with no position kept gives a finite
+    value that the caller zeroes."""
     if agg == "mean":  # x is finite, so x * mask is x where kept and 0 elsewhere
-        return (x * keep.to(x.dtype)).sum(-1) / count.clamp(min=1.0)
-    if agg == "lse":  # scalar fills broadcast (no tensor of the input's shape is made for them)
-        filled = torch.where(keep, lambda_lse * x, x.new_tensor(NEG_FILL))
-        lse = torch.logsumexp(filled, dim=-1) / lambda_lse
-        return torch.where(count > 0, lse, lse.new_tensor(0.0))
+        return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    if agg == "lse":  # dropped positions sit at NEG_FILL (|lambda x| <= lambda: x is a cosine)
+        return torch.logsumexp(lambda_lse * x + bias, dim=-1) * (1.0 / lambda_lse)
     raise ValueError(f"agg must be 'mean' or 'lse', got {agg!r}")
 
 
@@ -68,40 +66,39 @@ def attention_scores(
 
     Args:
         s: ``[..., P, Q]`` local similarities ``p_i . q_j`` (zero at padded positions).
-        p_mask: ``[..., P]``, p_gram: ``[..., P, P]`` the P side's mask and Gram matrix.
+        p_mask: ``[..., P]``, p_gram: ``[..., P, P]`` the P side's 0/1 mask and Gram matrix.
         q_mask: ``[..., Q]``, q_gram: ``[..., Q, Q]`` the Q side's.
         lam_p: temperature of the softmax over P (each Q position attends over the P positions);
             ``lam_q`` the other way. Images as P: ``lam_p = lambda_t2i``; words as P: ``lambda_i2t``.
     Returns:
-        ``[...]`` = (S_{Q attends P} + S_{P attends Q}) / 2. The attended contexts are never built:
-        ``q_j . c_j = sum_i alpha_ij s_ij`` and ``|c_j|^2 = alpha_j^T G_p alpha_j``.
+        ``[...]`` = (S_{Q attends P} + S_{P attends Q}) / 2, 0 for a pair with an empty side. The attended
+        contexts are never built: ``q_j . c_j = sum_i alpha_ij s_ij`` and ``|c_j|^2 = alpha_j^T G_p alpha_j``.
     """
-    # Padding enters the softmaxes as an additive bias (0 or NEG_FILL), broadcast, never expanded:
-    # scores at padded positions are exactly 0, so 0 + NEG_FILL == NEG_FILL there.
-    p_bias = ((p_mask <= 0).to(s.dtype) * NEG_FILL).unsqueeze(-1)  # [...,P,1]
-    q_bias = ((q_mask <= 0).to(s.dtype) * NEG_FILL).unsqueeze(-2)  # [...,1,Q]
+    # Padding enters the softmaxes and the aggregates as an additive bias (0 or NEG_FILL), broadcast,
+    # never expanded: scores at padded positions are exactly 0, so 0 + NEG_FILL == NEG_FILL there.
+    p_bias = (1.0 - p_mask) * NEG_FILL  # [...,P]
+    q_bias = (1.0 - q_mask) * NEG_FILL  # [...,Q]
     act = F.leaky_relu(s, leaky)
     sq = act * act  # shared by both normalisations
-    # A pair with an empty side has no alignment at all: aggregate over nothing -> 0.
-    has_p = (p_mask.sum(-1, keepdim=True) > 0).to(s.dtype)  # [...,1]
-    has_q = (q_mask.sum(-1, keepdim=True) > 0).to(s.dtype)
 
     # Q attends over P: each P row normalised over Q, softmax over P.
     a = act * (lam_p * torch.rsqrt(sq.sum(-1, keepdim=True) + EPS))
-    alpha = torch.softmax(a + p_bias, dim=-2)  # [...,P,Q]
+    alpha = torch.softmax(a + p_bias.unsqueeze(-1), dim=-2)  # [...,P,Q]
     num = (alpha * s).sum(-2)  # [...,Q]  q_j . c_j
     c2 = (alpha * torch.matmul(p_gram, alpha)).sum(-2)  # [...,Q]  |c_j|^2
     q2 = _diagonal(q_gram)  # [...,Q]  |q_j|^2
-    s_q = _aggregate(num * torch.rsqrt(c2 + EPS) * torch.rsqrt(q2 + EPS), q_mask * has_p, agg, lambda_lse)
+    s_q = _aggregate(num * torch.rsqrt((c2 + EPS) * (q2 + EPS)), q_mask, q_bias, agg, lambda_lse)
 
     # P attends over Q: each Q column normalised over P, softmax over Q.
     b = act * (lam_q * torch.rsqrt(sq.sum(-2, keepdim=True) + EPS))
-    beta = torch.softmax(b + q_bias, dim=-1)  # [...,P,Q]
+    beta = torch.softmax(b + q_bias.unsqueeze(-2), dim=-1)  # [...,P,Q]
     num_p = (beta * s).sum(-1)  # [...,P]
     c2_p = (beta * torch.matmul(beta, q_gram)).sum(-1)  # [...,P]
     p2 = _diagonal(p_gram)  # [...,P]
-    s_p = _aggregate(num_p * torch.rsqrt(c2_p + EPS) * torch.rsqrt(p2 + EPS), p_mask * has_q, agg, lambda_lse)
-    return 0.5 * (s_q + s_p)
+    s_p = _aggregate(num_p * torch.rsqrt((c2_p + EPS) * (p2 + EPS)), p_mask, p_bias, agg, lambda_lse)
+    # A pair with an empty side has no alignment at all: 0 (masks are 0/1, so their maxima say which).
+    both = p_mask.amax(-1) * q_mask.amax(-1)
+    return (0.5 * both) * (s_q + s_p)
 
 
 def cross_attention_score(

@@ -320,8 +320,8 @@ def scan_candidates(
     original = ArrayView._rescore
     for name, view, query in (("rescore_select", rview, q2), ("rescore_select_certified", rview_c, qc2)):
         counted: list[int] = []
-        ArrayView._rescore = lambda self, qv, rows, *dot, counted=counted: (  # type: ignore[method-assign]
-            counted.append(len(rows)) or original(self, qv, rows, *dot)
+        ArrayView._rescore = lambda self, qv, rows, *a, counted=counted, **kw: (  # type: ignore[method-assign]
+            counted.append(len(rows)) or original(self, qv, rows, *a, **kw)
         )
         try:
             view.topk(query, K)

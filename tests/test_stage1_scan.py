@@ -109,9 +109,9 @@ def counting_rescores(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     rescored: list[int] = []
     original = ArrayView._rescore
 
-    def counting(self: ArrayView, q: np.ndarray, rows: np.ndarray, *dot: Any) -> np.ndarray:
+    def counting(self: ArrayView, q: np.ndarray, rows: np.ndarray, *args: Any, **kw: Any) -> np.ndarray:
         rescored.append(len(rows))
-        return original(self, q, rows, *dot)
+        return original(self, q, rows, *args, **kw)
 
     monkeypatch.setattr(ArrayView, "_rescore", counting)
     return rescored

@@ -308,22 +308,25 @@ class Stage1Codec:
         lam = 127.0 / np.maximum(np.abs(qs).max(axis=1), 1e-30)  # [Q]
         return np.ascontiguousarray(np.rint(qs * lam[:, None]), dtype=np.float32), 1.0 / lam
 
-    def inner_products(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """``rows [n, dim] @ q [dim]`` in float32, on this thread (FAISS ``fvec_inner_products_ny``).
+    def inner_products(self, base: np.ndarray, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """``base[ids] @ q [dim]`` in float32 for float32 rows ``base [n, dim]``, read in place on this
+        thread (FAISS ``fvec_inner_products_by_idx``: no copy of the rows).
 
         Rescoring reads a few hundred rows: one thread reads them faster than numpy's BLAS wakes a
         second one, which waits for a free core when the machine is busy.
         """
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
         q = np.ascontiguousarray(q, dtype=np.float32)
-        out = np.empty(len(rows), np.float32)
-        if len(rows):
-            if rows.shape[1] != q.shape[0]:
-                raise InputError(
-                    f"rows of width {rows.shape[1]} cannot be scored against a query of {q.shape[0]}"
-                )
-            ptr = self.faiss.swig_ptr
-            self.faiss.fvec_inner_products_ny(ptr(out), ptr(q), ptr(rows), q.shape[0], len(rows))
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        out = np.empty(len(ids), np.float32)
+        if not len(ids):
+            return out
+        if base.ndim != 2 or base.shape[1] != q.shape[0]:
+            raise InputError(f"rows of shape {base.shape} cannot be scored against a query of {q.shape[0]}")
+        if base.dtype != np.float32 or not base.flags.c_contiguous:  # not stored so: copy just the rows
+            base = np.ascontiguousarray(np.take(base, ids, axis=0), dtype=np.float32)
+            ids = np.arange(len(ids), dtype=np.int64)
+        ptr = self.faiss.swig_ptr
+        self.faiss.fvec_inner_products_by_idx(ptr(out), ptr(q), ptr(base), ptr(ids), q.shape[0], 1, len(ids))
         return out
 
     def bound(self, q: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import copy
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -162,14 +162,10 @@ class ArrayView:
             return topk_inner_product(queries, self.stage1_blocks(), k)
         return self._compressed_topk(np.ascontiguousarray(queries, dtype=np.float32), k)
 
-    def _rescore(
-        self,
-        q: np.ndarray,
-        rows: np.ndarray,
-        dot: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-    ) -> np.ndarray:
+    def _rescore(self, q: np.ndarray, rows: np.ndarray, in_place: bool = False) -> np.ndarray:
         """float32 inner products of ``q [D2]`` with the stored float32 rows ``rows`` (sorted) ->
-        ``[len(rows)]``; ``dot(rows, q)`` computes them (default: numpy's ``@``)."""
+        ``[len(rows)]``. ``in_place`` (a few hundred rows of a compressed stage 1): the codec's kernel
+        reads them where they are stored, on this thread; else numpy's BLAS on a copy of them."""
         out = np.empty(len(rows), np.float32)
         if not len(rows):
             return out
@@ -178,8 +174,11 @@ class ArrayView:
         for bi, b in enumerate(self.blocks):
             a, e = cut[bi], cut[bi + 1]
             if a < e:
-                block = np.take(b.stage1, rows[a:e] - b.start if b.start else rows[a:e], axis=0)
-                out[a:e] = block @ q if dot is None else dot(block, q)
+                ids = rows[a:e] - b.start if b.start else rows[a:e]
+                if in_place and self.codec is not None:
+                    out[a:e] = self.codec.inner_products(b.stage1, ids, q)
+                else:
+                    out[a:e] = np.take(b.stage1, ids, axis=0) @ q
         return out
 
     def _compressed_topk(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -227,10 +226,11 @@ class ArrayView:
         """The best ``k`` of the fetched ``rows`` and the ``outliers`` by float32 score, ties by row.
 
         ``rows`` come best first by their approximate inner products ``approx``, each within ``bound`` of
-        the float32 one (outliers excepted). They are rescored in chunks (the first ``2k``, then ``k`` more
-        at a time) until the ``k``-th float32 score beats the next unrescored row's ``approx + bound``: no
-        row left, fetched or not (``complete``: none is), can then enter the top ``k``, so the result is the
-        exact scan's. Else every fetched row is rescored. Returns ``(rows [k], scores [k], certified)``.
+        the float32 one (outliers excepted). The first ``2k`` are rescored; when the ``k``-th float32 score
+        beats the next row's ``approx + bound``, no row left, fetched or not (``complete``: none is), can
+        enter the top ``k``, so the result is the exact scan's. Else the rest of the fetched rows are
+        rescored (in one more pass: a bound that fails at ``2k`` rarely holds a few rows later).
+        Returns ``(rows [k], scores [k], certified)``.
         """
         m = len(rows)
         got_r: list[np.ndarray] = []
@@ -243,9 +243,7 @@ class ArrayView:
             else:
                 chunk = np.sort(chunk)  # file order
             got_r.append(chunk)
-            got_s.append(
-                self._rescore(q, chunk, self.codec.inner_products if self.codec is not None else None)
-            )
+            got_s.append(self._rescore(q, chunk, in_place=True))
             r = np.concatenate(got_r) if len(got_r) > 1 else got_r[0]
             s = np.concatenate(got_s) if len(got_s) > 1 else got_s[0]
             order = np.lexsort((r, -s))[:k]
@@ -255,7 +253,7 @@ class ArrayView:
                 return r[order], s[order], certified
             if full and float(s[order[-1]]) > float(approx[cut]) + bound:
                 return r[order], s[order], True
-            a, cut = cut, min(m, cut + k)
+            a, cut = cut, m
 
     # ---- candidates ---------------------------------------------------------------------------
     def _locate(self, rows: np.ndarray) -> np.ndarray:

@@ -11,20 +11,25 @@ condition holds (AND):
 An item without the key does not pass (a filter over a key no item has is an empty result,
 not an error); an item whose value is a list passes when one of its elements does. Keys starting with
 ``mssan_`` are reserved for the galleries' own fields.
-The in-memory gallery evaluates conditions with :func:`matches`; the Qdrant galleries
-translate them into Qdrant payload filters, with the same meaning.
+:func:`matches` states what a filter means for one item. The in-memory gallery answers a filter from
+a :class:`MetaIndex` (per key: rows by value, numeric values with their rows), with no per-item
+Python at search time; the Qdrant galleries translate filters into Qdrant payload filters. Both are
+tested against :func:`matches`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
+import numpy as np
+
 from mssan_infer.errors import InputError
 
-__all__ = ["Condition", "Where", "parse_where", "matches", "check_metadata", "RESERVED_PREFIX"]
+__all__ = ["Condition", "Where", "parse_where", "matches", "MetaIndex", "check_metadata", "RESERVED_PREFIX"]
 
 RESERVED_PREFIX = "mssan_"
 RANGE_OPS = ("gt", "gte", "lt", "lte")
@@ -127,6 +132,92 @@ def matches(meta: Mapping[str, Any] | None, conditions: Sequence[Condition]) -> 
     if not meta:
         return False
     return all(c.key in meta and _holds(meta[c.key], c) for c in conditions)
+
+
+_EXACT_FLOAT = 2**53  # ints beyond this are compared in Python (float64 would round them)
+
+
+def _scalars(value: Any) -> list[Any]:
+    """``value``, or the elements of a list value (nested lists flattened), as a filter sees them."""
+    if isinstance(value, list):
+        return [x for v in value for x in _scalars(v)]
+    return [value]
+
+
+class MetaIndex:
+    """The items' metadata indexed for filters: per key, the rows of each scalar value (equality and
+    ``in``) and the numeric values with their rows (ranges); a list value contributes each element.
+
+    Items are indexed in order, on the first filtered search that needs them: ``metas`` (a gallery's
+    per-item list) may grow at its end, but is never changed in place (a gallery that removes items
+    starts a new index). Safe to share between threads.
+    """
+
+    def __init__(self, metas: Sequence[Mapping[str, Any] | None]) -> None:
+        self._metas = metas
+        self._done = 0  # items indexed
+        self._lock = threading.Lock()
+        self._rows: dict[str, dict[tuple[type, Any], list[int]]] = {}  # key -> (type, value) -> rows
+        self._nums: dict[str, tuple[list[float], list[int]]] = {}  # key -> numeric values, their rows
+        self._big: dict[str, list[tuple[int, int]]] = {}  # key -> (int beyond 2^53, row)
+        self._arrays: dict[Any, Any] = {}  # numpy forms of the lists above, dropped when items are added
+
+    def _index(self, n: int) -> None:
+        for r in range(self._done, min(n, len(self._metas))):
+            meta = self._metas[r]
+            for key, value in (meta or {}).items():
+                by_value = self._rows.setdefault(key, {})
+                for v in _scalars(value):
+                    if isinstance(v, (str, int, float, bool)):
+                        by_value.setdefault((type(v), v), []).append(r)
+                    if _is_number(v):
+                        if isinstance(v, int) and abs(v) > _EXACT_FLOAT:
+                            self._big.setdefault(key, []).append((v, r))
+                        else:
+                            vals, rows = self._nums.setdefault(key, ([], []))
+                            vals.append(float(v))
+                            rows.append(r)
+        if n > self._done:
+            self._done = max(self._done, min(n, len(self._metas)))
+            self._arrays.clear()
+
+    def _value_rows(self, key: str, v: Any) -> np.ndarray:
+        cache = ("eq", key, type(v), v)
+        if cache not in self._arrays:
+            self._arrays[cache] = np.asarray(self._rows.get(key, {}).get((type(v), v), ()), np.int64)
+        return self._arrays[cache]  # type: ignore[no-any-return]
+
+    def _numbers(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        cache = ("num", key)
+        if cache not in self._arrays:
+            vals, rows = self._nums.get(key, ([], []))
+            self._arrays[cache] = (np.asarray(vals, np.float64), np.asarray(rows, np.int64))
+        return self._arrays[cache]  # type: ignore[no-any-return]
+
+    def _passing(self, c: Condition) -> np.ndarray:
+        """Rows (unsorted, maybe repeated) with a value that satisfies ``c``."""
+        if c.kind == "eq":
+            return self._value_rows(c.key, c.value)
+        if c.kind == "in":
+            return np.concatenate([self._value_rows(c.key, v) for v in c.value])
+        vals, rows = self._numbers(c.key)
+        keep = np.ones(len(vals), bool)
+        for op, t in c.value.items():
+            keep &= {"gt": vals > t, "gte": vals >= t, "lt": vals < t, "lte": vals <= t}[op]
+        big = [r for v, r in self._big.get(c.key, ()) if _holds(v, c)]
+        return np.concatenate([rows[keep], np.asarray(big, np.int64)])
+
+    def rows(self, conditions: Sequence[Condition], n: int) -> np.ndarray:
+        """The rows ``< n`` whose metadata passes every condition (:func:`matches`), sorted."""
+        keep = np.ones(n, bool)
+        with self._lock:
+            self._index(n)
+            for c in conditions:
+                rows = self._passing(c)
+                passing = np.zeros(max(n, int(rows.max()) + 1 if len(rows) else 0), bool)
+                passing[rows] = True
+                keep &= passing[:n]
+        return np.flatnonzero(keep).astype(np.int64)
 
 
 def check_metadata(metadata: Any, n: int) -> list[dict[str, Any] | None]:

@@ -32,7 +32,7 @@ import numpy as np
 from mssan_infer.errors import InputError
 from mssan_infer.gallery.base import ItemId, check_encoded, check_id, check_labels
 from mssan_infer.gallery.base import new_ids as new_ids_checked
-from mssan_infer.gallery.filters import check_metadata
+from mssan_infer.gallery.filters import MetaIndex, check_metadata
 from mssan_infer.gallery.stage1 import build_faiss, check_method, code_searcher, scan_parts
 from mssan_infer.gallery.storage import Stage1Codec, local_dtype, store_locals
 from mssan_infer.gallery.view import ArrayView, Block, Codes
@@ -123,6 +123,7 @@ class MemoryGallery:
         self._segs: list[_Segment] = []
         self._ids: list[ItemId] = []
         self._meta: list[dict[str, Any] | None] = []  # per-item metadata (None: none given)
+        self._meta_index = MetaIndex(self._meta)  # a new one whenever _meta is replaced
         self._text: list[str | None] = []  # per-item caption text (None: none)
         self._source: list[str | None] = []  # per-item source path (None: none)
         self._pos: dict[ItemId, int] = {}
@@ -380,6 +381,7 @@ class MemoryGallery:
             keep = np.setdiff1d(np.arange(self._n), rows)
             self._ids = [self._ids[r] for r in keep]
             self._meta = [self._meta[r] for r in keep]
+            self._meta_index = MetaIndex(self._meta)  # views taken before keep theirs
             self._text = [self._text[r] for r in keep]
             self._source = [self._source[r] for r in keep]
             self._pos = {i: j for j, i in enumerate(self._ids)}
@@ -447,6 +449,7 @@ class MemoryGallery:
             self._n = n
             self._ids = list(ids)
             self._meta = list(meta) if meta is not None else [None] * n
+            self._meta_index = MetaIndex(self._meta)
             self._text = list(texts) if texts is not None else [None] * n
             self._source = list(sources) if sources is not None else [None] * n
             self._pos = {i: j for j, i in enumerate(self._ids)}
@@ -508,6 +511,7 @@ class MemoryGallery:
                 self.overfetch,
                 self.certify,
                 self._meta,
+                self._meta_index,
                 self._text,
                 self._source,
             )

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mssan_infer.gallery.base import Candidates, ItemId, ItemRecord, extent
-from mssan_infer.gallery.filters import Where, matches, parse_where
+from mssan_infer.gallery.filters import MetaIndex, Where, parse_where
 from mssan_infer.gallery.stage1 import faiss_topk, topk_inner_product
 from mssan_infer.gallery.storage import Layout, Stage1Codec, dequantize_into
 
@@ -81,6 +81,7 @@ class ArrayView:
     overfetch: int = OVERFETCH
     certify: bool = False
     meta: Sequence[dict[str, Any] | None] = ()  # per-item metadata, valid at positions < n
+    meta_index: MetaIndex | None = None  # ``meta`` indexed for filters (the gallery's, shared by its views)
     texts: Sequence[str | None] = ()  # per-item caption texts, valid at positions < n
     sources: Sequence[str | None] = ()  # per-item source paths, valid at positions < n
 
@@ -139,14 +140,8 @@ class ArrayView:
         """
         conditions = parse_where(where)
         if conditions:
-            allowed = np.array(
-                [
-                    r
-                    for r in range(self.n)
-                    if matches(self.meta[r] if r < len(self.meta) else None, conditions)
-                ],
-                np.int64,
-            )
+            index = self.meta_index if self.meta_index is not None else MetaIndex(self.meta)
+            allowed = index.rows(conditions, self.n)
             q = np.ascontiguousarray(queries, dtype=np.float32)
             scores = (
                 np.stack([self._rescore(q[i], allowed) for i in range(len(q))])

@@ -442,9 +442,10 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
         lines += [
             "",
             "Runtime settings at rerank 100, interleaved in their own group (p50 ms; default = ORT "
-            "workers do not spin, candidates gathered on all threads; spin = ORT allow_spinning on, "
-            "txt1 = text encoder on 1 "
-            "thread, gather1 = candidates gathered on 1 thread, blas1 = numpy stage 1 on 1 thread): "
+            "workers spin inside a run and stop at its end, candidates gathered on one thread; spin = ORT "
+            "allow_spinning on (workers keep spinning after a run), nospin = workers never spin, txt1 = text "
+            "encoder on 1 thread, gather2 = candidates gathered on 2 threads, blas1 = numpy stage 1 on 1 "
+            "thread): "
             + "; ".join(
                 f"{k}: "
                 + ", ".join(

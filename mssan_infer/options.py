@@ -250,11 +250,13 @@ class OnnxRuntimeOptions(BackendOptions):
         graph_optimization: one of :data:`OPT_LEVELS`.
         graph_threads: intra-op threads for some graphs, overriding ``threads``
             (e.g. ``{"text_encoder": 1}``).
-        allow_spinning: let idle ORT workers spin-wait after a run (ORT's own default). Off here:
-            a query runs three sessions and numpy's stage 1 back to back, and a worker still spinning
-            for the previous one holds the core the next one needs (``python -m bench`` times both).
+        allow_spinning: let ORT workers keep spin-waiting after a run ends (ORT's own default). Off
+            here: workers spin between the nodes of a run and stop when it ends
+            (``session.force_spinning_stop``), since a query runs its sessions and stage 1 back to back
+            and a worker still spinning for the previous one holds the core the next one needs
+            (``python -m bench`` times both, and workers that never spin).
         session_config: extra ONNX Runtime session config entries for every session (e.g.
-            ``{"session.force_spinning_stop": "1"}`` with ``allow_spinning=True``).
+            ``{"session.intra_op.allow_spinning": "0"}``: workers never spin).
         providers: explicit ORT providers, overriding ``device``.
     """
 

@@ -332,24 +332,21 @@ def test_onnxruntime_options_are_checked(
         b, OnnxRuntimeOptions(threads=1, inter_op_threads=1, graph_optimization="basic")
     )
 
-    def spin_entry(sess: object) -> str:
+    def entry(sess: object, key: str) -> str:
         try:
-            return str(sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))  # type: ignore[attr-defined]
-        except RuntimeError:  # not set: ORT's own default, spinning
+            return str(sess.get_session_options().get_session_config_entry(key))  # type: ignore[attr-defined]
+        except RuntimeError:  # not set: ORT's own default
             return "unset"
 
-    assert {spin_entry(s) for s in be._sessions.values()} == {"0"}  # idle workers yield their core by default
-    spinning = OnnxRuntimeBackend.from_bundle(
-        b,
-        OnnxRuntimeOptions(
-            threads=1, allow_spinning=True, session_config={"session.force_spinning_stop": "1"}
-        ),
+    # by default workers spin inside a run and stop at its end (they yield their core between sessions)
+    assert {entry(s, "session.force_spinning_stop") for s in be._sessions.values()} == {"1"}
+    assert {entry(s, "session.intra_op.allow_spinning") for s in be._sessions.values()} == {"unset"}
+    spinning = OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(threads=1, allow_spinning=True))
+    assert {entry(s, "session.force_spinning_stop") for s in spinning._sessions.values()} == {"unset"}
+    never = OnnxRuntimeBackend.from_bundle(
+        b, OnnxRuntimeOptions(threads=1, session_config={"session.intra_op.allow_spinning": "0"})
     )
-    assert {spin_entry(s) for s in spinning._sessions.values()} == {"unset"}
-    assert {
-        s.get_session_options().get_session_config_entry("session.force_spinning_stop")
-        for s in spinning._sessions.values()
-    } == {"1"}
+    assert {entry(s, "session.intra_op.allow_spinning") for s in never._sessions.values()} == {"0"}
     assert be.graphs == sorted(["image_encoder", "scorer", "text_encoder", *QUERY_SCORERS])
     assert be.active_providers() == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():

@@ -45,8 +45,9 @@ def import_onnxruntime() -> Any:
 def session_options(options: OnnxRuntimeOptions, *, threads: int | None = None) -> Any:
     """ONNX Runtime ``SessionOptions`` from ``options`` (``threads`` overrides its intra-op threads).
 
-    Idle workers do not spin unless ``allow_spinning``: the sessions of a query run back to back (and,
-    in Triton, several models share the cores), and a worker spinning for one holds the core the next needs.
+    Workers spin between the nodes of a run (a sleeping worker is woken for every node otherwise) and stop
+    when the run ends (``session.force_spinning_stop``) unless ``allow_spinning``: the sessions of a query
+    run back to back, and a worker still spinning for one holds the core the next one needs.
     """
     ort = import_onnxruntime()
     opts = ort.SessionOptions()
@@ -59,8 +60,7 @@ def session_options(options: OnnxRuntimeOptions, *, threads: int | None = None) 
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
     if not options.allow_spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     for key, value in (options.session_config or {}).items():
         opts.add_session_config_entry(key, value)
     if options.inter_op_threads is not None:

@@ -126,7 +126,8 @@ class QueryScorerGraph(nn.Module):
     Candidates' locals ``[K, P, D]`` (float32, or uint8 codes + 128 with per-vector scales ``[K, P]``),
     masks ``[K, P]``, Grams ``[K, P, P]``; the query's ``[Q, D]``, ``[Q]``, ``[Q, Q]``. The similarities
     ``[K, P, Q]`` come from one product (an integer GEMM for int8 candidates, the query quantized to
-    7 bits in the graph), then :func:`training.model.attention_scores` -- the model's own math.
+    7 bits in the graph), then :func:`training.model.attention_scores` -- the model's own math, with the
+    words as its P side.
     """
 
     def __init__(self, model: MSSAN, spec: GraphSpec) -> None:
@@ -149,9 +150,17 @@ class QueryScorerGraph(nn.Module):
         else:
             c_local, c_mask, c_gram, q_local, q_mask, q_gram = xs
             s = torch.matmul(c_local, q_local.t())  # [K, P, Q]: one GEMM
-        lam_p, lam_q = (c.lambda_t2i, c.lambda_i2t) if self.query_is_text else (c.lambda_i2t, c.lambda_t2i)
+        # Words as P and regions last whichever side queries: ONNX Runtime's broadcasts over [K, P, Q] then
+        # run over spans of regions, not of words (docs/experiments/2026-12-07-query-threads.md).
+        words, regions = (
+            ((q_mask, q_gram), (c_mask, c_gram))
+            if self.query_is_text
+            else ((c_mask, c_gram), (q_mask, q_gram))
+        )
+        if self.query_is_text:
+            s = s.transpose(-1, -2)  # [K, words, regions]
         return c.lam_ll * attention_scores(
-            s, c_mask, c_gram, q_mask, q_gram, lam_p, lam_q, c.leaky, c.agg, c.lambda_lse
+            s, *words, *regions, c.lambda_i2t, c.lambda_t2i, c.leaky, c.agg, c.lambda_lse
         )
 
 

@@ -98,10 +98,14 @@ def trained_bundle(
 
     info: dict[str, Any] = {}
     if checkpoint is None:
+        from training.config import preset
         from training.synth import generate
         from training.train import train
 
         tag = "".join(f"-{k}{v}" for k, v in sorted((model_overrides or {}).items()))
+        # the preset's own settings too (its default text tower changed once): a cached checkpoint of
+        # another model is never reused
+        tag += "-" + hashlib.sha256(repr(preset("tiny")).encode()).hexdigest()[:8]
         checkpoint = work / (
             f"tiny-{images}-{epochs}-s{seed}{tag}" + (f"-steps{max_steps}" if max_steps else "")
         )

@@ -18,7 +18,12 @@ Steps, each timed alone on the same gallery and queries, and their floors:
   the peak of the library kernel on the same shapes, timed in the same rounds (ONNX Runtime
   ``MatMulInteger`` u8 x s8 for int8 candidates; sgemm -- the faster of numpy's BLAS and ONNX Runtime's
   ``MatMul`` -- for float32 ones), and the bytes it reads / bandwidth.
-- non-kernel: end-to-end p50 minus the four steps' p50s (Python, checks, hand-offs between them); floor 0.
+- the rest: Python, checks and hand-offs between the steps, measured inside the query: a traced run of the
+  same search times each step where it runs (``e2e_traced``), the rest is its total minus the four; floor 0.
+
+Each step is timed twice: inside the query (the traced run) and alone in a loop. Inside a query a step
+finds its data (weights, codes) evicted by the other steps' reads; ``cold_ms`` = the steps inside minus
+the steps alone.
 
 ``floor_ratio`` = end-to-end p50 / the sum of the step floors. The bandwidth is the larger of the
 section's float32 matrix-vector product over 1 GiB (numpy's BLAS, the bench's threads) and a numpy sum
@@ -74,6 +79,7 @@ STEP_WORDS = {
     "scorer": "scorer (100 candidates)",
     "non_kernel": "the rest (Python, checks, hand-offs)",
 }
+IN_QUERY = (*STEPS, "non_kernel", "total")
 RERANK = 100
 
 
@@ -131,20 +137,24 @@ def floor_row(
     nbytes: Mapping[str, float],
     flops: float,
     bandwidth_gbs: float,
+    inside: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """One query path's steps beside their floors.
 
     Args:
-        p50: measured p50 ms of ``e2e``, ``encode``, ``stage1``, ``gather``, ``scorer``, ``encoder_graph``
-            (the encoder alone) and ``kernel`` (the library kernel on the scorer's big product).
+        p50: measured p50 ms of ``e2e``, ``encode``, ``stage1``, ``gather``, ``scorer`` (each alone),
+            ``encoder_graph`` (the encoder alone) and ``kernel`` (the library kernel on the scorer's big
+            product).
         e2e_p99: the end-to-end p99 (ms).
         nbytes: bytes read by ``stage1``, ``gather`` and ``scorer``.
         flops: the scorer's big product.
         bandwidth_gbs: memory bandwidth (GB/s).
+        inside: p50 ms of each step, of the rest and of the total inside traced queries (:data:`IN_QUERY`);
+            without it the rest is the end to end minus the steps alone.
     Returns:
-        ``{"steps": {step: {"p50_ms", "floor_ms", ...}}, "e2e_p50_ms", "e2e_p99_ms", "floor_ms",
-        "floor_ratio", "bandwidth_gbs"}``; ``steps`` holds :data:`STEPS` and ``non_kernel`` (end to end
-        minus the four steps; floor 0).
+        ``{"steps": {step: {"p50_ms", "floor_ms", "in_query_ms", ...}}, "e2e_p50_ms", "e2e_p99_ms",
+        "floor_ms", "floor_ratio", "cold_ms", "bandwidth_gbs"}``; ``steps`` holds :data:`STEPS` (``p50_ms``
+        alone) and ``non_kernel`` (the rest; floor 0).
     """
     ms_per_byte = 1e3 / (bandwidth_gbs * 1e9)
     steps: dict[str, dict[str, Any]] = {
@@ -171,8 +181,14 @@ def floor_row(
         "kernel_gflops": flops / (kernel_ms * 1e6) if kernel_ms > 0 else float("nan"),
         "floor_is": "kernel FLOPs" if kernel_ms >= bytes_ms else "bytes read",
     }
-    rest = p50["e2e"] - sum(steps[s]["p50_ms"] for s in STEPS)
-    steps["non_kernel"] = {"p50_ms": rest, "floor_ms": 0.0}
+    alone = sum(steps[s]["p50_ms"] for s in STEPS)
+    if inside:
+        for s in STEPS:
+            steps[s]["in_query_ms"] = inside[s]
+        rest, cold = inside["non_kernel"], sum(inside[s] for s in STEPS) - alone
+    else:
+        rest, cold = p50["e2e"] - alone, float("nan")
+    steps["non_kernel"] = {"p50_ms": rest, "floor_ms": 0.0, "in_query_ms": rest}
     for st in steps.values():
         st["ratio"] = st["p50_ms"] / st["floor_ms"] if st["floor_ms"] > 0 else float("nan")
     floor = sum(steps[s]["floor_ms"] for s in STEPS)
@@ -182,6 +198,8 @@ def floor_row(
         "e2e_p99_ms": e2e_p99,
         "floor_ms": floor,
         "floor_ratio": p50["e2e"] / floor if floor > 0 else float("nan"),
+        "cold_ms": cold,
+        "traced_p50_ms": inside["total"] if inside else float("nan"),
         "bandwidth_gbs": bandwidth_gbs,
     }
 
@@ -324,6 +342,42 @@ def _path_group(
         turn["gather"] = (turn["gather"] + 1) % len(rows)
         return view.gather(rows[turn["gather"]], r._gatherer(), r.gather_threads)
 
+    inside: dict[str, list[float]] = {s: [] for s in IN_QUERY}
+
+    def e2e_traced() -> Any:
+        """``e2e`` with its four steps timed where they run (the steps wrapped for this call only)."""
+        import mssan_infer.retriever as retriever_module
+
+        took = dict.fromkeys(STEPS, 0.0)
+
+        def timed(step: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+            def run(*a: Any, **kw: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    took[step] += time.perf_counter() - t0
+
+            return run
+
+        cls, enc = type(view), "encode_texts" if text_query else "encode_images"
+        topk, gather_fn, score_fn = cls.topk, cls.gather, retriever_module.backend_score_fn
+        cls.topk, cls.gather = timed("stage1", topk), timed("gather", gather_fn)  # type: ignore[method-assign]
+        retriever_module.backend_score_fn = lambda *a, **kw: timed("scorer", score_fn(*a, **kw))  # type: ignore[assignment]
+        setattr(r, enc, timed("encode", getattr(r, enc)))
+        t0 = time.perf_counter()
+        try:
+            return e2e()
+        finally:
+            total = time.perf_counter() - t0
+            cls.topk, cls.gather = topk, gather_fn  # type: ignore[method-assign]
+            retriever_module.backend_score_fn = score_fn
+            delattr(r, enc)
+            for s in STEPS:
+                inside[s].append(took[s] * 1e3)
+            inside["non_kernel"].append((total - sum(took.values())) * 1e3)
+            inside["total"].append(total * 1e3)
+
     q0 = encoded[0]
     width = max(1, extent(q0.mask[:1]))
     q_local, q_mask, q_gram = q0.local[0, :width], q0.mask[0, :width], q0.gram[0, :width, :width]
@@ -331,6 +385,7 @@ def _path_group(
     score = backend_score_fn(r.backend, query_is_text=text_query)
     fns: dict[str, Callable[[], Any]] = {
         "e2e": e2e,
+        "e2e_traced": e2e_traced,
         "encode": encode,
         "encoder_graph": lambda: enc_graph.session.run(None, feeds),
         "stage1": stage1,
@@ -343,6 +398,7 @@ def _path_group(
     lay = view.layout
     outliers = len(view.outliers) if getattr(view, "outliers", None) is not None else 0
     meta = {
+        "inside": inside,
         "layout": lay.name,
         "n": int(view.n),
         "kernels": list(kern),
@@ -374,7 +430,13 @@ def floor_rows(
         kernels = {kn: timings[f"{kn}[{name}]"]["p50_ms"] for kn in m["kernels"]}
         best = min(kernels, key=lambda kn: kernels[kn])
         t["kernel"] = kernels[best]
-        row = floor_row(t, timings[f"e2e[{name}]"]["p99_ms"], m["bytes"], m["flops"], bandwidth["gbs"])
+        traced = m.get("inside") or {}
+        inside = (
+            {s: float(np.median(traced[s])) for s in IN_QUERY} if traced and traced.get("total") else None
+        )
+        row = floor_row(
+            t, timings[f"e2e[{name}]"]["p99_ms"], m["bytes"], m["flops"], bandwidth["gbs"], inside=inside
+        )
         row["steps"]["scorer"]["kernel"] = best
         row["kernels_ms"] = kernels
         row.update({k: m[k] for k in ("layout", "n", "shape")})
@@ -420,6 +482,7 @@ def summarise_floor(lat: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[dic
             s[f"floor_ratio_{d}_{tag}_{p}"] = _num(x.get("floor_ratio"))
             s[f"floor_ms_{d}_{tag}_{p}"] = _num(x.get("floor_ms"))
             s[f"non_kernel_ms_{d}_{tag}_{p}"] = _num(x["steps"]["non_kernel"]["p50_ms"])
+            s[f"cold_ms_{d}_{tag}_{p}"] = _num(x.get("cold_ms"))
         if "int8" in paths:
             s[f"{d}_p50_ms_{tag}_rerank100_int8"] = _num(paths["int8"]["e2e_p50_ms"])
             if "fp32" in paths:
@@ -495,26 +558,38 @@ def floor_markdown(lat: Mapping[str, Any] | None) -> list[str]:
         "",
         "## 2c. The floor of a query (rerank 100; one interleaved group per gallery)",
         "",
-        f"Each step's measured p50 / its floor in ms, measured in the same rounds. fp32 = {PATHS['fp32']}; "
+        "Each step's p50 inside the query (in brackets: alone, in a loop of its own) / its floor in ms, all "
+        f"measured in the same rounds. fp32 = {PATHS['fp32']}; "
         f"int8 = {PATHS['int8']}. Floors: encode = the encoder graph alone; stage 1 and gather = bytes "
         f"read / {_f(bw['gbs'], 1)} GB/s (the larger of a float32 matrix-vector product, "
         f"{_f(bw['gemv_gbs'], 1)} GB/s, and a numpy sum, {_f(bw['sum_gbs'], 1)} GB/s, over 1 GiB); "
         "scorer = the larger of its big product "
         "on the library kernel alone (MatMulInteger u8 x s8 for int8, the faster sgemm of numpy and ONNX "
-        "Runtime for fp32) and its bytes / bandwidth; the rest = end to end minus the four steps (floor 0).",
+        "Runtime for fp32) and its bytes / bandwidth; the rest = Python, checks and hand-offs inside the "
+        "query (a traced query's total minus its four steps; floor 0); cold = the four steps inside the "
+        "query minus the same steps alone (their weights and codes evicted by the query's other reads).",
         "",
-        "| query | gallery | path | encode | stage 1 | gather | scorer | kernel GFLOP/s | the rest | "
+        "| query | gallery | path | encode | stage 1 | gather | scorer | kernel GFLOP/s | the rest | cold | "
         "end to end p50 / p99 | sum of floors | end to end / floors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, row in rows:
         for p, x in row["floor"]["paths"].items():
             st = x["steps"]
-            cells = [f"{_f(st[s]['p50_ms'])} / {_f(st[s]['floor_ms'])}" for s in STEPS]
+            cells = [
+                (
+                    f"{_f(st[s]['in_query_ms'])} ({_f(st[s]['p50_ms'])})"
+                    if "in_query_ms" in st[s]
+                    else _f(st[s]["p50_ms"])
+                )
+                + f" / {_f(st[s]['floor_ms'])}"
+                for s in STEPS
+            ]
             lines.append(
                 f"| {DIRECTIONS[row['direction']]} | {_gallery_words(row)} | {p} | "
                 + " | ".join(cells)
                 + f" | {_f(st['scorer']['kernel_gflops'], 1)} | {_f(st['non_kernel']['p50_ms'])} | "
+                f"{_f(x.get('cold_ms'))} | "
                 f"{_f(x['e2e_p50_ms'])} / {_f(x['e2e_p99_ms'])} | {_f(x['floor_ms'])} | "
                 f"{_f(x['floor_ratio'])}x |"
             )
@@ -554,10 +629,11 @@ def floor_figure(lat: Mapping[str, Any] | None, machine: Mapping[str, Any], thre
         seen: set[str] = set()
         for _, row in [(k, r) for k, r in rows if r["direction"] == d]:
             for p, fl in row["floor"]["paths"].items():
-                for j, (what, field) in enumerate((("measured", "p50_ms"), ("floor", "floor_ms"))):
+                for j, (what, field) in enumerate((("measured", "in_query_ms"), ("floor", "floor_ms"))):
                     bottom = 0.0
                     for s in (*STEPS, "non_kernel"):
-                        h = max(0.0, _num(fl["steps"][s][field]))
+                        step = fl["steps"][s]
+                        h = max(0.0, _num(step.get(field, step["p50_ms"])))
                         lab = STEP_WORDS[s] if s not in seen else None
                         seen.add(s)
                         ax.bar(
@@ -574,7 +650,7 @@ def floor_figure(lat: Mapping[str, Any] | None, machine: Mapping[str, Any], thre
                 labels.append(f"{_gallery_words(row)}\n{PATH_WORDS.get(p, p)}")
                 x += 1.0
         ax.set_xticks([i + 0.2 for i in range(len(labels))], labels, fontsize=7, rotation=30, ha="right")
-        ax.set_xlabel("gallery and layout (left bar measured p50, hatched bar its floor)")
+        ax.set_xlabel("gallery and layout (left bar: p50 of each step inside the query; hatched: its floor)")
         ax.set_ylabel("time per query (ms)")
         ax.set_title(
             f"{DIRECTIONS[d]} query at rerank 100: measured vs floor\n"

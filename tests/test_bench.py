@@ -125,6 +125,7 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(
         paths = results["latency"][key]["floor"]["paths"]
         assert set(paths) == {"fp32", "int8"} and paths["int8"]["layout"] == "int8"
         for x in paths.values():
+            assert x["cold_ms"] == x["cold_ms"] and x["steps"]["scorer"]["in_query_ms"] > 0  # traced queries
             assert x["floor_ms"] > 0 and set(x["steps"]) == {
                 "encode",
                 "stage1",
@@ -246,6 +247,29 @@ def test_floor_arithmetic_and_its_table_and_plot() -> None:
     assert math.isclose(st["non_kernel"]["p50_ms"], 5.0 - (1.2 + 1.5 + 0.4 + 0.9))
     assert math.isclose(row["floor_ms"], 1.0 + 1.0 + 0.1 + 0.3)
     assert math.isclose(row["floor_ratio"], 5.0 / 2.4) and row["e2e_p99_ms"] == 7.0
+    # timed inside traced queries: the rest is what the trace left between the steps, cold what the steps
+    # took beyond their time alone
+    inside = {"encode": 1.5, "stage1": 2.0, "gather": 0.5, "scorer": 1.0, "non_kernel": 0.2, "total": 5.2}
+    traced = floor_row(
+        {**p50, "kernel": 0.3}, 7.0, {"stage1": 2e7, "gather": 2e6, "scorer": 4e6}, 9e7, 20.0, inside=inside
+    )
+    assert traced["steps"]["non_kernel"]["p50_ms"] == 0.2 and traced["steps"]["stage1"]["in_query_ms"] == 2.0
+    assert math.isclose(traced["cold_ms"], (1.5 + 2.0 + 0.5 + 1.0) - (1.2 + 1.5 + 0.4 + 0.9))
+    assert traced["steps"]["stage1"]["p50_ms"] == 1.5 and traced["floor_ratio"] == row["floor_ratio"]
+    assert "2.00 (1.50) / 1.00" in "\n".join(
+        floor_markdown(
+            {
+                "t2i_5000": {
+                    "n": 5000,
+                    "direction": "t2i",
+                    "floor": {
+                        "bandwidth": {"gbs": 20.0, "gemv_gbs": 10.0, "sum_gbs": 20.0},
+                        "paths": {"int8": traced},
+                    },
+                }
+            }
+        )
+    )
     # a slower bandwidth makes the scorer memory-bound: its floor is then its bytes / bandwidth
     slow = floor_row({**p50, "kernel": 0.3}, 7.0, {"stage1": 2e7, "gather": 2e6, "scorer": 4e6}, 9e7, 4.0)
     assert (

@@ -209,7 +209,7 @@ def _with_blas_threads(fn: Callable[[], Any], n: int, restore: int) -> Callable[
     return run
 
 
-def query_backend(bundle: Any, threads: int, text_encoder: Path | None = None) -> Any:
+def query_backend(bundle: Any, threads: int, text_encoder: Path | None = None, options: Any = None) -> Any:
     """An ONNX Runtime backend on ``bundle``'s fp32 graphs and query scorers, its text encoder replaced by
     ``text_encoder`` (the int8 one of the fast path) when given: what ``Retriever.load`` makes with
     ``OnnxRuntimeOptions(threads=threads, precision="int8")`` for a bundle exported with ``--int8``."""
@@ -221,7 +221,7 @@ def query_backend(bundle: Any, threads: int, text_encoder: Path | None = None) -
     graphs.update({g: bundle.graph_path(g) for g in QUERY_SCORERS})
     if text_encoder is not None:
         graphs["text_encoder"] = text_encoder
-    return OnnxRuntimeBackend(graphs, OnnxRuntimeOptions(threads=threads))
+    return OnnxRuntimeBackend(graphs, options if options is not None else OnnxRuntimeOptions(threads=threads))
 
 
 def fast_path(r: Any, lay_int8: Any, threads: int, int8_text_encoder: Path | None) -> Any:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench.report import SUMMARY_KEYS
 
@@ -303,3 +304,22 @@ def test_floor_arithmetic_and_its_table_and_plot() -> None:
             assert any("int8 layout" in w for w in words) and any("fp32 layout" in w for w in words)
     finally:
         plt.close(fig)
+
+
+def test_query_path_times_one_path_per_process_with_each_ort_setting(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """``bench.query_path``'s child: one path's queries timed after a warm-up, under each ORT setting it
+    offers; an unknown setting is refused in the flags' words. Nothing asserts how fast anything is."""
+    from bench.query_path import SETTINGS, _child, main
+    from mssan_infer import Retriever
+
+    r = Retriever.load(tiny_bundle)
+    dv = r.bundle.manifest.img_dim
+    r.add_images(np.abs(np.random.default_rng(0).normal(size=(40, 3, dv))).astype(np.float32))
+    r.save(tmp_path / "index")
+    for setting in SETTINGS:
+        res = _child(tiny_bundle, tmp_path / "none.onnx", tmp_path / "index", "exact", 5, 1, setting)
+        assert set(res) == {"p50_ms", "p90_ms", "p99_ms"} and 0 < res["p50_ms"] <= res["p99_ms"]
+    with pytest.raises(SystemExit):
+        main(["--settings", "default,warp"])

@@ -1,0 +1,135 @@
+"""``python -m bench.query_path``: text → image search at rerank 100 in processes that serve one query path
+each, as a deployment does.
+
+The latency section (``python -m bench --sections latency``) times every path, layout and step side by
+side in one process: ~60 ONNX Runtime sessions, galleries in three layouts and full-gallery scans
+between the queries it times. That is the fair way to compare them with each other, and a pessimistic
+one for a query's own latency. Here each (path, gallery) runs in ``--processes`` fresh processes that
+hold only that path and its gallery, answering ``--queries`` different captions one after another
+(after a warm-up); the processes of all paths alternate. The latency section's default-tower bundle
+and galleries are reused from ``--work`` (run that section first).
+
+Paths: ``exact`` (the default: fp32 graphs, fp32 layout) and ``fast`` (the int8 text encoder and the
+``int8`` layout, ``Retriever.load(..., fast=True)``). ``--settings default,nospin`` also runs each path with
+ONNX Runtime's workers never spinning (the runtime's setting before 2026-12-07).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PATHS = ("exact", "fast")
+SETTINGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "nospin": {"session_config": {"session.intra_op.allow_spinning": "0"}},
+    "spin": {"allow_spinning": True},
+}
+
+
+def _child(
+    bundle: Path, int8_encoder: Path, index: Path, path: str, queries: int, threads: int, setting: str
+) -> dict[str, Any]:
+    from mssan_infer import GalleryOptions, OnnxRuntimeOptions, Retriever, SearchOptions
+
+    from .fixtures import random_captions
+    from .retrieval import query_backend
+
+    fast = path == "fast"
+    gallery = GalleryOptions(layout="int8") if fast else None
+    ort = OnnxRuntimeOptions(threads=threads, **SETTINGS[setting])
+    r = Retriever.load(bundle, ort, index=index, gallery=gallery, verify=False)
+    if fast:  # the bench's bundle keeps its int8 text encoder beside it (what `export --int8` puts inside)
+        be = query_backend(r.bundle, threads, int8_encoder, ort)
+        r = Retriever(r.bundle, be, r.tokenizer, r.images, r.texts, SearchOptions())
+    caps = random_captions(queries + 20, seed=7)
+    for c in caps[:20]:
+        r.search(text=c, k=10, rerank=100)
+    times = []
+    for c in caps[20:]:
+        t0 = time.perf_counter()
+        r.search(text=c, k=10, rerank=100)
+        times.append(time.perf_counter() - t0)
+    ms = np.asarray(times) * 1e3
+    return {
+        "p50_ms": float(np.median(ms)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
+
+
+def run(
+    work: Path, sizes: list[int], processes: int, queries: int, threads: int, settings: list[str]
+) -> dict[str, Any]:
+    from mssan_infer.bundle import load_bundle
+
+    from .text_tower import default_text_model, minilm_speed_bundle
+
+    bundle, int8 = minilm_speed_bundle(work, default_text_model(), 1024, 2048, 2)
+    bid = load_bundle(bundle, verify=False).bundle_id
+    out: dict[str, Any] = {"load_at_start": list(os.getloadavg()), "runs": {}}
+    for n in sizes:
+        index = work / f"gallery-images-{n}-float32-{bid}"
+        if not (index / "index.json").is_file():
+            raise SystemExit(
+                f"no gallery {index}: run `python -m bench --sections latency` with {n} in t2i_sizes first"
+            )
+        for rnd in range(processes):
+            for path in PATHS:
+                for setting in settings:
+                    cmd = [sys.executable, "-m", "bench.query_path", "--child", path, "--bundle", str(bundle)]
+                    cmd += ["--int8-encoder", str(int8), "--index", str(index), "--queries", str(queries)]
+                    cmd += ["--threads", str(threads), "--settings", setting]
+                    res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                    key = f"t2i_{n}_{path}" + ("" if setting == "default" else f"_{setting}")
+                    out["runs"].setdefault(key, []).append(res)
+                    print(
+                        f"{key} process {rnd + 1}: p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f}",
+                        flush=True,
+                    )
+    out["load_at_end"] = list(os.getloadavg())
+    out["p50_ms"] = {k: float(np.median([x["p50_ms"] for x in v])) for k, v in out["runs"].items()}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.query_path", description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mssan-bench"))
+    ap.add_argument("--sizes", default="5000,25000", help="gallery sizes (images), comma-separated")
+    ap.add_argument("--processes", type=int, default=3, help="fresh processes per path, setting and size")
+    ap.add_argument("--queries", type=int, default=300, help="timed queries per process")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--settings", default="default", help=f"comma-separated, of {sorted(SETTINGS)}")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
+    ap.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--int8-encoder", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--index", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(
+            json.dumps(_child(a.bundle, a.int8_encoder, a.index, a.child, a.queries, a.threads, a.settings))
+        )
+        return
+    settings = a.settings.split(",")
+    bad = [x for x in settings if x not in SETTINGS]
+    if bad:
+        ap.error(f"--settings: unknown {bad}; choose from {sorted(SETTINGS)}")
+    res = run(a.work, [int(x) for x in a.sizes.split(",")], a.processes, a.queries, a.threads, settings)
+    res["settings"] = {k: SETTINGS[k] for k in settings}
+    print(json.dumps(res["p50_ms"], indent=1))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

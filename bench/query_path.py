@@ -1,13 +1,15 @@
-"""``python -m bench.query_path``: text → image search at rerank 100 in processes that serve one query path
-each, as a deployment does.
+"""``python -m bench.query_path``: search at rerank 100 in processes that serve one query path each, as a
+deployment does.
 
 The latency section (``python -m bench --sections latency``) times every path, layout and step side by
 side in one process: ~60 ONNX Runtime sessions, galleries in three layouts and full-gallery scans
 between the queries it times. That is the fair way to compare them with each other, and a pessimistic
 one for a query's own latency. Here each (path, gallery) runs in ``--processes`` fresh processes that
-hold only that path and its gallery, answering ``--queries`` different captions one after another
+hold only that path and its gallery, answering ``--queries`` different queries one after another
 (after a warm-up); the processes of all paths alternate. The latency section's default-tower bundle
-and galleries are reused from ``--work`` (run that section first).
+and galleries are reused from ``--work`` (run that section first). Galleries: ``t2i:N`` (N images),
+``i2t:N`` (the 5N captions of N images), ``t2i:N:mmap`` (memory-mapped; the fast path opens the saved
+int8 index).
 
 Paths: ``exact`` (the default: fp32 graphs, fp32 layout) and ``fast`` (the int8 text encoder and the
 ``int8`` layout, ``Retriever.load(..., fast=True)``). ``--settings default,nospin`` also runs each path with
@@ -36,27 +38,39 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def _child(
-    bundle: Path, int8_encoder: Path, index: Path, path: str, queries: int, threads: int, setting: str
+    bundle: Path,
+    int8_encoder: Path,
+    index: Path,
+    path: str,
+    queries: int,
+    threads: int,
+    setting: str,
+    image_queries: bool = False,
+    mmap: bool = False,
 ) -> dict[str, Any]:
     from mssan_infer import GalleryOptions, OnnxRuntimeOptions, Retriever, SearchOptions
 
-    from .fixtures import random_captions
+    from .fixtures import random_captions, random_regions
     from .retrieval import query_backend
 
     fast = path == "fast"
-    gallery = GalleryOptions(layout="int8") if fast else None
+    gallery = GalleryOptions(layout="int8" if fast else None, mmap=mmap)
     ort = OnnxRuntimeOptions(threads=threads, **SETTINGS[setting])
     r = Retriever.load(bundle, ort, index=index, gallery=gallery, verify=False)
     if fast:  # the bench's bundle keeps its int8 text encoder beside it (what `export --int8` puts inside)
         be = query_backend(r.bundle, threads, int8_encoder, ort)
         r = Retriever(r.bundle, be, r.tokenizer, r.images, r.texts, SearchOptions())
-    caps = random_captions(queries + 20, seed=7)
-    for c in caps[:20]:
-        r.search(text=c, k=10, rerank=100)
+    if image_queries:
+        qs: list[Any] = list(random_regions(queries + 20, 36, r.bundle.manifest.img_dim, seed=7))
+        kind = "image"
+    else:
+        qs, kind = list(random_captions(queries + 20, seed=7)), "text"
+    for q in qs[:20]:
+        r.search(**{kind: q}, k=10, rerank=100)
     times = []
-    for c in caps[20:]:
+    for q in qs[20:]:
         t0 = time.perf_counter()
-        r.search(text=c, k=10, rerank=100)
+        r.search(**{kind: q}, k=10, rerank=100)
         times.append(time.perf_counter() - t0)
     ms = np.asarray(times) * 1e3
     return {
@@ -66,8 +80,19 @@ def _child(
     }
 
 
+def _gallery(work: Path, spec: str, bid: str, path: str) -> tuple[str, Path, bool, bool]:
+    """``(key, index folder, image queries, mmap)`` of a gallery ``t2i:N``, ``i2t:N`` or ``t2i:N:mmap``."""
+    direction, n, *rest = spec.split(":")
+    mmap = rest == ["mmap"]
+    if direction not in ("t2i", "i2t") or rest not in ([], ["mmap"]) or (mmap and direction != "t2i"):
+        raise SystemExit(f"--galleries: {spec!r} is not t2i:N, i2t:N or t2i:N:mmap")
+    name = f"gallery-images-{n}" if direction == "t2i" else f"gallery-texts-{5 * int(n)}"
+    index = work / (f"{name}-float32-{bid}" + ("-int8" if mmap and path == "fast" else ""))
+    return f"{direction}_{n}" + ("_mmap" if mmap else ""), index, direction == "i2t", mmap
+
+
 def run(
-    work: Path, sizes: list[int], processes: int, queries: int, threads: int, settings: list[str]
+    work: Path, galleries: list[str], processes: int, queries: int, threads: int, settings: list[str]
 ) -> dict[str, Any]:
     from mssan_infer.bundle import load_bundle
 
@@ -76,20 +101,21 @@ def run(
     bundle, int8 = minilm_speed_bundle(work, default_text_model(), 1024, 2048, 2)
     bid = load_bundle(bundle, verify=False).bundle_id
     out: dict[str, Any] = {"load_at_start": list(os.getloadavg()), "runs": {}}
-    for n in sizes:
-        index = work / f"gallery-images-{n}-float32-{bid}"
-        if not (index / "index.json").is_file():
-            raise SystemExit(
-                f"no gallery {index}: run `python -m bench --sections latency` with {n} in t2i_sizes first"
-            )
+    for spec in galleries:
+        for path in PATHS:
+            index = _gallery(work, spec, bid, path)[1]
+            if not (index / "index.json").is_file():
+                raise SystemExit(f"no gallery {index}: run `python -m bench --sections latency` first")
         for rnd in range(processes):
             for path in PATHS:
+                gkey, index, image_queries, mmap = _gallery(work, spec, bid, path)
                 for setting in settings:
                     cmd = [sys.executable, "-m", "bench.query_path", "--child", path, "--bundle", str(bundle)]
                     cmd += ["--int8-encoder", str(int8), "--index", str(index), "--queries", str(queries)]
                     cmd += ["--threads", str(threads), "--settings", setting]
+                    cmd += ["--image-queries"] * image_queries + ["--mmap"] * mmap
                     res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-                    key = f"t2i_{n}_{path}" + ("" if setting == "default" else f"_{setting}")
+                    key = f"{gkey}_{path}" + ("" if setting == "default" else f"_{setting}")
                     out["runs"].setdefault(key, []).append(res)
                     print(
                         f"{key} process {rnd + 1}: p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f}",
@@ -103,7 +129,11 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.query_path", description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/mssan-bench"))
-    ap.add_argument("--sizes", default="5000,25000", help="gallery sizes (images), comma-separated")
+    ap.add_argument(
+        "--galleries",
+        default="t2i:5000,t2i:25000",
+        help="comma-separated t2i:N (N images), i2t:N (5N captions), t2i:N:mmap (memory-mapped)",
+    )
     ap.add_argument("--processes", type=int, default=3, help="fresh processes per path, setting and size")
     ap.add_argument("--queries", type=int, default=300, help="timed queries per process")
     ap.add_argument("--threads", type=int, default=2)
@@ -113,17 +143,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--int8-encoder", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--index", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--image-queries", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mmap", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        print(
-            json.dumps(_child(a.bundle, a.int8_encoder, a.index, a.child, a.queries, a.threads, a.settings))
+        res = _child(
+            a.bundle,
+            a.int8_encoder,
+            a.index,
+            a.child,
+            a.queries,
+            a.threads,
+            a.settings,
+            a.image_queries,
+            a.mmap,
         )
+        print(json.dumps(res))
         return
     settings = a.settings.split(",")
     bad = [x for x in settings if x not in SETTINGS]
     if bad:
         ap.error(f"--settings: unknown {bad}; choose from {sorted(SETTINGS)}")
-    res = run(a.work, [int(x) for x in a.sizes.split(",")], a.processes, a.queries, a.threads, settings)
+    galleries = a.galleries.split(",")
+    for spec in galleries:  # refused before any bundle is made
+        _gallery(a.work, spec, "", "exact")
+    res = run(a.work, galleries, a.processes, a.queries, a.threads, settings)
     res["settings"] = {k: SETTINGS[k] for k in settings}
     print(json.dumps(res["p50_ms"], indent=1))
     if a.json:

@@ -311,15 +311,27 @@ def test_query_path_times_one_path_per_process_with_each_ort_setting(
 ) -> None:
     """``bench.query_path``'s child: one path's queries timed after a warm-up, under each ORT setting it
     offers; an unknown setting is refused in the flags' words. Nothing asserts how fast anything is."""
-    from bench.query_path import SETTINGS, _child, main
+    from bench.query_path import SETTINGS, _child, _gallery, main
     from mssan_infer import Retriever
 
     r = Retriever.load(tiny_bundle)
     dv = r.bundle.manifest.img_dim
     r.add_images(np.abs(np.random.default_rng(0).normal(size=(40, 3, dv))).astype(np.float32))
+    r.add_texts([f"a red dog number {i}" for i in range(40)])
     r.save(tmp_path / "index")
     for setting in SETTINGS:
         res = _child(tiny_bundle, tmp_path / "none.onnx", tmp_path / "index", "exact", 5, 1, setting)
         assert set(res) == {"p50_ms", "p90_ms", "p99_ms"} and 0 < res["p50_ms"] <= res["p99_ms"]
-    with pytest.raises(SystemExit):
-        main(["--settings", "default,warp"])
+    res = _child(
+        tiny_bundle, tmp_path / "none.onnx", tmp_path / "index", "exact", 5, 1, "default", True, True
+    )
+    assert 0 < res["p50_ms"] <= res["p99_ms"]  # image queries over captions, memory-mapped
+    assert _gallery(tmp_path, "i2t:5000", "b", "fast")[:3] == (
+        "i2t_5000",
+        tmp_path / "gallery-texts-25000-float32-b",
+        True,
+    )
+    assert _gallery(tmp_path, "t2i:9:mmap", "b", "fast")[1].name.endswith("-int8")
+    for bad in (["--settings", "default,warp"], ["--galleries", "i2t:5:mmap"]):
+        with pytest.raises(SystemExit):
+            main(bad)

@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mssan_infer.gallery.filters import MetaIndex, matches, parse_where
+from mssan_infer.errors import InputError
+from mssan_infer.gallery.filters import MetaIndex, check_metadata, matches, parse_where
 from mssan_infer.gallery.memory import MemoryGallery
 
 VALUES: list[Any] = [
@@ -107,3 +108,23 @@ def test_a_gallery_filters_through_its_index_and_a_removal_starts_a_new_one() ->
     assert sorted(old.topk(q, 100, where)[0][0].tolist()) == sorted(rows[0].tolist())  # a snapshot
     got = {new.ids[int(r)] for r in new.topk(q, 100, where)[0][0]}
     assert got == {f"i{i}" for i in range(n) if i % 3 == 1 and i < 30 and i % 2 == 1}
+
+
+def test_huge_ints_bounded_caches_and_copied_metadata() -> None:
+    # an int past float64's range is metadata like any other: filters on other keys still work, and a
+    # range on its key compares it exactly
+    metas: list[dict[str, Any] | None] = [{"a": "x", "big": 10**400}, {"a": "y", "big": 5}]
+    index = MetaIndex(metas)
+    assert index.rows(parse_where({"a": "x"}), 2).tolist() == [0]
+    assert index.rows(parse_where({"big": {"gt": 1e300}}), 2).tolist() == [0]
+    with pytest.raises(InputError, match="float64"):
+        parse_where({"big": {"gt": 10**400}})
+    # values no item has are not cached; the cache stays bounded
+    for i in range(3000):
+        index.rows(parse_where({"a": f"u{i}"}), 2)
+    assert len(index._arrays) <= 1024
+    # the gallery keeps its own copy of the metadata
+    tags = ["a"]
+    (kept,) = check_metadata([{"tags": tags}], 1)
+    tags.append("b")
+    assert kept == {"tags": ["a"]}

@@ -74,6 +74,7 @@ def attention_scores(
         ``[...]`` = (S_{Q attends P} + S_{P attends Q}) / 2, 0 for a pair with an empty side. The attended
         contexts are never built: ``q_j . c_j = sum_i alpha_ij s_ij`` and ``|c_j|^2 = alpha_j^T G_p alpha_j``.
     """
+    p_mask, q_mask = p_mask.to(s.dtype), q_mask.to(s.dtype)  # bool masks too (no node when float already)
     # Padding enters the softmaxes and the aggregates as an additive bias (0 or NEG_FILL), broadcast,
     # never expanded: scores at padded positions are exactly 0, so 0 + NEG_FILL == NEG_FILL there.
     p_bias = (1.0 - p_mask) * NEG_FILL  # [...,P]
@@ -96,8 +97,8 @@ def attention_scores(
     c2_p = (beta * torch.matmul(beta, q_gram)).sum(-1)  # [...,P]
     p2 = _diagonal(p_gram)  # [...,P]
     s_p = _aggregate(num_p * torch.rsqrt((c2_p + EPS) * (p2 + EPS)), p_mask, p_bias, agg, lambda_lse)
-    # A pair with an empty side has no alignment at all: 0 (masks are 0/1, so their maxima say which).
-    both = p_mask.amax(-1) * q_mask.amax(-1)
+    # A pair with an empty side has no alignment at all: 0 (masks are 0/1; a zero-length side sums to 0).
+    both = p_mask.sum(-1).clamp(max=1.0) * q_mask.sum(-1).clamp(max=1.0)
     return (0.5 * both) * (s_q + s_p)
 
 

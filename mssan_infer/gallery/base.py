@@ -158,7 +158,7 @@ def check_encoded(
 
     Returns: ``stage1 [N, 2D]`` float32, ``local [N, P, D]``, ``mask [N, P]`` float32, ``gram [N, P, P]``.
     Raises:
-        InputError: shapes that do not fit each other or the dims, NaN or inf.
+        InputError: shapes that do not fit each other or the dims, NaN or inf, a mask not of 0/1.
     """
     stage1 = np.asarray(stage1, dtype=np.float32)
     local = np.asarray(local)
@@ -180,6 +180,8 @@ def check_encoded(
         )
     if not (np.isfinite(stage1).all() and np.isfinite(local).all() and np.isfinite(gram).all()):
         raise InputError("encoded items contain NaN or inf; check the input features")
+    if not np.isin(mask, (0.0, 1.0)).all():
+        raise InputError("encoded items' mask must hold only 1 (real position) and 0 (padding)")
     width = extent(mask)
     return stage1, local[:, :width], mask[:, :width], gram[:, :width, :width]
 

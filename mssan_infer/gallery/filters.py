@@ -57,7 +57,10 @@ def _check_key(key: Any, what: str) -> str:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float (not a bool); an int of any size is finite."""
+    return (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
+    )
 
 
 def parse_where(where: Where | None) -> tuple[Condition, ...]:
@@ -94,7 +97,13 @@ def parse_where(where: Where | None) -> tuple[Condition, ...]:
                     f"where[{key!r}]: a range is a mapping of {RANGE_OPS} to finite numbers, got "
                     f"{dict(cond)!r}"
                 )
-            out.append(Condition(key, "range", {op: float(v) for op, v in cond.items()}))
+            try:
+                bounds = {op: float(v) for op, v in cond.items()}
+            except OverflowError:
+                raise InputError(
+                    f"where[{key!r}]: range bounds must fit a float64, got {dict(cond)!r}"
+                ) from None
+            out.append(Condition(key, "range", bounds))
         else:
             hint = (
                 "; match a float with a range, e.g. {'gte': x, 'lte': x}" if isinstance(cond, float) else ""
@@ -135,6 +144,7 @@ def matches(meta: Mapping[str, Any] | None, conditions: Sequence[Condition]) -> 
 
 
 _EXACT_FLOAT = 2**53  # ints beyond this are compared in Python (float64 would round them)
+_CACHED = 1024  # numpy arrays a MetaIndex keeps for the values and keys filters asked about
 
 
 def _scalars(value: Any) -> list[Any]:
@@ -150,7 +160,8 @@ class MetaIndex:
 
     Items are indexed in order, on the first filtered search that needs them: ``metas`` (a gallery's
     per-item list) may grow at its end, but is never changed in place (a gallery that removes items
-    starts a new index). Safe to share between threads.
+    starts a new index; the gallery keeps its own copies of the items' metadata). Safe to share between
+    threads.
     """
 
     def __init__(self, metas: Sequence[Mapping[str, Any] | None]) -> None:
@@ -164,6 +175,8 @@ class MetaIndex:
 
     def _index(self, n: int) -> None:
         for r in range(self._done, min(n, len(self._metas))):
+            self._arrays.clear()
+            self._done = r + 1
             meta = self._metas[r]
             for key, value in (meta or {}).items():
                 by_value = self._rows.setdefault(key, {})
@@ -177,14 +190,16 @@ class MetaIndex:
                             vals, rows = self._nums.setdefault(key, ([], []))
                             vals.append(float(v))
                             rows.append(r)
-        if n > self._done:
-            self._done = max(self._done, min(n, len(self._metas)))
-            self._arrays.clear()
 
     def _value_rows(self, key: str, v: Any) -> np.ndarray:
+        rows = self._rows.get(key, {}).get((type(v), v))
+        if not rows:  # values no item has are not cached: a stream of them would grow the cache
+            return np.zeros(0, np.int64)
         cache = ("eq", key, type(v), v)
         if cache not in self._arrays:
-            self._arrays[cache] = np.asarray(self._rows.get(key, {}).get((type(v), v), ()), np.int64)
+            if len(self._arrays) >= _CACHED:
+                self._arrays.clear()
+            self._arrays[cache] = np.asarray(rows, np.int64)
         return self._arrays[cache]  # type: ignore[no-any-return]
 
     def _numbers(self, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -246,10 +261,10 @@ def check_metadata(metadata: Any, n: int) -> list[dict[str, Any] | None]:
             raise InputError(f"metadata {i} must be a mapping (or None), got {type(m).__name__}")
         clean = {_check_key(k, f"metadata {i}"): v for k, v in m.items()}
         try:
-            json.dumps(clean, allow_nan=False)
+            text = json.dumps(clean, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise InputError(
                 f"metadata {i} must hold JSON values only (no NaN/inf or objects): {e}"
             ) from None
-        out.append(clean)
+        out.append(json.loads(text))  # the gallery's own copy: a caller's later edits do not reach it
     return out

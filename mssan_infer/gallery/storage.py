@@ -148,11 +148,12 @@ def check_saved_storage(stage1: Any, local: Any, where: str) -> None:
     """
     if REMOVED_STORAGE not in (stage1, local):
         return
-    what = (
-        "the fp16 layout"
-        if (stage1, local) == (REMOVED_STORAGE, REMOVED_STORAGE)
-        else f"float16 locals (layout stage1={stage1}, local={local}, `--fp16-locals`)"
-    )
+    if (stage1, local) == (REMOVED_STORAGE, REMOVED_STORAGE):
+        what = "the fp16 layout"
+    elif (stage1, local) == ("float32", REMOVED_STORAGE):
+        what = "float16 locals beside a float32 stage 1 (`--fp16-locals`)"
+    else:
+        what = f"float16 storage (stage 1 {stage1}, locals {local})"
     raise IndexFileError(
         f"{where} was saved with {what}, which was removed (float16 gallery storage won on no axis): "
         "re-index the features with layout 'int8' (smaller) or 'fp32' (exact): "

@@ -48,18 +48,17 @@ def _child(
     image_queries: bool = False,
     mmap: bool = False,
 ) -> dict[str, Any]:
-    from mssan_infer import GalleryOptions, OnnxRuntimeOptions, Retriever, SearchOptions
+    from mssan_infer import GalleryOptions, OnnxRuntimeOptions, Retriever
 
     from .fixtures import random_captions, random_regions
-    from .retrieval import query_backend
+    from .retrieval import fast_path
 
     fast = path == "fast"
     gallery = GalleryOptions(layout="int8" if fast else None, mmap=mmap)
     ort = OnnxRuntimeOptions(threads=threads, **SETTINGS[setting])
     r = Retriever.load(bundle, ort, index=index, gallery=gallery, verify=False)
     if fast:  # the bench's bundle keeps its int8 text encoder beside it (what `export --int8` puts inside)
-        be = query_backend(r.bundle, threads, int8_encoder, ort)
-        r = Retriever(r.bundle, be, r.tokenizer, r.images, r.texts, SearchOptions())
+        r = fast_path(r, r, threads, int8_encoder, ort)
     if image_queries:
         qs: list[Any] = list(random_regions(queries + 20, 36, r.bundle.manifest.img_dim, seed=7))
         kind = "image"

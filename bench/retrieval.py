@@ -224,14 +224,17 @@ def query_backend(bundle: Any, threads: int, text_encoder: Path | None = None, o
     return OnnxRuntimeBackend(graphs, options if options is not None else OnnxRuntimeOptions(threads=threads))
 
 
-def fast_path(r: Any, lay_int8: Any, threads: int, int8_text_encoder: Path | None) -> Any:
+def fast_path(
+    r: Any, lay_int8: Any, threads: int, int8_text_encoder: Path | None, options: Any = None
+) -> Any:
     """The fast path: ``lay_int8``'s galleries (the int8 layout) with the int8 text encoder (``None``: the
-    fp32 one) on a backend of its own (close it with ``.backend.close()``)."""
+    fp32 one) on a backend of its own (``options``: its ONNX Runtime options; close it with
+    ``.backend.close()``)."""
     from mssan_infer import Retriever
 
     return Retriever(
         r.bundle,
-        query_backend(r.bundle, threads, int8_text_encoder),
+        query_backend(r.bundle, threads, int8_text_encoder, options),
         r.tokenizer,
         lay_int8.images,
         lay_int8.texts,

@@ -152,13 +152,10 @@ class QueryScorerGraph(nn.Module):
             s = torch.matmul(c_local, q_local.t())  # [K, P, Q]: one GEMM
         # Words as P and regions last whichever side queries: ONNX Runtime's broadcasts over [K, P, Q] then
         # run over spans of regions, not of words (docs/experiments/2026-12-07-query-threads.md).
-        words, regions = (
-            ((q_mask, q_gram), (c_mask, c_gram))
-            if self.query_is_text
-            else ((c_mask, c_gram), (q_mask, q_gram))
-        )
         if self.query_is_text:
-            s = s.transpose(-1, -2)  # [K, words, regions]
+            s, words, regions = s.transpose(-1, -2), (q_mask, q_gram), (c_mask, c_gram)  # [K, words, regions]
+        else:
+            words, regions = (c_mask, c_gram), (q_mask, q_gram)
         return c.lam_ll * attention_scores(
             s, *words, *regions, c.lambda_i2t, c.lambda_t2i, c.leaky, c.agg, c.lambda_lse
         )

@@ -174,8 +174,9 @@ class MetaIndex:
         self._arrays: dict[Any, Any] = {}  # numpy forms of the lists above, dropped when items are added
 
     def _index(self, n: int) -> None:
+        if self._done < min(n, len(self._metas)):
+            self._arrays.clear()  # the cached arrays miss the rows indexed now
         for r in range(self._done, min(n, len(self._metas))):
-            self._arrays.clear()
             self._done = r + 1
             meta = self._metas[r]
             for key, value in (meta or {}).items():

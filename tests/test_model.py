@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from training.config import ModelConfig
-from training.model import MSSAN, cross_attention_score, l2norm, reverse_padded
+from training.model import MSSAN, attention_scores, cross_attention_score, l2norm, reverse_padded
 
 
 def _model(agg: str = "mean", **kw: float) -> MSSAN:
@@ -107,6 +107,57 @@ def test_fully_masked_rows_give_zero_terms_and_finite_gradients(agg: str) -> Non
     for name, p in m.named_parameters():
         if p.grad is not None:
             assert torch.isfinite(p.grad).all(), name
+
+
+def _plain_attention_scores(s, pm, pg, qm, qg, lam_p, lam_q, agg):  # type: ignore[no-untyped-def]
+    """``attention_scores`` with torch.softmax / torch.logsumexp and normalised weights (its first form)."""
+    act = F.leaky_relu(s, 0.1)
+    pb, qb = (1 - pm) * -1e4, (1 - qm) * -1e4
+    alpha = torch.softmax(l2norm(act, dim=-1) * lam_p + pb.unsqueeze(-1), dim=-2)
+    beta = torch.softmax(l2norm(act, dim=-2) * lam_q + qb.unsqueeze(-2), dim=-1)
+    c2 = (alpha * (pg @ alpha)).sum(-2) + 1e-8
+    c2_p = (beta * (beta @ qg)).sum(-1) + 1e-8
+    x_q = (alpha * s).sum(-2) / torch.sqrt(c2 * (qg.diagonal(dim1=-2, dim2=-1) + 1e-8))
+    x_p = (beta * s).sum(-1) / torch.sqrt(c2_p * (pg.diagonal(dim1=-2, dim2=-1) + 1e-8))
+
+    def agg_(x, m, b):  # type: ignore[no-untyped-def]
+        if agg == "mean":
+            return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
+        return torch.logsumexp(6.0 * x + b, -1) / 6.0
+
+    both = pm.amax(-1) * qm.amax(-1)
+    return 0.5 * both * (agg_(x_q, qm, qb) + agg_(x_p, pm, pb))
+
+
+@pytest.mark.parametrize("agg", ["mean", "lse"])
+def test_attention_scores_equal_the_plain_softmax_form_with_their_gradients(agg: str) -> None:
+    """The softmax over P written out and left unnormalised, logsumexp written out: the same values and
+    gradients as torch.softmax / torch.logsumexp (float64), large temperatures and empty rows included."""
+    g = torch.Generator().manual_seed(3)
+    for lam in ((9.0, 4.0), (60.0, 45.0)):
+        v = l2norm(torch.randn(3, 7, 16, generator=g, dtype=torch.float64))
+        w = l2norm(torch.randn(4, 5, 16, generator=g, dtype=torch.float64))
+        vm = (torch.rand(3, 7, generator=g) > 0.3).double()
+        wm = (torch.rand(4, 5, generator=g) > 0.3).double()
+        vm[0], wm[1] = 0, 0
+        v, w = (v * vm[..., None]).requires_grad_(), (w * wm[..., None]).requires_grad_()
+        outs = []
+        for fn in (attention_scores, _plain_attention_scores):
+            s = (v[:, None, :, None] * w[None, :, None]).sum(-1)  # [Ni, Nt, R, L]
+            vg, wg = v @ v.mT, w @ w.mT
+            out = fn(s, vm[:, None], vg[:, None], wm[None], wg[None], *lam, agg=agg)
+            outs.append((out, torch.autograd.grad((out + out**2).sum(), (v, w))))
+        (got, dgot), (want, dwant) = outs
+        assert torch.isfinite(got).all() and (got - want).abs().max() < 1e-12
+        assert all((a - b).abs().max() < 1e-10 for a, b in zip(dgot, dwant))
+
+
+@pytest.mark.parametrize("agg", ["mean", "lse"])
+def test_a_zero_length_side_scores_zero(agg: str) -> None:
+    for p, q in ((0, 5), (4, 0), (0, 0)):
+        s, pm, qm = torch.zeros(3, p, q), torch.ones(3, p, dtype=torch.bool), torch.ones(1, q)
+        out = attention_scores(s, pm, torch.zeros(3, p, p), qm, torch.zeros(1, q, q), 9.0, 4.0, agg=agg)
+        assert out.shape == (3,) and (out == 0).all()
 
 
 def test_reverse_padded_reverses_within_length_only() -> None:

@@ -76,6 +76,47 @@ def test_a_wrong_int8_graph_fails_its_gate(
     assert bad == {"scorer_t2i_int8", "scorer_i2t_int8"}
 
 
+def test_onnx_runtime_runs_the_query_scorers_without_per_candidate_transposes(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """After ONNX Runtime's fusions no node transposes a [K, P, Q] tensor (its Transpose, and its Softmax
+    over an axis other than the last, dispatch to the thread pool once per candidate) and no
+    ReduceLogSumExp is left (several times slower than the five nodes written out)."""
+    import onnx
+
+    for name, spec in QUERY_SCORERS.items():
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+        ort.InferenceSession(str(tiny_bundle / spec.file), so, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(so.optimized_model_filepath).graph.node
+        ops = {n.op_type for n in nodes}
+        assert "ReduceLogSumExp" not in ops, name
+        for n in nodes:
+            attrs = {a.name: a for a in n.attribute}
+            if n.op_type == "Transpose":
+                assert len(attrs["perm"].ints) <= 2, (name, n.name)
+            if n.op_type == "Softmax":
+                assert attrs["axis"].i == -1, (name, n.name)
+
+
+@pytest.mark.parametrize("name", sorted(QUERY_SCORERS))
+def test_a_zero_length_side_scores_zero_in_the_query_scorers(tiny_bundle: Path, name: str) -> None:
+    """Like ``attention_scores`` (the tiny model aggregates by mean): no NaN from a softmax over nothing."""
+    sess = ort.InferenceSession(
+        str(tiny_bundle / QUERY_SCORERS[name].file), providers=["CPUExecutionProvider"]
+    )
+    for n_cand, n_query in ((5, 0), (0, 4), (0, 0)):
+        feeds = {}
+        for i in sess.get_inputs():  # candidates [K, P, ...] (K = 3), the query [Q, ...]; D fixed
+            cand = i.shape[0] in ("Ni", "Nt")
+            n = n_cand if cand else n_query
+            shape = ([3] if cand else []) + [n if isinstance(a, str) else a for a in i.shape[int(cand) :]]
+            dtype = {"tensor(uint8)": np.uint8, "tensor(float16)": np.float16}.get(i.type, np.float32)
+            feeds[i.name] = np.ones(shape, dtype)
+        out = sess.run(None, feeds)[0]
+        assert out.shape == (3,) and (out == 0).all(), (name, n_cand, n_query, out)
+
+
 class _Recorder(Backend):
     name = "recorder"
 

@@ -36,7 +36,11 @@ def _aggregate(x: Tensor, mask: Tensor, bias: Tensor, agg: str, lambda_lse: floa
     if agg == "mean":  # x is finite, so x * mask is x where kept and 0 elsewhere
         return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     if agg == "lse":  # dropped positions sit at NEG_FILL (|lambda x| <= lambda: x is a cosine)
-        return torch.logsumexp(lambda_lse * x + bias, dim=-1) * (1.0 / lambda_lse)
+        # logsumexp written out, shifted by the maximum as torch.logsumexp is (ONNX Runtime's
+        # ReduceLogSumExp costs several times these few small nodes)
+        y = lambda_lse * x + bias
+        m = y.amax(-1, keepdim=True).detach()  # the shift cancels: no gradient through it
+        return ((y - m).exp().sum(-1).log() + m.squeeze(-1)) * (1.0 / lambda_lse)
     raise ValueError(f"agg must be 'mean' or 'lse', got {agg!r}")
 
 
@@ -75,23 +79,31 @@ def attention_scores(
         contexts are never built: ``q_j . c_j = sum_i alpha_ij s_ij`` and ``|c_j|^2 = alpha_j^T G_p alpha_j``.
     """
     p_mask, q_mask = p_mask.to(s.dtype), q_mask.to(s.dtype)  # bool masks too (no node when float already)
+    if s.shape[-2] == 0 or s.shape[-1] == 0:  # a zero-length side: every pair is empty (no max of nothing)
+        return s.new_zeros(torch.broadcast_shapes(s.shape[:-2], p_mask.shape[:-1], q_mask.shape[:-1]))
     # Padding enters the softmaxes and the aggregates as an additive bias (0 or NEG_FILL), broadcast,
     # never expanded: scores at padded positions are exactly 0, so 0 + NEG_FILL == NEG_FILL there.
     p_bias = (1.0 - p_mask) * NEG_FILL  # [...,P]
     q_bias = (1.0 - q_mask) * NEG_FILL  # [...,Q]
     act = F.leaky_relu(s, leaky)
     sq = act * act  # shared by both normalisations
+    # The norms are reduced without keepdim and broadcast only in the product: ONNX Runtime runs an
+    # element-wise node on a trailing axis of size 1 one value at a time.
 
-    # Q attends over P: each P row normalised over Q, softmax over P.
-    a = act * (lam_p * torch.rsqrt(sq.sum(-1, keepdim=True) + EPS))
-    alpha = torch.softmax(a + p_bias.unsqueeze(-1), dim=-2)  # [...,P,Q]
-    num = (alpha * s).sum(-2)  # [...,Q]  q_j . c_j
-    c2 = (alpha * torch.matmul(p_gram, alpha)).sum(-2)  # [...,Q]  |c_j|^2
+    # Q attends over P: each P row normalised over Q, softmax over P. The softmax is written out (ONNX
+    # Runtime runs one over an axis other than the last through two transposes), shifted by its maximum
+    # as torch.softmax is, and left unnormalised: alpha_ij = e_ij / z_j, and z divides the [...,Q] sums.
+    a = act * (lam_p * torch.rsqrt(sq.sum(-1) + EPS)).unsqueeze(-1)
+    x = a + p_bias.unsqueeze(-1)
+    e = torch.exp(x - x.amax(-2, keepdim=True).detach())  # [...,P,Q]  (the shift cancels: no gradient)
+    z = e.sum(-2).clamp(min=1.0)  # [...,Q]  >= 1 already (the maximum's term is 1); a graph fed P = 0 gets 1
+    num = (e * s).sum(-2) / z  # [...,Q]  q_j . c_j
+    c2 = (e * torch.matmul(p_gram, e)).sum(-2) / (z * z)  # [...,Q]  |c_j|^2
     q2 = _diagonal(q_gram)  # [...,Q]  |q_j|^2
     s_q = _aggregate(num * torch.rsqrt((c2 + EPS) * (q2 + EPS)), q_mask, q_bias, agg, lambda_lse)
 
     # P attends over Q: each Q column normalised over P, softmax over Q.
-    b = act * (lam_q * torch.rsqrt(sq.sum(-2, keepdim=True) + EPS))
+    b = act * (lam_q * torch.rsqrt(sq.sum(-2) + EPS)).unsqueeze(-2)
     beta = torch.softmax(b + q_bias.unsqueeze(-2), dim=-1)  # [...,P,Q]
     num_p = (beta * s).sum(-1)  # [...,P]
     c2_p = (beta * torch.matmul(beta, q_gram)).sum(-1)  # [...,P]

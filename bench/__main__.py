@@ -80,6 +80,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text_repeats": 30,
         "text_layers": [2, 3],
         "latency_text_layers": 2,
+        "own_processes": 3,
+        "own_queries": 200,
     },
     "quick": {
         "d": 1024,
@@ -125,6 +127,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text_repeats": 8,
         "text_layers": [2, 3],
         "latency_text_layers": 2,
+        "own_processes": 1,
+        "own_queries": 60,
     },
 }
 SECTIONS = ("scorer", "latency", "recall", "encode", "text", "qdrant")
@@ -371,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             bundle=lat_bundle,
             bandwidth=res["bandwidth_gbs"],
             int8_text_encoder=lat_int8,
+            own_processes=cfg["own_processes"],
+            own_queries=cfg["own_queries"],
         )
         lat_rt.close()
         del lat_model, lat_pools, pools

@@ -6,8 +6,11 @@ side in one process: ~60 ONNX Runtime sessions, galleries in three layouts and f
 between the queries it times. That is the fair way to compare them with each other, and a pessimistic
 one for a query's own latency. Here each (path, gallery) runs in ``--processes`` fresh processes that
 hold only that path and its gallery, answering ``--queries`` different queries one after another
-(after a warm-up); the processes of all paths alternate. The latency section's default-tower bundle
-and galleries are reused from ``--work`` (run that section first). Galleries: ``t2i:N`` (N images),
+(after a warm-up; every other query traced step by step, :func:`bench.floor.traced_steps`); the
+processes of all paths alternate. The latency section runs the same processes (:func:`own_process`)
+for its floor rows' end to end; this script adds ORT settings and galleries of your choice. The
+latency section's default-tower bundle and galleries are reused from ``--work`` (run that section
+first). Galleries: ``t2i:N`` (N images),
 ``i2t:N`` (the 5N captions of N images), ``t2i:N:mmap`` (memory-mapped; the fast path opens the saved
 int8 index).
 
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]  # the bench package's folder is importable from here
 PATHS = ("exact", "fast")
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -39,7 +43,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 def _child(
     bundle: Path,
-    int8_encoder: Path,
+    int8_encoder: Path | None,
     index: Path,
     path: str,
     queries: int,
@@ -58,24 +62,71 @@ def _child(
     ort = OnnxRuntimeOptions(threads=threads, **SETTINGS[setting])
     r = Retriever.load(bundle, ort, index=index, gallery=gallery, verify=False)
     if fast:  # the bench's bundle keeps its int8 text encoder beside it (what `export --int8` puts inside)
-        r = fast_path(r, r, threads, int8_encoder, ort)
+        r = fast_path(r, r, threads, None if image_queries else int8_encoder, ort)
     if image_queries:
         qs: list[Any] = list(random_regions(queries + 20, 36, r.bundle.manifest.img_dim, seed=7))
         kind = "image"
     else:
         qs, kind = list(random_captions(queries + 20, seed=7)), "text"
+    from .floor import IN_QUERY, record_inside, traced_steps
+
     for q in qs[:20]:
         r.search(**{kind: q}, k=10, rerank=100)
     times = []
-    for q in qs[20:]:
+    inside: dict[str, list[float]] = {s: [] for s in IN_QUERY}
+    for i, q in enumerate(qs[20:]):
+        if i % 2:  # every other query traced: its steps timed where they run
+            with traced_steps(r, not image_queries) as took:
+                r.search(**{kind: q}, k=10, rerank=100)
+            record_inside(inside, took)
+            continue
         t0 = time.perf_counter()
         r.search(**{kind: q}, k=10, rerank=100)
         times.append(time.perf_counter() - t0)
+    r.close()
     ms = np.asarray(times) * 1e3
     return {
         "p50_ms": float(np.median(ms)),
         "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)),
+        "inside": {s: float(np.median(v)) for s, v in inside.items()},
+    }
+
+
+def own_process(
+    bundle: Path,
+    int8_encoder: Path | None,
+    index: Path,
+    path: str,
+    *,
+    processes: int,
+    queries: int,
+    threads: int,
+    setting: str = "default",
+    image_queries: bool = False,
+    mmap: bool = False,
+) -> dict[str, Any]:
+    """Search at rerank 100 on ``path`` (``exact`` or ``fast``) in ``processes`` fresh processes, one after
+    another, each holding only that path and the gallery ``index``.
+
+    Returns:
+        ``{"p50_ms", "p99_ms"}`` (medians over the processes), ``"inside"`` (the median over the processes
+        of each step's median inside traced queries, as ``bench.floor.IN_QUERY``) and ``"processes"``
+        (each process's figures).
+    """
+    runs = []
+    for _ in range(processes):
+        cmd = [sys.executable, "-m", "bench.query_path", "--child", path, "--bundle", str(bundle)]
+        cmd += ["--index", str(index), "--queries", str(queries), "--threads", str(threads)]
+        cmd += ["--settings", setting] + ["--image-queries"] * image_queries + ["--mmap"] * mmap
+        cmd += ["--int8-encoder", str(int8_encoder)] if int8_encoder is not None else []
+        done = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+        runs.append(json.loads(done.stdout))
+    return {
+        "p50_ms": float(np.median([x["p50_ms"] for x in runs])),
+        "p99_ms": float(np.median([x["p99_ms"] for x in runs])),
+        "inside": {s: float(np.median([x["inside"][s] for x in runs])) for s in runs[0]["inside"]},
+        "processes": runs,
     }
 
 
@@ -109,11 +160,18 @@ def run(
             for path in PATHS:
                 gkey, index, image_queries, mmap = _gallery(work, spec, bid, path)
                 for setting in settings:
-                    cmd = [sys.executable, "-m", "bench.query_path", "--child", path, "--bundle", str(bundle)]
-                    cmd += ["--int8-encoder", str(int8), "--index", str(index), "--queries", str(queries)]
-                    cmd += ["--threads", str(threads), "--settings", setting]
-                    cmd += ["--image-queries"] * image_queries + ["--mmap"] * mmap
-                    res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                    res = own_process(
+                        bundle,
+                        int8,
+                        index,
+                        path,
+                        processes=1,
+                        queries=queries,
+                        threads=threads,
+                        setting=setting,
+                        image_queries=image_queries,
+                        mmap=mmap,
+                    )["processes"][0]
                     key = f"{gkey}_{path}" + ("" if setting == "default" else f"_{setting}")
                     out["runs"].setdefault(key, []).append(res)
                     print(

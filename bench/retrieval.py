@@ -273,6 +273,8 @@ def run_latency(
     bundle: Path | None = None,
     bandwidth: float | None = None,
     int8_text_encoder: Path | None = None,
+    own_processes: int = 0,
+    own_queries: int = 200,
 ) -> dict[str, Any]:
     """Latency per gallery size and direction.
 
@@ -289,6 +291,10 @@ def run_latency(
         int8_text_encoder: the int8 text encoder of the fast path (int8 text encoder + ``int8`` layout),
             timed beside the exact default in the floor group (``bench.floor``) of every size with layouts,
             and at rerank 100 in the slow group; ``None``: the fast path keeps the fp32 text encoder.
+        own_processes, own_queries: the floor group's two paths are also searched ``own_queries`` times in
+            each of ``own_processes`` fresh processes that hold only that path and its gallery
+            (``bench.query_path.own_process``); their figures become the floor rows' end to end
+            (``bench.floor.add_own_process``). 0: the section's process only.
     """
     import torch
 
@@ -465,6 +471,26 @@ def run_latency(
             )
             floor = floor_rows(res_floor, f_meta, floor_bw)
             floor["int8_text_encoder"] = bool(text_query and int8_text_encoder)
+            if own_processes and bundle is not None:
+                from .floor import add_own_process
+                from .query_path import own_process
+
+                for p, qp in (("fp32", "exact"), ("int8", "fast")):
+                    log.info("latency %s: the %s path in %d processes of its own", key, p, own_processes)
+                    add_own_process(
+                        floor["paths"][p],
+                        own_process(
+                            bundle,
+                            int8_text_encoder,
+                            layout_index(index, gname, "int8", mmap) if p == "int8" else index,
+                            qp,
+                            processes=own_processes,
+                            queries=own_queries,
+                            threads=threads,
+                            image_queries=not text_query,
+                            mmap=mmap,
+                        ),
+                    )
             log.info(
                 "latency %s: end to end / floor %s",
                 key,

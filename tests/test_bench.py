@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,6 +41,8 @@ TOY = {
     "depths": [0, 10, 100],
     "repeats_fast": 2,
     "repeats_slow": 2,
+    "own_processes": 1,
+    "own_queries": 3,
     "pool": 32,
     "queries": 4,
     "train_images": 100,
@@ -135,6 +138,12 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(
                 "non_kernel",
             }
     assert results["latency"]["t2i_400"]["floor"]["int8_text_encoder"] is True
+    # end to end in a process of each path's own; the section's own process beside it
+    own = results["latency"]["t2i_300_mmap"]["floor"]["paths"]["int8"]["own_process"]
+    assert len(own["processes"]) == 1 and own["inside"]["scorer"] > 0
+    assert summary["t2i_p50_ms_5k_rerank100_int8"] == own_p50(results, "t2i_200")
+    assert math.isfinite(summary["t2i_p50_ms_5k_rerank100_int8_shared"])
+    assert math.isfinite(summary["twostage_speedup_vs_exhaustive_25k_int8_shared"])
     assert "## 2c. The floor of a query" in proc.stdout
 
 
@@ -180,6 +189,10 @@ def test_plots_have_titles_axis_labels_with_units_and_words_not_result_keys() ->
     assert looks_like_a_key("t2i_5000") and looks_like_a_key("torch_eager") and looks_like_a_key("t2i R@1")
 
 
+def own_p50(results: dict[str, Any], key: str, path: str = "int8") -> float:
+    return float(results["latency"][key]["floor"]["paths"][path]["own_process"]["p50_ms"])
+
+
 def _floor_fixture() -> tuple[dict[str, object], dict[str, object]]:
     """A latency section's floor rows made from made-up timings (no timing here)."""
     from bench.floor import floor_row
@@ -212,6 +225,7 @@ def test_floor_arithmetic_and_its_table_and_plot() -> None:
     import matplotlib.pyplot as plt
 
     from bench.floor import (
+        add_own_process,
         candidate_bytes,
         floor_figure,
         floor_markdown,
@@ -278,8 +292,33 @@ def test_floor_arithmetic_and_its_table_and_plot() -> None:
         and slow["steps"]["scorer"]["floor_is"] == "bytes read"
     )
 
+    # a path's own processes replace the end to end and the steps inside the query; the shared stay beside
+    own_row = floor_row(
+        {**p50, "kernel": 0.3}, 7.0, {"stage1": 2e7, "gather": 2e6, "scorer": 4e6}, 9e7, 20.0, inside=inside
+    )
+    own_inside = {
+        "encode": 1.3,
+        "stage1": 1.6,
+        "gather": 0.45,
+        "scorer": 0.95,
+        "non_kernel": 0.1,
+        "total": 4.4,
+    }
+    add_own_process(own_row, {"p50_ms": 4.2, "p99_ms": 5.0, "inside": own_inside, "processes": []})
+    assert own_row["e2e_p50_ms"] == 4.2 and own_row["e2e_p50_ms_shared"] == 5.0
+    assert (
+        math.isclose(own_row["floor_ratio"], 4.2 / 2.4)
+        and own_row["floor_ratio_shared"] == traced["floor_ratio"]
+    )
+    assert (
+        own_row["steps"]["stage1"]["in_query_ms"] == 1.6 and own_row["steps"]["stage1"]["in_shared_ms"] == 2.0
+    )
+    assert own_row["steps"]["non_kernel"]["p50_ms"] == 0.1
+    assert math.isclose(own_row["cold_ms"], (1.3 + 1.6 + 0.45 + 0.95) - (1.2 + 1.5 + 0.4 + 0.9))
+
     lat, cfg = _floor_fixture()
     s, src = summarise_floor(lat, cfg)
+    assert "t2i_p50_ms_5k_rerank100_int8_shared" not in s  # no own processes in the fixture
     assert math.isclose(
         s["floor_ratio_t2i_5k_int8"], 3.0 / lat["t2i_5000"]["floor"]["paths"]["int8"]["floor_ms"]
     )
@@ -287,7 +326,13 @@ def test_floor_arithmetic_and_its_table_and_plot() -> None:
     assert s["int8_vs_fp32_p50_5k"] == 0.75 and s["fastpath_vs_default_p50_5k"] == 0.5
     assert math.isnan(s["floor_ratio_t2i_25k_int8"]) and math.isnan(s["t2i_p50_ms_100k_rerank100_int8"])
     assert "floor_ratio_t2i_5k_*" in src
+    lat["t2i_5000"]["floor"]["paths"]["int8"] = own_row  # type: ignore[index]
+    s, _ = summarise_floor(lat, cfg)
+    assert s["t2i_p50_ms_5k_rerank100_int8"] == 4.2 and s["t2i_p50_ms_5k_rerank100_int8_shared"] == 5.0
+    assert s["floor_ratio_t2i_5k_int8"] == own_row["floor_ratio"]
+    assert s["floor_ratio_t2i_5k_int8_shared"] == own_row["floor_ratio_shared"]
     md = "\n".join(floor_markdown(lat))
+    assert "| 4.20 / 5.00 | 5.00 |" in md  # own processes' p50 / p99, then the shared process's p50
     assert "## 2c. The floor of a query" in md and "| text→image | 5K images | int8 |" in md
     assert "| image→text | 25K captions (5K images) | fp32 |" in md
     assert floor_markdown({}) == [] and floor_figure({}, {}, 2) is None
@@ -311,7 +356,8 @@ def test_query_path_times_one_path_per_process_with_each_ort_setting(
 ) -> None:
     """``bench.query_path``'s child: one path's queries timed after a warm-up, under each ORT setting it
     offers; an unknown setting is refused in the flags' words. Nothing asserts how fast anything is."""
-    from bench.query_path import SETTINGS, _child, _gallery, main
+    from bench.floor import IN_QUERY
+    from bench.query_path import SETTINGS, _child, _gallery, main, own_process
     from mssan_infer import Retriever
 
     r = Retriever.load(tiny_bundle)
@@ -321,11 +367,14 @@ def test_query_path_times_one_path_per_process_with_each_ort_setting(
     r.save(tmp_path / "index")
     for setting in SETTINGS:
         res = _child(tiny_bundle, tmp_path / "none.onnx", tmp_path / "index", "exact", 5, 1, setting)
-        assert set(res) == {"p50_ms", "p90_ms", "p99_ms"} and 0 < res["p50_ms"] <= res["p99_ms"]
+        assert set(res) == {"p50_ms", "p90_ms", "p99_ms", "inside"} and 0 < res["p50_ms"] <= res["p99_ms"]
+        assert set(res["inside"]) == set(IN_QUERY) and res["inside"]["scorer"] > 0  # traced queries
     res = _child(
         tiny_bundle, tmp_path / "none.onnx", tmp_path / "index", "exact", 5, 1, "default", True, True
     )
     assert 0 < res["p50_ms"] <= res["p99_ms"]  # image queries over captions, memory-mapped
+    own = own_process(tiny_bundle, None, tmp_path / "index", "exact", processes=2, queries=3, threads=1)
+    assert len(own["processes"]) == 2 and own["p50_ms"] > 0 and own["inside"]["encode"] > 0
     assert _gallery(tmp_path, "i2t:5000", "b", "fast")[:3] == (
         "i2t_5000",
         tmp_path / "gallery-texts-25000-float32-b",

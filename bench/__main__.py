@@ -80,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text_repeats": 30,
         "text_layers": [2, 3],
         "latency_text_layers": 2,
-        "own_processes": 3,
+        "own_processes": 5,
         "own_queries": 200,
     },
     "quick": {

@@ -335,19 +335,29 @@ def main(argv: list[str] | None = None) -> int:
             "images": random_regions(cfg["queries"], cfg["regions"], cfg["dv"], seed=7),
         }
         free = _free_gb(work)
-        # the float32 gallery; memory-mapped ones opened in every layout add an int8 copy saved beside it,
-        # plus the int8 spill file of the conversion while it is saved
+
+        def to_write(sz: dict[str, Any]) -> int:
+            """Bytes per local value still to write for ``sz``: the float32 gallery (4), and for a
+            memory-mapped one opened in every layout an int8 copy saved beside it plus the int8 spill file
+            of the conversion while it is saved (2); 0 for what a run before left in ``work``."""
+            gname = "images" if sz["direction"] == "t2i" else "texts"
+            folder = work / f"gallery-{gname}-{sz.get('n_items', sz['n'])}-float32-{bundle_id}"
+            done = (folder / "index.json").is_file()
+            copy = sz.get("mmap") and sz["layouts"]
+            copy_done = (folder.with_name(folder.name + "-int8") / "index.json").is_file()
+            return (0 if done else 4) + (2 if copy and not copy_done else 0)
+
         need = (
             sum(
                 sz.get("n_items", sz["n"])
                 * (cfg["regions"] if sz["direction"] == "t2i" else cfg["words"])
                 * cfg["d"]
-                * (6 if sz.get("mmap") and sz["layouts"] else 4)
+                * to_write(sz)
                 for sz in sizes
             )
             / 2**30
         )
-        log.info("latency: galleries need about %.1f GB on %s (%.1f GB free)", need, work, free)
+        log.info("latency: galleries to write need about %.1f GB on %s (%.1f GB free)", need, work, free)
         if need > free * 0.8:
             raise SystemExit(
                 f"not enough disk in {work}: galleries need ~{need:.1f} GB, {free:.1f} GB free; "

@@ -401,6 +401,7 @@ def run_latency(
         lay_rs: dict[str, Any] = {}
         layouts_row: dict[str, Any] = {}
         fast_r: Any = None  # the fast path (int8 text encoder + int8 layout), with the layouts
+        own_indexes: dict[str, Path] = {}  # the galleries of the own-process runs (bench.query_path)
         if spec.get("layouts"):
             from .layouts import (
                 LAYOUT_NAMES,
@@ -471,28 +472,10 @@ def run_latency(
             )
             floor = floor_rows(res_floor, f_meta, floor_bw)
             floor["int8_text_encoder"] = bool(text_query and int8_text_encoder)
-            if own_processes and bundle is not None:
-                from .floor import add_own_process
-                from .query_path import own_process
-
-                for p, qp in (("fp32", "exact"), ("int8", "fast")):
-                    log.info("latency %s: the %s path in %d processes of its own", key, p, own_processes)
-                    add_own_process(
-                        floor["paths"][p],
-                        own_process(
-                            bundle,
-                            int8_text_encoder,
-                            layout_index(index, gname, "int8", mmap) if p == "int8" else index,
-                            qp,
-                            processes=own_processes,
-                            queries=own_queries,
-                            threads=threads,
-                            image_queries=not text_query,
-                            mmap=mmap,
-                        ),
-                    )
+            if own_processes and bundle is not None:  # run once this size's galleries are released
+                own_indexes = {"fp32": index, "int8": layout_index(index, gname, "int8", mmap)}
             log.info(
-                "latency %s: end to end / floor %s",
+                "latency %s: end to end (this process) / floor %s",
                 key,
                 {p: round(x["floor_ratio"], 2) for p, x in floor["paths"].items()},
             )
@@ -593,4 +576,33 @@ def run_latency(
         r.close()
         r = view = None  # release the gallery before the next size is built
         gc.collect()
+        if own_indexes:
+            # each path in processes of its own, while this process holds no gallery (with the galleries
+            # and sessions of this size still held, the fp32 path's own processes ran its encoder at
+            # 6-7 ms in most processes, against 2.2-2.8 with this process idle and small)
+            from .floor import add_own_process
+            from .query_path import own_process
+
+            assert bundle is not None
+            for p, qp in (("fp32", "exact"), ("int8", "fast")):
+                log.info("latency %s: the %s path in %d processes of its own", key, p, own_processes)
+                add_own_process(
+                    results[key]["floor"]["paths"][p],
+                    own_process(
+                        bundle,
+                        int8_text_encoder,
+                        own_indexes[p],
+                        qp,
+                        processes=own_processes,
+                        queries=own_queries,
+                        threads=threads,
+                        image_queries=not text_query,
+                        mmap=mmap,
+                    ),
+                )
+            log.info(
+                "latency %s: end to end (own processes) / floor %s",
+                key,
+                {p: round(x["floor_ratio"], 2) for p, x in results[key]["floor"]["paths"].items()},
+            )
     return results

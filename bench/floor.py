@@ -724,7 +724,11 @@ def floor_figure(lat: Mapping[str, Any] | None, machine: Mapping[str, Any], thre
                 labels.append(f"{_gallery_words(row)}\n{PATH_WORDS.get(p, p)}")
                 x += 1.0
         ax.set_xticks([i + 0.2 for i in range(len(labels))], labels, fontsize=7, rotation=30, ha="right")
-        ax.set_xlabel("gallery and layout (left bar: p50 of each step inside the query; hatched: its floor)")
+        ax.set_xlabel(
+            "gallery and layout\n(left bar: p50 of each step inside the query, in processes of the path's "
+            "own where measured;\nhatched: its floor)",
+            fontsize=8,
+        )
         ax.set_ylabel("time per query (ms)")
         ax.set_title(
             f"{DIRECTIONS[d]} query at rerank 100: measured vs floor\n"

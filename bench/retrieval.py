@@ -577,9 +577,9 @@ def run_latency(
         r = view = None  # release the gallery before the next size is built
         gc.collect()
         if own_indexes:
-            # each path in processes of its own, while this process holds no gallery (with the galleries
-            # and sessions of this size still held, the fp32 path's own processes ran its encoder at
-            # 6-7 ms in most processes, against 2.2-2.8 with this process idle and small)
+            # each path in processes of its own, while this process holds no gallery: with this size's
+            # galleries and sessions still held, most of the fp32 path's own processes ran their encoder
+            # several times slower (docs/experiments/2026-12-07-query-threads.md, section 6)
             from .floor import add_own_process
             from .query_path import own_process
 

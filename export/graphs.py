@@ -155,7 +155,7 @@ class QueryScorerGraph(nn.Module):
         if self.query_is_text:
             # s^T as the product eye(words) @ s^T, exact (each value times 1, plus zeros): ONNX Runtime fuses
             # the transpose into that small GEMM, where its Transpose of [K, regions, words] dispatches to the
-            # thread pool once per candidate (~0.05-0.2 ms of a ~0.8 ms scorer). No EyeLike.
+            # thread pool once per candidate (docs/experiments/2026-12-07-query-threads.md). No EyeLike.
             i = torch.arange(q_local.shape[0], device=s.device)
             eye = (i.unsqueeze(-1) == i).to(s.dtype)  # [words, words]
             s = torch.matmul(eye, s.transpose(-1, -2))  # [K, words, regions]

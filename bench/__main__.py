@@ -335,16 +335,20 @@ def main(argv: list[str] | None = None) -> int:
             "images": random_regions(cfg["queries"], cfg["regions"], cfg["dv"], seed=7),
         }
         free = _free_gb(work)
+        from mssan_infer.names import INDEX_MANIFEST
+
+        from .layouts import bandwidth_gbs, layout_folder, resident_mb
+        from .retrieval import gallery_folder
 
         def to_write(sz: dict[str, Any]) -> int:
             """Bytes per local value still to write for ``sz``: the float32 gallery (4), and for a
             memory-mapped one opened in every layout an int8 copy saved beside it plus the int8 spill file
             of the conversion while it is saved (2); 0 for what a run before left in ``work``."""
             gname = "images" if sz["direction"] == "t2i" else "texts"
-            folder = work / f"gallery-{gname}-{sz.get('n_items', sz['n'])}-float32-{bundle_id}"
-            done = (folder / "index.json").is_file()
+            folder = gallery_folder(work, gname, sz.get("n_items", sz["n"]), bundle_id)
+            done = (folder / INDEX_MANIFEST).is_file()
             copy = sz.get("mmap") and sz["layouts"]
-            copy_done = (folder.with_name(folder.name + "-int8") / "index.json").is_file()
+            copy_done = (layout_folder(folder, "int8") / INDEX_MANIFEST).is_file()
             return (0 if done else 4) + (2 if copy and not copy_done else 0)
 
         need = (
@@ -363,8 +367,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"not enough disk in {work}: galleries need ~{need:.1f} GB, {free:.1f} GB free; "
                 "pass --work elsewhere or smaller --set sizes"
             )
-        from .layouts import bandwidth_gbs, resident_mb
-
         res["bandwidth_gbs"] = bandwidth_gbs(args.threads)
         log.info("latency: memory read bandwidth %.1f GB/s (%d threads)", res["bandwidth_gbs"], args.threads)
         res["resident_bundle_only"] = resident_mb(lat_bundle, None, "fp32", False, True, queries["texts"])

@@ -32,6 +32,7 @@ from mssan_infer.names import INDEX_MANIFEST
 
 __all__ = [
     "LAYOUT_NAMES",
+    "layout_folder",
     "layout_index",
     "layout_retrievers",
     "layout_group",
@@ -57,6 +58,11 @@ def _share_locals(g: MemoryGallery, layout: str) -> MemoryGallery:
     return out
 
 
+def layout_folder(index: Path, layout: str) -> Path:
+    """Where :func:`layout_index` saves the ``layout`` copy of the index folder ``index`` (beside it)."""
+    return index.with_name(f"{index.name}-{layout}")
+
+
 def layout_index(index: Path, gname: str, layout: str, mmap: bool) -> Path:
     """The index folder to open ``layout`` from: ``index`` itself (converted while loading), or, for a
     memory-mapped gallery with compressed locals, a copy saved once in that layout beside it.
@@ -67,7 +73,7 @@ def layout_index(index: Path, gname: str, layout: str, mmap: bool) -> Path:
     """
     if not mmap or LAYOUTS[layout].local == "float32":
         return index
-    out = index.with_name(f"{index.name}-{layout}")
+    out = layout_folder(index, layout)
     if not (out / INDEX_MANIFEST).is_file():
         log.info("layouts: saving the %s gallery of %s as %s (once)", gname, index.name, layout)
         galleries, manifest = load_index(

@@ -136,8 +136,12 @@ def _gallery(work: Path, spec: str, bid: str, path: str) -> tuple[str, Path, boo
     mmap = rest == ["mmap"]
     if direction not in ("t2i", "i2t") or rest not in ([], ["mmap"]) or (mmap and direction != "t2i"):
         raise SystemExit(f"--galleries: {spec!r} is not t2i:N, i2t:N or t2i:N:mmap")
-    name = f"gallery-images-{n}" if direction == "t2i" else f"gallery-texts-{5 * int(n)}"
-    index = work / (f"{name}-float32-{bid}" + ("-int8" if mmap and path == "fast" else ""))
+    from .layouts import layout_folder
+    from .retrieval import gallery_folder
+
+    index = gallery_folder(work, *(("images", int(n)) if direction == "t2i" else ("texts", 5 * int(n))), bid)
+    if mmap and path == "fast":  # the int8 index saved beside it (``bench.layouts.layout_index``)
+        index = layout_folder(index, "int8")
     return f"{direction}_{n}" + ("_mmap" if mmap else ""), index, direction == "i2t", mmap
 
 

@@ -43,6 +43,7 @@ from mssan_infer.search import backend_score_fn, rerank_scores
 from .timing import numpy_blas_setter, peak_rss_mb, reset_peak_rss, side_by_side
 
 __all__ = [
+    "gallery_folder",
     "write_gallery_index",
     "run_latency",
     "stage1_variant",
@@ -60,6 +61,12 @@ BLOCK = 5  # query calls per candidate per round (after one untimed call), see t
 def rounds(calls: int) -> int:
     """Rounds of :data:`BLOCK` calls that give about ``calls`` timed calls."""
     return max(3, -(-calls // BLOCK))
+
+
+def gallery_folder(work: Path, gname: str, n_items: int, bundle_id: str, dtype: str = "float32") -> Path:
+    """Where the latency section keeps the ``gname`` gallery (``images`` / ``texts``) of ``n_items`` items
+    of ``dtype`` locals for the bundle ``bundle_id`` (:func:`write_gallery_index` writes it)."""
+    return work / f"gallery-{gname}-{n_items}-{dtype}-{bundle_id}"
 
 
 def write_gallery_index(
@@ -309,7 +316,7 @@ def run_latency(
         text_query = direction == "t2i"
         gname = "images" if text_query else "texts"
         key = f"{direction}_{n}" + (("_fp16mmap" if dtype == "float16" else "_mmap") if mmap else "")
-        folder = work / f"gallery-{gname}-{n_items}-{dtype}-{spec['bundle_id']}"
+        folder = gallery_folder(work, gname, n_items, spec["bundle_id"], dtype)
         log.info(
             "latency %s: writing/opening the gallery (%d %s, %s%s)",
             key,

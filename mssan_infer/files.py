@@ -221,8 +221,16 @@ def swap_in(tmp: Path, dst: Path) -> None:
         raise FileNotFoundError(errno.ENOENT, "the folder to swap in is missing", str(tmp))
     old: Path | None = None  # where the previous content of dst is
     try:
+        placed = False
         if not os.path.lexists(dst):
-            os.replace(tmp, dst)
+            try:
+                os.replace(tmp, dst)
+                placed = True
+            except OSError as e:  # another save put a folder at dst since the check: replace it below
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        if placed:
+            pass
         elif exchange_dirs(tmp, dst):
             old = tmp
         else:

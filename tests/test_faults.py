@@ -229,6 +229,32 @@ def test_swap_in_replaces_the_folder_and_leaves_nothing_beside_it(
     assert _text(dst) == "new" and [p.name for p in tmp_path.iterdir()] == ["d"]
 
 
+@pytest.mark.parametrize("exchange", [True, False])
+def test_swap_in_replaces_a_folder_that_another_save_put_there_after_its_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    """Two first saves of one index at once: both see no folder, the second's rename meets the first's
+    folder (ENOTEMPTY) and replaces it like any existing index instead of failing."""
+    from mssan_infer.files import swap_in
+
+    if not exchange:
+        monkeypatch.setattr("mssan_infer.files.exchange_dirs", lambda a, b: False)
+    dst = _folder(tmp_path / "d", "first save")
+    real = os.path.lexists
+    seen = [False]
+
+    def lexists(p: Any) -> bool:  # the check ran before the other save's folder arrived
+        if Path(p) == dst and not seen[0]:
+            seen[0] = True
+            return False
+        return real(p)
+
+    monkeypatch.setattr(os.path, "lexists", lexists)
+    swap_in(_folder(tmp_path / ".d.tmp-1", "second save"), dst)
+    monkeypatch.undo()
+    assert seen[0] and _text(dst) == "second save" and [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
 def test_swap_in_puts_the_previous_folder_back_when_the_second_rename_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

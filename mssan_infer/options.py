@@ -123,8 +123,8 @@ class Stage1Options:
             layouts only.
         nlist, nprobe: IVF lists (default ``4 sqrt(n)``, at least 39 items per list) and lists probed
             (default ``min(nlist, 16)``).
-        overfetch: a compressed stage 1 (``int8-stage1``, ``int8`` layouts) fetches
-            ``overfetch x k`` rows (at least ``k + 32``) by their compressed scores, then rescores them
+        overfetch: a compressed stage 1 (``int8-stage1``, ``int8`` layouts) fetches ``overfetch x k``
+            rows (default 2; at least ``k + 32``) by their compressed scores, then rescores them
             exactly, best first, and keeps the best ``k`` (it stops early once the error bound proves
             that no row left can enter them).
         certify: a compressed stage 1 also proves, with a bound on the compression error, that no

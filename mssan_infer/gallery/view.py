@@ -25,7 +25,10 @@ __all__ = ["ArrayView", "Block", "Codes", "OVERFETCH"]
 
 log = logging.getLogger(__name__)
 
-OVERFETCH = 4  # compressed stage 1 fetches this many times the rows asked for, then rescores
+# compressed stage 1 fetches this many times the rows asked for, then rescores them (the exact top k
+# lay within the first 2k by compressed score on the bench's galleries: docs/experiments/
+# 2026-12-07-overfetch.md)
+OVERFETCH = 2
 _MIN_ROWS_PER_PART = 16  # gathers smaller than this per thread are not split
 
 

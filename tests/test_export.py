@@ -24,7 +24,7 @@ from export.validate import rerank_order_check, validate_graphs
 from mssan_infer.bundle import load_bundle
 from mssan_infer.errors import BundleError, ParityError
 from mssan_infer.names import FORMAT_VERSION, MANIFEST_FILE
-from mssan_infer.spec import GRAPHS, IMAGE_ENCODER, QUERY_SCORERS, SCORER, TOLERANCES
+from mssan_infer.spec import GRAPHS, IMAGE_ENCODER, QUERY_SCORERS, SCORER, TEXT_ENCODER, TOLERANCES
 from training.checkpoint import load_checkpoint
 from training.config import ModelConfig
 from training.model import MSSAN
@@ -261,6 +261,17 @@ def test_fp16_graphs_keep_softmax_norms_reductions_and_gru_in_fp32(tiny_bundle: 
 
 
 # ---- arguments, output folder, CLI -----------------------------------------------------
+def test_encoders_hold_the_mffm_gate_as_two_square_halves(tiny_bundle: Path, model: MSSAN) -> None:
+    """The gate's global half is a product per item, not per local: no [2D, D] weight in any graph, and
+    each encoder holds its gate as two [D, D] constants (beside its attention's)."""
+    d = model.cfg.embed_size
+    for name, spec in GRAPHS.items():
+        shapes = [list(t.dims) for t in onnx.load(str(tiny_bundle / spec.file)).graph.initializer]
+        assert [2 * d, d] not in shapes and [d, 2 * d] not in shapes, name
+        if name in (IMAGE_ENCODER.name, TEXT_ENCODER.name):
+            assert shapes.count([d, d]) >= 3, name  # att, W_x, W_g
+
+
 def test_tensorrt_without_tensorrt_fails_before_writing_anything(
     tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from training.config import ModelConfig
-from training.model import MSSAN, attention_scores, cross_attention_score, l2norm, reverse_padded
+from training.model import MFFM, MSSAN, attention_scores, cross_attention_score, l2norm, reverse_padded
+from training.ops import masked_softmax
 
 
 def _model(agg: str = "mean", **kw: float) -> MSSAN:
@@ -150,6 +151,32 @@ def test_attention_scores_equal_the_plain_softmax_form_with_their_gradients(agg:
         (got, dgot), (want, dwant) = outs
         assert torch.isfinite(got).all() and (got - want).abs().max() < 1e-12
         assert all((a - b).abs().max() < 1e-10 for a, b in zip(dgot, dwant))
+
+
+def test_mffm_gate_split_equals_the_concatenated_gate_with_its_gradients() -> None:
+    """W_z [x; g] + b_z computed as W_x x + (W_g g + b_z): the paper's gate, values and gradients
+    (float64), padding included."""
+    torch.manual_seed(2)
+    m = MFFM(16).double()
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(3, 7, dtype=torch.float64)
+    mask[1, 4:] = 0
+
+    def concatenated(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        a = masked_softmax(m.query(torch.tanh(m.att(x))).squeeze(-1), mask, dim=1)
+        gx = g.unsqueeze(1).expand_as(x)
+        z = torch.sigmoid(m.gate(torch.cat([x, gx], dim=-1)))
+        return (a.unsqueeze(-1) * l2norm(x + z * gx)).sum(1)
+
+    outs = []
+    for fn in (lambda x, g: m(x, g, mask), concatenated):
+        out = fn(x, g)
+        params = (x, g, m.gate.weight, m.gate.bias)
+        outs.append((out, torch.autograd.grad((out + out**2).sum(), params)))
+    (got, dgot), (want, dwant) = outs
+    assert (got - want).abs().max() < 1e-12
+    assert all((a - b).abs().max() < 1e-12 for a, b in zip(dgot, dwant))
 
 
 @pytest.mark.parametrize("agg", ["mean", "lse"])

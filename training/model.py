@@ -184,9 +184,13 @@ class MFFM(nn.Module):
         """``x [B,N,D]`` locals, ``g [B,D]`` global, ``mask [B,N]`` -> ``u [B,D]``."""
         logits = self.query(torch.tanh(self.att(x))).squeeze(-1)  # [B,N]
         a = masked_softmax(logits, mask, dim=1)  # [B,N]
-        gx = g.unsqueeze(1).expand_as(x)  # [B,N,D]
-        z = torch.sigmoid(self.gate(torch.cat([x, gx], dim=-1)))  # [B,N,D]
-        fused = l2norm(x + z * gx)  # [B,N,D]
+        # W_z [x; g] + b_z as W_x x + (W_g g + b_z): the global's half once per item instead of once per
+        # local (the same gate; its graph reads the same weights and does half the products). The
+        # split is at a fixed width, so the exported graph holds W_x and W_g as two constants.
+        d = self.att.in_features
+        zg = F.linear(g.unsqueeze(1), self.gate.weight[:, d:], self.gate.bias)  # [B,1,D] (MatMul, not Gemm)
+        z = torch.sigmoid(F.linear(x, self.gate.weight[:, :d]) + zg)  # [B,N,D]
+        fused = l2norm(x + z * g.unsqueeze(1))  # [B,N,D]
         return (a.unsqueeze(-1) * fused).sum(1)  # [B,D]
 
 

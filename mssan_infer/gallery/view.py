@@ -65,6 +65,11 @@ class Block:
         return np.ascontiguousarray(lo, dtype=np.float32), np.ascontiguousarray(gr, dtype=np.float32)
 
 
+def _plain(a: np.ndarray | None) -> np.ndarray | None:
+    """``a`` as a plain ndarray (a memory-mapped array: a view of the same mapped memory)."""
+    return a.view(np.ndarray) if isinstance(a, np.memmap) else a
+
+
 @dataclass(frozen=True)
 class ArrayView:
     """A consistent read-only snapshot of an in-memory gallery (taken under its lock).
@@ -187,11 +192,13 @@ class ArrayView:
         nq = len(q)
         out_i = np.zeros((nq, k), np.int64)
         out_s = np.zeros((nq, k), np.float32)
-        bound = self.codec.bound(q)
         qq, factor = self.codec.query(q)
         outliers = self.outliers if self.outliers is not None else np.zeros(0, np.int64)
         todo = np.arange(nq)
         fetch = min(self.n, max(k * self.overfetch, k + 32))
+        # the error bound serves `certify` and the early stop past the first 2k rows: a fetch of at
+        # most 2k rows without `certify` rescores every fetched row and needs neither
+        bound = self.codec.bound(q) if self.certify or fetch > 2 * k else np.full(nq, np.inf)
         while len(todo):
             raw, idx = self.searcher.search(qq[todo], fetch)  # [Q', fetch] best first
             left = []
@@ -334,22 +341,23 @@ class ArrayView:
                 isinstance(b.local, np.memmap) or isinstance(b.local.base, np.memmap) for b in self.blocks
             )
             order_l = np.argsort(rows, kind="stable").tolist() if mapped else list(range(k))
-            blocks = self.blocks
+            # plain ndarray views of the same memory: np.memmap's indexing runs Python per row
+            blocks = [(b.start, _plain(b.local), _plain(b.scale), _plain(b.gram)) for b in self.blocks]
 
             def copy(a: int, b: int) -> None:
                 for pos in order_l[a:b]:
-                    blk = blocks[which_l[pos]]
-                    r = rows_l[pos] - blk.start
-                    w = min(width, blk.local.shape[1])
+                    start, b_local, b_scale, b_gram = blocks[which_l[pos]]
+                    r = rows_l[pos] - start
+                    w = min(width, b_local.shape[1])
                     if w < width:
                         local[pos, w:] = 128 if int8 else 0  # the code of 0
                         gram[pos] = 0
                         if scale is not None:
                             scale[pos, w:] = 0
-                    local[pos, :w] = blk.local[r, :w]
-                    if scale is not None and blk.scale is not None:
-                        scale[pos, :w] = blk.scale[r, :w]
-                    gram[pos, :w, :w] = blk.gram[r, :w, :w]
+                    local[pos, :w] = b_local[r, :w]
+                    if scale is not None and b_scale is not None:
+                        scale[pos, :w] = b_scale[r, :w]
+                    gram[pos, :w, :w] = b_gram[r, :w, :w]
 
         parts = max(1, min(int(parts), k // _MIN_ROWS_PER_PART)) if executor is not None else 1
         if parts == 1 or executor is None:

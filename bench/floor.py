@@ -45,7 +45,7 @@ import numpy as np
 
 from mssan_infer.gallery.base import Candidates, extent
 from mssan_infer.gallery.storage import Layout
-from mssan_infer.gallery.view import OVERFETCH
+from mssan_infer.gallery.view import fetch_rows
 from mssan_infer.search import backend_score_fn
 
 from .labels import DIRECTIONS, count
@@ -116,7 +116,7 @@ def floor_bandwidth(gemv_gbs: float | None) -> dict[str, float]:
 
 
 def stage1_bytes(
-    layout: Layout, n: int, d2: int, k: int = RERANK, overfetch: int = OVERFETCH, outliers: int = 0
+    layout: Layout, n: int, d2: int, k: int = RERANK, overfetch: int | None = None, outliers: int = 0
 ) -> float:
     """Bytes a stage-1 top ``k`` reads from a gallery of ``n`` items: every stored stage-1 row, plus, for a
     compressed stage 1, the float32 rows of the over-fetched candidates and outliers it rescores (see
@@ -124,7 +124,7 @@ def stage1_bytes(
     size = {"float32": 4, "float16": 2, "int8": 1}[layout.stage1]
     scan = n * d2 * size
     if layout.compressed_stage1 and k < n:
-        fetch = min(n, max(k * overfetch, k + 32))
+        fetch = fetch_rows(n, k, overfetch)
         scan += (fetch + outliers) * d2 * 4
     return float(scan)
 

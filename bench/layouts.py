@@ -27,7 +27,7 @@ from mssan_infer import GalleryOptions, SearchOptions
 from mssan_infer.gallery.folder import encode_stage1, load_index, save_index
 from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.storage import LAYOUTS
-from mssan_infer.gallery.view import OVERFETCH
+from mssan_infer.gallery.view import fetch_rows
 from mssan_infer.names import INDEX_MANIFEST
 
 __all__ = [
@@ -165,7 +165,7 @@ def bytes_per_query(layout: str, n: int, d: int, p: int, q_len: int, rerank: int
     d2 = 2 * d
     stage1 = n * d2 * BYTES[lay.stage1]
     if lay.compressed_stage1:
-        stage1 += rerank * OVERFETCH * d2 * 4
+        stage1 += fetch_rows(n, rerank) * d2 * 4
     item = p * d * BYTES[lay.local] + p * 4 + p * p * BYTES[lay.gram] + (p * 4 if lay.local == "int8" else 0)
     gather = rerank * item
     scorer = (gather if lay.local == "int8" else rerank * (p * d + p + p * p) * 4) + (

@@ -32,7 +32,8 @@ MULTIPLES = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 def fetch_ranks(view: Any, queries: np.ndarray, k: int = K, most: int = 4) -> np.ndarray:
     """``[Q]``: for each float32 query ``[Q, 2D]``, the 1-based rank by compressed score of the last row of
     its exact top ``k`` (how many rows a stage 1 must fetch to hold all of them); ``most * k + 1`` when
-    some row of it is not within the first ``most * k``."""
+    some row of it is not within the first ``most * k``. Outliers (rows kept exact, rescored on every
+    query) are left out: they need no fetching."""
     assert view.codec is not None and view.searcher is not None, "a compressed stage 1"
     full = np.concatenate([b.stage1 for b in view.blocks]).astype(np.float32)
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -42,9 +43,10 @@ def fetch_ranks(view: Any, queries: np.ndarray, k: int = K, most: int = 4) -> np
     m = min(view.n, most * k)
     _, order = view.searcher.search(qq, m)
     out = np.empty(len(q), np.int64)
+    outliers = set() if view.outliers is None else {int(r) for r in view.outliers}
     for i in range(len(q)):
         pos = {int(r): j for j, r in enumerate(order[i])}
-        ranks = [pos.get(int(r), m) for r in exact[i]]
+        ranks = [pos.get(int(r), m) for r in exact[i] if int(r) not in outliers] or [0]
         out[i] = max(ranks) + 1 if max(ranks) < m else most * k + 1
     return out
 

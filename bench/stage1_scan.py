@@ -2,7 +2,7 @@
 
 For each stage-1 width (``2D`` = 2048 for the paper model, 512 for the tiny one) and gallery size
 (5K, 25K, 100K), one query asks for the top 100 with the over-fetch of a compressed stage 1
-(``OVERFETCH x 100`` rows). Every candidate scans the same gallery in interleaved rounds
+(``mssan_infer.gallery.view.fetch_rows`` rows). Every candidate scans the same gallery in interleaved rounds
 (:func:`bench.timing.side_by_side`):
 
 - ``faiss_sq8_*``: FAISS ``IndexScalarQuantizer(QT_8bit_direct_signed)`` over the int8 codes (the
@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from mssan_infer.gallery.view import fetch_rows
 
 from .timing import loadavg, machine_info, numpy_blas_setter, side_by_side, versions
 
@@ -298,7 +300,7 @@ def scan_candidates(
     fns["gallery_topk_fp32"] = lambda: eview.topk(q2, K)
     facts["gallery_int8_equals_fp32"] = bool(np.array_equal(cview.topk(q2, K)[0], eview.topk(q2, K)[0]))
     assert cview.searcher is not None and cview.codec is not None
-    fetched = min(n, max(K * cview.overfetch, K + 32))
+    fetched = fetch_rows(n, K, cview.overfetch)
 
     def given(query: np.ndarray) -> Any:
         """``cview`` with the scan's result for ``query`` already computed (times what follows the scan)."""
@@ -343,10 +345,7 @@ def run(
     pool = ThreadPoolExecutor(2)
     numpy_blas_setter()(2)
     out: dict[str, Any] = {"machine": machine_info(), "versions": versions(), "k": K}
-    from mssan_infer.gallery.view import OVERFETCH
-
-    fetch = K * OVERFETCH
-    out["fetch"] = fetch
+    out["fetch"] = {n: fetch_rows(n, K) for n in sizes}
     out["bandwidth_gbs"] = bandwidth(pool, bandwidth_gib)
     read = out["bandwidth_gbs"]["read_gbs"]
     log.info("bandwidth %s", out["bandwidth_gbs"])
@@ -368,7 +367,7 @@ def run(
             qc /= np.linalg.norm(qc)
             x[:K] += 0.3 * qc  # the top 100 of qc stand clear: its stage 1 is certified early
             x[:K] /= np.linalg.norm(x[:K], axis=1, keepdims=True)
-            fns, nbytes, facts = scan_candidates(x, q, qc, min(fetch, n), pool, work)
+            fns, nbytes, facts = scan_candidates(x, q, qc, fetch_rows(n, K), pool, work)
             entry: dict[str, Any] = {"dim": dim, "items": n, "loadavg_start": loadavg()}
             for cache in ("warm", "cold"):
                 if (

@@ -21,7 +21,6 @@ import numpy as np
 from mssan_infer.errors import InputError
 from mssan_infer.gallery.stage1 import STAGE1_METHODS
 from mssan_infer.gallery.storage import LAYOUTS, Layout
-from mssan_infer.gallery.view import OVERFETCH
 from mssan_infer.spec import PRECISIONS
 
 __all__ = [
@@ -124,9 +123,9 @@ class Stage1Options:
         nlist, nprobe: IVF lists (default ``4 sqrt(n)``, at least 39 items per list) and lists probed
             (default ``min(nlist, 16)``).
         overfetch: a compressed stage 1 (``int8-stage1``, ``int8`` layouts) fetches ``overfetch x k``
-            rows (default 2; at least ``k + 32``) by their compressed scores, then rescores them
-            exactly, best first, and keeps the best ``k`` (it stops early once the error bound proves
-            that no row left can enter them).
+            rows (at least ``k + 32``) by their compressed scores, then rescores them exactly and keeps
+            the best ``k``; default (``None``): 2 up to 50,000 items, 4 beyond. Past ``2k`` rows it
+            rescores best first and stops once the error bound proves that no row left can enter them.
         certify: a compressed stage 1 also proves, with a bound on the compression error, that no
             unfetched item beats the ``k``-th, fetching 4x more until it does: exactly the float32 top k.
     """
@@ -134,7 +133,7 @@ class Stage1Options:
     method: str = "numpy"
     nlist: int | None = None
     nprobe: int | None = None
-    overfetch: int = OVERFETCH
+    overfetch: int | None = None
     certify: bool = False
 
     def __post_init__(self) -> None:
@@ -142,7 +141,7 @@ class Stage1Options:
             raise InputError(f"stage1 method must be one of {STAGE1_METHODS}, got {self.method!r}")
         for name in ("nlist", "nprobe"):
             _positive(name, getattr(self, name), optional=True)
-        _positive("overfetch", self.overfetch)
+        _positive("overfetch", self.overfetch, optional=True)
         _flag("certify", self.certify)
 
     @property

@@ -260,7 +260,7 @@ def search(
     # Exhaustive (every item reranked): score the gallery in storage order, in shards of consecutive
     # rows that the view hands over without copying, then look the scores up in stage-1 order.
     exhaustive = rerank > 0 and depth >= view.n and not where
-    storage_order = np.arange(view.n if exhaustive else 0, dtype=np.int64)  # not built per query otherwise
+    storage_order = np.arange(view.n if exhaustive else 0, dtype=np.int64)  # used by exhaustive searches
     results: list[Ranked] = []
     for qi in range(len(query)):
         r, s = rows[qi], s1[qi]

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from mssan_infer import GalleryOptions, Stage1Options
+from mssan_infer.errors import InputError
 from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.stage1 import MIN_SCAN_BYTES, code_searcher, import_faiss, scan_parts
-from mssan_infer.gallery.view import ArrayView
+from mssan_infer.gallery.view import LARGE_GALLERY, ArrayView, fetch_rows
 
 faiss = import_faiss()
 DIM = 32
@@ -123,7 +124,9 @@ def test_rescoring_stops_once_the_error_bound_certifies_the_top_k(
 ) -> None:
     rescored = counting_rescores(monkeypatch)
     data = spread_items(3000)
-    comp, exact = MemoryGallery(DIM, 4, GalleryOptions(layout="int8-stage1")), MemoryGallery(DIM, 4)
+    # 4x: rows past the first 2k are rescored only when the bound does not certify the first 2k
+    opts = GalleryOptions(layout="int8-stage1", stage1=Stage1Options(overfetch=4))
+    comp, exact = MemoryGallery(DIM, 4, opts), MemoryGallery(DIM, 4)
     for g in (comp, exact):
         g.add(*data)
     q = np.random.default_rng(1).normal(size=(20, DIM)).astype(np.float32)
@@ -132,8 +135,8 @@ def test_rescoring_stops_once_the_error_bound_certifies_the_top_k(
     ci, cs = comp.view().topk(q, k)
     assert np.array_equal(ci, ri)
     np.testing.assert_allclose(cs, rs, rtol=1e-6, atol=1e-5)  # float32 sums in another order
-    fetch = max(4 * k, k + 32)
-    assert sum(rescored) <= len(q) * fetch / 2  # at most half the over-fetched rows
+    fetch = fetch_rows(3000, k, 4)
+    assert fetch > 2 * k and sum(rescored) <= len(q) * fetch / 2  # at most half the over-fetched rows
 
 
 def test_without_a_certificate_every_fetched_row_is_rescored(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,4 +148,14 @@ def test_without_a_certificate_every_fetched_row_is_rescored(monkeypatch: pytest
     comp.add(st, lo, ma, gr)
     rescored.clear()
     comp.view().topk(rng.normal(size=(1, DIM)).astype(np.float32), 5)
-    assert sum(rescored) == max(4 * 5, 5 + 32)  # the bound never beats the gaps: the whole over-fetch
+    assert sum(rescored) == fetch_rows(600, 5)  # the bound never beats the gaps: the whole over-fetch
+
+
+def test_the_default_fetch_grows_past_a_large_gallery() -> None:
+    assert fetch_rows(5000, 100) == 200 and fetch_rows(LARGE_GALLERY, 100) == 200
+    assert fetch_rows(LARGE_GALLERY + 1, 100) == 400  # the exact top 100 ranked up to 206 at 100K
+    assert fetch_rows(100_000, 100, 2) == 200 and fetch_rows(100_000, 100, 3) == 300  # asked for
+    assert fetch_rows(5000, 5) == 37 and fetch_rows(150, 100) == 150  # at least k + 32, at most n
+    assert Stage1Options().overfetch is None
+    with pytest.raises(InputError, match="overfetch must be a positive int or None"):
+        Stage1Options(overfetch=0)

@@ -17,8 +17,9 @@ memory-mapped file that is read only for candidates: the scan over-fetches by th
 compressed scores, the candidates are rescored exactly from the float32 rows, best compressed
 score first, and a bound on the quantization error (:func:`Stage1Codec.bound`) certifies that no
 item left unrescored could enter the top ``k``: rescoring stops there, else every fetched row is
-rescored (and with ``certify`` the search fetches more). Stage 1 therefore returns the same rows and
-float32 scores as the exact scan (items within float32 rounding of the ``k``-th score may be
+rescored (and with ``certify`` the search fetches more). Stage 1 therefore returns float32 scores,
+and the same rows as the exact scan whenever each of those ranks within the fetched rows by
+compressed score (always with ``certify``; items within float32 rounding of the ``k``-th score may be
 exchanged, as between any two float32 summation orders).
 
 int8 stage-1 codes are ``round(x_j / sigma_j)`` with one scale per dimension ``sigma_j``

@@ -12,7 +12,7 @@ import copy
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, overload
 
 import numpy as np
 
@@ -21,14 +21,16 @@ from mssan_infer.gallery.filters import MetaIndex, Where, parse_where
 from mssan_infer.gallery.stage1 import faiss_topk, topk_inner_product
 from mssan_infer.gallery.storage import Layout, Stage1Codec, dequantize_into
 
-__all__ = ["ArrayView", "Block", "Codes", "OVERFETCH"]
+__all__ = ["ArrayView", "Block", "Codes", "OVERFETCH", "fetch_rows"]
 
 log = logging.getLogger(__name__)
 
-# compressed stage 1 fetches this many times the rows asked for, then rescores them (the exact top k
-# lay within the first 2k by compressed score on the bench's galleries: docs/experiments/
-# 2026-12-07-overfetch.md)
+# A compressed stage 1 fetches this many times the rows asked for (at least k + 32), then rescores them:
+# 2 up to LARGE_GALLERY items, 4 beyond. The exact top 100 lay within the first 136 / 171 / 206 rows by
+# compressed score at 5K / 25K / 100K items (docs/experiments/2026-12-07-overfetch.md).
 OVERFETCH = 2
+OVERFETCH_LARGE = 4
+LARGE_GALLERY = 50_000
 _MIN_ROWS_PER_PART = 16  # gathers smaller than this per thread are not split
 
 
@@ -65,6 +67,19 @@ class Block:
         return np.ascontiguousarray(lo, dtype=np.float32), np.ascontiguousarray(gr, dtype=np.float32)
 
 
+def fetch_rows(n: int, k: int, overfetch: int | None = None) -> int:
+    """Rows a compressed stage 1 of ``n`` items fetches by compressed score for a top ``k``:
+    ``overfetch x k`` (``None``: :data:`OVERFETCH` up to :data:`LARGE_GALLERY` items,
+    :data:`OVERFETCH_LARGE` beyond), at least ``k + 32``, at most ``n``."""
+    if overfetch is None:
+        overfetch = OVERFETCH if n <= LARGE_GALLERY else OVERFETCH_LARGE
+    return min(int(n), max(int(k) * int(overfetch), int(k) + 32))
+
+
+@overload
+def _plain(a: np.ndarray) -> np.ndarray: ...
+@overload
+def _plain(a: None) -> None: ...
 def _plain(a: np.ndarray | None) -> np.ndarray | None:
     """``a`` as a plain ndarray (a memory-mapped array: a view of the same mapped memory)."""
     return a.view(np.ndarray) if isinstance(a, np.memmap) else a
@@ -86,7 +101,7 @@ class ArrayView:
     codec: Stage1Codec | None = None  # compressed stage 1: its scales at the time of the snapshot
     searcher: Codes | None = None  # FAISS over the compressed codes
     outliers: np.ndarray | None = None  # rows scored exactly on every query (int8 stage 1)
-    overfetch: int = OVERFETCH
+    overfetch: int | None = None  # None: fetch_rows' default for the gallery's size
     certify: bool = False
     meta: Sequence[dict[str, Any] | None] = ()  # per-item metadata, valid at positions < n
     meta_index: MetaIndex | None = None  # ``meta`` indexed for filters (the gallery's, shared by its views)
@@ -195,7 +210,7 @@ class ArrayView:
         qq, factor = self.codec.query(q)
         outliers = self.outliers if self.outliers is not None else np.zeros(0, np.int64)
         todo = np.arange(nq)
-        fetch = min(self.n, max(k * self.overfetch, k + 32))
+        fetch = fetch_rows(self.n, k, self.overfetch)
         # the error bound serves `certify` and the early stop past the first 2k rows: a fetch of at
         # most 2k rows without `certify` rescores every fetched row and needs neither
         bound = self.codec.bound(q) if self.certify or fetch > 2 * k else np.full(nq, np.inf)

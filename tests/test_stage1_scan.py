@@ -153,7 +153,7 @@ def test_without_a_certificate_every_fetched_row_is_rescored(monkeypatch: pytest
 
 def test_the_default_fetch_grows_past_a_large_gallery() -> None:
     assert fetch_rows(5000, 100) == 200 and fetch_rows(LARGE_GALLERY, 100) == 200
-    assert fetch_rows(LARGE_GALLERY + 1, 100) == 400  # the exact top 100 ranked up to 206 at 100K
+    assert fetch_rows(LARGE_GALLERY + 1, 100) == 400  # see docs/experiments/2026-12-07-overfetch.md
     assert fetch_rows(100_000, 100, 2) == 200 and fetch_rows(100_000, 100, 3) == 300  # asked for
     assert fetch_rows(5000, 5) == 37 and fetch_rows(150, 100) == 150  # at least k + 32, at most n
     assert Stage1Options().overfetch is None

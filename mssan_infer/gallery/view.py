@@ -26,8 +26,8 @@ __all__ = ["ArrayView", "Block", "Codes", "OVERFETCH", "fetch_rows"]
 log = logging.getLogger(__name__)
 
 # A compressed stage 1 fetches this many times the rows asked for (at least k + 32), then rescores them:
-# 2 up to LARGE_GALLERY items, 4 beyond. The exact top 100 lay within the first 136 / 171 / 206 rows by
-# compressed score at 5K / 25K / 100K items (docs/experiments/2026-12-07-overfetch.md).
+# OVERFETCH up to LARGE_GALLERY items, OVERFETCH_LARGE beyond, where the exact top k reaches further
+# down the compressed order (docs/experiments/2026-12-07-overfetch.md).
 OVERFETCH = 2
 OVERFETCH_LARGE = 4
 LARGE_GALLERY = 50_000

@@ -546,12 +546,10 @@ def summarise_floor(lat: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[dic
                 s[f"floor_ratio_{d}_{tag}_{p}_shared"] = _num(x.get("floor_ratio_shared"))
                 s[f"{d}_p50_ms_{tag}_rerank100_{p}_shared"] = _num(x.get("e2e_p50_ms_shared"))
             s[f"{d}_p50_ms_{tag}_rerank100_{p}"] = _num(x.get("e2e_p50_ms"))
-        if "int8" in paths:
-            s[f"{d}_p50_ms_{tag}_rerank100_int8"] = _num(paths["int8"]["e2e_p50_ms"])
-            if "fp32" in paths:
-                s[f"fastpath_vs_default_p50_{d}_{tag}"] = _num(paths["int8"]["e2e_p50_ms"]) / _num(
-                    paths["fp32"]["e2e_p50_ms"]
-                )
+        if "int8" in paths and "fp32" in paths:
+            s[f"fastpath_vs_default_p50_{d}_{tag}"] = _num(paths["int8"]["e2e_p50_ms"]) / _num(
+                paths["fp32"]["e2e_p50_ms"]
+            )
         lay = row.get("layouts", {})
         if "int8" in lay and "fp32" in lay:
             s[f"int8_vs_fp32_p50_{d}_{tag}"] = _num(lay["int8"]["rerank_100"]["p50_ms"]) / _num(

@@ -229,14 +229,13 @@ def swap_in(tmp: Path, dst: Path) -> None:
             except OSError as e:  # another save put a folder at dst since the check: replace it below
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
-        if placed:
-            pass
-        elif exchange_dirs(tmp, dst):
-            old = tmp
-        else:
-            old = _beside(dst, _ASIDE)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
+        if not placed:
+            if exchange_dirs(tmp, dst):
+                old = tmp
+            else:
+                old = _beside(dst, _ASIDE)
+                os.replace(dst, old)
+                os.replace(tmp, dst)
     except BaseException:
         if _identity(dst) != new:  # not committed
             if old is not None and old != tmp and os.path.lexists(old) and not os.path.lexists(dst):

@@ -69,7 +69,7 @@ def code_hash() -> str:
     """Short hash of the code the exported graphs come from (bundles are re-exported when it changes)."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for rel in ("training/model.py", "export/graphs.py", "export/onnx.py"):
+    for rel in ("training/model.py", "export/graphs.py", "export/onnx.py", "mssan_infer/spec.py"):
         f = root / rel
         if f.is_file():
             h.update(f.read_bytes())

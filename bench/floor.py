@@ -15,10 +15,14 @@ Steps, each timed alone on the same gallery and queries, and their floors:
 - stage 1: the gallery view's top 100; floor: the bytes it scans (the stored stage-1 rows, plus the
   over-fetched float32 rows a compressed stage 1 rescores) / the measured memory bandwidth.
 - gather: the 100 candidates' stored locals, scales, masks and Grams; floor: those bytes / bandwidth.
+  On the exact path (float32 locals, the query scorers) the gather is also the big product: each row's
+  locals times the query's, read where the row lies; its floor is then the larger of those bytes /
+  bandwidth and the product's kernel time (below).
 - scorer: the query scorer on the gathered candidates; floor: the larger of its big product's FLOPs /
   the peak of the library kernel on the same shapes (its fastest round), timed in the same rounds
   (ONNX Runtime ``MatMulInteger`` u8 x s8 for int8 candidates; sgemm -- the faster of numpy's BLAS and
-  ONNX Runtime's ``MatMul`` -- for float32 ones), and the bytes it reads / bandwidth.
+  ONNX Runtime's ``MatMul`` -- for float32 ones), and the bytes it reads / bandwidth (on the exact path
+  the product is the gather's: the bytes alone).
 - the rest: Python, checks and hand-offs between the steps, measured inside the query: a traced run of the
   same search times each step where it runs (``e2e_traced``), the rest is its total minus the four; floor 0.
 
@@ -46,7 +50,7 @@ import numpy as np
 from mssan_infer.gallery.base import Candidates, extent
 from mssan_infer.gallery.storage import Layout
 from mssan_infer.gallery.view import fetch_rows
-from mssan_infer.search import backend_score_fn
+from mssan_infer.search import backend_score_fn, uses_query_scorers
 
 from .labels import DIRECTIONS, count
 
@@ -130,9 +134,10 @@ def stage1_bytes(
 
 
 def candidate_bytes(c: Candidates) -> float:
-    """Bytes of gathered candidates as stored: locals (codes), scales, masks, Grams."""
-    arrays = [c.local, c.mask, c.gram] + ([c.scale] if c.scale is not None else [])
-    return float(sum(a.nbytes for a in arrays))
+    """Bytes of gathered candidates: locals (codes) or their similarities to the query, scales, masks,
+    Grams."""
+    arrays = [c.local, c.similarity, c.mask, c.gram, c.scale]
+    return float(sum(a.nbytes for a in arrays if a is not None))
 
 
 def scorer_flops(k: int, p: int, q: int, d: int) -> float:
@@ -147,6 +152,7 @@ def floor_row(
     flops: float,
     bandwidth_gbs: float,
     inside: Mapping[str, float] | None = None,
+    product_in_gather: bool = False,
 ) -> dict[str, Any]:
     """One query path's steps beside their floors.
 
@@ -160,6 +166,8 @@ def floor_row(
         bandwidth_gbs: memory bandwidth (GB/s).
         inside: p50 ms of each step, of the rest and of the total inside traced queries (:data:`IN_QUERY`);
             without it the rest is the end to end minus the steps alone.
+        product_in_gather: the gather computes the big product (the exact path: float32 candidates
+            gathered as their similarities to the query); its floor then holds the kernel's.
     Returns:
         ``{"steps": {step: {"p50_ms", "floor_ms", "in_query_ms", ...}}, "e2e_p50_ms", "e2e_p99_ms",
         "floor_ms", "floor_ratio", "cold_ms", "bandwidth_gbs"}``; ``steps`` holds :data:`STEPS` (``p50_ms``
@@ -179,17 +187,23 @@ def floor_row(
             "bytes": nbytes["gather"],
         },
     }
-    kernel_ms, bytes_ms = p50["kernel"], nbytes["scorer"] * ms_per_byte
-    steps["scorer"] = {
-        "p50_ms": p50["scorer"],
-        "floor_ms": max(kernel_ms, bytes_ms),
+    kernel_ms = p50["kernel"]
+    product = {
         "kernel_ms": kernel_ms,
-        "bytes_ms": bytes_ms,
-        "bytes": nbytes["scorer"],
         "flops": flops,
         "kernel_gflops": flops / (kernel_ms * 1e6) if kernel_ms > 0 else float("nan"),
-        "floor_is": "kernel FLOPs" if kernel_ms >= bytes_ms else "bytes read",
     }
+    bytes_ms = nbytes["scorer"] * ms_per_byte
+    steps["scorer"] = {"p50_ms": p50["scorer"], "bytes_ms": bytes_ms, "bytes": nbytes["scorer"]}
+    with_product = steps["gather"] if product_in_gather else steps["scorer"]
+    floor_bytes = with_product["bytes_ms"] if "bytes_ms" in with_product else with_product["floor_ms"]
+    with_product.update(product)
+    with_product["bytes_ms"] = floor_bytes
+    with_product["floor_ms"] = max(kernel_ms, floor_bytes)
+    with_product["floor_is"] = "kernel FLOPs" if kernel_ms >= floor_bytes else "bytes read"
+    if product_in_gather:
+        steps["scorer"]["floor_ms"] = bytes_ms
+        steps["scorer"]["floor_is"] = "bytes read"
     alone = sum(steps[s]["p50_ms"] for s in STEPS)
     if inside:
         for s in STEPS:
@@ -420,9 +434,14 @@ def _path_group(
         turn["stage1"] = (turn["stage1"] + 1) % len(encoded)
         return view.topk(encoded[turn["stage1"]].stage1, RERANK)
 
+    # the exact path gathers float32 candidates as their similarities to the query (the big product)
+    sim = uses_query_scorers(r.backend) and view.layout.local != "int8"
+    q_locals = [e.local[0, : max(1, extent(e.mask[:1]))] for e in encoded]
+
     def gather() -> Any:  # another query's candidates each call: rows read from memory, not cache
         turn["gather"] = (turn["gather"] + 1) % len(rows)
-        return view.gather(rows[turn["gather"]], r._gatherer(), r.gather_threads)
+        i = turn["gather"]
+        return view.gather(rows[i], r._gatherer(), r.gather_threads, query=q_locals[i] if sim else None)
 
     inside: dict[str, list[float]] = {s: [] for s in IN_QUERY}
 
@@ -436,7 +455,8 @@ def _path_group(
     q0 = encoded[0]
     width = max(1, extent(q0.mask[:1]))
     q_local, q_mask, q_gram = q0.local[0, :width], q0.mask[0, :width], q0.gram[0, :width, :width]
-    cands = view.gather(rows[0], r._gatherer(), r.gather_threads)
+    stored = view.gather(rows[0], r._gatherer(), r.gather_threads)  # as stored: the kernels' operands
+    cands = view.gather(rows[0], r._gatherer(), r.gather_threads, query=q_local if sim else None)
     score = backend_score_fn(r.backend, query_is_text=text_query)
     fns: dict[str, Callable[[], Any]] = {
         "e2e": e2e,
@@ -447,9 +467,10 @@ def _path_group(
         "gather": gather,
         "scorer": lambda: score(q_local, q_mask, q_gram, cands),
     }
-    kern = _kernels(cands, q_local, threads, work)
+    kern = _kernels(stored, q_local, threads, work)
     fns.update(kern)
-    kk, p, d = cands.local.shape
+    assert stored.local is not None
+    kk, p, d = stored.local.shape
     lay = view.layout
     outliers = len(view.outliers) if getattr(view, "outliers", None) is not None else 0
     meta = {
@@ -464,9 +485,10 @@ def _path_group(
             "d": int(d),
         },
         "flops": scorer_flops(kk, p, width, d),
+        "product_in_gather": sim,
         "bytes": {
             "stage1": stage1_bytes(lay, int(view.n), int(q0.stage1.shape[1]), outliers=outliers),
-            "gather": candidate_bytes(cands),
+            "gather": candidate_bytes(stored),
             "scorer": candidate_bytes(cands) + float(q_local.nbytes + q_mask.nbytes + q_gram.nbytes),
         },
     }
@@ -492,10 +514,18 @@ def floor_rows(
         inside = (
             {s: float(np.median(traced[s])) for s in IN_QUERY} if traced and traced.get("total") else None
         )
+        in_gather = bool(m.get("product_in_gather"))
         row = floor_row(
-            t, timings[f"e2e[{name}]"]["p99_ms"], m["bytes"], m["flops"], bandwidth["gbs"], inside=inside
+            t,
+            timings[f"e2e[{name}]"]["p99_ms"],
+            m["bytes"],
+            m["flops"],
+            bandwidth["gbs"],
+            inside=inside,
+            product_in_gather=in_gather,
         )
-        row["steps"]["scorer"]["kernel"] = best
+        row["steps"]["gather" if in_gather else "scorer"]["kernel"] = best
+        row["product_in"] = "gather" if in_gather else "scorer"
         row["kernels_ms"] = kernels
         row.update({k: m[k] for k in ("layout", "n", "shape")})
         row["encoder_graph_p99_ms"] = timings[f"encoder_graph[{name}]"]["p99_ms"]
@@ -635,7 +665,9 @@ def floor_markdown(lat: Mapping[str, Any] | None) -> list[str]:
         f"{_f(bw['gemv_gbs'], 1)} GB/s, and a numpy sum, {_f(bw['sum_gbs'], 1)} GB/s, over 1 GiB); "
         "scorer = the larger of its big product "
         "on the library kernel alone (fastest round; MatMulInteger u8 x s8 for int8, the faster sgemm of "
-        "numpy and ONNX Runtime for fp32) and its bytes / bandwidth; the rest = Python, checks and "
+        "numpy and ONNX Runtime for fp32) and its bytes / bandwidth (fp32: the gather computes the big "
+        "product, each row's locals times the query's where the row lies, so that floor is the gather's "
+        "and the scorer's is its bytes); the rest = Python, checks and "
         "hand-offs inside the query (a traced query's total minus its four steps; floor 0); cold = the four "
         "steps inside the query minus the same steps alone (their weights and codes evicted by the query's "
         "other reads).",
@@ -659,7 +691,8 @@ def floor_markdown(lat: Mapping[str, Any] | None) -> list[str]:
             lines.append(
                 f"| {DIRECTIONS[row['direction']]} | {_gallery_words(row)} | {p} | "
                 + " | ".join(cells)
-                + f" | {_f(st['scorer']['kernel_gflops'], 1)} | {_f(st['non_kernel']['p50_ms'])} | "
+                + f" | {_f(st[x.get('product_in', 'scorer')]['kernel_gflops'], 1)} | "
+                f"{_f(st['non_kernel']['p50_ms'])} | "
                 f"{_f(x.get('cold_ms'))} | "
                 f"{_f(x['e2e_p50_ms'])} / {_f(x['e2e_p99_ms'])} | {_f(x.get('e2e_p50_ms_shared'))} | "
                 f"{_f(x['floor_ms'])} | "
@@ -667,10 +700,12 @@ def floor_markdown(lat: Mapping[str, Any] | None) -> list[str]:
             )
     lines += [
         "",
-        "Scorer floors by what bounds them (kernel ms / bytes ms): "
+        "Floors of the step that holds the big product (the scorer; the gather on the exact path, which "
+        "multiplies each row by the query where it lies) by what bounds them (kernel ms / bytes ms): "
         + "; ".join(
-            f"{DIRECTIONS[row['direction']]} {_gallery_words(row)} {p}: "
-            f"{_f(x['steps']['scorer']['kernel_ms'])} / {_f(x['steps']['scorer']['bytes_ms'])}"
+            f"{DIRECTIONS[row['direction']]} {_gallery_words(row)} {p} ({x.get('product_in', 'scorer')}): "
+            f"{_f(x['steps'][x.get('product_in', 'scorer')]['kernel_ms'])} / "
+            f"{_f(x['steps'][x.get('product_in', 'scorer')]['bytes_ms'])}"
             for _, row in rows
             for p, x in row["floor"]["paths"].items()
         )

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mssan_infer import GalleryOptions, SearchOptions
+from mssan_infer.gallery.base import extent
 from mssan_infer.gallery.folder import encode_stage1, load_index, save_index
 from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.storage import LAYOUTS
@@ -119,7 +120,7 @@ def layout_group(
     rs: dict[str, Any], text_query: bool, next_q: Callable[[], Any], encoded: list[Any], k: int = 10
 ) -> dict[str, Callable[[], Any]]:
     """Candidates per layout: the whole query at rerank 100, the query without its encoder, and its parts."""
-    from mssan_infer.search import backend_score_fn, rerank_scores
+    from mssan_infer.search import backend_score_fn, rerank_scores, uses_query_scorers
 
     fns: dict[str, Callable[[], Any]] = {}
     state = {"i": 0}
@@ -140,10 +141,12 @@ def layout_group(
             next_enc(), query_is_text=text_query, k=k, rerank=100
         )
         fns[f"stage1_topk100[{name}]"] = lambda view=view: view.topk(next_enc().stage1, 100)
-        fns[f"gather_100[{name}]"] = lambda view=view, rows=rows, r=r: view.gather(
-            rows, r._gatherer(), r.gather_threads
+        sim = uses_query_scorers(r.backend)  # float32 candidates as their similarities to the query
+        q_local = q0.local[0, : max(1, extent(q0.mask[:1]))]
+        fns[f"gather_100[{name}]"] = lambda view=view, rows=rows, r=r, sim=sim, q_local=q_local: view.gather(
+            rows, r._gatherer(), r.gather_threads, query=q_local if sim else None
         )
-        fns[f"scorer_100[{name}]"] = lambda view=view, rows=rows, r=r, q0=q0: rerank_scores(
+        fns[f"scorer_100[{name}]"] = lambda view=view, rows=rows, r=r, q0=q0, sim=sim: rerank_scores(
             q0,
             0,
             view,
@@ -153,6 +156,7 @@ def layout_group(
             batch=r.scorer_batch,
             executor=r._gatherer(),
             parts=r.gather_threads,
+            similarity=sim,
         )
     return fns
 

@@ -35,10 +35,11 @@ from typing import Any, Callable
 import numpy as np
 
 from mssan_infer import SearchOptions
+from mssan_infer.gallery.base import extent
 from mssan_infer.gallery.stage1 import default_ivf_nlist
 from mssan_infer.gallery.storage import Layout
 from mssan_infer.names import INDEX_FORMAT, INDEX_FORMAT_VERSION
-from mssan_infer.search import backend_score_fn, rerank_scores
+from mssan_infer.search import backend_score_fn, rerank_scores, uses_query_scorers
 
 from .timing import numpy_blas_setter, peak_rss_mb, reset_peak_rss, side_by_side
 
@@ -352,7 +353,11 @@ def run_latency(
         fast: dict[str, Callable[[], Any]] = {f"rerank_{d}": search(d) for d in depths}
         fast["encode_query"] = enc
         fast["stage1_topk100"] = lambda: view.topk(q_enc.stage1, 100)
-        fast["gather_100"] = lambda: view.gather(rows100, r._gatherer(), r.gather_threads)
+        sim = uses_query_scorers(r.backend)  # float32 candidates as their similarities to the query
+        q_local = q_enc.local[0, : max(1, extent(q_enc.mask[:1]))]
+        fast["gather_100"] = lambda: view.gather(
+            rows100, r._gatherer(), r.gather_threads, query=q_local if sim else None
+        )
         fast["rerank_step_100"] = lambda: rerank_scores(
             q_enc,
             0,
@@ -363,6 +368,7 @@ def run_latency(
             batch=r.scorer_batch,
             executor=r._gatherer(),
             parts=r.gather_threads,
+            similarity=sim,
         )
         log.info("latency %s: fast group", key)
         res_fast = side_by_side(

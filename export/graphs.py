@@ -123,11 +123,12 @@ def quantize_query(x: Tensor) -> tuple[Tensor, Tensor]:
 class QueryScorerGraph(nn.Module):
     """One query against ``K`` candidates (a graph of ``mssan_infer.spec.QUERY_SCORERS``) -> ``s_ll [K]``.
 
-    Candidates' locals ``[K, P, D]`` (float32, or uint8 codes + 128 with per-vector scales ``[K, P]``),
-    masks ``[K, P]``, Grams ``[K, P, P]``; the query's ``[Q, D]``, ``[Q]``, ``[Q, Q]``. The similarities
-    ``[K, P, Q]`` come from one product (an integer GEMM for int8 candidates, the query quantized to
-    7 bits in the graph), then :func:`training.model.attention_scores` -- the model's own math, with the
-    words as its P side.
+    float32 candidates come as their similarities to the query, ``similarity = c_local @ q_local^T``
+    ``[K, P, Q]`` (the runtime computes that product where the candidates' rows lie); int8 candidates as
+    stored, uint8 codes + 128 ``[K, P, D]`` with per-vector scales ``[K, P]``, beside the query's locals
+    ``[Q, D]``: the graph quantizes the query to 7 bits and runs the product as one integer GEMM. Then
+    masks ``[K, P]``, Grams ``[K, P, P]``, the query's mask ``[Q]`` and Gram ``[Q, Q]``, and
+    :func:`training.model.attention_scores` -- the model's own math, with the words as its P side.
     """
 
     def __init__(self, model: MSSAN, spec: GraphSpec) -> None:
@@ -148,15 +149,14 @@ class QueryScorerGraph(nn.Module):
             s = s_int.to(torch.float32) * (scale.unsqueeze(-1) * q_scale.t())
             c_gram = c_gram.to(torch.float32)
         else:
-            c_local, c_mask, c_gram, q_local, q_mask, q_gram = xs
-            s = torch.matmul(c_local, q_local.t())  # [K, P, Q]: one GEMM
+            s, c_mask, c_gram, q_mask, q_gram = xs  # s = c_local @ q_local^T [K, P, Q]
         # Words as P and regions last whichever side queries: ONNX Runtime's broadcasts over [K, P, Q] then
         # run over spans of regions, not of words (docs/experiments/2026-12-07-query-threads.md).
         if self.query_is_text:
             # s^T as the product eye(words) @ s^T, exact (each value times 1, plus zeros): ONNX Runtime fuses
             # the transpose into that small GEMM, where its Transpose of [K, regions, words] dispatches to the
             # thread pool once per candidate (docs/experiments/2026-12-07-query-threads.md). No EyeLike.
-            i = torch.arange(q_local.shape[0], device=s.device)
+            i = torch.arange(q_mask.shape[0], device=s.device)
             eye = (i.unsqueeze(-1) == i).to(s.dtype)  # [words, words]
             s = torch.matmul(eye, s.transpose(-1, -2))  # [K, words, regions]
             words, regions = (q_mask, q_gram), (c_mask, c_gram)

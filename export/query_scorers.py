@@ -1,7 +1,8 @@
 """The query scorers (``mssan_infer.spec.QUERY_SCORERS``): export and their fatal parity gates.
 
-Every export writes four: ``scorer_t2i`` / ``scorer_i2t`` (one query against float32 candidates) and
-their ``*_int8`` variants (candidates as the ``int8`` layout stores them: uint8 codes + 128, per-vector
+Every export writes four: ``scorer_t2i`` / ``scorer_i2t`` (one query against float32 candidates, fed
+their similarities ``c_local @ q_local^T`` as the runtime computes them where the rows lie) and their
+``*_int8`` variants (candidates as the ``int8`` layout stores them: uint8 codes + 128, per-vector
 scales, float16 Grams; the query quantized to 7 bits in the graph; the big product an integer GEMM).
 
 Gates (fatal, like the other graphs'):
@@ -25,7 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mssan_infer.gallery.storage import dequantize_into, store_locals
-from mssan_infer.spec import QUERY_SCORERS, SCORER, query_scorer
+from mssan_infer.spec import QUERY_SCORERS, SCORER, SIMILARITY, query_scorer
 from training.model import MSSAN
 
 from .graphs import QUERY_MAX, build_graphs, build_query_scorers
@@ -34,7 +35,7 @@ from .onnx import export_graph
 from .runners import TorchRunner, onnx_runner
 from .validate import ParityReport, compare, tolerance_for
 
-__all__ = ["export_query_scorers", "query_cases", "quantize_like_the_graph"]
+__all__ = ["export_query_scorers", "query_cases", "quantize_like_the_graph", "similarity"]
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +57,25 @@ def query_cases(pairs: Feeds, query_is_text: bool, query: int, *, int8: bool) ->
     item of the other (stored as the ``int8`` layout stores them when ``int8``)."""
     (c, cm), (q, qm) = _sides(query_is_text)
     local, gram = pairs[f"{c}_local"], pairs[f"{c}_gram"]
+    q_local = pairs[f"{q}_local"][query]
     feeds: dict[str, np.ndarray] = {
         f"{cm}_mask": pairs[f"{cm}_mask"],
-        f"{q}_local": pairs[f"{q}_local"][query],
         f"{qm}_mask": pairs[f"{qm}_mask"][query],
         f"{q}_gram": pairs[f"{q}_gram"][query],
     }
     if int8:
         codes, scale, gram16 = store_locals("int8", local.astype(np.float32), gram.astype(np.float32))
         assert scale is not None
-        feeds.update({f"{c}_codes": codes, f"{c}_scale": scale, f"{c}_gram": gram16})
+        feeds.update({f"{c}_codes": codes, f"{c}_scale": scale, f"{c}_gram": gram16, f"{q}_local": q_local})
     else:
-        feeds.update({f"{c}_local": local, f"{c}_gram": gram})
+        feeds.update({SIMILARITY: similarity(local, q_local), f"{c}_gram": gram})
     return feeds
+
+
+def similarity(c_local: np.ndarray, q_local: np.ndarray) -> np.ndarray:
+    """The float32 query scorers' ``similarity`` input, ``c_local [K, P, D] @ q_local [Q, D]^T`` in float32,
+    the product the runtime computes for them."""
+    return np.matmul(c_local.astype(np.float32), q_local.astype(np.float32).T)
 
 
 def _dequantized(feeds: Feeds, c: str) -> np.ndarray:
@@ -86,10 +93,9 @@ def _as_fp32(feeds: Feeds, query_is_text: bool, *, round_query: bool) -> Feeds:
     local = _dequantized(feeds, c)
     q_local = feeds[f"{q}_local"]
     return {
-        f"{c}_local": local,
+        SIMILARITY: similarity(local, quantize_like_the_graph(q_local) if round_query else q_local),
         f"{cm}_mask": feeds[f"{cm}_mask"],
         f"{c}_gram": feeds[f"{c}_gram"].astype(np.float32),
-        f"{q}_local": quantize_like_the_graph(q_local) if round_query else q_local,
         f"{qm}_mask": feeds[f"{qm}_mask"],
         f"{q}_gram": feeds[f"{q}_gram"],
     }

@@ -36,7 +36,7 @@ from mssan_infer.progress import batches
 from mssan_infer.qdrant.gallery import QdrantGallery
 from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
 from mssan_infer.qdrant.places import open_qdrant_galleries
-from mssan_infer.search import Encoded, ScorerLimits, backend_score_fn, search
+from mssan_infer.search import Encoded, ScorerLimits, backend_score_fn, search, uses_query_scorers
 from mssan_infer.text.base import TextTokenizer
 
 __all__ = ["Retriever", "Hit", "ImageInput"]
@@ -615,6 +615,7 @@ class Retriever:
             executor=self._gatherer(),
             parts=self.gather_threads,
             where=where,
+            similarity=uses_query_scorers(self.backend),
         )
         # texts, sources and metadata of the returned hits only (never of every reranked candidate)
         return [

@@ -18,7 +18,7 @@ import numpy as np
 
 from mssan_infer.errors import InputError
 from mssan_infer.gallery.base import Candidates, GalleryView, extent
-from mssan_infer.spec import QUERY_SCORERS, query_scorer
+from mssan_infer.spec import QUERY_SCORERS, SIMILARITY, query_scorer
 
 __all__ = [
     "Encoded",
@@ -30,6 +30,7 @@ __all__ = [
     "pairs_score_fn",
     "backend_score_fn",
     "query_score_fn",
+    "uses_query_scorers",
     "search",
     "rerank_scores",
 ]
@@ -149,36 +150,53 @@ def pairs_score_fn(run: Callable[[dict[str, np.ndarray]], np.ndarray], *, query_
 
 
 def query_score_fn(
-    run: Callable[[str, dict[str, np.ndarray]], np.ndarray], *, query_is_text: bool
+    run: Callable[[str, dict[str, np.ndarray]], np.ndarray],
+    pairs: Callable[[dict[str, np.ndarray]], np.ndarray],
+    *,
+    query_is_text: bool,
 ) -> ScoreFn:
-    """A :data:`ScoreFn` over the query scorers (``run``: graph name, feeds -> ``s_ll [K]``): float32
-    candidates go to ``scorer_t2i``/``scorer_i2t``, the ``int8`` layout's stored codes to their ``*_int8``
-    graphs as they are (no float copy)."""
+    """A :data:`ScoreFn` over the query scorers (``run``: graph name, feeds -> ``s_ll [K]``): candidates
+    gathered as their similarities to the query (float32 layouts, ``search(..., similarity=True)``) go to
+    ``scorer_t2i``/``scorer_i2t``, the ``int8`` layout's stored codes to their ``*_int8`` graphs as they
+    are (no float copy), and float32 locals in hand (a run of consecutive rows handed over without a
+    copy, a view that copies its rows) to the all-pairs ``scorer`` (``pairs``: its feeds -> ``s_ll``), one
+    GEMM over them."""
     c_side, q_side = (
         (("img", "region"), ("txt", "token")) if query_is_text else (("txt", "token"), ("img", "region"))
     )
     fp32_graph, int8_graph = query_scorer(query_is_text, False), query_scorer(query_is_text, True)
-    c_local, c_codes, c_scale = f"{c_side[0]}_local", f"{c_side[0]}_codes", f"{c_side[0]}_scale"
+    c_codes, c_scale = f"{c_side[0]}_codes", f"{c_side[0]}_scale"
     c_mask, c_gram = f"{c_side[1]}_mask", f"{c_side[0]}_gram"
     q_local_n, q_mask_n, q_gram_n = f"{q_side[0]}_local", f"{q_side[1]}_mask", f"{q_side[0]}_gram"
+    locals_in_hand = pairs_score_fn(pairs, query_is_text=query_is_text)
 
     def score(q_local: np.ndarray, q_mask: np.ndarray, q_gram: np.ndarray, c: Candidates) -> np.ndarray:
-        feeds = {c_mask: c.mask, c_gram: c.gram, q_local_n: q_local, q_mask_n: q_mask, q_gram_n: q_gram}
+        feeds = {c_mask: c.mask, c_gram: c.gram, q_mask_n: q_mask, q_gram_n: q_gram}
+        if c.similarity is not None:
+            feeds[SIMILARITY] = c.similarity
+            return run(fp32_graph, feeds)
         if c.scale is not None:
-            feeds[c_codes], feeds[c_scale] = c.local, c.scale
+            assert c.local is not None
+            feeds[c_codes], feeds[c_scale], feeds[q_local_n] = c.local, c.scale, q_local
             return run(int8_graph, feeds)
-        feeds[c_local] = c.local
-        return run(fp32_graph, feeds)
+        return locals_in_hand(q_local, q_mask, q_gram, c)
 
     return score
 
 
+def uses_query_scorers(backend: Any) -> bool:
+    """Whether ``backend`` (a :class:`~mssan_infer.backends.base.Backend`) runs the query scorers (ONNX
+    Runtime on a bundle of this version): then :func:`search` takes ``similarity=True``."""
+    return all(g in backend.graphs for g in QUERY_SCORERS)
+
+
 def backend_score_fn(backend: Any, *, query_is_text: bool) -> ScoreFn:
-    """The query scorers where ``backend`` (a :class:`~mssan_infer.backends.base.Backend`) has them (ONNX
-    Runtime on a bundle of this version), else the all-pairs ``scorer`` (TensorRT, older bundles)."""
-    if all(g in backend.graphs for g in QUERY_SCORERS):
-        return query_score_fn(lambda g, f: backend.run(g, f)["s_ll"], query_is_text=query_is_text)
-    return pairs_score_fn(lambda f: backend.run("scorer", f)["s_ll"], query_is_text=query_is_text)
+    """The query scorers where ``backend`` has them (:func:`uses_query_scorers`), else the all-pairs
+    ``scorer`` (TensorRT, older bundles)."""
+    pairs: Callable[[dict[str, np.ndarray]], np.ndarray] = lambda f: backend.run("scorer", f)["s_ll"]  # noqa: E731
+    if uses_query_scorers(backend):
+        return query_score_fn(lambda g, f: backend.run(g, f)["s_ll"], pairs, query_is_text=query_is_text)
+    return pairs_score_fn(pairs, query_is_text=query_is_text)
 
 
 def _check_length(width: int, limit: int | None, what: str, axis: str) -> None:
@@ -202,9 +220,11 @@ def rerank_scores(
     limits: ScorerLimits | None = None,
     executor: Executor | None = None,
     parts: int = 1,
+    similarity: bool = False,
 ) -> np.ndarray:
     """``s_ll`` of query ``qi`` against gallery ``rows``, in batches of at most ``batch`` -> ``[K]``
-    float32."""
+    float32 (``similarity``: gather float32 candidates as their similarities to the query, what
+    :func:`query_score_fn` takes)."""
     limits = limits or ScorerLimits()
     q_axis, c_axis = ("L", "R") if query_is_text else ("R", "L")
     q_limit, c_limit = (limits.words, limits.regions) if query_is_text else (limits.regions, limits.words)
@@ -217,7 +237,7 @@ def rerank_scores(
     out = np.empty(len(rows), np.float32)
     for a in range(0, len(rows), step):
         b = min(len(rows), a + step)
-        cands = view.gather(rows[a:b], executor, parts)  # [K, P', D] ...
+        cands = view.gather(rows[a:b], executor, parts, query=q_local if similarity else None)
         _check_length(cands.mask.shape[1], c_limit, "a gallery item", c_axis)
         out[a:b] = score(q_local, q_mask, q_gram, cands)
     return out
@@ -236,6 +256,7 @@ def search(
     executor: Executor | None = None,
     parts: int = 1,
     where: Mapping[str, Any] | None = None,
+    similarity: bool = False,
 ) -> list[Ranked]:
     """Two-stage search of ``view`` for every query in ``query``.
 
@@ -252,6 +273,8 @@ def search(
         limits: the scorer's limits (a TensorRT engine's profile maxima).
         executor, parts: parallel candidate gathers (see ``GalleryView.gather``).
         where: a metadata filter (:mod:`.filters`): only items that pass it are ranked.
+        similarity: gather float32 candidates as their similarities to the query, computed where
+            their rows lie (``score`` must take them: :func:`query_score_fn`).
     Returns:
         One :class:`Ranked` per query, at most ``k`` rows each.
     """
@@ -277,6 +300,7 @@ def search(
                     limits=limits,
                     executor=executor,
                     parts=parts,
+                    similarity=False,  # shards of locals in hand: one GEMM over each (the all-pairs scorer)
                 )[r]
             else:
                 s_ll = rerank_scores(
@@ -290,6 +314,7 @@ def search(
                     limits=limits,
                     executor=executor,
                     parts=parts,
+                    similarity=similarity,
                 )
             final = s + s_ll
             order = np.lexsort((r, -final))[:k]

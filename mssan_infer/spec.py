@@ -27,6 +27,7 @@ __all__ = [
     "IMAGE_ENCODER_PIXELS",
     "OPTIONAL_GRAPHS",
     "QUERY_SCORERS",
+    "SIMILARITY",
     "SCORER_T2I",
     "SCORER_I2T",
     "SCORER_T2I_INT8",
@@ -128,12 +129,15 @@ IMAGE_ENCODER_PIXELS = GraphSpec(
 OPTIONAL_GRAPHS: dict[str, GraphSpec] = {IMAGE_ENCODER_PIXELS.name: IMAGE_ENCODER_PIXELS}
 
 # Query scorers: one query against K candidates of the other modality, the scorer's math specialised to
-# that shape (no all-pairs axes) -> ``s_ll [K]`` (already multiplied by lam_ll). ``*_int8`` take the
-# candidates' locals as the ``int8`` layout stores them (codes + 128 as uint8, one float32 scale per
-# vector, float16 Grams) and run the big product as an integer GEMM with the query quantized in the graph
-# to 7 bits. Written by every export into the fp32 graph table; ONNX Runtime runs them, TensorRT and
-# Triton run ``scorer``.
+# that shape (no all-pairs axes) -> ``s_ll [K]`` (already multiplied by lam_ll). ``scorer_t2i`` /
+# ``scorer_i2t`` take the candidates' float32 locals already multiplied by the query's,
+# ``similarity = c_local @ q_local^T [K, P, Q]``: the runtime computes that product where the candidates'
+# rows lie, reading them once, with no copy of their locals. ``*_int8`` take the candidates' locals as
+# the ``int8`` layout stores them (codes + 128 as uint8, one float32 scale per vector, float16 Grams)
+# and run the big product as an integer GEMM with the query quantized in the graph to 7 bits. Written by
+# every export into the fp32 graph table; ONNX Runtime runs them, TensorRT and Triton run ``scorer``.
 U8, F16 = "uint8", "float16"
+SIMILARITY = "similarity"  # the float32 query scorers' first input: c_local @ q_local^T
 
 
 def _query_scorer(name: str, query_is_text: bool, int8: bool) -> GraphSpec:
@@ -154,14 +158,15 @@ def _query_scorer(name: str, query_is_text: bool, int8: bool) -> GraphSpec:
             TensorSpec(f"{cm}_mask", F32, (n, p)),
             TensorSpec(f"{c}_gram", F16, (n, p, p)),
         )
+        queries: tuple[TensorSpec, ...] = (TensorSpec(f"{q}_local", F32, (qa, "D")),)
     else:
         cands = (
-            TensorSpec(f"{c}_local", F32, (n, p, "D")),
+            TensorSpec(SIMILARITY, F32, (n, p, qa)),
             TensorSpec(f"{cm}_mask", F32, (n, p)),
             TensorSpec(f"{c}_gram", F32, (n, p, p)),
         )
-    queries = (
-        TensorSpec(f"{q}_local", F32, (qa, "D")),
+        queries = ()
+    queries += (
         TensorSpec(f"{qm}_mask", F32, (qa,)),
         TensorSpec(f"{q}_gram", F32, (qa, qa)),
     )

@@ -7,6 +7,7 @@ never test assertions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -291,6 +292,25 @@ def test_floor_arithmetic_and_its_table_and_plot() -> None:
         math.isclose(slow["steps"]["scorer"]["floor_ms"], 1.0)
         and slow["steps"]["scorer"]["floor_is"] == "bytes read"
     )
+
+    # the exact path: the gather multiplies each row by the query (the big product), so its floor is the
+    # larger of the kernel and its bytes; the scorer reads only the small similarities, masks and Grams
+    exact = floor_row(
+        {**p50, "kernel": 0.3},
+        7.0,
+        {"stage1": 2e7, "gather": 2e6, "scorer": 4e5},
+        9e7,
+        20.0,
+        product_in_gather=True,
+    )
+    st = exact["steps"]
+    assert st["gather"]["floor_ms"] == 0.3 and st["gather"]["floor_is"] == "kernel FLOPs"
+    assert math.isclose(st["gather"]["bytes_ms"], 0.1) and math.isclose(st["gather"]["kernel_gflops"], 300.0)
+    assert math.isclose(st["scorer"]["floor_ms"], 0.02) and st["scorer"]["floor_is"] == "bytes read"
+    assert "kernel_ms" not in st["scorer"] and math.isclose(exact["floor_ms"], 1.0 + 1.0 + 0.3 + 0.02)
+    sim = Candidates(None, None, np.ones((100, 36), np.float32), np.zeros((100, 36, 36), np.float32))
+    sim = dataclasses.replace(sim, similarity=np.zeros((100, 36, 12), np.float32))
+    assert candidate_bytes(sim) == 100 * 36 * (4 + 36 * 4 + 12 * 4)
 
     # a path's own processes replace the end to end and the steps inside the query; the shared stay beside
     own_row = floor_row(

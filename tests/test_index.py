@@ -367,3 +367,39 @@ def test_saved_arrays_load_without_pickle(tmp_path: Path) -> None:
     for f in path.glob("*.npy"):
         np.load(f, allow_pickle=False)
     assert json.loads((path / "images_ids.json").read_text()) == ["a", "b", 7, "d", 9, "f"]
+
+
+@pytest.mark.parametrize("layout", ["fp32", "int8-stage1", "int8"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_gather_with_a_query_gives_the_similarities_of_the_stored_locals(
+    tmp_path: Path, layout: str, mmap: bool
+) -> None:
+    """What the float32 query scorers take: ``local @ query^T`` per row, read where the row lies (segments of
+    different widths, RAM or mapped, split over threads), the same Grams and masks as a plain gather;
+    the int8 layout gives its codes as stored whatever the query."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = MemoryGallery(2 * D, D, GalleryOptions(layout=layout, mmap=mmap, spill_dir=tmp_path / "spill"))
+    g.add(*items(40, [2, 3, 1, 3] * 10, seed=0))
+    g.add(*items(30, [5, 4, 1] * 10, seed=1))  # a second segment, wider
+    query = np.random.default_rng(2).normal(size=(7, D)).astype(np.float32)
+    rows = np.array([3, 45, 0, 69, 12, 50, 50, 1])
+    view = g.view()
+    plain = view.gather(rows)
+    got = view.gather(rows, query=query)
+    if layout == "int8":
+        assert got.similarity is None and got.local is not None and got.local.dtype == np.uint8
+        assert np.array_equal(got.local, plain.local)
+        return
+    assert got.local is None and got.similarity is not None and plain.local is not None
+    assert got.similarity.shape == (len(rows), plain.local.shape[1], 7) and got.similarity.dtype == np.float32
+    np.testing.assert_allclose(got.similarity, plain.local @ query.T, rtol=1e-5, atol=1e-5)
+    assert not got.similarity[plain.mask == 0].any()  # padded positions: exactly 0, as the locals
+    assert np.array_equal(got.gram, plain.gram) and np.array_equal(got.mask, plain.mask)
+    with ThreadPoolExecutor(2) as pool:
+        split = view.gather(rows, pool, 2, query=query)
+    assert split.similarity is not None and np.array_equal(split.similarity, got.similarity)
+    consecutive = view.gather(np.arange(40, 48), query=query)  # no shortcut past the product
+    assert consecutive.similarity is not None
+    with pytest.raises(ValueError, match="without query"):
+        got.dequantized()

@@ -107,10 +107,10 @@ def test_a_zero_length_side_scores_zero_in_the_query_scorers(tiny_bundle: Path, 
     )
     for n_cand, n_query in ((5, 0), (0, 4), (0, 0)):
         feeds = {}
-        for i in sess.get_inputs():  # candidates [K, P, ...] (K = 3), the query [Q, ...]; D fixed
-            cand = i.shape[0] in ("Ni", "Nt")
-            n = n_cand if cand else n_query
-            shape = ([3] if cand else []) + [n if isinstance(a, str) else a for a in i.shape[int(cand) :]]
+        cand_axis = "R" if name.startswith("scorer_t2i") else "L"  # the candidates' positions; K = 3; D fixed
+        size = {"Ni": 3, "Nt": 3, cand_axis: n_cand}
+        for i in sess.get_inputs():
+            shape = [a if isinstance(a, int) else size.get(a, n_query) for a in i.shape]
             dtype = {"tensor(uint8)": np.uint8, "tensor(float16)": np.float16}.get(i.type, np.float32)
             feeds[i.name] = np.ones(shape, dtype)
         out = sess.run(None, feeds)[0]
@@ -150,9 +150,11 @@ def test_int8_candidates_reach_the_integer_scorer_as_stored_and_rank_like_float3
         scorers = {g for g, _ in rec.seen if g.startswith("scorer")}
         want = f"scorer_{'t2i' if query_is_text else 'i2t'}{'_int8' if layout == 'int8' else ''}"
         assert scorers == {want}
+        dtypes = next(d for g, d in rec.seen if g == want)
         if layout == "int8":
-            dtypes = next(d for g, d in rec.seen if g == want)
             assert dtypes[f"{'img' if query_is_text else 'txt'}_codes"] == np.uint8  # never widened
+        else:  # the candidates' similarities to the query, never their locals
+            assert dtypes["similarity"] == np.float32 and not any(n.endswith("_local") for n in dtypes)
     f32, i8 = hits["fp32"], hits["int8"]
     assert [h.id for h in f32[:3]] == [h.id for h in i8[:3]]
     assert max(abs(a.score - b.score) for a, b in zip(f32, i8)) < 0.05
@@ -170,3 +172,37 @@ def test_fast_sets_the_int8_encoder_and_layout_or_refuses_a_contradiction(tiny_b
         fast_path(OnnxRuntimeOptions(precision="fp16"), None)
     with pytest.raises(InputError, match="int8 text encoder on ONNX Runtime"):
         fast_path("tensorrt", None)
+
+
+def test_a_bundle_with_query_scorers_of_an_older_form_reranks_with_the_all_pairs_scorer(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Its manifest records other inputs for them: a warning that says to re-export, and the same ranking
+    from the all-pairs scorer."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m["graphs"]["scorer_t2i"]["inputs"][0] = {
+        "name": "img_local",
+        "dtype": "float32",
+        "axes": ["Ni", "R", "D"],
+    }
+    (old / "manifest.json").write_text(json.dumps(m))
+    rng = np.random.default_rng(0)
+    regions = rng.normal(size=(40, 5, 24)).astype(np.float32)
+    hits = {}
+    for name, bundle in (("new", tiny_bundle), ("old", old)):
+        if name == "old":
+            with pytest.warns(RuntimeWarning, match="Re-export the bundle"):
+                r = mssan_infer.Retriever.load(bundle)
+            assert not any(g in r.backend.graphs for g in QUERY_SCORERS)
+        else:
+            r = mssan_infer.Retriever.load(bundle)
+            assert all(g in r.backend.graphs for g in QUERY_SCORERS)
+        r.add_images(regions)
+        hits[name] = r.search(text="a dog near a ball", k=10, rerank=30)
+    assert [h.id for h in hits["new"]] == [h.id for h in hits["old"]]
+    assert max(abs(a.score - b.score) for a, b in zip(hits["new"], hits["old"])) < 1e-4

@@ -157,13 +157,18 @@ def test_custom_backend_plugs_into_retriever_load(
         bundle = _bundle(tiny_checkpoint, tmp_path_factory)
         r = mssan_infer.Retriever.load(bundle, Threaded(threads=1))
         r.add_images(np.ones((2, 3, 24), np.float32))
-        r.search(text="a dog", k=1)
+        r.search(
+            text="a dog", k=1, rerank=1
+        )  # one of two reranked: the query scorer (all: the all-pairs one)
+        r.search(text="a dog", k=1, rerank=2)
     finally:
         from mssan_infer.backends import _REGISTRY
 
         _REGISTRY.pop("recorder", None)
     assert made["kw"] == {"device": "cpu", "precision": "fp32", "threads": 1}
-    assert {g for g, _ in made["backend"].seen} >= {"image_encoder", "text_encoder", "scorer_t2i"}  # type: ignore[attr-defined]
+    seen = [g for g, _ in made["backend"].seen]  # type: ignore[attr-defined]
+    assert set(seen) >= {"image_encoder", "text_encoder", "scorer_t2i", "scorer"}
+    assert seen.index("scorer_t2i") < seen.index("scorer")
 
 
 def test_a_factory_that_returns_no_backend_is_refused(

@@ -208,8 +208,7 @@ class OnnxRuntimeBackend(Backend):
         graphs: dict[str, str | os.PathLike[str] | bytes] = {
             g: bundle.graph_path(g, options.precision) for g in GRAPHS
         }
-        fp32 = bundle.manifest.graphs["fp32"]
-        if options.precision != "fp16" and all(g in fp32 for g in QUERY_SCORERS):
+        if options.precision != "fp16" and _current_query_scorers(bundle):
             graphs.update({g: bundle.graph_path(g) for g in QUERY_SCORERS})  # fp32 weights, any precision
         return cls(graphs, options)
 
@@ -260,3 +259,27 @@ class OnnxGraph:
         names = outputs or self.outputs
         cast = {n: np.ascontiguousarray(feeds[n], dtype=t) for n, t in self.inputs.items()}
         return dict(zip(names, self.session.run(names, cast)))
+
+
+def _current_query_scorers(bundle: Bundle) -> bool:
+    """Whether ``bundle`` holds the query scorers of this version (its manifest records their inputs). A
+    bundle exported before them, or with an older form of them, reranks with its all-pairs ``scorer``
+    (same scores, slower); a warning says so and how to get them."""
+    entries = bundle.manifest.raw.get("graphs") or {}
+    if not any(g in entries for g in QUERY_SCORERS):
+        return False
+    stale = [
+        g
+        for g, spec in QUERY_SCORERS.items()
+        if not isinstance(entries.get(g), dict) or entries[g].get("inputs") != spec.to_dict()["inputs"]
+    ]
+    if stale:
+        warnings.warn(
+            f"{bundle.root}: its query scorers {stale} predate this mssan version's; searches rerank with "
+            "the all-pairs scorer (same scores, slower). Re-export the bundle (python -m export) for the "
+            "query scorers.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True

@@ -45,16 +45,19 @@ class Candidates:
 
     Attributes:
         local: ``[K, P, D]`` float32 locals; with ``scale``, the ``int8`` layout's codes as stored
-            (uint8, value + 128), never widened on the query path.
+            (uint8, value + 128), never widened on the query path; ``None`` beside ``similarity``.
         scale: ``[K, P]`` float32 per-vector scales of int8 codes, else ``None``.
         mask: ``[K, P]`` float32, 1 for real regions/words.
         gram: ``[K, P, P]`` Grams: float32, or float16 beside int8 codes (as stored).
+        similarity: ``[K, P, Q]`` float32 ``local @ query^T``, computed where the rows lie instead of
+            copying their locals (``GalleryView.gather(..., query=)``), else ``None``.
     """
 
-    local: np.ndarray
+    local: np.ndarray | None
     scale: np.ndarray | None
     mask: np.ndarray
     gram: np.ndarray
+    similarity: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.mask.shape[0])
@@ -62,9 +65,14 @@ class Candidates:
     def dequantized(self) -> tuple[np.ndarray, np.ndarray]:
         """float32 locals and Grams (a copy where stored otherwise): for the all-pairs ``scorer``."""
         local = self.local
+        if local is None:
+            raise ValueError(
+                "candidates gathered as similarities to a query hold no locals; gather them without query="
+            )
         if self.scale is not None:
-            local = np.empty(self.local.shape, np.float32)
-            dequantize_into(local, self.local, self.scale)
+            codes = local
+            local = np.empty(codes.shape, np.float32)
+            dequantize_into(local, codes, self.scale)
         return np.ascontiguousarray(local, np.float32), np.ascontiguousarray(self.gram, np.float32)
 
 
@@ -262,9 +270,18 @@ class GalleryView(Protocol):
         """
         ...
 
-    def gather(self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1) -> "Candidates":
+    def gather(
+        self,
+        rows: np.ndarray,
+        executor: Executor | None = None,
+        parts: int = 1,
+        *,
+        query: np.ndarray | None = None,
+    ) -> "Candidates":
         """The rerank inputs of ``rows`` (in that order), as the layout stores them, trimmed to their
-        longest item (see :class:`Candidates`)."""
+        longest item (see :class:`Candidates`). With ``query`` (a query's locals ``[Q, D]``), a view may
+        return float32 locals as their ``similarity`` to it instead (one read of the rows, no copy);
+        one that does not returns the locals."""
         ...
 
 

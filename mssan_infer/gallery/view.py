@@ -12,7 +12,7 @@ import copy
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Sequence, overload
+from typing import Any, Callable, Sequence, overload
 
 import numpy as np
 
@@ -74,6 +74,23 @@ def fetch_rows(n: int, k: int, overfetch: int | None = None) -> int:
     if overfetch is None:
         overfetch = OVERFETCH if n <= LARGE_GALLERY else OVERFETCH_LARGE
     return min(int(n), max(int(k) * int(overfetch), int(k) + 32))
+
+
+def _in_parts(work: Callable[[int, int], None], k: int, executor: Executor | None, parts: int) -> None:
+    """``work(a, b)`` over ``0:k`` in ``parts`` slices, ``parts - 1`` of them on ``executor``."""
+    parts = max(1, min(int(parts), k // _MIN_ROWS_PER_PART)) if executor is not None else 1
+    if parts == 1 or executor is None:
+        work(0, k)
+        return
+    bounds = np.linspace(0, k, parts + 1).astype(int).tolist()
+    futures = [executor.submit(work, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+    work(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+def _mapped(a: np.ndarray) -> bool:
+    return isinstance(a, np.memmap) or isinstance(a.base, np.memmap)
 
 
 @overload
@@ -280,22 +297,40 @@ class ArrayView:
         starts = np.array([b.start for b in self.blocks], np.int64)
         return np.searchsorted(starts, rows, side="right") - 1
 
-    def gather(self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1) -> Candidates:
+    def gather(
+        self,
+        rows: np.ndarray,
+        executor: Executor | None = None,
+        parts: int = 1,
+        *,
+        query: np.ndarray | None = None,
+    ) -> Candidates:
         """The rerank inputs of ``rows``, as the layout stores them, trimmed to their longest item.
 
         Args:
             rows: gallery rows, in the order wanted.
             executor, parts: copy in ``parts`` slices, ``parts - 1`` of them on ``executor``
                 (the caller copies one). Memory-mapped rows are read in file order.
-        Returns: :class:`Candidates`: float32 locals and Grams, or the
-        ``int8`` layout's uint8 codes, scales and float16 Grams as stored. A run of consecutive rows of
-        one float32 block at its full width is returned without a copy (exhaustive search).
+            query: a query's locals ``[Q, D]``: float32 locals then come as their similarities to it,
+                ``local @ query^T [K, P, Q]``, one product per row where the row lies (the locals are
+                read once and never copied); the ``int8`` layout ignores it.
+        Returns: :class:`Candidates`: float32 locals (or their similarities to ``query``) and Grams, or
+        the ``int8`` layout's uint8 codes, scales and float16 Grams as stored. Without ``query``, a run of
+        consecutive rows of one float32 block at its full width is returned without a copy (exhaustive
+        search).
         """
         rows = np.asarray(rows, dtype=np.int64)
         k = len(rows)
         which = self._locate(rows) if k else np.zeros(0, np.int64)
         int8 = self.layout.local == "int8"
-        if k and which[0] == which[-1] and rows[-1] - rows[0] == k - 1 and (np.diff(rows) == 1).all():
+        as_stored = query is None or int8
+        if (
+            as_stored
+            and k
+            and which[0] == which[-1]
+            and rows[-1] - rows[0] == k - 1
+            and (np.diff(rows) == 1).all()
+        ):
             b = self.blocks[int(which[0])]
             a = int(rows[0]) - b.start
             mask = b.mask[a : a + k]
@@ -319,6 +354,8 @@ class ArrayView:
             b = self.blocks[int(bi)]
             mask_full[sel, : b.mask.shape[1]] = np.take(b.mask, rows[sel] - b.start, axis=0)
         width = max(1, extent(mask_full))
+        if query is not None and not int8:
+            return self._similarities(rows, which, mask_full[:, :width], query, executor, parts)
         local = np.empty((k, width, d), np.uint8 if int8 else np.float32)
         scale = np.empty((k, width), np.float32) if int8 else None
         gram = np.empty((k, width, width), np.float16 if int8 else np.float32)
@@ -374,16 +411,52 @@ class ArrayView:
                         scale[pos, :w] = b_scale[r, :w]
                     gram[pos, :w, :w] = b_gram[r, :w, :w]
 
-        parts = max(1, min(int(parts), k // _MIN_ROWS_PER_PART)) if executor is not None else 1
-        if parts == 1 or executor is None:
-            copy(0, k)
-        else:
-            bounds = np.linspace(0, k, parts + 1).astype(int).tolist()
-            futures = [executor.submit(copy, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
-            copy(bounds[0], bounds[1])
-            for f in futures:
-                f.result()
+        _in_parts(copy, k, executor, parts)
         return Candidates(local, scale, np.ascontiguousarray(mask_full[:, :width]), gram)
+
+    def _similarities(
+        self,
+        rows: np.ndarray,
+        which: np.ndarray,
+        mask: np.ndarray,
+        query: np.ndarray,
+        executor: Executor | None,
+        parts: int,
+    ) -> Candidates:
+        """:meth:`gather` of float32 rows with ``query``: one ``[P, D] x [D, Q]`` product per row, read
+        where it lies (RAM or mapped, mapped rows in file order), and the rows' Grams."""
+        k, width = mask.shape
+        q_t = np.ascontiguousarray(np.asarray(query, np.float32).T)  # [D, Q]
+        narrow = any(b.local.shape[1] < width for b in self.blocks)
+        alloc = np.zeros if narrow else np.empty  # positions past a narrower block's width stay 0
+        sim = alloc((k, width, q_t.shape[1]), np.float32)
+        gram = alloc((k, width, width), np.float32)
+        for bi in np.unique(which).tolist():  # Grams: one take per block
+            blk = self.blocks[bi]
+            w = min(width, blk.gram.shape[1])
+            sel = slice(None) if len(self.blocks) == 1 else np.flatnonzero(which == bi)
+            got = np.take(_plain(blk.gram), rows[sel] - blk.start, axis=0, mode="clip")
+            gram[sel, :w, :w] = got[:, :w, :w]
+        mapped = any(_mapped(b.local) for b in self.blocks)
+        order_l = np.argsort(rows, kind="stable").tolist() if mapped else list(range(k))
+        if len(self.blocks) == 1 and self.blocks[0].local.shape[1] == width:  # one block at full width
+            src, rr = _plain(self.blocks[0].local), (rows - self.blocks[0].start).tolist()
+
+            def fill(a: int, b: int) -> None:
+                for pos in order_l[a:b]:
+                    np.matmul(src[rr[pos]], q_t, out=sim[pos])
+        else:
+            rows_l, which_l = rows.tolist(), which.tolist()
+            blocks = [(b.start, _plain(b.local)) for b in self.blocks]
+
+            def fill(a: int, b: int) -> None:
+                for pos in order_l[a:b]:
+                    start, b_local = blocks[which_l[pos]]
+                    w = min(width, b_local.shape[1])
+                    np.matmul(b_local[rows_l[pos] - start, :w], q_t, out=sim[pos, :w])
+
+        _in_parts(fill, k, executor, parts)
+        return Candidates(None, None, np.ascontiguousarray(mask), gram, sim)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of the snapshot's arrays, split by whether they are memory-mapped (``mapped``) or in RAM."""

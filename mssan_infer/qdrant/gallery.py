@@ -269,7 +269,16 @@ class QdrantView:
             rows[i], scores[i] = r[order], s[order]
         return rows, scores
 
-    def gather(self, rows: np.ndarray, executor: Executor | None = None, parts: int = 1) -> Candidates:
+    def gather(
+        self,
+        rows: np.ndarray,
+        executor: Executor | None = None,
+        parts: int = 1,
+        *,
+        query: np.ndarray | None = None,
+    ) -> Candidates:
+        """Locals (never their similarities: ``query`` is not used), masks and Grams of ``rows``, read from
+        the sidecar or the server's payloads."""
         if self._g._sidecar is not None:
             return self._g._sidecar.gather([self._items[int(r)][1].get(_LOC) for r in rows])
         assert self._g._server is not None

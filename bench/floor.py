@@ -598,7 +598,8 @@ def summarise_floor(lat: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[dic
         src[f"{name}_*"] = (
             f"latency {row_key} floor group: end-to-end p50 ({OWN_WORDS}) / the sum of the step floors "
             "(encoder graph alone; bytes / bandwidth for stage 1 and gather; the larger of the kernel alone "
-            f"and bytes / bandwidth for the scorer); fp32 = {PATHS['fp32']}, int8 = {PATHS['int8']}"
+            "and bytes / bandwidth for the step with the big product: the scorer, the gather on the fp32 "
+            f"path, whose scorer then has its bytes alone); fp32 = {PATHS['fp32']}, int8 = {PATHS['int8']}"
         )
     for name, have, row_key in (
         ("t2i_p50_ms_5k_rerank100_int8", f"t2i_p50_ms_{small}_rerank100_int8", f"t2i_{cfg['ref_small']}"),

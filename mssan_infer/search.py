@@ -154,13 +154,14 @@ def query_score_fn(
     pairs: Callable[[dict[str, np.ndarray]], np.ndarray],
     *,
     query_is_text: bool,
+    int8: bool = True,
 ) -> ScoreFn:
     """A :data:`ScoreFn` over the query scorers (``run``: graph name, feeds -> ``s_ll [K]``): candidates
     gathered as their similarities to the query (float32 layouts, ``search(..., similarity=True)``) go to
     ``scorer_t2i``/``scorer_i2t``, the ``int8`` layout's stored codes to their ``*_int8`` graphs as they
     are (no float copy), and float32 locals in hand (a run of consecutive rows handed over without a
     copy, a view that copies its rows) to the all-pairs ``scorer`` (``pairs``: its feeds -> ``s_ll``), one
-    GEMM over them."""
+    GEMM over them; so do int8 codes, dequantized, when ``int8`` is false (no ``*_int8`` graphs)."""
     c_side, q_side = (
         (("img", "region"), ("txt", "token")) if query_is_text else (("txt", "token"), ("img", "region"))
     )
@@ -175,7 +176,7 @@ def query_score_fn(
         if c.similarity is not None:
             feeds[SIMILARITY] = c.similarity
             return run(fp32_graph, feeds)
-        if c.scale is not None:
+        if c.scale is not None and int8:
             assert c.local is not None
             feeds[c_codes], feeds[c_scale], feeds[q_local_n] = c.local, c.scale, q_local
             return run(int8_graph, feeds)
@@ -184,18 +185,23 @@ def query_score_fn(
     return score
 
 
+def _holds(backend: Any, int8: bool) -> bool:
+    return all(query_scorer(t, int8) in backend.graphs for t in (True, False))
+
+
 def uses_query_scorers(backend: Any) -> bool:
-    """Whether ``backend`` (a :class:`~mssan_infer.backends.base.Backend`) runs the query scorers (ONNX
-    Runtime on a bundle of this version): then :func:`search` takes ``similarity=True``."""
-    return all(g in backend.graphs for g in QUERY_SCORERS)
+    """Whether ``backend`` (a :class:`~mssan_infer.backends.base.Backend`) runs the float32 query scorers
+    (ONNX Runtime on a bundle of this version): then :func:`search` takes ``similarity=True``."""
+    return _holds(backend, False)
 
 
 def backend_score_fn(backend: Any, *, query_is_text: bool) -> ScoreFn:
-    """The query scorers where ``backend`` has them (:func:`uses_query_scorers`), else the all-pairs
-    ``scorer`` (TensorRT, older bundles)."""
+    """The query scorers ``backend`` has (:func:`query_score_fn`), else the all-pairs ``scorer``
+    (TensorRT, bundles exported before them)."""
     pairs: Callable[[dict[str, np.ndarray]], np.ndarray] = lambda f: backend.run("scorer", f)["s_ll"]  # noqa: E731
-    if uses_query_scorers(backend):
-        return query_score_fn(lambda g, f: backend.run(g, f)["s_ll"], pairs, query_is_text=query_is_text)
+    if any(g in backend.graphs for g in QUERY_SCORERS):
+        run: Callable[[str, dict[str, np.ndarray]], np.ndarray] = lambda g, f: backend.run(g, f)["s_ll"]  # noqa: E731
+        return query_score_fn(run, pairs, query_is_text=query_is_text, int8=_holds(backend, True))
     return pairs_score_fn(pairs, query_is_text=query_is_text)
 
 
@@ -237,7 +243,10 @@ def rerank_scores(
     out = np.empty(len(rows), np.float32)
     for a in range(0, len(rows), step):
         b = min(len(rows), a + step)
-        cands = view.gather(rows[a:b], executor, parts, query=q_local if similarity else None)
+        if similarity:  # a view without the keyword still serves searches that do not ask for it
+            cands = view.gather(rows[a:b], executor, parts, query=q_local)
+        else:
+            cands = view.gather(rows[a:b], executor, parts)
         _check_length(cands.mask.shape[1], c_limit, "a gallery item", c_axis)
         out[a:b] = score(q_local, q_mask, q_gram, cands)
     return out

@@ -375,7 +375,7 @@ def test_gather_with_a_query_gives_the_similarities_of_the_stored_locals(
     tmp_path: Path, layout: str, mmap: bool
 ) -> None:
     """What the float32 query scorers take: ``local @ query^T`` per row, read where the row lies (segments of
-    different widths, RAM or mapped, split over threads), the same Grams and masks as a plain gather;
+    different widths, RAM or mapped, repeated rows), the same Grams and masks as a plain gather;
     the int8 layout gives its codes as stored whatever the query."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -396,9 +396,12 @@ def test_gather_with_a_query_gives_the_similarities_of_the_stored_locals(
     np.testing.assert_allclose(got.similarity, plain.local @ query.T, rtol=1e-5, atol=1e-5)
     assert not got.similarity[plain.mask == 0].any()  # padded positions: exactly 0, as the locals
     assert np.array_equal(got.gram, plain.gram) and np.array_equal(got.mask, plain.mask)
-    with ThreadPoolExecutor(2) as pool:
-        split = view.gather(rows, pool, 2, query=query)
-    assert split.similarity is not None and np.array_equal(split.similarity, got.similarity)
+    many = np.random.default_rng(3).integers(0, 70, 64)  # rows repeated, in any order, both segments
+    with ThreadPoolExecutor(2) as pool:  # the products run on the calling thread: same values
+        both = view.gather(many, pool, 4, query=query)
+    ref = view.gather(many)
+    assert both.similarity is not None and ref.local is not None
+    np.testing.assert_allclose(both.similarity, ref.local @ query.T, rtol=1e-5, atol=1e-5)
     consecutive = view.gather(np.arange(40, 48), query=query)  # no shortcut past the product
     assert consecutive.similarity is not None
     with pytest.raises(ValueError, match="without query"):

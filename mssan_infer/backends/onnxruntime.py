@@ -208,8 +208,8 @@ class OnnxRuntimeBackend(Backend):
         graphs: dict[str, str | os.PathLike[str] | bytes] = {
             g: bundle.graph_path(g, options.precision) for g in GRAPHS
         }
-        if options.precision != "fp16" and _current_query_scorers(bundle):
-            graphs.update({g: bundle.graph_path(g) for g in QUERY_SCORERS})  # fp32 weights, any precision
+        if options.precision != "fp16":  # fp32 weights, any precision
+            graphs.update({g: bundle.graph_path(g) for g in _current_query_scorers(bundle)})
         return cls(graphs, options)
 
     def active_providers(self, graph: str = "scorer") -> list[str]:
@@ -261,25 +261,20 @@ class OnnxGraph:
         return dict(zip(names, self.session.run(names, cast)))
 
 
-def _current_query_scorers(bundle: Bundle) -> bool:
-    """Whether ``bundle`` holds the query scorers of this version (its manifest records their inputs). A
-    bundle exported before them, or with an older form of them, reranks with its all-pairs ``scorer``
-    (same scores, slower); a warning says so and how to get them."""
+def _current_query_scorers(bundle: Bundle) -> list[str]:
+    """The query scorers of ``bundle`` in this version's form (its manifest records their inputs). Those of
+    an older form are left out with a warning that says to re-export: their candidates go to the
+    all-pairs ``scorer`` (same scores, slower)."""
     entries = bundle.manifest.raw.get("graphs") or {}
-    if not any(g in entries for g in QUERY_SCORERS):
-        return False
-    stale = [
-        g
-        for g, spec in QUERY_SCORERS.items()
-        if not isinstance(entries.get(g), dict) or entries[g].get("inputs") != spec.to_dict()["inputs"]
-    ]
+    held = [g for g in QUERY_SCORERS if isinstance(entries.get(g), dict)]
+    current = [g for g in held if entries[g].get("inputs") == QUERY_SCORERS[g].to_dict()["inputs"]]
+    stale = sorted(set(held) - set(current))
     if stale:
         warnings.warn(
-            f"{bundle.root}: its query scorers {stale} predate this mssan version's; searches rerank with "
-            "the all-pairs scorer (same scores, slower). Re-export the bundle (python -m export) for the "
-            "query scorers.",
+            f"{bundle.root}: its query scorers {stale} predate this mssan version's; their candidates are "
+            "reranked by the all-pairs scorer (same scores, slower). Re-export the bundle (python -m "
+            "export) for the query scorers.",
             RuntimeWarning,
             stacklevel=3,
         )
-        return False
-    return True
+    return current

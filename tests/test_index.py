@@ -375,8 +375,8 @@ def test_gather_with_a_query_gives_the_similarities_of_the_stored_locals(
     tmp_path: Path, layout: str, mmap: bool
 ) -> None:
     """What the float32 query scorers take: ``local @ query^T`` per row, read where the row lies (segments of
-    different widths, RAM or mapped, repeated rows), the same Grams and masks as a plain gather;
-    the int8 layout gives its codes as stored whatever the query."""
+    different widths, RAM or mapped, repeated rows, split over threads), the same Grams and masks as a
+    plain gather; the int8 layout gives its codes as stored whatever the query."""
     from concurrent.futures import ThreadPoolExecutor
 
     g = MemoryGallery(2 * D, D, GalleryOptions(layout=layout, mmap=mmap, spill_dir=tmp_path / "spill"))
@@ -397,7 +397,7 @@ def test_gather_with_a_query_gives_the_similarities_of_the_stored_locals(
     assert not got.similarity[plain.mask == 0].any()  # padded positions: exactly 0, as the locals
     assert np.array_equal(got.gram, plain.gram) and np.array_equal(got.mask, plain.mask)
     many = np.random.default_rng(3).integers(0, 70, 64)  # rows repeated, in any order, both segments
-    with ThreadPoolExecutor(2) as pool:  # the products run on the calling thread: same values
+    with ThreadPoolExecutor(2) as pool:  # the products split over threads (64 rows: 4 parts)
         both = view.gather(many, pool, 4, query=query)
     ref = view.gather(many)
     assert both.similarity is not None and ref.local is not None

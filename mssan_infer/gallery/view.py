@@ -312,9 +312,8 @@ class ArrayView:
             executor, parts: copy in ``parts`` slices, ``parts - 1`` of them on ``executor``
                 (the caller copies one). Memory-mapped rows are read in file order.
             query: a query's locals ``[Q, D]``: float32 locals then come as their similarities to it,
-                ``local @ query^T [K, P, Q]``, one product per row where the row lies, on the calling
-                thread (two threads measured slower), the locals read once and never copied; the
-                ``int8`` layout ignores it.
+                ``local @ query^T [K, P, Q]``, one product per row where the row lies (split like the
+                copies), the locals read once and never copied; the ``int8`` layout ignores it.
         Returns: :class:`Candidates`: float32 locals (or their similarities to ``query``) and Grams, or
         the ``int8`` layout's uint8 codes, scales and float16 Grams as stored. Without ``query``, a run of
         consecutive rows of one float32 block at its full width is returned without a copy (exhaustive
@@ -356,7 +355,7 @@ class ArrayView:
             mask_full[sel, : b.mask.shape[1]] = np.take(b.mask, rows[sel] - b.start, axis=0)
         width = max(1, extent(mask_full))
         if query is not None and not int8:
-            return self._similarities(rows, which, mask_full[:, :width], query)
+            return self._similarities(rows, which, mask_full[:, :width], query, executor, parts)
         local = np.empty((k, width, d), np.uint8 if int8 else np.float32)
         scale = np.empty((k, width), np.float32) if int8 else None
         gram = np.empty((k, width, width), np.float16 if int8 else np.float32)
@@ -421,9 +420,11 @@ class ArrayView:
         which: np.ndarray,
         mask: np.ndarray,
         query: np.ndarray,
+        executor: Executor | None,
+        parts: int,
     ) -> Candidates:
-        """:meth:`gather` of float32 rows with ``query``: one ``[P, D] x [D, Q]`` product per row on this
-        thread, read where it lies (RAM or mapped; mapped locals in file order), and the rows' Grams."""
+        """:meth:`gather` of float32 rows with ``query``: one ``[P, D] x [D, Q]`` product per row, read
+        where it lies (RAM or mapped; mapped locals in file order), and the rows' Grams."""
         k, width = mask.shape
         q_t = np.ascontiguousarray(np.asarray(query, np.float32).T)  # [D, Q]
         narrow = any(b.local.shape[1] < width for b in self.blocks)
@@ -438,17 +439,24 @@ class ArrayView:
             gram[sel, :w, :w] = got[:, :w, :w]
         mapped = any(_mapped(b.local) for b in self.blocks)
         order_l = np.argsort(rows, kind="stable").tolist() if mapped else list(range(k))
+        # np.dot, not np.matmul: it lets go of the GIL, so slices on the executor's threads run at once
         if len(self.blocks) == 1 and self.blocks[0].local.shape[1] == width:  # one block at full width
             src, rr = _plain(self.blocks[0].local), (rows - self.blocks[0].start).tolist()
-            for pos in order_l:
-                np.matmul(src[rr[pos]], q_t, out=sim[pos])
+
+            def fill(a: int, b: int) -> None:
+                for pos in order_l[a:b]:
+                    np.dot(src[rr[pos]], q_t, out=sim[pos])
         else:
             rows_l, which_l = rows.tolist(), which.tolist()
             blocks = [(b.start, _plain(b.local)) for b in self.blocks]
-            for pos in order_l:
-                start, b_local = blocks[which_l[pos]]
-                w = min(width, b_local.shape[1])
-                np.matmul(b_local[rows_l[pos] - start, :w], q_t, out=sim[pos, :w])
+
+            def fill(a: int, b: int) -> None:
+                for pos in order_l[a:b]:
+                    start, b_local = blocks[which_l[pos]]
+                    w = min(width, b_local.shape[1])
+                    np.dot(b_local[rows_l[pos] - start, :w], q_t, out=sim[pos, :w])
+
+        _in_parts(fill, k, executor, parts)
         return Candidates(None, None, np.ascontiguousarray(mask), gram, sim)
 
     def nbytes(self) -> dict[str, int]:

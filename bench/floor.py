@@ -181,29 +181,25 @@ def floor_row(
             "floor_ms": nbytes["stage1"] * ms_per_byte,
             "bytes": nbytes["stage1"],
         },
-        "gather": {
-            "p50_ms": p50["gather"],
-            "floor_ms": nbytes["gather"] * ms_per_byte,
-            "bytes": nbytes["gather"],
-        },
+        "gather": {"p50_ms": p50["gather"], "bytes": nbytes["gather"]},
+        "scorer": {"p50_ms": p50["scorer"], "bytes": nbytes["scorer"]},
     }
+    # the big product's step: its floor is the larger of the kernel alone and its bytes / bandwidth
     kernel_ms = p50["kernel"]
-    product = {
-        "kernel_ms": kernel_ms,
-        "flops": flops,
-        "kernel_gflops": flops / (kernel_ms * 1e6) if kernel_ms > 0 else float("nan"),
-    }
-    bytes_ms = nbytes["scorer"] * ms_per_byte
-    steps["scorer"] = {"p50_ms": p50["scorer"], "bytes_ms": bytes_ms, "bytes": nbytes["scorer"]}
-    with_product = steps["gather"] if product_in_gather else steps["scorer"]
-    floor_bytes = with_product["bytes_ms"] if "bytes_ms" in with_product else with_product["floor_ms"]
-    with_product.update(product)
-    with_product["bytes_ms"] = floor_bytes
-    with_product["floor_ms"] = max(kernel_ms, floor_bytes)
-    with_product["floor_is"] = "kernel FLOPs" if kernel_ms >= floor_bytes else "bytes read"
-    if product_in_gather:
-        steps["scorer"]["floor_ms"] = bytes_ms
-        steps["scorer"]["floor_is"] = "bytes read"
+    for name in ("gather", "scorer"):
+        st = steps[name]
+        st["bytes_ms"] = nbytes[name] * ms_per_byte
+        st["floor_ms"], st["floor_is"] = st["bytes_ms"], "bytes read"
+    held = steps["gather" if product_in_gather else "scorer"]
+    held.update(
+        {
+            "kernel_ms": kernel_ms,
+            "flops": flops,
+            "kernel_gflops": flops / (kernel_ms * 1e6) if kernel_ms > 0 else float("nan"),
+        }
+    )
+    if kernel_ms >= held["bytes_ms"]:
+        held["floor_ms"], held["floor_is"] = kernel_ms, "kernel FLOPs"
     alone = sum(steps[s]["p50_ms"] for s in STEPS)
     if inside:
         for s in STEPS:

@@ -90,6 +90,7 @@ def _in_parts(work: Callable[[int, int], None], k: int, executor: Executor | Non
 
 
 def _mapped(a: np.ndarray) -> bool:
+    """Whether ``a`` is memory-mapped (a memmap, or a view of one)."""
     return isinstance(a, np.memmap) or isinstance(a.base, np.memmap)
 
 
@@ -297,6 +298,12 @@ class ArrayView:
         starts = np.array([b.start for b in self.blocks], np.int64)
         return np.searchsorted(starts, rows, side="right") - 1
 
+    def _read_order(self, rows: np.ndarray) -> list[int]:
+        """Positions of ``rows`` in the order to read them: file order where locals are memory-mapped."""
+        if any(_mapped(b.local) for b in self.blocks):
+            return np.argsort(rows, kind="stable").tolist()  # type: ignore[no-any-return]
+        return list(range(len(rows)))
+
     def gather(
         self,
         rows: np.ndarray,
@@ -361,9 +368,7 @@ class ArrayView:
         gram = np.empty((k, width, width), np.float16 if int8 else np.float32)
         single = len(self.blocks) == 1 and k > 0
         b0 = self.blocks[0] if single else None
-        in_ram = b0 is not None and not any(
-            isinstance(a, np.memmap) or isinstance(a.base, np.memmap) for a in (b0.local, b0.gram)
-        )
+        in_ram = b0 is not None and not (_mapped(b0.local) or _mapped(b0.gram))
         if in_ram:
             assert b0 is not None
             src_local, src_gram = b0.local, b0.gram
@@ -389,10 +394,7 @@ class ArrayView:
             # take per block for rerank-sized gathers), mapped rows read in file order
             rows_l = rows.tolist()
             which_l = which.tolist()
-            mapped = any(
-                isinstance(b.local, np.memmap) or isinstance(b.local.base, np.memmap) for b in self.blocks
-            )
-            order_l = np.argsort(rows, kind="stable").tolist() if mapped else list(range(k))
+            order_l = self._read_order(rows)
             # plain ndarray views of the same memory: np.memmap's indexing runs Python per row
             blocks = [(b.start, _plain(b.local), _plain(b.scale), _plain(b.gram)) for b in self.blocks]
 
@@ -437,8 +439,7 @@ class ArrayView:
             sel = slice(None) if len(self.blocks) == 1 else np.flatnonzero(which == bi)
             got = np.take(_plain(blk.gram), rows[sel] - blk.start, axis=0, mode="clip")
             gram[sel, :w, :w] = got[:, :w, :w]
-        mapped = any(_mapped(b.local) for b in self.blocks)
-        order_l = np.argsort(rows, kind="stable").tolist() if mapped else list(range(k))
+        order_l = self._read_order(rows)
         # np.dot, not np.matmul: it lets go of the GIL, so slices on the executor's threads run at once
         if len(self.blocks) == 1 and self.blocks[0].local.shape[1] == width:  # one block at full width
             src, rr = _plain(self.blocks[0].local), (rows - self.blocks[0].start).tolist()
@@ -466,8 +467,7 @@ class ArrayView:
             for a in (b.stage1, b.local, b.scale, b.mask, b.gram):
                 if a is None:
                     continue
-                mapped = isinstance(a, np.memmap) or isinstance(a.base, np.memmap)
-                out["mapped" if mapped else "ram"] += int(a.nbytes)
+                out["mapped" if _mapped(a) else "ram"] += int(a.nbytes)
         if self.codec is not None:
             out["ram"] += int(self.n * self.codec.dim * self.codec.code_dtype.itemsize)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,39 @@ def test_the_default_fetch_grows_past_a_large_gallery() -> None:
     assert Stage1Options().overfetch is None
     with pytest.raises(InputError, match="overfetch must be a positive int or None"):
         Stage1Options(overfetch=0)
+
+
+@pytest.mark.parametrize("blocks", [[900], [100, 500, 300], [1, 899], [450, 450]])
+def test_one_query_scanned_on_a_thread_per_core_finds_what_numpy_finds(
+    blocks: list[int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from mssan_infer.gallery import stage1
+
+    rng = np.random.default_rng(sum(blocks) + len(blocks))
+    base = rng.standard_normal((sum(blocks), 64)).astype(np.float32)
+    base[7] = base[3]  # a tie: broken by row
+    mapped = np.lib.format.open_memmap(tmp_path / "s1.npy", "w+", np.float32, base.shape)
+    mapped[:] = base
+    bounds = np.cumsum([0, *blocks])
+    parts = [
+        (int(a), mapped[a:b] if i % 2 else base[a:b]) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+    ]
+    q = base[3:4] * 2
+    threads: set[int] = set()
+    kernel = faiss.fvec_inner_products_ny
+
+    def recorded(*a: Any) -> Any:
+        threads.add(threading.get_ident())
+        return kernel(*a)
+
+    monkeypatch.setattr(faiss, "fvec_inner_products_ny", recorded)
+    monkeypatch.setattr(stage1, "MIN_SCAN_BYTES", 1)  # a thread per core even for this small gallery
+    monkeypatch.setattr(stage1, "scan_threads", lambda: 2)
+    got_i, got_s = stage1.topk_inner_product(q, parts, 50)
+    assert len(threads) == 2  # this thread and one helper
+    monkeypatch.setattr(stage1, "_FAISS", [None])  # without faiss: numpy's BLAS
+    want_i, want_s = stage1.topk_inner_product(q, parts, 50)
+    exact = (base.astype(np.float64) @ q[0].astype(np.float64)).astype(np.float32)
+    assert got_i[0, :2].tolist() == [3, 7] and want_i[0, :2].tolist() == [3, 7]
+    assert np.allclose(got_s[0], exact[got_i[0]], atol=1e-4) and np.allclose(want_s, got_s, atol=1e-4)
+    assert set(got_i[0]) == set(want_i[0]) == set(np.argsort(-exact, kind="stable")[:50])

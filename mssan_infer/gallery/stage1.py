@@ -1,4 +1,4 @@
-"""Stage 1: maximum-inner-product top-k over stage-1 vectors (exact numpy, or FAISS IVF), and the FAISS
+"""Stage 1: maximum-inner-product top-k over stage-1 vectors (exact, or FAISS IVF), and the FAISS
 searcher of the int8 layouts' compressed codes.
 
 The stage-1 methods are ``numpy`` (exact) and ``faiss-ivf`` (approximate); ``faiss`` (IndexFlatIP)
@@ -7,9 +7,12 @@ and ``faiss-hnsw`` were removed: they won on no axis (docs/experiments/2026-12-0
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -84,6 +87,9 @@ def topk_inner_product(
     Returns:
         ``(idx [Q, k'] int64, scores [Q, k'] float32)`` sorted by decreasing score,
         ties by increasing index; ``k' = min(k, N)``.
+
+    One query over float32 rows runs FAISS's single-threaded kernel on a thread per core when faiss is
+    installed (:func:`_scan_one`); batches of queries and everything else, numpy's BLAS in chunks.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     blocks = [(0, base)] if isinstance(base, np.ndarray) else list(base)
@@ -92,6 +98,13 @@ def topk_inner_product(
     nq = q.shape[0]
     if k <= 0 or nq == 0:
         return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
+    faiss = _faiss()
+    if nq == 1 and faiss is not None and all(_scannable(b, q.shape[1]) for _, b in blocks):
+        scores = np.empty(n, np.float32)
+        _scan_one(faiss, q[0], blocks, scores)
+        part = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
+        idx, best = merge_topk(part[None].astype(np.int64), scores[part][None], k)
+        return idx, best.astype(np.float32)
     best_i = np.zeros((nq, 0), np.int64)
     best_s = np.zeros((nq, 0), np.float32)
     for start, arr in blocks:
@@ -205,3 +218,65 @@ def code_searcher(
         outer.add_shard(inner)
         inners.append(inner)
     return outer, (*subs, *inners)
+
+
+# ---- one query's exact scan on one thread per core ----------------------------------------------------
+# numpy's BLAS scans one query on its own threads and leaves them spinning afterwards on the cores the
+# rest of the query needs (the rerank's products and scorers then run no faster on two threads than on
+# one); FAISS's single-threaded kernel on a thread of ours per core reads as fast and leaves nothing
+# running (docs/experiments/2026-12-07-rerank-shares.md).
+_FAISS: list[Any] = []
+_POOL: dict[int, ThreadPoolExecutor] = {}  # process id -> the scan's helper threads
+_POOL_LOCK = threading.Lock()
+
+
+def _faiss() -> Any:
+    """The ``faiss`` module, or ``None`` when it is not installed (numpy's BLAS then scans)."""
+    if not _FAISS:
+        try:
+            _FAISS.append(importlib.import_module("faiss"))
+        except ImportError:
+            _FAISS.append(None)
+    return _FAISS[0]
+
+
+def _scannable(block: np.ndarray, dim: int) -> bool:
+    return (
+        block.ndim == 2 and block.shape[1] == dim and block.dtype == np.float32 and block.flags.c_contiguous
+    )
+
+
+def _scan_pool() -> ThreadPoolExecutor:
+    """The scan's helper threads, one per core past the first (made once per process: a forked child
+    makes its own)."""
+    with _POOL_LOCK:
+        pool = _POOL.get(os.getpid())
+        if pool is None:
+            pool = _POOL[os.getpid()] = ThreadPoolExecutor(
+                max(1, scan_threads() - 1), thread_name_prefix="mssan-scan"
+            )
+        return pool
+
+
+def _scan_one(faiss: Any, q: np.ndarray, blocks: Sequence[tuple[int, np.ndarray]], out: np.ndarray) -> None:
+    """``out[start + i] = block[i] . q`` for every block row: FAISS ``fvec_inner_products_ny`` over
+    :func:`scan_parts` slices of rows (``MIN_SCAN_BYTES`` or more each), a thread each, this one included."""
+    dim = q.shape[0]
+    nbytes = sum(int(b.nbytes) for _, b in blocks)
+    parts = scan_parts(nbytes, min_bytes=MIN_SCAN_BYTES)
+    total = sum(int(b.shape[0]) for _, b in blocks)
+    cuts = [total * i // parts for i in range(parts + 1)]
+    ptr = faiss.swig_ptr
+
+    def scan(lo: int, hi: int) -> None:  # gallery rows lo:hi, across blocks
+        for start, b in blocks:
+            a, e = max(lo, start), min(hi, start + int(b.shape[0]))
+            if a < e:
+                faiss.fvec_inner_products_ny(ptr(out[a:e]), ptr(q), ptr(b[a - start : e - start]), dim, e - a)
+
+    helpers = [_scan_pool().submit(scan, a, e) for a, e in zip(cuts[1:-1], cuts[2:])] if parts > 1 else []
+    try:
+        scan(cuts[0], cuts[1])
+    finally:
+        for f in helpers:
+            f.result()

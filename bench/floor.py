@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -228,14 +229,17 @@ def floor_row(
 def traced_steps(r: Any, text_query: bool) -> Iterator[dict[str, float]]:
     """Time the steps of the searches ``r`` runs inside the block where they run.
 
-    Yields ``took``: seconds spent in each of :data:`STEPS` (the query encoder, the gallery view's
-    ``topk`` and ``gather``, the scorer) and, once the block ends, ``"total"`` (the whole block). The
-    view's class, the retriever module's scorer factory and ``r``'s encoder are wrapped for the block
-    only.
+    Yields ``took``, filled once the block ends: seconds spent in each of :data:`STEPS` (the query
+    encoder, the gallery view's ``topk`` and ``gather``, the scorer) and ``"total"`` (the whole block).
+    A step that runs on several threads at once (a rerank cut into shares) counts the thread that spent
+    the most in it. The view's class, the retriever module's scorer factory and ``r``'s encoder are
+    wrapped for the block only.
     """
     import mssan_infer.retriever as retriever_module
 
     took = dict.fromkeys(STEPS, 0.0)
+    per_thread: dict[tuple[str, int], float] = {}
+    lock = threading.Lock()
 
     def timed(step: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*a: Any, **kw: Any) -> Any:
@@ -243,7 +247,10 @@ def traced_steps(r: Any, text_query: bool) -> Iterator[dict[str, float]]:
             try:
                 return fn(*a, **kw)
             finally:
-                took[step] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                key = (step, threading.get_ident())
+                with lock:
+                    per_thread[key] = per_thread.get(key, 0.0) + dt
 
         return run
 
@@ -258,6 +265,8 @@ def traced_steps(r: Any, text_query: bool) -> Iterator[dict[str, float]]:
         yield took
     finally:
         took["total"] = time.perf_counter() - t0
+        for (step, _), seconds in per_thread.items():
+            took[step] = max(took[step], seconds)
         cls.topk, cls.gather = topk, gather_fn  # type: ignore[method-assign]
         retriever_module.backend_score_fn = score_fn
         delattr(r, enc)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mssan_infer import GalleryOptions, SearchOptions
+from mssan_infer import GalleryOptions
 from mssan_infer.gallery.base import extent
 from mssan_infer.gallery.folder import encode_stage1, load_index, save_index
 from mssan_infer.gallery.memory import MemoryGallery
@@ -109,9 +109,7 @@ def layout_retrievers(r: Any, index: Path, gname: str, mmap: bool) -> dict[str, 
             r.tokenizer,
             images,
             texts,
-            SearchOptions(
-                batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=r.gather_threads
-            ),
+            r.search_options,
         )
     return out
 

@@ -16,7 +16,9 @@ int8 index).
 
 Paths: ``exact`` (the default: fp32 graphs, fp32 layout) and ``fast`` (the int8 text encoder and the
 ``int8`` layout, ``Retriever.load(..., fast=True)``). ``--settings default,nospin`` also runs each path with
-ONNX Runtime's workers never spinning (the runtime's setting before 2026-12-07).
+ONNX Runtime's workers never spinning (the runtime's setting before 2026-12-07); ``noshares`` as the runtime
+was before its rerank shares (one share, the query scorers on the session's threads, one query's float32
+scan in numpy's BLAS: docs/experiments/2026-12-07-rerank-shares.md).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
     "nospin": {"session_config": {"session.intra_op.allow_spinning": "0"}},
     "spin": {"allow_spinning": True},
+    # the runtime before 2026-12-07's rerank shares: one share, query scorers on the session threads,
+    # one query's float32 scan in numpy's BLAS
+    "noshares": {"rerank_threads": 1, "scorer_threads": True, "numpy_scan": True},
 }
 
 
@@ -52,15 +57,24 @@ def _child(
     image_queries: bool = False,
     mmap: bool = False,
 ) -> dict[str, Any]:
-    from mssan_infer import GalleryOptions, OnnxRuntimeOptions, Retriever
+    from mssan_infer import GalleryOptions, OnnxRuntimeOptions, Retriever, SearchOptions
+    from mssan_infer.backends.onnxruntime import ONE_THREAD_GRAPHS
 
     from .fixtures import random_captions, random_regions
     from .retrieval import fast_path
 
     fast = path == "fast"
     gallery = GalleryOptions(layout="int8" if fast else None, mmap=mmap)
-    ort = OnnxRuntimeOptions(threads=threads, **SETTINGS[setting])
-    r = Retriever.load(bundle, ort, index=index, gallery=gallery, verify=False)
+    opts = dict(SETTINGS[setting])
+    search = SearchOptions(rerank_threads=opts.pop("rerank_threads", None))
+    if opts.pop("scorer_threads", False):
+        opts["graph_threads"] = dict.fromkeys(ONE_THREAD_GRAPHS, threads)
+    if opts.pop("numpy_scan", False):
+        from mssan_infer.gallery import stage1
+
+        stage1._FAISS[:] = [None]  # as if faiss were not installed for the float32 scan
+    ort = OnnxRuntimeOptions(threads=threads, **opts)
+    r = Retriever.load(bundle, ort, index=index, gallery=gallery, search=search, verify=False)
     if fast:  # the bench's bundle keeps its int8 text encoder beside it (what `export --int8` puts inside)
         r = fast_path(r, r, threads, None if image_queries else int8_encoder, ort)
     if image_queries:

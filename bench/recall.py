@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mssan_infer import GalleryOptions, SearchOptions
+from mssan_infer import GalleryOptions
 
 __all__ = ["run_recall"]
 
@@ -86,7 +86,7 @@ def run_recall(
             retriever.tokenizer,
             MemoryGallery(2 * d, d, GalleryOptions(layout=name)),
             MemoryGallery(2 * d, d, GalleryOptions(layout=name)),
-            SearchOptions(scorer_batch=retriever.scorer_batch, gather_threads=retriever.gather_threads),
+            retriever.search_options,
         )
         lr.add_images(enc_ims, ids=list(range(n_images)))
         lr.add_texts(enc_caps, ids=list(range(len(caps))))

@@ -23,6 +23,7 @@ Per size, interleaved groups run on the same query sequence:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -34,7 +35,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mssan_infer import SearchOptions
 from mssan_infer.gallery.base import extent
 from mssan_infer.gallery.stage1 import default_ivf_nlist
 from mssan_infer.gallery.storage import Layout
@@ -192,7 +192,7 @@ def stage1_variant(r: Any, method: str, options: Callable[[int], dict[str, int]]
         r.tokenizer,
         galleries[0],
         galleries[1],
-        SearchOptions(batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=r.gather_threads),
+        r.search_options,
     )
     v.close = lambda: v._gather_pool.shutdown() if v._gather_pool else None  # the backend stays r's
     return v
@@ -246,20 +246,20 @@ def fast_path(
         r.tokenizer,
         lay_int8.images,
         lay_int8.texts,
-        SearchOptions(batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=r.gather_threads),
+        r.search_options,
     )
 
 
 def _variant(r: Any, threads: int, opts: dict[str, Any]) -> Any:
     """A Retriever on ``r``'s bundle and galleries with other settings (``gather_threads``,
     backend options)."""
-    from mssan_infer import OnnxRuntimeOptions, Retriever, SearchOptions
+    from mssan_infer import OnnxRuntimeOptions, Retriever
     from mssan_infer.backends import create_backend
 
     opts = dict(opts)
     gather = opts.pop("gather_threads", r.gather_threads)
     be = create_backend(OnnxRuntimeOptions(threads=threads, **opts), r.bundle)
-    search = SearchOptions(batch_size=r.batch_size, scorer_batch=r.scorer_batch, gather_threads=gather)
+    search = dataclasses.replace(r.search_options, gather_threads=gather)
     return Retriever(r.bundle, be, r.tokenizer, r.images, r.texts, search)
 
 

@@ -205,16 +205,25 @@ class SearchOptions:
             copies 100 candidates faster than a hand-off to a second; more help larger reranks). The
             exact path's float32 candidates are not copied but multiplied by the query where they lie;
             those products are split over the same threads (inside a query, two measured no faster).
+        rerank_threads: threads that rerank the candidates of an in-memory gallery on ONNX Runtime's query
+            scorers (int8 codes, or float32 locals as their similarities to the query): they are cut into
+            this many equal shares of at least :data:`~mssan_infer.search.MIN_SHARE`, each gathered and
+            scored on its own thread, and the query scorers run on one ONNX Runtime thread each
+            (``graph_threads`` overrides it). ``None``: the cores this process may use, at most 2; 1: one
+            share, on the searching thread. Qdrant galleries, exhaustive searches and the all-pairs
+            scorer (TensorRT, Triton, older bundles) rerank on the searching thread.
     """
 
     batch_size: int = 32
     scorer_batch: int = 256
     gather_threads: int | None = None
+    rerank_threads: int | None = None
 
     def __post_init__(self) -> None:
         _positive("batch_size", self.batch_size)
         _positive("scorer_batch", self.scorer_batch)
         _positive("gather_threads", self.gather_threads, optional=True)
+        _positive("rerank_threads", self.rerank_threads, optional=True)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from mssan_infer.gallery.base import Gallery, GalleryView, ItemId, check_labels,
 from mssan_infer.gallery.filters import parse_where
 from mssan_infer.gallery.folder import load_index, save_index
 from mssan_infer.gallery.memory import MemoryGallery
+from mssan_infer.gallery.stage1 import scan_threads
 from mssan_infer.images.encoder import PixelEncoder, has_pixel_graph, pixel_sources
 from mssan_infer.images.preprocess import ImageSource
 from mssan_infer.names import IMAGES, TEXTS
@@ -36,7 +37,14 @@ from mssan_infer.progress import batches
 from mssan_infer.qdrant.gallery import QdrantGallery
 from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
 from mssan_infer.qdrant.places import open_qdrant_galleries
-from mssan_infer.search import Encoded, ScorerLimits, backend_score_fn, search, uses_query_scorers
+from mssan_infer.search import (
+    Encoded,
+    ScorerLimits,
+    backend_score_fn,
+    holds_query_scorers,
+    search,
+    uses_query_scorers,
+)
 from mssan_infer.text.base import TextTokenizer
 
 __all__ = ["Retriever", "Hit", "ImageInput"]
@@ -94,12 +102,16 @@ class Retriever:
             raise InputError(f"search must be a SearchOptions, got {type(opts).__name__}")
         self.bundle = bundle
         self.backend = backend
+        self.search_options = opts
         self.tokenizer = tokenizer
         self.embed_size = bundle.manifest.embed_size
         self.img_dim = bundle.manifest.img_dim
         self.batch_size = opts.batch_size
         self.scorer_batch = opts.scorer_batch
         self.gather_threads = opts.gather_threads if opts.gather_threads is not None else 1
+        self.rerank_threads = (
+            opts.rerank_threads if opts.rerank_threads is not None else min(2, scan_threads())
+        )
         self._gather_pool: ThreadPoolExecutor | None = None
         self._gather_pid = os.getpid()
         self._gather_pool_lock = threading.Lock()
@@ -616,6 +628,7 @@ class Retriever:
             parts=self.gather_threads,
             where=where,
             similarity=uses_query_scorers(self.backend),
+            shares=self._shares(view),
         )
         # texts, sources and metadata of the returned hits only (never of every reranked candidate)
         return [
@@ -630,15 +643,24 @@ class Retriever:
         """The backend's scorer limits (a TensorRT engine's profile maxima; none for ONNX Runtime)."""
         return ScorerLimits.from_axes(self.backend.limits("scorer"), query_is_text=query_is_text)
 
+    def _shares(self, view: GalleryView) -> int:
+        """Shares a rerank of ``view``'s candidates is cut into (``SearchOptions.rerank_threads``) when the
+        backend's query scorers score them as the view stores them (int8 codes, or float32 locals as their
+        similarities to the query); 1 otherwise (Qdrant's locals in hand, older bundles, TensorRT)."""
+        layout = getattr(view, "layout", None)
+        if layout is None:
+            return 1
+        return self.rerank_threads if holds_query_scorers(self.backend, int8=layout.local == "int8") else 1
+
     def _gatherer(self) -> ThreadPoolExecutor | None:
-        """The helper threads of candidate gathers (made on first use; none for one thread)."""
-        if self.gather_threads == 1:
+        """The helper threads of candidate gathers and rerank shares (made on first use; none when both
+        run on one thread)."""
+        helpers = max(self.gather_threads, self.rerank_threads) - 1
+        if helpers == 0:
             return None
         with self._gather_pool_lock:
             # a forked child inherits the pool object but not its threads: make a new one there
             if self._gather_pool is None or self._gather_pid != os.getpid():
-                self._gather_pool = ThreadPoolExecutor(
-                    self.gather_threads - 1, thread_name_prefix="mssan-gather"
-                )
+                self._gather_pool = ThreadPoolExecutor(helpers, thread_name_prefix="mssan-rerank")
                 self._gather_pid = os.getpid()
             return self._gather_pool

@@ -31,8 +31,11 @@ __all__ = [
     "backend_score_fn",
     "query_score_fn",
     "uses_query_scorers",
+    "holds_query_scorers",
     "search",
     "rerank_scores",
+    "share_bounds",
+    "MIN_SHARE",
 ]
 
 # (query locals [Q, D], mask [Q], Gram [Q, Q], candidates) -> s_ll [K] float32
@@ -42,6 +45,10 @@ ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray, Candidates], np.ndarray]
 # Its shards are consecutive rows that a float32 block hands over without a copy, so a larger shard
 # costs no gather memory there and fewer scorer calls (the study: docs/design.md §10).
 EXHAUSTIVE_SHARD = 1024
+
+# Fewest candidates in one share of a rerank split over threads (``search(..., shares=)``): each share
+# costs a hand-off and a graph launch (docs/experiments/2026-12-07-rerank-shares.md).
+MIN_SHARE = 32
 
 
 @dataclass(frozen=True)
@@ -185,14 +192,16 @@ def query_score_fn(
     return score
 
 
-def _holds(backend: Any, int8: bool) -> bool:
+def holds_query_scorers(backend: Any, *, int8: bool) -> bool:
+    """Whether ``backend`` (a :class:`~mssan_infer.backends.base.Backend`) runs both query scorers of
+    ``int8`` candidates (else of float32 ones)."""
     return all(query_scorer(t, int8) in backend.graphs for t in (True, False))
 
 
 def uses_query_scorers(backend: Any) -> bool:
-    """Whether ``backend`` (a :class:`~mssan_infer.backends.base.Backend`) runs the float32 query scorers
-    (ONNX Runtime on a bundle of this version): then :func:`search` takes ``similarity=True``."""
-    return _holds(backend, False)
+    """Whether ``backend`` runs the float32 query scorers (ONNX Runtime on a bundle of this version): then
+    :func:`search` takes ``similarity=True``."""
+    return holds_query_scorers(backend, int8=False)
 
 
 def backend_score_fn(backend: Any, *, query_is_text: bool) -> ScoreFn:
@@ -201,7 +210,8 @@ def backend_score_fn(backend: Any, *, query_is_text: bool) -> ScoreFn:
     pairs: Callable[[dict[str, np.ndarray]], np.ndarray] = lambda f: backend.run("scorer", f)["s_ll"]  # noqa: E731
     if any(g in backend.graphs for g in QUERY_SCORERS):
         run: Callable[[str, dict[str, np.ndarray]], np.ndarray] = lambda g, f: backend.run(g, f)["s_ll"]  # noqa: E731
-        return query_score_fn(run, pairs, query_is_text=query_is_text, int8=_holds(backend, True))
+        int8 = holds_query_scorers(backend, int8=True)
+        return query_score_fn(run, pairs, query_is_text=query_is_text, int8=int8)
     return pairs_score_fn(pairs, query_is_text=query_is_text)
 
 
@@ -227,10 +237,13 @@ def rerank_scores(
     executor: Executor | None = None,
     parts: int = 1,
     similarity: bool = False,
+    shares: int = 1,
 ) -> np.ndarray:
     """``s_ll`` of query ``qi`` against gallery ``rows``, in batches of at most ``batch`` -> ``[K]``
     float32 (``similarity``: gather float32 candidates as their similarities to the query, what
-    :func:`query_score_fn` takes)."""
+    :func:`query_score_fn` takes). ``shares > 1`` (with an ``executor``): the rows are cut into that many
+    equal shares (:func:`share_bounds`), each gathered and scored on its own thread, the first on this
+    one; ``executor`` and ``parts`` then split nothing else."""
     limits = limits or ScorerLimits()
     q_axis, c_axis = ("L", "R") if query_is_text else ("R", "L")
     q_limit, c_limit = (limits.words, limits.regions) if query_is_text else (limits.regions, limits.words)
@@ -241,15 +254,37 @@ def rerank_scores(
     q_gram = query.gram[qi, :width, :width]
     step = max(1, min(batch, limits.items or batch))
     out = np.empty(len(rows), np.float32)
-    for a in range(0, len(rows), step):
-        b = min(len(rows), a + step)
-        if similarity:  # a view without the keyword still serves searches that do not ask for it
-            cands = view.gather(rows[a:b], executor, parts, query=q_local)
-        else:
-            cands = view.gather(rows[a:b], executor, parts)
-        _check_length(cands.mask.shape[1], c_limit, "a gallery item", c_axis)
-        out[a:b] = score(q_local, q_mask, q_gram, cands)
+    pool = executor
+    cuts = share_bounds(len(rows), shares if pool is not None else 1)
+    if len(cuts) > 2:  # each share gathered on its own thread: the gathers' own split is not nested in it
+        executor, parts = None, 1
+
+    def rerank(lo: int, hi: int) -> None:
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            if similarity:  # a view without the keyword still serves searches that do not ask for it
+                cands = view.gather(rows[a:b], executor, parts, query=q_local)
+            else:
+                cands = view.gather(rows[a:b], executor, parts)
+            _check_length(cands.mask.shape[1], c_limit, "a gallery item", c_axis)
+            out[a:b] = score(q_local, q_mask, q_gram, cands)
+
+    helpers = [pool.submit(rerank, a, b) for a, b in zip(cuts[1:-1], cuts[2:])] if pool is not None else []
+    try:
+        rerank(cuts[0], cuts[1])
+    finally:
+        errors = [f.exception() for f in helpers]  # every share ends before out is returned or dropped
+    for e in errors:
+        if e is not None:
+            raise e
     return out
+
+
+def share_bounds(k: int, shares: int) -> list[int]:
+    """Bounds of ``k`` candidates cut into at most ``shares`` equal shares of at least :data:`MIN_SHARE`
+    (one share: ``[0, k]``)."""
+    n = max(1, min(int(shares), k // MIN_SHARE))
+    return [k * i // n for i in range(n + 1)]
 
 
 def search(
@@ -266,6 +301,7 @@ def search(
     parts: int = 1,
     where: Mapping[str, Any] | None = None,
     similarity: bool = False,
+    shares: int = 1,
 ) -> list[Ranked]:
     """Two-stage search of ``view`` for every query in ``query``.
 
@@ -284,6 +320,8 @@ def search(
         where: a metadata filter (:mod:`.filters`): only items that pass it are ranked.
         similarity: gather float32 candidates as their similarities to the query, computed where
             their rows lie (``score`` must take them: :func:`query_score_fn`).
+        shares: rerank the candidates of a query in this many shares on ``executor``'s threads
+            (:func:`rerank_scores`); an exhaustive search is not split.
     Returns:
         One :class:`Ranked` per query, at most ``k`` rows each.
     """
@@ -324,6 +362,7 @@ def search(
                     executor=executor,
                     parts=parts,
                     similarity=similarity,
+                    shares=shares,
                 )
             final = s + s_ll
             order = np.lexsort((r, -final))[:k]

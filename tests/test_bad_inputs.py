@@ -750,6 +750,7 @@ LOAD_OPTIONS: list[Any] = [
     pytest.param(dict(scorer_batch=-1), InputError, "scorer_batch", id="scorer-batch-negative"),
     pytest.param(dict(gather_threads=0), InputError, "gather_threads", id="gather-threads-zero"),
     pytest.param(dict(gather_threads=1.5), InputError, "gather_threads", id="gather-threads-float"),
+    pytest.param(dict(rerank_threads=0), InputError, "rerank_threads", id="rerank-threads-zero"),
     pytest.param(dict(allow_spinning="no"), InputError, "allow_spinning", id="allow-spinning-str"),
     pytest.param(
         dict(session_config={"session.force_spinning_stop": 1}),
@@ -773,7 +774,7 @@ LOAD_OPTIONS: list[Any] = [
 
 _BACKEND = {"device", "threads", "precision", "allow_spinning", "session_config", "graph_optimization"}
 _GALLERY = {"layout", "stage1"}
-_SEARCH = {"batch_size", "scorer_batch", "gather_threads"}
+_SEARCH = {"batch_size", "scorer_batch", "gather_threads", "rerank_threads"}
 
 
 def _load(bundle: Path, **kw: Any) -> Retriever:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import mssan_infer
 from export.graphs import QUERY_MAX, _MatMulInteger
 from export.query_scorers import export_query_scorers
 from export.validate import raise_if_failed
-from mssan_infer import GalleryOptions, InputError
+from mssan_infer import GalleryOptions, InputError, SearchOptions
 from mssan_infer.backends.base import Backend
 from mssan_infer.backends.onnxruntime import OnnxRuntimeBackend
 from mssan_infer.spec import QUERY_SCORERS
@@ -158,6 +159,60 @@ def test_int8_candidates_reach_the_integer_scorer_as_stored_and_rank_like_float3
     f32, i8 = hits["fp32"], hits["int8"]
     assert [h.id for h in f32[:3]] == [h.id for h in i8[:3]]
     assert max(abs(a.score - b.score) for a, b in zip(f32, i8)) < 0.05
+
+
+class _Threads(_Recorder):
+    """Records each scorer call's graph, candidates and thread."""
+
+    def _run(self, graph: str, feeds: Any) -> dict[str, np.ndarray]:
+        k = next(len(v) for n, v in feeds.items() if n.endswith("_mask") and v.ndim == 2)
+        self.seen.append((graph, k, threading.get_ident()))
+        return self.inner._run(graph, feeds)
+
+
+@pytest.mark.parametrize("query_is_text", [True, False])
+def test_int8_reranks_cut_into_shares_on_two_threads_score_as_one_share(
+    tiny_bundle: Path, query_is_text: bool
+) -> None:
+    rng = np.random.default_rng(1)
+    regions = [rng.normal(size=(int(n), 24)).astype(np.float32) for n in rng.integers(1, 7, 90)]
+    words = ("a", "dog", "on", "the", "red", "ball", "near", "under", "with", "by")
+    captions = [" ".join(["dog", *rng.choice(words, int(n))]) for n in rng.integers(0, 8, 90)]
+    q = {"text": "a dog near a red ball"} if query_is_text else {"image": regions[3]}
+    base = mssan_infer.Retriever.load(tiny_bundle, gallery=GalleryOptions(layout="int8"))
+    base.add_images(regions)
+    base.add_texts(captions)
+    int8_graph = f"scorer_{'t2i' if query_is_text else 'i2t'}_int8"
+    # the int8 query scorers run on one ONNX Runtime thread: the shares are the parallel work
+    assert base.backend._sessions[int8_graph].get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
+    hits, calls = {}, {}
+    for threads in (1, 2):
+        r = mssan_infer.Retriever(
+            base.bundle,
+            _Threads(base.backend),  # type: ignore[arg-type]
+            base.tokenizer,
+            base.images,
+            base.texts,
+            SearchOptions(rerank_threads=threads),
+        )
+        hits[threads] = r.search(**q, k=80, rerank=80)
+        calls[threads] = [(g, k, t) for g, k, t in r.backend.seen if g.startswith("scorer")]  # type: ignore[attr-defined]
+        r.close()
+    assert [(g, k) for g, k, _ in calls[1]] == [(int8_graph, 80)]
+    assert sorted((g, k) for g, k, _ in calls[2]) == [(int8_graph, 40), (int8_graph, 40)]
+    assert len({t for _, _, t in calls[2]}) == 2  # each share on its own thread
+    assert [h.id for h in hits[1]] == [h.id for h in hits[2]]
+    assert np.allclose([h.score for h in hits[1]], [h.score for h in hits[2]], atol=1e-5, rtol=0)
+
+
+def test_shares_are_equal_and_never_below_the_minimum() -> None:
+    from mssan_infer.search import MIN_SHARE, share_bounds
+
+    assert share_bounds(100, 2) == [0, 50, 100]
+    assert share_bounds(100, 1) == [0, 100]
+    assert share_bounds(2 * MIN_SHARE - 1, 2) == [0, 2 * MIN_SHARE - 1]  # one share: a second is too small
+    assert share_bounds(0, 4) == [0, 0]
+    assert share_bounds(7 * MIN_SHARE, 3) == [0, 7 * MIN_SHARE // 3, 14 * MIN_SHARE // 3, 7 * MIN_SHARE]
 
 
 def test_fast_sets_the_int8_encoder_and_layout_or_refuses_a_contradiction(tiny_bundle: Path) -> None:

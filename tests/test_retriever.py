@@ -204,7 +204,7 @@ def test_gathering_candidates_on_several_threads_changes_nothing(retriever: Retr
         retriever.tokenizer,
         retriever.images,
         retriever.texts,
-        SearchOptions(gather_threads=1),
+        SearchOptions(gather_threads=1, rerank_threads=1),
     )
     three = Retriever(
         retriever.bundle,

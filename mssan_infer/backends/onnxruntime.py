@@ -28,6 +28,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _CUDA = "CUDAExecutionProvider"
+# Graphs that run on one intra-op thread unless ``graph_threads`` names them: the retriever cuts their
+# candidates into shares and scores each on a thread of its own (``SearchOptions.rerank_threads``).
+ONE_THREAD_GRAPHS = frozenset(QUERY_SCORERS)
 _CPU = "CPUExecutionProvider"
 _ORT_TYPES = {
     "tensor(float)": "float32",
@@ -151,7 +154,9 @@ class OnnxRuntimeBackend(Backend):
             where = f"<{gname} graph in memory>" if isinstance(path, bytes) else str(path)
             sess = open_session(
                 path,
-                session_options(opts, threads=graph_threads.get(gname, opts.threads)),
+                session_options(
+                    opts, threads=graph_threads.get(gname, 1 if gname in ONE_THREAD_GRAPHS else opts.threads)
+                ),
                 providers,
                 where,
             )

@@ -204,14 +204,15 @@ class SearchOptions:
         gather_threads: threads that copy rerank candidates out of the gallery (default 1: one thread
             copies 100 candidates faster than a hand-off to a second; more help larger reranks). The
             exact path's float32 candidates are not copied but multiplied by the query where they lie;
-            those products are split over the same threads (inside a query, two measured no faster).
+            those products are split over the same threads. A rerank cut into shares (below) gathers
+            each share on its own thread instead.
         rerank_threads: threads that rerank the candidates of an in-memory gallery on ONNX Runtime's query
             scorers (int8 codes, or float32 locals as their similarities to the query): they are cut into
-            this many equal shares of at least :data:`~mssan_infer.search.MIN_SHARE`, each gathered and
-            scored on its own thread, and the query scorers run on one ONNX Runtime thread each
-            (``graph_threads`` overrides it). ``None``: the cores this process may use, at most 2; 1: one
-            share, on the searching thread. Qdrant galleries, exhaustive searches and the all-pairs
-            scorer (TensorRT, Triton, older bundles) rerank on the searching thread.
+            at most this many equal shares of at least :data:`~mssan_infer.search.MIN_SHARE`, each gathered
+            and scored on its own thread by a one-thread session of the scorer. ``None``: the cores this
+            process may use; 1: one share on the searching thread, the scorer on the backend's threads.
+            Qdrant galleries, exhaustive searches and the all-pairs scorer (TensorRT, Triton, older
+            bundles) rerank on the searching thread.
     """
 
     batch_size: int = 32
@@ -259,7 +260,8 @@ class OnnxRuntimeOptions(BackendOptions):
         inter_op_threads: inter-op threads per session (``None``: ORT's default).
         graph_optimization: one of :data:`OPT_LEVELS`.
         graph_threads: intra-op threads for some graphs, overriding ``threads``
-            (e.g. ``{"text_encoder": 1}``).
+            (e.g. ``{"text_encoder": 1}``). The query scorers also get a one-thread session each, for
+            reranks cut into shares (``SearchOptions.rerank_threads``).
         allow_spinning: let ORT workers keep spin-waiting after a run ends (ORT's own default). Off
             here: workers spin between the nodes of a run and stop when it ends
             (``session.force_spinning_stop``), since a query runs its sessions and stage 1 back to back

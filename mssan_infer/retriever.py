@@ -109,9 +109,7 @@ class Retriever:
         self.batch_size = opts.batch_size
         self.scorer_batch = opts.scorer_batch
         self.gather_threads = opts.gather_threads if opts.gather_threads is not None else 1
-        self.rerank_threads = (
-            opts.rerank_threads if opts.rerank_threads is not None else min(2, scan_threads())
-        )
+        self.rerank_threads = opts.rerank_threads if opts.rerank_threads is not None else scan_threads()
         self._gather_pool: ThreadPoolExecutor | None = None
         self._gather_pid = os.getpid()
         self._gather_pool_lock = threading.Lock()

@@ -10,12 +10,13 @@ and the all-pairs scorer agree to float32 rounding (near-ties may swap).
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from mssan_infer.backends.base import one_thread
 from mssan_infer.errors import InputError
 from mssan_infer.gallery.base import Candidates, GalleryView, extent
 from mssan_infer.spec import QUERY_SCORERS, SIMILARITY, query_scorer
@@ -269,14 +270,24 @@ def rerank_scores(
             _check_length(cands.mask.shape[1], c_limit, "a gallery item", c_axis)
             out[a:b] = score(q_local, q_mask, q_gram, cands)
 
-    helpers = [pool.submit(rerank, a, b) for a, b in zip(cuts[1:-1], cuts[2:])] if pool is not None else []
+    if len(cuts) == 2:
+        rerank(0, len(rows))
+        return out
+
+    def share(lo: int, hi: int) -> None:  # the backend runs its graphs on one thread here (one_thread)
+        with one_thread():
+            rerank(lo, hi)
+
+    assert pool is not None
+    helpers: list[Future[None]] = []
     try:
-        rerank(cuts[0], cuts[1])
+        for a, b in zip(cuts[1:-1], cuts[2:]):
+            helpers.append(pool.submit(share, a, b))
+        share(cuts[0], cuts[1])
     finally:
-        errors = [f.exception() for f in helpers]  # every share ends before out is returned or dropped
-    for e in errors:
-        if e is not None:
-            raise e
+        wait(helpers)  # every share ends before out is returned or dropped
+    for f in helpers:
+        f.result()  # a share's error
     return out
 
 

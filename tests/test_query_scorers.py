@@ -162,29 +162,39 @@ def test_int8_candidates_reach_the_integer_scorer_as_stored_and_rank_like_float3
 
 
 class _Threads(_Recorder):
-    """Records each scorer call's graph, candidates and thread."""
+    """Records each scorer call's graph, candidates, their width and thread, and whether the call ran on
+    the graph's one-thread session; fails the call of a share holding item ``fail`` when set."""
+
+    fail: int | None = None
 
     def _run(self, graph: str, feeds: Any) -> dict[str, np.ndarray]:
-        k = next(len(v) for n, v in feeds.items() if n.endswith("_mask") and v.ndim == 2)
-        self.seen.append((graph, k, threading.get_ident()))
+        from mssan_infer.backends.base import in_one_thread
+
+        mask = next(v for n, v in feeds.items() if n.endswith("_mask") and v.ndim == 2)
+        self.seen.append((graph, mask.shape[0], mask.shape[1], threading.get_ident(), in_one_thread()))
+        if self.fail is not None and len(self.seen) == self.fail:
+            raise RuntimeError("a share failed")
         return self.inner._run(graph, feeds)
 
 
+@pytest.mark.parametrize("layout", ["fp32", "int8"])
 @pytest.mark.parametrize("query_is_text", [True, False])
-def test_int8_reranks_cut_into_shares_on_two_threads_score_as_one_share(
-    tiny_bundle: Path, query_is_text: bool
+def test_reranks_cut_into_shares_on_two_threads_score_as_one_share(
+    tiny_bundle: Path, query_is_text: bool, layout: str
 ) -> None:
     rng = np.random.default_rng(1)
-    regions = [rng.normal(size=(int(n), 24)).astype(np.float32) for n in rng.integers(1, 7, 90)]
+    lengths = rng.integers(1, 4, 100)
+    lengths[5] = 8  # one long item: the share holding it is wider than the other
+    regions = [rng.normal(size=(int(n), 24)).astype(np.float32) for n in lengths]
     words = ("a", "dog", "on", "the", "red", "ball", "near", "under", "with", "by")
-    captions = [" ".join(["dog", *rng.choice(words, int(n))]) for n in rng.integers(0, 8, 90)]
+    captions = [" ".join(["dog", *rng.choice(words, int(n) - 1)]) for n in lengths]
     q = {"text": "a dog near a red ball"} if query_is_text else {"image": regions[3]}
-    base = mssan_infer.Retriever.load(tiny_bundle, gallery=GalleryOptions(layout="int8"))
+    base = mssan_infer.Retriever.load(tiny_bundle, gallery=GalleryOptions(layout=layout))
     base.add_images(regions)
     base.add_texts(captions)
-    int8_graph = f"scorer_{'t2i' if query_is_text else 'i2t'}_int8"
-    # the int8 query scorers run on one ONNX Runtime thread: the shares are the parallel work
-    assert base.backend._sessions[int8_graph].get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
+    graph = f"scorer_{'t2i' if query_is_text else 'i2t'}{'_int8' if layout == 'int8' else ''}"
+    # the query scorers keep the backend's threads for unsplit calls and get a one-thread twin for shares
+    assert base.backend._single[graph].get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
     hits, calls = {}, {}
     for threads in (1, 2):
         r = mssan_infer.Retriever(
@@ -196,13 +206,21 @@ def test_int8_reranks_cut_into_shares_on_two_threads_score_as_one_share(
             SearchOptions(rerank_threads=threads),
         )
         hits[threads] = r.search(**q, k=80, rerank=80)
-        calls[threads] = [(g, k, t) for g, k, t in r.backend.seen if g.startswith("scorer")]  # type: ignore[attr-defined]
+        calls[threads] = [c for c in r.backend.seen if c[0].startswith("scorer")]  # type: ignore[attr-defined]
         r.close()
-    assert [(g, k) for g, k, _ in calls[1]] == [(int8_graph, 80)]
-    assert sorted((g, k) for g, k, _ in calls[2]) == [(int8_graph, 40), (int8_graph, 40)]
-    assert len({t for _, _, t in calls[2]}) == 2  # each share on its own thread
+    assert [(g, k, one) for g, k, _, _, one in calls[1]] == [(graph, 80, False)]
+    assert sorted((g, k, one) for g, k, _, _, one in calls[2]) == [(graph, 40, True), (graph, 40, True)]
+    assert len({t for *_, t, _ in calls[2]}) == 2  # each share on its own thread
+    assert len({w for _, _, w, _, _ in calls[2]}) == 2  # trimmed to their own widths
     assert [h.id for h in hits[1]] == [h.id for h in hits[2]]
     assert np.allclose([h.score for h in hits[1]], [h.score for h in hits[2]], atol=1e-5, rtol=0)
+    # a failing share fails the search, after both shares ended
+    failing = _Threads(base.backend)  # type: ignore[arg-type]
+    failing.fail = 2
+    r = mssan_infer.Retriever(base.bundle, failing, base.tokenizer, base.images, base.texts)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="a share failed"):
+        r.search(**q, k=80, rerank=80)
+    r.close()
 
 
 def test_shares_are_equal_and_never_below_the_minimum() -> None:

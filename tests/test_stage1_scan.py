@@ -185,6 +185,7 @@ def test_one_query_scanned_on_a_thread_per_core_finds_what_numpy_finds(
         threads.add(threading.get_ident())
         return kernel(*a)
 
+    monkeypatch.setattr(stage1, "_FAISS", [faiss])  # installed (an earlier test may have hidden it)
     monkeypatch.setattr(faiss, "fvec_inner_products_ny", recorded)
     monkeypatch.setattr(stage1, "MIN_SCAN_BYTES", 1)  # a thread per core even for this small gallery
     monkeypatch.setattr(stage1, "scan_threads", lambda: 2)
@@ -196,3 +197,16 @@ def test_one_query_scanned_on_a_thread_per_core_finds_what_numpy_finds(
     assert got_i[0, :2].tolist() == [3, 7] and want_i[0, :2].tolist() == [3, 7]
     assert np.allclose(got_s[0], exact[got_i[0]], atol=1e-4) and np.allclose(want_s, got_s, atol=1e-4)
     assert set(got_i[0]) == set(want_i[0]) == set(np.argsort(-exact, kind="stable")[:50])
+
+
+@pytest.mark.parametrize("with_faiss", [True, False])
+def test_ties_at_the_kth_score_are_broken_by_row(with_faiss: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mssan_infer.gallery import stage1
+
+    monkeypatch.setattr(stage1, "_FAISS", [faiss if with_faiss else None])
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((2000, 16)).astype(np.float32)
+    base[100:] = base[0]  # 1901 rows tie for the best score
+    for q in (base[:1], base[[0, 0]]):  # one query (FAISS's scan when installed) and a batch (BLAS)
+        idx, _ = stage1.topk_inner_product(q, base, 5)
+        assert idx.tolist() == [[0, 100, 101, 102, 103]] * len(q)

@@ -23,9 +23,11 @@ an ``InputError`` naming the flag that rebuilds the engines.
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
+import threading
 from types import TracebackType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -42,10 +44,31 @@ __all__ = [
     "axis_sizes",
     "run_chunked",
     "RunFn",
+    "one_thread",
+    "in_one_thread",
 ]
 
 ALL_GRAPHS: dict[str, GraphSpec] = {**GRAPHS, **OPTIONAL_GRAPHS, **QUERY_SCORERS}
 RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+_HINT = threading.local()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Graph runs of this thread inside the block use one intra-op thread where the backend can (ONNX
+    Runtime's query scorers): the caller runs several of them at once, a thread each (a rerank cut into
+    shares, ``mssan_infer.search.rerank_scores``)."""
+    before = getattr(_HINT, "one", False)
+    _HINT.one = True
+    try:
+        yield
+    finally:
+        _HINT.one = before
+
+
+def in_one_thread() -> bool:
+    """Whether this thread is inside :func:`one_thread`."""
+    return bool(getattr(_HINT, "one", False))
 
 
 # ---- feeds -------------------------------------------------------------------------------------

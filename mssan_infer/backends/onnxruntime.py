@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mssan_infer.backends.base import ALL_GRAPHS, Backend, declared_dims
+from mssan_infer.backends.base import ALL_GRAPHS, Backend, declared_dims, in_one_thread
 from mssan_infer.bundle import Bundle
 from mssan_infer.deps import optional_import
 from mssan_infer.errors import BundleError, InputError
@@ -28,8 +28,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _CUDA = "CUDAExecutionProvider"
-# Graphs that run on one intra-op thread unless ``graph_threads`` names them: the retriever cuts their
-# candidates into shares and scores each on a thread of its own (``SearchOptions.rerank_threads``).
+# Graphs that also get a one-intra-op-thread session, run inside ``base.one_thread()``: the retriever cuts
+# their candidates into shares and scores each on a thread of its own (``SearchOptions.rerank_threads``).
 ONE_THREAD_GRAPHS = frozenset(QUERY_SCORERS)
 _CPU = "CPUExecutionProvider"
 _ORT_TYPES = {
@@ -148,18 +148,15 @@ class OnnxRuntimeBackend(Backend):
             providers = select_providers(self.device, list(ort.get_available_providers()))
         self.providers = providers
         self._sessions: dict[str, Any] = {}
+        self._single: dict[str, Any] = {}  # one-thread twins of ONE_THREAD_GRAPHS, run inside one_thread()
         self._outputs: dict[str, list[str]] = {}
         wanted_cuda = any((p[0] if isinstance(p, tuple) else p) == _CUDA for p in providers)
         for gname, path in graphs.items():
             where = f"<{gname} graph in memory>" if isinstance(path, bytes) else str(path)
-            sess = open_session(
-                path,
-                session_options(
-                    opts, threads=graph_threads.get(gname, 1 if gname in ONE_THREAD_GRAPHS else opts.threads)
-                ),
-                providers,
-                where,
-            )
+            threads = graph_threads.get(gname, opts.threads)
+            sess = open_session(path, session_options(opts, threads=threads), providers, where)
+            if gname in ONE_THREAD_GRAPHS and threads != 1 and not wanted_cuda:
+                self._single[gname] = open_session(path, session_options(opts, threads=1), providers, where)
             if wanted_cuda and _CUDA not in sess.get_providers():
                 warnings.warn(
                     f"CUDA was asked for but the {gname} session runs on {sess.get_providers()}; "
@@ -223,8 +220,10 @@ class OnnxRuntimeBackend(Backend):
         return list(self._sessions[graph].get_providers())
 
     def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One session run on checked feeds; fp16/fp64 outputs come back as float32."""
-        outs = self._sessions[graph].run(None, dict(feeds))
+        """One session run on checked feeds (the graph's one-thread twin inside :func:`one_thread`);
+        fp16/fp64 outputs come back as float32."""
+        sess = self._single.get(graph) if in_one_thread() else None
+        outs = (sess or self._sessions[graph]).run(None, dict(feeds))
         return {
             n: (o.astype(np.float32) if o.dtype in (np.float16, np.float64) else o)
             for n, o in zip(self._outputs[graph], outs)
@@ -232,6 +231,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _close(self) -> None:
         self._sessions.clear()
+        self._single.clear()
 
 
 _TYPES = {

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -25,6 +25,7 @@ __all__ = [
     "STAGE1_METHODS",
     "topk_inner_product",
     "merge_topk",
+    "best_columns",
     "import_faiss",
     "build_faiss",
     "faiss_topk",
@@ -70,6 +71,22 @@ def merge_topk(idx: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray,
     return np.take_along_axis(idx, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
+def best_columns(s: np.ndarray, k: int) -> np.ndarray:
+    """Columns of the ``min(k, n)`` largest scores of each row of ``s [Q, n]`` (unordered), ties at the
+    k-th score broken by increasing column (``argpartition`` alone picks any of the tied ones)."""
+    n = s.shape[1]
+    k = min(int(k), n)
+    if k >= n:
+        return np.broadcast_to(np.arange(n), (s.shape[0], n))
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    kept = np.take_along_axis(s, part, axis=1)
+    kth = kept.min(axis=1, keepdims=True)
+    ties = (s == kth).sum(axis=1) > (kept == kth).sum(axis=1)  # a tied column left out
+    for qi in np.flatnonzero(ties):
+        part[qi] = np.argsort(-s[qi], kind="stable")[:k]
+    return part
+
+
 def topk_inner_product(
     queries: np.ndarray,
     base: np.ndarray | Sequence[tuple[int, np.ndarray]],
@@ -100,10 +117,10 @@ def topk_inner_product(
         return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
     faiss = _faiss()
     if nq == 1 and faiss is not None and all(_scannable(b, q.shape[1]) for _, b in blocks):
-        scores = np.empty(n, np.float32)
-        _scan_one(faiss, q[0], blocks, scores)
-        part = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
-        idx, best = merge_topk(part[None].astype(np.int64), scores[part][None], k)
+        scores = np.empty((1, n), np.float32)
+        _scan_one(faiss, q[0], blocks, scores[0])
+        part = best_columns(scores, k)
+        idx, best = merge_topk(part.astype(np.int64), np.take_along_axis(scores, part, axis=1), k)
         return idx, best.astype(np.float32)
     best_i = np.zeros((nq, 0), np.int64)
     best_s = np.zeros((nq, 0), np.float32)
@@ -112,11 +129,7 @@ def topk_inner_product(
         for a in range(0, int(arr.shape[0]), rows):
             block = np.asarray(arr[a : a + rows], dtype=np.float32)
             s = q @ block.T  # [Q, n_block]
-            kk = min(k, s.shape[1])
-            if kk < s.shape[1]:
-                part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            else:
-                part = np.broadcast_to(np.arange(s.shape[1]), (nq, s.shape[1]))
+            part = best_columns(s, k)
             cand_i = np.concatenate([best_i, part + (start + a)], axis=1)
             cand_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
             best_i, best_s = merge_topk(cand_i, cand_s, k)
@@ -278,5 +291,6 @@ def _scan_one(faiss: Any, q: np.ndarray, blocks: Sequence[tuple[int, np.ndarray]
     try:
         scan(cuts[0], cuts[1])
     finally:
-        for f in helpers:
-            f.result()
+        wait(helpers)  # every slice ends before out is read or dropped
+    for f in helpers:
+        f.result()  # a slice's error

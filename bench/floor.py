@@ -28,7 +28,9 @@ Steps, each timed alone on the same gallery and queries, and their floors:
 
 Each step is timed twice: inside the query (the traced run) and alone in a loop. Inside a query a step
 finds its data (weights, codes) evicted by the other steps' reads; ``cold_ms`` = the steps inside minus
-the steps alone.
+the steps alone. The gather and the scorer alone take all 100 candidates on one thread; inside the
+query the rerank runs in shares, a thread each (``SearchOptions.rerank_threads``), and each step counts
+its slowest thread, so ``cold_ms`` can be negative.
 
 ``floor_ratio`` = end-to-end p50 / the sum of the step floors. The bandwidth is the larger of the
 section's float32 matrix-vector product over 1 GiB (numpy's BLAS, the bench's threads) and a numpy sum
@@ -676,7 +678,8 @@ def floor_markdown(lat: Mapping[str, Any] | None) -> list[str]:
         "and the scorer's is its bytes); the rest = Python, checks and "
         "hand-offs inside the query (a traced query's total minus its four steps; floor 0); cold = the four "
         "steps inside the query minus the same steps alone (their weights and codes evicted by the query's "
-        "other reads).",
+        "other reads; the gather and scorer alone take the 100 candidates on one thread, inside the query "
+        "in shares on a thread each, counted by the slowest, so cold can be negative).",
         "",
         "| query | gallery | path | encode | stage 1 | gather | scorer | kernel GFLOP/s | the rest | cold | "
         "end to end p50 / p99 | shared p50 | sum of floors | end to end / floors |",

@@ -210,3 +210,13 @@ def test_ties_at_the_kth_score_are_broken_by_row(with_faiss: bool, monkeypatch: 
     for q in (base[:1], base[[0, 0]]):  # one query (FAISS's scan when installed) and a batch (BLAS)
         idx, _ = stage1.topk_inner_product(q, base, 5)
         assert idx.tolist() == [[0, 100, 101, 102, 103]] * len(q)
+
+
+def test_faiss_loader_lines_do_not_reach_an_application_logging_at_info() -> None:
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from mssan_infer.gallery.stage1 import _faiss\n"
+        "assert _faiss() is not None\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "faiss.loader" not in out.stderr, out.stderr

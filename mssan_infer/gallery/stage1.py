@@ -7,7 +7,6 @@ and ``faiss-hnsw`` were removed: they won on no axis (docs/experiments/2026-12-0
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -18,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mssan_infer.deps import optional_import
-from mssan_infer.errors import InputError
+from mssan_infer.errors import BackendUnavailableError, InputError
 from mssan_infer.files import CHUNK_BYTES
 
 __all__ = [
@@ -137,7 +136,12 @@ def topk_inner_product(
 
 
 def import_faiss(needed_for: str = "stage-1 search with FAISS", instead: str = "stage1='numpy'") -> Any:
-    """The ``faiss`` module, or a :class:`BackendUnavailableError` naming the package (``faiss-cpu``)."""
+    """The ``faiss`` module, or a :class:`BackendUnavailableError` naming the package (``faiss-cpu``).
+
+    FAISS's loader logs each SIMD build it tries at INFO ("Could not load library with AVX512
+    support..."); those lines are quieted to warnings, so an application logging at INFO does not show
+    them as if something failed."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     return optional_import("faiss", "faiss-cpu", needed_for, instead)
 
 
@@ -247,8 +251,8 @@ def _faiss() -> Any:
     """The ``faiss`` module, or ``None`` when it is not installed (numpy's BLAS then scans)."""
     if not _FAISS:
         try:
-            _FAISS.append(importlib.import_module("faiss"))
-        except ImportError:
+            _FAISS.append(import_faiss())
+        except BackendUnavailableError:
             _FAISS.append(None)
     return _FAISS[0]
 

@@ -10,7 +10,7 @@ and the all-pairs scorer agree to float32 rounding (near-ties may swap).
 
 from __future__ import annotations
 
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -19,6 +19,7 @@ import numpy as np
 from mssan_infer.backends.base import one_thread
 from mssan_infer.errors import InputError
 from mssan_infer.gallery.base import Candidates, GalleryView, extent
+from mssan_infer.parts import part_bounds, run_parts
 from mssan_infer.spec import QUERY_SCORERS, SIMILARITY, query_scorer
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
     "holds_query_scorers",
     "search",
     "rerank_scores",
-    "share_bounds",
     "MIN_SHARE",
 ]
 
@@ -243,8 +243,8 @@ def rerank_scores(
     """``s_ll`` of query ``qi`` against gallery ``rows``, in batches of at most ``batch`` -> ``[K]``
     float32 (``similarity``: gather float32 candidates as their similarities to the query, what
     :func:`query_score_fn` takes). ``shares > 1`` (with an ``executor``): the rows are cut into that many
-    equal shares (:func:`share_bounds`), each gathered and scored on its own thread, the first on this
-    one; ``executor`` and ``parts`` then split nothing else."""
+    equal shares of at least :data:`MIN_SHARE` (``mssan_infer.parts``), each gathered and scored on its own
+    thread, the first on this one; ``executor`` and ``parts`` then split nothing else."""
     limits = limits or ScorerLimits()
     q_axis, c_axis = ("L", "R") if query_is_text else ("R", "L")
     q_limit, c_limit = (limits.words, limits.regions) if query_is_text else (limits.regions, limits.words)
@@ -256,7 +256,7 @@ def rerank_scores(
     step = max(1, min(batch, limits.items or batch))
     out = np.empty(len(rows), np.float32)
     pool = executor
-    cuts = share_bounds(len(rows), shares if pool is not None else 1)
+    cuts = part_bounds(len(rows), shares if pool is not None else 1, MIN_SHARE)
     if len(cuts) > 2:  # each share gathered on its own thread: the gathers' own split is not nested in it
         executor, parts = None, 1
 
@@ -278,24 +278,8 @@ def rerank_scores(
         with one_thread():
             rerank(lo, hi)
 
-    assert pool is not None
-    helpers: list[Future[None]] = []
-    try:
-        for a, b in zip(cuts[1:-1], cuts[2:]):
-            helpers.append(pool.submit(share, a, b))
-        share(cuts[0], cuts[1])
-    finally:
-        wait(helpers)  # every share ends before out is returned or dropped
-    for f in helpers:
-        f.result()  # a share's error
+    run_parts(share, cuts, pool)
     return out
-
-
-def share_bounds(k: int, shares: int) -> list[int]:
-    """Bounds of ``k`` candidates cut into at most ``shares`` equal shares of at least :data:`MIN_SHARE`
-    (one share: ``[0, k]``)."""
-    n = max(1, min(int(shares), k // MIN_SHARE))
-    return [k * i // n for i in range(n + 1)]
 
 
 def search(

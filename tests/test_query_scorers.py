@@ -224,7 +224,11 @@ def test_reranks_cut_into_shares_on_two_threads_score_as_one_share(
 
 
 def test_shares_are_equal_and_never_below_the_minimum() -> None:
-    from mssan_infer.search import MIN_SHARE, share_bounds
+    from mssan_infer.parts import part_bounds
+    from mssan_infer.search import MIN_SHARE
+
+    def share_bounds(k: int, shares: int) -> list[int]:
+        return part_bounds(k, shares, MIN_SHARE)
 
     assert share_bounds(100, 2) == [0, 50, 100]
     assert share_bounds(100, 1) == [0, 100]

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 from mssan_infer.deps import optional_import
 from mssan_infer.errors import BackendUnavailableError, InputError
 from mssan_infer.files import CHUNK_BYTES
+from mssan_infer.parts import part_bounds, run_parts
 
 __all__ = [
     "STAGE1_METHODS",
@@ -282,7 +283,6 @@ def _scan_one(faiss: Any, q: np.ndarray, blocks: Sequence[tuple[int, np.ndarray]
     nbytes = sum(int(b.nbytes) for _, b in blocks)
     parts = scan_parts(nbytes, min_bytes=MIN_SCAN_BYTES)
     total = sum(int(b.shape[0]) for _, b in blocks)
-    cuts = [total * i // parts for i in range(parts + 1)]
     ptr = faiss.swig_ptr
 
     def scan(lo: int, hi: int) -> None:  # gallery rows lo:hi, across blocks
@@ -291,10 +291,4 @@ def _scan_one(faiss: Any, q: np.ndarray, blocks: Sequence[tuple[int, np.ndarray]
             if a < e:
                 faiss.fvec_inner_products_ny(ptr(out[a:e]), ptr(q), ptr(b[a - start : e - start]), dim, e - a)
 
-    helpers = [_scan_pool().submit(scan, a, e) for a, e in zip(cuts[1:-1], cuts[2:])] if parts > 1 else []
-    try:
-        scan(cuts[0], cuts[1])
-    finally:
-        wait(helpers)  # every slice ends before out is read or dropped
-    for f in helpers:
-        f.result()  # a slice's error
+    run_parts(scan, part_bounds(total, parts), _scan_pool() if parts > 1 else None)

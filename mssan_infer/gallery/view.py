@@ -12,7 +12,7 @@ import copy
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, overload
+from typing import Any, Sequence, overload
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from mssan_infer.gallery.base import Candidates, ItemId, ItemRecord, extent
 from mssan_infer.gallery.filters import MetaIndex, Where, parse_where
 from mssan_infer.gallery.stage1 import faiss_topk, topk_inner_product
 from mssan_infer.gallery.storage import Layout, Stage1Codec, dequantize_into
+from mssan_infer.parts import part_bounds, run_parts
 
 __all__ = ["ArrayView", "Block", "Codes", "OVERFETCH", "fetch_rows"]
 
@@ -74,19 +75,6 @@ def fetch_rows(n: int, k: int, overfetch: int | None = None) -> int:
     if overfetch is None:
         overfetch = OVERFETCH if n <= LARGE_GALLERY else OVERFETCH_LARGE
     return min(int(n), max(int(k) * int(overfetch), int(k) + 32))
-
-
-def _in_parts(work: Callable[[int, int], None], k: int, executor: Executor | None, parts: int) -> None:
-    """``work(a, b)`` over ``0:k`` in ``parts`` slices, ``parts - 1`` of them on ``executor``."""
-    parts = max(1, min(int(parts), k // _MIN_ROWS_PER_PART)) if executor is not None else 1
-    if parts == 1 or executor is None:
-        work(0, k)
-        return
-    bounds = np.linspace(0, k, parts + 1).astype(int).tolist()
-    futures = [executor.submit(work, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
-    work(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
 
 
 def _mapped(a: np.ndarray) -> bool:
@@ -413,7 +401,7 @@ class ArrayView:
                         scale[pos, :w] = b_scale[r, :w]
                     gram[pos, :w, :w] = b_gram[r, :w, :w]
 
-        _in_parts(copy, k, executor, parts)
+        run_parts(copy, part_bounds(k, parts if executor is not None else 1, _MIN_ROWS_PER_PART), executor)
         return Candidates(local, scale, np.ascontiguousarray(mask_full[:, :width]), gram)
 
     def _similarities(
@@ -457,7 +445,7 @@ class ArrayView:
                     w = min(width, b_local.shape[1])
                     np.dot(b_local[rows_l[pos] - start, :w], q_t, out=sim[pos, :w])
 
-        _in_parts(fill, k, executor, parts)
+        run_parts(fill, part_bounds(k, parts if executor is not None else 1, _MIN_ROWS_PER_PART), executor)
         return Candidates(None, None, np.ascontiguousarray(mask), gram, sim)
 
     def nbytes(self) -> dict[str, int]:

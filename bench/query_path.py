@@ -18,7 +18,10 @@ Paths: ``exact`` (the default: fp32 graphs, fp32 layout) and ``fast`` (the int8 
 ``int8`` layout, ``Retriever.load(..., fast=True)``). ``--settings default,nospin`` also runs each path with
 ONNX Runtime's workers never spinning (the runtime's setting before 2026-12-07); ``noshares`` as the runtime
 was before its rerank shares (one share, the query scorers on the session's threads, one query's float32
-scan in numpy's BLAS: docs/experiments/2026-12-07-rerank-shares.md).
+scan in numpy's BLAS: docs/experiments/2026-12-07-rerank-shares.md). ``--before DIR`` also runs each path and
+setting with the code of another checkout (``git worktree add DIR COMMIT``; its own ``bench.query_path``
+serves the processes, which alternate with this checkout's): a change measured side by side, keys ending
+in ``_before``.
 """
 
 from __future__ import annotations
@@ -118,7 +121,10 @@ def _timed(
         times.append(time.perf_counter() - t0)
     r.close()
     ms = np.asarray(times) * 1e3
+    import mssan_infer
+
     return {
+        "runtime": str(Path(mssan_infer.__file__).resolve().parent),  # which checkout's code ran
         "p50_ms": float(np.median(ms)),
         "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)),
@@ -138,9 +144,11 @@ def own_process(
     setting: str = "default",
     image_queries: bool = False,
     mmap: bool = False,
+    code: Path | None = None,
 ) -> dict[str, Any]:
     """Search at rerank 100 on ``path`` (``exact`` or ``fast``) in ``processes`` fresh processes, one after
-    another, each holding only that path and the gallery ``index``.
+    another, each holding only that path and the gallery ``index`` (``code``: with the runtime and this
+    script of that checkout instead of this one).
 
     Returns:
         ``{"p50_ms", "p99_ms"}`` (medians over the processes), ``"inside"`` (the median over the processes
@@ -153,7 +161,8 @@ def own_process(
         cmd += ["--index", str(index), "--queries", str(queries), "--threads", str(threads)]
         cmd += ["--settings", setting] + ["--image-queries"] * image_queries + ["--mmap"] * mmap
         cmd += ["--int8-encoder", str(int8_encoder)] if int8_encoder is not None else []
-        done = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+        env = {**os.environ, "PYTHONPATH": str(code)} if code is not None else None
+        done = subprocess.run(cmd, cwd=code or ROOT, env=env, check=True, capture_output=True, text=True)
         runs.append(json.loads(done.stdout))
     return {
         "p50_ms": float(np.median([x["p50_ms"] for x in runs])),
@@ -179,7 +188,13 @@ def _gallery(work: Path, spec: str, bid: str, path: str) -> tuple[str, Path, boo
 
 
 def run(
-    work: Path, galleries: list[str], processes: int, queries: int, threads: int, settings: list[str]
+    work: Path,
+    galleries: list[str],
+    processes: int,
+    queries: int,
+    threads: int,
+    settings: list[str],
+    before: Path | None = None,
 ) -> dict[str, Any]:
     from mssan_infer.bundle import load_bundle
 
@@ -196,7 +211,7 @@ def run(
         for rnd in range(processes):
             for path in PATHS:
                 gkey, index, image_queries, mmap = _gallery(work, spec, bid, path)
-                for setting in settings:
+                for setting, code in [(x, c) for x in settings for c in (None, before)[: 2 if before else 1]]:
                     res = own_process(
                         bundle,
                         int8,
@@ -208,8 +223,10 @@ def run(
                         setting=setting,
                         image_queries=image_queries,
                         mmap=mmap,
+                        code=code,
                     )["processes"][0]
                     key = f"{gkey}_{path}" + ("" if setting == "default" else f"_{setting}")
+                    key += "_before" if code else ""
                     out["runs"].setdefault(key, []).append(res)
                     print(
                         f"{key} process {rnd + 1}: p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f}",
@@ -233,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--settings", default="default", help=f"comma-separated, of {sorted(SETTINGS)}")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--before", type=Path, help="a checkout of the code before a change, run beside this one")
     ap.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     ap.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--int8-encoder", type=Path, help=argparse.SUPPRESS)
@@ -261,8 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     galleries = a.galleries.split(",")
     for spec in galleries:  # refused before any bundle is made
         _gallery(a.work, spec, "", "exact")
-    res = run(a.work, galleries, a.processes, a.queries, a.threads, settings)
+    if a.before is not None and not (a.before / "bench" / "query_path.py").is_file():
+        ap.error(f"--before: {a.before} is not a checkout of this project (no bench/query_path.py)")
+    res = run(a.work, galleries, a.processes, a.queries, a.threads, settings, a.before)
     res["settings"] = {k: SETTINGS[k] for k in settings}
+    if a.before is not None:
+        res["before"] = str(a.before)
     print(json.dumps(res["p50_ms"], indent=1))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

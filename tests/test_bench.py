@@ -387,7 +387,10 @@ def test_query_path_times_one_path_per_process_with_each_ort_setting(
     r.save(tmp_path / "index")
     for setting in SETTINGS:
         res = _child(tiny_bundle, tmp_path / "none.onnx", tmp_path / "index", "exact", 5, 1, setting)
-        assert set(res) == {"p50_ms", "p90_ms", "p99_ms", "inside"} and 0 < res["p50_ms"] <= res["p99_ms"]
+        assert (
+            set(res) == {"runtime", "p50_ms", "p90_ms", "p99_ms", "inside"}
+            and 0 < res["p50_ms"] <= res["p99_ms"]
+        )
         assert set(res["inside"]) == set(IN_QUERY) and res["inside"]["scorer"] > 0  # traced queries
     res = _child(
         tiny_bundle, tmp_path / "none.onnx", tmp_path / "index", "exact", 5, 1, "default", True, True
@@ -395,12 +398,25 @@ def test_query_path_times_one_path_per_process_with_each_ort_setting(
     assert 0 < res["p50_ms"] <= res["p99_ms"]  # image queries over captions, memory-mapped
     own = own_process(tiny_bundle, None, tmp_path / "index", "exact", processes=2, queries=3, threads=1)
     assert len(own["processes"]) == 2 and own["p50_ms"] > 0 and own["inside"]["encode"] > 0
+    from bench.query_path import ROOT
+
+    assert own["processes"][0]["runtime"] == str(ROOT / "mssan_infer")
+    # --before: processes run with the code of another checkout (a copy of the runtime here)
+    import shutil
+
+    other = tmp_path / "before"
+    shutil.copytree(ROOT / "mssan_infer", other / "mssan_infer")
+    shutil.copytree(ROOT / "bench", other / "bench")
+    kw: dict[str, Any] = {"processes": 1, "queries": 3, "threads": 1}
+    got = own_process(tiny_bundle, None, tmp_path / "index", "exact", code=other, **kw)
+    assert got["processes"][0]["runtime"] == str((other / "mssan_infer").resolve()) and got["p50_ms"] > 0
     assert _gallery(tmp_path, "i2t:5000", "b", "fast")[:3] == (
         "i2t_5000",
         tmp_path / "gallery-texts-25000-float32-b",
         True,
     )
     assert _gallery(tmp_path, "t2i:9:mmap", "b", "fast")[1].name.endswith("-int8")
-    for bad in (["--settings", "default,warp"], ["--galleries", "i2t:5:mmap"]):
+    for bad in (["--settings", "default,warp"], ["--galleries", "i2t:5:mmap"], ["--before", str(tmp_path)]):
         with pytest.raises(SystemExit):
             main(bad)
+

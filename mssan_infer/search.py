@@ -254,6 +254,12 @@ def rerank_scores(
     q_mask = query.mask[qi, :width]
     q_gram = query.gram[qi, :width, :width]
     step = max(1, min(batch, limits.items or batch))
+    # the candidates are gathered in row order (grouped by gallery block, memory-mapped rows in file order:
+    # each block's rows are one take) and their scores put back in the order asked for
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]
+    scores = np.empty(len(rows), np.float32)
     out = np.empty(len(rows), np.float32)
     pool = executor
     cuts = part_bounds(len(rows), shares if pool is not None else 1, MIN_SHARE)
@@ -272,14 +278,15 @@ def rerank_scores(
 
     if len(cuts) == 2:
         rerank(0, len(rows))
-        return out
+    else:
 
-    def share(lo: int, hi: int) -> None:  # the backend runs its graphs on one thread here (one_thread)
-        with one_thread():
-            rerank(lo, hi)
+        def share(lo: int, hi: int) -> None:  # the backend runs its graphs on one thread here (one_thread)
+            with one_thread():
+                rerank(lo, hi)
 
-    run_parts(share, cuts, pool)
-    return out
+        run_parts(share, cuts, pool)
+    scores[order] = out
+    return scores
 
 
 def search(

@@ -420,3 +420,31 @@ def test_query_path_times_one_path_per_process_with_each_ort_setting(
         with pytest.raises(SystemExit):
             main(bad)
 
+
+def test_gather_bench_times_the_runtime_gather_beside_its_per_row_reference(tmp_path: Path) -> None:
+    """``bench.gather``: the per-row reference returns what the runtime's gather returns (so the two are
+    compared on the same work), in row and stage-1 order, and the run reports each gallery kind's figures
+    for one and two threads. Nothing asserts how fast anything is."""
+    from bench.gather import KINDS, galleries, main, per_row
+
+    views = galleries(130, tmp_path / "spill", batch=32)
+    assert {k: len(v.blocks) for k, (_, v) in views.items()} == {
+        "one block": 1,
+        "segments": 5,
+        "memory-mapped": 1,
+    }
+    rng = np.random.default_rng(0)
+    for kind in KINDS:
+        view = views[kind][1]
+        for rows in (rng.choice(130, 50, replace=False), np.sort(rng.choice(130, 50, replace=False))):
+            got = view.gather(rows)
+            ref = per_row(view, rows)
+            for a, b in zip((got.local, got.scale, got.gram, got.mask), ref):
+                assert a is not None and a.dtype == b.dtype and np.array_equal(a, b)
+    out = tmp_path / "gather.json"
+    main(["--items", "130", "--calls", "2", "--rounds", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["rows"] == 50 and res["ordered"] is True and set(res["blocks"]) == set(KINDS)
+    assert len(res["p50_ms"]) == 10 and all(v > 0 for v in res["p50_ms"].values())
+    with pytest.raises(SystemExit):
+        main(["--items", "10"])

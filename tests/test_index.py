@@ -140,9 +140,12 @@ def test_gather_keeps_real_positions_after_a_masked_gap() -> None:
     ],
 )
 @pytest.mark.parametrize("lengths", [[6] * 70, [2, 6, 3, 4] * 17 + [1, 5]], ids=["full-width", "trimmed"])
+@pytest.mark.parametrize("segments", [False, True], ids=["one-block", "segments"])
 def test_gather_split_over_threads_equals_one_thread(
-    tmp_path: Path, dtype: str, mmap: bool, lengths: list[int]
+    tmp_path: Path, dtype: str, mmap: bool, lengths: list[int], segments: bool
 ) -> None:
+    """One gather, or one split over threads, gives each row's stored values: from one block, or from
+    segments of different widths (added in batches whose longest items differ)."""
     from concurrent.futures import ThreadPoolExecutor
 
     st, lo, ma, gr = items(len(lengths), lengths, seed=5)
@@ -152,8 +155,20 @@ def test_gather_split_over_threads_equals_one_thread(
         GalleryOptions(
             layout=(Layout("float32", dtype) if dtype else None), mmap=mmap, spill_dir=tmp_path / "spill"
         ),
+        segment_rows=16,
     )
-    g.add(st, lo, ma, gr)
+    if segments:  # shortest items first: segments widen as longer batches arrive
+        order = np.argsort(lengths, kind="stable")
+        st, lo, ma, gr = st[order], lo[order], ma[order], gr[order]
+        lengths = [lengths[i] for i in order]
+        cuts = [0, 16, 20, 37, 52, len(lengths)]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            w = max(lengths[a:b])  # each batch padded to its own longest item
+            g.add(st[a:b], lo[a:b, :w], ma[a:b, :w], gr[a:b, :w, :w])
+        assert len(g.view().blocks) >= 4
+    else:
+        g.add(st, lo, ma, gr)
+        assert len(g.view().blocks) == 1
     rows = np.random.default_rng(0).permutation(len(lengths))[:50]
     rows[:5] = rows[0]  # repeated rows are fine
     view = g.view()
@@ -166,6 +181,10 @@ def test_gather_split_over_threads_equals_one_thread(
             for a, b in ((one.local, split.local), (one.scale, split.scale), (one.mask, split.mask)):
                 assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))
             assert np.array_equal(one.gram, split.gram)
+    by_row = np.argsort(rows, kind="stable")  # rows in order (grouped by block): taken straight into place
+    ordered = view.gather(rows[by_row])
+    for a, b in ((one.local, ordered.local), (one.scale, ordered.scale), (one.gram, ordered.gram)):
+        assert (a is None and b is None) or np.array_equal(a[by_row], b)
     width = max(lengths[r] for r in rows)
     local, gram = one.dequantized()
     tol = {"float32": 0, "int8": 1e-2}[dtype]

@@ -305,7 +305,8 @@ class ArrayView:
         Args:
             rows: gallery rows, in the order wanted.
             executor, parts: copy in ``parts`` slices, ``parts - 1`` of them on ``executor``
-                (the caller copies one). Memory-mapped rows are read in file order.
+                (the caller copies one); each slice is one take per block (memory-mapped rows of a
+                gallery of several blocks in file order).
             query: a query's locals ``[Q, D]``: float32 locals then come as their similarities to it,
                 ``local @ query^T [K, P, Q]``, one product per row where the row lies (split like the
                 copies), the locals read once and never copied; the ``int8`` layout ignores it.
@@ -343,63 +344,65 @@ class ArrayView:
             return Candidates(local, None, mask, gram)
         d = self.blocks[0].local.shape[2] if self.blocks else 1
         pad = self.max_length
+        # one run of rows per block, each copied with a take: rows grouped by block (a rerank asks for them
+        # in row order) are taken straight into place; others are taken in row order (memory-mapped rows in
+        # file order) into buffers, then put in place. A copy per row ran Python per row, which a rerank's
+        # shares then took in turns (docs/experiments/2026-12-07-gather-takes.md)
+        order = None if bool((which[1:] >= which[:-1]).all()) else np.argsort(rows, kind="stable")
+        at = rows if order is None else rows[order]
+        cuts = np.searchsorted(which if order is None else which[order], np.arange(len(self.blocks) + 1))
+        runs = [
+            (self.blocks[bi], i, j)
+            for bi, (i, j) in enumerate(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
+            if i < j
+        ]
         mask_full = np.zeros((k, max(1, pad)), np.float32)
-        for bi in np.unique(which):
-            sel = np.flatnonzero(which == bi)
-            b = self.blocks[int(bi)]
-            mask_full[sel, : b.mask.shape[1]] = np.take(b.mask, rows[sel] - b.start, axis=0)
+        for b, i, j in runs:
+            got = b.mask.take(at[i:j] - b.start, axis=0)
+            if order is None:
+                mask_full[i:j, : b.mask.shape[1]] = got
+            else:
+                mask_full[order[i:j], : b.mask.shape[1]] = got
         width = max(1, extent(mask_full))
         if query is not None and not int8:
             return self._similarities(rows, which, mask_full[:, :width], query, executor, parts)
         local = np.empty((k, width, d), np.uint8 if int8 else np.float32)
         scale = np.empty((k, width), np.float32) if int8 else None
         gram = np.empty((k, width, width), np.float16 if int8 else np.float32)
-        single = len(self.blocks) == 1 and k > 0
-        b0 = self.blocks[0] if single else None
-        in_ram = b0 is not None and not (_mapped(b0.local) or _mapped(b0.gram))
-        if in_ram:
-            assert b0 is not None
-            src_local, src_gram = b0.local, b0.gram
-            src_scale = b0.scale if b0.scale is not None else np.zeros((0, 0), np.float32)
-            whole = (
-                b0.local.shape[1] == width and src_local.dtype == local.dtype and src_gram.dtype == gram.dtype
-            )
+        code0 = 128 if int8 else 0  # the code of 0
 
-            def copy(a: int, b: int) -> None:  # a few C calls per slice, without the GIL
-                r = rows[a:b]
-                if whole:
-                    np.take(src_local, r, axis=0, out=local[a:b], mode="clip")  # rows are in range
-                    np.take(src_gram, r, axis=0, out=gram[a:b], mode="clip")
-                    if scale is not None:
-                        np.take(src_scale, r, axis=0, out=scale[a:b], mode="clip")
-                    return
-                np.copyto(local[a:b], np.take(src_local, r, axis=0, mode="clip")[:, :width])
-                if scale is not None:
-                    np.copyto(scale[a:b], np.take(src_scale, r, axis=0, mode="clip")[:, :width])
-                np.copyto(gram[a:b], np.take(src_gram, r, axis=0, mode="clip")[:, :width, :width])
-        else:
-            # several blocks (or memory-mapped ones): a copy per row (measured faster than a fancy-indexed
-            # take per block for rerank-sized gathers), mapped rows read in file order
-            rows_l = rows.tolist()
-            which_l = which.tolist()
-            order_l = self._read_order(rows)
-            # plain ndarray views of the same memory: np.memmap's indexing runs Python per row
-            blocks = [(b.start, _plain(b.local), _plain(b.scale), _plain(b.gram)) for b in self.blocks]
-
-            def copy(a: int, b: int) -> None:
-                for pos in order_l[a:b]:
-                    start, b_local, b_scale, b_gram = blocks[which_l[pos]]
-                    r = rows_l[pos] - start
-                    w = min(width, b_local.shape[1])
-                    if w < width:
-                        local[pos, w:] = 128 if int8 else 0  # the code of 0
-                        gram[pos] = 0
-                        if scale is not None:
-                            scale[pos, w:] = 0
-                    local[pos, :w] = b_local[r, :w]
-                    if scale is not None and b_scale is not None:
-                        scale[pos, :w] = b_scale[r, :w]
-                    gram[pos, :w, :w] = b_gram[r, :w, :w]
+        def copy(a: int, b: int) -> None:  # a few C calls per block run of the slice, without the GIL
+            dst_l = local[a:b] if order is None else np.empty_like(local[a:b])
+            dst_g = gram[a:b] if order is None else np.empty_like(gram[a:b])
+            dst_s = None if scale is None else scale[a:b] if order is None else np.empty_like(scale[a:b])
+            for blk, i, j in runs:
+                i, j = max(i, a), min(j, b)
+                if i >= j:
+                    continue
+                r = at[i:j] - blk.start
+                i, j = i - a, j - a
+                b_local, b_gram, b_scale = _plain(blk.local), _plain(blk.gram), _plain(blk.scale)
+                w = min(width, b_local.shape[1])
+                as_stored = (b_local.dtype, b_gram.dtype) == (local.dtype, gram.dtype)
+                if as_stored and w == b_local.shape[1] == width:  # straight into place
+                    b_local.take(r, axis=0, out=dst_l[i:j], mode="clip")  # rows are in range
+                    b_gram.take(r, axis=0, out=dst_g[i:j], mode="clip")
+                    if dst_s is not None and b_scale is not None:
+                        b_scale.take(r, axis=0, out=dst_s[i:j], mode="clip")
+                    continue
+                dst_l[i:j, :w] = b_local.take(r, axis=0, mode="clip")[:, :w]
+                dst_l[i:j, w:] = code0
+                dst_g[i:j] = 0
+                dst_g[i:j, :w, :w] = b_gram.take(r, axis=0, mode="clip")[:, :w, :w]
+                if dst_s is not None and b_scale is not None:
+                    dst_s[i:j, :w] = b_scale.take(r, axis=0, mode="clip")[:, :w]
+                    dst_s[i:j, w:] = 0
+            if order is not None:  # to the places asked for
+                to = order[a:b]
+                local[to] = dst_l
+                gram[to] = dst_g
+                if scale is not None and dst_s is not None:
+                    scale[to] = dst_s
 
         run_parts(copy, part_bounds(k, parts if executor is not None else 1, _MIN_ROWS_PER_PART), executor)
         return Candidates(local, scale, np.ascontiguousarray(mask_full[:, :width]), gram)

@@ -51,6 +51,10 @@ def per_row(view: Any, rows: np.ndarray) -> tuple[np.ndarray, ...]:
         start, b_local, b_scale, b_gram = blocks[which_l[pos]]
         r = rows_l[pos] - start
         w = min(width, b_local.shape[1])
+        if w < width:  # a narrower block: the rest is the code of 0
+            local[pos, w:] = 128
+            gram[pos] = 0
+            scale[pos, w:] = 0
         local[pos, :w] = b_local[r, :w]
         scale[pos, :w] = b_scale[r, :w]
         gram[pos, :w, :w] = b_gram[r, :w, :w]

@@ -441,6 +441,25 @@ def test_gather_bench_times_the_runtime_gather_beside_its_per_row_reference(tmp_
             ref = per_row(view, rows)
             for a, b in zip((got.local, got.scale, got.gram, got.mask), ref):
                 assert a is not None and a.dtype == b.dtype and np.array_equal(a, b)
+    # segments of different widths (shortest first): the reference pads as the runtime does
+    from mssan_infer import GalleryOptions
+    from mssan_infer.gallery.memory import MemoryGallery
+
+    g = MemoryGallery(16, 8, GalleryOptions(layout="int8"), segment_rows=16)
+    for w in (2, 5, 3, 7):
+        loc = rng.normal(size=(16, w, 8)).astype(np.float32)
+        g.add(
+            rng.normal(size=(16, 16)).astype(np.float32),
+            loc,
+            np.ones((16, w), np.float32),
+            loc @ loc.transpose(0, 2, 1),
+        )
+    view = g.view()
+    assert len({b.local.shape[1] for b in view.blocks}) > 1
+    rows = rng.choice(64, 30, replace=False)
+    got, ref = view.gather(rows), per_row(view, rows)
+    for a, b in zip((got.local, got.scale, got.gram, got.mask), ref):
+        assert a is not None and np.array_equal(a, b)
     out = tmp_path / "gather.json"
     main(["--items", "130", "--calls", "2", "--rounds", "1", "--json", str(out)])
     res = json.loads(out.read_text())

@@ -181,6 +181,9 @@ def test_gather_split_over_threads_equals_one_thread(
             for a, b in ((one.local, split.local), (one.scale, split.scale), (one.mask, split.mask)):
                 assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))
             assert np.array_equal(one.gram, split.gram)
+    for bad in (np.array([0, -1]), np.array([len(lengths)])):  # never padding read as data
+        with pytest.raises(InputError, match="gallery rows must lie in"):
+            view.gather(bad)
     by_row = np.argsort(rows, kind="stable")  # rows in order (grouped by block): taken straight into place
     ordered = view.gather(rows[by_row])
     for a, b in ((one.local, ordered.local), (one.scale, ordered.scale), (one.gram, ordered.gram)):

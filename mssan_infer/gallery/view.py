@@ -16,6 +16,7 @@ from typing import Any, Sequence, overload
 
 import numpy as np
 
+from mssan_infer.errors import InputError
 from mssan_infer.gallery.base import Candidates, ItemId, ItemRecord, extent
 from mssan_infer.gallery.filters import MetaIndex, Where, parse_where
 from mssan_infer.gallery.stage1 import faiss_topk, topk_inner_product
@@ -305,8 +306,7 @@ class ArrayView:
         Args:
             rows: gallery rows, in the order wanted.
             executor, parts: copy in ``parts`` slices, ``parts - 1`` of them on ``executor``
-                (the caller copies one); each slice is one take per block (memory-mapped rows of a
-                gallery of several blocks in file order).
+                (the caller copies one); each slice is one take per block.
             query: a query's locals ``[Q, D]``: float32 locals then come as their similarities to it,
                 ``local @ query^T [K, P, Q]``, one product per row where the row lies (split like the
                 copies), the locals read once and never copied; the ``int8`` layout ignores it.
@@ -314,9 +314,16 @@ class ArrayView:
         the ``int8`` layout's uint8 codes, scales and float16 Grams as stored. Without ``query``, a run of
         consecutive rows of one float32 block at its full width is returned without a copy (exhaustive
         search).
+
+        Raises:
+            InputError: a row outside the gallery.
         """
         rows = np.asarray(rows, dtype=np.int64)
         k = len(rows)
+        if k and (int(rows.min()) < 0 or int(rows.max()) >= self.n):
+            raise InputError(
+                f"gallery rows must lie in 0..{self.n - 1}, got {int(rows.min())}..{int(rows.max())}"
+            )
         which = self._locate(rows) if k else np.zeros(0, np.int64)
         int8 = self.layout.local == "int8"
         as_stored = query is None or int8
@@ -344,10 +351,10 @@ class ArrayView:
             return Candidates(local, None, mask, gram)
         d = self.blocks[0].local.shape[2] if self.blocks else 1
         pad = self.max_length
-        # one run of rows per block, each copied with a take: rows grouped by block (a rerank asks for them
-        # in row order) are taken straight into place; others are taken in row order (memory-mapped rows in
-        # file order) into buffers, then put in place. A copy per row ran Python per row, which a rerank's
-        # shares then took in turns (docs/experiments/2026-12-07-gather-takes.md)
+        # one run of rows per block, each copied with a take: rows grouped by block are taken straight into
+        # place, in the order asked (a rerank asks in row order: memory-mapped rows then come in file
+        # order); others are taken in row order into buffers, then put in place. A copy per row ran Python
+        # per row, which a rerank's shares then took in turns (docs/experiments/2026-12-07-gather-takes.md)
         order = None if bool((which[1:] >= which[:-1]).all()) else np.argsort(rows, kind="stable")
         at = rows if order is None else rows[order]
         cuts = np.searchsorted(which if order is None else which[order], np.arange(len(self.blocks) + 1))
@@ -383,8 +390,8 @@ class ArrayView:
                 i, j = i - a, j - a
                 b_local, b_gram, b_scale = _plain(blk.local), _plain(blk.gram), _plain(blk.scale)
                 w = min(width, b_local.shape[1])
-                as_stored = (b_local.dtype, b_gram.dtype) == (local.dtype, gram.dtype)
-                if as_stored and w == b_local.shape[1] == width:  # straight into place
+                same_dtypes = (b_local.dtype, b_gram.dtype) == (local.dtype, gram.dtype)
+                if same_dtypes and w == b_local.shape[1] == width:  # straight into place
                     b_local.take(r, axis=0, out=dst_l[i:j], mode="clip")  # rows are in range
                     b_gram.take(r, axis=0, out=dst_g[i:j], mode="clip")
                     if dst_s is not None and b_scale is not None:

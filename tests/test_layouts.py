@@ -104,6 +104,33 @@ def test_items_past_the_int8_range_are_kept_exact_then_requantized() -> None:
     assert np.array_equal(comp.view().topk(q, 10)[0], exact.view().topk(q, 10)[0])
 
 
+def test_a_gallery_scanned_in_groups_of_sub_indexes_saves_its_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gallery filled by adds whose code sub-indexes are scanned in groups (a thread per group) saves
+    and loads: the groups are not saved as codes (saving it raised AttributeError before)."""
+    import functools
+
+    import mssan_infer.gallery.memory as memory
+    from mssan_infer.gallery.stage1 import code_searcher
+
+    monkeypatch.setattr(memory, "code_searcher", functools.partial(code_searcher, threads=2, min_bytes=1))
+    monkeypatch.setattr(memory, "CODE_ROWS", 16)  # several sub-indexes per group
+    g = MemoryGallery(2 * D, D, GalleryOptions(layout="int8"), segment_rows=32)
+    batches = [items(20, seed=s, scale=3.0 if s == 0 else 1.0) for s in range(6)]  # the first spans the rest
+    for b in batches:
+        g.add(*b)
+    assert len(g.outliers) == 0  # its codes are saved as they are
+    codes = g.view().searcher
+    assert codes is not None and len(codes.keep) > len(codes.subs) > 2  # groups kept beside the subs
+    path = save_index(tmp_path / "idx", {"images": g}, bundle_id="b")
+    h = load_index(path, bundle_id="b")[0]["images"]
+    st = np.concatenate([b[0] for b in batches])
+    assert np.array_equal(np.load(path / "images_stage1_codes.npy"), h.codec.encode(st)[0])
+    q = queries()
+    assert np.array_equal(h.view().topk(q, 10)[0], g.view().topk(q, 10)[0])
+
+
 def test_a_compressed_layout_without_faiss_names_the_package(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['faiss'] = None\n"

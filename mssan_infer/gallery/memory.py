@@ -520,4 +520,4 @@ class MemoryGallery:
         """One FAISS searcher over every codes sub-index (rows numbered in order; see ``code_searcher``)."""
         assert self._codec is not None
         subs = [ix for s in self._segs for ix in s.codes]
-        return Codes(*code_searcher(self._codec.faiss, self.stage1_dim, subs))
+        return Codes(*code_searcher(self._codec.faiss, self.stage1_dim, subs), tuple(subs))

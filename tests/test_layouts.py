@@ -104,6 +104,34 @@ def test_items_past_the_int8_range_are_kept_exact_then_requantized() -> None:
     assert np.array_equal(comp.view().topk(q, 10)[0], exact.view().topk(q, 10)[0])
 
 
+@pytest.mark.parametrize("layout", ["int8-stage1", "int8"])
+def test_a_saved_index_refits_the_int8_scales_so_it_keeps_no_outliers(tmp_path: Path, layout: str) -> None:
+    """A gallery filled by adds keeps items past its first scales exact (rescored on every query); the
+    index it saves is encoded on scales fitted on every item: no outliers, the same results, the gallery
+    in memory unchanged."""
+    exact = MemoryGallery(2 * D, D)
+    comp = MemoryGallery(2 * D, D, GalleryOptions(layout=layout))
+    small, big = items(40, seed=1, scale=0.1), items(30, seed=2, scale=3.0)
+    for g in (exact, comp):
+        g.add(*small)  # the scales are fitted on this first batch
+        g.add(*big)  # past their range, and too few to refit: outliers
+    assert len(comp.outliers) == 30
+    before = comp.view().searcher
+    path = save_index(tmp_path / "idx", {"images": comp}, bundle_id="b")
+    assert len(comp.outliers) == 30 and comp.view().searcher is before  # saving changed nothing in memory
+    assert len(np.load(path / "images_stage1_outliers.npy")) == 0
+    h = load_index(path, bundle_id="b")[0]["images"]
+    assert len(h.outliers) == 0 and h.codec is not None and h.codec.sigma is not None
+    st = np.concatenate([small[0], big[0]])
+    assert np.allclose(h.codec.sigma, np.abs(st).max(axis=0) / 127)  # fitted on every item
+    codes = np.load(path / "images_stage1_codes.npy")
+    assert np.array_equal(codes, h.codec.encode(st)[0])
+    q = queries()
+    for k in (5, 10, 70):
+        assert np.array_equal(h.view().topk(q, k)[0], exact.view().topk(q, k)[0])
+        assert np.allclose(h.view().topk(q, k)[1], exact.view().topk(q, k)[1], atol=1e-5)
+
+
 def test_a_gallery_scanned_in_groups_of_sub_indexes_saves_its_codes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

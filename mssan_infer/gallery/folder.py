@@ -11,6 +11,7 @@ none, and :func:`load_index` then puts back a previous index left aside by a sav
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -18,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -107,20 +108,21 @@ def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str
         files[key] = fname
     codec = view.codec
     if codec is not None:
-        subs = view.searcher.subs if view.searcher is not None else ()
+        outliers = view.outliers[view.outliers < n] if view.outliers is not None else np.zeros(0, np.int64)
         fname = f"{prefix}_stage1_codes.npy"
-        starts = np.cumsum([0] + [ix.ntotal for ix in subs[:-1]]).tolist()
-        write_npy_parts(
-            folder / fname,
-            (n, gallery.stage1_dim),
-            codec.code_dtype,
-            ((int(a), codec.codes_of(ix)) for a, ix in zip(starts, subs)),
-        )
+        if len(outliers):  # items past the scales of the first ones: refit on every item, keep none
+            codec = copy.copy(codec)
+            code_parts = _refitted_codes(codec, view)
+            outliers = np.zeros(0, np.int64)
+        else:
+            subs = view.searcher.subs if view.searcher is not None else ()
+            starts = np.cumsum([0] + [ix.ntotal for ix in subs[:-1]]).tolist()
+            code_parts = ((int(a), codec.codes_of(ix)) for a, ix in zip(starts, subs))
+        write_npy_parts(folder / fname, (n, gallery.stage1_dim), codec.code_dtype, code_parts)
         files["stage1_codes"] = fname
-        extra = {"stage1_peak": codec.peak}
+        extra: dict[str, np.ndarray] = {"stage1_peak": codec.peak}
         if codec.storage == "int8" and codec.sigma is not None:  # no scales before the first item
-            assert view.outliers is not None
-            extra.update({"stage1_scale": codec.sigma, "stage1_outliers": view.outliers[view.outliers < n]})
+            extra.update({"stage1_scale": codec.sigma, "stage1_outliers": outliers})
             entry["layout"]["stage1_l1max"] = int(codec.l1max)
         for key, arr in extra.items():
             fname = f"{prefix}_{key}.npy"
@@ -313,6 +315,24 @@ def _convert_locals(
         release_rows(lo, a, b)
         release_rows(gr, a, b)
     return new_lo, new_sc, new_gr
+
+
+def _refitted_codes(codec: Any, view: Any) -> Iterator[tuple[int, np.ndarray]]:
+    """Fit ``codec`` (a copy: it is changed) on every float32 stage-1 row of ``view``, then yield ``(first
+    row, codes)`` of the rows under it, block by block: the outliers of a gallery filled by adds (items past
+    the scales of the first ones, rescored on every query) are none in the index it saves."""
+    peak = np.zeros(codec.dim, np.float32)
+    for b in view.blocks:
+        step = rows_per_chunk(max(1, b.stage1[:1].nbytes))
+        for a in range(0, b.count, step):
+            peak = np.maximum(peak, np.abs(np.asarray(b.stage1[a : a + step], np.float32)).max(axis=0))
+    codec.fit_peak(peak)
+    codec.peak = peak
+    for b in view.blocks:
+        step = rows_per_chunk(max(1, b.stage1[:1].nbytes))
+        for a in range(0, b.count, step):
+            codes, _ = codec.encode(np.asarray(b.stage1[a : a + step], np.float32))  # no row past the fit
+            yield b.start + a, codes
 
 
 def encode_stage1(storage: str, st: np.ndarray) -> tuple[Stage1Codec, np.ndarray, np.ndarray]:

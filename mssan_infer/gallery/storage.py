@@ -28,7 +28,7 @@ int8 stage-1 codes are ``round(x_j / sigma_j)`` with one scale per dimension ``s
 per-dimension scales cost nothing at search time, on one thread per core
 (:func:`~mssan_infer.gallery.stage1.code_searcher`). An item with a component past the scale's
 range is an *outlier*: it is kept exact and scored on every query (the scales are refitted
-when outliers pass 1/16 of the gallery).
+when outliers pass 1/16 of the gallery, and a saved index is encoded on scales fitted on every item).
 
 int8 locals are symmetric per vector (each region's / word's ``D`` values share one scale,
 ``max |v| / 127``), stored as uint8 codes + 128, and reach the scorer as stored: the ``*_int8`` query

@@ -111,14 +111,18 @@ def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str
         outliers = view.outliers[view.outliers < n] if view.outliers is not None else np.zeros(0, np.int64)
         fname = f"{prefix}_stage1_codes.npy"
         if len(outliers):  # items past the scales of the first ones: refit on every item, keep none
-            codec = copy.copy(codec)
-            code_parts = _refitted_codes(codec, view)
+            codec = _refitted(codec, view)  # a copy: the gallery keeps its own
+            code_parts = _codes_under(codec, view)
             outliers = np.zeros(0, np.int64)
         else:
             subs = view.searcher.subs if view.searcher is not None else ()
             starts = np.cumsum([0] + [ix.ntotal for ix in subs[:-1]]).tolist()
             code_parts = ((int(a), codec.codes_of(ix)) for a, ix in zip(starts, subs))
         write_npy_parts(folder / fname, (n, gallery.stage1_dim), codec.code_dtype, code_parts)
+        if (
+            next(code_parts, None) is not None
+        ):  # every row encoded (and its codes' l1 counted) before the scales
+            raise IndexWriteError(f"the stage-1 codes of {prefix} were not all written; nothing was saved")
         files["stage1_codes"] = fname
         extra: dict[str, np.ndarray] = {"stage1_peak": codec.peak}
         if codec.storage == "int8" and codec.sigma is not None:  # no scales before the first item
@@ -317,21 +321,29 @@ def _convert_locals(
     return new_lo, new_sc, new_gr
 
 
-def _refitted_codes(codec: Any, view: Any) -> Iterator[tuple[int, np.ndarray]]:
-    """Fit ``codec`` (a copy: it is changed) on every float32 stage-1 row of ``view``, then yield ``(first
-    row, codes)`` of the rows under it, block by block: the outliers of a gallery filled by adds (items past
-    the scales of the first ones, rescored on every query) are none in the index it saves."""
+def _refitted(codec: Stage1Codec, view: Any) -> Stage1Codec:
+    """A copy of ``codec`` with scales fitted on every float32 stage-1 row of ``view``: the outliers of a
+    gallery filled by adds (items past the scales of the first ones, rescored on every query) are none in
+    the index it saves. Encode the rows with :func:`_codes_under`."""
     peak = np.zeros(codec.dim, np.float32)
     for b in view.blocks:
         step = rows_per_chunk(max(1, b.stage1[:1].nbytes))
         for a in range(0, b.count, step):
             peak = np.maximum(peak, np.abs(np.asarray(b.stage1[a : a + step], np.float32)).max(axis=0))
-    codec.fit_peak(peak)
-    codec.peak = peak
+    new = copy.copy(codec)
+    new.fit_peak(peak)  # new arrays: the gallery's codec is not changed
+    new.peak = peak
+    return new
+
+
+def _codes_under(codec: Stage1Codec, view: Any) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, codes)`` of every stage-1 row of ``view`` under ``codec`` (fitted on them all by
+    :func:`_refitted`), block by block; ``codec.l1max`` is final once all are taken."""
     for b in view.blocks:
         step = rows_per_chunk(max(1, b.stage1[:1].nbytes))
         for a in range(0, b.count, step):
-            codes, _ = codec.encode(np.asarray(b.stage1[a : a + step], np.float32))  # no row past the fit
+            codes, out = codec.encode(np.asarray(b.stage1[a : a + step], np.float32))
+            assert not out.any()  # the scales fit every row
             yield b.start + a, codes
 
 

@@ -110,18 +110,20 @@ def write_gallery(gallery: MemoryGallery, folder: Path, prefix: str) -> dict[str
     if codec is not None:
         outliers = view.outliers[view.outliers < n] if view.outliers is not None else np.zeros(0, np.int64)
         fname = f"{prefix}_stage1_codes.npy"
+        code_parts: Iterator[tuple[int, np.ndarray]]
         if len(outliers):  # items past the scales of the first ones: refit on every item, keep none
-            codec = _refitted(codec, view)  # a copy: the gallery keeps its own
-            code_parts = _codes_under(codec, view)
+            codec = copy.copy(codec)  # the gallery keeps its own
+            rows = [(b.start, b.stage1) for b in view.blocks]
+            _fit_on_all(codec, rows)
+            code_parts = ((a, codes) for a, codes, _ in _encode_all(codec, rows))
             outliers = np.zeros(0, np.int64)
         else:
             subs = view.searcher.subs if view.searcher is not None else ()
             starts = np.cumsum([0] + [ix.ntotal for ix in subs[:-1]]).tolist()
             code_parts = ((int(a), codec.codes_of(ix)) for a, ix in zip(starts, subs))
         write_npy_parts(folder / fname, (n, gallery.stage1_dim), codec.code_dtype, code_parts)
-        if (
-            next(code_parts, None) is not None
-        ):  # every row encoded (and its codes' l1 counted) before the scales
+        # every row encoded (its codes' l1 counted) before the scales are recorded
+        if next(code_parts, None) is not None:
             raise IndexWriteError(f"the stage-1 codes of {prefix} were not all written; nothing was saved")
         files["stage1_codes"] = fname
         extra: dict[str, np.ndarray] = {"stage1_peak": codec.peak}
@@ -321,30 +323,35 @@ def _convert_locals(
     return new_lo, new_sc, new_gr
 
 
-def _refitted(codec: Stage1Codec, view: Any) -> Stage1Codec:
-    """A copy of ``codec`` with scales fitted on every float32 stage-1 row of ``view``: the outliers of a
-    gallery filled by adds (items past the scales of the first ones, rescored on every query) are none in
-    the index it saves. Encode the rows with :func:`_codes_under`."""
+def _chunks(rows: list[tuple[int, np.ndarray]], release: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, float32 rows)`` of every ``(start, array)`` in chunks of ``CHUNK_BYTES``; ``release``:
+    each chunk of a read-only map is dropped from this process's resident pages once used."""
+    for start, arr in rows:
+        step = rows_per_chunk(max(1, arr[:1].nbytes))
+        for a in range(0, arr.shape[0], step):
+            yield start + a, np.asarray(arr[a : a + step], np.float32)
+            if release:
+                release_rows(arr, a, a + step)
+
+
+def _fit_on_all(codec: Stage1Codec, rows: list[tuple[int, np.ndarray]], release: bool = False) -> None:
+    """Fit ``codec``'s scales on every float32 stage-1 row of ``rows`` (new arrays: a copy of a gallery's
+    codec leaves the gallery's unchanged): none of them is an outlier then."""
     peak = np.zeros(codec.dim, np.float32)
-    for b in view.blocks:
-        step = rows_per_chunk(max(1, b.stage1[:1].nbytes))
-        for a in range(0, b.count, step):
-            peak = np.maximum(peak, np.abs(np.asarray(b.stage1[a : a + step], np.float32)).max(axis=0))
-    new = copy.copy(codec)
-    new.fit_peak(peak)  # new arrays: the gallery's codec is not changed
-    new.peak = peak
-    return new
+    for _, chunk in _chunks(rows, release):
+        peak = np.maximum(peak, np.abs(chunk).max(axis=0))
+    codec.fit_peak(peak)
+    codec.peak = peak
 
 
-def _codes_under(codec: Stage1Codec, view: Any) -> Iterator[tuple[int, np.ndarray]]:
-    """``(first row, codes)`` of every stage-1 row of ``view`` under ``codec`` (fitted on them all by
-    :func:`_refitted`), block by block; ``codec.l1max`` is final once all are taken."""
-    for b in view.blocks:
-        step = rows_per_chunk(max(1, b.stage1[:1].nbytes))
-        for a in range(0, b.count, step):
-            codes, out = codec.encode(np.asarray(b.stage1[a : a + step], np.float32))
-            assert not out.any()  # the scales fit every row
-            yield b.start + a, codes
+def _encode_all(
+    codec: Stage1Codec, rows: list[tuple[int, np.ndarray]], release: bool = False
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(first row, codes, outlier rows)`` of every chunk of ``rows`` under ``codec``; ``codec.l1max`` is
+    final once all are taken."""
+    for a, chunk in _chunks(rows, release):
+        codes, out = codec.encode(chunk)
+        yield a, codes, a + np.flatnonzero(out)
 
 
 def encode_stage1(storage: str, st: np.ndarray) -> tuple[Stage1Codec, np.ndarray, np.ndarray]:
@@ -352,19 +359,12 @@ def encode_stage1(storage: str, st: np.ndarray) -> tuple[Stage1Codec, np.ndarray
     all)."""
     n, dim = st.shape
     codec = Stage1Codec(storage, dim)
-    step = rows_per_chunk(max(1, st[:1].nbytes))
-    peak = np.zeros(dim, np.float32)
-    for a in range(0, n, step):
-        peak = np.maximum(peak, np.abs(np.asarray(st[a : a + step])).max(axis=0))
-        release_rows(st, a, a + step)
-    codec.fit_peak(peak)
+    _fit_on_all(codec, [(0, st)], release=True)
     codes = np.empty((n, dim), codec.code_dtype)
     outl = []
-    for a in range(0, n, step):
-        c, o = codec.encode(np.asarray(st[a : a + step]))
+    for a, c, o in _encode_all(codec, [(0, st)], release=True):
         codes[a : a + len(c)] = c
-        release_rows(st, a, a + len(c))
-        outl.append(a + np.flatnonzero(o))
+        outl.append(o)
     return codec, codes, (np.concatenate(outl) if outl else np.zeros(0, np.int64))
 
 

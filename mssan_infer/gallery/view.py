@@ -41,9 +41,8 @@ class Codes:
     """Compressed stage-1 codes: FAISS sub-indexes (rows numbered in order) and one searcher over them all."""
 
     shards: Any  # the searcher of stage1.code_searcher: groups of sub-indexes, a thread per group
-    keep: tuple[
-        Any, ...
-    ]  # what it uses but FAISS does not own (groups too): they live as long as this object
+    # what the searcher uses but FAISS does not own (the groups too): they live as long as this object
+    keep: tuple[Any, ...]
     subs: tuple[Any, ...]  # the code sub-indexes alone, in row order (what an index saves)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -225,9 +225,21 @@ def _one_size(
     d, p = base.embed_size, pool.local.shape[1]
     row: dict[str, Any] = {"n": n, "n_items": n_items, "direction": direction, "gallery": name}
     folder = work / f"qdrant-{direction}-{n}"
+    mmap = n_items * p > _IN_RAM_VECTORS
+    the_modes = modes(mmap)
+    need = {m: n_items * _bytes_per_item(o, 2 * d, p, d) for m, o in the_modes.items()}
+    twin = n_items * _bytes_per_item({"local_dtype": "uint8" if mmap else "float32"}, 2 * d, p, d)
+    # the saved index of the in-memory twin (beside its spilled copy when memory-mapped), then beside each
+    # group of Qdrant modes (at least the smallest)
+    want = max((2 if mmap else 1) * twin, twin + min(need.values()))
+    free = shutil.disk_usage(work).free
+    if want > 0.85 * free:
+        raise SystemExit(
+            f"not enough disk in {work} for the Qdrant section's {direction} {n}: ~{want / 2**30:.1f} GB "
+            f"needed, {free / 2**30:.1f} GB free; pass --work elsewhere or a smaller --set qdrant_sizes"
+        )
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    mmap = n_items * p > _IN_RAM_VECTORS
     local = "int8" if mmap else "float32"  # the in-memory twin of modes(mmap)'s locals
     row["memory_layout"] = "int8 locals memory-mapped" if mmap else "float32 in RAM"
     mem = MemoryGallery(
@@ -246,8 +258,6 @@ def _one_size(
         search=SearchOptions(gather_threads=threads),
     )
     mem_gallery = memory._galleries[name]
-    the_modes = modes(mmap)
-    need = {m: n_items * _bytes_per_item(o, 2 * d, p, d) for m, o in the_modes.items()}
     groups = _groups(the_modes, need, 0.85 * shutil.disk_usage(work).free - 2 * 2**30)
     row["groups"] = groups
     enc = base.encode_texts(qs) if t2i else base.encode_images(qs)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from bench.qdrant import MODES, _groups, run_qdrant_latency
 from bench.qdrant_server import OPTIONS, run_qdrant_server
@@ -58,3 +59,26 @@ def test_the_qdrant_section_measures_image_to_text_and_the_server_options(
     text = "\n".join(_qdrant_markdown(res))
     assert "| image->text | 20 images (100 captions) | Qdrant Edge int8 |" in text
     assert "| cache_miss |" in text
+
+
+def test_the_qdrant_section_refuses_a_gallery_the_disk_cannot_hold(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import bench.qdrant
+
+    r = Retriever.load(tiny_bundle, OnnxRuntimeOptions(threads=1))
+    captions = ["a red dog on the beach", "the blue ball"]
+    images = np.ones((2, 6, DV), np.float32)
+    pools = {"images": r.encode_images(images), "texts": r.encode_texts(captions)}
+    r.close()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(bench.qdrant.shutil, "disk_usage", lambda _p: usage._replace(free=1 << 10))
+    with pytest.raises(
+        SystemExit, match=r"not enough disk in .* for the Qdrant section's i2t 20: .*qdrant_sizes"
+    ):
+        run_qdrant_latency(
+            tiny_bundle, pools, [], {"texts": captions, "images": images}, tmp_path, 1, 2, 5.0, i2t_sizes=[20]
+        )
+    assert not (tmp_path / "qdrant-i2t-20").exists()  # refused before anything was written

@@ -128,6 +128,51 @@ def test_deep_supervision_adds_each_weighted_levels_own_ranking_loss(
     assert losses[0.7] > losses[0.0]
 
 
+def test_stage1_loss_adds_the_ranking_loss_of_the_stage1_score_alone() -> None:
+    import torch
+
+    from training.config import ModelConfig
+    from training.loss import AdaptiveMarginLoss
+    from training.model import MSSAN
+    from training.train import EncodeBoth, train_step
+
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "regions": torch.randn(6, 5, 20, generator=g),
+        "region_mask": torch.ones(6, 5),
+        "tokens": torch.randint(4, 40, (6, 7), generator=g),
+        "token_mask": torch.ones(6, 7),
+        "img_ids": torch.tensor([0, 0, 1, 2, 3, 4]),
+    }
+    for stage1_loss, level_loss in ((0.0, 0.0), (1.5, 0.0), (1.5, 0.7)):
+        torch.manual_seed(0)
+        model = MSSAN(
+            ModelConfig(vocab_size=40, word_dim=12, embed_size=24, img_dim=20, lam_gg=0.3, lam_gl=0.5)
+        )
+        loss_fn = AdaptiveMarginLoss()
+        with torch.no_grad():
+            img = model.encode_image(batch["regions"], batch["region_mask"])
+            txt = model.encode_text(batch["tokens"], batch["token_mask"])
+            fused = loss_fn(model.score(img, txt), batch["img_ids"])[0]
+            levels = sum(loss_fn(s, batch["img_ids"])[0] for s in model.level_scores(img, txt).values())
+            stage1 = model.stage1_score(img, txt)  # lam_gg S_gg + lam_gl S_gl
+            assert torch.allclose(stage1, 0.3 * model.s_gg(img, txt) + 0.5 * model.s_gl(img, txt), atol=1e-6)
+            own = loss_fn(stage1, batch["img_ids"])[0]
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        got, _ = train_step(
+            EncodeBoth(model),
+            model,
+            loss_fn,
+            opt,
+            batch,
+            "hardest",
+            level_loss=level_loss,
+            stage1_loss=stage1_loss,
+        )
+        assert got == pytest.approx(float(fused + level_loss * levels + stage1_loss * own), rel=1e-5)
+        assert stage1_loss == 0 or float(own) > 0  # the term is there to be added
+
+
 def test_dev_selected_level_weights_are_saved_with_the_best_model_and_give_its_dev_recall(
     data: Path, tmp_path: Path
 ) -> None:

@@ -71,6 +71,7 @@ class TrainConfig:
     m_min: float = 0.05
     m_max: float = 0.5
     level_loss: float = 0.0  # deep supervision: + level_loss * each weighted level's own ranking loss
+    stage1_loss: float = 0.0  # + stage1_loss * the ranking loss of the stage-1 score alone (S_gg + S_gl)
     level_weights: Literal["fixed", "dev"] = "dev"  # "dev": the saved model's lam_* are chosen on dev (rSum)
     vocab_threshold: int = 4
     seed: int = 0
@@ -111,7 +112,7 @@ PRESETS: dict[str, Preset] = {
     # BUNDLED_LAYERS layers (`--text-encoder bigru`: the Bi-GRU, word_dim 128).
     "tiny": Preset(
         ModelConfig(word_dim=128, embed_size=256, img_dim=2048, text_encoder="transformer"),
-        TrainConfig(batch_size=128, lr=5e-4, epochs=8, lr_decay_epoch=6, eval_rerank=20),
+        TrainConfig(batch_size=128, lr=5e-4, epochs=8, lr_decay_epoch=6, eval_rerank=20, stage1_loss=1.0),
     ),
     # The paper's setting (SCAN-style): D=1024, word 300, 36x2048 regions, Bi-GRU.
     "paper": Preset(

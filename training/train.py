@@ -139,13 +139,15 @@ def train_step(
     amp: str = "none",
     scaler: torch.amp.GradScaler | None = None,
     level_loss: float = 0.0,
+    stage1_loss: float = 0.0,
 ) -> tuple[float, dict[str, float]]:
     """One optimiser step on ``batch`` (this rank's part of the global batch).
 
     ``level_loss > 0`` adds deep supervision: each weighted level's own ranking loss
     (``S_gg``, ``S_gl``, ``S_ll`` alone, same margins), times ``level_loss``, beside the
-    fused one. Returns the global-batch loss and the fused score's margin statistics;
-    the margins are updated from those alone.
+    fused one. ``stage1_loss > 0`` adds the ranking loss of the stage-1 score alone (``e_img .
+    e_txt``, what two-stage retrieval ranks by before the rerank), times ``stage1_loss``. Returns the
+    global-batch loss and the fused score's margin statistics; the margins are updated from those alone.
     """
     device = batch["regions"].device
     with _autocast(device, amp):
@@ -163,6 +165,8 @@ def train_step(
             loss = loss + level_loss * loss_fn(s, img_ids, negatives)[0]
     else:
         loss, stats = loss_fn(model.score(img, txt), img_ids, negatives)
+    if stage1_loss > 0:
+        loss = loss + stage1_loss * loss_fn(model.stage1_score(img, txt), img_ids, negatives)[0]
     opt.zero_grad(set_to_none=True)
     # DDP averages gradients over ranks; each rank's loss covers the whole global batch
     # but differentiates only its own part, so scaling by the world size gives the
@@ -590,6 +594,7 @@ def _train(
                 tcfg.amp,
                 scaler,
                 tcfg.level_loss,
+                tcfg.stage1_loss,
             )
             total += loss
             n += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,20 @@ def test_resume_continues_from_the_last_epoch(data: Path, tmp_path: Path) -> Non
     assert last["epoch"] == 1 and len(last["margins"]) == 2
 
 
+def _toy_batch(seed: int) -> dict[str, Any]:
+    """A batch of 6 pairs (images 0 and 1 share an image id) for a model with img_dim 20, vocab 40."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "regions": torch.randn(6, 5, 20, generator=g),
+        "region_mask": torch.ones(6, 5),
+        "tokens": torch.randint(4, 40, (6, 7), generator=g),
+        "token_mask": torch.ones(6, 7),
+        "img_ids": torch.tensor([0, 0, 1, 2, 3, 4]),
+    }
+
+
 @pytest.mark.parametrize("lams", [(1.0, 1.0, 1.0), (0.5, 0.0, 2.0)])
 def test_deep_supervision_adds_each_weighted_levels_own_ranking_loss(
     lams: tuple[float, float, float],
@@ -89,14 +104,7 @@ def test_deep_supervision_adds_each_weighted_levels_own_ranking_loss(
     from training.model import MSSAN
     from training.train import EncodeBoth, train_step
 
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "regions": torch.randn(6, 5, 20, generator=g),
-        "region_mask": torch.ones(6, 5),
-        "tokens": torch.randint(4, 40, (6, 7), generator=g),
-        "token_mask": torch.ones(6, 7),
-        "img_ids": torch.tensor([0, 0, 1, 2, 3, 4]),
-    }
+    batch = _toy_batch(0)
     losses = {}
     for level_loss in (0.0, 0.7):
         torch.manual_seed(0)
@@ -136,14 +144,7 @@ def test_stage1_loss_adds_the_ranking_loss_of_the_stage1_score_alone() -> None:
     from training.model import MSSAN
     from training.train import EncodeBoth, train_step
 
-    g = torch.Generator().manual_seed(1)
-    batch = {
-        "regions": torch.randn(6, 5, 20, generator=g),
-        "region_mask": torch.ones(6, 5),
-        "tokens": torch.randint(4, 40, (6, 7), generator=g),
-        "token_mask": torch.ones(6, 7),
-        "img_ids": torch.tensor([0, 0, 1, 2, 3, 4]),
-    }
+    batch = _toy_batch(1)
     for stage1_loss, level_loss in ((0.0, 0.0), (1.5, 0.0), (1.5, 0.7)):
         torch.manual_seed(0)
         model = MSSAN(

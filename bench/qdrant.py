@@ -231,14 +231,14 @@ def _one_size(
     twin = n_items * _bytes_per_item({"local_dtype": "uint8" if mmap else "float32"}, 2 * d, p, d)
     # the saved index of the in-memory twin (beside its spilled copy when memory-mapped), then beside each
     # group of Qdrant modes (at least the smallest)
-    want = max((2 if mmap else 1) * twin, twin + min(need.values()))
+    want = max((2 if mmap else 1) * twin, twin + min(need.values())) + 2 * 2**30  # _groups' margin
+    shutil.rmtree(folder, ignore_errors=True)  # a run that stopped mid-section left it
     free = shutil.disk_usage(work).free
     if want > 0.85 * free:
         raise SystemExit(
             f"not enough disk in {work} for the Qdrant section's {direction} {n}: ~{want / 2**30:.1f} GB "
             f"needed, {free / 2**30:.1f} GB free; pass --work elsewhere or a smaller --set qdrant_sizes"
         )
-    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     local = "int8" if mmap else "float32"  # the in-memory twin of modes(mmap)'s locals
     row["memory_layout"] = "int8 locals memory-mapped" if mmap else "float32 in RAM"

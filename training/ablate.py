@@ -140,6 +140,8 @@ def ablate(
             "epochs": epochs,
             "model": run["model"],
             "train": run["train"],
+            # the preset's resolved train config: a run made before a preset default changed is not reused
+            "train_config": {**get_preset(preset).train.to_dict(), **run["train"]},
         }
         log_file, spec_file = folder / "train_log.json", folder / RUN_SPEC
         if log_file.is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == spec:

@@ -71,7 +71,7 @@ class TrainConfig:
     m_min: float = 0.05
     m_max: float = 0.5
     level_loss: float = 0.0  # deep supervision: + level_loss * each weighted level's own ranking loss
-    stage1_loss: float = 0.0  # + stage1_loss * the ranking loss of the stage-1 score alone (S_gg + S_gl)
+    stage1_loss: float = 0.0  # + stage1_loss * the ranking loss of the stage-1 score e_img . e_txt alone
     level_weights: Literal["fixed", "dev"] = "dev"  # "dev": the saved model's lam_* are chosen on dev (rSum)
     vocab_threshold: int = 4
     seed: int = 0

@@ -51,6 +51,11 @@ def fetch_ranks(view: Any, queries: np.ndarray, k: int = K, most: int = 4) -> np
     return out
 
 
+def rank_summary(ranks: np.ndarray) -> dict[str, float]:
+    """p50, p99 and max of per-query ranks (the rows a stage 1 must fetch)."""
+    return {"p50": float(np.median(ranks)), "p99": float(np.percentile(ranks, 99)), "max": int(ranks.max())}
+
+
 def contained(ranks: np.ndarray, k: int = K) -> dict[str, float]:
     """Share of queries whose exact top ``k`` lies within the first ``m x k`` compressed rows, per ``m``."""
     return {f"{m:g}x": float(np.mean(ranks <= m * k)) for m in MULTIPLES}
@@ -107,11 +112,7 @@ def measure(
         row = {
             "items": view.n,
             "queries": len(q),
-            "rank_of_last_exact": {
-                "p50": float(np.median(ranks)),
-                "p99": float(np.percentile(ranks, 99)),
-                "max": int(ranks.max()),
-            },
+            "rank_of_last_exact": rank_summary(ranks),
             "contained": contained(ranks),
             "stage1": stage1_times(view, q, overfetches, rounds),
         }

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .overfetch import rank_summary
 from .query_path import _gallery
 from .timing import machine_info, side_by_side, versions
 
@@ -123,10 +124,6 @@ def nbits4_topk(view: Any, scan: Nbits4Scan, q: np.ndarray, fetch: int, k: int =
     return rows[np.lexsort((rows, -exact))[:k]]  # type: ignore[no-any-return]
 
 
-def _summary(r: np.ndarray) -> dict[str, float]:
-    return {"p50": float(np.median(r)), "p99": float(np.percentile(r, 99)), "max": int(r.max())}
-
-
 def measure_view(
     view: Any, q: np.ndarray, rounds: int, fetch: int, train: int, k: int = K, faiss_kinds: bool = True
 ) -> dict[str, Any]:
@@ -144,7 +141,7 @@ def measure_view(
     qq, _ = view.codec.query(q)
     cands["sq8"] = {
         "bytes_per_row": d,
-        "rank_of_last_exact": _summary(last_ranks(view.searcher.search(qq, deep)[1], exact)),
+        "rank_of_last_exact": rank_summary(last_ranks(view.searcher.search(qq, deep)[1], exact)),
     }
     t = time.perf_counter()
     codes, _low, step = affine4(full)
@@ -152,7 +149,7 @@ def measure_view(
     cands["nbits4"] = {
         "bytes_per_row": d / 2,
         "build_s": time.perf_counter() - t,
-        "rank_of_last_exact": _summary(last_ranks(np.argsort(-scan.scores(q), axis=1)[:, :deep], exact)),
+        "rank_of_last_exact": rank_summary(last_ranks(np.argsort(-scan.scores(q), axis=1)[:, :deep], exact)),
     }
     exact_sets = [set(e.tolist()) for e in exact]
     cands["nbits4"]["topk_exact_share"] = float(
@@ -183,7 +180,7 @@ def measure_view(
         cands["faiss_sq4"] = {
             "bytes_per_row": sq4.sa_code_size(),
             "build_s": time.perf_counter() - t,
-            "rank_of_last_exact": _summary(last_ranks(sq4.search(q, deep)[1], exact)),
+            "rank_of_last_exact": rank_summary(last_ranks(sq4.search(q, deep)[1], exact)),
         }
         t = time.perf_counter()
         pq = faiss.IndexPQFastScan(d, d // 2, 4, faiss.METRIC_INNER_PRODUCT)
@@ -193,7 +190,7 @@ def measure_view(
         cands["pq_fastscan"] = {
             "bytes_per_row": d // 4,
             "build_s": time.perf_counter() - t,
-            "rank_of_last_exact": _summary(last_ranks(pq.search(q, deep)[1], exact)),
+            "rank_of_last_exact": rank_summary(last_ranks(pq.search(q, deep)[1], exact)),
         }
         fns["faiss_sq4 scan (1 thread)"] = lambda: sq4.search(query()[None], fetch)
         fns["pq_fastscan scan (1 thread)"] = lambda: pq.search(query()[None], fetch)

@@ -46,6 +46,8 @@ SUMMARY_KEYS = (
     "floor_ratio_t2i_5k_fp32",
     "floor_ratio_t2i_25k_fp32",
     "floor_ratio_i2t_5k_fp32",
+    "stage1_recall100_5k_t2i",
+    "stage1_recall100_5k_i2t",
 )
 LAYOUT_NAMES = ("fp32", "int8-stage1", "int8")  # fp16 was removed (older results may still hold it)
 TARGETS = {
@@ -138,6 +140,12 @@ def summarise(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
         f"recall on {rec.get('images')} synthetic images: min over t2i/i2t of "
         "R@1(rerank 100) / R@1(exhaustive)"
     )
+    for d in ("t2i", "i2t"):
+        s[f"stage1_recall100_5k_{d}"] = _nan(rec.get(d, {}).get("0", {}).get("r100"))
+        src[f"stage1_recall100_5k_{d}"] = (
+            f"recall on {rec.get('images')} synthetic images: % of {d} queries with a right answer in "
+            "the stage-1 top 100 (the candidates of rerank 100)"
+        )
     # ---- gallery layouts
     big = lat.get(f"t2i_{cfg['ref_large']}", {})
     s["twostage_speedup_vs_exhaustive_25k_int8"] = _nan(big.get("speedup_rerank100_int8_vs_exhaustive_torch"))
@@ -550,6 +558,13 @@ def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) 
                 f"{_f(a['r1_ratio'], 3)} | "
                 f"{_f(b['r1'], 1)} | {_f(b['r5'], 1)} | {_f(b['r10'], 1)} | {_f(b['r1_ratio'], 3)} |"
             )
+        s1 = rec["t2i"].get("0", {}), rec["i2t"].get("0", {})
+        if "r100" in s1[0] and "r100" in s1[1]:
+            lines += [
+                "",
+                f"Stage 1 alone (depth 0) R@100: t2i {_f(s1[0]['r100'], 1)}, i2t {_f(s1[1]['r100'], 1)} "
+                "(a right answer among the candidates of rerank 100).",
+            ]
         lays = [d for d in rec["t2i"] if d.startswith("layout_")]
         if lays:
             lines += [

@@ -121,6 +121,10 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(
         summary["twostage_ivf_recall1_ratio_5k"]
     )
     assert "ivf_100" in results["recall"]["t2i"] and "IVF stage 1" in proc.stdout
+    for d in ("t2i", "i2t"):  # stage 1 alone reports how many right answers a rerank of 100 can see
+        row = results["recall"][d]["0"]
+        assert row["r10"] <= row["r100"] == summary[f"stage1_recall100_5k_{d}"] <= 100
+    assert results["recall"]["t2i"]["0"]["r100"] == 100  # 40 images: the top 100 is the whole gallery
     for name in ("results.md", "recall_latency_vs_depth.png", "scorer.png", "floor.png"):
         assert (out / name).stat().st_size > 0
     assert "## 1. Scorer throughput" in proc.stdout

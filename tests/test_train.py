@@ -63,20 +63,21 @@ def test_resume_continues_from_the_last_epoch(data: Path, tmp_path: Path) -> Non
         model_overrides=MODEL,
         train_overrides=TRAIN,
     )
-    res = train(
-        data,
-        tmp_path / "ck",
-        preset="tiny",
-        text_encoder="bigru",
-        epochs=2,
-        resume=True,
-        progress=False,
-        model_overrides=MODEL,
-        train_overrides=TRAIN,
-    )
+    from mssan_infer.errors import InputError
+
+    with pytest.raises(InputError, match=r"ask for lr=0.1 \(the run has 0.003\).*new --out"):
+        train(data, tmp_path / "ck", epochs=2, resume=True, progress=False, train_overrides={"lr": 0.1})
+    with pytest.raises(InputError, match=r"embed_size=4 \(the run has 48\)"):
+        train(data, tmp_path / "ck", epochs=2, resume=True, progress=False, model_overrides={"embed_size": 4})
+    assert json.loads((tmp_path / "ck" / "last" / "state.json").read_text())["epoch"] == 0  # untouched
+    # no flags: the run continues with the recipe saved in last/, not the tiny preset's (batch 128, lr 5e-4)
+    kept = {"device": "cpu"}  # where it runs may change
+    res = train(data, tmp_path / "ck", epochs=2, resume=True, progress=False, train_overrides=kept)
     assert [h["epoch"] for h in res["history"]] == [0, 1]
     last = json.loads((tmp_path / "ck" / "last" / "state.json").read_text())
     assert last["epoch"] == 1 and len(last["margins"]) == 2
+    saved = json.loads((tmp_path / "ck" / "last" / "config.json").read_text())["train"]
+    assert (saved["batch_size"], saved["lr"], saved["epochs"]) == (64, 3e-3, 2)
 
 
 def _toy_batch(seed: int) -> dict[str, Any]:

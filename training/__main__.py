@@ -281,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep only the transformer tower's first N layers (a faster query encoder; default: "
         f"{BUNDLED_LAYERS} for the bundled MiniLM, all for --text-model)",
     )
-    tp.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    tp.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last with the recipe saved there (--epochs N extends it; "
+        "a --set that differs from it is refused)",
+    )
     tp.add_argument(
         "--set",
         action="append",

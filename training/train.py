@@ -372,6 +372,54 @@ def _overrides(obj: Any, values: dict[str, Any] | None) -> Any:
     return type(obj).from_dict(d)
 
 
+# What a resumed run may change: where and how fast it runs, and how long (extending a run).
+RESUME_MAY_CHANGE = frozenset({"epochs", "device", "workers", "compile"})
+
+
+def _resumed_recipe(
+    last: Path,
+    train_overrides: dict[str, Any] | None,
+    model_overrides: dict[str, Any] | None,
+    epochs: int | None,
+) -> TrainConfig:
+    """The train config a resumed run continues with: the one saved in ``last/config.json`` (not the
+    preset's, which may have changed since), with ``--epochs`` and the settings of
+    ``RESUME_MAY_CHANGE`` taken from the flags.
+
+    Raises:
+        InputError: a flag asks for another value of anything else (the recipe or the model) than the
+            run was started with: continuing with it would mix two recipes in one checkpoint.
+    """
+    try:
+        saved = json.loads((last / "config.json").read_text(encoding="utf-8"))
+        tcfg = TrainConfig.from_dict(saved["train"])
+        mcfg = saved["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(
+            f"--resume: cannot read the recipe saved in {last / 'config.json'} ({e!r}); "
+            "train into a new --out"
+        ) from e
+    clash = [
+        f"{k}={json.dumps(v)} (the run has {json.dumps(tcfg.to_dict().get(k))})"
+        for k, v in (train_overrides or {}).items()
+        if k not in RESUME_MAY_CHANGE and tcfg.to_dict().get(k, v) != v
+    ] + [
+        f"{k}={json.dumps(v)} (the run has {json.dumps(mcfg.get(k))})"
+        for k, v in (model_overrides or {}).items()
+        if mcfg.get(k, v) != v
+    ]
+    if clash:
+        raise InputError(
+            f"--resume continues the run in {last.parent} with the recipe it was started with, but the "
+            f"flags ask for {'; '.join(clash)}. Drop those flags (--set KEY=VALUE, --lr, --batch-size, "
+            "--seed, --negatives) to continue it, or train into a new --out to use them"
+        )
+    tcfg = _overrides(tcfg, {k: v for k, v in (train_overrides or {}).items() if k in RESUME_MAY_CHANGE})
+    if epochs is not None:
+        tcfg.epochs = epochs
+    return tcfg
+
+
 @contextlib.contextmanager
 def _maybe_distributed(device: str) -> Iterator[DistInfo]:
     info = init_distributed(device)
@@ -436,6 +484,8 @@ def train(
     tcfg: TrainConfig = _overrides(p.train, train_overrides)
     if epochs is not None:
         tcfg.epochs = epochs
+    if resume and (Path(out_dir) / "last" / "state.json").is_file():
+        tcfg = _resumed_recipe(Path(out_dir) / "last", train_overrides, model_overrides, epochs)
     if not isinstance(tcfg.epochs, int) or tcfg.epochs < 1:
         raise InputError(
             f"--epochs must be at least 1, got {tcfg.epochs}: training 0 epochs writes no checkpoint "

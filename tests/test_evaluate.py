@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -84,6 +86,35 @@ def test_select_level_weights_turns_down_a_loud_noisy_level() -> None:
     at_start = recall_report(levels["gg"] + levels["ll"])["rsum"]
     assert rep["rsum"] > at_start + 20
     assert rep["rsum"] == recall_report(np.float32(w["gg"]) * levels["gg"] + levels["ll"])["rsum"]
+
+
+def test_select_level_weights_with_a_rerank_depth_keeps_stage_1_able_to_find_the_answer() -> None:
+    from training.evaluate import select_level_weights
+
+    rng = np.random.default_rng(0)
+    truth = _perfect(40)
+    # S_ll ranks perfectly, so small global weights give a perfect exhaustive rSum whatever their
+    # ratio; of the global levels only S_gg finds the right items (S_gl is loud noise), so only a
+    # small gl:gg ratio lets stage 1 pass the right ones to a rerank of 3.
+    levels = {
+        "gg": truth + 0.3 * rng.standard_normal(truth.shape).astype(np.float32),
+        "gl": 3.0 * rng.standard_normal(truth.shape).astype(np.float32),
+        "ll": truth,
+    }
+
+    def twostage(w: dict[str, float]) -> dict[str, Any]:
+        s1 = np.float32(w["gg"]) * levels["gg"] + np.float32(w["gl"]) * levels["gl"]
+        full = s1 + levels["ll"]
+        return recall_report(twostage_scores(s1, full, 3, axis=1), twostage_scores(s1, full, 3, axis=0))
+
+    start = {"gg": 1.0, "gl": 1.0, "ll": 1.0}
+    w_ex, rep = select_level_weights(levels, start)
+    assert rep["mode"] == "exhaustive" and rep["rsum"] == 600.0
+    w, rep = select_level_weights(levels, start, rerank=3)
+    assert rep["mode"] == "twostage@3" and w["gl"] / w["gg"] <= 0.05 / 3.0 + 1e-9, w
+    assert rep["rsum"] == twostage(w)["rsum"] > twostage(w_ex)["rsum"] + 20
+    # a depth no smaller than either gallery is exhaustive
+    assert select_level_weights(levels, start, rerank=200)[1]["mode"] == "exhaustive"
 
 
 def test_select_level_weights_keeps_the_training_weights_on_a_tie() -> None:

@@ -201,8 +201,12 @@ def test_dev_selected_level_weights_are_saved_with_the_best_model_and_give_its_d
     last = load_checkpoint(tmp_path / "ck" / "last").model.cfg  # training goes on at 1:1:1
     assert (last.lam_gg, last.lam_gl, last.lam_ll) == (1.0, 1.0, 1.0)
     dev = load_split(data, "dev")
-    rep = evaluate_split(ck.model, dev.images, dev.region_mask, dev.captions, ck.tokenizer, rerank=0)
-    assert rep["exhaustive"]["rsum"] == pytest.approx(best["dev_rsum"], abs=1.0)  # the saved weights give it
+    k = ck.train_config.eval_rerank if ck.train_config else 0  # chosen by two-stage recall at that depth
+    assert best["dev_rsum_mode"] == f"twostage@{k}" and 0 < k < dev.n_images
+    rep = evaluate_split(ck.model, dev.images, dev.region_mask, dev.captions, ck.tokenizer, rerank=k)
+    assert rep[f"twostage@{k}"]["rsum"] == pytest.approx(
+        best["dev_rsum"], abs=1.0
+    )  # the saved weights give it
 
 
 # ---- training that says what it did ----------------------------------------------------------------

@@ -257,21 +257,29 @@ def select_level_weights(
     levels: dict[str, np.ndarray],
     start: dict[str, float],
     grid: Sequence[float] = LEVEL_GRID,
+    rerank: int = 0,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Level weights with the best exhaustive rSum on ``levels`` (a dev split's ``sharded_level_scores``).
+    """Level weights with the best dev rSum on ``levels`` (a dev split's ``sharded_level_scores``).
 
     The reference level (S_ll when present, else the last present level) keeps weight 1; each
     other present level takes a weight from ``grid``; absent levels stay 0. Only the ratios
     matter to a ranking. ``start`` (the training weights) is tried first and kept on a tie.
+    ``rerank > 0`` with a global level present: the rSum is that of two-stage retrieval at that
+    depth (stage 1 ranks by the weighted global levels, ``S_gg`` and ``S_gl``; the top ``rerank``
+    are reordered by the full score), what the runtime returns, so the weights also keep stage 1
+    good; otherwise the exhaustive rSum.
 
     Returns:
-        The chosen weights (all three levels) and its recall report.
+        The chosen weights (all three levels) and the recall report they were chosen by (``mode``:
+        ``"twostage@K"`` or ``"exhaustive"``).
     """
     present = [t for t in TERMS if t in levels]
     if not present:
         raise ValueError("no level to weight: every lam_* is 0")
     ref = present[-1]
     others = present[:-1]
+    glob = [t for t in ("gg", "gl") if t in levels]
+    two = rerank > 0 and bool(glob) and rerank < max(levels[ref].shape)
     candidates = [tuple(start[t] / start[ref] for t in others)]
     candidates += list(itertools.product(grid, repeat=len(others)))
     best: tuple[float, dict[str, float], dict[str, Any]] | None = None
@@ -279,7 +287,15 @@ def select_level_weights(
         w = {t: 0.0 for t in TERMS}
         w.update(dict(zip(others, (float(c) for c in cand))))
         w[ref] = 1.0
-        rep = recall_report(np.sum([np.float32(w[t]) * levels[t] for t in present], axis=0))
+        full = np.sum([np.float32(w[t]) * levels[t] for t in present], axis=0)
+        if two:
+            s1 = np.sum([np.float32(w[t]) * levels[t] for t in glob], axis=0)
+            rep = recall_report(
+                twostage_scores(s1, full, rerank, axis=1), twostage_scores(s1, full, rerank, axis=0)
+            )
+            rep["mode"] = f"twostage@{rerank}"
+        else:
+            rep = {**recall_report(full), "mode": "exhaustive"}
         if best is None or rep["rsum"] > best[0]:
             best = (rep["rsum"], w, rep)
     assert best is not None

@@ -344,7 +344,9 @@ def _dev_report(
     zero = np.zeros((img.stage1.shape[0], txt.stage1.shape[0]), np.float32)
     stage1 = sum((np.float32(lam[t]) * levels[t] for t in ("gg", "gl") if t in levels), zero)
     full = stage1 + np.float32(lam["ll"]) * levels["ll"] if "ll" in levels else stage1
-    return report_from_scores(full, stage1, tcfg.eval_rerank), select_level_weights(levels, lam)
+    return report_from_scores(full, stage1, tcfg.eval_rerank), select_level_weights(
+        levels, lam, rerank=tcfg.eval_rerank
+    )
 
 
 @contextlib.contextmanager
@@ -668,6 +670,7 @@ def _train(
             if chosen is not None:
                 rec["level_weights"], rec["dev_rsum_train_weights"] = chosen[0], rsum
                 rsum = rec["dev_rsum"] = chosen[1]["rsum"]
+                rec["dev_rsum_mode"] = chosen[1]["mode"]  # two-stage at eval_rerank where stage 1 exists
             history.append(rec)
             log.info(
                 "epoch %d loss %.3f margins %s dev rsum %.1f (stage1 %.1f)%s %.0fs",

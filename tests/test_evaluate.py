@@ -129,3 +129,40 @@ def test_select_level_weights_keeps_the_training_weights_on_a_tie() -> None:
     assert w == {"gg": 1.0, "gl": 0.0, "ll": 0.0}
     with pytest.raises(ValueError, match="no level"):
         select_level_weights({}, {"gg": 0.0, "gl": 0.0, "ll": 0.0})
+
+
+@pytest.mark.parametrize("k", [1, 10, 23, 60, 300])
+def test_twostage_recall_equals_the_recall_of_the_reranked_matrices(k: int) -> None:
+    from training.evaluate import twostage_recall
+
+    rng = np.random.default_rng(k)
+    truth = _perfect(60)
+    # coarse values: many ties, in stage 1 (which items enter the top k) and in the full score
+    stage1 = np.round(truth + rng.standard_normal(truth.shape), 1).astype(np.float32)
+    full = np.round(stage1 + 2 * truth + rng.standard_normal(truth.shape), 1).astype(np.float32)
+    want = recall_report(twostage_scores(stage1, full, k, axis=1), twostage_scores(stage1, full, k, axis=0))
+    assert twostage_recall(stage1, full, k) == want
+
+
+def test_select_level_weights_two_stage_choice_equals_a_brute_force_search() -> None:
+    from training.evaluate import select_level_weights
+
+    rng = np.random.default_rng(3)
+    truth = _perfect(50)
+    levels = {
+        t: truth * a + rng.standard_normal(truth.shape).astype(np.float32)
+        for t, a in (("gg", 1.0), ("gl", 0.6), ("ll", 2.0))
+    }
+    grid, start = (0.1, 0.5, 2.0), {"gg": 1.0, "gl": 1.0, "ll": 1.0}
+    best = None
+    for a, b in [(1.0, 1.0), *((a, b) for a in grid for b in grid)]:
+        s1 = np.float32(a) * levels["gg"] + np.float32(b) * levels["gl"]
+        full = s1 + levels["ll"]
+        rsum = recall_report(twostage_scores(s1, full, 12, axis=1), twostage_scores(s1, full, 12, axis=0))[
+            "rsum"
+        ]
+        if best is None or rsum > best[0]:
+            best = (rsum, {"gg": a, "gl": b, "ll": 1.0})
+    assert best is not None
+    w, rep = select_level_weights(levels, start, grid=grid, rerank=12)
+    assert (rep["rsum"], w) == best and rep["mode"] == "twostage@12"

@@ -34,6 +34,8 @@ __all__ = [
     "report_from_scores",
     "sharded_level_scores",
     "select_level_weights",
+    "twostage_recall",
+    "stage1_tops",
     "LEVEL_GRID",
 ]
 
@@ -100,6 +102,51 @@ def twostage_scores(stage1: np.ndarray, full: np.ndarray, k: int, axis: int) -> 
     vals = np.take_along_axis(full, top, axis=axis).astype(np.float64) + _RERANK_OFFSET
     np.put_along_axis(out, top, vals, axis=axis)
     return out
+
+
+def stage1_tops(stage1: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each query's top ``k`` by ``stage1 [N, 5N]``, as ``twostage_scores`` picks them: ``[N, k]``
+    caption indices per image and ``[5N, k]`` image indices per caption (``None`` when ``k`` covers
+    the images)."""
+    n = stage1.shape[0]
+    top = np.argpartition(-stage1, k - 1, axis=1)[:, :k]
+    top_t = None if k >= n else np.argpartition(-np.ascontiguousarray(stage1.T), k - 1, axis=1)[:, :k]
+    return top, top_t
+
+
+def twostage_recall(
+    stage1: np.ndarray,
+    full: np.ndarray,
+    k: int,
+    tops: tuple[np.ndarray, np.ndarray | None] | None = None,
+) -> dict[str, Any]:
+    """``recall_report`` of two-stage retrieval at depth ``k`` (as ``twostage_scores`` both ways) from
+    ``[N, 5N]`` scores, without building the reranked matrices when ``k >= 10``: a right item outside
+    a query's top ``k`` then ranks ``k`` or lower and counts for no R@1/5/10, and one inside ranks by
+    the candidates of that query whose full score is at least its own (ties pessimistic, as
+    ``ranks_i2t``/``ranks_t2i``). ``tops``: ``stage1_tops(stage1, k)`` if already computed (it
+    depends on the ratio of the global levels' weights alone)."""
+    n, m = stage1.shape
+    if k < 10 or k >= m:
+        return recall_report(
+            twostage_scores(stage1, full, k, axis=1), twostage_scores(stage1, full, k, axis=0)
+        )
+    top, top_t = tops if tops is not None else stage1_tops(stage1, k)
+    # image -> text: each row ranks the 5N captions; its right ones are 5i .. 5i+4
+    f = np.take_along_axis(full, top, axis=1)
+    right = top // CAPS == np.arange(n)[:, None]
+    best = np.where(right, f, -np.inf).max(1, keepdims=True)
+    r_i2t = np.where(np.isfinite(best[:, 0]), ((f >= best) & ~right).sum(1), k)
+    # text -> image: each caption ranks the N images; its right one is caption // 5
+    if top_t is None:
+        r_t2i = ranks_t2i(full)
+    else:
+        f_t = full[top_t, np.arange(m)[:, None]]  # [5N, k]
+        right_t = top_t == (np.arange(m) // CAPS)[:, None]
+        own = np.where(right_t, f_t, -np.inf).max(1, keepdims=True)
+        r_t2i = np.where(np.isfinite(own[:, 0]), ((f_t >= own) & ~right_t).sum(1), k)
+    i2t, t2i = recall_from_ranks(r_i2t), recall_from_ranks(r_t2i)
+    return {"i2t": i2t, "t2i": t2i, "rsum": sum(i2t.values()) + sum(t2i.values())}
 
 
 def pad_cat(parts: Sequence[Encoded]) -> Encoded:
@@ -253,6 +300,13 @@ def sharded_level_scores(model: MSSAN, img: Encoded, txt: Encoded, shard: int = 
     return out
 
 
+def _weighted(levels: dict[str, np.ndarray], w: dict[str, float], terms: Sequence[str]) -> np.ndarray:
+    out = np.float32(w[terms[0]]) * levels[terms[0]]
+    for t in terms[1:]:
+        out += np.float32(w[t]) * levels[t]
+    return out
+
+
 def select_level_weights(
     levels: dict[str, np.ndarray],
     start: dict[str, float],
@@ -282,21 +336,34 @@ def select_level_weights(
     two = rerank > 0 and bool(glob) and rerank < max(levels[ref].shape)
     candidates = [tuple(start[t] / start[ref] for t in others)]
     candidates += list(itertools.product(grid, repeat=len(others)))
-    best: tuple[float, dict[str, float], dict[str, Any]] | None = None
+    weights = []
     for cand in candidates:
         w = {t: 0.0 for t in TERMS}
         w.update(dict(zip(others, (float(c) for c in cand))))
         w[ref] = 1.0
-        full = np.sum([np.float32(w[t]) * levels[t] for t in present], axis=0)
+        weights.append(w)
+
+    def ratio(i: int) -> float:  # stage 1's top k depends on the gl : gg ratio alone
+        w = weights[i]
+        return w["gl"] / w["gg"] if w["gg"] > 0 else float("inf")
+
+    reps: dict[int, dict[str, Any]] = {}
+    # stage 1 of the current gl : gg ratio, its top k per query
+    group: tuple[float, np.ndarray, tuple[np.ndarray, np.ndarray | None] | None] | None = None
+    for i in sorted(range(len(weights)), key=ratio) if two else range(len(weights)):
+        w = weights[i]
+        full = _weighted(levels, w, present)
         if two:
-            s1 = np.sum([np.float32(w[t]) * levels[t] for t in glob], axis=0)
-            rep = recall_report(
-                twostage_scores(s1, full, rerank, axis=1), twostage_scores(s1, full, rerank, axis=0)
-            )
-            rep["mode"] = f"twostage@{rerank}"
+            if group is None or group[0] != ratio(i):  # the global levels, weighted: stage 1
+                s1 = _weighted(levels, w, glob)
+                group = (ratio(i), s1, stage1_tops(s1, rerank) if 10 <= rerank < s1.shape[1] else None)
+            rep = twostage_recall(group[1], full, rerank, group[2])
+            reps[i] = {**rep, "mode": f"twostage@{rerank}"}
         else:
-            rep = {**recall_report(full), "mode": "exhaustive"}
-        if best is None or rep["rsum"] > best[0]:
-            best = (rep["rsum"], w, rep)
+            reps[i] = {**recall_report(full), "mode": "exhaustive"}
+    best: tuple[float, dict[str, float], dict[str, Any]] | None = None
+    for i, w in enumerate(weights):  # in the candidates' order: the training weights win a tie
+        if best is None or reps[i]["rsum"] > best[0]:
+            best = (reps[i]["rsum"], w, reps[i])
     assert best is not None
     return best[1], best[2]

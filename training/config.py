@@ -72,7 +72,8 @@ class TrainConfig:
     m_max: float = 0.5
     level_loss: float = 0.0  # deep supervision: + level_loss * each weighted level's own ranking loss
     stage1_loss: float = 0.0  # + stage1_loss * the ranking loss of the stage-1 score e_img . e_txt alone
-    level_weights: Literal["fixed", "dev"] = "dev"  # "dev": the saved model's lam_* are chosen on dev (rSum)
+    # "dev": the saved model's lam_* are chosen on dev, by two-stage rSum at eval_rerank
+    level_weights: Literal["fixed", "dev"] = "dev"
     vocab_threshold: int = 4
     seed: int = 0
     eval_rerank: int = 20  # K for the two-stage figure reported on dev

@@ -1,6 +1,7 @@
 """The training loop: adaptive-margin triplet loss, Adam with a step decay, best-on-dev selection.
 
-``out_dir`` holds the best checkpoint (by dev exhaustive rSum) and ``out_dir/last``
+``out_dir`` holds the best checkpoint (by dev rSum: with ``level_weights="dev"`` that of two-stage
+retrieval at ``eval_rerank`` under the weights chosen on dev, else exhaustive) and ``out_dir/last``
 the latest one, from which ``resume=True`` continues. Under ``torchrun`` the
 loop runs data-parallel (DDP) with negatives gathered across ranks; rank 0 alone
 evaluates, logs and writes checkpoints.

@@ -166,3 +166,11 @@ def test_select_level_weights_two_stage_choice_equals_a_brute_force_search() -> 
     assert best is not None
     w, rep = select_level_weights(levels, start, grid=grid, rerank=12)
     assert (rep["rsum"], w) == best and rep["mode"] == "twostage@12"
+
+
+def test_twostage_recall_refuses_scores_that_are_not_n_by_5n() -> None:
+    from training.evaluate import twostage_recall
+
+    s = np.zeros((20, 60), np.float32)
+    with pytest.raises(ValueError, match=r"\[N, 5N\] scores, got \(20, 60\)"):
+        twostage_recall(s, s, 12)

@@ -35,7 +35,6 @@ __all__ = [
     "sharded_level_scores",
     "select_level_weights",
     "twostage_recall",
-    "stage1_tops",
     "LEVEL_GRID",
 ]
 
@@ -104,34 +103,32 @@ def twostage_scores(stage1: np.ndarray, full: np.ndarray, k: int, axis: int) -> 
     return out
 
 
-def stage1_tops(stage1: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _stage1_tops(stage1: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Each query's top ``k`` by ``stage1 [N, 5N]``, as ``twostage_scores`` picks them: ``[N, k]``
     caption indices per image and ``[5N, k]`` image indices per caption (``None`` when ``k`` covers
     the images)."""
-    n = stage1.shape[0]
+    n, m = stage1.shape
+    if not 0 < k < m:
+        raise ValueError(f"_stage1_tops needs 0 < k < {m} (the captions), got k={k}")
     top = np.argpartition(-stage1, k - 1, axis=1)[:, :k]
     top_t = None if k >= n else np.argpartition(-np.ascontiguousarray(stage1.T), k - 1, axis=1)[:, :k]
     return top, top_t
 
 
-def twostage_recall(
-    stage1: np.ndarray,
-    full: np.ndarray,
-    k: int,
-    tops: tuple[np.ndarray, np.ndarray | None] | None = None,
-) -> dict[str, Any]:
+def twostage_recall(stage1: np.ndarray, full: np.ndarray, k: int) -> dict[str, Any]:
     """``recall_report`` of two-stage retrieval at depth ``k`` (as ``twostage_scores`` both ways) from
     ``[N, 5N]`` scores, without building the reranked matrices when ``k >= 10``: a right item outside
     a query's top ``k`` then ranks ``k`` or lower and counts for no R@1/5/10, and one inside ranks by
     the candidates of that query whose full score is at least its own (ties pessimistic, as
-    ``ranks_i2t``/``ranks_t2i``). ``tops``: ``stage1_tops(stage1, k)`` if already computed (it
-    depends on the ratio of the global levels' weights alone)."""
+    ``ranks_i2t``/``ranks_t2i``)."""
     n, m = stage1.shape
+    if m != CAPS * n or full.shape != stage1.shape:
+        raise ValueError(f"two-stage recall needs [N, {CAPS}N] scores, got {stage1.shape} and {full.shape}")
     if k < 10 or k >= m:
         return recall_report(
             twostage_scores(stage1, full, k, axis=1), twostage_scores(stage1, full, k, axis=0)
         )
-    top, top_t = tops if tops is not None else stage1_tops(stage1, k)
+    top, top_t = _stage1_tops(stage1, k)
     # image -> text: each row ranks the 5N captions; its right ones are 5i .. 5i+4
     f = np.take_along_axis(full, top, axis=1)
     right = top // CAPS == np.arange(n)[:, None]
@@ -318,10 +315,10 @@ def select_level_weights(
     The reference level (S_ll when present, else the last present level) keeps weight 1; each
     other present level takes a weight from ``grid``; absent levels stay 0. Only the ratios
     matter to a ranking. ``start`` (the training weights) is tried first and kept on a tie.
-    ``rerank > 0`` with a global level present: the rSum is that of two-stage retrieval at that
-    depth (stage 1 ranks by the weighted global levels, ``S_gg`` and ``S_gl``; the top ``rerank``
-    are reordered by the full score), what the runtime returns, so the weights also keep stage 1
-    good; otherwise the exhaustive rSum.
+    ``0 < rerank < 5N`` (the dev captions) with a global level present: the rSum is that of
+    two-stage retrieval at that depth (stage 1 ranks by the weighted global levels, ``S_gg`` and
+    ``S_gl``; the top ``rerank`` are reordered by the full score), what the runtime returns, so the
+    weights also keep stage 1 good; otherwise the exhaustive rSum.
 
     Returns:
         The chosen weights (all three levels) and the recall report they were chosen by (``mode``:
@@ -343,27 +340,14 @@ def select_level_weights(
         w[ref] = 1.0
         weights.append(w)
 
-    def ratio(i: int) -> float:  # stage 1's top k depends on the gl : gg ratio alone
-        w = weights[i]
-        return w["gl"] / w["gg"] if w["gg"] > 0 else float("inf")
-
-    reps: dict[int, dict[str, Any]] = {}
-    # stage 1 of the current gl : gg ratio, its top k per query
-    group: tuple[float, np.ndarray, tuple[np.ndarray, np.ndarray | None] | None] | None = None
-    for i in sorted(range(len(weights)), key=ratio) if two else range(len(weights)):
-        w = weights[i]
-        full = _weighted(levels, w, present)
-        if two:
-            if group is None or group[0] != ratio(i):  # the global levels, weighted: stage 1
-                s1 = _weighted(levels, w, glob)
-                group = (ratio(i), s1, stage1_tops(s1, rerank) if 10 <= rerank < s1.shape[1] else None)
-            rep = twostage_recall(group[1], full, rerank, group[2])
-            reps[i] = {**rep, "mode": f"twostage@{rerank}"}
-        else:
-            reps[i] = {**recall_report(full), "mode": "exhaustive"}
     best: tuple[float, dict[str, float], dict[str, Any]] | None = None
-    for i, w in enumerate(weights):  # in the candidates' order: the training weights win a tie
-        if best is None or reps[i]["rsum"] > best[0]:
-            best = (reps[i]["rsum"], w, reps[i])
+    for w in weights:  # the training weights come first and win a tie
+        full = _weighted(levels, w, present)
+        if two:  # stage 1 ranks by the weighted global levels
+            rep = {**twostage_recall(_weighted(levels, w, glob), full, rerank), "mode": f"twostage@{rerank}"}
+        else:
+            rep = {**recall_report(full), "mode": "exhaustive"}
+        if best is None or rep["rsum"] > best[0]:
+            best = (rep["rsum"], w, rep)
     assert best is not None
     return best[1], best[2]

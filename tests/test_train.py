@@ -69,7 +69,18 @@ def test_resume_continues_from_the_last_epoch(data: Path, tmp_path: Path) -> Non
         train(data, tmp_path / "ck", epochs=2, resume=True, progress=False, train_overrides={"lr": 0.1})
     with pytest.raises(InputError, match=r"embed_size=4 \(the run has 48\)"):
         train(data, tmp_path / "ck", epochs=2, resume=True, progress=False, model_overrides={"embed_size": 4})
+    with pytest.raises(InputError, match=r"--text-encoder transformer \(the run has bigru\)"):
+        train(data, tmp_path / "ck", epochs=2, resume=True, progress=False, text_encoder="transformer")
+    with pytest.raises(InputError, match=r"--set no_such_field: no such field"):
+        train(
+            data, tmp_path / "ck", epochs=2, resume=True, progress=False, model_overrides={"no_such_field": 1}
+        )
     assert json.loads((tmp_path / "ck" / "last" / "state.json").read_text())["epoch"] == 0  # untouched
+    # a run saved before the two-stage choice: its best is an exhaustive rSum, which does not compare
+    last_state = tmp_path / "ck" / "last" / "state.json"
+    old = json.loads(last_state.read_text())
+    del old["best_rsum_mode"]
+    last_state.write_text(json.dumps({**old, "best_rsum": 600.0}))
     # no flags: the run continues with the recipe saved in last/, not the tiny preset's (batch 128, lr 5e-4)
     kept = {"device": "cpu"}  # where it runs may change
     res = train(data, tmp_path / "ck", epochs=2, resume=True, progress=False, train_overrides=kept)
@@ -78,6 +89,8 @@ def test_resume_continues_from_the_last_epoch(data: Path, tmp_path: Path) -> Non
     assert last["epoch"] == 1 and len(last["margins"]) == 2
     saved = json.loads((tmp_path / "ck" / "last" / "config.json").read_text())["train"]
     assert (saved["batch_size"], saved["lr"], saved["epochs"]) == (64, 3e-3, 2)
+    best = json.loads((tmp_path / "ck" / "state.json").read_text())
+    assert best["best_epoch"] == 1 and best["best_rsum_mode"] == "twostage@20"  # replaced the old best
 
 
 def _toy_batch(seed: int) -> dict[str, Any]:

@@ -384,24 +384,39 @@ def _resumed_recipe(
     train_overrides: dict[str, Any] | None,
     model_overrides: dict[str, Any] | None,
     epochs: int | None,
+    tower: dict[str, Any] | None = None,
 ) -> TrainConfig:
     """The train config a resumed run continues with: the one saved in ``last/config.json`` (not the
-    preset's, which may have changed since), with ``--epochs`` and the settings of
-    ``RESUME_MAY_CHANGE`` taken from the flags.
+    preset's, which may have changed since; ``--preset`` is not read), with ``--epochs`` and the
+    settings of ``RESUME_MAY_CHANGE`` taken from the flags. ``tower``: the text-tower flags
+    (``text_encoder``, ``text_model``, ``text_layers``; ``None`` where not given).
 
     Raises:
-        InputError: a flag asks for another value of anything else (the recipe or the model) than the
-            run was started with: continuing with it would mix two recipes in one checkpoint.
+        InputError: a flag asks for another value of anything else (the recipe, the model or its text
+            tower) than the run was started with: continuing with it would mix two recipes in one
+            checkpoint; or ``--set`` names a field the saved model does not have; or the folder holds no
+            readable recipe.
     """
+    path = last / "config.json"
     try:
-        saved = json.loads((last / "config.json").read_text(encoding="utf-8"))
-        tcfg = TrainConfig.from_dict(saved["train"])
-        mcfg = saved["model"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"--resume: cannot read {path} ({e}); train into a new --out") from e
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or "model" not in saved:
         raise InputError(
-            f"--resume: cannot read the recipe saved in {last / 'config.json'} ({e!r}); "
-            "train into a new --out"
+            f"--resume: {path} holds no train config (a checkpoint written without one, or not by "
+            "`python -m training train`), and flags cannot stand in for it; train into a new --out"
+        )
+    try:
+        tcfg = TrainConfig.from_dict(saved["train"])
+    except (ValueError, TypeError) as e:
+        raise InputError(
+            f"--resume: the train config in {path} is not readable ({e}); train into a new --out"
         ) from e
+    mcfg = saved["model"]
+    unknown = sorted(set(model_overrides or {}) - set(mcfg))
+    if unknown:
+        raise InputError(f"--set {', '.join(unknown)}: no such field in the model saved in {path}")
     clash = [
         f"{k}={json.dumps(v)} (the run has {json.dumps(tcfg.to_dict().get(k))})"
         for k, v in (train_overrides or {}).items()
@@ -411,6 +426,22 @@ def _resumed_recipe(
         for k, v in (model_overrides or {}).items()
         if mcfg.get(k, v) != v
     ]
+    tower = tower or {}
+    has = {
+        "text_encoder": mcfg.get("text_encoder"),
+        "text_model": mcfg.get("text_model") or None,
+        "text_layers": (mcfg.get("text_config") or {}).get("num_hidden_layers"),
+    }
+    for key, value in tower.items():
+        if value is None:
+            continue
+        same = (
+            has[key] is not None and Path(value).resolve() == Path(has[key]).resolve()
+            if key == "text_model"
+            else value == has[key]
+        )
+        if not same:
+            clash.append(f"--{key.replace('_', '-')} {value} (the run has {has[key]})")
     if clash:
         raise InputError(
             f"--resume continues the run in {last.parent} with the recipe it was started with, but the "
@@ -488,7 +519,13 @@ def train(
     if epochs is not None:
         tcfg.epochs = epochs
     if resume and (Path(out_dir) / "last" / "state.json").is_file():
-        tcfg = _resumed_recipe(Path(out_dir) / "last", train_overrides, model_overrides, epochs)
+        tcfg = _resumed_recipe(
+            Path(out_dir) / "last",
+            train_overrides,
+            model_overrides,
+            epochs,
+            {"text_encoder": text_encoder, "text_model": text_model, "text_layers": text_layers},
+        )
     if not isinstance(tcfg.epochs, int) or tcfg.epochs < 1:
         raise InputError(
             f"--epochs must be at least 1, got {tcfg.epochs}: training 0 epochs writes no checkpoint "
@@ -529,12 +566,14 @@ def _train(
     dev_split = load_split(data_dir, "dev") if info.main else None
 
     start_epoch, best, history = 0, -1.0, []
+    best_mode = ""  # which rSum ``best`` is: "exhaustive" or "twostage@K"
     resumed = None
     if resume and (out / "last" / "state.json").is_file():
         resumed = load_checkpoint(out / "last")
         model, tokenizer = resumed.model, resumed.tokenizer
         start_epoch = int(resumed.state.get("epoch", -1)) + 1
         best = float(resumed.state.get("best_rsum", -1.0))
+        best_mode = str(resumed.state.get("best_rsum_mode", "exhaustive"))  # runs before 2026-12-07
         history = list(resumed.state.get("history", []))
         log.info("resuming from %s at epoch %d", out / "last", start_epoch)
     elif tower.encoder == "transformer":
@@ -672,6 +711,18 @@ def _train(
                 rec["level_weights"], rec["dev_rsum_train_weights"] = chosen[0], rsum
                 rsum = rec["dev_rsum"] = chosen[1]["rsum"]
                 rec["dev_rsum_mode"] = chosen[1]["mode"]  # two-stage at eval_rerank where stage 1 exists
+            mode = str(rec.get("dev_rsum_mode", "exhaustive"))
+            if best_mode and best_mode != mode and best > -1:
+                log.warning(
+                    "the best checkpoint so far was chosen by %s dev rSum (%.1f), this run chooses by %s dev "
+                    "rSum: the two do not compare, so epoch %d's model replaces it",
+                    best_mode,
+                    best,
+                    mode,
+                    epoch,
+                )
+                best = -1.0
+            best_mode = mode
             history.append(rec)
             log.info(
                 "epoch %d loss %.3f margins %s dev rsum %.1f (stage1 %.1f)%s %.0fs",
@@ -687,6 +738,7 @@ def _train(
                 "epoch": epoch,
                 "margins": loss_fn.margin.tolist(),
                 "best_rsum": max(best, rsum),
+                "best_rsum_mode": mode,
                 "history": history,
                 "dev": rep,
                 "world_size": info.world,

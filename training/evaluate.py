@@ -234,9 +234,7 @@ def report_from_scores(full: np.ndarray, stage1: np.ndarray, rerank: int = 100) 
     """Recall for ``stage1``, ``twostage@K`` and ``exhaustive`` from ``[N, 5N]`` score matrices."""
     out = {"stage1": recall_report(stage1), "exhaustive": recall_report(full)}
     if rerank > 0:
-        out[f"twostage@{rerank}"] = recall_report(
-            twostage_scores(stage1, full, rerank, axis=1), twostage_scores(stage1, full, rerank, axis=0)
-        )
+        out[f"twostage@{rerank}"] = twostage_recall(stage1, full, rerank)
     for mode, rep in out.items():
         rep["mode"] = mode
     return out
@@ -333,15 +331,11 @@ def select_level_weights(
     two = rerank > 0 and bool(glob) and rerank < max(levels[ref].shape)
     candidates = [tuple(start[t] / start[ref] for t in others)]
     candidates += list(itertools.product(grid, repeat=len(others)))
-    weights = []
-    for cand in candidates:
+    best: tuple[float, dict[str, float], dict[str, Any]] | None = None
+    for cand in candidates:  # the training weights come first and win a tie
         w = {t: 0.0 for t in TERMS}
         w.update(dict(zip(others, (float(c) for c in cand))))
         w[ref] = 1.0
-        weights.append(w)
-
-    best: tuple[float, dict[str, float], dict[str, Any]] | None = None
-    for w in weights:  # the training weights come first and win a tie
         full = _weighted(levels, w, present)
         if two:  # stage 1 ranks by the weighted global levels
             rep = {**twostage_recall(_weighted(levels, w, glob), full, rerank), "mode": f"twostage@{rerank}"}

@@ -509,16 +509,17 @@ def train(
             )
         text_encoder = said
     tower = choose_text_tower(p.model.text_encoder, text_encoder, text_model, text_layers)
-    if tower.encoder == "transformer" and tower.folder is None:
-        resuming = resume and (Path(out_dir) / "last" / "state.json").is_file()
-        if not resuming:  # a resumed run rebuilds its tower from the checkpoint
-            from .text_transformer import bundled_text_model
+    resuming = resume and (Path(out_dir) / "last" / "state.json").is_file()
+    if tower.encoder == "transformer" and tower.folder is None and not resuming:
+        from .text_transformer import (
+            bundled_text_model,
+        )  # a resumed run rebuilds its tower from the checkpoint
 
-            tower = TextTower("transformer", bundled_text_model(), tower.layers)
+        tower = TextTower("transformer", bundled_text_model(), tower.layers)
     tcfg: TrainConfig = _overrides(p.train, train_overrides)
     if epochs is not None:
         tcfg.epochs = epochs
-    if resume and (Path(out_dir) / "last" / "state.json").is_file():
+    if resuming:
         tcfg = _resumed_recipe(
             Path(out_dir) / "last",
             train_overrides,

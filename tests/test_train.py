@@ -283,3 +283,46 @@ def test_a_checkpoint_records_its_training_data_and_the_steps_an_epoch_takes(
         assert (
             data["feat_dim"] == 32 and data["synth"]["seed"] == 1 and data["synth"]["knobs"]["regions"] == 16
         )
+
+
+@pytest.mark.parametrize("agg", ["mean", "lse"])
+def test_hardest_score_has_the_all_pairs_values_and_gradient(agg: str) -> None:
+    import torch
+
+    from training.config import ModelConfig
+    from training.loss import AdaptiveMarginLoss
+    from training.model import MSSAN
+    from training.train import hardest_score
+
+    g = torch.Generator().manual_seed(3)
+    b = 16
+    region_mask = (torch.rand(b, 6, generator=g) > 0.3).float()
+    region_mask[:, 0] = 1
+    token_mask = (torch.arange(9) < torch.randint(2, 10, (b, 1), generator=g)).float()
+    regions, tokens = torch.randn(b, 6, 20, generator=g), torch.randint(4, 40, (b, 9), generator=g)
+    img_ids = torch.tensor([0, 0, 1, 2, 3, 3, 3, *range(4, 13)])
+    cfg = ModelConfig(vocab_size=40, word_dim=12, embed_size=24, img_dim=20, agg=agg, lam_gg=0.3, lam_gl=0.5)
+    torch.manual_seed(0)
+    model = MSSAN(cfg)
+    loss_fn = AdaptiveMarginLoss(m0=0.3)
+    grads, values = [], []
+    for sparse in (False, True):
+        model.zero_grad()
+        img, txt = model.encode_image(regions, region_mask), model.encode_text(tokens, token_mask)
+        scores = hardest_score(model, loss_fn, img, txt, img_ids) if sparse else model.score(img, txt)
+        loss, _ = loss_fn(scores, img_ids, "hardest")
+        loss.backward()
+        values.append(scores.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.equal(values[0], values[1])  # the same scores, bit for bit: the same negatives
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+    # the entries it rebuilds are all the loss differentiates
+    scores = values[0].clone().requires_grad_()
+    loss_fn(scores, img_ids, "hardest")[0].backward()
+    rows, cols = loss_fn.hardest_entries(values[0], img_ids)
+    kept = torch.zeros(b, b, dtype=torch.bool)
+    kept[rows, cols] = True
+    assert scores.grad is not None and scores.grad[~kept].abs().max() == 0
+    assert len(rows) <= 3 * b and kept.diagonal().all()

@@ -47,15 +47,7 @@ class AdaptiveMarginLoss(nn.Module):
         """Loss (scalar, summed over the batch) and stats ``gap_i2t``, ``gap_t2i``."""
         mode = negatives or self.negatives
         pos = scores.diagonal()  # [B]
-        neg = img_ids.unsqueeze(1) != img_ids.unsqueeze(0)  # [B,B] True where a valid negative
-        m_i2t, m_t2i = self.margin[0], self.margin[1]
-        zero = torch.zeros_like(scores)
-        cost_cap = torch.where(
-            neg, (m_i2t - pos.unsqueeze(1) + scores).clamp(min=0), zero
-        )  # image i vs caption j
-        cost_img = torch.where(
-            neg, (m_t2i - pos.unsqueeze(0) + scores).clamp(min=0), zero
-        )  # caption j vs image i
+        neg, cost_cap, cost_img = self._costs(scores, img_ids)
         if mode == "hardest":
             loss = cost_cap.max(1).values.sum() + cost_img.max(0).values.sum()
         elif mode == "all":
@@ -69,6 +61,30 @@ class AdaptiveMarginLoss(nn.Module):
             gap_i2t = (pos - hard_cap)[ok_cap].mean() if ok_cap.any() else torch.zeros(())
             gap_t2i = (pos - hard_img)[ok_img].mean() if ok_img.any() else torch.zeros(())
         return loss, {"gap_i2t": float(gap_i2t), "gap_t2i": float(gap_t2i)}
+
+    def _costs(self, scores: Tensor, img_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The valid negatives ``[B,B]`` and the hinge costs of image i vs caption j and of caption j vs
+        image i."""
+        pos = scores.diagonal()  # [B]
+        neg = img_ids.unsqueeze(1) != img_ids.unsqueeze(0)  # [B,B] True where a valid negative
+        m_i2t, m_t2i = self.margin[0], self.margin[1]
+        zero = torch.zeros_like(scores)
+        cost_cap = torch.where(neg, (m_i2t - pos.unsqueeze(1) + scores).clamp(min=0), zero)
+        cost_img = torch.where(neg, (m_t2i - pos.unsqueeze(0) + scores).clamp(min=0), zero)
+        return neg, cost_cap, cost_img
+
+    @torch.no_grad()
+    def hardest_entries(self, scores: Tensor, img_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows and columns of the entries of ``scores [B,B]`` that the ``"hardest"`` loss has a gradient
+        through, each once: the positives (the diagonal) and each row's and each column's hardest negative,
+        found as :meth:`forward` finds them (the same ``max`` over the same values picks the same entry)."""
+        _, cost_cap, cost_img = self._costs(scores, img_ids)
+        b = scores.shape[0]
+        i = torch.arange(b, device=scores.device)
+        rows = torch.cat([i, i, cost_img.max(0).indices])
+        cols = torch.cat([i, cost_cap.max(1).indices, i])
+        flat = torch.unique(rows * b + cols)
+        return flat // b, flat % b
 
     @torch.no_grad()
     def update_margins(self, gap_i2t: float, gap_t2i: float) -> None:

@@ -287,6 +287,24 @@ class MSSAN(nn.Module):
             c.lambda_lse,
         )
 
+    def s_ll_pairs(self, img: Encoded, txt: Encoded, rows: Tensor, cols: Tensor) -> Tensor:
+        """``S_ll`` of the image of ``rows[k]`` and the caption of ``cols[k]`` only -> ``[K]``: the entries
+        ``s_ll(img, txt)[rows, cols]`` (the same math, pair by pair instead of all pairs)."""
+        c = self.cfg
+        s = torch.matmul(img.local[rows], txt.local[cols].transpose(1, 2))  # [K,R,L]
+        return attention_scores(
+            s,
+            img.mask[rows],
+            img.gram[rows],
+            txt.mask[cols],
+            txt.gram[cols],
+            c.lambda_t2i,
+            c.lambda_i2t,
+            c.leaky,
+            c.agg,
+            c.lambda_lse,
+        )
+
     def level_scores(self, img: Encoded, txt: Encoded) -> dict[str, Tensor]:
         """Each level the config weights (``lam_* != 0``), unweighted: ``{"gg": S_gg, ...}``,
         ``[Ni,Nt]`` each."""

@@ -128,6 +128,28 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def hardest_score(
+    model: MSSAN, loss_fn: AdaptiveMarginLoss, img: Encoded, txt: Encoded, img_ids: Tensor
+) -> Tensor:
+    """``model.score(img, txt)`` for the ``"hardest"`` loss: the same values, the same gradient through
+    that loss, at a fraction of the cost.
+
+    That loss has a gradient through at most 3B of the ``B x B`` scores (the positives and each row's and
+    column's hardest negative, :meth:`AdaptiveMarginLoss.hardest_entries`). ``S_ll``, the cross attention
+    over every region-word pair of every image-caption pair, is computed for all pairs without autograd,
+    then again with it for those entries only (:meth:`MSSAN.s_ll_pairs`); their difference from themselves
+    (zero) is added there, so the values stay the all-pairs ones and the gradient is the full one.
+    """
+    with torch.no_grad():
+        s_ll = model.s_ll(img, txt)  # [B,B]
+    ll = model.cfg.lam_ll
+    glob = model.score(img, txt, terms=("gg", "gl"))
+    rows, cols = loss_fn.hardest_entries(glob.detach() + ll * s_ll, img_ids)
+    picked = model.s_ll_pairs(img, txt, rows, cols)  # [K], with autograd
+    s_ll = s_ll.index_put((rows, cols), picked - picked.detach(), accumulate=True)
+    return glob + ll * s_ll
+
+
 def train_step(
     encoder: nn.Module,
     model: MSSAN,
@@ -164,6 +186,8 @@ def train_step(
         )
         for s in levels.values():
             loss = loss + level_loss * loss_fn(s, img_ids, negatives)[0]
+    elif negatives == "hardest" and model.cfg.lam_ll:
+        loss, stats = loss_fn(hardest_score(model, loss_fn, img, txt, img_ids), img_ids, negatives)
     else:
         loss, stats = loss_fn(model.score(img, txt), img_ids, negatives)
     if stage1_loss > 0:

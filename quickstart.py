@@ -80,7 +80,7 @@ def recall_line(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m quickstart", description=__doc__)
     ap.add_argument("--work", default="demo", help="folder for data, checkpoint, bundle and index")
-    ap.add_argument("--images", type=int, default=1000, help="synthetic training images")
+    ap.add_argument("--images", type=int, default=2000, help="synthetic training images")
     ap.add_argument("--epochs", type=int, default=None, help="override the tiny preset's epochs")
     ap.add_argument(
         "--text-encoder",

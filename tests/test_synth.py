@@ -87,7 +87,7 @@ def test_with_noise_twins_are_closer_in_mean_than_in_regions() -> None:
 
 
 def test_default_test_split_has_hard_negative_twins_and_partial_captions() -> None:
-    n = synth.eval_split_size(1000)
+    n = synth.eval_split_size(2000)
     assert n >= 200
     _, caps = synth.generate_split(n, seed=0, split="test", feat_dim=8)
     twins = synth.split_twins(n, seed=0, split="test", feat_dim=8)

@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "synth", help="write a seeded synthetic dataset in the precomp layout", formatter_class=HelpFormatter
     )
     sp.add_argument("--out", required=True, help="output folder")
-    sp.add_argument("--images", type=int, default=1000, help="training images (dev/test are smaller)")
+    sp.add_argument("--images", type=int, default=2000, help="training images (dev/test are smaller)")
     sp.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same files)")
     from . import synth
 

@@ -113,7 +113,7 @@ PRESETS: dict[str, Preset] = {
     # BUNDLED_LAYERS layers (`--text-encoder bigru`: the Bi-GRU, word_dim 128).
     "tiny": Preset(
         ModelConfig(word_dim=128, embed_size=256, img_dim=2048, text_encoder="transformer"),
-        TrainConfig(batch_size=128, lr=5e-4, epochs=8, lr_decay_epoch=6, eval_rerank=20, stage1_loss=1.0),
+        TrainConfig(batch_size=128, lr=5e-4, epochs=6, lr_decay_epoch=4, eval_rerank=20, stage1_loss=1.0),
     ),
     # The paper's setting (SCAN-style): D=1024, word 300, 36x2048 regions, Bi-GRU.
     "paper": Preset(

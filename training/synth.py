@@ -64,7 +64,7 @@ CHUNK = 512  # images per vectorised (and separately seeded) chunk
 SYNTH_KNOBS: dict[str, tuple[int | float, str]] = {
     "regions": (36, "regions per image (R)"),
     "feat_dim": (256, "region feature size Dv (BUTD features have 2048; 256 keeps CPU training cheap)"),
-    "eval_images": (0, "images in dev and in test each; 0 = max(200, images // 5)"),
+    "eval_images": (0, "images in dev and in test each; 0 = max(200, images // 10)"),
     "objects": (40, "object concepts"),
     "attributes": (12, "attribute (colour) concepts, bound to objects"),
     "scenes": (10, "scene concepts (a global component of every region, optional caption phrase)"),
@@ -269,8 +269,8 @@ def resolve_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
 
 
 def eval_split_size(images: int, eval_images: int = 0) -> int:
-    """Images in dev and in test: ``eval_images``, or ``max(200, images // 5)`` when it is 0."""
-    return int(eval_images) if eval_images > 0 else max(200, images // 5)
+    """Images in dev and in test: ``eval_images``, or ``max(200, images // 10)`` when it is 0."""
+    return int(eval_images) if eval_images > 0 else max(200, images // 10)
 
 
 @dataclass
@@ -505,13 +505,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def generate(out_dir: str | os.PathLike[str], images: int = 1000, seed: int = 0, **knobs: Any) -> Path:
+def generate(out_dir: str | os.PathLike[str], images: int = 2000, seed: int = 0, **knobs: Any) -> Path:
     """Write a synthetic precomp folder: ``{train,dev,test}_ims.npy`` (float32 ``[N,R,Dv]``),
     ``{train,dev,test}_caps.txt`` (5 captions per image) and ``meta.json`` (seed, knobs,
     sizes, words).
 
     ``train`` has ``images`` images; ``dev`` and ``test`` ``eval_images`` each
-    (``max(200, images // 5)`` by default). Features are written chunk by chunk into a
+    (``max(200, images // 10)`` by default). Features are written chunk by chunk into a
     memory-mapped file, so memory stays flat however many images are asked for.
 
     Raises:

@@ -326,3 +326,37 @@ def test_hardest_score_has_the_all_pairs_values_and_gradient(agg: str) -> None:
     kept[rows, cols] = True
     assert scores.grad is not None and scores.grad[~kept].abs().max() == 0
     assert len(rows) <= 3 * b and kept.diagonal().all()
+
+
+@pytest.mark.parametrize("lams", [(0.3, 0.5, 1.0), (0.0, 0.5, 1.0)])
+def test_a_hardest_negative_step_moves_the_weights_as_the_all_pairs_backward_does(
+    lams: tuple[float, float, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import training.train as train_module
+    from training.config import ModelConfig
+    from training.loss import AdaptiveMarginLoss
+    from training.model import MSSAN
+    from training.train import EncodeBoth, train_step
+
+    batch = _toy_batch(2)
+    batch["token_mask"][:, 5:] = 0  # padded words
+    after = []
+    for all_pairs in (False, True):
+        if all_pairs:
+            monkeypatch.setattr(
+                train_module, "hardest_score", lambda model, _l, img, txt, _i: model.score(img, txt)
+            )
+        torch.manual_seed(0)
+        cfg = ModelConfig(
+            vocab_size=40, word_dim=12, embed_size=24, img_dim=20, lam_gg=lams[0], lam_gl=lams[1]
+        )
+        model, loss_fn = MSSAN(cfg), AdaptiveMarginLoss(m0=0.4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        before = [p.detach().clone() for p in model.parameters()]
+        train_step(EncodeBoth(model), model, loss_fn, opt, batch, "hardest", stage1_loss=0.5)
+        after.append([p.detach().clone() for p in model.parameters()])
+        assert any(not torch.equal(a, b) for a, b in zip(after[-1], before))  # the step moved something
+    for got, want in zip(*after):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -103,18 +103,6 @@ def twostage_scores(stage1: np.ndarray, full: np.ndarray, k: int, axis: int) -> 
     return out
 
 
-def _stage1_tops(stage1: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Each query's top ``k`` by ``stage1 [N, 5N]``, as ``twostage_scores`` picks them: ``[N, k]``
-    caption indices per image and ``[5N, k]`` image indices per caption (``None`` when ``k`` covers
-    the images)."""
-    n, m = stage1.shape
-    if not 0 < k < m:
-        raise ValueError(f"_stage1_tops needs 0 < k < {m} (the captions), got k={k}")
-    top = np.argpartition(-stage1, k - 1, axis=1)[:, :k]
-    top_t = None if k >= n else np.argpartition(-np.ascontiguousarray(stage1.T), k - 1, axis=1)[:, :k]
-    return top, top_t
-
-
 def twostage_recall(stage1: np.ndarray, full: np.ndarray, k: int) -> dict[str, Any]:
     """``recall_report`` of two-stage retrieval at depth ``k`` (as ``twostage_scores`` both ways) from
     ``[N, 5N]`` scores, without building the reranked matrices when ``k >= 10``: a right item outside
@@ -128,7 +116,9 @@ def twostage_recall(stage1: np.ndarray, full: np.ndarray, k: int) -> dict[str, A
         return recall_report(
             twostage_scores(stage1, full, k, axis=1), twostage_scores(stage1, full, k, axis=0)
         )
-    top, top_t = _stage1_tops(stage1, k)
+    # each query's top k by stage 1, as twostage_scores picks them: captions per image, images per caption
+    top = np.argpartition(-stage1, k - 1, axis=1)[:, :k]
+    top_t = None if k >= n else np.argpartition(-np.ascontiguousarray(stage1.T), k - 1, axis=1)[:, :k]
     # image -> text: each row ranks the 5N captions; its right ones are 5i .. 5i+4
     f = np.take_along_axis(full, top, axis=1)
     right = top // CAPS == np.arange(n)[:, None]

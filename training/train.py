@@ -535,9 +535,8 @@ def train(
     tower = choose_text_tower(p.model.text_encoder, text_encoder, text_model, text_layers)
     resuming = resume and (Path(out_dir) / "last" / "state.json").is_file()
     if tower.encoder == "transformer" and tower.folder is None and not resuming:
-        from .text_transformer import (
-            bundled_text_model,
-        )  # a resumed run rebuilds its tower from the checkpoint
+        # (a resumed run rebuilds its tower from the checkpoint)
+        from .text_transformer import bundled_text_model
 
         tower = TextTower("transformer", bundled_text_model(), tower.layers)
     tcfg: TrainConfig = _overrides(p.train, train_overrides)
@@ -564,7 +563,7 @@ def train(
             p.model,
             tcfg,
             model_overrides,
-            resume,
+            resuming,
             max_steps,
             progress,
             info,
@@ -579,12 +578,13 @@ def _train(
     base_model: Any,
     tcfg: TrainConfig,
     model_overrides: dict[str, Any] | None,
-    resume: bool,
+    resuming: bool,
     max_steps: int | None,
     progress: bool,
     info: DistInfo,
     tower: TextTower,
 ) -> dict[str, Any]:
+    """The loop of :func:`train`; ``resuming``: continue from ``out/last`` (``train`` found its state)."""
     seed_everything(tcfg.seed)
     train_split = load_split(data_dir, "train")
     per_epoch = check_batches(len(train_split.captions), tcfg.batch_size, info.world)  # before any work
@@ -593,7 +593,7 @@ def _train(
     start_epoch, best, history = 0, -1.0, []
     best_mode = ""  # which rSum ``best`` is: "exhaustive" or "twostage@K"
     resumed = None
-    if resume and (out / "last" / "state.json").is_file():
+    if resuming:
         resumed = load_checkpoint(out / "last")
         model, tokenizer = resumed.model, resumed.tokenizer
         start_epoch = int(resumed.state.get("epoch", -1)) + 1

@@ -202,7 +202,9 @@ def run(
 
     bundle, int8 = minilm_speed_bundle(work, default_text_model(), 1024, 2048, 2)
     bid = load_bundle(bundle, verify=False).bundle_id
-    out: dict[str, Any] = {"load_at_start": list(os.getloadavg()), "runs": {}}
+    from .timing import machine_info
+
+    out: dict[str, Any] = {"load_at_start": list(os.getloadavg()), "machine": machine_info(), "runs": {}}
     for spec in galleries:
         for path in PATHS:
             index = _gallery(work, spec, bid, path)[1]

@@ -363,12 +363,29 @@ def _f(x: Any, nd: int = 2) -> str:
     return f"{x:.{nd}f}"
 
 
+def cpu_identity_text(m: dict[str, Any]) -> str:
+    """`` (family 23 model 49; AVX2, FMA; no AVX-512, no VNNI)`` from a ``machine_info`` (empty for a run
+    recorded without it)."""
+    if "cpu_isa" not in m:
+        return ""
+    isa = set(m["cpu_isa"])
+    has = ", ".join(f.upper().replace("_", "-") for f in m["cpu_isa"]) or "none of the listed extensions"
+    lacks = [
+        name
+        for name, flags in (("AVX-512", {"avx512f"}), ("VNNI", {"avx512_vnni", "avx_vnni"}))
+        if not isa & flags
+    ]
+    parts = [p for p in (m.get("cpu_family_model", ""), has) if p]
+    return f" ({'; '.join(parts)}{'; no ' + ', no '.join(lacks) if lacks else ''})"
+
+
 def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
         f"# MSSAN benchmark ({cfg['mode']})",
         "",
-        f"{m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), {cfg['threads']} threads; "
+        f"{m['cpu_model']}{cpu_identity_text(m)}, {m['cores']} cores ({m['cores_usable']} usable), "
+        f"{cfg['threads']} threads; "
         f"load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}; "
         "CPU pressure (PSI) at start "
         f"'{m.get('cpu_pressure_start')}', at end '{m.get('cpu_pressure_end')}'. "

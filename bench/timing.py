@@ -122,8 +122,37 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU extensions the int8 and float32 kernels of a query depend on, as /proc/cpuinfo names them: runs on
+# hosts of one "model name" with different extensions are not comparable (u8 x s8 products are ~3x faster
+# with VNNI)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_identity() -> dict[str, Any]:
+    """The CPU's family/model numbers and which of :data:`ISA_FLAGS` it has (empty where unknown)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu_family_model": (
+            f"family {fields['cpu family']} model {fields['model']}"
+            if "cpu family" in fields and "model" in fields
+            else ""
+        ),
+        "cpu_isa": [f for f in ISA_FLAGS if f in flags],
+    }
+
+
 def machine_info() -> dict[str, Any]:
-    """Cores (logical, usable by this process), CPU model, memory, load, OpenBLAS env."""
+    """Cores (logical, usable by this process), CPU model and extensions, memory, load."""
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
@@ -140,6 +169,7 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "cores_usable": usable,
         "cpu_model": _cpu_model(),
+        **cpu_identity(),
         "memory_gb": mem_gb,
         "platform": platform.platform(),
         "loadavg_start": loadavg(),

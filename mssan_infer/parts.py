@@ -1,12 +1,59 @@
 """Work over ``0:k`` cut into equal parts, one per thread: the searching thread takes the first part,
-helper threads of an executor the rest (candidate gathers, rerank shares, one query's stage-1 scan)."""
+helper threads of an executor the rest (candidate gathers, rerank shares, one query's stage-1 scan).
+
+While parts run at once, numpy's BLAS runs each call on one thread (:func:`blas_one_thread`): OpenBLAS
+otherwise gives a product of a part more threads of its own, and the parts' products then queue for its
+one thread pool, more runnable threads than cores (docs/experiments/2026-12-07-blas-in-parts.md)."""
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Executor, Future, wait
-from typing import Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
-__all__ = ["part_bounds", "run_parts"]
+__all__ = ["part_bounds", "run_parts", "blas_one_thread"]
+
+_BLAS_LOCK = threading.Lock()
+_blas_libs: list[Any] | None = None  # threadpoolctl's controllers of the loaded BLAS libraries, found once
+_blas_users = 0  # blocks inside blas_one_thread now (any thread)
+_blas_before: list[int] = []  # each library's thread count before the first of them
+
+
+def _libs() -> list[Any]:
+    global _blas_libs
+    if _blas_libs is None:
+        from threadpoolctl import ThreadpoolController
+
+        found = ThreadpoolController().select(user_api="blas").lib_controllers
+        # an OpenMP-threaded BLAS keeps a count per calling thread (FAISS's own OpenBLAS): left alone
+        _blas_libs = [lib for lib in found if getattr(lib, "threading_layer", "") != "openmp"]
+    return _blas_libs
+
+
+@contextmanager
+def blas_one_thread() -> Iterator[None]:
+    """numpy's BLAS (each BLAS library loaded in the process whose thread count is process-wide, as the
+    pthreads OpenBLAS of numpy's wheels) runs each call on one thread inside the block, for every thread
+    of the process; the counts they had come back when the last block open at once (any thread) ends."""
+    global _blas_users, _blas_before
+    with _BLAS_LOCK:
+        if _blas_users == 0:
+            libs = _libs()
+            _blas_before = [lib.get_num_threads() for lib in libs]
+            for lib, n in zip(libs, _blas_before):
+                if n != 1:
+                    lib.set_num_threads(1)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _blas_users -= 1
+            if _blas_users == 0:
+                for lib, n in zip(_libs(), _blas_before):
+                    if n != 1:
+                        lib.set_num_threads(n)
 
 
 def part_bounds(k: int, parts: int, least: int = 1) -> list[int]:
@@ -18,18 +65,19 @@ def part_bounds(k: int, parts: int, least: int = 1) -> list[int]:
 
 def run_parts(work: Callable[[int, int], None], bounds: list[int], executor: Executor | None) -> None:
     """``work(a, b)`` for each part of ``bounds`` (:func:`part_bounds`): the first on this thread, the others
-    on ``executor`` (on this thread too without one). Returns once every part has ended; then raises the
-    first part's error, if any."""
+    on ``executor`` (on this thread too without one; numpy's BLAS on one thread while parts run at once).
+    Returns once every part has ended; then raises the first part's error, if any."""
     if executor is None or len(bounds) <= 2:
         for a, b in zip(bounds[:-1], bounds[1:]):
             work(a, b)
         return
     helpers: list[Future[None]] = []
-    try:
-        for a, b in zip(bounds[1:-1], bounds[2:]):
-            helpers.append(executor.submit(work, a, b))
-        work(bounds[0], bounds[1])
-    finally:
-        wait(helpers)  # no part still writing once this returns or raises
+    with blas_one_thread():
+        try:
+            for a, b in zip(bounds[1:-1], bounds[2:]):
+                helpers.append(executor.submit(work, a, b))
+            work(bounds[0], bounds[1])
+        finally:
+            wait(helpers)  # no part still writing once this returns or raises
     for f in helpers:
         f.result()

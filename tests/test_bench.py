@@ -90,6 +90,15 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(
     for key in SUMMARY_KEYS:
         assert isinstance(summary[key], (int, float)) and math.isfinite(summary[key]), (key, summary[key])
     assert summary["machine"]["cores"] >= 1 and summary["machine"]["cpu_model"]
+    assert set(summary["machine"]["cpu_isa"]) <= {
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx_vnni",
+        "amx_int8",
+    }
     assert {"numpy", "torch", "onnxruntime"} <= set(summary["versions"])
     results = json.loads((out / "results.json").read_text())["results"]
     assert {"scorer", "latency", "recall", "encode", "text"} <= set(results)
@@ -150,6 +159,19 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(
     assert math.isfinite(summary["t2i_p50_ms_5k_rerank100_int8_shared"])
     assert math.isfinite(summary["twostage_speedup_vs_exhaustive_25k_int8_shared"])
     assert "## 2c. The floor of a query" in proc.stdout
+
+
+def test_the_report_names_the_cpu_extensions_int8_kernels_depend_on() -> None:
+    from bench.report import cpu_identity_text
+
+    zen2 = {"cpu_family_model": "family 23 model 49", "cpu_isa": ["avx2", "fma"]}
+    assert cpu_identity_text(zen2) == " (family 23 model 49; AVX2, FMA; no AVX-512, no VNNI)"
+    zen4 = {"cpu_family_model": "family 25 model 17", "cpu_isa": ["avx2", "fma", "avx512f", "avx512_vnni"]}
+    assert cpu_identity_text(zen4) == " (family 25 model 17; AVX2, FMA, AVX512F, AVX512-VNNI)"
+    assert cpu_identity_text({"cpu_family_model": "", "cpu_isa": []}) == (
+        " (none of the listed extensions; no AVX-512, no VNNI)"
+    )
+    assert cpu_identity_text({"cpu_model": "AMD EPYC"}) == ""  # a run recorded before the extensions were
 
 
 def test_side_by_side_interleaves_blocks_with_an_untimed_settling_call() -> None:

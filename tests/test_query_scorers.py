@@ -239,6 +239,55 @@ def test_shares_are_equal_and_never_below_the_minimum() -> None:
     assert share_bounds(7 * MIN_SHARE, 3) == [0, 7 * MIN_SHARE // 3, 14 * MIN_SHARE // 3, 7 * MIN_SHARE]
 
 
+def test_parts_running_at_once_call_blas_on_one_thread_and_the_count_comes_back() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import ThreadpoolController
+
+    from mssan_infer.parts import blas_one_thread, run_parts
+
+    found = ThreadpoolController().select(user_api="blas").lib_controllers
+    blas = [lib for lib in found if lib.threading_layer != "openmp"]  # a process-wide count
+    assert blas, "numpy's BLAS is not visible to threadpoolctl"
+    before = [lib.get_num_threads() for lib in blas]
+    for lib in blas:
+        lib.set_num_threads(2)
+    try:
+        seen: dict[int, list[int]] = {}
+        both_inside = threading.Barrier(2, timeout=10)
+
+        def part(a: int, b: int) -> None:
+            both_inside.wait()  # the two parts really run at once
+            seen[a] = [lib.get_num_threads() for lib in blas]
+
+        with ThreadPoolExecutor(1) as pool:
+            run_parts(part, [0, 5, 10], pool)
+            assert seen == {0: [1] * len(blas), 5: [1] * len(blas)}
+            assert [lib.get_num_threads() for lib in blas] == [2] * len(blas)
+            # one part (or no executor): nothing runs at once, the BLAS keeps its threads
+            run_parts(lambda a, b: seen.__setitem__(-1, [x.get_num_threads() for x in blas]), [0, 10], pool)
+            assert seen[-1] == [2] * len(blas)
+
+        # blocks open at once (two searches on two threads): the count comes back when the last one ends
+        with blas_one_thread():
+            with blas_one_thread():
+                assert [lib.get_num_threads() for lib in blas] == [1] * len(blas)
+            assert [lib.get_num_threads() for lib in blas] == [1] * len(blas)
+        assert [lib.get_num_threads() for lib in blas] == [2] * len(blas)
+        with pytest.raises(ValueError, match="a part failed"):  # a part's error still restores the count
+            with ThreadPoolExecutor(1) as pool:
+
+                def failing(a: int, b: int) -> None:
+                    raise ValueError("a part failed")
+
+                run_parts(failing, [0, 5, 10], pool)
+        assert [lib.get_num_threads() for lib in blas] == [2] * len(blas)
+    finally:
+        for lib, n in zip(blas, before):
+            lib.set_num_threads(n)
+
+
 def test_fast_sets_the_int8_encoder_and_layout_or_refuses_a_contradiction(tiny_bundle: Path) -> None:
     from mssan_infer import OnnxRuntimeOptions
     from mssan_infer.options import fast_path

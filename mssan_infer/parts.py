@@ -23,8 +23,11 @@ _blas_before: list[int] = []  # each library's thread count before the first of 
 def _libs() -> list[Any]:
     global _blas_libs
     if _blas_libs is None:
-        from threadpoolctl import ThreadpoolController
-
+        try:  # a runtime dependency; a Triton server's Python given only the copied runtime may lack it
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _blas_libs = []
+            return _blas_libs
         found = ThreadpoolController().select(user_api="blas").lib_controllers
         # an OpenMP-threaded BLAS keeps a count per calling thread (FAISS's own OpenBLAS): left alone
         _blas_libs = [lib for lib in found if getattr(lib, "threading_layer", "") != "openmp"]

@@ -56,6 +56,7 @@ from mssan_infer.gallery.view import fetch_rows
 from mssan_infer.search import backend_score_fn, uses_query_scorers
 
 from .labels import DIRECTIONS, count
+from .timing import cpu_identity_text
 
 __all__ = [
     "PATHS",
@@ -775,6 +776,7 @@ def floor_figure(lat: Mapping[str, Any] | None, machine: Mapping[str, Any], thre
         ax.set_title(
             f"{DIRECTIONS[d]} query at rerank 100: measured vs floor\n"
             f"{machine.get('cpu_model', 'CPU')}, {threads} thread{'' if threads == 1 else 's'}"
+            + (f"\n{cpu_identity_text(machine).strip(' ()')}" if cpu_identity_text(machine) else "")
         )
         ax.set_ylim(0, ax.get_ylim()[1] * 1.4)  # room for the legend above the bars
         ax.legend(fontsize=7, loc="upper left")

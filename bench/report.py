@@ -11,6 +11,7 @@ from typing import Any
 from .floor import OWN_WORDS, PATHS, floor_figure, floor_markdown, summarise_floor
 from .labels import DIRECTIONS, candidate_label, count, gallery_label, scorer_shape_label
 from .text_tower import TOWERS as TEXT_TOWERS
+from .timing import cpu_identity_text
 
 __all__ = ["summarise", "markdown", "figures", "plots", "write_results", "SUMMARY_KEYS"]
 
@@ -361,22 +362,6 @@ def _f(x: Any, nd: int = 2) -> str:
     if abs(x) >= 1000:
         return f"{x:,.0f}"
     return f"{x:.{nd}f}"
-
-
-def cpu_identity_text(m: dict[str, Any]) -> str:
-    """`` (family 23 model 49; AVX2, FMA; no AVX-512, no VNNI)`` from a ``machine_info`` (empty for a run
-    recorded without it)."""
-    if "cpu_isa" not in m:
-        return ""
-    isa = set(m["cpu_isa"])
-    has = ", ".join(f.upper().replace("_", "-") for f in m["cpu_isa"]) or "none of the listed extensions"
-    lacks = [
-        name
-        for name, flags in (("AVX-512", {"avx512f"}), ("VNNI", {"avx512_vnni", "avx_vnni"}))
-        if not isa & flags
-    ]
-    parts = [p for p in (m.get("cpu_family_model", ""), has) if p]
-    return f" ({'; '.join(parts)}{'; no ' + ', no '.join(lacks) if lacks else ''})"
 
 
 def markdown(res: dict[str, Any], summary: dict[str, Any], cfg: dict[str, Any]) -> str:

@@ -151,6 +151,22 @@ def cpu_identity() -> dict[str, Any]:
     }
 
 
+def cpu_identity_text(m: dict[str, Any]) -> str:
+    """`` (family 23 model 49; AVX2, FMA; no AVX-512, no VNNI)`` from a ``machine_info`` (empty for a run
+    recorded without it)."""
+    if "cpu_isa" not in m:
+        return ""
+    isa = set(m["cpu_isa"])
+    has = ", ".join(f.upper().replace("_", "-") for f in m["cpu_isa"]) or "none of the listed extensions"
+    lacks = [
+        name
+        for name, flags in (("AVX-512", {"avx512f"}), ("VNNI", {"avx512_vnni", "avx_vnni"}))
+        if not isa & flags
+    ]
+    parts = [p for p in (m.get("cpu_family_model", ""), has) if p]
+    return f" ({'; '.join(parts)}{'; no ' + ', no '.join(lacks) if lacks else ''})"
+
+
 def machine_info() -> dict[str, Any]:
     """Cores (logical, usable by this process), CPU model and extensions, memory, load."""
     try:

@@ -162,7 +162,7 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(
 
 
 def test_the_report_names_the_cpu_extensions_int8_kernels_depend_on() -> None:
-    from bench.report import cpu_identity_text
+    from bench.timing import cpu_identity_text
 
     zen2 = {"cpu_family_model": "family 23 model 49", "cpu_isa": ["avx2", "fma"]}
     assert cpu_identity_text(zen2) == " (family 23 model 49; AVX2, FMA; no AVX-512, no VNNI)"

@@ -24,6 +24,8 @@ __all__ = [
     "side_by_side",
     "stats",
     "machine_info",
+    "cpu_identity",
+    "cpu_identity_text",
     "versions",
     "rss_mb",
     "peak_rss_mb",
@@ -128,11 +130,12 @@ def _cpu_model() -> str:
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
-def cpu_identity() -> dict[str, Any]:
-    """The CPU's family/model numbers and which of :data:`ISA_FLAGS` it has (empty where unknown)."""
+def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
+    """The CPU's family/model numbers (``""`` where unknown) and which of :data:`ISA_FLAGS` it has
+    (``cpu_isa``, left out where the CPU lists no x86 ``flags``: unknown, not absent)."""
     fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(cpuinfo, encoding="utf-8") as f:
             for line in f:
                 if not line.strip():
                     break  # the first processor's block
@@ -141,14 +144,16 @@ def cpu_identity() -> dict[str, Any]:
     except OSError:
         pass
     flags = set(fields.get("flags", "").split())
-    return {
+    out: dict[str, Any] = {
         "cpu_family_model": (
             f"family {fields['cpu family']} model {fields['model']}"
             if "cpu family" in fields and "model" in fields
             else ""
         ),
-        "cpu_isa": [f for f in ISA_FLAGS if f in flags],
     }
+    if "flags" in fields:
+        out["cpu_isa"] = [f for f in ISA_FLAGS if f in flags]
+    return out
 
 
 def cpu_identity_text(m: dict[str, Any]) -> str:

@@ -3,10 +3,13 @@ helper threads of an executor the rest (candidate gathers, rerank shares, one qu
 
 While parts run at once, numpy's BLAS runs each call on one thread (:func:`blas_one_thread`): OpenBLAS
 otherwise gives a product of a part more threads of its own, and the parts' products then queue for its
-one thread pool, more runnable threads than cores (docs/experiments/2026-12-07-blas-in-parts.md)."""
+one thread pool, more runnable threads than cores (docs/experiments/2026-12-07-blas-in-parts.md). The
+OpenBLAS of numpy 1.26's wheels ignores a count set from another thread than the main one once the main
+thread has set one: searches from other threads may then keep its threads."""
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Executor, Future, wait
 from contextlib import contextmanager
@@ -25,10 +28,11 @@ def _libs() -> list[Any]:
     if _blas_libs is None:
         try:  # a runtime dependency; a Triton server's Python given only the copied runtime may lack it
             from threadpoolctl import ThreadpoolController
-        except ImportError:
+
+            found = ThreadpoolController().select(user_api="blas").lib_controllers
+        except Exception:  # no threadpoolctl, or it cannot read a library: numpy's BLAS keeps its threads
             _blas_libs = []
             return _blas_libs
-        found = ThreadpoolController().select(user_api="blas").lib_controllers
         # an OpenMP-threaded BLAS keeps a count per calling thread (FAISS's own OpenBLAS): left alone
         _blas_libs = [lib for lib in found if getattr(lib, "threading_layer", "") != "openmp"]
     return _blas_libs
@@ -57,6 +61,21 @@ def blas_one_thread() -> Iterator[None]:
                 for lib, n in zip(_libs(), _blas_before):
                     if n != 1:
                         lib.set_num_threads(n)
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while a block was open on another thread (which the child does not have): give
+    the BLAS its counts back and start with no block open."""
+    global _blas_users, _BLAS_LOCK
+    _BLAS_LOCK = threading.Lock()
+    if _blas_users:
+        _blas_users = 0
+        for lib, n in zip(_blas_libs or [], _blas_before):
+            if n != 1:
+                lib.set_num_threads(n)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def part_bounds(k: int, parts: int, least: int = 1) -> list[int]:

@@ -90,7 +90,7 @@ def test_quick_bench_writes_results_with_numeric_headline_figures(
     for key in SUMMARY_KEYS:
         assert isinstance(summary[key], (int, float)) and math.isfinite(summary[key]), (key, summary[key])
     assert summary["machine"]["cores"] >= 1 and summary["machine"]["cpu_model"]
-    assert set(summary["machine"]["cpu_isa"]) <= {
+    assert set(summary["machine"].get("cpu_isa", [])) <= {
         "avx2",
         "fma",
         "avx512f",
@@ -172,6 +172,25 @@ def test_the_report_names_the_cpu_extensions_int8_kernels_depend_on() -> None:
         " (none of the listed extensions; no AVX-512, no VNNI)"
     )
     assert cpu_identity_text({"cpu_model": "AMD EPYC"}) == ""  # a run recorded before the extensions were
+
+
+def test_cpu_identity_reads_the_first_processor_and_leaves_unknown_extensions_out(tmp_path: Path) -> None:
+    from bench.timing import cpu_identity
+
+    x86 = tmp_path / "x86"
+    x86.write_text(
+        "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "flags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n\n"
+        "processor\t: 1\ncpu family\t: 23\nmodel\t\t: 49\nflags\t\t: fpu avx2\n"
+    )
+    assert cpu_identity(str(x86)) == {
+        "cpu_family_model": "family 25 model 17",
+        "cpu_isa": ["avx2", "fma", "avx512f", "avx512_vnni"],
+    }
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert cpu_identity(str(arm)) == {"cpu_family_model": ""}  # unknown: no "no AVX-512" claimed
+    assert cpu_identity(str(tmp_path / "missing")) == {"cpu_family_model": ""}
 
 
 def test_side_by_side_interleaves_blocks_with_an_untimed_settling_call() -> None:

@@ -239,17 +239,55 @@ def test_shares_are_equal_and_never_below_the_minimum() -> None:
     assert share_bounds(7 * MIN_SHARE, 3) == [0, 7 * MIN_SHARE // 3, 14 * MIN_SHARE // 3, 7 * MIN_SHARE]
 
 
+def test_blocks_open_at_once_on_two_threads_hold_one_thread_until_the_last_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from mssan_infer import parts
+
+    class Lib:  # a process-wide count, as numpy's OpenBLAS (whose own rules on which thread may set it vary)
+        n = 2
+
+        def get_num_threads(self) -> int:
+            return self.n
+
+        def set_num_threads(self, n: int) -> None:
+            self.n = n
+
+    lib = Lib()
+    monkeypatch.setattr(parts, "_blas_libs", [lib])
+    opened, first_closed = threading.Barrier(2, timeout=10), threading.Event()
+    during: list[int] = []
+
+    def search(first: bool) -> None:
+        with parts.blas_one_thread():
+            opened.wait()
+            if not first:
+                first_closed.wait(10)
+                during.append(lib.n)
+        if first:
+            first_closed.set()
+
+    threads = [threading.Thread(target=search, args=(f,)) for f in (True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert during == [1] and lib.n == 2 and parts._blas_users == 0
+
+
 def test_parts_running_at_once_call_blas_on_one_thread_and_the_count_comes_back() -> None:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import ThreadpoolController
-
+    from mssan_infer import parts
     from mssan_infer.parts import blas_one_thread, run_parts
 
-    found = ThreadpoolController().select(user_api="blas").lib_controllers
-    blas = [lib for lib in found if lib.threading_layer != "openmp"]  # a process-wide count
-    assert blas, "numpy's BLAS is not visible to threadpoolctl"
+    # the libraries the runtime holds (found on its first parts; a library loaded later, as scipy's
+    # OpenBLAS with transformers, is not among them)
+    blas = parts._libs()
+    assert blas and all(lib.threading_layer != "openmp" for lib in blas), "no numpy BLAS to hold"
     before = [lib.get_num_threads() for lib in blas]
     for lib in blas:
         lib.set_num_threads(2)

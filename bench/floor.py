@@ -773,10 +773,11 @@ def floor_figure(lat: Mapping[str, Any] | None, machine: Mapping[str, Any], thre
             fontsize=8,
         )
         ax.set_ylabel("time per query (ms)")
+        identity = cpu_identity_text(machine).strip(" ()")
         ax.set_title(
             f"{DIRECTIONS[d]} query at rerank 100: measured vs floor\n"
             f"{machine.get('cpu_model', 'CPU')}, {threads} thread{'' if threads == 1 else 's'}"
-            + (f"\n{cpu_identity_text(machine).strip(' ()')}" if cpu_identity_text(machine) else "")
+            + (f"\n{identity}" if identity else "")
         )
         ax.set_ylim(0, ax.get_ylim()[1] * 1.4)  # room for the legend above the bars
         ax.legend(fontsize=7, loc="upper left")

@@ -113,15 +113,23 @@ def cpu_pressure() -> str:
         return ""
 
 
-def _cpu_model() -> str:
+def _first_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's ``key: value`` fields of ``cpuinfo`` (none where it cannot be read)."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(cpuinfo, encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block ends
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def _cpu_model() -> str:
+    return _first_cpu().get("model name") or platform.processor() or platform.machine()
 
 
 # CPU extensions the int8 and float32 kernels of a query depend on, as /proc/cpuinfo names them: runs on
@@ -133,16 +141,7 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "a
 def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> dict[str, Any]:
     """The CPU's family/model numbers (``""`` where unknown) and which of :data:`ISA_FLAGS` it has
     (``cpu_isa``, left out where the CPU lists no x86 ``flags``: unknown, not absent)."""
-    fields: dict[str, str] = {}
-    try:
-        with open(cpuinfo, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
+    fields = _first_cpu(cpuinfo)
     flags = set(fields.get("flags", "").split())
     out: dict[str, Any] = {
         "cpu_family_model": (

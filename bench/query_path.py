@@ -67,15 +67,15 @@ def _child(
     gallery = GalleryOptions(layout="int8" if fast else None, mmap=mmap)
     opts = dict(SETTINGS[setting])
     search = SearchOptions(rerank_threads=opts.pop("rerank_threads", None))
-    saved = list(stage1._FAISS)
-    if opts.pop("numpy_scan", False):  # as if faiss were not installed for the float32 scan, in this call
-        stage1._FAISS[:] = [None]
+    saved = stage1._scannable
+    if opts.pop("numpy_scan", False):  # one query's float32 scan in numpy's BLAS, on its own threads
+        stage1._scannable = lambda block, dim: False  # type: ignore[assignment]
     try:
         return _timed(
             bundle, int8_encoder, index, fast, queries, threads, opts, search, gallery, image_queries
         )
     finally:
-        stage1._FAISS[:] = saved
+        stage1._scannable = saved  # type: ignore[assignment]
 
 
 def _timed(

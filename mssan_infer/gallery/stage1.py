@@ -17,9 +17,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mssan_infer.deps import optional_import
-from mssan_infer.errors import BackendUnavailableError, InputError
+from mssan_infer.errors import InputError
 from mssan_infer.files import CHUNK_BYTES
-from mssan_infer.parts import part_bounds, run_parts
+from mssan_infer.parts import blas_one_thread, part_bounds, run_parts
 
 __all__ = [
     "STAGE1_METHODS",
@@ -105,8 +105,9 @@ def topk_inner_product(
         ``(idx [Q, k'] int64, scores [Q, k'] float32)`` sorted by decreasing score,
         ties by increasing index; ``k' = min(k, N)``.
 
-    One query over float32 rows runs FAISS's single-threaded kernel on a thread per core when faiss is
-    installed (:func:`_scan_one`); batches of queries and everything else, numpy's BLAS in chunks.
+    One query over float32 rows is a matrix-vector product in numpy's BLAS over slices of rows, a
+    thread per core, each product on its own thread (:func:`_scan_one`); batches of queries and rows
+    that are not float32 and contiguous, numpy's BLAS in chunks.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     blocks = [(0, base)] if isinstance(base, np.ndarray) else list(base)
@@ -115,10 +116,9 @@ def topk_inner_product(
     nq = q.shape[0]
     if k <= 0 or nq == 0:
         return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
-    faiss = _faiss()
-    if nq == 1 and faiss is not None and all(_scannable(b, q.shape[1]) for _, b in blocks):
+    if nq == 1 and all(_scannable(b, q.shape[1]) for _, b in blocks):
         scores = np.empty((1, n), np.float32)
-        _scan_one(faiss, q[0], blocks, scores[0])
+        _scan_one(q[0], blocks, scores[0])
         part = best_columns(scores, k)
         idx, best = merge_topk(part.astype(np.int64), np.take_along_axis(scores, part, axis=1), k)
         return idx, best.astype(np.float32)
@@ -239,23 +239,13 @@ def code_searcher(
 
 
 # ---- one query's exact scan on one thread per core ----------------------------------------------------
-# numpy's BLAS scans one query on its own threads and leaves them spinning afterwards on the cores the
-# rest of the query needs (the rerank's products and scorers then run no faster on two threads than on
-# one); FAISS's single-threaded kernel on a thread of ours per core reads as fast and leaves nothing
-# running (docs/experiments/2026-12-07-rerank-shares.md).
-_FAISS: list[Any] = []
+# numpy's BLAS left to itself scans one query on its own threads and leaves them spinning afterwards on
+# the cores the rest of the query needs (docs/experiments/2026-12-07-rerank-shares.md); inside run_parts
+# each slice's matrix-vector product runs on the slice's thread alone (parts.blas_one_thread), and
+# OpenBLAS's sgemv reads the rows faster than FAISS's fvec_inner_products_ny did on AVX2
+# (docs/experiments/2026-12-08-exact-scan-and-products.md).
 _POOL: dict[int, ThreadPoolExecutor] = {}  # process id -> the scan's helper threads
 _POOL_LOCK = threading.Lock()
-
-
-def _faiss() -> Any:
-    """The ``faiss`` module, or ``None`` when it is not installed (numpy's BLAS then scans)."""
-    if not _FAISS:
-        try:
-            _FAISS.append(import_faiss())
-        except BackendUnavailableError:
-            _FAISS.append(None)
-    return _FAISS[0]
 
 
 def _scannable(block: np.ndarray, dim: int) -> bool:
@@ -276,19 +266,18 @@ def _scan_pool() -> ThreadPoolExecutor:
         return pool
 
 
-def _scan_one(faiss: Any, q: np.ndarray, blocks: Sequence[tuple[int, np.ndarray]], out: np.ndarray) -> None:
-    """``out[start + i] = block[i] . q`` for every block row: FAISS ``fvec_inner_products_ny`` over
+def _scan_one(q: np.ndarray, blocks: Sequence[tuple[int, np.ndarray]], out: np.ndarray) -> None:
+    """``out[start + i] = block[i] . q`` for every block row: numpy's ``block @ q`` (BLAS ``sgemv``) over
     :func:`scan_parts` slices of rows (``MIN_SCAN_BYTES`` or more each), a thread each, this one included."""
-    dim = q.shape[0]
     nbytes = sum(int(b.nbytes) for _, b in blocks)
     parts = scan_parts(nbytes, min_bytes=MIN_SCAN_BYTES)
     total = sum(int(b.shape[0]) for _, b in blocks)
-    ptr = faiss.swig_ptr
 
     def scan(lo: int, hi: int) -> None:  # gallery rows lo:hi, across blocks
         for start, b in blocks:
             a, e = max(lo, start), min(hi, start + int(b.shape[0]))
             if a < e:
-                faiss.fvec_inner_products_ny(ptr(out[a:e]), ptr(q), ptr(b[a - start : e - start]), dim, e - a)
+                np.dot(b[a - start : e - start], q, out=out[a:e])
 
-    run_parts(scan, part_bounds(total, parts), _scan_pool() if parts > 1 else None)
+    with blas_one_thread():  # one slice too: OpenBLAS would thread it and leave its threads spinning
+        run_parts(scan, part_bounds(total, parts), _scan_pool() if parts > 1 else None)

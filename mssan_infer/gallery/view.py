@@ -19,6 +19,7 @@ import numpy as np
 from mssan_infer.errors import InputError
 from mssan_infer.gallery.base import Candidates, ItemId, ItemRecord, extent
 from mssan_infer.gallery.filters import MetaIndex, Where, parse_where
+from mssan_infer.gallery.products import RowProducts
 from mssan_infer.gallery.stage1 import faiss_topk, topk_inner_product
 from mssan_infer.gallery.storage import Layout, Stage1Codec, dequantize_into
 from mssan_infer.parts import part_bounds, run_parts
@@ -440,22 +441,18 @@ class ArrayView:
             got = np.take(_plain(blk.gram), rows[sel] - blk.start, axis=0, mode="clip")
             gram[sel, :w, :w] = got[:, :w, :w]
         order_l = self._read_order(rows)
-        # np.dot, not np.matmul: it lets go of the GIL, so slices on the executor's threads run at once
-        if len(self.blocks) == 1 and self.blocks[0].local.shape[1] == width:  # one block at full width
-            src, rr = _plain(self.blocks[0].local), (rows - self.blocks[0].start).tolist()
+        rows_l, which_l = rows.tolist(), which.tolist()
+        blocks = [(b.start, _plain(b.local)) for b in self.blocks]
+        products = RowProducts.get()
 
-            def fill(a: int, b: int) -> None:
-                for pos in order_l[a:b]:
-                    np.dot(src[rr[pos]], q_t, out=sim[pos])
-        else:
-            rows_l, which_l = rows.tolist(), which.tolist()
-            blocks = [(b.start, _plain(b.local)) for b in self.blocks]
-
-            def fill(a: int, b: int) -> None:
-                for pos in order_l[a:b]:
-                    start, b_local = blocks[which_l[pos]]
-                    w = min(width, b_local.shape[1])
-                    np.dot(b_local[rows_l[pos] - start, :w], q_t, out=sim[pos, :w])
+        def fill(a: int, b: int) -> None:  # the part's rows, MLAS's GEMM on this thread (gallery.products)
+            src, dst = [], []
+            for pos in order_l[a:b]:
+                start, b_local = blocks[which_l[pos]]
+                w = min(width, b_local.shape[1])
+                src.append(b_local[rows_l[pos] - start, :w])
+                dst.append(sim[pos, :w])
+            products.run(src, q_t, dst)
 
         run_parts(fill, part_bounds(k, parts if executor is not None else 1, _MIN_ROWS_PER_PART), executor)
         return Candidates(None, None, np.ascontiguousarray(mask), gram, sim)

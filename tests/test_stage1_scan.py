@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_info
 
 from mssan_infer import GalleryOptions, Stage1Options
 from mssan_infer.errors import InputError
@@ -167,6 +166,7 @@ def test_the_default_fetch_grows_past_a_large_gallery() -> None:
 def test_one_query_scanned_on_a_thread_per_core_finds_what_numpy_finds(
     blocks: list[int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    from mssan_infer import parts as parts_module
     from mssan_infer.gallery import stage1
 
     rng = np.random.default_rng(sum(blocks) + len(blocks))
@@ -186,11 +186,8 @@ def test_one_query_scanned_on_a_thread_per_core_finds_what_numpy_finds(
     def recorded(work: Any, bounds: list[int], executor: Any) -> None:
         def traced(a: int, b: int) -> None:
             threads.add(threading.get_ident())
-            blas_threads.extend(  # the process-wide ones (parts leaves FAISS's OpenMP BLAS alone)
-                lib["num_threads"]
-                for lib in threadpool_info()
-                if lib["user_api"] == "blas" and lib.get("threading_layer") != "openmp"
-            )
+            # the libraries the runtime holds (numpy's; not FAISS's OpenMP BLAS, nor one loaded later)
+            blas_threads.extend(lib.get_num_threads() for lib in parts_module._libs())
             work(a, b)
 
         run(traced, bounds, executor)

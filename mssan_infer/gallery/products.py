@@ -2,7 +2,7 @@
 
 The exact path's gather multiplies each of its candidates' float32 locals ``[P, D]`` (in RAM or
 memory-mapped) by the query's ``[D, Q]``. One numpy (OpenBLAS) call per row runs these thin products
-well below the CPU's float32 peak; ONNX Runtime's MLAS GEMM runs them about twice as fast, but one
+well below the CPU's float32 peak; ONNX Runtime's MLAS GEMM runs them faster, but one
 ``InferenceSession.run`` per row costs more than the product. :class:`RowProducts` therefore runs
 :data:`ROWS_PER_RUN` rows per call: a graph of that many ``MatMul`` nodes, each fed one row as it lies
 (no copy of the rows), on the calling thread (docs/experiments/2026-12-08-exact-scan-and-products.md).

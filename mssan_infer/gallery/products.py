@@ -85,7 +85,6 @@ class RowProducts:
             matmuls_model(self.per_run), sess_options=opts, providers=["CPUExecutionProvider"]
         )
         self._inputs = [f"a{i}" for i in range(self.per_run)]
-        self._none: dict[int, np.ndarray] = {}  # D -> a [0, D] row that fills a short run's unused inputs
 
     @classmethod
     def get(cls) -> RowProducts:
@@ -97,10 +96,7 @@ class RowProducts:
     def run(self, rows: Sequence[np.ndarray], q: np.ndarray, out: Sequence[np.ndarray]) -> None:
         """``out[i][...] = rows[i] @ q``: ``rows[i]`` ``[P_i, D]`` float32 C-contiguous (read in place),
         ``q`` ``[D, Q]`` float32, ``out[i]`` ``[P_i, Q]``."""
-        d = int(q.shape[0])
-        none = self._none.get(d)
-        if none is None:
-            none = self._none[d] = np.zeros((0, d), np.float32)
+        none = np.empty((0, q.shape[0]), np.float32)  # a row of no positions: a short run's unused inputs
         n = self.per_run
         for a in range(0, len(rows), n):
             chunk = rows[a : a + n]

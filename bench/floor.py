@@ -235,11 +235,9 @@ def traced_steps(r: Any, text_query: bool) -> Iterator[dict[str, float]]:
     Yields ``took``, filled once the block ends: seconds spent in each of :data:`STEPS` (the query
     encoder, the gallery view's ``topk`` and ``gather``, the scorer) and ``"total"`` (the whole block).
     A step that runs on several threads at once (a rerank cut into shares) counts the thread that spent
-    the most in it. The view's class, the retriever module's scorer factory and ``r``'s encoder are
-    wrapped for the block only.
+    the most in it. The view's class, ``r``'s scorers and ``r``'s encoder are wrapped for the block
+    only.
     """
-    import mssan_infer.retriever as retriever_module
-
     took = dict.fromkeys(STEPS, 0.0)
     per_thread: dict[tuple[str, int], float] = {}
     lock = threading.Lock()
@@ -259,9 +257,14 @@ def traced_steps(r: Any, text_query: bool) -> Iterator[dict[str, float]]:
 
     cls = type((r.images if text_query else r.texts).view())
     enc = "encode_texts" if text_query else "encode_images"
-    topk, gather_fn, score_fn = cls.topk, cls.gather, retriever_module.backend_score_fn
+    topk, gather_fn, scoring = cls.topk, cls.gather, r._scoring
     cls.topk, cls.gather = timed("stage1", topk), timed("gather", gather_fn)  # type: ignore[method-assign]
-    retriever_module.backend_score_fn = lambda *a, **kw: timed("scorer", score_fn(*a, **kw))  # type: ignore[assignment]
+
+    def timed_scoring(query_is_text: bool) -> tuple[Callable[..., Any], Any]:
+        score, limits = scoring(query_is_text)
+        return timed("scorer", score), limits
+
+    r._scoring = timed_scoring
     setattr(r, enc, timed("encode", getattr(r, enc)))
     t0 = time.perf_counter()
     try:
@@ -271,7 +274,7 @@ def traced_steps(r: Any, text_query: bool) -> Iterator[dict[str, float]]:
         for (step, _), seconds in per_thread.items():
             took[step] = max(took[step], seconds)
         cls.topk, cls.gather = topk, gather_fn  # type: ignore[method-assign]
-        retriever_module.backend_score_fn = score_fn
+        delattr(r, "_scoring")
         delattr(r, enc)
 
 

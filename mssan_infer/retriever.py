@@ -39,11 +39,11 @@ from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
 from mssan_infer.qdrant.places import open_qdrant_galleries
 from mssan_infer.search import (
     Encoded,
+    ScoreFn,
     ScorerLimits,
     backend_score_fn,
     holds_query_scorers,
     search,
-    uses_query_scorers,
 )
 from mssan_infer.text.base import TextTokenizer
 
@@ -113,6 +113,9 @@ class Retriever:
         self._gather_pool: ThreadPoolExecutor | None = None
         self._gather_pid = os.getpid()
         self._gather_pool_lock = threading.Lock()
+        self._scorers: dict[bool, tuple[ScoreFn, ScorerLimits]] = {}
+        # whether the backend runs the query scorers of float32 (False) and int8 (True) candidates
+        self._query_scorers = {i8: holds_query_scorers(backend, int8=i8) for i8 in (False, True)}
         for name, g in ((IMAGES, images), (TEXTS, texts)):
             if g.stage1_dim != 2 * self.embed_size or g.local_dim != self.embed_size:
                 raise InputError(
@@ -296,7 +299,9 @@ class Retriever:
         )
         for a, b in batches(n, self.batch_size, "encode images", progress):
             w = max(1, extent(m[a:b]))  # trim the batch's padding
-            res = self.backend.run("image_encoder", {"regions": regions[a:b, :w], "region_mask": m[a:b, :w]})
+            res = self.backend.run_prepared(
+                "image_encoder", {"regions": regions[a:b, :w], "region_mask": m[a:b, :w]}
+            )
             out.stage1[a:b] = res["img_stage1"]
             out.local[a:b, :w] = res["img_local"]
             out.gram[a:b, :w, :w] = res["img_gram"]
@@ -346,7 +351,7 @@ class Retriever:
             for j, i in enumerate(rows):
                 tokens[j, : len(ids[i])] = ids[i]
                 mask[j, : len(ids[i])] = 1.0
-            res = self.backend.run("text_encoder", {"tokens": tokens, "token_mask": mask})
+            res = self.backend.run_prepared("text_encoder", {"tokens": tokens, "token_mask": mask})
             out.stage1[rows] = res["txt_stage1"]
             out.local[rows, :w] = res["txt_local"]
             out.mask[rows, :w] = mask
@@ -613,19 +618,20 @@ class Retriever:
         rerank: int,
         where: Mapping[str, Any] | None = None,
     ) -> list[list[Hit]]:
+        score, limits = self._scoring(query_is_text)
         ranked = search(
             q,
             view,
-            backend_score_fn(self.backend, query_is_text=query_is_text),
+            score,
             query_is_text=query_is_text,
             k=k,
             rerank=rerank,
             batch=self.scorer_batch,
-            limits=self._scorer_limits(query_is_text),
+            limits=limits,
             executor=self._gatherer(),
             parts=self.gather_threads,
             where=where,
-            similarity=uses_query_scorers(self.backend),
+            similarity=self._query_scorers[False],
             shares=self._shares(view),
         )
         # texts, sources and metadata of the returned hits only (never of every reranked candidate)
@@ -637,9 +643,17 @@ class Retriever:
             for r in ranked
         ]
 
-    def _scorer_limits(self, query_is_text: bool) -> ScorerLimits:
-        """The backend's scorer limits (a TensorRT engine's profile maxima; none for ONNX Runtime)."""
-        return ScorerLimits.from_axes(self.backend.limits("scorer"), query_is_text=query_is_text)
+    def _scoring(self, query_is_text: bool) -> tuple[ScoreFn, ScorerLimits]:
+        """The backend's scorer of a query direction and its limits (a TensorRT engine's profile maxima;
+        none for ONNX Runtime), made on first use: neither changes while the backend is open."""
+        got = self._scorers.get(query_is_text)
+        if got is None:
+            got = (
+                backend_score_fn(self.backend, query_is_text=query_is_text),
+                ScorerLimits.from_axes(self.backend.limits("scorer"), query_is_text=query_is_text),
+            )
+            self._scorers[query_is_text] = got
+        return got
 
     def _shares(self, view: GalleryView) -> int:
         """Shares a rerank of ``view``'s candidates is cut into (``SearchOptions.rerank_threads``) when the
@@ -648,7 +662,7 @@ class Retriever:
         layout = getattr(view, "layout", None)
         if layout is None:
             return 1
-        return self.rerank_threads if holds_query_scorers(self.backend, int8=layout.local == "int8") else 1
+        return self.rerank_threads if self._query_scorers[layout.local == "int8"] else 1
 
     def _gatherer(self) -> ThreadPoolExecutor | None:
         """The helper threads of candidate gathers and rerank shares (made on first use; none when both

@@ -208,9 +208,14 @@ def uses_query_scorers(backend: Any) -> bool:
 def backend_score_fn(backend: Any, *, query_is_text: bool) -> ScoreFn:
     """The query scorers ``backend`` has (:func:`query_score_fn`), else the all-pairs ``scorer``
     (TensorRT, bundles exported before them)."""
-    pairs: Callable[[dict[str, np.ndarray]], np.ndarray] = lambda f: backend.run("scorer", f)["s_ll"]  # noqa: E731
+
+    def pairs(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return backend.run_prepared("scorer", feeds)["s_ll"]  # type: ignore[no-any-return]
+
+    def run(graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return backend.run_prepared(graph, feeds)["s_ll"]  # type: ignore[no-any-return]
+
     if any(g in backend.graphs for g in QUERY_SCORERS):
-        run: Callable[[str, dict[str, np.ndarray]], np.ndarray] = lambda g, f: backend.run(g, f)["s_ll"]  # noqa: E731
         int8 = holds_query_scorers(backend, int8=True)
         return query_score_fn(run, pairs, query_is_text=query_is_text, int8=int8)
     return pairs_score_fn(pairs, query_is_text=query_is_text)

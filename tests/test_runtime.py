@@ -267,6 +267,84 @@ def test_a_backend_that_breaks_the_output_contract_is_caught(
         be.run("image_encoder", feeds)
 
 
+def test_the_runtimes_own_calls_skip_the_feed_checks_on_onnx_runtime_only(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search checks its query once where it comes in: the encoder and scorer runs it makes on feeds it
+    built go through ``run_prepared``, which ONNX Runtime runs straight (same outputs as ``run``), and any
+    other backend runs as ``run``, checks included."""
+    import mssan_infer.backends.base as base
+    from mssan_infer.bundle import load_bundle
+
+    b = load_bundle(tiny_bundle)
+    feeds = {"regions": np.ones((2, 3, 24), np.float32), "region_mask": np.ones((2, 3), np.float32)}
+    with OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(threads=1)) as ort_be:
+        checked, prepared = ort_be.run("image_encoder", feeds), ort_be.run_prepared("image_encoder", feeds)
+        assert checked.keys() == prepared.keys()
+        for name in checked:
+            np.testing.assert_array_equal(checked[name], prepared[name])
+    with pytest.raises(mssan_infer.MssanError, match="closed"):
+        ort_be.run_prepared("image_encoder", feeds)
+    with Recorder(OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(threads=1))) as rec:
+        with pytest.raises(InputError, match="axis R is 3 in regions and 4 in region_mask"):
+            rec.run_prepared("image_encoder", {**feeds, "region_mask": np.ones((2, 4), np.float32)})
+        assert rec.seen == []  # the base class checks, as run does
+
+    calls = []
+    real = base.check_feeds
+
+    def counted(*a: object, **kw: object) -> object:
+        calls.append(a[0])
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(base, "check_feeds", counted)
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((5, 24))
+    with mssan_infer.Retriever.load(tiny_bundle, OnnxRuntimeOptions(threads=1)) as r:
+        r.add_images(rng.standard_normal((6, 5, 24)).astype(np.float32))
+        r.add_texts(["a dog", "a cat", "a dog and a cat"])
+        calls.clear()
+        got = [r.search(text="a dog", k=3), r.search(image=image, k=2)]
+        assert calls == []  # no per-run feed checks on the query path
+        rec = Recorder(OnnxRuntimeBackend.from_bundle(b, OnnxRuntimeOptions(threads=1)))
+        with mssan_infer.Retriever(r.bundle, rec, r.tokenizer, r.images, r.texts) as checked:
+            want = [checked.search(text="a dog", k=3), checked.search(image=image, k=2)]
+        assert calls and {g for g, _ in rec.seen} >= {"text_encoder", "image_encoder"}
+    for g, w in zip(got, want):  # the same hits and scores as with every run checked
+        assert [h.id for h in g] == [h.id for h in w]
+        np.testing.assert_allclose([h.score for h in g], [h.score for h in w], rtol=1e-6, atol=1e-6)
+
+
+def test_an_onnx_runtime_graph_whose_output_is_not_a_float_is_refused_at_load(tmp_path: Path) -> None:
+    """``run_prepared`` hands ONNX Runtime's outputs back unchecked: their types are checked at load."""
+    from onnx import TensorProto, helper, save
+
+    from mssan_infer.errors import BundleError
+
+    nodes = [
+        helper.make_node("Cast", ["token_mask"], ["txt_stage1"], to=TensorProto.INT64),
+        helper.make_node("Identity", ["token_mask"], ["txt_local"]),
+        helper.make_node("Identity", ["token_mask"], ["txt_gram"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("tokens", TensorProto.INT64, ["B", "L"]),
+            helper.make_tensor_value_info("token_mask", TensorProto.FLOAT, ["B", "L"]),
+        ],
+        [
+            helper.make_tensor_value_info("txt_stage1", TensorProto.INT64, None),
+            helper.make_tensor_value_info("txt_local", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("txt_gram", TensorProto.FLOAT, None),
+        ],
+    )
+    path = tmp_path / "text_encoder.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(BundleError, match=r"output txt_stage1 is tensor\(int64\), the spec says float32"):
+        OnnxRuntimeBackend({"text_encoder": path}, OnnxRuntimeOptions(threads=1))
+
+
 def test_one_device_parser_for_every_backend() -> None:
     import pickle
 

@@ -6,7 +6,9 @@ checks the feeds ONCE against the graph spec (names, rank, dtype, the fixed
 sizes the loaded graph declares, one size per named axis), splits them into
 chunks where the backend's per-call limits (:meth:`Backend.limits`) ask for it,
 calls the subclass's ``_run`` on each chunk, and checks what comes back (every
-output of the spec, float32, shapes consistent with the inputs). So a wrong rank
+output of the spec, float32, shapes consistent with the inputs). The runtime's own
+calls, on feeds it built from a query it checked once, go through
+:meth:`Backend.run_prepared`, which a backend may run without those checks. So a wrong rank
 or a wrong feature size is the same :class:`InputError` on ONNX Runtime, TensorRT
 and Triton, and never reaches a runtime raw.
 
@@ -321,6 +323,12 @@ class Backend(abc.ABC):
         spec = self.spec(graph)
         checked = check_feeds(spec, feeds, self._dims[graph])
         return run_chunked(spec, checked, self.limits(graph), lambda f: self._checked_outputs(spec, f))
+
+    def run_prepared(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run ``graph`` on feeds the runtime built itself, from a query and gallery rows it checked where
+        they came in (the retriever's encoder and scorer calls): what :meth:`run` does, less the checks a
+        backend can leave out. Here: all of :meth:`run`; ONNX Runtime runs its session straight away."""
+        return self.run(graph, feeds)
 
     def _checked_outputs(self, spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self._run(spec.name, feeds)

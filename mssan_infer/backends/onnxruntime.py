@@ -12,7 +12,7 @@ import numpy as np
 from mssan_infer.backends.base import ALL_GRAPHS, Backend, declared_dims, in_one_thread
 from mssan_infer.bundle import Bundle
 from mssan_infer.deps import optional_import
-from mssan_infer.errors import BundleError, InputError
+from mssan_infer.errors import BundleError, InputError, MssanError
 from mssan_infer.options import BackendOptions, Device, OnnxRuntimeOptions, parse_device
 from mssan_infer.spec import GRAPHS, QUERY_SCORERS
 
@@ -187,6 +187,13 @@ class OnnxRuntimeBackend(Backend):
                     f"{path}: input {t.name} is {inputs[t.name].type}, the spec says {t.dtype}; "
                     "re-export the bundle with this mssan version"
                 )
+        types = {o.name: o.type for o in sess.get_outputs()}
+        for t in spec.outputs:  # what run_prepared hands back unchecked: float, made float32 by _run
+            if types[t.name] not in ("tensor(float)", "tensor(float16)", "tensor(double)"):
+                raise BundleError(
+                    f"{path}: output {t.name} is {types[t.name]}, the spec says {t.dtype}; "
+                    "re-export the bundle with this mssan version"
+                )
         self._add_graph(gname, declared_dims(spec, {n: list(i.shape) for n, i in inputs.items()}, path))
         self._outputs[gname] = outputs
 
@@ -218,6 +225,14 @@ class OnnxRuntimeBackend(Backend):
         """Providers the session of ``graph`` actually runs on."""
         self.spec(graph)
         return list(self._sessions[graph].get_providers())
+
+    def run_prepared(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The session run alone: the runtime built ``feeds`` (names, dtypes and shapes right by
+        construction), one ONNX Runtime call takes any size, and the outputs are what the session's
+        graph, checked against the spec at load, declares."""
+        if self._closed:
+            raise MssanError(f"this {self.name} backend is closed")
+        return self._run(graph, feeds)
 
     def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One session run on checked feeds (the graph's one-thread twin inside :func:`one_thread`);

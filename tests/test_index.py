@@ -260,6 +260,26 @@ def test_a_view_is_unchanged_by_later_adds_and_removes() -> None:
     assert np.array_equal(v.arrays()[1], before[0]) and list(v.ids[: v.n]) == before[1]
 
 
+def test_a_search_takes_the_same_view_until_the_gallery_changes() -> None:
+    """``view()`` hands out its last snapshot (read-only) until an add, a remove or an adopt; then a new
+    one that holds the change."""
+    for opts in (GalleryOptions(), GalleryOptions(layout=Layout("int8", "int8"))):
+        g = MemoryGallery(2 * D, D, opts)
+        g.add(*items(4, 2), ids=[0, 1, 2, 3])
+        v = g.view()
+        assert g.view() is v
+        g.add(*items(2, 3, seed=1), ids=[4, 5])
+        v2 = g.view()
+        assert v2 is not v and v2.n == 6 and v.n == 4 and g.view() is v2
+        g.remove([0])
+        v3 = g.view()
+        assert v3 is not v2 and v3.n == 5 and list(v3.ids[: v3.n]) == [1, 2, 3, 4, 5]
+    empty = MemoryGallery(2 * D, D)
+    assert empty.view().n == 0
+    empty.adopt(list(full(g)), ids=list(g.ids))
+    assert empty.view().n == 5 and list(empty.view().ids[:5]) == [1, 2, 3, 4, 5]
+
+
 def test_concurrent_adds_from_threads_lose_nothing() -> None:
     g = MemoryGallery(2 * D, D)
 

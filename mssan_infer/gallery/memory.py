@@ -134,6 +134,7 @@ class MemoryGallery:
         self._faiss: Any = None
         self._faiss_n = -1
         self._searcher: Any = None
+        self._view: ArrayView | None = None  # the last snapshot, until the gallery changes
 
     # ---- storage -----------------------------------------------------------
     def _spill_dir(self) -> Path:
@@ -315,6 +316,7 @@ class MemoryGallery:
             self._n += n
             self._faiss = None
             self._searcher = None
+            self._view = None
             if (
                 self._codec is not None
                 and self._codec.storage == "int8"
@@ -391,6 +393,7 @@ class MemoryGallery:
             self._n = len(keep)
             self._faiss = None
             self._searcher = None
+            self._view = None
 
     def _compacted(self, seg: _Segment, keep: np.ndarray) -> _Segment:
         """A new segment with the rows ``keep`` of ``seg`` (same storage; codes copied, not re-encoded)."""
@@ -455,6 +458,7 @@ class MemoryGallery:
             self._pos = {i: j for j, i in enumerate(self._ids)}
             self._faiss = None
             self._searcher = None
+            self._view = None
 
     @property
     def codec(self) -> Stage1Codec | None:
@@ -467,8 +471,11 @@ class MemoryGallery:
 
     # ---- search ------------------------------------------------------------
     def view(self) -> ArrayView:
-        """A consistent snapshot for searching without holding the lock."""
+        """A consistent snapshot for searching without holding the lock (the same object until the gallery
+        changes: a view is read-only)."""
         with self._lock:
+            if self._view is not None:
+                return self._view
             n = self._n
             blocks = []
             start = 0
@@ -499,7 +506,7 @@ class MemoryGallery:
                 if self._searcher is None:
                     self._searcher = self._shards()
                 searcher = self._searcher
-            return ArrayView(
+            self._view = ArrayView(
                 n,
                 self._ids,
                 tuple(blocks),
@@ -515,6 +522,7 @@ class MemoryGallery:
                 self._text,
                 self._source,
             )
+            return self._view
 
     def _shards(self) -> Any:
         """One FAISS searcher over every codes sub-index (rows numbered in order; see ``code_searcher``)."""

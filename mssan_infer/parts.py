@@ -1,9 +1,10 @@
 """Work over ``0:k`` cut into equal parts, one per thread: the searching thread takes the first part,
 helper threads of an executor the rest (candidate gathers, rerank shares, one query's stage-1 scan).
 
-While parts run at once, numpy's BLAS runs each call on one thread (:func:`blas_one_thread`): OpenBLAS
+Parts that call numpy's BLAS run inside :func:`blas_one_thread` (one query's float32 scan does): OpenBLAS
 otherwise gives a product of a part more threads of its own, and the parts' products then queue for its
-one thread pool, more runnable threads than cores (docs/experiments/2026-12-07-blas-in-parts.md). The
+one thread pool, more runnable threads than cores (docs/experiments/2026-12-07-blas-in-parts.md). Gathers
+and rerank shares call no BLAS (takes, ONNX Runtime), so :func:`run_parts` leaves its count alone. The
 OpenBLAS of numpy 1.26's wheels ignores a count set from another thread than the main one once the main
 thread has set one: searches from other threads may then keep its threads."""
 
@@ -87,19 +88,18 @@ def part_bounds(k: int, parts: int, least: int = 1) -> list[int]:
 
 def run_parts(work: Callable[[int, int], None], bounds: list[int], executor: Executor | None) -> None:
     """``work(a, b)`` for each part of ``bounds`` (:func:`part_bounds`): the first on this thread, the others
-    on ``executor`` (on this thread too without one; numpy's BLAS on one thread while parts run at once).
-    Returns once every part has ended; then raises the first part's error, if any."""
+    on ``executor`` (on this thread too without one). Returns once every part has ended; then raises the
+    first part's error, if any. Parts that call numpy's BLAS: inside :func:`blas_one_thread`."""
     if executor is None or len(bounds) <= 2:
         for a, b in zip(bounds[:-1], bounds[1:]):
             work(a, b)
         return
     helpers: list[Future[None]] = []
-    with blas_one_thread():
-        try:
-            for a, b in zip(bounds[1:-1], bounds[2:]):
-                helpers.append(executor.submit(work, a, b))
-            work(bounds[0], bounds[1])
-        finally:
-            wait(helpers)  # no part still writing once this returns or raises
+    try:
+        for a, b in zip(bounds[1:-1], bounds[2:]):
+            helpers.append(executor.submit(work, a, b))
+        work(bounds[0], bounds[1])
+    finally:
+        wait(helpers)  # no part still writing once this returns or raises
     for f in helpers:
         f.result()

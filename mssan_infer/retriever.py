@@ -290,6 +290,11 @@ class Retriever:
 
     def _encode_regions(self, regions: np.ndarray, m: np.ndarray, *, progress: bool = False) -> Encoded:
         n, r = m.shape
+        if n == 1 and extent(m) == r:  # one image without padding (a query): the outputs are the result
+            res = self.backend.run_prepared("image_encoder", {"regions": regions, "region_mask": m})
+            return Encoded(
+                res["img_stage1"], res["img_local"], m.astype(np.float32, copy=True), res["img_gram"]
+            )
         d = self.embed_size
         out = Encoded(
             np.zeros((n, 2 * d), np.float32),
@@ -334,6 +339,12 @@ class Retriever:
 
     def _encode_ids(self, ids: list[list[int]], *, progress: bool = False) -> Encoded:
         n = len(ids)
+        if n == 1:  # one caption (a query): the encoder's outputs are the result, no copy
+            mask = np.ones((1, len(ids[0])), np.float32)
+            res = self.backend.run_prepared(
+                "text_encoder", {"tokens": np.asarray(ids, np.int64), "token_mask": mask}
+            )
+            return Encoded(res["txt_stage1"], res["txt_local"], mask, res["txt_gram"])
         d = self.embed_size
         lmax = max([1] + [len(x) for x in ids])
         out = Encoded(
@@ -637,8 +648,8 @@ class Retriever:
         # texts, sources and metadata of the returned hits only (never of every reranked candidate)
         return [
             [
-                Hit(rec.id, float(f), float(s), rec.text, rec.source, rec.metadata)
-                for rec, f, s in zip(view.records_at(r.rows), r.score, r.stage1)
+                Hit(rec.id, f, s, rec.text, rec.source, rec.metadata)
+                for rec, f, s in zip(view.records_at(r.rows), r.score.tolist(), r.stage1.tolist())
             ]
             for r in ranked
         ]

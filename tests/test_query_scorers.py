@@ -277,7 +277,10 @@ def test_blocks_open_at_once_on_two_threads_hold_one_thread_until_the_last_ends(
     assert during == [1] and lib.n == 2 and parts._blas_users == 0
 
 
-def test_parts_running_at_once_call_blas_on_one_thread_and_the_count_comes_back() -> None:
+def test_parts_inside_a_blas_block_call_blas_on_one_thread_and_the_count_comes_back() -> None:
+    """One query's float32 scan (the parts that call numpy's BLAS) runs its parts inside
+    ``blas_one_thread``: every part sees one BLAS thread; ``run_parts`` alone (gathers and rerank shares,
+    which call no BLAS) leaves the count as it is."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -300,12 +303,12 @@ def test_parts_running_at_once_call_blas_on_one_thread_and_the_count_comes_back(
             seen[a] = [lib.get_num_threads() for lib in blas]
 
         with ThreadPoolExecutor(1) as pool:
-            run_parts(part, [0, 5, 10], pool)
+            with blas_one_thread():
+                run_parts(part, [0, 5, 10], pool)
             assert seen == {0: [1] * len(blas), 5: [1] * len(blas)}
             assert [lib.get_num_threads() for lib in blas] == [2] * len(blas)
-            # one part (or no executor): nothing runs at once, the BLAS keeps its threads
-            run_parts(lambda a, b: seen.__setitem__(-1, [x.get_num_threads() for x in blas]), [0, 10], pool)
-            assert seen[-1] == [2] * len(blas)
+            run_parts(part, [0, 5, 10], pool)  # no block: the parts keep the BLAS's count
+            assert seen == {0: [2] * len(blas), 5: [2] * len(blas)}
 
         # blocks open at once (two searches on two threads): the count comes back when the last one ends
         with blas_one_thread():
@@ -314,7 +317,7 @@ def test_parts_running_at_once_call_blas_on_one_thread_and_the_count_comes_back(
             assert [lib.get_num_threads() for lib in blas] == [1] * len(blas)
         assert [lib.get_num_threads() for lib in blas] == [2] * len(blas)
         with pytest.raises(ValueError, match="a part failed"):  # a part's error still restores the count
-            with ThreadPoolExecutor(1) as pool:
+            with ThreadPoolExecutor(1) as pool, blas_one_thread():
 
                 def failing(a: int, b: int) -> None:
                     raise ValueError("a part failed")

@@ -124,14 +124,14 @@ class ArrayView:
     def records_at(self, rows: Sequence[int] | np.ndarray) -> list[ItemRecord]:
         """Ids, texts, sources and metadata (a copy; an empty one as ``None``) of ``rows``."""
         out = []
-        for r in rows:
-            i = int(r)
-            meta = self.meta[i] if i < len(self.meta) else None
+        n_meta, n_texts, n_sources = len(self.meta), len(self.texts), len(self.sources)
+        for i in np.asarray(rows, np.int64).tolist():
+            meta = self.meta[i] if i < n_meta else None
             out.append(
                 ItemRecord(
                     self.ids[i],
-                    self.texts[i] if i < len(self.texts) else None,
-                    self.sources[i] if i < len(self.sources) else None,
+                    self.texts[i] if i < n_texts else None,
+                    self.sources[i] if i < n_sources else None,
                     copy.deepcopy(meta) if meta else None,
                 )
             )

@@ -100,6 +100,18 @@ def test_the_scan_bench_checks_every_kernel_against_exact_integer_products(tmp_p
     assert res["bandwidth_gbs"]["read_gbs"] > 0
 
 
+@pytest.mark.parametrize("n, fetch", [(50, 60), (1500, 200), (30_000, 200), (30_000, 1)])
+def test_the_scan_benchs_top_k_selection_is_a_full_sorts(n: int, fetch: int) -> None:
+    from bench.stage1_scan import top_rows
+
+    rng = np.random.default_rng(n + fetch)
+    for scores in (rng.normal(size=n), np.sort(rng.normal(size=n)), rng.integers(0, 5, size=n).astype(float)):
+        got_s, got_r = top_rows(scores, fetch)
+        want = np.sort(scores)[::-1][: min(n, fetch)]
+        assert np.array_equal(got_s, want) and np.array_equal(scores[got_r], got_s)
+        assert len(set(got_r.tolist())) == len(got_r)
+
+
 def spread_items(n: int, seed: int = 0) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
     st = rng.normal(size=(n, DIM)).astype(np.float32)

@@ -184,7 +184,8 @@ def stage1_variant(r: Any, method: str, options: Callable[[int], dict[str, int]]
     for g in (r.images, r.texts):
         c = copy.copy(g)
         c.stage1_method, c.faiss_options = method, dict(options(len(g)) if options else {})
-        c._lock, c._faiss, c._faiss_n, c._view = threading.RLock(), None, -1, None
+        c._lock, c._faiss_n = threading.RLock(), -1
+        c._changed()  # nothing derived from the original's rows is shared
         galleries.append(c)
     v = Retriever(
         r.bundle,

@@ -24,16 +24,15 @@ from mssan_infer.backends import backend_options, create_backend
 from mssan_infer.backends.base import Backend
 from mssan_infer.bundle import BUNDLE_FILES, Bundle, check_index_bundle, load_bundle, tokenizer_from_bundle
 from mssan_infer.errors import InputError
-from mssan_infer.gallery.base import Gallery, GalleryView, ItemId, check_labels, extent, raise_colliding
+from mssan_infer.gallery.base import Gallery, GalleryView, ItemId, check_labels, raise_colliding
 from mssan_infer.gallery.filters import parse_where
 from mssan_infer.gallery.folder import load_index, save_index
 from mssan_infer.gallery.memory import MemoryGallery
 from mssan_infer.gallery.stage1 import scan_threads
-from mssan_infer.images.encoder import PixelEncoder, has_pixel_graph, pixel_sources
+from mssan_infer.images.encoder import PixelEncoder, encode_regions, has_pixel_graph, pixel_sources
 from mssan_infer.images.preprocess import ImageSource
 from mssan_infer.names import IMAGES, TEXTS
 from mssan_infer.options import BackendOptions, GalleryOptions, SearchOptions, fast_path
-from mssan_infer.progress import batches
 from mssan_infer.qdrant.gallery import QdrantGallery
 from mssan_infer.qdrant.options import QdrantEdge, QdrantServer, parse_gallery
 from mssan_infer.qdrant.places import open_qdrant_galleries
@@ -46,6 +45,7 @@ from mssan_infer.search import (
     search,
 )
 from mssan_infer.text.base import TextTokenizer
+from mssan_infer.text.encoder import encode_token_ids
 
 __all__ = ["Retriever", "Hit", "ImageInput"]
 
@@ -286,31 +286,7 @@ class Retriever:
                 raise InputError("mask is only for region features; images from pixels use every grid cell")
             return self._pixels.encode(sources, self.batch_size, progress=progress)
         regions, m = checks.region_batch(feats, mask, self.img_dim)
-        return self._encode_regions(regions, m, progress=progress)
-
-    def _encode_regions(self, regions: np.ndarray, m: np.ndarray, *, progress: bool = False) -> Encoded:
-        n, r = m.shape
-        if n == 1 and extent(m) == r:  # one image without padding (a query): the outputs are the result
-            res = self.backend.run_prepared("image_encoder", {"regions": regions, "region_mask": m})
-            return Encoded(
-                res["img_stage1"], res["img_local"], m.astype(np.float32, copy=True), res["img_gram"]
-            )
-        d = self.embed_size
-        out = Encoded(
-            np.zeros((n, 2 * d), np.float32),
-            np.zeros((n, r, d), np.float32),
-            m.astype(np.float32, copy=True),
-            np.zeros((n, r, r), np.float32),
-        )
-        for a, b in batches(n, self.batch_size, "encode images", progress):
-            w = max(1, extent(m[a:b]))  # trim the batch's padding
-            res = self.backend.run_prepared(
-                "image_encoder", {"regions": regions[a:b, :w], "region_mask": m[a:b, :w]}
-            )
-            out.stage1[a:b] = res["img_stage1"]
-            out.local[a:b, :w] = res["img_local"]
-            out.gram[a:b, :w, :w] = res["img_gram"]
-        return out
+        return encode_regions(self.backend, regions, m, self.embed_size, self.batch_size, progress=progress)
 
     @property
     def has_pixel_graph(self) -> bool:
@@ -335,39 +311,8 @@ class Retriever:
         Raises:
             InputError: empty caption, only unknown words, or not a str.
         """
-        return self._encode_ids(self.tokenize(checks.caption_list(texts)), progress=progress)
-
-    def _encode_ids(self, ids: list[list[int]], *, progress: bool = False) -> Encoded:
-        n = len(ids)
-        if n == 1:  # one caption (a query): the encoder's outputs are the result, no copy
-            mask = np.ones((1, len(ids[0])), np.float32)
-            res = self.backend.run_prepared(
-                "text_encoder", {"tokens": np.asarray(ids, np.int64), "token_mask": mask}
-            )
-            return Encoded(res["txt_stage1"], res["txt_local"], mask, res["txt_gram"])
-        d = self.embed_size
-        lmax = max([1] + [len(x) for x in ids])
-        out = Encoded(
-            np.zeros((n, 2 * d), np.float32),
-            np.zeros((n, lmax, d), np.float32),
-            np.zeros((n, lmax), np.float32),
-            np.zeros((n, lmax, lmax), np.float32),
-        )
-        order = np.argsort([len(x) for x in ids], kind="stable")
-        for a, b in batches(n, self.batch_size, "encode texts", progress):
-            rows = order[a:b]
-            w = max(len(ids[i]) for i in rows)
-            tokens = np.zeros((len(rows), w), np.int64)
-            mask = np.zeros((len(rows), w), np.float32)
-            for j, i in enumerate(rows):
-                tokens[j, : len(ids[i])] = ids[i]
-                mask[j, : len(ids[i])] = 1.0
-            res = self.backend.run_prepared("text_encoder", {"tokens": tokens, "token_mask": mask})
-            out.stage1[rows] = res["txt_stage1"]
-            out.local[rows, :w] = res["txt_local"]
-            out.mask[rows, :w] = mask
-            out.gram[rows, :w, :w] = res["txt_gram"]
-        return out
+        ids = self.tokenize(checks.caption_list(texts))
+        return encode_token_ids(self.backend, ids, self.embed_size, self.batch_size, progress=progress)
 
     # ---- galleries ----------------------------------------------------------------
     def add_images(

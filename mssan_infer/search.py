@@ -10,6 +10,7 @@ and the all-pairs scorer agree to float32 rounding (near-ties may swap).
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -209,11 +210,10 @@ def backend_score_fn(backend: Any, *, query_is_text: bool) -> ScoreFn:
     """The query scorers ``backend`` has (:func:`query_score_fn`), else the all-pairs ``scorer``
     (TensorRT, bundles exported before them)."""
 
-    def pairs(feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return backend.run_prepared("scorer", feeds)["s_ll"]  # type: ignore[no-any-return]
-
     def run(graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return backend.run_prepared(graph, feeds)["s_ll"]  # type: ignore[no-any-return]
+
+    pairs = functools.partial(run, "scorer")
 
     if any(g in backend.graphs for g in QUERY_SCORERS):
         int8 = holds_query_scorers(backend, int8=True)

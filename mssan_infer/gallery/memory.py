@@ -137,6 +137,13 @@ class MemoryGallery:
         self._view: ArrayView | None = None  # the last snapshot, until the gallery changes
 
     # ---- storage -----------------------------------------------------------
+    def _changed(self) -> None:
+        """Drop what was derived from the rows (FAISS index, code searcher, snapshot): the rows changed.
+        Called under the lock."""
+        self._faiss = None
+        self._searcher = None
+        self._view = None
+
     def _spill_dir(self) -> Path:
         if self._spill is None:
             self._spill = Path(tempfile.mkdtemp(prefix="mssan-index-"))
@@ -314,9 +321,7 @@ class MemoryGallery:
             self._text.extend(text)
             self._source.extend(source)
             self._n += n
-            self._faiss = None
-            self._searcher = None
-            self._view = None
+            self._changed()
             if (
                 self._codec is not None
                 and self._codec.storage == "int8"
@@ -391,9 +396,7 @@ class MemoryGallery:
                 kept = self._outliers[~np.isin(self._outliers, rows)]
                 self._outliers = kept - np.searchsorted(rows, kept)
             self._n = len(keep)
-            self._faiss = None
-            self._searcher = None
-            self._view = None
+            self._changed()
 
     def _compacted(self, seg: _Segment, keep: np.ndarray) -> _Segment:
         """A new segment with the rows ``keep`` of ``seg`` (same storage; codes copied, not re-encoded)."""
@@ -456,9 +459,7 @@ class MemoryGallery:
             self._text = list(texts) if texts is not None else [None] * n
             self._source = list(sources) if sources is not None else [None] * n
             self._pos = {i: j for j, i in enumerate(self._ids)}
-            self._faiss = None
-            self._searcher = None
-            self._view = None
+            self._changed()
 
     @property
     def codec(self) -> Stage1Codec | None:

@@ -1,4 +1,5 @@
-"""Images from pixels: the bundle's optional pixel graph (backbone + image encoder) and its runner.
+"""Images into the encoder graphs: region features through ``image_encoder`` (:func:`encode_regions`), and
+pixels through the bundle's optional pixel graph (backbone + image encoder) and its runner.
 
 A bundle exported with ``--pixels`` holds ``image_encoder_pixels.onnx`` and the preprocessing
 constants in ``preprocessing.image``; images given as paths, file bytes, PIL images or uint8 arrays are
@@ -16,14 +17,50 @@ import numpy as np
 from mssan_infer.backends.base import Backend
 from mssan_infer.bundle import Bundle
 from mssan_infer.errors import BundleError, InputError
+from mssan_infer.gallery.base import extent
 from mssan_infer.images.preprocess import ImageSource, Preprocessing, describe, is_image_source, preprocess
 from mssan_infer.progress import batches
 from mssan_infer.search import Encoded
 from mssan_infer.spec import IMAGE_ENCODER_PIXELS
 
-__all__ = ["PIXEL_GRAPH", "PixelEncoder", "pixel_sources", "has_pixel_graph"]
+__all__ = ["PIXEL_GRAPH", "PixelEncoder", "encode_regions", "pixel_sources", "has_pixel_graph"]
 
 PIXEL_GRAPH = IMAGE_ENCODER_PIXELS.name
+
+
+def encode_regions(
+    backend: Backend,
+    regions: np.ndarray,
+    mask: np.ndarray,
+    embed_size: int,
+    batch_size: int,
+    *,
+    progress: bool = False,
+) -> Encoded:
+    """Checked region features ``[N, R, Dv]`` and their mask ``[N, R]`` through ``image_encoder`` on
+    ``backend``, ``batch_size`` images a run, each batch trimmed to its widest image."""
+    n, r = mask.shape
+    if n == 1 and extent(mask) == r:  # one image without padding (a query): the outputs are the result
+        res = backend.run_prepared("image_encoder", {"regions": regions, "region_mask": mask})
+        return Encoded(
+            res["img_stage1"], res["img_local"], mask.astype(np.float32, copy=True), res["img_gram"]
+        )
+    d = embed_size
+    out = Encoded(
+        np.zeros((n, 2 * d), np.float32),
+        np.zeros((n, r, d), np.float32),
+        mask.astype(np.float32, copy=True),
+        np.zeros((n, r, r), np.float32),
+    )
+    for a, b in batches(n, batch_size, "encode images", progress):
+        w = max(1, extent(mask[a:b]))  # trim the batch's padding
+        res = backend.run_prepared(
+            "image_encoder", {"regions": regions[a:b, :w], "region_mask": mask[a:b, :w]}
+        )
+        out.stage1[a:b] = res["img_stage1"]
+        out.local[a:b, :w] = res["img_local"]
+        out.gram[a:b, :w, :w] = res["img_gram"]
+    return out
 
 
 def pixel_sources(x: object) -> list[ImageSource] | None:
